@@ -1,0 +1,195 @@
+"""Public SSA functions: plain tensors in, tensors out, ``backend="triton"`` or the ``"torch"`` reference.
+
+All tensors are packed over the tokens of a batch in the order of ``structure``
+(sorted by 3D block): q (N, Hq, D), k/v (N, Hkv, D), pooled k_cmp/v_cmp (n_cmp, Hkv, D).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import reference as ref
+from .segment_attention import SegmentPlan, block_scores, segment_attention
+from .structure import SSAStructure
+
+_GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _rows_per_tile(g: int) -> int:
+    """Tokens per tile for the shared-segment branches: 128 rows of tokens × heads."""
+    return max(1, 128 // g)
+
+
+def _check(st: SSAStructure, backend: str, **tensors):
+    """Clear one-line errors before any kernel launches."""
+    if not isinstance(st, SSAStructure):
+        raise TypeError(f"structure must be an SSAStructure, got {type(st).__name__}")
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
+    first = None
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.ndim != 3:
+            raise ValueError(f"{name} must be (tokens, heads, head_dim), got shape {tuple(t.shape)}")
+        if t.device != st.device:
+            raise ValueError(f"{name} is on {t.device} but the structure is on {st.device}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {t.dtype}")
+        if first is None:
+            first = (name, t)
+        elif t.dtype != first[1].dtype:
+            raise ValueError(f"{name} is {t.dtype} but {first[0]} is {first[1].dtype}")
+        if t.shape[2] != first[1].shape[2]:
+            raise ValueError(f"{name} has head_dim {t.shape[2]} but {first[0]} has {first[1].shape[2]}")
+    q = tensors.get("q")
+    kvs = [(n, t) for n, t in tensors.items() if n != "q"]
+    if q is not None:
+        if q.shape[0] != st.n_tokens:
+            raise ValueError(f"q has {q.shape[0]} tokens but the structure has {st.n_tokens}")
+        for name, t in kvs:
+            if t.shape[1] == 0 or q.shape[1] % t.shape[1]:
+                raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of {name} heads ({t.shape[1]})")
+            rows = st.n_cmp if name.endswith("_cmp") else st.n_tokens
+            if t.shape[0] != rows:
+                raise ValueError(f"{name} has {t.shape[0]} rows, expected {rows}")
+        heads = {t.shape[1] for _, t in kvs}
+        if len(heads) > 1:
+            raise ValueError(f"key/value tensors disagree on heads: {sorted(heads)}")
+    if backend == "triton":
+        d = first[1].shape[2]
+        if d not in (16, 32, 64, 128):
+            raise ValueError(f"triton backend supports head_dim 16/32/64/128, got {d}")
+        if q is not None and kvs:
+            g = q.shape[1] // kvs[0][1].shape[1]
+            if g & (g - 1):
+                raise ValueError(f"triton backend needs query heads per kv head to be a power of two, got {g}")
+        dt = first[1].dtype
+        if st.device.type == "cuda":
+            if dt not in _GPU_DTYPES:
+                raise ValueError(f"triton backend takes float16/bfloat16/float32 on the GPU, got {dt}")
+        elif os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"triton backend on {st.device} needs TRITON_INTERPRET=1 (or use backend='torch')")
+        elif dt != torch.float32:
+            raise ValueError(f"triton interpreter on the CPU takes float32, got {dt}")
+
+
+def _shared_plan(st, tile_kind, seg_offsets, chunk_kind, block_t, block_n=64):
+    """Plan for branches where every tile of a segment attends to that whole segment."""
+    ts, te, tseg, toff = st.tiles(tile_kind, block_t)
+    segs = seg_offsets.to(torch.int32)
+    cs, ce, cseg, _ = st.chunks(chunk_kind, block_n)
+    return SegmentPlan(ts, te, segs[tseg.long()].view(-1, 1, 1), segs[tseg.long() + 1].view(-1, 1, 1), block_t,
+                       cs, ce, cseg, toff, 0, torch.arange(ts.numel(), dtype=torch.int32, device=st.device),
+                       block_n)
+
+
+def compression_attention(q, k_cmp, v_cmp, structure: SSAStructure, *, backend: str = "triton"):
+    """Every query over its shape's pooled block tokens. Returns (out (N, Hq, D), lse (N, Hq) float32)."""
+    _check(structure, backend, q=q, k_cmp=k_cmp, v_cmp=v_cmp)
+    if backend == "torch":
+        o, lse, _ = ref.compression_attention_ref(q, k_cmp, v_cmp, structure)
+        return o, lse.float()
+    bt = _rows_per_tile(q.shape[1] // k_cmp.shape[1])
+    plan = structure.cached(("plan_cmp", bt), lambda: _shared_plan(
+        structure, "shape", structure.cmp_shape_offsets, "cmp", bt))
+    return segment_attention(q, k_cmp, v_cmp, plan)
+
+
+def select_blocks(q, k_cmp, lse_cmp, structure: SSAStructure, *, top_k: int = 8, q_tile: int = 1,
+                  backend: str = "triton"):
+    """Top-k selection blocks per query tile and kv head from the compression scores.
+
+    Returns int64 (n_tiles, Hkv, top_k) global block ids, -1 where the shape has fewer blocks."""
+    _check(structure, backend, q=q, k_cmp=k_cmp)
+    if top_k < 1 or q_tile < 1 or q_tile & (q_tile - 1):
+        raise ValueError(f"top_k must be >= 1 and q_tile a power of two, got top_k={top_k}, q_tile={q_tile}")
+    st = structure
+    hkv = k_cmp.shape[1]
+    with torch.no_grad():
+        if backend == "torch":
+            _, _, probs = ref.compression_attention_ref(q, k_cmp, k_cmp, st)
+            return ref.select_blocks_ref(probs, st, hkv, top_k, q_tile)
+        ts, te, tseg, _ = st.tiles("shape", q_tile)
+        pool = st.cmp_block != st.slc_block
+        n_cols = st.max_slc_per_shape
+        cmp_off = st.cached("cmp_shape_offsets32", lambda: st.cmp_shape_offsets.to(torch.int32))
+        score = block_scores(q.contiguous(), k_cmp.contiguous(), lse_cmp, ts, te, tseg, cmp_off,
+                             st.cmp_to_slc_local, n_cols, pool, q_tile)
+        n_blocks = (st.slc_shape_offsets[1:] - st.slc_shape_offsets[:-1])[tseg.long()]  # per tile
+        cols = torch.arange(n_cols, device=q.device)
+        score.masked_fill_(cols[None, None, :] >= n_blocks[:, None, None], -1.0)  # scores are >= 0
+        kk = min(top_k, n_cols)
+        top = score.topk(kk, dim=-1)
+        blk = torch.where(top.values >= 0, top.indices + st.slc_shape_offsets[tseg.long()][:, None, None], -1)
+        if kk < top_k:
+            blk = torch.cat([blk, blk.new_full((blk.shape[0], hkv, top_k - kk), -1)], dim=-1)
+        return blk
+
+
+def _selection_plan(st: SSAStructure, selected: torch.Tensor, q_tile: int, block_n: int = 64) -> SegmentPlan:
+    ts, te, _, _ = st.tiles("shape", q_tile)
+    n_tiles, hkv, k = selected.shape
+    if n_tiles != ts.numel():
+        raise ValueError(f"selected has {n_tiles} tiles, expected {ts.numel()} for q_tile={q_tile}")
+    ok = selected >= 0
+    blk = selected.clamp_min(0)
+    off = st.slc_offsets
+    seg_start = torch.where(ok, off[blk], 0).to(torch.int32)
+    seg_end = torch.where(ok, off[blk + 1], 0).to(torch.int32)
+    # inverse lists: for each (kv head, block), the tiles that selected it
+    tile_id = torch.arange(n_tiles, device=st.device)[:, None, None].expand(n_tiles, hkv, k)
+    head = torch.arange(hkv, device=st.device)[None, :, None].expand(n_tiles, hkv, k)
+    key = (head * st.n_slc + blk)[ok]
+    order = torch.argsort(key, stable=True)
+    tidx = tile_id[ok][order].to(torch.int32)
+    qptr = torch.zeros(hkv * st.n_slc + 1, dtype=torch.int32, device=st.device)
+    qptr[1:] = torch.cumsum(torch.bincount(key, minlength=hkv * st.n_slc), 0)
+    cs, ce, cseg, _ = st.chunks("slc", block_n)
+    return SegmentPlan(ts, te, seg_start, seg_end, q_tile, cs, ce, cseg, qptr, st.n_slc, tidx, block_n)
+
+
+def selection_attention(q, k, v, structure: SSAStructure, selected: torch.Tensor, *, q_tile: int = 1,
+                        backend: str = "triton"):
+    """Exact attention of every query over the tokens of its tile's selected blocks. Returns out (N, Hq, D)."""
+    _check(structure, backend, q=q, k=k, v=v)
+    if selected.ndim != 3 or selected.shape[1] != k.shape[1]:
+        raise ValueError(f"selected must be (tiles, {k.shape[1]}, top_k), got {tuple(selected.shape)}")
+    if backend == "torch":
+        return ref.selection_attention_ref(q, k, v, structure, selected, q_tile)[0]
+    return segment_attention(q, k, v, _selection_plan(structure, selected, q_tile))[0]
+
+
+def window_attention(q, k, v, structure: SSAStructure, *, shifted: bool = False, backend: str = "triton"):
+    """Every query over the tokens present in its window (shifted windows on odd layers). Returns out (N, Hq, D)."""
+    _check(structure, backend, q=q, k=k, v=v)
+    if backend == "torch":
+        return ref.window_attention_ref(q, k, v, structure, shifted)
+    st = structure
+    perm, woff = st.window_partition(shifted)
+    kind = "window1" if shifted else "window0"
+    bt = _rows_per_tile(q.shape[1] // k.shape[1])
+    plan = st.cached(("plan_win", kind, bt), lambda: _shared_plan(st, kind, woff, kind, bt))
+    if perm is None:
+        return segment_attention(q, k, v, plan)[0]
+    inv = st.cached(("inv_perm", kind), lambda: torch.argsort(perm))
+    o = segment_attention(q.index_select(0, perm), k.index_select(0, perm), v.index_select(0, perm), plan)[0]
+    return o.index_select(0, inv)
+
+
+def spatial_sparse_attention(q, k, v, k_cmp, v_cmp, gates, structure: SSAStructure, *, top_k: int = 8,
+                             q_tile: int = 1, shifted: bool = False, backend: str = "triton"):
+    """o = g_cmp·o_cmp + g_slc·o_slc + g_win·o_win (Direct3D-S2 Sec. 3.3); gates (N, Hq, 3) after the sigmoid."""
+    _check(structure, backend, q=q, k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp)
+    if gates.shape != (*q.shape[:2], 3):
+        raise ValueError(f"gates must be (N, Hq, 3) = {(*q.shape[:2], 3)}, got {tuple(gates.shape)}")
+    o_cmp, lse = compression_attention(q, k_cmp, v_cmp, structure, backend=backend)
+    if backend == "torch":
+        sel = select_blocks(q, k_cmp, None, structure, top_k=top_k, q_tile=q_tile, backend="torch")
+    else:
+        sel = select_blocks(q.detach(), k_cmp.detach(), lse, structure, top_k=top_k, q_tile=q_tile)
+    o_slc = selection_attention(q, k, v, structure, sel, q_tile=q_tile, backend=backend)
+    o_win = window_attention(q, k, v, structure, shifted=shifted, backend=backend)
+    g = gates.to(q.dtype)
+    return g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_win
