@@ -1,0 +1,165 @@
+"""Narrow band of a triangle mesh on a sparse voxel grid, found from the triangles alone.
+
+Each triangle enumerates the voxel centres that can lie within the band: the
+columns along its dominant normal axis whose 2D position is within the band of
+the projected triangle (projection never lengthens distances), and in each
+column only the few voxels inside the slab |n.x - n.a| < band. Exact distances
+are then taken for these candidates and the minimum per voxel kept by one sort.
+No array of size R^3 is ever made; memory grows with the surface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from kernels.distance import point_triangle_sqdist
+
+# For dominant axis a: position of x, y, z in the (u, v, w=a) column frame, u=(a+1)%3, v=(a+2)%3.
+_XYZ_FROM_UVW = torch.tensor([[2, 0, 1], [1, 2, 0], [0, 1, 2]])
+_EPS = 1e-4  # index-space slack so rounding never drops a candidate (the exact test removes extras)
+
+
+@dataclass
+class BandPairs:
+    """Closest triangle per band voxel: keys sorted ascending and unique."""
+
+    keys: torch.Tensor  # (N,) int64 linear key (i*R + j)*R + k
+    d2: torch.Tensor  # (N,) float32 squared distance to the mesh
+    tri: torch.Tensor  # (N,) int64 index of a closest triangle
+    feature: torch.Tensor  # (N,) uint8 closest feature on that triangle
+
+
+def _column_frames(tri: torch.Tensor):
+    """Dominant axis and the triangle's coordinates reordered to (u, v, w)."""
+    n = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=1)
+    axis = n.abs().argmax(dim=1)
+    order = torch.stack([(axis + 1) % 3, (axis + 2) % 3, axis], dim=1)  # (T,3)
+    tri_uvw = torch.gather(tri, 2, order[:, None, :].expand(-1, 3, -1))
+    n_uvw = torch.gather(n, 1, order)
+    return axis, tri_uvw, n_uvw
+
+
+def _index_range(lo: torch.Tensor, hi: torch.Tensor, h: float, r: float, res: int):
+    """Voxel indices whose centres lie in [lo - r, hi + r], clamped to the grid."""
+    c0 = -1.0 + 0.5 * h
+    i_lo = torch.ceil((lo - r - c0) / h - _EPS).clamp(0, res - 1).long()
+    i_hi = torch.floor((hi + r - c0) / h + _EPS).clamp(-1, res - 1).long()
+    return i_lo, i_hi
+
+
+def candidate_counts(tri: torch.Tensor, res: int, band: float) -> torch.Tensor:
+    """Upper bound on the candidates each triangle enumerates (used to size chunks)."""
+    h = 2.0 / res
+    r = band * h
+    axis, tri_uvw, n_uvw = _column_frames(tri)
+    lo, hi = tri_uvw.min(dim=1).values, tri_uvw.max(dim=1).values
+    i_lo, i_hi = _index_range(lo, hi, h, r, res)
+    ext = (i_hi - i_lo + 1).clamp(min=0)
+    slab = torch.ceil(2 * r / (h * n_uvw[:, 2].abs() / n_uvw.norm(dim=1))).long() + 2
+    return ext[:, 0] * ext[:, 1] * torch.minimum(slab, ext[:, 2])
+
+
+def _expand(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(owner, local) for a ragged range: owner[j] repeats i counts[i] times, local counts 0.. within it."""
+    owner = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    start = torch.cumsum(counts, 0) - counts
+    local = torch.arange(owner.numel(), device=counts.device) - start[owner]
+    return owner, local
+
+
+def _chunk_candidates(tri: torch.Tensor, tri_ids: torch.Tensor, res: int, band: float, distance_backend: str):
+    """Band pairs (key, d2, tri id, feature) contributed by one chunk of triangles; not yet unique."""
+    h = 2.0 / res
+    r = band * h
+    c0 = -1.0 + 0.5 * h
+    axis, tri_uvw, n_uvw = _column_frames(tri)
+    lo, hi = tri_uvw.min(dim=1).values, tri_uvw.max(dim=1).values
+    i_lo, i_hi = _index_range(lo, hi, h, r, res)
+    nu = (i_hi[:, 0] - i_lo[:, 0] + 1).clamp(min=0)
+    nv = (i_hi[:, 1] - i_lo[:, 1] + 1).clamp(min=0)
+
+    # Columns of the dilated 2D bounding box.
+    col_t, local = _expand(nu * nv)
+    nv_c = nv[col_t]
+    iu = i_lo[col_t, 0] + torch.div(local, nv_c, rounding_mode="floor")
+    iv = i_lo[col_t, 1] + local - torch.div(local, nv_c, rounding_mode="floor") * nv_c
+    xu = c0 + iu.to(tri.dtype) * h
+    xv = c0 + iv.to(tri.dtype) * h
+
+    # Keep columns within r of the projected triangle: each edge's outward offset line by r.
+    p2 = tri_uvw[:, :, :2]  # (T,3,2)
+    e = torch.roll(p2, -1, dims=1) - p2  # edges a->b, b->c, c->a
+    elen = e.norm(dim=2).clamp_min(1e-30)
+    orient = torch.sign(n_uvw[:, 2])  # sign of the projected area
+    keep = torch.ones_like(xu, dtype=torch.bool)
+    for k in range(3):
+        ex, ey = e[col_t, k, 0], e[col_t, k, 1]
+        qx, qy = xu - p2[col_t, k, 0], xv - p2[col_t, k, 1]
+        inward = orient[col_t] * (ex * qy - ey * qx) / elen[col_t, k]
+        keep &= inward >= -r * (1 + _EPS) - _EPS * h
+    col_t, iu, iv, xu, xv = col_t[keep], iu[keep], iv[keep], xu[keep], xv[keep]
+
+    # Slab along the dominant axis: |n.(x - a)| < r  =>  w within r/|n_w| of the plane.
+    nn = n_uvw[col_t]
+    a = tri_uvw[col_t, 0]
+    w0 = a[:, 2] - (nn[:, 0] * (xu - a[:, 0]) + nn[:, 1] * (xv - a[:, 1])) / nn[:, 2]
+    half = r * nn.norm(dim=1) / nn[:, 2].abs()
+    w_lo, w_hi = _index_range(w0 - half, w0 + half, h, 0.0, res)
+    w_lo = torch.maximum(w_lo, i_lo[col_t, 2])
+    w_hi = torch.minimum(w_hi, i_hi[col_t, 2])
+    cand_c, local = _expand((w_hi - w_lo + 1).clamp(min=0))
+    uvw = torch.stack([iu[cand_c], iv[cand_c], w_lo[cand_c] + local], dim=1)
+    t_loc = col_t[cand_c]
+    xyz = torch.gather(uvw, 1, _XYZ_FROM_UVW.to(uvw.device)[axis[t_loc]])
+
+    pts = c0 + xyz.to(tri.dtype) * h
+    d2, feat = point_triangle_sqdist(pts, tri, t_loc, backend=distance_backend)
+    inside = d2 < r * r
+    xyz = xyz[inside]
+    key = (xyz[:, 0] * res + xyz[:, 1]) * res + xyz[:, 2]
+    return key, d2[inside], tri_ids[t_loc[inside]], feat[inside]
+
+
+def _triangle_chunks(counts: torch.Tensor, chunk: int) -> Iterator[tuple[int, int]]:
+    """Consecutive triangle ranges whose candidate bound stays near `chunk` (one triangle may exceed it)."""
+    csum = torch.cumsum(counts, 0).cpu()
+    start, n = 0, counts.numel()
+    while start < n:
+        base = int(csum[start - 1]) if start else 0
+        stop = int(torch.searchsorted(csum, base + chunk, right=True))
+        stop = max(stop, start + 1)
+        yield start, min(stop, n)
+        start = stop
+
+
+@torch.no_grad()
+def band_pairs(
+    tri: torch.Tensor, res: int, band: float, chunk: int = 1 << 22, distance_backend: str = "auto"
+) -> BandPairs:
+    """Every voxel centre with distance < band*h to the triangles (F,3,3), with its closest triangle."""
+    counts = candidate_counts(tri, res, band)
+    keys, tris, feats = [], [], []
+    for s, e in _triangle_chunks(counts, chunk):
+        k, d2, t, f = _chunk_candidates(tri[s:e], torch.arange(s, e, device=tri.device), res, band, distance_backend)
+        # One int64 holds (key, d2): keys < 2^31 at R <= 1024 and d2 >= 0 orders like its bit pattern.
+        keys.append((k << 32) | d2.view(torch.int32).to(torch.int64))
+        tris.append(t.to(torch.int32))
+        feats.append(f)
+    packed = torch.cat(keys)
+    tri_all = torch.cat(tris)
+    feat_all = torch.cat(feats)
+    del keys, tris, feats
+    packed, order = torch.sort(packed)
+    key = packed >> 32
+    first = torch.ones_like(key, dtype=torch.bool)
+    first[1:] = key[1:] != key[:-1]
+    sel = order[first]
+    return BandPairs(
+        keys=key[first],
+        d2=(packed[first] & 0xFFFFFFFF).to(torch.int32).view(torch.float32),
+        tri=tri_all[sel].long(),
+        feature=feat_all[sel],
+    )

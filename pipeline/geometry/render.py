@@ -1,0 +1,193 @@
+"""Condition views: grey shaded renders of a normalized mesh from random cameras, on the CPU.
+
+A vectorized z-buffer rasterizer in PyTorch (no OpenGL, no system packages, no GPU).
+
+Conventions
+- World: the mesh lies in [-1, 1]^3 with +Y up (glTF's convention, which trimesh keeps).
+- Camera on a sphere around the origin, looking at it: elevation is the angle above the XZ
+  plane (towards +Y), azimuth the angle about +Y measured from +Z towards +X, both in degrees.
+- Extrinsics: 4x4 world-to-camera [R | t] in OpenCV's convention (x right, y down, z forward),
+  so a world point X lands at pixel K @ (R @ X + t) after dividing by its z.
+- Intrinsics: 3x3 pinhole K in pixels; pixel centres at integer coordinates (OpenCV), so the
+  principal point of a W x H image is ((W - 1) / 2, (H - 1) / 2).
+- Image: H x W x 4 uint8 RGBA; RGB is already composited over the background colour (use
+  image[..., :3] directly as the condition image) and alpha is the object's coverage.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+_NEAR = 1e-3
+_EDGE_TOLERANCE_PX = 1e-7  # a pixel centre this close outside an edge still counts: shared edges leave no gaps
+_CHUNK = 1 << 22  # pixel candidates rasterized per step, bounds memory for huge meshes
+
+
+@dataclass
+class View:
+    """One rendered view and the camera that made it."""
+
+    image: np.ndarray  # (H, W, 4) uint8: RGB over the background, alpha = coverage
+    intrinsics: np.ndarray  # (3, 3) float32 pinhole K in pixels
+    extrinsics: np.ndarray  # (4, 4) float32 world-to-camera, OpenCV axes
+    elevation: float  # degrees above the XZ plane
+    azimuth: float  # degrees about +Y from +Z towards +X
+
+    @property
+    def rgb(self) -> np.ndarray:
+        return self.image[..., :3]
+
+    @property
+    def alpha(self) -> np.ndarray:
+        return self.image[..., 3]
+
+    def png(self) -> bytes:
+        """RGBA PNG bytes; the same image always gives the same bytes (no metadata, fixed settings)."""
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(self.image, mode="RGBA").save(buf, format="PNG", compress_level=6)
+        return buf.getvalue()
+
+
+@dataclass
+class Raster:
+    """Per-pixel result of rasterization: which face is visible, how far, and where on it."""
+
+    face: torch.Tensor  # (H, W) int64, -1 where nothing is hit
+    depth: torch.Tensor  # (H, W) float32 camera-space z, inf where nothing is hit
+    bary: torch.Tensor  # (H, W, 3) float32 perspective-correct barycentric weights of the face's corners
+
+
+def intrinsics_matrix(width: int, height: int, fov_deg: float) -> np.ndarray:
+    """Pinhole K with a horizontal field of view `fov_deg` and square pixels."""
+    f = (width / 2.0) / math.tan(math.radians(fov_deg) / 2.0)
+    return np.array([[f, 0.0, (width - 1) / 2.0], [0.0, f, (height - 1) / 2.0], [0.0, 0.0, 1.0]], dtype=np.float32)
+
+
+def camera_center(elevation: float, azimuth: float, radius: float) -> np.ndarray:
+    el, az = math.radians(elevation), math.radians(azimuth)
+    return radius * np.array([math.cos(el) * math.sin(az), math.sin(el), math.cos(el) * math.cos(az)])
+
+
+def look_at_extrinsics(elevation: float, azimuth: float, radius: float) -> np.ndarray:
+    """World-to-camera 4x4 (OpenCV axes) for a camera on the sphere looking at the origin, +Y up."""
+    c = camera_center(elevation, azimuth, radius)
+    forward = -c / np.linalg.norm(c)
+    right = np.cross(forward, [0.0, 1.0, 0.0])
+    if np.linalg.norm(right) < 1e-9:  # straight above or below: any right vector will do
+        right = np.array([1.0, 0.0, 0.0])
+    right /= np.linalg.norm(right)
+    down = np.cross(forward, right)
+    rot = np.stack([right, down, forward])
+    ext = np.eye(4)
+    ext[:3, :3] = rot
+    ext[:3, 3] = -rot @ c
+    return ext.astype(np.float32)
+
+
+def _check_mesh(vertices, faces) -> tuple[torch.Tensor, torch.Tensor]:
+    v = torch.as_tensor(np.asarray(vertices), dtype=torch.float64)
+    f = torch.as_tensor(np.asarray(faces))
+    if v.ndim != 2 or v.shape[1] != 3 or len(v) == 0:
+        raise ValueError(f"vertices: expected a non-empty (V, 3) array, got shape {tuple(v.shape)}")
+    if f.ndim != 2 or f.shape[1] != 3 or len(f) == 0:
+        raise ValueError(f"faces: expected a non-empty (F, 3) array of triangles, got shape {tuple(f.shape)}")
+    if f.is_floating_point() or f.dtype == torch.bool:
+        raise ValueError(f"faces: expected integer vertex indices, got {f.dtype}")
+    f = f.long()
+    if not torch.isfinite(v).all():
+        raise ValueError(f"vertices: {int((~torch.isfinite(v)).any(1).sum())} of {len(v)} have NaN or infinite coordinates")
+    if f.min() < 0 or f.max() >= len(v):
+        raise ValueError(f"faces: vertex index out of range [0, {len(v)}): min {int(f.min())}, max {int(f.max())}")
+    return v, f
+
+
+def rasterize(vertices, faces, intrinsics, extrinsics, height: int, width: int) -> Raster:
+    """Z-buffer rasterization of triangles seen through K [R | t] (OpenCV axes), both sides of every face.
+
+    Pixel centres inside a triangle, or on its edge within a tiny tolerance, are covered, so
+    triangles that share an edge leave no gap; the nearest face wins, ties go to the lower index.
+    """
+    v, f = _check_mesh(vertices, faces)
+    K = torch.as_tensor(np.asarray(intrinsics), dtype=torch.float64)
+    E = torch.as_tensor(np.asarray(extrinsics), dtype=torch.float64)
+    cam = v @ E[:3, :3].T + E[:3, 3]
+    z = cam[:, 2]
+    if (z[f.unique()] <= _NEAR).any():
+        raise ValueError("mesh reaches behind the camera: move the camera further out (larger radius)")
+    x = K[0, 0] * cam[:, 0] / z + K[0, 1] * cam[:, 1] / z + K[0, 2]
+    y = K[1, 1] * cam[:, 1] / z + K[1, 2]
+    px, py, inv_z = x[f], y[f], 1.0 / z[f]  # (F, 3) each
+
+    # screen-space barycentrics as affine functions b_k = a_k x + b_k y + c_k (edge function / twice area)
+    area2 = (px[:, 1] - px[:, 0]) * (py[:, 2] - py[:, 0]) - (px[:, 2] - px[:, 0]) * (py[:, 1] - py[:, 0])
+    live = area2.abs() > 1e-12  # edge-on faces cover no pixel centre; their neighbours do
+    live &= (px.max(1).values >= 0) & (px.min(1).values <= width - 1)
+    live &= (py.max(1).values >= 0) & (py.min(1).values <= height - 1)
+    ids = live.nonzero().squeeze(1)
+    px, py, inv_z, area2 = px[ids], py[ids], inv_z[ids], area2[ids]
+    nxt, prv = [1, 2, 0], [2, 0, 1]
+    ea = -(py[:, prv] - py[:, nxt]) / area2[:, None]  # coefficient of x, per corner k
+    eb = (px[:, prv] - px[:, nxt]) / area2[:, None]  # coefficient of y
+    ec = -(ea * px[:, nxt] + eb * py[:, nxt])
+    edge_len = torch.hypot(px[:, prv] - px[:, nxt], py[:, prv] - py[:, nxt])
+    tol = _EDGE_TOLERANCE_PX * edge_len / area2.abs()[:, None]
+
+    # one row of pixel centres per (face, row) in the face's bounding box ...
+    y0 = py.min(1).values.ceil().clamp(min=0).long()
+    y1 = py.max(1).values.floor().clamp(max=height - 1).long()
+    xlo = px.min(1).values.ceil().clamp(min=0)
+    xhi = px.max(1).values.floor().clamp(max=width - 1)
+    rows_per_face = (y1 - y0 + 1).clamp(min=0)
+    rf = torch.repeat_interleave(torch.arange(len(ids)), rows_per_face)
+    first_row = torch.cumsum(rows_per_face, 0) - rows_per_face
+    ry = (y0[rf] + torch.arange(len(rf)) - first_row[rf]).double()
+    # ... then the exact span of x where all three barycentrics are >= -tol on that row
+    a, rest = ea[rf], eb[rf] * ry[:, None] + ec[rf] + tol[rf]
+    bound = -rest / torch.where(a == 0, torch.ones_like(a), a)
+    lower = torch.where(a > 0, bound, torch.full_like(a, -math.inf)).max(1).values
+    upper = torch.where(a < 0, bound, torch.full_like(a, math.inf)).min(1).values
+    blocked = ((a == 0) & (rest < 0)).any(1)
+    xl = torch.maximum(lower.ceil(), xlo[rf])
+    xr = torch.minimum(upper.floor(), xhi[rf])
+    span = torch.where(blocked, torch.zeros_like(xl), (xr - xl + 1).clamp(min=0)).long()
+
+    # z-buffer on one int64 key per candidate: float32 depth bits (monotone for positive floats), then face id
+    key_buf = torch.full((height * width,), torch.iinfo(torch.int64).max, dtype=torch.int64)
+    ends = torch.cumsum(span, 0)
+    start = 0
+    while start < len(span):
+        stop = int(torch.searchsorted(ends, ends[start] - span[start] + _CHUNK, right=True).clamp(min=start + 1))
+        s = span[start:stop]
+        r = torch.repeat_interleave(torch.arange(start, stop), s)
+        offset = torch.arange(len(r)) - (torch.cumsum(s, 0) - s).repeat_interleave(s)
+        cx = xl[r] + offset
+        cy = ry[r]
+        fl = rf[r]
+        bary = ea[fl] * cx[:, None] + eb[fl] * cy[:, None] + ec[fl]
+        depth = 1.0 / (bary * inv_z[fl]).sum(1)  # 1/z is affine in screen space
+        key = (depth.float().view(torch.int32).long() << 32) | fl
+        key_buf.scatter_reduce_(0, cy.long() * width + cx.long(), key, reduce="amin")
+        start = stop
+
+    hit = key_buf != torch.iinfo(torch.int64).max
+    pix = hit.nonzero().squeeze(1)
+    local = key_buf[pix] & 0xFFFFFFFF
+    face = torch.full((height * width,), -1, dtype=torch.int64)
+    face[pix] = ids[local]
+    depth_img = torch.full((height * width,), math.inf, dtype=torch.float32)
+    depth_img[pix] = (key_buf[pix] >> 32).int().view(torch.float32)
+    # perspective-correct barycentrics: weight each corner by its 1/z, then renormalize
+    cx, cy = (pix % width).double(), (pix // width).double()
+    b = ea[local] * cx[:, None] + eb[local] * cy[:, None] + ec[local]
+    b = b.clamp(min=0) * inv_z[local]
+    b = b / b.sum(1, keepdim=True).clamp(min=1e-30)
+    bary_img = torch.zeros((height * width, 3), dtype=torch.float32)
+    bary_img[pix] = b.float()
+    return Raster(face.view(height, width), depth_img.view(height, width), bary_img.view(height, width, 3))

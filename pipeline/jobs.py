@@ -1,0 +1,151 @@
+"""Job specs: KubeRay ``RayJob`` manifests that also submit to any running Ray cluster.
+
+A file in ``jobs/`` is a valid ``ray.io/v1`` RayJob, so ``kubectl apply -f`` runs
+it on Kubernetes. ``s2 submit`` reads the same file, takes ``spec.entrypoint``
+and ``spec.runtimeEnvYAML``, checks the stage's settings locally, and submits
+them through Ray's job submission API to the cluster at ``--address`` or
+``RAY_ADDRESS``, streaming the logs until the job ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import ConfigError
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+@dataclass
+class JobSpec:
+    path: str
+    name: str
+    entrypoint: str
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def argv(self) -> list[str]:
+        return shlex.split(self.entrypoint)
+
+
+def load_job_spec(path: str | Path) -> JobSpec:
+    """Read and check a RayJob manifest; errors name the file and the field."""
+    p = Path(path)
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{p}: expected a RayJob manifest (a mapping)")
+    if doc.get("apiVersion") != "ray.io/v1" or doc.get("kind") != "RayJob":
+        raise ConfigError(f"{p}: expected apiVersion ray.io/v1 and kind RayJob, got "
+                          f"{doc.get('apiVersion')!r} / {doc.get('kind')!r}")
+    spec = doc.get("spec") or {}
+    entrypoint = spec.get("entrypoint")
+    if not isinstance(entrypoint, str) or not entrypoint.strip():
+        raise ConfigError(f"{p}: spec.entrypoint must be a non-empty command")
+    runtime_env: dict[str, Any] = {}
+    if spec.get("runtimeEnvYAML"):
+        try:
+            runtime_env = yaml.safe_load(spec["runtimeEnvYAML"]) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: spec.runtimeEnvYAML is not valid YAML ({exc})") from exc
+        if not isinstance(runtime_env, dict):
+            raise ConfigError(f"{p}: spec.runtimeEnvYAML must be a mapping")
+    name = (doc.get("metadata") or {}).get("name") or p.stem
+    return JobSpec(path=str(p), name=name, entrypoint=" ".join(entrypoint.split()), runtime_env=runtime_env,
+                   manifest=doc)
+
+
+def with_overrides(spec: JobSpec, overrides: list[str]) -> JobSpec:
+    """Append ``--key value`` for each ``key=value``; later flags win in the stage's parser."""
+    extra = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        extra += ["--" + key.strip().replace("_", "-"), value]
+    if not extra:
+        return spec
+    entry = spec.entrypoint + " " + " ".join(shlex.quote(x) for x in extra)
+    return JobSpec(path=spec.path, name=spec.name, entrypoint=entry, runtime_env=spec.runtime_env,
+                   manifest=spec.manifest)
+
+
+def check_entrypoint(spec: JobSpec) -> None:
+    """Parse an ``s2 <stage> ...`` entrypoint with the stage's own parser, so bad settings fail here."""
+    argv = spec.argv()
+    if not argv or Path(argv[0]).name != "s2":
+        return  # a foreign command: nothing of ours to check
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv[1:])
+    except SystemExit as exc:
+        raise ConfigError(f"{spec.path}: spec.entrypoint: the flags above are not valid for "
+                          f"'{' '.join(argv[:2])}'") from exc
+    check = getattr(args, "check", None)
+    if callable(check):
+        check(args)
+
+
+def auth_env() -> None:
+    """Ray 2.60 clusters run with token auth when a token exists; make this client present it."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    token_path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if os.environ.get("RAY_AUTH_TOKEN") or token_path.exists():
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def submit(spec: JobSpec, *, address: str | None = None, wait: bool = True, follow_logs: bool = True,
+           working_dir: str | None = None, submission_id: str | None = None, timeout_s: float | None = None) -> str:
+    """Submit, stream the logs, and return the job's final status (or its id when not waiting)."""
+    auth_env()
+    from ray.job_submission import JobSubmissionClient
+
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise ConfigError("no Ray cluster address: pass --address or set RAY_ADDRESS (e.g. http://127.0.0.1:8265)")
+    if "://" not in address:
+        address = f"http://{address}"
+    client = JobSubmissionClient(address)
+    runtime_env = dict(spec.runtime_env)
+    if working_dir:
+        runtime_env["working_dir"] = working_dir
+    job_id = client.submit_job(entrypoint=spec.entrypoint, runtime_env=runtime_env or None,
+                               submission_id=submission_id, metadata={"s2.job_spec": Path(spec.path).name})
+    print(f"submitted {spec.name} as {job_id} to {address}", file=sys.stderr)
+    if not wait:
+        return job_id
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+    if follow_logs:
+        async def _tail() -> None:
+            async for lines in client.tail_job_logs(job_id):
+                sys.stdout.write(lines)
+                sys.stdout.flush()
+
+        try:
+            asyncio.run(asyncio.wait_for(_tail(), timeout=timeout_s))
+        except asyncio.TimeoutError:
+            pass
+    while True:
+        status = str(client.get_job_status(job_id)).split(".")[-1]
+        if status in TERMINAL:
+            return status
+        if deadline and time.monotonic() > deadline:
+            client.stop_job(job_id)
+            return "TIMEOUT"
+        time.sleep(1.0)

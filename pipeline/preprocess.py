@@ -1,0 +1,343 @@
+"""The preprocess stage on Ray Data: mesh corpus -> narrow-band sparse SDF shards.
+
+Driver: list the corpus, read what the output already holds (by content hash),
+and stream the files through ``process_meshes`` tasks. Each task reads, hashes,
+loads, normalizes, computes the sparse SDF at every resolution, renders the
+condition views and writes its own shards atomically under names fixed by their
+content, so a retried task (a worker died) overwrites instead of duplicating.
+The tasks return one small summary row per file; the driver writes
+``manifest.parquet`` (rebuilt from the shards themselves) and ``errors.parquet``
+and prints a summary table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import shards, storage
+from pipeline.config import ConfigError
+from pipeline.geometry.mesh import (MESH_EXTENSIONS, SIDECAR_EXTENSIONS, MeshError, extension, load_mesh,
+                                    normalize)
+
+
+@dataclass
+class PreprocessConfig:
+    input: str = field(default="", metadata={"help": "mesh corpus: a folder, a file, or an s3:// prefix"})
+    output: str = field(default="", metadata={"help": "dataset root for shards, manifest and errors (path or s3://)"})
+    resolutions: list[int] = field(default_factory=lambda: [256, 512, 1024],
+                                   metadata={"help": "grid resolutions of the sparse SDF"})
+    band: float = field(default=2.0, metadata={"help": "narrow band half-width in voxel widths"})
+    sdf_backend: Literal["native", "mesh_to_sdf"] = field(
+        default="native", metadata={"help": "native (ours) or mesh_to_sdf (reference, slow)"})
+    views: int = field(default=12, metadata={"help": "condition views rendered per mesh"})
+    view_size: int = field(default=518, metadata={"help": "view width and height in pixels"})
+    elevation: tuple[float, float] = field(default=(10.0, 40.0), metadata={"help": "view elevation range, degrees"})
+    seed: int = field(default=0, metadata={"help": "seed of the view cameras"})
+    meshes_per_task: int = field(default=4, metadata={"help": "meshes a task processes and writes as one shard"})
+    cpus_per_task: float = field(default=1.0, metadata={"help": "CPUs reserved per task (torch threads follow)"})
+    memory_per_task_gb: Optional[float] = field(default=None, metadata={"help": "memory reserved per task, GiB"})
+    concurrency: Optional[int] = field(default=None, metadata={"help": "most tasks at once (default: cluster CPUs)"})
+    max_retries: int = field(default=3, metadata={"help": "retries of a task whose worker died"})
+    max_faces: int = field(default=10_000_000, metadata={"help": "meshes with more faces are rejected"})
+    max_file_mb: float = field(default=2048.0, metadata={"help": "files larger than this are rejected"})
+    limit: Optional[int] = field(default=None, metadata={"help": "process only the first N files (sorted)"})
+    storage_options: dict[str, Any] = field(default_factory=dict,
+                                            metadata={"help": "fsspec options as JSON (e.g. S3 endpoint)"})
+    compression: str = field(default="zstd", metadata={"help": "Parquet compression codec"})
+
+    def validate(self) -> None:
+        if not self.input:
+            raise ConfigError("input: required (a folder, a file or an s3:// prefix of meshes)")
+        if not self.output:
+            raise ConfigError("output: required (a folder or an s3:// prefix for the shards)")
+        if not self.resolutions:
+            raise ConfigError("resolutions: at least one is required")
+        for r in self.resolutions:
+            if r < 8 or r > 4096 or r % 8:
+                raise ConfigError(f"resolutions: {r} must be a multiple of 8 between 8 and 4096")
+        if len(set(self.resolutions)) != len(self.resolutions):
+            raise ConfigError(f"resolutions: duplicates in {self.resolutions}")
+        if not (0 < self.band <= 16):
+            raise ConfigError(f"band: {self.band} must be in (0, 16] voxel widths")
+        if self.views < 0 or (self.views and self.view_size < 16):
+            raise ConfigError("views must be >= 0 and view_size >= 16")
+        lo, hi = self.elevation
+        if not (-90 <= lo <= hi <= 90):
+            raise ConfigError(f"elevation: {self.elevation} must be an increasing range within [-90, 90]")
+        if self.meshes_per_task < 1 or self.cpus_per_task <= 0 or self.max_retries < 0:
+            raise ConfigError("meshes_per_task >= 1, cpus_per_task > 0 and max_retries >= 0 are required")
+        if self.max_faces < 1 or self.max_file_mb <= 0:
+            raise ConfigError("max_faces and max_file_mb must be positive")
+
+    def row_config_hash(self) -> str:
+        """Hash of every setting that changes a row's content (not where or how fast it runs)."""
+        keys = {"band": self.band, "sdf_backend": self.sdf_backend, "views": self.views,
+                "view_size": self.view_size, "elevation": list(self.elevation), "seed": self.seed,
+                "schema": shards.SCHEMA_VERSION}
+        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+SUMMARY_SCHEMA = pa.schema([
+    ("source_uri", pa.string()), ("mesh_id", pa.string()), ("content_hash", pa.string()),
+    ("status", pa.string()), ("stage", pa.string()), ("error", pa.string()),
+    ("voxels", pa.int64()), ("bytes", pa.int64()), ("seconds", pa.float64()),
+])
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{text}" if isinstance(exc, (MeshError, ValueError)) and text else f"{type(exc).__name__}: {text}"
+
+
+def _views_for(mesh, cfg: PreprocessConfig, content_hash: str) -> list[shards.View]:
+    if cfg.views == 0:
+        return []
+    from pipeline.geometry.render import render_views
+
+    # Seed per mesh from the config seed and the content, so views are reproducible and varied.
+    seed = (cfg.seed * 1_000_003 + int(content_hash[:8], 16)) % (2**31)
+    out = []
+    for v in render_views(mesh.vertices, mesh.faces, n_views=cfg.views, size=cfg.view_size,
+                          elevation=tuple(cfg.elevation), seed=seed):
+        out.append(shards.View(png=v.png(), intrinsics=np.asarray(v.intrinsics, np.float32),
+                               extrinsics=np.asarray(v.extrinsics, np.float32),
+                               elevation=float(v.elevation), azimuth=float(v.azimuth)))
+    return out
+
+
+def _sdf(mesh, resolution: int, cfg: PreprocessConfig):
+    from pipeline.geometry.sdf import sparse_sdf
+
+    s = sparse_sdf(mesh.vertices, mesh.faces, resolution, band=cfg.band, backend=cfg.sdf_backend)
+    coords = np.asarray(s.coords.cpu().numpy() if hasattr(s.coords, "cpu") else s.coords, np.int32)
+    values = np.asarray(s.values.cpu().numpy() if hasattr(s.values, "cpu") else s.values, np.float32)
+    return coords, values
+
+
+def process_one(uri: str, data: bytes, cfg: PreprocessConfig, done: set[str]) -> tuple[dict, list[shards.ShardRow]]:
+    """Everything for one file; failures become a summary row with the stage and reason."""
+    t0 = time.perf_counter()
+    row = {"source_uri": uri, "mesh_id": None, "content_hash": None, "status": "ok", "stage": None,
+           "error": None, "voxels": 0, "bytes": len(data), "seconds": 0.0}
+    stage = "hash"
+    try:
+        content_hash = hashlib.sha256(data).hexdigest()
+        row["content_hash"] = content_hash
+        row["mesh_id"] = shards.mesh_id_for(uri, content_hash)
+        cfg_hash = cfg.row_config_hash()
+        todo = [r for r in cfg.resolutions if f"{content_hash}:{cfg_hash}:{r}" not in done]
+        if not todo:
+            row["status"] = "skipped"
+            return row, []
+        stage = "load"
+        vertices, faces = load_mesh(data, extension(uri), max_faces=cfg.max_faces)
+        stage = "normalize"
+        mesh = normalize(vertices, faces)
+        rows = []
+        for res in todo:
+            stage = f"sdf@{res}"
+            coords, values = _sdf(mesh, res, cfg)
+            if len(coords) == 0:
+                raise MeshError(f"empty narrow band at {res}^3")
+            if not np.isfinite(values).all():
+                raise MeshError(f"non-finite SDF values at {res}^3")
+            rows.append(shards.ShardRow(
+                mesh_id=row["mesh_id"], source_uri=uri, content_hash=content_hash, config_hash=cfg_hash,
+                resolution=res, band=cfg.band, coords=coords, sdf=values, center=mesh.center, scale=mesh.scale,
+                face_count=mesh.face_count, vertex_count=mesh.vertex_count, watertight=mesh.watertight,
+                views=[]))
+            row["voxels"] += len(coords)
+        stage = "render"
+        views = _views_for(mesh, cfg, content_hash)
+        for r in rows:
+            r.views = views
+        return row, rows
+    except Exception as exc:  # one bad mesh never stops the batch
+        row.update(status="failed", stage=stage, error=_one_line(exc), voxels=0)
+        return row, []
+    finally:
+        row["seconds"] = time.perf_counter() - t0
+
+
+_DONE_CACHE: dict[str, set[str]] = {}
+
+
+def _done_set(ref) -> set[str]:
+    import ray
+
+    if ref is None:
+        return set()
+    key = ref.hex()
+    if key not in _DONE_CACHE:
+        _DONE_CACHE.clear()
+        _DONE_CACHE[key] = ray.get(ref)
+    return _DONE_CACHE[key]
+
+
+def process_meshes(batch: dict[str, np.ndarray], *, cfg_dict: dict, done_ref=None) -> pa.Table:
+    """Ray Data task: a batch of file URIs in, their summary rows out; shards written on the way."""
+    import torch
+
+    cfg = PreprocessConfig(**cfg_dict)
+    torch.set_num_threads(max(1, int(cfg.cpus_per_task)))
+    done = _done_set(done_ref)
+    summaries, rows = [], []
+    for uri, size in zip(batch["uri"], batch["size"]):
+        uri = str(uri)
+        if size > cfg.max_file_mb * 2**20:
+            summaries.append({**dict.fromkeys(SUMMARY_SCHEMA.names), "source_uri": uri, "status": "failed",
+                              "stage": "read", "error": f"file of {size / 2**20:.0f} MiB is over max_file_mb",
+                              "voxels": 0, "bytes": int(size), "seconds": 0.0})
+            continue
+        try:
+            fs, path = storage.filesystem(uri, cfg.storage_options)
+            data = fs.cat_file(path)
+        except Exception as exc:
+            summaries.append({**dict.fromkeys(SUMMARY_SCHEMA.names), "source_uri": uri, "status": "failed",
+                              "stage": "read", "error": _one_line(exc), "voxels": 0, "bytes": 0, "seconds": 0.0})
+            continue
+        summary, mesh_rows = process_one(uri, data, cfg, done)
+        summaries.append(summary)
+        rows.extend(mesh_rows)
+    if rows:
+        written = dict(shards.write_shard(cfg.output, rows, storage_options=cfg.storage_options,
+                                          compression=cfg.compression))
+        total = sum(written.values())
+        voxels = sum(len(r.coords) for r in rows) or 1
+        for s in summaries:  # attribute shard bytes to meshes by their voxel share
+            if s["status"] == "ok":
+                s["bytes"] = int(total * s["voxels"] / voxels)
+    return pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA)
+
+
+@dataclass
+class PreprocessResult:
+    summary: pa.Table  # one row per input file of this run
+    manifest: pa.Table
+    errors: pa.Table
+    wall_seconds: float
+
+    def counts(self) -> dict[str, int]:
+        status = self.summary.column("status").to_pylist()
+        return {k: status.count(k) for k in ("ok", "skipped", "failed")}
+
+
+def _classify_inputs(cfg: PreprocessConfig) -> tuple[list[dict], list[dict]]:
+    files = storage.list_files(cfg.input, cfg.storage_options)
+    todo, rejected = [], []
+    for uri, size in files:
+        ext = extension(uri)
+        if ext in MESH_EXTENSIONS:
+            todo.append({"uri": uri, "size": size})
+        elif ext in SIDECAR_EXTENSIONS:
+            continue
+        else:
+            rejected.append({**dict.fromkeys(SUMMARY_SCHEMA.names), "source_uri": uri, "status": "failed",
+                             "stage": "read", "voxels": 0, "bytes": size, "seconds": 0.0,
+                             "error": f"unsupported file type '.{ext}' (supported: {', '.join(MESH_EXTENSIONS)})"})
+    if cfg.limit is not None:
+        todo = todo[: cfg.limit]
+    return todo, rejected
+
+
+def _write_table(table: pa.Table, uri: str, storage_options: dict) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    fs, path = storage.filesystem(uri, storage_options)
+    storage.write_atomic(fs, path, sink.getvalue().to_pybytes())
+
+
+def build_manifest(cfg: PreprocessConfig) -> pa.Table:
+    """What the output holds, one row per (mesh, resolution), read from the shards themselves."""
+    index = shards.read_index(cfg.output, storage_options=cfg.storage_options)
+    seen, keep = set(), []
+    for i, (h, c, r) in enumerate(zip(index.column("content_hash").to_pylist(),
+                                      index.column("config_hash").to_pylist(),
+                                      index.column("resolution").to_pylist())):
+        if (h, c, r) not in seen:
+            seen.add((h, c, r))
+            keep.append(i)
+    return index.take(pa.array(keep, pa.int64())) if index.num_rows else index
+
+
+def run(cfg: PreprocessConfig, *, progress: bool = True) -> PreprocessResult:
+    """Run the stage on the current Ray cluster (or a local one), blocking until done."""
+    import ray
+
+    cfg.validate()
+    t0 = time.perf_counter()
+    todo, rejected = _classify_inputs(cfg)
+    manifest = build_manifest(cfg)
+    done = {f"{h}:{c}:{r}" for h, c, r in zip(manifest.column("content_hash").to_pylist(),
+                                                manifest.column("config_hash").to_pylist(),
+                                                manifest.column("resolution").to_pylist())}
+    tables = [pa.Table.from_pylist(rejected, schema=SUMMARY_SCHEMA)]
+    if todo:
+        if not ray.is_initialized():
+            ray.init(ignore_reinit_error=True, log_to_driver=True)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = progress
+        blocks = max(1, math.ceil(len(todo) / cfg.meshes_per_task))
+        ds = ray.data.from_items(todo, override_num_blocks=blocks)
+        remote_args: dict[str, Any] = {"max_retries": cfg.max_retries, "retry_exceptions": False}
+        if cfg.memory_per_task_gb:
+            remote_args["memory"] = int(cfg.memory_per_task_gb * 2**30)
+        out = ds.map_batches(
+            process_meshes, batch_size=cfg.meshes_per_task, batch_format="numpy",
+            fn_kwargs={"cfg_dict": asdict(cfg), "done_ref": ray.put(done)},
+            num_cpus=cfg.cpus_per_task, concurrency=cfg.concurrency, **remote_args)
+        for block in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+            tables.append(block)
+    summary = pa.concat_tables([t.cast(SUMMARY_SCHEMA) for t in tables])
+    manifest = build_manifest(cfg)
+    errors = summary.filter(pc.equal(summary.column("status"), "failed"))
+    _write_table(manifest, storage.join(cfg.output, "manifest.parquet"), cfg.storage_options)
+    _write_table(errors, storage.join(cfg.output, "errors.parquet"), cfg.storage_options)
+    return PreprocessResult(summary=summary, manifest=manifest, errors=errors,
+                            wall_seconds=time.perf_counter() - t0)
+
+
+def print_summary(result: PreprocessResult, cfg: PreprocessConfig) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    counts = result.counts()
+    processed = counts["ok"]
+    t = Table(title="preprocess summary")
+    t.add_column("item")
+    t.add_column("value", justify="right")
+    t.add_row("meshes ok", str(counts["ok"]))
+    t.add_row("meshes skipped (already done)", str(counts["skipped"]))
+    t.add_row("meshes failed", str(counts["failed"]))
+    res_col = result.manifest.column("resolution").to_pylist()
+    vox_col = result.manifest.column("num_voxels").to_pylist()
+    for r in sorted(set(res_col)):
+        vox = sum(v for rr, v in zip(res_col, vox_col) if rr == r)
+        t.add_row(f"voxels at {r}^3 (whole output)", f"{vox:,}")
+    ok_mask = [s == "ok" for s in result.summary.column("status").to_pylist()]
+    written = sum(b for b, m in zip(result.summary.column("bytes").to_pylist(), ok_mask) if m)
+    t.add_row("shard bytes written", f"{written / 2**20:,.1f} MiB")
+    t.add_row("wall time", f"{result.wall_seconds:,.1f} s")
+    t.add_row("meshes per second", f"{processed / max(result.wall_seconds, 1e-9):.2f}")
+    t.add_row("output", cfg.output)
+    console.print(t)
+    if result.errors.num_rows:
+        e = Table(title=f"failed meshes ({result.errors.num_rows}; full list in errors.parquet)")
+        e.add_column("file")
+        e.add_column("stage")
+        e.add_column("reason")
+        for row in result.errors.slice(0, 25).to_pylist():
+            e.add_row(os.path.basename(row["source_uri"]), row["stage"] or "", row["error"] or "")
+        console.print(e)

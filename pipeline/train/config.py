@@ -1,0 +1,67 @@
+"""The settings of a training job: one dataclass, filled from the job spec's flags (unknown keys are errors)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from pipeline.config import ConfigError
+
+NETWORKS = ("dit", "structure_vae", "structure_dit", "vae")
+
+
+@dataclass
+class TrainConfig:
+    network: Literal["dit", "structure_vae", "structure_dit", "vae"] = field(
+        default="dit", metadata={"help": "which network of the cascade to train"})
+    shards: str = field(default="synthetic", metadata={
+        "help": "dataset root (local path or s3://) written by `s2 preprocess`; 'synthetic' = analytic shapes"})
+    resolution: int = field(default=256, metadata={"help": "grid resolution of the shards to read"})
+    model: str = field(default="debug", metadata={"help": "named model size: debug | small | paper"})
+    attention: Literal["full", "ssa"] = field(default="full", metadata={"help": "DiT self-attention"})
+    steps: int = field(default=1000, metadata={"help": "optimizer steps in total (a resumed run finishes them)"})
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = field(default=0, metadata={"help": "linear learning-rate warm-up"})
+    grad_clip: float = 1.0
+    token_budget: int = field(default=16384, metadata={"help": "most tokens in one batch on one worker"})
+    zero_stage: int = field(default=2, metadata={"help": "DeepSpeed ZeRO stage: 1, 2 or 3"})
+    num_workers: int = field(default=1, metadata={"help": "Ray Train workers (one per GPU)"})
+    use_gpu: bool = False
+    precision: Literal["auto", "bf16", "fp32"] = field(
+        default="auto", metadata={"help": "auto = bf16 on GPUs, fp32 on CPUs"})
+    ema_decay: float = 0.999
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    storage: str = field(default="./runs", metadata={"help": "where checkpoints go: local path or s3://"})
+    name: str = field(default="s2-train", metadata={"help": "run name; rerunning a name resumes it"})
+    init_from: Optional[str] = field(default=None, metadata={
+        "help": "checkpoint whose EMA weights start this run (the previous curriculum stage)"})
+    curriculum: str = field(default="", metadata={
+        "help": "comma-separated resolutions (256,512,1024): one run per stage, each from the last"})
+    structure_vae: Optional[str] = field(default=None, metadata={
+        "help": "checkpoint of a trained structure VAE (needed by network=structure_dit)"})
+    latent: str = field(default="pooled", metadata={
+        "help": "SS-DiT latents: 'pooled' (fixed sub-cell statistics) or a trained SS-VAE checkpoint"})
+    cond_drop: float = field(default=0.1, metadata={"help": "rate of zeroed conditions (classifier-free guidance)"})
+    image_encoder: str = field(default="tiny", metadata={"help": "'tiny' (built in) or a DINOv2 path / hub name"})
+    timestep_shift: float = field(default=1.0, metadata={"help": "time shift of training timesteps"})
+    grad_checkpointing: bool = False
+    max_failures: int = field(default=3, metadata={"help": "worker-group restarts before the run fails"})
+    synthetic_shapes: int = 16
+    seed: int = 0
+    cpus_per_worker: int = 1
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"zero_stage: must be 0..3, got {self.zero_stage}")
+        for key in ("steps", "token_budget", "num_workers", "checkpoint_every", "resolution"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if not 0 <= self.cond_drop < 1:
+            raise ConfigError(f"cond_drop: must be in [0, 1), got {self.cond_drop}")
+        if self.network == "structure_dit" and not self.structure_vae:
+            raise ConfigError("structure_vae: network=structure_dit needs a trained structure VAE checkpoint")
+
+    @property
+    def bf16(self) -> bool:
+        return self.precision == "bf16" or (self.precision == "auto" and self.use_gpu)

@@ -1,0 +1,104 @@
+"""DeepSpeed from the job's settings, and EMA weights that work under every ZeRO stage."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline.train.config import TrainConfig
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict:
+    """ZeRO stage and precision from the job; bf16 on GPUs, fp32 on CPUs (gloo has no bf16 speed-up)."""
+    zero = {"stage": cfg.zero_stage, "overlap_comm": cfg.use_gpu, "contiguous_gradients": True}
+    if cfg.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return {
+        # The loop feeds one token-budget batch per step; DeepSpeed's own batching is unused.
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.bf16},
+        # AdamW from torch: DeepSpeed's fused/CPU Adam would need a compiled op.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def make_engine(module: nn.Module, cfg: TrainConfig):
+    import deepspeed
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    warm = max(cfg.warmup_steps, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    engine, opt, _, sched = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,
+                                                 config=deepspeed_config(cfg), dist_init_required=False)
+    return engine, opt, sched
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter: the partition under ZeRO-3, the whole tensor otherwise."""
+    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+
+
+def full_tensor(local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Collective under ZeRO-3: the flattened partitions of every rank, joined and reshaped."""
+    if not hasattr(p, "ds_tensor"):
+        return local
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local.contiguous())
+    return torch.cat([x.flatten() for x in parts])[: p.ds_numel].view(p.ds_shape)
+
+
+def local_part(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``full_tensor``: this rank's slice of a full tensor."""
+    if not hasattr(p, "ds_tensor"):
+        return full
+    n = p.ds_tensor.numel()
+    flat = full.flatten()
+    flat = torch.nn.functional.pad(flat, (0, n * dist.get_world_size() - flat.numel()))
+    return flat[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+
+
+class EMA:
+    """Exponential moving average of the trainable weights, kept in fp32 on each rank's own part."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.shadow = {n: _local(p).detach().float().clone() for n, p in self.params}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for n, p in self.params:
+            self.shadow[n].lerp_(_local(p).float(), 1 - self.decay)
+
+    def full_state_dict(self) -> dict:
+        """Collective: EMA weights of the whole model (every rank gets them)."""
+        return {n: full_tensor(self.shadow[n], p).cpu() for n, p in self.params}
+
+    def load_full_state_dict(self, sd: dict) -> None:
+        for n, p in self.params:
+            self.shadow[n] = local_part(sd[n].float(), p).to(_local(p).device).clone()
+
+
+def full_weights(module: nn.Module) -> dict:
+    """Collective: the current (non-EMA) weights of the whole model."""
+    return {n: full_tensor(_local(p), p).float().cpu() for n, p in module.named_parameters()}
+
+
+def load_full_weights(module: nn.Module, sd: dict) -> None:
+    """Copy full weights into a module that may be ZeRO-3 partitioned."""
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            if n in sd:
+                _local(p).copy_(local_part(sd[n], p).to(_local(p).dtype))
+
+
+def grad_norm_finite(loss: torch.Tensor) -> bool:
+    return math.isfinite(float(loss))

@@ -1,0 +1,217 @@
+"""``train_loop_per_worker``: the one loop that trains every network, run by Ray Train on each worker.
+
+It also runs without Ray (``run_without_ray``) under torchrun or the ``deepspeed`` launcher, for GPU
+hosts that have PyTorch alone: the same loop with a local checkpoint folder and no dataset shard.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import from_dict
+from pipeline.train import checkpoints
+from pipeline.train.config import TrainConfig
+from pipeline.train.data import Skipped, iter_samples, token_batches
+from pipeline.train.engine import EMA, load_full_weights, make_engine
+from pipeline.train.plot import loss_curve_png
+from pipeline.train.tasks import build_task
+
+log = logging.getLogger(__name__)
+
+
+class RaySession:
+    """Where the loop gets its rank, data and checkpoint, and where it reports: Ray Train."""
+
+    def __init__(self):
+        import ray.train
+
+        self.train = ray.train
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def device(self, use_gpu: bool) -> torch.device:
+        if use_gpu:
+            import ray.train.torch
+
+            return ray.train.torch.get_device()
+        return torch.device("cpu")
+
+    def batches(self):
+        return self.train.get_dataset_shard("train").iter_batches(batch_size=1, batch_format="pyarrow")
+
+    def checkpoint_dir(self):
+        ckpt = self.train.get_checkpoint()
+        return ckpt.as_directory() if ckpt else None
+
+    def report(self, metrics: dict, directory: str | None) -> None:
+        ckpt = self.train.Checkpoint.from_directory(directory) if directory else None
+        self.train.report(metrics, checkpoint=ckpt)
+
+
+def _mine(sample, rank: int, world: int) -> bool:
+    """Each worker keeps the shapes whose id hashes to its rank (stable across epochs and restarts)."""
+    import zlib
+
+    return zlib.crc32(sample.mesh_id.encode()) % world == rank
+
+
+def _mean_across_ranks(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+def run_loop(cfg: TrainConfig, session) -> dict:
+    rank, world = session.rank, session.world
+    device = session.device(cfg.use_gpu)
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    frozen = checkpoints.load_weights(cfg.structure_vae, "structure_vae") if cfg.network == "structure_dit" else None
+    task = build_task(cfg, seed=cfg.seed * 1009 + rank, frozen_weights=frozen).to(device)
+    if cfg.init_from:
+        start = checkpoints.load_weights(cfg.init_from, cfg.network)
+        checkpoints.check_compatible(start, cfg.network, task.model_config, cfg.init_from)
+        task.module.load_state_dict(start["state_dict"])
+    engine, _, _ = make_engine(task.module, cfg)
+    ema = EMA(engine.module, cfg.ema_decay)
+    if cfg.init_from:
+        ema.load_full_state_dict(start["state_dict"])
+
+    step, history = 0, {"step": [], "loss": [], "tokens_per_s": [], "restarted_from": []}
+    restored = session.checkpoint_dir()
+    if restored is not None:
+        with restored as d:
+            step = checkpoints.restore(d, engine, ema, network=cfg.network, model_config=task.model_config)
+            prev = json.loads(Path(d, "history.json").read_text())
+            history = {k: v[:step] if k != "restarted_from" else v for k, v in prev.items()}
+            history["restarted_from"].append(step)
+        log.info("rank %d resumed at step %d", rank, step)
+
+    skipped = Skipped()
+    name = f"{cfg.network}-{cfg.model}"
+    while step < cfg.steps:
+        samples = (s for s in iter_samples(session.batches(), skipped) if _mine(s, rank, world))
+        items = (task.prepare(s) for s in samples)
+        progressed = False
+        for group in token_batches(items, cfg.token_budget, lambda i: i.tokens, lambda i: i.name, skipped):
+            t0 = time.perf_counter()
+            batch = task.collate(group, device, dtype)
+            loss, parts = engine(**batch)
+            engine.backward(loss)
+            engine.step()
+            ema.update()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            step += 1
+            progressed = True
+            tokens = sum(i.tokens for i in group)
+            mean_loss, tok_s = _mean_across_ranks([float(loss), tokens / dt], device)
+            history["step"].append(step)
+            history["loss"].append(mean_loss)
+            history["tokens_per_s"].append(tok_s)
+            metrics = {"step": step, "loss": mean_loss, "tokens_per_s_per_worker": tok_s, "step_time_s": dt,
+                       "tokens": tokens, "shapes": len(group), "skipped_shapes": len(skipped.shapes),
+                       "lr": engine.get_lr()[0], **{k: float(v) for k, v in parts.items()}}
+            if device.type == "cuda":
+                metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if rank == 0:
+                log.info("%s step %d/%d loss %.4f %.0f tok/s/worker", name, step, cfg.steps, mean_loss, tok_s)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                with tempfile.TemporaryDirectory(prefix="s2ckpt-") as tmp:
+                    checkpoints.save(tmp, engine, ema, network=cfg.network, model_config=task.model_config,
+                                     step=step, rank=rank)
+                    if rank == 0:
+                        Path(tmp, "history.json").write_text(json.dumps(history))
+                        if step == cfg.steps:
+                            loss_curve_png(history["step"], history["loss"], os.path.join(tmp, "loss_curve.png"),
+                                           title=f"{name} loss")
+                    session.report(metrics, tmp)
+            else:
+                session.report(metrics, None)
+            if step >= cfg.steps:
+                break
+        if not progressed:
+            raise RuntimeError(f"{cfg.shards}: worker {rank} got no trainable shapes "
+                               f"({len(skipped.shapes)} skipped; first: {skipped.shapes[:1]})")
+    return {"step": step, "skipped_shapes": skipped.shapes, "history": history}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Entry point for Ray Train's TorchTrainer; ``config`` is a TrainConfig as a dict."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    run_loop(from_dict(TrainConfig, config, where="train config"), RaySession())
+
+
+class LocalSession:
+    """torchrun / deepspeed launcher: rank from the environment, shards read directly, checkpoints in a folder."""
+
+    def __init__(self, cfg: TrainConfig):
+        if not dist.is_initialized():
+            backend = "nccl" if cfg.use_gpu else "gloo"
+            dist.init_process_group(backend)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.cfg = cfg
+        self.dir = Path(cfg.storage, cfg.name)
+
+    def device(self, use_gpu: bool) -> torch.device:
+        if use_gpu:
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(local)
+            return torch.device("cuda", local)
+        return torch.device("cpu")
+
+    def batches(self):
+        from pipeline import shards as shard_format
+        from pipeline.train.synthetic import synthetic_rows
+
+        if self.cfg.shards == "synthetic":
+            yield shard_format.rows_to_table(synthetic_rows(self.cfg.synthetic_shapes, self.cfg.resolution,
+                                                            seed=self.cfg.seed))
+            return
+        from pipeline.train.data import readable_shards
+
+        good, _ = readable_shards(self.cfg.shards, self.cfg.resolution)
+        import pyarrow.parquet as pq
+
+        from pipeline import storage
+
+        for uri in good:
+            fs, path = storage.filesystem(uri)
+            with fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                for g in range(pf.num_row_groups):
+                    yield pf.read_row_group(g)
+
+    def checkpoint_dir(self):
+        latest = sorted(self.dir.glob("checkpoint_*"))
+        if not latest:
+            return None
+        import contextlib
+
+        return contextlib.nullcontext(str(latest[-1]))
+
+    def report(self, metrics: dict, directory: str | None) -> None:
+        if directory:
+            import shutil
+
+            target = self.dir / f"checkpoint_{metrics['step']:08d}"
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(directory, target, dirs_exist_ok=True)  # each rank adds its own files
+            dist.barrier()
+        if self.rank == 0:
+            print(json.dumps(metrics), flush=True)
+
+
+def run_without_ray(cfg: TrainConfig) -> dict:
+    """Run the loop under torchrun / the deepspeed launcher (env:// rendezvous) without Ray."""
+    return run_loop(cfg, LocalSession(cfg))

@@ -1,0 +1,174 @@
+"""What each network of the cascade computes from a batch of shard samples.
+
+A task turns a ``SparseSDFSample`` into a training item (``prepare``), counts its tokens, collates
+items into model inputs (``collate``, where frozen helpers such as the image encoder run) and owns the
+trainable module, whose ``forward(**batch)`` returns (loss, metrics). DeepSpeed wraps that module only.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from model import pooled_latent
+from model.condition import build_image_encoder, decode_image, drop_condition
+from model.dit import DiTConfig, SparseDiT, pack
+from model.flow import TimestepSampler, flow_loss, interpolate
+from model.structure import (StructureVAE, StructureVAEConfig, latent_grid_coords, latent_to_tokens,
+                             occupancy_grid, structure_dit_config)
+from pipeline.train.config import TrainConfig
+
+
+@dataclass
+class Item:
+    name: str
+    tokens: int
+    data: dict
+
+
+class FlowObjective(nn.Module):
+    """Rectified-flow loss around a DiT: sample t and ε, build x_t, regress v = ε - x0."""
+
+    def __init__(self, dit: SparseDiT, timesteps: TimestepSampler):
+        super().__init__()
+        self.dit, self.timesteps = dit, timesteps
+
+    def forward(self, x0, coords, cu_seqlens, cond):
+        b = cu_seqlens.numel() - 1
+        t = self.timesteps(b, device=x0.device)
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        t_tok = torch.repeat_interleave(t, lengths)[:, None]
+        noise = torch.randn_like(x0)
+        v = self.dit(interpolate(x0, noise, t_tok), coords, cu_seqlens, t.to(x0.dtype), cond)
+        loss = flow_loss(v, x0, noise)
+        return loss, {"flow_mse": loss.detach()}
+
+
+class StructureVAEObjective(nn.Module):
+    def __init__(self, vae: StructureVAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, occupancy):
+        return self.vae.loss(occupancy)
+
+
+class Task:
+    """Base: image conditions from the sample's views through a frozen encoder."""
+
+    module: nn.Module
+    model_config: Any
+
+    def __init__(self, cfg: TrainConfig, seed: int):
+        self.cfg = cfg
+        self.rng = random.Random(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.encoder = build_image_encoder(cfg.image_encoder)
+        self.missing_views = 0
+
+    def view_image(self, sample) -> torch.Tensor | None:
+        if not sample.views:
+            self.missing_views += 1
+            return None
+        view = sample.views[self.rng.randrange(len(sample.views))]
+        return decode_image(view.png, self.encoder.image_size, name=f"{sample.mesh_id} view")
+
+    @torch.no_grad()
+    def conditions(self, images: list, device) -> torch.Tensor:
+        """Image tokens (B, L, C); a shape without views gets the zero (unconditional) condition."""
+        present = [im for im in images if im is not None]
+        n_tok = getattr(self.encoder, "num_tokens", None)
+        tokens = self.encoder(torch.stack(present).to(device)) if present else None
+        shape = tokens.shape[1:] if tokens is not None else (n_tok, self.encoder.dim)
+        out = torch.zeros(len(images), *shape, device=device)
+        if tokens is not None:
+            out[[i for i, im in enumerate(images) if im is not None]] = tokens.float()
+        return drop_condition(out, self.cfg.cond_drop, self.gen)
+
+    def to(self, device):
+        self.encoder.to(device)
+        return self
+
+
+class SparseDiTTask(Task):
+    """SS-DiT on sparse latents at 1/8 resolution."""
+
+    def __init__(self, cfg: TrainConfig, seed: int):
+        super().__init__(cfg, seed)
+        if cfg.latent != "pooled":
+            raise ValueError(f"latent={cfg.latent!r}: only 'pooled' latents are available to the trainer")
+        self.model_config = DiTConfig.named(cfg.model, attention=cfg.attention, grad_checkpointing=cfg.grad_checkpointing,
+                                            cond_dim=self.encoder.dim, in_channels=pooled_latent.CHANNELS,
+                                            out_channels=pooled_latent.CHANNELS)
+        self.module = FlowObjective(SparseDiT(self.model_config), TimestepSampler(shift=cfg.timestep_shift))
+
+    def prepare(self, sample) -> Item:
+        coords, feats = pooled_latent.encode(sample.coords, sample.values)
+        return Item(sample.mesh_id, len(coords), {"coords": coords, "feats": feats, "image": self.view_image(sample)})
+
+    def collate(self, items: list[Item], device, dtype) -> dict:
+        coords, feats, cu = pack([i.data["coords"] for i in items], [i.data["feats"] for i in items])
+        cond = self.conditions([i.data["image"] for i in items], device)
+        return {"x0": feats.to(device, dtype), "coords": coords.to(device), "cu_seqlens": cu.to(device),
+                "cond": cond.to(dtype)}
+
+
+class StructureVAETask(Task):
+    def __init__(self, cfg: TrainConfig, seed: int):
+        super().__init__(cfg, seed)
+        self.model_config = StructureVAEConfig.named(cfg.model)
+        self.module = StructureVAEObjective(StructureVAE(self.model_config))
+
+    def prepare(self, sample) -> Item:
+        occ = occupancy_grid(sample.coords, sample.resolution)
+        return Item(sample.mesh_id, occ.numel() // 64, {"occupancy": occ, "image": None})
+
+    def collate(self, items, device, dtype) -> dict:
+        return {"occupancy": torch.stack([i.data["occupancy"] for i in items])[:, None].to(device, dtype)}
+
+
+class StructureDiTTask(Task):
+    """DiT over the 4,096 tokens of a frozen structure VAE's 16³×8 latent."""
+
+    def __init__(self, cfg: TrainConfig, seed: int, vae: StructureVAE):
+        super().__init__(cfg, seed)
+        self.vae = vae.eval().requires_grad_(False)
+        self.model_config = structure_dit_config(cfg.model, attention="full", grad_checkpointing=cfg.grad_checkpointing,
+                                                 cond_dim=self.encoder.dim)
+        self.module = FlowObjective(SparseDiT(self.model_config), TimestepSampler(shift=cfg.timestep_shift))
+
+    def prepare(self, sample) -> Item:
+        occ = occupancy_grid(sample.coords, sample.resolution)
+        return Item(sample.mesh_id, 4096, {"occupancy": occ, "image": self.view_image(sample)})
+
+    @torch.no_grad()
+    def collate(self, items, device, dtype) -> dict:
+        occ = torch.stack([i.data["occupancy"] for i in items])[:, None].to(device)
+        z, _, _ = self.vae.encode(occ.float())
+        b = len(items)
+        coords = latent_grid_coords(device).repeat(b, 1)
+        cu = torch.arange(b + 1, device=device) * 4096
+        cond = self.conditions([i.data["image"] for i in items], device)
+        return {"x0": latent_to_tokens(z).to(dtype), "coords": coords, "cu_seqlens": cu, "cond": cond.to(dtype)}
+
+    def to(self, device):
+        self.vae.to(device)
+        return super().to(device)
+
+
+def build_task(cfg: TrainConfig, seed: int, frozen_weights: dict | None = None) -> Task:
+    """The task of ``cfg.network``; ``frozen_weights`` holds the structure VAE for network=structure_dit."""
+    if cfg.network == "dit":
+        return SparseDiTTask(cfg, seed)
+    if cfg.network == "structure_vae":
+        return StructureVAETask(cfg, seed)
+    if cfg.network == "structure_dit":
+        if frozen_weights is None:
+            raise ValueError("network=structure_dit: the structure VAE weights were not loaded")
+        vae = StructureVAE(frozen_weights["model_config"])
+        vae.load_state_dict({k.removeprefix("vae."): v for k, v in frozen_weights["state_dict"].items()})
+        return StructureDiTTask(cfg, seed, vae)
+    raise ValueError(f"network={cfg.network!r}: the sparse SS-VAE trainer needs model.vae, which is not installed")
