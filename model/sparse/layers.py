@@ -1,0 +1,133 @@
+"""Sparse layers named like their torch.nn counterparts; each takes and returns a SparseTensor."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from kernels.sparse_conv import coord_keys, kernel_offsets, sparse_conv
+
+from .tensor import SparseTensor
+
+
+def _expect_channels(name: str, x: SparseTensor, channels: int) -> None:
+    if x.num_channels != channels:
+        raise ValueError(f"{name}: input has {x.num_channels} channels, layer expects {channels}")
+
+
+class SparseLinear(nn.Linear):
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        _expect_channels("SparseLinear", x, self.in_features)
+        return x.replace(super().forward(x.feats))
+
+
+class SparseSiLU(nn.SiLU):
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return x.replace(super().forward(x.feats))
+
+
+class SparseGroupNorm(nn.GroupNorm):
+    """GroupNorm with statistics per batch element over its active voxels only."""
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        _expect_channels("SparseGroupNorm", x, self.num_channels)
+        f = x.feats.float().reshape(len(x), self.num_groups, -1)
+        b = x.batch_index
+        count = torch.bincount(b, minlength=x.batch_size).clamp(min=1).float()[:, None] * f.shape[2]
+        mean = torch.zeros(x.batch_size, self.num_groups, device=f.device).index_add(0, b, f.sum(2)) / count
+        centred = f - mean[b][:, :, None]
+        var = torch.zeros_like(mean).index_add(0, b, centred.square().sum(2)) / count
+        out = (centred * torch.rsqrt(var[b][:, :, None] + self.eps)).reshape(len(x), -1)
+        if self.affine:
+            out = out * self.weight + self.bias
+        return x.replace(out.to(x.dtype))
+
+
+class SparseLayerNorm(nn.LayerNorm):
+    """Per-voxel normalisation over channels: a decoder built from it decodes chunk by chunk exactly."""
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return x.replace(super().forward(x.feats.float()).to(x.dtype))
+
+
+class SparseConv3d(nn.Module):
+    """Submanifold convolution: outputs on the input voxels, kernel_size³ neighbourhood (3×3×3 by default)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"SparseConv3d: kernel_size must be odd for a submanifold conv, got {kernel_size}")
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        vol = kernel_size ** 3
+        bound = 1.0 / math.sqrt(in_channels * vol)
+        self.weight = nn.Parameter(torch.empty(vol, in_channels, out_channels).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        _expect_channels("SparseConv3d", x, self.in_channels)
+        out = sparse_conv(x.feats, self.weight, x.submanifold_map(self.kernel_size))
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return x.replace(out)
+
+
+def _coarse_tensor(x: SparseTensor, feats: torch.Tensor, stride: int) -> SparseTensor:
+    coarse, _ = x.coarse(stride)
+    return SparseTensor(coarse, feats, x.resolution // stride, x.batch_size, check=False)
+
+
+class SparseDownsample(nn.Module):
+    """Mean pool by ``stride`` (2): each coarse voxel averages its active children."""
+
+    def __init__(self, stride: int = 2):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        coarse, parent = x.coarse(self.stride)
+        total = x.feats.new_zeros(coarse.shape[0], x.num_channels).index_add(0, parent, x.feats)
+        count = torch.bincount(parent, minlength=coarse.shape[0]).to(x.dtype)
+        return _coarse_tensor(x, total / count[:, None], self.stride)
+
+
+class SparseConvDown(nn.Module):
+    """Strided convolution, kernel = stride = 2: each coarse voxel mixes its 8 children with learned weights."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 2, bias: bool = True):
+        super().__init__()
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        vol = stride ** 3
+        bound = 1.0 / math.sqrt(in_channels * vol)
+        self.weight = nn.Parameter(torch.empty(vol, in_channels, out_channels).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        _expect_channels("SparseConvDown", x, self.in_channels)
+        out = sparse_conv(x.feats, self.weight, x.downsample_map(self.stride))
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return _coarse_tensor(x, out, self.stride)
+
+
+def subdivide_structure(x: SparseTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coordinates of all 8 children of every voxel at 2× resolution (sorted), and each child's parent row."""
+    key = ("subdivide", 2)
+    if key not in x.cache:
+        offs = kernel_offsets(2, x.coords.device).to(torch.int32)  # (8, 3)
+        child = x.coords[:, None, :].repeat(1, 8, 1)
+        child[:, :, 1:] = child[:, :, 1:] * 2 + offs
+        child = child.reshape(-1, 4)
+        parent = torch.arange(len(x), device=x.coords.device).repeat_interleave(8)
+        order = torch.argsort(coord_keys(child, x.resolution * 2))
+        x.cache[key] = (child[order].contiguous(), parent[order])
+    return x.cache[key]
+
+
+class SparseSubdivide(nn.Module):
+    """×2 upsampling into all 8 children; each child starts with its parent's features."""
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        child, parent = subdivide_structure(x)
+        return SparseTensor(child, x.feats[parent], x.resolution * 2, x.batch_size, check=False)
