@@ -191,3 +191,128 @@ def rasterize(vertices, faces, intrinsics, extrinsics, height: int, width: int) 
     bary_img = torch.zeros((height * width, 3), dtype=torch.float32)
     bary_img[pix] = b.float()
     return Raster(face.view(height, width), depth_img.view(height, width), bary_img.view(height, width, 3))
+
+
+@dataclass(frozen=True)
+class Lighting:
+    """Grey clay look: Lambert from a key and a fill light fixed to the camera, ambient and a rim term."""
+
+    albedo: float = 0.62
+    ambient: float = 0.28
+    key: tuple[float, float, float, float] = (-0.45, -0.65, -0.6, 0.75)  # direction towards the light (camera axes), strength
+    fill: tuple[float, float, float, float] = (0.7, -0.1, -0.7, 0.25)
+    rim: float = 0.12  # brightens grazing angles so silhouettes read against a light background
+    back_face: float = 0.8  # the inside of an open surface is drawn a little darker
+
+
+def _corner_normals(v: torch.Tensor, f: torch.Tensor, smooth_deg: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Face normals (F, 3) and per-corner normals (F, 3, 3): smooth across edges flatter than smooth_deg."""
+    cross = torch.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]], dim=1)
+    face_n = cross / cross.norm(dim=1, keepdim=True).clamp(min=1e-30)
+    vert_n = torch.zeros_like(v).index_add_(0, f.reshape(-1), cross.repeat_interleave(3, 0))  # area-weighted
+    vert_n = vert_n / vert_n.norm(dim=1, keepdim=True).clamp(min=1e-30)
+    corner = vert_n[f]
+    sharp = (corner * face_n[:, None]).sum(-1) < math.cos(math.radians(smooth_deg))
+    corner = torch.where(sharp[..., None], face_n[:, None].expand_as(corner), corner)
+    return face_n, corner
+
+
+def shade(raster: Raster, vertices, faces, intrinsics, extrinsics, *, background=(255, 255, 255),
+          lighting: Lighting = Lighting(), smooth_deg: float = 35.0) -> torch.Tensor:
+    """Shade a raster into (H, W, 4) float RGBA in [0, 1], RGB composited over `background` (0-255)."""
+    v, f = _check_mesh(vertices, faces)
+    height, width = raster.face.shape
+    rot = torch.as_tensor(np.asarray(extrinsics), dtype=torch.float64)[:3, :3]
+    K = torch.as_tensor(np.asarray(intrinsics), dtype=torch.float64)
+    hit = raster.face >= 0
+    fid = raster.face[hit]
+    face_n, corner_n = _corner_normals(v, f, smooth_deg)
+    n = (corner_n[fid] * raster.bary[hit].double()[..., None]).sum(1) @ rot.T  # camera axes
+    n = n / n.norm(dim=1, keepdim=True).clamp(min=1e-30)
+    # view ray through each pixel centre, camera axes
+    ys, xs = hit.nonzero(as_tuple=True)
+    ray = torch.stack([(xs.double() - K[0, 2]) / K[0, 0], (ys.double() - K[1, 2]) / K[1, 1], torch.ones_like(xs, dtype=torch.float64)], 1)
+    ray = ray / ray.norm(dim=1, keepdim=True)
+    back = ((face_n[fid] @ rot.T) * ray).sum(1) > 0  # the face turns away: we see its back side
+    n = torch.where(back[:, None], -n, n)
+    light = torch.full((len(fid),), lighting.ambient, dtype=torch.float64)
+    for lx, ly, lz, strength in (lighting.key, lighting.fill):
+        d = torch.tensor([lx, ly, lz], dtype=torch.float64)
+        light += strength * (n @ (d / d.norm())).clamp(min=0)
+    facing = (-(n * ray).sum(1)).clamp(0, 1)
+    value = lighting.albedo * light * torch.where(back, lighting.back_face, 1.0) + lighting.rim * (1 - facing) ** 3
+    value = value.clamp(0, 1) ** (1 / 2.2)  # linear light to display gamma
+    bg = torch.tensor(background, dtype=torch.float64) / 255.0
+    rgb = bg.expand(height, width, 3).clone()
+    rgb[hit] = value[:, None].expand(-1, 3)
+    return torch.cat([rgb, hit.double()[..., None]], dim=-1)
+
+
+def _validate(n_views, size, elevation, fov_deg, radius, background, supersample) -> None:
+    if not isinstance(n_views, int) or n_views < 1:
+        raise ValueError(f"n_views: expected a positive integer, got {n_views!r}")
+    if not isinstance(size, int) or size < 8:
+        raise ValueError(f"size: expected an integer >= 8 pixels, got {size!r}")
+    lo, hi = elevation
+    if not -90.0 < lo <= hi < 90.0:
+        raise ValueError(f"elevation: expected (low, high) degrees with -90 < low <= high < 90, got {elevation!r}")
+    if not 1.0 <= fov_deg <= 150.0:
+        raise ValueError(f"fov_deg: expected 1 to 150 degrees, got {fov_deg!r}")
+    if radius is not None and not radius > math.sqrt(3.0):
+        raise ValueError(f"radius: the camera must stay outside [-1, 1]^3, so radius > sqrt(3); got {radius!r}")
+    if len(background) != 3 or not all(0 <= c <= 255 for c in background):
+        raise ValueError(f"background: expected an RGB triple of 0-255, got {background!r}")
+    if not isinstance(supersample, int) or not 1 <= supersample <= 4:
+        raise ValueError(f"supersample: expected an integer 1 to 4, got {supersample!r}")
+
+
+def render_view(vertices, faces, *, elevation: float, azimuth: float, size: int = 518, fov_deg: float = 40.0,
+                radius: float | None = None, background=(255, 255, 255), supersample: int = 1,
+                lighting: Lighting = Lighting()) -> View:
+    """Render one view from (elevation, azimuth) degrees; see render_views for the arguments."""
+    _validate(1, size, (elevation, elevation), fov_deg, radius, background, supersample)
+    v, f = _check_mesh(vertices, faces)
+    if v.abs().max() > 1.0 + 1e-4:
+        raise ValueError(f"vertices: expected a mesh normalized into [-1, 1]^3, max |coordinate| is {float(v.abs().max()):.4g}")
+    if radius is None:
+        # fit the mesh's bounding sphere about the origin, with a 5% margin, inside the field of view
+        reach = float(v[f.unique()].norm(dim=1).max())
+        radius = max(1.05 * reach / math.sin(math.radians(fov_deg) / 2.0), reach + 0.1)
+    ext = look_at_extrinsics(elevation, azimuth, radius)
+    K = intrinsics_matrix(size, size, fov_deg)
+    s = supersample
+    K_big = K.copy()
+    K_big[:2, :2] *= s
+    K_big[:2, 2] = (K[:2, 2] + 0.5) * s - 0.5  # pixel centres of the finer grid
+    big = size * s
+    raster = rasterize(v, f, K_big, ext, big, big)
+    img = shade(raster, v, f, K_big, ext, background=background, lighting=lighting)
+    if s > 1:  # box filter: RGB already composited, alpha becomes fractional coverage
+        img = img.view(size, s, size, s, 4).mean(dim=(1, 3))
+    image = (img * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+    return View(image=image, intrinsics=K, extrinsics=ext, elevation=float(elevation), azimuth=float(azimuth))
+
+
+def sample_cameras(n_views: int, elevation=(10.0, 40.0), seed: int = 0) -> list[tuple[float, float]]:
+    """(elevation, azimuth) pairs: elevation uniform in the range, azimuth jittered in n equal sectors."""
+    rng = np.random.default_rng(seed)
+    el = rng.uniform(elevation[0], elevation[1], n_views)
+    # one azimuth per sector keeps the views spread around the object
+    az = (np.arange(n_views) + rng.uniform(0.0, 1.0, n_views)) * (360.0 / n_views) + rng.uniform(0.0, 360.0)
+    return [(float(e), float(a % 360.0)) for e, a in zip(el, az)]
+
+
+def render_views(vertices, faces, *, n_views: int = 12, size: int = 518, elevation=(10.0, 40.0),
+                 fov_deg: float = 40.0, radius: float | None = None, seed: int = 0,
+                 background=(255, 255, 255), supersample: int = 1, lighting: Lighting = Lighting()) -> list[View]:
+    """Render `n_views` grey views of a mesh normalized into [-1, 1]^3 from seeded random cameras.
+
+    Elevation is uniform in `elevation` (degrees), azimuth jittered around the circle; the camera
+    looks at the origin from `radius` (None: just far enough that the mesh fills the view with a
+    5% margin) through a pinhole of horizontal field of view `fov_deg`. `supersample` > 1 renders
+    at that many times the size and box-filters down (anti-aliased edges, fractional alpha).
+    """
+    _validate(n_views, size, elevation, fov_deg, radius, background, supersample)
+    return [render_view(vertices, faces, elevation=el, azimuth=az, size=size, fov_deg=fov_deg, radius=radius,
+                        background=background, supersample=supersample, lighting=lighting)
+            for el, az in sample_cameras(n_views, elevation, seed)]
