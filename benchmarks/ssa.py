@@ -1,0 +1,297 @@
+"""Spatial Sparse Attention on one GPU: correctness sweep, per-branch timings, and two baselines.
+
+    python benchmarks/ssa.py --check                       # bf16/fp16 sweep against the float64 reference
+    python benchmarks/ssa.py --sizes 16384,131072          # timings (ms, effective TFLOP/s) and baselines
+
+Shapes: one thick sphere shell on a 128³ latent grid, 32 query / 2 kv heads, d = 32,
+bf16, top-k = 8, m_cmp = m_slc = 8. Baselines in the same run: full attention through
+PyTorch SDPA (cuDNN and flash backends) and the same SSA pattern on FlexAttention.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path[:0] = [_ROOT, os.path.join(_ROOT, "tests")]
+
+from kernels.ssa import (SSAStructure, block_order, compression_attention, select_blocks,  # noqa: E402
+                         selection_attention, spatial_sparse_attention, ssa_reference, window_attention)
+from kernels.ssa import segment_attention as seg  # noqa: E402
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def bench(fn, ms=200):
+    import triton
+    return triton.testing.do_bench(fn, warmup=25, rep=ms, return_mode="median")
+
+
+# ---------------------------------------------------------------------------------------------- check
+def check(log):
+    """Forward and every gradient of every branch, bf16 and fp16, against float64 on upcast inputs."""
+    from ssa_cases import random_batch
+    seg.POISON = True
+    tol = {torch.bfloat16: 1.6e-2, torch.float16: 4e-3, torch.float32: 1e-5}
+    worst = 0.0
+    failures = []
+    cases = [
+        dict(sizes=[1500, 3, 700, 1, 37], d=32, cmp=8, q_tile=1, shifted=False),
+        dict(sizes=[900, 1, 2, 411], d=64, cmp=4, q_tile=1, shifted=True),
+        dict(sizes=[1200, 65, 5], d=32, cmp=8, q_tile=16, shifted=True),
+    ]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtypes = (torch.bfloat16, torch.float16)
+    if dev == "cpu":  # smoke run of this script in the Triton interpreter
+        dtypes = (torch.float32,)
+        for c in cases:
+            c["sizes"] = [max(1, s // 20) for s in c["sizes"]]
+    for dtype in dtypes:
+        for i, c in enumerate(cases):
+            st, t = random_batch(c["sizes"], 32, 2, c["d"], cmp_block=c["cmp"], seed=10 + i, device=dev,
+                                 grid=24)
+            x = {k: v.to(dtype).requires_grad_(True) for k, v in t.items()}
+            out = spatial_sparse_attention(x["q"], x["k"], x["v"], x["k_cmp"], x["v_cmp"], x["gates"], st,
+                                           top_k=8, q_tile=c["q_tile"], shifted=c["shifted"])
+            w = torch.randn_like(out)
+            grads = torch.autograd.grad(out, list(x.values()), w)
+            # reference on the same (rounded) inputs in float64, given the kernel's block choice
+            lse = compression_attention(x["q"].detach(), x["k_cmp"].detach(), x["v_cmp"].detach(), st)[1]
+            sel = select_blocks(x["q"].detach(), x["k_cmp"].detach(), lse, st, top_k=8, q_tile=c["q_tile"])
+            r = {k: v.detach().double().requires_grad_(True) for k, v in x.items()}
+            rout, rsel = ssa_reference(r["q"], r["k"], r["v"], r["k_cmp"], r["v_cmp"], r["gates"], st, 8,
+                                       c["shifted"], c["q_tile"])
+            same_sel = (sel.sort(-1).values == rsel.sort(-1).values).all(-1).float().mean().item()
+            rout2, _ = ssa_reference(r["q"], r["k"], r["v"], r["k_cmp"], r["v_cmp"], r["gates"], st, 8,
+                                     c["shifted"], c["q_tile"], selected=sel)
+            rgrads = torch.autograd.grad(rout2, list(r.values()), w.double())
+            errs = {"out": rel(out, rout2)}
+            errs.update({f"d{k}": rel(g, rg) for k, g, rg in zip(x, grads, rgrads)})
+            bad = [k for k, e in errs.items() if not (e <= tol[dtype])]
+            nan = any(torch.isnan(g).any().item() for g in (out, *grads))
+            worst = max(worst, *errs.values())
+            line = (f"check {str(dtype)[6:]:8s} case {i} N={st.n_tokens} d={c['d']} m_cmp={c['cmp']} "
+                    f"q_tile={c['q_tile']} shifted={c['shifted']} same-selection={same_sel:.4f} "
+                    + " ".join(f"{k}={e:.2e}" for k, e in errs.items()))
+            log(line)
+            if bad or nan:
+                failures.append(line)
+    seg.POISON = False
+    log(f"check: {'FAIL' if failures else 'ok'}; worst relative error {worst:.2e}")
+    return not failures
+
+
+# ------------------------------------------------------------------------------------------ workload
+def shell(n, grid=128, device="cuda"):
+    """n voxels of a thick sphere shell (the n closest to radius 0.4·grid) on a grid³ lattice."""
+    ax = torch.arange(grid, device=device, dtype=torch.float32)
+    c = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), -1).reshape(-1, 3)
+    dist = ((c - (grid - 1) / 2).norm(dim=1) - 0.4 * grid).abs()
+    return c[torch.argsort(dist)[:n]].int()
+
+
+def workload(n, hq=32, hkv=2, d=32, m=8, dtype=torch.bfloat16):
+    coords = shell(n)
+    cu = torch.tensor([0, n], device="cuda")
+    coords = coords[block_order(coords, cu, m, 8)]
+    st = SSAStructure(coords, cu, m, 8)
+    mk = lambda *s: torch.randn(*s, device="cuda", dtype=dtype)  # noqa: E731
+    t = dict(q=mk(n, hq, d), k=mk(n, hkv, d), v=mk(n, hkv, d), k_cmp=mk(st.n_cmp, hkv, d),
+             v_cmp=mk(st.n_cmp, hkv, d), gates=torch.sigmoid(mk(n, hq, 3)))
+    return st, t
+
+
+def pair_counts(st, sel, q_tile, hq, hkv):
+    """Query·key pairs each branch computes (summed over query heads)."""
+    n = st.n_tokens
+    cmp = n * st.n_cmp * hq
+    sizes = (st.slc_offsets[1:] - st.slc_offsets[:-1])
+    tile_len = torch.full((sel.shape[0],), q_tile, device=sel.device)
+    tile_len[-1] = n - q_tile * (sel.shape[0] - 1)
+    per = torch.where(sel >= 0, sizes[sel.clamp_min(0)], 0).sum(-1)  # (tiles, hkv)
+    slc = int((per * tile_len[:, None]).sum()) * (hq // hkv)
+    woff = st.window_partition(False)[1]
+    win = int(((woff[1:] - woff[:-1]).double() ** 2).sum()) * hq
+    return dict(cmp=cmp, slc=slc, win=win)
+
+
+def time_fwd_bwd(fn, inputs, ms=200):
+    """(forward ms, backward ms) of fn(*inputs) -> tensor."""
+    f = bench(lambda: fn(*inputs), ms)
+    out = fn(*inputs)
+    go = torch.randn_like(out)
+    b = bench(lambda: torch.autograd.grad(out, inputs, go, retain_graph=True), ms)
+    return f, b
+
+
+# ------------------------------------------------------------------------------------------- ours
+def ours(st, t, q_tile, log):
+    x = {k: v.detach().requires_grad_(True) for k, v in t.items()}
+    q, k, v, kc, vc, g = (x[n] for n in ("q", "k", "v", "k_cmp", "v_cmp", "gates"))
+    res = {}
+    res["cmp"] = time_fwd_bwd(lambda a, b, c: compression_attention(a, b, c, st)[0], [q, kc, vc])
+    lse = compression_attention(q.detach(), kc.detach(), vc.detach(), st)[1]
+    res["select"] = (bench(lambda: select_blocks(q.detach(), kc.detach(), lse, st, top_k=8, q_tile=q_tile)), 0.0)
+    sel = select_blocks(q.detach(), kc.detach(), lse, st, top_k=8, q_tile=q_tile)
+    res["slc"] = time_fwd_bwd(lambda a, b, c: selection_attention(a, b, c, st, sel, q_tile=q_tile), [q, k, v])
+    res["win"] = time_fwd_bwd(lambda a, b, c: window_attention(a, b, c, st), [q, k, v])
+    res["win_shifted"] = time_fwd_bwd(lambda a, b, c: window_attention(a, b, c, st, shifted=True), [q, k, v])
+    res["ssa"] = time_fwd_bwd(lambda *a: spatial_sparse_attention(*a, st, top_k=8, q_tile=q_tile),
+                              [q, k, v, kc, vc, g])
+    return res, sel
+
+
+# ---------------------------------------------------------------------------------------- baselines
+def sdpa_full(t, backend_name):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend_name]
+    g = t["q"].shape[1] // t["k"].shape[1]
+    q = t["q"].transpose(0, 1)[None].detach().requires_grad_(True)
+    k = t["k"].repeat_interleave(g, 1).transpose(0, 1)[None].detach().requires_grad_(True)
+    v = t["v"].repeat_interleave(g, 1).transpose(0, 1)[None].detach().requires_grad_(True)
+
+    def fn(a, b, c):
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(a, b, c)
+    n = q.shape[2]
+    ms = 200 if n <= 32768 else 1500
+    return time_fwd_bwd(fn, [q, k, v], ms)
+
+
+def flex_ssa(st, t, log):
+    """The same three branches as a PyTorch user would build them on FlexAttention (128-token blocks)."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    flex = torch.compile(flex_attention, dynamic=False)
+    n, hq, d = t["q"].shape
+    hkv = t["k"].shape[1]
+    B = 128
+    nb = n // B
+    T = lambda x: x.transpose(0, 1)[None].contiguous().detach().requires_grad_(True)  # noqa: E731
+    q, k, v, kc, vc = (T(t[s]) for s in ("q", "k", "v", "k_cmp", "v_cmp"))
+    res = {}
+    res["cmp"] = time_fwd_bwd(lambda a, b, c: flex(a, b, c, enable_gqa=True), [q, kc, vc])
+    # selection: per 128-token query block, top-8 of the 128-token key blocks by mean-pooled scores
+    with torch.no_grad():
+        qb = t["q"].float().view(nb, B, hkv, hq // hkv, d).mean((1, 3))  # (nb, hkv, d)
+        kb = t["k"].float().view(nb, B, hkv, d).mean(1)
+        score = torch.einsum("ihd,jhd->hij", qb, kb)
+        idx = score.topk(8, dim=-1).indices.sort(-1).values.to(torch.int32)  # (hkv, nb, 8)
+        idx = idx.repeat_interleave(hq // hkv, 0)[None]
+        num = torch.full((1, hq, nb), 8, dtype=torch.int32, device="cuda")
+        mask = BlockMask.from_kv_blocks(torch.zeros_like(num), idx.contiguous(), num, idx.contiguous(),
+                                        BLOCK_SIZE=B)
+    res["slc"] = time_fwd_bwd(lambda a, b, c: flex(a, b, c, block_mask=mask, enable_gqa=True), [q, k, v])
+    # window: key blocks covering the windows of each query block, masked to the same window
+    win = st.window_ids(False)
+    woff = st.window_partition(False)[1]
+    with torch.no_grad():
+        first = woff[win.view(nb, B)[:, 0]] // B
+        last = (woff[win.view(nb, B)[:, -1] + 1] - 1) // B
+        cnt = (last - first + 1).to(torch.int32)
+        width = int(cnt.max())
+        idx = (first[:, None] + torch.arange(width, device="cuda")[None]).clamp_max(nb - 1).to(torch.int32)
+        wmask = BlockMask.from_kv_blocks(cnt[None, None].contiguous(), idx[None, None].contiguous(),
+                                         BLOCK_SIZE=B, mask_mod=lambda b, h, i, j: win[i] == win[j])
+    res["win"] = time_fwd_bwd(lambda a, b, c: flex(a, b, c, block_mask=wmask, enable_gqa=True), [q, k, v])
+    log(f"flex window: up to {width} key blocks per query block, mean {cnt.float().mean().item():.2f}")
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ main
+def device_ceilings():
+    x = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    t = bench(lambda: y.copy_(x))
+    bw = 2 * x.numel() / t / 1e9  # TB/s
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = bench(lambda: a @ a)
+    return bw, 2 * 8192 ** 3 / t / 1e9  # TFLOP/s
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="run the correctness sweep first (exit 1 on failure)")
+    ap.add_argument("--sizes", default="16384,32768,65536,131072")
+    ap.add_argument("--q-tile", default="1", help="comma list of selection query tiles to time")
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--no-sdpa", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    logf = open(os.path.join(args.out, "ssa_bench.log"), "a")
+
+    def log(s):
+        print(s, flush=True)
+        logf.write(s + "\n")
+        logf.flush()
+
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (Triton interpreter)"
+    log(f"{time.strftime('%Y-%m-%d %H:%M')} {card} torch {torch.__version__}")
+    if args.check and not check(log):
+        sys.exit(1)
+    if not args.sizes:
+        return
+    bw, mm = device_ceilings()
+    log(f"measured ceilings: copy {bw:.2f} TB/s, bf16 matmul {mm:.0f} TFLOP/s")
+    rows = []
+    hq, hkv, d = 32, 2, 32
+    for n in [int(s) for s in args.sizes.split(",")]:
+        st, t = workload(n)
+        log(f"N={n}: {st.n_cmp} compression blocks, {st.n_slc} selection blocks, "
+            f"{n / st.n_slc:.1f} tokens per block")
+        for qt in [int(s) for s in args.q_tile.split(",")]:
+            res, sel = ours(st, t, qt, log)
+            pairs = pair_counts(st, sel, qt, hq, hkv)
+            pairs["ssa"] = sum(pairs.values())
+            pairs["win_shifted"] = pairs["win"]
+            for br, (f, b) in res.items():
+                p = pairs.get(br, 0)
+                rows.append(dict(n=n, impl=f"ssa q_tile={qt}", branch=br, fwd_ms=f, bwd_ms=b,
+                                 fwd_tflops=4 * d * p / f / 1e9 if p else 0.0,
+                                 bwd_tflops=10 * d * p / b / 1e9 if (p and b) else 0.0))
+            if qt != 1 and n == int(args.sizes.split(",")[0]):
+                lse = compression_attention(t["q"], t["k_cmp"], t["v_cmp"], st)[1]
+                s1 = select_blocks(t["q"], t["k_cmp"], lse, st, top_k=8, q_tile=1)
+                o1 = selection_attention(t["q"], t["k"], t["v"], st, s1, q_tile=1)
+                o2 = selection_attention(t["q"], t["k"], t["v"], st, sel, q_tile=qt)
+                log(f"selection per {qt}-token tile vs per query: relative output difference {rel(o2, o1):.3e}")
+        if not args.no_flex:
+            try:
+                fres = flex_ssa(st, t, log)
+                pf = pair_counts(st, sel, qt, hq, hkv)
+                for br, (f, b) in fres.items():
+                    p = {"cmp": pf["cmp"], "slc": n * hq * 8 * 128, "win": None}[br]
+                    rows.append(dict(n=n, impl="flex", branch=br, fwd_ms=f, bwd_ms=b,
+                                     fwd_tflops=4 * d * p / f / 1e9 if p else 0.0,
+                                     bwd_tflops=10 * d * p / b / 1e9 if p else 0.0))
+            except Exception as e:  # the baseline failing must not hide our numbers
+                log(f"flex baseline failed at N={n}: {type(e).__name__}: {str(e)[:300]}")
+        if not args.no_sdpa:
+            for be in ("cudnn", "flash"):
+                try:
+                    f, b = sdpa_full(t, be)
+                    p = n * n * hq
+                    rows.append(dict(n=n, impl=f"sdpa-{be}", branch="full", fwd_ms=f, bwd_ms=b,
+                                     fwd_tflops=4 * d * p / f / 1e9, bwd_tflops=10 * d * p / b / 1e9))
+                except Exception as e:
+                    log(f"sdpa {be} failed at N={n}: {type(e).__name__}: {str(e)[:200]}")
+        for r in rows:
+            if r["n"] == n:
+                log(json.dumps(r))
+        torch.cuda.empty_cache()
+    log("")
+    log(f"{'N':>7} {'impl':>14} {'branch':>12} {'fwd ms':>9} {'bwd ms':>9} {'fwd TF/s':>9} {'bwd TF/s':>9}")
+    for r in rows:
+        log(f"{r['n']:>7} {r['impl']:>14} {r['branch']:>12} {r['fwd_ms']:>9.3f} {r['bwd_ms']:>9.3f} "
+            f"{r['fwd_tflops']:>9.1f} {r['bwd_tflops']:>9.1f}")
+
+
+if __name__ == "__main__":
+    main()
