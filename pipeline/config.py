@@ -77,7 +77,7 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
         inner = args[0] if args else str
         out = [coerce(inner, v, key) for v in items]
         return tuple(out) if origin is tuple else out
-    if origin is dict:
+    if origin is dict or tp is dict:
         if isinstance(value, str):
             try:
                 value = json.loads(value)

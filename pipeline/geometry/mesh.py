@@ -98,6 +98,10 @@ def validate(vertices: np.ndarray, faces: np.ndarray) -> None:
     extent = used.max(axis=0) - used.min(axis=0)
     if not (extent.max() > 0):
         raise MeshError("degenerate mesh: all vertices coincide")
+    tri = vertices[faces]
+    area = np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+    if not (area > 1e-12 * extent.max() ** 2).any():
+        raise MeshError(f"degenerate mesh: all {len(faces)} triangles have zero area")
 
 
 def normalize(vertices: np.ndarray, faces: np.ndarray, *, half_extent: float = 0.95) -> NormalizedMesh:

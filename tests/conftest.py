@@ -1,0 +1,44 @@
+"""Shared fixtures: the generated sample corpus, an S3 server on loopback, a local Ray cluster."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from servers import start_ray, start_s3  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sample_corpus(tmp_path_factory):
+    """The project's deterministic sample corpus (valid meshes of every kind plus broken files)."""
+    from pipeline.corpus import generate_corpus
+
+    out = tmp_path_factory.mktemp("corpus")
+    report = generate_corpus(out, seed=0)
+    return report
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    server = start_s3()
+    old = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    yield server
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """A 2-CPU local Ray cluster with token auth; its processes see the S3 server's endpoint."""
+    cluster = start_ray(num_cpus=2, extra_env=s3_server.env)
+    yield cluster
+    cluster.stop()

@@ -1,0 +1,141 @@
+"""Servers the integration tests start and stop themselves: a local Ray cluster and an S3 server.
+
+The Ray cluster runs with token auth (Ray 2.60's default once a token exists),
+on free ports and its own temp dir, so it never collides with another cluster
+on the machine; teardown kills exactly its own processes.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import psutil
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    env: dict[str, str]
+    server: object = None
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+def start_s3() -> S3Server:
+    """An S3-compatible server on loopback (moto's server mode), with dummy credentials."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    return S3Server(endpoint=endpoint, env=env, server=server)
+
+
+@dataclass
+class RayCluster:
+    address: str  # GCS address for ray.init
+    dashboard: str  # http address for job submission
+    env: dict[str, str]  # environment a client needs (auth token, PATH, S3)
+    temp_dir: str
+    procs: list = field(default_factory=list)
+
+    def processes(self) -> list[psutil.Process]:
+        found = {}
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if any(self.temp_dir in a for a in (p.info["cmdline"] or [])):
+                    found[p.pid] = p
+                    for c in p.children(recursive=True):
+                        found[c.pid] = c
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return list(found.values())
+
+    def worker_pids(self, name_part: str) -> list[int]:
+        """PIDs of Ray worker processes running a task whose title contains ``name_part``."""
+        out = []
+        for p in self.processes():
+            try:
+                title = " ".join(p.cmdline())
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if title.startswith("ray::") and name_part in title:
+                out.append(p.pid)
+        return out
+
+    def stop(self) -> None:
+        procs = self.processes()
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def start_ray(num_cpus: int = 2, extra_env: dict[str, str] | None = None) -> RayCluster:
+    temp_dir = tempfile.mkdtemp(prefix="s2r", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    token_path = os.path.join(temp_dir, "auth_token")
+    with open(token_path, "w") as fh:
+        fh.write(secrets.token_hex(32))
+    bindir = os.path.dirname(sys.executable)
+    env = dict(os.environ)
+    env.update(extra_env or {})
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_path,
+                "PATH": bindir + os.pathsep + env.get("PATH", ""), "RAY_USAGE_STATS_ENABLED": "0",
+                "OMP_NUM_THREADS": "1"})
+    gcs, dash = free_port(), free_port()
+    ports = {"--port": gcs, "--dashboard-port": dash, "--ray-client-server-port": free_port(),
+             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+             "--metrics-export-port": free_port(), "--node-manager-port": free_port(),
+             "--object-manager-port": free_port(), "--runtime-env-agent-port": free_port()}
+    cmd = [os.path.join(bindir, "ray"), "start", "--head", f"--num-cpus={num_cpus}", "--temp-dir", temp_dir,
+           "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--disable-usage-stats",
+           "--object-store-memory", str(512 * 2**20)]
+    for k, v in ports.items():
+        cmd.append(f"{k}={v}")
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    cluster = RayCluster(address=f"127.0.0.1:{gcs}", dashboard=f"http://127.0.0.1:{dash}", env=env,
+                         temp_dir=temp_dir)
+    if out.returncode != 0:
+        cluster.stop()
+        raise RuntimeError(f"ray start failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    # The job API answers a little after `ray start` returns.
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{cluster.dashboard}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # it answered (401 without a token): it is up
+            break
+        except Exception:
+            time.sleep(0.5)
+    return cluster
