@@ -16,6 +16,7 @@ Conventions
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 from dataclasses import dataclass
@@ -108,6 +109,20 @@ def _check_mesh(vertices, faces) -> tuple[torch.Tensor, torch.Tensor]:
     return v, f
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Run on one intra-op thread: these small scatter-heavy ops gain nothing from more, and on a busy
+    machine the thread pool's synchronisation made a view up to 40x slower; parallelism comes from
+    rendering many meshes at once (one Ray task each). The previous setting is restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@_one_thread()
 def rasterize(vertices, faces, intrinsics, extrinsics, height: int, width: int) -> Raster:
     """Z-buffer rasterization of triangles seen through K [R | t] (OpenCV axes), both sides of every face.
 
@@ -217,6 +232,7 @@ def _corner_normals(v: torch.Tensor, f: torch.Tensor, smooth_deg: float) -> tupl
     return face_n, corner
 
 
+@_one_thread()
 def shade(raster: Raster, vertices, faces, intrinsics, extrinsics, *, background=(255, 255, 255),
           lighting: Lighting = Lighting(), smooth_deg: float = 35.0) -> torch.Tensor:
     """Shade a raster into (H, W, 4) float RGBA in [0, 1], RGB composited over `background` (0-255)."""

@@ -1,0 +1,193 @@
+"""The CPU condition-view renderer: cameras, projection, occlusion, coverage, determinism, bad input."""
+
+import math
+
+import numpy as np
+import pytest
+import trimesh
+from scipy import ndimage
+
+from pipeline.geometry.render import (
+    look_at_extrinsics,
+    intrinsics_matrix,
+    rasterize,
+    render_view,
+    render_views,
+    sample_cameras,
+)
+
+
+def _project(K, E, points):
+    cam = points @ E[:3, :3].T + E[:3, 3]
+    uvw = cam @ K.T
+    return uvw[:, :2] / uvw[:, 2:], cam[:, 2]
+
+
+def _pixel(K, E, point):
+    uv, _ = _project(np.asarray(K, np.float64), np.asarray(E, np.float64), np.asarray(point, np.float64)[None])
+    return uv[0]
+
+
+def test_small_sphere_is_drawn_where_its_centre_projects():
+    centre = np.array([0.3, -0.2, 0.5])
+    ball = trimesh.creation.icosphere(3, radius=0.05).apply_translation(centre)
+    view = render_view(ball.vertices, ball.faces, elevation=20.0, azimuth=50.0, size=160, radius=4.0)
+    u, v = _pixel(view.intrinsics, view.extrinsics, centre)
+    ys, xs = np.nonzero(view.alpha)
+    assert len(xs) > 20
+    assert abs(xs.mean() - u) < 0.3 and abs(ys.mean() - v) < 0.3
+
+
+def test_depth_and_pixel_of_a_triangle_match_the_pinhole_model():
+    tri = np.array([[-0.6, -0.5, 0.2], [0.7, -0.4, -0.3], [0.0, 0.8, 0.1]])
+    K = intrinsics_matrix(96, 64, 45.0).astype(np.float64)
+    E = look_at_extrinsics(15.0, 30.0, 3.0).astype(np.float64)
+    r = rasterize(tri, np.array([[0, 1, 2]]), K, E, 64, 96)
+    ys, xs = np.nonzero(r.face.numpy() == 0)
+    assert len(xs) > 100
+    # the 3D point the barycentrics name projects back to its own pixel centre, at the stored depth
+    p = (r.bary.numpy()[ys, xs][:, :, None] * tri[None]).sum(1)
+    uv, z = _project(K, E, p)
+    np.testing.assert_allclose(uv[:, 0], xs, atol=1e-3)
+    np.testing.assert_allclose(uv[:, 1], ys, atol=1e-3)
+    np.testing.assert_allclose(r.depth.numpy()[ys, xs], z, rtol=1e-5)
+
+
+@pytest.mark.parametrize("far_first", [False, True])
+def test_near_box_hides_far_box(far_first):
+    near = trimesh.creation.box(extents=(0.4, 0.4, 0.4)).apply_translation((0, 0, 0.6))
+    far = trimesh.creation.box(extents=(0.9, 0.9, 0.9)).apply_translation((0, 0, -0.4))
+    parts = [far, near] if far_first else [near, far]
+    mesh = trimesh.util.concatenate(parts)
+    near_ids = set(range(12)) if not far_first else set(range(12, 24))
+    K = intrinsics_matrix(128, 128, 40.0)
+    E = look_at_extrinsics(0.0, 0.0, 4.0)  # camera on +Z, looking down -Z
+    r = rasterize(mesh.vertices, mesh.faces, K, E, 128, 128)
+    face = r.face.numpy()
+    u, v = _pixel(K, E, [0.0, 0.0, 0.8])
+    centre = face[int(round(v)), int(round(u))]
+    assert centre in near_ids
+    assert r.depth[int(round(v)), int(round(u))] == pytest.approx(4.0 - 0.8, abs=1e-4)
+    # the far box still shows around the near one
+    visible = set(np.unique(face[face >= 0]).tolist())
+    assert visible - near_ids
+
+
+def test_sphere_silhouette_area_matches_perspective_formula():
+    r_s, dist, size, fov = 0.8, 3.0, 256, 40.0
+    sphere = trimesh.creation.icosphere(5, radius=r_s)
+    view = render_view(sphere.vertices, sphere.faces, elevation=25.0, azimuth=10.0, size=size, fov_deg=fov, radius=dist)
+    f = view.intrinsics[0, 0]
+    rho = f * r_s / math.sqrt(dist**2 - r_s**2)  # image radius of a sphere's silhouette cone
+    area = (view.alpha > 0).sum()
+    assert area == pytest.approx(math.pi * rho**2, rel=0.01)
+
+
+def test_same_seed_same_bytes_other_seed_other_cameras():
+    mesh = trimesh.creation.torus(0.6, 0.2, 24, 12)
+    a = render_views(mesh.vertices, mesh.faces, n_views=3, size=64, seed=7)
+    b = render_views(mesh.vertices, mesh.faces, n_views=3, size=64, seed=7)
+    c = render_views(mesh.vertices, mesh.faces, n_views=3, size=64, seed=8)
+    assert [v.png() for v in a] == [v.png() for v in b]
+    assert [v.azimuth for v in a] != [v.azimuth for v in c]
+    assert a[0].png()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cameras_agree_with_elevation_and_azimuth():
+    mesh = trimesh.creation.icosphere(2, radius=0.9)
+    views = render_views(mesh.vertices, mesh.faces, n_views=6, size=48, seed=3, radius=3.5)
+    for view in views:
+        assert 10.0 <= view.elevation <= 40.0 and 0.0 <= view.azimuth < 360.0
+        R, t = view.extrinsics[:3, :3].astype(np.float64), view.extrinsics[:3, 3].astype(np.float64)
+        np.testing.assert_allclose(R @ R.T, np.eye(3), atol=1e-6)
+        assert np.linalg.det(R) == pytest.approx(1.0, abs=1e-6)
+        el, az = math.radians(view.elevation), math.radians(view.azimuth)
+        expected = 3.5 * np.array([math.cos(el) * math.sin(az), math.sin(el), math.cos(el) * math.cos(az)])
+        np.testing.assert_allclose(-R.T @ t, expected, atol=1e-5)
+        # the origin lands on the principal point, world up points up the image (-y in OpenCV axes)
+        u, v = _pixel(view.intrinsics, view.extrinsics, [0.0, 0.0, 0.0])
+        assert (u, v) == pytest.approx((23.5, 23.5), abs=1e-4)
+        assert (R @ np.array([0.0, 1.0, 0.0]))[1] < 0
+    azimuths = sorted(a for _, a in sample_cameras(12, seed=0))
+    assert max(np.diff(azimuths + [azimuths[0] + 360.0])) < 60.0  # one view per 30-degree sector
+
+
+def test_watertight_sphere_silhouette_has_no_holes():
+    sphere = trimesh.creation.icosphere(4, radius=0.9)
+    for view in render_views(sphere.vertices, sphere.faces, n_views=3, size=200, seed=1):
+        mask = view.alpha > 0
+        assert (ndimage.binary_fill_holes(mask) == mask).all()
+        assert ndimage.label(mask)[1] == 1
+
+
+def test_finely_tessellated_square_covers_every_pixel():
+    # a jittered grid: thousands of triangles meeting at shared edges in arbitrary directions
+    rng = np.random.default_rng(0)
+    n = 40
+    g = np.stack(np.meshgrid(np.linspace(-0.9, 0.9, n), np.linspace(-0.9, 0.9, n), indexing="ij"), -1)
+    g[1:-1, 1:-1] += rng.uniform(-0.015, 0.015, (n - 2, n - 2, 2))
+    verts = np.concatenate([g.reshape(-1, 2), np.zeros((n * n, 1))], 1)
+    i, j = np.meshgrid(np.arange(n - 1), np.arange(n - 1), indexing="ij")
+    a, b, c, d = i * n + j, (i + 1) * n + j, (i + 1) * n + j + 1, i * n + j + 1
+    faces = np.concatenate([np.stack([a, b, c], -1).reshape(-1, 3), np.stack([a, c, d], -1).reshape(-1, 3)])
+    K = intrinsics_matrix(300, 300, 40.0)
+    E = look_at_extrinsics(0.0, 0.0, 3.0)
+    face = rasterize(verts, faces, K, E, 300, 300).face.numpy()
+    corners, _ = _project(K.astype(np.float64), E.astype(np.float64), np.array([[-0.9, -0.9, 0], [0.9, 0.9, 0]]))
+    lo, hi = np.ceil(corners.min(0)).astype(int) + 1, np.floor(corners.max(0)).astype(int) - 1
+    inside = face[lo[1]:hi[1] + 1, lo[0]:hi[0] + 1]
+    assert inside.size > 20000 and (inside >= 0).all()
+
+
+def test_open_tube_shows_its_inside_without_holes():
+    theta = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+    ring = np.stack([0.5 * np.cos(theta), np.zeros_like(theta), 0.5 * np.sin(theta)], 1)
+    verts = np.concatenate([ring + [0, -0.8, 0], ring + [0, 0.8, 0]])
+    k = np.arange(48)
+    faces = np.concatenate([np.stack([k, (k + 1) % 48, k + 48], 1), np.stack([(k + 1) % 48, (k + 1) % 48 + 48, k + 48], 1)])
+    view = render_view(verts, faces, elevation=35.0, azimuth=20.0, size=160)
+    mask = view.alpha > 0
+    assert (ndimage.binary_fill_holes(mask) == mask).all()
+    r = rasterize(verts, faces, view.intrinsics, view.extrinsics, 160, 160)
+    seen = np.unique(r.face.numpy()[r.face.numpy() >= 0])
+    normals = trimesh.Trimesh(verts, faces, process=False).face_normals[seen]
+    centre = -view.extrinsics[:3, :3].T @ view.extrinsics[:3, 3]
+    to_cam = centre - verts[faces[seen]].mean(1)
+    assert ((normals * to_cam).sum(1) < 0).any()  # back faces of the far wall are drawn
+
+
+def test_supersampling_gives_soft_edges_and_same_coverage():
+    sphere = trimesh.creation.icosphere(3, radius=0.8)
+    hard = render_view(sphere.vertices, sphere.faces, elevation=20.0, azimuth=0.0, size=64)
+    soft = render_view(sphere.vertices, sphere.faces, elevation=20.0, azimuth=0.0, size=64, supersample=2)
+    assert set(np.unique(hard.alpha)) == {0, 255}
+    assert ((soft.alpha > 0) & (soft.alpha < 255)).sum() > 20
+    assert soft.alpha.sum() / 255 == pytest.approx(hard.alpha.sum() / 255, rel=0.03)
+    assert soft.image.shape == (64, 64, 4) and soft.image.dtype == np.uint8
+
+
+def test_background_colour_and_grey_object():
+    cube = trimesh.creation.box(extents=(1, 1, 1))
+    view = render_view(cube.vertices, cube.faces, elevation=30.0, azimuth=45.0, size=64, background=(0, 0, 255))
+    assert tuple(view.rgb[0, 0]) == (0, 0, 255) and view.alpha[0, 0] == 0
+    obj = view.rgb[view.alpha == 255].astype(int)
+    assert (obj[:, 0] == obj[:, 1]).all() and (obj[:, 1] == obj[:, 2]).all()
+    assert len(np.unique(obj[:, 0])) >= 3  # three visible cube faces, three shades
+
+
+@pytest.mark.parametrize(
+    "vertices, faces, kwargs, match",
+    [
+        ([[0, 0, 0], [1, 0, 0], [0, np.nan, 0]], [[0, 1, 2]], {}, "NaN"),
+        ([[0, 0, 0], [1, 0, 0], [0, 1, 0]], [[0, 1, 3]], {}, "out of range"),
+        ([[0, 0, 0], [1, 0, 0], [0, 1, 0]], np.zeros((0, 3), int), {}, "faces"),
+        ([[0, 0, 0], [3, 0, 0], [0, 1, 0]], [[0, 1, 2]], {}, r"\[-1, 1\]"),
+        ([[0, 0, 0], [1, 0, 0], [0, 1, 0]], [[0.0, 1.0, 2.0]], {}, "integer"),
+        ([[0, 0, 0], [1, 0, 0], [0, 1, 0]], [[0, 1, 2]], {"n_views": 0}, "n_views"),
+        ([[0, 0, 0], [1, 0, 0], [0, 1, 0]], [[0, 1, 2]], {"elevation": (40.0, 10.0)}, "elevation"),
+        ([[0, 0, 0], [1, 0, 0], [0, 1, 0]], [[0, 1, 2]], {"radius": 1.0}, "radius"),
+    ],
+)
+def test_bad_input_is_a_clear_value_error(vertices, faces, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        render_views(np.asarray(vertices, dtype=float), np.asarray(faces), size=32, n_views=kwargs.pop("n_views", 1), **kwargs)
