@@ -12,6 +12,11 @@ from kernels.sparse_conv import coord_keys, kernel_offsets, sparse_conv
 from .tensor import SparseTensor
 
 
+def _norm_dtype(t: torch.Tensor) -> torch.Tensor:
+    # statistics of half-precision features are taken in float32
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _expect_channels(name: str, x: SparseTensor, channels: int) -> None:
     if x.num_channels != channels:
         raise ValueError(f"{name}: input has {x.num_channels} channels, layer expects {channels}")
@@ -33,10 +38,10 @@ class SparseGroupNorm(nn.GroupNorm):
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         _expect_channels("SparseGroupNorm", x, self.num_channels)
-        f = x.feats.float().reshape(len(x), self.num_groups, -1)
+        f = _norm_dtype(x.feats).reshape(len(x), self.num_groups, -1)
         b = x.batch_index
-        count = torch.bincount(b, minlength=x.batch_size).clamp(min=1).float()[:, None] * f.shape[2]
-        mean = torch.zeros(x.batch_size, self.num_groups, device=f.device).index_add(0, b, f.sum(2)) / count
+        count = torch.bincount(b, minlength=x.batch_size).clamp(min=1).to(f.dtype)[:, None] * f.shape[2]
+        mean = torch.zeros(x.batch_size, self.num_groups, device=f.device, dtype=f.dtype).index_add(0, b, f.sum(2)) / count
         centred = f - mean[b][:, :, None]
         var = torch.zeros_like(mean).index_add(0, b, centred.square().sum(2)) / count
         out = (centred * torch.rsqrt(var[b][:, :, None] + self.eps)).reshape(len(x), -1)
@@ -49,7 +54,7 @@ class SparseLayerNorm(nn.LayerNorm):
     """Per-voxel normalisation over channels: a decoder built from it decodes chunk by chunk exactly."""
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        return x.replace(super().forward(x.feats.float()).to(x.dtype))
+        return x.replace(super().forward(_norm_dtype(x.feats)).to(x.dtype))
 
 
 class SparseConv3d(nn.Module):

@@ -1,0 +1,149 @@
+"""Sparse convolution equals dense conv3d on the same voxels: PyTorch reference and Triton kernel, forward and backward."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    # the Triton kernels run in the interpreter on CPU-only machines (read when the kernel module is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kernels.sparse_conv import build_kernel_map, sparse_conv, sparse_conv_reference, sparse_conv_triton  # noqa: E402
+
+
+def random_structure(res: int, count: int, batch: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    c = torch.cat([torch.randint(0, batch, (count, 1), generator=g), torch.randint(0, res, (count, 3), generator=g)], 1)
+    c = torch.unique(c, dim=0)  # sorted by (b, i, j, k), i.e. by key
+    return c.to(torch.int32)
+
+
+def dense_conv(coords, x, w, res, out_coords, kernel_size, stride, padding):
+    """conv3d on a dense grid holding the sparse features, read back at out_coords."""
+    batch = int(coords[:, 0].max()) + 1
+    grid = torch.zeros(batch, x.shape[1], res, res, res, dtype=x.dtype)
+    c = coords.long()
+    grid[c[:, 0], :, c[:, 1], c[:, 2], c[:, 3]] = x
+    k = kernel_size
+    wd = w.reshape(k, k, k, w.shape[1], w.shape[2]).permute(4, 3, 0, 1, 2)
+    y = F.conv3d(grid, wd, stride=stride, padding=padding)
+    o = out_coords.long()
+    return y[o[:, 0], :, o[:, 1], o[:, 2], o[:, 3]]
+
+
+CASES = [  # (res, voxels, cin, cout, kernel, stride, padding)
+    (10, 300, 3, 5, 3, 1, 1),
+    (12, 500, 16, 32, 3, 1, 1),
+    (12, 400, 20, 7, 2, 2, 0),
+    (12, 400, 8, 16, 3, 2, 1),
+]
+
+
+def _case(res, count, cin, cout, k, stride, pad, seed, dtype, device="cpu"):
+    coords = random_structure(res, count, 2, seed)
+    if stride == 1:
+        out = coords
+    else:
+        out = coords.clone()
+        out[:, 1:] //= stride
+        out = torch.unique(out, dim=0)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(coords.shape[0], cin, generator=g, dtype=torch.float64)
+    w = torch.randn(k ** 3, cin, cout, generator=g, dtype=torch.float64) / (cin * k ** 3) ** 0.5
+    dy = torch.randn(out.shape[0], cout, generator=g, dtype=torch.float64)
+    kmap = build_kernel_map(coords.to(device), out.to(device), res, k, stride, pad, in_sorted=True)
+    return coords, out, x, w, dy, kmap
+
+
+def _dense_grads(coords, out, x, w, dy, res, k, stride, pad):
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = dense_conv(coords, xr, wr, res, out, k, stride, pad)
+    y.backward(dy)
+    return y.detach(), xr.grad, wr.grad
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_reference_matches_conv3d(case):
+    res, count, cin, cout, k, stride, pad = case
+    coords, out, x, w, dy, kmap = _case(res, count, cin, cout, k, stride, pad, 0, torch.float64)
+    y_ref, gx_ref, gw_ref = _dense_grads(coords, out, x, w, dy, res, k, stride, pad)
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = sparse_conv(xs, ws, kmap, backend="torch")
+    y.backward(dy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(xs.grad, gx_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ws.grad, gw_ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", CASES[:3])
+def test_triton_matches_conv3d(case):
+    res, count, cin, cout, k, stride, pad = case
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    coords, out, x, w, dy, kmap = _case(res, count, cin, cout, k, stride, pad, 1, torch.float32, dev)
+    y_ref, gx_ref, gw_ref = _dense_grads(coords, out, x, w, dy, res, k, stride, pad)
+    xs = x.float().to(dev).requires_grad_()
+    ws = w.float().to(dev).requires_grad_()
+    y = sparse_conv_triton(xs, ws, kmap)
+    y.backward(dy.float().to(dev))
+    for got, want in ((y, y_ref), (xs.grad, gx_ref), (ws.grad, gw_ref)):
+        err = (got.detach().double().cpu() - want).norm() / want.norm()
+        assert err < 1e-5, f"relative error {err:.2e}"
+
+
+def test_kernel_map_entries_point_at_the_right_voxels():
+    coords = random_structure(9, 200, 1, 3)
+    kmap = build_kernel_map(coords, coords, 9, 3, in_sorted=True)
+    offs = torch.stack(torch.meshgrid(*[torch.arange(-1, 2)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    nbr = kmap.neighbors.long()
+    o, v = torch.nonzero(nbr >= 0, as_tuple=True)
+    assert torch.equal(coords[nbr[o, v], 1:] - coords[o, 1:], offs[v].to(torch.int32))
+    # and every neighbour that exists is found
+    have = {tuple(c) for c in coords[:, 1:].tolist()}
+    expected = sum((tuple((c + d).tolist()) in have) for c in coords[:, 1:] for d in offs)
+    assert int((nbr >= 0).sum()) == expected
+    assert kmap.symmetric and torch.equal(kmap.inverse, nbr.flip(1).int())
+
+
+def test_inverse_map_of_a_strided_map():
+    coords = random_structure(8, 150, 2, 4)
+    out = coords.clone()
+    out[:, 1:] //= 2
+    out = torch.unique(out, dim=0)
+    kmap = build_kernel_map(coords, out, 8, 2, 2, 0, in_sorted=True)
+    inv = kmap.inverse.long()
+    i, v = torch.nonzero(inv >= 0, as_tuple=True)
+    assert torch.equal(kmap.neighbors.long()[inv[i, v], v], i)
+    assert int((inv >= 0).sum()) == coords.shape[0]  # every fine voxel has exactly one parent
+
+
+def test_mismatched_channels_named():
+    coords = random_structure(6, 50, 1, 0)
+    kmap = build_kernel_map(coords, coords, 6)
+    with pytest.raises(ValueError, match="channels"):
+        sparse_conv(torch.randn(coords.shape[0], 4), torch.randn(27, 5, 3), kmap)
+    with pytest.raises(ValueError, match="rows"):
+        sparse_conv(torch.randn(coords.shape[0] + 1, 4), torch.randn(27, 4, 3), kmap)
+    with pytest.raises(ValueError, match="backend"):
+        sparse_conv(torch.randn(coords.shape[0], 4), torch.randn(27, 4, 3), kmap, backend="spconv")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_precision_on_gpu(dtype):
+    res, count, cin, cout, k, stride, pad = (32, 20000, 64, 64, 3, 1, 1)
+    coords, out, x, w, dy, kmap = _case(res, count, cin, cout, k, stride, pad, 5, dtype, "cuda")
+    xs = x.to("cuda", dtype).requires_grad_()
+    ws = w.to("cuda", dtype).requires_grad_()
+    y = sparse_conv_triton(xs, ws, kmap)
+    y.backward(dy.to("cuda", dtype))
+    xr, wr = x.cuda().requires_grad_(), w.cuda().requires_grad_()
+    yr = sparse_conv_reference(xr, wr, kmap)
+    yr.backward(dy.cuda())
+    for got, want in ((y, yr), (xs.grad, xr.grad), (ws.grad, wr.grad)):
+        err = (got.detach().double() - want.detach()).norm() / want.detach().norm()
+        assert err < 1e-2, f"{dtype}: relative error {err:.2e}"

@@ -1,0 +1,112 @@
+"""SparseTensor structure checks, map caching, and the sparse layers against dense equivalents."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.sparse import (
+    SparseConv3d,
+    SparseConvDown,
+    SparseDownsample,
+    SparseGroupNorm,
+    SparseLinear,
+    SparseSubdivide,
+    SparseTensor,
+    SparseTransformerBlock,
+    SparseWindowAttention,
+    window_partition,
+)
+
+
+def make(res=16, count=400, batch=2, channels=4, seed=0) -> SparseTensor:
+    g = torch.Generator().manual_seed(seed)
+    c = torch.cat([torch.randint(0, batch, (count, 1), generator=g), torch.randint(0, res, (count, 3), generator=g)], 1)
+    c = torch.unique(c, dim=0).to(torch.int32)
+    return SparseTensor(c, torch.randn(c.shape[0], channels, generator=g, dtype=torch.float64), res)
+
+
+def test_bad_structures_are_named():
+    c = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 4]], dtype=torch.int32)
+    f = torch.zeros(2, 1)
+    with pytest.raises(ValueError, match="empty structure"):
+        SparseTensor(c[:0], f[:0], 8)
+    with pytest.raises(ValueError, match="out of range"):
+        SparseTensor(c, f, 4)
+    with pytest.raises(ValueError, match="duplicated"):
+        SparseTensor(c[[0, 0]], f, 8)
+    with pytest.raises(ValueError, match="not sorted"):
+        SparseTensor(c[[1, 0]], f, 8)
+    with pytest.raises(ValueError, match="int32"):
+        SparseTensor(c.long(), f, 8)
+    with pytest.raises(ValueError, match="feats"):
+        SparseTensor(c, torch.zeros(3, 1), 8)
+    x = SparseTensor.from_unsorted(c[[1, 0]], f, 8)
+    assert torch.equal(x.coords, c)
+    with pytest.raises(ValueError, match="channels"):
+        SparseLinear(3, 2)(SparseTensor(c, f, 8))
+
+
+def test_replace_shares_cached_maps():
+    x = make()
+    km = x.submanifold_map()
+    y = x.replace(x.feats * 2)
+    assert y.submanifold_map() is km
+    assert [s.stop - s.start for s in x.layout] == torch.bincount(x.coords[:, 0].long()).tolist()
+
+
+def test_downsample_and_subdivide_match_dense():
+    x = make(channels=3)
+    pooled = SparseDownsample(2)(x)
+    dense = torch.zeros(2, 3, 16, 16, 16, dtype=torch.float64)
+    cnt = torch.zeros(2, 1, 16, 16, 16, dtype=torch.float64)
+    c = x.coords.long()
+    dense[c[:, 0], :, c[:, 1], c[:, 2], c[:, 3]] = x.feats
+    cnt[c[:, 0], :, c[:, 1], c[:, 2], c[:, 3]] = 1
+    s = torch.nn.functional.avg_pool3d(dense, 2) / torch.nn.functional.avg_pool3d(cnt, 2).clamp(min=1e-9)
+    p = pooled.coords.long()
+    torch.testing.assert_close(pooled.feats, s[p[:, 0], :, p[:, 1], p[:, 2], p[:, 3]])
+    assert pooled.resolution == 8 and len(pooled) == int((torch.nn.functional.avg_pool3d(cnt, 2) > 0).sum())
+    up = SparseSubdivide()(pooled)
+    assert len(up) == 8 * len(pooled) and up.resolution == 16
+    SparseTensor(up.coords, up.feats, 16)  # sorted, unique, in range
+    parent = up.coords.clone()
+    parent[:, 1:] //= 2
+    q = parent.long()
+    torch.testing.assert_close(up.feats, s[q[:, 0], :, q[:, 1], q[:, 2], q[:, 3]])
+
+
+def test_conv_layers_shapes_and_grad():
+    x = make(channels=4)
+    x = x.replace(x.feats.float())
+    y = SparseConv3d(4, 6)(x)
+    z = SparseConvDown(6, 8)(y)
+    assert y.coords is x.coords and z.num_channels == 8 and z.resolution == 8
+    z.feats.sum().backward()
+
+
+def test_group_norm_uses_each_shape_alone():
+    x = make(channels=8)
+    y = SparseGroupNorm(2, 8, affine=False)(x)
+    for s in x.layout:
+        ref = torch.nn.functional.group_norm(x.feats[s].T[None], 2)[0].T
+        torch.testing.assert_close(y.feats[s], ref)
+
+
+def test_window_attention_equals_per_window_attention():
+    torch.manual_seed(0)
+    x = make(res=16, count=600, channels=16)
+    x = x.replace(x.feats.float())
+    attn = SparseWindowAttention(16, 2, window=8, shift=4)
+    y = attn(x)
+    rows, valid = window_partition(x, 8, 4)
+    assert int(valid.sum()) == len(x)
+    for w in range(rows.shape[0]):
+        idx = rows[w][valid[w]]
+        wc = (x.coords[idx, 1:] + 4) // 8
+        assert (wc == wc[0]).all() and (x.coords[idx, 0] == x.coords[idx[0], 0]).all()
+        q, k, v = attn.qkv(x.feats[idx]).reshape(len(idx), 3, 2, 8).permute(1, 2, 0, 3)
+        ref = attn.proj(torch.softmax(q @ k.transpose(1, 2) / 8 ** 0.5, -1).matmul(v).transpose(0, 1).reshape(len(idx), 16))
+        torch.testing.assert_close(y.feats[idx], ref, rtol=1e-4, atol=1e-5)
+    blk = SparseTransformerBlock(16, 2, 8, 0)
+    assert blk(x).feats.shape == x.feats.shape
