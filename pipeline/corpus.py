@@ -251,7 +251,7 @@ def _broken_files(rng: np.random.Generator) -> list[tuple[str, str, str, bytes]]
     v_nan[rng.choice(len(v), size=5, replace=False), 1] = np.nan
     f_bad = f.copy()
     f_bad[-3:, 2] = len(v) + 7
-    line = np.linspace(0.0, 1.0, 30)[:, None] * np.array([[1.0, 0.5, 0.25]])
+    line = np.arange(30.0)[:, None] * np.array([[4.0, 2.0, 1.0]])  # integers: exactly collinear in text
     collinear = np.stack([np.arange(28), np.arange(1, 29), np.arange(2, 30)], axis=1)
     points = "".join(f"{x:.6f} {y:.6f} {z:.6f}\n" for x, y, z in v[:100])
     point_ply = (
