@@ -74,7 +74,9 @@ def iter_samples(batches: Iterable[pa.Table], skipped: Skipped) -> Iterator[shar
     """Arrow batches (from Ray Data's iter_batches) -> samples; a row that will not convert is counted."""
     for table in batches:
         try:
-            yield from shard_format.samples_from_table(table)
+            # A fresh copy: Ray hands out slices of larger blocks, whose nested list offsets the
+            # zero-copy reader does not follow.
+            yield from shard_format.samples_from_table(table.take(list(range(table.num_rows))))
         except (KeyError, ValueError, pa.ArrowInvalid, IndexError) as e:
             skipped.shapes.append(f"batch of {table.num_rows} rows: cannot read ({e})")
             log.warning("skipping rows: %s", e)

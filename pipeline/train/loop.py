@@ -115,7 +115,7 @@ def run_loop(cfg: TrainConfig, session) -> dict:
             step += 1
             progressed = True
             tokens = sum(i.tokens for i in group)
-            mean_loss, tok_s = _mean_across_ranks([float(loss), tokens / dt], device)
+            mean_loss, tok_s = _mean_across_ranks([float(loss.detach()), tokens / dt], device)
             history["step"].append(step)
             history["loss"].append(mean_loss)
             history["tokens_per_s"].append(tok_s)

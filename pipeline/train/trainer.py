@@ -1,0 +1,87 @@
+"""Ray Train's TorchTrainer around ``train_loop_per_worker``, and the resolution curriculum."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+from pipeline.train.config import TrainConfig
+from pipeline.train.data import build_dataset
+
+log = logging.getLogger(__name__)
+
+
+def clear_stale_extension_locks(extensions_dir: str) -> list[str]:
+    """Remove the ``lock`` files a killed DeepSpeed JIT build leaves behind (the next build would wait forever)."""
+    removed = []
+    for lock in Path(extensions_dir).glob("**/lock"):
+        lock.unlink(missing_ok=True)
+        removed.append(str(lock))
+    return removed
+
+
+def worker_env(cfg: TrainConfig) -> dict:
+    """Environment of the training workers: DeepSpeed's accelerator and a private JIT-extensions folder."""
+    ext = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "s2-torch-extensions")
+    env = {"TORCH_EXTENSIONS_DIR": ext}
+    if not cfg.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"  # else DeepSpeed probes for CUDA and fails on CPU-only nodes
+    return env
+
+
+def run(cfg: TrainConfig, storage_options: dict | None = None):
+    """Train ``cfg.network``; returns Ray Train's Result (metrics, checkpoint, path). Rerunning a name resumes it."""
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.train.loop import train_loop_per_worker
+
+    env = worker_env(cfg)
+    clear_stale_extension_locks(env["TORCH_EXTENSIONS_DIR"])
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": env})
+    dataset, skipped = build_dataset(cfg.shards, cfg.resolution, synthetic_shapes=cfg.synthetic_shapes,
+                                     seed=cfg.seed, storage_options=storage_options)
+    if skipped.shards:
+        log.warning("%d shard(s) skipped: %s", len(skipped.shards), "; ".join(skipped.shards))
+    storage = cfg.storage if "://" in cfg.storage else os.path.abspath(os.path.expanduser(cfg.storage))
+    resources = {"CPU": cfg.cpus_per_worker} if not cfg.use_gpu else {"CPU": cfg.cpus_per_worker, "GPU": 1}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=dataclasses.asdict(cfg),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=cfg.name, storage_path=storage, failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                             worker_runtime_env={"env_vars": env}),
+        datasets={"train": dataset},
+        # Every worker reads the rows and keeps its hash share: token-budget batches differ in count per
+        # worker, and a streaming split would make the workers wait on each other at epoch ends.
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+    result = trainer.fit()
+    result.skipped_shards = skipped.shards
+    return result
+
+
+def curriculum_configs(cfg: TrainConfig) -> list[TrainConfig]:
+    """One config per resolution of ``cfg.curriculum``; stage i starts from stage i-1's final checkpoint.
+
+    Stage names are ``<name>-<resolution>``; the last stage's checkpoint is found at run time, so a stage
+    that was already finished is resumed (and does no work) rather than repeated.
+    """
+    resolutions = [int(r) for r in cfg.curriculum.split(",") if r.strip()]
+    return [dataclasses.replace(cfg, resolution=r, name=f"{cfg.name}-{r}", curriculum="") for r in resolutions]
+
+
+def run_curriculum(cfg: TrainConfig, storage_options: dict | None = None) -> list:
+    results, previous = [], cfg.init_from
+    for stage in curriculum_configs(cfg):
+        stage = dataclasses.replace(stage, init_from=previous)
+        log.info("curriculum stage %s at %d³ from %s", stage.name, stage.resolution, previous or "scratch")
+        result = run(stage, storage_options)
+        results.append(result)
+        previous = result.checkpoint.path if "://" not in cfg.storage else f"{cfg.storage.split('://')[0]}://{result.checkpoint.path}"
+    return results
