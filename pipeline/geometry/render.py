@@ -172,6 +172,10 @@ def rasterize(vertices, faces, intrinsics, extrinsics, height: int, width: int) 
     xl = torch.maximum(lower.ceil(), xlo[rf])
     xr = torch.minimum(upper.floor(), xhi[rf])
     span = torch.where(blocked, torch.zeros_like(xl), (xr - xl + 1).clamp(min=0)).long()
+    # 1/z is affine in screen space: 1/z = ia x + (ib y + ic), the bracket fixed per row
+    ia, ib, ic = ((coef * inv_z).sum(1) for coef in (ea, eb, ec))
+    row_inv_z = ib[rf] * ry + ic[rf]
+    row_ia = ia[rf]
 
     # z-buffer on one int64 key per candidate: float32 depth bits (monotone for positive floats), then face id
     key_buf = torch.full((height * width,), torch.iinfo(torch.int64).max, dtype=torch.int64)
@@ -183,12 +187,9 @@ def rasterize(vertices, faces, intrinsics, extrinsics, height: int, width: int) 
         r = torch.repeat_interleave(torch.arange(start, stop), s)
         offset = torch.arange(len(r)) - (torch.cumsum(s, 0) - s).repeat_interleave(s)
         cx = xl[r] + offset
-        cy = ry[r]
-        fl = rf[r]
-        bary = ea[fl] * cx[:, None] + eb[fl] * cy[:, None] + ec[fl]
-        depth = 1.0 / (bary * inv_z[fl]).sum(1)  # 1/z is affine in screen space
-        key = (depth.float().view(torch.int32).long() << 32) | fl
-        key_buf.scatter_reduce_(0, cy.long() * width + cx.long(), key, reduce="amin")
+        depth = 1.0 / (row_ia[r] * cx + row_inv_z[r])
+        key = (depth.float().view(torch.int32).long() << 32) | rf[r]
+        key_buf.scatter_reduce_(0, ry[r].long() * width + cx.long(), key, reduce="amin")
         start = stop
 
     hit = key_buf != torch.iinfo(torch.int64).max
@@ -243,7 +244,7 @@ def shade(raster: Raster, vertices, faces, intrinsics, extrinsics, *, background
     hit = raster.face >= 0
     fid = raster.face[hit]
     face_n, corner_n = _corner_normals(v, f, smooth_deg)
-    n = (corner_n[fid] * raster.bary[hit].double()[..., None]).sum(1) @ rot.T  # camera axes
+    n = torch.einsum("pk,pkc->pc", raster.bary[hit].double(), corner_n[fid]) @ rot.T  # camera axes
     n = n / n.norm(dim=1, keepdim=True).clamp(min=1e-30)
     # view ray through each pixel centre, camera axes
     ys, xs = hit.nonzero(as_tuple=True)
