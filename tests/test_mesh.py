@@ -52,3 +52,16 @@ def test_bad_arrays_are_rejected():
         normalize(np.zeros((3, 3)), f)
     with pytest.raises(MeshError, match="over the limit"):
         load_mesh(trimesh.creation.icosphere(3).export(file_type="ply"), "ply", max_faces=100)
+
+
+def test_nan_and_collinear_files_are_rejected_not_cleaned():
+    nan_obj = b"v 0 0 0\nv 1 nan 0\nv 0 1 0\nv 0 0 1\nf 1 2 3\nf 1 3 4\nf 1 2 4\n"
+    v, f = load_mesh(nan_obj, "obj")
+    with pytest.raises(MeshError, match="NaN"):
+        normalize(v, f)
+    t = np.linspace(0, 1, 12)
+    line = np.round(np.stack([t, t / 2, t / 4], 1), 6)
+    text = "".join(f"v {a} {b} {c}\n" for a, b, c in line) + "".join(f"f {i} {i+1} {i+2}\n" for i in range(1, 11))
+    v, f = load_mesh(text.encode(), "obj")
+    with pytest.raises(MeshError, match="one line"):
+        normalize(v, f)

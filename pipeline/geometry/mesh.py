@@ -53,7 +53,9 @@ def load_mesh(data: bytes, ext: str, *, max_faces: int = 10_000_000) -> tuple[np
     if not data:
         raise MeshError("empty file")
     try:
-        scene = trimesh.load_scene(io.BytesIO(data), file_type=ext)
+        # process=False: keep the file's own vertices, so NaNs and bad indices reach validate() instead of
+        # being dropped silently.
+        scene = trimesh.load_scene(io.BytesIO(data), file_type=ext, process=False)
     except MeshError:
         raise
     except Exception as exc:  # trimesh raises many types on corrupt input; name the cause, keep one line
@@ -98,10 +100,11 @@ def validate(vertices: np.ndarray, faces: np.ndarray) -> None:
     extent = used.max(axis=0) - used.min(axis=0)
     if not (extent.max() > 0):
         raise MeshError("degenerate mesh: all vertices coincide")
-    tri = vertices[faces]
-    area = np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
-    if not (area > 1e-12 * extent.max() ** 2).any():
-        raise MeshError(f"degenerate mesh: all {len(faces)} triangles have zero area")
+    # A surface needs two independent directions; vertices on (or within rounding of) one line have none.
+    centred = used - used.mean(axis=0)
+    sv = np.linalg.svd(centred[:: max(1, len(centred) // 100_000)], compute_uv=False)
+    if sv[1] <= 1e-4 * sv[0]:
+        raise MeshError(f"degenerate mesh: all {len(used)} vertices lie on one line (no surface)")
 
 
 def normalize(vertices: np.ndarray, faces: np.ndarray, *, half_extent: float = 0.95) -> NormalizedMesh:
