@@ -48,7 +48,6 @@ class PreprocessConfig:
     cpus_per_task: float = field(default=1.0, metadata={"help": "CPUs reserved per task (torch threads follow)"})
     memory_per_task_gb: Optional[float] = field(default=None, metadata={"help": "memory reserved per task, GiB"})
     concurrency: Optional[int] = field(default=None, metadata={"help": "most tasks at once (default: cluster CPUs)"})
-    max_retries: int = field(default=3, metadata={"help": "retries of a task whose worker died"})
     max_faces: int = field(default=10_000_000, metadata={"help": "meshes with more faces are rejected"})
     max_file_mb: float = field(default=2048.0, metadata={"help": "files larger than this are rejected"})
     limit: Optional[int] = field(default=None, metadata={"help": "process only the first N files (sorted)"})
@@ -75,8 +74,8 @@ class PreprocessConfig:
         lo, hi = self.elevation
         if not (-90 <= lo <= hi <= 90):
             raise ConfigError(f"elevation: {self.elevation} must be an increasing range within [-90, 90]")
-        if self.meshes_per_task < 1 or self.cpus_per_task <= 0 or self.max_retries < 0:
-            raise ConfigError("meshes_per_task >= 1, cpus_per_task > 0 and max_retries >= 0 are required")
+        if self.meshes_per_task < 1 or self.cpus_per_task <= 0:
+            raise ConfigError("meshes_per_task >= 1, cpus_per_task > 0 are required")
         if self.max_faces < 1 or self.max_file_mb <= 0:
             raise ConfigError("max_faces and max_file_mb must be positive")
 
@@ -290,13 +289,12 @@ def run(cfg: PreprocessConfig, *, progress: bool = True) -> PreprocessResult:
         ctx.enable_progress_bars = progress
         blocks = max(1, math.ceil(len(todo) / cfg.meshes_per_task))
         ds = ray.data.from_items(todo, override_num_blocks=blocks)
-        remote_args: dict[str, Any] = {"max_retries": cfg.max_retries, "retry_exceptions": False}
-        if cfg.memory_per_task_gb:
-            remote_args["memory"] = int(cfg.memory_per_task_gb * 2**30)
+        # Ray Data retries a task whose worker died; shard names fixed by content make that safe.
         out = ds.map_batches(
             process_meshes, batch_size=cfg.meshes_per_task, batch_format="numpy",
             fn_kwargs={"cfg_dict": asdict(cfg), "done_ref": ray.put(done)},
-            num_cpus=cfg.cpus_per_task, concurrency=cfg.concurrency, **remote_args)
+            num_cpus=cfg.cpus_per_task, concurrency=cfg.concurrency,
+            memory=int(cfg.memory_per_task_gb * 2**30) if cfg.memory_per_task_gb else None)
         for block in out.iter_batches(batch_size=None, batch_format="pyarrow"):
             tables.append(block)
     summary = pa.concat_tables([t.cast(SUMMARY_SCHEMA) for t in tables])
