@@ -168,7 +168,7 @@ def sdpa_full(t, backend_name):
 
 def flex_ssa(st, t, log):
     """The same three branches as a PyTorch user would build them on FlexAttention (128-token blocks)."""
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
     flex = torch.compile(flex_attention, dynamic=False)
     n, hq, d = t["q"].shape
     hkv = t["k"].shape[1]
@@ -177,7 +177,14 @@ def flex_ssa(st, t, log):
     T = lambda x: x.transpose(0, 1)[None].contiguous().detach().requires_grad_(True)  # noqa: E731
     q, k, v, kc, vc = (T(t[s]) for s in ("q", "k", "v", "k_cmp", "v_cmp"))
     res = {}
-    res["cmp"] = time_fwd_bwd(lambda a, b, c: flex(a, b, c, enable_gqa=True), [q, kc, vc])
+    # compression: pooled keys padded to whole 128-blocks, padding masked out
+    nc = kc.shape[2]
+    pad = (-nc) % B
+    kcp, vcp = (torch.nn.functional.pad(x.detach(), (0, 0, 0, pad)).requires_grad_(True) for x in (kc, vc))
+    cmask = create_block_mask(lambda b, h, i, j: j < nc, None, None, n, nc + pad, device="cuda", BLOCK_SIZE=B)
+    log(f"flex compression: {nc} pooled tokens padded to {nc + pad}")
+    res["cmp"] = time_fwd_bwd(lambda a, b, c: flex(a, b, c, block_mask=cmask, enable_gqa=True), [q, kcp, vcp])
+    log("flex selection")
     # selection: per 128-token query block, top-8 of the 128-token key blocks by mean-pooled scores
     with torch.no_grad():
         qb = t["q"].float().view(nb, B, hkv, hq // hkv, d).mean((1, 3))  # (nb, hkv, d)
@@ -189,6 +196,7 @@ def flex_ssa(st, t, log):
         mask = BlockMask.from_kv_blocks(torch.zeros_like(num), idx.contiguous(), num, idx.contiguous(),
                                         BLOCK_SIZE=B)
     res["slc"] = time_fwd_bwd(lambda a, b, c: flex(a, b, c, block_mask=mask, enable_gqa=True), [q, k, v])
+    log("flex window")
     # window: key blocks covering the windows of each query block, masked to the same window
     win = st.window_ids(False)
     woff = st.window_partition(False)[1]
@@ -262,17 +270,6 @@ def main():
                 o1 = selection_attention(t["q"], t["k"], t["v"], st, s1, q_tile=1)
                 o2 = selection_attention(t["q"], t["k"], t["v"], st, sel, q_tile=qt)
                 log(f"selection per {qt}-token tile vs per query: relative output difference {rel(o2, o1):.3e}")
-        if not args.no_flex:
-            try:
-                fres = flex_ssa(st, t, log)
-                pf = pair_counts(st, sel, qt, hq, hkv)
-                for br, (f, b) in fres.items():
-                    p = {"cmp": pf["cmp"], "slc": n * hq * 8 * 128, "win": None}[br]
-                    rows.append(dict(n=n, impl="flex", branch=br, fwd_ms=f, bwd_ms=b,
-                                     fwd_tflops=4 * d * p / f / 1e9 if p else 0.0,
-                                     bwd_tflops=10 * d * p / b / 1e9 if p else 0.0))
-            except Exception as e:  # the baseline failing must not hide our numbers
-                log(f"flex baseline failed at N={n}: {type(e).__name__}: {str(e)[:300]}")
         if not args.no_sdpa:
             for be in ("cudnn", "flash"):
                 try:
@@ -282,6 +279,17 @@ def main():
                                      fwd_tflops=4 * d * p / f / 1e9, bwd_tflops=10 * d * p / b / 1e9))
                 except Exception as e:
                     log(f"sdpa {be} failed at N={n}: {type(e).__name__}: {str(e)[:200]}")
+        if not args.no_flex:
+            try:
+                fres = flex_ssa(st, t, log)
+                pf = pair_counts(st, sel, qt, hq, hkv)
+                for br, (f, b) in fres.items():
+                    p = {"cmp": pf["cmp"], "slc": n * hq * 8 * 128, "win": pf["win"]}[br]
+                    rows.append(dict(n=n, impl="flex", branch=br, fwd_ms=f, bwd_ms=b,
+                                     fwd_tflops=4 * d * p / f / 1e9 if p else 0.0,
+                                     bwd_tflops=10 * d * p / b / 1e9 if p else 0.0))
+            except Exception as e:  # the baseline failing must not hide our numbers
+                log(f"flex baseline failed at N={n}: {type(e).__name__}: {str(e)[:300]}")
         for r in rows:
             if r["n"] == n:
                 log(json.dumps(r))

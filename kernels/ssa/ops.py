@@ -10,7 +10,7 @@ import os
 import torch
 
 from . import reference as ref
-from .segment_attention import SegmentPlan, block_scores, segment_attention
+from .segment_attention import SegmentPlan, block_scores, segment_attention, select_topk
 from .structure import SSAStructure
 
 _GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -75,14 +75,23 @@ def _check(st: SSAStructure, backend: str, **tensors):
             raise ValueError(f"triton interpreter on the CPU takes float32, got {dt}")
 
 
-def _shared_plan(st, tile_kind, seg_offsets, chunk_kind, block_t, block_n=64):
+def _block_n(st: SSAStructure, offsets: torch.Tensor) -> int:
+    """Key chunk width: narrow for sparse blocks so fewer masked columns are computed."""
+    mean = st.n_tokens / max(1, len(offsets) - 1)
+    return 32 if mean < 48 else 64
+
+
+def _shared_plan(st, tile_kind, seg_offsets, chunk_kind, block_t, block_n=64, fill_gpu=False):
     """Plan for branches where every tile of a segment attends to that whole segment."""
     ts, te, tseg, toff = st.tiles(tile_kind, block_t)
     segs = seg_offsets.to(torch.int32)
     cs, ce, cseg, _ = st.chunks(chunk_kind, block_n)
+    split = 1
+    if fill_gpu:  # few long key segments: split each chunk's tile list so ~1k programs run
+        split = max(1, min(64, 1024 // max(1, cs.numel())))
     return SegmentPlan(ts, te, segs[tseg.long()].view(-1, 1, 1), segs[tseg.long() + 1].view(-1, 1, 1), block_t,
                        cs, ce, cseg, toff, 0, torch.arange(ts.numel(), dtype=torch.int32, device=st.device),
-                       block_n)
+                       block_n, dkv_split=split)
 
 
 def compression_attention(q, k_cmp, v_cmp, structure: SSAStructure, *, backend: str = "triton"):
@@ -93,7 +102,7 @@ def compression_attention(q, k_cmp, v_cmp, structure: SSAStructure, *, backend: 
         return o, lse.float()
     bt = _rows_per_tile(q.shape[1] // k_cmp.shape[1])
     plan = structure.cached(("plan_cmp", bt), lambda: _shared_plan(
-        structure, "shape", structure.cmp_shape_offsets, "cmp", bt))
+        structure, "shape", structure.cmp_shape_offsets, "cmp", bt, fill_gpu=True))
     return segment_attention(q, k_cmp, v_cmp, plan)
 
 
@@ -112,9 +121,12 @@ def select_blocks(q, k_cmp, lse_cmp, structure: SSAStructure, *, top_k: int = 8,
             _, _, probs = ref.compression_attention_ref(q, k_cmp, k_cmp, st)
             return ref.select_blocks_ref(probs, st, hkv, top_k, q_tile)
         ts, te, tseg, _ = st.tiles("shape", q_tile)
-        pool = st.cmp_block != st.slc_block
-        n_cols = st.max_slc_per_shape
         cmp_off = st.cached("cmp_shape_offsets32", lambda: st.cmp_shape_offsets.to(torch.int32))
+        if st.cmp_block == st.slc_block:  # one pass with a running top-k, no score matrix
+            return select_topk(q.contiguous(), k_cmp.contiguous(), lse_cmp, ts, te, tseg, cmp_off, top_k, q_tile,
+                               _block_n(st, st.cmp_offsets))
+        pool = True
+        n_cols = st.max_slc_per_shape
         score = block_scores(q.contiguous(), k_cmp.contiguous(), lse_cmp, ts, te, tseg, cmp_off,
                              st.cmp_to_slc_local, n_cols, pool, q_tile)
         n_blocks = (st.slc_shape_offsets[1:] - st.slc_shape_offsets[:-1])[tseg.long()]  # per tile
@@ -128,7 +140,8 @@ def select_blocks(q, k_cmp, lse_cmp, structure: SSAStructure, *, top_k: int = 8,
         return blk
 
 
-def _selection_plan(st: SSAStructure, selected: torch.Tensor, q_tile: int, block_n: int = 64) -> SegmentPlan:
+def _selection_plan(st: SSAStructure, selected: torch.Tensor, q_tile: int, g: int) -> SegmentPlan:
+    block_n = _block_n(st, st.slc_offsets)
     ts, te, _, _ = st.tiles("shape", q_tile)
     n_tiles, hkv, k = selected.shape
     if n_tiles != ts.numel():
@@ -147,7 +160,8 @@ def _selection_plan(st: SSAStructure, selected: torch.Tensor, q_tile: int, block
     qptr = torch.zeros(hkv * st.n_slc + 1, dtype=torch.int32, device=st.device)
     qptr[1:] = torch.cumsum(torch.bincount(key, minlength=hkv * st.n_slc), 0)
     cs, ce, cseg, _ = st.chunks("slc", block_n)
-    return SegmentPlan(ts, te, seg_start, seg_end, q_tile, cs, ce, cseg, qptr, st.n_slc, tidx, block_n)
+    return SegmentPlan(ts, te, seg_start, seg_end, q_tile, cs, ce, cseg, qptr, st.n_slc, tidx, block_n,
+                       num_warps=2 if q_tile * g <= 16 else 4)
 
 
 def selection_attention(q, k, v, structure: SSAStructure, selected: torch.Tensor, *, q_tile: int = 1,
@@ -158,7 +172,7 @@ def selection_attention(q, k, v, structure: SSAStructure, selected: torch.Tensor
         raise ValueError(f"selected must be (tiles, {k.shape[1]}, top_k), got {tuple(selected.shape)}")
     if backend == "torch":
         return ref.selection_attention_ref(q, k, v, structure, selected, q_tile)[0]
-    return segment_attention(q, k, v, _selection_plan(structure, selected, q_tile))[0]
+    return segment_attention(q, k, v, _selection_plan(structure, selected, q_tile, q.shape[1] // k.shape[1]))[0]
 
 
 def window_attention(q, k, v, structure: SSAStructure, *, shifted: bool = False, backend: str = "triton"):

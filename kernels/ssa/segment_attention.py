@@ -23,7 +23,8 @@ POISON = False  # tests set this: outputs start as NaN so an unwritten element f
 def _new(shape, like, dtype=None):
     dtype = dtype or like.dtype
     if POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+        fill = float("nan") if dtype.is_floating_point else -(2 ** 31)
+        return torch.full(shape, fill, dtype=dtype, device=like.device)
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
@@ -110,10 +111,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TILE_START, TILE_END, SEG_START,
 @triton.jit
 def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TILE_START, TILE_END, CHUNK_START, CHUNK_END, CHUNK_SEG,
                     QPTR, TIDX, sqt, sqh, skt, skh, slt, slh, sph, qk_scale, sm_scale,
-                    G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
-                    BLOCK_N: tl.constexpr, D: tl.constexpr):
+                    G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, TPI: tl.constexpr,
+                    BLOCK_N: tl.constexpr, D: tl.constexpr, ATOMIC: tl.constexpr):
     c = tl.program_id(0)
     h = tl.program_id(1)
+    split = tl.program_id(2)
+    n_split = tl.num_programs(2)
     n0 = tl.load(CHUNK_START + c)
     n1 = tl.load(CHUNK_END + c)
     seg = tl.load(CHUNK_SEG + c)
@@ -127,9 +130,22 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TILE_START, TILE_END, CHUNK
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     p0 = tl.load(QPTR + h * sph + seg)
     p1 = tl.load(QPTR + h * sph + seg + 1)
-    for i in range(p0, p1):
-        tile = tl.load(TIDX + i)
-        tok, head, valid = _rows(TILE_START, TILE_END, tile, h, G, BLOCK_T, BLOCK_R)
+    # this program's share of the tiles that attended to the chunk (splits keep the GPU busy when chunks are few)
+    per = (p1 - p0 + n_split - 1) // n_split
+    a = p0 + split * per
+    b = tl.minimum(a + per, p1)
+    rr = tl.arange(0, TPI * BLOCK_R)
+    j = rr // BLOCK_R
+    r = rr % BLOCK_R
+    for i in range(a, b, TPI):
+        ti = i + j
+        tm = ti < b
+        tile = tl.load(TIDX + ti, mask=tm, other=0)
+        t0 = tl.load(TILE_START + tile, mask=tm, other=0)
+        t1 = tl.load(TILE_END + tile, mask=tm, other=0)
+        tok = t0 + r // G
+        head = h * G + r % G
+        valid = tm & (r < BLOCK_T * G) & (tok < t1)
         qoff = tok[:, None] * sqt + head[:, None] * sqh + d[None, :]
         q = tl.load(Q + qoff, mask=valid[:, None], other=0.0)
         do = tl.load(DO + qoff, mask=valid[:, None], other=0.0)
@@ -141,8 +157,12 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TILE_START, TILE_END, CHUNK
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    tl.store(DK + koff, (dk * sm_scale).to(DK.dtype.element_ty), mask=nm[:, None])
-    tl.store(DV + koff, dv.to(DV.dtype.element_ty), mask=nm[:, None])
+    if ATOMIC:
+        tl.atomic_add(DK + koff, dk * sm_scale, mask=nm[:, None])
+        tl.atomic_add(DV + koff, dv, mask=nm[:, None])
+    else:
+        tl.store(DK + koff, (dk * sm_scale).to(DK.dtype.element_ty), mask=nm[:, None])
+        tl.store(DV + koff, dv.to(DV.dtype.element_ty), mask=nm[:, None])
 
 
 @dataclass
@@ -166,6 +186,7 @@ class SegmentPlan:
     tidx: torch.Tensor
     block_n: int = 64
     num_warps: int = 4
+    dkv_split: int = 1  # programs per key chunk in dK/dV (partial sums added atomically in float32)
 
 
 def _rows_for(block_t: int, g: int) -> int:
@@ -200,8 +221,9 @@ def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan):
     do = do.contiguous()
     delta = (o.float() * do.float()).sum(-1)
     dq = _new(q.shape, q)
-    dk = _new(k.shape, k)
-    dv = _new(v.shape, v)
+    atomic = plan.dkv_split > 1
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if atomic else _new(k.shape, k)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device) if atomic else _new(v.shape, v)
     br = _rows_for(plan.block_t, g)
     n_tiles = plan.tile_start.numel()
     if n_tiles:
@@ -213,11 +235,14 @@ def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan):
             BLOCK_N=plan.block_n, D=d, num_warps=plan.num_warps)
     n_chunks = plan.chunk_start.numel()
     if n_chunks:
-        _bwd_dkv_kernel[(n_chunks, hkv)](
+        _bwd_dkv_kernel[(n_chunks, hkv, plan.dkv_split)](
             q, k, v, do, lse, delta, dk, dv, plan.tile_start, plan.tile_end, plan.chunk_start, plan.chunk_end,
             plan.chunk_seg, plan.qptr, plan.tidx, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             lse.stride(0), lse.stride(1), plan.qptr_head_stride, d ** -0.5 * LOG2E, d ** -0.5,
-            G=g, BLOCK_T=plan.block_t, BLOCK_R=br, BLOCK_N=plan.block_n, D=d, num_warps=plan.num_warps)
+            G=g, BLOCK_T=plan.block_t, BLOCK_R=br, TPI=max(1, 128 // br), BLOCK_N=plan.block_n, D=d,
+            ATOMIC=atomic, num_warps=4)
+    if atomic:
+        dk, dv = dk.to(k.dtype), dv.to(v.dtype)
     return dq, dk, dv
 
 
@@ -286,3 +311,69 @@ def block_scores(q, k_cmp, lse_cmp, tile_start, tile_end, tile_seg, cmp_shape_of
         score.stride(0), score.stride(1), d ** -0.5 * LOG2E, G=g, BLOCK_T=block_t,
         BLOCK_R=_rows_for(block_t, g), BLOCK_N=block_n, D=d, POOL=pool)
     return score
+
+
+@triton.jit
+def _select_kernel(Q, KC, LSE, SEL, TILE_START, TILE_END, TILE_SEG, CMP_OFF,
+                   sqt, sqh, skt, skh, slt, slh, sst, ssh, qk_scale,
+                   TOPK: tl.constexpr, KP: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    """Block scores and a running top-k in one pass (compression blocks = selection blocks)."""
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    tok, head, valid = _rows(TILE_START, TILE_END, tile, h, G, BLOCK_T, BLOCK_R)
+    d = tl.arange(0, D)
+    q = tl.load(Q + tok[:, None] * sqt + head[:, None] * sqh + d[None, :], mask=valid[:, None], other=0.0)
+    lse2 = tl.load(LSE + tok * slt + head * slh, mask=valid, other=0.0) * 1.4426950408889634
+    seg = tl.load(TILE_SEG + tile)
+    c0 = tl.load(CMP_OFF + seg)
+    c1 = tl.load(CMP_OFF + seg + 1)
+    cols = tl.arange(0, BLOCK_N)
+    kk = tl.arange(0, KP)
+    top_v = tl.full([KP], float("-inf"), tl.float32)
+    top_i = tl.full([KP], -1, tl.int32)
+    for n0 in range(c0, c1, BLOCK_N):
+        n = n0 + cols
+        nm = n < c1
+        k = tl.load(KC + n[:, None] * skt + h * skh + d[None, :], mask=nm[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.where(valid[:, None] & nm[None, :], tl.exp2(qk - lse2[:, None]), 0.0)
+        s = tl.where(nm, tl.sum(p, 0), float("-inf"))  # summed over the G heads and the tile's tokens
+        kth = tl.min(tl.where(kk < TOPK, top_v, float("inf")), 0)
+        if tl.max(s, 0) > kth:  # merge only when the chunk beats the current k-th best
+            new_v = tl.full([KP], float("-inf"), tl.float32)
+            new_i = tl.full([KP], -1, tl.int32)
+            for jj in tl.static_range(TOPK):
+                bc = tl.max(s, 0)
+                ic = tl.argmax(s, 0)
+                bt = tl.max(top_v, 0)
+                it = tl.argmax(top_v, 0)
+                take_c = bc > bt
+                tc = take_c.to(tl.int32)
+                val = tl.where(take_c, bc, bt)
+                idx = tl.where(take_c, n0 + ic, tl.sum(tl.where(kk == it, top_i, 0), 0))
+                new_v = tl.where(kk == jj, val, new_v)
+                new_i = tl.where(kk == jj, idx, new_i)
+                s = tl.where((cols == ic).to(tl.int32) * tc > 0, float("-inf"), s)
+                top_v = tl.where((kk == it).to(tl.int32) * (1 - tc) > 0, float("-inf"), top_v)
+            top_v = new_v
+            top_i = new_i
+    out = tl.where(top_v > float("-inf"), top_i, -1)
+    tl.store(SEL + tile * sst + h * ssh + kk, out.to(tl.int64), mask=kk < TOPK)
+
+
+def select_topk(q, k_cmp, lse_cmp, tile_start, tile_end, tile_seg, cmp_shape_offsets, top_k: int, block_t: int,
+                block_n: int = 64):
+    """Top-k global block ids (n_tiles, Hkv, top_k), -1 past the shape's blocks; needs m_cmp == m_slc."""
+    n, hq, d = q.shape
+    hkv = k_cmp.shape[1]
+    g = hq // hkv
+    n_tiles = tile_start.numel()
+    sel = _new((n_tiles, hkv, top_k), q, torch.int64)
+    _select_kernel[(n_tiles, hkv)](
+        q, k_cmp, lse_cmp, sel, tile_start, tile_end, tile_seg, cmp_shape_offsets,
+        q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), lse_cmp.stride(0), lse_cmp.stride(1),
+        sel.stride(0), sel.stride(1), d ** -0.5 * LOG2E, TOPK=top_k, KP=triton.next_power_of_2(top_k), G=g,
+        BLOCK_T=block_t, BLOCK_R=_rows_for(block_t, g), BLOCK_N=block_n, D=d,
+        num_warps=4 if _rows_for(block_t, g) >= 64 else 2)
+    return sel
