@@ -29,9 +29,10 @@ def evaluate_one(model: SparseSDFVAE, sample, points: int = 20000, device="cpu",
     """Metrics of one sample's reconstruction against the mesh of its input SDF (same extractor, same resolution)."""
     t0 = time.time()
     coords, values = reconstruct(model, sample, device, chunk)
-    gt = extract_mesh(sample.coords, sample.values, sample.resolution)
+    # extraction runs where the decoded SDF is (the GPU when there is one)
+    gt = extract_mesh(sample.coords.to(coords.device), sample.values.to(coords.device), sample.resolution)
     row = {"name": sample.name, "voxels": int(sample.coords.shape[0]), "decoded_voxels": int(coords.shape[0])}
-    pred = extract_mesh(coords.cpu(), values.cpu(), sample.resolution)
+    pred = extract_mesh(coords, values, sample.resolution)
     if pred[1].shape[0] == 0:
         # nothing decoded crosses zero: the worst score, not a crash
         row.update({"chamfer": float("inf"), "normal_consistency": 0.0, **{f"f1@{t:g}": 0.0 for t in THRESHOLDS}})

@@ -28,6 +28,7 @@ class VAETrainConfig:
     resolution: int = 64
     size: str = "tiny"  # VAEConfig size name: tiny, small, paper
     steps: int = 200
+    time_limit_s: float = 0.0  # stop training after this many seconds (0: run all steps)
     batch_size: int = 2
     lr: float = 1e-3
     warmup_steps: int = 20
@@ -208,12 +209,14 @@ def train_vae(cfg: VAETrainConfig, progress: bool = True) -> dict:
                 bar.console.print(f"step {step:5d}  loss {terms['total']:.4f}  input {terms['input']:.4f}  "
                                   f"extra {terms['extra']:.4f}  sharp {terms['sharp']:.4f}  kl {terms['kl']:.2f}")
             bar.advance(task)
+            if cfg.time_limit_s and time.time() - t0 > cfg.time_limit_s:
+                break
     seconds = time.time() - t0
     after = evaluate(model, held, cfg.eval_points, device) if held else {}
     ckpt = Path(cfg.out_dir) / "vae.pt"
-    save_checkpoint(ckpt, model, cfg, cfg.steps)
+    save_checkpoint(ckpt, model, cfg, len(history))
     first = history[0]["total"] if history else float("nan")
     last = sum(h["total"] for h in history[-10:]) / max(1, len(history[-10:])) if history else float("nan")
-    return {"checkpoint": str(ckpt), "steps": cfg.steps, "train_seconds": seconds, "train_samples": len(train),
+    return {"checkpoint": str(ckpt), "steps": len(history), "train_seconds": seconds, "train_samples": len(train),
             "heldout_samples": len(held), "loss_first": first, "loss_last10": last,
             "before": before, "after": after}

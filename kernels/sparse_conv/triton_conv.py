@@ -21,7 +21,7 @@ def _gather_gemm_kernel(
     x_ptr, w_ptr, nbr_ptr, out_ptr,
     M, CIN, COUT, V, stride_nm, stride_nv,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr = True,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -34,7 +34,7 @@ def _gather_gemm_kernel(
     for v in range(V):
         idx = tl.load(nbr_ptr + rows64 * stride_nm + v * stride_nv, mask=row_ok, other=-1)
         # a tile of sorted outputs often has no neighbour at an offset: skip its GEMM
-        if tl.max(idx, axis=0) >= 0:
+        if (not SKIP_EMPTY) or tl.max(idx, axis=0) >= 0:
             ok = idx >= 0
             idx64 = idx.to(tl.int64)
             for c0 in range(0, CIN, BLOCK_K):
@@ -81,6 +81,37 @@ def _weight_grad_kernel(
                   mask=ci_ok[:, None] & co_ok[None, :])
 
 
+def _fwd_configs():
+    out = []
+    for bm in (64, 128):
+        for bn in (32, 64, 128):
+            for bk in (32, 64):
+                for warps, stages in ((4, 2), (4, 3), (8, 3)):
+                    out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
+    return out
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    # one tile width per channel count (wider tiles only add masked work); the tuner picks rows, warps, stages
+    cout, cin = named_args["COUT"], named_args["CIN"]
+    bn = min(128, max(32, triton.next_power_of_2(cout)))
+    bk = min(64, max(32, triton.next_power_of_2(cin)))
+    keep = [c for c in configs if c.kwargs["BLOCK_N"] == bn and c.kwargs["BLOCK_K"] == bk]
+    return keep or configs[:1]
+
+
+def _wgrad_configs():
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_CI": bc, "BLOCK_CO": bo}, num_warps=w, num_stages=s)
+            for bm in (64, 128) for bc, bo in ((32, 32), (64, 64)) for w, s in ((4, 2), (8, 3))]
+
+
+# on the GPU the block shapes are tuned once per channel pair; the interpreter runs one fixed shape
+_gather_gemm_tuned = triton.autotune(_fwd_configs(), key=["CIN", "COUT"], prune_configs_by={"early_config_prune": _prune_fwd})(_gather_gemm_kernel)
+_weight_grad_tuned = triton.autotune(_wgrad_configs(), key=["CIN", "COUT"], reset_to_zero=["dw_ptr"])(_weight_grad_kernel)
+
+_ROW_QUANTUM = 128  # rows per weight-gradient program are a multiple of every BLOCK_M tried
+
+
 def _pow2_block(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(int(n))))
 
@@ -98,6 +129,11 @@ def gather_gemm(x: torch.Tensor, weight: torch.Tensor, neighbors: torch.Tensor) 
     cin, cout = weight.shape[1], weight.shape[2]
     out = torch.empty((m, cout), dtype=x.dtype, device=x.device)
     if m == 0:
+        return out
+    if x.is_cuda:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))  # noqa: E731
+        _gather_gemm_tuned[grid](x, weight, neighbors, out, m, cin, cout, vol, neighbors.stride(0),
+                                 neighbors.stride(1), PRECISION=_precision(x.dtype))
         return out
     block_m = 64 if cin >= 128 else 128
     block_n = _pow2_block(cout, 16, 128)
@@ -120,15 +156,20 @@ def weight_grad(x: torch.Tensor, dy: torch.Tensor, neighbors: torch.Tensor) -> t
     dw = torch.zeros((vol, cin, cout), dtype=torch.float32, device=x.device)
     if m == 0:
         return dw
+    # enough programs to fill the GPU, each reducing a contiguous run of rows
+    target = 2048 if x.is_cuda else 4
+    splits = max(1, min(triton.cdiv(m, _ROW_QUANTUM), target // max(1, vol)))
+    rows_per_prog = triton.cdiv(triton.cdiv(m, splits), _ROW_QUANTUM) * _ROW_QUANTUM
+    splits = triton.cdiv(m, rows_per_prog)
+    if x.is_cuda:
+        grid = lambda meta: (vol, triton.cdiv(cin, meta["BLOCK_CI"]) * triton.cdiv(cout, meta["BLOCK_CO"]), splits)  # noqa: E731
+        _weight_grad_tuned[grid](x, dy, neighbors, dw, m, cin, cout, neighbors.stride(0), neighbors.stride(1),
+                                 rows_per_prog, PRECISION=_precision(x.dtype))
+        return dw
     block_m = 64
     block_ci = _pow2_block(cin, 16, 64)
     block_co = _pow2_block(cout, 16, 64)
     tiles = triton.cdiv(cin, block_ci) * triton.cdiv(cout, block_co)
-    # enough programs to fill the GPU, each reducing a contiguous run of rows
-    target = 1024 if x.is_cuda else 4
-    splits = max(1, min(triton.cdiv(m, block_m), target // max(1, vol * tiles)))
-    rows_per_prog = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
-    splits = triton.cdiv(m, rows_per_prog)
     _weight_grad_kernel[(vol, tiles, splits)](
         x, dy, neighbors, dw, m, cin, cout, neighbors.stride(0), neighbors.stride(1), rows_per_prog,
         BLOCK_M=block_m, BLOCK_CI=block_ci, BLOCK_CO=block_co, PRECISION=_precision(x.dtype),
