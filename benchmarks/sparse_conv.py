@@ -94,7 +94,7 @@ def run_size(res: int, c: int, dtype: torch.dtype, dense: bool, reference: bool)
     if dense:
         try:
             grid = torch.zeros(1, c, res, res, res, device="cuda", dtype=dtype)
-            grid[0, :, coords[:, 1].long(), coords[:, 2].long(), coords[:, 3].long()] = x.T
+            grid[0][:, coords[:, 1].long(), coords[:, 2].long(), coords[:, 3].long()] = x.T
             wd = w.reshape(3, 3, 3, c, c).permute(4, 3, 0, 1, 2).contiguous()
             torch.backends.cudnn.benchmark = True
             row["dense_fwd_ms"] = bench(lambda: F.conv3d(grid, wd, padding=1), 3, 20)
