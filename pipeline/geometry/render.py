@@ -134,7 +134,7 @@ def rasterize(vertices, faces, intrinsics, extrinsics, height: int, width: int) 
     E = torch.as_tensor(np.asarray(extrinsics), dtype=torch.float64)
     cam = v @ E[:3, :3].T + E[:3, 3]
     z = cam[:, 2]
-    if (z[f.unique()] <= _NEAR).any():
+    if (z[f] <= _NEAR).any():
         raise ValueError("mesh reaches behind the camera: move the camera further out (larger radius)")
     x = K[0, 0] * cam[:, 0] / z + K[0, 1] * cam[:, 1] / z + K[0, 2]
     y = K[1, 1] * cam[:, 1] / z + K[1, 2]
@@ -293,7 +293,7 @@ def render_view(vertices, faces, *, elevation: float, azimuth: float, size: int 
         raise ValueError(f"vertices: expected a mesh normalized into [-1, 1]^3, max |coordinate| is {float(v.abs().max()):.4g}")
     if radius is None:
         # fit the mesh's bounding sphere about the origin, with a 5% margin, inside the field of view
-        reach = float(v[f.unique()].norm(dim=1).max())
+        reach = float(v.norm(dim=1)[f].max())
         radius = max(1.05 * reach / math.sin(math.radians(fov_deg) / 2.0), reach + 0.1)
     ext = look_at_extrinsics(elevation, azimuth, radius)
     K = intrinsics_matrix(size, size, fov_deg)
@@ -306,7 +306,7 @@ def render_view(vertices, faces, *, elevation: float, azimuth: float, size: int 
     img = shade(raster, v, f, K_big, ext, background=background, lighting=lighting)
     if s > 1:  # box filter: RGB already composited, alpha becomes fractional coverage
         img = img.view(size, s, size, s, 4).mean(dim=(1, 3))
-    image = (img * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+    image = np.rint(np.clip(img.numpy() * 255.0, 0.0, 255.0)).astype(np.uint8)
     return View(image=image, intrinsics=K, extrinsics=ext, elevation=float(elevation), azimuth=float(azimuth))
 
 
