@@ -191,3 +191,17 @@ def test_background_colour_and_grey_object():
 def test_bad_input_is_a_clear_value_error(vertices, faces, kwargs, match):
     with pytest.raises(ValueError, match=match):
         render_views(np.asarray(vertices, dtype=float), np.asarray(faces), size=32, n_views=kwargs.pop("n_views", 1), **kwargs)
+
+
+def test_every_corpus_mesh_renders(tmp_path):
+    from pipeline.corpus import generate_corpus
+
+    report = generate_corpus(tmp_path, seed=0)
+    for entry in report.valid:
+        loaded = trimesh.load(tmp_path / entry.path)
+        mesh = loaded.to_mesh() if isinstance(loaded, trimesh.Scene) else loaded
+        v = mesh.vertices - mesh.bounds.mean(0)
+        v = v * (0.95 / np.abs(v).max())
+        (view,) = render_views(v, mesh.faces, n_views=1, size=48, seed=entry.faces)
+        coverage = (view.alpha > 0).mean()
+        assert 0.01 < coverage < 0.9, entry.path
