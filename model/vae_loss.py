@@ -76,19 +76,26 @@ def vae_targets(x: SparseTensor, scale: int, sharp_angle_deg: float = 20.0) -> V
     target = torch.zeros(dec.shape[0], device=dec.device)
     is_input = torch.zeros(dec.shape[0], dtype=torch.bool, device=dec.device)
     target[pos], is_input[pos] = vals, True
-    # outside the band the clipped SDF is ±1; its sign comes from the input neighbours
-    extra = torch.nonzero(~is_input).squeeze(1)
-    nbr = build_kernel_map(x.coords, dec[extra], x.resolution, 3, in_sorted=True).neighbors.long()
-    near = torch.where(nbr >= 0, vals[nbr.clamp(min=0)], torch.zeros((), device=dec.device)).sum(1)
-    # far from every input voxel: the sign of the latent cell's mean value
+    # outside the band the clipped SDF is ±1; its sign spreads outwards from the band, one ring per pass
+    nbr = build_kernel_map(dec, dec, x.resolution, 3, in_sorted=True).neighbors.long()
+    sign = torch.where(is_input, torch.sign(target), torch.zeros_like(target))
+    for _ in range(3 * scale):
+        unknown = sign == 0
+        if not bool(unknown.any()):
+            break
+        votes = torch.where(nbr >= 0, sign[nbr.clamp(min=0)], torch.zeros((), device=dec.device)).sum(1)
+        grown = unknown & (votes != 0)
+        if not bool(grown.any()):
+            break
+        sign = torch.where(grown, torch.sign(votes), sign)
+    # voxels no ring reached take the sign of their latent cell's mean input value
     latent, parent = x.coarse(scale)
     cell_sum = torch.zeros(latent.shape[0], device=dec.device).index_add(0, parent, vals)
-    lat_keys = coord_keys(latent, x.resolution // scale)
-    dpar = dec[extra].clone()
+    dpar = dec.clone()
     dpar[:, 1:] //= scale
-    cell = torch.searchsorted(lat_keys, coord_keys(dpar, x.resolution // scale))
-    sign_src = torch.where(near != 0, near, cell_sum[cell])
-    target[extra] = torch.where(sign_src < 0, -1.0, 1.0)
+    cell = torch.searchsorted(coord_keys(latent, x.resolution // scale), coord_keys(dpar, x.resolution // scale))
+    sign = torch.where(sign == 0, torch.where(cell_sum[cell] < 0, -1.0, 1.0), sign)
+    target = torch.where(is_input, target, torch.where(sign < 0, -1.0, 1.0))
     is_sharp = torch.zeros_like(is_input)
     is_sharp[pos] = sharp_voxels(x, sharp_angle_deg)
     return VAETargets(dec, target, is_input, is_sharp)
