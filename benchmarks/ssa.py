@@ -166,6 +166,13 @@ def sdpa_full(t, backend_name):
     return time_fwd_bwd(fn, [q, k, v], ms)
 
 
+def pad_cols(idx, n):
+    """BlockMask index tensors are as wide as the number of key blocks; unused entries are ignored."""
+    out = torch.zeros((*idx.shape[:-1], n), dtype=torch.int32, device=idx.device)
+    out[..., :idx.shape[-1]] = idx
+    return out
+
+
 def flex_ssa(st, t, log):
     """The same three branches as a PyTorch user would build them on FlexAttention (128-token blocks)."""
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -191,10 +198,9 @@ def flex_ssa(st, t, log):
         kb = t["k"].float().view(nb, B, hkv, d).mean(1)
         score = torch.einsum("ihd,jhd->hij", qb, kb)
         idx = score.topk(8, dim=-1).indices.sort(-1).values.to(torch.int32)  # (hkv, nb, 8)
-        idx = idx.repeat_interleave(hq // hkv, 0)[None]
+        idx = pad_cols(idx.repeat_interleave(hq // hkv, 0)[None], nb)  # last dim = number of key blocks
         num = torch.full((1, hq, nb), 8, dtype=torch.int32, device="cuda")
-        mask = BlockMask.from_kv_blocks(torch.zeros_like(num), idx.contiguous(), num, idx.contiguous(),
-                                        BLOCK_SIZE=B)
+        mask = BlockMask.from_kv_blocks(torch.zeros_like(num), idx, num, idx, BLOCK_SIZE=B)
     res["slc"] = time_fwd_bwd(lambda a, b, c: flex(a, b, c, block_mask=mask, enable_gqa=True), [q, k, v])
     log("flex window")
     # window: key blocks covering the windows of each query block, masked to the same window
@@ -206,7 +212,7 @@ def flex_ssa(st, t, log):
         cnt = (last - first + 1).to(torch.int32)
         width = int(cnt.max())
         idx = (first[:, None] + torch.arange(width, device="cuda")[None]).clamp_max(nb - 1).to(torch.int32)
-        wmask = BlockMask.from_kv_blocks(cnt[None, None].contiguous(), idx[None, None].contiguous(),
+        wmask = BlockMask.from_kv_blocks(cnt[None, None].contiguous(), pad_cols(idx[None, None], nb),
                                          BLOCK_SIZE=B, mask_mod=lambda b, h, i, j: win[i] == win[j])
     res["win"] = time_fwd_bwd(lambda a, b, c: flex(a, b, c, block_mask=wmask, enable_gqa=True), [q, k, v])
     log(f"flex window: up to {width} key blocks per query block, mean {cnt.float().mean().item():.2f}")

@@ -123,7 +123,7 @@ def select_blocks(q, k_cmp, lse_cmp, structure: SSAStructure, *, top_k: int = 8,
         ts, te, tseg, _ = st.tiles("shape", q_tile)
         cmp_off = st.cached("cmp_shape_offsets32", lambda: st.cmp_shape_offsets.to(torch.int32))
         if st.cmp_block == st.slc_block:  # one pass with a running top-k, no score matrix
-            return select_topk(q.contiguous(), k_cmp.contiguous(), lse_cmp, ts, te, tseg, cmp_off, top_k, q_tile,
+            return select_topk(q.contiguous(), k_cmp.contiguous(), lse_cmp, st, top_k, q_tile,
                                _block_n(st, st.cmp_offsets))
         pool = True
         n_cols = st.max_slc_per_shape
