@@ -1,0 +1,130 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.condition import TinyImageEncoder, decode_image, drop_condition
+from model.dit import DiTConfig, SparseDiT, pack, varlen_attention
+from model.embeddings import position_embedding_3d
+
+
+def _random_init(model):
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def _shapes(lengths, channels=16, grid=16):
+    g = torch.Generator().manual_seed(2)
+    return ([torch.randint(0, grid, (n, 3), generator=g) for n in lengths],
+            [torch.randn(n, channels, generator=g) for n in lengths])
+
+
+def test_varlen_gqa_matches_naive_reference():
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 9, 3]
+    q = torch.randn(17, 4, 8, generator=g)
+    k, v = torch.randn(17, 2, 8, generator=g), torch.randn(17, 2, 8, generator=g)
+    cu = torch.tensor([0, 5, 14, 17])
+    out = varlen_attention(q, k, v, cu, cu)
+    for i in range(3):
+        s = slice(int(cu[i]), int(cu[i + 1]))
+        for h in range(4):
+            kh, vh = k[s, h // 2], v[s, h // 2]  # query heads 0,1 share KV head 0
+            ref = torch.softmax(q[s, h] @ kh.T / 8 ** 0.5, dim=-1) @ vh
+            assert torch.allclose(out[s, h], ref, atol=1e-5)
+
+
+def test_packed_batch_equals_shapes_alone():
+    cfg = DiTConfig.named("debug")
+    model = _random_init(SparseDiT(cfg)).eval()
+    coords, feats = _shapes([12, 30, 7])
+    c, f, cu = pack(coords, feats)
+    t, cond = torch.rand(3), torch.randn(3, 5, cfg.cond_dim)
+    out = model(f, c, cu, t, cond)
+    for i in range(3):
+        alone = model(feats[i], coords[i], torch.tensor([0, len(feats[i])]), t[i:i + 1], cond[i:i + 1])
+        assert torch.allclose(out[int(cu[i]):int(cu[i + 1])], alone, atol=1e-5)
+
+
+def test_adaln_zero_starts_at_zero_velocity_and_learns():
+    cfg = DiTConfig.named("debug")
+    model = SparseDiT(cfg)
+    coords, feats = _shapes([20])
+    c, f, cu = pack(coords, feats)
+    out = model(f, c, cu, torch.rand(1), torch.randn(1, 4, cfg.cond_dim))
+    assert torch.count_nonzero(out) == 0
+    out.sum().backward()
+    assert model.output.weight.grad.abs().sum() > 0
+
+
+def test_gradient_checkpointing_same_gradients():
+    coords, feats = _shapes([10, 14])
+    c, f, cu = pack(coords, feats)
+    t, cond = torch.rand(2), torch.randn(2, 3, 64)
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = _random_init(SparseDiT(DiTConfig.named("debug", grad_checkpointing=ckpt)))
+        model(f, c, cu, t, cond).pow(2).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_condition_changes_output():
+    cfg = DiTConfig.named("debug")
+    model = _random_init(SparseDiT(cfg)).eval()
+    coords, feats = _shapes([15])
+    c, f, cu = pack(coords, feats)
+    t = torch.rand(1)
+    a = model(f, c, cu, t, torch.randn(1, 4, cfg.cond_dim))
+    b = model(f, c, cu, t, torch.zeros(1, 4, cfg.cond_dim))
+    assert not torch.allclose(a, b)
+
+
+def test_paper_config_size():
+    cfg = DiTConfig.named("paper")
+    assert (cfg.depth, cfg.width, cfg.heads, cfg.kv_heads, cfg.head_dim) == (24, 1024, 32, 2, 32)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in SparseDiT(cfg).parameters())
+    assert 4e8 < n < 6e8
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="unknown DiTConfig key"):
+        DiTConfig.named("debug", widht=3)
+    with pytest.raises(ValueError, match="unknown DiT config"):
+        DiTConfig.named("huge")
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        DiTConfig(heads=3, kv_heads=2)
+    model = SparseDiT(DiTConfig.named("debug"))
+    with pytest.raises(ValueError, match="packed tokens disagree"):
+        model(torch.randn(5, 16), torch.zeros(5, 3, dtype=torch.long), torch.tensor([0, 4]), torch.rand(1),
+              torch.randn(1, 2, 64))
+
+
+def test_position_embedding_distinguishes_coords():
+    c = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0]])
+    e = position_embedding_3d(c, 1024)
+    assert e.shape == (4, 1024)
+    assert torch.cdist(e, e).fill_diagonal_(1).min() > 0.1
+
+
+def test_image_condition_helpers():
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGBA", (20, 10), (255, 0, 0, 128)).save(buf, format="PNG")
+    img = decode_image(buf.getvalue(), 32)
+    assert img.shape == (3, 32, 32) and 0 <= img.min() and img.max() <= 1
+    with pytest.raises(ValueError, match="broken.png: unreadable image"):
+        decode_image(b"not a png", 32, name="broken.png")
+    tokens = TinyImageEncoder()(img[None])
+    assert tokens.shape == (1, 64, 64)
+    cond = torch.ones(1000, 2, 3)
+    dropped = drop_condition(cond, 0.3, torch.Generator().manual_seed(0))
+    rate = float((dropped.sum(dim=(1, 2)) == 0).float().mean())
+    assert 0.25 < rate < 0.35
