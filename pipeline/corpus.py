@@ -161,8 +161,12 @@ def _sha256(data: bytes) -> str:
 
 
 def _write(out: Path, rel: str, data: bytes) -> str:
-    """Write atomically (temporary name, then rename) and return the content hash."""
+    """Write atomically (temporary name, then rename) and return the content hash.
+
+    A file that already holds these bytes is left alone, so a re-run keeps its timestamps."""
     path = out / rel
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return _sha256(data)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)

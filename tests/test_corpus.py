@@ -95,6 +95,13 @@ def test_same_seed_writes_identical_bytes(corpus, tmp_path):
     assert any(a.sha256 != b.sha256 for a, b in zip(corpus.entries, other.entries))
 
 
+def test_rerun_leaves_identical_files_untouched(tmp_path):
+    generate_corpus(tmp_path, seed=0)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    generate_corpus(tmp_path, seed=0)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def test_index_round_trips(corpus):
     raw = json.loads((Path(corpus.out_dir) / "corpus.json").read_text())
     assert raw["seed"] == 0 and len(raw["entries"]) == len(corpus.entries)
