@@ -73,6 +73,19 @@ def test_near_box_hides_far_box(far_first):
     assert visible - near_ids
 
 
+def test_small_batches_give_the_same_raster(monkeypatch):
+    import pipeline.geometry.render as render
+
+    mesh = trimesh.util.concatenate([trimesh.creation.icosphere(3, radius=0.6), trimesh.creation.box(extents=(1.5, 0.2, 1.5))])
+    K, E = intrinsics_matrix(96, 96, 40.0), look_at_extrinsics(25.0, 40.0, 4.0)
+    whole = rasterize(mesh.vertices, mesh.faces, K, E, 96, 96)
+    monkeypatch.setattr(render, "_FACE_BATCH", 97)
+    monkeypatch.setattr(render, "_CHUNK", 500)
+    parts = rasterize(mesh.vertices, mesh.faces, K, E, 96, 96)
+    assert (whole.face == parts.face).all() and (whole.depth == parts.depth).all()
+    assert (whole.face >= 0).sum() > 1000
+
+
 def test_sphere_silhouette_area_matches_perspective_formula():
     r_s, dist, size, fov = 0.8, 3.0, 256, 40.0
     sphere = trimesh.creation.icosphere(5, radius=r_s)

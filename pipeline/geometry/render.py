@@ -26,7 +26,8 @@ import torch
 
 _NEAR = 1e-3
 _EDGE_TOLERANCE_PX = 1e-7  # a pixel centre this close outside an edge still counts: shared edges leave no gaps
-_CHUNK = 1 << 22  # pixel candidates rasterized per step, bounds memory for huge meshes
+_CHUNK = 1 << 22  # pixel candidates z-tested per step
+_FACE_BATCH = 1 << 19  # faces set up per step; with _CHUNK this bounds memory for huge meshes
 
 
 @dataclass
@@ -122,37 +123,31 @@ def _one_thread():
         torch.set_num_threads(before)
 
 
-@_one_thread()
-def rasterize(vertices, faces, intrinsics, extrinsics, height: int, width: int) -> Raster:
-    """Z-buffer rasterization of triangles seen through K [R | t] (OpenCV axes), both sides of every face.
+def _barycentric_planes(px: torch.Tensor, py: torch.Tensor):
+    """Screen-space barycentrics of each face as affine functions b_k(x, y) = ea_k x + eb_k y + ec_k.
 
-    Pixel centres inside a triangle, or on its edge within a tiny tolerance, are covered, so
-    triangles that share an edge leave no gap; the nearest face wins, ties go to the lower index.
-    """
-    v, f = _check_mesh(vertices, faces)
-    K = torch.as_tensor(np.asarray(intrinsics), dtype=torch.float64)
-    E = torch.as_tensor(np.asarray(extrinsics), dtype=torch.float64)
-    cam = v @ E[:3, :3].T + E[:3, 3]
-    z = cam[:, 2]
-    if (z[f] <= _NEAR).any():
-        raise ValueError("mesh reaches behind the camera: move the camera further out (larger radius)")
-    x = K[0, 0] * cam[:, 0] / z + K[0, 1] * cam[:, 1] / z + K[0, 2]
-    y = K[1, 1] * cam[:, 1] / z + K[1, 2]
-    px, py, inv_z = x[f], y[f], 1.0 / z[f]  # (F, 3) each
-
-    # screen-space barycentrics as affine functions b_k = a_k x + b_k y + c_k (edge function / twice area)
+    Each is the edge function of the edge opposite corner k over twice the signed area, so the
+    winding does not matter; also returns twice the signed area and each edge's length."""
     area2 = (px[:, 1] - px[:, 0]) * (py[:, 2] - py[:, 0]) - (px[:, 2] - px[:, 0]) * (py[:, 1] - py[:, 0])
+    nxt, prv = [1, 2, 0], [2, 0, 1]
+    safe = torch.where(area2 == 0, torch.ones_like(area2), area2)[:, None]
+    ea = -(py[:, prv] - py[:, nxt]) / safe
+    eb = (px[:, prv] - px[:, nxt]) / safe
+    ec = -(ea * px[:, nxt] + eb * py[:, nxt])
+    edge_len = torch.hypot(px[:, prv] - px[:, nxt], py[:, prv] - py[:, nxt])
+    return ea, eb, ec, area2, edge_len
+
+
+def _scatter_faces(px, py, inv_z, face_ids, key_buf, height: int, width: int) -> None:
+    """Z-test one batch of faces ((B, 3) screen corners, 1/z) into key_buf (float32 depth bits << 32 | face id)."""
+    ea, eb, ec, area2, edge_len = _barycentric_planes(px, py)
     live = area2.abs() > 1e-12  # edge-on faces cover no pixel centre; their neighbours do
     live &= (px.max(1).values >= 0) & (px.min(1).values <= width - 1)
     live &= (py.max(1).values >= 0) & (py.min(1).values <= height - 1)
-    ids = live.nonzero().squeeze(1)
-    px, py, inv_z, area2 = px[ids], py[ids], inv_z[ids], area2[ids]
-    nxt, prv = [1, 2, 0], [2, 0, 1]
-    ea = -(py[:, prv] - py[:, nxt]) / area2[:, None]  # coefficient of x, per corner k
-    eb = (px[:, prv] - px[:, nxt]) / area2[:, None]  # coefficient of y
-    ec = -(ea * px[:, nxt] + eb * py[:, nxt])
-    edge_len = torch.hypot(px[:, prv] - px[:, nxt], py[:, prv] - py[:, nxt])
-    tol = _EDGE_TOLERANCE_PX * edge_len / area2.abs()[:, None]
+    keep = live.nonzero().squeeze(1)
+    px, py, inv_z, face_ids = px[keep], py[keep], inv_z[keep], face_ids[keep]
+    ea, eb, ec = ea[keep], eb[keep], ec[keep]
+    tol = _EDGE_TOLERANCE_PX * edge_len[keep] / area2[keep].abs()[:, None]
 
     # one row of pixel centres per (face, row) in the face's bounding box ...
     y0 = py.min(1).values.ceil().clamp(min=0).long()
@@ -160,7 +155,7 @@ def rasterize(vertices, faces, intrinsics, extrinsics, height: int, width: int) 
     xlo = px.min(1).values.ceil().clamp(min=0)
     xhi = px.max(1).values.floor().clamp(max=width - 1)
     rows_per_face = (y1 - y0 + 1).clamp(min=0)
-    rf = torch.repeat_interleave(torch.arange(len(ids)), rows_per_face)
+    rf = torch.repeat_interleave(torch.arange(len(keep)), rows_per_face)
     first_row = torch.cumsum(rows_per_face, 0) - rows_per_face
     ry = (y0[rf] + torch.arange(len(rf)) - first_row[rf]).double()
     # ... then the exact span of x where all three barycentrics are >= -tol on that row
@@ -176,9 +171,8 @@ def rasterize(vertices, faces, intrinsics, extrinsics, height: int, width: int) 
     ia, ib, ic = ((coef * inv_z).sum(1) for coef in (ea, eb, ec))
     row_inv_z = ib[rf] * ry + ic[rf]
     row_ia = ia[rf]
+    row_face = face_ids[rf]
 
-    # z-buffer on one int64 key per candidate: float32 depth bits (monotone for positive floats), then face id
-    key_buf = torch.full((height * width,), torch.iinfo(torch.int64).max, dtype=torch.int64)
     ends = torch.cumsum(span, 0)
     start = 0
     while start < len(span):
@@ -188,21 +182,47 @@ def rasterize(vertices, faces, intrinsics, extrinsics, height: int, width: int) 
         offset = torch.arange(len(r)) - (torch.cumsum(s, 0) - s).repeat_interleave(s)
         cx = xl[r] + offset
         depth = 1.0 / (row_ia[r] * cx + row_inv_z[r])
-        key = (depth.float().view(torch.int32).long() << 32) | rf[r]
+        key = (depth.float().view(torch.int32).long() << 32) | row_face[r]
         key_buf.scatter_reduce_(0, ry[r].long() * width + cx.long(), key, reduce="amin")
         start = stop
 
-    hit = key_buf != torch.iinfo(torch.int64).max
-    pix = hit.nonzero().squeeze(1)
-    local = key_buf[pix] & 0xFFFFFFFF
+
+@_one_thread()
+def rasterize(vertices, faces, intrinsics, extrinsics, height: int, width: int) -> Raster:
+    """Z-buffer rasterization of triangles seen through K [R | t] (OpenCV axes), both sides of every face.
+
+    Pixel centres inside a triangle, or on its edge within a tiny tolerance, are covered, so
+    triangles that share an edge leave no gap; the nearest face wins, ties go to the lower index.
+    Faces go through in batches, so memory stays bounded for meshes of millions of faces.
+    """
+    v, f = _check_mesh(vertices, faces)
+    K = torch.as_tensor(np.asarray(intrinsics), dtype=torch.float64)
+    E = torch.as_tensor(np.asarray(extrinsics), dtype=torch.float64)
+    cam = v @ E[:3, :3].T + E[:3, 3]
+    z = cam[:, 2]
+    if (z[f] <= _NEAR).any():
+        raise ValueError("mesh reaches behind the camera: move the camera further out (larger radius)")
+    x = K[0, 0] * cam[:, 0] / z + K[0, 1] * cam[:, 1] / z + K[0, 2]
+    y = K[1, 1] * cam[:, 1] / z + K[1, 2]
+
+    # z-buffer of one int64 key per pixel: float32 depth bits (monotone for positive floats), then face id
+    empty = torch.iinfo(torch.int64).max
+    key_buf = torch.full((height * width,), empty, dtype=torch.int64)
+    for lo in range(0, len(f), _FACE_BATCH):
+        fb = f[lo:lo + _FACE_BATCH]
+        _scatter_faces(x[fb], y[fb], 1.0 / z[fb], torch.arange(lo, lo + len(fb)), key_buf, height, width)
+
+    pix = (key_buf != empty).nonzero().squeeze(1)
+    won = key_buf[pix] & 0xFFFFFFFF
     face = torch.full((height * width,), -1, dtype=torch.int64)
-    face[pix] = ids[local]
+    face[pix] = won
     depth_img = torch.full((height * width,), math.inf, dtype=torch.float32)
     depth_img[pix] = (key_buf[pix] >> 32).int().view(torch.float32)
     # perspective-correct barycentrics: weight each corner by its 1/z, then renormalize
+    fw = f[won]
+    ea, eb, ec, _, _ = _barycentric_planes(x[fw], y[fw])
     cx, cy = (pix % width).double(), (pix // width).double()
-    b = ea[local] * cx[:, None] + eb[local] * cy[:, None] + ec[local]
-    b = b.clamp(min=0) * inv_z[local]
+    b = (ea * cx[:, None] + eb * cy[:, None] + ec).clamp(min=0) / z[fw]
     b = b / b.sum(1, keepdim=True).clamp(min=1e-30)
     bary_img = torch.zeros((height * width, 3), dtype=torch.float32)
     bary_img[pix] = b.float()
