@@ -49,7 +49,7 @@ class TrainConfig:
     max_failures: int = field(default=3, metadata={"help": "worker-group restarts before the run fails"})
     synthetic_shapes: int = 16
     seed: int = 0
-    cpus_per_worker: int = 1
+    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved per training worker"})
 
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):

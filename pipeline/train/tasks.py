@@ -159,6 +159,50 @@ class StructureDiTTask(Task):
         return super().to(device)
 
 
+class SparseVAEObjective(nn.Module):
+    """The SS-VAE's own loss (``model.vae_loss``): SDF error on input, extra and sharp voxels, plus KL."""
+
+    def __init__(self, vae, weights):
+        super().__init__()
+        self.vae, self.weights = vae, weights
+
+    def forward(self, x, targets):
+        from model.vae_loss import vae_loss
+
+        pred, mean, logvar = self.vae(x.replace(x.feats.to(self.vae_dtype)))
+        terms = vae_loss(pred.replace(pred.feats.float()), targets, mean.float(), logvar.float(), self.weights)
+        return terms["total"], {k: v.detach() for k, v in terms.items() if k != "total"}
+
+    @property
+    def vae_dtype(self):
+        return next(self.vae.parameters()).dtype
+
+
+class SparseVAETask(Task):
+    """SS-VAE on narrow-band sparse SDFs; a batch is as many shapes as fit in the voxel budget."""
+
+    def __init__(self, cfg: TrainConfig, seed: int):
+        super().__init__(cfg, seed)
+        from model.vae import SparseSDFVAE, VAEConfig
+        from model.vae_loss import VAELossWeights
+
+        # "debug" is the trainer-wide name of the smallest size; the SS-VAE calls it "tiny".
+        self.model_config = VAEConfig.named("tiny" if cfg.model == "debug" else cfg.model)
+        self.module = SparseVAEObjective(SparseSDFVAE(self.model_config), VAELossWeights())
+
+    def prepare(self, sample) -> Item:
+        from pipeline.vae_train import SDFSample
+
+        s = SDFSample(sample.mesh_id, sample.coords.clone(), sample.values.clone(), sample.resolution)
+        return Item(sample.mesh_id, sample.num_voxels, {"sample": s})
+
+    def collate(self, items, device, dtype) -> dict:
+        from pipeline.vae_train import prepare_batch
+
+        x, targets = prepare_batch([i.data["sample"] for i in items], self.model_config.downsample, device)
+        return {"x": x, "targets": targets}
+
+
 def build_task(cfg: TrainConfig, seed: int, frozen_weights: dict | None = None) -> Task:
     """The task of ``cfg.network``; ``frozen_weights`` holds the structure VAE for network=structure_dit."""
     if cfg.network == "dit":
@@ -171,4 +215,6 @@ def build_task(cfg: TrainConfig, seed: int, frozen_weights: dict | None = None) 
         vae = StructureVAE(frozen_weights["model_config"])
         vae.load_state_dict({k.removeprefix("vae."): v for k, v in frozen_weights["state_dict"].items()})
         return StructureDiTTask(cfg, seed, vae)
-    raise ValueError(f"network={cfg.network!r}: the sparse SS-VAE trainer needs model.vae, which is not installed")
+    if cfg.network == "vae":
+        return SparseVAETask(cfg, seed)
+    raise ValueError(f"unknown network {cfg.network!r}; expected dit, structure_vae, structure_dit or vae")

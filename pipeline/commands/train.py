@@ -1,0 +1,74 @@
+"""``s2 train {dit,structure-vae,structure-dit,vae}``: one training job on the current Ray cluster.
+
+Every flag is a field of ``pipeline.train.config.TrainConfig``; ``--no-ray`` runs the same loop under
+torchrun or the ``deepspeed`` launcher on hosts that have PyTorch alone.
+"""
+from __future__ import annotations
+
+import json
+
+from pipeline import config
+
+NETWORKS = {"dit": "SS-DiT on sparse latents", "structure-vae": "64³ occupancy VAE of the dense structure stage",
+            "structure-dit": "DiT over the structure VAE's 16³×8 latent", "vae": "sparse SDF VAE (SS-VAE)"}
+
+
+def register(sub) -> None:
+    from pipeline.train.config import TrainConfig
+
+    p = sub.add_parser("train", help="train a network of the cascade (Ray Train + DeepSpeed ZeRO)")
+    nets = p.add_subparsers(dest="network_command", metavar="NETWORK")
+    for name, what in NETWORKS.items():
+        n = nets.add_parser(name, help=what)
+        config.add_arguments(n, TrainConfig)
+        n.add_argument("--no-ray", action="store_true",
+                       help="run under torchrun / the deepspeed launcher instead of Ray Train")
+        n.set_defaults(func=_run, check=_check, network_name=name.replace("-", "_"))
+    p.set_defaults(func=lambda args: p.print_help() or 2)
+
+
+def _config(args):
+    from pipeline.config import ConfigError
+    from pipeline.train.config import TrainConfig
+
+    if args.network is not None and args.network != args.network_name:
+        raise ConfigError(f"--network {args.network} contradicts the subcommand 'train {args.network_command}'")
+    args.network = args.network_name
+    return config.from_args(TrainConfig, args)
+
+
+def _check(args) -> None:
+    _config(args)
+
+
+def _run(args) -> int:
+    import dataclasses
+
+    cfg = _config(args)
+    if args.no_ray:
+        from pipeline.train.loop import run_without_ray
+
+        out = run_without_ray(cfg)
+        print(json.dumps({"step": out["step"], "final_loss": out["history"]["loss"][-1:],
+                          "skipped_shapes": len(out["skipped_shapes"])}))
+        return 0
+    from pipeline.train import trainer
+
+    results = (trainer.run_curriculum(cfg) if cfg.curriculum else [trainer.run(cfg)])
+    _summary(cfg, results, dataclasses)
+    return 0
+
+
+def _summary(cfg, results, dataclasses) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"s2 train {cfg.network}")
+    for col in ("run", "steps", "final loss", "tokens/s/worker", "checkpoint", "skipped shards"):
+        table.add_column(col)
+    for r in results:
+        m = r.metrics or {}
+        table.add_row(str(r.path).rsplit("/", 1)[-1], str(m.get("step", "-")), f"{m.get('loss', float('nan')):.4f}",
+                      f"{m.get('tokens_per_s_per_worker', 0):.0f}", str(r.checkpoint.path if r.checkpoint else "-"),
+                      str(len(getattr(r, "skipped_shards", []))))
+    Console().print(table)
