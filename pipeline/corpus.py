@@ -208,10 +208,21 @@ def _valid_entries(out: Path, rng: np.random.Generator, scale: str) -> list[Corp
             rel = f"{kind}/{stem}.{fmt}"
             faces, verts, parts, watertight = _counts(geom)
             sha = _write(out, rel, _export(geom, fmt))
-            entries.append(CorpusEntry(
-                path=rel, kind=kind, format=fmt, valid=True, description=description, sha256=sha,
-                faces=faces, vertices=verts, parts=parts, watertight=watertight, centred=centred,
-            ))
+            entries.append(
+                CorpusEntry(
+                    path=rel,
+                    kind=kind,
+                    format=fmt,
+                    valid=True,
+                    description=description,
+                    sha256=sha,
+                    faces=faces,
+                    vertices=verts,
+                    parts=parts,
+                    watertight=watertight,
+                    centred=centred,
+                )
+            )
     return entries
 
 
@@ -231,12 +242,23 @@ def _scanned_entries(out: Path, scale: str) -> list[CorpusEntry]:
     rel = "scanned/stanford_bunny.ply"
     faces, verts, parts, watertight = _counts(mesh)
     sha = _write(out, rel, _export(mesh, "ply"))
-    return [CorpusEntry(
-        path=rel, kind="scanned", format="ply", valid=True, sha256=sha,
-        description=f"scanned Stanford bunny ({faces} faces, holes in its base)",
-        faces=faces, vertices=verts, parts=parts, watertight=watertight, centred=False,
-        source=f"pymeshlab/tests/sample_meshes/{name}", license=BUNNY_LICENSE,
-    )]
+    return [
+        CorpusEntry(
+            path=rel,
+            kind="scanned",
+            format="ply",
+            valid=True,
+            sha256=sha,
+            description=f"scanned Stanford bunny ({faces} faces, holes in its base)",
+            faces=faces,
+            vertices=verts,
+            parts=parts,
+            watertight=watertight,
+            centred=False,
+            source=f"pymeshlab/tests/sample_meshes/{name}",
+            license=BUNNY_LICENSE,
+        )
+    ]
 
 
 def _obj_text(vertices: np.ndarray, faces: np.ndarray) -> bytes:
@@ -269,8 +291,12 @@ def _broken_files(rng: np.random.Generator) -> list[tuple[str, str, str, bytes]]
         ("garbage.glb", "garbage", "4 KiB of random bytes named .glb", rng.bytes(4096)),
         ("empty.obj", "empty_file", "zero-byte OBJ", b""),
         ("nan_vertices.obj", "nan_vertices", "icosphere whose five vertices have y = NaN", _obj_text(v_nan, f)),
-        ("face_index_out_of_range.obj", "face_index_out_of_range",
-         "icosphere whose last three faces name a missing vertex", _obj_text(v, f_bad)),
+        (
+            "face_index_out_of_range.obj",
+            "face_index_out_of_range",
+            "icosphere whose last three faces name a missing vertex",
+            _obj_text(v, f_bad),
+        ),
         ("points_only.ply", "no_faces", "ASCII PLY with 100 vertices and 0 faces", point_ply),
         ("degenerate.obj", "degenerate_faces", "28 faces on collinear vertices", _obj_text(line, collinear)),
         ("mesh.unknownext", "unknown_extension", "valid OBJ text under .unknownext", _obj_text(v, f)),
@@ -294,10 +320,20 @@ def generate_corpus(out_dir: str | os.PathLike, *, seed: int = 0, scale: str = "
     for name, error, description, data in _broken_files(rng):
         rel = f"broken/{name}"
         fmt = name.rsplit(".", 1)[-1]
-        entries.append(CorpusEntry(
-            path=rel, kind="broken", format=fmt, valid=False, description=description,
-            sha256=_write(out, rel, data), expected_error=error, faces=0, vertices=0, parts=0,
-        ))
+        entries.append(
+            CorpusEntry(
+                path=rel,
+                kind="broken",
+                format=fmt,
+                valid=False,
+                description=description,
+                sha256=_write(out, rel, data),
+                expected_error=error,
+                faces=0,
+                vertices=0,
+                parts=0,
+            )
+        )
     report = CorpusReport(out_dir=str(out), seed=int(seed), scale=scale, entries=entries)
     index = json.dumps(report.to_json(), indent=1, sort_keys=True).encode() + b"\n"
     _write(out, "corpus.json", index)

@@ -71,8 +71,10 @@ def _solidify(points: np.ndarray, thickness: float) -> trimesh.Trimesh:
     nu, nv = points.shape[:2]
     # one ring around the grid boundary, walked in order, stitches the two faces
     ring = (
-        [(0, j) for j in range(nv)] + [(i, nv - 1) for i in range(1, nu)]
-        + [(nu - 1, j) for j in range(nv - 2, -1, -1)] + [(i, 0) for i in range(nu - 2, 0, -1)]
+        [(0, j) for j in range(nv)]
+        + [(i, nv - 1) for i in range(1, nu)]
+        + [(nu - 1, j) for j in range(nv - 2, -1, -1)]
+        + [(i, 0) for i in range(nu - 2, 0, -1)]
     )
     side = np.stack([np.stack([top[i, j] for i, j in ring]), np.stack([bottom[i, j] for i, j in ring])], axis=1)
     pieces = [_grid_mesh(top), _grid_mesh(bottom[:, ::-1]), _grid_mesh(side, wrap_u=True)]
@@ -100,8 +102,13 @@ def _scene(parts: list[tuple[str, trimesh.Trimesh, np.ndarray, str | None]]) -> 
     """Scene from (node name, geometry, local transform, parent node); geometry may repeat (instancing)."""
     scene = trimesh.Scene()
     for node, geom, transform, parent in parts:
-        scene.add_geometry(geom, node_name=node, geom_name=geom.metadata.get("name", node),
-                           parent_node_name=parent, transform=transform)
+        scene.add_geometry(
+            geom,
+            node_name=node,
+            geom_name=geom.metadata.get("name", node),
+            parent_node_name=parent,
+            transform=transform,
+        )
     return scene
 
 
@@ -118,6 +125,7 @@ def _at(offset=(0.0, 0.0, 0.0), scale=1.0, rotate=None) -> np.ndarray:
 
 
 # ---- primitives ------------------------------------------------------------
+
 
 def box_plain(rng, res):
     return trimesh.creation.box(extents=(1.0, 1.0, 1.0))
@@ -167,16 +175,25 @@ def vase(rng, res):
 
 # ---- booleans --------------------------------------------------------------
 
+
 def box_minus_sphere(rng, res):
-    return _difference(_subdivided_box((1, 1, 1), 1), trimesh.creation.icosphere(2 + res, radius=0.6).apply_translation((0.5, 0.5, 0.5)))
+    return _difference(
+        _subdivided_box((1, 1, 1), 1),
+        trimesh.creation.icosphere(2 + res, radius=0.6).apply_translation((0.5, 0.5, 0.5)),
+    )
 
 
 def box_union_sphere(rng, res):
-    return _union(trimesh.creation.box(extents=(1, 1, 1)), trimesh.creation.icosphere(2 + res, radius=0.55).apply_translation((0.4, 0.3, 0.2)))
+    return _union(
+        trimesh.creation.box(extents=(1, 1, 1)),
+        trimesh.creation.icosphere(2 + res, radius=0.55).apply_translation((0.4, 0.3, 0.2)),
+    )
 
 
 def rounded_cube(rng, res):
-    return _intersection(trimesh.creation.box(extents=(1.6, 1.6, 1.6)), trimesh.creation.icosphere(3 + res, radius=1.05))
+    return _intersection(
+        trimesh.creation.box(extents=(1.6, 1.6, 1.6)), trimesh.creation.icosphere(3 + res, radius=1.05)
+    )
 
 
 def cylinder_cross(rng, res):
@@ -185,8 +202,17 @@ def cylinder_cross(rng, res):
 
 
 def die(rng, res):
-    pips = [trimesh.creation.icosphere(1 + res, radius=0.12).apply_translation(p) for p in
-            [(0, 0, 0.5), (0.25, 0.25, -0.5), (-0.25, -0.25, -0.5), (0.5, 0.25, 0.25), (0.5, -0.25, -0.25), (0.5, 0, 0)]]
+    pips = [
+        trimesh.creation.icosphere(1 + res, radius=0.12).apply_translation(p)
+        for p in [
+            (0, 0, 0.5),
+            (0.25, 0.25, -0.5),
+            (-0.25, -0.25, -0.5),
+            (0.5, 0.25, 0.25),
+            (0.5, -0.25, -0.25),
+            (0.5, 0, 0),
+        ]
+    ]
     return _difference(trimesh.creation.box(extents=(1, 1, 1)), *pips)
 
 
@@ -194,27 +220,37 @@ def bracket(rng, res):
     arm = trimesh.creation.box(extents=(1.5, 0.3, 0.6)).apply_translation((0.6, 0, 0))
     leg = trimesh.creation.box(extents=(0.3, 1.5, 0.6)).apply_translation((0, 0.6, 0))
     hole = trimesh.creation.cylinder(radius=0.12, height=1.0, sections=24 * res)
-    return _difference(_union(arm, leg), _move(hole, (1.0, 0, 0), (np.pi / 2, (1, 0, 0))),
-                       _move(hole, (0, 1.0, 0), (np.pi / 2, (0, 1, 0))))
+    return _difference(
+        _union(arm, leg),
+        _move(hole, (1.0, 0, 0), (np.pi / 2, (1, 0, 0))),
+        _move(hole, (0, 1.0, 0), (np.pi / 2, (0, 1, 0))),
+    )
 
 
 def mug(rng, res):
     body = trimesh.creation.cylinder(radius=0.5, height=1.2, sections=48 * res)
     inner = trimesh.creation.cylinder(radius=0.42, height=1.2, sections=48 * res).apply_translation((0, 0, 0.1))
-    handle = trimesh.creation.torus(0.3, 0.06, 32 * res, 12 * res).apply_transform(_at((0.55, 0, 0), rotate=(np.pi / 2, (1, 0, 0))))
+    handle = trimesh.creation.torus(0.3, 0.06, 32 * res, 12 * res).apply_transform(
+        _at((0.55, 0, 0), rotate=(np.pi / 2, (1, 0, 0)))
+    )
     return _difference(_union(body, handle), inner)
 
 
 def gear(rng, res):
     n = 12
     disk = trimesh.creation.cylinder(radius=0.8, height=0.3, sections=48 * res)
-    teeth = [trimesh.creation.box(extents=(0.25, 0.15, 0.3)).apply_transform(
-        _at((0.85 * np.cos(a), 0.85 * np.sin(a), 0), rotate=(a, (0, 0, 1)))) for a in np.linspace(0, 2 * np.pi, n, endpoint=False)]
+    teeth = [
+        trimesh.creation.box(extents=(0.25, 0.15, 0.3)).apply_transform(
+            _at((0.85 * np.cos(a), 0.85 * np.sin(a), 0), rotate=(a, (0, 0, 1)))
+        )
+        for a in np.linspace(0, 2 * np.pi, n, endpoint=False)
+    ]
     axle = trimesh.creation.cylinder(radius=0.2, height=1.0, sections=32 * res)
     return _difference(_union(disk, *teeth), axle)
 
 
 # ---- genus -----------------------------------------------------------------
+
 
 def torus(rng, res):
     return trimesh.creation.torus(1.0, 0.3, 48 * res, 24 * res)
@@ -253,6 +289,7 @@ def trefoil_knot(rng, res):
 
 # ---- thin plates -----------------------------------------------------------
 
+
 def thin_plate(rng, res):
     return _subdivided_box((2.0, 2.0, 0.02), 2 + res)
 
@@ -269,16 +306,22 @@ def curved_shell(rng, res):
 
 def slotted_plate(rng, res):
     hole = trimesh.creation.cylinder(radius=0.1, height=0.5, sections=24 * res)
-    return _difference(_subdivided_box((2.0, 0.8, 0.03), 1), *[_move(hole, (x, 0, 0)) for x in np.linspace(-0.75, 0.75, 6)])
+    return _difference(
+        _subdivided_box((2.0, 0.8, 0.03), 1), *[_move(hole, (x, 0, 0)) for x in np.linspace(-0.75, 0.75, 6)]
+    )
 
 
 def heat_sink(rng, res):
     base = trimesh.creation.box(extents=(1.6, 1.0, 0.2))
-    fins = [trimesh.creation.box(extents=(0.03, 1.0, 0.8)).apply_translation((x, 0, 0.45)) for x in np.linspace(-0.7, 0.7, 8)]
+    fins = [
+        trimesh.creation.box(extents=(0.03, 1.0, 0.8)).apply_translation((x, 0, 0.45))
+        for x in np.linspace(-0.7, 0.7, 8)
+    ]
     return _union(base, *fins).subdivide()
 
 
 # ---- open surfaces ---------------------------------------------------------
+
 
 def hemisphere(rng, res):
     sphere = trimesh.creation.icosphere(3 + res)
@@ -306,7 +349,9 @@ def open_box(rng, res):
 
 def moebius(rng, res):
     u, w = np.meshgrid(np.linspace(0, 2 * np.pi, 96 * res), np.linspace(-0.3, 0.3, 8 * res), indexing="ij")
-    points = np.stack([(1 + w * np.cos(u / 2)) * np.cos(u), (1 + w * np.cos(u / 2)) * np.sin(u), w * np.sin(u / 2)], axis=-1)
+    points = np.stack(
+        [(1 + w * np.cos(u / 2)) * np.cos(u), (1 + w * np.cos(u / 2)) * np.sin(u), w * np.sin(u / 2)], axis=-1
+    )
     mesh = _grid_mesh(points[:-1])
     # glue the last column to the first with a half twist (the defining Moebius seam)
     last, first = points[-2], points[0][::-1]
@@ -330,6 +375,7 @@ def cloth(rng, res):
 
 
 # ---- nested and double-walled shells ---------------------------------------
+
 
 def hollow_sphere(rng, res):
     inner = trimesh.creation.icosphere(2 + res, radius=0.7)
@@ -366,12 +412,15 @@ def nested_parts(rng, res):
 
 # ---- multi-part scenes -----------------------------------------------------
 
+
 def table(rng, res):
     top = _named(trimesh.creation.box(extents=(1.6, 0.06, 1.0)), "top")
     leg = _named(trimesh.creation.cylinder(radius=0.04, height=0.8, sections=16 * res), "leg")
     leg_up = _at(rotate=(np.pi / 2, (1, 0, 0)))
-    legs = [(f"leg_{i}", leg, _at((x, -0.43, z)) @ leg_up, "top")
-            for i, (x, z) in enumerate([(-0.7, -0.4), (0.7, -0.4), (-0.7, 0.4), (0.7, 0.4)])]
+    legs = [
+        (f"leg_{i}", leg, _at((x, -0.43, z)) @ leg_up, "top")
+        for i, (x, z) in enumerate([(-0.7, -0.4), (0.7, -0.4), (-0.7, 0.4), (0.7, 0.4)])
+    ]
     return _scene([("top", top, _at((0, 0.86, 0)), None)] + legs)
 
 
@@ -379,15 +428,24 @@ def chair(rng, res):
     seat = _named(trimesh.creation.box(extents=(0.5, 0.06, 0.5)), "seat")
     back = _named(_subdivided_box((0.5, 0.6, 0.04), res), "back")
     leg = _named(trimesh.creation.box(extents=(0.04, 0.45, 0.04)), "leg")
-    parts = [("seat", seat, _at((0, 0.45, 0)), None), ("back", back, _at((0, 0.3, -0.23), rotate=(-0.15, (1, 0, 0))), "seat")]
-    parts += [(f"leg_{i}", leg, _at((x, -0.24, z)), "seat") for i, (x, z) in enumerate([(-0.22, -0.22), (0.22, -0.22), (-0.22, 0.22), (0.22, 0.22)])]
+    parts = [
+        ("seat", seat, _at((0, 0.45, 0)), None),
+        ("back", back, _at((0, 0.3, -0.23), rotate=(-0.15, (1, 0, 0))), "seat"),
+    ]
+    parts += [
+        (f"leg_{i}", leg, _at((x, -0.24, z)), "seat")
+        for i, (x, z) in enumerate([(-0.22, -0.22), (0.22, -0.22), (-0.22, 0.22), (0.22, 0.22)])
+    ]
     return _scene(parts)
 
 
 def snowman(rng, res):
     ball = _named(trimesh.creation.icosphere(2 + res), "ball")
     nose = _named(trimesh.creation.cone(radius=0.05, height=0.3, sections=16 * res), "nose")
-    parts = [(f"ball_{i}", ball, _at((0, y, 0), scale=s), None) for i, (y, s) in enumerate([(0.5, 0.5), (1.25, 0.35), (1.8, 0.25)])]
+    parts = [
+        (f"ball_{i}", ball, _at((0, y, 0), scale=s), None)
+        for i, (y, s) in enumerate([(0.5, 0.5), (1.25, 0.35), (1.8, 0.25)])
+    ]
     parts += [("nose", nose, _at((0, 1.8, 0.22)), None)]
     return _scene(parts)
 
@@ -408,8 +466,21 @@ def molecule(rng, res):
 
 def box_stack(rng, res):
     box = _named(_subdivided_box((1.0, 0.4, 0.8), res), "box")
-    return _scene([(f"box_{i}", box, _at((rng.uniform(-0.1, 0.1), 0.2 + 0.4 * i, 0), scale=1.0 - 0.15 * i,
-                                          rotate=(rng.uniform(-0.6, 0.6), (0, 1, 0))), None) for i in range(4)])
+    return _scene(
+        [
+            (
+                f"box_{i}",
+                box,
+                _at(
+                    (rng.uniform(-0.1, 0.1), 0.2 + 0.4 * i, 0),
+                    scale=1.0 - 0.15 * i,
+                    rotate=(rng.uniform(-0.6, 0.6), (0, 1, 0)),
+                ),
+                None,
+            )
+            for i in range(4)
+        ]
+    )
 
 
 def robot_arm(rng, res):
@@ -431,5 +502,10 @@ def lamp(rng, res):
     pole = _named(trimesh.creation.cylinder(radius=0.02, height=1.2, sections=12 * res), "pole")
     cone = trimesh.creation.cone(radius=0.35, height=0.35, sections=32 * res)
     shade = _named(trimesh.Trimesh(cone.vertices, cone.faces[cone.face_normals[:, 2] > -0.5], process=True), "shade")
-    return _scene([("base", base, _at(), None), ("pole", pole, _at((0, 0, 0.6)), "base"),
-                   ("shade", shade, _at((0, 0, 1.1)), "base")])
+    return _scene(
+        [
+            ("base", base, _at(), None),
+            ("pole", pole, _at((0, 0, 0.6)), "base"),
+            ("shade", shade, _at((0, 0, 1.1)), "base"),
+        ]
+    )

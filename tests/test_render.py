@@ -8,8 +8,8 @@ import trimesh
 from scipy import ndimage
 
 from pipeline.geometry.render import (
-    look_at_extrinsics,
     intrinsics_matrix,
+    look_at_extrinsics,
     rasterize,
     render_view,
     render_views,
@@ -76,7 +76,9 @@ def test_near_box_hides_far_box(far_first):
 def test_small_batches_give_the_same_raster(monkeypatch):
     import pipeline.geometry.render as render
 
-    mesh = trimesh.util.concatenate([trimesh.creation.icosphere(3, radius=0.6), trimesh.creation.box(extents=(1.5, 0.2, 1.5))])
+    mesh = trimesh.util.concatenate(
+        [trimesh.creation.icosphere(3, radius=0.6), trimesh.creation.box(extents=(1.5, 0.2, 1.5))]
+    )
     K, E = intrinsics_matrix(96, 96, 40.0), look_at_extrinsics(25.0, 40.0, 4.0)
     whole = rasterize(mesh.vertices, mesh.faces, K, E, 96, 96)
     monkeypatch.setattr(render, "_FACE_BATCH", 97)
@@ -148,7 +150,7 @@ def test_finely_tessellated_square_covers_every_pixel():
     face = rasterize(verts, faces, K, E, 300, 300).face.numpy()
     corners, _ = _project(K.astype(np.float64), E.astype(np.float64), np.array([[-0.9, -0.9, 0], [0.9, 0.9, 0]]))
     lo, hi = np.ceil(corners.min(0)).astype(int) + 1, np.floor(corners.max(0)).astype(int) - 1
-    inside = face[lo[1]:hi[1] + 1, lo[0]:hi[0] + 1]
+    inside = face[lo[1] : hi[1] + 1, lo[0] : hi[0] + 1]
     assert inside.size > 20000 and (inside >= 0).all()
 
 
@@ -157,7 +159,9 @@ def test_open_tube_shows_its_inside_without_holes():
     ring = np.stack([0.5 * np.cos(theta), np.zeros_like(theta), 0.5 * np.sin(theta)], 1)
     verts = np.concatenate([ring + [0, -0.8, 0], ring + [0, 0.8, 0]])
     k = np.arange(48)
-    faces = np.concatenate([np.stack([k, (k + 1) % 48, k + 48], 1), np.stack([(k + 1) % 48, (k + 1) % 48 + 48, k + 48], 1)])
+    faces = np.concatenate(
+        [np.stack([k, (k + 1) % 48, k + 48], 1), np.stack([(k + 1) % 48, (k + 1) % 48 + 48, k + 48], 1)]
+    )
     view = render_view(verts, faces, elevation=35.0, azimuth=20.0, size=160)
     mask = view.alpha > 0
     assert (ndimage.binary_fill_holes(mask) == mask).all()
@@ -203,7 +207,9 @@ def test_background_colour_and_grey_object():
 )
 def test_bad_input_is_a_clear_value_error(vertices, faces, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        render_views(np.asarray(vertices, dtype=float), np.asarray(faces), size=32, n_views=kwargs.pop("n_views", 1), **kwargs)
+        render_views(
+            np.asarray(vertices, dtype=float), np.asarray(faces), size=32, n_views=kwargs.pop("n_views", 1), **kwargs
+        )
 
 
 def test_every_corpus_mesh_renders(tmp_path):

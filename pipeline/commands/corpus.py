@@ -7,8 +7,12 @@ def register(sub) -> None:
     p = sub.add_parser("corpus", help="write the deterministic sample mesh corpus (meshes, broken files, corpus.json)")
     p.add_argument("out", help="directory to write the corpus into")
     p.add_argument("--seed", type=int, default=0, help="generator seed; the same seed writes byte-identical files")
-    p.add_argument("--scale", choices=("sample", "large"), default="sample",
-                   help="sample: ~50 small meshes for tests; large: three bigger variants of each, for benchmarks")
+    p.add_argument(
+        "--scale",
+        choices=("sample", "large"),
+        default="sample",
+        help="sample: ~50 small meshes for tests; large: three bigger variants of each, for benchmarks",
+    )
     p.set_defaults(func=_run)
 
 

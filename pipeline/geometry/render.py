@@ -104,7 +104,9 @@ def _check_mesh(vertices, faces) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"faces: expected integer vertex indices, got {f.dtype}")
     f = f.long()
     if not torch.isfinite(v).all():
-        raise ValueError(f"vertices: {int((~torch.isfinite(v)).any(1).sum())} of {len(v)} have NaN or infinite coordinates")
+        raise ValueError(
+            f"vertices: {int((~torch.isfinite(v)).any(1).sum())} of {len(v)} have NaN or infinite coordinates"
+        )
     if f.min() < 0 or f.max() >= len(v):
         raise ValueError(f"faces: vertex index out of range [0, {len(v)}): min {int(f.min())}, max {int(f.max())}")
     return v, f
@@ -209,7 +211,7 @@ def rasterize(vertices, faces, intrinsics, extrinsics, height: int, width: int) 
     empty = torch.iinfo(torch.int64).max
     key_buf = torch.full((height * width,), empty, dtype=torch.int64)
     for lo in range(0, len(f), _FACE_BATCH):
-        fb = f[lo:lo + _FACE_BATCH]
+        fb = f[lo : lo + _FACE_BATCH]
         _scatter_faces(x[fb], y[fb], 1.0 / z[fb], torch.arange(lo, lo + len(fb)), key_buf, height, width)
 
     pix = (key_buf != empty).nonzero().squeeze(1)
@@ -235,7 +237,12 @@ class Lighting:
 
     albedo: float = 0.62
     ambient: float = 0.28
-    key: tuple[float, float, float, float] = (-0.45, -0.65, -0.6, 0.75)  # direction towards the light (camera axes), strength
+    key: tuple[float, float, float, float] = (
+        -0.45,
+        -0.65,
+        -0.6,
+        0.75,
+    )  # direction towards the light (camera axes), strength
     fill: tuple[float, float, float, float] = (0.7, -0.1, -0.7, 0.25)
     rim: float = 0.12  # brightens grazing angles so silhouettes read against a light background
     back_face: float = 0.8  # the inside of an open surface is drawn a little darker
@@ -254,8 +261,17 @@ def _corner_normals(v: torch.Tensor, f: torch.Tensor, smooth_deg: float) -> tupl
 
 
 @_one_thread()
-def shade(raster: Raster, vertices, faces, intrinsics, extrinsics, *, background=(255, 255, 255),
-          lighting: Lighting = Lighting(), smooth_deg: float = 35.0) -> torch.Tensor:
+def shade(
+    raster: Raster,
+    vertices,
+    faces,
+    intrinsics,
+    extrinsics,
+    *,
+    background=(255, 255, 255),
+    lighting: Lighting = Lighting(),
+    smooth_deg: float = 35.0,
+) -> torch.Tensor:
     """Shade a raster into (H, W, 4) float RGBA in [0, 1], RGB composited over `background` (0-255)."""
     v, f = _check_mesh(vertices, faces)
     height, width = raster.face.shape
@@ -268,7 +284,14 @@ def shade(raster: Raster, vertices, faces, intrinsics, extrinsics, *, background
     n = n / n.norm(dim=1, keepdim=True).clamp(min=1e-30)
     # view ray through each pixel centre, camera axes
     ys, xs = hit.nonzero(as_tuple=True)
-    ray = torch.stack([(xs.double() - K[0, 2]) / K[0, 0], (ys.double() - K[1, 2]) / K[1, 1], torch.ones_like(xs, dtype=torch.float64)], 1)
+    ray = torch.stack(
+        [
+            (xs.double() - K[0, 2]) / K[0, 0],
+            (ys.double() - K[1, 2]) / K[1, 1],
+            torch.ones_like(xs, dtype=torch.float64),
+        ],
+        1,
+    )
     ray = ray / ray.norm(dim=1, keepdim=True)
     back = ((face_n[fid] @ rot.T) * ray).sum(1) > 0  # the face turns away: we see its back side
     n = torch.where(back[:, None], -n, n)
@@ -303,14 +326,26 @@ def _validate(n_views, size, elevation, fov_deg, radius, background, supersample
         raise ValueError(f"supersample: expected an integer 1 to 4, got {supersample!r}")
 
 
-def render_view(vertices, faces, *, elevation: float, azimuth: float, size: int = 518, fov_deg: float = 40.0,
-                radius: float | None = None, background=(255, 255, 255), supersample: int = 1,
-                lighting: Lighting = Lighting()) -> View:
+def render_view(
+    vertices,
+    faces,
+    *,
+    elevation: float,
+    azimuth: float,
+    size: int = 518,
+    fov_deg: float = 40.0,
+    radius: float | None = None,
+    background=(255, 255, 255),
+    supersample: int = 1,
+    lighting: Lighting = Lighting(),
+) -> View:
     """Render one view from (elevation, azimuth) degrees; see render_views for the arguments."""
     _validate(1, size, (elevation, elevation), fov_deg, radius, background, supersample)
     v, f = _check_mesh(vertices, faces)
     if v.abs().max() > 1.0 + 1e-4:
-        raise ValueError(f"vertices: expected a mesh normalized into [-1, 1]^3, max |coordinate| is {float(v.abs().max()):.4g}")
+        raise ValueError(
+            f"vertices: expected a mesh normalized into [-1, 1]^3, max |coordinate| is {float(v.abs().max()):.4g}"
+        )
     if radius is None:
         # fit the mesh's bounding sphere about the origin, with a 5% margin, inside the field of view
         reach = float(v.norm(dim=1)[f].max())
@@ -336,12 +371,23 @@ def sample_cameras(n_views: int, elevation=(10.0, 40.0), seed: int = 0) -> list[
     el = rng.uniform(elevation[0], elevation[1], n_views)
     # one azimuth per sector keeps the views spread around the object
     az = (np.arange(n_views) + rng.uniform(0.0, 1.0, n_views)) * (360.0 / n_views) + rng.uniform(0.0, 360.0)
-    return [(float(e), float(a % 360.0)) for e, a in zip(el, az)]
+    return [(float(e), float(a % 360.0)) for e, a in zip(el, az, strict=True)]
 
 
-def render_views(vertices, faces, *, n_views: int = 12, size: int = 518, elevation=(10.0, 40.0),
-                 fov_deg: float = 40.0, radius: float | None = None, seed: int = 0,
-                 background=(255, 255, 255), supersample: int = 1, lighting: Lighting = Lighting()) -> list[View]:
+def render_views(
+    vertices,
+    faces,
+    *,
+    n_views: int = 12,
+    size: int = 518,
+    elevation=(10.0, 40.0),
+    fov_deg: float = 40.0,
+    radius: float | None = None,
+    seed: int = 0,
+    background=(255, 255, 255),
+    supersample: int = 1,
+    lighting: Lighting = Lighting(),
+) -> list[View]:
     """Render `n_views` grey views of a mesh normalized into [-1, 1]^3 from seeded random cameras.
 
     Elevation is uniform in `elevation` (degrees), azimuth jittered around the circle; the camera
@@ -350,6 +396,18 @@ def render_views(vertices, faces, *, n_views: int = 12, size: int = 518, elevati
     at that many times the size and box-filters down (anti-aliased edges, fractional alpha).
     """
     _validate(n_views, size, elevation, fov_deg, radius, background, supersample)
-    return [render_view(vertices, faces, elevation=el, azimuth=az, size=size, fov_deg=fov_deg, radius=radius,
-                        background=background, supersample=supersample, lighting=lighting)
-            for el, az in sample_cameras(n_views, elevation, seed)]
+    return [
+        render_view(
+            vertices,
+            faces,
+            elevation=el,
+            azimuth=az,
+            size=size,
+            fov_deg=fov_deg,
+            radius=radius,
+            background=background,
+            supersample=supersample,
+            lighting=lighting,
+        )
+        for el, az in sample_cameras(n_views, elevation, seed)
+    ]
