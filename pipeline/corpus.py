@@ -188,42 +188,91 @@ def _counts(geom: trimesh.Trimesh | trimesh.Scene) -> tuple[int, int, int, bool 
     return len(geom.faces), len(geom.vertices), parts, bool(geom.is_watertight)
 
 
+def _mesh_entry(out: Path, rel: str, kind: str, description: str, geom, data: bytes, **extra) -> CorpusEntry:
+    faces, verts, parts, watertight = _counts(geom)
+    fmt = rel.rsplit(".", 1)[-1]
+    return CorpusEntry(
+        path=rel,
+        kind=kind,
+        format=fmt,
+        valid=True,
+        description=description,
+        sha256=_write(out, rel, data),
+        faces=faces,
+        vertices=verts,
+        parts=parts,
+        watertight=watertight,
+        **extra,
+    )
+
+
+def _place(geom, rng: np.random.Generator) -> bool:
+    """Half the meshes keep their modelling frame, half get a random similarity; True if kept."""
+    centred = bool(rng.random() < 0.5)
+    if not centred:
+        geom.apply_transform(shapes.random_similarity(rng))
+    return centred
+
+
 def _valid_entries(out: Path, rng: np.random.Generator, scale: str) -> list[CorpusEntry]:
     variants, res = (1, 1) if scale == "sample" else (3, 2)
     entries = []
     fmt_cursor = 0
     for variant in range(variants):
+        suffix = "" if variants == 1 else f"_v{variant}"
         for name, kind, build, description in RECIPES:
             geom = build(rng, res)
-            # half the meshes keep their modelling frame, half get a random similarity
-            centred = bool(rng.random() < 0.5)
-            if not centred:
-                geom.apply_transform(shapes.random_similarity(rng))
+            centred = _place(geom, rng)
             if isinstance(geom, trimesh.Scene):
                 fmt = "glb"
             else:
                 fmt = FORMATS[fmt_cursor % len(FORMATS)]
                 fmt_cursor += 1
-            stem = name if variants == 1 else f"{name}_v{variant}"
-            rel = f"{kind}/{stem}.{fmt}"
-            faces, verts, parts, watertight = _counts(geom)
-            sha = _write(out, rel, _export(geom, fmt))
-            entries.append(
-                CorpusEntry(
-                    path=rel,
-                    kind=kind,
-                    format=fmt,
-                    valid=True,
-                    description=description,
-                    sha256=sha,
-                    faces=faces,
-                    vertices=verts,
-                    parts=parts,
-                    watertight=watertight,
-                    centred=centred,
-                )
-            )
+            rel = f"{kind}/{name}{suffix}.{fmt}"
+            entries.append(_mesh_entry(out, rel, kind, description, geom, _export(geom, fmt), centred=centred))
+        entries += _encoding_entries(out, rng, res, suffix)
     return entries
+
+
+def _encoding_entries(out: Path, rng: np.random.Generator, res: int, suffix: str) -> list[CorpusEntry]:
+    """Encodings trimesh's default writers never produce but real libraries hold: ASCII STL, ASCII PLY, quad OBJ."""
+    capsule = shapes.capsule(rng, res)
+    c1 = _place(capsule, rng)
+    cone = shapes.cone(rng, res)
+    c2 = _place(cone, rng)
+    vertices, quads = shapes.torus_quads(res)
+    quad_mesh = trimesh.Trimesh(vertices, np.concatenate([quads[:, [0, 1, 2]], quads[:, [0, 2, 3]]]))
+    c3 = _place(quad_mesh, rng)
+    quad_obj = _obj_text(np.asarray(quad_mesh.vertices), quads)
+    return [
+        _mesh_entry(
+            out,
+            f"primitive/capsule_ascii{suffix}.stl",
+            "primitive",
+            "capsule as ASCII STL",
+            capsule,
+            trimesh.exchange.stl.export_stl_ascii(capsule).encode(),
+            centred=c1,
+        ),
+        _mesh_entry(
+            out,
+            f"primitive/cone_ascii{suffix}.ply",
+            "primitive",
+            "cone as ASCII PLY",
+            cone,
+            trimesh.exchange.ply.export_ply(cone, encoding="ascii"),
+            centred=c2,
+        ),
+        _mesh_entry(
+            out,
+            f"genus/torus_quads{suffix}.obj",
+            "genus",
+            "torus written with quad faces",
+            quad_mesh,
+            quad_obj,
+            centred=c3,
+        ),
+    ]
 
 
 def _scanned_entries(out: Path, scale: str) -> list[CorpusEntry]:
@@ -239,21 +288,14 @@ def _scanned_entries(out: Path, scale: str) -> list[CorpusEntry]:
         loaded = trimesh.load(f, file_type="obj", force="mesh", process=False)
     # drop the texture reference so the corpus file is self-contained
     mesh = trimesh.Trimesh(vertices=np.asarray(loaded.vertices), faces=np.asarray(loaded.faces), process=True)
-    rel = "scanned/stanford_bunny.ply"
-    faces, verts, parts, watertight = _counts(mesh)
-    sha = _write(out, rel, _export(mesh, "ply"))
     return [
-        CorpusEntry(
-            path=rel,
-            kind="scanned",
-            format="ply",
-            valid=True,
-            sha256=sha,
-            description=f"scanned Stanford bunny ({faces} faces, holes in its base)",
-            faces=faces,
-            vertices=verts,
-            parts=parts,
-            watertight=watertight,
+        _mesh_entry(
+            out,
+            "scanned/stanford_bunny.ply",
+            "scanned",
+            f"scanned Stanford bunny ({len(mesh.faces)} faces)",
+            mesh,
+            _export(mesh, "ply"),
             centred=False,
             source=f"pymeshlab/tests/sample_meshes/{name}",
             license=BUNNY_LICENSE,
@@ -262,8 +304,9 @@ def _scanned_entries(out: Path, scale: str) -> list[CorpusEntry]:
 
 
 def _obj_text(vertices: np.ndarray, faces: np.ndarray) -> bytes:
+    """Minimal OBJ: positions and faces of any arity (1-based indices)."""
     lines = [f"v {x:.6f} {y:.6f} {z:.6f}" for x, y, z in vertices]
-    lines += [f"f {a + 1} {b + 1} {c + 1}" for a, b, c in faces]
+    lines += ["f " + " ".join(str(i + 1) for i in face) for face in faces]
     return ("\n".join(lines) + "\n").encode()
 
 

@@ -256,6 +256,20 @@ def torus(rng, res):
     return trimesh.creation.torus(1.0, 0.3, 48 * res, 24 * res)
 
 
+def torus_quads(res: int) -> tuple[np.ndarray, np.ndarray]:
+    """A torus as vertices and quad faces (V, 3), (Q, 4), outward winding."""
+    nu, nv = 40 * res, 16 * res
+    u, v = np.meshgrid(
+        np.linspace(0, 2 * np.pi, nu, endpoint=False), np.linspace(0, 2 * np.pi, nv, endpoint=False), indexing="ij"
+    )
+    ring = 1.0 + 0.35 * np.cos(v)
+    vertices = np.stack([ring * np.cos(u), ring * np.sin(u), 0.35 * np.sin(v)], axis=-1).reshape(-1, 3)
+    i, j = np.meshgrid(np.arange(nu), np.arange(nv), indexing="ij")
+    i1, j1 = (i + 1) % nu, (j + 1) % nv
+    quads = np.stack([i * nv + j, i1 * nv + j, i1 * nv + j1, i * nv + j1], axis=-1).reshape(-1, 4)
+    return vertices, quads
+
+
 def thin_torus(rng, res):
     return trimesh.creation.torus(1.0, 0.06, 64 * res, 12 * res)
 

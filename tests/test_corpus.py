@@ -73,6 +73,14 @@ def test_scenes_have_parts_under_node_transforms(corpus):
         assert not np.allclose(_flat(scene).bounds, [raw.min(0), raw.max(0)]), entry.path
 
 
+def test_text_encodings_and_quads_are_present(corpus):
+    root = Path(corpus.out_dir)
+    assert (root / "primitive/capsule_ascii.stl").read_bytes().startswith(b"solid")
+    assert b"format ascii 1.0" in (root / "primitive/cone_ascii.ply").read_bytes()[:200]
+    quad_lines = [ln for ln in (root / "genus/torus_quads.obj").read_text().splitlines() if ln.startswith("f ")]
+    assert quad_lines and all(len(ln.split()) == 5 for ln in quad_lines)
+
+
 def test_some_meshes_are_far_from_the_unit_cube(corpus):
     spans = []
     for entry in corpus.valid:
