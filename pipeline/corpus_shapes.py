@@ -98,10 +98,14 @@ def _tube(curve: np.ndarray, radius: float, sides: int) -> trimesh.Trimesh:
     return mesh
 
 
-def _scene(parts: list[tuple[str, trimesh.Trimesh, np.ndarray, str | None]]) -> trimesh.Scene:
-    """Scene from (node name, geometry, local transform, parent node); geometry may repeat (instancing)."""
+def _scene(parts: list[tuple[str, trimesh.Trimesh | None, np.ndarray, str | None]]) -> trimesh.Scene:
+    """Scene from (node, geometry, local transform, parent node); geometry may repeat (instancing),
+    None makes an empty group node whose transform its children inherit."""
     scene = trimesh.Scene()
     for node, geom, transform, parent in parts:
+        if geom is None:
+            scene.graph.update(frame_from=parent or scene.graph.base_frame, frame_to=node, matrix=transform)
+            continue
         scene.add_geometry(
             geom,
             node_name=node,
@@ -435,7 +439,8 @@ def table(rng, res):
         (f"leg_{i}", leg, _at((x, -0.43, z)) @ leg_up, "top")
         for i, (x, z) in enumerate([(-0.7, -0.4), (0.7, -0.4), (-0.7, 0.4), (0.7, 0.4)])
     ]
-    return _scene([("top", top, _at((0, 0.86, 0)), None)] + legs)
+    group = ("table", None, _at((0.2, 0.0, -0.1), rotate=(0.4, (0, 1, 0))), None)  # a node with no mesh
+    return _scene([group, ("top", top, _at((0, 0.86, 0)), "table")] + legs)
 
 
 def chair(rng, res):
