@@ -103,11 +103,11 @@ def test_same_seed_writes_identical_bytes(corpus, tmp_path):
     assert any(a.sha256 != b.sha256 for a, b in zip(corpus.entries, other.entries, strict=True))
 
 
-def test_rerun_leaves_identical_files_untouched(tmp_path):
-    generate_corpus(tmp_path, seed=0)
-    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
-    generate_corpus(tmp_path, seed=0)
-    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
+def test_rerun_leaves_identical_files_untouched(corpus):
+    root = Path(corpus.out_dir)
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    generate_corpus(root, seed=0)
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == before
 
 
 def test_index_round_trips(corpus):
