@@ -356,6 +356,8 @@ def generate_corpus(out_dir: str | os.PathLike, *, seed: int = 0, scale: str = "
         raise ValueError(f"corpus scale {scale!r}: expected one of {', '.join(SCALES)}")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"corpus seed {seed!r}: expected a non-negative integer")
+    if importlib.util.find_spec("manifold3d") is None:
+        raise RuntimeError("the corpus's boolean meshes need the manifold3d package: pip install manifold3d")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
