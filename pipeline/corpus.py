@@ -1,7 +1,7 @@
 """A deterministic sample mesh corpus for tests, examples and benchmarks (`s2 corpus`).
 
 Every mesh is built in code from a seeded generator, so the same seed writes
-byte-identical files on every machine: primitives, boolean combinations
+byte-identical files (given the same trimesh, numpy and manifold3d): primitives, boolean combinations
 (trimesh with the manifold3d engine), tori and higher genus, thin plates, open
 surfaces, nested and double-walled shells and multi-part GLB scenes with node
 transforms, in OBJ, PLY, STL, OFF and GLB, plus broken files that a loader must
