@@ -1,0 +1,148 @@
+"""SSA kernels against the float64 reference on random ragged batches (Triton interpreter on the CPU)."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # the Triton kernels run in the interpreter on CPU-only machines (read when the kernel module is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kernels.ssa import (SSAStructure, block_order, compression_attention, select_blocks,  # noqa: E402
+                         selection_attention, spatial_sparse_attention, ssa_reference, window_attention)
+from kernels.ssa import reference as ref  # noqa: E402
+from kernels.ssa import segment_attention as seg  # noqa: E402
+from ssa_cases import random_batch, random_shapes  # noqa: E402
+
+# shapes of 1 token, shapes smaller than one block, odd block counts
+SIZES = [57, 1, 3, 140, 9]
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 4e-3}
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(autouse=True)
+def poison():
+    seg.POISON = True
+    yield
+    seg.POISON = False
+
+
+def _device_dtype(device):
+    if device == "cuda":
+        return [torch.bfloat16, torch.float16]
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on the CPU needs TRITON_INTERPRET=1 before triton is imported")
+    return [torch.float32]
+
+
+def _run_all(st, t, dtype, top_k, q_tile, shifted, backend="triton"):
+    x = {k: v.to(dtype).requires_grad_(True) for k, v in t.items()}
+    out = spatial_sparse_attention(x["q"], x["k"], x["v"], x["k_cmp"], x["v_cmp"], x["gates"], st, top_k=top_k,
+                                   q_tile=q_tile, shifted=shifted, backend=backend)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(out)
+    grads = torch.autograd.grad(out, list(x.values()), w)
+    return x, out, grads, w
+
+
+def _check_ssa(device, hq, hkv, d, cmp_block, top_k, q_tile, shifted, seed):
+    for dtype in _device_dtype(device):
+        st, t = random_batch(SIZES, hq, hkv, d, cmp_block=cmp_block, seed=seed, device=device, grid=11)
+        x, out, grads, w = _run_all(st, t, dtype, top_k, q_tile, shifted)
+        # the selection the kernels made, checked against the reference where its ranking is clear
+        lse = compression_attention(x["q"].detach(), x["k_cmp"].detach(), x["v_cmp"].detach(), st)[1]
+        sel = select_blocks(x["q"].detach(), x["k_cmp"].detach(), lse, st, top_k=top_k, q_tile=q_tile)
+        assert int(sel.min()) >= -1
+        r = {k: v.detach().double().requires_grad_(True) for k, v in x.items()}
+        _, _, probs = ref.compression_attention_ref(r["q"], r["k_cmp"], r["v_cmp"], st)
+        rsel = ref.select_blocks_ref([p.detach() for p in probs], st, hkv, top_k, q_tile)
+        agree = (sel.sort(-1).values == rsel.sort(-1).values).all(-1).float().mean().item()
+        assert agree >= (0.99 if dtype == torch.float32 else 0.9), f"selection agreement {agree}"
+        rout, _ = ssa_reference(r["q"], r["k"], r["v"], r["k_cmp"], r["v_cmp"], r["gates"], st, top_k, shifted,
+                                q_tile, selected=sel)
+        rgrads = torch.autograd.grad(rout, list(r.values()), w.double())
+        assert not torch.isnan(out).any()
+        assert rel(out, rout) < TOL[dtype], f"out {rel(out, rout)}"
+        for name, g, rg in zip(x, grads, rgrads):
+            assert not torch.isnan(g).any(), f"d{name} has unwritten (NaN) elements"
+            assert rel(g, rg) < TOL[dtype], f"d{name} {rel(g, rg)}"
+
+
+# G = 16 query heads per kv head as in the paper, and a small group; top_k 3 < blocks, 20 > blocks
+@pytest.mark.parametrize("hq,hkv,d,cmp_block,top_k,q_tile,shifted", [
+    (32, 2, 32, 8, 3, 1, False),
+    (4, 2, 16, 4, 20, 1, True),
+    (8, 1, 32, 8, 2, 4, True),
+])
+def test_ssa_matches_reference_cpu(hq, hkv, d, cmp_block, top_k, q_tile, shifted):
+    _check_ssa("cpu", hq, hkv, d, cmp_block, top_k, q_tile, shifted, seed=hq + top_k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,cmp_block,q_tile,shifted", [(32, 8, 1, False), (64, 4, 1, True), (32, 8, 16, True)])
+def test_ssa_matches_reference_gpu(d, cmp_block, q_tile, shifted):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    _check_ssa("cuda", 32, 2, d, cmp_block, 8, q_tile, shifted, seed=d + cmp_block)
+
+
+def test_branches_cpu():
+    """Each public branch function on its own, forward only, including the window partition shift."""
+    st, t = random_batch(SIZES, 4, 2, 16, seed=7, grid=11)
+    f = {k: v.float() for k, v in t.items()}
+    o, lse = compression_attention(f["q"], f["k_cmp"], f["v_cmp"], st)
+    ro, rl, _ = ref.compression_attention_ref(t["q"], t["k_cmp"], t["v_cmp"], st)
+    assert rel(o, ro) < 2e-5 and rel(lse, rl) < 2e-5
+    for shifted in (False, True):
+        o = window_attention(f["q"], f["k"], f["v"], st, shifted=shifted)
+        assert rel(o, ref.window_attention_ref(t["q"], t["k"], t["v"], st, shifted)) < 2e-5
+    sel = select_blocks(f["q"], f["k_cmp"], lse, st, top_k=2)
+    o = selection_attention(f["q"], f["k"], f["v"], st, sel)
+    assert rel(o, ref.selection_attention_ref(t["q"], t["k"], t["v"], st, sel)[0]) < 2e-5
+
+
+def test_structure_blocks_are_contiguous():
+    coords, cu = random_shapes(SIZES, 11, seed=1)
+    perm = block_order(coords, cu, 4, 8)
+    st = SSAStructure(coords[perm], cu, 4, 8)
+    c = coords[perm].long()
+    for name, off, m in (("cmp", st.cmp_offsets, 4), ("slc", st.slc_offsets, 8)):
+        for b in range(len(off) - 1):
+            blk = torch.div(c[off[b]:off[b + 1]], m, rounding_mode="floor")
+            assert (blk == blk[0]).all(), f"{name} block {b} mixes blocks"
+            assert st.shape_of_token[off[b]:off[b + 1]].unique().numel() == 1
+    # every compression block lies inside one selection block, and windows cover each token once
+    assert (st.slc_of_token[st.cmp_offsets[:-1]] == st.slc_of_token[st.cmp_offsets[1:] - 1]).all()
+    for shifted in (False, True):
+        perm_w, off = st.window_partition(shifted)
+        assert int(off[-1]) == st.n_tokens
+        if perm_w is not None:
+            assert torch.equal(torch.sort(perm_w).values, torch.arange(st.n_tokens))
+    assert not torch.equal(st.window_ids(True), st.window_ids(False))
+
+
+def test_bad_input_errors():
+    st, t = random_batch([20, 5], 4, 2, 16, seed=2, grid=8)
+    q, k, v, kc, vc = (t[n].float() for n in ("q", "k", "v", "k_cmp", "v_cmp"))
+    with pytest.raises(ValueError, match="multiple of"):
+        compression_attention(q[:, :3], kc, vc, st)
+    with pytest.raises(ValueError, match="is torch.float64 but"):
+        window_attention(q, k.double(), v, st)
+    with pytest.raises(ValueError, match="float32"):
+        window_attention(q.half(), k.half(), v.half(), st)
+    with pytest.raises(ValueError, match="tokens but the structure"):
+        window_attention(q[:-1], k[:-1], v[:-1], st)
+    with pytest.raises(ValueError, match="on meta"):
+        window_attention(q.to("meta"), k, v, st)
+    with pytest.raises(ValueError, match="backend"):
+        window_attention(q, k, v, st, backend="cuda")
+    coords, cu = random_shapes([30, 4], 8, seed=3)
+    perm = block_order(coords, cu, 4, 8)
+    with pytest.raises(ValueError, match="not sorted by 3D block"):
+        SSAStructure(coords[perm.flip(0)], cu, 4, 8)
+    with pytest.raises(ValueError, match="shape 1 has no tokens"):
+        SSAStructure(coords, torch.tensor([0, 34, 34]), 4, 8)
+    with pytest.raises(ValueError, match="multiple of cmp_block"):
+        SSAStructure(coords, cu, 3, 8)
