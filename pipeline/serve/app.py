@@ -1,0 +1,183 @@
+"""The Serve app: one ``Generator`` deployment runs the whole cascade per replica with dynamic batching,
+and an ``Api`` ingress (FastAPI) answers HTTP.
+
+The cascade stays in one replica: every stage needs the previous stage's tensors on the same device,
+and splitting stages into deployments would ship latents through the object store between them while
+the GPU memory of each stage's networks sits idle (docs/generate.md).
+
+HTTP:  POST /v1/generate?format=glb|obj|ply&seed=N  (raw image bytes or multipart 'image')  -> mesh
+       GET  /healthz                                                                           -> {"status": "ok"}
+       GET  /v1/model                                                                          -> networks, limits
+Python: ``serve.get_deployment_handle("Generator", app_name)`` then ``.generate.remote(item)``.
+"""
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+
+from pipeline.config import from_dict
+from pipeline.serve.config import ServeConfig
+from pipeline.serve import uploads
+
+log = logging.getLogger("ray.serve")
+
+
+def _opener(uri: str):
+    from pipeline import storage
+
+    fs, path = storage.filesystem(uri)
+    if not fs.exists(path):
+        raise FileNotFoundError(uri)
+    return fs.open(path, "rb")
+
+
+def build_cascade(cfg: ServeConfig):
+    from model.cascade import Cascade
+
+    gen = cfg.generation_config
+    if cfg.random_weights:
+        return Cascade.random(gen, cfg.random_weights)
+    return Cascade.from_checkpoints(gen, opener=_opener)
+
+
+def run_items(cascade, items: list[dict]) -> list[dict]:
+    """Generation items -> answers with mesh bytes; what the Generator runs for each batch."""
+    from model.cascade import Request as GenRequest
+    from model.postprocess import mesh_bytes
+
+    results = cascade.generate([GenRequest(i["name"], i["image"], int(i.get("seed", 0))) for i in items])
+    out = []
+    for item, r in zip(items, results):
+        ans = {"name": r.name, "seed": r.seed, "error": r.error, "timings": r.timings, "stats": r.stats,
+               "format": item.get("format", "glb"), "batch_size": len(items), "mesh": None, "faces": 0}
+        if r.ok:
+            try:
+                ans["mesh"] = mesh_bytes(r.vertices, r.faces, ans["format"])
+                ans["faces"] = int(len(r.faces))
+            except ValueError as e:
+                ans["error"] = f"{r.name}: {e}"
+        out.append(ans)
+    return out
+
+
+@serve.deployment(name="Generator")
+class Generator:
+    """The cascade on one device; ``generate`` takes one item and is batched across concurrent callers."""
+
+    def __init__(self, config: dict):
+        import torch
+
+        self.cfg = from_dict(ServeConfig, config, where="ServeConfig")
+        if self.cfg.torch_threads:
+            torch.set_num_threads(self.cfg.torch_threads)
+        self.cascade = build_cascade(self.cfg)
+        self.generate.set_max_batch_size(self.cfg.max_batch_size)
+        self.generate.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self.batches: list[int] = []
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def generate(self, items: list[dict]) -> list[dict]:
+        self.batches.append(len(items))
+        # the cascade blocks for seconds; a thread keeps the replica's loop free to queue the next batch
+        return await asyncio.to_thread(run_items, self.cascade, items)
+
+    def info(self) -> dict:
+        return {**self.cascade.info(), "max_batch_size": self.cfg.max_batch_size,
+                "batch_wait_timeout_s": self.cfg.batch_wait_timeout_s}
+
+    def batch_sizes(self) -> list[int]:
+        """Sizes of the batches this replica ran (tests and benchmarks check dynamic batching with it)."""
+        return list(self.batches)
+
+
+api = FastAPI(title="s2ray", description="image -> mesh (sparse SDF cascade)")
+
+
+@serve.deployment(name="Api")
+@serve.ingress(api)
+class Api:
+    def __init__(self, generator, config: dict):
+        self.cfg = from_dict(ServeConfig, config, where="ServeConfig")
+        self.generator = generator
+        self.api_key = uploads.read_api_key(self.cfg.api_key_file, self.cfg.api_key_env)
+        self.max_bytes = int(self.cfg.max_upload_mb * 2**20)
+
+    def _error(self, e: uploads.UploadError) -> JSONResponse:
+        return JSONResponse({"error": str(e)}, status_code=e.status)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/v1/model")
+    async def model(self, request: Request):
+        try:
+            uploads.check_api_key(self.api_key, request.headers)
+        except uploads.UploadError as e:
+            return self._error(e)
+        info = await self.generator.info.remote()
+        return {**info, "limits": {"max_upload_bytes": self.max_bytes, "max_image_side": self.cfg.max_image_side},
+                "formats": ["glb", "obj", "ply"], "api_key_required": self.api_key is not None}
+
+    @api.post("/v1/generate")
+    async def generate(self, request: Request, format: str | None = None, seed: int = 0):
+        from model.postprocess import FORMATS
+
+        fmt = (format or self.cfg.default_format).lower()
+        try:
+            uploads.check_api_key(self.api_key, request.headers)
+            if fmt not in FORMATS:
+                raise uploads.UploadError(400, f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+            uploads.check_content_type(request.headers)
+            uploads.check_declared_size(request.headers, self.max_bytes)
+            body = bytearray()
+            async for chunk in request.stream():  # a body without Content-Length is cut off at the limit too
+                body += chunk
+                if len(body) > self.max_bytes:
+                    raise uploads.UploadError(413, f"upload exceeds the limit of {self.max_bytes} bytes")
+            up = uploads.image_from_body(request.headers, bytes(body))
+            name = up.filename or f"upload-{hashlib.sha256(up.data).hexdigest()[:12]}"
+            uploads.check_image(up.data, self.cfg.max_image_side, name)
+        except uploads.UploadError as e:
+            return self._error(e)
+        ans = await self.generator.generate.remote({"name": name, "image": up.data, "seed": seed, "format": fmt})
+        if ans["error"]:
+            return JSONResponse({"error": ans["error"]}, status_code=422)
+        headers = {"X-S2-Seed": str(ans["seed"]), "X-S2-Faces": str(ans["faces"]),
+                   "X-S2-Batch-Size": str(ans["batch_size"]),
+                   "X-S2-Timings": json.dumps({k: round(v, 4) for k, v in ans["timings"].items()})}
+        return Response(ans["mesh"], media_type=FORMATS[fmt], headers=headers)
+
+
+def build_app(cfg: ServeConfig):
+    """The bound application: ``serve.run(build_app(cfg), name=cfg.name, route_prefix=cfg.route_prefix)``."""
+    cfg.validate()
+    config = dataclasses.asdict(cfg)
+    gpu = {"num_gpus": cfg.num_gpus} if cfg.num_gpus else {}
+    generator = Generator.options(
+        num_replicas=cfg.num_replicas, max_ongoing_requests=max(cfg.max_ongoing_requests, cfg.max_batch_size),
+        ray_actor_options={"num_cpus": cfg.num_cpus, **gpu}).bind(config)
+    return Api.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=cfg.max_ongoing_requests
+                       ).bind(generator, config)
+
+
+def app_builder(args: dict):
+    """Entry of a Serve config file (``import_path: pipeline.serve.app:app_builder``); ``args`` are ServeConfig keys."""
+    return build_app(from_dict(ServeConfig, dict(args or {}), where="ServeConfig"))
+
+
+def start(cfg: ServeConfig, blocking: bool = False):
+    """Start (or update) the app on the connected Ray cluster; returns the Api handle."""
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    return serve.run(build_app(cfg), name=cfg.name, route_prefix=cfg.route_prefix, blocking=blocking)
+
+
+def generator_handle(app_name: str = "s2"):
+    """Python handle to a running app's Generator: ``generator_handle().generate.remote(item)``."""
+    return serve.get_deployment_handle("Generator", app_name=app_name)
