@@ -1,0 +1,64 @@
+import glob
+import os
+
+import pytest
+import yaml
+
+from pipeline import jobs
+from pipeline.config import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPECS = sorted(p for p in glob.glob(os.path.join(ROOT, "jobs", "*.yaml"))
+               if (yaml.safe_load(open(p)) or {}).get("kind") == "RayJob")
+
+
+def test_there_are_job_specs():
+    assert any(p.endswith("preprocess.yaml") for p in SPECS)
+
+
+@pytest.mark.parametrize("path", SPECS, ids=os.path.basename)
+def test_every_job_spec_is_a_rayjob_whose_settings_parse(path):
+    spec = jobs.load_job_spec(path)
+    doc = spec.manifest
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
+    cluster = doc["spec"]["rayClusterSpec"]
+    assert cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    assert cluster.get("authOptions", {}).get("mode") == "token"
+    assert spec.argv()[0] == "s2"
+    jobs.check_entrypoint(spec)  # the stage's own parser and validation accept it
+
+
+def test_overrides_are_appended_and_checked():
+    spec = jobs.load_job_spec(os.path.join(ROOT, "jobs", "preprocess.yaml"))
+    over = jobs.with_overrides(spec, ["input=/data/in dir", "resolutions=64,128"])
+    assert over.argv()[-4:] == ["--input", "/data/in dir", "--resolutions", "64,128"]
+    jobs.check_entrypoint(over)
+    with pytest.raises(ConfigError, match="not valid"):
+        jobs.check_entrypoint(jobs.with_overrides(spec, ["no_such_setting=1"]))
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        jobs.check_entrypoint(jobs.with_overrides(spec, ["resolutions=100"]))
+    with pytest.raises(ConfigError, match="key=value"):
+        jobs.with_overrides(spec, ["novalue"])
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("apiVersion: v1\nkind: Pod\n", "expected apiVersion ray.io/v1 and kind RayJob"),
+    ("apiVersion: ray.io/v1\nkind: RayJob\nspec: {}\n", "spec.entrypoint"),
+    ("apiVersion: ray.io/v1\nkind: RayJob\nspec:\n  entrypoint: s2 x\n  runtimeEnvYAML: '[1'\n", "runtimeEnvYAML"),
+    ("- a\n- b\n", "expected a RayJob manifest"),
+    (": : :\n", "not valid YAML"),
+])
+def test_bad_specs_name_the_file_and_field(tmp_path, text, msg):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=msg) as exc:
+        jobs.load_job_spec(p)
+    assert "bad.yaml" in str(exc.value)
+
+
+def test_submit_without_address_is_a_clear_error(monkeypatch):
+    for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.delenv(k, raising=False)
+    spec = jobs.load_job_spec(os.path.join(ROOT, "jobs", "preprocess.yaml"))
+    with pytest.raises(ConfigError, match="no Ray cluster address"):
+        jobs.submit(spec)
