@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +153,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[SparseSDFVAE
     """Model with its weights (loaded with weights_only=True) and the checkpoint's metadata."""
     try:
         blob = torch.load(path, map_location=device, weights_only=True)
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         raise ValueError(f"{path}: not a readable VAE checkpoint ({exc})") from exc
     if not isinstance(blob, dict) or "model" not in blob or "vae_config" not in blob:
         raise ValueError(f"{path}: not a VAE checkpoint (no model / vae_config)")
