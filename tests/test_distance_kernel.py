@@ -94,3 +94,18 @@ def test_triton_kernel_on_cuda_matches_reference():
         d_ref, f_ref = point_triangle_sqdist_reference(p.double(), t[:, 0], t[:, 1], t[:, 2])
         torch.testing.assert_close(d_tri.double(), d_ref, rtol=1e-4, atol=1e-5)
         assert (f_tri != f_ref).float().mean().item() <= 1e-3
+
+
+def test_triangle_frame_path_matches_reference():
+    from kernels.distance.frame import sqdist_in_frame, triangle_frames
+
+    g = torch.Generator().manual_seed(2)
+    p = torch.randn(5000, 3, generator=g)
+    tri = torch.randn(5000, 3, 3, generator=g)
+    rot, shape = triangle_frames(tri)
+    loc = torch.einsum("nij,nj->ni", rot, p.double() - tri[:, 0].double()).float()
+    d2, feat = sqdist_in_frame(loc[:, 0], loc[:, 1], loc[:, 2], shape.float())
+    t = tri.double()
+    d_ref, f_ref = point_triangle_sqdist_reference(p.double(), t[:, 0], t[:, 1], t[:, 2])
+    torch.testing.assert_close(d2.double(), d_ref, rtol=1e-5, atol=1e-6)
+    assert (feat != f_ref).sum().item() <= 5

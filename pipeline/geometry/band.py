@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 
 from kernels.distance import point_triangle_sqdist
+from kernels.distance.frame import sqdist_in_frame, triangle_frames
 
 # For dominant axis a: position of x, y, z in the (u, v, w=a) column frame, u=(a+1)%3, v=(a+2)%3.
 _XYZ_FROM_UVW = torch.tensor([[2, 0, 1], [1, 2, 0], [0, 1, 2]])
@@ -81,46 +82,71 @@ def _chunk_candidates(tri: torch.Tensor, tri_ids: torch.Tensor, res: int, band: 
     nu = (i_hi[:, 0] - i_lo[:, 0] + 1).clamp(min=0)
     nv = (i_hi[:, 1] - i_lo[:, 1] + 1).clamp(min=0)
 
-    # Columns of the dilated 2D bounding box.
+    # Per-triangle column table: three edge lines offset outward by r (projection never lengthens
+    # distances, so a column farther than r from the projected triangle has no band voxel) and the
+    # plane as w = w0 + gu*u + gv*v with slab half-width r/|n_w|.
+    p2 = tri_uvw[:, :, :2]
+    e = torch.roll(p2, -1, dims=1) - p2
+    orient = torch.sign(n_uvw[:, 2])[:, None]
+    inv_len = orient / e.norm(dim=2).clamp_min(1e-30)
+    la, lb = -e[:, :, 1] * inv_len, e[:, :, 0] * inv_len  # inward unit normals of the edges
+    lc = -(la * p2[:, :, 0] + lb * p2[:, :, 1]) + r * (1 + _EPS) + _EPS * h
+    gu, gv = -n_uvw[:, 0] / n_uvw[:, 2], -n_uvw[:, 1] / n_uvw[:, 2]
+    w0 = tri_uvw[:, 0, 2] - gu * tri_uvw[:, 0, 0] - gv * tri_uvw[:, 0, 1]
+    half = r * n_uvw.norm(dim=1) / n_uvw[:, 2].abs()
+    ftab = torch.cat([la, lb, lc, torch.stack([gu, gv, w0, half], 1)], 1)  # (T, 13)
+    itab = torch.stack([i_lo[:, 0], i_lo[:, 1], nv, i_lo[:, 2], i_hi[:, 2]], 1)  # (T, 5)
+
     col_t, local = _expand(nu * nv)
-    nv_c = nv[col_t]
-    iu = i_lo[col_t, 0] + torch.div(local, nv_c, rounding_mode="floor")
-    iv = i_lo[col_t, 1] + local - torch.div(local, nv_c, rounding_mode="floor") * nv_c
+    it = itab[col_t]
+    row = torch.div(local, it[:, 2], rounding_mode="floor")
+    iu = it[:, 0] + row
+    iv = it[:, 1] + local - row * it[:, 2]
     xu = c0 + iu.to(tri.dtype) * h
     xv = c0 + iv.to(tri.dtype) * h
+    ft = ftab[col_t]
+    edge_ok = ft[:, 0:3] * xu[:, None] + ft[:, 3:6] * xv[:, None] + ft[:, 6:9] >= 0
+    keep = edge_ok.all(dim=1)
+    col_t, iu, iv, xu, xv, ft, it = col_t[keep], iu[keep], iv[keep], xu[keep], xv[keep], ft[keep], it[keep]
 
-    # Keep columns within r of the projected triangle: each edge's outward offset line by r.
-    p2 = tri_uvw[:, :, :2]  # (T,3,2)
-    e = torch.roll(p2, -1, dims=1) - p2  # edges a->b, b->c, c->a
-    elen = e.norm(dim=2).clamp_min(1e-30)
-    orient = torch.sign(n_uvw[:, 2])  # sign of the projected area
-    keep = torch.ones_like(xu, dtype=torch.bool)
-    for k in range(3):
-        ex, ey = e[col_t, k, 0], e[col_t, k, 1]
-        qx, qy = xu - p2[col_t, k, 0], xv - p2[col_t, k, 1]
-        inward = orient[col_t] * (ex * qy - ey * qx) / elen[col_t, k]
-        keep &= inward >= -r * (1 + _EPS) - _EPS * h
-    col_t, iu, iv, xu, xv = col_t[keep], iu[keep], iv[keep], xu[keep], xv[keep]
-
-    # Slab along the dominant axis: |n.(x - a)| < r  =>  w within r/|n_w| of the plane.
-    nn = n_uvw[col_t]
-    a = tri_uvw[col_t, 0]
-    w0 = a[:, 2] - (nn[:, 0] * (xu - a[:, 0]) + nn[:, 1] * (xv - a[:, 1])) / nn[:, 2]
-    half = r * nn.norm(dim=1) / nn[:, 2].abs()
-    w_lo, w_hi = _index_range(w0 - half, w0 + half, h, 0.0, res)
-    w_lo = torch.maximum(w_lo, i_lo[col_t, 2])
-    w_hi = torch.minimum(w_hi, i_hi[col_t, 2])
+    w_mid = ft[:, 11] + ft[:, 9] * xu + ft[:, 10] * xv
+    w_lo, w_hi = _index_range(w_mid - ft[:, 12], w_mid + ft[:, 12], h, 0.0, res)
+    w_lo = torch.maximum(w_lo, it[:, 3])
+    w_hi = torch.minimum(w_hi, it[:, 4])
     cand_c, local = _expand((w_hi - w_lo + 1).clamp(min=0))
-    uvw = torch.stack([iu[cand_c], iv[cand_c], w_lo[cand_c] + local], dim=1)
+    iw = w_lo[cand_c] + local
     t_loc = col_t[cand_c]
-    xyz = torch.gather(uvw, 1, _XYZ_FROM_UVW.to(uvw.device)[axis[t_loc]])
+    ax = axis[t_loc]
 
-    pts = c0 + xyz.to(tri.dtype) * h
-    d2, feat = point_triangle_sqdist(pts, tri, t_loc, backend=distance_backend)
-    inside = d2 < r * r
-    xyz = xyz[inside]
-    key = (xyz[:, 0] * res + xyz[:, 1]) * res + xyz[:, 2]
-    return key, d2[inside], tri_ids[t_loc[inside]], feat[inside]
+    if tri.is_cuda or distance_backend == "triton":
+        uvw = torch.stack([iu[cand_c], iv[cand_c], iw], dim=1)
+        xyz = torch.gather(uvw, 1, _XYZ_FROM_UVW.to(uvw.device)[ax])
+        pts = c0 + xyz.to(tri.dtype) * h
+        d2, feat = point_triangle_sqdist(pts, tri, t_loc, backend=distance_backend)
+        keep = d2 < r * r
+        xyz = xyz[keep]
+        key = (xyz[:, 0] * res + xyz[:, 1]) * res + xyz[:, 2]
+        return key, d2[keep], tri_ids[t_loc[keep]], feat[keep]
+
+    # CPU: local triangle-frame coordinates are affine in (iu, iv, iw); a column shares iu, iv.
+    rot, shape = triangle_frames(tri)
+    order = torch.stack([(axis + 1) % 3, (axis + 2) % 3, axis], dim=1)
+    m_uvw = torch.gather(rot, 2, order[:, None, :].expand(-1, 3, -1)) * h  # (T,3 rows,3 uvw)
+    origin = torch.einsum("tij,tj->ti", rot, c0 - tri[:, 0].double())
+    base_tab = torch.cat([m_uvw[:, :, 0], m_uvw[:, :, 1], origin], 1).to(tri.dtype)  # (T, 9)
+    bt = base_tab[col_t]
+    base = bt[:, 6:9] + bt[:, 0:3] * iu[:, None].to(tri.dtype) + bt[:, 3:6] * iv[:, None].to(tri.dtype)
+    cand_tab = torch.cat([m_uvw[:, :, 2], shape], 1).to(tri.dtype)[t_loc]  # (N, 9)
+    loc = base[cand_c] + cand_tab[:, 0:3] * iw[:, None].to(tri.dtype)
+    d2, feat = sqdist_in_frame(loc[:, 0], loc[:, 1], loc[:, 2], cand_tab[:, 3:9])
+    keep = d2 < r * r
+    iu_k, iv_k, iw_k, ax_k = iu[cand_c][keep], iv[cand_c][keep], iw[keep], ax[keep]
+    # Linear key from (u, v, w) by axis: x is w for axis 0, v for axis 1, u for axis 2, and so on.
+    x = torch.where(ax_k == 0, iw_k, torch.where(ax_k == 1, iv_k, iu_k))
+    y = torch.where(ax_k == 0, iu_k, torch.where(ax_k == 1, iw_k, iv_k))
+    z = torch.where(ax_k == 0, iv_k, torch.where(ax_k == 1, iu_k, iw_k))
+    key = (x * res + y) * res + z
+    return key, d2[keep], tri_ids[t_loc[keep]], feat[keep]
 
 
 def _triangle_chunks(counts: torch.Tensor, chunk: int) -> Iterator[tuple[int, int]]:

@@ -1,0 +1,271 @@
+"""Narrow-band sparse SDF: seconds per mesh, band voxels per second and peak memory at 256/512/1024,
+on a ~50k-face scanned mesh and on the sample corpus, against mesh-to-sdf on the same voxels.
+
+    python benchmarks/preprocess.py                          # CPU, one core (each size in a fresh process)
+    python benchmarks/preprocess.py --device cuda            # one GPU
+    python benchmarks/preprocess.py --mesh bunny.npz --res 256 512 --no-corpus --json out.json
+
+The scanned mesh is the Stanford bunny that pymeshlab's wheel ships (56k faces;
+Stanford 3D Scanning Repository, research use with acknowledgement) when
+pymeshlab is installed, else `scan_like_mesh()`: a deterministic displaced,
+noisy, irregularly triangulated blob of ~50k faces. `--mesh` takes a .npz with
+arrays v (V,3) and f (F,3), already normalized, or any file trimesh reads.
+mesh-to-sdf runs on a random subsample of the band's voxels and its time is
+extrapolated to the whole band (its fixed surface-sampling cost counted once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.geometry.sdf import sparse_sdf
+
+RESOLUTIONS = (256, 512, 1024)
+
+
+# ---------- meshes ----------
+
+def scan_like_mesh(seed: int = 0, rings: int = 160) -> tuple[np.ndarray, np.ndarray]:
+    """A closed, scan-like mesh of ~50k faces: UV-sphere topology (fan poles, uneven triangles),
+    low-frequency displacement, tangential jitter and per-vertex noise; same seed, same mesh."""
+    import trimesh
+
+    rng = np.random.default_rng(seed)
+    m = trimesh.creation.uv_sphere(radius=1.0, count=[rings, rings])
+    v = np.asarray(m.vertices, dtype=np.float64)
+    f = np.asarray(m.faces, dtype=np.int64)
+    n = v / np.linalg.norm(v, axis=1, keepdims=True)
+    disp = np.zeros(len(v))
+    for _ in range(24):  # smooth bumps like a scanned object's shape
+        d = rng.normal(size=3)
+        d /= np.linalg.norm(d)
+        disp += rng.uniform(0.02, 0.12) * np.sin(rng.uniform(1, 6) * n @ d + rng.uniform(0, 2 * np.pi))
+    v = n * (1.0 + disp)[:, None]
+    edge = 2 * np.pi / rings
+    v += 0.25 * edge * rng.normal(size=v.shape)  # scanner noise and irregular sampling
+    v = (v - (v.max(0) + v.min(0)) / 2) * (0.95 / (np.abs(v - (v.max(0) + v.min(0)) / 2).max()))
+    return v, f
+
+
+def scan_mesh(path: str | None) -> tuple[np.ndarray, np.ndarray, str]:
+    from pipeline.geometry.mesh import normalize
+
+    if path and path.endswith(".npz"):
+        d = np.load(path)
+        return d["v"], d["f"], Path(path).stem
+    if path:
+        import trimesh
+
+        m = trimesh.load(path, force="mesh", process=False)
+        n = normalize(np.asarray(m.vertices), np.asarray(m.faces))
+        return n.vertices, n.faces, Path(path).stem
+    try:
+        import pymeshlab
+        import trimesh
+
+        bunny = Path(pymeshlab.__file__).parent / "tests" / "sample_meshes" / "bunny.obj"
+        m = trimesh.load(bunny, force="mesh", process=False)
+        n = normalize(np.asarray(m.vertices), np.asarray(m.faces))
+        return n.vertices, n.faces, "stanford_bunny"
+    except (ImportError, OSError, ValueError):
+        v, f = scan_like_mesh()
+        return v, f, "scan_like"
+
+
+def corpus_meshes(corpus_dir: str | None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Every valid single mesh of the sample corpus (generated into a temporary folder if none given)."""
+    import tempfile
+
+    from pipeline.corpus import generate_corpus, load_report
+    from pipeline.geometry.mesh import extension, load_mesh, normalize
+
+    root = Path(corpus_dir or tempfile.mkdtemp(prefix="s2corpus_"))
+    if not (root / "corpus.json").exists():
+        generate_corpus(root)
+    out = []
+    for e in load_report(root).entries:
+        if not e.valid:
+            continue
+        try:
+            v, f = load_mesh((root / e.path).read_bytes(), extension(e.path))
+            n = normalize(v, f)
+        except ValueError:
+            continue
+        out.append((e.path, n.vertices, n.faces))
+    return out
+
+
+# ---------- measurements (one function each) ----------
+
+SAMPLE = 2000  # band voxels each measurement hands back for the accuracy check and the baseline
+_TETRA = (np.array([[0.5, 0.5, 0.5], [0.5, -0.5, -0.5], [-0.5, 0.5, -0.5], [-0.5, -0.5, 0.5]]),
+          np.array([[0, 1, 2], [0, 3, 1], [0, 2, 3], [1, 3, 2]]))
+
+
+def _sample(s, n=SAMPLE):
+    idx = torch.randperm(s.coords.shape[0], generator=torch.Generator().manual_seed(0))[:n]
+    return s.coords.cpu()[idx].numpy(), s.values.cpu()[idx].numpy()
+
+
+def _cpu_child(v, f, res, band, sign, queue):
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core
+    torch.set_num_threads(1)
+    sparse_sdf(*_TETRA, 16)  # first-call costs (imports, allocator) stay out of the timing
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t, c = time.perf_counter(), time.process_time()
+    s = sparse_sdf(v, f, res, band, sign=sign)
+    sec, cpu = time.perf_counter() - t, time.process_time() - c
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    coords, values = _sample(s)
+    queue.put({"seconds": sec, "cpu_seconds": cpu, "voxels": int(s.coords.shape[0]), "peak_rss_gib": peak / 2**20,
+               "rss_over_base_gib": (peak - base) / 2**20, "coords": coords, "values": values})
+
+
+def measure_cpu(v, f, res: int, band: float = 2.0, sign: str = "winding") -> dict:
+    """Seconds, band voxels and peak RSS of one `sparse_sdf` call in a fresh one-core process."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_cpu_child, args=(v, f, res, band, sign, q))
+    p.start()
+    out = q.get()
+    p.join()
+    return out
+
+
+def measure_gpu(v, f, res: int, band: float = 2.0, sign: str = "winding", repeats: int = 5) -> dict:
+    """Median seconds of `sparse_sdf` on CUDA (inputs already on the GPU) and its peak GPU memory."""
+    vt = torch.as_tensor(v, dtype=torch.float32, device="cuda")
+    ft = torch.as_tensor(f, dtype=torch.int64, device="cuda")
+    chunk = 1 << 23
+    s = sparse_sdf(vt, ft, res, band, sign=sign, chunk=chunk)  # warm-up: Triton compile
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        s = sparse_sdf(vt, ft, res, band, sign=sign, chunk=chunk)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    coords, values = _sample(s)
+    return {"seconds": sorted(times)[repeats // 2], "voxels": int(s.coords.shape[0]),
+            "peak_gpu_gib": (torch.cuda.max_memory_allocated() - base) / 2**30, "coords": coords, "values": values}
+
+
+def measure_accuracy(v, f, res: int, band: float, coords: np.ndarray, values: np.ndarray) -> float:
+    """Max |error| in voxel widths of |SDF| on sampled voxels against brute force over all triangles."""
+    from kernels.distance import point_triangle_sqdist_reference
+
+    h = 2.0 / res
+    tri = torch.as_tensor(v[f], dtype=torch.float64)
+    worst = 0.0
+    for c, val in zip(coords, values):
+        p = torch.as_tensor(-1 + (c + 0.5) * h, dtype=torch.float64).expand(len(tri), 3)
+        d = point_triangle_sqdist_reference(p, tri[:, 0], tri[:, 1], tri[:, 2])[0].min().sqrt().item()
+        worst = max(worst, abs(abs(float(val)) * band * h - d) / h)
+    return worst
+
+
+def measure_mesh_to_sdf(v, f, res: int, voxels: int, coords: np.ndarray, samples: int = 1_000_000) -> dict:
+    """mesh-to-sdf ('sample' surface points, 'normal' sign) on sampled band voxels, extrapolated to the band."""
+    import mesh_to_sdf
+    import trimesh
+
+    mesh = trimesh.Trimesh(v, f, process=False)
+    pts = -1 + (coords.astype(np.float64) + 0.5) * (2.0 / res)
+    t = time.process_time()  # CPU time of all threads, comparable with ours on one core
+    cloud = mesh_to_sdf.get_surface_point_cloud(mesh, surface_point_method="sample", sample_point_count=samples)
+    fixed = time.process_time() - t
+    t = time.process_time()
+    cloud.get_sdf_in_batches(pts, use_depth_buffer=False)
+    per_point = (time.process_time() - t) / len(pts)
+    return {"fixed_s": fixed, "us_per_point": per_point * 1e6, "seconds": fixed + per_point * voxels}
+
+
+def measure_corpus(meshes, res: int, band: float = 2.0) -> dict:
+    """CPU seconds per mesh over the corpus in this process (one thread), with failures counted."""
+    torch.set_num_threads(1)
+    secs, vox, failed = [], 0, []
+    for name, v, f in meshes:
+        t = time.process_time()
+        try:
+            vox += sparse_sdf(v, f, res, band).coords.shape[0]
+        except ValueError as e:
+            failed.append(f"{name}: {e}")
+            continue
+        secs.append(time.process_time() - t)
+    return {"meshes": len(secs), "failed": failed, "mean_s": float(np.mean(secs)), "max_s": float(np.max(secs)),
+            "voxels_per_s": vox / sum(secs)}
+
+
+def _has_mesh_to_sdf() -> bool:
+    try:
+        import mesh_to_sdf  # noqa: F401
+        import trimesh  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ---------- table ----------
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--res", type=int, nargs="+", default=list(RESOLUTIONS))
+    ap.add_argument("--band", type=float, default=2.0)
+    ap.add_argument("--mesh", default=None, help=".npz (v, f) or a mesh file; default: bunny or scan-like")
+    ap.add_argument("--corpus", default=None, help="sample corpus folder (generated if absent)")
+    ap.add_argument("--corpus-res", type=int, default=256)
+    ap.add_argument("--no-corpus", action="store_true")
+    ap.add_argument("--baseline-points", type=int, default=SAMPLE, help="band voxels given to mesh-to-sdf (0: skip)")
+    ap.add_argument("--accuracy-points", type=int, default=50, help="band voxels checked by brute force")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    v, f, name = scan_mesh(args.mesh)
+    print(f"mesh {name}: {len(f)} faces, device {args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else " (one core)"))
+    rows = []
+    for res in args.res:
+        r = measure_cpu(v, f, res, args.band) if args.device == "cpu" else measure_gpu(v, f, res, args.band)
+        r["res"] = res
+        coords, values = r.pop("coords"), r.pop("values")
+        r["max_err_voxel"] = measure_accuracy(v, f, res, args.band, coords[:args.accuracy_points],
+                                              values[:args.accuracy_points])
+        if args.baseline_points and _has_mesh_to_sdf():
+            r["mesh_to_sdf"] = measure_mesh_to_sdf(v, f, res, r["voxels"], coords[:args.baseline_points])
+        rows.append(r)
+
+    mem_key = "peak_rss_gib" if args.device == "cpu" else "peak_gpu_gib"
+    print(f"\n| res | band voxels | seconds (wall / cpu) | Mvoxels/s (cpu) | peak mem (GiB) | max err (voxel) | mesh-to-sdf s (extrap.) | ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        m2s = r.get("mesh_to_sdf", {}).get("seconds", float("nan"))
+        sec = r.get("cpu_seconds", r["seconds"])  # one thread: CPU time is the wall time of an idle core
+        print(f"| {r['res']} | {r['voxels']:,} | {r['seconds']:.3f} / {sec:.3f} | {r['voxels'] / sec / 1e6:.2f} | "
+              f"{r[mem_key]:.2f} | {r['max_err_voxel']:.4f} | {m2s:.1f} | {m2s / sec:.0f}x |")
+    out = {"mesh": name, "faces": int(len(f)), "device": args.device, "rows": rows}
+    if args.device == "cpu" and not args.no_corpus:
+        meshes = corpus_meshes(args.corpus)
+        c = measure_corpus(meshes, args.corpus_res, args.band)
+        out["corpus"] = c
+        print(f"\ncorpus at {args.corpus_res}^3, one thread: {c['meshes']} meshes, mean {c['mean_s']:.2f} s, "
+              f"max {c['max_s']:.2f} s, {c['voxels_per_s'] / 1e6:.2f} Mvoxels/s, failed {len(c['failed'])}")
+        for line in c["failed"]:
+            print("  failed:", line)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()

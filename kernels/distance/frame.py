@@ -1,0 +1,59 @@
+"""Point-to-triangle distance in each triangle's own frame: the CPU path of the band's hot loop.
+
+A triangle (a, b, c) is placed at a=(0,0,0), b=(bx,0,0), c=(cx,cy,0) with cy > 0;
+a point's local (x, y, z) then gives d^2 = z^2 + (2D distance to the triangle)^2.
+Voxel centres are affine in their indices, so local coordinates cost three
+multiply-adds per voxel and no (N,3,3) gather: about half the work of the
+reference on the CPU. Same results as the reference up to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.distance.reference import EDGE_AB, EDGE_BC, EDGE_CA, FACE, VERT_A, VERT_B, VERT_C
+
+# Columns of the table made by `triangle_frames`.
+BX, CX, CY, INV_BX, INV_C2, INV_BC2 = range(6)
+
+
+def triangle_frames(tri: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotation rows (T,3,3) [e1; e2; n] and the 2D shape table (T,6) (see the column names above)."""
+    t = tri.double()
+    ab, ac = t[:, 1] - t[:, 0], t[:, 2] - t[:, 0]
+    bx = ab.norm(dim=1)
+    e1 = ab / bx[:, None]
+    n = torch.linalg.cross(ab, ac, dim=1)
+    n = n / n.norm(dim=1, keepdim=True)
+    e2 = torch.linalg.cross(n, e1, dim=1)
+    cx, cy = (ac * e1).sum(1), (ac * e2).sum(1)
+    shape = torch.stack([bx, cx, cy, 1 / bx, 1 / (cx * cx + cy * cy), 1 / ((cx - bx) ** 2 + cy * cy)], 1)
+    return torch.stack([e1, e2, n], 1), shape
+
+
+def sqdist_in_frame(x, y, z, shape: torch.Tensor, with_feature: bool = True):
+    """d^2 (and the closest feature code) for local coordinates x, y, z (N,) against shape rows (N,6)."""
+    bx, cx, cy = shape[:, BX], shape[:, CX], shape[:, CY]
+    t_ab = (x * shape[:, INV_BX]).clamp(0, 1)
+    d_ab = (x - t_ab * bx) ** 2 + y * y
+    t_ca = ((x * cx + y * cy) * shape[:, INV_C2]).clamp(0, 1)
+    d_ca = (x - t_ca * cx) ** 2 + (y - t_ca * cy) ** 2
+    xb, cbx = x - bx, cx - bx
+    t_bc = ((xb * cbx + y * cy) * shape[:, INV_BC2]).clamp(0, 1)
+    d_bc = (xb - t_bc * cbx) ** 2 + (y - t_bc * cy) ** 2
+    inside = (y >= 0) & (cy * x >= cx * y) & (cbx * y >= cy * xb)
+    edge = torch.minimum(torch.minimum(d_ab, d_bc), d_ca)
+    d2 = z * z + torch.where(inside, torch.zeros_like(edge), edge)
+    if not with_feature:
+        return d2, None
+    return d2, _feature(inside, edge, d_ab, d_bc, t_ab, t_bc, t_ca)
+
+
+def _feature(inside, edge, d_ab, d_bc, t_ab, t_bc, t_ca):
+    def code(t, lo, mid, hi):
+        return torch.where(t <= 0, lo, torch.where(t >= 1, hi, mid))
+
+    feat = code(t_ca, VERT_A, EDGE_CA, VERT_C)
+    feat = torch.where(edge == d_bc, code(t_bc, VERT_B, EDGE_BC, VERT_C), feat)
+    feat = torch.where(edge == d_ab, code(t_ab, VERT_A, EDGE_AB, VERT_B), feat)
+    return torch.where(inside, FACE, feat).to(torch.uint8)
