@@ -57,25 +57,33 @@ class SparseLayerNorm(nn.LayerNorm):
         return x.replace(super().forward(_norm_dtype(x.feats)).to(x.dtype))
 
 
-class SparseConv3d(nn.Module):
+class _SparseConvBase(nn.Module):
+    """Weight (V, C_in, C_out) with conv3d's default init, an optional bias, and the conv over a kernel map."""
+
+    def __init__(self, in_channels: int, out_channels: int, volume: int, bias: bool):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        bound = 1.0 / math.sqrt(in_channels * volume)
+        self.weight = nn.Parameter(torch.empty(volume, in_channels, out_channels).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+
+    def _conv(self, x: SparseTensor, kmap) -> torch.Tensor:
+        _expect_channels(type(self).__name__, x, self.in_channels)
+        out = sparse_conv(x.feats, self.weight, kmap)
+        return out + self.bias.to(out.dtype) if self.bias is not None else out
+
+
+class SparseConv3d(_SparseConvBase):
     """Submanifold convolution: outputs on the input voxels, kernel_size³ neighbourhood (3×3×3 by default)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True):
-        super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"SparseConv3d: kernel_size must be odd for a submanifold conv, got {kernel_size}")
-        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
-        vol = kernel_size ** 3
-        bound = 1.0 / math.sqrt(in_channels * vol)
-        self.weight = nn.Parameter(torch.empty(vol, in_channels, out_channels).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        super().__init__(in_channels, out_channels, kernel_size ** 3, bias)
+        self.kernel_size = kernel_size
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        _expect_channels("SparseConv3d", x, self.in_channels)
-        out = sparse_conv(x.feats, self.weight, x.submanifold_map(self.kernel_size))
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
-        return x.replace(out)
+        return x.replace(self._conv(x, x.submanifold_map(self.kernel_size)))
 
 
 def _coarse_tensor(x: SparseTensor, feats: torch.Tensor, stride: int) -> SparseTensor:
@@ -97,23 +105,15 @@ class SparseDownsample(nn.Module):
         return _coarse_tensor(x, total / count[:, None], self.stride)
 
 
-class SparseConvDown(nn.Module):
+class SparseConvDown(_SparseConvBase):
     """Strided convolution, kernel = stride = 2: each coarse voxel mixes its 8 children with learned weights."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 2, bias: bool = True):
-        super().__init__()
-        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
-        vol = stride ** 3
-        bound = 1.0 / math.sqrt(in_channels * vol)
-        self.weight = nn.Parameter(torch.empty(vol, in_channels, out_channels).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        super().__init__(in_channels, out_channels, stride ** 3, bias)
+        self.stride = stride
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        _expect_channels("SparseConvDown", x, self.in_channels)
-        out = sparse_conv(x.feats, self.weight, x.downsample_map(self.stride))
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
-        return _coarse_tensor(x, out, self.stride)
+        return _coarse_tensor(x, self._conv(x, x.downsample_map(self.stride)), self.stride)
 
 
 def subdivide_structure(x: SparseTensor) -> tuple[torch.Tensor, torch.Tensor]:
