@@ -55,11 +55,11 @@ def run_items(cascade, items: list[dict]) -> list[dict]:
     out = []
     for item, r in zip(items, results):
         ans = {"name": r.name, "seed": r.seed, "error": r.error, "timings": r.timings, "stats": r.stats,
-               "format": item.get("format", "glb"), "batch_size": len(items), "mesh": None, "faces": 0}
+               "format": item.get("format", "glb"), "batch_size": len(items), "mesh": None, "faces": 0, "vertices": 0}
         if r.ok:
             try:
                 ans["mesh"] = mesh_bytes(r.vertices, r.faces, ans["format"])
-                ans["faces"] = int(len(r.faces))
+                ans["faces"], ans["vertices"] = int(len(r.faces)), int(len(r.vertices))
             except ValueError as e:
                 ans["error"] = f"{r.name}: {e}"
         out.append(ans)
