@@ -180,6 +180,9 @@ def train_vae(cfg: VAETrainConfig, progress: bool = True) -> dict:
     samples = load_samples(cfg)
     if len(samples) <= cfg.holdout:
         raise ValueError(f"train_vae: {len(samples)} samples leave none for training after holding out {cfg.holdout}")
+    # a seeded shuffle, so the held-out samples are not just the first shard's
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    samples = [samples[i] for i in order]
     held, train = samples[: cfg.holdout], samples[cfg.holdout:]
     model = SparseSDFVAE(VAEConfig.named(cfg.size)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
