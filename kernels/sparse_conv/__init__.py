@@ -23,7 +23,7 @@ def sparse_conv_triton(x: torch.Tensor, weight: torch.Tensor, kmap: KernelMap) -
 def sparse_conv(x: torch.Tensor, weight: torch.Tensor, kmap: KernelMap, backend: str = "auto") -> torch.Tensor:
     """Sparse convolution of features ``x`` (N, Cin) with ``weight`` (V, Cin, Cout) over ``kmap``.
 
-    ``backend``: "triton", "torch" or "auto" (Triton on CUDA tensors, PyTorch otherwise).
+    ``backend``: "triton", "torch" or "auto" (Triton on CUDA tensors of 16/32-bit floats, PyTorch otherwise).
     """
     if x.ndim != 2 or weight.ndim != 3:
         raise ValueError(f"sparse_conv: expected x (N, Cin) and weight (V, Cin, Cout), got {tuple(x.shape)} and {tuple(weight.shape)}")
@@ -34,7 +34,7 @@ def sparse_conv(x: torch.Tensor, weight: torch.Tensor, kmap: KernelMap, backend:
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"sparse_conv: x has {x.shape[1]} channels, weight expects {weight.shape[1]}")
     if backend == "auto":
-        backend = "triton" if x.is_cuda else "torch"
+        backend = "triton" if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32) else "torch"
     if backend == "triton":
         return sparse_conv_triton(x, weight, kmap)
     if backend == "torch":
