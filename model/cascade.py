@@ -14,6 +14,7 @@ naming it; the other items of the batch go on.
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -87,7 +88,7 @@ def _read(source: str, opener):
             return torch.load(f, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {source}: not found") from None
-    except (RuntimeError, OSError, EOFError) as e:
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"checkpoint {source}: unreadable without unpickling arbitrary objects ({first})") from None
 

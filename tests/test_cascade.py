@@ -1,0 +1,151 @@
+"""The generation cascade with tiny networks: batching, seeds, bad items, checkpoints, clean-up."""
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+from PIL import Image
+
+from model.cascade import Cascade, GenerationConfig, Request, load_network, pooled_sdf
+from model.postprocess import PostprocessConfig, clean_mesh, decimate, mesh_bytes, read_mesh_bytes
+
+FAST = GenerationConfig(resolution=64, structure_steps=2, sparse_steps=2, guidance=1.0, device="cpu")
+
+
+def png(color=(180, 70, 40), w=80, h=80, box=True) -> bytes:
+    img = np.full((h, w, 3), 255, np.uint8)
+    if box:
+        img[h // 4: 3 * h // 4, w // 5: 4 * w // 5] = color
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def cascade():
+    torch.set_num_threads(1)
+    return Cascade.random(FAST, seed=0)
+
+
+def test_batch_gives_meshes_and_names_bad_items(cascade):
+    reqs = [Request("good", png(), 1), Request("junk", b"GIF89a nonsense", 1), Request("flat", png(box=False), 1),
+            Request("other", png((20, 90, 200)), 2)]
+    res = cascade.generate(reqs)
+    assert [r.name for r in res] == ["good", "junk", "flat", "other"]
+    for r in (res[0], res[3]):
+        assert r.ok and len(r.faces) > 0 and np.isfinite(r.vertices).all()
+        assert np.abs(r.vertices).max() <= 1.0 and r.faces.max() < len(r.vertices)
+        assert {"condition", "structure", "sparse", "decode", "mesh"} <= set(r.timings)
+    assert res[1].error.startswith("junk: unreadable image")
+    assert res[2].error.startswith("flat: no foreground")
+
+
+def test_seed_reproduces_the_mesh_whatever_the_batch(cascade):
+    alone = cascade.generate([Request("a", png(), 7)])[0]
+    again = cascade.generate([Request("a", png(), 7)])[0]
+    batched = cascade.generate([Request("b", png((10, 200, 10)), 3), Request("a", png(), 7)])[1]
+    other = cascade.generate([Request("a", png(), 8)])[0]
+    assert np.array_equal(alone.faces, again.faces) and np.array_equal(alone.vertices, again.vertices)
+    assert alone.faces.shape == batched.faces.shape and np.allclose(alone.vertices, batched.vertices, atol=1e-4)
+    assert alone.faces.shape != other.faces.shape or not np.allclose(alone.vertices, other.vertices)
+
+
+def test_empty_structure_fails_that_item_only(cascade, monkeypatch):
+    real = cascade.structure_stage
+
+    def second_empty(cond, seeds):
+        out = real(cond, seeds)
+        out[1] = out[1][:0]
+        return out
+
+    monkeypatch.setattr(cascade, "structure_stage", second_empty)
+    res = cascade.generate([Request("x", png(), 1), Request("y", png(), 2), Request("z", png(), 3)])
+    assert res[0].ok and res[2].ok
+    assert res[1].error == "y: empty structure (the structure stage predicted no occupied voxels)"
+
+
+def test_structure_that_predicts_nothing_is_a_clear_error():
+    c = Cascade.random(FAST, seed=1)
+    torch.nn.init.constant_(c.structure_vae.decoder[-1].bias, -50.0)  # every voxel far below the 0.1 threshold
+    res = c.generate([Request("p", png(), 0), Request("q", png(), 1)])
+    assert all("empty structure" in r.error for r in res)
+
+
+def _save_trainer_checkpoint(path, network, bundle, **extra):
+    from pipeline.train.checkpoints import describe
+
+    prefix = "vae." if network == "structure_vae" else "dit."
+    blob = {"state_dict": {prefix + k: v for k, v in bundle.module.state_dict().items()},
+            "model_config": bundle.config, **describe(network, bundle.config), "step": 5, **extra}
+    path.mkdir(parents=True)
+    torch.save(blob, path / "weights.pt")
+    return str(path)
+
+
+def test_checkpoints_round_trip_and_refuse_bad_ones(cascade, tmp_path):
+    b = cascade.bundles
+    paths = {k: _save_trainer_checkpoint(tmp_path / k, k, b[k]) for k in ("structure_vae", "structure_dit", "dit")}
+    loaded = Cascade.from_checkpoints(dataclasses.replace(FAST, **paths))
+    want = cascade.generate([Request("a", png(), 4)])[0]
+    got = loaded.generate([Request("a", png(), 4)])[0]
+    assert np.array_equal(want.faces, got.faces) and np.allclose(want.vertices, got.vertices)
+    assert loaded.info()["networks"]["dit"]["step"] == 5
+
+    with pytest.raises(FileNotFoundError, match="nowhere/weights.pt: not found"):
+        Cascade.from_checkpoints(dataclasses.replace(FAST, **{**paths, "dit": str(tmp_path / "nowhere")}))
+    with pytest.raises(ValueError, match="holds network 'structure_vae', expected 'dit'"):
+        load_network(paths["structure_vae"], "dit")
+    res = _save_trainer_checkpoint(tmp_path / "dit256", "dit", b["dit"], resolution=256)
+    with pytest.raises(ValueError, match="trained at resolution 256, resolution is 64"):
+        Cascade.from_checkpoints(dataclasses.replace(FAST, **{**paths, "dit": res}))
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    torch.save({"network": "dit", "payload": Image.new("RGB", (2, 2))}, evil / "weights.pt")  # an arbitrary object
+    with pytest.raises(ValueError, match="unreadable without unpickling arbitrary objects"):
+        load_network(str(evil), "dit")
+    wide = _save_trainer_checkpoint(tmp_path / "wide", "dit", dataclasses.replace(
+        b["dit"], config=dataclasses.replace(b["dit"].config, cond_dim=32),
+        module=type(b["dit"].module)(dataclasses.replace(b["dit"].config, cond_dim=32))))
+    with pytest.raises(ValueError, match="expects condition width 32"):
+        Cascade.from_checkpoints(dataclasses.replace(FAST, **{**paths, "dit": wide}))
+
+
+def test_pooled_latent_decodes_to_the_surface():
+    from model import pooled_latent
+    from model.mesh_extract import extract_mesh
+
+    res = 64
+    r = torch.arange(res)
+    grid = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    p = -1 + (grid + 0.5) * 2 / res
+    d = p.norm(dim=1) - 0.6
+    band = d.abs() < 2 * 2 / res
+    coords, values = grid[band], (d[band] / (2 * 2 / res)).clamp(-1, 1)
+    lc, feats = pooled_latent.encode(coords, values)
+    c, v, sub_res = pooled_sdf(lc, feats, res // 8)
+    verts, faces = extract_mesh(c, v, sub_res)
+    radius = verts.norm(dim=1)
+    assert len(faces) > 100 and (radius - 0.6).abs().mean() < 2 / sub_res
+
+
+def test_clean_mesh_drops_shells_and_specks_and_meets_the_face_target():
+    outer = trimesh.creation.icosphere(3, radius=0.9)
+    inner = trimesh.creation.icosphere(2, radius=0.4)
+    inner.invert()
+    speck = trimesh.creation.icosphere(1, radius=0.03)
+    speck.apply_translation((0.95, 0.95, 0.95))
+    m = trimesh.util.concatenate([outer, inner, speck])
+    v, f, stats = clean_mesh(m.vertices, m.faces, PostprocessConfig(target_faces=0))
+    assert stats["interior_shells_dropped"] == 1 and stats["small_parts_dropped"] == 1 and len(f) == len(outer.faces)
+    v2, f2 = decimate(v, f, 400)
+    assert 100 < len(f2) <= 400
+    kept = trimesh.Trimesh(v2, f2)
+    assert abs(np.linalg.norm(kept.vertices, axis=1).mean() - 0.9) < 0.05
+    back = read_mesh_bytes(mesh_bytes(v2, f2, "ply"), "ply")
+    assert back[1].shape == f2.shape
+    with pytest.raises(ValueError, match="unknown mesh format 'stl'"):
+        mesh_bytes(v2, f2, "stl")
