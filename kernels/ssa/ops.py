@@ -188,8 +188,25 @@ def window_attention(q, k, v, structure: SSAStructure, *, shifted: bool = False,
     if perm is None:
         return segment_attention(q, k, v, plan)[0]
     inv = st.cached(("inv_perm", kind), lambda: torch.argsort(perm))
-    o = segment_attention(q.index_select(0, perm), k.index_select(0, perm), v.index_select(0, perm), plan)[0]
-    return o.index_select(0, inv)
+    o = segment_attention(_permute(q, perm, inv), _permute(k, perm, inv), _permute(v, perm, inv), plan)[0]
+    return _permute(o, inv, perm)
+
+
+class _Permute(torch.autograd.Function):
+    """x[perm] whose gradient is a gather by the inverse permutation, not a scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inv):
+        ctx.inv = inv
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.index_select(0, ctx.inv), None, None
+
+
+def _permute(x, perm, inv):
+    return _Permute.apply(x, perm, inv)
 
 
 def spatial_sparse_attention(q, k, v, k_cmp, v_cmp, gates, structure: SSAStructure, *, top_k: int = 8,

@@ -193,6 +193,11 @@ def _rows_for(block_t: int, g: int) -> int:
     return max(16, triton.next_power_of_2(block_t * g))
 
 
+def _warps(rows: int, default: int) -> int:
+    """256-row tiles keep their fp32 score tiles in registers only with 8 warps."""
+    return 8 if rows >= 256 else default
+
+
 def _seg_strides(t: torch.Tensor):
     return t.stride(0), (t.stride(1) if t.shape[1] > 1 else 0)
 
@@ -210,7 +215,8 @@ def _launch_fwd(q, k, v, plan: SegmentPlan):
             q, k, v, o, lse, plan.tile_start, plan.tile_end, plan.seg_start, plan.seg_end,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1), lse.stride(0), lse.stride(1),
             sst, ssh, d ** -0.5 * LOG2E, S=plan.seg_start.shape[2], G=g, BLOCK_T=plan.block_t,
-            BLOCK_R=_rows_for(plan.block_t, g), BLOCK_N=plan.block_n, D=d, num_warps=plan.num_warps)
+            BLOCK_R=_rows_for(plan.block_t, g), BLOCK_N=plan.block_n, D=d,
+            num_warps=_warps(_rows_for(plan.block_t, g), plan.num_warps))
     return o, lse
 
 
@@ -232,7 +238,7 @@ def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan):
             q, k, v, do, lse, delta, dq, plan.tile_start, plan.tile_end, plan.seg_start, plan.seg_end,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), lse.stride(1), sst, ssh,
             d ** -0.5 * LOG2E, d ** -0.5, S=plan.seg_start.shape[2], G=g, BLOCK_T=plan.block_t, BLOCK_R=br,
-            BLOCK_N=plan.block_n, D=d, num_warps=plan.num_warps)
+            BLOCK_N=plan.block_n, D=d, num_warps=_warps(br, plan.num_warps))
     n_chunks = plan.chunk_start.numel()
     if n_chunks:
         _bwd_dkv_kernel[(n_chunks, hkv, plan.dkv_split)](
@@ -240,7 +246,7 @@ def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan):
             plan.chunk_seg, plan.qptr, plan.tidx, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             lse.stride(0), lse.stride(1), plan.qptr_head_stride, d ** -0.5 * LOG2E, d ** -0.5,
             G=g, BLOCK_T=plan.block_t, BLOCK_R=br, TPI=max(1, 128 // br), BLOCK_N=plan.block_n, D=d,
-            ATOMIC=atomic, num_warps=4)
+            ATOMIC=atomic, num_warps=_warps(max(1, 128 // br) * br, 4))
     if atomic:
         dk, dv = dk.to(k.dtype), dv.to(v.dtype)
     return dq, dk, dv
@@ -393,5 +399,5 @@ def select_topk(q, k_cmp, lse_cmp, structure, top_k: int, q_tile: int, block_n: 
         q, k_cmp, lse_cmp, sel, ts, te, tseg, cmp_off, cu, unit_off,
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), lse_cmp.stride(0), lse_cmp.stride(1),
         sel.stride(0), sel.stride(1), d ** -0.5 * LOG2E, TOPK=top_k, KP=triton.next_power_of_2(top_k), G=g,
-        Q_TILE=q_tile, P=p, BLOCK_N=block_n, D=d, num_warps=4)
+        Q_TILE=q_tile, P=p, BLOCK_N=block_n, D=d, num_warps=_warps(p * q_tile * g, 4))
     return sel
