@@ -145,15 +145,14 @@ def measure_gpu(v, f, res: int, band: float = 2.0, sign: str = "winding", repeat
     """Median seconds of `sparse_sdf` on CUDA (inputs already on the GPU) and its peak GPU memory."""
     vt = torch.as_tensor(v, dtype=torch.float32, device="cuda")
     ft = torch.as_tensor(f, dtype=torch.int64, device="cuda")
-    chunk = 1 << 23
-    s = sparse_sdf(vt, ft, res, band, sign=sign, chunk=chunk)  # warm-up: Triton compile
+    s = sparse_sdf(vt, ft, res, band, sign=sign)  # warm-up: Triton compile
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        s = sparse_sdf(vt, ft, res, band, sign=sign, chunk=chunk)
+        s = sparse_sdf(vt, ft, res, band, sign=sign)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     coords, values = _sample(s)

@@ -161,31 +161,49 @@ def _triangle_chunks(counts: torch.Tensor, chunk: int) -> Iterator[tuple[int, in
         start = stop
 
 
-@torch.no_grad()
-def band_pairs(
-    tri: torch.Tensor, res: int, band: float, chunk: int = 1 << 22, distance_backend: str = "auto"
-) -> BandPairs:
-    """Every voxel centre with distance < band*h to the triangles (F,3,3), with its closest triangle."""
-    counts = candidate_counts(tri, res, band)
-    keys, tris, feats = [], [], []
-    for s, e in _triangle_chunks(counts, chunk):
-        k, d2, t, f = _chunk_candidates(tri[s:e], torch.arange(s, e, device=tri.device), res, band, distance_backend)
-        # One int64 holds (key, d2): keys < 2^31 at R <= 1024 and d2 >= 0 orders like its bit pattern.
-        keys.append((k << 32) | d2.view(torch.int32).to(torch.int64))
-        tris.append(t.to(torch.int32))
-        feats.append(f)
-    packed = torch.cat(keys)
-    tri_all = torch.cat(tris)
-    feat_all = torch.cat(feats)
-    del keys, tris, feats
+def _first_per_key(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort (key, d2) words; return the smallest-d2 word of each key and where it came from."""
     packed, order = torch.sort(packed)
     key = packed >> 32
     first = torch.ones_like(key, dtype=torch.bool)
     first[1:] = key[1:] != key[:-1]
-    sel = order[first]
+    return packed[first], order[first]
+
+
+def _morton_order(tri: torch.Tensor) -> torch.Tensor:
+    """Triangles sorted along a Morton curve so a chunk covers a compact region (fewer duplicates)."""
+    q = ((tri.mean(1) + 1) * 512).clamp(0, 1023).long()
+    code = torch.zeros_like(q[:, 0])
+    for bit in range(10):
+        for d in range(3):
+            code |= ((q[:, d] >> bit) & 1) << (3 * bit + d)
+    return torch.argsort(code)
+
+
+@torch.no_grad()
+def band_pairs(
+    tri: torch.Tensor, res: int, band: float, chunk: int = 1 << 20, distance_backend: str = "auto"
+) -> BandPairs:
+    """Every voxel centre with distance < band*h to the triangles (F,3,3), with its closest triangle."""
+    if res > 1024:
+        raise ValueError(f"resolution {res} > 1024: linear keys would not fit the packed 31 bits")
+    perm = _morton_order(tri)
+    tri = tri[perm]
+    counts = candidate_counts(tri, res, band)
+    words, owners = [], []
+    for s, e in _triangle_chunks(counts, chunk):
+        k, d2, t, f = _chunk_candidates(tri[s:e], torch.arange(s, e, device=tri.device), res, band, distance_backend)
+        # One int64 holds (key, d2): keys < 2^31 at R <= 1024 and d2 >= 0 orders like its bit pattern.
+        w, sel = _first_per_key((k << 32) | d2.view(torch.int32).to(torch.int64))
+        words.append(w)
+        owners.append((t[sel].to(torch.int32) << 3) | f[sel].to(torch.int32))  # triangle id and feature code
+        del k, d2, t, f
+    packed, sel = _first_per_key(torch.cat(words))
+    owner = torch.cat(owners)[sel]
+    del words, owners
     return BandPairs(
-        keys=key[first],
-        d2=(packed[first] & 0xFFFFFFFF).to(torch.int32).view(torch.float32),
-        tri=tri_all[sel].long(),
-        feature=feat_all[sel],
+        keys=packed >> 32,
+        d2=(packed & 0xFFFFFFFF).to(torch.int32).view(torch.float32),
+        tri=perm[(owner >> 3).long()],
+        feature=(owner & 7).to(torch.uint8),
     )

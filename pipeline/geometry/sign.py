@@ -38,21 +38,21 @@ class MeshTopology:
 
 
 def mesh_topology(faces: torch.Tensor, num_vertices: int) -> MeshTopology:
-    f = faces.long().cpu()
+    f = faces.long()  # edges are found on the faces' device; only the component count goes to scipy
     src = f.reshape(-1)
     dst = f[:, [1, 2, 0]].reshape(-1)
     lo, hi = torch.minimum(src, dst), torch.maximum(src, dst)
     und, inv, cnt = torch.unique(lo * num_vertices + hi, return_inverse=True, return_counts=True)
     directed = torch.unique(src * num_vertices + dst).numel()
     closed = bool((cnt == 2).all()) and directed == src.numel()
-    face_id = torch.arange(f.shape[0]).repeat_interleave(3)
+    n_edges, n_faces = und.numel(), f.shape[0]
+    face_id = np.repeat(np.arange(n_faces), 3)
     # Faces are joined when they share an edge: an edge-to-face incidence graph.
     graph = coo_matrix(
-        (np.ones(src.numel()), (inv.numpy(), face_id.numpy() + und.numel())),
-        shape=(und.numel() + f.shape[0],) * 2,
+        (np.ones(src.numel()), (inv.cpu().numpy(), face_id + n_edges)), shape=(n_edges + n_faces,) * 2
     )
     _, labels = connected_components(graph, directed=False)
-    components = int(np.unique(labels[und.numel():]).size)
+    components = int(np.unique(labels[n_edges:]).size)
     return MeshTopology(inv.reshape(-1, 3), cnt, closed, components)
 
 
