@@ -176,6 +176,7 @@ def pad_cols(idx, n):
 def flex_ssa(st, t, log):
     """The same three branches as a PyTorch user would build them on FlexAttention (128-token blocks)."""
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+    torch._dynamo.reset()  # a fresh static compile per size: a dynamic recompile asked for 512 GiB at 64k
     flex = torch.compile(flex_attention, dynamic=False)
     n, hq, d = t["q"].shape
     hkv = t["k"].shape[1]
