@@ -10,6 +10,7 @@ import os
 import torch
 
 from . import reference as ref
+from .gate import gate_mix
 from .segment_attention import SegmentPlan, block_scores, segment_attention, select_topk
 from .structure import SSAStructure
 
@@ -222,5 +223,7 @@ def spatial_sparse_attention(q, k, v, k_cmp, v_cmp, gates, structure: SSAStructu
         sel = select_blocks(q.detach(), k_cmp.detach(), lse, structure, top_k=top_k, q_tile=q_tile)
     o_slc = selection_attention(q, k, v, structure, sel, q_tile=q_tile, backend=backend)
     o_win = window_attention(q, k, v, structure, shifted=shifted, backend=backend)
+    if backend == "triton":
+        return gate_mix(o_cmp, o_slc, o_win, gates)
     g = gates.to(q.dtype)
     return g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_win

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .gate import row_dot
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 POISON = False  # tests set this: outputs start as NaN so an unwritten element fails
@@ -225,7 +227,7 @@ def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan):
     hkv = k.shape[1]
     g = hq // hkv
     do = do.contiguous()
-    delta = (o.float() * do.float()).sum(-1)
+    delta = row_dot(o, do)
     dq = _new(q.shape, q)
     atomic = plan.dkv_split > 1
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if atomic else _new(k.shape, k)
