@@ -220,6 +220,38 @@ def flex_ssa(st, t, log):
     return res
 
 
+def sweep(log, n=131072):
+    """Launch settings of the selection kernels at one size: the table's defaults come from here."""
+    import dataclasses
+
+    from kernels.ssa import ops
+    from kernels.ssa.ops import _selection_plan
+    st, t = workload(n)
+    q, k, v, kc = (t[s] for s in ("q", "k", "v", "k_cmp"))
+    lse = compression_attention(q, kc, t["v_cmp"], st)[1]
+    for qt in (1, 8):
+        for rows in (32, 64, 128, 256):
+            for bn in (32, 64, 128):
+                if qt * 16 > rows:
+                    continue
+                seg.SELECT_ROWS, ops.SELECT_BLOCK_N = rows, bn
+                ms = bench(lambda: select_blocks(q, kc, lse, st, top_k=8, q_tile=qt))
+                log(f"sweep select q_tile={qt} rows={rows} block_n={bn}: {ms:.3f} ms")
+        seg.SELECT_ROWS, ops.SELECT_BLOCK_N = 128, 0
+        sel = select_blocks(q, kc, lse, st, top_k=8, q_tile=qt)
+        base = _selection_plan(st, sel, qt, 16)
+        for bn in (32, 64, 128):
+            for nw in (1, 2, 4, 8):
+                for ns in (1, 2, 3):
+                    plan = dataclasses.replace(base, block_n=bn, num_warps=nw, num_stages=ns)
+                    try:
+                        ms = bench(lambda: seg.segment_attention(q, k, v, plan))
+                    except Exception as e:  # a setting can exceed shared memory; that is an answer too
+                        ms = float("nan")
+                        log(f"  {type(e).__name__}: {str(e)[:80]}")
+                    log(f"sweep slc fwd q_tile={qt} block_n={bn} warps={nw} stages={ns}: {ms:.3f} ms")
+
+
 # ------------------------------------------------------------------------------------------------ main
 def device_ceilings():
     x = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
@@ -237,6 +269,7 @@ def main():
     ap.add_argument("--sizes", default="16384,32768,65536,131072")
     ap.add_argument("--q-tile", default="1", help="comma list of selection query tiles to time")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="time launch settings of the selection kernels first")
     ap.add_argument("--no-sdpa", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -251,6 +284,8 @@ def main():
     log(f"{time.strftime('%Y-%m-%d %H:%M')} {card} torch {torch.__version__}")
     if args.check and not check(log):
         sys.exit(1)
+    if args.sweep:
+        sweep(log)
     if not args.sizes:
         return
     bw, mm = device_ceilings()

@@ -76,6 +76,9 @@ def _check(st: SSAStructure, backend: str, **tensors):
             raise ValueError(f"triton interpreter on the CPU takes float32, got {dt}")
 
 
+SELECT_BLOCK_N = 0  # key chunk of the scoring kernel; 0 = by block density
+
+
 def _block_n(st: SSAStructure, offsets: torch.Tensor) -> int:
     """Key chunk width: narrow for sparse blocks so fewer masked columns are computed."""
     mean = st.n_tokens / max(1, len(offsets) - 1)
@@ -125,7 +128,7 @@ def select_blocks(q, k_cmp, lse_cmp, structure: SSAStructure, *, top_k: int = 8,
         cmp_off = st.cached("cmp_shape_offsets32", lambda: st.cmp_shape_offsets.to(torch.int32))
         if st.cmp_block == st.slc_block:  # one pass with a running top-k, no score matrix
             return select_topk(q.contiguous(), k_cmp.contiguous(), lse_cmp, st, top_k, q_tile,
-                               _block_n(st, st.cmp_offsets))
+                               SELECT_BLOCK_N or _block_n(st, st.cmp_offsets))
         pool = True
         n_cols = st.max_slc_per_shape
         score = block_scores(q.contiguous(), k_cmp.contiguous(), lse_cmp, ts, te, tseg, cmp_off,

@@ -188,6 +188,7 @@ class SegmentPlan:
     tidx: torch.Tensor
     block_n: int = 64
     num_warps: int = 4
+    num_stages: int = 0  # 0 = Triton's default software-pipelining depth
     dkv_split: int = 1  # programs per key chunk in dK/dV (partial sums added atomically in float32)
 
 
@@ -198,6 +199,10 @@ def _rows_for(block_t: int, g: int) -> int:
 def _warps(rows: int, default: int) -> int:
     """256-row tiles keep their fp32 score tiles in registers only with 8 warps."""
     return 8 if rows >= 256 else default
+
+
+def _stages(plan) -> dict:
+    return {"num_stages": plan.num_stages} if plan.num_stages else {}
 
 
 def _seg_strides(t: torch.Tensor):
@@ -218,7 +223,7 @@ def _launch_fwd(q, k, v, plan: SegmentPlan):
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1), lse.stride(0), lse.stride(1),
             sst, ssh, d ** -0.5 * LOG2E, S=plan.seg_start.shape[2], G=g, BLOCK_T=plan.block_t,
             BLOCK_R=_rows_for(plan.block_t, g), BLOCK_N=plan.block_n, D=d,
-            num_warps=_warps(_rows_for(plan.block_t, g), plan.num_warps))
+            num_warps=_warps(_rows_for(plan.block_t, g), plan.num_warps), **_stages(plan))
     return o, lse
 
 
@@ -240,7 +245,7 @@ def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan):
             q, k, v, do, lse, delta, dq, plan.tile_start, plan.tile_end, plan.seg_start, plan.seg_end,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), lse.stride(1), sst, ssh,
             d ** -0.5 * LOG2E, d ** -0.5, S=plan.seg_start.shape[2], G=g, BLOCK_T=plan.block_t, BLOCK_R=br,
-            BLOCK_N=plan.block_n, D=d, num_warps=_warps(br, plan.num_warps))
+            BLOCK_N=plan.block_n, D=d, num_warps=_warps(br, plan.num_warps), **_stages(plan))
     n_chunks = plan.chunk_start.numel()
     if n_chunks:
         _bwd_dkv_kernel[(n_chunks, hkv, plan.dkv_split)](
@@ -383,12 +388,15 @@ def _select_kernel(Q, KC, LSE, SEL, TILE_START, TILE_END, TILE_SEG, CMP_OFF, CU,
              mask=umask[:, None] & (kk[None, :] < TOPK))
 
 
+SELECT_ROWS = 128  # rows (units × tokens × heads) per selection program
+
+
 def select_topk(q, k_cmp, lse_cmp, structure, top_k: int, q_tile: int, block_n: int = 64):
     """Top-k global block ids (n_units, Hkv, top_k), -1 past the shape's blocks; needs m_cmp == m_slc."""
     n, hq, d = q.shape
     hkv = k_cmp.shape[1]
     g = hq // hkv
-    p = max(1, 128 // (q_tile * g))
+    p = max(1, SELECT_ROWS // (q_tile * g))
     if q_tile * g < 16:
         p = max(p, 16 // (q_tile * g))
     st = structure
