@@ -241,8 +241,8 @@ def sweep(log, n=131072):
         sel = select_blocks(q, kc, lse, st, top_k=8, q_tile=qt)
         base = _selection_plan(st, sel, qt, 16)
         for bn in (32, 64, 128):
-            for nw in (1, 2, 4, 8):
-                for ns in (1, 2, 3):
+            for nw in (2, 4, 8):
+                for ns in (1, 3):
                     plan = dataclasses.replace(base, block_n=bn, num_warps=nw, num_stages=ns)
                     try:
                         ms = bench(lambda: seg.segment_attention(q, k, v, plan))
