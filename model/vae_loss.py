@@ -101,6 +101,17 @@ def vae_targets(x: SparseTensor, scale: int, sharp_angle_deg: float = 20.0) -> V
     return VAETargets(dec, target, is_input, is_sharp)
 
 
+def stack_targets(per_sample: list[VAETargets]) -> VAETargets:
+    """Targets of a batch from each sample's own (computed with batch index 0), in batch order."""
+    coords = []
+    for b, t in enumerate(per_sample):
+        c = t.coords.clone()
+        c[:, 0] = b
+        coords.append(c)
+    return VAETargets(torch.cat(coords), torch.cat([t.values for t in per_sample]),
+                      torch.cat([t.is_input for t in per_sample]), torch.cat([t.is_sharp for t in per_sample]))
+
+
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, exp(logvar)) || N(0, I)), summed over channels, averaged over latent voxels."""
     return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).sum(1).mean()

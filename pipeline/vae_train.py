@@ -20,7 +20,7 @@ import torch
 from model.sdf_shapes import narrow_band, random_shape
 from model.sparse import SparseTensor
 from model.vae import SparseSDFVAE, VAEConfig
-from model.vae_loss import VAELossWeights, VAETargets, vae_loss, vae_targets
+from model.vae_loss import VAELossWeights, VAETargets, stack_targets, vae_loss, vae_targets
 
 
 @dataclass
@@ -192,8 +192,8 @@ def train_vae(cfg: VAETrainConfig, progress: bool = True) -> dict:
     autocast = torch.bfloat16 if cfg.dtype == "bfloat16" else None
     before = evaluate(model, held, cfg.eval_points, device) if held else {}
     scale = model.config.downsample
-    # targets depend on the input only: build each sample's once
-    prepared: dict[int, tuple[SparseTensor, VAETargets]] = {}
+    # targets depend on the input only: build each sample's once, on first use
+    per_sample: dict[int, VAETargets] = {}
     g = torch.Generator().manual_seed(cfg.seed + 1)
     history, t0 = [], time.time()
     from rich.progress import Progress
@@ -202,10 +202,11 @@ def train_vae(cfg: VAETrainConfig, progress: bool = True) -> dict:
         task = bar.add_task("train VAE", total=cfg.steps)
         for step in range(cfg.steps):
             pick = torch.randperm(len(train), generator=g)[: cfg.batch_size].sort().values.tolist()
-            key = hash(tuple(pick))
-            if key not in prepared:
-                prepared[key] = prepare_batch([train[i] for i in pick], scale, device)
-            x, targets = prepared[key]
+            for i in pick:
+                if i not in per_sample:
+                    per_sample[i] = prepare_batch([train[i]], scale, device)[1]
+            x = make_batch([train[i] for i in pick], device)
+            targets = stack_targets([per_sample[i] for i in pick])
             terms = train_step(model, optimizer, x, targets, cfg.loss_weights(), cfg.grad_clip, autocast)
             schedule.step()
             history.append(terms)

@@ -51,6 +51,11 @@ def test_checkpoint_round_trip_and_train_step(tmp_path):
     torch.manual_seed(0)
     model = SparseSDFVAE(VAEConfig.named("tiny"))
     x, targets = prepare_batch(samples, 8)
+    from model.vae_loss import stack_targets
+
+    stacked = stack_targets([prepare_batch([s], 8)[1] for s in samples])  # how train_vae caches targets
+    assert torch.equal(stacked.coords, targets.coords) and torch.equal(stacked.values, targets.values)
+    assert torch.equal(stacked.is_input, targets.is_input) and torch.equal(stacked.is_sharp, targets.is_sharp)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     terms = train_step(model, opt, x, targets, cfg.loss_weights())
     assert set(terms) >= {"total", "input", "extra", "sharp", "kl", "grad_norm"}
