@@ -127,8 +127,9 @@ def select_blocks(q, k_cmp, lse_cmp, structure: SSAStructure, *, top_k: int = 8,
         ts, te, tseg, _ = st.tiles("shape", q_tile)
         cmp_off = st.cached("cmp_shape_offsets32", lambda: st.cmp_shape_offsets.to(torch.int32))
         if st.cmp_block == st.slc_block:  # one pass with a running top-k, no score matrix
+            wide = q_tile * q.shape[1] // hkv >= 128  # wide units: narrower key chunks (H100 sweep)
             return select_topk(q.contiguous(), k_cmp.contiguous(), lse_cmp, st, top_k, q_tile,
-                               SELECT_BLOCK_N or _block_n(st, st.cmp_offsets))
+                               SELECT_BLOCK_N or (32 if wide else 64))
         pool = True
         n_cols = st.max_slc_per_shape
         score = block_scores(q.contiguous(), k_cmp.contiguous(), lse_cmp, ts, te, tseg, cmp_off,
@@ -155,17 +156,23 @@ def _selection_plan(st: SSAStructure, selected: torch.Tensor, q_tile: int, g: in
     off = st.slc_offsets
     seg_start = torch.where(ok, off[blk], 0).to(torch.int32)
     seg_end = torch.where(ok, off[blk + 1], 0).to(torch.int32)
-    # inverse lists: for each (kv head, block), the tiles that selected it
-    tile_id = torch.arange(n_tiles, device=st.device)[:, None, None].expand(n_tiles, hkv, k)
-    head = torch.arange(hkv, device=st.device)[None, :, None].expand(n_tiles, hkv, k)
-    key = (head * st.n_slc + blk)[ok]
-    order = torch.argsort(key, stable=True)
-    tidx = tile_id[ok][order].to(torch.int32)
-    qptr = torch.zeros(hkv * st.n_slc + 1, dtype=torch.int32, device=st.device)
-    qptr[1:] = torch.cumsum(torch.bincount(key, minlength=hkv * st.n_slc), 0)
     cs, ce, cseg, _ = st.chunks("slc", block_n)
-    return SegmentPlan(ts, te, seg_start, seg_end, q_tile, cs, ce, cseg, qptr, st.n_slc, tidx, block_n,
-                       num_warps=2 if q_tile * g <= 16 else 4)
+
+    def inverse():
+        """For each (kv head, block), the tiles that selected it: needed by dK/dV only."""
+        tile_id = torch.arange(n_tiles, device=st.device)[:, None, None].expand(n_tiles, hkv, k)
+        head = torch.arange(hkv, device=st.device)[None, :, None].expand(n_tiles, hkv, k)
+        key = (head * st.n_slc + blk)[ok]
+        order = torch.argsort(key, stable=True)
+        tidx = tile_id[ok][order].to(torch.int32)
+        qptr = torch.zeros(hkv * st.n_slc + 1, dtype=torch.int32, device=st.device)
+        qptr[1:] = torch.cumsum(torch.bincount(key, minlength=hkv * st.n_slc), 0)
+        return qptr, tidx
+
+    per_token = q_tile * g <= 16
+    # per-query tiles of 16 rows run best with 2 warps and 3 pipeline stages (H100 sweep, docs/ssa.md)
+    return SegmentPlan(ts, te, seg_start, seg_end, q_tile, cs, ce, cseg, None, st.n_slc, None, block_n,
+                       num_warps=2 if per_token else 4, num_stages=3, inverse=inverse)
 
 
 def selection_attention(q, k, v, structure: SSAStructure, selected: torch.Tensor, *, q_tile: int = 1,

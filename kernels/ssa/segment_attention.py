@@ -183,12 +183,13 @@ class SegmentPlan:
     chunk_start: torch.Tensor
     chunk_end: torch.Tensor
     chunk_seg: torch.Tensor
-    qptr: torch.Tensor
+    qptr: torch.Tensor | None  # None: built by ``inverse()`` on the first backward
     qptr_head_stride: int
-    tidx: torch.Tensor
+    tidx: torch.Tensor | None
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 0  # 0 = Triton's default software-pipelining depth
+    inverse: object = None  # () -> (qptr, tidx), for plans whose inverse lists cost time to build
     dkv_split: int = 1  # programs per key chunk in dK/dV (partial sums added atomically in float32)
 
 
@@ -246,11 +247,12 @@ def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan):
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), lse.stride(1), sst, ssh,
             d ** -0.5 * LOG2E, d ** -0.5, S=plan.seg_start.shape[2], G=g, BLOCK_T=plan.block_t, BLOCK_R=br,
             BLOCK_N=plan.block_n, D=d, num_warps=_warps(br, plan.num_warps), **_stages(plan))
+    qptr, tidx = plan.inverse() if plan.inverse is not None else (plan.qptr, plan.tidx)
     n_chunks = plan.chunk_start.numel()
     if n_chunks:
         _bwd_dkv_kernel[(n_chunks, hkv, plan.dkv_split)](
             q, k, v, do, lse, delta, dk, dv, plan.tile_start, plan.tile_end, plan.chunk_start, plan.chunk_end,
-            plan.chunk_seg, plan.qptr, plan.tidx, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            plan.chunk_seg, qptr, tidx, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             lse.stride(0), lse.stride(1), plan.qptr_head_stride, d ** -0.5 * LOG2E, d ** -0.5,
             G=g, BLOCK_T=plan.block_t, BLOCK_R=br, TPI=max(1, 128 // br), BLOCK_N=plan.block_n, D=d,
             ATOMIC=atomic, num_warps=_warps(max(1, 128 // br) * br, 4))
@@ -388,7 +390,7 @@ def _select_kernel(Q, KC, LSE, SEL, TILE_START, TILE_END, TILE_SEG, CMP_OFF, CU,
              mask=umask[:, None] & (kk[None, :] < TOPK))
 
 
-SELECT_ROWS = 128  # rows (units × tokens × heads) per selection program
+SELECT_ROWS = 64  # rows (units × tokens × heads) per selection program (H100 sweep, docs/ssa.md)
 
 
 def select_topk(q, k_cmp, lse_cmp, structure, top_k: int, q_tile: int, block_n: int = 64):
