@@ -31,6 +31,8 @@ class TrainConfig:
         default="auto", metadata={"help": "auto = bf16 on GPUs, fp32 on CPUs"})
     ema_decay: float = 0.999
     checkpoint_every: int = 100
+    report_every: int = field(default=10, metadata={
+        "help": "steps between reports to Ray Train (each is a sync of all workers); every step is logged"})
     keep_checkpoints: int = 2
     storage: str = field(default="./runs", metadata={"help": "where checkpoints go: local path or s3://"})
     name: str = field(default="s2-train", metadata={"help": "run name; rerunning a name resumes it"})
@@ -47,6 +49,8 @@ class TrainConfig:
     timestep_shift: float = field(default=1.0, metadata={"help": "time shift of training timesteps"})
     grad_checkpointing: bool = False
     max_failures: int = field(default=3, metadata={"help": "worker-group restarts before the run fails"})
+    cache_gb: float = field(default=2.0, metadata={
+        "help": "replay a worker's prepared shapes from memory when they fit (small datasets); 0 = off"})
     synthetic_shapes: int = 16
     seed: int = 0
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved per training worker"})
@@ -54,7 +58,7 @@ class TrainConfig:
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"zero_stage: must be 0..3, got {self.zero_stage}")
-        for key in ("steps", "token_budget", "num_workers", "checkpoint_every", "resolution"):
+        for key in ("steps", "token_budget", "num_workers", "checkpoint_every", "report_every", "resolution"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if not 0 <= self.cond_drop < 1:

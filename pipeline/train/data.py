@@ -73,13 +73,14 @@ def build_dataset(shards: str, resolution: int, *, synthetic_shapes: int = 16, s
 def iter_samples(batches: Iterable[pa.Table], skipped: Skipped) -> Iterator[shard_format.SparseSDFSample]:
     """Arrow batches (from Ray Data's iter_batches) -> samples; a row that will not convert is counted."""
     for table in batches:
-        try:
-            # A fresh copy: Ray hands out slices of larger blocks, whose nested list offsets the
-            # zero-copy reader does not follow.
-            yield from shard_format.samples_from_table(table.take(list(range(table.num_rows))))
-        except (KeyError, ValueError, pa.ArrowInvalid, IndexError) as e:
-            skipped.shapes.append(f"batch of {table.num_rows} rows: cannot read ({e})")
-            log.warning("skipping rows: %s", e)
+        for i in range(table.num_rows):
+            try:
+                # A fresh one-row copy: the zero-copy reader reads the nested lists of a row that is a
+                # slice of a larger block (as Ray hands them out) past the row's end.
+                yield from shard_format.samples_from_table(table.slice(i, 1).take([0]))
+            except (KeyError, ValueError, pa.ArrowInvalid, IndexError) as e:
+                skipped.shapes.append(f"row {i} of a batch: cannot read ({e})")
+                log.warning("skipping row: %s", e)
 
 
 def token_batches(items: Iterable, budget: int, tokens: Callable[[object], int], name: Callable[[object], str],
@@ -100,3 +101,45 @@ def token_batches(items: Iterable, budget: int, tokens: Callable[[object], int],
         used += n
     if batch:
         yield batch
+
+
+def _nbytes(obj) -> int:
+    if hasattr(obj, "untyped_storage"):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if hasattr(obj, "data") and isinstance(getattr(obj, "data"), dict):
+        return _nbytes(obj.data)
+    return 64
+
+
+class EpochCache:
+    """Keeps a worker's prepared items in memory when they all fit in ``max_bytes``.
+
+    Each pass over a Ray Dataset starts a new execution (seconds of fixed cost); with a small dataset
+    that cost would dominate every epoch, so later epochs replay the cache in a new order instead.
+    """
+
+    def __init__(self, max_bytes: int, seed: int):
+        import random
+
+        self.max_bytes, self.rng = max_bytes, random.Random(seed)
+        self.items: list = []
+        self.bytes, self.complete, self.overflow = 0, False, max_bytes <= 0
+
+    def epoch(self, fresh: Iterable) -> Iterator:
+        if self.complete:
+            order = list(self.items)
+            self.rng.shuffle(order)
+            yield from order
+            return
+        for item in fresh:
+            if not self.overflow:
+                self.bytes += _nbytes(item)
+                if self.bytes > self.max_bytes:
+                    self.overflow, self.items = True, []
+                else:
+                    self.items.append(item)
+            yield item
+        # Only a pass that ran to its end holds every item.
+        self.complete = not self.overflow and bool(self.items)

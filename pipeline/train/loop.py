@@ -18,7 +18,7 @@ import torch.distributed as dist
 from pipeline.config import from_dict
 from pipeline.train import checkpoints
 from pipeline.train.config import TrainConfig
-from pipeline.train.data import Skipped, iter_samples, token_batches
+from pipeline.train.data import EpochCache, Skipped, iter_samples, token_batches
 from pipeline.train.engine import EMA, load_full_weights, make_engine
 from pipeline.train.plot import loss_curve_png
 from pipeline.train.tasks import build_task
@@ -98,9 +98,10 @@ def run_loop(cfg: TrainConfig, session) -> dict:
 
     skipped = Skipped()
     name = f"{cfg.network}-{cfg.model}"
+    cache = EpochCache(int(cfg.cache_gb * 2**30), seed=cfg.seed + rank)
     while step < cfg.steps:
         samples = (s for s in iter_samples(session.batches(), skipped) if _mine(s, rank, world))
-        items = (task.prepare(s) for s in samples)
+        items = cache.epoch(task.prepare(s) for s in samples)
         progressed = False
         for group in token_batches(items, cfg.token_budget, lambda i: i.tokens, lambda i: i.name, skipped):
             t0 = time.perf_counter()
@@ -136,7 +137,7 @@ def run_loop(cfg: TrainConfig, session) -> dict:
                             loss_curve_png(history["step"], history["loss"], os.path.join(tmp, "loss_curve.png"),
                                            title=f"{name} loss")
                     session.report(metrics, tmp)
-            else:
+            elif step % cfg.report_every == 0:
                 session.report(metrics, None)
             if step >= cfg.steps:
                 break
