@@ -391,8 +391,8 @@ class Cascade:
         return list(torch.split(z, [len(x) for x in coords_list]))
 
     @torch.no_grad()
-    def decode(self, vae, coords_list: list[torch.Tensor], latents: list[torch.Tensor], latent_res: int
-               ) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    def decode(self, vae, coords_list: list[torch.Tensor], latents: list[torch.Tensor], latent_res: int,
+               prune: bool = True) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
         """Latents -> sparse SDF (coords (N, 3), values (N,), grid resolution) per item."""
         if vae is None:
             return [pooled_sdf(c, z, latent_res) for c, z in zip(coords_list, latents)]
@@ -403,7 +403,10 @@ class Cascade:
             c4 = torch.cat([torch.zeros_like(c[:, :1]), c], 1).int().to(self.device)
             st = SparseTensor.from_unsorted(c4, z.to(self.device, torch.float32), latent_res, 1)
             sdf = vae.decode(st, chunk=self.cfg.decode_chunk)
-            out.append((sdf.coords[:, 1:], sdf.feats[:, 0].float(), sdf.resolution))
+            values = sdf.feats[:, 0].float()
+            # tanh saturates outside the band; marching needs only cells next to the surface
+            keep = values.abs() < 0.999 if prune else torch.ones_like(values, dtype=torch.bool)
+            out.append((sdf.coords[keep, 1:], values[keep], sdf.resolution))
         return out
 
     def refine_coords(self, sdf: tuple[torch.Tensor, torch.Tensor, int]) -> torch.Tensor:

@@ -1,0 +1,249 @@
+"""Generation speed and memory: seconds per mesh and peak GPU memory at 512 and 1024, meshes per minute
+per batch size (the Generator's work), and meshes per minute through the Serve app over HTTP.
+
+    python benchmarks/generate.py --size paper --device cuda            # paper-size networks, random weights
+    python benchmarks/generate.py --size debug --device cpu --steps-scale 0.1
+    python benchmarks/generate.py --serve --batches 1,4,16              # through Ray Serve (CPU, debug networks)
+
+Random weights give random occupancy and random SDFs, which would make token counts and meshes
+meaningless. So the structure stage runs for its time only, and the sparse stages run on a sphere shell
+with the paper's token counts (about 10.7k latent voxels at 512, 46k at 1024, DESIGN.md); the networks'
+decoded SDF is timed, then replaced by the sphere's SDF on the same voxels so marching extracts a mesh of
+realistic size. The image encoder is stood in for by random DINOv2-L-sized tokens (1,374 × 1,024): its
+own cost (one ViT-L pass, ~0.05 s on an H100) is not in the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+
+import torch
+
+from model.cascade import Cascade, GenerationConfig, random_network
+from model.mesh_extract import extract_mesh
+
+
+class RandomTokens(torch.nn.Module):
+    """Stands in for the image encoder: fixed random tokens of the encoder's shape."""
+
+    def __init__(self, dim: int, tokens: int, image_size: int = 518):
+        super().__init__()
+        self.dim, self.tokens, self.image_size = dim, tokens, image_size
+
+    def forward(self, images):
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(images.shape[0], self.tokens, self.dim, generator=g).to(images.device)
+
+
+def shell_radius(latent_res: int, tokens: int) -> float:
+    return min(math.sqrt(tokens / (4 * math.pi)), latent_res / 2 - 2)
+
+
+def shell(latent_res: int, tokens: int) -> torch.Tensor:
+    """Latent voxels of a sphere shell about one voxel thick holding about ``tokens`` voxels."""
+    r = shell_radius(latent_res, tokens)
+    ax = torch.arange(latent_res)
+    g = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), -1).reshape(-1, 3)
+    d = ((g.float() + 0.5 - latent_res / 2).norm(dim=1) - r).abs()
+    return g[d < 0.5 + 0.5 * max(0.0, tokens / (4 * math.pi * r * r) - 1)].int()
+
+
+def sphere_values(coords: torch.Tensor, res: int, radius: float) -> torch.Tensor:
+    """The sphere's SDF in band units (2 voxels) at the voxel centres; ``radius`` in the normalized cube."""
+    p = -1 + (coords.float() + 0.5) * 2 / res
+    return ((p.norm(dim=1) - radius) / (4.0 / res)).clamp(-1, 1)
+
+
+def build(size: str, device: str, refine_attention: str, steps_scale: float) -> Cascade:
+    cond_dim, tokens = (1024, 1374) if size == "paper" else (64, 64)
+    s = lambda n: max(1, round(n * steps_scale))  # noqa: E731
+    cfg = GenerationConfig(device=device, structure_steps=s(50), sparse_steps=s(30), refine_steps=s(15),
+                           dit_refine="<random>", resolution=512, refine_resolution=1024)
+    torch.manual_seed(0)
+    nets = {"structure_vae": random_network("structure_vae", size),
+            "structure_dit": random_network("structure_dit", size, cond_dim=cond_dim),
+            "dit": random_network("dit", size, cond_dim=cond_dim),
+            "vae": random_network("vae", size),
+            "dit_refine": random_network("dit", size, cond_dim=cond_dim, attention=refine_attention)}
+    return Cascade(cfg, RandomTokens(cond_dim, tokens), **nets)
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def peak_reset(dev):
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def peak_gb(dev) -> float:
+    return torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")
+
+
+def run_once(c: Cascade, batch: int, refine: bool, tokens512: int, tokens1024: int) -> dict:
+    """One batch through every stage; seconds per stage (for the whole batch) and peak memory."""
+    dev = c.device
+    t = {}
+
+    def timed(key, fn, *a):
+        sync(dev)
+        t0 = time.perf_counter()
+        out = fn(*a)
+        sync(dev)
+        t[key] = time.perf_counter() - t0
+        return out
+
+    peak_reset(dev)
+    seeds = list(range(batch))
+    cond = timed("condition", c.condition, torch.zeros(batch, 3, 518, 518))
+    timed("structure", c.structure_stage, cond, seeds)
+    coords = [shell(64, tokens512).to(dev)] * batch
+    lat = timed("sparse_512", c.sparse_stage, c.dit, coords, cond, seeds, c.cfg.sparse_steps, c.cfg.sparse_shift, 1)
+    sdfs = timed("decode_512", c.decode, c.vae, coords, lat, 64, False)
+    t["voxels_512"] = len(sdfs[0][0])
+
+    def march(sdfs, res, radius):
+        faces = 0
+        for sc, _, _ in sdfs:
+            vals = sphere_values(sc, res, radius)
+            keep = vals.abs() < 0.999
+            faces += len(extract_mesh(sc[keep], vals[keep], res)[1])
+        return faces
+
+    if not refine:
+        t["faces"] = timed("mesh_512", march, sdfs, 512, shell_radius(64, tokens512) * 2 / 64) / batch
+        t["peak_gb"] = peak_gb(dev)
+        t["tokens"] = len(coords[0])
+        return t
+    rc = [shell(128, tokens1024).to(dev)] * batch
+    lat = timed("sparse_1024", c.sparse_stage, c.dit_refine, rc, cond, seeds, c.cfg.refine_steps, c.cfg.refine_shift, 2)
+    sdfs = timed("decode_1024", c.decode, c.vae, rc, lat, 128, False)
+    t["voxels_1024"] = len(sdfs[0][0])
+    t["faces"] = timed("mesh_1024", march, sdfs, 1024, shell_radius(128, tokens1024) * 2 / 128) / batch
+    t["peak_gb"] = peak_gb(dev)
+    t["tokens"] = len(rc[0])
+    return t
+
+
+STAGE_KEYS = ("condition", "structure", "sparse_512", "decode_512", "mesh_512", "sparse_1024", "decode_1024", "mesh_1024")
+
+
+def gpu_table(args) -> list[dict]:
+    c = build(args.size, args.device, args.refine_attention, args.steps_scale)
+    rows = []
+    t_start = time.perf_counter()
+    run_once(c, 1, False, min(2000, args.tokens512), min(4000, args.tokens1024))  # warm-up: kernels compiled, allocator primed
+    plan = [(512, 1, False), (1024, 1, True)] + [(512, b, False) for b in args.batches if b > 1]
+    for res, b, refine in plan:
+        if time.perf_counter() - t_start > args.budget_s:
+            rows.append({"resolution": res, "batch": b, "skipped": "time budget"})
+            continue
+        try:
+            t = run_once(c, b, refine, args.tokens512, args.tokens1024)
+        except torch.OutOfMemoryError as e:
+            rows.append({"resolution": res, "batch": b, "skipped": f"out of memory ({str(e)[:60]})"})
+            torch.cuda.empty_cache()
+            continue
+        total = sum(t.get(k, 0.0) for k in STAGE_KEYS)
+        rows.append({"resolution": res, "batch": b, "s_per_mesh": total / b, "meshes_per_min": 60 * b / total,
+                     **{k: round(v, 3) if isinstance(v, float) else v for k, v in t.items()}})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def serve_table(args) -> list[dict]:
+    """Meshes per minute through the Serve app over HTTP at each max_batch_size (local CPU cluster)."""
+    import io
+    import threading
+
+    import numpy as np
+    import ray
+    import requests
+    from PIL import Image
+    from ray import serve
+
+    from pipeline.serve.app import start
+    from pipeline.serve.config import ServeConfig
+
+    img = np.full((96, 96, 3), 255, np.uint8)
+    img[24:72, 20:76] = (180, 70, 40)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    data = buf.getvalue()
+    ray.init(num_cpus=args.serve_cpus, include_dashboard=False, log_to_driver=False)
+    rows = []
+    gen = {"resolution": 64, "structure_steps": 4, "sparse_steps": 4, "guidance": 1.0, "device": args.device}
+    for b in args.batches:
+        cfg = ServeConfig(name="bench", port=args.port, generation=gen, random_weights="debug", max_batch_size=b,
+                          batch_wait_timeout_s=0.5, num_cpus=1, max_ongoing_requests=max(32, 2 * b), torch_threads=1)
+        start(cfg)
+        url = f"http://127.0.0.1:{args.port}/v1/generate"
+        n = max(2 * b, args.serve_requests)
+        sizes, lock = [], threading.Lock()
+
+        def one(i):
+            r = requests.post(url, data=data, headers={"Content-Type": "image/png"}, params={"seed": i}, timeout=900)
+            r.raise_for_status()
+            with lock:
+                sizes.append(int(r.headers["x-s2-batch-size"]))
+
+        one(10_000)  # warm-up
+        sizes.clear()
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        dt = time.perf_counter() - t0
+        rows.append({"max_batch_size": b, "requests": n, "seconds": round(dt, 2), "meshes_per_min": round(60 * n / dt, 1),
+                     "mean_batch": round(sum(sizes) / len(sizes), 2)})
+        print(json.dumps(rows[-1]), flush=True)
+        serve.delete("bench")
+    serve.shutdown()
+    ray.shutdown()
+    return rows
+
+
+def print_table(rows: list[dict], keys: list[str]) -> None:
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys) + " |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", default="paper", choices=["debug", "small", "paper"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batches", default="1,4,16", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--tokens512", type=int, default=10_700)
+    p.add_argument("--tokens1024", type=int, default=46_000)
+    p.add_argument("--refine-attention", default="full", choices=["full", "ssa"])
+    p.add_argument("--steps-scale", type=float, default=1.0, help="scale every stage's step count (quick runs)")
+    p.add_argument("--budget-s", type=float, default=240.0, help="skip the remaining rows after this long")
+    p.add_argument("--serve", action="store_true", help="measure through Ray Serve over HTTP instead")
+    p.add_argument("--serve-cpus", type=int, default=2)
+    p.add_argument("--serve-requests", type=int, default=8)
+    p.add_argument("--port", type=int, default=8765)
+    args = p.parse_args()
+    dev = torch.device(args.device)
+    card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    print(f"# device: {card}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}")
+    if args.serve:
+        print_table(serve_table(args), ["max_batch_size", "requests", "seconds", "meshes_per_min", "mean_batch"])
+        return
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    rows = gpu_table(args)
+    print_table(rows, ["resolution", "batch", "tokens", "s_per_mesh", "meshes_per_min", "peak_gb", "faces",
+                       *STAGE_KEYS, "skipped"])
+
+
+if __name__ == "__main__":
+    main()
