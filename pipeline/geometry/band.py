@@ -67,8 +67,14 @@ def _expand(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(owner, local) for a ragged range: owner[j] repeats i counts[i] times, local counts 0.. within it."""
     owner = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
     start = torch.cumsum(counts, 0) - counts
-    local = torch.arange(owner.numel(), device=counts.device) - start[owner]
+    local = torch.arange(owner.numel(), device=counts.device) - start.index_select(0, owner)
     return owner, local
+
+
+def _take(mask: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Rows where mask holds, for several tensors with one nonzero (boolean indexing redoes it per tensor)."""
+    idx = mask.nonzero().squeeze(1)
+    return [t.index_select(0, idx) for t in tensors]
 
 
 def _chunk_candidates(tri: torch.Tensor, tri_ids: torch.Tensor, res: int, band: float, distance_backend: str):
@@ -98,35 +104,36 @@ def _chunk_candidates(tri: torch.Tensor, tri_ids: torch.Tensor, res: int, band: 
     itab = torch.stack([i_lo[:, 0], i_lo[:, 1], nv, i_lo[:, 2], i_hi[:, 2]], 1)  # (T, 5)
 
     col_t, local = _expand(nu * nv)
-    it = itab[col_t]
-    row = torch.div(local, it[:, 2], rounding_mode="floor")
-    iu = it[:, 0] + row
-    iv = it[:, 1] + local - row * it[:, 2]
+    it = itab.T.contiguous().index_select(1, col_t)  # (fields, columns): contiguous rows
+    row = torch.div(local, it[2], rounding_mode="floor")
+    iu = it[0] + row
+    iv = it[1] + local - row * it[2]
     xu = c0 + iu.to(tri.dtype) * h
     xv = c0 + iv.to(tri.dtype) * h
-    ft = ftab[col_t]
-    edge_ok = ft[:, 0:3] * xu[:, None] + ft[:, 3:6] * xv[:, None] + ft[:, 6:9] >= 0
-    keep = edge_ok.all(dim=1)
-    col_t, iu, iv, xu, xv, ft, it = col_t[keep], iu[keep], iv[keep], xu[keep], xv[keep], ft[keep], it[keep]
+    ft = ftab.T.contiguous().index_select(1, col_t)
+    keep = ft[0] * xu + ft[3] * xv + ft[6] >= 0
+    for k in (1, 2):
+        keep &= ft[k] * xu + ft[3 + k] * xv + ft[6 + k] >= 0
+    sel = keep.nonzero().squeeze(1)
+    col_t, iu, iv, xu, xv = (x.index_select(0, sel) for x in (col_t, iu, iv, xu, xv))
+    ft, it = ft.index_select(1, sel), it.index_select(1, sel)
 
-    w_mid = ft[:, 11] + ft[:, 9] * xu + ft[:, 10] * xv
-    w_lo, w_hi = _index_range(w_mid - ft[:, 12], w_mid + ft[:, 12], h, 0.0, res)
-    w_lo = torch.maximum(w_lo, it[:, 3])
-    w_hi = torch.minimum(w_hi, it[:, 4])
+    w_mid = ft[11] + ft[9] * xu + ft[10] * xv
+    w_lo, w_hi = _index_range(w_mid - ft[12], w_mid + ft[12], h, 0.0, res)
+    w_lo = torch.maximum(w_lo, it[3])
+    w_hi = torch.minimum(w_hi, it[4])
     cand_c, local = _expand((w_hi - w_lo + 1).clamp(min=0))
-    iw = w_lo[cand_c] + local
-    t_loc = col_t[cand_c]
-    ax = axis[t_loc]
+    iw = w_lo.index_select(0, cand_c) + local
+    t_loc = col_t.index_select(0, cand_c)
 
     if tri.is_cuda or distance_backend == "triton":
         uvw = torch.stack([iu[cand_c], iv[cand_c], iw], dim=1)
-        xyz = torch.gather(uvw, 1, _XYZ_FROM_UVW.to(uvw.device)[ax])
+        xyz = torch.gather(uvw, 1, _XYZ_FROM_UVW.to(uvw.device)[axis[t_loc]])
         pts = c0 + xyz.to(tri.dtype) * h
         d2, feat = point_triangle_sqdist(pts, tri, t_loc, backend=distance_backend)
-        keep = d2 < r * r
-        xyz = xyz[keep]
+        xyz, d2, t_loc, feat = _take(d2 < r * r, xyz, d2, t_loc, feat)
         key = (xyz[:, 0] * res + xyz[:, 1]) * res + xyz[:, 2]
-        return key, d2[keep], tri_ids[t_loc[keep]], feat[keep]
+        return key, d2, tri_ids[t_loc], feat
 
     # CPU: local triangle-frame coordinates are affine in (iu, iv, iw); a column shares iu, iv.
     rot, shape = triangle_frames(tri)
@@ -134,19 +141,18 @@ def _chunk_candidates(tri: torch.Tensor, tri_ids: torch.Tensor, res: int, band: 
     m_uvw = torch.gather(rot, 2, order[:, None, :].expand(-1, 3, -1)) * h  # (T,3 rows,3 uvw)
     origin = torch.einsum("tij,tj->ti", rot, c0 - tri[:, 0].double())
     base_tab = torch.cat([m_uvw[:, :, 0], m_uvw[:, :, 1], origin], 1).to(tri.dtype)  # (T, 9)
-    bt = base_tab[col_t]
-    base = bt[:, 6:9] + bt[:, 0:3] * iu[:, None].to(tri.dtype) + bt[:, 3:6] * iv[:, None].to(tri.dtype)
-    cand_tab = torch.cat([m_uvw[:, :, 2], shape], 1).to(tri.dtype)[t_loc]  # (N, 9)
-    loc = base[cand_c] + cand_tab[:, 0:3] * iw[:, None].to(tri.dtype)
-    d2, feat = sqdist_in_frame(loc[:, 0], loc[:, 1], loc[:, 2], cand_tab[:, 3:9])
-    keep = d2 < r * r
-    iu_k, iv_k, iw_k, ax_k = iu[cand_c][keep], iv[cand_c][keep], iw[keep], ax[keep]
-    # Linear key from (u, v, w) by axis: x is w for axis 0, v for axis 1, u for axis 2, and so on.
-    x = torch.where(ax_k == 0, iw_k, torch.where(ax_k == 1, iv_k, iu_k))
-    y = torch.where(ax_k == 0, iu_k, torch.where(ax_k == 1, iw_k, iv_k))
-    z = torch.where(ax_k == 0, iv_k, torch.where(ax_k == 1, iu_k, iw_k))
-    key = (x * res + y) * res + z
-    return key, d2[keep], tri_ids[t_loc[keep]], feat[keep]
+    # Tables are kept transposed (fields, rows) so every per-candidate field is a contiguous row.
+    bt = base_tab.T.contiguous().index_select(1, col_t)
+    base = bt[6:9] + bt[0:3] * iu.to(tri.dtype) + bt[3:6] * iv.to(tri.dtype)
+    cand_tab = torch.cat([m_uvw[:, :, 2], shape], 1).to(tri.dtype).T.contiguous().index_select(1, t_loc)  # (9, N)
+    loc = base.index_select(1, cand_c) + cand_tab[0:3] * iw.to(tri.dtype)
+    d2, feat = sqdist_in_frame(loc[0], loc[1], loc[2], cand_tab[3:9].T)
+    cand_c, iw, d2, t_loc, feat = _take(d2 < r * r, cand_c, iw, d2, t_loc, feat)
+    # Linear key: the column's (u, v) part plus w times the dominant axis' stride.
+    stride = torch.tensor([res * res, res, 1], device=tri.device)
+    col_key = iu * stride[(axis + 1) % 3].index_select(0, col_t) + iv * stride[(axis + 2) % 3].index_select(0, col_t)
+    key = col_key.index_select(0, cand_c) + iw * stride[axis].index_select(0, t_loc)
+    return key, d2, tri_ids.index_select(0, t_loc), feat
 
 
 def _triangle_chunks(counts: torch.Tensor, chunk: int) -> Iterator[tuple[int, int]]:
@@ -167,7 +173,8 @@ def _first_per_key(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     key = packed >> 32
     first = torch.ones_like(key, dtype=torch.bool)
     first[1:] = key[1:] != key[:-1]
-    return packed[first], order[first]
+    packed, order = _take(first, packed, order)
+    return packed, order
 
 
 def _morton_order(tri: torch.Tensor) -> torch.Tensor:

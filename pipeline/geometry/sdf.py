@@ -178,13 +178,15 @@ def sparse_sdf(
     points = -1.0 + (coords.float() + 0.5) * h
     s = _signs(sign, points, tri, f, bp.tri, bp.feature, v.shape[0])
     values = (s * bp.d2.sqrt() / (band * h)).clamp(-1.0, 1.0)
-    return SparseSDF(coords.to(torch.int32), values.float(), resolution, float(band))
+    return SparseSDF(coords, values.float(), resolution, float(band))
 
 
 def _decode(keys: torch.Tensor, res: int) -> torch.Tensor:
-    k = keys % res
+    """(N,3) int32 voxel indices of linear keys; keys < 2^30 so int32 arithmetic is exact (and faster)."""
+    keys = keys.to(torch.int32)
     ij = torch.div(keys, res, rounding_mode="floor")
-    return torch.stack([torch.div(ij, res, rounding_mode="floor"), ij % res, k], dim=1)
+    i = torch.div(ij, res, rounding_mode="floor")
+    return torch.stack([i, ij - i * res, keys - ij * res], dim=1)
 
 
 def _mesh_to_sdf_backend(v64, f, resolution, band, chunk, kwargs) -> SparseSDF:

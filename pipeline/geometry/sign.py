@@ -84,18 +84,18 @@ def feature_side(points, tri, faces, tri_id, feature, normals, topo):
     """+1 where the point is on the outer side of its closest feature's pseudo-normal, -1 on the inner."""
     fn, en, vn = normals
     dev = points.device
-    feat = feature.long()
-    anchor_slot = _ANCHOR.to(dev)[feat]
-    anchor = tri[tri_id, anchor_slot]
-    normal = fn[tri_id]
-    edge_slot = _EDGE_SLOT.to(dev)[feat]
-    on_edge = edge_slot >= 0
+    # One (normal, normal . anchor) row per (face, feature code): a single gather per voxel.
+    normal = torch.empty(tri.shape[0], 7, 3, dtype=tri.dtype, device=dev)
+    normal[:, FACE] = fn
     fe = topo.face_edges.to(dev)
-    normal[on_edge] = en[fe[tri_id[on_edge], edge_slot[on_edge]]]
-    vert_slot = _VERT_SLOT.to(dev)[feat]
-    on_vert = vert_slot >= 0
-    normal[on_vert] = vn[faces[tri_id[on_vert], vert_slot[on_vert]].long()]
-    dot = ((points - anchor) * normal).sum(1)
+    for code, slot in ((EDGE_AB, 0), (EDGE_BC, 1), (EDGE_CA, 2)):
+        normal[:, code] = en[fe[:, slot]]
+    for code, slot in ((VERT_A, 0), (VERT_B, 1), (VERT_C, 2)):
+        normal[:, code] = vn[faces[:, slot].long()]
+    anchor = tri[:, _ANCHOR.to(dev)]  # (F,7,3)
+    table = torch.cat([normal, (normal * anchor).sum(2, keepdim=True)], 2).reshape(-1, 4).T.contiguous()
+    row = table.index_select(1, tri_id * 7 + feature.long())
+    dot = points[:, 0] * row[0] + points[:, 1] * row[1] + points[:, 2] * row[2] - row[3]
     return torch.where(dot < 0, -1.0, 1.0).to(points.dtype)
 
 
