@@ -1,14 +1,19 @@
-"""``s2 demo``: the main job on the bundled sample corpus, on a local Ray cluster.
+"""``s2 demo``: the whole pipeline on the bundled sample corpus, on a local Ray cluster.
 
-Generates the sample corpus, starts a local Ray cluster with token auth (unless
-``RAY_ADDRESS`` names a running one), submits ``jobs/preprocess.yaml`` with the
-corpus as input through the job submission API, streams its logs and prints
-where the shards are. The cluster it started is stopped at the end.
+Generates the sample corpus and holds a few meshes out; starts a local Ray cluster with token auth
+(unless ``RAY_ADDRESS`` names a running one); submits ``jobs/preprocess.yaml`` on the rest; trains the
+debug structure VAE, structure DiT and SS-DiT for a few minutes on the CPU (one job each); serves
+them with the Serve app and generates an asset library from views of the held-out meshes (the
+``s2 generate`` job, which starts the app from a Serve config file); scores the library by Chamfer
+distance against the held-out meshes next to an untrained cascade, and prints where the gallery is.
+The cluster it started is stopped at the end.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -18,13 +23,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="generate the sample corpus and preprocess it on a local Ray cluster")
-    p.add_argument("--data", default=str(ROOT / "data"), help="folder for the corpus and the dataset")
+    p = sub.add_parser("demo", help="sample corpus -> preprocess -> train -> serve -> asset library, on a local cluster")
+    p.add_argument("--data", default=str(ROOT / "data"), help="folder for the corpus, dataset, runs and library")
     p.add_argument("--resolutions", default="64,128,256")
     p.add_argument("--views", type=int, default=4)
     p.add_argument("--view-size", type=int, default=256)
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local cluster (default: all)")
-    p.add_argument("--keep-cluster", action="store_true", help="leave the cluster running afterwards")
+    p.add_argument("--keep-cluster", action="store_true", help="leave the cluster (and the Serve app) running")
+    p.add_argument("--preprocess-only", action="store_true", help="stop after preprocessing")
+    p.add_argument("--held-out", type=int, default=4, help="meshes kept out of training; their views are generated")
+    p.add_argument("--train-resolution", type=int, default=128, help="grid the debug networks train and generate at")
+    p.add_argument("--train-steps", type=int, default=300, help="optimizer steps of each debug network")
     p.set_defaults(func=_run)
 
 
@@ -40,16 +49,141 @@ def _start_cluster(num_cpus: int | None, env: dict[str, str]) -> str:
     return "http://127.0.0.1:8265"
 
 
+def split_corpus(report, corpus: Path, train_dir: Path, held_out: int) -> list:
+    """Link every corpus file but ``held_out`` valid meshes (spread over the kinds) into ``train_dir``."""
+    valid = sorted((e for e in report.entries if e.valid), key=lambda e: e.path)
+    step = max(1, len(valid) // max(held_out, 1))
+    held = valid[::step][:held_out]
+    held_paths = {e.path for e in held}
+    train_dir.mkdir(parents=True, exist_ok=True)
+    for e in report.entries:
+        link = train_dir / Path(e.path).name
+        if e.path not in held_paths and not link.exists():
+            link.symlink_to(Path(corpus, e.path).resolve() if not Path(e.path).is_absolute() else Path(e.path))
+    return held
+
+
+def render_held_out(held, corpus: Path, out: Path, size: int) -> dict[str, tuple]:
+    """One condition-style view of each held-out mesh -> ``out/<name>.png``; returns name -> normalized mesh."""
+    from pipeline.geometry.mesh import load_mesh, normalize
+    from pipeline.geometry.render import render_views
+
+    out.mkdir(parents=True, exist_ok=True)
+    meshes = {}
+    for i, e in enumerate(held):
+        path = Path(e.path) if Path(e.path).is_absolute() else corpus / e.path
+        v, f = load_mesh(path.read_bytes(), path.suffix.lstrip("."))
+        n = normalize(v, f)
+        name = path.stem
+        (out / f"{name}.png").write_bytes(render_views(n.vertices, n.faces, n_views=1, size=size, seed=100 + i)[0].png())
+        meshes[name] = (n.vertices, n.faces)
+    return meshes
+
+
+def latest_checkpoint(runs: Path, name: str) -> str:
+    found = sorted(Path(runs, name).rglob("weights.pt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise RuntimeError(f"{runs / name}: the training job left no checkpoint (no weights.pt)")
+    return str(found[-1].parent)
+
+
+def _job(name: str, argv: list[str]):
+    from pipeline import jobs
+
+    spec = jobs.JobSpec(path=f"demo:{name}", name=name, entrypoint=shlex.join(argv),
+                        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    jobs.check_entrypoint(spec)
+    return spec
+
+
+def train_debug_networks(dataset: Path, runs: Path, resolution: int, steps: int, address: str) -> dict[str, str]:
+    from pipeline import jobs
+
+    common = ["--shards", str(dataset), "--resolution", str(resolution), "--model", "debug", "--steps", str(steps),
+              "--storage", str(runs), "--checkpoint-every", str(steps), "--num-workers", "1", "--lr", "3e-4"]
+    ckpt = {}
+    for net, extra in (("structure-vae", []), ("structure-dit", None), ("dit", [])):
+        if extra is None:
+            extra = ["--structure-vae", ckpt["structure_vae"]]
+        status = jobs.submit(_job(f"demo-{net}", ["s2", "train", net, *common, "--name", f"demo-{net}", *extra]),
+                             address=address)
+        if status != "SUCCEEDED":
+            raise RuntimeError(f"training {net}: job {status}")
+        ckpt[net.replace("-", "_")] = latest_checkpoint(runs, f"demo-{net}")
+    return ckpt
+
+
+def write_serve_config(path: Path, ckpt: dict[str, str], resolution: int) -> dict:
+    import yaml
+
+    generation = {**ckpt, "resolution": resolution, "image_encoder": "tiny", "device": "cpu", "target_faces": 20000}
+    doc = {"http_options": {"host": "127.0.0.1", "port": 8000},
+           "applications": [{"name": "s2", "route_prefix": "/", "import_path": "pipeline.serve.app:app_builder",
+                             "args": {"generation": generation, "num_cpus": 1, "max_batch_size": 4,
+                                      "batch_wait_timeout_s": 0.2}}]}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return generation
+
+
+def chamfer_table(library: Path, images: Path, meshes: dict, generation: dict) -> list[dict]:
+    """Chamfer of each generated mesh to its held-out source, next to an untrained cascade of the same size."""
+    import dataclasses
+
+    import torch
+
+    from model.cascade import Cascade, GenerationConfig, Request
+    from model.metrics import mesh_metrics
+    from model.postprocess import read_mesh_bytes
+
+    def chamfer(v, f, name):
+        gv, gf = meshes[name]
+        m = mesh_metrics((torch.as_tensor(v), torch.as_tensor(f)), (torch.as_tensor(gv), torch.as_tensor(gf)),
+                         samples=20_000)
+        return float(m.chamfer)
+
+    cfg = GenerationConfig(**{k: v for k, v in generation.items() if k not in ("structure_vae", "structure_dit", "dit")})
+    untrained = Cascade.random(dataclasses.replace(cfg), size="debug", seed=0)
+    records = {r["name"]: r for r in (json.loads(p.read_text()) for p in (library / "records").glob("*.json"))}
+    rows = []
+    for name in sorted(meshes):
+        rec = records.get(name, {})
+        row = {"name": name, "trained": float("nan"), "untrained": float("nan")}
+        if rec.get("status") == "ok":
+            row["trained"] = chamfer(*read_mesh_bytes((library / rec["mesh"]).read_bytes(), rec["format"]), name)
+        base = untrained.generate([Request(name, (images / f"{name}.png").read_bytes(), rec.get("seed", 0))])[0]
+        if base.ok:
+            row["untrained"] = chamfer(base.vertices, base.faces, name)
+        rows.append(row)
+    return rows
+
+
+def _print_chamfer(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="Chamfer to the held-out meshes (lower is better)")
+    for c in ("mesh", "trained debug cascade", "untrained cascade"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(r["name"], f"{r['trained']:.4f}", f"{r['untrained']:.4f}")
+    mean = lambda k: sum(r[k] for r in rows if r[k] == r[k]) / max(1, sum(r[k] == r[k] for r in rows))  # noqa: E731
+    t.add_row("mean", f"{mean('trained'):.4f}", f"{mean('untrained'):.4f}")
+    Console().print(t)
+
+
 def _run(args) -> int:
     from pipeline import jobs
     from pipeline.corpus import generate_corpus
 
     data = Path(args.data).resolve()
-    corpus, dataset = data / "corpus", data / "dataset"
+    corpus, train_corpus, dataset = data / "corpus", data / "corpus-train", data / "dataset"
     t0 = time.time()
     report = generate_corpus(corpus, seed=0)
     valid = sum(e.valid for e in report.entries)
     print(f"sample corpus: {valid} meshes and {len(report.entries) - valid} broken files in {corpus}")
+    held = split_corpus(report, corpus, train_corpus, 0 if args.preprocess_only else args.held_out)
+    resolutions = args.resolutions if args.preprocess_only else ",".join(
+        sorted({*args.resolutions.split(","), str(args.train_resolution)}, key=int))
 
     env = dict(os.environ)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
@@ -61,15 +195,42 @@ def _run(args) -> int:
         started = True
         print(f"local Ray cluster started at {address} (token auth)")
     os.environ.update({k: env[k] for k in ("RAY_AUTH_MODE", "PATH")})
+    status = "FAILED"
     try:
         spec = jobs.with_overrides(jobs.load_job_spec(ROOT / "jobs" / "preprocess.yaml"), [
-            f"input={corpus}", f"output={dataset}", f"resolutions={args.resolutions}", f"views={args.views}",
+            f"input={train_corpus}", f"output={dataset}", f"resolutions={resolutions}", f"views={args.views}",
             f"view_size={args.view_size}", "memory_per_task_gb=none"])
         jobs.check_entrypoint(spec)
         status = jobs.submit(spec, address=address)
+        print(f"\npreprocess {status} in {time.time() - t0:.0f} s; shards in {dataset}")
+        if status == "SUCCEEDED" and not args.preprocess_only:
+            status = _generate_library(args, data, corpus, dataset, held, address)
     finally:
         if started and not args.keep_cluster:
             ray = os.path.join(os.path.dirname(sys.executable), "ray")
             subprocess.run([ray, "stop"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    print(f"\njob {status} in {time.time() - t0:.0f} s; shards, manifest.parquet and errors.parquet are in {dataset}")
+    print(f"\ndemo {status} in {time.time() - t0:.0f} s")
     return 0 if status == "SUCCEEDED" else 1
+
+
+def _generate_library(args, data: Path, corpus: Path, dataset: Path, held, address: str) -> str:
+    from pipeline import jobs
+
+    t = time.time()
+    ckpt = train_debug_networks(dataset, data / "runs", args.train_resolution, args.train_steps, address)
+    print(f"\ntrained the debug networks in {time.time() - t:.0f} s: {ckpt}")
+    images, library = data / "held-out-views", data / "library"
+    meshes = render_held_out(held, corpus, images, args.view_size)
+    serve_yaml = data / "serve.yaml"
+    generation = write_serve_config(serve_yaml, ckpt, args.train_resolution)
+    status = jobs.submit(_job("demo-generate", ["s2", "generate", "--images", str(images), "--output", str(library),
+                                                "--serve-config", str(serve_yaml), "--app-name", "s2",
+                                                "--concurrency", "4", "--no-progress"]), address=address)
+    if status != "SUCCEEDED":
+        return status
+    rows = chamfer_table(library, images, meshes, generation)
+    _print_chamfer(rows)
+    (library / "chamfer.json").write_text(json.dumps(rows, indent=1))
+    print(f"\nasset library: {library}  (index.parquet, meshes/, previews/)")
+    print(f"gallery: file://{library / 'gallery.html'}")
+    return status
