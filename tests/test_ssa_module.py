@@ -30,8 +30,8 @@ def test_config_rejects_unknown_keys():
 
 @pytest.mark.parametrize("layer", [0, 1])
 def test_triton_layer_matches_reference_layer(layer):
-    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-        pytest.skip("needs the Triton interpreter")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("this CPU layer test runs the kernels in Triton's interpreter")
     torch.manual_seed(0)
     m = SpatialSparseAttention(SSAConfig(**SMALL, cmp_block=4, backend="triton"), layer)
     r = SpatialSparseAttention(SSAConfig(**SMALL, cmp_block=4, backend="torch"), layer)
