@@ -224,7 +224,7 @@ def sweep(log, n=131072):
     """Launch settings of the selection kernels at one size: the table's defaults come from here."""
     import dataclasses
 
-    from kernels.ssa import ops
+    from kernels.ssa import ops, scoring
     from kernels.ssa.ops import _selection_plan
     st, t = workload(n)
     q, k, v, kc = (t[s] for s in ("q", "k", "v", "k_cmp"))
@@ -234,10 +234,10 @@ def sweep(log, n=131072):
             for bn in (32, 64, 128):
                 if qt * 16 > rows:
                     continue
-                seg.SELECT_ROWS, ops.SELECT_BLOCK_N = rows, bn
+                scoring.SELECT_ROWS, ops.SELECT_BLOCK_N = rows, bn
                 ms = bench(lambda: select_blocks(q, kc, lse, st, top_k=8, q_tile=qt))
                 log(f"sweep select q_tile={qt} rows={rows} block_n={bn}: {ms:.3f} ms")
-        seg.SELECT_ROWS, ops.SELECT_BLOCK_N = 128, 0
+        scoring.SELECT_ROWS, ops.SELECT_BLOCK_N = 64, 0
         sel = select_blocks(q, kc, lse, st, top_k=8, q_tile=qt)
         base = _selection_plan(st, sel, qt, 16)
         for bn in (32, 64, 128):

@@ -11,7 +11,8 @@ import torch
 
 from . import reference as ref
 from .gate import gate_mix
-from .segment_attention import SegmentPlan, block_scores, segment_attention, select_topk
+from .scoring import block_scores, select_topk
+from .segment_attention import SegmentPlan, segment_attention
 from .structure import SSAStructure
 
 _GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -1,0 +1,145 @@
+"""Selection scores: compression probabilities summed per selection block, and the top-k blocks.
+
+Direct3D-S2 Sec. 3.3: a block's score is the compression attention probability summed over the
+G query heads of a KV group (and over the compression blocks inside the selection block, and over
+the queries of a tile when q_tile > 1). Probabilities are recomputed from the saved log-sum-exp.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .segment_attention import LOG2E, _new, _rows, _rows_for, _warps
+
+
+@triton.jit
+def _score_kernel(Q, KC, LSE, SCORE, TILE_START, TILE_END, TILE_SEG, CMP_OFF, CMP_TO_SLC,
+                  sqt, sqh, skt, skh, slt, slh, sct, sch, qk_scale,
+                  G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                  D: tl.constexpr, POOL: tl.constexpr):
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    tok, head, valid = _rows(TILE_START, TILE_END, tile, h, G, BLOCK_T, BLOCK_R)
+    d = tl.arange(0, D)
+    q = tl.load(Q + tok[:, None] * sqt + head[:, None] * sqh + d[None, :], mask=valid[:, None], other=0.0)
+    lse2 = tl.load(LSE + tok * slt + head * slh, mask=valid, other=0.0) * 1.4426950408889634
+    seg = tl.load(TILE_SEG + tile)
+    c0 = tl.load(CMP_OFF + seg)
+    c1 = tl.load(CMP_OFF + seg + 1)
+    cols = tl.arange(0, BLOCK_N)
+    for n0 in range(c0, c1, BLOCK_N):
+        n = n0 + cols
+        nm = n < c1
+        k = tl.load(KC + n[:, None] * skt + h * skh + d[None, :], mask=nm[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.where(valid[:, None] & nm[None, :], tl.exp2(qk - lse2[:, None]), 0.0)
+        s = tl.sum(p, 0)  # over the G heads of this kv group and the tile's tokens
+        if POOL:
+            col = tl.load(CMP_TO_SLC + n, mask=nm, other=0)
+            tl.atomic_add(SCORE + tile * sct + h * sch + col, s, mask=nm)
+        else:
+            tl.store(SCORE + tile * sct + h * sch + (n - c0), s, mask=nm)
+
+
+def block_scores(q, k_cmp, lse_cmp, tile_start, tile_end, tile_seg, cmp_shape_offsets, cmp_to_slc_local,
+                 n_cols: int, pool: bool, block_t: int, block_n: int = 64):
+    """Per (tile, kv head) sum of compression probabilities per selection block (local index); 0 past the shape."""
+    n, hq, d = q.shape
+    hkv = k_cmp.shape[1]
+    g = hq // hkv
+    n_tiles = tile_start.numel()
+    score = torch.zeros((n_tiles, hkv, n_cols), dtype=torch.float32, device=q.device)
+    _score_kernel[(n_tiles, hkv)](
+        q, k_cmp, lse_cmp, score, tile_start, tile_end, tile_seg, cmp_shape_offsets, cmp_to_slc_local,
+        q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), lse_cmp.stride(0), lse_cmp.stride(1),
+        score.stride(0), score.stride(1), d ** -0.5 * LOG2E, G=g, BLOCK_T=block_t,
+        BLOCK_R=_rows_for(block_t, g), BLOCK_N=block_n, D=d, POOL=pool)
+    return score
+
+
+@triton.jit
+def _select_kernel(Q, KC, LSE, SEL, TILE_START, TILE_END, TILE_SEG, CMP_OFF, CU, UNIT_OFF,
+                   sqt, sqh, skt, skh, slt, slh, sst, ssh, qk_scale,
+                   TOPK: tl.constexpr, KP: tl.constexpr, G: tl.constexpr, Q_TILE: tl.constexpr, P: tl.constexpr,
+                   BLOCK_N: tl.constexpr, D: tl.constexpr):
+    """Block scores and a running top-k in one pass (compression blocks = selection blocks).
+
+    A program holds P selection units (query tiles of Q_TILE tokens) of one shape; rows are
+    units × tokens × the G heads of a kv group, and each unit keeps its own top-k."""
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    U: tl.constexpr = Q_TILE * G
+    t0 = tl.load(TILE_START + tile)
+    t1 = tl.load(TILE_END + tile)
+    seg = tl.load(TILE_SEG + tile)
+    r = tl.arange(0, P * U)
+    tok = t0 + r // G
+    head = h * G + r % G
+    valid = tok < t1
+    d = tl.arange(0, D)
+    q = tl.load(Q + tok[:, None] * sqt + head[:, None] * sqh + d[None, :], mask=valid[:, None], other=0.0)
+    lse2 = tl.load(LSE + tok * slt + head * slh, mask=valid, other=0.0) * 1.4426950408889634
+    c0 = tl.load(CMP_OFF + seg)
+    c1 = tl.load(CMP_OFF + seg + 1)
+    cols = tl.arange(0, BLOCK_N)
+    kk = tl.arange(0, KP)
+    top_v = tl.full([P, KP], float("-inf"), tl.float32)
+    top_i = tl.full([P, KP], -1, tl.int32)
+    for n0 in range(c0, c1, BLOCK_N):
+        n = n0 + cols
+        nm = n < c1
+        k = tl.load(KC + n[:, None] * skt + h * skh + d[None, :], mask=nm[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.where(valid[:, None] & nm[None, :], tl.exp2(qk - lse2[:, None]), 0.0)
+        # summed over the G heads of the kv group and the unit's tokens
+        s = tl.where(nm[None, :], tl.sum(tl.reshape(p, [P, U, BLOCK_N]), 1), float("-inf"))
+        kth = tl.min(tl.where(kk[None, :] < TOPK, top_v, float("inf")), 1)
+        if tl.max(tl.max(s, 1) - kth, 0) > 0:  # merge only when some unit's k-th best is beaten
+            new_v = tl.full([P, KP], float("-inf"), tl.float32)
+            new_i = tl.full([P, KP], -1, tl.int32)
+            for jj in tl.static_range(TOPK):
+                bc = tl.max(s, 1)
+                ic = tl.argmax(s, 1)
+                bt = tl.max(top_v, 1)
+                it = tl.argmax(top_v, 1)
+                take_c = bc > bt
+                keep_t = bc <= bt
+                val = tl.where(take_c, bc, bt)
+                idx = tl.where(take_c, n0 + ic, tl.sum(tl.where(kk[None, :] == it[:, None], top_i, 0), 1))
+                new_v = tl.where(kk[None, :] == jj, val[:, None], new_v)
+                new_i = tl.where(kk[None, :] == jj, idx[:, None], new_i)
+                s = tl.where((cols[None, :] == ic[:, None]) & take_c[:, None], float("-inf"), s)
+                top_v = tl.where((kk[None, :] == it[:, None]) & keep_t[:, None], float("-inf"), top_v)
+            top_v = new_v
+            top_i = new_i
+    out = tl.where(top_v > float("-inf"), top_i, -1)
+    unit = tl.load(UNIT_OFF + seg) + (t0 - tl.load(CU + seg)) // Q_TILE + tl.arange(0, P)
+    umask = t0 + tl.arange(0, P) * Q_TILE < t1
+    tl.store(SEL + unit[:, None] * sst + h * ssh + kk[None, :], out.to(tl.int64),
+             mask=umask[:, None] & (kk[None, :] < TOPK))
+
+
+SELECT_ROWS = 64  # rows (units × tokens × heads) per selection program (H100 sweep, docs/ssa.md)
+
+
+def select_topk(q, k_cmp, lse_cmp, structure, top_k: int, q_tile: int, block_n: int = 64):
+    """Top-k global block ids (n_units, Hkv, top_k), -1 past the shape's blocks; needs m_cmp == m_slc."""
+    n, hq, d = q.shape
+    hkv = k_cmp.shape[1]
+    g = hq // hkv
+    p = max(1, SELECT_ROWS // (q_tile * g))
+    if q_tile * g < 16:
+        p = max(p, 16 // (q_tile * g))
+    st = structure
+    _, _, _, unit_off = st.tiles("shape", q_tile)
+    ts, te, tseg, _ = st.tiles("shape", p * q_tile)
+    cu = st.cached("cu32", lambda: st.cu_seqlens.to(torch.int32))
+    cmp_off = st.cached("cmp_shape_offsets32", lambda: st.cmp_shape_offsets.to(torch.int32))
+    sel = _new((int(unit_off[-1]), hkv, top_k), q, torch.int64)
+    _select_kernel[(ts.numel(), hkv)](
+        q, k_cmp, lse_cmp, sel, ts, te, tseg, cmp_off, cu, unit_off,
+        q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), lse_cmp.stride(0), lse_cmp.stride(1),
+        sel.stride(0), sel.stride(1), d ** -0.5 * LOG2E, TOPK=top_k, KP=triton.next_power_of_2(top_k), G=g,
+        Q_TILE=q_tile, P=p, BLOCK_N=block_n, D=d, num_warps=_warps(p * q_tile * g, 4))
+    return sel
