@@ -8,7 +8,7 @@ on a ~50k-face scanned mesh and on the sample corpus, against mesh-to-sdf on the
 The scanned mesh is the Stanford bunny that pymeshlab's wheel ships (56k faces;
 Stanford 3D Scanning Repository, research use with acknowledgement) when
 pymeshlab is installed, else `scan_like_mesh()`: a deterministic displaced,
-noisy, irregularly triangulated blob of ~50k faces. `--mesh` takes a .npz with
+noisy, irregularly triangulated blob of ~50k faces (`--mesh scan_like` picks it). `--mesh` takes a .npz with
 arrays v (V,3) and f (F,3), already normalized, or any file trimesh reads.
 mesh-to-sdf runs on a random subsample of the band's voxels and its time is
 extrapolated to the whole band (its fixed surface-sampling cost counted once).
@@ -34,7 +34,7 @@ RESOLUTIONS = (256, 512, 1024)
 
 # ---------- meshes ----------
 
-def scan_like_mesh(seed: int = 0, rings: int = 160) -> tuple[np.ndarray, np.ndarray]:
+def scan_like_mesh(seed: int = 0, rings: int = 112) -> tuple[np.ndarray, np.ndarray]:
     """A closed, scan-like mesh of ~50k faces: UV-sphere topology (fan poles, uneven triangles),
     low-frequency displacement, tangential jitter and per-vertex noise; same seed, same mesh."""
     import trimesh
@@ -59,6 +59,9 @@ def scan_like_mesh(seed: int = 0, rings: int = 160) -> tuple[np.ndarray, np.ndar
 def scan_mesh(path: str | None) -> tuple[np.ndarray, np.ndarray, str]:
     from pipeline.geometry.mesh import normalize
 
+    if path == "scan_like":
+        v, f = scan_like_mesh()
+        return v, f, "scan_like"
     if path and path.endswith(".npz"):
         d = np.load(path)
         return d["v"], d["f"], Path(path).stem
@@ -222,7 +225,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--res", type=int, nargs="+", default=list(RESOLUTIONS))
     ap.add_argument("--band", type=float, default=2.0)
-    ap.add_argument("--mesh", default=None, help=".npz (v, f) or a mesh file; default: bunny or scan-like")
+    ap.add_argument("--mesh", default=None, help="scan_like, .npz (v, f) or a mesh file; default: bunny, else scan_like")
     ap.add_argument("--corpus", default=None, help="sample corpus folder (generated if absent)")
     ap.add_argument("--corpus-res", type=int, default=256)
     ap.add_argument("--no-corpus", action="store_true")
