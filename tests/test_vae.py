@@ -42,11 +42,11 @@ def test_latent_and_output_structure(model, res):
 
 
 def test_chunked_decode_equals_whole(model):
-    x = batch(64)
+    x = batch(32)
     with torch.no_grad():
         z, _, _ = model.encode(x, sample=False)
         whole = model.decode(z)
-        chunked = model.decode(z, chunk=4)
+        chunked = model.decode(z, chunk=2)
     assert torch.equal(whole.coords, chunked.coords)
     torch.testing.assert_close(whole.feats, chunked.feats, rtol=1e-5, atol=1e-6)
 
