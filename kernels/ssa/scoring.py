@@ -84,7 +84,8 @@ def _select_kernel(Q, KC, LSE, SEL, TILE_START, TILE_END, TILE_SEG, CMP_OFF, CU,
     c1 = tl.load(CMP_OFF + seg + 1)
     cols = tl.arange(0, BLOCK_N)
     kk = tl.arange(0, KP)
-    top_v = tl.full([P, KP], float("-inf"), tl.float32)
+    # slots past TOPK hold +inf so the minimum (the k-th best) never lands on them
+    top_v = tl.where(kk[None, :] < TOPK, tl.full([P, KP], float("-inf"), tl.float32), float("inf"))
     top_i = tl.full([P, KP], -1, tl.int32)
     for n0 in range(c0, c1, BLOCK_N):
         n = n0 + cols
@@ -94,26 +95,20 @@ def _select_kernel(Q, KC, LSE, SEL, TILE_START, TILE_END, TILE_SEG, CMP_OFF, CU,
         p = tl.where(valid[:, None] & nm[None, :], tl.exp2(qk - lse2[:, None]), 0.0)
         # summed over the G heads of the kv group and the unit's tokens
         s = tl.where(nm[None, :], tl.sum(tl.reshape(p, [P, U, BLOCK_N]), 1), float("-inf"))
-        kth = tl.min(tl.where(kk[None, :] < TOPK, top_v, float("inf")), 1)
-        if tl.max(tl.max(s, 1) - kth, 0) > 0:  # merge only when some unit's k-th best is beaten
-            new_v = tl.full([P, KP], float("-inf"), tl.float32)
-            new_i = tl.full([P, KP], -1, tl.int32)
-            for jj in tl.static_range(TOPK):
-                bc = tl.max(s, 1)
-                ic = tl.argmax(s, 1)
-                bt = tl.max(top_v, 1)
-                it = tl.argmax(top_v, 1)
-                take_c = bc > bt
-                keep_t = bc <= bt
-                val = tl.where(take_c, bc, bt)
-                idx = tl.where(take_c, n0 + ic, tl.sum(tl.where(kk[None, :] == it[:, None], top_i, 0), 1))
-                new_v = tl.where(kk[None, :] == jj, val[:, None], new_v)
-                new_i = tl.where(kk[None, :] == jj, idx[:, None], new_i)
-                s = tl.where((cols[None, :] == ic[:, None]) & take_c[:, None], float("-inf"), s)
-                top_v = tl.where((kk[None, :] == it[:, None]) & keep_t[:, None], float("-inf"), top_v)
-            top_v = new_v
-            top_i = new_i
-    out = tl.where(top_v > float("-inf"), top_i, -1)
+        kth = tl.min(top_v, 1)
+        # insert the chunk's best into each unit's weakest slot while it beats it: after the first
+        # chunks few candidates do, so this loop is short
+        while tl.max(tl.max(s, 1) - kth, 0) > 0:
+            bc = tl.max(s, 1)
+            ic = tl.argmax(s, 1)
+            slot = tl.argmin(top_v, 1)
+            ins = bc > kth
+            put = (kk[None, :] == slot[:, None]) & ins[:, None]
+            top_v = tl.where(put, bc[:, None], top_v)
+            top_i = tl.where(put, (n0 + ic)[:, None], top_i)
+            s = tl.where((cols[None, :] == ic[:, None]) & ins[:, None], float("-inf"), s)
+            kth = tl.min(top_v, 1)
+    out = tl.where((top_v > float("-inf")) & (kk[None, :] < TOPK), top_i, -1)
     unit = tl.load(UNIT_OFF + seg) + (t0 - tl.load(CU + seg)) // Q_TILE + tl.arange(0, P)
     umask = t0 + tl.arange(0, P) * Q_TILE < t1
     tl.store(SEL + unit[:, None] * sst + h * ssh + kk[None, :], out.to(tl.int64),
