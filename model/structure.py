@@ -33,7 +33,7 @@ class StructureVAEConfig:
         return with_overrides(STRUCTURE_VAE_CONFIGS[name], overrides)
 
 
-STRUCTURE_VAE_CONFIGS = {"debug": StructureVAEConfig(channels=(8, 16, 16)), "paper": StructureVAEConfig()}
+STRUCTURE_VAE_CONFIGS = {"debug": StructureVAEConfig(channels=(4, 8, 16)), "paper": StructureVAEConfig()}
 
 STRUCTURE_DIT_CONFIGS = {
     "debug": DiTConfig(depth=2, width=64, heads=4, kv_heads=2, head_dim=16, cond_dim=64,

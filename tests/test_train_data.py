@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, from_dict
-from pipeline.shards import rows_to_table, samples_from_table, write_shard
+from pipeline.shards import rows_to_table, write_shard
 from pipeline.train import checkpoints
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import Skipped, iter_samples, readable_shards, token_batches
@@ -68,16 +68,17 @@ def _one_step(task, samples):
 
 @pytest.mark.parametrize("network", ["dit", "structure_vae", "structure_dit"])
 def test_each_network_takes_a_training_step(network, tmp_path):
-    samples = samples_from_table(rows_to_table(synthetic_rows(2, 64)))
+    samples = list(iter_samples([rows_to_table(synthetic_rows(2, 64))], Skipped()))
     frozen = None
     if network == "structure_dit":
         from model.structure import StructureVAE, StructureVAEConfig
 
         vae_cfg = StructureVAEConfig.named("debug")
-        frozen = {"model_config": vae_cfg, "state_dict": {f"vae.{k}": v for k, v in StructureVAE(vae_cfg).state_dict().items()}}
+        frozen = {"model_config": repr(vae_cfg), "state_dict": {f"vae.{k}": v for k, v in StructureVAE(vae_cfg).state_dict().items()}}
     cfg = TrainConfig(network=network, structure_vae="x" if network == "structure_dit" else None)
     task = build_task(cfg, seed=0, frozen_weights=frozen)
-    loss, items = _one_step(task, samples)
+    # One shape for the 64³ structure networks (dense 3D convolutions are slow on a CPU).
+    loss, items = _one_step(task, samples if network == "dit" else samples[:1])
     assert loss == loss and loss > 0
     assert all(i.tokens > 0 for i in items)
 

@@ -7,6 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -74,19 +75,19 @@ def test_zero2_two_workers_loss_falls_and_samples_beat_noise(ray_env, train_shar
     # The trained network, sampled with the flow sampler, gives latents that decode nearer the shape than noise.
     from model import pooled_latent
     from model.condition import build_image_encoder, decode_image
-    from model.dit import SparseDiT
+    from model.dit import DiTConfig, SparseDiT
     from model.flow import FlowEulerSampler
     from pipeline.shards import read_samples
-    from pipeline.train.checkpoints import load_weights
+    from pipeline.train.checkpoints import load_weights, model_config_of
 
     weights = load_weights(str(ckpt), "dit")
-    dit = SparseDiT(weights["model_config"]).eval()
+    dit = SparseDiT(model_config_of(weights, DiTConfig)).eval()
     dit.load_state_dict({k.removeprefix("dit."): v for k, v in weights["state_dict"].items()})
     encoder = build_image_encoder("tiny")
-    sampler = FlowEulerSampler(steps=20, shift=1.0, guidance=2.0)
-    wins, gen = 0, torch.Generator().manual_seed(0)
-    samples = list(read_samples(train_shards, RES, on_error="skip"))
-    for s in samples:
+    sampler = FlowEulerSampler(steps=10, shift=1.0, guidance=1.0)
+    gen = torch.Generator().manual_seed(0)
+    d_model, d_noise = [], []
+    for s in list(read_samples(train_shards, RES, on_error="skip"))[:4]:
         coords, _ = pooled_latent.encode(s.coords, s.values)
         cu = torch.tensor([0, len(coords)])
         cond = encoder(decode_image(s.views[0].png, encoder.image_size)[None])
@@ -95,22 +96,24 @@ def test_zero2_two_workers_loss_falls_and_samples_beat_noise(ray_env, train_shar
             return dit(x, coords, cu, t.reshape(1), c)
 
         noise = torch.randn(len(coords), pooled_latent.CHANNELS, generator=gen)
-        x = sampler.sample(velocity, noise, cond, torch.zeros_like(cond))
+        x = sampler.sample(velocity, noise, cond)
         truth = -1 + (s.coords[s.values.abs() < 0.5].float() + 0.5) * 2 / RES
-        d_model = pooled_latent.chamfer(pooled_latent.decode_points(coords, x, RES), truth)
-        d_noise = pooled_latent.chamfer(pooled_latent.decode_points(coords, noise, RES), truth)
-        wins += d_model < d_noise
-    assert wins >= len(samples) - 1, f"sampled latents beat noise on {wins} of {len(samples)} shapes"
+        d_model.append(pooled_latent.chamfer(pooled_latent.decode_points(coords, x, RES), truth))
+        d_noise.append(pooled_latent.chamfer(pooled_latent.decode_points(coords, noise, RES), truth))
+    assert sum(d_model) < sum(d_noise), (d_model, d_noise)
+    assert sum(a < b for a, b in zip(d_model, d_noise)) >= 3, (d_model, d_noise)
 
 
 def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, ray_env, train_shards, tmp_path):
     proc = _s2(ray_env, _flags(train_shards, tmp_path, zero_stage=2, steps=30, checkpoint_every=5, max_failures=2, report_every=5,
                                name="killed"))
+    started = time.time()
     run_dir = tmp_path / "killed"
     killed, deadline = None, time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline and killed is None:
         if list(run_dir.glob("checkpoint_*/meta.json")):  # a checkpoint exists: kill a worker mid-run
-            pids = ray_cluster.worker_pids("RayTrainWorker")
+            # Only this run's workers: earlier tests' workers may still be shutting down.
+            pids = [p for p in ray_cluster.worker_pids("RayTrainWorker") if psutil.Process(p).create_time() >= started]
             if pids:
                 killed = pids[-1]
                 os.kill(killed, signal.SIGKILL)
@@ -121,14 +124,15 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, ray_env, train_
     ckpt = _final_checkpoint(run_dir)
     hist = _history(ckpt)
     assert hist["step"] == list(range(1, 31)), "steps lost or repeated in the history"
-    assert hist["restarted_from"] and all(s % 5 == 0 and s > 0 for s in hist["restarted_from"])
+    assert hist["restarted_from"], f"worker {killed} was killed but no restart was recorded:\n" + out[-3000:]
+    assert all(s % 5 == 0 and s > 0 for s in hist["restarted_from"])
 
 
 def test_job_spec_through_ray_job_submit_with_zero3(ray_cluster, ray_env, train_shards, tmp_path):
     """The entrypoint of jobs/train_dit.yaml, scaled down by overrides, runs as a Ray job with ZeRO-3."""
-    from model.dit import SparseDiT
+    from model.dit import DiTConfig, SparseDiT
     from pipeline.jobs import load_job_spec, with_overrides
-    from pipeline.train.checkpoints import load_weights
+    from pipeline.train.checkpoints import load_weights, model_config_of
 
     spec = with_overrides(load_job_spec(Path(__file__).parents[1] / "jobs" / "train_dit.yaml"), [
         f"shards={train_shards}", f"resolution={RES}", "model=debug", "attention=full", "steps=3", "num_workers=2",
@@ -142,8 +146,8 @@ def test_job_spec_through_ray_job_submit_with_zero3(ray_cluster, ray_env, train_
     ckpt = _final_checkpoint(tmp_path / "runs" / "submitted")
     assert json.loads((ckpt / "meta.json").read_text())["step"] == 3
     # ZeRO-3 keeps one optimizer partition per rank; weights.pt holds the gathered full tensors.
-    assert sorted(n for n in os.listdir(ckpt / "state") if n.startswith("zero_pp_rank")) == [
+    assert sorted(n for n in os.listdir(ckpt / "state") if n.endswith("optim_states.pt")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     weights = load_weights(str(ckpt), "dit")
-    SparseDiT(weights["model_config"]).load_state_dict(
+    SparseDiT(model_config_of(weights, DiTConfig)).load_state_dict(
         {k.removeprefix("dit."): v for k, v in weights["state_dict"].items()})

@@ -1,7 +1,8 @@
 """Checkpoint layout: DeepSpeed state (every rank's shard), EMA weights and a meta file naming the model.
 
     <ckpt>/meta.json      network, model config, step
-    <ckpt>/weights.pt     EMA weights of the whole model (rank 0): what sampling and the next stage load
+    <ckpt>/weights.pt     EMA weights of the whole model, network, model config repr, step (rank 0; plain
+                          data, loadable with weights_only=True): what sampling and the next stage load
     <ckpt>/state/...      DeepSpeed's engine, optimizer and scheduler state (one file per rank for ZeRO)
 
 Ray Train uploads the directory of every worker into the same checkpoint, so the DeepSpeed shards of all
@@ -39,7 +40,13 @@ def save(directory: str, engine, ema, *, network: str, model_config, step: int, 
     ema_full = ema.full_state_dict()
     if rank == 0:
         meta = {**describe(network, model_config), "step": step}
-        torch.save({"state_dict": ema_full, "model_config": model_config, **meta}, os.path.join(directory, "weights.pt"))
+        blob = {"state_dict": ema_full, **meta}  # plain data only: readers load it with weights_only=True
+        if network == "vae":  # also in the SS-VAE's own checkpoint layout, which the generation cascade reads
+            import dataclasses
+
+            blob["vae_config"] = dataclasses.asdict(model_config)
+            blob["model"] = {k.removeprefix("vae."): v for k, v in ema_full.items()}
+        torch.save(blob, os.path.join(directory, "weights.pt"))
         Path(directory, "meta.json").write_text(json.dumps(meta))
 
 
@@ -51,7 +58,7 @@ def restore(directory: str, engine, ema, *, network: str, model_config) -> int:
     meta = json.loads(meta_path.read_text())
     check_compatible(meta, network, model_config, directory)
     _, client = engine.load_checkpoint(directory, tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
-    weights = torch.load(os.path.join(directory, "weights.pt"), map_location="cpu", weights_only=False)
+    weights = torch.load(os.path.join(directory, "weights.pt"), map_location="cpu", weights_only=True)
     ema.load_full_state_dict(weights["state_dict"])
     return int(client["step"]) if client else int(meta["step"])
 
@@ -64,7 +71,14 @@ def load_weights(uri: str, network: str | None = None) -> dict:
     if not fs.exists(path):
         raise CheckpointMismatch(f"{uri}: no weights.pt; not a checkpoint of this trainer")
     with fs.open(path, "rb") as f:
-        weights = torch.load(f, map_location="cpu", weights_only=False)
+        weights = torch.load(f, map_location="cpu", weights_only=True)
     if network is not None and weights.get("network") != network:
         raise CheckpointMismatch(f"{uri}: checkpoint is for network {weights.get('network')!r}, expected {network!r}")
     return weights
+
+
+def model_config_of(weights: dict, cls: type):
+    """The model config a checkpoint was trained with, rebuilt from its repr (literal values only)."""
+    from model.cascade import parse_config_repr
+
+    return parse_config_repr(str(weights.get("model_config")), cls, "checkpoint")

@@ -212,7 +212,9 @@ def build_task(cfg: TrainConfig, seed: int, frozen_weights: dict | None = None) 
     if cfg.network == "structure_dit":
         if frozen_weights is None:
             raise ValueError("network=structure_dit: the structure VAE weights were not loaded")
-        vae = StructureVAE(frozen_weights["model_config"])
+        from pipeline.train.checkpoints import model_config_of
+
+        vae = StructureVAE(model_config_of(frozen_weights, StructureVAEConfig))
         vae.load_state_dict({k.removeprefix("vae."): v for k, v in frozen_weights["state_dict"].items()})
         return StructureDiTTask(cfg, seed, vae)
     if cfg.network == "vae":
