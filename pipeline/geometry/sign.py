@@ -185,13 +185,18 @@ class WindingNumber:
         last = self.cells[-1]
         last["count"] = torch.bincount(last["inv"], minlength=last["key"].numel())
         last["start"] = torch.cumsum(last["count"], 0) - last["count"]
+        # Built in float64, evaluated in float32: errors stay far below the dipole truncation's.
+        self.tri = self.tri.float()
+        for cells in self.cells:
+            for k in ("center", "dipole", "radius"):
+                cells[k] = cells[k].float()
 
     @torch.no_grad()
     def __call__(self, points: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         out = torch.empty(points.shape[0], dtype=torch.float32, device=points.device)
         chunk = chunk or (1 << 16 if points.is_cuda else 1 << 12)  # GPU: fewer, larger launches
         for s in range(0, points.shape[0], chunk):
-            out[s : s + chunk] = self._eval(points[s : s + chunk].double())
+            out[s : s + chunk] = self._eval(points[s : s + chunk].float())
         return out
 
     def _eval(self, q: torch.Tensor) -> torch.Tensor:
@@ -201,17 +206,20 @@ class WindingNumber:
         qi = torch.arange(m, device=q.device).repeat_interleave(top)
         ci = torch.arange(top, device=q.device).repeat(m)
         for cells in self.cells:
-            rel = cells["center"][ci] - q[qi]
+            rel = cells["center"].index_select(0, ci) - q.index_select(0, qi)
             dist = rel.norm(dim=1)
-            far = dist > self.beta * cells["radius"][ci]
-            dip = (rel[far] * cells["dipole"][ci[far]]).sum(1) / dist[far] ** 3
-            w.index_add_(0, qi[far], dip)
-            near = ~far
-            owner, ci = _expand(cells["count"][ci[near]], cells["start"][ci[near]])
-            qi = qi[near][owner]
-        t = self.tri[ci]
-        w.index_add_(0, qi, _solid_angle(q[qi], t[:, 0], t[:, 1], t[:, 2]))
-        return (w / (4 * torch.pi)).float()
+            far = dist > self.beta * cells["radius"].index_select(0, ci)
+            f_idx = far.nonzero().squeeze(1)
+            n_idx = (~far).nonzero().squeeze(1)
+            rel_f, dist_f = rel.index_select(0, f_idx), dist.index_select(0, f_idx)
+            dip = (rel_f * cells["dipole"].index_select(0, ci.index_select(0, f_idx))).sum(1) / dist_f**3
+            w.index_add_(0, qi.index_select(0, f_idx), dip)
+            ci_n = ci.index_select(0, n_idx)
+            owner, ci = _expand(cells["count"].index_select(0, ci_n), cells["start"].index_select(0, ci_n))
+            qi = qi.index_select(0, n_idx).index_select(0, owner)
+        t = self.tri.index_select(0, ci)
+        w.index_add_(0, qi, _solid_angle(q.index_select(0, qi), t[:, 0], t[:, 1], t[:, 2]))
+        return w / (4 * torch.pi)
 
 
 def winding_side_values(tri: torch.Tensor, wn: WindingNumber) -> torch.Tensor:
