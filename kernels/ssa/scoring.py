@@ -98,7 +98,7 @@ def _select_kernel(Q, KC, LSE, SEL, TILE_START, TILE_END, TILE_SEG, CMP_OFF, CU,
         kth = tl.min(top_v, 1)
         # insert the chunk's best into each unit's weakest slot while it beats it: after the first
         # chunks few candidates do, so this loop is short
-        while tl.max(tl.max(s, 1) - kth, 0) > 0:
+        while tl.sum((tl.max(s, 1) > kth).to(tl.int32), 0) > 0:  # comparisons: no inf - inf
             bc = tl.max(s, 1)
             ic = tl.argmax(s, 1)
             slot = tl.argmin(top_v, 1)
