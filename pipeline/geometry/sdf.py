@@ -20,7 +20,7 @@ from pipeline.geometry.sign import (
     boundary_feature_mask,
     feature_side,
     mesh_topology,
-    _pseudo_normals,
+    pseudo_normals,
     winding_side_values,
 )
 
@@ -126,7 +126,7 @@ def _signs(sign, points, tri, faces, tri_id, feature, num_vertices):
     if sign == "none":
         return torch.ones(points.shape[0], dtype=points.dtype, device=points.device)
     topo = mesh_topology(faces, num_vertices)
-    normals = _pseudo_normals(tri, topo, faces, num_vertices)
+    normals = pseudo_normals(tri, topo, faces, num_vertices)
     side = feature_side(points, tri, faces, tri_id, feature, normals, topo)
     if sign == "pseudonormal" or (topo.closed and topo.components == 1):
         return side

@@ -56,7 +56,7 @@ def mesh_topology(faces: torch.Tensor, num_vertices: int) -> MeshTopology:
     return MeshTopology(inv.reshape(-1, 3), cnt, closed, components)
 
 
-def _pseudo_normals(tri: torch.Tensor, topo: MeshTopology, faces: torch.Tensor, num_vertices: int):
+def pseudo_normals(tri: torch.Tensor, topo: MeshTopology, faces: torch.Tensor, num_vertices: int):
     """Unit face normals, edge normals (sum of adjacent face normals), angle-weighted vertex normals."""
     n = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=1)
     fn = n / n.norm(dim=1, keepdim=True).clamp_min(1e-30)
