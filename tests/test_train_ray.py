@@ -111,7 +111,8 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, ray_env, train_
     run_dir = tmp_path / "killed"
     killed, deadline = None, time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline and killed is None:
-        if list(run_dir.glob("checkpoint_*/meta.json")):  # a checkpoint exists: kill a worker mid-run
+        # Kill once a second checkpoint is on disk: the first is then registered with Ray Train for sure.
+        if len(list(run_dir.glob("checkpoint_*/meta.json"))) >= 2:
             # Only this run's workers: earlier tests' workers may still be shutting down.
             pids = [p for p in ray_cluster.worker_pids("RayTrainWorker") if psutil.Process(p).create_time() >= started]
             if pids:
