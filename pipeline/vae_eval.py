@@ -43,8 +43,14 @@ def evaluate_one(model: SparseSDFVAE, sample, points: int = 20000, device="cpu",
 
 
 def summarize(rows: list[dict]) -> dict:
-    keys = ["chamfer", "normal_consistency"] + [f"f1@{t:g}" for t in THRESHOLDS]
-    return {k: sum(r[k] for r in rows) / len(rows) for k in keys} if rows else {}
+    """Means over samples; Chamfer over the samples whose reconstruction has a surface (the rest are counted)."""
+    if not rows:
+        return {}
+    out = {k: sum(r[k] for r in rows) / len(rows) for k in ["normal_consistency"] + [f"f1@{t:g}" for t in THRESHOLDS]}
+    finite = [r["chamfer"] for r in rows if r["chamfer"] != float("inf")]
+    out["chamfer"] = sum(finite) / len(finite) if finite else float("inf")
+    out["no_surface"] = len(rows) - len(finite)
+    return out
 
 
 def evaluate(model: SparseSDFVAE, samples, points: int = 20000, device="cpu", chunk: int | None = None) -> dict:
@@ -65,5 +71,6 @@ def print_table(result: dict, title: str = "SS-VAE reconstruction") -> None:
     for r in result.get("rows", []):
         table.add_row(*[fmt(r[c]) for c in cols])
     if result.get("rows"):
-        table.add_row("mean", "", *[fmt(result[c]) for c in cols[2:]], style="bold")
+        label = "mean" + (f" ({result['no_surface']} without a surface)" if result.get("no_surface") else "")
+        table.add_row(label, "", *[fmt(result[c]) for c in cols[2:]], style="bold")
     Console().print(table)
