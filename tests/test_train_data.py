@@ -109,3 +109,11 @@ def test_loss_curve_png(tmp_path):
     loss_curve_png(list(range(1, 51)), [1.0 / s for s in range(1, 51)], str(tmp_path / "c.png"))
     img = Image.open(tmp_path / "c.png")
     assert img.size == (640, 360) and len(set(img.getdata())) > 3
+
+
+def test_curriculum_stages_chain_by_name():
+    from pipeline.train.trainer import curriculum_configs
+
+    stages = curriculum_configs(TrainConfig(name="ss", curriculum="256,512,1024", steps=10))
+    assert [(s.resolution, s.name, s.curriculum) for s in stages] == [
+        (256, "ss-256", ""), (512, "ss-512", ""), (1024, "ss-1024", "")]
