@@ -260,8 +260,8 @@ def samples_from_table(table: pa.Table) -> list[SparseSDFSample]:
     for i in range(table.num_rows):
         c = coords_col[i].values  # FixedSizeListArray of this row
         s = sdf_col[i].values
-        c_np = c.values.to_numpy(zero_copy_only=True) if c.offset == 0 else \
-            c.flatten().to_numpy(zero_copy_only=True)
+        # flatten() honours the row's offset and length (.values would be the whole column's child).
+        c_np = c.flatten().to_numpy(zero_copy_only=True)
         s_np = s.to_numpy(zero_copy_only=True)
         # Arrow buffers are read-only; the tensors share them (nothing here writes to them).
         coords = _readonly_tensor(c_np.reshape(-1, 3))
