@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from kernels.distance import point_triangle_sqdist
@@ -169,7 +170,11 @@ def _triangle_chunks(counts: torch.Tensor, chunk: int) -> Iterator[tuple[int, in
 
 def _first_per_key(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort (key, d2) words; return the smallest-d2 word of each key and where it came from."""
-    packed, order = torch.sort(packed)
+    if packed.is_cuda:
+        packed, order = torch.sort(packed)
+    else:  # numpy's vectorized argsort: ~3x torch.sort's time on the merged, run-structured words
+        order = torch.from_numpy(np.argsort(packed.numpy()))
+        packed = packed.index_select(0, order)
     key = packed >> 32
     first = torch.ones_like(key, dtype=torch.bool)
     first[1:] = key[1:] != key[:-1]

@@ -14,15 +14,7 @@ import numpy as np
 import torch
 
 from pipeline.geometry.band import band_pairs
-from pipeline.geometry.sign import (
-    WINDING_THRESHOLD,
-    WindingNumber,
-    boundary_feature_mask,
-    feature_side,
-    mesh_topology,
-    pseudo_normals,
-    winding_side_values,
-)
+from pipeline.geometry.sign import SignPrep, band_signs, prepare_sign
 
 SIGN_METHODS = ("winding", "pseudonormal", "none")
 BACKENDS = ("native", "mesh_to_sdf")
@@ -109,34 +101,65 @@ def validate_mesh(vertices, faces) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _check_options(resolution: int, band: float, sign: str, backend: str, chunk: int) -> None:
-    if not isinstance(resolution, int) or not 2 <= resolution <= MAX_RESOLUTION:
-        raise ValueError(f"resolution must be an int in [2, {MAX_RESOLUTION}], got {resolution!r}")
-    if not band > 0 or not np.isfinite(band):
-        raise ValueError(f"band must be a positive number of voxel widths, got {band!r}")
+    _check_grid(resolution, band, chunk)
     if sign not in SIGN_METHODS:
         raise ValueError(f"unknown sign method {sign!r}: expected one of {SIGN_METHODS}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown SDF backend {backend!r}: expected one of {BACKENDS}")
+
+
+def _check_grid(resolution: int, band: float, chunk: int) -> None:
+    if not isinstance(resolution, int) or not 2 <= resolution <= MAX_RESOLUTION:
+        raise ValueError(f"resolution must be an int in [2, {MAX_RESOLUTION}], got {resolution!r}")
+    if not band > 0 or not np.isfinite(band):
+        raise ValueError(f"band must be a positive number of voxel widths, got {band!r}")
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
 
 
-def _signs(sign, points, tri, faces, tri_id, feature, num_vertices):
-    """-1 inside, +1 outside for each band voxel (see sign.py for the method)."""
-    if sign == "none":
-        return torch.ones(points.shape[0], dtype=points.dtype, device=points.device)
-    topo = mesh_topology(faces, num_vertices)
-    normals = pseudo_normals(tri, topo, faces, num_vertices)
-    side = feature_side(points, tri, faces, tri_id, feature, normals, topo)
-    if sign == "pseudonormal" or (topo.closed and topo.components == 1):
-        return side
-    wn = WindingNumber(tri)
-    by_side = winding_side_values(tri, wn)  # (F,2): outer, inner
-    w = by_side[tri_id, (side < 0).long()]
-    near_open = boundary_feature_mask(faces, tri_id, feature, topo, num_vertices)
-    if near_open.any():
-        w[near_open] = wn(points[near_open])
-    return torch.where(w >= WINDING_THRESHOLD, -1.0, 1.0).to(points.dtype)
+@dataclass
+class PreparedMesh:
+    """A validated mesh on the compute device with its grid-independent sign data (shared by resolutions)."""
+
+    tri: torch.Tensor  # (F,3,3) float32 triangles, zero-area faces removed
+    sign: SignPrep
+
+
+def prepare_mesh(vertices, faces, sign: str = "winding", device=None) -> PreparedMesh:
+    """Validate the mesh, move it to `device` and build its topology, pseudo-normals and winding data."""
+    device = _device_of(vertices, device)
+    if sign not in SIGN_METHODS:
+        raise ValueError(f"unknown sign method {sign!r}: expected one of {SIGN_METHODS}")
+    v64, f = validate_mesh(vertices, faces)
+    v = v64.to(device=device, dtype=torch.float32)
+    f = f.to(device)
+    tri = v[f]
+    return PreparedMesh(tri, prepare_sign(sign, tri, f, v.shape[0]))
+
+
+def _device_of(vertices, device) -> torch.device:
+    if device is None:
+        device = vertices.device if isinstance(vertices, torch.Tensor) else torch.device("cpu")
+    return torch.device(device)
+
+
+def _default_chunk(device: torch.device) -> int:
+    # CPU: cache-sized pieces are fastest; GPU: 8M pairs fill it and stay under 1 GiB.
+    return 1 << 23 if device.type == "cuda" else 1 << 18
+
+
+@torch.no_grad()
+def sdf_on_grid(mesh: PreparedMesh, resolution: int, band: float = 2.0, chunk: int | None = None) -> SparseSDF:
+    """The narrow-band sparse SDF of a prepared mesh at one resolution."""
+    chunk = _default_chunk(mesh.tri.device) if chunk is None else chunk
+    _check_grid(resolution, band, chunk)
+    bp = band_pairs(mesh.tri, resolution, band, chunk=chunk)
+    coords = _decode(bp.keys, resolution)
+    h = 2.0 / resolution
+    points = -1.0 + (coords.float() + 0.5) * h
+    s = band_signs(mesh.sign, points, bp.tri, bp.feature)
+    values = (s * bp.d2.sqrt() / (band * h)).clamp(-1.0, 1.0)
+    return SparseSDF(coords, values.float(), resolution, float(band))
 
 
 @torch.no_grad()
@@ -160,25 +183,43 @@ def sparse_sdf(
     the native band's voxels. device: where to compute (default: the input
     tensor's device, else CPU); on CUDA the distance runs as a Triton kernel.
     """
-    if device is None:
-        device = vertices.device if isinstance(vertices, torch.Tensor) else torch.device("cpu")
-    device = torch.device(device)
-    if chunk is None:  # CPU: cache-sized pieces are fastest; GPU: 8M pairs fill it and stay under 1 GiB
-        chunk = 1 << 23 if device.type == "cuda" else 1 << 18
+    device = _device_of(vertices, device)
+    chunk = _default_chunk(device) if chunk is None else chunk
     _check_options(resolution, band, sign, backend, chunk)
-    v64, f = validate_mesh(vertices, faces)
     if backend == "mesh_to_sdf":
+        v64, f = validate_mesh(vertices, faces)
         return _mesh_to_sdf_backend(v64, f, resolution, band, chunk, mesh_to_sdf_kwargs or {})
-    v = v64.to(device=device, dtype=torch.float32)
-    f = f.to(device)
-    tri = v[f]
-    bp = band_pairs(tri, resolution, band, chunk=chunk)
-    coords = _decode(bp.keys, resolution)
-    h = 2.0 / resolution
-    points = -1.0 + (coords.float() + 0.5) * h
-    s = _signs(sign, points, tri, f, bp.tri, bp.feature, v.shape[0])
-    values = (s * bp.d2.sqrt() / (band * h)).clamp(-1.0, 1.0)
-    return SparseSDF(coords, values.float(), resolution, float(band))
+    return sdf_on_grid(prepare_mesh(vertices, faces, sign, device), resolution, band, chunk)
+
+
+@torch.no_grad()
+def sparse_sdf_multi(vertices, faces, resolutions, band: float = 2.0, **kw) -> dict[int, SparseSDF]:
+    """`sparse_sdf` at several resolutions of one mesh; validation, topology, pseudo-normals and the
+    winding-number structure are built once. Same keyword options as `sparse_sdf`; an error at one
+    resolution names it."""
+    resolutions = list(resolutions)
+    if not resolutions:
+        raise ValueError("resolutions is empty")
+    unknown = sorted(set(kw) - {"sign", "backend", "device", "chunk", "mesh_to_sdf_kwargs"})
+    if unknown:
+        raise ValueError(f"unknown sparse_sdf option(s) {unknown}")
+    device = _device_of(vertices, kw.get("device"))
+    sign, backend, chunk = kw.get("sign", "winding"), kw.get("backend", "native"), kw.get("chunk")
+    for res in resolutions:
+        try:
+            _check_options(res, band, sign, backend, _default_chunk(device) if chunk is None else chunk)
+        except ValueError as e:
+            raise ValueError(f"at resolution {res!r}: {e}") from e
+    if backend == "mesh_to_sdf":
+        return {res: sparse_sdf(vertices, faces, res, band, **kw) for res in resolutions}
+    mesh = prepare_mesh(vertices, faces, sign, device)
+    out = {}
+    for res in resolutions:
+        try:
+            out[res] = sdf_on_grid(mesh, res, band, chunk)
+        except ValueError as e:
+            raise ValueError(f"at {res}^3: {e}") from e
+    return out
 
 
 def _decode(keys: torch.Tensor, res: int) -> torch.Tensor:

@@ -16,10 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from kernels.distance import EDGE_AB, EDGE_BC, EDGE_CA, FACE, VERT_A, VERT_B, VERT_C
 
@@ -38,22 +35,38 @@ class MeshTopology:
 
 
 def mesh_topology(faces: torch.Tensor, num_vertices: int) -> MeshTopology:
-    f = faces.long()  # edges are found on the faces' device; only the component count goes to scipy
+    """Edge table and component count, on the faces' device (no host round trip on CUDA)."""
+    f = faces.long()
     src = f.reshape(-1)
     dst = f[:, [1, 2, 0]].reshape(-1)
     lo, hi = torch.minimum(src, dst), torch.maximum(src, dst)
     und, inv, cnt = torch.unique(lo * num_vertices + hi, return_inverse=True, return_counts=True)
     directed = torch.unique(src * num_vertices + dst).numel()
     closed = bool((cnt == 2).all()) and directed == src.numel()
-    n_edges, n_faces = und.numel(), f.shape[0]
-    face_id = np.repeat(np.arange(n_faces), 3)
-    # Faces are joined when they share an edge: an edge-to-face incidence graph.
-    graph = coo_matrix(
-        (np.ones(src.numel()), (inv.cpu().numpy(), face_id + n_edges)), shape=(n_edges + n_faces,) * 2
-    )
-    _, labels = connected_components(graph, directed=False)
-    components = int(np.unique(labels[n_edges:]).size)
-    return MeshTopology(inv.reshape(-1, 3), cnt, closed, components)
+    face_edges = inv.reshape(-1, 3)
+    return MeshTopology(face_edges, cnt, closed, count_components(face_edges, und.numel()))
+
+
+def count_components(face_edges: torch.Tensor, num_edges: int) -> int:
+    """Connected components of faces joined by shared edges: hook roots to the smallest neighbouring
+    root, then jump pointers to the roots, until nothing changes (Shiloach-Vishkin style)."""
+    n = face_edges.shape[0]
+    dev = face_edges.device
+    ids = torch.arange(n, device=dev)
+    parent = ids.clone()
+    flat = face_edges.reshape(-1)
+    while True:
+        edge_min = torch.full((num_edges,), n, device=dev).scatter_reduce_(0, flat, parent.repeat_interleave(3), "amin")
+        low = edge_min[face_edges].amin(1)  # smallest root among the faces sharing an edge with each face
+        hooked = parent.scatter_reduce(0, parent, low, "amin")  # roots only: every face points at a root here
+        while True:  # pointer jumping: depth halves each step
+            nxt = hooked[hooked]
+            if torch.equal(nxt, hooked):
+                break
+            hooked = nxt
+        if torch.equal(hooked, parent):
+            return int((parent == ids).sum())
+        parent = hooked
 
 
 def pseudo_normals(tri: torch.Tensor, topo: MeshTopology, faces: torch.Tensor, num_vertices: int):
@@ -73,18 +86,15 @@ def pseudo_normals(tri: torch.Tensor, topo: MeshTopology, faces: torch.Tensor, n
     return fn, en, vn
 
 
-# Feature code -> (vertex slot used as anchor, edge slot or -1, vertex slot or -1).
+# Feature code -> vertex slot of a point on the feature (the plane's anchor).
 _ANCHOR = torch.tensor([0, 0, 1, 2, 0, 1, 2])
-_EDGE_SLOT = torch.tensor([-1, 0, 1, 2, -1, -1, -1])
-_VERT_SLOT = torch.tensor([-1, -1, -1, -1, 0, 1, 2])
 assert (FACE, EDGE_AB, EDGE_BC, EDGE_CA, VERT_A, VERT_B, VERT_C) == tuple(range(7))
 
 
-def feature_side(points, tri, faces, tri_id, feature, normals, topo):
-    """+1 where the point is on the outer side of its closest feature's pseudo-normal, -1 on the inner."""
+def feature_planes(tri, faces, normals, topo) -> torch.Tensor:
+    """(4, F*7) rows: pseudo-normal n of each (face, feature code) and n . anchor, for one gather per voxel."""
     fn, en, vn = normals
-    dev = points.device
-    # One (normal, normal . anchor) row per (face, feature code): a single gather per voxel.
+    dev = tri.device
     normal = torch.empty(tri.shape[0], 7, 3, dtype=tri.dtype, device=dev)
     normal[:, FACE] = fn
     fe = topo.face_edges.to(dev)
@@ -93,33 +103,34 @@ def feature_side(points, tri, faces, tri_id, feature, normals, topo):
     for code, slot in ((VERT_A, 0), (VERT_B, 1), (VERT_C, 2)):
         normal[:, code] = vn[faces[:, slot].long()]
     anchor = tri[:, _ANCHOR.to(dev)]  # (F,7,3)
-    table = torch.cat([normal, (normal * anchor).sum(2, keepdim=True)], 2).reshape(-1, 4).T.contiguous()
-    row = table.index_select(1, tri_id * 7 + feature.long())
+    return torch.cat([normal, (normal * anchor).sum(2, keepdim=True)], 2).reshape(-1, 4).T.contiguous()
+
+
+def feature_side(points, planes, tri_id, feature):
+    """+1 where the point is on the outer side of its closest feature's pseudo-normal, -1 on the inner."""
+    row = planes.index_select(1, tri_id * 7 + feature.long())
     dot = points[:, 0] * row[0] + points[:, 1] * row[1] + points[:, 2] * row[2] - row[3]
     return torch.where(dot < 0, -1.0, 1.0).to(points.dtype)
 
 
-def boundary_feature_mask(faces, tri_id, feature, topo, num_vertices):
-    """True where the closest feature is, or touches, an edge not shared by exactly two faces."""
-    dev = tri_id.device
+def open_features(faces, topo, num_vertices) -> torch.Tensor:
+    """(F*7,) True where a (face, feature code) is, or touches, an edge not shared by exactly two faces."""
+    dev = faces.device
     fe = topo.face_edges.to(dev)
     open_edge = (topo.edge_faces != 2).to(dev)
-    feat = feature.long()
-    edge_slot = _EDGE_SLOT.to(dev)[feat]
-    mask = torch.zeros_like(tri_id, dtype=torch.bool)
-    on_edge = edge_slot >= 0
-    mask[on_edge] = open_edge[fe[tri_id[on_edge], edge_slot[on_edge]]]
+    f = faces.long()
     # A vertex is open when any edge around it is.
-    f_cpu = faces.long().to(dev)
     open_vert = torch.zeros(num_vertices, dtype=torch.bool, device=dev)
     for k in range(3):
         oe = open_edge[fe[:, k]]
-        open_vert[f_cpu[oe, k]] = True
-        open_vert[f_cpu[oe, (k + 1) % 3]] = True
-    vert_slot = _VERT_SLOT.to(dev)[feat]
-    on_vert = vert_slot >= 0
-    mask[on_vert] = open_vert[f_cpu[tri_id[on_vert], vert_slot[on_vert]]]
-    return mask
+        open_vert[f[oe, k]] = True
+        open_vert[f[oe, (k + 1) % 3]] = True
+    table = torch.zeros(f.shape[0], 7, dtype=torch.bool, device=dev)
+    for code, slot in ((EDGE_AB, 0), (EDGE_BC, 1), (EDGE_CA, 2)):
+        table[:, code] = open_edge[fe[:, slot]]
+    for code, slot in ((VERT_A, 0), (VERT_B, 1), (VERT_C, 2)):
+        table[:, code] = open_vert[f[:, slot]]
+    return table.reshape(-1)
 
 
 def _solid_angle(q, a, b, c):
@@ -229,3 +240,40 @@ def winding_side_values(tri: torch.Tensor, wn: WindingNumber) -> torch.Tensor:
     cen = tri.mean(1)
     probes = torch.cat([cen + _PROBE_OFFSET * n, cen - _PROBE_OFFSET * n])
     return wn(probes).reshape(2, -1).T.contiguous()
+
+
+@dataclass
+class SignPrep:
+    """Everything the sign needs that depends on the mesh alone, so resolutions can share it."""
+
+    method: str  # "winding", "pseudonormal" or "none"
+    planes: torch.Tensor | None = None  # feature_planes(...) table
+    side_values: torch.Tensor | None = None  # (F,2) winding number outside / inside each face (winding path)
+    open_table: torch.Tensor | None = None  # open_features(...) table (winding path)
+    winding: WindingNumber | None = None
+
+
+def prepare_sign(method: str, tri: torch.Tensor, faces: torch.Tensor, num_vertices: int) -> SignPrep:
+    """Topology, pseudo-normal planes and, unless the mesh is closed with one component, the winding data."""
+    if method == "none":
+        return SignPrep(method)
+    topo = mesh_topology(faces, num_vertices)
+    planes = feature_planes(tri, faces, pseudo_normals(tri, topo, faces, num_vertices), topo)
+    if method == "pseudonormal" or (topo.closed and topo.components == 1):
+        return SignPrep("pseudonormal", planes)
+    wn = WindingNumber(tri)
+    return SignPrep(method, planes, winding_side_values(tri, wn), open_features(faces, topo, num_vertices), wn)
+
+
+def band_signs(prep: SignPrep, points: torch.Tensor, tri_id: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+    """-1 inside, +1 outside for each band voxel, given its closest triangle and feature."""
+    if prep.method == "none":
+        return torch.ones(points.shape[0], dtype=points.dtype, device=points.device)
+    side = feature_side(points, prep.planes, tri_id, feature)
+    if prep.method == "pseudonormal":
+        return side
+    w = prep.side_values[tri_id, (side < 0).long()]
+    near_open = prep.open_table.index_select(0, tri_id * 7 + feature.long())
+    if near_open.any():
+        w[near_open] = prep.winding(points[near_open])
+    return torch.where(w >= WINDING_THRESHOLD, -1.0, 1.0).to(points.dtype)

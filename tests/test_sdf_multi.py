@@ -1,0 +1,81 @@
+"""Several resolutions of one mesh share its preparation and equal separate `sparse_sdf` calls."""
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+import pipeline.geometry.sdf as sdf_module
+from pipeline.geometry.sdf import sparse_sdf, sparse_sdf_multi
+from pipeline.geometry.sign import count_components, mesh_topology
+
+
+def _sphere(subdivisions=3):
+    m = trimesh.creation.icosphere(subdivisions=subdivisions, radius=0.9)
+    return np.asarray(m.vertices), np.asarray(m.faces)
+
+
+def _open_two_shells():
+    """An icosphere with a cap cut away plus a box that overlaps it: open and two components."""
+    v, f = _sphere()
+    f = f[v[f].mean(1)[:, 2] < 0.7]
+    b = trimesh.creation.box(extents=(0.6, 0.6, 0.6))
+    bv = np.asarray(b.vertices) + [0.5, 0.0, -0.3]
+    return np.concatenate([v, bv]), np.concatenate([f, np.asarray(b.faces) + len(v)])
+
+
+@pytest.mark.parametrize("mesh, sign", [(_sphere, "winding"), (_open_two_shells, "winding"),
+                                        (_open_two_shells, "pseudonormal"), (_sphere, "none")])
+def test_multi_equals_separate_calls(mesh, sign):
+    v, f = mesh()
+    many = sparse_sdf_multi(v, f, [48, 96, 32], sign=sign)
+    assert list(many) == [48, 96, 32]
+    for res, got in many.items():
+        want = sparse_sdf(v, f, res, sign=sign)
+        assert got.resolution == res and got.band == 2.0
+        assert torch.equal(got.coords, want.coords)
+        assert torch.equal(got.values, want.values)
+    if sign == "winding" and mesh is _open_two_shells:
+        assert (many[96].values < 0).any() and (many[96].values > 0).any()
+
+
+def test_multi_prepares_the_mesh_once(monkeypatch):
+    calls = []
+    real = sdf_module.prepare_sign
+
+    def counting(*args):
+        calls.append(args[0])
+        return real(*args)
+
+    monkeypatch.setattr(sdf_module, "prepare_sign", counting)
+    v, f = _open_two_shells()
+    out = sparse_sdf_multi(v, f, (32, 64, 128), band=1.5)
+    assert calls == ["winding"] and sorted(out) == [32, 64, 128]
+    assert all(s.band == 1.5 for s in out.values())
+
+
+def test_multi_errors_name_the_resolution_and_option():
+    v, f = _sphere(1)
+    with pytest.raises(ValueError, match="resolution 2048"):
+        sparse_sdf_multi(v, f, [64, 2048])
+    with pytest.raises(ValueError, match="empty"):
+        sparse_sdf_multi(v, f, [])
+    with pytest.raises(ValueError, match="unknown sparse_sdf option"):
+        sparse_sdf_multi(v, f, [64], signs="none")
+    with pytest.raises(ValueError, match="NaN"):
+        sparse_sdf_multi(np.full_like(v, np.nan), f, [64])
+
+
+def test_component_count_matches_scipy():
+    v, f = _sphere(4)
+    rng = np.random.default_rng(0)
+    for keep in (1.0, 0.7, 0.3, 0.05):
+        sub = torch.as_tensor(f[rng.random(len(f)) < keep])
+        topo = mesh_topology(sub, len(v))
+        n_e, n_f = topo.edge_faces.numel(), sub.shape[0]
+        graph = coo_matrix((np.ones(3 * n_f), (topo.face_edges.reshape(-1).numpy(), np.repeat(np.arange(n_f), 3) + n_e)),
+                           shape=(n_e + n_f,) * 2)
+        want = np.unique(connected_components(graph, directed=False)[1][n_e:]).size
+        assert topo.components == want == count_components(topo.face_edges, n_e)
