@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.geometry.sdf import sparse_sdf
+from pipeline.geometry.sdf import prepare_mesh, sdf_on_grid, sparse_sdf, sparse_sdf_multi
 
 RESOLUTIONS = (256, 512, 1024)
 
@@ -84,6 +84,13 @@ def scan_mesh(path: str | None) -> tuple[np.ndarray, np.ndarray, str]:
         return v, f, "scan_like"
 
 
+def opened(v: np.ndarray, f: np.ndarray) -> np.ndarray:
+    """The faces left after cutting away everything above y = 0.55 and a slot around x = 0.2: an open
+    mesh (on the bunny: ear tips and a slice), so the winding-number sign path runs."""
+    cen = v[f].mean(1)
+    return f[~((cen[:, 1] > 0.55) | (np.abs(cen[:, 0] - 0.2) < 0.05))]
+
+
 def corpus_meshes(corpus_dir: str | None) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """Every valid single mesh of the sample corpus (generated into a temporary folder if none given)."""
     import tempfile
@@ -124,17 +131,26 @@ def _cpu_child(v, f, res, band, sign, queue):
     torch.set_num_threads(1)
     sparse_sdf(*_TETRA, 16)  # first-call costs (imports, allocator) stay out of the timing
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if isinstance(res, tuple):  # every resolution through one sparse_sdf_multi call
+        c = time.process_time()
+        sparse_sdf_multi(v, f, res, band, sign=sign)
+        queue.put({"cpu_seconds": time.process_time() - c})
+        return
     t, c = time.perf_counter(), time.process_time()
-    s = sparse_sdf(v, f, res, band, sign=sign)
+    mesh = prepare_mesh(v, f, sign)  # the per-mesh part, shared by resolutions in sparse_sdf_multi
+    prep = time.process_time() - c
+    s = sdf_on_grid(mesh, res, band)
     sec, cpu = time.perf_counter() - t, time.process_time() - c
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     coords, values = _sample(s)
-    queue.put({"seconds": sec, "cpu_seconds": cpu, "voxels": int(s.coords.shape[0]), "peak_rss_gib": peak / 2**20,
-               "rss_over_base_gib": (peak - base) / 2**20, "coords": coords, "values": values})
+    queue.put({"seconds": sec, "cpu_seconds": cpu, "prepare_s": prep, "voxels": int(s.coords.shape[0]),
+               "peak_rss_gib": peak / 2**20, "rss_over_base_gib": (peak - base) / 2**20,
+               "coords": coords, "values": values})
 
 
-def measure_cpu(v, f, res: int, band: float = 2.0, sign: str = "winding") -> dict:
-    """Seconds, band voxels and peak RSS of one `sparse_sdf` call in a fresh one-core process."""
+def measure_cpu(v, f, res, band: float = 2.0, sign: str = "winding") -> dict:
+    """CPU seconds (of which mesh preparation), band voxels and peak RSS of one `sparse_sdf` call in a
+    fresh one-core process; res a tuple: CPU seconds of one `sparse_sdf_multi` call over them."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=_cpu_child, args=(v, f, res, band, sign, q))
@@ -158,9 +174,29 @@ def measure_gpu(v, f, res: int, band: float = 2.0, sign: str = "winding", repeat
         s = sparse_sdf(vt, ft, res, band, sign=sign)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
     coords, values = _sample(s)
-    return {"seconds": sorted(times)[repeats // 2], "voxels": int(s.coords.shape[0]),
-            "peak_gpu_gib": (torch.cuda.max_memory_allocated() - base) / 2**30, "coords": coords, "values": values}
+    return {"seconds": sorted(times)[repeats // 2], "prepare_s": _cuda_median(lambda: prepare_mesh(vt, ft, sign)),
+            "voxels": int(s.coords.shape[0]), "peak_gpu_gib": peak, "coords": coords, "values": values}
+
+
+def _cuda_median(fn, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[repeats // 2]
+
+
+def measure_gpu_multi(v, f, resolutions, band: float = 2.0, sign: str = "winding") -> float:
+    """Median seconds of one `sparse_sdf_multi` call over the resolutions on CUDA (after a warm-up)."""
+    vt = torch.as_tensor(v, dtype=torch.float32, device="cuda")
+    ft = torch.as_tensor(f, dtype=torch.int64, device="cuda")
+    sparse_sdf_multi(vt, ft, resolutions, band, sign=sign)
+    return _cuda_median(lambda: sparse_sdf_multi(vt, ft, resolutions, band, sign=sign))
 
 
 def measure_accuracy(v, f, res: int, band: float, coords: np.ndarray, values: np.ndarray) -> float:
@@ -231,10 +267,13 @@ def main() -> None:
     ap.add_argument("--no-corpus", action="store_true")
     ap.add_argument("--baseline-points", type=int, default=SAMPLE, help="band voxels given to mesh-to-sdf (0: skip)")
     ap.add_argument("--accuracy-points", type=int, default=50, help="band voxels checked by brute force")
+    ap.add_argument("--open", action="store_true", help="cut the mesh open (winding-number sign path)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     v, f, name = scan_mesh(args.mesh)
+    if args.open:
+        f, name = opened(v, f), name + "_opened"
     print(f"mesh {name}: {len(f)} faces, device {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else " (one core)"))
     rows = []
@@ -249,14 +288,21 @@ def main() -> None:
         rows.append(r)
 
     mem_key = "peak_rss_gib" if args.device == "cpu" else "peak_gpu_gib"
-    print(f"\n| res | band voxels | seconds (wall / cpu) | Mvoxels/s (cpu) | peak mem (GiB) | max err (voxel) | mesh-to-sdf s (extrap.) | ratio |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"\n| res | band voxels | seconds (wall / cpu) | of which mesh prep | Mvoxels/s (cpu) | peak mem (GiB) | max err (voxel) | mesh-to-sdf s (extrap.) | ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         m2s = r.get("mesh_to_sdf", {}).get("seconds", float("nan"))
         sec = r.get("cpu_seconds", r["seconds"])  # one thread: CPU time is the wall time of an idle core
-        print(f"| {r['res']} | {r['voxels']:,} | {r['seconds']:.3f} / {sec:.3f} | {r['voxels'] / sec / 1e6:.2f} | "
-              f"{r[mem_key]:.2f} | {r['max_err_voxel']:.4f} | {m2s:.1f} | {m2s / sec:.0f}x |")
+        print(f"| {r['res']} | {r['voxels']:,} | {r['seconds']:.3f} / {sec:.3f} | {r['prepare_s']:.3f} | "
+              f"{r['voxels'] / sec / 1e6:.2f} | {r[mem_key]:.2f} | {r['max_err_voxel']:.4f} | {m2s:.1f} | {m2s / sec:.0f}x |")
     out = {"mesh": name, "faces": int(len(f)), "device": args.device, "rows": rows}
+    if len(args.res) > 1:
+        res = tuple(args.res)
+        multi = (measure_cpu(v, f, res, args.band)["cpu_seconds"] if args.device == "cpu"
+                 else measure_gpu_multi(v, f, res, args.band))
+        separate = sum(r.get("cpu_seconds", r["seconds"]) for r in rows)
+        out["multi"] = {"resolutions": list(res), "seconds": multi, "separate_seconds": separate}
+        print(f"\nsparse_sdf_multi over {list(res)}: {multi:.3f} s (separate calls: {separate:.3f} s)")
     if args.device == "cpu" and not args.no_corpus:
         meshes = corpus_meshes(args.corpus)
         c = measure_corpus(meshes, args.corpus_res, args.band)

@@ -115,13 +115,15 @@ def _views_for(mesh, cfg: PreprocessConfig, content_hash: str) -> list[shards.Vi
     return out
 
 
-def _sdf(mesh, resolution: int, cfg: PreprocessConfig):
-    from pipeline.geometry.sdf import sparse_sdf
+def _sdf(mesh, resolutions: list[int], cfg: PreprocessConfig) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """(coords, values) per resolution; the mesh's topology, normals and winding data are built once."""
+    from pipeline.geometry.sdf import sparse_sdf_multi
 
-    s = sparse_sdf(mesh.vertices, mesh.faces, resolution, band=cfg.band, backend=cfg.sdf_backend)
-    coords = np.asarray(s.coords.cpu().numpy() if hasattr(s.coords, "cpu") else s.coords, np.int32)
-    values = np.asarray(s.values.cpu().numpy() if hasattr(s.values, "cpu") else s.values, np.float32)
-    return coords, values
+    out = {}
+    for res, s in sparse_sdf_multi(mesh.vertices, mesh.faces, resolutions, band=cfg.band,
+                                   backend=cfg.sdf_backend).items():
+        out[res] = (np.asarray(s.coords.cpu().numpy(), np.int32), np.asarray(s.values.cpu().numpy(), np.float32))
+    return out
 
 
 def process_one(uri: str, data: bytes, cfg: PreprocessConfig, done: set[str]) -> tuple[dict, list[shards.ShardRow]]:
@@ -144,9 +146,11 @@ def process_one(uri: str, data: bytes, cfg: PreprocessConfig, done: set[str]) ->
         stage = "normalize"
         mesh = normalize(vertices, faces)
         rows = []
+        stage = "sdf@" + ",".join(map(str, todo))  # one shared call; its errors name the resolution
+        sdfs = _sdf(mesh, todo, cfg)
         for res in todo:
             stage = f"sdf@{res}"
-            coords, values = _sdf(mesh, res, cfg)
+            coords, values = sdfs[res]
             if len(coords) == 0:
                 raise MeshError(f"empty narrow band at {res}^3")
             if not np.isfinite(values).all():

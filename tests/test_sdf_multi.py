@@ -18,11 +18,12 @@ def _sphere(subdivisions=3):
 
 
 def _open_two_shells():
-    """An icosphere with a cap cut away plus a box that overlaps it: open and two components."""
-    v, f = _sphere()
-    f = f[v[f].mean(1)[:, 2] < 0.7]
-    b = trimesh.creation.box(extents=(0.6, 0.6, 0.6))
-    bv = np.asarray(b.vertices) + [0.5, 0.0, -0.3]
+    """An icosphere with a cap cut away beside a separate box: open and two components."""
+    m = trimesh.creation.icosphere(subdivisions=3, radius=0.45)
+    v, f = np.asarray(m.vertices) - [0.4, 0.0, 0.0], np.asarray(m.faces)
+    f = f[v[f].mean(1)[:, 2] < 0.35]
+    b = trimesh.creation.box(extents=(0.5, 0.6, 0.7))
+    bv = np.asarray(b.vertices) + [0.55, 0.1, -0.2]
     return np.concatenate([v, bv]), np.concatenate([f, np.asarray(b.faces) + len(v)])
 
 
@@ -79,3 +80,22 @@ def test_component_count_matches_scipy():
                            shape=(n_e + n_f,) * 2)
         want = np.unique(connected_components(graph, directed=False)[1][n_e:]).size
         assert topo.components == want == count_components(topo.face_edges, n_e)
+
+
+@pytest.mark.gpu
+def test_multi_on_cuda_equals_separate_calls_and_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    v, f = _open_two_shells()
+    vt, ft = torch.as_tensor(v, dtype=torch.float32, device="cuda"), torch.as_tensor(f, device="cuda")
+    many = sparse_sdf_multi(vt, ft, [64, 128])
+    for res, got in many.items():
+        want = sparse_sdf(vt, ft, res)
+        assert got.coords.is_cuda and torch.equal(got.coords, want.coords) and torch.equal(got.values, want.values)
+        cpu = sparse_sdf(v, f, res)
+        # Voxels at distance band*h to float32 rounding may differ between the two distance formulations.
+        key = lambda c: ((c[:, 0].long() * res + c[:, 1]) * res + c[:, 2]).cpu().numpy()
+        common, i_gpu, i_cpu = np.intersect1d(key(got.coords), key(cpu.coords), return_indices=True)
+        assert len(common) >= (1 - 1e-4) * max(got.coords.shape[0], cpu.coords.shape[0])
+        agree = torch.sign(got.values.cpu()[i_gpu]) == torch.sign(cpu.values[i_cpu])
+        assert agree.float().mean() > 1 - 1e-3

@@ -78,8 +78,11 @@ def _take(mask: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.index_select(0, idx) for t in tensors]
 
 
-def _chunk_candidates(tri: torch.Tensor, tri_ids: torch.Tensor, res: int, band: float, distance_backend: str):
-    """Band pairs (key, d2, tri id, feature) contributed by one chunk of triangles; not yet unique."""
+def _chunk_candidates(tri: torch.Tensor, first_id: int, res: int, band: float, distance_backend: str):
+    """Band pairs (key, d2, owner) of one chunk of triangles numbered from first_id; not yet unique.
+
+    owner is the int32 word (triangle id << 3) | closest feature code.
+    """
     h = 2.0 / res
     r = band * h
     c0 = -1.0 + 0.5 * h
@@ -132,9 +135,9 @@ def _chunk_candidates(tri: torch.Tensor, tri_ids: torch.Tensor, res: int, band: 
         xyz = torch.gather(uvw, 1, _XYZ_FROM_UVW.to(uvw.device)[axis[t_loc]])
         pts = c0 + xyz.to(tri.dtype) * h
         d2, feat = point_triangle_sqdist(pts, tri, t_loc, backend=distance_backend)
-        xyz, d2, t_loc, feat = _take(d2 < r * r, xyz, d2, t_loc, feat)
+        xyz, d2, owner = _take(d2 < r * r, xyz, d2, _owner(t_loc, first_id, feat))
         key = (xyz[:, 0] * res + xyz[:, 1]) * res + xyz[:, 2]
-        return key, d2, tri_ids[t_loc], feat
+        return key, d2, owner
 
     # CPU: local triangle-frame coordinates are affine in (iu, iv, iw); a column shares iu, iv.
     rot, shape = triangle_frames(tri)
@@ -148,12 +151,17 @@ def _chunk_candidates(tri: torch.Tensor, tri_ids: torch.Tensor, res: int, band: 
     cand_tab = torch.cat([m_uvw[:, :, 2], shape], 1).to(tri.dtype).T.contiguous().index_select(1, t_loc)  # (9, N)
     loc = base.index_select(1, cand_c) + cand_tab[0:3] * iw.to(tri.dtype)
     d2, feat = sqdist_in_frame(loc[0], loc[1], loc[2], cand_tab[3:9].T)
-    cand_c, iw, d2, t_loc, feat = _take(d2 < r * r, cand_c, iw, d2, t_loc, feat)
+    cand_c, iw, d2, owner = _take(d2 < r * r, cand_c, iw, d2, _owner(t_loc, first_id, feat))
     # Linear key: the column's (u, v) part plus w times the dominant axis' stride.
     stride = torch.tensor([res * res, res, 1], device=tri.device)
     col_key = iu * stride[(axis + 1) % 3].index_select(0, col_t) + iv * stride[(axis + 2) % 3].index_select(0, col_t)
-    key = col_key.index_select(0, cand_c) + iw * stride[axis].index_select(0, t_loc)
-    return key, d2, tri_ids.index_select(0, t_loc), feat
+    key = col_key.index_select(0, cand_c) + iw * stride[axis].index_select(0, col_t).index_select(0, cand_c)
+    return key, d2, owner
+
+
+def _owner(t_loc: torch.Tensor, first_id: int, feat: torch.Tensor) -> torch.Tensor:
+    """One int32 per pair: triangle id (< 2^28) and its 3-bit closest-feature code."""
+    return ((t_loc.to(torch.int32) + first_id) << 3) | feat.to(torch.int32)
 
 
 def _triangle_chunks(counts: torch.Tensor, chunk: int) -> Iterator[tuple[int, int]]:
@@ -204,12 +212,12 @@ def band_pairs(
     counts = candidate_counts(tri, res, band)
     words, owners = [], []
     for s, e in _triangle_chunks(counts, chunk):
-        k, d2, t, f = _chunk_candidates(tri[s:e], torch.arange(s, e, device=tri.device), res, band, distance_backend)
+        k, d2, owner = _chunk_candidates(tri[s:e], s, res, band, distance_backend)
         # One int64 holds (key, d2): keys < 2^31 at R <= 1024 and d2 >= 0 orders like its bit pattern.
         w, sel = _first_per_key((k << 32) | d2.view(torch.int32).to(torch.int64))
         words.append(w)
-        owners.append((t[sel].to(torch.int32) << 3) | f[sel].to(torch.int32))  # triangle id and feature code
-        del k, d2, t, f
+        owners.append(owner.index_select(0, sel))
+        del k, d2, owner
     packed, sel = _first_per_key(torch.cat(words))
     owner = torch.cat(owners)[sel]
     del words, owners

@@ -225,6 +225,9 @@ def sparse_sdf_multi(vertices, faces, resolutions, band: float = 2.0, **kw) -> d
 def _decode(keys: torch.Tensor, res: int) -> torch.Tensor:
     """(N,3) int32 voxel indices of linear keys; keys < 2^30 so int32 arithmetic is exact (and faster)."""
     keys = keys.to(torch.int32)
+    if res & (res - 1) == 0:  # the usual power-of-two grids: shifts and masks instead of divisions
+        b = res.bit_length() - 1
+        return torch.stack([keys >> (2 * b), (keys >> b) & (res - 1), keys & (res - 1)], dim=1)
     ij = torch.div(keys, res, rounding_mode="floor")
     i = torch.div(ij, res, rounding_mode="floor")
     return torch.stack([i, ij - i * res, keys - ij * res], dim=1)
