@@ -108,24 +108,25 @@ def _chunk_candidates(tri: torch.Tensor, first_id: int, res: int, band: float, d
     itab = torch.stack([i_lo[:, 0], i_lo[:, 1], nv, i_lo[:, 2], i_hi[:, 2]], 1)  # (T, 5)
 
     col_t, local = _expand(nu * nv)
-    it = itab.T.contiguous().index_select(1, col_t)  # (fields, columns): contiguous rows
+    # Gather only the fields the column test needs; the slab fields only for the columns it keeps.
+    it = itab[:, :3].T.contiguous().index_select(1, col_t)  # (fields, columns): contiguous rows
     row = torch.div(local, it[2], rounding_mode="floor")
     iu = it[0] + row
     iv = it[1] + local - row * it[2]
     xu = c0 + iu.to(tri.dtype) * h
     xv = c0 + iv.to(tri.dtype) * h
-    ft = ftab.T.contiguous().index_select(1, col_t)
+    ft = ftab[:, :9].T.contiguous().index_select(1, col_t)
     keep = ft[0] * xu + ft[3] * xv + ft[6] >= 0
     for k in (1, 2):
         keep &= ft[k] * xu + ft[3 + k] * xv + ft[6 + k] >= 0
     sel = keep.nonzero().squeeze(1)
     col_t, iu, iv, xu, xv = (x.index_select(0, sel) for x in (col_t, iu, iv, xu, xv))
-    ft, it = ft.index_select(1, sel), it.index_select(1, sel)
+    ft = torch.cat([ftab[:, 9:], itab[:, 3:].to(ftab.dtype)], 1).T.contiguous().index_select(1, col_t)
 
-    w_mid = ft[11] + ft[9] * xu + ft[10] * xv
-    w_lo, w_hi = _index_range(w_mid - ft[12], w_mid + ft[12], h, 0.0, res)
-    w_lo = torch.maximum(w_lo, it[3])
-    w_hi = torch.minimum(w_hi, it[4])
+    w_mid = ft[2] + ft[0] * xu + ft[1] * xv
+    w_lo, w_hi = _index_range(w_mid - ft[3], w_mid + ft[3], h, 0.0, res)
+    w_lo = torch.maximum(w_lo, ft[4].long())  # the triangle's own w range, dilated by r
+    w_hi = torch.minimum(w_hi, ft[5].long())
     cand_c, local = _expand((w_hi - w_lo + 1).clamp(min=0))
     iw = w_lo.index_select(0, cand_c) + local
     t_loc = col_t.index_select(0, cand_c)
