@@ -11,6 +11,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from servers import start_ray, start_s3  # noqa: E402
 
+try:  # mesh-to-sdf refuses to load after pyrender (which the renderer's cross-check imports)
+    import mesh_to_sdf  # noqa: F401,E402
+except ImportError:
+    pass
+
 
 @pytest.fixture(scope="session")
 def sample_corpus(tmp_path_factory):

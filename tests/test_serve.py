@@ -37,6 +37,8 @@ def app(ray_cluster, tmp_path_factory):
     key_file = tmp_path_factory.mktemp("key") / "api_key"
     key_file.write_text(KEY + "\n")
     ray.init(address=ray_cluster.address, ignore_reinit_error=True, log_to_driver=False)
+    # Serve keeps one HTTP proxy per cluster; one left by another test would keep its own port.
+    serve.shutdown()
     cfg = ServeConfig(name="s2test", port=free_port(), generation=FAST, random_weights="debug", num_cpus=1,
                       max_batch_size=4, batch_wait_timeout_s=1.0, max_upload_mb=0.25, max_image_side=1024,
                       api_key_file=str(key_file), torch_threads=1)
