@@ -234,12 +234,18 @@ class WindingNumber:
 
 
 def winding_side_values(tri: torch.Tensor, wn: WindingNumber) -> torch.Tensor:
-    """(F, 2) winding number just outside (column 0) and just inside (column 1) each face's centroid."""
+    """(F, 2) winding number just outside (column 0) and just inside (column 1) each face's centroid.
+
+    Only the outer probe is evaluated. The inner probe is its mirror image through the face, so the
+    face's own solid angle flips sign there while every other term is continuous: w_in = w_out - 2*own.
+    """
     n = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=1)
     n = n / n.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    cen = tri.mean(1)
-    probes = torch.cat([cen + _PROBE_OFFSET * n, cen - _PROBE_OFFSET * n])
-    return wn(probes).reshape(2, -1).T.contiguous()
+    probe = tri.mean(1) + _PROBE_OFFSET * n
+    outer = wn(probe)
+    t = tri.double()
+    own = (_solid_angle(probe.double(), t[:, 0], t[:, 1], t[:, 2]) / (4 * torch.pi)).to(outer.dtype)
+    return torch.stack([outer, outer - 2 * own], 1)
 
 
 @dataclass
