@@ -4,12 +4,14 @@ on a ~50k-face scanned mesh and on the sample corpus, against mesh-to-sdf on the
     python benchmarks/preprocess.py                          # CPU, one core (each size in a fresh process)
     python benchmarks/preprocess.py --device cuda            # one GPU
     python benchmarks/preprocess.py --mesh bunny.npz --res 256 512 --no-corpus --json out.json
+    python benchmarks/preprocess.py --open --no-corpus      # the mesh cut open: winding-number sign path
 
 The scanned mesh is the Stanford bunny that pymeshlab's wheel ships (56k faces;
 Stanford 3D Scanning Repository, research use with acknowledgement) when
 pymeshlab is installed, else `scan_like_mesh()`: a deterministic displaced,
 noisy, irregularly triangulated blob of ~50k faces (`--mesh scan_like` picks it). `--mesh` takes a .npz with
 arrays v (V,3) and f (F,3), already normalized, or any file trimesh reads.
+With several resolutions it also times one `sparse_sdf_multi` call over all of them.
 mesh-to-sdf runs on a random subsample of the band's voxels and its time is
 extrapolated to the whole band (its fixed surface-sampling cost counted once).
 """
