@@ -99,3 +99,18 @@ def test_multi_on_cuda_equals_separate_calls_and_cpu():
         assert len(common) >= (1 - 1e-4) * max(got.coords.shape[0], cpu.coords.shape[0])
         agree = torch.sign(got.values.cpu()[i_gpu]) == torch.sign(cpu.values[i_cpu])
         assert agree.float().mean() > 1 - 1e-3
+
+
+def test_inner_probe_from_the_outer_one_matches_direct_evaluation():
+    from pipeline.geometry.sign import _PROBE_OFFSET, WindingNumber, winding_side_values
+
+    v, f = _open_two_shells()
+    tri = torch.as_tensor(v[f], dtype=torch.float32)
+    wn = WindingNumber(tri)
+    sides = winding_side_values(tri, wn)
+    n = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=1)
+    inner = wn(tri.mean(1) - _PROBE_OFFSET * n / n.norm(dim=1, keepdim=True))
+    assert (sides[:, 1] - inner).abs().max() < 0.05  # both carry the dipole approximation's error
+    clear = (inner - 0.5).abs() > 0.05
+    assert clear.sum() > len(f) // 2
+    assert ((sides[clear, 1] >= 0.5) == (inner[clear] >= 0.5)).all()

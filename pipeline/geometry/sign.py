@@ -5,8 +5,9 @@ al. 2013) is >= 0.5. On a closed, consistently oriented, single-component mesh
 w is 0 or 1, and at a band voxel the sign of (p - feature) . pseudo-normal of its
 closest feature equals it exactly (Baerentzen & Aanaes 2005), so that case costs
 nothing extra. On any other mesh (open, several shells, non-manifold) w is
-evaluated: once per triangle side at a probe just off its centroid (voxels
-inherit the value of their closest triangle's side), and at the voxel itself
+evaluated: at one probe just off each triangle's centroid, the other side
+following from the face's own solid angle (voxels inherit the value of their
+closest triangle's side), and at the voxel itself
 where its closest feature touches a boundary or non-manifold edge, where w
 varies fastest. w is summed exactly for near triangles and by clusters' dipole
 terms for far ones (Barill et al. 2018, first order).
