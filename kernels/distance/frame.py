@@ -32,18 +32,27 @@ def triangle_frames(tri: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def sqdist_in_frame(x, y, z, shape: torch.Tensor, with_feature: bool = True):
-    """d^2 (and the closest feature code) for local coordinates x, y, z (N,) against shape rows (N,6)."""
+    """d^2 (and the closest feature code) for local coordinates x, y, z (N,) against shape rows (N,6).
+
+    Written with addcmul and in-place clamps: this is the CPU band's hottest loop, and every
+    elementwise pass saved is ~1% of a 1024^3 band.
+    """
     bx, cx, cy = shape[:, BX], shape[:, CX], shape[:, CY]
-    t_ab = (x * shape[:, INV_BX]).clamp(0, 1)
-    d_ab = (x - t_ab * bx) ** 2 + y * y
-    t_ca = ((x * cx + y * cy) * shape[:, INV_C2]).clamp(0, 1)
-    d_ca = (x - t_ca * cx) ** 2 + (y - t_ca * cy) ** 2
+    t_ab = (x * shape[:, INV_BX]).clamp_(0, 1)
+    u = torch.addcmul(x, t_ab, bx, value=-1.0)
+    d_ab = torch.addcmul(y * y, u, u)
+    t_ca = torch.addcmul(x * cx, y, cy).mul_(shape[:, INV_C2]).clamp_(0, 1)
+    u = torch.addcmul(x, t_ca, cx, value=-1.0)
+    w = torch.addcmul(y, t_ca, cy, value=-1.0)
+    d_ca = torch.addcmul(u * u, w, w)
     xb, cbx = x - bx, cx - bx
-    t_bc = ((xb * cbx + y * cy) * shape[:, INV_BC2]).clamp(0, 1)
-    d_bc = (xb - t_bc * cbx) ** 2 + (y - t_bc * cy) ** 2
+    t_bc = torch.addcmul(xb * cbx, y, cy).mul_(shape[:, INV_BC2]).clamp_(0, 1)
+    u = torch.addcmul(xb, t_bc, cbx, value=-1.0)
+    w = torch.addcmul(y, t_bc, cy, value=-1.0)
+    d_bc = torch.addcmul(u * u, w, w)
     inside = (y >= 0) & (cy * x >= cx * y) & (cbx * y >= cy * xb)
     edge = torch.minimum(torch.minimum(d_ab, d_bc), d_ca)
-    d2 = z * z + torch.where(inside, torch.zeros_like(edge), edge)
+    d2 = torch.addcmul(torch.where(inside, 0.0, edge), z, z)
     if not with_feature:
         return d2, None
     return d2, _feature(inside, edge, d_ab, d_bc, t_ab, t_bc, t_ca)

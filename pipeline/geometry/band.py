@@ -78,15 +78,17 @@ def _take(mask: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.index_select(0, idx) for t in tensors]
 
 
-def _chunk_candidates(tri: torch.Tensor, first_id: int, res: int, band: float, distance_backend: str):
+def _chunk_candidates(tri: torch.Tensor, first_id: int, res: int, band: float, distance_backend: str, frames=None):
     """Band pairs (key, d2, owner) of one chunk of triangles numbered from first_id; not yet unique.
 
-    owner is the int32 word (triangle id << 3) | closest feature code.
+    owner is the int32 word (triangle id << 3) | closest feature code. frames: this chunk's rows of
+    `_frames(tri)`, computed once for the whole mesh (per-chunk small ops cost more in overhead).
     """
+    frames = frames or _frames(tri, distance_backend)
     h = 2.0 / res
     r = band * h
     c0 = -1.0 + 0.5 * h
-    axis, tri_uvw, n_uvw = _column_frames(tri)
+    axis, tri_uvw, n_uvw = frames[:3]
     lo, hi = tri_uvw.min(dim=1).values, tri_uvw.max(dim=1).values
     i_lo, i_hi = _index_range(lo, hi, h, r, res)
     nu = (i_hi[:, 0] - i_lo[:, 0] + 1).clamp(min=0)
@@ -141,7 +143,7 @@ def _chunk_candidates(tri: torch.Tensor, first_id: int, res: int, band: float, d
         return key, d2, owner
 
     # CPU: local triangle-frame coordinates are affine in (iu, iv, iw); a column shares iu, iv.
-    rot, shape = triangle_frames(tri)
+    rot, shape = frames[3:]
     order = torch.stack([(axis + 1) % 3, (axis + 2) % 3, axis], dim=1)
     m_uvw = torch.gather(rot, 2, order[:, None, :].expand(-1, 3, -1)) * h  # (T,3 rows,3 uvw)
     origin = torch.einsum("tij,tj->ti", rot, c0 - tri[:, 0].double())
@@ -158,6 +160,12 @@ def _chunk_candidates(tri: torch.Tensor, first_id: int, res: int, band: float, d
     col_key = iu * stride[(axis + 1) % 3].index_select(0, col_t) + iv * stride[(axis + 2) % 3].index_select(0, col_t)
     key = col_key.index_select(0, cand_c) + iw * stride[axis].index_select(0, col_t).index_select(0, cand_c)
     return key, d2, owner
+
+
+def _frames(tri: torch.Tensor, distance_backend: str) -> tuple:
+    """Per-triangle column frames (axis, uvw triangle, uvw normal) and, for the CPU path, triangle frames."""
+    cpu = not (tri.is_cuda or distance_backend == "triton")
+    return _column_frames(tri) + (triangle_frames(tri) if cpu else (None, None))
 
 
 def _owner(t_loc: torch.Tensor, first_id: int, feat: torch.Tensor) -> torch.Tensor:
@@ -211,9 +219,11 @@ def band_pairs(
     perm = _morton_order(tri)
     tri = tri[perm]
     counts = candidate_counts(tri, res, band)
+    frames = _frames(tri, distance_backend)
     words, owners = [], []
     for s, e in _triangle_chunks(counts, chunk):
-        k, d2, owner = _chunk_candidates(tri[s:e], s, res, band, distance_backend)
+        k, d2, owner = _chunk_candidates(tri[s:e], s, res, band, distance_backend,
+                                         tuple(x[s:e] if x is not None else None for x in frames))
         # One int64 holds (key, d2): keys < 2^31 at R <= 1024 and d2 >= 0 orders like its bit pattern.
         w, sel = _first_per_key((k << 32) | d2.view(torch.int32).to(torch.int64))
         words.append(w)
