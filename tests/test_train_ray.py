@@ -115,12 +115,14 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, ray_env, train_
     run_dir = tmp_path / "killed"
     killed, deadline = None, time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline and killed is None:
-        # Kill once a second checkpoint is on disk: the first is then registered with Ray Train for sure.
-        if len(list(run_dir.glob("checkpoint_*/meta.json"))) >= 2:
+        # Kill once four checkpoints are on disk: Ray Train registers reported checkpoints asynchronously,
+        # so the newest on disk may not be registered yet, but the earlier ones are.
+        if len(list(run_dir.glob("checkpoint_*/meta.json"))) >= 4:
             # Only this run's workers: earlier tests' workers may still be shutting down.
             pids = [p for p in ray_cluster.worker_pids("RayTrainWorker") if psutil.Process(p).create_time() >= started]
             if pids:
-                killed = pids[-1]
+                # Ray may keep an idle actor process around too: the one that trains has used the most CPU.
+                killed = max(pids, key=lambda p: sum(psutil.Process(p).cpu_times()[:2]))
                 os.kill(killed, signal.SIGKILL)
         time.sleep(0.1)
     out, _ = proc.communicate(timeout=600)
