@@ -17,6 +17,7 @@ from torch import nn
 
 from kernels.ssa import SSAStructure, block_order, spatial_sparse_attention
 from model.dit import RMSNorm, varlen_attention
+from model.configs import strict_from_dict
 
 
 @dataclass
@@ -46,11 +47,7 @@ class SSAConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SSAConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown SSAConfig keys: {', '.join(unknown)}")
-        return cls(**d)
+        return strict_from_dict(cls, d)
 
 
 def _backend(cfg: SSAConfig, device: torch.device) -> str:

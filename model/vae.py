@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from model.configs import strict_from_dict
 
 from .sparse import (
     SparseConv3d,
@@ -58,11 +59,7 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAEConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"VAEConfig: unknown key(s) {unknown} (valid: {sorted(names)})")
-        return cls(**d)
+        return strict_from_dict(cls, d)
 
 
 VAE_SIZES = {

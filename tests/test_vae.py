@@ -97,7 +97,7 @@ def test_bad_input_named(model):
         model.encode(SparseTensor(x.coords, x.feats, 36))
     with pytest.raises(ValueError, match="unknown size"):
         VAEConfig.named("huge")
-    with pytest.raises(ValueError, match="unknown key"):
+    with pytest.raises(ValueError, match="unknown VAEConfig keys"):
         VAEConfig.from_dict({"channels": [8, 16], "width": 3})
 
 

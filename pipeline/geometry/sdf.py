@@ -15,6 +15,7 @@ import torch
 
 from pipeline.geometry.band import band_pairs
 from pipeline.geometry.sign import SignPrep, band_signs, prepare_sign
+from model.configs import strict_from_dict
 
 SIGN_METHODS = ("winding", "pseudonormal", "none")
 BACKENDS = ("native", "mesh_to_sdf")
@@ -56,11 +57,7 @@ class SDFConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SDFConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown SDF config key(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return strict_from_dict(cls, d, "SDF config")
 
 
 def _as_tensor(x, dtype) -> torch.Tensor:
