@@ -46,6 +46,8 @@ class PreprocessConfig:
     seed: int = field(default=0, metadata={"help": "seed of the view cameras"})
     meshes_per_task: int = field(default=4, metadata={"help": "meshes a task processes and writes as one shard"})
     cpus_per_task: float = field(default=1.0, metadata={"help": "CPUs reserved per task (torch threads follow)"})
+    gpus_per_task: float = field(default=0.0, metadata={
+        "help": "GPUs reserved per task; > 0 computes the sparse SDF on the task's GPU (Triton kernel)"})
     memory_per_task_gb: Optional[float] = field(default=None, metadata={"help": "memory reserved per task, GiB"})
     concurrency: Optional[int] = field(default=None, metadata={"help": "most tasks at once (default: cluster CPUs)"})
     max_faces: int = field(default=10_000_000, metadata={"help": "meshes with more faces are rejected"})
@@ -76,6 +78,8 @@ class PreprocessConfig:
             raise ConfigError(f"elevation: {self.elevation} must be an increasing range within [-90, 90]")
         if self.meshes_per_task < 1 or self.cpus_per_task <= 0:
             raise ConfigError("meshes_per_task >= 1, cpus_per_task > 0 are required")
+        if self.gpus_per_task < 0:
+            raise ConfigError(f"gpus_per_task: {self.gpus_per_task} must be >= 0")
         if self.max_faces < 1 or self.max_file_mb <= 0:
             raise ConfigError("max_faces and max_file_mb must be positive")
 
@@ -119,9 +123,16 @@ def _sdf(mesh, resolutions: list[int], cfg: PreprocessConfig) -> dict[int, tuple
     """(coords, values) per resolution; the mesh's topology, normals and winding data are built once."""
     from pipeline.geometry.sdf import sparse_sdf_multi
 
+    device = "cpu"
+    if cfg.gpus_per_task > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("gpus_per_task > 0 but this worker sees no CUDA device")
+        device = "cuda"
     out = {}
     for res, s in sparse_sdf_multi(mesh.vertices, mesh.faces, resolutions, band=cfg.band,
-                                   backend=cfg.sdf_backend).items():
+                                   backend=cfg.sdf_backend, device=device).items():
         out[res] = (np.asarray(s.coords.cpu().numpy(), np.int32), np.asarray(s.values.cpu().numpy(), np.float32))
     return out
 
@@ -297,7 +308,7 @@ def run(cfg: PreprocessConfig, *, progress: bool = True) -> PreprocessResult:
         out = ds.map_batches(
             process_meshes, batch_size=cfg.meshes_per_task, batch_format="numpy",
             fn_kwargs={"cfg_dict": asdict(cfg), "done_ref": ray.put(done)},
-            num_cpus=cfg.cpus_per_task, concurrency=cfg.concurrency,
+            num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task or None, concurrency=cfg.concurrency,
             memory=int(cfg.memory_per_task_gb * 2**30) if cfg.memory_per_task_gb else None)
         for block in out.iter_batches(batch_size=None, batch_format="pyarrow"):
             tables.append(block)
