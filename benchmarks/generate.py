@@ -15,7 +15,6 @@ own cost (one ViT-L pass, ~0.05 s on an H100) is not in the figures.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import time

@@ -28,7 +28,7 @@ from model.dit import DiTConfig, SparseDiT, pack
 from model.flow import STAGE_DEFAULTS, FlowEulerSampler
 from model.mesh_extract import extract_mesh
 from model.postprocess import PostprocessConfig, clean_mesh
-from model.structure import (LATENT_GRID, STRUCTURE_DIT_CONFIGS, StructureVAE, StructureVAEConfig, latent_grid_coords, latent_to_tokens, occupancy_to_latent_coords,
+from model.structure import (LATENT_GRID, STRUCTURE_DIT_CONFIGS, StructureVAE, StructureVAEConfig, latent_grid_coords, occupancy_to_latent_coords,
                              tokens_to_latent)
 
 

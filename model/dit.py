@@ -8,7 +8,6 @@ tokens, adaLN-modulated MLP. Positions are absolute 3D sinusoids of the latent c
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

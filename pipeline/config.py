@@ -138,19 +138,26 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                             help=f"{doc} (default: {shown})".strip())
 
 
+def read_yaml_mapping(path: str | Path, label: str, what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; errors start with ``label`` and say what was expected."""
+    p = Path(path)
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{label}: cannot read ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{label}: not valid YAML ({exc})") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{label}: expected {what}")
+    return loaded
+
+
 def from_args(cls: type[T], args: argparse.Namespace) -> T:
     data: dict[str, Any] = {}
     if getattr(args, "config", None):
-        path = Path(args.config)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"--config {path}: cannot read ({exc.strerror})") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--config {path}: not valid YAML ({exc})") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"--config {path}: expected a mapping of settings")
-        data.update(loaded or {})
+        data.update(read_yaml_mapping(args.config, f"--config {args.config}", "a mapping of settings"))
     for f in dataclasses.fields(cls):
         value = getattr(args, f.name, None)
         if value is not None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, read_yaml_mapping
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -40,14 +40,7 @@ class JobSpec:
 def load_job_spec(path: str | Path) -> JobSpec:
     """Read and check a RayJob manifest; errors name the file and the field."""
     p = Path(path)
-    try:
-        doc = yaml.safe_load(p.read_text())
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read ({exc.strerror})") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{p}: expected a RayJob manifest (a mapping)")
+    doc = read_yaml_mapping(p, str(p), "a RayJob manifest (a mapping)")
     if doc.get("apiVersion") != "ray.io/v1" or doc.get("kind") != "RayJob":
         raise ConfigError(f"{p}: expected apiVersion ray.io/v1 and kind RayJob, got "
                           f"{doc.get('apiVersion')!r} / {doc.get('kind')!r}")

@@ -247,10 +247,6 @@ def _open_parquet(uri: str, storage_options: dict | None) -> pq.ParquetFile:
     return pf
 
 
-def _flat_values(arr: pa.Array) -> pa.Array:
-    return arr.values if not isinstance(arr, pa.ChunkedArray) else arr.combine_chunks().values
-
-
 def samples_from_table(table: pa.Table) -> list[SparseSDFSample]:
     """Rows of a shard table as samples; voxel arrays are zero-copy views into Arrow buffers."""
     out = []

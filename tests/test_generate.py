@@ -81,7 +81,7 @@ def test_interrupted_job_resumes_without_redoing_or_losing_items(ray_cluster, im
     first = _records(out)
     assert 2 <= len(first) < GOOD + 2, f"kill came too late: {len(first)} records"
 
-    stdout = _generate(ray_cluster, images, out, serve_cfg)
+    _generate(ray_cluster, images, out, serve_cfg)
     recs = _records(out)
     assert len(recs) == GOOD + 2  # every image once: 6 meshes, 2 recorded failures
     for aid, rec in first.items():  # nothing finished in the first run was redone

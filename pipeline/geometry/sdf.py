@@ -8,7 +8,7 @@ Sec. 3.1: the SDF is truncated to the band and scaled to [-1, 1]).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch

@@ -19,7 +19,7 @@ from pipeline.config import from_dict
 from pipeline.train import checkpoints
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import EpochCache, Skipped, iter_samples, token_batches
-from pipeline.train.engine import EMA, load_full_weights, make_engine
+from pipeline.train.engine import EMA, make_engine
 from pipeline.train.plot import loss_curve_png
 from pipeline.train.tasks import build_task
 
