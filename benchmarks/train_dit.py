@@ -1,23 +1,38 @@
-"""SS-DiT training step: tokens/s, step time and peak memory per GPU at 512³ / 1024³ token counts.
+"""SS-DiT training step: tokens/s per GPU, step time and peak memory per GPU at 512³ / 1024³ token counts.
 
-Runs one process per GPU without Ray (the GPU hosts of the benchmark have PyTorch alone): the paper-size
-SS-DiT (24 blocks, width 1024, 32/2 heads, d = 32), rectified-flow loss, AdamW, bf16 autocast, gradient
-checkpointing, on one synthetic shell-shaped shape of the given token count with 1,374 condition tokens
-(DINOv2 ViT-L/14-reg at 518²). Full attention and SSA are timed in the same run.
+The paper-size SS-DiT (24 blocks, width 1024, 32/2 heads, d = 32), rectified-flow loss, gradient
+checkpointing, on one synthetic shell-shaped shape of the given token count per GPU with 1,374
+condition tokens (DINOv2 ViT-L/14-reg at 518²). Full attention and SSA are timed in the same run.
+
+Two engines:
+- ``--engine torch``: one process, torch AdamW, bf16 autocast (no DeepSpeed).
+- ``--engine deepspeed --zero 2|3``: the training loop's own DeepSpeed engine (``pipeline.train.engine``:
+  bf16 weights, fp32 master weights and AdamW states partitioned by ZeRO, EMA of the weights), one
+  process per GPU, launched by torchrun without Ray:
 
     python benchmarks/train_dit.py --tokens 10700,46000 --attention full,ssa --steps 5
+    torchrun --nproc_per_node 2 benchmarks/train_dit.py --engine deepspeed --zero 2 --json z2x2.json
+    python benchmarks/train_dit.py --summary z2x1.json z2x2.json   # scaling table from saved runs
+
+Every rank trains its own shape (data parallel); the step time is the slowest rank's median, peak memory
+the largest rank's, and scaling efficiency = tokens/s per GPU at N GPUs / tokens/s per GPU at 1 GPU.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import time
 
 import torch
+import torch.distributed as dist
 
 from model.dit import DiTConfig, SparseDiT
 from model.flow import TimestepSampler
 from pipeline.train.tasks import FlowObjective
+
+COND_TOKENS = 1374
 
 
 def shell_coords(n: int, grid: int, seed: int = 0) -> torch.Tensor:
@@ -31,36 +46,107 @@ def shell_coords(n: int, grid: int, seed: int = 0) -> torch.Tensor:
     return pool[torch.randperm(len(pool), generator=g)[:n]]
 
 
-def bench(cfg_name: str, tokens: int, attention: str, steps: int, warmup: int, ckpt: bool, device) -> dict:
-    cfg = DiTConfig.named(cfg_name, attention=attention, grad_checkpointing=ckpt)
-    torch.manual_seed(0)
-    model = FlowObjective(SparseDiT(cfg), TimestepSampler(shift=6.0)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    grid = 64 if tokens <= 30000 else 128  # latent grid of 512³ / 1024³
-    coords = shell_coords(tokens, grid).to(device)
-    x0 = torch.randn(tokens, cfg.in_channels, device=device)
-    cu = torch.tensor([0, tokens], device=device)
-    cond = torch.randn(1, 1374, cfg.cond_dim, device=device)
-    torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(warmup + steps):
-        torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+def _world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _torch_step(model, device):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step(x0, coords, cu, cond):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss, _ = model(x0, coords, cu, cond)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step, [opt]
+
+
+def _deepspeed_step(model, zero: int):
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.engine import EMA, make_engine
+
+    cfg = TrainConfig(zero_stage=zero, use_gpu=True, precision="bf16", lr=1e-4, grad_clip=1.0)
+    engine, opt, sched = make_engine(model, cfg)
+    ema = EMA(engine.module, cfg.ema_decay)
+
+    def step(x0, coords, cu, cond):
+        loss, _ = engine(x0.bfloat16(), coords, cu, cond.bfloat16())
+        engine.backward(loss)
+        engine.step()
+        ema.update()
+        return loss
+
+    return step, [engine, opt, sched, ema]
+
+
+def bench(cfg_name: str, tokens: int, attention: str, steps: int, warmup: int, ckpt: bool, engine: str,
+          zero: int, device) -> dict:
+    rank, world = _world()
+    cfg = DiTConfig.named(cfg_name, attention=attention, grad_checkpointing=ckpt)
+    torch.manual_seed(0)  # the same initial weights on every rank
+    model = FlowObjective(SparseDiT(cfg), TimestepSampler(shift=6.0)).to(device)
+    params = sum(p.numel() for p in model.parameters())
+    step, keep = _torch_step(model, device) if engine == "torch" else _deepspeed_step(model, zero)
+    grid = 64 if tokens <= 30000 else 128  # latent grid of 512³ / 1024³
+    coords = shell_coords(tokens, grid, seed=rank).to(device)  # each rank its own shape
+    gen = torch.Generator(device=device).manual_seed(rank)
+    x0 = torch.randn(tokens, cfg.in_channels, device=device, generator=gen)
+    cu = torch.tensor([0, tokens], device=device)
+    cond = torch.randn(1, COND_TOKENS, cfg.cond_dim, device=device, generator=gen)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(warmup + steps):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        loss = step(x0, coords, cu, cond)
         torch.cuda.synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    step = sorted(times)[len(times) // 2]
-    params = sum(p.numel() for p in model.parameters())
-    return {"config": cfg_name, "attention": attention, "tokens": tokens, "step_s": step,
-            "tokens_per_s": tokens / step, "peak_gb": torch.cuda.max_memory_allocated(device) / 2**30,
-            "loss": float(loss), "params_m": params / 1e6, "grad_checkpointing": ckpt,
+    mine = torch.tensor([sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated(device) / 2**30,
+                         float(loss)], device=device, dtype=torch.float64)
+    if world > 1:  # slowest rank's step, largest rank's memory, mean loss
+        parts = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(parts, mine)
+        allv = torch.stack(parts)
+        mine = torch.stack([allv[:, 0].max(), allv[:, 1].max(), allv[:, 2].mean()])
+    step_s, peak, loss_v = mine.tolist()
+    del step, keep, model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"config": cfg_name, "engine": engine, "zero": zero if engine == "deepspeed" else None, "gpus": world,
+            "attention": attention, "tokens": tokens, "step_s": step_s, "tokens_per_s_per_gpu": tokens / step_s,
+            "peak_gb": peak, "loss": loss_v, "params_m": params / 1e6, "grad_checkpointing": ckpt,
             "device": torch.cuda.get_device_name(device)}
+
+
+def _row(r: dict) -> str:
+    eng = "torch" if r["engine"] == "torch" else f"ZeRO-{r['zero']}"
+    head = f"| {eng} | {r['gpus']} | {r['attention']} | {r['tokens']} |"
+    if "error" in r:
+        return f"{head} {r['error']} | | | |"
+    return (f"{head} {r['step_s']:.3f} | {r['tokens_per_s_per_gpu']:.0f} | {r['peak_gb']:.1f} | "
+            f"{r.get('efficiency', float('nan')):.2f} |")
+
+
+def print_table(rows: list[dict]) -> None:
+    """Scaling efficiency against the 1-GPU row of the same engine, ZeRO stage, attention and tokens."""
+    base = {(r["engine"], r["zero"], r["attention"], r["tokens"]): r["tokens_per_s_per_gpu"]
+            for r in rows if r["gpus"] == 1 and "error" not in r}
+    for r in rows:
+        b = base.get((r["engine"], r["zero"], r["attention"], r["tokens"]))
+        if b and "error" not in r:
+            r["efficiency"] = r["tokens_per_s_per_gpu"] / b
+    dev = next((r["device"] for r in rows if "device" in r), "")
+    print(f"\n({dev}, {rows[0]['config'] if rows else ''}; efficiency = tokens/s per GPU against 1 GPU)")
+    print("| engine | GPUs | attention | tokens | step (s) | tokens/s per GPU | peak GiB per GPU | efficiency |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in sorted(rows, key=lambda r: (r["engine"], r["zero"] or 0, r["tokens"], r["attention"], r["gpus"])):
+        print(_row(r))
 
 
 def main() -> None:
@@ -68,34 +154,56 @@ def main() -> None:
     ap.add_argument("--config", default="paper")
     ap.add_argument("--tokens", default="10700,46000")
     ap.add_argument("--attention", default="full,ssa")
+    ap.add_argument("--skip", default="", help="comma-separated attention:tokens pairs not to run (e.g. full:100000)")
+    ap.add_argument("--engine", choices=["torch", "deepspeed"], default="torch")
+    ap.add_argument("--zero", type=int, default=2, help="DeepSpeed ZeRO stage (--engine deepspeed)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-checkpointing", action="store_true")
     ap.add_argument("--json", default="")
+    ap.add_argument("--summary", nargs="*", help="print one scaling table from saved --json files and exit")
     args = ap.parse_args()
+    if args.summary:
+        rows = [r for path in args.summary for r in json.load(open(path))]
+        print_table(rows)
+        return
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/train_dit.py needs a CUDA device")
-    device = torch.device("cuda")
+    if "WORLD_SIZE" in os.environ:  # torchrun: one process per GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl")
+    elif args.engine == "deepspeed":  # one GPU without a launcher: a group of one
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29511")
+        dist.init_process_group("nccl", rank=0, world_size=1)
+    if dist.is_initialized() and args.engine == "torch" and dist.get_world_size() > 1:
+        raise SystemExit("--engine torch runs one process; use --engine deepspeed across GPUs")
+    rank, _ = _world()
+    device = torch.device("cuda", torch.cuda.current_device())
+    skip = set(args.skip.split(",")) - {""}
     rows = []
     for tokens in [int(t) for t in args.tokens.split(",")]:
         for attention in args.attention.split(","):
+            if f"{attention}:{tokens}" in skip:
+                continue
             try:
-                row = bench(args.config, tokens, attention, args.steps, args.warmup, not args.no_checkpointing, device)
+                row = bench(args.config, tokens, attention, args.steps, args.warmup, not args.no_checkpointing,
+                            args.engine, args.zero, device)
             except Exception as e:  # one failing configuration (OOM, a kernel) must not hide the others
-                row = {"config": args.config, "attention": attention, "tokens": tokens, "error": f"{type(e).__name__}: {str(e)[:200]}"}
-            torch.cuda.empty_cache()
+                row = {"config": args.config, "engine": args.engine, "zero": args.zero, "gpus": _world()[1],
+                       "attention": attention, "tokens": tokens, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+                gc.collect()
+                torch.cuda.empty_cache()
             rows.append(row)
-            print(json.dumps(row), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    print(f"\n| attention | tokens | step (s) | tokens/s | peak GiB |  ({rows[0].get('device', '')}, {args.config})")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['attention']} | {r['tokens']} | {r['error']} | | |")
-        else:
-            print(f"| {r['attention']} | {r['tokens']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['peak_gb']:.1f} |")
+            if rank == 0:
+                print(json.dumps(row), flush=True)
+    if rank == 0:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        print_table(rows)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
