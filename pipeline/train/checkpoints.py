@@ -1,8 +1,8 @@
 """Checkpoint layout: DeepSpeed state (every rank's shard), EMA weights and a meta file naming the model.
 
-    <ckpt>/meta.json      network, model config, step
-    <ckpt>/weights.pt     EMA weights of the whole model, network, model config repr, step (rank 0; plain
-                          data, loadable with weights_only=True): what sampling and the next stage load
+    <ckpt>/meta.json      network, model config, grid resolution, step, the weights the run started from
+    <ckpt>/weights.pt     EMA weights of the whole model, network, model config repr, resolution, step (rank 0;
+                          plain data, loadable with weights_only=True): what sampling and the next stage load
     <ckpt>/state/...      DeepSpeed's engine, optimizer and scheduler state (one file per rank for ZeRO)
 
 Ray Train uploads the directory of every worker into the same checkpoint, so the DeepSpeed shards of all
@@ -10,8 +10,10 @@ ranks end up side by side; a restarted worker group restores from ``ray.train.ge
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import posixpath
 from pathlib import Path
 
 import torch
@@ -34,12 +36,28 @@ def check_compatible(meta: dict, network: str, model_config, where: str) -> None
             raise CheckpointMismatch(f"{where}: checkpoint is for {key} {meta.get(key)!r}, this run trains {want[key]!r}")
 
 
-def save(directory: str, engine, ema, *, network: str, model_config, step: int, rank: int) -> None:
-    """Collective: every rank calls it with its own local ``directory``."""
+def weights_digest(state_dict: dict) -> str:
+    """SHA-256 of named fp32 tensors: which weights a run started from, comparable across files."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().float().contiguous().cpu()
+        h.update(f"{name}:{tuple(t.shape)}:".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def save(directory: str, engine, ema, *, network: str, model_config, resolution: int, step: int, rank: int,
+         started_from: dict | None = None) -> None:
+    """Collective: every rank calls it with its own local ``directory``.
+
+    ``resolution`` is the grid the network was trained at (the generation cascade refuses a DiT used at
+    another one); ``started_from`` names the checkpoint whose weights began the run (``init_from``).
+    """
     engine.save_checkpoint(directory, tag=TAG, client_state={"step": step}, save_latest=False)
     ema_full = ema.full_state_dict()
     if rank == 0:
-        meta = {**describe(network, model_config), "step": step}
+        meta = {**describe(network, model_config), "resolution": resolution, "step": step,
+                "started_from": started_from}
         blob = {"state_dict": ema_full, **meta}  # plain data only: readers load it with weights_only=True
         if network == "vae":  # also in the SS-VAE's own checkpoint layout, which the generation cascade reads
             import dataclasses
@@ -50,28 +68,62 @@ def save(directory: str, engine, ema, *, network: str, model_config, step: int, 
         Path(directory, "meta.json").write_text(json.dumps(meta))
 
 
-def restore(directory: str, engine, ema, *, network: str, model_config) -> int:
+def restore(directory: str, engine, ema, *, network: str, model_config, resolution: int) -> int:
     """Load engine + EMA state from a checkpoint directory; returns the step it was taken at."""
     meta_path = Path(directory, "meta.json")
     if not meta_path.exists():
         raise CheckpointMismatch(f"{directory}: not a training checkpoint (no meta.json)")
     meta = json.loads(meta_path.read_text())
     check_compatible(meta, network, model_config, directory)
+    if meta.get("resolution", resolution) != resolution:
+        # Resuming is for the same run; another resolution is a new curriculum stage (a new name + init_from).
+        raise CheckpointMismatch(f"{directory}: checkpoint was trained at resolution {meta['resolution']}, this run "
+                                 f"trains at {resolution}; start a new run name with init_from instead")
     _, client = engine.load_checkpoint(directory, tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
     weights = torch.load(os.path.join(directory, "weights.pt"), map_location="cpu", weights_only=True)
     ema.load_full_state_dict(weights["state_dict"])
     return int(client["step"]) if client else int(meta["step"])
 
 
-def load_weights(uri: str, network: str | None = None) -> dict:
-    """EMA weights of a checkpoint (local path or s3:// URI) for sampling or as the next stage's start."""
+def resolve(uri: str, storage_options: dict | None = None) -> str:
+    """A checkpoint folder (local path or s3:// URI) from itself or from a run folder ``<storage>/<name>``.
+
+    A run folder resolves to its checkpoint of the highest step that holds ``weights.pt`` (Ray Train names
+    checkpoints by time, the launcher path by step; the step in meta.json orders both).
+    """
     from pipeline import storage
 
-    fs, path = storage.filesystem(uri.rstrip("/") + "/weights.pt")
-    if not fs.exists(path):
-        raise CheckpointMismatch(f"{uri}: no weights.pt; not a checkpoint of this trainer")
+    uri = uri.rstrip("/")
+    fs, path = storage.filesystem(uri, storage_options)
+    if fs.exists(posixpath.join(path, "weights.pt")):
+        return uri
+    best = None
+    for meta_path in fs.glob(posixpath.join(path, "checkpoint_*", "meta.json")):
+        folder = posixpath.dirname(meta_path)
+        if not fs.exists(posixpath.join(folder, "weights.pt")):
+            continue
+        with fs.open(meta_path, "rb") as f:
+            step = int(json.loads(f.read()).get("step", -1))
+        if best is None or step > best[0]:
+            best = (step, folder)
+    if best is None:
+        raise CheckpointMismatch(f"{uri}: no weights.pt; not a checkpoint of this trainer nor a run folder holding one")
+    return storage.join(uri, posixpath.basename(best[1]))
+
+
+def load_weights(uri: str, network: str | None = None) -> dict:
+    """EMA weights of a checkpoint or of a run's newest checkpoint (local path or s3:// URI).
+
+    What sampling loads, and what the next curriculum stage starts from (``init_from``). The dict gets
+    ``"source"``: the checkpoint folder the weights came from.
+    """
+    from pipeline import storage
+
+    folder = resolve(uri)
+    fs, path = storage.filesystem(folder + "/weights.pt")
     with fs.open(path, "rb") as f:
         weights = torch.load(f, map_location="cpu", weights_only=True)
+    weights["source"] = folder
     if network is not None and weights.get("network") != network:
         raise CheckpointMismatch(f"{uri}: checkpoint is for network {weights.get('network')!r}, expected {network!r}")
     return weights

@@ -37,7 +37,8 @@ class TrainConfig:
     storage: str = field(default="./runs", metadata={"help": "where checkpoints go: local path or s3://"})
     name: str = field(default="s2-train", metadata={"help": "run name; rerunning a name resumes it"})
     init_from: Optional[str] = field(default=None, metadata={
-        "help": "checkpoint whose EMA weights start this run (the previous curriculum stage)"})
+        "help": "checkpoint, or run folder <storage>/<name> (its newest checkpoint), whose EMA weights start "
+                "this run: the previous curriculum stage"})
     curriculum: str = field(default="", metadata={
         "help": "comma-separated resolutions (256,512,1024): one run per stage, each from the last"})
     structure_vae: Optional[str] = field(default=None, metadata={
@@ -63,6 +64,12 @@ class TrainConfig:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if not 0 <= self.cond_drop < 1:
             raise ConfigError(f"cond_drop: must be in [0, 1), got {self.cond_drop}")
+        stages = [r.strip() for r in self.curriculum.split(",") if r.strip()]
+        if any(not r.isdigit() or int(r) < 8 for r in stages):
+            raise ConfigError(f"curriculum: expected comma-separated resolutions such as 256,512,1024, "
+                              f"got {self.curriculum!r}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints: must be >= 1, got {self.keep_checkpoints}")
         if self.network == "structure_dit" and not self.structure_vae:
             raise ConfigError("structure_vae: network=structure_dit needs a trained structure VAE checkpoint")
 

@@ -5,9 +5,11 @@ hosts that have PyTorch alone: the same loop with a local checkpoint folder and 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import posixpath
 import tempfile
 import time
 from pathlib import Path
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pipeline import storage
 from pipeline.config import from_dict
 from pipeline.train import checkpoints
 from pipeline.train.config import TrainConfig
@@ -77,10 +80,17 @@ def run_loop(cfg: TrainConfig, session) -> dict:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     frozen = checkpoints.load_weights(cfg.structure_vae, "structure_vae") if cfg.network == "structure_dit" else None
     task = build_task(cfg, seed=cfg.seed * 1009 + rank, frozen_weights=frozen).to(device)
+    started_from = None
     if cfg.init_from:
         start = checkpoints.load_weights(cfg.init_from, cfg.network)
         checkpoints.check_compatible(start, cfg.network, task.model_config, cfg.init_from)
         task.module.load_state_dict(start["state_dict"])
+        # Digest of the weights as loaded into the module: the checkpoint records what it really started from.
+        loaded = {n: p for n, p in task.module.named_parameters() if n in start["state_dict"]}
+        started_from = {"checkpoint": start["source"], "step": start.get("step"), "resolution": start.get("resolution"),
+                        "weights_sha256": checkpoints.weights_digest(loaded)}
+        log.info("rank %d starts from %s (step %s, resolution %s)", rank, start["source"], start.get("step"),
+                 start.get("resolution"))
     engine, _, _ = make_engine(task.module, cfg)
     ema = EMA(engine.module, cfg.ema_decay)
     if cfg.init_from:
@@ -90,7 +100,8 @@ def run_loop(cfg: TrainConfig, session) -> dict:
     restored = session.checkpoint_dir()
     if restored is not None:
         with restored as d:
-            step = checkpoints.restore(d, engine, ema, network=cfg.network, model_config=task.model_config)
+            step = checkpoints.restore(d, engine, ema, network=cfg.network, model_config=task.model_config,
+                                       resolution=cfg.resolution)
             prev = json.loads(Path(d, "history.json").read_text())
             history = {k: v[:step] if k != "restarted_from" else v for k, v in prev.items()}
             history["restarted_from"].append(step)
@@ -130,7 +141,7 @@ def run_loop(cfg: TrainConfig, session) -> dict:
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 with tempfile.TemporaryDirectory(prefix="s2ckpt-") as tmp:
                     checkpoints.save(tmp, engine, ema, network=cfg.network, model_config=task.model_config,
-                                     step=step, rank=rank)
+                                     resolution=cfg.resolution, step=step, rank=rank, started_from=started_from)
                     if rank == 0:
                         Path(tmp, "history.json").write_text(json.dumps(history))
                         if step == cfg.steps:
@@ -154,7 +165,12 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 class LocalSession:
-    """torchrun / deepspeed launcher: rank from the environment, shards read directly, checkpoints in a folder."""
+    """torchrun / deepspeed launcher: rank from the environment, shards read directly, checkpoints in a folder.
+
+    Checkpoints go to ``<storage>/<name>/checkpoint_<step>`` on a local path or ``s3://`` (endpoint and
+    credentials as for every URI of the project: ``pipeline.storage``). Every rank uploads its own files;
+    ``meta.json`` goes last, after a barrier, so a checkpoint without it is incomplete and never resumed.
+    """
 
     def __init__(self, cfg: TrainConfig):
         if not dist.is_initialized():
@@ -162,7 +178,8 @@ class LocalSession:
             dist.init_process_group(backend)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.cfg = cfg
-        self.dir = Path(cfg.storage, cfg.name)
+        self.run_uri = storage.join(cfg.storage, cfg.name)
+        self.fs, self.run_path = storage.filesystem(self.run_uri)
 
     def device(self, use_gpu: bool) -> torch.device:
         if use_gpu:
@@ -181,10 +198,10 @@ class LocalSession:
             return
         from pipeline.train.data import readable_shards
 
-        good, _ = readable_shards(self.cfg.shards, self.cfg.resolution)
+        good, bad = readable_shards(self.cfg.shards, self.cfg.resolution)
+        for line in bad:
+            log.warning("skipping shard %s", line)
         import pyarrow.parquet as pq
-
-        from pipeline import storage
 
         for uri in good:
             fs, path = storage.filesystem(uri)
@@ -193,24 +210,50 @@ class LocalSession:
                 for g in range(pf.num_row_groups):
                     yield pf.read_row_group(g)
 
-    def checkpoint_dir(self):
-        latest = sorted(self.dir.glob("checkpoint_*"))
-        if not latest:
-            return None
-        import contextlib
+    def complete_checkpoints(self) -> list[str]:
+        """Paths (on ``self.fs``) of this run's checkpoints that hold meta.json, oldest first."""
+        found = self.fs.glob(posixpath.join(self.run_path, "checkpoint_*", "meta.json"))
+        return sorted(posixpath.dirname(m) for m in found)  # names carry the zero-padded step
 
-        return contextlib.nullcontext(str(latest[-1]))
+    def checkpoint_dir(self):
+        complete = self.complete_checkpoints()
+        if not complete:
+            return None
+        if not storage.is_remote(self.run_uri):
+            return contextlib.nullcontext(complete[-1])
+        return _downloaded(self.fs, complete[-1])
 
     def report(self, metrics: dict, directory: str | None) -> None:
         if directory:
-            import shutil
-
-            target = self.dir / f"checkpoint_{metrics['step']:08d}"
-            target.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(directory, target, dirs_exist_ok=True)  # each rank adds its own files
+            target = posixpath.join(self.run_path, f"checkpoint_{metrics['step']:08d}")
+            files = sorted(p for p in Path(directory).rglob("*") if p.is_file())
+            for f in files:  # each rank adds its own files
+                if f.name != "meta.json":
+                    self._put(f, posixpath.join(target, f.relative_to(directory).as_posix()))
+            dist.barrier()
+            if self.rank == 0:
+                self._put(Path(directory, "meta.json"), posixpath.join(target, "meta.json"))
+                for old in self.complete_checkpoints()[:-self.cfg.keep_checkpoints]:
+                    self.fs.rm(old, recursive=True)
             dist.barrier()
         if self.rank == 0:
             print(json.dumps(metrics), flush=True)
+
+    def _put(self, local: Path, path: str) -> None:
+        if not storage.is_remote(self.run_uri):
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        self.fs.put_file(str(local), path)
+
+
+@contextlib.contextmanager
+def _downloaded(fs, path: str):
+    """A remote checkpoint copied into a temporary local folder for DeepSpeed to read."""
+    with tempfile.TemporaryDirectory(prefix="s2ckpt-") as tmp:
+        for remote in fs.find(path):
+            local = Path(tmp, posixpath.relpath(remote, path))
+            local.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(remote, str(local))
+        yield tmp
 
 
 def run_without_ray(cfg: TrainConfig) -> dict:

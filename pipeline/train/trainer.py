@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import build_dataset
 
@@ -25,9 +26,35 @@ def worker_env(cfg: TrainConfig) -> dict:
     """Environment of the training workers: DeepSpeed's accelerator and a private JIT-extensions folder."""
     ext = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "s2-torch-extensions")
     env = {"TORCH_EXTENSIONS_DIR": ext}
+    # Where the S3-compatible store is (not a secret): workers read init_from / structure_vae URIs there too.
+    for key in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
     if not cfg.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # else DeepSpeed probes for CUDA and fails on CPU-only nodes
     return env
+
+
+def run_storage(uri: str, storage_options: dict | None = None):
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig from the job's ``storage`` URI.
+
+    A remote URI goes through the project's own fsspec filesystem (``pipeline.storage``), so Ray Train
+    finds a custom S3 endpoint (MinIO, moto, any S3-compatible store) and credentials exactly where the
+    rest of the project does: ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ... or ``storage_options``.
+    """
+    if not storage.is_remote(uri):
+        return os.path.abspath(os.path.expanduser(uri.removeprefix("file://"))), None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = storage.filesystem(uri, storage_options)
+    return path.rstrip("/"), PyFileSystem(FSSpecHandler(fs))
+
+
+def checkpoint_uri(cfg: TrainConfig, checkpoint) -> str:
+    """A Ray Train checkpoint of this run as a URI that ``checkpoints.load_weights`` and ``init_from`` read."""
+    if not storage.is_remote(cfg.storage):
+        return checkpoint.path
+    return f"{cfg.storage.split('://', 1)[0]}://{checkpoint.path}"
 
 
 def run(cfg: TrainConfig, storage_options: dict | None = None):
@@ -46,14 +73,15 @@ def run(cfg: TrainConfig, storage_options: dict | None = None):
                                      seed=cfg.seed, storage_options=storage_options)
     if skipped.shards:
         log.warning("%d shard(s) skipped: %s", len(skipped.shards), "; ".join(skipped.shards))
-    storage = cfg.storage if "://" in cfg.storage else os.path.abspath(os.path.expanduser(cfg.storage))
+    storage_path, storage_fs = run_storage(cfg.storage, storage_options)
     resources = {"CPU": cfg.cpus_per_worker} if not cfg.use_gpu else {"CPU": cfg.cpus_per_worker, "GPU": 1}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=dataclasses.asdict(cfg),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=cfg.name, storage_path=storage, failure_config=FailureConfig(max_failures=cfg.max_failures),
+        run_config=RunConfig(name=cfg.name, storage_path=storage_path, storage_filesystem=storage_fs,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              worker_runtime_env={"env_vars": env}),
         datasets={"train": dataset},
@@ -83,5 +111,7 @@ def run_curriculum(cfg: TrainConfig, storage_options: dict | None = None) -> lis
         log.info("curriculum stage %s at %d³ from %s", stage.name, stage.resolution, previous or "scratch")
         result = run(stage, storage_options)
         results.append(result)
-        previous = result.checkpoint.path if "://" not in cfg.storage else f"{cfg.storage.split('://')[0]}://{result.checkpoint.path}"
+        if result.checkpoint is None:
+            raise RuntimeError(f"curriculum stage {stage.name} ended without a checkpoint; later stages need one")
+        previous = checkpoint_uri(cfg, result.checkpoint)
     return results
