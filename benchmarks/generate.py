@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import torch
 
 from model.cascade import Cascade, GenerationConfig, random_network
 from model.mesh_extract import extract_mesh
+from model.shell_cascade import shell, shell_radius, sphere_values
 
 
 class RandomTokens(torch.nn.Module):
@@ -35,25 +35,6 @@ class RandomTokens(torch.nn.Module):
     def forward(self, images):
         g = torch.Generator().manual_seed(0)
         return torch.randn(images.shape[0], self.tokens, self.dim, generator=g).to(images.device)
-
-
-def shell_radius(latent_res: int, tokens: int) -> float:
-    return min(math.sqrt(tokens / (4 * math.pi)), latent_res / 2 - 2)
-
-
-def shell(latent_res: int, tokens: int) -> torch.Tensor:
-    """Latent voxels of a sphere shell about one voxel thick holding about ``tokens`` voxels."""
-    r = shell_radius(latent_res, tokens)
-    ax = torch.arange(latent_res)
-    g = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), -1).reshape(-1, 3)
-    d = ((g.float() + 0.5 - latent_res / 2).norm(dim=1) - r).abs()
-    return g[d < 0.5 + 0.5 * max(0.0, tokens / (4 * math.pi * r * r) - 1)].int()
-
-
-def sphere_values(coords: torch.Tensor, res: int, radius: float) -> torch.Tensor:
-    """The sphere's SDF in band units (2 voxels) at the voxel centres; ``radius`` in the normalized cube."""
-    p = -1 + (coords.float() + 0.5) * 2 / res
-    return ((p.norm(dim=1) - radius) / (4.0 / res)).clamp(-1, 1)
 
 
 def build(size: str, device: str, refine_attention: str, steps_scale: float) -> Cascade:
@@ -91,13 +72,14 @@ def run_once(c: Cascade, batch: int, refine: bool, tokens512: int, tokens1024: i
 
     def timed(key, fn, *a):
         sync(dev)
+        peak_reset(dev)  # each stage's own peak (resident weights and live tensors of earlier stages included)
         t0 = time.perf_counter()
         out = fn(*a)
         sync(dev)
         t[key] = time.perf_counter() - t0
+        t[f"{key}_gb"] = peak_gb(dev)
         return out
 
-    peak_reset(dev)
     seeds = list(range(batch))
     cond = timed("condition", c.condition, torch.zeros(batch, 3, 518, 518))
     timed("structure", c.structure_stage, cond, seeds)
@@ -116,7 +98,7 @@ def run_once(c: Cascade, batch: int, refine: bool, tokens512: int, tokens1024: i
 
     if not refine:
         t["faces"] = timed("mesh_512", march, sdfs, 512, shell_radius(64, tokens512) * 2 / 64) / batch
-        t["peak_gb"] = peak_gb(dev)
+        t["peak_gb"] = max(v for k, v in t.items() if k.endswith("_gb"))
         t["tokens"] = len(coords[0])
         return t
     rc = [shell(128, tokens1024).to(dev)] * batch
@@ -124,7 +106,7 @@ def run_once(c: Cascade, batch: int, refine: bool, tokens512: int, tokens1024: i
     sdfs = timed("decode_1024", c.decode, c.vae, rc, lat, 128, False)
     t["voxels_1024"] = len(sdfs[0][0])
     t["faces"] = timed("mesh_1024", march, sdfs, 1024, shell_radius(128, tokens1024) * 2 / 128) / batch
-    t["peak_gb"] = peak_gb(dev)
+    t["peak_gb"] = max(v for k, v in t.items() if k.endswith("_gb"))
     t["tokens"] = len(rc[0])
     return t
 
@@ -156,7 +138,12 @@ def gpu_table(args) -> list[dict]:
 
 
 def serve_table(args) -> list[dict]:
-    """Meshes per minute through the Serve app over HTTP at each max_batch_size (local CPU cluster)."""
+    """Meshes per minute through the Serve app over HTTP at each max_batch_size (one replica, local cluster).
+
+    ``--size debug`` on the CPU: the debug networks at resolution 64 with 4 + 4 steps (the mechanism).
+    Any other size: those networks untrained at resolution 512 with the paper's steps and CFG, on the
+    sphere shell of ``--tokens512`` latent voxels (the Serve app's ``shell_tokens``, model/shell_cascade.py),
+    with the SS-VAE decoding: one GPU replica when ``--device cuda``."""
     import io
     import threading
 
@@ -174,15 +161,24 @@ def serve_table(args) -> list[dict]:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
     data = buf.getvalue()
-    ray.init(num_cpus=args.serve_cpus, include_dashboard=False, log_to_driver=False)
+    gpu = args.device.startswith("cuda")
+    ray.init(num_cpus=args.serve_cpus, num_gpus=1 if gpu else 0, include_dashboard=False, log_to_driver=False)
     rows = []
-    gen = {"resolution": 64, "structure_steps": 4, "sparse_steps": 4, "guidance": 1.0, "device": args.device}
+    if args.size == "debug":
+        gen = {"resolution": 64, "structure_steps": 4, "sparse_steps": 4, "guidance": 1.0, "device": args.device}
+        shell_tokens = 0
+    else:
+        s = lambda n: max(1, round(n * args.steps_scale))  # noqa: E731
+        gen = {"resolution": 512, "structure_steps": s(50), "sparse_steps": s(30), "device": args.device,
+               "image_encoder": "tiny"}
+        shell_tokens = args.tokens512
     for b in args.batches:
-        cfg = ServeConfig(name="bench", port=args.port, generation=gen, random_weights="debug", max_batch_size=b,
-                          batch_wait_timeout_s=0.5, num_cpus=1, max_ongoing_requests=max(32, 2 * b), torch_threads=1)
+        cfg = ServeConfig(name="bench", port=args.port, generation=gen, random_weights=args.size, shell_tokens=shell_tokens,
+                          max_batch_size=b, batch_wait_timeout_s=0.5, num_cpus=1, num_gpus=1 if gpu else 0,
+                          max_ongoing_requests=max(32, 2 * b), torch_threads=0 if gpu else 1)
         start(cfg)
         url = f"http://127.0.0.1:{args.port}/v1/generate"
-        n = max(2 * b, args.serve_requests)
+        n = max(b, args.serve_requests)
         sizes, lock = [], threading.Lock()
 
         def one(i):
@@ -201,7 +197,7 @@ def serve_table(args) -> list[dict]:
             th.join()
         dt = time.perf_counter() - t0
         rows.append({"max_batch_size": b, "requests": n, "seconds": round(dt, 2), "meshes_per_min": round(60 * n / dt, 1),
-                     "mean_batch": round(sum(sizes) / len(sizes), 2)})
+                     "mean_batch": round(sum(sizes) / len(sizes), 2), "size": args.size, "device": args.device})
         print(json.dumps(rows[-1]), flush=True)
         serve.delete("bench")
     serve.shutdown()
@@ -242,6 +238,8 @@ def main() -> None:
     rows = gpu_table(args)
     print_table(rows, ["resolution", "batch", "tokens", "s_per_mesh", "meshes_per_min", "peak_gb", "faces",
                        *STAGE_KEYS, "skipped"])
+    print("\nPeak GB per stage (resident weights included):")
+    print_table(rows, ["resolution", "batch", *[f"{k}_gb" for k in STAGE_KEYS]])
 
 
 if __name__ == "__main__":

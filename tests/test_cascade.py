@@ -149,3 +149,26 @@ def test_clean_mesh_drops_shells_and_specks_and_meets_the_face_target():
     assert back[1].shape == f2.shape
     with pytest.raises(ValueError, match="unknown mesh format 'stl'"):
         mesh_bytes(v2, f2, "stl")
+
+
+def test_shell_cascade_runs_every_network_on_the_requested_token_count():
+    """The benchmarks' untrained cascade: a sphere shell of about the asked token count, a closed mesh of it."""
+    from model.shell_cascade import ShellCascade, shell, shell_radius
+    from pipeline.config import ConfigError
+    from pipeline.serve.config import ServeConfig
+
+    cfg = GenerationConfig(resolution=128, structure_steps=1, sparse_steps=1, device="cpu")
+    c = ShellCascade.random(cfg, "debug", with_vae=True)
+    c.tokens = {128: 500}
+    calls = []
+    real = Cascade.structure_stage
+    c.structure_stage = lambda cond, seeds: (calls.append(len(seeds)), ShellCascade.structure_stage(c, cond, seeds))[1]
+    [r] = c.generate([Request("a", png(), 0)])
+    assert r.ok, r.error
+    expect = len(shell(16, 500))
+    assert r.stats["tokens"] == expect and abs(expect - 500) < 150
+    assert calls == [1] and real is not ShellCascade.structure_stage
+    radius = np.linalg.norm(r.vertices, axis=1)  # the sphere's surface, not the random decoder's
+    assert abs(np.median(radius) - shell_radius(16, 500) * 2 / 16) < 0.02 and radius.std() < 0.02
+    with pytest.raises(ConfigError, match="shell_tokens"):
+        ServeConfig(generation={}, shell_tokens=100).validate()

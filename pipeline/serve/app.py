@@ -41,6 +41,12 @@ def build_cascade(cfg: ServeConfig):
     from model.cascade import Cascade
 
     gen = cfg.generation_config
+    if cfg.random_weights and cfg.shell_tokens:
+        from model.shell_cascade import ShellCascade
+
+        cascade = ShellCascade.random(gen, cfg.random_weights, with_vae=True)
+        cascade.tokens = {gen.resolution: cfg.shell_tokens}
+        return cascade
     if cfg.random_weights:
         return Cascade.random(gen, cfg.random_weights)
     return Cascade.from_checkpoints(gen, opener=_opener)

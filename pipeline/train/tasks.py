@@ -94,26 +94,63 @@ class Task:
 
 
 class SparseDiTTask(Task):
-    """SS-DiT on sparse latents at 1/8 resolution."""
+    """SS-DiT on sparse latents at 1/8 resolution: fixed pooled SDF statistics, or a frozen SS-VAE's latents.
 
-    def __init__(self, cfg: TrainConfig, seed: int):
+    With a trained SS-VAE (``latent`` = its checkpoint), each batch's shapes are encoded on the training
+    device by the VAE's encoder (posterior mean, no gradient); the flow then models those latents, and
+    generation decodes them with the same VAE (model/cascade.py).
+    """
+
+    def __init__(self, cfg: TrainConfig, seed: int, latent_vae: nn.Module | None = None):
         super().__init__(cfg, seed)
-        if cfg.latent != "pooled":
-            raise ValueError(f"latent={cfg.latent!r}: only 'pooled' latents are available to the trainer")
+        if cfg.latent != "pooled" and latent_vae is None:
+            raise ValueError(f"latent={cfg.latent!r}: the SS-VAE checkpoint was not loaded")
+        self.vae = latent_vae.eval().requires_grad_(False) if cfg.latent != "pooled" else None
+        channels = self.vae.config.latent_channels if self.vae is not None else pooled_latent.CHANNELS
         self.model_config = DiTConfig.named(cfg.model, attention=cfg.attention, grad_checkpointing=cfg.grad_checkpointing,
-                                            cond_dim=self.encoder.dim, in_channels=pooled_latent.CHANNELS,
-                                            out_channels=pooled_latent.CHANNELS)
+                                            cond_dim=self.encoder.dim, in_channels=channels, out_channels=channels)
         self.module = FlowObjective(SparseDiT(self.model_config), TimestepSampler(shift=cfg.timestep_shift))
 
     def prepare(self, sample) -> Item:
-        coords, feats = pooled_latent.encode(sample.coords, sample.values)
-        return Item(sample.mesh_id, len(coords), {"coords": coords, "feats": feats, "image": self.view_image(sample)})
+        image = self.view_image(sample)
+        if self.vae is None:
+            coords, feats = pooled_latent.encode(sample.coords, sample.values)
+            return Item(sample.mesh_id, len(coords), {"coords": coords, "feats": feats, "image": image})
+        down = self.vae.config.downsample
+        if sample.resolution % down:
+            raise ValueError(f"{sample.mesh_id}: resolution {sample.resolution} is not a multiple of the SS-VAE's {down}")
+        tokens = len(torch.unique(torch.div(sample.coords.long(), down, rounding_mode="floor"), dim=0))
+        return Item(sample.mesh_id, tokens, {"sdf": (sample.coords, sample.values, sample.resolution), "image": image})
+
+    @torch.no_grad()
+    def _encode(self, items: list[Item], device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        from model.sparse import SparseTensor
+
+        coords, feats = [], []
+        for item in items:  # one shape at a time: the encoder's peak memory is that of the largest shape
+            c, v, res = item.data["sdf"]
+            c4 = torch.cat([torch.zeros_like(c[:, :1]), c], 1).int().to(device)
+            x = SparseTensor.from_unsorted(c4, v.float().reshape(-1, 1).to(device), res, 1)
+            z, _, _ = self.vae.encode(x, sample=False)
+            coords.append(z.coords[:, 1:])
+            feats.append(z.feats.float())
+        return coords, feats
 
     def collate(self, items: list[Item], device, dtype) -> dict:
-        coords, feats, cu = pack([i.data["coords"] for i in items], [i.data["feats"] for i in items])
+        if self.vae is None:
+            coords_list, feats_list = [i.data["coords"] for i in items], [i.data["feats"] for i in items]
+        else:
+            coords_list, feats_list = self._encode(items, device)
+        coords, feats, cu = pack(coords_list, feats_list)
         cond = self.conditions([i.data["image"] for i in items], device)
         return {"x0": feats.to(device, dtype), "coords": coords.to(device), "cu_seqlens": cu.to(device),
                 "cond": cond.to(dtype)}
+
+    def to(self, device):
+        super().to(device)
+        if self.vae is not None:
+            self.vae.to(device)
+        return self
 
 
 class StructureVAETask(Task):
@@ -206,7 +243,15 @@ class SparseVAETask(Task):
 def build_task(cfg: TrainConfig, seed: int, frozen_weights: dict | None = None) -> Task:
     """The task of ``cfg.network``; ``frozen_weights`` holds the structure VAE for network=structure_dit."""
     if cfg.network == "dit":
-        return SparseDiTTask(cfg, seed)
+        if cfg.latent == "pooled":
+            return SparseDiTTask(cfg, seed)
+        from model.vae import SparseSDFVAE, VAEConfig
+        from pipeline.train.checkpoints import load_weights, model_config_of
+
+        weights = load_weights(cfg.latent, "vae")
+        vae = SparseSDFVAE(model_config_of(weights, VAEConfig))
+        vae.load_state_dict({k.removeprefix("vae."): v for k, v in weights["state_dict"].items()})
+        return SparseDiTTask(cfg, seed, vae)
     if cfg.network == "structure_vae":
         return StructureVAETask(cfg, seed)
     if cfg.network == "structure_dit":
