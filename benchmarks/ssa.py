@@ -46,6 +46,8 @@ def check(log):
         dict(sizes=[1500, 3, 700, 1, 37], d=32, cmp=8, q_tile=1, shifted=False),
         dict(sizes=[900, 1, 2, 411], d=64, cmp=4, q_tile=1, shifted=True),
         dict(sizes=[1200, 65, 5], d=32, cmp=8, q_tile=16, shifted=True),
+        dict(sizes=[1700, 130, 1, 64], d=32, cmp=8, q_tile=64, shifted=False),
+        dict(sizes=[800, 9, 333], d=64, cmp=4, q_tile=32, shifted=True),
     ]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtypes = (torch.bfloat16, torch.float16)
@@ -106,6 +108,47 @@ def workload(n, hq=32, hkv=2, d=32, m=8, dtype=torch.bfloat16):
     t = dict(q=mk(n, hq, d), k=mk(n, hkv, d), v=mk(n, hkv, d), k_cmp=mk(st.n_cmp, hkv, d),
              v_cmp=mk(st.n_cmp, hkv, d), gates=torch.sigmoid(mk(n, hq, 3)))
     return st, t
+
+
+def smooth_inputs(st, hq=32, hkv=2, d=32, dtype=torch.bfloat16, seed=0, noise=0.1):
+    """q, k, v as functions of position: random Fourier features of the voxel coordinates (periods of
+    a few 8³ blocks) through random projections, q/k RMS-normalized as in the layer, plus a little
+    per-token noise; pooled k_cmp/v_cmp are block means, as the layer's pooling gives."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    c = st._coords.float()
+    w = torch.randn(3, 32, device="cuda", generator=g) * (2 * torch.pi / 32)  # ~32-voxel periods
+    f = torch.cat([torch.sin(c @ w), torch.cos(c @ w)], 1)  # (N, 64)
+    n = c.shape[0]
+
+    def proj(heads):
+        a = torch.randn(64, heads * d, device="cuda", generator=g) / 8
+        x = (f @ a).view(n, heads, d)
+        return x + noise * x.std() * torch.randn(x.shape, device="cuda", generator=g)
+
+    norm = lambda x: x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6)  # noqa: E731
+    q, k, v = norm(proj(hq)), norm(proj(hkv)), proj(hkv)
+    cnt = (st.cmp_offsets[1:] - st.cmp_offsets[:-1]).float()[:, None, None]
+    pool = lambda x: torch.zeros(st.n_cmp, hkv, d, device="cuda").index_add(0, st.cmp_of_token, x) / cnt  # noqa
+    gates = torch.sigmoid(torch.randn(n, hq, 3, device="cuda", generator=g))
+    return {name: x.to(dtype) for name, x in
+            dict(q=q, k=k, v=v, k_cmp=pool(k), v_cmp=pool(v), gates=gates).items()}
+
+
+def tile_vs_query(st, t, qt, label, log):
+    """What sharing one selection per qt-token tile changes against the paper's per-query selection."""
+    q, k, v, kc, vc = (t[s] for s in ("q", "k", "v", "k_cmp", "v_cmp"))
+    lse = compression_attention(q, kc, vc, st)[1]
+    s1 = select_blocks(q, kc, lse, st, top_k=8, q_tile=1)
+    st_ = select_blocks(q, kc, lse, st, top_k=8, q_tile=qt)
+    unit = torch.arange(st.n_tokens, device="cuda") // qt  # one shape: units are consecutive
+    shared = (s1[:, :, :, None] == st_[unit][:, :, None, :]).any(-1).float().mean().item()
+    o1 = selection_attention(q, k, v, st, s1, q_tile=1)
+    o2 = selection_attention(q, k, v, st, st_, q_tile=qt)
+    a1 = spatial_sparse_attention(q, k, v, kc, vc, t["gates"], st, top_k=8, q_tile=1)
+    a2 = spatial_sparse_attention(q, k, v, kc, vc, t["gates"], st, top_k=8, q_tile=qt)
+    log(f"tile vs query ({label}, N={st.n_tokens}, q_tile={qt}): {shared:.3f} of each query's own blocks are in "
+        f"its tile's; relative difference of the selection output {rel(o2, o1):.3e}, of the whole SSA output "
+        f"{rel(a2, a1):.3e}")
 
 
 def pair_counts(st, sel, q_tile, hq, hkv):
@@ -219,6 +262,28 @@ def flex_ssa(st, t, log):
     return res
 
 
+def sweep_tiles(log, n=131072, q_tiles=(1, 16, 64, 128)):
+    """Launch settings of the selection branch: scoring time per tile size; forward/backward ms for
+    dK/dV work items of several sizes (0 = one program per key chunk) and dK/dV chunk widths."""
+    from kernels.ssa import ops
+    st, t = workload(n)
+    x = {s: t[s].detach().requires_grad_(True) for s in ("q", "k", "v")}
+    lse = compression_attention(t["q"], t["k_cmp"], t["v_cmp"], st)[1]
+    for qt in q_tiles:
+        ms = bench(lambda: select_blocks(t["q"], t["k_cmp"], lse, st, top_k=8, q_tile=qt))
+        sel = select_blocks(t["q"], t["k_cmp"], lse, st, top_k=8, q_tile=qt)
+        log(f"sweep tiles q_tile={qt}: scoring + top-k {ms:.3f} ms")
+        for steps in (0, 16, 32, 64):
+            for dbn in (32, 64):
+                if (qt not in (1, 64) and steps != 32) or (dbn == 32 and steps != 32):
+                    continue
+                ops.SELECT_DKV_STEPS, ops.SELECT_DKV_BLOCK_N = steps, dbn
+                f, b = time_fwd_bwd(lambda a, b_, c: selection_attention(a, b_, c, st, sel, q_tile=qt),
+                                    [x["q"], x["k"], x["v"]])
+                log(f"sweep tiles slc q_tile={qt} dkv_steps={steps} dkv_block_n={dbn}: {f:.3f} / {b:.3f} ms")
+    ops.SELECT_DKV_STEPS, ops.SELECT_DKV_BLOCK_N = 32, 0
+
+
 def sweep(log, n=131072):
     """Launch settings of the selection kernels at one size: the table's defaults come from here."""
     import dataclasses
@@ -269,6 +334,7 @@ def main():
     ap.add_argument("--q-tile", default="1", help="comma list of selection query tiles to time")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time launch settings of the selection kernels first")
+    ap.add_argument("--sweep-tiles", action="store_true", help="time launch settings of tile-level selection first")
     ap.add_argument("--no-sdpa", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -285,6 +351,8 @@ def main():
         sys.exit(1)
     if args.sweep:
         sweep(log)
+    if args.sweep_tiles:
+        sweep_tiles(log)
     if not args.sizes:
         return
     bw, mm = device_ceilings()
@@ -305,12 +373,9 @@ def main():
                 rows.append(dict(n=n, impl=f"ssa q_tile={qt}", branch=br, fwd_ms=f, bwd_ms=b,
                                  fwd_tflops=4 * d * p / f / 1e9 if p else 0.0,
                                  bwd_tflops=10 * d * p / b / 1e9 if (p and b) else 0.0))
-            if qt != 1 and n == int(args.sizes.split(",")[0]):
-                lse = compression_attention(t["q"], t["k_cmp"], t["v_cmp"], st)[1]
-                s1 = select_blocks(t["q"], t["k_cmp"], lse, st, top_k=8, q_tile=1)
-                o1 = selection_attention(t["q"], t["k"], t["v"], st, s1, q_tile=1)
-                o2 = selection_attention(t["q"], t["k"], t["v"], st, sel, q_tile=qt)
-                log(f"selection per {qt}-token tile vs per query: relative output difference {rel(o2, o1):.3e}")
+            if qt != 1:
+                tile_vs_query(st, t, qt, "random q, k", log)
+                tile_vs_query(st, smooth_inputs(st), qt, "smooth field", log)
         if not args.no_sdpa:
             for be in ("cudnn", "flash"):
                 try:

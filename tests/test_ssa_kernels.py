@@ -70,18 +70,22 @@ def _check_ssa(device, hq, hkv, d, cmp_block, top_k, q_tile, shifted, seed):
             assert rel(g, rg) < TOL[dtype], f"d{name} {rel(g, rg)}"
 
 
-# G = 16 query heads per kv head as in the paper, and a small group; top_k 3 < blocks, 20 > blocks
+# G = 16 query heads per kv head as in the paper, and a small group; top_k 3 < blocks, 20 > blocks;
+# tiles of 32 tokens hold more than 128 rows: split into sub-tiles that share the tile's selection
 @pytest.mark.parametrize("hq,hkv,d,cmp_block,top_k,q_tile,shifted", [
     (32, 2, 32, 8, 3, 1, False),
     (4, 2, 16, 4, 20, 1, True),
     (8, 1, 32, 8, 2, 4, True),
+    (32, 2, 32, 8, 3, 32, False),
+    (16, 2, 16, 4, 3, 32, True),
 ])
 def test_ssa_matches_reference_cpu(hq, hkv, d, cmp_block, top_k, q_tile, shifted):
     _check_ssa("cpu", hq, hkv, d, cmp_block, top_k, q_tile, shifted, seed=hq + top_k)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d,cmp_block,q_tile,shifted", [(32, 8, 1, False), (64, 4, 1, True), (32, 8, 16, True)])
+@pytest.mark.parametrize("d,cmp_block,q_tile,shifted", [(32, 8, 1, False), (64, 4, 1, True), (32, 8, 16, True),
+                                                         (32, 8, 64, False)])
 def test_ssa_matches_reference_gpu(d, cmp_block, q_tile, shifted):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")

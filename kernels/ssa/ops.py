@@ -11,7 +11,7 @@ import torch
 
 from . import reference as ref
 from .gate import gate_mix
-from .scoring import block_scores, select_topk
+from .scoring import _unit_of_tile, block_scores, select_topk
 from .segment_attention import SegmentPlan, segment_attention
 from .structure import SSAStructure
 
@@ -86,17 +86,27 @@ def _block_n(st: SSAStructure, offsets: torch.Tensor) -> int:
     return 32 if mean < 48 else 64
 
 
-def _shared_plan(st, tile_kind, seg_offsets, chunk_kind, block_t, block_n=64, fill_gpu=False):
-    """Plan for branches where every tile of a segment attends to that whole segment."""
+SHARED_DKV_PIECE = {"shape": 2048, "window": 512}  # query tokens per dK/dV list entry (see _shared_plan)
+
+
+def _shared_plan(st, tile_kind, seg_offsets, chunk_kind, block_t, block_n=64, fill_gpu=False, piece=0):
+    """Plan for branches where every tile of a segment attends to that whole segment.
+
+    dK/dV of a key chunk walks the segment's queries in contiguous pieces of ``piece`` tokens (each
+    in 128-row steps, no per-tile indirection); ``piece=0`` lists the query tiles instead."""
     ts, te, tseg, toff = st.tiles(tile_kind, block_t)
     segs = seg_offsets.to(torch.int32)
     cs, ce, cseg, _ = st.chunks(chunk_kind, block_n)
     split = 1
     if fill_gpu:  # few long key segments: split each chunk's tile list so ~1k programs run
         split = max(1, min(64, 1024 // max(1, cs.numel())))
+    dts = dte = None
+    qptr = toff
+    if piece:
+        dts, dte, _, qptr = st.tiles(tile_kind, piece)
+    tidx = torch.arange((dts if piece else ts).numel(), dtype=torch.int32, device=st.device)
     return SegmentPlan(ts, te, segs[tseg.long()].view(-1, 1, 1), segs[tseg.long() + 1].view(-1, 1, 1), block_t,
-                       cs, ce, cseg, toff, 0, torch.arange(ts.numel(), dtype=torch.int32, device=st.device),
-                       block_n, dkv_split=split)
+                       cs, ce, cseg, qptr, 0, tidx, block_n, dkv_split=split, dkv_tile_start=dts, dkv_tile_end=dte)
 
 
 def compression_attention(q, k_cmp, v_cmp, structure: SSAStructure, *, backend: str = "triton"):
@@ -107,7 +117,8 @@ def compression_attention(q, k_cmp, v_cmp, structure: SSAStructure, *, backend: 
         return o, lse.float()
     bt = _rows_per_tile(q.shape[1] // k_cmp.shape[1])
     plan = structure.cached(("plan_cmp", bt), lambda: _shared_plan(
-        structure, "shape", structure.cmp_shape_offsets, "cmp", bt, fill_gpu=True))
+        structure, "shape", structure.cmp_shape_offsets, "cmp", bt, fill_gpu=True,
+        piece=SHARED_DKV_PIECE["shape"]))
     return segment_attention(q, k_cmp, v_cmp, plan)
 
 
@@ -125,44 +136,57 @@ def select_blocks(q, k_cmp, lse_cmp, structure: SSAStructure, *, top_k: int = 8,
         if backend == "torch":
             _, _, probs = ref.compression_attention_ref(q, k_cmp, k_cmp, st)
             return ref.select_blocks_ref(probs, st, hkv, top_k, q_tile)
-        ts, te, tseg, _ = st.tiles("shape", q_tile)
-        cmp_off = st.cached("cmp_shape_offsets32", lambda: st.cmp_shape_offsets.to(torch.int32))
-        if st.cmp_block == st.slc_block:  # one pass with a running top-k, no score matrix
+        if st.cmp_block == st.slc_block and q_tile * q.shape[1] // hkv <= 128:
+            # one pass with a running top-k per unit, no score matrix
             wide = q_tile * q.shape[1] // hkv >= 128  # wide units: narrower key chunks (H100 sweep)
             return select_topk(q.contiguous(), k_cmp.contiguous(), lse_cmp, st, top_k, q_tile,
                                SELECT_BLOCK_N or (32 if wide else 64))
-        pool = True
+        # long tiles (or m_cmp < m_slc): a (tiles, Hkv, blocks) score matrix ranked by torch.topk
         n_cols = st.max_slc_per_shape
-        score = block_scores(q.contiguous(), k_cmp.contiguous(), lse_cmp, ts, te, tseg, cmp_off,
-                             st.cmp_to_slc_local, n_cols, pool, q_tile)
-        n_blocks = (st.slc_shape_offsets[1:] - st.slc_shape_offsets[:-1])[tseg.long()]  # per tile
+        score = block_scores(q.contiguous(), k_cmp.contiguous(), lse_cmp, st, q_tile, n_cols,
+                             SELECT_BLOCK_N or 64)
+        tseg = st.tiles("shape", q_tile)[2].long()
+        n_blocks = (st.slc_shape_offsets[1:] - st.slc_shape_offsets[:-1])[tseg]  # per tile
         cols = torch.arange(n_cols, device=q.device)
         score.masked_fill_(cols[None, None, :] >= n_blocks[:, None, None], -1.0)  # scores are >= 0
         kk = min(top_k, n_cols)
         top = score.topk(kk, dim=-1)
-        blk = torch.where(top.values >= 0, top.indices + st.slc_shape_offsets[tseg.long()][:, None, None], -1)
+        blk = torch.where(top.values >= 0, top.indices + st.slc_shape_offsets[tseg][:, None, None], -1)
         if kk < top_k:
             blk = torch.cat([blk, blk.new_full((blk.shape[0], hkv, top_k - kk), -1)], dim=-1)
         return blk
 
 
+SELECT_FWD_BLOCK_N = 64  # key chunk of the selection forward and dQ over the concatenated blocks
+SELECT_DKV_BLOCK_N = 0  # key chunk of the selection dK/dV inside a block; 0 = by block density
+SELECT_DKV_STEPS = 32  # 128-row steps per dK/dV work item (0: one program per chunk, whatever its list length)
+
+
 def _selection_plan(st: SSAStructure, selected: torch.Tensor, q_tile: int, g: int) -> SegmentPlan:
-    block_n = _block_n(st, st.slc_offsets)
-    ts, te, _, _ = st.tiles("shape", q_tile)
-    n_tiles, hkv, k = selected.shape
-    if n_tiles != ts.numel():
-        raise ValueError(f"selected has {n_tiles} tiles, expected {ts.numel()} for q_tile={q_tile}")
+    """Programs of at most 128 rows (tokens × G heads); a longer tile is split into sub-tiles that read
+    its selection, and its dK/dV list entry walks the whole tile in 128-row pieces."""
+    units_start, units_end, _, _ = st.tiles("shape", q_tile)
+    n_units, hkv, k = selected.shape
+    if n_units != units_start.numel():
+        raise ValueError(f"selected has {n_units} tiles, expected {units_start.numel()} for q_tile={q_tile}")
+    sub = q_tile if q_tile * g <= 128 else max(1, 128 // g)
+    ts, te, _, _ = st.tiles("shape", sub)
     ok = selected >= 0
     blk = selected.clamp_min(0)
     off = st.slc_offsets
     seg_start = torch.where(ok, off[blk], 0).to(torch.int32)
     seg_end = torch.where(ok, off[blk + 1], 0).to(torch.int32)
-    cs, ce, cseg, _ = st.chunks("slc", block_n)
+    seg_cum = (torch.cumsum(seg_end - seg_start, -1) - (seg_end - seg_start)).to(torch.int32)
+    if sub != q_tile:
+        unit = st.cached(("tile_unit", sub, q_tile), lambda: _unit_of_tile(st, sub, q_tile)).long()
+        seg_start, seg_end, seg_cum = seg_start[unit], seg_end[unit], seg_cum[unit]
+    chunk_n = SELECT_DKV_BLOCK_N or _block_n(st, st.slc_offsets)
+    cs, ce, cseg, _ = st.chunks("slc", chunk_n)
 
     def inverse():
         """For each (kv head, block), the tiles that selected it: needed by dK/dV only."""
-        tile_id = torch.arange(n_tiles, device=st.device)[:, None, None].expand(n_tiles, hkv, k)
-        head = torch.arange(hkv, device=st.device)[None, :, None].expand(n_tiles, hkv, k)
+        tile_id = torch.arange(n_units, device=st.device)[:, None, None].expand(n_units, hkv, k)
+        head = torch.arange(hkv, device=st.device)[None, :, None].expand(n_units, hkv, k)
         key = (head * st.n_slc + blk)[ok]
         order = torch.argsort(key, stable=True)
         tidx = tile_id[ok][order].to(torch.int32)
@@ -170,10 +194,13 @@ def _selection_plan(st: SSAStructure, selected: torch.Tensor, q_tile: int, g: in
         qptr[1:] = torch.cumsum(torch.bincount(key, minlength=hkv * st.n_slc), 0)
         return qptr, tidx
 
-    per_token = q_tile * g <= 16
+    per_token = sub * g <= 16
+    long_tiles = sub != q_tile
     # per-query tiles of 16 rows run best with 2 warps and 3 pipeline stages (H100 sweep, docs/ssa.md)
-    return SegmentPlan(ts, te, seg_start, seg_end, q_tile, cs, ce, cseg, None, st.n_slc, None, block_n,
-                       num_warps=2 if per_token else 4, num_stages=3, inverse=inverse)
+    return SegmentPlan(ts, te, seg_start, seg_end, sub, cs, ce, cseg, None, st.n_slc, None, SELECT_FWD_BLOCK_N,
+                       num_warps=2 if per_token else 4, num_stages=3, inverse=inverse, seg_cum=seg_cum,
+                       chunk_n=chunk_n, dkv_tile_start=units_start if long_tiles else None,
+                       dkv_tile_end=units_end if long_tiles else None, dkv_steps=SELECT_DKV_STEPS)
 
 
 def selection_attention(q, k, v, structure: SSAStructure, selected: torch.Tensor, *, q_tile: int = 1,
@@ -196,7 +223,8 @@ def window_attention(q, k, v, structure: SSAStructure, *, shifted: bool = False,
     perm, woff = st.window_partition(shifted)
     kind = "window1" if shifted else "window0"
     bt = _rows_per_tile(q.shape[1] // k.shape[1])
-    plan = st.cached(("plan_win", kind, bt), lambda: _shared_plan(st, kind, woff, kind, bt))
+    plan = st.cached(("plan_win", kind, bt), lambda: _shared_plan(st, kind, woff, kind, bt,
+                                                                          piece=SHARED_DKV_PIECE["window"]))
     if perm is None:
         return segment_attention(q, k, v, plan)[0]
     inv = st.cached(("inv_perm", kind), lambda: torch.argsort(perm))

@@ -14,10 +14,11 @@ from .segment_attention import LOG2E, _new, _rows, _rows_for, _warps
 
 
 @triton.jit
-def _score_kernel(Q, KC, LSE, SCORE, TILE_START, TILE_END, TILE_SEG, CMP_OFF, CMP_TO_SLC,
+def _score_kernel(Q, KC, LSE, SCORE, TILE_START, TILE_END, TILE_SEG, TILE_UNIT, CMP_OFF, CMP_TO_SLC,
                   sqt, sqh, skt, skh, slt, slh, sct, sch, qk_scale,
                   G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                   D: tl.constexpr, POOL: tl.constexpr):
+    """Adds one tile's probabilities, summed over its rows, into the score row of its selection unit."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     tok, head, valid = _rows(TILE_START, TILE_END, tile, h, G, BLOCK_T, BLOCK_R)
@@ -25,6 +26,7 @@ def _score_kernel(Q, KC, LSE, SCORE, TILE_START, TILE_END, TILE_SEG, CMP_OFF, CM
     q = tl.load(Q + tok[:, None] * sqt + head[:, None] * sqh + d[None, :], mask=valid[:, None], other=0.0)
     lse2 = tl.load(LSE + tok * slt + head * slh, mask=valid, other=0.0) * 1.4426950408889634
     seg = tl.load(TILE_SEG + tile)
+    row = SCORE + tl.load(TILE_UNIT + tile).to(tl.int64) * sct + h * sch
     c0 = tl.load(CMP_OFF + seg)
     c1 = tl.load(CMP_OFF + seg + 1)
     cols = tl.arange(0, BLOCK_N)
@@ -37,25 +39,42 @@ def _score_kernel(Q, KC, LSE, SCORE, TILE_START, TILE_END, TILE_SEG, CMP_OFF, CM
         s = tl.sum(p, 0)  # over the G heads of this kv group and the tile's tokens
         if POOL:
             col = tl.load(CMP_TO_SLC + n, mask=nm, other=0)
-            tl.atomic_add(SCORE + tile * sct + h * sch + col, s, mask=nm)
-        else:
-            tl.store(SCORE + tile * sct + h * sch + (n - c0), s, mask=nm)
+        else:  # compression blocks are the selection blocks
+            col = n - c0
+        tl.atomic_add(row + col, s, mask=nm)
 
 
-def block_scores(q, k_cmp, lse_cmp, tile_start, tile_end, tile_seg, cmp_shape_offsets, cmp_to_slc_local,
-                 n_cols: int, pool: bool, block_t: int, block_n: int = 64):
-    """Per (tile, kv head) sum of compression probabilities per selection block (local index); 0 past the shape."""
+def block_scores(q, k_cmp, lse_cmp, structure, q_tile: int, n_cols: int, block_n: int = 64):
+    """Per (query tile of q_tile tokens, kv head) sum of compression probabilities per selection block.
+
+    Returns float32 (n_tiles, Hkv, n_cols) indexed by the block's number inside its shape, 0 past the
+    shape's blocks. Programs hold at most 128 rows (tokens × G heads); a longer tile is summed by
+    several programs adding into its row."""
     n, hq, d = q.shape
     hkv = k_cmp.shape[1]
     g = hq // hkv
-    n_tiles = tile_start.numel()
-    score = torch.zeros((n_tiles, hkv, n_cols), dtype=torch.float32, device=q.device)
-    _score_kernel[(n_tiles, hkv)](
-        q, k_cmp, lse_cmp, score, tile_start, tile_end, tile_seg, cmp_shape_offsets, cmp_to_slc_local,
+    st = structure
+    sub = q_tile if q_tile * g <= 128 else max(1, 128 // g)
+    ts, te, tseg, _ = st.tiles("shape", sub)
+    unit = st.cached(("tile_unit", sub, q_tile), lambda: _unit_of_tile(st, sub, q_tile))
+    cmp_off = st.cached("cmp_shape_offsets32", lambda: st.cmp_shape_offsets.to(torch.int32))
+    pool = st.cmp_block != st.slc_block
+    n_units = int(st.tiles("shape", q_tile)[3][-1])
+    score = torch.zeros((n_units, hkv, n_cols), dtype=torch.float32, device=q.device)
+    _score_kernel[(ts.numel(), hkv)](
+        q, k_cmp, lse_cmp, score, ts, te, tseg, unit, cmp_off, st.cmp_to_slc_local,
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), lse_cmp.stride(0), lse_cmp.stride(1),
-        score.stride(0), score.stride(1), d ** -0.5 * LOG2E, G=g, BLOCK_T=block_t,
-        BLOCK_R=_rows_for(block_t, g), BLOCK_N=block_n, D=d, POOL=pool)
+        score.stride(0), score.stride(1), d ** -0.5 * LOG2E, G=g, BLOCK_T=sub,
+        BLOCK_R=_rows_for(sub, g), BLOCK_N=block_n, D=d, POOL=pool, num_warps=_warps(_rows_for(sub, g), 4))
     return score
+
+
+def _unit_of_tile(st, sub: int, q_tile: int) -> torch.Tensor:
+    """Index of the q_tile-token unit that holds each sub-token tile (sub divides q_tile; both start at shapes)."""
+    ts, _, tseg, _ = st.tiles("shape", sub)
+    unit_off = st.tiles("shape", q_tile)[3]
+    seg = tseg.long()
+    return (unit_off[seg] + (ts - st.cu_seqlens[seg]) // q_tile).to(torch.int32)
 
 
 @triton.jit

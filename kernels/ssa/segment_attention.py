@@ -4,8 +4,11 @@ A *tile* is up to BLOCK_T consecutive query tokens; its rows are the tokens × t
 query heads of one key/value head (GQA), so one K/V load serves G heads. Each
 (tile, kv head) attends to S contiguous key ranges ("segments"):
 compression = the shape's pooled tokens, selection = the top-k blocks,
-window = the tile's window. The dK/dV kernel runs per key chunk over the list of
-tiles that attended to it, so nothing is written twice and no atomics are needed.
+window = the tile's window. The forward and dQ kernels walk the concatenation of a
+tile's segments in dense key chunks (gathering rows), so a short block costs no padded
+chunk of its own. The dK/dV kernel runs per key chunk over the list of
+tiles that attended to it, so nothing is written twice and no atomics are needed
+(except where a plan splits a chunk's list over several programs).
 """
 from __future__ import annotations
 
@@ -42,10 +45,45 @@ def _rows(TILE_START, TILE_END, tile, h, G: tl.constexpr, BLOCK_T: tl.constexpr,
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, TILE_START, TILE_END, SEG_START, SEG_END,
+def _segment_table(SEG_START, SEG_END, SEG_CUM, base, S: tl.constexpr, SP: tl.constexpr):
+    """Segments of one (tile, kv head) laid end to end: (shift, lo, hi) per segment and the total length.
+
+    Key position p of the concatenation with lo[s] <= p < hi[s] is key row p + shift[s]."""
+    s = tl.arange(0, SP)
+    sm = s < S
+    a = tl.load(SEG_START + base + s, mask=sm, other=0)
+    e = tl.load(SEG_END + base + s, mask=sm, other=0)
+    lo = tl.load(SEG_CUM + base + s, mask=sm, other=0)
+    hi = lo + (e - a)
+    return a - lo, lo, hi, tl.sum(e - a, 0)
+
+
+@triton.jit
+def _gathered_keys(n0, cols, shift, lo, hi, total):
+    p = n0 + cols
+    inside = (p[:, None] >= lo[None, :]) & (p[:, None] < hi[None, :])
+    return p + tl.sum(tl.where(inside, shift[None, :], 0), 1), p < total
+
+
+@triton.jit
+def _fwd_step(q, K, V, n, nm, h, skt, skh, d, qk_scale, m_i, l_i, acc):
+    k = tl.load(K + n[:, None] * skt + h * skh + d[None, :], mask=nm[:, None], other=0.0)
+    v = tl.load(V + n[:, None] * skt + h * skh + d[None, :], mask=nm[:, None], other=0.0)
+    qk = tl.dot(q, tl.trans(k)) * qk_scale  # log2 units
+    qk = tl.where(nm[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, TILE_START, TILE_END, SEG_START, SEG_END, SEG_CUM,
                 sqt, sqh, skt, skh, sot, soh, slt, slh, sst, ssh, qk_scale,
-                S: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
-                BLOCK_N: tl.constexpr, D: tl.constexpr):
+                S: tl.constexpr, SP: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     tok, head, valid = _rows(TILE_START, TILE_END, tile, h, G, BLOCK_T, BLOCK_R)
@@ -55,22 +93,11 @@ def _fwd_kernel(Q, K, V, O, LSE, TILE_START, TILE_END, SEG_START, SEG_END,
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, D], tl.float32)
     cols = tl.arange(0, BLOCK_N)
-    for s in range(S):
-        start = tl.load(SEG_START + tile * sst + h * ssh + s)
-        end = tl.load(SEG_END + tile * sst + h * ssh + s)
-        for n0 in range(start, end, BLOCK_N):
-            n = n0 + cols
-            nm = n < end
-            k = tl.load(K + n[:, None] * skt + h * skh + d[None, :], mask=nm[:, None], other=0.0)
-            v = tl.load(V + n[:, None] * skt + h * skh + d[None, :], mask=nm[:, None], other=0.0)
-            qk = tl.dot(q, tl.trans(k)) * qk_scale  # log2 units
-            qk = tl.where(nm[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+    base = tile * sst + h * ssh
+    shift, lo, hi, total = _segment_table(SEG_START, SEG_END, SEG_CUM, base, S, SP)
+    for n0 in range(0, total, BLOCK_N):
+        n, nm = _gathered_keys(n0, cols, shift, lo, hi, total)
+        m_i, l_i, acc = _fwd_step(q, K, V, n, nm, h, skt, skh, d, qk_scale, m_i, l_i, acc)
     has = l_i > 0
     acc = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("inf"))
@@ -79,10 +106,21 @@ def _fwd_kernel(Q, K, V, O, LSE, TILE_START, TILE_END, SEG_START, SEG_END,
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TILE_START, TILE_END, SEG_START, SEG_END,
+def _dq_step(q, do, lse2, delta, valid, K, V, n, nm, h, skt, skh, d, qk_scale, dq):
+    k = tl.load(K + n[:, None] * skt + h * skh + d[None, :], mask=nm[:, None], other=0.0)
+    v = tl.load(V + n[:, None] * skt + h * skh + d[None, :], mask=nm[:, None], other=0.0)
+    qk = tl.dot(q, tl.trans(k)) * qk_scale
+    p = tl.where(valid[:, None] & nm[None, :], tl.exp2(qk - lse2[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TILE_START, TILE_END, SEG_START, SEG_END, SEG_CUM,
                    sqt, sqh, skt, skh, slt, slh, sst, ssh, qk_scale, sm_scale,
-                   S: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_N: tl.constexpr, D: tl.constexpr):
+                   S: tl.constexpr, SP: tl.constexpr, G: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     tok, head, valid = _rows(TILE_START, TILE_END, tile, h, G, BLOCK_T, BLOCK_R)
@@ -94,34 +132,56 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TILE_START, TILE_END, SEG_START,
     delta = tl.load(DELTA + tok * slt + head * slh, mask=valid, other=0.0)
     dq = tl.zeros([BLOCK_R, D], tl.float32)
     cols = tl.arange(0, BLOCK_N)
-    for s in range(S):
-        start = tl.load(SEG_START + tile * sst + h * ssh + s)
-        end = tl.load(SEG_END + tile * sst + h * ssh + s)
-        for n0 in range(start, end, BLOCK_N):
-            n = n0 + cols
-            nm = n < end
-            k = tl.load(K + n[:, None] * skt + h * skh + d[None, :], mask=nm[:, None], other=0.0)
-            v = tl.load(V + n[:, None] * skt + h * skh + d[None, :], mask=nm[:, None], other=0.0)
-            qk = tl.dot(q, tl.trans(k)) * qk_scale
-            p = tl.where(valid[:, None] & nm[None, :], tl.exp2(qk - lse2[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)
+    base = tile * sst + h * ssh
+    shift, lo, hi, total = _segment_table(SEG_START, SEG_END, SEG_CUM, base, S, SP)
+    for n0 in range(0, total, BLOCK_N):
+        n, nm = _gathered_keys(n0, cols, shift, lo, hi, total)
+        dq = _dq_step(q, do, lse2, delta, valid, K, V, n, nm, h, skt, skh, d, qk_scale, dq)
     tl.store(DQ + qoff, (dq * sm_scale).to(DQ.dtype.element_ty), mask=valid[:, None])
 
 
 @triton.jit
+def _dkv_step(Q, DO, LSE, DELTA, tok, head, valid, k, v, nm, d, sqt, sqh, slt, slh, qk_scale, dk, dv):
+    qoff = tok[:, None] * sqt + head[:, None] * sqh + d[None, :]
+    q = tl.load(Q + qoff, mask=valid[:, None], other=0.0)
+    do = tl.load(DO + qoff, mask=valid[:, None], other=0.0)
+    lse2 = tl.load(LSE + tok * slt + head * slh, mask=valid, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + tok * slt + head * slh, mask=valid, other=0.0)
+    qk = tl.dot(q, tl.trans(k)) * qk_scale
+    p = tl.where(valid[:, None] & nm[None, :], tl.exp2(qk - lse2[:, None]), 0.0)
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+    dp = tl.dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TILE_START, TILE_END, CHUNK_START, CHUNK_END, CHUNK_SEG,
-                    QPTR, TIDX, sqt, sqh, skt, skh, slt, slh, sph, qk_scale, sm_scale,
+                    QPTR, TIDX, ITEMS, sqt, sqh, skt, skh, slt, slh, sph, qk_scale, sm_scale,
                     G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, TPI: tl.constexpr,
-                    BLOCK_N: tl.constexpr, D: tl.constexpr, ATOMIC: tl.constexpr):
-    c = tl.program_id(0)
-    h = tl.program_id(1)
-    split = tl.program_id(2)
-    n_split = tl.num_programs(2)
+                    BLOCK_N: tl.constexpr, D: tl.constexpr, ATOMIC: tl.constexpr, LONG_TILES: tl.constexpr,
+                    BALANCED: tl.constexpr):
+    if BALANCED:  # one work item (chunk, kv head, range of its tile list) per program
+        it = tl.program_id(0)
+        c = tl.load(ITEMS + it * 4)
+        h = tl.load(ITEMS + it * 4 + 1)
+        a = tl.load(ITEMS + it * 4 + 2)
+        b = tl.load(ITEMS + it * 4 + 3)
+    else:
+        c = tl.program_id(0)
+        h = tl.program_id(1)
+        seg = tl.load(CHUNK_SEG + c)
+        p0 = tl.load(QPTR + h * sph + seg)
+        p1 = tl.load(QPTR + h * sph + seg + 1)
+        # this program's share of the tiles that attended to the chunk (splits keep the GPU busy when chunks are few)
+        split = tl.program_id(2)
+        n_split = tl.num_programs(2)
+        per = (p1 - p0 + n_split - 1) // n_split
+        a = p0 + split * per
+        b = tl.minimum(a + per, p1)
     n0 = tl.load(CHUNK_START + c)
     n1 = tl.load(CHUNK_END + c)
-    seg = tl.load(CHUNK_SEG + c)
     n = n0 + tl.arange(0, BLOCK_N)
     nm = n < n1
     d = tl.arange(0, D)
@@ -130,35 +190,32 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TILE_START, TILE_END, CHUNK
     v = tl.load(V + koff, mask=nm[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
-    p0 = tl.load(QPTR + h * sph + seg)
-    p1 = tl.load(QPTR + h * sph + seg + 1)
-    # this program's share of the tiles that attended to the chunk (splits keep the GPU busy when chunks are few)
-    per = (p1 - p0 + n_split - 1) // n_split
-    a = p0 + split * per
-    b = tl.minimum(a + per, p1)
-    rr = tl.arange(0, TPI * BLOCK_R)
-    j = rr // BLOCK_R
-    r = rr % BLOCK_R
-    for i in range(a, b, TPI):
-        ti = i + j
-        tm = ti < b
-        tile = tl.load(TIDX + ti, mask=tm, other=0)
-        t0 = tl.load(TILE_START + tile, mask=tm, other=0)
-        t1 = tl.load(TILE_END + tile, mask=tm, other=0)
-        tok = t0 + r // G
-        head = h * G + r % G
-        valid = tm & (r < BLOCK_T * G) & (tok < t1)
-        qoff = tok[:, None] * sqt + head[:, None] * sqh + d[None, :]
-        q = tl.load(Q + qoff, mask=valid[:, None], other=0.0)
-        do = tl.load(DO + qoff, mask=valid[:, None], other=0.0)
-        lse2 = tl.load(LSE + tok * slt + head * slh, mask=valid, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + tok * slt + head * slh, mask=valid, other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
-        p = tl.where(valid[:, None] & nm[None, :], tl.exp2(qk - lse2[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    if LONG_TILES:  # tiles of more than BLOCK_R rows (tile-level selection): walk each in contiguous pieces
+        r = tl.arange(0, BLOCK_R)
+        for i in range(a, b):
+            tile = tl.load(TIDX + i)
+            t0 = tl.load(TILE_START + tile)
+            rows = (tl.load(TILE_END + tile) - t0) * G
+            for r0 in range(0, rows, BLOCK_R):
+                tok = t0 + (r0 + r) // G
+                head = h * G + (r0 + r) % G
+                dk, dv = _dkv_step(Q, DO, LSE, DELTA, tok, head, r0 + r < rows, k, v, nm, d, sqt, sqh, slt, slh,
+                                   qk_scale, dk, dv)
+    else:  # TPI short tiles side by side per step
+        rr = tl.arange(0, TPI * BLOCK_R)
+        j = rr // BLOCK_R
+        r = rr % BLOCK_R
+        for i in range(a, b, TPI):
+            ti = i + j
+            tm = ti < b
+            tile = tl.load(TIDX + ti, mask=tm, other=0)
+            t0 = tl.load(TILE_START + tile, mask=tm, other=0)
+            t1 = tl.load(TILE_END + tile, mask=tm, other=0)
+            tok = t0 + r // G
+            head = h * G + r % G
+            valid = tm & (r < BLOCK_T * G) & (tok < t1)
+            dk, dv = _dkv_step(Q, DO, LSE, DELTA, tok, head, valid, k, v, nm, d, sqt, sqh, slt, slh,
+                               qk_scale, dk, dv)
     if ATOMIC:
         tl.atomic_add(DK + koff, dk * sm_scale, mask=nm[:, None])
         tl.atomic_add(DV + koff, dv, mask=nm[:, None])
@@ -171,9 +228,11 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TILE_START, TILE_END, CHUNK
 class SegmentPlan:
     """Which key ranges each query tile attends to, and the inverse lists for dK/dV.
 
-    seg_start/seg_end: int32 (n_tiles, Hkv or 1, S). Backward: key chunks
+    seg_start/seg_end: int32 (n_tiles, Hkv or 1, S); seg_cum: exclusive prefix sums of the
+    segment lengths along S (None allowed for S = 1). Backward: key chunks
     (chunk_start, chunk_end, chunk_seg) and, per (kv head, segment), the range
-    qptr[h * qptr_head_stride + seg : ... + 1] of ``tidx`` listing the tiles that use it.
+    qptr[h * qptr_head_stride + seg : ... + 1] of ``tidx`` listing the tiles that use it,
+    tiles being ``dkv_tile_start/end`` when given (longer tiles walked in pieces), else the query tiles.
     """
     tile_start: torch.Tensor
     tile_end: torch.Tensor
@@ -186,11 +245,33 @@ class SegmentPlan:
     qptr: torch.Tensor | None  # None: built by ``inverse()`` on the first backward
     qptr_head_stride: int
     tidx: torch.Tensor | None
-    block_n: int = 64
+    block_n: int = 64  # key chunk of the forward and dQ kernels
     num_warps: int = 4
     num_stages: int = 0  # 0 = Triton's default software-pipelining depth
     inverse: object = None  # () -> (qptr, tidx), for plans whose inverse lists cost time to build
     dkv_split: int = 1  # programs per key chunk in dK/dV (partial sums added atomically in float32)
+    seg_cum: torch.Tensor | None = None
+    chunk_n: int = 0  # width of the dK/dV key chunks (0 = block_n)
+    dkv_tile_start: torch.Tensor | None = None
+    dkv_tile_end: torch.Tensor | None = None
+    dkv_steps: int = 0  # >0: split every chunk's tile list into work items of about this many 128-row steps
+
+
+def _work_items(plan, qptr, hkv: int, per_item: int) -> torch.Tensor:
+    """(chunk, kv head, first, end) int32 rows: each chunk's tile list cut into pieces of per_item entries,
+    so a block that many tiles chose is shared by many programs (their sums meet in float32 atomics)."""
+    seg = plan.chunk_seg.long()
+    base = torch.arange(hkv, device=seg.device)[:, None] * plan.qptr_head_stride + seg[None, :]
+    p0 = qptr[base].long().flatten()
+    p1 = qptr[base + 1].long().flatten()
+    n_it = (p1 - p0 + per_item - 1) // per_item
+    total = int(n_it.sum())
+    job = torch.repeat_interleave(torch.arange(n_it.numel(), device=seg.device), n_it, output_size=total)
+    first = torch.cumsum(n_it, 0) - n_it
+    a = p0[job] + (torch.arange(total, device=seg.device) - first[job]) * per_item
+    b = torch.minimum(a + per_item, p1[job])
+    n_chunks = seg.numel()
+    return torch.stack([job % n_chunks, job // n_chunks, a, b], 1).to(torch.int32).contiguous()
 
 
 def _rows_for(block_t: int, g: int) -> int:
@@ -210,6 +291,16 @@ def _seg_strides(t: torch.Tensor):
     return t.stride(0), (t.stride(1) if t.shape[1] > 1 else 0)
 
 
+def _seg_args(plan):
+    s = plan.seg_start.shape[2]
+    cum = plan.seg_cum
+    if cum is None:  # one segment: it starts the concatenation
+        if s != 1:
+            raise ValueError(f"a plan with {s} segments per tile needs seg_cum")
+        cum = torch.zeros_like(plan.seg_start)
+    return cum, dict(S=s, SP=triton.next_power_of_2(s))
+
+
 def _launch_fwd(q, k, v, plan: SegmentPlan):
     n, hq, d = q.shape
     hkv = k.shape[1]
@@ -219,12 +310,13 @@ def _launch_fwd(q, k, v, plan: SegmentPlan):
     n_tiles = plan.tile_start.numel()
     if n_tiles:
         sst, ssh = _seg_strides(plan.seg_start)
+        cum, seg_kw = _seg_args(plan)
         _fwd_kernel[(n_tiles, hkv)](
-            q, k, v, o, lse, plan.tile_start, plan.tile_end, plan.seg_start, plan.seg_end,
+            q, k, v, o, lse, plan.tile_start, plan.tile_end, plan.seg_start, plan.seg_end, cum,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1), lse.stride(0), lse.stride(1),
-            sst, ssh, d ** -0.5 * LOG2E, S=plan.seg_start.shape[2], G=g, BLOCK_T=plan.block_t,
+            sst, ssh, d ** -0.5 * LOG2E, G=g, BLOCK_T=plan.block_t,
             BLOCK_R=_rows_for(plan.block_t, g), BLOCK_N=plan.block_n, D=d,
-            num_warps=_warps(_rows_for(plan.block_t, g), plan.num_warps), **_stages(plan))
+            num_warps=_warps(_rows_for(plan.block_t, g), plan.num_warps), **seg_kw, **_stages(plan))
     return o, lse
 
 
@@ -235,32 +327,46 @@ def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan):
     do = do.contiguous()
     delta = row_dot(o, do)
     dq = _new(q.shape, q)
-    atomic = plan.dkv_split > 1
+    atomic = plan.dkv_split > 1 or plan.dkv_steps > 0
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if atomic else _new(k.shape, k)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device) if atomic else _new(v.shape, v)
     br = _rows_for(plan.block_t, g)
     n_tiles = plan.tile_start.numel()
     if n_tiles:
         sst, ssh = _seg_strides(plan.seg_start)
+        cum, seg_kw = _seg_args(plan)
         _bwd_dq_kernel[(n_tiles, hkv)](
-            q, k, v, do, lse, delta, dq, plan.tile_start, plan.tile_end, plan.seg_start, plan.seg_end,
+            q, k, v, do, lse, delta, dq, plan.tile_start, plan.tile_end, plan.seg_start, plan.seg_end, cum,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), lse.stride(1), sst, ssh,
-            d ** -0.5 * LOG2E, d ** -0.5, S=plan.seg_start.shape[2], G=g, BLOCK_T=plan.block_t, BLOCK_R=br,
-            BLOCK_N=plan.block_n, D=d, num_warps=_warps(br, plan.num_warps), **_stages(plan))
+            d ** -0.5 * LOG2E, d ** -0.5, G=g, BLOCK_T=plan.block_t, BLOCK_R=br,
+            BLOCK_N=plan.block_n, D=d, num_warps=_warps(br, plan.num_warps), **seg_kw, **_stages(plan))
     qptr, tidx = plan.inverse() if plan.inverse is not None else (plan.qptr, plan.tidx)
     n_chunks = plan.chunk_start.numel()
     if n_chunks:
-        _bwd_dkv_kernel[(n_chunks, hkv, plan.dkv_split)](
-            q, k, v, do, lse, delta, dk, dv, plan.tile_start, plan.tile_end, plan.chunk_start, plan.chunk_end,
-            plan.chunk_seg, qptr, tidx, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            lse.stride(0), lse.stride(1), plan.qptr_head_stride, d ** -0.5 * LOG2E, d ** -0.5,
-            G=g, BLOCK_T=plan.block_t, BLOCK_R=br, TPI=max(1, 128 // br), BLOCK_N=plan.block_n, D=d,
-            ATOMIC=atomic, num_warps=_warps(max(1, 128 // br) * br, 4))
+        long_tiles = plan.dkv_tile_start is not None
+        ts = plan.dkv_tile_start if long_tiles else plan.tile_start
+        te = plan.dkv_tile_end if long_tiles else plan.tile_end
+        tpi = 1 if long_tiles else max(1, 128 // br)
+        grid = (n_chunks, hkv, plan.dkv_split)
+        items = qptr
+        if plan.dkv_steps:
+            if long_tiles:  # entries are whole tiles of up to max_rows rows, walked in br-row steps
+                max_rows = int((plan.dkv_tile_end - plan.dkv_tile_start).max()) * g
+                per_item = max(1, plan.dkv_steps // triton.cdiv(max_rows, br))
+            else:
+                per_item = plan.dkv_steps * tpi
+            items = _work_items(plan, qptr, hkv, per_item)
+            grid = (items.shape[0],)
+        if grid[0]:
+            _bwd_dkv_kernel[grid](
+                q, k, v, do, lse, delta, dk, dv, ts, te, plan.chunk_start, plan.chunk_end,
+                plan.chunk_seg, qptr, tidx, items, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                lse.stride(0), lse.stride(1), plan.qptr_head_stride, d ** -0.5 * LOG2E, d ** -0.5,
+                G=g, BLOCK_T=plan.block_t, BLOCK_R=br, TPI=tpi, BLOCK_N=plan.chunk_n or plan.block_n, D=d,
+                ATOMIC=atomic, LONG_TILES=long_tiles, BALANCED=plan.dkv_steps > 0, num_warps=_warps(tpi * br, 4))
     if atomic:
         dk, dv = dk.to(k.dtype), dv.to(v.dtype)
     return dq, dk, dv
-
-
 class _SegmentAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan):
