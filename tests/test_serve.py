@@ -128,3 +128,16 @@ def test_concurrent_requests_are_batched(app):
     assert len({a.content for a in answers}) == 4  # different seeds, different meshes
     sizes = generator_handle(cfg.name).batch_sizes.remote().result()
     assert max(sizes) > 1
+
+
+def test_second_app_on_another_port_is_refused(app):
+    """Serve has one HTTP address per cluster: asking for another port is an error naming both, not ignored."""
+    import dataclasses
+
+    from pipeline.serve.app import start
+
+    url, cfg = app
+    other = dataclasses.replace(cfg, name="s2other", port=cfg.port + 1)
+    with pytest.raises(RuntimeError, match=f"listens on .*:{cfg.port}.*asked for .*:{cfg.port + 1}"):
+        start(other)
+    assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"  # the running app is untouched

@@ -179,9 +179,27 @@ def app_builder(args: dict):
 
 
 def start(cfg: ServeConfig, blocking: bool = False):
-    """Start (or update) the app on the connected Ray cluster; returns the Api handle."""
+    """Start (or update) the app on the connected Ray cluster; returns the Api handle.
+
+    Serve keeps one HTTP address per cluster: if it already runs on another host or port, Serve would
+    ignore the requested one, so this is an error naming both instead of an app on an unexpected port."""
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    running = _running_http_address()
+    if running is not None and running != (cfg.host, cfg.port):
+        raise RuntimeError(f"Ray Serve already listens on {running[0]}:{running[1]} on this cluster; the app asked "
+                           f"for {cfg.host}:{cfg.port}. Use that port, or stop Serve first (`serve shutdown`).")
     return serve.run(build_app(cfg), name=cfg.name, route_prefix=cfg.route_prefix, blocking=blocking)
+
+
+def _running_http_address() -> tuple[str, int] | None:
+    """(host, port) of the cluster's running Serve proxies, or None where this Ray version does not say."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        http = _get_global_client().http_config
+        return http.host, int(http.port)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
 
 
 def generator_handle(app_name: str = "s2"):
