@@ -262,9 +262,9 @@ def flex_ssa(st, t, log):
     return res
 
 
-def sweep_tiles(log, n=131072, q_tiles=(1, 16, 64, 128)):
+def sweep_tiles(log, n=131072, q_tiles=(1, 64)):
     """Launch settings of the selection branch: scoring time per tile size; forward/backward ms for
-    dK/dV work items of several sizes (0 = one program per key chunk) and dK/dV chunk widths."""
+    dK/dV work items of several sizes and 128 or 256 rows per program."""
     from kernels.ssa import ops
     st, t = workload(n)
     x = {s: t[s].detach().requires_grad_(True) for s in ("q", "k", "v")}
@@ -273,15 +273,18 @@ def sweep_tiles(log, n=131072, q_tiles=(1, 16, 64, 128)):
         ms = bench(lambda: select_blocks(t["q"], t["k_cmp"], lse, st, top_k=8, q_tile=qt))
         sel = select_blocks(t["q"], t["k_cmp"], lse, st, top_k=8, q_tile=qt)
         log(f"sweep tiles q_tile={qt}: scoring + top-k {ms:.3f} ms")
-        for steps in (0, 16, 32, 64):
-            for dbn in (32, 64):
-                if (qt not in (1, 64) and steps != 32) or (dbn == 32 and steps != 32):
-                    continue
-                ops.SELECT_DKV_STEPS, ops.SELECT_DKV_BLOCK_N = steps, dbn
+        for steps, sub_rows in ((32, 128), (64, 128), (128, 128), (32, 256), (64, 256)):
+            if qt == 1 and sub_rows != 128:
+                continue
+            ops.SELECT_DKV_STEPS, ops.SELECT_SUB_ROWS = steps, sub_rows
+            try:
                 f, b = time_fwd_bwd(lambda a, b_, c: selection_attention(a, b_, c, st, sel, q_tile=qt),
                                     [x["q"], x["k"], x["v"]])
-                log(f"sweep tiles slc q_tile={qt} dkv_steps={steps} dkv_block_n={dbn}: {f:.3f} / {b:.3f} ms")
-    ops.SELECT_DKV_STEPS, ops.SELECT_DKV_BLOCK_N = 32, 0
+            except Exception as e:  # a setting can exceed shared memory; that is an answer too
+                f = b = float("nan")
+                log(f"  {type(e).__name__}: {str(e)[:80]}")
+            log(f"sweep tiles slc q_tile={qt} dkv_steps={steps} rows={sub_rows}: {f:.3f} / {b:.3f} ms")
+    ops.SELECT_DKV_STEPS, ops.SELECT_SUB_ROWS = 64, 128
 
 
 def sweep(log, n=131072):

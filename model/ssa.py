@@ -30,7 +30,9 @@ class SSAConfig:
     top_k: int = 8
     window: int = 8
     window_shift: int = 4
-    q_tile: int = 1  # queries sharing one block selection; 1 = per query as in the paper
+    # block-sorted queries sharing one block selection; 1 = per query as in the paper. 64 runs the
+    # whole SSA about 2x faster forward and 1.3x backward at 131k tokens and changes the output (docs/ssa.md)
+    q_tile: int = 64
     qk_norm: bool = True
     attention: str = "sparse"  # "sparse" (SSA) or "full" (PyTorch SDPA over each shape)
     backend: str = "auto"  # "triton", "torch" (reference) or "auto" (triton on CUDA, torch elsewhere)

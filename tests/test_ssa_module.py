@@ -33,8 +33,9 @@ def test_triton_layer_matches_reference_layer(layer):
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("this CPU layer test runs the kernels in Triton's interpreter")
     torch.manual_seed(0)
-    m = SpatialSparseAttention(SSAConfig(**SMALL, cmp_block=4, backend="triton"), layer)
-    r = SpatialSparseAttention(SSAConfig(**SMALL, cmp_block=4, backend="torch"), layer)
+    q_tile = 1 if layer == 0 else SSAConfig().q_tile  # the paper's per-query selection, and the default tiles
+    m = SpatialSparseAttention(SSAConfig(**SMALL, cmp_block=4, q_tile=q_tile, backend="triton"), layer)
+    r = SpatialSparseAttention(SSAConfig(**SMALL, cmp_block=4, q_tile=q_tile, backend="torch"), layer)
     r.load_state_dict(m.state_dict())
     r.double()
     x, coords, cu = _inputs(layer)

@@ -159,17 +159,18 @@ def select_blocks(q, k_cmp, lse_cmp, structure: SSAStructure, *, top_k: int = 8,
 
 SELECT_FWD_BLOCK_N = 64  # key chunk of the selection forward and dQ over the concatenated blocks
 SELECT_DKV_BLOCK_N = 0  # key chunk of the selection dK/dV inside a block; 0 = by block density
-SELECT_DKV_STEPS = 32  # 128-row steps per dK/dV work item (0: one program per chunk, whatever its list length)
+SELECT_DKV_STEPS = 64  # row steps per dK/dV work item (0: one program per chunk, whatever its list length)
+SELECT_SUB_ROWS = 128  # rows (tokens × G heads) per program of the selection forward, dQ and dK/dV step
 
 
 def _selection_plan(st: SSAStructure, selected: torch.Tensor, q_tile: int, g: int) -> SegmentPlan:
-    """Programs of at most 128 rows (tokens × G heads); a longer tile is split into sub-tiles that read
-    its selection, and its dK/dV list entry walks the whole tile in 128-row pieces."""
+    """Programs of at most SELECT_SUB_ROWS rows (tokens × G heads); a longer tile is split into sub-tiles
+    that read its selection, and its dK/dV list entry walks the whole tile in pieces of that many rows."""
     units_start, units_end, _, _ = st.tiles("shape", q_tile)
     n_units, hkv, k = selected.shape
     if n_units != units_start.numel():
         raise ValueError(f"selected has {n_units} tiles, expected {units_start.numel()} for q_tile={q_tile}")
-    sub = q_tile if q_tile * g <= 128 else max(1, 128 // g)
+    sub = q_tile if q_tile * g <= SELECT_SUB_ROWS else max(1, SELECT_SUB_ROWS // g)
     ts, te, _, _ = st.tiles("shape", sub)
     ok = selected >= 0
     blk = selected.clamp_min(0)
@@ -250,8 +251,10 @@ def _permute(x, perm, inv):
 
 
 def spatial_sparse_attention(q, k, v, k_cmp, v_cmp, gates, structure: SSAStructure, *, top_k: int = 8,
-                             q_tile: int = 1, shifted: bool = False, backend: str = "triton"):
-    """o = g_cmp·o_cmp + g_slc·o_slc + g_win·o_win (Direct3D-S2 Sec. 3.3); gates (N, Hq, 3) after the sigmoid."""
+                             q_tile: int = 64, shifted: bool = False, backend: str = "triton"):
+    """o = g_cmp·o_cmp + g_slc·o_slc + g_win·o_win (Direct3D-S2 Sec. 3.3); gates (N, Hq, 3) after the sigmoid.
+
+    q_tile consecutive block-sorted queries share one selection (1 = per query, as in the paper)."""
     _check(structure, backend, q=q, k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp)
     if gates.shape != (*q.shape[:2], 3):
         raise ValueError(f"gates must be (N, Hq, 3) = {(*q.shape[:2], 3)}, got {tuple(gates.shape)}")

@@ -54,7 +54,7 @@ def block_scores(q, k_cmp, lse_cmp, structure, q_tile: int, n_cols: int, block_n
     hkv = k_cmp.shape[1]
     g = hq // hkv
     st = structure
-    sub = q_tile if q_tile * g <= 128 else max(1, 128 // g)
+    sub = q_tile if q_tile * g <= 128 else max(1, 128 // g)  # scoring: 128 rows per program
     ts, te, tseg, _ = st.tiles("shape", sub)
     unit = st.cached(("tile_unit", sub, q_tile), lambda: _unit_of_tile(st, sub, q_tile))
     cmp_off = st.cached("cmp_shape_offsets32", lambda: st.cmp_shape_offsets.to(torch.int32))
@@ -65,7 +65,8 @@ def block_scores(q, k_cmp, lse_cmp, structure, q_tile: int, n_cols: int, block_n
         q, k_cmp, lse_cmp, score, ts, te, tseg, unit, cmp_off, st.cmp_to_slc_local,
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), lse_cmp.stride(0), lse_cmp.stride(1),
         score.stride(0), score.stride(1), d ** -0.5 * LOG2E, G=g, BLOCK_T=sub,
-        BLOCK_R=_rows_for(sub, g), BLOCK_N=block_n, D=d, POOL=pool, num_warps=_warps(_rows_for(sub, g), 4))
+        BLOCK_R=_rows_for(sub, g), BLOCK_N=block_n, D=d, POOL=pool,
+        num_warps=_warps(_rows_for(sub, g), 4))
     return score
 
 
