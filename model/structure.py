@@ -6,6 +6,7 @@ latent voxels of the sparse stage.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,11 @@ class StructureVAEConfig:
     latent_channels: int = LATENT_CHANNELS
     kl_weight: float = 1e-3
     dice_weight: float = 1.0
+    # The decoder's output bias starts at logit(prior): the first steps need not move every logit of the
+    # ~88% empty voxels from 0 (sigmoid 0.5, above the 0.1 threshold) down to the class prior.
+    occupancy_prior: float = 0.12
+    # The posterior starts narrow (std e^(-3/2)) so the decoder sees the encoder's mean, not unit noise.
+    logvar_init: float = -3.0
 
     @classmethod
     def named(cls, name: str, **overrides) -> "StructureVAEConfig":
@@ -76,6 +82,11 @@ class StructureVAE(nn.Module):
             nn.ConvTranspose3d(c2, c1, 4, stride=2, padding=1), ResBlock3d(c1),
             nn.ConvTranspose3d(c1, c0, 4, stride=2, padding=1), ResBlock3d(c0),
             nn.GroupNorm(min(8, c0), c0), nn.SiLU(), nn.Conv3d(c0, 1, 3, padding=1))
+        if not 0 < cfg.occupancy_prior < 1:
+            raise ValueError(f"occupancy_prior: must be in (0, 1), got {cfg.occupancy_prior}")
+        with torch.no_grad():
+            self.decoder[-1].bias.fill_(math.log(cfg.occupancy_prior / (1 - cfg.occupancy_prior)))
+            self.encoder[-1].bias[cfg.latent_channels:].fill_(cfg.logvar_init)
 
     def encode(self, occ: torch.Tensor, sample: bool = False):
         mean, logvar = self.encoder(occ.to(self.encoder[0].weight.dtype)).chunk(2, dim=1)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from model.structure import (StructureVAE, StructureVAEConfig, latent_grid_coords, latent_to_tokens,
@@ -34,20 +35,50 @@ def test_occupancy_grid_and_latent_coords():
     assert len(occupancy_to_latent_coords(logits, 32)) == 2
 
 
-def test_structure_vae_overfits_one_shape():
-    torch.manual_seed(0)
-    # Narrow network on a 32³ grid (the convolutions take any multiple of 4): 64³ is costly on a CPU.
-    vae = StructureVAE(StructureVAEConfig.named("debug", channels=(4, 8, 8)))
-    r = torch.arange(32).float()
+def _shells(n: int = 32) -> torch.Tensor:
+    """Five thin shells (four spheres, one box) on an n³ grid, ~10% occupied: (5, 1, n, n, n) float."""
+    r = torch.arange(n).float()
     p = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), 0)
-    shell = ((p - 15.5).norm(dim=0) - 10).abs() < 1.5
-    occ = shell[None, None].float()
-    opt = torch.optim.Adam(vae.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(8):
-        loss, parts = vae.loss(occ)
+    shapes = []
+    for centre, radius in (((15.5, 15.5, 15.5), 10), ((12, 18, 15), 7), ((17, 14, 16), 12), ((15, 15, 12), 5)):
+        d = (p - torch.tensor(centre)[:, None, None, None]).norm(dim=0)
+        shapes.append((d - radius).abs() < 1.5)
+    shapes.append(((p - 15.5).abs().amax(0) - 9).abs() < 1.5)
+    return torch.stack(shapes)[:, None].float()
+
+
+def test_untrained_decoder_starts_at_the_occupancy_prior():
+    torch.manual_seed(0)
+    cfg = StructureVAEConfig.named("debug")
+    vae = StructureVAE(cfg)
+    with torch.no_grad():
+        z, _, logvar = vae.encode(_shells())
+        p = torch.sigmoid(vae.decode(z))
+    assert abs(float(p.mean()) - cfg.occupancy_prior) < 0.05
+    assert float(logvar.mean()) < -2  # narrow posterior: the decoder sees the encoder's mean
+    with pytest.raises(ValueError, match="occupancy_prior"):
+        StructureVAE(StructureVAEConfig.named("debug", occupancy_prior=1.0))
+
+
+def test_structure_vae_learns_occupancy_at_the_paper_threshold():
+    """A few dozen steps on five shells must beat marking everything occupied by far at sigmoid >= 0.1.
+
+    Measured (40 steps, lr 2e-3): IoU 0.62; with the output bias at 0 instead of the prior 0.37, at lr 3e-4
+    0.22; every voxel occupied gives 0.10.
+    """
+    torch.manual_seed(0)
+    occ = _shells()
+    target = occ > 0.5
+    vae = StructureVAE(StructureVAEConfig.named("debug"))
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, betas=(0.9, 0.99))
+    for _ in range(40):
+        loss, _ = vae.loss(occ)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss.detach()))
-    assert losses[-1] < 0.7 * losses[0]
+    with torch.no_grad():
+        pred = torch.sigmoid(vae.decode(vae.encode(occ)[0])) >= 0.1
+    iou = float((pred & target).sum() / (pred | target).sum())
+    all_occupied = float(target.float().mean())
+    assert all_occupied < 0.11
+    assert iou > 0.45, f"IoU {iou:.3f} at threshold 0.1 (all occupied: {all_occupied:.3f})"
