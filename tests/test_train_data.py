@@ -117,3 +117,94 @@ def test_curriculum_stages_chain_by_name():
     stages = curriculum_configs(TrainConfig(name="ss", curriculum="256,512,1024", steps=10))
     assert [(s.resolution, s.name, s.curriculum) for s in stages] == [
         (256, "ss-256", ""), (512, "ss-512", ""), (1024, "ss-1024", "")]
+
+
+def test_bad_curriculum_and_keep_checkpoints_and_config_file_key(tmp_path):
+    with pytest.raises(ConfigError, match="curriculum: expected comma-separated resolutions.*'256,big'"):
+        from_dict(TrainConfig, {"curriculum": "256,big"})
+    with pytest.raises(ConfigError, match="keep_checkpoints: must be >= 1"):
+        from_dict(TrainConfig, {"keep_checkpoints": 0})
+    spec = tmp_path / "train.yaml"
+    spec.write_text("steps: 3\nresolutoin: 512\n")
+    s2 = os.path.join(os.path.dirname(sys.executable), "s2")
+    res = subprocess.run([s2, "train", "dit", "--config", str(spec)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "unknown key(s) resolutoin" in res.stderr, res.stderr[-2000:]
+
+
+def _fake_checkpoint(folder, step, *, resolution=32, world_size=2, network="dit", weights=True):
+    import json
+
+    folder.mkdir(parents=True)
+    meta = {"network": network, "model_config": "cfg", "resolution": resolution, "step": step, "world_size": world_size}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    if weights:
+        torch.save({**meta, "state_dict": {"w": torch.full((2,), float(step))}}, folder / "weights.pt")
+
+
+def test_run_folder_resolves_to_its_newest_complete_checkpoint(tmp_path):
+    run = tmp_path / "stage-256"
+    _fake_checkpoint(run / "checkpoint_2026-01-01_10-00-00.000001", 20)
+    _fake_checkpoint(run / "checkpoint_2026-01-01_09-00-00.000001", 30)  # names by time, order by step
+    _fake_checkpoint(run / "checkpoint_2026-01-01_11-00-00.000001", 40, weights=False)  # incomplete upload
+    newest = str(run / "checkpoint_2026-01-01_09-00-00.000001")
+    assert checkpoints.resolve(str(run)) == newest
+    assert checkpoints.resolve(newest) == newest
+    w = checkpoints.load_weights(str(run), "dit")
+    assert w["source"] == newest and w["step"] == 30 and w["resolution"] == 32
+    with pytest.raises(checkpoints.CheckpointMismatch, match="not a checkpoint of this trainer nor a run folder"):
+        checkpoints.resolve(str(tmp_path / "empty"))
+
+
+def test_run_folder_on_s3_resolves(s3_server, tmp_path):
+    import s3fs
+
+    _fake_checkpoint(tmp_path / "r" / "checkpoint_00000004", 4)
+    _fake_checkpoint(tmp_path / "r" / "checkpoint_00000008", 8)
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint})
+    fs.mkdir("resolve-test")
+    fs.put(str(tmp_path / "r"), "resolve-test/runs/", recursive=True)
+    w = checkpoints.load_weights("s3://resolve-test/runs/r", "dit")
+    assert w["source"] == "s3://resolve-test/runs/r/checkpoint_00000008" and w["step"] == 8
+
+
+def test_rerun_that_cannot_resume_is_refused_before_training(tmp_path):
+    from pipeline.train.trainer import check_rerun
+
+    _fake_checkpoint(tmp_path / "runs" / "ss" / "checkpoint_00000010", 10, resolution=256, world_size=2)
+    base = TrainConfig(storage=str(tmp_path / "runs"), name="ss", resolution=256, num_workers=2)
+    assert check_rerun(base).endswith("checkpoint_00000010")
+    assert check_rerun(TrainConfig(storage=str(tmp_path / "runs"), name="new")) is None
+    for change, message in [({"resolution": 512}, "trained at resolution 256, this run trains at 512"),
+                            ({"num_workers": 4}, "written by 2 workers, this run has 4"),
+                            ({"network": "structure_vae"}, "checkpoint is for network 'dit'")]:
+        with pytest.raises(checkpoints.CheckpointMismatch, match=message):
+            check_rerun(TrainConfig(**{**base.__dict__, **change}))
+
+
+def test_weights_digest_names_the_exact_weights():
+    a = {"x": torch.arange(4.0), "y": torch.ones(2, 2)}
+    assert checkpoints.weights_digest(a) == checkpoints.weights_digest({k: v.clone() for k, v in a.items()})
+    assert checkpoints.weights_digest(a) != checkpoints.weights_digest({**a, "x": torch.arange(4.0) + 1e-6})
+    assert checkpoints.weights_digest(a) != checkpoints.weights_digest({"x": a["x"], "y": a["y"].reshape(4)})
+
+
+def test_job_spec_sequence_from_docs_parses(tmp_path):
+    """docs/train.md runs jobs/train_dit.yaml once per resolution, each from the previous run's folder."""
+    from pathlib import Path
+
+    from pipeline.jobs import load_job_spec, with_overrides
+
+    spec = load_job_spec(Path(__file__).parents[1] / "jobs" / "train_dit.yaml")
+    stage = with_overrides(spec, ["curriculum=", "resolution=512", "name=ss-dit-512",
+                                  "init_from=s3://s2-data/runs/ss-dit-256"])
+    argv = stage.argv()
+    assert argv[:3] == ["s2", "train", "dit"]
+    import argparse
+
+    from pipeline import config
+
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser, TrainConfig)
+    cfg = config.from_args(TrainConfig, parser.parse_args(argv[3:]))
+    assert (cfg.curriculum, cfg.resolution, cfg.name, cfg.init_from, cfg.storage) == (
+        "", 512, "ss-dit-512", "s3://s2-data/runs/ss-dit-256", "s3://s2-data/runs")

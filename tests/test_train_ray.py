@@ -32,12 +32,14 @@ def train_shards(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ray_env(ray_cluster, tmp_path_factory):
     """Environment of a driver on the test cluster; DeepSpeed's JIT-built comm op goes to a temp folder."""
+    ext = tmp_path_factory.getbasetemp() / "torch-ext"  # built once per test session (~30 s), see test_train_launcher
+    ext.mkdir(exist_ok=True)
     env = {**ray_cluster.env, "RAY_ADDRESS": ray_cluster.address, "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-           "TORCH_EXTENSIONS_DIR": str(tmp_path_factory.mktemp("torch-ext"))}
+           "TORCH_EXTENSIONS_DIR": str(ext)}
     return env
 
 
-def _flags(shards, storage, **kw):
+def _flags(shards=None, storage=None, **kw):
     base = dict(shards=shards, resolution=RES, model="debug", num_workers=2, cpus_per_worker=0.5,
                 token_budget=1500, lr=2e-3, ema_decay=0.9, storage=str(storage), name="run", cond_drop=0.1, seed=0)
     base.update(kw)
@@ -71,6 +73,20 @@ def test_zero2_two_workers_loss_falls_and_samples_beat_noise(ray_env, train_shar
     first, last = sum(hist["loss"][:5]) / 5, sum(hist["loss"][-5:]) / 5
     assert last < 0.8 * first, (first, last)
     assert Path(ckpt, "loss_curve.png").stat().st_size > 1000
+
+    # weights.pt names its network, model config and grid resolution: the generation cascade refuses the
+    # network at another resolution.
+    from model.cascade import Cascade, GenerationConfig, load_network, random_network
+    from model.condition import build_image_encoder
+
+    dit = load_network(str(ckpt), "dit")
+    assert dit.meta == {"step": 40, "resolution": RES}
+    enc = build_image_encoder("tiny")
+    others = dict(structure_vae=random_network("structure_vae"), structure_dit=random_network("structure_dit",
+                                                                                              cond_dim=enc.dim))
+    Cascade(GenerationConfig(resolution=RES), enc, dit=dit, **others)
+    with pytest.raises(ValueError, match=f"trained at resolution {RES}, resolution is {2 * RES}"):
+        Cascade(GenerationConfig(resolution=2 * RES), enc, dit=dit, **others)
 
     # The trained network, sampled with the flow sampler, gives latents that decode nearer the shape than noise.
     from model import pooled_latent
@@ -167,32 +183,39 @@ def _run(env, args, timeout=300):
     return out
 
 
-def test_s3_checkpoints_and_rerun_resumes_from_newest(s3_server, ray_env, train_shards):
-    """Checkpoints of a Ray Train run go to an S3 store with a custom endpoint; a rerun continues from there."""
+def _s3(s3_server):
+    """A client of the test's S3 server; the runs create their buckets themselves."""
     import s3fs
 
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint})
-    fs.mkdir("train-runs")
-    # One worker keeps the test short; two ranks writing one checkpoint is covered by the tests above.
-    flags = dict(zero_stage=2, num_workers=1, cpus_per_worker=1, checkpoint_every=2, report_every=1, name="s3run")
-    out1 = _run(ray_env, _flags(train_shards, "s3://train-runs/exp", steps=2, **flags))
+    return s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint})
+
+
+# One worker and analytic shapes keep these short; two ranks writing one checkpoint is covered above.
+ONE_WORKER = dict(num_workers=1, cpus_per_worker=1, shards="synthetic", synthetic_shapes=4)
+
+
+def test_s3_checkpoints_and_rerun_resumes_from_newest(s3_server, ray_env):
+    """Checkpoints of a Ray Train run go to an S3 store with a custom endpoint; a rerun continues from there."""
+    fs = _s3(s3_server)
+    flags = dict(ONE_WORKER, checkpoint_every=1, report_every=1, name="s3run")
+    out1 = _run(ray_env, _flags(storage="s3://train-runs/exp", steps=1, **flags))
     run = "train-runs/exp/s3run"
     first = _s3_final_checkpoint(fs, run)
-    assert first["meta"]["step"] == 2 and first["meta"]["resolution"] == RES
+    assert first["meta"]["step"] == 1 and first["meta"]["resolution"] == RES
     assert {"meta.json", "weights.pt", "history.json", "state/zero_pp_rank_0_mp_rank_00_optim_states.pt"} <= set(
         first["files"])
-    assert "dit-debug step 2/2" in out1
+    assert "dit-debug step 1/1" in out1
 
-    out2 = _run(ray_env, _flags(train_shards, "s3://train-runs/exp", steps=3, **flags))
+    out2 = _run(ray_env, _flags(storage="s3://train-runs/exp", steps=2, **flags))
     second = _s3_final_checkpoint(fs, run)
-    assert second["meta"]["step"] == 3
-    assert second["history"]["step"] == [1, 2, 3]
-    assert second["history"]["restarted_from"] == [2]
-    assert second["history"]["loss"][:2] == first["history"]["loss"]  # steps 1-2 kept, not redone
-    assert "dit-debug step 3/3" in out2 and "step 1/3" not in out2 and "step 2/3" not in out2
+    assert second["meta"]["step"] == 2
+    assert second["history"]["step"] == [1, 2]
+    assert second["history"]["restarted_from"] == [1]
+    assert second["history"]["loss"][:1] == first["history"]["loss"]  # step 1 kept, not redone
+    assert "dit-debug step 2/2" in out2 and "step 1/2" not in out2
     with fs.open(f"{second['meta']['path']}/weights.pt", "rb") as f:
         weights = torch.load(f, weights_only=True)
-    assert (weights["network"], weights["resolution"], weights["step"]) == ("dit", RES, 3)
+    assert (weights["network"], weights["resolution"], weights["step"]) == ("dit", RES, 2)
 
 
 def _s3_final_checkpoint(fs, run: str) -> dict:
@@ -203,21 +226,20 @@ def _s3_final_checkpoint(fs, run: str) -> dict:
     return {"meta": last, "files": files, "history": json.loads(fs.cat(f"{last['path']}/history.json"))}
 
 
-def test_curriculum_each_stage_starts_from_previous_ema_and_records_resolution(ray_env, tmp_path):
-    """--curriculum 32,64: two runs; the 64 stage loads the 32 stage's final EMA weights (checked by digest)."""
+def test_curriculum_each_stage_starts_from_previous_ema_and_records_resolution(s3_server, ray_env):
+    """--curriculum 32,64 on S3: the 64 stage's workers load the 32 stage's final EMA weights (checked by digest)."""
     from pipeline.train.checkpoints import load_weights, weights_digest
 
-    args = _flags("synthetic", tmp_path, num_workers=1, cpus_per_worker=1, steps=2, checkpoint_every=2, ema_decay=0.99,
-                  name="cur", curriculum="32,64", synthetic_shapes=4)
-    _run(ray_env, args)
-    s32, s64 = _final_checkpoint(tmp_path / "cur-32"), _final_checkpoint(tmp_path / "cur-64")
-    m32, m64 = (json.loads((c / "meta.json").read_text()) for c in (s32, s64))
-    assert (m32["resolution"], m32["step"], m32["started_from"]) == (32, 2, None)
-    assert (m64["resolution"], m64["step"]) == (64, 2)
-    w32, w64 = load_weights(str(s32), "dit"), load_weights(str(s64), "dit")
+    fs = _s3(s3_server)
+    _run(ray_env, _flags(storage="s3://curriculum/runs", steps=2, checkpoint_every=2, ema_decay=0.99, name="cur",
+                         curriculum="32,64", **ONE_WORKER))
+    s32, s64 = (_s3_final_checkpoint(fs, f"curriculum/runs/cur-{r}")["meta"] for r in (32, 64))
+    assert (s32["resolution"], s32["step"], s32["started_from"]) == (32, 2, None)
+    assert (s64["resolution"], s64["step"]) == (64, 2)
+    w32, w64 = (load_weights(f"s3://{m['path']}", "dit") for m in (s32, s64))
     assert (w32["resolution"], w64["resolution"]) == (32, 64)
-    start = m64["started_from"]
-    assert (start["checkpoint"], start["step"], start["resolution"]) == (str(s32), 2, 32)
+    start = s64["started_from"]
+    assert (start["checkpoint"], start["step"], start["resolution"]) == (f"s3://{s32['path']}", 2, 32)
     # The weights the 64 stage put into its network before its first step are stage 32's saved EMA weights.
     assert start["weights_sha256"] == weights_digest(w32["state_dict"])
     # Its EMA began there too: two steps at decay 0.99 move it by far less than a fresh initialization would.

@@ -32,11 +32,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
-    from pipeline.train.loop import run_without_ray
-
-    out = run_without_ray(cfg)
     import torch.distributed as dist
 
+    from pipeline.shards import ShardError
+    from pipeline.train.checkpoints import CheckpointMismatch
+    from pipeline.train.data import NoTrainableShapes
+    from pipeline.train.loop import run_without_ray
+
+    try:
+        out = run_without_ray(cfg)
+    except (CheckpointMismatch, ShardError, NoTrainableShapes) as e:  # bad input: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 1
     if dist.get_rank() == 0:
         print(json.dumps({"step": out["step"], "first_loss": out["history"]["loss"][:1],
                           "final_loss": out["history"]["loss"][-1:], "skipped_shapes": len(out["skipped_shapes"])}))

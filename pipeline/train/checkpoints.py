@@ -47,7 +47,7 @@ def weights_digest(state_dict: dict) -> str:
 
 
 def save(directory: str, engine, ema, *, network: str, model_config, resolution: int, step: int, rank: int,
-         started_from: dict | None = None) -> None:
+         world_size: int, started_from: dict | None = None) -> None:
     """Collective: every rank calls it with its own local ``directory``.
 
     ``resolution`` is the grid the network was trained at (the generation cascade refuses a DiT used at
@@ -56,7 +56,7 @@ def save(directory: str, engine, ema, *, network: str, model_config, resolution:
     engine.save_checkpoint(directory, tag=TAG, client_state={"step": step}, save_latest=False)
     ema_full = ema.full_state_dict()
     if rank == 0:
-        meta = {**describe(network, model_config), "resolution": resolution, "step": step,
+        meta = {**describe(network, model_config), "resolution": resolution, "step": step, "world_size": world_size,
                 "started_from": started_from}
         blob = {"state_dict": ema_full, **meta}  # plain data only: readers load it with weights_only=True
         if network == "vae":  # also in the SS-VAE's own checkpoint layout, which the generation cascade reads
@@ -68,17 +68,37 @@ def save(directory: str, engine, ema, *, network: str, model_config, resolution:
         Path(directory, "meta.json").write_text(json.dumps(meta))
 
 
-def restore(directory: str, engine, ema, *, network: str, model_config, resolution: int) -> int:
+def check_resumable(meta: dict, where: str, *, network: str, resolution: int, world_size: int) -> None:
+    """Can this run continue the checkpoint ``meta`` describes? (The model config is checked by check_compatible.)"""
+    if meta.get("network") != network:
+        raise CheckpointMismatch(f"{where}: checkpoint is for network {meta.get('network')!r}, this run trains {network!r}")
+    if meta.get("resolution", resolution) != resolution:
+        # Resuming is for the same run; another resolution is a new curriculum stage (a new name + init_from).
+        raise CheckpointMismatch(f"{where}: checkpoint was trained at resolution {meta['resolution']}, this run "
+                                 f"trains at {resolution}; start a new run name with init_from instead")
+    if meta.get("world_size", world_size) != world_size:
+        # DeepSpeed cannot re-partition ZeRO optimizer state across another number of workers.
+        raise CheckpointMismatch(f"{where}: checkpoint was written by {meta['world_size']} workers, this run has "
+                                 f"{world_size}; resume with the same number or start a new run name with init_from")
+
+
+def read_meta(folder: str, storage_options: dict | None = None) -> dict:
+    """meta.json of a checkpoint folder (local path or s3:// URI)."""
+    from pipeline import storage
+
+    fs, path = storage.filesystem(folder.rstrip("/") + "/meta.json", storage_options)
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read())
+
+
+def restore(directory: str, engine, ema, *, network: str, model_config, resolution: int, world_size: int) -> int:
     """Load engine + EMA state from a checkpoint directory; returns the step it was taken at."""
     meta_path = Path(directory, "meta.json")
     if not meta_path.exists():
         raise CheckpointMismatch(f"{directory}: not a training checkpoint (no meta.json)")
     meta = json.loads(meta_path.read_text())
     check_compatible(meta, network, model_config, directory)
-    if meta.get("resolution", resolution) != resolution:
-        # Resuming is for the same run; another resolution is a new curriculum stage (a new name + init_from).
-        raise CheckpointMismatch(f"{directory}: checkpoint was trained at resolution {meta['resolution']}, this run "
-                                 f"trains at {resolution}; start a new run name with init_from instead")
+    check_resumable(meta, directory, network=network, resolution=resolution, world_size=world_size)
     _, client = engine.load_checkpoint(directory, tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
     weights = torch.load(os.path.join(directory, "weights.pt"), map_location="cpu", weights_only=True)
     ema.load_full_state_dict(weights["state_dict"])

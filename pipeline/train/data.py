@@ -19,6 +19,10 @@ from pipeline import storage
 log = logging.getLogger(__name__)
 
 
+class NoTrainableShapes(ValueError):
+    """A worker's share of the data held nothing it could train on (every shape skipped or none at all)."""
+
+
 @dataclass
 class Skipped:
     """What the data path left out, with one line per item saying why."""

@@ -21,7 +21,7 @@ from pipeline import storage
 from pipeline.config import from_dict
 from pipeline.train import checkpoints
 from pipeline.train.config import TrainConfig
-from pipeline.train.data import EpochCache, Skipped, iter_samples, token_batches
+from pipeline.train.data import EpochCache, NoTrainableShapes, Skipped, iter_samples, token_batches
 from pipeline.train.engine import EMA, make_engine
 from pipeline.train.plot import loss_curve_png
 from pipeline.train.tasks import build_task
@@ -101,7 +101,7 @@ def run_loop(cfg: TrainConfig, session) -> dict:
     if restored is not None:
         with restored as d:
             step = checkpoints.restore(d, engine, ema, network=cfg.network, model_config=task.model_config,
-                                       resolution=cfg.resolution)
+                                       resolution=cfg.resolution, world_size=world)
             prev = json.loads(Path(d, "history.json").read_text())
             history = {k: v[:step] if k != "restarted_from" else v for k, v in prev.items()}
             history["restarted_from"].append(step)
@@ -141,7 +141,8 @@ def run_loop(cfg: TrainConfig, session) -> dict:
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 with tempfile.TemporaryDirectory(prefix="s2ckpt-") as tmp:
                     checkpoints.save(tmp, engine, ema, network=cfg.network, model_config=task.model_config,
-                                     resolution=cfg.resolution, step=step, rank=rank, started_from=started_from)
+                                     resolution=cfg.resolution, step=step, rank=rank, world_size=world,
+                                     started_from=started_from)
                     if rank == 0:
                         Path(tmp, "history.json").write_text(json.dumps(history))
                         if step == cfg.steps:
@@ -153,7 +154,7 @@ def run_loop(cfg: TrainConfig, session) -> dict:
             if step >= cfg.steps:
                 break
         if not progressed:
-            raise RuntimeError(f"{cfg.shards}: worker {rank} got no trainable shapes "
+            raise NoTrainableShapes(f"{cfg.shards}: worker {rank} got no trainable shapes "
                                f"({len(skipped.shapes)} skipped; first: {skipped.shapes[:1]})")
     return {"step": step, "skipped_shapes": skipped.shapes, "history": history}
 
@@ -180,6 +181,8 @@ class LocalSession:
         self.cfg = cfg
         self.run_uri = storage.join(cfg.storage, cfg.name)
         self.fs, self.run_path = storage.filesystem(self.run_uri)
+        if self.rank == 0:
+            self.fs.makedirs(self.run_path, exist_ok=True)  # on S3: creates the bucket if it is missing
 
     def device(self, use_gpu: bool) -> torch.device:
         if use_gpu:
@@ -258,4 +261,8 @@ def _downloaded(fs, path: str):
 
 def run_without_ray(cfg: TrainConfig) -> dict:
     """Run the loop under torchrun / the deepspeed launcher (env:// rendezvous) without Ray."""
+    from pipeline.train.trainer import worker_env
+
+    for key, value in worker_env(cfg).items():  # as Ray Train's workers get them; the launcher's env wins
+        os.environ.setdefault(key, value)
     return run_loop(cfg, LocalSession(cfg))

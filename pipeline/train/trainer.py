@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from pipeline import storage
+from pipeline.train import checkpoints
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import build_dataset
 
@@ -57,6 +58,20 @@ def checkpoint_uri(cfg: TrainConfig, checkpoint) -> str:
     return f"{cfg.storage.split('://', 1)[0]}://{checkpoint.path}"
 
 
+def check_rerun(cfg: TrainConfig, storage_options: dict | None = None) -> str | None:
+    """On the driver: the run's newest checkpoint, refused if this config cannot resume it.
+
+    Workers check it too, but a refusal there costs ``max_failures`` restarts of the worker group first.
+    """
+    try:
+        folder = checkpoints.resolve(storage.join(cfg.storage, cfg.name), storage_options)
+    except (checkpoints.CheckpointMismatch, FileNotFoundError):
+        return None  # a new run
+    checkpoints.check_resumable(checkpoints.read_meta(folder, storage_options), folder, network=cfg.network,
+                                resolution=cfg.resolution, world_size=cfg.num_workers)
+    return folder
+
+
 def run(cfg: TrainConfig, storage_options: dict | None = None):
     """Train ``cfg.network``; returns Ray Train's Result (metrics, checkpoint, path). Rerunning a name resumes it."""
     import ray
@@ -65,6 +80,9 @@ def run(cfg: TrainConfig, storage_options: dict | None = None):
 
     from pipeline.train.loop import train_loop_per_worker
 
+    resumes = check_rerun(cfg, storage_options)
+    if resumes:
+        log.info("%s: resuming from %s", cfg.name, resumes)
     env = worker_env(cfg)
     clear_stale_extension_locks(env["TORCH_EXTENSIONS_DIR"])
     if not ray.is_initialized():
