@@ -155,7 +155,7 @@ def run_loop(cfg: TrainConfig, session) -> dict:
                 break
         if not progressed:
             raise NoTrainableShapes(f"{cfg.shards}: worker {rank} got no trainable shapes "
-                               f"({len(skipped.shapes)} skipped; first: {skipped.shapes[:1]})")
+                                    f"({len(skipped.shapes)} skipped; first: {skipped.shapes[:1]})")
     return {"step": step, "skipped_shapes": skipped.shapes, "history": history}
 
 
