@@ -208,3 +208,15 @@ def test_job_spec_sequence_from_docs_parses(tmp_path):
     cfg = config.from_args(TrainConfig, parser.parse_args(argv[3:]))
     assert (cfg.curriculum, cfg.resolution, cfg.name, cfg.init_from, cfg.storage) == (
         "", 512, "ss-dit-512", "s3://s2-data/runs/ss-dit-256", "s3://s2-data/runs")
+
+
+def test_local_paths_become_absolute_for_the_workers(tmp_path, monkeypatch):
+    from pipeline.train.trainer import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = absolute_paths(TrainConfig(storage="runs", shards="data", init_from="runs/stage-256", latent="pooled",
+                                     structure_vae="s3://b/vae"))
+    assert (cfg.storage, cfg.shards, cfg.init_from) == (str(tmp_path / "runs"), str(tmp_path / "data"),
+                                                        str(tmp_path / "runs" / "stage-256"))
+    assert (cfg.latent, cfg.structure_vae) == ("pooled", "s3://b/vae")
+    assert absolute_paths(TrainConfig()).shards == "synthetic"

@@ -231,7 +231,8 @@ def test_curriculum_each_stage_starts_from_previous_ema_and_records_resolution(s
     from pipeline.train.checkpoints import load_weights, weights_digest
 
     fs = _s3(s3_server)
-    _run(ray_env, _flags(storage="s3://curriculum/runs", steps=2, checkpoint_every=2, ema_decay=0.99, name="cur",
+    # Two checkpoints per stage: the next stage must pick the newest of its predecessor's run folder.
+    _run(ray_env, _flags(storage="s3://curriculum/runs", steps=2, checkpoint_every=1, ema_decay=0.99, name="cur",
                          curriculum="32,64", **ONE_WORKER))
     s32, s64 = (_s3_final_checkpoint(fs, f"curriculum/runs/cur-{r}")["meta"] for r in (32, 64))
     assert (s32["resolution"], s32["step"], s32["started_from"]) == (32, 2, None)

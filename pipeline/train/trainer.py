@@ -44,18 +44,11 @@ def run_storage(uri: str, storage_options: dict | None = None):
     rest of the project does: ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ... or ``storage_options``.
     """
     if not storage.is_remote(uri):
-        return os.path.abspath(os.path.expanduser(uri.removeprefix("file://"))), None
+        return uri, None  # absolute already (absolute_paths)
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     fs, path = storage.filesystem(uri, storage_options)
     return path.rstrip("/"), PyFileSystem(FSSpecHandler(fs))
-
-
-def checkpoint_uri(cfg: TrainConfig, checkpoint) -> str:
-    """A Ray Train checkpoint of this run as a URI that ``checkpoints.load_weights`` and ``init_from`` read."""
-    if not storage.is_remote(cfg.storage):
-        return checkpoint.path
-    return f"{cfg.storage.split('://', 1)[0]}://{checkpoint.path}"
 
 
 def check_rerun(cfg: TrainConfig, storage_options: dict | None = None) -> str | None:
@@ -72,8 +65,18 @@ def check_rerun(cfg: TrainConfig, storage_options: dict | None = None) -> str | 
     return folder
 
 
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Local paths of the job made absolute on the driver: Ray Train's workers run in another directory."""
+    keys = ("storage", "shards", "init_from", "structure_vae", "latent")
+    special = {"synthetic", "pooled"}
+    return dataclasses.replace(cfg, **{k: os.path.abspath(os.path.expanduser(v.removeprefix("file://")))
+                                       for k in keys if (v := getattr(cfg, k)) and v not in special
+                                       and not storage.is_remote(v)})
+
+
 def run(cfg: TrainConfig, storage_options: dict | None = None):
     """Train ``cfg.network``; returns Ray Train's Result (metrics, checkpoint, path). Rerunning a name resumes it."""
+    cfg = absolute_paths(cfg)
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -123,6 +126,7 @@ def curriculum_configs(cfg: TrainConfig) -> list[TrainConfig]:
 
 
 def run_curriculum(cfg: TrainConfig, storage_options: dict | None = None) -> list:
+    cfg = absolute_paths(cfg)
     results, previous = [], cfg.init_from
     for stage in curriculum_configs(cfg):
         stage = dataclasses.replace(stage, init_from=previous)
@@ -131,5 +135,6 @@ def run_curriculum(cfg: TrainConfig, storage_options: dict | None = None) -> lis
         results.append(result)
         if result.checkpoint is None:
             raise RuntimeError(f"curriculum stage {stage.name} ended without a checkpoint; later stages need one")
-        previous = checkpoint_uri(cfg, result.checkpoint)
+        # The stage's run folder, as a job spec of the next stage names it: init_from takes its newest checkpoint.
+        previous = storage.join(stage.storage, stage.name)
     return results
