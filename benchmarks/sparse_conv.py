@@ -52,8 +52,11 @@ def run_size(res: int, c: int, dtype: torch.dtype, dense: bool, reference: bool)
     dy = torch.randn(n, c, device="cuda", dtype=dtype)
     row = {"res": res, "voxels": n, "channels": c, "dtype": str(dtype).replace("torch.", "")}
     build = lambda: build_kernel_map(coords, coords, res, 3, in_sorted=True)  # noqa: E731
-    row["map_ms"] = bench(build, 3, 20)
+    row["map_ms"] = bench(build, 3, 20)  # Triton binary searches, one launch
+    row["map_torch_ms"] = bench(lambda: build_kernel_map(coords, coords, res, 3, in_sorted=True, backend="torch"), 3, 20)
     kmap = build()
+    if not torch.equal(kmap.neighbors, build_kernel_map(coords, coords, res, 3, in_sorted=True, backend="torch").neighbors):
+        raise SystemExit(f"kernel maps differ at {res}³")
     kmap.inverse  # submanifold: the flipped map, built once with the structure
     # correctness on this structure: Triton (half) against the float32 reference
     xr, wr = x.float().requires_grad_(), w.float().requires_grad_()
@@ -91,6 +94,7 @@ def run_size(res: int, c: int, dtype: torch.dtype, dense: bool, reference: bool)
         row["torch_fwd_ms"] = bench(rfwd, 3, 20)
         row["torch_fwdbwd_ms"] = bench(rfwd_bwd, 3, 20)
         row["torch_fwdbwd_mib"] = peak_mib(rfwd_bwd)
+    spconv_row(row, coords, x, w, dy, res, c, kmap)
     if dense:
         try:
             grid = torch.zeros(1, c, res, res, res, device="cuda", dtype=dtype)
@@ -104,6 +108,46 @@ def run_size(res: int, c: int, dtype: torch.dtype, dense: bool, reference: bool)
             row["dense_fwd_ms"] = float("nan")
         torch.cuda.empty_cache()
     return row
+
+
+def spconv_row(row: dict, coords, x, w, dy, res: int, c: int, kmap) -> None:
+    """spconv 2.x SubMConv3d on the same voxels, features and weights, where spconv is installed.
+
+    ``spconv_map_fwd_ms`` builds its index pairs inside the call (a fresh SparseConvTensor each time), as our
+    ``map_ms`` + ``triton_fwd_ms`` does; ``spconv_fwd_ms`` / ``spconv_fwdbwd_ms`` reuse the pairs."""
+    try:
+        import spconv.pytorch as spconv
+    except ImportError:
+        return
+    conv = spconv.SubMConv3d(c, c, 3, bias=False, indice_key="bench").to("cuda", x.dtype)
+    with torch.no_grad():  # spconv's weight layout: (Cout, k, k, k, Cin); ours (k³, Cin, Cout) in (i, j, k) order
+        conv.weight.copy_(w.reshape(3, 3, 3, c, c).permute(4, 0, 1, 2, 3))
+    idx = coords.int().contiguous()
+
+    def fresh(feats):
+        return spconv.SparseConvTensor(feats, idx, [res] * 3, 1)
+
+    y = conv(fresh(x)).features
+    # spconv returns rows in its input order, which is ours
+    row["err_spconv_vs_triton"] = float((y.float() - sparse_conv_triton(x, w, kmap).float()).norm()
+                                        / sparse_conv_triton(x, w, kmap).float().norm())
+    row["spconv_map_fwd_ms"] = bench(lambda: conv(fresh(x)), 3, 20)
+    t = fresh(x)
+    conv(t)  # pairs cached in t under the indice key
+
+    def sfwd():
+        return conv(t.replace_feature(x))
+
+    xg = x.clone().requires_grad_()
+
+    def sfwd_bwd():
+        xg.grad = None
+        conv.weight.grad = None
+        conv(t.replace_feature(xg)).features.backward(dy)
+
+    row["spconv_fwd_ms"] = bench(sfwd)
+    row["spconv_fwdbwd_ms"] = bench(sfwd_bwd)
+    row["spconv_fwdbwd_mib"] = peak_mib(sfwd_bwd)
 
 
 def main() -> None:
@@ -124,8 +168,8 @@ def main() -> None:
             rows.append(run_size(res, c, dtype, not a.no_dense, not a.no_reference))
             print(json.dumps(rows[-1]), flush=True)
     print(f"\n{torch.cuda.get_device_name()}  triton {__import__('triton').__version__}  torch {torch.__version__}")
-    cols = ["res", "voxels", "channels", "map_ms", "triton_fwd_ms", "triton_fwdbwd_ms", "torch_fwd_ms", "torch_fwdbwd_ms",
-            "dense_fwd_ms", "triton_fwdbwd_mib", "torch_fwdbwd_mib", "tflops_fwd", "err_fwd", "err_dx", "err_dw"]
+    cols = ["res", "voxels", "channels", "map_ms", "map_torch_ms", "triton_fwd_ms", "triton_fwdbwd_ms", "torch_fwd_ms", "torch_fwdbwd_ms",
+            "spconv_map_fwd_ms", "spconv_fwd_ms", "spconv_fwdbwd_ms", "dense_fwd_ms", "triton_fwdbwd_mib", "spconv_fwdbwd_mib", "torch_fwdbwd_mib", "tflops_fwd", "err_fwd", "err_dx", "err_dw", "err_spconv_vs_triton"]
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(f"{r[k]:.3g}" if isinstance(r.get(k), float) else str(r.get(k, "-")) for k in cols))

@@ -42,12 +42,16 @@ def _case_table() -> dict[int, list[list[tuple[int, int]]]]:
 _CASES = _case_table()
 
 
-def extract_mesh(coords: torch.Tensor, values: torch.Tensor, resolution: int, level: float = 0.0
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+CHUNK = 1 << 21  # voxels per pass: bounds the per-cell temporaries (1024³ surfaces have ~25M voxels)
+
+
+def extract_mesh(coords: torch.Tensor, values: torch.Tensor, resolution: int, level: float = 0.0,
+                 chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """Iso-surface ``values = level`` of a sparse SDF -> (vertices (V, 3) float32 in [-1, 1]³, faces (F, 3) int64).
 
     ``coords`` (N, 3) int voxel indices in [0, resolution), ``values`` (N,); voxel
     centre x = −1 + (i + ½)·2/R. An SDF with no sign change gives an empty mesh.
+    Cells are processed ``chunk`` voxels at a time; only the faces' edge keys outlive a pass.
     """
     if coords.ndim != 2 or coords.shape[1] != 3 or values.shape != (coords.shape[0],):
         raise ValueError(f"extract_mesh: expected coords (N, 3) and values (N,), got {tuple(coords.shape)} and {tuple(values.shape)}")
@@ -57,51 +61,85 @@ def extract_mesh(coords: torch.Tensor, values: torch.Tensor, resolution: int, le
         raise ValueError("extract_mesh: the SDF holds NaN or infinite values")
     device = coords.device
     c4 = torch.cat([torch.zeros_like(coords[:, :1]), coords], 1).to(torch.int32)
-    order = torch.argsort(coord_keys(c4, resolution))
-    c4, values = c4[order], values[order].float()
-    if bool((coord_keys(c4, resolution).diff() == 0).any()):
+    skeys = coord_keys(c4, resolution)
+    skeys, order = torch.sort(skeys)
+    if bool((skeys.diff() == 0).any()):
         raise ValueError("extract_mesh: duplicated voxel coordinates")
-    corners = build_kernel_map(c4, c4, resolution, kernel_size=2, padding=0, in_sorted=True).neighbors.long()
-    full = (corners >= 0).all(1)
-    cv = values[corners.clamp(min=0)]
-    inside = cv < level
-    active = full & inside.any(1) & ~inside.all(1)
-    tets = corners[active][:, _TETS.to(device)].reshape(-1, 4)  # (T, 4) global voxel rows
-    tin = values[tets] < level
-    code = (tin.long() * torch.tensor([1, 2, 4, 8], device=device)).sum(1)
+    del skeys
+    c4, values = c4[order], values[order].float()
+    del order
     n = c4.shape[0]
-    edge_in, edge_out = [], []
-    for cse, tris in _CASES.items():
-        sel = tets[code == cse]
-        if sel.shape[0] == 0:
+    tet_corners = _TETS.to(device)
+    weights = torch.tensor([1, 2, 4, 8], device=device)
+
+    def pos(rows):
+        return -1.0 + (c4[rows, 1:].float() + 0.5) * (2.0 / resolution)
+
+    face_keys, snapped = [], []
+    for s in range(0, n, chunk):
+        corners = build_kernel_map(c4, c4[s:s + chunk], resolution, kernel_size=2, padding=0, in_sorted=True).neighbors
+        inside = values[corners.clamp(min=0).long()] < level
+        active = (corners >= 0).all(1) & inside.any(1) & ~inside.all(1)
+        del inside
+        if not bool(active.any()):
             continue
-        for tri in tris:
-            edge_in.append(torch.stack([sel[:, i] for i, _ in tri], 1))
-            edge_out.append(torch.stack([sel[:, o] for _, o in tri], 1))
-    if not edge_in:
+        tets = corners[active].long()[:, tet_corners].reshape(-1, 4)  # (T, 4) global voxel rows
+        del corners, active
+        code = ((values[tets] < level).long() * weights).sum(1)
+        edge_in, edge_out = [], []
+        for cse, tris in _CASES.items():
+            sel = tets[code == cse]
+            if sel.shape[0] == 0:
+                continue
+            for tri in tris:
+                edge_in.append(torch.stack([sel[:, i] for i, _ in tri], 1))
+                edge_out.append(torch.stack([sel[:, o] for _, o in tri], 1))
+        del tets, code
+        ein, eout = torch.cat(edge_in), torch.cat(edge_out)  # (F, 3) each
+        del edge_in, edge_out
+        # a vertex exactly on an outside corner belongs to that corner, so every edge meeting there shares it
+        on_corner = values[eout] == level
+        a = torch.where(on_corner, eout, ein)
+        keys = a * n + eout
+        # wind each face so its normal points along the SDF's rise (inside -> outside corner)
+        va, vb = values[a], values[eout]
+        t = torch.where(a == eout, torch.zeros_like(va), (level - va) / (vb - va).where(a != eout, torch.ones_like(va)))
+        pa = pos(a)
+        p = pa + t[..., None] * (pos(eout) - pa)  # (F, 3 vertices, 3)
+        del va, vb, t, pa, a
+        normal = torch.cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0], dim=1)
+        rise = (pos(eout) - pos(ein)).sum(1)
+        flip = (normal * rise).sum(1) < 0
+        keys[flip] = keys[flip][:, [0, 2, 1]]
+        face_keys.append(keys)
+        snapped.append(on_corner.any(1))
+        del ein, eout, on_corner, p, normal, rise, flip
+    if not face_keys:
         return torch.zeros((0, 3), device=device), torch.zeros((0, 3), dtype=torch.long, device=device)
-    ein, eout = torch.cat(edge_in), torch.cat(edge_out)  # (F, 3) each
-    # a vertex exactly on an outside corner belongs to that corner, so every edge meeting there shares it
-    on_corner = values[eout] == level
-    keys = torch.where(on_corner, eout * n + eout, ein * n + eout)
+    keys, snapped = torch.cat(face_keys), torch.cat(snapped)
+    del face_keys
     ukeys, faces = torch.unique(keys.reshape(-1), return_inverse=True)
+    del keys
     faces = faces.reshape(-1, 3)
     a, b = ukeys // n, ukeys % n
-    pos = -1.0 + (c4[:, 1:].float() + 0.5) * (2.0 / resolution)
+    del ukeys
     va, vb = values[a], values[b]
     t = torch.where(a == b, torch.zeros_like(va), (level - va) / (vb - va).where(a != b, torch.ones_like(va)))
-    verts = pos[a] + t[:, None] * (pos[b] - pos[a])
+    pa = pos(a)
+    verts = pa + t[:, None] * (pos(b) - pa)
+    del a, b, va, vb, t, pa
     keep = (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])
-    faces, ein, eout = faces[keep], ein[keep], eout[keep]
-    # wind each face so its normal points along the SDF's rise (inside -> outside corner)
-    p = verts[faces]
-    normal = torch.cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0], dim=1)
-    rise = (pos[eout] - pos[ein]).sum(1)
-    flip = (normal * rise).sum(1) < 0
-    faces[flip] = faces[flip][:, [0, 2, 1]]
-    faces = _unique_faces(faces)
-    used, faces = torch.unique(faces.reshape(-1), return_inverse=True)
-    return verts[used].float(), faces.reshape(-1, 3)
+    faces, snapped = faces[keep], snapped[keep]
+    if bool(snapped.any()):
+        # only faces with a vertex snapped onto a corner can coincide: a marching-tetrahedra triangle with all
+        # three vertices inside edges lies strictly inside its tetrahedron
+        faces = torch.cat([faces[~snapped], _unique_faces(faces[snapped])])
+    used = torch.zeros(verts.shape[0], dtype=torch.bool, device=device)
+    used[faces.reshape(-1)] = True
+    if not bool(used.all()):
+        remap = torch.cumsum(used, 0) - 1
+        verts, faces = verts[used], remap[faces]
+    return verts.float(), faces
 
 
 def _unique_faces(faces: torch.Tensor) -> torch.Tensor:

@@ -108,6 +108,29 @@ def test_kernel_map_entries_point_at_the_right_voxels():
     assert kmap.symmetric and torch.equal(kmap.inverse, nbr.flip(1).int())
 
 
+@pytest.mark.parametrize("kernel,stride,padding,sort", [(3, 1, 1, True), (3, 1, 1, False), (2, 2, 0, False),
+                                                         (3, 2, 1, True), (1, 1, 0, False)])
+def test_triton_kernel_map_equals_the_searchsorted_one(kernel, stride, padding, sort):
+    """The one-launch binary-search map (GPU path) equals the PyTorch reference, unsorted inputs included."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    coords = random_structure(11, 400, 3, 7)
+    if not sort:
+        coords = coords[torch.randperm(len(coords), generator=torch.Generator().manual_seed(1))]
+    out = coords if stride == 1 else torch.unique(torch.cat([coords[:, :1], coords[:, 1:] // stride], 1), dim=0)
+    out = out.to(device)
+    coords = coords.to(device)
+    if stride == 1:
+        out = coords
+    ref = build_kernel_map(coords, out, 11, kernel, stride, padding, in_sorted=sort, backend="torch")
+    got = build_kernel_map(coords, out, 11, kernel, stride, padding, in_sorted=sort, backend="triton")
+    assert torch.equal(got.neighbors, ref.neighbors) and got.symmetric == ref.symmetric
+    assert int((got.neighbors >= 0).sum()) > 0
+    empty = build_kernel_map(coords, out[:0], 11, kernel, stride, padding, in_sorted=sort, backend="triton")
+    assert empty.neighbors.shape == (0, kernel ** 3)
+    with pytest.raises(ValueError, match="backend"):
+        build_kernel_map(coords, out, 11, kernel, stride, padding, backend="cuda")
+
+
 def test_inverse_map_of_a_strided_map():
     coords = random_structure(8, 150, 2, 4)
     out = coords.clone()

@@ -74,13 +74,16 @@ def build_kernel_map(
     stride: int = 1,
     padding: int | None = None,
     in_sorted: bool = False,
+    backend: str = "auto",
 ) -> KernelMap:
     """Kernel map of a sparse conv whose output voxel ``o`` reads input ``o·stride + d − padding``.
 
     ``in_coords`` (N, 4) and ``out_coords`` (M, 4) are [batch, i, j, k] int
     coordinates; ``resolution`` bounds the input grid. ``padding`` defaults to
     ``(kernel_size − 1) // 2`` (submanifold 3×3×3 for stride 1, kernel 3).
-    With ``in_sorted`` the input keys are taken as already ascending.
+    With ``in_sorted`` the input keys are taken as already ascending. ``backend``: "triton" (one launch of
+    binary searches, ``triton_map.py``), "torch" (a searchsorted per offset; the reference and CPU path) or
+    "auto" (Triton on CUDA tensors).
     """
     if in_coords.ndim != 2 or in_coords.shape[1] != 4 or out_coords.ndim != 2 or out_coords.shape[1] != 4:
         raise ValueError(f"kernel map: coordinates must be (N, 4) [batch, i, j, k], got {tuple(in_coords.shape)} and {tuple(out_coords.shape)}")
@@ -92,6 +95,17 @@ def build_kernel_map(
         sorted_keys, order = keys, None
     else:
         sorted_keys, order = torch.sort(keys)
+    symmetric = out_coords is in_coords and stride == 1 and 2 * padding == kernel_size - 1
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+    if backend == "triton":
+        from .triton_map import lookup
+
+        nbr = lookup(sorted_keys, order.to(torch.int32) if order is not None else None, out_coords, resolution,
+                     kernel_size, stride, padding)
+        return KernelMap(nbr, int(in_coords.shape[0]), symmetric=symmetric)
+    if backend != "torch":
+        raise ValueError(f"kernel map: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     offs = kernel_offsets(kernel_size, device) - padding
     base = out_coords[:, 1:].to(torch.int64) * stride
     batch = out_coords[:, :1].to(torch.int64)
@@ -106,5 +120,4 @@ def build_kernel_map(
         hit = inside & (sorted_keys[pos] == qk)
         idx = pos if order is None else order[pos]
         nbr[:, v] = torch.where(hit, idx, torch.full_like(idx, -1)).to(torch.int32)
-    symmetric = out_coords is in_coords and stride == 1 and 2 * padding == kernel_size - 1
     return KernelMap(nbr, int(in_coords.shape[0]), symmetric=symmetric)
