@@ -92,6 +92,27 @@ def test_ssa_matches_reference_gpu(d, cmp_block, q_tile, shifted):
     _check_ssa("cuda", 32, 2, d, cmp_block, 8, q_tile, shifted, seed=d + cmp_block)
 
 
+@pytest.mark.parametrize("q_tile", [1, 32])
+def test_selection_work_items_cpu(q_tile, monkeypatch):
+    """dK/dV lists cut into work items of one row step each, summed atomically, still give the gradients."""
+    from kernels.ssa import ops
+    _device_dtype("cpu")
+    monkeypatch.setattr(ops, "SELECT_DKV_STEPS", 1)
+    st, t = random_batch([70, 2, 33], 32, 2, 16, cmp_block=8, seed=5, grid=9)
+    f = {k: t[k].float().requires_grad_(True) for k in ("q", "k", "v")}
+    lse = compression_attention(f["q"].detach(), t["k_cmp"].float(), t["v_cmp"].float(), st)[1]
+    sel = select_blocks(f["q"].detach(), t["k_cmp"].float(), lse, st, top_k=3, q_tile=q_tile)
+    out = selection_attention(f["q"], f["k"], f["v"], st, sel, q_tile=q_tile)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+    grads = torch.autograd.grad(out, list(f.values()), w)
+    r = {k: t[k].detach().requires_grad_(True) for k in ("q", "k", "v")}
+    rout = ref.selection_attention_ref(r["q"], r["k"], r["v"], st, sel, q_tile)[0]
+    rgrads = torch.autograd.grad(rout, list(r.values()), w.double())
+    assert rel(out, rout) < 2e-5
+    for name, g, rg in zip(f, grads, rgrads):
+        assert rel(g, rg) < 2e-5, f"d{name} {rel(g, rg)}"
+
+
 def test_branches_cpu():
     """Each public branch function on its own, forward only, including the window partition shift."""
     _device_dtype("cpu")
