@@ -85,7 +85,11 @@ class Dinov2Encoder(nn.Module):
             from transformers import AutoModel
         except ImportError as e:
             raise ImportError(f"image encoder {name_or_path!r} needs the 'transformers' package") from e
-        self.model = AutoModel.from_pretrained(name_or_path)
+        try:
+            self.model = AutoModel.from_pretrained(name_or_path)
+        except (OSError, ValueError) as e:  # a missing folder, a bad hub name, no network for a hub name
+            raise ValueError(f"image encoder {name_or_path!r}: cannot load it through transformers "
+                             f"({str(e).splitlines()[0]})") from e
         self.image_size = image_size
         self.dim = self.model.config.hidden_size
 
