@@ -5,7 +5,9 @@ Generates the sample corpus and holds a few meshes out; starts a local Ray clust
 debug structure VAE, structure DiT and SS-DiT for a few minutes on the CPU (one job each); serves
 them with the Serve app and generates an asset library from views of the held-out meshes (the
 ``s2 generate`` job, which starts the app from a Serve config file); scores the library by Chamfer
-distance against the held-out meshes next to an untrained cascade, and prints where the gallery is.
+distance against the held-out meshes next to an untrained cascade and to the trained cascade given each
+source's own occupancy as its structure (which separates the structure DiT from the later networks),
+and prints where the gallery is.
 The cluster it started is stopped at the end.
 """
 
@@ -25,15 +27,19 @@ ROOT = Path(__file__).resolve().parents[2]
 def register(sub) -> None:
     p = sub.add_parser("demo", help="sample corpus -> preprocess -> train -> serve -> asset library, on a local cluster")
     p.add_argument("--data", default=str(ROOT / "data"), help="folder for the corpus, dataset, runs and library")
-    p.add_argument("--resolutions", default="64,128,256")
-    p.add_argument("--views", type=int, default=4)
-    p.add_argument("--view-size", type=int, default=256)
+    p.add_argument("--resolutions", default=None,
+                   help="grids to preprocess (default: 64,128,256 with --preprocess-only, else the training grid)")
+    p.add_argument("--views", type=int, default=None, help="views per mesh (default: 4, or 2 for the whole demo)")
+    p.add_argument("--view-size", type=int, default=None,
+                   help="view side in pixels (default: 256, or 128 for the whole demo: the debug encoder reads 64²)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local cluster (default: all)")
     p.add_argument("--keep-cluster", action="store_true", help="leave the cluster (and the Serve app) running")
     p.add_argument("--preprocess-only", action="store_true", help="stop after preprocessing")
-    p.add_argument("--held-out", type=int, default=4, help="meshes kept out of training; their views are generated")
+    p.add_argument("--held-out", type=int, default=3, help="meshes kept out of training; their views are generated")
     p.add_argument("--train-resolution", type=int, default=128, help="grid the debug networks train and generate at")
-    p.add_argument("--train-steps", type=int, default=300, help="optimizer steps of each debug network")
+    p.add_argument("--train-steps", type=int, default=200, help="optimizer steps of the structure DiT and the SS-DiT")
+    p.add_argument("--structure-vae-steps", type=int, default=100,
+                   help="optimizer steps of the structure VAE (it converges well before the DiTs)")
     p.set_defaults(func=_run)
 
 
@@ -98,7 +104,7 @@ def _job(name: str, argv: list[str]):
 
 # Learning rates of the debug networks, measured on the sample corpus (docs/generate.md): networks this
 # small learn nothing recognisable in a few hundred CPU steps at the paper-size 1e-4 (or 3e-4).
-DEBUG_LR = {"structure-vae": 2e-3, "structure-dit": 1e-3, "dit": 1e-3}
+DEBUG_LR = {"structure-vae": 2e-3, "structure-dit": 2e-3, "dit": 1e-3}
 DEBUG_WARMUP = 10
 
 
@@ -111,17 +117,20 @@ def ema_decay_for(steps: int) -> float:
     return min(0.999, max(0.5, 1 - 10 / steps))
 
 
-def train_debug_networks(dataset: Path, runs: Path, resolution: int, steps: int, address: str) -> dict[str, str]:
+def train_debug_networks(dataset: Path, runs: Path, resolution: int, steps: dict[str, int],
+                         address: str) -> dict[str, str]:
+    """One Ray job per network; ``steps`` maps structure-vae, structure-dit and dit to optimizer steps."""
     from pipeline import jobs
 
-    common = ["--shards", str(dataset), "--resolution", str(resolution), "--model", "debug", "--steps", str(steps),
-              "--storage", str(runs), "--checkpoint-every", str(steps), "--num-workers", "1",
-              "--warmup-steps", str(DEBUG_WARMUP), "--ema-decay", str(ema_decay_for(steps))]
+    common = ["--shards", str(dataset), "--resolution", str(resolution), "--model", "debug", "--storage", str(runs),
+              "--num-workers", "1", "--warmup-steps", str(DEBUG_WARMUP)]
     ckpt = {}
     for net, extra in (("structure-vae", []), ("structure-dit", None), ("dit", [])):
         if extra is None:
             extra = ["--structure-vae", ckpt["structure_vae"]]
-        extra = [*extra, "--lr", str(DEBUG_LR[net])]
+        n = steps[net]
+        extra = [*extra, "--lr", str(DEBUG_LR[net]), "--steps", str(n), "--checkpoint-every", str(n),
+                 "--ema-decay", str(ema_decay_for(n))]
         status = jobs.submit(_job(f"demo-{net}", ["s2", "train", net, *common, "--name", f"demo-{net}", *extra]),
                              address=address)
         if status != "SUCCEEDED":
@@ -142,8 +151,34 @@ def write_serve_config(path: Path, ckpt: dict[str, str], resolution: int) -> dic
     return generation
 
 
+def _source_structure_cascade():
+    """A cascade whose structure stage is the structure VAE's reconstruction of a given 64³ occupancy.
+
+    It isolates the networks after the structure DiT: with the source mesh's own occupancy, the trained
+    structure VAE and SS-DiT alone decide the mesh.
+    """
+    import torch
+
+    from model.cascade import Cascade
+    from model.structure import occupancy_to_latent_coords
+
+    class SourceStructureCascade(Cascade):
+        occupancy = None  # (64, 64, 64) bool of the item being generated
+
+        @torch.no_grad()
+        def structure_stage(self, cond, seeds):
+            if self.occupancy is None or len(seeds) != 1:
+                raise ValueError("SourceStructureCascade generates one item at a time, after setting .occupancy")
+            occ = self.occupancy[None, None].to(self.device, torch.float32)
+            logits = self.structure_vae.decode(self.structure_vae.encode(occ)[1])
+            return [occupancy_to_latent_coords(logits[0], self.cfg.resolution // 8, self.cfg.occupancy_threshold)]
+
+    return SourceStructureCascade
+
+
 def chamfer_table(library: Path, images: Path, meshes: dict, generation: dict) -> list[dict]:
-    """Chamfer of each generated mesh to its held-out source, next to an untrained cascade of the same size."""
+    """Chamfer of each generated mesh to its held-out source, next to an untrained cascade of the same size
+    and to the trained cascade given the source's own occupancy instead of the structure DiT's sample."""
     import dataclasses
 
     import torch
@@ -151,6 +186,8 @@ def chamfer_table(library: Path, images: Path, meshes: dict, generation: dict) -
     from model.cascade import Cascade, GenerationConfig, Request
     from model.metrics import mesh_metrics
     from model.postprocess import read_mesh_bytes
+    from model.structure import occupancy_grid
+    from pipeline.geometry.sdf import sparse_sdf
 
     def chamfer(v, f, name):
         gv, gf = meshes[name]
@@ -160,16 +197,22 @@ def chamfer_table(library: Path, images: Path, meshes: dict, generation: dict) -
 
     cfg = GenerationConfig(**{k: v for k, v in generation.items() if k not in ("structure_vae", "structure_dit", "dit")})
     untrained = Cascade.random(dataclasses.replace(cfg), size="debug", seed=0)
+    given = _source_structure_cascade().from_checkpoints(GenerationConfig(**generation))
     records = {r["name"]: r for r in (json.loads(p.read_text()) for p in (library / "records").glob("*.json"))}
     rows = []
     for name in sorted(meshes):
         rec = records.get(name, {})
-        row = {"name": name, "trained": float("nan"), "untrained": float("nan")}
+        row = {"name": name, "trained": float("nan"), "source_structure": float("nan"), "untrained": float("nan")}
         if rec.get("status") == "ok":
             row["trained"] = chamfer(*read_mesh_bytes((library / rec["mesh"]).read_bytes(), rec["format"]), name)
-        base = untrained.generate([Request(name, (images / f"{name}.png").read_bytes(), rec.get("seed", 0))])[0]
+        request = Request(name, (images / f"{name}.png").read_bytes(), rec.get("seed", 0))
+        base = untrained.generate([request])[0]
         if base.ok:
             row["untrained"] = chamfer(base.vertices, base.faces, name)
+        given.occupancy = occupancy_grid(sparse_sdf(*meshes[name], cfg.resolution).coords, cfg.resolution)
+        out = given.generate([request])[0]
+        if out.ok:
+            row["source_structure"] = chamfer(out.vertices, out.faces, name)
         rows.append(row)
     return rows
 
@@ -179,12 +222,15 @@ def _print_chamfer(rows: list[dict]) -> None:
     from rich.table import Table
 
     t = Table(title="Chamfer to the held-out meshes (lower is better)")
-    for c in ("mesh", "trained debug cascade", "untrained cascade"):
-        t.add_column(c)
+    cols = (("trained", "trained debug cascade"), ("source_structure", "trained, source occupancy as structure"),
+            ("untrained", "untrained cascade"))
+    t.add_column("mesh")
+    for _, title in cols:
+        t.add_column(title)
     for r in rows:
-        t.add_row(r["name"], f"{r['trained']:.4f}", f"{r['untrained']:.4f}")
+        t.add_row(r["name"], *(f"{r[k]:.4f}" for k, _ in cols))
     mean = lambda k: sum(r[k] for r in rows if r[k] == r[k]) / max(1, sum(r[k] == r[k] for r in rows))  # noqa: E731
-    t.add_row("mean", f"{mean('trained'):.4f}", f"{mean('untrained'):.4f}")
+    t.add_row("mean", *(f"{mean(k):.4f}" for k, _ in cols))
     Console().print(t)
 
 
@@ -199,8 +245,13 @@ def _run(args) -> int:
     valid = sum(e.valid for e in report.entries)
     print(f"sample corpus: {valid} meshes and {len(report.entries) - valid} broken files in {corpus}")
     held = split_corpus(report, corpus, train_corpus, 0 if args.preprocess_only else args.held_out)
-    resolutions = args.resolutions if args.preprocess_only else ",".join(
-        sorted({*args.resolutions.split(","), str(args.train_resolution)}, key=int))
+    # The whole demo needs only the training grid and views the debug image encoder can read (64²).
+    whole = not args.preprocess_only
+    args.views = args.views if args.views is not None else (2 if whole else 4)
+    args.view_size = args.view_size if args.view_size is not None else (128 if whole else 256)
+    resolutions = args.resolutions or ("64,128,256" if not whole else str(args.train_resolution))
+    if whole:
+        resolutions = ",".join(sorted({*resolutions.split(","), str(args.train_resolution)}, key=int))
 
     env = dict(os.environ)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
@@ -234,7 +285,8 @@ def _generate_library(args, data: Path, corpus: Path, dataset: Path, held, addre
     from pipeline import jobs
 
     t = time.time()
-    ckpt = train_debug_networks(dataset, data / "runs", args.train_resolution, args.train_steps, address)
+    steps = {"structure-vae": args.structure_vae_steps, "structure-dit": args.train_steps, "dit": args.train_steps}
+    ckpt = train_debug_networks(dataset, data / "runs", args.train_resolution, steps, address)
     print(f"\ntrained the debug networks in {time.time() - t:.0f} s: {ckpt}")
     images, library = data / "held-out-views", data / "library"
     meshes = render_held_out(held, corpus, images, args.view_size)
