@@ -62,3 +62,19 @@ def test_submit_without_address_is_a_clear_error(monkeypatch):
     spec = jobs.load_job_spec(os.path.join(ROOT, "jobs", "preprocess.yaml"))
     with pytest.raises(ConfigError, match="no Ray cluster address"):
         jobs.submit(spec)
+
+
+def test_demo_names_a_cluster_that_already_runs(monkeypatch):
+    """`s2 demo` starting its own cluster where one already runs: a one-line error that says what to do."""
+    import subprocess
+
+    from pipeline.commands import demo
+
+    said = ("Traceback (most recent call last):\n  ...\nConnectionError: Ray is trying to start at 10.0.0.2:6379, "
+            "but is already running at 10.0.0.2:6379. Please specify a different port.")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a[0], 1, "", said))
+    with pytest.raises(SystemExit, match="already runs on this machine.*RAY_ADDRESS=.*already running at 10.0.0.2"):
+        demo._start_cluster(None, {"RAY_AUTH_MODE": "disabled"})
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a[0], 2, "", "bad flag\n"))
+    with pytest.raises(SystemExit, match=r"`ray start` failed \(exit 2\): bad flag"):
+        demo._start_cluster(None, {"RAY_AUTH_MODE": "disabled"})

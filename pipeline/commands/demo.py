@@ -51,7 +51,14 @@ def _start_cluster(num_cpus: int | None, env: dict[str, str]) -> str:
     cmd = [ray, "start", "--head", "--disable-usage-stats", "--dashboard-host", "127.0.0.1"]
     if num_cpus:
         cmd += ["--num-cpus", str(num_cpus)]
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        if "already running" in done.stderr:
+            raise SystemExit("s2 demo: a Ray cluster already runs on this machine; run the demo on it with "
+                             "RAY_ADDRESS=http://127.0.0.1:8265 (its dashboard address), or stop it first "
+                             f"(`ray stop`). ray start said: {last}")
+        raise SystemExit(f"s2 demo: `ray start` failed (exit {done.returncode}): {last}")
     return "http://127.0.0.1:8265"
 
 
