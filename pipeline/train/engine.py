@@ -66,17 +66,27 @@ def local_part(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 class EMA:
-    """Exponential moving average of the trainable weights, kept in fp32 on each rank's own part."""
+    """Exponential moving average of the trainable weights, kept in fp32 on each rank's own part.
 
-    def __init__(self, module: nn.Module, decay: float):
-        self.decay = decay
+    With ``warmup`` (a run that starts from random weights) the decay at update ``t`` is
+    min(decay, (1 + t) / (10 + t)): the average follows the weights closely at first, so a short run
+    exports trained weights rather than ones still ~decay^steps initial (0.999^150 = 86%). A run that
+    starts from another run's EMA (``init_from``) keeps the full decay from its first step."""
+
+    def __init__(self, module: nn.Module, decay: float, warmup: bool = False):
+        self.decay, self.warmup = decay, warmup
         self.params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self.shadow = {n: _local(p).detach().float().clone() for n, p in self.params}
 
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
+
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, step: int = 0) -> None:
+        """Fold in the current weights; ``step`` counts the updates before this one (it continues on resume)."""
+        decay = self.decay_at(step)
         for n, p in self.params:
-            self.shadow[n].lerp_(_local(p).float(), 1 - self.decay)
+            self.shadow[n].lerp_(_local(p).float(), 1 - decay)
 
     def full_state_dict(self) -> dict:
         """Collective: EMA weights of the whole model (every rank gets them)."""

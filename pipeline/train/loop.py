@@ -92,7 +92,7 @@ def run_loop(cfg: TrainConfig, session) -> dict:
         log.info("rank %d starts from %s (step %s, resolution %s)", rank, start["source"], start.get("step"),
                  start.get("resolution"))
     engine, _, _ = make_engine(task.module, cfg)
-    ema = EMA(engine.module, cfg.ema_decay)
+    ema = EMA(engine.module, cfg.ema_decay, warmup=not cfg.init_from)
     if cfg.init_from:
         ema.load_full_state_dict(start["state_dict"])
 
@@ -120,7 +120,7 @@ def run_loop(cfg: TrainConfig, session) -> dict:
             loss, parts = engine(**batch)
             engine.backward(loss)
             engine.step()
-            ema.update()
+            ema.update(step)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
