@@ -9,7 +9,7 @@ Random weights give random occupancy and random SDFs, which would make token cou
 meaningless. So the structure stage runs for its time only, and the sparse stages run on a sphere shell
 with the paper's token counts (about 10.7k latent voxels at 512, 46k at 1024, DESIGN.md); the networks'
 decoded SDF is timed, then replaced by the sphere's SDF on the same voxels so marching extracts a mesh of
-realistic size. The image encoder is stood in for by random DINOv2-L-sized tokens (1,374 × 1,024): its
+realistic size (`model/shell_cascade.py`, which the Serve rows use too). The image encoder is stood in for by random DINOv2-L-sized tokens (1,374 × 1,024): its
 own cost (one ViT-L pass, ~0.05 s on an H100) is not in the figures.
 """
 from __future__ import annotations
@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from model.cascade import Cascade, GenerationConfig, random_network
+from model.cascade import GenerationConfig, random_network
 from model.mesh_extract import extract_mesh
-from model.shell_cascade import shell, shell_radius, sphere_values
+from model.shell_cascade import ShellCascade
 
 
 class RandomTokens(torch.nn.Module):
@@ -37,7 +37,7 @@ class RandomTokens(torch.nn.Module):
         return torch.randn(images.shape[0], self.tokens, self.dim, generator=g).to(images.device)
 
 
-def build(size: str, device: str, refine_attention: str, steps_scale: float) -> Cascade:
+def build(size: str, device: str, refine_attention: str, steps_scale: float) -> ShellCascade:
     cond_dim, tokens = (1024, 1374) if size == "paper" else (64, 64)
     s = lambda n: max(1, round(n * steps_scale))  # noqa: E731
     cfg = GenerationConfig(device=device, structure_steps=s(50), sparse_steps=s(30), refine_steps=s(15),
@@ -48,7 +48,7 @@ def build(size: str, device: str, refine_attention: str, steps_scale: float) -> 
             "dit": random_network("dit", size, cond_dim=cond_dim),
             "vae": random_network("vae", size),
             "dit_refine": random_network("dit", size, cond_dim=cond_dim, attention=refine_attention)}
-    return Cascade(cfg, RandomTokens(cond_dim, tokens), **nets)
+    return ShellCascade(cfg, RandomTokens(cond_dim, tokens), **nets)
 
 
 def sync(dev):
@@ -65,9 +65,13 @@ def peak_gb(dev) -> float:
     return torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")
 
 
-def run_once(c: Cascade, batch: int, refine: bool, tokens512: int, tokens1024: int) -> dict:
-    """One batch through every stage; seconds per stage (for the whole batch) and peak memory."""
+def run_once(c: ShellCascade, batch: int, refine: bool, tokens512: int, tokens1024: int) -> dict:
+    """One batch through every stage; seconds per stage (for the whole batch) and each stage's peak memory.
+
+    ``c`` is a ShellCascade: the structure stage and the decoders run, then the geometry is the sphere
+    shell of ``tokens512`` / ``tokens1024`` latent voxels (model/shell_cascade.py)."""
     dev = c.device
+    c.tokens = {512: tokens512, 1024: tokens1024}
     t = {}
 
     def timed(key, fn, *a):
@@ -80,34 +84,28 @@ def run_once(c: Cascade, batch: int, refine: bool, tokens512: int, tokens1024: i
         t[f"{key}_gb"] = peak_gb(dev)
         return out
 
+    def march(sdfs):
+        faces = 0
+        for coords, values, res in sdfs:
+            keep = values.abs() < 0.999
+            faces += len(extract_mesh(coords[keep], values[keep], res)[1])
+        return faces
+
     seeds = list(range(batch))
     cond = timed("condition", c.condition, torch.zeros(batch, 3, 518, 518))
-    timed("structure", c.structure_stage, cond, seeds)
-    coords = [shell(64, tokens512).to(dev)] * batch
+    coords = timed("structure", c.structure_stage, cond, seeds)
     lat = timed("sparse_512", c.sparse_stage, c.dit, coords, cond, seeds, c.cfg.sparse_steps, c.cfg.sparse_shift, 1)
     sdfs = timed("decode_512", c.decode, c.vae, coords, lat, 64, False)
     t["voxels_512"] = len(sdfs[0][0])
-
-    def march(sdfs, res, radius):
-        faces = 0
-        for sc, _, _ in sdfs:
-            vals = sphere_values(sc, res, radius)
-            keep = vals.abs() < 0.999
-            faces += len(extract_mesh(sc[keep], vals[keep], res)[1])
-        return faces
-
-    if not refine:
-        t["faces"] = timed("mesh_512", march, sdfs, 512, shell_radius(64, tokens512) * 2 / 64) / batch
-        t["peak_gb"] = max(v for k, v in t.items() if k.endswith("_gb"))
-        t["tokens"] = len(coords[0])
-        return t
-    rc = [shell(128, tokens1024).to(dev)] * batch
-    lat = timed("sparse_1024", c.sparse_stage, c.dit_refine, rc, cond, seeds, c.cfg.refine_steps, c.cfg.refine_shift, 2)
-    sdfs = timed("decode_1024", c.decode, c.vae, rc, lat, 128, False)
-    t["voxels_1024"] = len(sdfs[0][0])
-    t["faces"] = timed("mesh_1024", march, sdfs, 1024, shell_radius(128, tokens1024) * 2 / 128) / batch
+    if refine:
+        coords = [c.refine_coords(s) for s in sdfs]
+        lat = timed("sparse_1024", c.sparse_stage, c.dit_refine, coords, cond, seeds, c.cfg.refine_steps,
+                    c.cfg.refine_shift, 2)
+        sdfs = timed("decode_1024", c.decode, c.vae, coords, lat, 128, False)
+        t["voxels_1024"] = len(sdfs[0][0])
+    t["faces"] = timed("mesh_1024" if refine else "mesh_512", march, sdfs) / batch
     t["peak_gb"] = max(v for k, v in t.items() if k.endswith("_gb"))
-    t["tokens"] = len(rc[0])
+    t["tokens"] = len(coords[0])
     return t
 
 

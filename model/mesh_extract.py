@@ -75,6 +75,13 @@ def extract_mesh(coords: torch.Tensor, values: torch.Tensor, resolution: int, le
     def pos(rows):
         return -1.0 + (c4[rows, 1:].float() + 0.5) * (2.0 / resolution)
 
+    def edge_point(a, b):
+        """Where the iso-level crosses the edge between voxel rows a (inside) and b; a == b: on voxel b."""
+        va, vb = values[a], values[b]
+        t = torch.where(a == b, torch.zeros_like(va), (level - va) / (vb - va).where(a != b, torch.ones_like(va)))
+        pa = pos(a)
+        return pa + t[..., None] * (pos(b) - pa)
+
     face_keys, snapped = [], []
     for s in range(0, n, chunk):
         corners = build_kernel_map(c4, c4[s:s + chunk], resolution, kernel_size=2, padding=0, in_sorted=True).neighbors
@@ -102,11 +109,8 @@ def extract_mesh(coords: torch.Tensor, values: torch.Tensor, resolution: int, le
         a = torch.where(on_corner, eout, ein)
         keys = a * n + eout
         # wind each face so its normal points along the SDF's rise (inside -> outside corner)
-        va, vb = values[a], values[eout]
-        t = torch.where(a == eout, torch.zeros_like(va), (level - va) / (vb - va).where(a != eout, torch.ones_like(va)))
-        pa = pos(a)
-        p = pa + t[..., None] * (pos(eout) - pa)  # (F, 3 vertices, 3)
-        del va, vb, t, pa, a
+        p = edge_point(a, eout)  # (F, 3 vertices, 3)
+        del a
         normal = torch.cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0], dim=1)
         rise = (pos(eout) - pos(ein)).sum(1)
         flip = (normal * rise).sum(1) < 0
@@ -121,13 +125,8 @@ def extract_mesh(coords: torch.Tensor, values: torch.Tensor, resolution: int, le
     ukeys, faces = torch.unique(keys.reshape(-1), return_inverse=True)
     del keys
     faces = faces.reshape(-1, 3)
-    a, b = ukeys // n, ukeys % n
+    verts = edge_point(ukeys // n, ukeys % n)
     del ukeys
-    va, vb = values[a], values[b]
-    t = torch.where(a == b, torch.zeros_like(va), (level - va) / (vb - va).where(a != b, torch.ones_like(va)))
-    pa = pos(a)
-    verts = pa + t[:, None] * (pos(b) - pa)
-    del a, b, va, vb, t, pa
     keep = (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])
     faces, snapped = faces[keep], snapped[keep]
     if bool(snapped.any()):

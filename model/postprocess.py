@@ -34,10 +34,9 @@ def _trimesh(vertices, faces):
 
 
 def _is_enclosed(inner, outer, samples: int = 16) -> bool:
-    """Every sampled vertex of ``inner`` lies inside the closed surface ``outer``."""
-    lo, hi = inner.bounds
-    olo, ohi = outer.bounds
-    if (lo < olo).any() or (hi > ohi).any() or not outer.is_watertight:
+    """Every sampled vertex of ``inner`` lies inside the closed surface ``outer`` (the caller has already
+    checked that ``inner``'s bounding box lies in ``outer``'s)."""
+    if not outer.is_watertight:
         return False
     idx = np.linspace(0, len(inner.vertices) - 1, min(samples, len(inner.vertices))).astype(int)
     return bool(outer.contains(inner.vertices[idx]).all())

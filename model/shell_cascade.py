@@ -45,7 +45,10 @@ class ShellCascade(Cascade):
     tokens: dict[int, int] = TOKENS
 
     def _tokens(self, resolution: int) -> int:
-        return self.tokens.get(resolution, TOKENS.get(resolution, 10_700))
+        counts = {**TOKENS, **self.tokens}
+        if resolution not in counts:
+            raise ValueError(f"ShellCascade: no token count for resolution {resolution}; set .tokens[{resolution}]")
+        return counts[resolution]
 
     def _radius(self, latent_res: int) -> float:
         """Sphere radius in the normalized cube [-1, 1]³ for the shell at ``latent_res``."""

@@ -170,5 +170,8 @@ def test_shell_cascade_runs_every_network_on_the_requested_token_count():
     assert calls == [1] and real is not ShellCascade.structure_stage
     radius = np.linalg.norm(r.vertices, axis=1)  # the sphere's surface, not the random decoder's
     assert abs(np.median(radius) - shell_radius(16, 500) * 2 / 16) < 0.02 and radius.std() < 0.02
+    c.tokens = {}
+    [bad] = c.generate([Request("b", png(), 0)])
+    assert not bad.ok and "no token count for resolution 128" in bad.error
     with pytest.raises(ConfigError, match="shell_tokens"):
         ServeConfig(generation={}, shell_tokens=100).validate()

@@ -115,15 +115,6 @@ DEBUG_LR = {"structure-vae": 2e-3, "structure-dit": 2e-3, "dit": 1e-3}
 DEBUG_WARMUP = 10
 
 
-def ema_decay_for(steps: int) -> float:
-    """EMA over about the last tenth of a short run.
-
-    The checkpoint holds the EMA weights; at the trainer's 0.999 a run of 150 steps would export weights
-    that are still 86% the initial ones (0.999^150), i.e. an untrained network.
-    """
-    return min(0.999, max(0.5, 1 - 10 / steps))
-
-
 def train_debug_networks(dataset: Path, runs: Path, resolution: int, steps: dict[str, int],
                          address: str) -> dict[str, str]:
     """One Ray job per network; ``steps`` maps structure-vae, structure-dit and dit to optimizer steps."""
@@ -136,8 +127,7 @@ def train_debug_networks(dataset: Path, runs: Path, resolution: int, steps: dict
         if extra is None:
             extra = ["--structure-vae", ckpt["structure_vae"]]
         n = steps[net]
-        extra = [*extra, "--lr", str(DEBUG_LR[net]), "--steps", str(n), "--checkpoint-every", str(n),
-                 "--ema-decay", str(ema_decay_for(n))]
+        extra = [*extra, "--lr", str(DEBUG_LR[net]), "--steps", str(n), "--checkpoint-every", str(n)]
         status = jobs.submit(_job(f"demo-{net}", ["s2", "train", net, *common, "--name", f"demo-{net}", *extra]),
                              address=address)
         if status != "SUCCEEDED":
