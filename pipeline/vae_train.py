@@ -20,7 +20,13 @@ import torch
 from model.sdf_shapes import narrow_band, random_shape
 from model.sparse import SparseTensor
 from model.vae import SparseSDFVAE, VAEConfig
-from model.vae_loss import VAELossWeights, VAETargets, stack_targets, vae_loss, vae_targets
+from model.vae_loss import (
+    VAELossWeights,
+    VAETargets,
+    stack_targets,
+    vae_loss,
+    vae_targets,
+)
 
 
 @dataclass
@@ -28,6 +34,7 @@ class VAETrainConfig:
     shards: str = ""  # shard root (local path or s3://); empty: the built-in analytic corpus
     resolution: int = 64
     size: str = "tiny"  # VAEConfig size name: tiny, small, paper
+    init_from: str = ""  # a vae.pt to start from (its network config replaces size), e.g. 256³ weights for 512³
     steps: int = 200
     time_limit_s: float = 0.0  # stop training after this many seconds (0: run all steps)
     batch_size: int = 2
@@ -180,15 +187,29 @@ def train_vae(cfg: VAETrainConfig, progress: bool = True) -> dict:
     samples = load_samples(cfg)
     if len(samples) <= cfg.holdout:
         raise ValueError(f"train_vae: {len(samples)} samples leave none for training after holding out {cfg.holdout}")
-    # a seeded shuffle, so the held-out samples are not just the first shard's
+    # a seeded shuffle of the samples in name order, so the held-out samples are not just the first
+    # shard's and are the same meshes at every resolution (shard order differs between resolutions)
+    samples.sort(key=lambda s: s.name)
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     samples = [samples[i] for i in order]
     held, train = samples[: cfg.holdout], samples[cfg.holdout:]
-    model = SparseSDFVAE(VAEConfig.named(cfg.size)).to(device)
+    if cfg.init_from:
+        model, meta = load_checkpoint(cfg.init_from, str(device))
+        if progress:
+            print(f"starting from {cfg.init_from} (step {meta.get('step')}, "
+                  f"trained at {meta.get('train_config', {}).get('resolution')}³)")
+    else:
+        model = SparseSDFVAE(VAEConfig.named(cfg.size)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps))
-        * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, cfg.steps)))))
+
+    def lr_factor(step: int, elapsed: float) -> float:
+        # linear warm-up, then a cosine over the run; with a time limit the run's progress is the
+        # larger of the step and time fractions, so a run cut by time still ends at a low rate
+        done = step / max(1, cfg.steps)
+        if cfg.time_limit_s:
+            done = max(done, elapsed / cfg.time_limit_s)
+        return min(1.0, (step + 1) / max(1, cfg.warmup_steps)) * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+
     autocast = torch.bfloat16 if cfg.dtype == "bfloat16" else None
     before = evaluate(model, held, cfg.eval_points, device) if held else {}
     scale = model.config.downsample
@@ -196,6 +217,10 @@ def train_vae(cfg: VAETrainConfig, progress: bool = True) -> dict:
     per_sample: dict[int, VAETargets] = {}
     g = torch.Generator().manual_seed(cfg.seed + 1)
     history, t0 = [], time.time()
+    first_step_s = 0.0
+    voxels_seen = 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     from rich.progress import Progress
 
     with Progress(disable=not progress, transient=True) as bar:
@@ -207,8 +232,18 @@ def train_vae(cfg: VAETrainConfig, progress: bool = True) -> dict:
                     per_sample[i] = prepare_batch([train[i]], scale, device)[1]
             x = make_batch([train[i] for i in pick], device)
             targets = stack_targets([per_sample[i] for i in pick])
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(step, time.time() - t0)
+            if step == 0 and progress and device.type == "cuda":
+                from kernels.sparse_conv.triton_conv import autotune_enabled
+
+                if autotune_enabled():
+                    bar.console.print("first step: tuning the sparse-conv kernels per channel pair "
+                                      "(minutes for the paper model; S2_CONV_AUTOTUNE=0 skips it)")
             terms = train_step(model, optimizer, x, targets, cfg.loss_weights(), cfg.grad_clip, autocast)
-            schedule.step()
+            if step == 0:
+                first_step_s = time.time() - t0
+            voxels_seen += len(x)
             history.append(terms)
             if progress and (step % cfg.log_every == 0 or step == cfg.steps - 1):
                 bar.console.print(f"step {step:5d}  loss {terms['total']:.4f}  input {terms['input']:.4f}  "
@@ -217,11 +252,28 @@ def train_vae(cfg: VAETrainConfig, progress: bool = True) -> dict:
             if cfg.time_limit_s and time.time() - t0 > cfg.time_limit_s:
                 break
     seconds = time.time() - t0
-    after = evaluate(model, held, cfg.eval_points, device) if held else {}
+    peak_gib = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     ckpt = Path(cfg.out_dir) / "vae.pt"
     save_checkpoint(ckpt, model, cfg, len(history))
+    after = evaluate(model, held, cfg.eval_points, device) if held else {}
     first = history[0]["total"] if history else float("nan")
     last = sum(h["total"] for h in history[-10:]) / max(1, len(history[-10:])) if history else float("nan")
-    return {"checkpoint": str(ckpt), "steps": len(history), "train_seconds": seconds, "train_samples": len(train),
-            "heldout_samples": len(held), "loss_first": first, "loss_last10": last,
-            "before": before, "after": after}
+    later = seconds - first_step_s
+    result = {"checkpoint": str(ckpt), "resolution": cfg.resolution, "size": cfg.size, "init_from": cfg.init_from,
+              "steps": len(history), "train_seconds": seconds, "first_step_seconds": first_step_s,
+              "steps_per_second_after_first": (len(history) - 1) / later if len(history) > 1 and later > 0 else None,
+              "input_voxels_per_second": voxels_seen / seconds if seconds > 0 else None,
+              "peak_gpu_gib": peak_gib, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "train_samples": len(train), "heldout_samples": len(held), "heldout_names": [s.name for s in held],
+              "loss_first": first, "loss_last10": last, "before": before, "after": after}
+    write_json_atomic(Path(cfg.out_dir) / "metrics.json", result)
+    return result
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    os.replace(tmp, path)

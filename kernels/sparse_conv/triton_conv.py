@@ -9,6 +9,8 @@ x[nbr]ᵀ·dy over row chunks per offset and adds the partial sums atomically.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -112,6 +114,15 @@ _weight_grad_tuned = triton.autotune(_wgrad_configs(), key=["CIN", "COUT"], rese
 _ROW_QUANTUM = 128  # rows per weight-gradient program are a multiple of every BLOCK_M tried
 
 
+def autotune_enabled() -> bool:
+    """Whether GPU launches tune their block shapes (S2_CONV_AUTOTUNE, default on).
+
+    Tuning compiles every candidate once per (Cin, Cout, dtype): for a paper-size VAE that is a few
+    hundred compilations, minutes before the first training step. ``S2_CONV_AUTOTUNE=0`` launches
+    one fixed shape per channel pair instead (no tuning, one compilation each)."""
+    return os.environ.get("S2_CONV_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def _pow2_block(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(int(n))))
 
@@ -130,19 +141,21 @@ def gather_gemm(x: torch.Tensor, weight: torch.Tensor, neighbors: torch.Tensor) 
     out = torch.empty((m, cout), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    if x.is_cuda:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))  # noqa: E731
+    if x.is_cuda and autotune_enabled():
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))
         _gather_gemm_tuned[grid](x, weight, neighbors, out, m, cin, cout, vol, neighbors.stride(0),
                                  neighbors.stride(1), PRECISION=_precision(x.dtype))
         return out
     block_m = 64 if cin >= 128 else 128
-    block_n = _pow2_block(cout, 16, 128)
-    block_k = _pow2_block(cin, 16, 64)
+    # the GPU's fixed shape is the one the tuner's pruning keeps (tile widths of at least 32)
+    lo = 32 if x.is_cuda else 16
+    block_n = _pow2_block(cout, lo, 128)
+    block_k = _pow2_block(cin, lo, 64)
     grid = (triton.cdiv(m, block_m), triton.cdiv(cout, block_n))
     _gather_gemm_kernel[grid](
         x, weight, neighbors, out, m, cin, cout, vol, neighbors.stride(0), neighbors.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_precision(x.dtype),
-        num_warps=4 if block_n * block_m <= 8192 else 8, num_stages=2,
+        num_warps=4 if block_n * block_m <= 8192 else 8, num_stages=3 if x.is_cuda else 2,
     )
     return out
 
@@ -161,14 +174,15 @@ def weight_grad(x: torch.Tensor, dy: torch.Tensor, neighbors: torch.Tensor) -> t
     splits = max(1, min(triton.cdiv(m, _ROW_QUANTUM), target // max(1, vol)))
     rows_per_prog = triton.cdiv(triton.cdiv(m, splits), _ROW_QUANTUM) * _ROW_QUANTUM
     splits = triton.cdiv(m, rows_per_prog)
-    if x.is_cuda:
-        grid = lambda meta: (vol, triton.cdiv(cin, meta["BLOCK_CI"]) * triton.cdiv(cout, meta["BLOCK_CO"]), splits)  # noqa: E731
+    if x.is_cuda and autotune_enabled():
+        grid = lambda meta: (vol, triton.cdiv(cin, meta["BLOCK_CI"]) * triton.cdiv(cout, meta["BLOCK_CO"]), splits)
         _weight_grad_tuned[grid](x, dy, neighbors, dw, m, cin, cout, neighbors.stride(0), neighbors.stride(1),
                                  rows_per_prog, PRECISION=_precision(x.dtype))
         return dw
     block_m = 64
-    block_ci = _pow2_block(cin, 16, 64)
-    block_co = _pow2_block(cout, 16, 64)
+    lo = 32 if x.is_cuda else 16
+    block_ci = _pow2_block(cin, lo, 64)
+    block_co = _pow2_block(cout, lo, 64)
     tiles = triton.cdiv(cin, block_ci) * triton.cdiv(cout, block_co)
     _weight_grad_kernel[(vol, tiles, splits)](
         x, dy, neighbors, dw, m, cin, cout, neighbors.stride(0), neighbors.stride(1), rows_per_prog,
