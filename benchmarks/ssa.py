@@ -287,6 +287,69 @@ def sweep_tiles(log, n=131072, q_tiles=(1, 64)):
     ops.SELECT_DKV_STEPS, ops.SELECT_SUB_ROWS = 64, 128
 
 
+def sweep_bwd(log, n=131072, qt=64):
+    """Launch settings at one size for tile-level selection: the fused scoring's key chunk and row step,
+    the selection forward's chunk/warps/stages, the dK/dV chunk and warps of selection and compression;
+    then where the whole SSA's time goes, kernel by kernel (torch.profiler)."""
+    import dataclasses
+
+    from kernels.ssa import ops, scoring
+    st, t = workload(n)
+    x = {s_: t[s_].detach().requires_grad_(True) for s_ in t}
+    q, k, v, kc, vc = (t[s_] for s_ in ("q", "k", "v", "k_cmp", "v_cmp"))
+    lse = compression_attention(q, kc, vc, st)[1]
+    for bn in (32, 64, 128):
+        for rows in (128, 256):
+            ops.SELECT_LONG_BLOCK_N, scoring.SELECT_STEP_ROWS = bn, rows
+            ms = bench(lambda: select_blocks(q, kc, lse, st, top_k=8, q_tile=qt))
+            log(f"sweep scoring q_tile={qt} block_n={bn} step_rows={rows}: {ms:.3f} ms")
+    ops.SELECT_LONG_BLOCK_N, scoring.SELECT_STEP_ROWS = 64, 128
+    sel = select_blocks(q, kc, lse, st, top_k=8, q_tile=qt)
+    base = ops._selection_plan(st, sel, qt, 16)
+    for bn, nw, ns in ((64, 4, 3), (32, 4, 3), (64, 8, 3), (64, 4, 2), (64, 4, 4), (32, 4, 4)):
+        plan = dataclasses.replace(base, block_n=bn, num_warps=nw, num_stages=ns)
+        ms = bench(lambda: seg.segment_attention(q, k, v, plan))
+        log(f"sweep slc fwd q_tile={qt} block_n={bn} warps={nw} stages={ns}: {ms:.3f} ms")
+    fused0 = dict(ops.FUSED_DQ)
+    for fused, cn, nw in ((False, 0, 0), (True, 0, 0), (True, 128, 8), (True, 64, 8), (True, 128, 4)):
+        ops.SELECT_DKV_BLOCK_N, ops.SELECT_DKV_WARPS, ops.FUSED_DQ["slc"] = cn, nw, fused
+        f, b = time_fwd_bwd(lambda a, b_, c: selection_attention(a, b_, c, st, sel, q_tile=qt),
+                            [x["q"], x["k"], x["v"]])
+        log(f"sweep slc bwd q_tile={qt} fused_dq={fused} chunk={cn or 'auto'} warps={nw or 'auto'}: "
+            f"{f:.3f} / {b:.3f} ms")
+    ops.SELECT_DKV_BLOCK_N, ops.SELECT_DKV_WARPS = 0, 0
+    for fused, cn, nw in ((False, 64, 0), (True, 64, 0), (True, 128, 8), (True, 128, 4), (True, 64, 8)):
+        ops.CMP_DKV.update(chunk_n=cn, dkv_warps=nw)
+        ops.FUSED_DQ["cmp"] = fused
+        st._cache.clear()
+        f, b = time_fwd_bwd(lambda a, b_, c: compression_attention(a, b_, c, st)[0], [x["q"], x["k_cmp"], x["v_cmp"]])
+        log(f"sweep cmp bwd fused_dq={fused} chunk={cn} warps={nw or 'auto'}: {f:.3f} / {b:.3f} ms")
+    ops.CMP_DKV.update(chunk_n=64, dkv_warps=0)
+    for fused in (False, True):
+        ops.FUSED_DQ["win"] = fused
+        st._cache.clear()
+        for shifted in (False, True):
+            f, b = time_fwd_bwd(lambda a, b_, c: window_attention(a, b_, c, st, shifted=shifted),
+                                [x["q"], x["k"], x["v"]])
+            log(f"sweep win bwd fused_dq={fused} shifted={shifted}: {f:.3f} / {b:.3f} ms")
+    ops.FUSED_DQ.update(fused0)
+    st._cache.clear()
+    out = spatial_sparse_attention(x["q"], x["k"], x["v"], x["k_cmp"], x["v_cmp"], x["gates"], st, q_tile=qt)
+    go = torch.randn_like(out)
+    for _ in range(3):
+        out = spatial_sparse_attention(x["q"], x["k"], x["v"], x["k_cmp"], x["v_cmp"], x["gates"], st, q_tile=qt)
+        torch.autograd.grad(out, list(x.values()), go)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            out = spatial_sparse_attention(x["q"], x["k"], x["v"], x["k_cmp"], x["v_cmp"], x["gates"], st,
+                                           q_tile=qt)
+            torch.autograd.grad(out, list(x.values()), go)
+        torch.cuda.synchronize()
+    log(f"profile: whole SSA forward + backward, N={n}, q_tile={qt}, 5 iterations (device time per kernel)")
+    log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22))
+
+
 def sweep(log, n=131072):
     """Launch settings of the selection kernels at one size: the table's defaults come from here."""
     import dataclasses
@@ -334,10 +397,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="run the correctness sweep first (exit 1 on failure)")
     ap.add_argument("--sizes", default="16384,32768,65536,131072")
-    ap.add_argument("--q-tile", default="1", help="comma list of selection query tiles to time")
+    ap.add_argument("--q-tile", default="64", help="comma list of selection query tiles to time")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time launch settings of the selection kernels first")
     ap.add_argument("--sweep-tiles", action="store_true", help="time launch settings of tile-level selection first")
+    ap.add_argument("--sweep-bwd", action="store_true",
+                    help="time launch settings of the tile-level kernels and profile the whole SSA first")
     ap.add_argument("--no-sdpa", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -356,6 +421,8 @@ def main():
         sweep(log)
     if args.sweep_tiles:
         sweep_tiles(log)
+    if args.sweep_bwd:
+        sweep_bwd(log)
     if not args.sizes:
         return
     bw, mm = device_ceilings()

@@ -92,6 +92,23 @@ def test_ssa_matches_reference_gpu(d, cmp_block, q_tile, shifted):
     _check_ssa("cuda", 32, 2, d, cmp_block, 8, q_tile, shifted, seed=d + cmp_block)
 
 
+@pytest.mark.parametrize("q_tile,shifted", [(1, True), (32, False)])
+def test_two_pass_dq_cpu(q_tile, shifted, monkeypatch):
+    """dQ in its own pass (recomputing P) instead of from the dK/dV kernel through atomics."""
+    from kernels.ssa import ops
+    monkeypatch.setattr(ops, "FUSED_DQ", {"cmp": False, "slc": False, "win": False})
+    _check_ssa("cpu", 32, 2, 32, 8, 3, q_tile, shifted, seed=11)
+
+
+@pytest.mark.gpu
+def test_two_pass_dq_gpu(monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from kernels.ssa import ops
+    monkeypatch.setattr(ops, "FUSED_DQ", {"cmp": False, "slc": False, "win": False})
+    _check_ssa("cuda", 32, 2, 32, 8, 8, 64, True, seed=12)
+
+
 @pytest.mark.parametrize("q_tile", [1, 32])
 def test_selection_work_items_cpu(q_tile, monkeypatch):
     """dK/dV lists cut into work items of one row step each, summed atomically, still give the gradients."""

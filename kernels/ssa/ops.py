@@ -11,7 +11,7 @@ import torch
 
 from . import reference as ref
 from .gate import gate_mix
-from .scoring import _unit_of_tile, block_scores, select_topk
+from .scoring import _unit_of_tile, block_scores, select_topk, selected_segments
 from .segment_attention import SegmentPlan, segment_attention
 from .structure import SSAStructure
 
@@ -78,6 +78,7 @@ def _check(st: SSAStructure, backend: str, **tensors):
 
 
 SELECT_BLOCK_N = 0  # key chunk of the scoring kernel; 0 = by block density
+SELECT_LONG_BLOCK_N = 64  # key chunk of the scoring kernel for units of more than 128 rows
 
 
 def _block_n(st: SSAStructure, offsets: torch.Tensor) -> int:
@@ -87,16 +88,20 @@ def _block_n(st: SSAStructure, offsets: torch.Tensor) -> int:
 
 
 SHARED_DKV_PIECE = {"shape": 2048, "window": 512}  # query tokens per dK/dV list entry (see _shared_plan)
+CMP_DKV = {"chunk_n": 64, "dkv_warps": 0}  # key chunk and warps of the compression dK/dV kernel
+# per branch: dQ from the dK/dV kernel's P through float32 atomics (one pass) instead of its own pass
+FUSED_DQ = {"cmp": True, "slc": True, "win": True}
 
 
-def _shared_plan(st, tile_kind, seg_offsets, chunk_kind, block_t, block_n=64, fill_gpu=False, piece=0):
+def _shared_plan(st, tile_kind, seg_offsets, chunk_kind, block_t, block_n=64, fill_gpu=False, piece=0, chunk_n=64,
+                 dkv_warps=0, fused_dq=False):
     """Plan for branches where every tile of a segment attends to that whole segment.
 
     dK/dV of a key chunk walks the segment's queries in contiguous pieces of ``piece`` tokens (each
     in 128-row steps, no per-tile indirection); ``piece=0`` lists the query tiles instead."""
     ts, te, tseg, toff = st.tiles(tile_kind, block_t)
     segs = seg_offsets.to(torch.int32)
-    cs, ce, cseg, _ = st.chunks(chunk_kind, block_n)
+    cs, ce, cseg, _ = st.chunks(chunk_kind, chunk_n)
     split = 1
     if fill_gpu:  # few long key segments: split each chunk's tile list so ~1k programs run
         split = max(1, min(64, 1024 // max(1, cs.numel())))
@@ -105,8 +110,10 @@ def _shared_plan(st, tile_kind, seg_offsets, chunk_kind, block_t, block_n=64, fi
     if piece:
         dts, dte, _, qptr = st.tiles(tile_kind, piece)
     tidx = torch.arange((dts if piece else ts).numel(), dtype=torch.int32, device=st.device)
-    return SegmentPlan(ts, te, segs[tseg.long()].view(-1, 1, 1), segs[tseg.long() + 1].view(-1, 1, 1), block_t,
-                       cs, ce, cseg, qptr, 0, tidx, block_n, dkv_split=split, dkv_tile_start=dts, dkv_tile_end=dte)
+    seg_start = segs[tseg.long()].view(-1, 1, 1)
+    return SegmentPlan(ts, te, seg_start, segs[tseg.long() + 1].view(-1, 1, 1), block_t,
+                       cs, ce, cseg, qptr, 0, tidx, block_n, dkv_split=split, seg_cum=torch.zeros_like(seg_start),
+                       chunk_n=chunk_n, dkv_tile_start=dts, dkv_tile_end=dte, dkv_warps=dkv_warps, fused_dq=fused_dq)
 
 
 def compression_attention(q, k_cmp, v_cmp, structure: SSAStructure, *, backend: str = "triton"):
@@ -118,7 +125,7 @@ def compression_attention(q, k_cmp, v_cmp, structure: SSAStructure, *, backend: 
     bt = _rows_per_tile(q.shape[1] // k_cmp.shape[1])
     plan = structure.cached(("plan_cmp", bt), lambda: _shared_plan(
         structure, "shape", structure.cmp_shape_offsets, "cmp", bt, fill_gpu=True,
-        piece=SHARED_DKV_PIECE["shape"]))
+        piece=SHARED_DKV_PIECE["shape"], fused_dq=FUSED_DQ["cmp"], **CMP_DKV))
     return segment_attention(q, k_cmp, v_cmp, plan)
 
 
@@ -136,12 +143,13 @@ def select_blocks(q, k_cmp, lse_cmp, structure: SSAStructure, *, top_k: int = 8,
         if backend == "torch":
             _, _, probs = ref.compression_attention_ref(q, k_cmp, k_cmp, st)
             return ref.select_blocks_ref(probs, st, hkv, top_k, q_tile)
-        if st.cmp_block == st.slc_block and q_tile * q.shape[1] // hkv <= 128:
-            # one pass with a running top-k per unit, no score matrix
-            wide = q_tile * q.shape[1] // hkv >= 128  # wide units: narrower key chunks (H100 sweep)
-            return select_topk(q.contiguous(), k_cmp.contiguous(), lse_cmp, st, top_k, q_tile,
-                               SELECT_BLOCK_N or (32 if wide else 64))
-        # long tiles (or m_cmp < m_slc): a (tiles, Hkv, blocks) score matrix ranked by torch.topk
+        if st.cmp_block == st.slc_block:
+            # one pass with a running top-k per unit, no score matrix (units of more than 128 rows
+            # sum their rows in steps inside the program)
+            rows = q_tile * q.shape[1] // hkv
+            bn = 32 if rows == 128 else (SELECT_LONG_BLOCK_N if rows > 128 else 64)  # H100/H200 sweeps
+            return select_topk(q.contiguous(), k_cmp.contiguous(), lse_cmp, st, top_k, q_tile, SELECT_BLOCK_N or bn)
+        # m_cmp < m_slc: a (tiles, Hkv, blocks) score matrix ranked by torch.topk
         n_cols = st.max_slc_per_shape
         score = block_scores(q.contiguous(), k_cmp.contiguous(), lse_cmp, st, q_tile, n_cols,
                              SELECT_BLOCK_N or 64)
@@ -161,6 +169,7 @@ SELECT_FWD_BLOCK_N = 64  # key chunk of the selection forward and dQ over the co
 SELECT_DKV_BLOCK_N = 0  # key chunk of the selection dK/dV inside a block; 0 = by block density
 SELECT_DKV_STEPS = 64  # row steps per dK/dV work item (0: one program per chunk, whatever its list length)
 SELECT_SUB_ROWS = 128  # rows (tokens × G heads) per program of the selection forward, dQ and dK/dV step
+SELECT_DKV_WARPS = 0  # warps of the selection dK/dV kernel (0: by rows)
 
 
 def _selection_plan(st: SSAStructure, selected: torch.Tensor, q_tile: int, g: int) -> SegmentPlan:
@@ -172,27 +181,25 @@ def _selection_plan(st: SSAStructure, selected: torch.Tensor, q_tile: int, g: in
         raise ValueError(f"selected has {n_units} tiles, expected {units_start.numel()} for q_tile={q_tile}")
     sub = q_tile if q_tile * g <= SELECT_SUB_ROWS else max(1, SELECT_SUB_ROWS // g)
     ts, te, _, _ = st.tiles("shape", sub)
-    ok = selected >= 0
-    blk = selected.clamp_min(0)
-    off = st.slc_offsets
-    seg_start = torch.where(ok, off[blk], 0).to(torch.int32)
-    seg_end = torch.where(ok, off[blk + 1], 0).to(torch.int32)
-    seg_cum = (torch.cumsum(seg_end - seg_start, -1) - (seg_end - seg_start)).to(torch.int32)
+    unit = None
     if sub != q_tile:
-        unit = st.cached(("tile_unit", sub, q_tile), lambda: _unit_of_tile(st, sub, q_tile)).long()
-        seg_start, seg_end, seg_cum = seg_start[unit], seg_end[unit], seg_cum[unit]
+        unit = st.cached(("tile_unit", sub, q_tile), lambda: _unit_of_tile(st, sub, q_tile))
+    seg_start, seg_end, seg_cum = selected_segments(selected, st.slc_offsets, unit)
     chunk_n = SELECT_DKV_BLOCK_N or _block_n(st, st.slc_offsets)
     cs, ce, cseg, _ = st.chunks("slc", chunk_n)
+    # most (tile, block, chunk) list entries the dK/dV lists can hold: the work-item grid's bound
+    max_chunks = st.cached(("max_chunks", "slc", chunk_n),
+                           lambda: int((st.chunks("slc", chunk_n)[3].diff()).max()) if st.n_slc else 0)
 
     def inverse():
-        """For each (kv head, block), the tiles that selected it: needed by dK/dV only."""
-        tile_id = torch.arange(n_units, device=st.device)[:, None, None].expand(n_units, hkv, k)
-        head = torch.arange(hkv, device=st.device)[None, :, None].expand(n_units, hkv, k)
-        key = (head * st.n_slc + blk)[ok]
-        order = torch.argsort(key, stable=True)
-        tidx = tile_id[ok][order].to(torch.int32)
-        qptr = torch.zeros(hkv * st.n_slc + 1, dtype=torch.int32, device=st.device)
-        qptr[1:] = torch.cumsum(torch.bincount(key, minlength=hkv * st.n_slc), 0)
+        """For each (kv head, block), the tiles that selected it: needed by dK/dV only. No host syncs:
+        unused slots sort last, past every list."""
+        n_lists = hkv * st.n_slc
+        head = torch.arange(hkv, device=st.device)[None, :, None]
+        key = torch.where(selected >= 0, head * st.n_slc + selected, n_lists).flatten()
+        key, order = torch.sort(key, stable=True)
+        tidx = torch.div(order, hkv * k, rounding_mode="floor").to(torch.int32)
+        qptr = torch.searchsorted(key, torch.arange(n_lists + 1, device=st.device)).to(torch.int32)
         return qptr, tidx
 
     per_token = sub * g <= 16
@@ -201,7 +208,9 @@ def _selection_plan(st: SSAStructure, selected: torch.Tensor, q_tile: int, g: in
     return SegmentPlan(ts, te, seg_start, seg_end, sub, cs, ce, cseg, None, st.n_slc, None, SELECT_FWD_BLOCK_N,
                        num_warps=2 if per_token else 4, num_stages=3, inverse=inverse, seg_cum=seg_cum,
                        chunk_n=chunk_n, dkv_tile_start=units_start if long_tiles else None,
-                       dkv_tile_end=units_end if long_tiles else None, dkv_steps=SELECT_DKV_STEPS)
+                       dkv_tile_end=units_end if long_tiles else None, dkv_steps=SELECT_DKV_STEPS,
+                       dkv_tile_max=q_tile, dkv_entries=n_units * hkv * k * max_chunks, dkv_warps=SELECT_DKV_WARPS,
+                       fused_dq=FUSED_DQ["slc"])
 
 
 def selection_attention(q, k, v, structure: SSAStructure, selected: torch.Tensor, *, q_tile: int = 1,
@@ -224,8 +233,8 @@ def window_attention(q, k, v, structure: SSAStructure, *, shifted: bool = False,
     perm, woff = st.window_partition(shifted)
     kind = "window1" if shifted else "window0"
     bt = _rows_per_tile(q.shape[1] // k.shape[1])
-    plan = st.cached(("plan_win", kind, bt), lambda: _shared_plan(st, kind, woff, kind, bt,
-                                                                          piece=SHARED_DKV_PIECE["window"]))
+    plan = st.cached(("plan_win", kind, bt), lambda: _shared_plan(
+        st, kind, woff, kind, bt, piece=SHARED_DKV_PIECE["window"], fused_dq=FUSED_DQ["win"]))
     if perm is None:
         return segment_attention(q, k, v, plan)[0]
     inv = st.cached(("inv_perm", kind), lambda: torch.argsort(perm))

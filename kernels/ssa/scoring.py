@@ -59,7 +59,7 @@ def block_scores(q, k_cmp, lse_cmp, structure, q_tile: int, n_cols: int, block_n
     unit = st.cached(("tile_unit", sub, q_tile), lambda: _unit_of_tile(st, sub, q_tile))
     cmp_off = st.cached("cmp_shape_offsets32", lambda: st.cmp_shape_offsets.to(torch.int32))
     pool = st.cmp_block != st.slc_block
-    n_units = int(st.tiles("shape", q_tile)[3][-1])
+    n_units = st.n_tiles("shape", q_tile)
     score = torch.zeros((n_units, hkv, n_cols), dtype=torch.float32, device=q.device)
     _score_kernel[(ts.numel(), hkv)](
         q, k_cmp, lse_cmp, score, ts, te, tseg, unit, cmp_off, st.cmp_to_slc_local,
@@ -79,42 +79,102 @@ def _unit_of_tile(st, sub: int, q_tile: int) -> torch.Tensor:
 
 
 @triton.jit
-def _select_kernel(Q, KC, LSE, SEL, TILE_START, TILE_END, TILE_SEG, CMP_OFF, CU, UNIT_OFF,
-                   sqt, sqh, skt, skh, slt, slh, sst, ssh, qk_scale,
-                   TOPK: tl.constexpr, KP: tl.constexpr, G: tl.constexpr, Q_TILE: tl.constexpr, P: tl.constexpr,
-                   BLOCK_N: tl.constexpr, D: tl.constexpr):
-    """Block scores and a running top-k in one pass (compression blocks = selection blocks).
+def _segments_kernel(SEL, UNIT, OFF, SEG_START, SEG_END, SEG_CUM, n_rows, HKV: tl.constexpr, K: tl.constexpr,
+                     KP: tl.constexpr, HAS_UNIT: tl.constexpr, BLOCK: tl.constexpr):
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (tile, kv head) pairs
+    rm = r < n_rows
+    tile = r // HKV
+    if HAS_UNIT:
+        unit = tl.load(UNIT + tile, mask=rm, other=0)
+    else:
+        unit = tile
+    kk = tl.arange(0, KP)
+    m = rm[:, None] & (kk[None, :] < K)
+    blk = tl.load(SEL + (unit * HKV + r % HKV)[:, None] * K + kk[None, :], mask=m, other=-1)
+    ok = m & (blk >= 0)
+    a = tl.load(OFF + blk, mask=ok, other=0).to(tl.int32)
+    e = tl.load(OFF + blk + 1, mask=ok, other=0).to(tl.int32)
+    cum = tl.cumsum(e - a, 1) - (e - a)
+    out = r[:, None] * K + kk[None, :]
+    tl.store(SEG_START + out, a, mask=m)
+    tl.store(SEG_END + out, e, mask=m)
+    tl.store(SEG_CUM + out, cum, mask=m)
 
-    A program holds P selection units (query tiles of Q_TILE tokens) of one shape; rows are
-    units × tokens × the G heads of a kv group, and each unit keeps its own top-k."""
-    tile = tl.program_id(0)
-    h = tl.program_id(1)
-    U: tl.constexpr = Q_TILE * G
-    t0 = tl.load(TILE_START + tile)
-    t1 = tl.load(TILE_END + tile)
-    seg = tl.load(TILE_SEG + tile)
-    r = tl.arange(0, P * U)
+
+def selected_segments(selected: torch.Tensor, offsets: torch.Tensor, unit: torch.Tensor | None = None):
+    """Key ranges of the selected blocks: int32 (start, end, exclusive prefix sum of the lengths), each
+    (n_tiles, Hkv, k), empty where the id is -1. ``unit`` maps each tile to its row of ``selected``
+    (sub-tiles sharing a unit's selection). One launch instead of a dozen tensor ops per call."""
+    selected = selected.contiguous()
+    n_units, hkv, k = selected.shape
+    n_tiles = n_units if unit is None else unit.numel()
+    out = [torch.empty((n_tiles, hkv, k), dtype=torch.int32, device=selected.device) for _ in range(3)]
+    n_rows = n_tiles * hkv
+    if n_rows:
+        block = 64
+        _segments_kernel[(triton.cdiv(n_rows, block),)](
+            selected, unit if unit is not None else selected, offsets, *out, n_rows, HKV=hkv, K=k,
+            KP=triton.next_power_of_2(k), HAS_UNIT=unit is not None, BLOCK=block)
+    return out
+
+
+@triton.jit
+def _unit_rows(Q, LSE, t0, t1, h, r0, sqt, sqh, slt, slh, G: tl.constexpr, RB: tl.constexpr, D: tl.constexpr):
+    """Queries and log2-sum-exp of rows r0..r0+RB of a program (units × tokens × G heads)."""
+    r = r0 + tl.arange(0, RB)
     tok = t0 + r // G
     head = h * G + r % G
     valid = tok < t1
     d = tl.arange(0, D)
     q = tl.load(Q + tok[:, None] * sqt + head[:, None] * sqh + d[None, :], mask=valid[:, None], other=0.0)
     lse2 = tl.load(LSE + tok * slt + head * slh, mask=valid, other=0.0) * 1.4426950408889634
+    return q, lse2, valid
+
+
+@triton.jit
+def _unit_col_sums(q, lse2, valid, k, nm, qk_scale, P: tl.constexpr, RB: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Probabilities of one row step against one key chunk, summed per unit: (P, BLOCK_N)."""
+    qk = tl.dot(q, tl.trans(k)) * qk_scale
+    p = tl.where(valid[:, None] & nm[None, :], tl.exp2(qk - lse2[:, None]), 0.0)
+    return tl.sum(tl.reshape(p, [P, RB // P, BLOCK_N]), 1)
+
+
+@triton.jit
+def _select_kernel(Q, KC, LSE, SEL, TILE_START, TILE_END, TILE_SEG, CMP_OFF, CU, UNIT_OFF,
+                   sqt, sqh, skt, skh, slt, slh, sst, ssh, qk_scale,
+                   TOPK: tl.constexpr, KP: tl.constexpr, G: tl.constexpr, Q_TILE: tl.constexpr, P: tl.constexpr,
+                   STEPS: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    """Block scores and a running top-k in one pass (compression blocks = selection blocks).
+
+    A program holds P selection units (query tiles of Q_TILE tokens) of one shape; rows are
+    units × tokens × the G heads of a kv group, and each unit keeps its own top-k. A unit of more
+    rows than one step holds (P = 1) is summed in STEPS row steps per key chunk, so its column sums
+    stay in registers (no score matrix, no atomics)."""
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    RB: tl.constexpr = P * Q_TILE * G // STEPS  # rows per step
+    t0 = tl.load(TILE_START + tile)
+    t1 = tl.load(TILE_END + tile)
+    seg = tl.load(TILE_SEG + tile)
     c0 = tl.load(CMP_OFF + seg)
     c1 = tl.load(CMP_OFF + seg + 1)
     cols = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, D)
     kk = tl.arange(0, KP)
     # slots past TOPK hold +inf so the minimum (the k-th best) never lands on them
     top_v = tl.where(kk[None, :] < TOPK, tl.full([P, KP], float("-inf"), tl.float32), float("inf"))
     top_i = tl.full([P, KP], -1, tl.int32)
+    q, lse2, valid = _unit_rows(Q, LSE, t0, t1, h, 0, sqt, sqh, slt, slh, G, RB, D)  # the first step stays
     for n0 in range(c0, c1, BLOCK_N):
         n = n0 + cols
         nm = n < c1
         k = tl.load(KC + n[:, None] * skt + h * skh + d[None, :], mask=nm[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
-        p = tl.where(valid[:, None] & nm[None, :], tl.exp2(qk - lse2[:, None]), 0.0)
         # summed over the G heads of the kv group and the unit's tokens
-        s = tl.where(nm[None, :], tl.sum(tl.reshape(p, [P, U, BLOCK_N]), 1), float("-inf"))
+        s = _unit_col_sums(q, lse2, valid, k, nm, qk_scale, P, RB, BLOCK_N)
+        for i in range(1, STEPS):
+            qi, li, vi = _unit_rows(Q, LSE, t0, t1, h, i * RB, sqt, sqh, slt, slh, G, RB, D)
+            s += _unit_col_sums(qi, li, vi, k, nm, qk_scale, P, RB, BLOCK_N)
+        s = tl.where(nm[None, :], s, float("-inf"))
         kth = tl.min(top_v, 1)
         # insert the chunk's best into each unit's weakest slot while it beats it: after the first
         # chunks few candidates do, so this loop is short
@@ -136,6 +196,7 @@ def _select_kernel(Q, KC, LSE, SEL, TILE_START, TILE_END, TILE_SEG, CMP_OFF, CU,
 
 
 SELECT_ROWS = 64  # rows (units × tokens × heads) per selection program (H100 sweep, docs/ssa.md)
+SELECT_STEP_ROWS = 128  # rows per step of a unit longer than one program step (tile-level selection)
 
 
 def select_topk(q, k_cmp, lse_cmp, structure, top_k: int, q_tile: int, block_n: int = 64):
@@ -143,18 +204,20 @@ def select_topk(q, k_cmp, lse_cmp, structure, top_k: int, q_tile: int, block_n: 
     n, hq, d = q.shape
     hkv = k_cmp.shape[1]
     g = hq // hkv
-    p = max(1, SELECT_ROWS // (q_tile * g))
-    if q_tile * g < 16:
-        p = max(p, 16 // (q_tile * g))
+    u = q_tile * g
+    p = max(1, SELECT_ROWS // u)
+    if u < 16:
+        p = max(p, 16 // u)
+    steps = max(1, u // SELECT_STEP_ROWS)  # powers of two: the steps divide the unit
     st = structure
     _, _, _, unit_off = st.tiles("shape", q_tile)
     ts, te, tseg, _ = st.tiles("shape", p * q_tile)
     cu = st.cached("cu32", lambda: st.cu_seqlens.to(torch.int32))
     cmp_off = st.cached("cmp_shape_offsets32", lambda: st.cmp_shape_offsets.to(torch.int32))
-    sel = _new((int(unit_off[-1]), hkv, top_k), q, torch.int64)
+    sel = _new((st.n_tiles("shape", q_tile), hkv, top_k), q, torch.int64)
     _select_kernel[(ts.numel(), hkv)](
         q, k_cmp, lse_cmp, sel, ts, te, tseg, cmp_off, cu, unit_off,
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), lse_cmp.stride(0), lse_cmp.stride(1),
         sel.stride(0), sel.stride(1), d ** -0.5 * LOG2E, TOPK=top_k, KP=triton.next_power_of_2(top_k), G=g,
-        Q_TILE=q_tile, P=p, BLOCK_N=block_n, D=d, num_warps=_warps(p * q_tile * g, 4))
+        Q_TILE=q_tile, P=p, STEPS=steps, BLOCK_N=block_n, D=d, num_warps=_warps(p * u // steps, 4))
     return sel

@@ -174,6 +174,10 @@ class SSAStructure:
             self._cache[k] = _tiles(off, size)
         return self._cache[k]
 
+    def n_tiles(self, kind: str, size: int) -> int:
+        """Number of tiles of ``tiles(kind, size)`` as a Python int (read from the device once, then cached)."""
+        return self.cached(("n_tiles", kind, size), lambda: int(self.tiles(kind, size)[3][-1]))
+
     def chunks(self, kind: str, size: int):
         """Key/value chunks of at most ``size`` rows inside one segment, for the dK/dV kernel."""
         k = ("chunks", kind, size)
