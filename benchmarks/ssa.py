@@ -404,6 +404,7 @@ def main():
     ap.add_argument("--sweep-bwd", action="store_true",
                     help="time launch settings of the tile-level kernels and profile the whole SSA first")
     ap.add_argument("--no-sdpa", action="store_true")
+    ap.add_argument("--no-compare", action="store_true", help="skip the tile vs per-query selection comparison")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     logf = open(os.path.join(args.out, "ssa_bench.log"), "a")
@@ -443,7 +444,7 @@ def main():
                 rows.append(dict(n=n, impl=f"ssa q_tile={qt}", branch=br, fwd_ms=f, bwd_ms=b,
                                  fwd_tflops=4 * d * p / f / 1e9 if p else 0.0,
                                  bwd_tflops=10 * d * p / b / 1e9 if (p and b) else 0.0))
-            if qt != 1:
+            if qt != 1 and not args.no_compare:
                 tile_vs_query(st, t, qt, "random q, k", log)
                 tile_vs_query(st, smooth_inputs(st), qt, "smooth field", log)
         if not args.no_sdpa:
