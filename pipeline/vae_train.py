@@ -169,6 +169,15 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[SparseSDFVAE
     return model, {k: v for k, v in blob.items() if k != "model"}
 
 
+def lr_factor(cfg: VAETrainConfig, step: int, elapsed: float) -> float:
+    """Linear warm-up, then a cosine over the run. With a time limit the run's progress is the larger
+    of the step and time fractions, so a run cut short by time still ends at a low rate."""
+    done = step / max(1, cfg.steps)
+    if cfg.time_limit_s:
+        done = max(done, elapsed / cfg.time_limit_s)
+    return min(1.0, (step + 1) / max(1, cfg.warmup_steps)) * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+
+
 def _device(cfg: VAETrainConfig) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -202,14 +211,6 @@ def train_vae(cfg: VAETrainConfig, progress: bool = True) -> dict:
         model = SparseSDFVAE(VAEConfig.named(cfg.size)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
 
-    def lr_factor(step: int, elapsed: float) -> float:
-        # linear warm-up, then a cosine over the run; with a time limit the run's progress is the
-        # larger of the step and time fractions, so a run cut by time still ends at a low rate
-        done = step / max(1, cfg.steps)
-        if cfg.time_limit_s:
-            done = max(done, elapsed / cfg.time_limit_s)
-        return min(1.0, (step + 1) / max(1, cfg.warmup_steps)) * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
-
     autocast = torch.bfloat16 if cfg.dtype == "bfloat16" else None
     before = evaluate(model, held, cfg.eval_points, device) if held else {}
     scale = model.config.downsample
@@ -233,7 +234,7 @@ def train_vae(cfg: VAETrainConfig, progress: bool = True) -> dict:
             x = make_batch([train[i] for i in pick], device)
             targets = stack_targets([per_sample[i] for i in pick])
             for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_factor(step, time.time() - t0)
+                group["lr"] = cfg.lr * lr_factor(cfg, step, time.time() - t0)
             if step == 0 and progress and device.type == "cuda":
                 from kernels.sparse_conv.triton_conv import autotune_enabled
 

@@ -157,7 +157,9 @@ def test_mismatched_channels_named():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_half_precision_on_gpu(dtype):
+@pytest.mark.parametrize("autotune", ["1", "0"])
+def test_triton_half_precision_on_gpu(dtype, autotune, monkeypatch):
+    monkeypatch.setenv("S2_CONV_AUTOTUNE", autotune)  # tuned and fixed launch shapes
     res, count, cin, cout, k, stride, pad = (32, 20000, 64, 64, 3, 1, 1)
     coords, out, x, w, dy, kmap = _case(res, count, cin, cout, k, stride, pad, 5, dtype, "cuda")
     xs = x.to("cuda", dtype).requires_grad_()

@@ -83,3 +83,40 @@ def test_bad_settings_and_inputs_named(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pt"):
         load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_stage_from_another_resolution_and_time_schedule(tmp_path):
+    """--init-from starts from the saved weights (same held-out meshes at each resolution); metrics.json."""
+    import json
+
+    from pipeline.vae_eval import evaluate
+    from pipeline.vae_train import lr_factor
+
+    first = train_vae(VAETrainConfig(resolution=32, steps=2, synthetic_count=4, holdout=2, eval_points=2000,
+                                     out_dir=str(tmp_path / "a"), threads=1), progress=False)
+    second_cfg = VAETrainConfig(resolution=40, steps=1, synthetic_count=4, holdout=2, eval_points=2000,
+                                init_from=first["checkpoint"], out_dir=str(tmp_path / "b"), threads=1)
+    second = train_vae(second_cfg, progress=False)
+    assert second["heldout_names"] == first["heldout_names"]
+    # "before" of the second stage is the first stage's weights evaluated at the new resolution
+    model, _ = load_checkpoint(first["checkpoint"])
+    held = {s.name: s for s in load_samples(second_cfg)}
+    again = evaluate(model, [held[n] for n in second["heldout_names"]], 2000)
+    assert again["chamfer"] == pytest.approx(second["before"]["chamfer"])
+    saved = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert saved["init_from"] == first["checkpoint"] and saved["steps"] == 1 and saved["resolution"] == 40
+
+    cfg = VAETrainConfig(steps=1000, warmup_steps=10, time_limit_s=100.0)
+    assert lr_factor(cfg, 0, 0.0) == pytest.approx(0.1)
+    assert lr_factor(cfg, 20, 50.0) == pytest.approx(0.5, abs=1e-6)  # half the time gone: half the cosine
+    assert lr_factor(cfg, 20, 100.0) == pytest.approx(0.0, abs=1e-9)
+    assert lr_factor(VAETrainConfig(steps=100, warmup_steps=1), 50, 1e6) == pytest.approx(0.5)  # no limit: steps
+
+
+def test_conv_autotune_switch(monkeypatch):
+    from kernels.sparse_conv.triton_conv import autotune_enabled
+
+    monkeypatch.delenv("S2_CONV_AUTOTUNE", raising=False)
+    assert autotune_enabled()
+    monkeypatch.setenv("S2_CONV_AUTOTUNE", "0")
+    assert not autotune_enabled()
