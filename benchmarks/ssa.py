@@ -287,6 +287,45 @@ def sweep_tiles(log, n=131072, q_tiles=(1, 64)):
     ops.SELECT_DKV_STEPS, ops.SELECT_SUB_ROWS = 64, 128
 
 
+def compare_paths(log, n=131072, qt=64):
+    """The fused paths (scoring + top-k of long units in one kernel, dQ from the dK/dV kernel) against the
+    two-pass paths on the same inputs: gradients' relative difference, the share of equal block choices,
+    and ms of each branch and of the whole SSA."""
+    from kernels.ssa import ops
+    st, t = workload(n)
+    x = {s_: t[s_].detach().requires_grad_(True) for s_ in t}
+    configs = {"two-pass": (False, dict(cmp=False, slc=False, win=False)),
+               "fused": (True, dict(cmp=True, slc=True, win=True)),
+               "fused, window two-pass": (True, dict(cmp=True, slc=True, win=False))}
+    ref = None
+    for name, (long_scoring, fused) in configs.items():
+        ops.SELECT_FUSED_LONG = long_scoring
+        ops.FUSED_DQ.update(fused)
+        st._cache.clear()
+        lse = compression_attention(t["q"], t["k_cmp"], t["v_cmp"], st)[1]
+        sel = select_blocks(t["q"], t["k_cmp"], lse, st, top_k=8, q_tile=qt)
+        out = spatial_sparse_attention(*x.values(), st, q_tile=qt)
+        go = torch.randn(out.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(0)).to(out.dtype)
+        grads = torch.autograd.grad(out, list(x.values()), go)
+        if ref is None:
+            ref = (sel, out, grads)
+        same = (sel.sort(-1).values == ref[0].sort(-1).values).all(-1).float().mean().item()
+        diffs = " ".join(f"d{k_}={rel(g, rg):.1e}" for k_, g, rg in zip(x, grads, ref[2]))
+        ms = {"select": bench(lambda: select_blocks(t["q"], t["k_cmp"], lse, st, top_k=8, q_tile=qt), 100)}
+        ms["cmp"] = time_fwd_bwd(lambda a, b, c: compression_attention(a, b, c, st)[0],
+                                 [x["q"], x["k_cmp"], x["v_cmp"]], 100)
+        ms["slc"] = time_fwd_bwd(lambda a, b, c: selection_attention(a, b, c, st, sel, q_tile=qt),
+                                 [x["q"], x["k"], x["v"]], 100)
+        ms["win"] = time_fwd_bwd(lambda a, b, c: window_attention(a, b, c, st), [x["q"], x["k"], x["v"]], 100)
+        ms["ssa"] = time_fwd_bwd(lambda *a: spatial_sparse_attention(*a, st, q_tile=qt), list(x.values()), 100)
+        log(f"paths N={n} q_tile={qt} [{name}] same selection {same:.4f}, out {rel(out, ref[1]):.1e} {diffs}")
+        log(f"paths N={n} q_tile={qt} [{name}] ms " + " ".join(
+            f"{k_}={v_:.3f}" if isinstance(v_, float) else f"{k_}={v_[0]:.3f}/{v_[1]:.3f}" for k_, v_ in ms.items()))
+    ops.SELECT_FUSED_LONG = False
+    ops.FUSED_DQ.update(configs["two-pass"][1])
+    st._cache.clear()
+
+
 def sweep_bwd(log, n=131072, qt=64):
     """Launch settings at one size for tile-level selection: the fused scoring's key chunk and row step,
     the selection forward's chunk/warps/stages, the dK/dV chunk and warps of selection and compression;
@@ -403,6 +442,7 @@ def main():
     ap.add_argument("--sweep-tiles", action="store_true", help="time launch settings of tile-level selection first")
     ap.add_argument("--sweep-bwd", action="store_true",
                     help="time launch settings of the tile-level kernels and profile the whole SSA first")
+    ap.add_argument("--paths", action="store_true", help="fused against two-pass paths at 131,072 tokens first")
     ap.add_argument("--no-sdpa", action="store_true")
     ap.add_argument("--no-compare", action="store_true", help="skip the tile vs per-query selection comparison")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -422,6 +462,8 @@ def main():
         sweep(log)
     if args.sweep_tiles:
         sweep_tiles(log)
+    if args.paths:
+        compare_paths(log)
     if args.sweep_bwd:
         sweep_bwd(log)
     if not args.sizes:

@@ -92,20 +92,24 @@ def test_ssa_matches_reference_gpu(d, cmp_block, q_tile, shifted):
     _check_ssa("cuda", 32, 2, d, cmp_block, 8, q_tile, shifted, seed=d + cmp_block)
 
 
-@pytest.mark.parametrize("q_tile,shifted", [(1, True), (32, False)])
-def test_two_pass_dq_cpu(q_tile, shifted, monkeypatch):
-    """dQ in its own pass (recomputing P) instead of from the dK/dV kernel through atomics."""
+def _fused_paths(monkeypatch):
     from kernels.ssa import ops
-    monkeypatch.setattr(ops, "FUSED_DQ", {"cmp": False, "slc": False, "win": False})
+    monkeypatch.setattr(ops, "FUSED_DQ", {"cmp": True, "slc": True, "win": True})
+    monkeypatch.setattr(ops, "SELECT_FUSED_LONG", True)
+
+
+@pytest.mark.parametrize("q_tile,shifted", [(1, True), (32, False)])
+def test_fused_paths_cpu(q_tile, shifted, monkeypatch):
+    """dQ from the dK/dV kernel's P through atomics, and one-kernel scoring + top-k of long units."""
+    _fused_paths(monkeypatch)
     _check_ssa("cpu", 32, 2, 32, 8, 3, q_tile, shifted, seed=11)
 
 
 @pytest.mark.gpu
-def test_two_pass_dq_gpu(monkeypatch):
+def test_fused_paths_gpu(monkeypatch):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    from kernels.ssa import ops
-    monkeypatch.setattr(ops, "FUSED_DQ", {"cmp": False, "slc": False, "win": False})
+    _fused_paths(monkeypatch)
     _check_ssa("cuda", 32, 2, 32, 8, 8, 64, True, seed=12)
 
 

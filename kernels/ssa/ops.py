@@ -79,6 +79,7 @@ def _check(st: SSAStructure, backend: str, **tensors):
 
 SELECT_BLOCK_N = 0  # key chunk of the scoring kernel; 0 = by block density
 SELECT_LONG_BLOCK_N = 64  # key chunk of the scoring kernel for units of more than 128 rows
+SELECT_FUSED_LONG = False  # units of more than 128 rows: scoring + top-k in one kernel (not yet timed on a GPU)
 
 
 def _block_n(st: SSAStructure, offsets: torch.Tensor) -> int:
@@ -90,7 +91,7 @@ def _block_n(st: SSAStructure, offsets: torch.Tensor) -> int:
 SHARED_DKV_PIECE = {"shape": 2048, "window": 512}  # query tokens per dK/dV list entry (see _shared_plan)
 CMP_DKV = {"chunk_n": 64, "dkv_warps": 0}  # key chunk and warps of the compression dK/dV kernel
 # per branch: dQ from the dK/dV kernel's P through float32 atomics (one pass) instead of its own pass
-FUSED_DQ = {"cmp": True, "slc": True, "win": True}
+FUSED_DQ = {"cmp": False, "slc": False, "win": False}  # off until timed on a GPU (benchmarks/ssa.py --paths)
 
 
 def _shared_plan(st, tile_kind, seg_offsets, chunk_kind, block_t, block_n=64, fill_gpu=False, piece=0, chunk_n=64,
@@ -143,13 +144,14 @@ def select_blocks(q, k_cmp, lse_cmp, structure: SSAStructure, *, top_k: int = 8,
         if backend == "torch":
             _, _, probs = ref.compression_attention_ref(q, k_cmp, k_cmp, st)
             return ref.select_blocks_ref(probs, st, hkv, top_k, q_tile)
-        if st.cmp_block == st.slc_block:
+        if st.cmp_block == st.slc_block and (SELECT_FUSED_LONG or q_tile * q.shape[1] // hkv <= 128):
             # one pass with a running top-k per unit, no score matrix (units of more than 128 rows
             # sum their rows in steps inside the program)
             rows = q_tile * q.shape[1] // hkv
             bn = 32 if rows == 128 else (SELECT_LONG_BLOCK_N if rows > 128 else 64)  # H100/H200 sweeps
             return select_topk(q.contiguous(), k_cmp.contiguous(), lse_cmp, st, top_k, q_tile, SELECT_BLOCK_N or bn)
-        # m_cmp < m_slc: a (tiles, Hkv, blocks) score matrix ranked by torch.topk
+        # long units without SELECT_FUSED_LONG (or m_cmp < m_slc): a (tiles, Hkv, blocks) score matrix
+        # ranked by torch.topk
         n_cols = st.max_slc_per_shape
         score = block_scores(q.contiguous(), k_cmp.contiguous(), lse_cmp, st, q_tile, n_cols,
                              SELECT_BLOCK_N or 64)
