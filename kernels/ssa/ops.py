@@ -11,7 +11,7 @@ import torch
 
 from . import reference as ref
 from .gate import gate_mix
-from .scoring import _unit_of_tile, block_scores, select_topk, selected_segments
+from .scoring import _unit_of_tile, block_scores, select_topk
 from .segment_attention import SegmentPlan, segment_attention
 from .structure import SSAStructure
 
@@ -183,25 +183,27 @@ def _selection_plan(st: SSAStructure, selected: torch.Tensor, q_tile: int, g: in
         raise ValueError(f"selected has {n_units} tiles, expected {units_start.numel()} for q_tile={q_tile}")
     sub = q_tile if q_tile * g <= SELECT_SUB_ROWS else max(1, SELECT_SUB_ROWS // g)
     ts, te, _, _ = st.tiles("shape", sub)
-    unit = None
+    ok = selected >= 0
+    blk = selected.clamp_min(0)
+    off = st.slc_offsets
+    seg_start = torch.where(ok, off[blk], 0).to(torch.int32)
+    seg_end = torch.where(ok, off[blk + 1], 0).to(torch.int32)
+    seg_cum = (torch.cumsum(seg_end - seg_start, -1) - (seg_end - seg_start)).to(torch.int32)
     if sub != q_tile:
-        unit = st.cached(("tile_unit", sub, q_tile), lambda: _unit_of_tile(st, sub, q_tile))
-    seg_start, seg_end, seg_cum = selected_segments(selected, st.slc_offsets, unit)
+        unit = st.cached(("tile_unit", sub, q_tile), lambda: _unit_of_tile(st, sub, q_tile)).long()
+        seg_start, seg_end, seg_cum = seg_start[unit], seg_end[unit], seg_cum[unit]
     chunk_n = SELECT_DKV_BLOCK_N or _block_n(st, st.slc_offsets)
     cs, ce, cseg, _ = st.chunks("slc", chunk_n)
-    # most (tile, block, chunk) list entries the dK/dV lists can hold: the work-item grid's bound
-    max_chunks = st.cached(("max_chunks", "slc", chunk_n),
-                           lambda: int((st.chunks("slc", chunk_n)[3].diff()).max()) if st.n_slc else 0)
 
     def inverse():
-        """For each (kv head, block), the tiles that selected it: needed by dK/dV only. No host syncs:
-        unused slots sort last, past every list."""
-        n_lists = hkv * st.n_slc
-        head = torch.arange(hkv, device=st.device)[None, :, None]
-        key = torch.where(selected >= 0, head * st.n_slc + selected, n_lists).flatten()
-        key, order = torch.sort(key, stable=True)
-        tidx = torch.div(order, hkv * k, rounding_mode="floor").to(torch.int32)
-        qptr = torch.searchsorted(key, torch.arange(n_lists + 1, device=st.device)).to(torch.int32)
+        """For each (kv head, block), the tiles that selected it: needed by dK/dV only."""
+        tile_id = torch.arange(n_units, device=st.device)[:, None, None].expand(n_units, hkv, k)
+        head = torch.arange(hkv, device=st.device)[None, :, None].expand(n_units, hkv, k)
+        key = (head * st.n_slc + blk)[ok]
+        order = torch.argsort(key, stable=True)
+        tidx = tile_id[ok][order].to(torch.int32)
+        qptr = torch.zeros(hkv * st.n_slc + 1, dtype=torch.int32, device=st.device)
+        qptr[1:] = torch.cumsum(torch.bincount(key, minlength=hkv * st.n_slc), 0)
         return qptr, tidx
 
     per_token = sub * g <= 16
@@ -211,8 +213,7 @@ def _selection_plan(st: SSAStructure, selected: torch.Tensor, q_tile: int, g: in
                        num_warps=2 if per_token else 4, num_stages=3, inverse=inverse, seg_cum=seg_cum,
                        chunk_n=chunk_n, dkv_tile_start=units_start if long_tiles else None,
                        dkv_tile_end=units_end if long_tiles else None, dkv_steps=SELECT_DKV_STEPS,
-                       dkv_tile_max=q_tile, dkv_entries=n_units * hkv * k * max_chunks, dkv_warps=SELECT_DKV_WARPS,
-                       fused_dq=FUSED_DQ["slc"])
+                       dkv_warps=SELECT_DKV_WARPS, fused_dq=FUSED_DQ["slc"])
 
 
 def selection_attention(q, k, v, structure: SSAStructure, selected: torch.Tensor, *, q_tile: int = 1,

@@ -79,46 +79,6 @@ def _unit_of_tile(st, sub: int, q_tile: int) -> torch.Tensor:
 
 
 @triton.jit
-def _segments_kernel(SEL, UNIT, OFF, SEG_START, SEG_END, SEG_CUM, n_rows, HKV: tl.constexpr, K: tl.constexpr,
-                     KP: tl.constexpr, HAS_UNIT: tl.constexpr, BLOCK: tl.constexpr):
-    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (tile, kv head) pairs
-    rm = r < n_rows
-    tile = r // HKV
-    if HAS_UNIT:
-        unit = tl.load(UNIT + tile, mask=rm, other=0)
-    else:
-        unit = tile
-    kk = tl.arange(0, KP)
-    m = rm[:, None] & (kk[None, :] < K)
-    blk = tl.load(SEL + (unit * HKV + r % HKV)[:, None] * K + kk[None, :], mask=m, other=-1)
-    ok = m & (blk >= 0)
-    a = tl.load(OFF + blk, mask=ok, other=0).to(tl.int32)
-    e = tl.load(OFF + blk + 1, mask=ok, other=0).to(tl.int32)
-    cum = tl.cumsum(e - a, 1) - (e - a)
-    out = r[:, None] * K + kk[None, :]
-    tl.store(SEG_START + out, a, mask=m)
-    tl.store(SEG_END + out, e, mask=m)
-    tl.store(SEG_CUM + out, cum, mask=m)
-
-
-def selected_segments(selected: torch.Tensor, offsets: torch.Tensor, unit: torch.Tensor | None = None):
-    """Key ranges of the selected blocks: int32 (start, end, exclusive prefix sum of the lengths), each
-    (n_tiles, Hkv, k), empty where the id is -1. ``unit`` maps each tile to its row of ``selected``
-    (sub-tiles sharing a unit's selection). One launch instead of a dozen tensor ops per call."""
-    selected = selected.contiguous()
-    n_units, hkv, k = selected.shape
-    n_tiles = n_units if unit is None else unit.numel()
-    out = [torch.empty((n_tiles, hkv, k), dtype=torch.int32, device=selected.device) for _ in range(3)]
-    n_rows = n_tiles * hkv
-    if n_rows:
-        block = 64
-        _segments_kernel[(triton.cdiv(n_rows, block),)](
-            selected, unit if unit is not None else selected, offsets, *out, n_rows, HKV=hkv, K=k,
-            KP=triton.next_power_of_2(k), HAS_UNIT=unit is not None, BLOCK=block)
-    return out
-
-
-@triton.jit
 def _unit_rows(Q, LSE, t0, t1, h, r0, sqt, sqh, slt, slh, G: tl.constexpr, RB: tl.constexpr, D: tl.constexpr):
     """Queries and log2-sum-exp of rows r0..r0+RB of a program (units × tokens × G heads)."""
     r = r0 + tl.arange(0, RB)

@@ -221,9 +221,8 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, TILE_START, TILE_END, C
             dk, dv = _dkv_step(Q, DO, LSE, DELTA, DQ, tok, head, valid, k, v, nm, d, sqt, sqh, slt, slh,
                                qk_scale, sm_scale, dk, dv, FUSED_DQ)
     if ATOMIC:
-        if b > a:  # work items past the last (the grid is an upper bound) add nothing
-            tl.atomic_add(DK + koff, dk * sm_scale, mask=nm[:, None], sem="relaxed")
-            tl.atomic_add(DV + koff, dv, mask=nm[:, None], sem="relaxed")
+        tl.atomic_add(DK + koff, dk * sm_scale, mask=nm[:, None])
+        tl.atomic_add(DV + koff, dv, mask=nm[:, None])
     else:
         tl.store(DK + koff, (dk * sm_scale).to(DK.dtype.element_ty), mask=nm[:, None])
         tl.store(DV + koff, dv.to(DV.dtype.element_ty), mask=nm[:, None])
@@ -262,33 +261,21 @@ class SegmentPlan:
     dkv_steps: int = 0  # >0: split every chunk's tile list into work items of about this many 128-row steps
     fused_dq: bool = False  # dQ from the dK/dV kernel's P (float32 atomics) instead of a second pass
     dkv_warps: int = 0  # warps of the dK/dV kernel (0: 4, or 8 for 256-row steps)
-    dkv_tile_max: int = 0  # most tokens of a dK/dV tile (long tiles; 0 = read from the device)
-    dkv_entries: int = 0  # bound on the tile-list entries summed over chunks and heads (0 = read from the device)
 
 
 def _work_items(plan, qptr, hkv: int, per_item: int) -> torch.Tensor:
     """(chunk, kv head, first, end) int32 rows: each chunk's tile list cut into pieces of per_item entries,
-    so a block that many tiles chose is shared by many programs (their sums meet in float32 atomics).
-
-    With ``plan.dkv_entries`` the rows are as many as that bound allows (no host sync); those past the
-    last real item are empty (first = end)."""
+    so a block that many tiles chose is shared by many programs (their sums meet in float32 atomics)."""
     seg = plan.chunk_seg.long()
-    dev = seg.device
-    base = torch.arange(hkv, device=dev)[:, None] * plan.qptr_head_stride + seg[None, :]
+    base = torch.arange(hkv, device=seg.device)[:, None] * plan.qptr_head_stride + seg[None, :]
     p0 = qptr[base].long().flatten()
     p1 = qptr[base + 1].long().flatten()
     n_it = (p1 - p0 + per_item - 1) // per_item
-    ends = torch.cumsum(n_it, 0)
-    if plan.dkv_entries:  # each list of L entries gives at most L / per_item + 1 items
-        total = n_it.numel() + (plan.dkv_entries + per_item - 1) // per_item
-    else:
-        total = int(ends[-1]) if n_it.numel() else 0
-    i = torch.arange(total, device=dev)
-    job = torch.searchsorted(ends, i, right=True).clamp_max(max(0, n_it.numel() - 1))
-    a = p0[job] + (i - (ends[job] - n_it[job])) * per_item
+    total = int(n_it.sum())
+    job = torch.repeat_interleave(torch.arange(n_it.numel(), device=seg.device), n_it, output_size=total)
+    first = torch.cumsum(n_it, 0) - n_it
+    a = p0[job] + (torch.arange(total, device=seg.device) - first[job]) * per_item
     b = torch.minimum(a + per_item, p1[job])
-    real = i < ends[-1] if n_it.numel() else torch.zeros_like(i, dtype=torch.bool)
-    a, b = torch.where(real, a, 0), torch.where(real, b, 0)
     n_chunks = seg.numel()
     return torch.stack([job % n_chunks, job // n_chunks, a, b], 1).to(torch.int32).contiguous()
 
@@ -371,7 +358,7 @@ def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan):
         items = qptr
         if plan.dkv_steps:
             if long_tiles:  # entries are whole tiles of up to max_rows rows, walked in br-row steps
-                max_rows = (plan.dkv_tile_max or int((plan.dkv_tile_end - plan.dkv_tile_start).max())) * g
+                max_rows = int((plan.dkv_tile_end - plan.dkv_tile_start).max()) * g
                 per_item = max(1, plan.dkv_steps // triton.cdiv(max_rows, br))
             else:
                 per_item = plan.dkv_steps * tpi
