@@ -28,8 +28,8 @@ from model.dit import DiTConfig, SparseDiT, pack
 from model.flow import STAGE_DEFAULTS, FlowEulerSampler
 from model.mesh_extract import extract_mesh
 from model.postprocess import PostprocessConfig, clean_mesh
-from model.structure import (LATENT_GRID, STRUCTURE_DIT_CONFIGS, StructureVAE, StructureVAEConfig, latent_grid_coords, occupancy_to_latent_coords,
-                             tokens_to_latent)
+from model.structure import (STRUCTURE_DIT_CONFIGS, StructureVAE, StructureVAEConfig, latent_grid_coords, occupancy_to_latent_coords,
+                             structure_patch, tokens_per_shape, tokens_to_latent)
 
 
 # -- checkpoints: a small registry of the networks and their config classes -------------------------
@@ -300,9 +300,12 @@ class Cascade:
                 raise ValueError(f"{key} ({b.source}): expects condition width {b.config.cond_dim}, "
                                  f"image encoder {self.cfg.image_encoder!r} gives {enc_dim}")
         sv, sd = self.bundles["structure_vae"], self.bundles["structure_dit"]
-        if sd.config.in_channels != sv.config.latent_channels:
+        try:
+            structure_patch(sd.config, sv.config.latent_channels)
+        except ValueError:
             raise ValueError(f"structure_dit ({sd.source}): {sd.config.in_channels} channels, structure VAE "
-                             f"({sv.source}) latent has {sv.config.latent_channels}")
+                             f"({sv.source}) latent has {sv.config.latent_channels} (a token holds "
+                             f"{sv.config.latent_channels}·p³ for a patch p)") from None
         for dit_key, vae_key, res_key in (("dit", "vae", "resolution"), ("dit_refine", "vae_refine", "refine_resolution")):
             d = self.bundles.get(dit_key)
             if d is None:
@@ -367,14 +370,15 @@ class Cascade:
     def structure_stage(self, cond: torch.Tensor, seeds: list[int]) -> list[torch.Tensor]:
         """Latent voxel coords (M_i, 3) at resolution/8 of every item (possibly empty)."""
         b = cond.shape[0]
-        n = LATENT_GRID ** 3
-        coords = latent_grid_coords(self.device).repeat(b, 1)
+        patch = structure_patch(self.structure_dit.cfg, self.bundles["structure_vae"].config.latent_channels)
+        n = tokens_per_shape(patch)
+        coords = latent_grid_coords(self.device, patch).repeat(b, 1)
         cu = torch.arange(b + 1, device=self.device) * n
         c = self.structure_dit.cfg.in_channels
         noise = torch.cat([torch.randn(n, c, generator=_item_generator(s, 0)) for s in seeds]).to(self.device)
         sampler = FlowEulerSampler(self.cfg.structure_steps, self.cfg.structure_shift, self.cfg.guidance)
         z = sampler.sample(self._guided(self.structure_dit, coords, cu, cond), noise)
-        logits = self.structure_vae.decode(tokens_to_latent(z.float(), b))
+        logits = self.structure_vae.decode(tokens_to_latent(z.float(), b, patch))
         latent_res = self.cfg.resolution // 8
         return [occupancy_to_latent_coords(logits[i], latent_res, self.cfg.occupancy_threshold) for i in range(b)]
 

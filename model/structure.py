@@ -1,8 +1,11 @@
 """Dense structure stage (DESIGN.md): 64³ occupancy <-> 16³×8 latent VAE and a DiT over its 4,096 tokens.
 
-The structure DiT is the SS-DiT with 8 input channels run on the full 16³ grid (every shape has the
-same 4,096 tokens, so attention runs batched). Decoded occupancy (sigmoid >= 0.1) gives the sparse
-latent voxels of the sparse stage.
+The structure DiT is the SS-DiT run on the full 16³ grid (every shape has the same tokens, so
+attention runs batched): one token per latent voxel (8 channels, 4,096 tokens: the paper's network)
+or one per p³ patch of latent voxels (8·p³ channels, (16/p)³ tokens; the debug network uses p = 2,
+512 tokens, which trains several times faster per step on a CPU). The patch follows from the
+network's input width, so checkpoints need no extra field. Decoded occupancy (sigmoid >= 0.1) gives
+the sparse latent voxels of the sparse stage.
 """
 from __future__ import annotations
 
@@ -42,8 +45,9 @@ class StructureVAEConfig:
 STRUCTURE_VAE_CONFIGS = {"debug": StructureVAEConfig(channels=(4, 8, 16)), "paper": StructureVAEConfig()}
 
 STRUCTURE_DIT_CONFIGS = {
+    # 2³ patches: 512 tokens of 64 channels (see the module docstring)
     "debug": DiTConfig(depth=2, width=64, heads=4, kv_heads=2, head_dim=16, cond_dim=64,
-                       in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS),
+                       in_channels=LATENT_CHANNELS * 8, out_channels=LATENT_CHANNELS * 8),
     "paper": DiTConfig(depth=24, width=1024, heads=16, kv_heads=16, head_dim=64,
                        in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS),
 }
@@ -120,20 +124,39 @@ def occupancy_grid(coords: torch.Tensor, resolution: int, grid: int = GRID) -> t
     return occ
 
 
-def latent_grid_coords(device=None) -> torch.Tensor:
-    """The 4,096 token coords of the 16³ latent, in the order of ``latent_to_tokens``."""
-    r = torch.arange(LATENT_GRID, device=device)
+def structure_patch(cfg: DiTConfig, latent_channels: int = LATENT_CHANNELS) -> int:
+    """Latent voxels per token side of a structure DiT: p with in_channels = latent_channels·p³ (p divides 16)."""
+    for p in (1, 2, 4, 8, 16):
+        if cfg.in_channels == latent_channels * p ** 3 and cfg.out_channels == cfg.in_channels:
+            return p
+    raise ValueError(f"structure DiT: in/out channels {cfg.in_channels}/{cfg.out_channels} are not "
+                     f"{latent_channels}·p³ (the structure latent's channels times a patch p³, p dividing {LATENT_GRID})")
+
+
+def tokens_per_shape(patch: int = 1) -> int:
+    return (LATENT_GRID // patch) ** 3
+
+
+def latent_grid_coords(device=None, patch: int = 1) -> torch.Tensor:
+    """Token coords of the 16³ latent in p³ patches ((16/p)³ of them), in the order of ``latent_to_tokens``."""
+    r = torch.arange(LATENT_GRID // patch, device=device)
     return torch.stack(torch.meshgrid(r, r, r, indexing="ij"), dim=-1).reshape(-1, 3)
 
 
-def latent_to_tokens(z: torch.Tensor) -> torch.Tensor:
-    """(B, C, 16, 16, 16) -> (B·4096, C) packed tokens."""
-    return z.permute(0, 2, 3, 4, 1).reshape(-1, z.shape[1])
+def latent_to_tokens(z: torch.Tensor, patch: int = 1) -> torch.Tensor:
+    """(B, C, 16, 16, 16) -> (B·(16/p)³, C·p³) packed tokens, a p³ patch per token."""
+    b, c, g = z.shape[0], z.shape[1], LATENT_GRID // patch
+    z = z.reshape(b, c, g, patch, g, patch, g, patch)
+    # token (i, j, k) holds channels in (c, di, dj, dk) order
+    return z.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b * g ** 3, c * patch ** 3)
 
 
-def tokens_to_latent(tokens: torch.Tensor, batch: int) -> torch.Tensor:
-    g = LATENT_GRID
-    return tokens.reshape(batch, g, g, g, -1).permute(0, 4, 1, 2, 3)
+def tokens_to_latent(tokens: torch.Tensor, batch: int, patch: int = 1) -> torch.Tensor:
+    """Inverse of ``latent_to_tokens``."""
+    g = LATENT_GRID // patch
+    c = tokens.shape[-1] // patch ** 3
+    z = tokens.reshape(batch, g, g, g, c, patch, patch, patch)
+    return z.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(batch, c, LATENT_GRID, LATENT_GRID, LATENT_GRID)
 
 
 def occupancy_to_latent_coords(logits: torch.Tensor, latent_resolution: int, threshold: float = 0.1) -> torch.Tensor:

@@ -1,8 +1,10 @@
 import pytest
 import torch
 
+from model.dit import DiTConfig
 from model.structure import (StructureVAE, StructureVAEConfig, latent_grid_coords, latent_to_tokens,
-                             occupancy_grid, occupancy_to_latent_coords, tokens_to_latent)
+                             occupancy_grid, occupancy_to_latent_coords, structure_dit_config, structure_patch,
+                             tokens_per_shape, tokens_to_latent)
 
 
 def test_shapes_and_token_roundtrip():
@@ -18,6 +20,32 @@ def test_shapes_and_token_roundtrip():
     # token i of the latent sits at coords[i]
     assert torch.equal(tok[:4096][5 * 256 + 3 * 16 + 7], z[0, :, 5, 3, 7])
     assert torch.equal(coords[5 * 256 + 3 * 16 + 7], torch.tensor([5, 3, 7]))
+
+
+@pytest.mark.parametrize("patch", [1, 2, 4])
+def test_patch_tokens(patch):
+    """A token holds the p³ latent voxels of its patch, at the patch's coords; the inverse is exact."""
+    z = torch.randn(2, 8, 16, 16, 16)
+    tok = latent_to_tokens(z, patch)
+    g = 16 // patch
+    assert tok.shape == (2 * g ** 3, 8 * patch ** 3) and tokens_per_shape(patch) == g ** 3
+    assert torch.equal(tokens_to_latent(tok, 2, patch), z)
+    coords = latent_grid_coords(patch=patch)
+    i, j, k = g - 1, g // 2, 1 % g
+    t = (i * g + j) * g + k
+    assert coords[t].tolist() == [i, j, k]
+    patch_voxels = z[1, :, i * patch:(i + 1) * patch, j * patch:(j + 1) * patch, k * patch:(k + 1) * patch]
+    assert torch.equal(tok[g ** 3 + t], patch_voxels.reshape(-1))
+
+
+def test_structure_patch_from_the_network_width():
+    assert structure_patch(structure_dit_config("paper")) == 1
+    assert structure_patch(structure_dit_config("debug")) == 2  # 512 tokens of 64 channels
+    assert structure_patch(DiTConfig(in_channels=4 * 64, out_channels=4 * 64), latent_channels=4) == 4
+    with pytest.raises(ValueError, match="not 8·p³"):
+        structure_patch(DiTConfig(in_channels=24, out_channels=24))
+    with pytest.raises(ValueError, match="not 8·p³"):
+        structure_patch(DiTConfig(in_channels=64, out_channels=8))
 
 
 def test_occupancy_grid_and_latent_coords():

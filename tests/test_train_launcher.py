@@ -78,3 +78,14 @@ def test_bad_shard_counted_and_oversize_shapes_named(launcher_env, tmp_path):
     assert sorted(line.split("-")[0] for line in oversize) == ["box", "sphere"], res.stderr[-3000:]
     assert any(line.startswith("error: ") and "got no trainable shapes (2 skipped" in line for line in lines)
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("meta.json"))
+
+
+def test_plain_python_runs_one_process(launcher_env, tmp_path):
+    """`python -m pipeline.train` with no launcher is a world of one: it trains and writes its checkpoint."""
+    env = {k: v for k, v in launcher_env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "pipeline.train", "structure_vae", "--shards", "synthetic", "--resolution", "64",
+           "--steps", "2", "--checkpoint-every", "2", "--storage", str(tmp_path / "runs"), "--name", "one"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    meta = json.loads((tmp_path / "runs" / "one" / "checkpoint_00000002" / "meta.json").read_text())
+    assert meta["world_size"] == 1

@@ -265,4 +265,13 @@ def run_without_ray(cfg: TrainConfig) -> dict:
 
     for key, value in worker_env(cfg).items():  # as Ray Train's workers get them; the launcher's env wins
         os.environ.setdefault(key, value)
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        # started as a plain `python -m pipeline.train`: one process, its own rendezvous on a free port
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     return run_loop(cfg, LocalSession(cfg))
