@@ -337,12 +337,15 @@ def sweep_bwd(log, n=131072, qt=64):
     x = {s_: t[s_].detach().requires_grad_(True) for s_ in t}
     q, k, v, kc, vc = (t[s_] for s_ in ("q", "k", "v", "k_cmp", "v_cmp"))
     lse = compression_attention(q, kc, vc, st)[1]
+    ms = bench(lambda: select_blocks(q, kc, lse, st, top_k=8, q_tile=qt))
+    log(f"sweep scoring q_tile={qt} score matrix + torch.topk (default): {ms:.3f} ms")
+    ops.SELECT_FUSED_LONG = True
     for bn in (32, 64, 128):
         for rows in (128, 256):
             ops.SELECT_LONG_BLOCK_N, scoring.SELECT_STEP_ROWS = bn, rows
             ms = bench(lambda: select_blocks(q, kc, lse, st, top_k=8, q_tile=qt))
-            log(f"sweep scoring q_tile={qt} block_n={bn} step_rows={rows}: {ms:.3f} ms")
-    ops.SELECT_LONG_BLOCK_N, scoring.SELECT_STEP_ROWS = 64, 128
+            log(f"sweep scoring q_tile={qt} one kernel, block_n={bn} step_rows={rows}: {ms:.3f} ms")
+    ops.SELECT_LONG_BLOCK_N, scoring.SELECT_STEP_ROWS, ops.SELECT_FUSED_LONG = 64, 128, False
     sel = select_blocks(q, kc, lse, st, top_k=8, q_tile=qt)
     base = ops._selection_plan(st, sel, qt, 16)
     for bn, nw, ns in ((64, 4, 3), (32, 4, 3), (64, 8, 3), (64, 4, 2), (64, 4, 4), (32, 4, 4)):

@@ -148,7 +148,8 @@ def select_blocks(q, k_cmp, lse_cmp, structure: SSAStructure, *, top_k: int = 8,
             # one pass with a running top-k per unit, no score matrix (units of more than 128 rows
             # sum their rows in steps inside the program)
             rows = q_tile * q.shape[1] // hkv
-            bn = 32 if rows == 128 else (SELECT_LONG_BLOCK_N if rows > 128 else 64)  # H100/H200 sweeps
+            # 128-row units: narrower key chunks (H100 sweep); longer units: not swept yet (--sweep-bwd)
+            bn = 32 if rows == 128 else (SELECT_LONG_BLOCK_N if rows > 128 else 64)
             return select_topk(q.contiguous(), k_cmp.contiguous(), lse_cmp, st, top_k, q_tile, SELECT_BLOCK_N or bn)
         # long units without SELECT_FUSED_LONG (or m_cmp < m_slc): a (tiles, Hkv, blocks) score matrix
         # ranked by torch.topk
