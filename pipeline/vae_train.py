@@ -169,6 +169,19 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[SparseSDFVAE
     return model, {k: v for k, v in blob.items() if k != "model"}
 
 
+def _evaluate_logged(model, held, cfg: VAETrainConfig, device, when: str) -> dict:
+    """Held-out metrics, with a line before and after (an untrained decoder at 512³ can take minutes)."""
+    from pipeline.vae_eval import evaluate
+
+    if not held:
+        return {}
+    t = time.time()
+    print(f"evaluating {len(held)} held-out samples at {cfg.resolution}³ {when} ...", flush=True)
+    out = evaluate(model, held, cfg.eval_points, device)
+    print(f"evaluated in {time.time() - t:.1f} s: Chamfer {out['chamfer']:.5f}", flush=True)
+    return out
+
+
 def lr_factor(cfg: VAETrainConfig, step: int, elapsed: float) -> float:
     """Linear warm-up, then a cosine over the run. With a time limit the run's progress is the larger
     of the step and time fractions, so a run cut short by time still ends at a low rate."""
@@ -186,8 +199,6 @@ def _device(cfg: VAETrainConfig) -> torch.device:
 
 def train_vae(cfg: VAETrainConfig, progress: bool = True) -> dict:
     """Train on one process; evaluate the held-out samples before and after. Returns the metrics."""
-    from pipeline.vae_eval import evaluate
-
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -212,7 +223,7 @@ def train_vae(cfg: VAETrainConfig, progress: bool = True) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
 
     autocast = torch.bfloat16 if cfg.dtype == "bfloat16" else None
-    before = evaluate(model, held, cfg.eval_points, device) if held else {}
+    before = _evaluate_logged(model, held, cfg, device, "before training")
     scale = model.config.downsample
     # targets depend on the input only: build each sample's once, on first use
     per_sample: dict[int, VAETargets] = {}
@@ -256,7 +267,7 @@ def train_vae(cfg: VAETrainConfig, progress: bool = True) -> dict:
     peak_gib = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     ckpt = Path(cfg.out_dir) / "vae.pt"
     save_checkpoint(ckpt, model, cfg, len(history))
-    after = evaluate(model, held, cfg.eval_points, device) if held else {}
+    after = _evaluate_logged(model, held, cfg, device, f"after {len(history)} steps")
     first = history[0]["total"] if history else float("nan")
     last = sum(h["total"] for h in history[-10:]) / max(1, len(history[-10:])) if history else float("nan")
     later = seconds - first_step_s
