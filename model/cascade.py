@@ -88,7 +88,9 @@ def _read(source: str, opener):
             return torch.load(f, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {source}: not found") from None
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+    except OSError as e:  # a folder where a file belongs, permissions, a broken mount
+        raise ValueError(f"checkpoint {source}: cannot be read ({e.strerror or type(e).__name__})") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"checkpoint {source}: unreadable without unpickling arbitrary objects ({first})") from None
 

@@ -107,6 +107,10 @@ def test_checkpoints_round_trip_and_refuse_bad_ones(cascade, tmp_path):
     torch.save({"network": "dit", "payload": Image.new("RGB", (2, 2))}, evil / "weights.pt")  # an arbitrary object
     with pytest.raises(ValueError, match="unreadable without unpickling arbitrary objects"):
         load_network(str(evil), "dit")
+    stray = tmp_path / "stray.json"  # a file where a checkpoint folder belongs
+    stray.write_text("{}")
+    with pytest.raises(ValueError, match=r"stray.json/weights.pt: cannot be read \(Not a directory\)"):
+        load_network(str(stray), "dit")
     wide = _save_trainer_checkpoint(tmp_path / "wide", "dit", dataclasses.replace(
         b["dit"], config=dataclasses.replace(b["dit"].config, cond_dim=32),
         module=type(b["dit"].module)(dataclasses.replace(b["dit"].config, cond_dim=32))))
