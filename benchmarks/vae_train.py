@@ -42,10 +42,6 @@ def per_list(text: str, n: int, cast) -> list:
     return items
 
 
-def prev_used(metrics: dict) -> bool:
-    return bool(metrics.get("init_from"))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="out/vae_bench", help="corpus, shards, checkpoints and logs go here")
@@ -76,7 +72,7 @@ def main() -> None:
                   "--resolutions", ",".join(map(str, res)), "--views", "0", "--no-progress"], work / "preprocess.log")
     prep_s = time.time() - t0
 
-    rows, prev = [], ""
+    rows, prev, prev_res = [], "", 0
     for r, m, b, lr in zip(res, minutes, batch, lrs):
         out = work / f"vae{r}"
         cmd = s2 + ["train-vae-local", "--shards", str(shards), "--resolution", str(r), "--size", a.size,
@@ -87,9 +83,9 @@ def main() -> None:
             cmd += ["--init-from", prev]
         run(cmd, work / f"train{r}.log")
         metrics = json.loads((out / "metrics.json").read_text())
-        prev = str(out / "vae.pt")
         # the baseline of a stage that starts from the previous stage is that stage's weights
-        start = f"{res[res.index(r) - 1]}³ weights, before this stage" if prev_used(metrics) else "untrained"
+        start = f"{prev_res}³ weights, before this stage" if prev else "untrained"
+        prev, prev_res = str(out / "vae.pt"), r
         for label, key in ((start, "before"), ("trained", "after")):
             row = {"res": r, "network": label,
                    **{c: metrics[key][c] for c in COLUMNS}, "no_surface": metrics[key].get("no_surface", 0)}

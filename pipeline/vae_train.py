@@ -8,6 +8,7 @@ distributed trainer can wrap the same step.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import pickle
@@ -20,13 +21,8 @@ import torch
 from model.sdf_shapes import narrow_band, random_shape
 from model.sparse import SparseTensor
 from model.vae import SparseSDFVAE, VAEConfig
-from model.vae_loss import (
-    VAELossWeights,
-    VAETargets,
-    stack_targets,
-    vae_loss,
-    vae_targets,
-)
+from model.vae_loss import VAELossWeights, VAETargets, stack_targets, vae_loss, vae_targets
+from pipeline import storage
 
 
 @dataclass
@@ -221,7 +217,6 @@ def train_vae(cfg: VAETrainConfig, progress: bool = True) -> dict:
     else:
         model = SparseSDFVAE(VAEConfig.named(cfg.size)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-
     autocast = torch.bfloat16 if cfg.dtype == "bfloat16" else None
     before = _evaluate_logged(model, held, cfg, device, "before training")
     scale = model.config.downsample
@@ -271,21 +266,15 @@ def train_vae(cfg: VAETrainConfig, progress: bool = True) -> dict:
     first = history[0]["total"] if history else float("nan")
     last = sum(h["total"] for h in history[-10:]) / max(1, len(history[-10:])) if history else float("nan")
     later = seconds - first_step_s
-    result = {"checkpoint": str(ckpt), "resolution": cfg.resolution, "size": cfg.size, "init_from": cfg.init_from,
+    # the network is --size's, or the init_from checkpoint's when one is given
+    result = {"checkpoint": str(ckpt), "resolution": cfg.resolution, "vae_config": dataclasses.asdict(model.config),
+              "init_from": cfg.init_from,
               "steps": len(history), "train_seconds": seconds, "first_step_seconds": first_step_s,
               "steps_per_second_after_first": (len(history) - 1) / later if len(history) > 1 and later > 0 else None,
               "input_voxels_per_second": voxels_seen / seconds if seconds > 0 else None,
               "peak_gpu_gib": peak_gib, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "train_samples": len(train), "heldout_samples": len(held), "heldout_names": [s.name for s in held],
               "loss_first": first, "loss_last10": last, "before": before, "after": after}
-    write_json_atomic(Path(cfg.out_dir) / "metrics.json", result)
+    fs, path = storage.filesystem(str(Path(cfg.out_dir) / "metrics.json"))
+    storage.write_atomic(fs, path, json.dumps(result, indent=1, default=float).encode())
     return result
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    import json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    os.replace(tmp, path)

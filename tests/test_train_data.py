@@ -85,6 +85,31 @@ def test_each_network_takes_a_training_step(network, tmp_path):
     assert all(i.tokens > 0 for i in items)
 
 
+def test_structure_dit_encodes_each_shape_once():
+    """The frozen structure VAE encodes an item on its first batch only; later batches reuse its latent,
+    and the batch equals encoding the occupancy afresh."""
+    from model.structure import StructureVAE, StructureVAEConfig, latent_to_tokens, occupancy_grid
+
+    samples = list(iter_samples([rows_to_table(synthetic_rows(2, 64))], Skipped()))
+    vae_cfg = StructureVAEConfig.named("debug")
+    frozen = {"model_config": repr(vae_cfg), "state_dict": {f"vae.{k}": v for k, v in StructureVAE(vae_cfg).state_dict().items()}}
+    task = build_task(TrainConfig(network="structure_dit", structure_vae="x"), seed=0, frozen_weights=frozen)
+    items = [task.prepare(s) for s in samples]
+    calls = []
+    encode = task.vae.encode
+    task.vae.encode = lambda occ, *a, **k: calls.append(occ.shape[0]) or encode(occ, *a, **k)
+    first = task.collate(items[:1], "cpu", torch.float32)
+    second = task.collate(items, "cpu", torch.float32)
+    assert calls == [1, 1]  # item 0 encoded once, item 1 on its first batch
+    with torch.no_grad():
+        occ = torch.stack([occupancy_grid(s.coords, s.resolution) for s in samples])[:, None].float()
+        want = latent_to_tokens(encode(occ)[0], task.patch)
+    # batched and single encodes agree to float rounding; a latent from the wrong item would be far off
+    assert torch.allclose(second["x0"], want, atol=1e-5)
+    assert torch.equal(first["x0"], second["x0"][: len(first["x0"])])  # item 0's kept latent, reused
+    assert all("occupancy" not in i.data for i in items)
+
+
 def test_checkpoint_from_another_model_is_refused(tmp_path):
     from model.dit import DiTConfig
 

@@ -89,6 +89,7 @@ def test_stage_from_another_resolution_and_time_schedule(tmp_path):
     """--init-from starts from the saved weights (same held-out meshes at each resolution); metrics.json."""
     import json
 
+    from model.vae import VAEConfig
     from pipeline.vae_eval import evaluate
     from pipeline.vae_train import lr_factor
 
@@ -105,6 +106,7 @@ def test_stage_from_another_resolution_and_time_schedule(tmp_path):
     assert again["chamfer"] == pytest.approx(second["before"]["chamfer"])
     saved = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert saved["init_from"] == first["checkpoint"] and saved["steps"] == 1 and saved["resolution"] == 40
+    assert VAEConfig.from_dict(saved["vae_config"]) == model.config  # the checkpoint's network, not --size's
 
     cfg = VAETrainConfig(steps=1000, warmup_steps=10, time_limit_s=100.0)
     assert lr_factor(cfg, 0, 0.0) == pytest.approx(0.1)

@@ -142,7 +142,7 @@ def gather_gemm(x: torch.Tensor, weight: torch.Tensor, neighbors: torch.Tensor) 
     if m == 0:
         return out
     if x.is_cuda and autotune_enabled():
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))  # noqa: E731
         _gather_gemm_tuned[grid](x, weight, neighbors, out, m, cin, cout, vol, neighbors.stride(0),
                                  neighbors.stride(1), PRECISION=_precision(x.dtype))
         return out
@@ -175,7 +175,7 @@ def weight_grad(x: torch.Tensor, dy: torch.Tensor, neighbors: torch.Tensor) -> t
     rows_per_prog = triton.cdiv(triton.cdiv(m, splits), _ROW_QUANTUM) * _ROW_QUANTUM
     splits = triton.cdiv(m, rows_per_prog)
     if x.is_cuda and autotune_enabled():
-        grid = lambda meta: (vol, triton.cdiv(cin, meta["BLOCK_CI"]) * triton.cdiv(cout, meta["BLOCK_CO"]), splits)
+        grid = lambda meta: (vol, triton.cdiv(cin, meta["BLOCK_CI"]) * triton.cdiv(cout, meta["BLOCK_CO"]), splits)  # noqa: E731
         _weight_grad_tuned[grid](x, dy, neighbors, dw, m, cin, cout, neighbors.stride(0), neighbors.stride(1),
                                  rows_per_prog, PRECISION=_precision(x.dtype))
         return dw
