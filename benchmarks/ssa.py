@@ -104,6 +104,7 @@ def workload(n, hq=32, hkv=2, d=32, m=8, dtype=torch.bfloat16):
     cu = torch.tensor([0, n], device="cuda")
     coords = coords[block_order(coords, cu, m, 8)]
     st = SSAStructure(coords, cu, m, 8)
+    torch.manual_seed(n)  # the same tensors for every run and code version at this size
     mk = lambda *s: torch.randn(*s, device="cuda", dtype=dtype)  # noqa: E731
     t = dict(q=mk(n, hq, d), k=mk(n, hkv, d), v=mk(n, hkv, d), k_cmp=mk(st.n_cmp, hkv, d),
              v_cmp=mk(st.n_cmp, hkv, d), gates=torch.sigmoid(mk(n, hq, 3)))
@@ -392,6 +393,68 @@ def sweep_bwd(log, n=131072, qt=64):
     log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22))
 
 
+def ab_variants(log, sizes=(131072,), qt=64):
+    """Kernel variants against each other on the same inputs, one process: the plain softmax (every chunk
+    masked, scale multiplied apart) against the lean one, score-tile column sums by reductions against
+    a matmul with ones, and rowsum(O·dO) by its own pass against inside the dQ kernel. ms of scoring,
+    each branch and the whole SSA; outputs and gradients against the first variant."""
+    from kernels.ssa import scoring
+    variants = {"plain": (False, False, False), "lean": (True, False, False), "lean+sum-dot": (True, True, False),
+                "lean+sum-dot+delta-in-dq": (True, True, True)}
+    keep = (seg.LEAN, scoring.SCORE_SUM_DOT, seg.DELTA_IN_DQ)
+    for n in sizes:
+        st, t = workload(n)
+        x = {s_: t[s_].detach().requires_grad_(True) for s_ in t}
+        gen = torch.Generator("cuda").manual_seed(0)
+        go = torch.randn(t["q"].shape, device="cuda", generator=gen).to(t["q"].dtype)
+        ref = None
+        for name, (lean, sum_dot, delta) in variants.items():
+            seg.LEAN, scoring.SCORE_SUM_DOT, seg.DELTA_IN_DQ = lean, sum_dot, delta
+            lse = compression_attention(t["q"], t["k_cmp"], t["v_cmp"], st)[1]
+            sel = select_blocks(t["q"], t["k_cmp"], lse, st, top_k=8, q_tile=qt)
+            out = spatial_sparse_attention(*x.values(), st, q_tile=qt)
+            grads = torch.autograd.grad(out, list(x.values()), go)
+            if ref is None:
+                ref = (sel, out, grads)
+            same = (sel.sort(-1).values == ref[0].sort(-1).values).all(-1).float().mean().item()
+            diffs = " ".join(f"d{k_}={rel(g, rg):.1e}" for k_, g, rg in zip(x, grads, ref[2]))
+            ms = {"select": bench(lambda: select_blocks(t["q"], t["k_cmp"], lse, st, top_k=8, q_tile=qt))}
+            ms["cmp"] = time_fwd_bwd(lambda a, b, c: compression_attention(a, b, c, st)[0],
+                                     [x["q"], x["k_cmp"], x["v_cmp"]])
+            ms["slc"] = time_fwd_bwd(lambda a, b, c: selection_attention(a, b, c, st, ref[0], q_tile=qt),
+                                     [x["q"], x["k"], x["v"]])
+            ms["win"] = time_fwd_bwd(lambda a, b, c: window_attention(a, b, c, st), [x["q"], x["k"], x["v"]])
+            ms["ssa"] = time_fwd_bwd(lambda *a: spatial_sparse_attention(*a, st, q_tile=qt), list(x.values()))
+            log(f"variants N={n} q_tile={qt} [{name}] same selection {same:.4f}, out {rel(out, ref[1]):.1e} {diffs}")
+            log(f"variants N={n} q_tile={qt} [{name}] ms " + " ".join(
+                f"{k_}={v_:.3f}" if isinstance(v_, float) else f"{k_}={v_[0]:.3f}/{v_[1]:.3f}"
+                for k_, v_ in ms.items()))
+    seg.LEAN, scoring.SCORE_SUM_DOT, seg.DELTA_IN_DQ = keep
+
+
+def profile(log, n, qt=64, cpu=False):
+    """Where the whole SSA's forward + backward time goes, kernel by kernel (torch.profiler, 5 iterations);
+    with cpu=True also the host side (what bounds small sizes)."""
+    st, t = workload(n)
+    x = {s_: t[s_].detach().requires_grad_(True) for s_ in t}
+    out = spatial_sparse_attention(*x.values(), st, q_tile=qt)
+    go = torch.randn_like(out)
+    for _ in range(3):
+        out = spatial_sparse_attention(*x.values(), st, q_tile=qt)
+        torch.autograd.grad(out, list(x.values()), go)
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if cpu else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(5):
+            out = spatial_sparse_attention(*x.values(), st, q_tile=qt)
+            torch.autograd.grad(out, list(x.values()), go)
+        torch.cuda.synchronize()
+    log(f"profile: whole SSA forward + backward, N={n}, q_tile={qt}, 5 iterations")
+    log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=24, max_name_column_width=60))
+    if cpu:
+        log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=24, max_name_column_width=60))
+
+
 def sweep(log, n=131072):
     """Launch settings of the selection kernels at one size: the table's defaults come from here."""
     import dataclasses
@@ -447,6 +510,10 @@ def main():
                     help="time launch settings of the tile-level kernels and profile the whole SSA first")
     ap.add_argument("--paths", action="store_true", help="fused against two-pass paths at 131,072 tokens first")
     ap.add_argument("--no-sdpa", action="store_true")
+    ap.add_argument("--flex-sizes", default="", help="comma list: the FlexAttention baseline only at these sizes")
+    ap.add_argument("--variants", action="store_true",
+                    help="plain/lean softmax, score-sum and delta variants at 131,072 first")
+    ap.add_argument("--profile", default="", help="comma list of sizes to profile kernel by kernel first")
     ap.add_argument("--no-compare", action="store_true", help="skip the tile vs per-query selection comparison")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -469,6 +536,10 @@ def main():
         compare_paths(log)
     if args.sweep_bwd:
         sweep_bwd(log)
+    if args.variants:
+        ab_variants(log)
+    for n in [int(s_) for s_ in args.profile.split(",") if s_]:
+        profile(log, n, cpu=n <= 16384)
     if not args.sizes:
         return
     bw, mm = device_ceilings()
@@ -501,7 +572,7 @@ def main():
                                      fwd_tflops=4 * d * p / f / 1e9, bwd_tflops=10 * d * p / b / 1e9))
                 except Exception as e:
                     log(f"sdpa {be} failed at N={n}: {type(e).__name__}: {str(e)[:200]}")
-        if not args.no_flex:
+        if not args.no_flex and (not args.flex_sizes or str(n) in args.flex_sizes.split(",")):
             try:
                 fres = flex_ssa(st, t, log)
                 pf = pair_counts(st, sel, qt, hq, hkv)

@@ -113,6 +113,18 @@ def test_fused_paths_gpu(monkeypatch):
     _check_ssa("cuda", 32, 2, 32, 8, 8, 64, True, seed=12)
 
 
+@pytest.mark.parametrize("q_tile,shifted", [(1, True), (32, False)])
+def test_plain_kernel_paths_cpu(q_tile, shifted, monkeypatch):
+    """The kernels without the lean softmax (masked every chunk, separate scale), with the score tiles
+    summed by reductions instead of a matmul and rowsum(O·dO) in its own pass: the paths the defaults
+    were measured against."""
+    from kernels.ssa import scoring
+    monkeypatch.setattr(seg, "LEAN", False)
+    monkeypatch.setattr(seg, "DELTA_IN_DQ", False)
+    monkeypatch.setattr(scoring, "SCORE_SUM_DOT", False)
+    _check_ssa("cpu", 32, 2, 32, 8, 3, q_tile, shifted, seed=13)
+
+
 @pytest.mark.parametrize("q_tile", [1, 32])
 def test_selection_work_items_cpu(q_tile, monkeypatch):
     """dK/dV lists cut into work items of one row step each, summed atomically, still give the gradients."""

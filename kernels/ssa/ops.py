@@ -11,7 +11,7 @@ import torch
 
 from . import reference as ref
 from .gate import gate_mix
-from .scoring import _unit_of_tile, block_scores, select_topk
+from .scoring import _unit_of_tile, block_scores, select_topk, selected_segments
 from .segment_attention import SegmentPlan, segment_attention
 from .structure import SSAStructure
 
@@ -95,7 +95,7 @@ FUSED_DQ = {"cmp": False, "slc": False, "win": False}  # off until timed on a GP
 
 
 def _shared_plan(st, tile_kind, seg_offsets, chunk_kind, block_t, block_n=64, fill_gpu=False, piece=0, chunk_n=64,
-                 dkv_warps=0, fused_dq=False):
+                 dkv_warps=0, fused_dq=False, split_tail=True):
     """Plan for branches where every tile of a segment attends to that whole segment.
 
     dK/dV of a key chunk walks the segment's queries in contiguous pieces of ``piece`` tokens (each
@@ -114,7 +114,8 @@ def _shared_plan(st, tile_kind, seg_offsets, chunk_kind, block_t, block_n=64, fi
     seg_start = segs[tseg.long()].view(-1, 1, 1)
     return SegmentPlan(ts, te, seg_start, segs[tseg.long() + 1].view(-1, 1, 1), block_t,
                        cs, ce, cseg, qptr, 0, tidx, block_n, dkv_split=split, seg_cum=torch.zeros_like(seg_start),
-                       chunk_n=chunk_n, dkv_tile_start=dts, dkv_tile_end=dte, dkv_warps=dkv_warps, fused_dq=fused_dq)
+                       chunk_n=chunk_n, dkv_tile_start=dts, dkv_tile_end=dte, dkv_warps=dkv_warps, fused_dq=fused_dq,
+                       split_tail=split_tail)
 
 
 def compression_attention(q, k_cmp, v_cmp, structure: SSAStructure, *, backend: str = "triton"):
@@ -156,16 +157,24 @@ def select_blocks(q, k_cmp, lse_cmp, structure: SSAStructure, *, top_k: int = 8,
         n_cols = st.max_slc_per_shape
         score = block_scores(q.contiguous(), k_cmp.contiguous(), lse_cmp, st, q_tile, n_cols,
                              SELECT_BLOCK_N or 64)
-        tseg = st.tiles("shape", q_tile)[2].long()
-        n_blocks = (st.slc_shape_offsets[1:] - st.slc_shape_offsets[:-1])[tseg]  # per tile
-        cols = torch.arange(n_cols, device=q.device)
-        score.masked_fill_(cols[None, None, :] >= n_blocks[:, None, None], -1.0)  # scores are >= 0
+        pad, base = st.cached(("score_layout", q_tile, n_cols), lambda: _score_layout(st, q_tile, n_cols))
+        if pad is not None:  # columns past a shape's blocks (scores are >= 0)
+            score.masked_fill_(pad, -1.0)
         kk = min(top_k, n_cols)
         top = score.topk(kk, dim=-1)
-        blk = torch.where(top.values >= 0, top.indices + st.slc_shape_offsets[tseg][:, None, None], -1)
+        blk = top.indices + base if pad is None else torch.where(top.values >= 0, top.indices + base, -1)
         if kk < top_k:
             blk = torch.cat([blk, blk.new_full((blk.shape[0], hkv, top_k - kk), -1)], dim=-1)
         return blk
+
+
+def _score_layout(st: SSAStructure, q_tile: int, n_cols: int):
+    """Per structure, once: the score matrix's columns past each unit's shape (None when every shape has
+    n_cols blocks) and each unit's first global block id, (units, 1, 1)."""
+    tseg = st.tiles("shape", q_tile)[2].long()
+    n_blocks = (st.slc_shape_offsets[1:] - st.slc_shape_offsets[:-1])[tseg]
+    pad = torch.arange(n_cols, device=st.device)[None, None, :] >= n_blocks[:, None, None]
+    return (pad if bool(pad.any()) else None), st.slc_shape_offsets[tseg][:, None, None]
 
 
 SELECT_FWD_BLOCK_N = 64  # key chunk of the selection forward and dQ over the concatenated blocks
@@ -184,27 +193,25 @@ def _selection_plan(st: SSAStructure, selected: torch.Tensor, q_tile: int, g: in
         raise ValueError(f"selected has {n_units} tiles, expected {units_start.numel()} for q_tile={q_tile}")
     sub = q_tile if q_tile * g <= SELECT_SUB_ROWS else max(1, SELECT_SUB_ROWS // g)
     ts, te, _, _ = st.tiles("shape", sub)
-    ok = selected >= 0
-    blk = selected.clamp_min(0)
-    off = st.slc_offsets
-    seg_start = torch.where(ok, off[blk], 0).to(torch.int32)
-    seg_end = torch.where(ok, off[blk + 1], 0).to(torch.int32)
-    seg_cum = (torch.cumsum(seg_end - seg_start, -1) - (seg_end - seg_start)).to(torch.int32)
+    unit = None
     if sub != q_tile:
-        unit = st.cached(("tile_unit", sub, q_tile), lambda: _unit_of_tile(st, sub, q_tile)).long()
-        seg_start, seg_end, seg_cum = seg_start[unit], seg_end[unit], seg_cum[unit]
+        unit = st.cached(("tile_unit", sub, q_tile), lambda: _unit_of_tile(st, sub, q_tile))
+    seg_start, seg_end, seg_cum = selected_segments(selected, st.slc_offsets, unit)
     chunk_n = SELECT_DKV_BLOCK_N or _block_n(st, st.slc_offsets)
     cs, ce, cseg, _ = st.chunks("slc", chunk_n)
+    # most (tile, block, chunk) list entries the dK/dV lists can hold: the work-item grid's bound
+    max_chunks = st.cached(("max_chunks", "slc", chunk_n),
+                           lambda: int((st.chunks("slc", chunk_n)[3].diff()).max()) if st.n_slc else 0)
 
     def inverse():
-        """For each (kv head, block), the tiles that selected it: needed by dK/dV only."""
-        tile_id = torch.arange(n_units, device=st.device)[:, None, None].expand(n_units, hkv, k)
-        head = torch.arange(hkv, device=st.device)[None, :, None].expand(n_units, hkv, k)
-        key = (head * st.n_slc + blk)[ok]
-        order = torch.argsort(key, stable=True)
-        tidx = tile_id[ok][order].to(torch.int32)
-        qptr = torch.zeros(hkv * st.n_slc + 1, dtype=torch.int32, device=st.device)
-        qptr[1:] = torch.cumsum(torch.bincount(key, minlength=hkv * st.n_slc), 0)
+        """For each (kv head, block), the tiles that selected it: needed by dK/dV only. No host syncs:
+        unused slots sort last, past every list."""
+        n_lists = hkv * st.n_slc
+        head = torch.arange(hkv, device=st.device)[None, :, None]
+        key = torch.where(selected >= 0, head * st.n_slc + selected, n_lists).flatten()
+        key, order = torch.sort(key, stable=True)
+        tidx = torch.div(order, hkv * k, rounding_mode="floor").to(torch.int32)
+        qptr = torch.searchsorted(key, torch.arange(n_lists + 1, device=st.device)).to(torch.int32)
         return qptr, tidx
 
     per_token = sub * g <= 16
@@ -214,7 +221,8 @@ def _selection_plan(st: SSAStructure, selected: torch.Tensor, q_tile: int, g: in
                        num_warps=2 if per_token else 4, num_stages=3, inverse=inverse, seg_cum=seg_cum,
                        chunk_n=chunk_n, dkv_tile_start=units_start if long_tiles else None,
                        dkv_tile_end=units_end if long_tiles else None, dkv_steps=SELECT_DKV_STEPS,
-                       dkv_warps=SELECT_DKV_WARPS, fused_dq=FUSED_DQ["slc"])
+                       dkv_tile_max=q_tile, dkv_entries=n_units * hkv * k * max_chunks, dkv_warps=SELECT_DKV_WARPS,
+                       fused_dq=FUSED_DQ["slc"])
 
 
 def selection_attention(q, k, v, structure: SSAStructure, selected: torch.Tensor, *, q_tile: int = 1,
@@ -238,7 +246,8 @@ def window_attention(q, k, v, structure: SSAStructure, *, shifted: bool = False,
     kind = "window1" if shifted else "window0"
     bt = _rows_per_tile(q.shape[1] // k.shape[1])
     plan = st.cached(("plan_win", kind, bt), lambda: _shared_plan(
-        st, kind, woff, kind, bt, piece=SHARED_DKV_PIECE["window"], fused_dq=FUSED_DQ["win"]))
+        st, kind, woff, kind, bt, piece=SHARED_DKV_PIECE["window"], fused_dq=FUSED_DQ["win"],
+        split_tail=False))  # ~2 key chunks per window: a separate tail costs more than its masks (H200)
     if perm is None:
         return segment_attention(q, k, v, plan)[0]
     inv = st.cached(("inv_perm", kind), lambda: torch.argsort(perm))

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import segment_attention as _seg
 from .segment_attention import LOG2E, _new, _rows, _rows_for, _warps
 
 
@@ -17,14 +18,16 @@ from .segment_attention import LOG2E, _new, _rows, _rows_for, _warps
 def _score_kernel(Q, KC, LSE, SCORE, TILE_START, TILE_END, TILE_SEG, TILE_UNIT, CMP_OFF, CMP_TO_SLC,
                   sqt, sqh, skt, skh, slt, slh, sct, sch, qk_scale,
                   G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                  D: tl.constexpr, POOL: tl.constexpr):
+                  D: tl.constexpr, POOL: tl.constexpr, LEAN: tl.constexpr = False, SUM_DOT: tl.constexpr = False,
+                  SUM_DT: tl.constexpr = tl.float32):
     """Adds one tile's probabilities, summed over its rows, into the score row of its selection unit."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     tok, head, valid = _rows(TILE_START, TILE_END, tile, h, G, BLOCK_T, BLOCK_R)
     d = tl.arange(0, D)
     q = tl.load(Q + tok[:, None] * sqt + head[:, None] * sqh + d[None, :], mask=valid[:, None], other=0.0)
-    lse2 = tl.load(LSE + tok * slt + head * slh, mask=valid, other=0.0) * 1.4426950408889634
+    # rows past the tile: lse = +inf, so their P is 0
+    lse2 = tl.load(LSE + tok * slt + head * slh, mask=valid, other=float("inf")) * 1.4426950408889634
     seg = tl.load(TILE_SEG + tile)
     row = SCORE + tl.load(TILE_UNIT + tile).to(tl.int64) * sct + h * sch
     c0 = tl.load(CMP_OFF + seg)
@@ -34,14 +37,24 @@ def _score_kernel(Q, KC, LSE, SCORE, TILE_START, TILE_END, TILE_SEG, TILE_UNIT, 
         n = n0 + cols
         nm = n < c1
         k = tl.load(KC + n[:, None] * skt + h * skh + d[None, :], mask=nm[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
-        p = tl.where(valid[:, None] & nm[None, :], tl.exp2(qk - lse2[:, None]), 0.0)
-        s = tl.sum(p, 0)  # over the G heads of this kv group and the tile's tokens
+        if LEAN:  # columns past the shape sum garbage that the masked atomic never adds
+            p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
+        else:
+            qk = tl.dot(q, tl.trans(k)) * qk_scale
+            p = tl.where(valid[:, None] & nm[None, :], tl.exp2(qk - lse2[:, None]), 0.0)
+        # summed over the G heads of this kv group and the tile's tokens
+        if SUM_DOT:  # on the tensor cores: P^T (BLOCK_N x rows) @ ones (rows x 16), every column the sum
+            s = tl.max(tl.dot(tl.trans(p.to(SUM_DT)), tl.full([BLOCK_R, 16], 1.0, SUM_DT)), 1)
+        else:
+            s = tl.sum(p, 0)
         if POOL:
             col = tl.load(CMP_TO_SLC + n, mask=nm, other=0)
         else:  # compression blocks are the selection blocks
             col = n - c0
         tl.atomic_add(row + col, s, mask=nm)
+
+
+SCORE_SUM_DOT = True  # column sums of the score tiles by a matmul with ones (P in float16) instead of shuffles
 
 
 def block_scores(q, k_cmp, lse_cmp, structure, q_tile: int, n_cols: int, block_n: int = 64):
@@ -65,7 +78,8 @@ def block_scores(q, k_cmp, lse_cmp, structure, q_tile: int, n_cols: int, block_n
         q, k_cmp, lse_cmp, score, ts, te, tseg, unit, cmp_off, st.cmp_to_slc_local,
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), lse_cmp.stride(0), lse_cmp.stride(1),
         score.stride(0), score.stride(1), d ** -0.5 * LOG2E, G=g, BLOCK_T=sub,
-        BLOCK_R=_rows_for(sub, g), BLOCK_N=block_n, D=d, POOL=pool,
+        BLOCK_R=_rows_for(sub, g), BLOCK_N=block_n, D=d, POOL=pool, LEAN=_seg.LEAN, SUM_DOT=SCORE_SUM_DOT,
+        SUM_DT=tl.float32 if q.dtype == torch.float32 else tl.float16,
         num_warps=_warps(_rows_for(sub, g), 4))
     return score
 
@@ -76,6 +90,46 @@ def _unit_of_tile(st, sub: int, q_tile: int) -> torch.Tensor:
     unit_off = st.tiles("shape", q_tile)[3]
     seg = tseg.long()
     return (unit_off[seg] + (ts - st.cu_seqlens[seg]) // q_tile).to(torch.int32)
+
+
+@triton.jit
+def _segments_kernel(SEL, UNIT, OFF, SEG_START, SEG_END, SEG_CUM, n_rows, HKV: tl.constexpr, K: tl.constexpr,
+                     KP: tl.constexpr, HAS_UNIT: tl.constexpr, BLOCK: tl.constexpr):
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (tile, kv head) pairs
+    rm = r < n_rows
+    tile = r // HKV
+    if HAS_UNIT:
+        unit = tl.load(UNIT + tile, mask=rm, other=0)
+    else:
+        unit = tile
+    kk = tl.arange(0, KP)
+    m = rm[:, None] & (kk[None, :] < K)
+    blk = tl.load(SEL + (unit * HKV + r % HKV)[:, None] * K + kk[None, :], mask=m, other=-1)
+    ok = m & (blk >= 0)
+    a = tl.load(OFF + blk, mask=ok, other=0).to(tl.int32)
+    e = tl.load(OFF + blk + 1, mask=ok, other=0).to(tl.int32)
+    cum = tl.cumsum(e - a, 1) - (e - a)
+    out = r[:, None] * K + kk[None, :]
+    tl.store(SEG_START + out, a, mask=m)
+    tl.store(SEG_END + out, e, mask=m)
+    tl.store(SEG_CUM + out, cum, mask=m)
+
+
+def selected_segments(selected: torch.Tensor, offsets: torch.Tensor, unit: torch.Tensor | None = None):
+    """Key ranges of the selected blocks: int32 (start, end, exclusive prefix sum of the lengths), each
+    (n_tiles, Hkv, k), empty where the id is -1. ``unit`` maps each tile to its row of ``selected``
+    (sub-tiles sharing a unit's selection). One launch instead of a dozen tensor ops per call."""
+    selected = selected.contiguous()
+    n_units, hkv, k = selected.shape
+    n_tiles = n_units if unit is None else unit.numel()
+    out = [torch.empty((n_tiles, hkv, k), dtype=torch.int32, device=selected.device) for _ in range(3)]
+    n_rows = n_tiles * hkv
+    if n_rows:
+        block = 64
+        _segments_kernel[(triton.cdiv(n_rows, block),)](
+            selected, unit if unit is not None else selected, offsets, *out, n_rows, HKV=hkv, K=k,
+            KP=triton.next_power_of_2(k), HAS_UNIT=unit is not None, BLOCK=block)
+    return out
 
 
 @triton.jit

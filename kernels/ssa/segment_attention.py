@@ -23,6 +23,8 @@ from .gate import row_dot
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 POISON = False  # tests set this: outputs start as NaN so an unwritten element fails
+LEAN = True  # exponent scale folded into one FMA, unmasked whole key chunks, row masks through lse = +inf
+DELTA_IN_DQ = True  # the dQ kernel computes rowsum(O·dO) for itself and the dK/dV kernel (no row_dot pass)
 
 
 def _new(shape, like, dtype=None):
@@ -66,14 +68,35 @@ def _gathered_keys(n0, cols, shift, lo, hi, total):
 
 
 @triton.jit
-def _fwd_step(q, K, V, n, nm, h, skt, skh, d, qk_scale, m_i, l_i, acc):
-    k = tl.load(K + n[:, None] * skt + h * skh + d[None, :], mask=nm[:, None], other=0.0)
-    v = tl.load(V + n[:, None] * skt + h * skh + d[None, :], mask=nm[:, None], other=0.0)
-    qk = tl.dot(q, tl.trans(k)) * qk_scale  # log2 units
-    qk = tl.where(nm[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+def _chunk_kv(K, V, n, nm, h, skt, skh, d, MASK: tl.constexpr):
+    """K and V rows n of kv head h; a whole chunk (MASK=False) loads without masks."""
+    if MASK:
+        k = tl.load(K + n[:, None] * skt + h * skh + d[None, :], mask=nm[:, None], other=0.0)
+        v = tl.load(V + n[:, None] * skt + h * skh + d[None, :], mask=nm[:, None], other=0.0)
+    else:
+        k = tl.load(K + n[:, None] * skt + h * skh + d[None, :])
+        v = tl.load(V + n[:, None] * skt + h * skh + d[None, :])
+    return k, v
+
+
+@triton.jit
+def _fwd_step(q, K, V, n, nm, h, skt, skh, d, qk_scale, m_i, l_i, acc, MASK: tl.constexpr = True,
+              LEAN: tl.constexpr = False):
+    """One key chunk of the online softmax. LEAN: the scale rides in the exponent's FMA (max taken on the
+    raw dot), and chunks with every key present (MASK=False) skip the masked loads and the -inf select."""
+    k, v = _chunk_kv(K, V, n, nm, h, skt, skh, d, MASK)
+    if LEAN:
+        qk = tl.dot(q, tl.trans(k))
+        if MASK:
+            qk = tl.where(nm[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # qk_scale > 0: the max commutes with it
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
+    else:
+        qk = tl.dot(q, tl.trans(k)) * qk_scale  # log2 units
+        qk = tl.where(nm[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc
@@ -83,7 +106,8 @@ def _fwd_step(q, K, V, n, nm, h, skt, skh, d, qk_scale, m_i, l_i, acc):
 def _fwd_kernel(Q, K, V, O, LSE, TILE_START, TILE_END, SEG_START, SEG_END, SEG_CUM,
                 sqt, sqh, skt, skh, sot, soh, slt, slh, sst, ssh, qk_scale,
                 S: tl.constexpr, SP: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+                BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, LEAN: tl.constexpr = False,
+                TAIL: tl.constexpr = True):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     tok, head, valid = _rows(TILE_START, TILE_END, tile, h, G, BLOCK_T, BLOCK_R)
@@ -95,9 +119,23 @@ def _fwd_kernel(Q, K, V, O, LSE, TILE_START, TILE_END, SEG_START, SEG_END, SEG_C
     cols = tl.arange(0, BLOCK_N)
     base = tile * sst + h * ssh
     shift, lo, hi, total = _segment_table(SEG_START, SEG_END, SEG_CUM, base, S, SP)
-    for n0 in range(0, total, BLOCK_N):
-        n, nm = _gathered_keys(n0, cols, shift, lo, hi, total)
-        m_i, l_i, acc = _fwd_step(q, K, V, n, nm, h, skt, skh, d, qk_scale, m_i, l_i, acc)
+    if LEAN:  # (nested constexpr tests: a compound condition is not resolved at compile time)
+        if TAIL:  # whole chunks unmasked, then the partial one
+            full = total - total % BLOCK_N
+            for n0 in range(0, full, BLOCK_N):
+                n, nm = _gathered_keys(n0, cols, shift, lo, hi, total)
+                m_i, l_i, acc = _fwd_step(q, K, V, n, nm, h, skt, skh, d, qk_scale, m_i, l_i, acc, False, True)
+            if full < total:
+                n, nm = _gathered_keys(full, cols, shift, lo, hi, total)
+                m_i, l_i, acc = _fwd_step(q, K, V, n, nm, h, skt, skh, d, qk_scale, m_i, l_i, acc, True, True)
+        else:  # short segments (windows): every chunk masked, the scale still in the FMA
+            for n0 in range(0, total, BLOCK_N):
+                n, nm = _gathered_keys(n0, cols, shift, lo, hi, total)
+                m_i, l_i, acc = _fwd_step(q, K, V, n, nm, h, skt, skh, d, qk_scale, m_i, l_i, acc, True, True)
+    else:
+        for n0 in range(0, total, BLOCK_N):
+            n, nm = _gathered_keys(n0, cols, shift, lo, hi, total)
+            m_i, l_i, acc = _fwd_step(q, K, V, n, nm, h, skt, skh, d, qk_scale, m_i, l_i, acc)
     has = l_i > 0
     acc = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("inf"))
@@ -106,21 +144,28 @@ def _fwd_kernel(Q, K, V, O, LSE, TILE_START, TILE_END, SEG_START, SEG_END, SEG_C
 
 
 @triton.jit
-def _dq_step(q, do, lse2, delta, valid, K, V, n, nm, h, skt, skh, d, qk_scale, dq):
-    k = tl.load(K + n[:, None] * skt + h * skh + d[None, :], mask=nm[:, None], other=0.0)
-    v = tl.load(V + n[:, None] * skt + h * skh + d[None, :], mask=nm[:, None], other=0.0)
-    qk = tl.dot(q, tl.trans(k)) * qk_scale
-    p = tl.where(valid[:, None] & nm[None, :], tl.exp2(qk - lse2[:, None]), 0.0)
+def _dq_step(q, do, lse2, delta, valid, K, V, n, nm, h, skt, skh, d, qk_scale, dq, MASK: tl.constexpr = True,
+             LEAN: tl.constexpr = False):
+    """LEAN: rows past the tile carry lse = +inf (so P = 0 there without a select) and whole chunks skip masks."""
+    k, v = _chunk_kv(K, V, n, nm, h, skt, skh, d, MASK)
+    if LEAN:
+        p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
+        if MASK:
+            p = tl.where(nm[None, :], p, 0.0)
+    else:
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.where(valid[:, None] & nm[None, :], tl.exp2(qk - lse2[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v))
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k)
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TILE_START, TILE_END, SEG_START, SEG_END, SEG_CUM,
+def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, TILE_START, TILE_END, SEG_START, SEG_END, SEG_CUM,
                    sqt, sqh, skt, skh, slt, slh, sst, ssh, qk_scale, sm_scale,
                    S: tl.constexpr, SP: tl.constexpr, G: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+                   BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                   LEAN: tl.constexpr = False, TAIL: tl.constexpr = True, DELTA_HERE: tl.constexpr = False):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     tok, head, valid = _rows(TILE_START, TILE_END, tile, h, G, BLOCK_T, BLOCK_R)
@@ -128,28 +173,54 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TILE_START, TILE_END, SEG_START,
     qoff = tok[:, None] * sqt + head[:, None] * sqh + d[None, :]
     q = tl.load(Q + qoff, mask=valid[:, None], other=0.0)
     do = tl.load(DO + qoff, mask=valid[:, None], other=0.0)
-    lse2 = tl.load(LSE + tok * slt + head * slh, mask=valid, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + tok * slt + head * slh, mask=valid, other=0.0)
+    lse2 = tl.load(LSE + tok * slt + head * slh, mask=valid, other=float("inf")) * 1.4426950408889634
+    if DELTA_HERE:  # rowsum(O·dO) for this kernel and the dK/dV kernel after it (no separate pass over O, dO)
+        o = tl.load(O + qoff, mask=valid[:, None], other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + tok * slt + head * slh, delta, mask=valid)
+    else:
+        delta = tl.load(DELTA + tok * slt + head * slh, mask=valid, other=0.0)
     dq = tl.zeros([BLOCK_R, D], tl.float32)
     cols = tl.arange(0, BLOCK_N)
     base = tile * sst + h * ssh
     shift, lo, hi, total = _segment_table(SEG_START, SEG_END, SEG_CUM, base, S, SP)
-    for n0 in range(0, total, BLOCK_N):
-        n, nm = _gathered_keys(n0, cols, shift, lo, hi, total)
-        dq = _dq_step(q, do, lse2, delta, valid, K, V, n, nm, h, skt, skh, d, qk_scale, dq)
+    if LEAN:
+        if TAIL:
+            full = total - total % BLOCK_N
+            for n0 in range(0, full, BLOCK_N):
+                n, nm = _gathered_keys(n0, cols, shift, lo, hi, total)
+                dq = _dq_step(q, do, lse2, delta, valid, K, V, n, nm, h, skt, skh, d, qk_scale, dq, False, True)
+            if full < total:
+                n, nm = _gathered_keys(full, cols, shift, lo, hi, total)
+                dq = _dq_step(q, do, lse2, delta, valid, K, V, n, nm, h, skt, skh, d, qk_scale, dq, True, True)
+        else:
+            for n0 in range(0, total, BLOCK_N):
+                n, nm = _gathered_keys(n0, cols, shift, lo, hi, total)
+                dq = _dq_step(q, do, lse2, delta, valid, K, V, n, nm, h, skt, skh, d, qk_scale, dq, True, True)
+    else:
+        for n0 in range(0, total, BLOCK_N):
+            n, nm = _gathered_keys(n0, cols, shift, lo, hi, total)
+            dq = _dq_step(q, do, lse2, delta, valid, K, V, n, nm, h, skt, skh, d, qk_scale, dq)
     tl.store(DQ + qoff, (dq * sm_scale).to(DQ.dtype.element_ty), mask=valid[:, None])
 
 
 @triton.jit
 def _dkv_step(Q, DO, LSE, DELTA, DQ, tok, head, valid, k, v, nm, d, sqt, sqh, slt, slh, qk_scale, sm_scale, dk, dv,
-              FUSED_DQ: tl.constexpr):
+              FUSED_DQ: tl.constexpr, LEAN: tl.constexpr = False):
     qoff = tok[:, None] * sqt + head[:, None] * sqh + d[None, :]
     q = tl.load(Q + qoff, mask=valid[:, None], other=0.0)
     do = tl.load(DO + qoff, mask=valid[:, None], other=0.0)
-    lse2 = tl.load(LSE + tok * slt + head * slh, mask=valid, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(LSE + tok * slt + head * slh, mask=valid, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + tok * slt + head * slh, mask=valid, other=0.0)
-    qk = tl.dot(q, tl.trans(k)) * qk_scale
-    p = tl.where(valid[:, None] & nm[None, :], tl.exp2(qk - lse2[:, None]), 0.0)
+    if LEAN:
+        # rows past the tile have lse = +inf (P = 0); columns past the chunk give garbage only in the dK/dV
+        # rows of those keys, which are never stored
+        p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
+        if FUSED_DQ:  # except through dQ, which sums over the columns
+            p = tl.where(nm[None, :], p, 0.0)
+    else:
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.where(valid[:, None] & nm[None, :], tl.exp2(qk - lse2[:, None]), 0.0)
     dv += tl.dot(tl.trans(p.to(do.dtype)), do)
     dp = tl.dot(do, tl.trans(v))
     ds = p * (dp - delta[:, None])
@@ -165,7 +236,7 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, TILE_START, TILE_END, C
                     QPTR, TIDX, ITEMS, sqt, sqh, skt, skh, slt, slh, sph, qk_scale, sm_scale,
                     G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, TPI: tl.constexpr,
                     BLOCK_N: tl.constexpr, D: tl.constexpr, ATOMIC: tl.constexpr, LONG_TILES: tl.constexpr,
-                    BALANCED: tl.constexpr, FUSED_DQ: tl.constexpr):
+                    BALANCED: tl.constexpr, FUSED_DQ: tl.constexpr, LEAN: tl.constexpr = False):
     if BALANCED:  # one work item (chunk, kv head, range of its tile list) per program
         it = tl.program_id(0)
         c = tl.load(ITEMS + it * 4)
@@ -204,7 +275,7 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, TILE_START, TILE_END, C
                 tok = t0 + (r0 + r) // G
                 head = h * G + (r0 + r) % G
                 dk, dv = _dkv_step(Q, DO, LSE, DELTA, DQ, tok, head, r0 + r < rows, k, v, nm, d, sqt, sqh, slt, slh,
-                                   qk_scale, sm_scale, dk, dv, FUSED_DQ)
+                                   qk_scale, sm_scale, dk, dv, FUSED_DQ, LEAN)
     else:  # TPI short tiles side by side per step
         rr = tl.arange(0, TPI * BLOCK_R)
         j = rr // BLOCK_R
@@ -219,10 +290,11 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, TILE_START, TILE_END, C
             head = h * G + r % G
             valid = tm & (r < BLOCK_T * G) & (tok < t1)
             dk, dv = _dkv_step(Q, DO, LSE, DELTA, DQ, tok, head, valid, k, v, nm, d, sqt, sqh, slt, slh,
-                               qk_scale, sm_scale, dk, dv, FUSED_DQ)
+                               qk_scale, sm_scale, dk, dv, FUSED_DQ, LEAN)
     if ATOMIC:
-        tl.atomic_add(DK + koff, dk * sm_scale, mask=nm[:, None])
-        tl.atomic_add(DV + koff, dv, mask=nm[:, None])
+        if b > a:  # work items past the last (the grid is an upper bound) add nothing
+            tl.atomic_add(DK + koff, dk * sm_scale, mask=nm[:, None], sem="relaxed")
+            tl.atomic_add(DV + koff, dv, mask=nm[:, None], sem="relaxed")
     else:
         tl.store(DK + koff, (dk * sm_scale).to(DK.dtype.element_ty), mask=nm[:, None])
         tl.store(DV + koff, dv.to(DV.dtype.element_ty), mask=nm[:, None])
@@ -261,21 +333,34 @@ class SegmentPlan:
     dkv_steps: int = 0  # >0: split every chunk's tile list into work items of about this many 128-row steps
     fused_dq: bool = False  # dQ from the dK/dV kernel's P (float32 atomics) instead of a second pass
     dkv_warps: int = 0  # warps of the dK/dV kernel (0: 4, or 8 for 256-row steps)
+    split_tail: bool = True  # LEAN: whole key chunks in an unmasked loop, the partial one after it (long segments)
+    dkv_tile_max: int = 0  # most tokens of a dK/dV tile (long tiles; 0 = read from the device)
+    dkv_entries: int = 0  # bound on the tile-list entries summed over chunks and heads (0 = read from the device)
 
 
 def _work_items(plan, qptr, hkv: int, per_item: int) -> torch.Tensor:
     """(chunk, kv head, first, end) int32 rows: each chunk's tile list cut into pieces of per_item entries,
-    so a block that many tiles chose is shared by many programs (their sums meet in float32 atomics)."""
+    so a block that many tiles chose is shared by many programs (their sums meet in float32 atomics).
+
+    With ``plan.dkv_entries`` the rows are as many as that bound allows (no host sync); those past the
+    last real item are empty (first = end)."""
     seg = plan.chunk_seg.long()
-    base = torch.arange(hkv, device=seg.device)[:, None] * plan.qptr_head_stride + seg[None, :]
+    dev = seg.device
+    base = torch.arange(hkv, device=dev)[:, None] * plan.qptr_head_stride + seg[None, :]
     p0 = qptr[base].long().flatten()
     p1 = qptr[base + 1].long().flatten()
     n_it = (p1 - p0 + per_item - 1) // per_item
-    total = int(n_it.sum())
-    job = torch.repeat_interleave(torch.arange(n_it.numel(), device=seg.device), n_it, output_size=total)
-    first = torch.cumsum(n_it, 0) - n_it
-    a = p0[job] + (torch.arange(total, device=seg.device) - first[job]) * per_item
+    ends = torch.cumsum(n_it, 0)
+    if plan.dkv_entries:  # each list of L entries gives at most L / per_item + 1 items
+        total = n_it.numel() + (plan.dkv_entries + per_item - 1) // per_item
+    else:
+        total = int(ends[-1]) if n_it.numel() else 0
+    i = torch.arange(total, device=dev)
+    job = torch.searchsorted(ends, i, right=True).clamp_max(max(0, n_it.numel() - 1))
+    a = p0[job] + (i - (ends[job] - n_it[job])) * per_item
     b = torch.minimum(a + per_item, p1[job])
+    real = i < ends[-1] if n_it.numel() else torch.zeros_like(i, dtype=torch.bool)
+    a, b = torch.where(real, a, 0), torch.where(real, b, 0)
     n_chunks = seg.numel()
     return torch.stack([job % n_chunks, job // n_chunks, a, b], 1).to(torch.int32).contiguous()
 
@@ -321,7 +406,7 @@ def _launch_fwd(q, k, v, plan: SegmentPlan):
             q, k, v, o, lse, plan.tile_start, plan.tile_end, plan.seg_start, plan.seg_end, cum,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1), lse.stride(0), lse.stride(1),
             sst, ssh, d ** -0.5 * LOG2E, G=g, BLOCK_T=plan.block_t,
-            BLOCK_R=_rows_for(plan.block_t, g), BLOCK_N=plan.block_n, D=d,
+            BLOCK_R=_rows_for(plan.block_t, g), BLOCK_N=plan.block_n, D=d, LEAN=LEAN, TAIL=plan.split_tail,
             num_warps=_warps(_rows_for(plan.block_t, g), plan.num_warps), **seg_kw, **_stages(plan))
     return o, lse
 
@@ -331,22 +416,24 @@ def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan):
     hkv = k.shape[1]
     g = hq // hkv
     do = do.contiguous()
-    delta = row_dot(o, do)
     fused = plan.fused_dq
+    n_tiles = plan.tile_start.numel()
+    delta_here = DELTA_IN_DQ and not fused and n_tiles > 0
+    delta = torch.empty(o.shape[:2], dtype=torch.float32, device=o.device) if delta_here else row_dot(o, do)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if fused else _new(q.shape, q)
     atomic = plan.dkv_split > 1 or plan.dkv_steps > 0
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if atomic else _new(k.shape, k)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device) if atomic else _new(v.shape, v)
     br = _rows_for(plan.block_t, g)
-    n_tiles = plan.tile_start.numel()
     if n_tiles and not fused:
         sst, ssh = _seg_strides(plan.seg_start)
         cum, seg_kw = _seg_args(plan)
         _bwd_dq_kernel[(n_tiles, hkv)](
-            q, k, v, do, lse, delta, dq, plan.tile_start, plan.tile_end, plan.seg_start, plan.seg_end, cum,
+            q, k, v, o, do, lse, delta, dq, plan.tile_start, plan.tile_end, plan.seg_start, plan.seg_end, cum,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), lse.stride(1), sst, ssh,
             d ** -0.5 * LOG2E, d ** -0.5, G=g, BLOCK_T=plan.block_t, BLOCK_R=br,
-            BLOCK_N=plan.block_n, D=d, num_warps=_warps(br, plan.num_warps), **seg_kw, **_stages(plan))
+            BLOCK_N=plan.block_n, D=d, LEAN=LEAN, TAIL=plan.split_tail, DELTA_HERE=delta_here,
+            num_warps=_warps(br, plan.num_warps), **seg_kw, **_stages(plan))
     qptr, tidx = plan.inverse() if plan.inverse is not None else (plan.qptr, plan.tidx)
     n_chunks = plan.chunk_start.numel()
     if n_chunks:
@@ -358,7 +445,7 @@ def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan):
         items = qptr
         if plan.dkv_steps:
             if long_tiles:  # entries are whole tiles of up to max_rows rows, walked in br-row steps
-                max_rows = int((plan.dkv_tile_end - plan.dkv_tile_start).max()) * g
+                max_rows = (plan.dkv_tile_max or int((plan.dkv_tile_end - plan.dkv_tile_start).max())) * g
                 per_item = max(1, plan.dkv_steps // triton.cdiv(max_rows, br))
             else:
                 per_item = plan.dkv_steps * tpi
@@ -370,7 +457,7 @@ def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan):
                 plan.chunk_seg, qptr, tidx, items, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                 lse.stride(0), lse.stride(1), plan.qptr_head_stride, d ** -0.5 * LOG2E, d ** -0.5,
                 G=g, BLOCK_T=plan.block_t, BLOCK_R=br, TPI=tpi, BLOCK_N=plan.chunk_n or plan.block_n, D=d,
-                ATOMIC=atomic, LONG_TILES=long_tiles, BALANCED=plan.dkv_steps > 0, FUSED_DQ=fused,
+                ATOMIC=atomic, LONG_TILES=long_tiles, BALANCED=plan.dkv_steps > 0, FUSED_DQ=fused, LEAN=LEAN,
                 num_warps=plan.dkv_warps or _warps(tpi * br, 4))
     if atomic:
         dk, dv = dk.to(k.dtype), dv.to(v.dtype)
