@@ -400,7 +400,7 @@ def ab_variants(log, sizes=(131072,), qt=64):
     each branch and the whole SSA; outputs and gradients against the first variant."""
     from kernels.ssa import scoring
     variants = {"plain": (False, False, False), "lean": (True, False, False), "lean+sum-dot": (True, True, False),
-                "lean+sum-dot+delta-in-dq": (True, True, True)}
+                "lean+sum-dot+delta-in-dQ": (True, True, True)}
     keep = (seg.LEAN, scoring.SCORE_SUM_DOT, seg.DELTA_IN_DQ)
     for n in sizes:
         st, t = workload(n)

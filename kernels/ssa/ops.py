@@ -95,7 +95,7 @@ FUSED_DQ = {"cmp": False, "slc": False, "win": False}  # off until timed on a GP
 
 
 def _shared_plan(st, tile_kind, seg_offsets, chunk_kind, block_t, block_n=64, fill_gpu=False, piece=0, chunk_n=64,
-                 dkv_warps=0, fused_dq=False, split_tail=True):
+                 dkv_warps=0, fused_dq=False, lean=True):
     """Plan for branches where every tile of a segment attends to that whole segment.
 
     dK/dV of a key chunk walks the segment's queries in contiguous pieces of ``piece`` tokens (each
@@ -115,7 +115,7 @@ def _shared_plan(st, tile_kind, seg_offsets, chunk_kind, block_t, block_n=64, fi
     return SegmentPlan(ts, te, seg_start, segs[tseg.long() + 1].view(-1, 1, 1), block_t,
                        cs, ce, cseg, qptr, 0, tidx, block_n, dkv_split=split, seg_cum=torch.zeros_like(seg_start),
                        chunk_n=chunk_n, dkv_tile_start=dts, dkv_tile_end=dte, dkv_warps=dkv_warps, fused_dq=fused_dq,
-                       split_tail=split_tail)
+                       lean=lean)
 
 
 def compression_attention(q, k_cmp, v_cmp, structure: SSAStructure, *, backend: str = "triton"):
@@ -247,7 +247,7 @@ def window_attention(q, k, v, structure: SSAStructure, *, shifted: bool = False,
     bt = _rows_per_tile(q.shape[1] // k.shape[1])
     plan = st.cached(("plan_win", kind, bt), lambda: _shared_plan(
         st, kind, woff, kind, bt, piece=SHARED_DKV_PIECE["window"], fused_dq=FUSED_DQ["win"],
-        split_tail=False))  # ~2 key chunks per window: a separate tail costs more than its masks (H200)
+        lean=False))  # ~2 key chunks per window: the lean loop's separate tail measured slower (H200)
     if perm is None:
         return segment_attention(q, k, v, plan)[0]
     inv = st.cached(("inv_perm", kind), lambda: torch.argsort(perm))

@@ -24,7 +24,7 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 POISON = False  # tests set this: outputs start as NaN so an unwritten element fails
 LEAN = True  # exponent scale folded into one FMA, unmasked whole key chunks, row masks through lse = +inf
-DELTA_IN_DQ = True  # the dQ kernel computes rowsum(O·dO) for itself and the dK/dV kernel (no row_dot pass)
+DELTA_IN_DQ = False  # the dQ kernel computes rowsum(O·dO) for itself and dK/dV (no row_dot pass); not yet timed
 
 
 def _new(shape, like, dtype=None):
@@ -106,8 +106,7 @@ def _fwd_step(q, K, V, n, nm, h, skt, skh, d, qk_scale, m_i, l_i, acc, MASK: tl.
 def _fwd_kernel(Q, K, V, O, LSE, TILE_START, TILE_END, SEG_START, SEG_END, SEG_CUM,
                 sqt, sqh, skt, skh, sot, soh, slt, slh, sst, ssh, qk_scale,
                 S: tl.constexpr, SP: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, LEAN: tl.constexpr = False,
-                TAIL: tl.constexpr = True):
+                BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, LEAN: tl.constexpr = False):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     tok, head, valid = _rows(TILE_START, TILE_END, tile, h, G, BLOCK_T, BLOCK_R)
@@ -119,19 +118,14 @@ def _fwd_kernel(Q, K, V, O, LSE, TILE_START, TILE_END, SEG_START, SEG_END, SEG_C
     cols = tl.arange(0, BLOCK_N)
     base = tile * sst + h * ssh
     shift, lo, hi, total = _segment_table(SEG_START, SEG_END, SEG_CUM, base, S, SP)
-    if LEAN:  # (nested constexpr tests: a compound condition is not resolved at compile time)
-        if TAIL:  # whole chunks unmasked, then the partial one
-            full = total - total % BLOCK_N
-            for n0 in range(0, full, BLOCK_N):
-                n, nm = _gathered_keys(n0, cols, shift, lo, hi, total)
-                m_i, l_i, acc = _fwd_step(q, K, V, n, nm, h, skt, skh, d, qk_scale, m_i, l_i, acc, False, True)
-            if full < total:
-                n, nm = _gathered_keys(full, cols, shift, lo, hi, total)
-                m_i, l_i, acc = _fwd_step(q, K, V, n, nm, h, skt, skh, d, qk_scale, m_i, l_i, acc, True, True)
-        else:  # short segments (windows): every chunk masked, the scale still in the FMA
-            for n0 in range(0, total, BLOCK_N):
-                n, nm = _gathered_keys(n0, cols, shift, lo, hi, total)
-                m_i, l_i, acc = _fwd_step(q, K, V, n, nm, h, skt, skh, d, qk_scale, m_i, l_i, acc, True, True)
+    if LEAN:  # whole chunks unmasked, then the partial one
+        full = total - total % BLOCK_N
+        for n0 in range(0, full, BLOCK_N):
+            n, nm = _gathered_keys(n0, cols, shift, lo, hi, total)
+            m_i, l_i, acc = _fwd_step(q, K, V, n, nm, h, skt, skh, d, qk_scale, m_i, l_i, acc, False, True)
+        if full < total:
+            n, nm = _gathered_keys(full, cols, shift, lo, hi, total)
+            m_i, l_i, acc = _fwd_step(q, K, V, n, nm, h, skt, skh, d, qk_scale, m_i, l_i, acc, True, True)
     else:
         for n0 in range(0, total, BLOCK_N):
             n, nm = _gathered_keys(n0, cols, shift, lo, hi, total)
@@ -165,7 +159,7 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, TILE_START, TILE_END, SEG_STA
                    sqt, sqh, skt, skh, slt, slh, sst, ssh, qk_scale, sm_scale,
                    S: tl.constexpr, SP: tl.constexpr, G: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                   LEAN: tl.constexpr = False, TAIL: tl.constexpr = True, DELTA_HERE: tl.constexpr = False):
+                   LEAN: tl.constexpr = False, DELTA_HERE: tl.constexpr = False):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     tok, head, valid = _rows(TILE_START, TILE_END, tile, h, G, BLOCK_T, BLOCK_R)
@@ -185,18 +179,13 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, TILE_START, TILE_END, SEG_STA
     base = tile * sst + h * ssh
     shift, lo, hi, total = _segment_table(SEG_START, SEG_END, SEG_CUM, base, S, SP)
     if LEAN:
-        if TAIL:
-            full = total - total % BLOCK_N
-            for n0 in range(0, full, BLOCK_N):
-                n, nm = _gathered_keys(n0, cols, shift, lo, hi, total)
-                dq = _dq_step(q, do, lse2, delta, valid, K, V, n, nm, h, skt, skh, d, qk_scale, dq, False, True)
-            if full < total:
-                n, nm = _gathered_keys(full, cols, shift, lo, hi, total)
-                dq = _dq_step(q, do, lse2, delta, valid, K, V, n, nm, h, skt, skh, d, qk_scale, dq, True, True)
-        else:
-            for n0 in range(0, total, BLOCK_N):
-                n, nm = _gathered_keys(n0, cols, shift, lo, hi, total)
-                dq = _dq_step(q, do, lse2, delta, valid, K, V, n, nm, h, skt, skh, d, qk_scale, dq, True, True)
+        full = total - total % BLOCK_N
+        for n0 in range(0, full, BLOCK_N):
+            n, nm = _gathered_keys(n0, cols, shift, lo, hi, total)
+            dq = _dq_step(q, do, lse2, delta, valid, K, V, n, nm, h, skt, skh, d, qk_scale, dq, False, True)
+        if full < total:
+            n, nm = _gathered_keys(full, cols, shift, lo, hi, total)
+            dq = _dq_step(q, do, lse2, delta, valid, K, V, n, nm, h, skt, skh, d, qk_scale, dq, True, True)
     else:
         for n0 in range(0, total, BLOCK_N):
             n, nm = _gathered_keys(n0, cols, shift, lo, hi, total)
@@ -333,7 +322,7 @@ class SegmentPlan:
     dkv_steps: int = 0  # >0: split every chunk's tile list into work items of about this many 128-row steps
     fused_dq: bool = False  # dQ from the dK/dV kernel's P (float32 atomics) instead of a second pass
     dkv_warps: int = 0  # warps of the dK/dV kernel (0: 4, or 8 for 256-row steps)
-    split_tail: bool = True  # LEAN: whole key chunks in an unmasked loop, the partial one after it (long segments)
+    lean: bool = True  # LEAN kernels for this plan (windows: ~2 key chunks each, the plain loop measured faster)
     dkv_tile_max: int = 0  # most tokens of a dK/dV tile (long tiles; 0 = read from the device)
     dkv_entries: int = 0  # bound on the tile-list entries summed over chunks and heads (0 = read from the device)
 
@@ -406,7 +395,7 @@ def _launch_fwd(q, k, v, plan: SegmentPlan):
             q, k, v, o, lse, plan.tile_start, plan.tile_end, plan.seg_start, plan.seg_end, cum,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1), lse.stride(0), lse.stride(1),
             sst, ssh, d ** -0.5 * LOG2E, G=g, BLOCK_T=plan.block_t,
-            BLOCK_R=_rows_for(plan.block_t, g), BLOCK_N=plan.block_n, D=d, LEAN=LEAN, TAIL=plan.split_tail,
+            BLOCK_R=_rows_for(plan.block_t, g), BLOCK_N=plan.block_n, D=d, LEAN=LEAN and plan.lean,
             num_warps=_warps(_rows_for(plan.block_t, g), plan.num_warps), **seg_kw, **_stages(plan))
     return o, lse
 
@@ -432,7 +421,7 @@ def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan):
             q, k, v, o, do, lse, delta, dq, plan.tile_start, plan.tile_end, plan.seg_start, plan.seg_end, cum,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), lse.stride(1), sst, ssh,
             d ** -0.5 * LOG2E, d ** -0.5, G=g, BLOCK_T=plan.block_t, BLOCK_R=br,
-            BLOCK_N=plan.block_n, D=d, LEAN=LEAN, TAIL=plan.split_tail, DELTA_HERE=delta_here,
+            BLOCK_N=plan.block_n, D=d, LEAN=LEAN and plan.lean, DELTA_HERE=delta_here,
             num_warps=_warps(br, plan.num_warps), **seg_kw, **_stages(plan))
     qptr, tidx = plan.inverse() if plan.inverse is not None else (plan.qptr, plan.tidx)
     n_chunks = plan.chunk_start.numel()
@@ -457,7 +446,8 @@ def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan):
                 plan.chunk_seg, qptr, tidx, items, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                 lse.stride(0), lse.stride(1), plan.qptr_head_stride, d ** -0.5 * LOG2E, d ** -0.5,
                 G=g, BLOCK_T=plan.block_t, BLOCK_R=br, TPI=tpi, BLOCK_N=plan.chunk_n or plan.block_n, D=d,
-                ATOMIC=atomic, LONG_TILES=long_tiles, BALANCED=plan.dkv_steps > 0, FUSED_DQ=fused, LEAN=LEAN,
+                ATOMIC=atomic, LONG_TILES=long_tiles, BALANCED=plan.dkv_steps > 0, FUSED_DQ=fused,
+                LEAN=LEAN and plan.lean,
                 num_warps=plan.dkv_warps or _warps(tpi * br, 4))
     if atomic:
         dk, dv = dk.to(k.dtype), dv.to(v.dtype)
