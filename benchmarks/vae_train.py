@@ -9,6 +9,9 @@ beside the same network untrained, which is the baseline measured in the same ru
     python benchmarks/vae_train.py --work /tmp/vaerun --res 256,512 --minutes 4,3 --batch 2,1
 
 Each stage is one ``s2 train-vae-local`` process, so the commands it prints can be rerun alone.
+Rerunning with the same ``--work`` reuses the shards and every stage that finished (its
+``metrics.json`` and ``vae.pt`` exist): a run cut short by a time limit goes on where it stopped.
+Delete a stage's folder to train it again.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--json", default="", help="also write the table's rows here")
+    ap.add_argument("--stages", type=int, default=0,
+                    help="train at most this many new stages, then stop (the next run with the same --work goes on)")
     a = ap.parse_args()
     res = per_list(a.res, len(a.res.split(",")), int)
     minutes = per_list(a.minutes, len(res), float)
@@ -72,7 +77,7 @@ def main() -> None:
                   "--resolutions", ",".join(map(str, res)), "--views", "0", "--no-progress"], work / "preprocess.log")
     prep_s = time.time() - t0
 
-    rows, prev, prev_res = [], "", 0
+    rows, prev, prev_res, trained = [], "", 0, 0
     for r, m, b, lr in zip(res, minutes, batch, lrs):
         out = work / f"vae{r}"
         cmd = s2 + ["train-vae-local", "--shards", str(shards), "--resolution", str(r), "--size", a.size,
@@ -81,7 +86,14 @@ def main() -> None:
                     "--dtype", a.dtype, "--out-dir", str(out), "--log-every", "50", "--no-progress"]
         if prev:
             cmd += ["--init-from", prev]
-        run(cmd, work / f"train{r}.log")
+        if (out / "metrics.json").exists() and (out / "vae.pt").exists():
+            print(f"{out}: finished earlier, reusing its metrics and weights", flush=True)
+        elif a.stages and trained >= a.stages:
+            print(f"stopping before the {r}³ stage (--stages {a.stages}); rerun with --work {work} to go on", flush=True)
+            break
+        else:
+            run(cmd, work / f"train{r}.log")
+            trained += 1
         metrics = json.loads((out / "metrics.json").read_text())
         # the baseline of a stage that starts from the previous stage is that stage's weights
         start = f"{prev_res}³ weights, before this stage" if prev else "untrained"
