@@ -31,12 +31,18 @@ class DiTConfig:
     qk_norm: bool = True
     attention: str = "full"  # "full" | "ssa"
     grad_checkpointing: bool = False
+    # > 0: tokens lie on a fixed g³ grid (the dense structure stage) and each grid cell also gets a
+    # learned position vector. Sinusoids alone tell few cells apart at small widths (a width-64 network
+    # has 10 frequencies per axis, 2–3 of which vary across 8 cells); a table lets every cell hold its own.
+    grid_positions: int = 0
 
     def __post_init__(self):
         if self.heads % self.kv_heads:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
         if self.attention not in ("full", "ssa"):
             raise ValueError(f"attention must be 'full' or 'ssa', got {self.attention!r}")
+        if self.grid_positions < 0:
+            raise ValueError(f"grid_positions must be >= 0, got {self.grid_positions}")
 
     @classmethod
     def named(cls, name: str, **overrides) -> "DiTConfig":
@@ -207,6 +213,8 @@ class SparseDiT(nn.Module):
         w = cfg.width
         self.input = nn.Linear(cfg.in_channels, w)
         self.t_embed = TimestepEmbedder(w)
+        g = cfg.grid_positions
+        self.grid_pos = nn.Parameter(torch.zeros(g ** 3, w)) if g else None
         self.cond_norm = nn.LayerNorm(cfg.cond_dim)
         self.blocks = nn.ModuleList([DiTBlock(cfg, i) for i in range(cfg.depth)])
         self.final_norm = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
@@ -226,6 +234,8 @@ class SparseDiT(nn.Module):
         for lin in (self.final_ada[-1], self.output):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
+        if self.grid_pos is not None:
+            nn.init.normal_(self.grid_pos, std=0.02)
 
     def forward(self, x: torch.Tensor, coords: torch.Tensor, cu_seqlens: torch.Tensor,
                 t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -238,6 +248,13 @@ class SparseDiT(nn.Module):
             raise ValueError(f"expected t ({b},) and cond ({b}, L, C); got {tuple(t.shape)}, {tuple(cond.shape)}")
         dtype = self.input.weight.dtype
         h = self.input(x.to(dtype)) + position_embedding_3d(coords, self.cfg.width).to(dtype)
+        if self.grid_pos is not None:
+            g = self.cfg.grid_positions
+            if coords.numel() and (int(coords.min()) < 0 or int(coords.max()) >= g):
+                raise ValueError(f"coords outside the {g}³ grid of the learned positions "
+                                 f"(range {int(coords.min())}..{int(coords.max())})")
+            c = coords.long()
+            h = h + self.grid_pos[(c[:, 0] * g + c[:, 1]) * g + c[:, 2]].to(dtype)
         t_emb = self.t_embed(t)
         cond = self.cond_norm(cond.to(dtype))
         token_shape = batch_index(cu_seqlens)

@@ -45,9 +45,9 @@ class StructureVAEConfig:
 STRUCTURE_VAE_CONFIGS = {"debug": StructureVAEConfig(channels=(4, 8, 16)), "paper": StructureVAEConfig()}
 
 STRUCTURE_DIT_CONFIGS = {
-    # 2³ patches: 512 tokens of 64 channels (see the module docstring)
+    # 2³ patches: 512 tokens of 64 channels (see the module docstring), on an 8³ grid with learned positions
     "debug": DiTConfig(depth=2, width=64, heads=4, kv_heads=2, head_dim=16, cond_dim=64,
-                       in_channels=LATENT_CHANNELS * 8, out_channels=LATENT_CHANNELS * 8),
+                       in_channels=LATENT_CHANNELS * 8, out_channels=LATENT_CHANNELS * 8, grid_positions=8),
     "paper": DiTConfig(depth=24, width=1024, heads=16, kv_heads=16, head_dim=64,
                        in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS),
 }
@@ -128,6 +128,9 @@ def structure_patch(cfg: DiTConfig, latent_channels: int = LATENT_CHANNELS) -> i
     """Latent voxels per token side of a structure DiT: p with in_channels = latent_channels·p³ (p divides 16)."""
     for p in (1, 2, 4, 8, 16):
         if cfg.in_channels == latent_channels * p ** 3 and cfg.out_channels == cfg.in_channels:
+            if cfg.grid_positions and cfg.grid_positions != LATENT_GRID // p:
+                raise ValueError(f"structure DiT: grid_positions {cfg.grid_positions} does not match its token grid "
+                                 f"({LATENT_GRID // p}³ tokens of {p}³ latent voxels)")
             return p
     raise ValueError(f"structure DiT: in/out channels {cfg.in_channels}/{cfg.out_channels} are not "
                      f"{latent_channels}·p³ (the structure latent's channels times a patch p³, p dividing {LATENT_GRID})")

@@ -46,6 +46,40 @@ def test_structure_patch_from_the_network_width():
         structure_patch(DiTConfig(in_channels=24, out_channels=24))
     with pytest.raises(ValueError, match="not 8·p³"):
         structure_patch(DiTConfig(in_channels=64, out_channels=8))
+    with pytest.raises(ValueError, match="grid_positions 16 does not match"):
+        structure_patch(structure_dit_config("debug", grid_positions=16))
+
+
+def test_learned_grid_positions_follow_the_coords():
+    """With grid_positions = g, a token's learned position is the table row of its (i, j, k) cell,
+    whatever the token order; coords outside the grid are an error, and g = 0 keeps sinusoids only."""
+    from model.dit import SparseDiT
+
+    cfg = structure_dit_config("debug")
+    assert cfg.grid_positions == 8
+    net = SparseDiT(cfg).eval()
+    assert net.grid_pos.shape == (512, cfg.width)
+    with torch.no_grad():
+        net.output.weight.normal_()  # zero-initialised output: make the velocity depend on the tokens
+        net.final_ada[-1].bias.normal_()
+    coords = latent_grid_coords(patch=2)
+    x = torch.randn(512, cfg.in_channels)
+    cond = torch.randn(1, 4, cfg.cond_dim)
+    t = torch.tensor([0.5])
+    cu = torch.tensor([0, 512])
+    v = net(x, coords, cu, t, cond)
+    perm = torch.randperm(512)
+    v_perm = net(x[perm], coords[perm], cu, t, cond)
+    assert torch.allclose(v_perm, v[perm], atol=1e-5)  # attention is order-free; the table follows coords
+    with torch.no_grad():
+        net.grid_pos[(3 * 8 + 1) * 8 + 6] += torch.randn(cfg.width)  # only the token at cell (3, 1, 6) sees this row
+    v2 = net(x, coords, cu, t, cond)
+    changed = (v2 - v).abs().amax(1) > 1e-4
+    assert changed[(3 * 8 + 1) * 8 + 6] and int(changed.sum()) == 1  # blocks start as the identity (adaLN-zero)
+    with pytest.raises(ValueError, match="outside the 8³ grid"):
+        net(x, coords * 2, cu, t, cond)
+    assert SparseDiT(structure_dit_config("paper", depth=1, width=64, heads=4, kv_heads=4, head_dim=16,
+                                          cond_dim=8)).grid_pos is None
 
 
 def test_occupancy_grid_and_latent_coords():
