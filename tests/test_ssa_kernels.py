@@ -116,11 +116,11 @@ def test_fused_paths_gpu(monkeypatch):
 @pytest.mark.parametrize("q_tile,shifted", [(1, True), (32, False)])
 def test_plain_kernel_paths_cpu(q_tile, shifted, monkeypatch):
     """The kernels without the lean softmax (masked every chunk, separate scale) and with the score tiles
-    summed by reductions instead of a matmul (the paths the defaults were measured against), here with
-    the opt-in rowsum(O·dO) inside the dQ kernel."""
+    summed by reductions instead of a matmul (the paths the defaults were measured against), and with
+    rowsum(O·dO) in its own pass instead of inside the dQ kernel."""
     from kernels.ssa import scoring
     monkeypatch.setattr(seg, "LEAN", False)
-    monkeypatch.setattr(seg, "DELTA_IN_DQ", True)
+    monkeypatch.setattr(seg, "DELTA_IN_DQ", False)
     monkeypatch.setattr(scoring, "SCORE_SUM_DOT", False)
     _check_ssa("cpu", 32, 2, 32, 8, 3, q_tile, shifted, seed=13)
 
