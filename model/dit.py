@@ -35,6 +35,13 @@ class DiTConfig:
     # learned position vector. Sinusoids alone tell few cells apart at small widths (a width-64 network
     # has 10 frequencies per axis, 2–3 of which vary across 8 cells); a table lets every cell hold its own.
     grid_positions: int = 0
+    # > 0 (with grid_positions): the image also reaches every grid cell directly. Each of the condition's
+    # grid_condition_tokens tokens is projected to grid_condition_channels values, the flattened result
+    # (which keeps the image's layout) goes through an MLP to one vector per cell, added to the input.
+    # Cross-attention alone is too slow a path for a small network to learn which shape an image shows.
+    grid_condition_tokens: int = 0
+    grid_condition_channels: int = 8
+    grid_condition_hidden: int = 256
 
     def __post_init__(self):
         if self.heads % self.kv_heads:
@@ -43,6 +50,8 @@ class DiTConfig:
             raise ValueError(f"attention must be 'full' or 'ssa', got {self.attention!r}")
         if self.grid_positions < 0:
             raise ValueError(f"grid_positions must be >= 0, got {self.grid_positions}")
+        if self.grid_condition_tokens and not self.grid_positions:
+            raise ValueError("grid_condition_tokens needs grid_positions (the fixed grid its vectors belong to)")
 
     @classmethod
     def named(cls, name: str, **overrides) -> "DiTConfig":
@@ -215,6 +224,12 @@ class SparseDiT(nn.Module):
         self.t_embed = TimestepEmbedder(w)
         g = cfg.grid_positions
         self.grid_pos = nn.Parameter(torch.zeros(g ** 3, w)) if g else None
+        self.grid_cond = None
+        if cfg.grid_condition_tokens:
+            ch, hid = cfg.grid_condition_channels, cfg.grid_condition_hidden
+            self.grid_cond = nn.Sequential(nn.Linear(cfg.cond_dim, ch), nn.Flatten(),
+                                           nn.Linear(cfg.grid_condition_tokens * ch, hid), nn.SiLU(),
+                                           nn.Linear(hid, g ** 3 * w))
         self.cond_norm = nn.LayerNorm(cfg.cond_dim)
         self.blocks = nn.ModuleList([DiTBlock(cfg, i) for i in range(cfg.depth)])
         self.final_norm = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
@@ -236,6 +251,8 @@ class SparseDiT(nn.Module):
             nn.init.zeros_(lin.bias)
         if self.grid_pos is not None:
             nn.init.normal_(self.grid_pos, std=0.02)
+        if self.grid_cond is not None:  # starts small next to the input and the positions
+            nn.init.normal_(self.grid_cond[-1].weight, std=0.02 / 16)
 
     def forward(self, x: torch.Tensor, coords: torch.Tensor, cu_seqlens: torch.Tensor,
                 t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -248,16 +265,23 @@ class SparseDiT(nn.Module):
             raise ValueError(f"expected t ({b},) and cond ({b}, L, C); got {tuple(t.shape)}, {tuple(cond.shape)}")
         dtype = self.input.weight.dtype
         h = self.input(x.to(dtype)) + position_embedding_3d(coords, self.cfg.width).to(dtype)
+        t_emb = self.t_embed(t)
+        cond = self.cond_norm(cond.to(dtype))
+        token_shape = batch_index(cu_seqlens)
         if self.grid_pos is not None:
             g = self.cfg.grid_positions
             if coords.numel() and (int(coords.min()) < 0 or int(coords.max()) >= g):
                 raise ValueError(f"coords outside the {g}³ grid of the learned positions "
                                  f"(range {int(coords.min())}..{int(coords.max())})")
             c = coords.long()
-            h = h + self.grid_pos[(c[:, 0] * g + c[:, 1]) * g + c[:, 2]].to(dtype)
-        t_emb = self.t_embed(t)
-        cond = self.cond_norm(cond.to(dtype))
-        token_shape = batch_index(cu_seqlens)
+            cell = (c[:, 0] * g + c[:, 1]) * g + c[:, 2]
+            h = h + self.grid_pos[cell].to(dtype)
+            if self.grid_cond is not None:
+                if cond.shape[1] != self.cfg.grid_condition_tokens:
+                    raise ValueError(f"the condition has {cond.shape[1]} tokens; this network's grid condition "
+                                     f"reads {self.cfg.grid_condition_tokens} (grid_condition_tokens)")
+                per_cell = self.grid_cond(cond).view(b, g ** 3, self.cfg.width)
+                h = h + per_cell[token_shape, cell]
         for blk in self.blocks:
             if self.cfg.grad_checkpointing and self.training:
                 h = checkpoint(blk, h, coords, cu_seqlens, token_shape, t_emb, cond, use_reentrant=False)

@@ -46,8 +46,10 @@ STRUCTURE_VAE_CONFIGS = {"debug": StructureVAEConfig(channels=(4, 8, 16)), "pape
 
 STRUCTURE_DIT_CONFIGS = {
     # 2³ patches: 512 tokens of 64 channels (see the module docstring), on an 8³ grid with learned positions
+    # and the image's 64 tokens (the built-in encoder's) mapped to every cell (DiTConfig; docs/generate.md)
     "debug": DiTConfig(depth=2, width=64, heads=4, kv_heads=2, head_dim=16, cond_dim=64,
-                       in_channels=LATENT_CHANNELS * 8, out_channels=LATENT_CHANNELS * 8, grid_positions=8),
+                       in_channels=LATENT_CHANNELS * 8, out_channels=LATENT_CHANNELS * 8, grid_positions=8,
+                       grid_condition_tokens=64),
     "paper": DiTConfig(depth=24, width=1024, heads=16, kv_heads=16, head_dim=64,
                        in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS),
 }

@@ -64,7 +64,7 @@ def test_learned_grid_positions_follow_the_coords():
         net.final_ada[-1].bias.normal_()
     coords = latent_grid_coords(patch=2)
     x = torch.randn(512, cfg.in_channels)
-    cond = torch.randn(1, 4, cfg.cond_dim)
+    cond = torch.randn(1, 64, cfg.cond_dim)
     t = torch.tensor([0.5])
     cu = torch.tensor([0, 512])
     v = net(x, coords, cu, t, cond)
@@ -144,3 +144,36 @@ def test_structure_vae_learns_occupancy_at_the_paper_threshold():
     all_occupied = float(target.float().mean())
     assert all_occupied < 0.11
     assert iou > 0.45, f"IoU {iou:.3f} at threshold 0.1 (all occupied: {all_occupied:.3f})"
+
+
+def test_grid_condition_reads_the_image_layout():
+    """The grid condition maps the condition's tokens, in order, to one vector per cell: reordering the
+    image tokens changes the velocity (cross-attention alone would not see the order); a condition with
+    another token count, or the option without a grid, is an error."""
+    from model.dit import SparseDiT
+
+    cfg = structure_dit_config("debug")
+    assert cfg.grid_condition_tokens == 64
+    net = SparseDiT(cfg).eval()
+    with torch.no_grad():
+        net.output.weight.normal_()
+    coords = latent_grid_coords(patch=2)
+    x = torch.randn(2 * 512, cfg.in_channels)
+    cond = torch.randn(2, 64, cfg.cond_dim)
+    cu = torch.tensor([0, 512, 1024])
+    t = torch.tensor([0.5, 0.5])
+    v = net(x, coords.repeat(2, 1), cu, t, cond)
+    for blk in net.blocks:  # without cross-attention the grid path is the only way the image gets in
+        blk.cross.out.weight.data.zero_()
+        blk.cross.out.bias.data.zero_()
+    v0 = net(x, coords.repeat(2, 1), cu, t, cond)
+    swapped = cond.clone()
+    swapped[1] = cond[1].flip(0)  # same tokens, another layout, for the second shape only
+    v1 = net(x, coords.repeat(2, 1), cu, t, swapped)
+    assert torch.allclose(v1[:512], v0[:512], atol=1e-6)  # shapes do not see each other's condition
+    assert not torch.allclose(v1[512:], v0[512:], atol=1e-4)
+    assert not torch.allclose(v, v0)
+    with pytest.raises(ValueError, match="condition has 16 tokens"):
+        net(x[:512], coords, cu[:2], t[:1], cond[:1, :16])
+    with pytest.raises(ValueError, match="grid_condition_tokens needs grid_positions"):
+        DiTConfig(grid_condition_tokens=64)
