@@ -29,7 +29,8 @@ def register(sub) -> None:
     p.add_argument("--data", default=str(ROOT / "data"), help="folder for the corpus, dataset, runs and library")
     p.add_argument("--resolutions", default=None,
                    help="grids to preprocess (default: 64,128,256 with --preprocess-only, else the training grid)")
-    p.add_argument("--views", type=int, default=None, help="views per mesh (default: 4, or 2 for the whole demo)")
+    p.add_argument("--views", type=int, default=4,
+                   help="views per mesh (4: with 2 the debug structure DiT learns the views more than the objects)")
     p.add_argument("--view-size", type=int, default=None,
                    help="view side in pixels (default: 256, or 128 for the whole demo: the debug encoder reads 64²)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local cluster (default: all)")
@@ -246,7 +247,6 @@ def _run(args) -> int:
     held = split_corpus(report, corpus, train_corpus, 0 if args.preprocess_only else args.held_out)
     # The whole demo needs only the training grid and views the debug image encoder can read (64²).
     whole = not args.preprocess_only
-    args.views = args.views if args.views is not None else (2 if whole else 4)
     args.view_size = args.view_size if args.view_size is not None else (128 if whole else 256)
     resolutions = args.resolutions or ("64,128,256" if not whole else str(args.train_resolution))
     if whole:
