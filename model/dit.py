@@ -48,8 +48,12 @@ class DiTConfig:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
         if self.attention not in ("full", "ssa"):
             raise ValueError(f"attention must be 'full' or 'ssa', got {self.attention!r}")
-        if self.grid_positions < 0:
-            raise ValueError(f"grid_positions must be >= 0, got {self.grid_positions}")
+        for name in ("grid_positions", "grid_condition_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.grid_condition_tokens and (self.grid_condition_channels < 1 or self.grid_condition_hidden < 1):
+            raise ValueError(f"grid_condition_channels and grid_condition_hidden must be >= 1, got "
+                             f"{self.grid_condition_channels} and {self.grid_condition_hidden}")
         if self.grid_condition_tokens and not self.grid_positions:
             raise ValueError("grid_condition_tokens needs grid_positions (the fixed grid its vectors belong to)")
 
@@ -270,9 +274,9 @@ class SparseDiT(nn.Module):
         token_shape = batch_index(cu_seqlens)
         if self.grid_pos is not None:
             g = self.cfg.grid_positions
-            if coords.numel() and (int(coords.min()) < 0 or int(coords.max()) >= g):
-                raise ValueError(f"coords outside the {g}³ grid of the learned positions "
-                                 f"(range {int(coords.min())}..{int(coords.max())})")
+            lo, hi = (int(v) for v in coords.aminmax()) if coords.numel() else (0, 0)  # one host read
+            if lo < 0 or hi >= g:
+                raise ValueError(f"coords outside the {g}³ grid of the learned positions (range {lo}..{hi})")
             c = coords.long()
             cell = (c[:, 0] * g + c[:, 1]) * g + c[:, 2]
             h = h + self.grid_pos[cell].to(dtype)

@@ -177,3 +177,7 @@ def test_grid_condition_reads_the_image_layout():
         net(x[:512], coords, cu[:2], t[:1], cond[:1, :16])
     with pytest.raises(ValueError, match="grid_condition_tokens needs grid_positions"):
         DiTConfig(grid_condition_tokens=64)
+    with pytest.raises(ValueError, match="grid_condition_tokens must be >= 0"):
+        DiTConfig(grid_positions=8, grid_condition_tokens=-1)
+    with pytest.raises(ValueError, match="grid_condition_channels and grid_condition_hidden must be >= 1"):
+        DiTConfig(grid_positions=8, grid_condition_tokens=64, grid_condition_channels=0)
