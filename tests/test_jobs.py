@@ -78,3 +78,35 @@ def test_demo_names_a_cluster_that_already_runs(monkeypatch):
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a[0], 2, "", "bad flag\n"))
     with pytest.raises(SystemExit, match=r"`ray start` failed \(exit 2\): bad flag"):
         demo._start_cluster(None, {"RAY_AUTH_MODE": "disabled"})
+
+
+def test_demo_new_views_come_one_per_kind_from_training_meshes_only():
+    """The demo's new-view set: training meshes only, one per corpus kind before any kind gets a second."""
+    from types import SimpleNamespace
+
+    from pipeline.commands import demo
+
+    def entry(path, valid=True):
+        return SimpleNamespace(path=path, valid=valid)
+
+    entries = [entry("a/1.obj"), entry("a/2.obj"), entry("a/3.obj"), entry("b/1.obj"), entry("b/2.obj"),
+               entry("c/1.obj", valid=False), entry("d/1.obj")]
+    report = SimpleNamespace(entries=entries)
+    held = [entries[1]]
+    picked = [e.path for e in demo.pick_new_view_meshes(report, held, 3)]
+    assert picked == ["a/3.obj", "b/2.obj", "d/1.obj"]
+    more = [e.path for e in demo.pick_new_view_meshes(report, held, 10)]
+    assert sorted(more) == ["a/1.obj", "a/3.obj", "b/1.obj", "b/2.obj", "d/1.obj"]  # no held-out, no invalid
+
+
+def test_demo_summary_is_per_set():
+    from pipeline.commands import demo
+
+    nan = float("nan")
+    rows = [{"name": "x", "set": demo.NEW_VIEW, "trained": 0.1, "untrained": 0.3, "source_structure": nan},
+            {"name": "y", "set": demo.NEW_VIEW, "trained": 0.5, "untrained": 0.3, "source_structure": nan},
+            {"name": "z", "set": demo.HELD_OUT, "trained": nan, "untrained": 0.4, "source_structure": 0.2}]
+    s = demo.summarize(rows)
+    assert s[demo.NEW_VIEW]["trained"] == pytest.approx(0.3) and s[demo.NEW_VIEW]["trained_better"] == 1
+    assert s[demo.NEW_VIEW]["items"] == 2 and s[demo.NEW_VIEW]["source_structure"] != s[demo.NEW_VIEW]["source_structure"]
+    assert s[demo.HELD_OUT]["trained_better"] == 0 and s[demo.HELD_OUT]["source_structure"] == pytest.approx(0.2)

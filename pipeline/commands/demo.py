@@ -3,11 +3,12 @@
 Generates the sample corpus and holds a few meshes out; starts a local Ray cluster with token auth
 (unless ``RAY_ADDRESS`` names a running one); submits ``jobs/preprocess.yaml`` on the rest; trains the
 debug structure VAE, structure DiT and SS-DiT for a few minutes on the CPU (one job each); serves
-them with the Serve app and generates an asset library from views of the held-out meshes (the
+them with the Serve app and generates an asset library from held-out views: new camera angles of
+training meshes, one per kind of the corpus, and views of the meshes kept out of training (the
 ``s2 generate`` job, which starts the app from a Serve config file); scores the library by Chamfer
-distance against the held-out meshes next to an untrained cascade and to the trained cascade given each
-source's own occupancy as its structure (which separates the structure DiT from the later networks),
-and prints where the gallery is.
+distance against the source meshes next to an untrained cascade (and, for the held-out meshes, the
+trained cascade given each source's own occupancy as its structure, which separates the structure DiT
+from the later networks), and prints where the gallery is.
 The cluster it started is stopped at the end.
 """
 
@@ -29,14 +30,18 @@ def register(sub) -> None:
     p.add_argument("--data", default=str(ROOT / "data"), help="folder for the corpus, dataset, runs and library")
     p.add_argument("--resolutions", default=None,
                    help="grids to preprocess (default: 64,128,256 with --preprocess-only, else the training grid)")
-    p.add_argument("--views", type=int, default=4,
-                   help="views per mesh (4: with 2 the debug structure DiT learns the views more than the objects)")
+    p.add_argument("--views", type=int, default=12,
+                   help="views per mesh (with fewer, the debug structure DiT learns the views more than the objects)")
     p.add_argument("--view-size", type=int, default=None,
                    help="view side in pixels (default: 256, or 128 for the whole demo: the debug encoder reads 64²)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local cluster (default: all)")
     p.add_argument("--keep-cluster", action="store_true", help="leave the cluster (and the Serve app) running")
     p.add_argument("--preprocess-only", action="store_true", help="stop after preprocessing")
     p.add_argument("--held-out", type=int, default=3, help="meshes kept out of training; their views are generated")
+    p.add_argument("--new-views", type=int, default=8,
+                   help="training meshes (one per kind first) also generated from a camera their training views lack")
+    p.add_argument("--guidance", type=float, default=2.0,
+                   help="classifier-free guidance of the served cascade (the debug networks overshoot at the usual 7)")
     p.add_argument("--train-resolution", type=int, default=128, help="grid the debug networks train and generate at")
     p.add_argument("--train-steps", type=int, default=200, help="optimizer steps of the SS-DiT")
     p.add_argument("--structure-dit-steps", type=int, default=1000,
@@ -79,8 +84,11 @@ def split_corpus(report, corpus: Path, train_dir: Path, held_out: int) -> list:
     return held
 
 
-def render_held_out(held, corpus: Path, out: Path, size: int) -> dict[str, tuple]:
-    """One condition-style view of each held-out mesh -> ``out/<name>.png``; returns name -> normalized mesh."""
+def render_held_out(held, corpus: Path, out: Path, size: int, seed: int = 100) -> dict[str, tuple]:
+    """One condition-style view of each mesh -> ``out/<name>.png``; returns name -> normalized mesh.
+
+    ``seed + i`` seeds the camera of the i-th mesh; the preprocess job seeds its views from each mesh's
+    content hash, so a view rendered here is from a camera the training views do not share."""
     from pipeline.geometry.mesh import load_mesh, normalize
     from pipeline.geometry.render import render_views
 
@@ -91,9 +99,24 @@ def render_held_out(held, corpus: Path, out: Path, size: int) -> dict[str, tuple
         v, f = load_mesh(path.read_bytes(), path.suffix.lstrip("."))
         n = normalize(v, f)
         name = path.stem
-        (out / f"{name}.png").write_bytes(render_views(n.vertices, n.faces, n_views=1, size=size, seed=100 + i)[0].png())
+        (out / f"{name}.png").write_bytes(render_views(n.vertices, n.faces, n_views=1, size=size, seed=seed + i)[0].png())
         meshes[name] = (n.vertices, n.faces)
     return meshes
+
+
+def pick_new_view_meshes(report, held, count: int) -> list:
+    """``count`` training meshes for new views: one per kind of the corpus (its first folder) in turn."""
+    held_paths = {e.path for e in held}
+    kinds: dict[str, list] = {}
+    for e in sorted((e for e in report.entries if e.valid and e.path not in held_paths), key=lambda e: e.path):
+        kinds.setdefault(Path(e.path).parts[0] if len(Path(e.path).parts) > 1 else "", []).append(e)
+    picked, rank = [], 0
+    while len(picked) < count and any(rank < len(v) for v in kinds.values()):
+        for members in kinds.values():
+            if rank < len(members) and len(picked) < count:
+                picked.append(members[(len(members) // 2 + rank) % len(members)])
+        rank += 1
+    return picked
 
 
 def latest_checkpoint(runs: Path, name: str) -> str:
@@ -139,10 +162,11 @@ def train_debug_networks(dataset: Path, runs: Path, resolution: int, steps: dict
     return ckpt
 
 
-def write_serve_config(path: Path, ckpt: dict[str, str], resolution: int) -> dict:
+def write_serve_config(path: Path, ckpt: dict[str, str], resolution: int, guidance: float = 7.0) -> dict:
     import yaml
 
-    generation = {**ckpt, "resolution": resolution, "image_encoder": "tiny", "device": "cpu", "target_faces": 20000}
+    generation = {**ckpt, "resolution": resolution, "image_encoder": "tiny", "device": "cpu", "target_faces": 20000,
+                  "guidance": guidance}
     doc = {"http_options": {"host": "127.0.0.1", "port": 8000},
            "applications": [{"name": "s2", "route_prefix": "/", "import_path": "pipeline.serve.app:app_builder",
                              "args": {"generation": generation, "num_cpus": 1, "max_batch_size": 4,
@@ -176,9 +200,13 @@ def _source_structure_cascade():
     return SourceStructureCascade
 
 
-def chamfer_table(library: Path, images: Path, meshes: dict, generation: dict) -> list[dict]:
-    """Chamfer of each generated mesh to its held-out source, next to an untrained cascade of the same size
-    and to the trained cascade given the source's own occupancy instead of the structure DiT's sample."""
+NEW_VIEW, HELD_OUT = "new view of a training mesh", "held-out mesh"
+
+
+def chamfer_table(library: Path, images: Path, meshes: dict, generation: dict, sets: dict[str, str]) -> list[dict]:
+    """Chamfer of each generated mesh to its source, next to an untrained cascade of the same size; for the
+    held-out meshes (``sets[name] == HELD_OUT``) also the trained cascade given the source's own occupancy
+    instead of the structure DiT's sample."""
     import dataclasses
 
     import torch
@@ -200,37 +228,56 @@ def chamfer_table(library: Path, images: Path, meshes: dict, generation: dict) -
     given = _source_structure_cascade().from_checkpoints(GenerationConfig(**generation))
     records = {r["name"]: r for r in (json.loads(p.read_text()) for p in (library / "records").glob("*.json"))}
     rows = []
-    for name in sorted(meshes):
+    for name in sorted(meshes, key=lambda n: (sets[n] != NEW_VIEW, n)):
         rec = records.get(name, {})
-        row = {"name": name, "trained": float("nan"), "source_structure": float("nan"), "untrained": float("nan")}
+        row = {"name": name, "set": sets[name], "trained": float("nan"), "source_structure": float("nan"),
+               "untrained": float("nan")}
         if rec.get("status") == "ok":
             row["trained"] = chamfer(*read_mesh_bytes((library / rec["mesh"]).read_bytes(), rec["format"]), name)
         request = Request(name, (images / f"{name}.png").read_bytes(), rec.get("seed", 0))
         base = untrained.generate([request])[0]
         if base.ok:
             row["untrained"] = chamfer(base.vertices, base.faces, name)
-        given.occupancy = occupancy_grid(sparse_sdf(*meshes[name], cfg.resolution).coords, cfg.resolution)
-        out = given.generate([request])[0]
-        if out.ok:
-            row["source_structure"] = chamfer(out.vertices, out.faces, name)
+        if sets[name] == HELD_OUT:
+            given.occupancy = occupancy_grid(sparse_sdf(*meshes[name], cfg.resolution).coords, cfg.resolution)
+            out = given.generate([request])[0]
+            if out.ok:
+                row["source_structure"] = chamfer(out.vertices, out.faces, name)
         rows.append(row)
     return rows
+
+
+def summarize(rows: list[dict]) -> dict[str, dict]:
+    """Per set: mean Chamfer of each column over the items that have one, and how many items the trained
+    cascade beats the untrained one on."""
+    out = {}
+    for name in dict.fromkeys(r["set"] for r in rows):
+        mine = [r for r in rows if r["set"] == name]
+        mean = {}
+        for k in ("trained", "source_structure", "untrained"):
+            vals = [r[k] for r in mine if r[k] == r[k]]
+            mean[k] = sum(vals) / len(vals) if vals else float("nan")
+        better = sum(r["trained"] < r["untrained"] for r in mine)
+        out[name] = {**mean, "items": len(mine), "trained_better": better}
+    return out
 
 
 def _print_chamfer(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="Chamfer to the held-out meshes (lower is better)")
-    cols = (("trained", "trained debug cascade"), ("source_structure", "trained, source occupancy as structure"),
-            ("untrained", "untrained cascade"))
+    t = Table(title="Chamfer to the source meshes (lower is better)")
+    cols = (("trained", "trained debug cascade"), ("untrained", "untrained cascade"),
+            ("source_structure", "trained, source occupancy as structure"))
+    fmt = lambda x: "-" if x != x else f"{x:.4f}"  # noqa: E731
     t.add_column("mesh")
+    t.add_column("view")
     for _, title in cols:
         t.add_column(title)
     for r in rows:
-        t.add_row(r["name"], *(f"{r[k]:.4f}" for k, _ in cols))
-    mean = lambda k: sum(r[k] for r in rows if r[k] == r[k]) / max(1, sum(r[k] == r[k] for r in rows))  # noqa: E731
-    t.add_row("mean", *(f"{mean(k):.4f}" for k, _ in cols))
+        t.add_row(r["name"], r["set"], *(fmt(r[k]) for k, _ in cols))
+    for name, m in summarize(rows).items():
+        t.add_row(f"mean ({m['trained_better']} of {m['items']} better trained)", name, *(fmt(m[k]) for k, _ in cols))
     Console().print(t)
 
 
@@ -271,7 +318,7 @@ def _run(args) -> int:
         status = jobs.submit(spec, address=address)
         print(f"\npreprocess {status} in {time.time() - t0:.0f} s; shards in {dataset}")
         if status == "SUCCEEDED" and not args.preprocess_only:
-            status = _generate_library(args, data, corpus, dataset, held, address)
+            status = _generate_library(args, data, corpus, dataset, report, held, address)
     finally:
         if started and not args.keep_cluster:
             ray = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -280,7 +327,7 @@ def _run(args) -> int:
     return 0 if status == "SUCCEEDED" else 1
 
 
-def _generate_library(args, data: Path, corpus: Path, dataset: Path, held, address: str) -> str:
+def _generate_library(args, data: Path, corpus: Path, dataset: Path, report, held, address: str) -> str:
     from pipeline import jobs
 
     t = time.time()
@@ -289,17 +336,21 @@ def _generate_library(args, data: Path, corpus: Path, dataset: Path, held, addre
     ckpt = train_debug_networks(dataset, data / "runs", args.train_resolution, steps, address)
     print(f"\ntrained the debug networks in {time.time() - t:.0f} s: {ckpt}")
     images, library = data / "held-out-views", data / "library"
-    meshes = render_held_out(held, corpus, images, args.view_size)
+    meshes = render_held_out(held, corpus, images, args.view_size, seed=100)
+    sets = dict.fromkeys(meshes, HELD_OUT)
+    fresh = render_held_out(pick_new_view_meshes(report, held, args.new_views), corpus, images, args.view_size, seed=1000)
+    sets.update(dict.fromkeys(fresh, NEW_VIEW))
+    meshes.update(fresh)
     serve_yaml = data / "serve.yaml"
-    generation = write_serve_config(serve_yaml, ckpt, args.train_resolution)
+    generation = write_serve_config(serve_yaml, ckpt, args.train_resolution, args.guidance)
     status = jobs.submit(_job("demo-generate", ["s2", "generate", "--images", str(images), "--output", str(library),
                                                 "--serve-config", str(serve_yaml), "--app-name", "s2",
                                                 "--concurrency", "4", "--no-progress"]), address=address)
     if status != "SUCCEEDED":
         return status
-    rows = chamfer_table(library, images, meshes, generation)
+    rows = chamfer_table(library, images, meshes, generation, sets)
     _print_chamfer(rows)
-    (library / "chamfer.json").write_text(json.dumps(rows, indent=1))
+    (library / "chamfer.json").write_text(json.dumps({"rows": rows, "summary": summarize(rows)}, indent=1))
     print(f"\nasset library: {library}  (index.parquet, meshes/, previews/)")
     print(f"gallery: file://{library / 'gallery.html'}")
     return status
