@@ -487,6 +487,135 @@ def sweep(log, n=131072):
                     log(f"sweep slc fwd q_tile={qt} block_n={bn} warps={nw} stages={ns}: {ms:.3f} ms")
 
 
+def ab_whole(log, sizes=(8192, 131072), qt=64):
+    """The whole SSA under the structural switches, same inputs, one process: the current defaults against each
+    switch turned back and against all of them back with the launch settings of before (the previous code).
+    Outputs and gradients against the first row."""
+    from kernels.ssa import ops, scoring
+    keep = (ops.WHOLE, seg.DKV_KEYS_M, scoring.SCORE_KEYS_M, {b_: dict(v_) for b_, v_ in ops.LAUNCH.items()},
+            ops.WIN_BLOCK_N)
+    fwd8 = {"num_warps": 8, "num_stages": 3, "maxnreg": 80}
+    launch8 = {b_: dict(v_) for b_, v_ in keep[3].items()}
+    launch8["cmp"]["fwd"], launch8["slc"]["fwd"] = fwd8, fwd8
+    launch8["cmp"]["dq"] = launch8["win"]["dq"] = {"num_warps": 8, "num_stages": 3}
+    rows = [("current defaults", {}),
+            ("current defaults again", {}),
+            ("forward 8 warps at 80 registers, cmp/win dQ 8 warps", {"launch": launch8}),
+            ("per-branch autograd nodes (WHOLE off)", {"whole": False}),
+            ("dK/dV with queries as M", {"dkv": False}),
+            ("scores with queries as M (float16 sums)", {"score": False}),
+            ("previous code (all off, launch settings of before)",
+             {"whole": False, "dkv": False, "score": False, "launch": {"cmp": {}, "slc": {}, "win": {}}})]
+    for n in sizes:
+        ref = None
+        for label, sw in rows:
+            ops.WHOLE, seg.DKV_KEYS_M, scoring.SCORE_KEYS_M = sw.get("whole", keep[0]), sw.get("dkv", keep[1]), \
+                sw.get("score", keep[2])
+            ops.LAUNCH.clear()
+            ops.LAUNCH.update(sw.get("launch", {b_: dict(v_) for b_, v_ in keep[3].items()}))
+            ops.WIN_BLOCK_N = sw.get("win_bn", keep[4])
+            st, t = workload(n)  # a fresh structure: plans built under these launch settings
+            x = [t[s_].detach().requires_grad_(True) for s_ in ("q", "k", "v", "k_cmp", "v_cmp", "gates")]
+            out = spatial_sparse_attention(*x, st, top_k=8, q_tile=qt)
+            go = torch.randn(out.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(1)).to(out.dtype)
+            grads = torch.autograd.grad(out, x, go)
+            if ref is None:
+                ref = (out, grads)
+            diffs = " ".join(f"{nm}={rel(g_, rg_):.1e}" for nm, g_, rg_ in
+                             zip(("dq", "dk", "dv", "dkc", "dvc", "dg"), grads, ref[1]))
+            nan = any(bool(torch.isnan(g_).any()) for g_ in (out, *grads))
+            f, b = time_fwd_bwd(lambda *a: spatial_sparse_attention(*a, st, top_k=8, q_tile=qt), x)
+            log(f"whole N={n} [{label}] {f:.3f} / {b:.3f} ms; vs first row: out {rel(out, ref[0]):.1e} {diffs}"
+                f"{' NaN!' if nan else ''}")
+    ops.WHOLE, seg.DKV_KEYS_M, scoring.SCORE_KEYS_M = keep[:3]
+    ops.LAUNCH.clear()
+    ops.LAUNCH.update(keep[3])
+    ops.WIN_BLOCK_N = keep[4]
+
+
+def tune(log, n=131072, qt=64, apply=True):
+    """Launch settings (warps, pipeline stages, register cap, key-chunk widths) of every kernel of every branch
+    at one size, one process, same inputs: each kernel's settings varied with the others at their defaults.
+    With ``apply`` the fastest setting of each (branch, kernel) goes into ``ops.LAUNCH`` for the rest of the run."""
+    import dataclasses
+
+    from kernels.ssa import ops, scoring
+    st, t = workload(n)
+    x = {s_: t[s_].detach().requires_grad_(True) for s_ in t}
+    q, k, v, kc, vc = (x[s_] for s_ in ("q", "k", "v", "k_cmp", "v_cmp"))
+    lse = compression_attention(q.detach(), kc.detach(), vc.detach(), st)[1]
+    sel = select_blocks(q.detach(), kc.detach(), lse, st, top_k=8, q_tile=qt)
+    window_attention(q.detach(), k.detach(), v.detach(), st)
+    f0, b0 = time_fwd_bwd(lambda *a: spatial_sparse_attention(*a, st, top_k=8, q_tile=qt), list(x.values()))
+    log(f"tune N={n} whole SSA, default settings: {f0:.3f} / {b0:.3f} ms")
+    bt = 128 // (q.shape[1] // k.shape[1])
+    plans = {"cmp": (st.cached(("plan_cmp", bt), None), [q, kc, vc]),
+             "slc": (ops._selection_plan(st, sel, qt, q.shape[1] // k.shape[1]), [q, k, v]),
+             "win": (st.cached(("plan_win", "window0", bt), None), [q, k, v])}
+    # (label, kernel, launch/constexpr overrides over the plan's own, plan field overrides)
+    variants = [("default", None, {}, {})]
+    for label, kw in (("nw=4 ns=3", dict(num_warps=4, num_stages=3, maxnreg=None)),
+                      ("nw=8 ns=3 mr=80", dict(num_warps=8, num_stages=3, maxnreg=80)),
+                      ("nw=8 ns=2 mr=80", dict(num_warps=8, num_stages=2, maxnreg=80)),
+                      ("nw=4 ns=3 mr=128", dict(num_warps=4, num_stages=3, maxnreg=128))):
+        variants.append((f"fwd {label}", "fwd", kw, {}))
+    for label, kw in (("nw=4 ns=3", dict(num_warps=4, num_stages=3)), ("nw=8 ns=3", dict(num_warps=8, num_stages=3)),
+                      ("nw=4 ns=3 mr=168", dict(num_warps=4, num_stages=3, maxnreg=168))):
+        variants.append((f"dq {label}", "dq", kw, {}))
+    for label, kw in (("queries as M (previous)", dict(KEYS_M=False)),
+                      ("keys as M, ns=2", dict(num_stages=2)),
+                      ("keys as M, ns=4", dict(num_stages=4)),
+                      ("keys as M, 64-row steps", dict(STEP_R=64)),
+                      ("keys as M, 64-row steps, mr=128", dict(STEP_R=64, maxnreg=128)),
+                      ("keys as M, 32-row steps", dict(STEP_R=32)),
+                      ("keys as M, mr=168", dict(maxnreg=168))):
+        variants.append((f"dkv {label}", "dkv", kw, {}))
+    best = {}
+    for br, (plan, inputs) in plans.items():
+        ref_out = None
+        for label, kern, kw, fields in variants:
+            launch = dict(plan.launch)
+            if kern:
+                launch[kern] = {**launch.get(kern, {}), **kw}
+                launch[kern] = {k_: v_ for k_, v_ in launch[kern].items() if v_ is not None}
+            p = dataclasses.replace(plan, launch=launch, **fields)
+            try:
+                out = seg.segment_attention(*inputs, p)[0]
+                f, b = time_fwd_bwd(lambda a, b_, c: seg.segment_attention(a, b_, c, p)[0], inputs, ms=100)
+            except Exception as e:  # a setting can exceed shared memory or registers; that is an answer too
+                log(f"tune {br} [{label}] failed: {type(e).__name__}: {str(e)[:120]}")
+                continue
+            if ref_out is None:
+                ref_out = out
+            diff = rel(out, ref_out)
+            log(f"tune N={n} {br:3s} [{label:30s}] fwd {f:.3f} bwd {b:.3f} ms  out vs default {diff:.1e}")
+            for kk in ("fwd", "dq", "dkv"):  # forward settings judged by the forward, dq/dkv ones by the backward
+                if kern in (None, kk) and not fields:
+                    ms = f if kk == "fwd" else b
+                    if ms < best.get((br, kk), (float("inf"),))[0]:
+                        best[(br, kk)] = (ms, label, kw)
+    gen = dict(q=t["q"], kc=t["k_cmp"])
+    for km, nw, bn in ((True, 4, 64), (True, 8, 64), (True, 4, 128), (True, 8, 128), (False, 4, 64)):
+        scoring.SCORE_KEYS_M, scoring.SCORE_WARPS, ops.SELECT_BLOCK_N = km, nw, bn
+        ms = bench(lambda: select_blocks(gen["q"], gen["kc"], lse, st, top_k=8, q_tile=qt), 100)
+        same = (select_blocks(gen["q"], gen["kc"], lse, st, top_k=8, q_tile=qt).sort(-1).values
+                == sel.sort(-1).values).all(-1).float().mean().item()
+        log(f"tune N={n} scoring keys-as-M={km} warps={nw} block_n={bn}: {ms:.3f} ms, same blocks {same:.4f}")
+    scoring.SCORE_KEYS_M = True
+    scoring.SCORE_WARPS, ops.SELECT_BLOCK_N = 0, 0
+    for (br, kern), (ms, label, kw) in sorted(best.items()):
+        log(f"tune best {br} {kern}: [{label}] {ms:.3f} ms")
+        if apply and label != "default":
+            merged = {**ops.LAUNCH[br].get(kern, {}), **kw}
+            ops.LAUNCH[br][kern] = {k_: v_ for k_, v_ in merged.items() if v_ is not None}
+    if apply:
+        log(f"tune applied: LAUNCH = {ops.LAUNCH}")
+        st2, t2 = workload(n)  # a fresh structure: its plans are built with the chosen settings
+        x2 = [t2[s_].detach().requires_grad_(True) for s_ in ("q", "k", "v", "k_cmp", "v_cmp", "gates")]
+        f, b = time_fwd_bwd(lambda *a: spatial_sparse_attention(*a, st2, top_k=8, q_tile=qt), x2)
+        log(f"tune N={n} whole SSA with the chosen settings: {f:.3f} / {b:.3f} ms (defaults: {f0:.3f} / {b0:.3f})")
+
+
 # ------------------------------------------------------------------------------------------------ main
 def device_ceilings():
     x = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
@@ -514,6 +643,9 @@ def main():
     ap.add_argument("--variants", action="store_true",
                     help="plain/lean softmax, score-sum and delta variants at 131,072 first")
     ap.add_argument("--profile", default="", help="comma list of sizes to profile kernel by kernel first")
+    ap.add_argument("--ab", action="store_true", help="the whole SSA under each structural switch at 8k and 131k first")
+    ap.add_argument("--tune", action="store_true",
+                    help="time launch settings of every kernel at 131,072 first and use the fastest for the rest")
     ap.add_argument("--no-compare", action="store_true", help="skip the tile vs per-query selection comparison")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -538,6 +670,10 @@ def main():
         sweep_bwd(log)
     if args.variants:
         ab_variants(log)
+    if args.ab:
+        ab_whole(log)
+    if args.tune:
+        tune(log)
     for n in [int(s_) for s_ in args.profile.split(",") if s_]:
         profile(log, n, cpu=n <= 16384)
     if not args.sizes:

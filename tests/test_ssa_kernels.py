@@ -116,12 +116,17 @@ def test_fused_paths_gpu(monkeypatch):
 @pytest.mark.parametrize("q_tile,shifted", [(1, True), (32, False)])
 def test_plain_kernel_paths_cpu(q_tile, shifted, monkeypatch):
     """The kernels without the lean softmax (masked every chunk, separate scale) and with the score tiles
-    summed by reductions instead of a matmul (the paths the defaults were measured against), and with
-    rowsum(O·dO) in its own pass instead of inside the dQ kernel."""
-    from kernels.ssa import scoring
+    summed by reductions instead of a matmul (the paths the defaults were measured against), with
+    rowsum(O·dO) in its own pass instead of inside the dQ kernel, and dK/dV and scores computed with the
+    queries as the matmuls' M (not transposed), and the whole SSA as one autograd node per branch, the gate
+    and the permutes (each branch's dO written out by the gate's backward)."""
+    from kernels.ssa import ops, scoring
+    monkeypatch.setattr(ops, "WHOLE", False)
     monkeypatch.setattr(seg, "LEAN", False)
     monkeypatch.setattr(seg, "DELTA_IN_DQ", False)
+    monkeypatch.setattr(seg, "DKV_KEYS_M", False)
     monkeypatch.setattr(scoring, "SCORE_SUM_DOT", False)
+    monkeypatch.setattr(scoring, "SCORE_KEYS_M", False)
     _check_ssa("cpu", 32, 2, 32, 8, 3, q_tile, shifted, seed=13)
 
 

@@ -67,14 +67,20 @@ def _gate_bwd_kernel(O0, O1, O2, G, DO, D0, D1, D2, DG, n_rows, D: tl.constexpr,
     _gate_bwd_branch(O2, D2, G, DG, do, r, m, off, 2)
 
 
+def gate_forward(o0, o1, o2, gates):
+    """The gated sum without autograd (contiguous inputs)."""
+    d = o0.shape[-1]
+    n = o0.numel() // d
+    out = torch.empty_like(o0)
+    _gate_fwd_kernel[(triton.cdiv(n, BLOCK_ROWS),)](o0, o1, o2, gates, out, n, D=d, BLOCK=BLOCK_ROWS)
+    return out
+
+
 class _GateMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, o0, o1, o2, gates):
         o0, o1, o2, gates = o0.contiguous(), o1.contiguous(), o2.contiguous(), gates.contiguous()
-        d = o0.shape[-1]
-        n = o0.numel() // d
-        out = torch.empty_like(o0)
-        _gate_fwd_kernel[(triton.cdiv(n, BLOCK_ROWS),)](o0, o1, o2, gates, out, n, D=d, BLOCK=BLOCK_ROWS)
+        out = gate_forward(o0, o1, o2, gates)
         ctx.save_for_backward(o0, o1, o2, gates)
         return out
 

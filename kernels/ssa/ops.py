@@ -10,9 +10,9 @@ import os
 import torch
 
 from . import reference as ref
-from .gate import gate_mix
+from .gate import gate_forward, gate_mix
 from .scoring import _unit_of_tile, block_scores, select_topk, selected_segments
-from .segment_attention import SegmentPlan, segment_attention
+from .segment_attention import SegmentPlan, _launch_bwd, _launch_fwd, segment_attention
 from .structure import SSAStructure
 
 _GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -92,10 +92,15 @@ SHARED_DKV_PIECE = {"shape": 2048, "window": 512}  # query tokens per dK/dV list
 CMP_DKV = {"chunk_n": 64, "dkv_warps": 0}  # key chunk and warps of the compression dK/dV kernel
 # per branch: dQ from the dK/dV kernel's P through float32 atomics (one pass) instead of its own pass
 FUSED_DQ = {"cmp": False, "slc": False, "win": False}  # off until timed on a GPU (benchmarks/ssa.py --paths)
+# launch settings per branch and kernel ("fwd", "dq", "dkv" -> num_warps / num_stages / maxnreg) over the defaults.
+# Forward programs capped at 128 registers run 4 to an SM instead of 2 (168-188 registers uncapped): compression
+# 2.07 -> 1.78 ms, selection 2.15 -> 1.77 at 131k (benchmarks/ssa.py --tune; 8 warps at 80 registers came close)
+_FWD_CAP = {"num_warps": 4, "num_stages": 3, "maxnreg": 128}
+LAUNCH = {"cmp": {"fwd": _FWD_CAP}, "slc": {"fwd": _FWD_CAP}, "win": {}}
 
 
 def _shared_plan(st, tile_kind, seg_offsets, chunk_kind, block_t, block_n=64, fill_gpu=False, piece=0, chunk_n=64,
-                 dkv_warps=0, fused_dq=False, lean=True):
+                 dkv_warps=0, fused_dq=False, lean=True, launch=None):
     """Plan for branches where every tile of a segment attends to that whole segment.
 
     dK/dV of a key chunk walks the segment's queries in contiguous pieces of ``piece`` tokens (each
@@ -115,7 +120,7 @@ def _shared_plan(st, tile_kind, seg_offsets, chunk_kind, block_t, block_n=64, fi
     return SegmentPlan(ts, te, seg_start, segs[tseg.long() + 1].view(-1, 1, 1), block_t,
                        cs, ce, cseg, qptr, 0, tidx, block_n, dkv_split=split, seg_cum=torch.zeros_like(seg_start),
                        chunk_n=chunk_n, dkv_tile_start=dts, dkv_tile_end=dte, dkv_warps=dkv_warps, fused_dq=fused_dq,
-                       lean=lean)
+                       lean=lean, launch=dict(launch or {}))
 
 
 def compression_attention(q, k_cmp, v_cmp, structure: SSAStructure, *, backend: str = "triton"):
@@ -124,11 +129,26 @@ def compression_attention(q, k_cmp, v_cmp, structure: SSAStructure, *, backend: 
     if backend == "torch":
         o, lse, _ = ref.compression_attention_ref(q, k_cmp, v_cmp, structure)
         return o, lse.float()
-    bt = _rows_per_tile(q.shape[1] // k_cmp.shape[1])
-    plan = structure.cached(("plan_cmp", bt), lambda: _shared_plan(
-        structure, "shape", structure.cmp_shape_offsets, "cmp", bt, fill_gpu=True,
-        piece=SHARED_DKV_PIECE["shape"], fused_dq=FUSED_DQ["cmp"], **CMP_DKV))
-    return segment_attention(q, k_cmp, v_cmp, plan)
+    return segment_attention(q, k_cmp, v_cmp, _cmp_plan(structure, q.shape[1] // k_cmp.shape[1]))
+
+
+def _cmp_plan(st: SSAStructure, g: int) -> SegmentPlan:
+    bt = _rows_per_tile(g)
+    return st.cached(("plan_cmp", bt), lambda: _shared_plan(
+        st, "shape", st.cmp_shape_offsets, "cmp", bt, fill_gpu=True,
+        piece=SHARED_DKV_PIECE["shape"], fused_dq=FUSED_DQ["cmp"], launch=LAUNCH["cmp"], **CMP_DKV))
+
+
+WIN_BLOCK_N = 64  # key chunk of the window forward and dQ (windows hold ~140 tokens at 131k)
+
+
+def _win_plan(st: SSAStructure, shifted: bool, g: int) -> SegmentPlan:
+    kind = "window1" if shifted else "window0"
+    bt = _rows_per_tile(g)
+    return st.cached(("plan_win", kind, bt), lambda: _shared_plan(
+        st, kind, st.window_partition(shifted)[1], kind, bt, block_n=WIN_BLOCK_N, piece=SHARED_DKV_PIECE["window"],
+        fused_dq=FUSED_DQ["win"], lean=False,  # ~2 key chunks per window: the lean loop's tail measured slower
+        launch=LAUNCH["win"]))
 
 
 def select_blocks(q, k_cmp, lse_cmp, structure: SSAStructure, *, top_k: int = 8, q_tile: int = 1,
@@ -145,27 +165,33 @@ def select_blocks(q, k_cmp, lse_cmp, structure: SSAStructure, *, top_k: int = 8,
         if backend == "torch":
             _, _, probs = ref.compression_attention_ref(q, k_cmp, k_cmp, st)
             return ref.select_blocks_ref(probs, st, hkv, top_k, q_tile)
-        if st.cmp_block == st.slc_block and (SELECT_FUSED_LONG or q_tile * q.shape[1] // hkv <= 128):
-            # one pass with a running top-k per unit, no score matrix (units of more than 128 rows
-            # sum their rows in steps inside the program)
-            rows = q_tile * q.shape[1] // hkv
-            # 128-row units: narrower key chunks (H100 sweep); longer units: not swept yet (--sweep-bwd)
-            bn = 32 if rows == 128 else (SELECT_LONG_BLOCK_N if rows > 128 else 64)
-            return select_topk(q.contiguous(), k_cmp.contiguous(), lse_cmp, st, top_k, q_tile, SELECT_BLOCK_N or bn)
-        # long units without SELECT_FUSED_LONG (or m_cmp < m_slc): a (tiles, Hkv, blocks) score matrix
-        # ranked by torch.topk
-        n_cols = st.max_slc_per_shape
-        score = block_scores(q.contiguous(), k_cmp.contiguous(), lse_cmp, st, q_tile, n_cols,
-                             SELECT_BLOCK_N or 64)
-        pad, base = st.cached(("score_layout", q_tile, n_cols), lambda: _score_layout(st, q_tile, n_cols))
-        if pad is not None:  # columns past a shape's blocks (scores are >= 0)
-            score.masked_fill_(pad, -1.0)
-        kk = min(top_k, n_cols)
-        top = score.topk(kk, dim=-1)
-        blk = top.indices + base if pad is None else torch.where(top.values >= 0, top.indices + base, -1)
-        if kk < top_k:
-            blk = torch.cat([blk, blk.new_full((blk.shape[0], hkv, top_k - kk), -1)], dim=-1)
-        return blk
+        return _select(q, k_cmp, lse_cmp, st, top_k, q_tile)
+
+
+def _select(q, k_cmp, lse_cmp, st: SSAStructure, top_k: int, q_tile: int):
+    """select_blocks on the Triton kernels, after the checks."""
+    hkv = k_cmp.shape[1]
+    if st.cmp_block == st.slc_block and (SELECT_FUSED_LONG or q_tile * q.shape[1] // hkv <= 128):
+        # one pass with a running top-k per unit, no score matrix (units of more than 128 rows
+        # sum their rows in steps inside the program)
+        rows = q_tile * q.shape[1] // hkv
+        # 128-row units: narrower key chunks (H100 sweep); longer units: not swept yet (--sweep-bwd)
+        bn = 32 if rows == 128 else (SELECT_LONG_BLOCK_N if rows > 128 else 64)
+        return select_topk(q.contiguous(), k_cmp.contiguous(), lse_cmp, st, top_k, q_tile, SELECT_BLOCK_N or bn)
+    # long units without SELECT_FUSED_LONG (or m_cmp < m_slc): a (tiles, Hkv, blocks) score matrix
+    # ranked by torch.topk
+    n_cols = st.max_slc_per_shape
+    score = block_scores(q.contiguous(), k_cmp.contiguous(), lse_cmp, st, q_tile, n_cols,
+                         SELECT_BLOCK_N or 64)
+    pad, base = st.cached(("score_layout", q_tile, n_cols), lambda: _score_layout(st, q_tile, n_cols))
+    if pad is not None:  # columns past a shape's blocks (scores are >= 0)
+        score.masked_fill_(pad, -1.0)
+    kk = min(top_k, n_cols)
+    top = score.topk(kk, dim=-1)
+    blk = top.indices + base if pad is None else torch.where(top.values >= 0, top.indices + base, -1)
+    if kk < top_k:
+        blk = torch.cat([blk, blk.new_full((blk.shape[0], hkv, top_k - kk), -1)], dim=-1)
+    return blk
 
 
 def _score_layout(st: SSAStructure, q_tile: int, n_cols: int):
@@ -222,7 +248,7 @@ def _selection_plan(st: SSAStructure, selected: torch.Tensor, q_tile: int, g: in
                        chunk_n=chunk_n, dkv_tile_start=units_start if long_tiles else None,
                        dkv_tile_end=units_end if long_tiles else None, dkv_steps=SELECT_DKV_STEPS,
                        dkv_tile_max=q_tile, dkv_entries=n_units * hkv * k * max_chunks, dkv_warps=SELECT_DKV_WARPS,
-                       fused_dq=FUSED_DQ["slc"])
+                       fused_dq=FUSED_DQ["slc"], launch=dict(LAUNCH["slc"]))
 
 
 def selection_attention(q, k, v, structure: SSAStructure, selected: torch.Tensor, *, q_tile: int = 1,
@@ -242,17 +268,18 @@ def window_attention(q, k, v, structure: SSAStructure, *, shifted: bool = False,
     if backend == "torch":
         return ref.window_attention_ref(q, k, v, structure, shifted)
     st = structure
-    perm, woff = st.window_partition(shifted)
-    kind = "window1" if shifted else "window0"
-    bt = _rows_per_tile(q.shape[1] // k.shape[1])
-    plan = st.cached(("plan_win", kind, bt), lambda: _shared_plan(
-        st, kind, woff, kind, bt, piece=SHARED_DKV_PIECE["window"], fused_dq=FUSED_DQ["win"],
-        lean=False))  # ~2 key chunks per window: the lean loop's separate tail measured slower (H200)
+    perm = st.window_partition(shifted)[0]
+    plan = _win_plan(st, shifted, q.shape[1] // k.shape[1])
     if perm is None:
         return segment_attention(q, k, v, plan)[0]
-    inv = st.cached(("inv_perm", kind), lambda: torch.argsort(perm))
+    inv = _inv_perm(st, shifted)
     o = segment_attention(_permute(q, perm, inv), _permute(k, perm, inv), _permute(v, perm, inv), plan)[0]
     return _permute(o, inv, perm)
+
+
+def _inv_perm(st: SSAStructure, shifted: bool):
+    return st.cached(("inv_perm", "window1" if shifted else "window0"),
+                     lambda: torch.argsort(st.window_partition(shifted)[0]))
 
 
 class _Permute(torch.autograd.Function):
@@ -280,6 +307,10 @@ def spatial_sparse_attention(q, k, v, k_cmp, v_cmp, gates, structure: SSAStructu
     _check(structure, backend, q=q, k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp)
     if gates.shape != (*q.shape[:2], 3):
         raise ValueError(f"gates must be (N, Hq, 3) = {(*q.shape[:2], 3)}, got {tuple(gates.shape)}")
+    if top_k < 1 or q_tile < 1 or q_tile & (q_tile - 1):
+        raise ValueError(f"top_k must be >= 1 and q_tile a power of two, got top_k={top_k}, q_tile={q_tile}")
+    if backend == "triton" and WHOLE and not any(FUSED_DQ.values()):
+        return _WholeSSA.apply(q, k, v, k_cmp, v_cmp, gates, structure, top_k, q_tile, shifted)
     o_cmp, lse = compression_attention(q, k_cmp, v_cmp, structure, backend=backend)
     if backend == "torch":
         sel = select_blocks(q, k_cmp, None, structure, top_k=top_k, q_tile=q_tile, backend="torch")
@@ -291,3 +322,57 @@ def spatial_sparse_attention(q, k, v, k_cmp, v_cmp, gates, structure: SSAStructu
         return gate_mix(o_cmp, o_slc, o_win, gates)
     g = gates.to(q.dtype)
     return g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_win
+
+
+WHOLE = True  # the Triton SSA as one autograd node (below) instead of one per branch, the gate and the permutes
+
+
+class _WholeSSA(torch.autograd.Function):
+    """All three branches and the gate in one node (Direct3D-S2 Sec. 3.3: o = Σ_b g_b·o_b). Branch b's share of
+    the gradient is its attention backward with dO_b = g_b·dO; with lse_b − ln g_b in place of lse_b the kernels'
+    P is g_b·P, so they take dO itself, and their rowsum(O_b·dO) is the gate's gradient. The dQ kernels add the
+    branches' dQ and the dK/dV kernels one float32 sum: no gate backward pass, no dO_b copies, no gradient sums."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, k_cmp, v_cmp, gates, st, top_k, q_tile, shifted):
+        q, k, v, k_cmp, v_cmp, gates = (t.contiguous() for t in (q, k, v, k_cmp, v_cmp, gates))
+        g = q.shape[1] // k.shape[1]
+        plan_c = _cmp_plan(st, g)
+        o_c, lse_c = _launch_fwd(q, k_cmp, v_cmp, plan_c)
+        plan_s = _selection_plan(st, _select(q, k_cmp, lse_c, st, top_k, q_tile), q_tile, g)
+        o_s, lse_s = _launch_fwd(q, k, v, plan_s)
+        plan_w = _win_plan(st, shifted, g)
+        perm = st.window_partition(shifted)[0]
+        wq, wk, wv = (q, k, v) if perm is None else (t.index_select(0, perm) for t in (q, k, v))
+        o_wp, lse_w = _launch_fwd(wq, wk, wv, plan_w)
+        o_w = o_wp if perm is None else o_wp.index_select(0, _inv_perm(st, shifted))
+        out = gate_forward(o_c, o_s, o_w, gates)
+        ctx.save_for_backward(q, k, v, k_cmp, v_cmp, gates, o_c, lse_c, o_s, lse_s, wq, wk, wv, o_wp, lse_w)
+        ctx.plans, ctx.st, ctx.shifted = (plan_c, plan_s, plan_w), st, shifted
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, k_cmp, v_cmp, gates, o_c, lse_c, o_s, lse_s, wq, wk, wv, o_wp, lse_w = ctx.saved_tensors
+        plan_c, plan_s, plan_w = ctx.plans
+        do = dout.contiguous()
+        ln_g = torch.log(gates.float())  # a zero gate gives lse = +inf: P = 0 for that branch
+        dq, dkc, dvc, dg_c = _launch_bwd(q, k_cmp, v_cmp, o_c, lse_c - ln_g[..., 0], do, plan_c, want_delta=True)
+        dkv = (torch.zeros(k.shape, dtype=torch.float32, device=k.device),
+               torch.zeros(v.shape, dtype=torch.float32, device=v.device))
+        dg_s = _launch_bwd(q, k, v, o_s, lse_s - ln_g[..., 1], do, plan_s, dq_into=dq, dkv_into=dkv,
+                           want_delta=True)[3]
+        perm = ctx.st.window_partition(ctx.shifted)[0]
+        if perm is None:
+            dg_w = _launch_bwd(q, k, v, o_wp, lse_w - ln_g[..., 2], do, plan_w, dq_into=dq, dkv_into=dkv,
+                               want_delta=True)[3]
+        else:  # shifted windows run on permuted copies: their gradients come back through the inverse
+            inv = _inv_perm(ctx.st, ctx.shifted)
+            dq_w, dk_w, dv_w, dg_w = _launch_bwd(wq, wk, wv, o_wp, lse_w - ln_g[..., 2].index_select(0, perm),
+                                                 do.index_select(0, perm), plan_w, want_delta=True)
+            dq += dq_w.index_select(0, inv)
+            dkv[0].add_(dk_w.index_select(0, inv))
+            dkv[1].add_(dv_w.index_select(0, inv))
+            dg_w = dg_w.index_select(0, inv)
+        dg = torch.stack([dg_c, dg_s, dg_w], -1).to(gates.dtype)
+        return dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype), dkc, dvc, dg, None, None, None, None

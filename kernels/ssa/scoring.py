@@ -19,7 +19,7 @@ def _score_kernel(Q, KC, LSE, SCORE, TILE_START, TILE_END, TILE_SEG, TILE_UNIT, 
                   sqt, sqh, skt, skh, slt, slh, sct, sch, qk_scale,
                   G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                   D: tl.constexpr, POOL: tl.constexpr, LEAN: tl.constexpr = False, SUM_DOT: tl.constexpr = False,
-                  SUM_DT: tl.constexpr = tl.float32):
+                  SUM_DT: tl.constexpr = tl.float32, KEYS_M: tl.constexpr = False):
     """Adds one tile's probabilities, summed over its rows, into the score row of its selection unit."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -37,16 +37,22 @@ def _score_kernel(Q, KC, LSE, SCORE, TILE_START, TILE_END, TILE_SEG, TILE_UNIT, 
         n = n0 + cols
         nm = n < c1
         k = tl.load(KC + n[:, None] * skt + h * skh + d[None, :], mask=nm[:, None], other=0.0)
-        if LEAN:  # columns past the shape sum garbage that the masked atomic never adds
-            p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
-        else:
-            qk = tl.dot(q, tl.trans(k)) * qk_scale
-            p = tl.where(valid[:, None] & nm[None, :], tl.exp2(qk - lse2[:, None]), 0.0)
         # summed over the G heads of this kv group and the tile's tokens
-        if SUM_DOT:  # on the tensor cores: P^T (BLOCK_N x rows) @ ones (rows x 16), every column the sum
-            s = tl.max(tl.dot(tl.trans(p.to(SUM_DT)), tl.full([BLOCK_R, 16], 1.0, SUM_DT)), 1)
+        if KEYS_M:  # Pᵀ = exp(K Qᵀ - lse): the sum over rows is a sum along each accumulator row (no transpose)
+            pt = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
+            if not LEAN:
+                pt = tl.where(valid[None, :] & nm[:, None], pt, 0.0)
+            s = tl.sum(pt, 1)
         else:
-            s = tl.sum(p, 0)
+            if LEAN:  # columns past the shape sum garbage that the masked atomic never adds
+                p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
+            else:
+                qk = tl.dot(q, tl.trans(k)) * qk_scale
+                p = tl.where(valid[:, None] & nm[None, :], tl.exp2(qk - lse2[:, None]), 0.0)
+            if SUM_DOT:  # on the tensor cores: P^T (BLOCK_N x rows) @ ones (rows x 16), every column the sum
+                s = tl.max(tl.dot(tl.trans(p.to(SUM_DT)), tl.full([BLOCK_R, 16], 1.0, SUM_DT)), 1)
+            else:
+                s = tl.sum(p, 0)
         if POOL:
             col = tl.load(CMP_TO_SLC + n, mask=nm, other=0)
         else:  # compression blocks are the selection blocks
@@ -54,6 +60,8 @@ def _score_kernel(Q, KC, LSE, SCORE, TILE_START, TILE_END, TILE_SEG, TILE_UNIT, 
         tl.atomic_add(row + col, s, mask=nm)
 
 
+SCORE_WARPS = 0  # warps of the scoring kernel (0: 4, or 8 for 256-row programs)
+SCORE_KEYS_M = True  # scores from Pᵀ (keys as the matmul's M): float32 row sums, no transpose, no float16 rounding
 SCORE_SUM_DOT = True  # column sums of the score tiles by a matmul with ones (P in float16) instead of shuffles
 
 
@@ -79,8 +87,8 @@ def block_scores(q, k_cmp, lse_cmp, structure, q_tile: int, n_cols: int, block_n
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), lse_cmp.stride(0), lse_cmp.stride(1),
         score.stride(0), score.stride(1), d ** -0.5 * LOG2E, G=g, BLOCK_T=sub,
         BLOCK_R=_rows_for(sub, g), BLOCK_N=block_n, D=d, POOL=pool, LEAN=_seg.LEAN, SUM_DOT=SCORE_SUM_DOT,
-        SUM_DT=tl.float32 if q.dtype == torch.float32 else tl.float16,
-        num_warps=_warps(_rows_for(sub, g), 4))
+        SUM_DT=tl.float32 if q.dtype == torch.float32 else tl.float16, KEYS_M=SCORE_KEYS_M,
+        num_warps=SCORE_WARPS or _warps(_rows_for(sub, g), 4))
     return score
 
 

@@ -12,7 +12,7 @@ tiles that attended to it, so nothing is written twice and no atomics are needed
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -24,6 +24,8 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 POISON = False  # tests set this: outputs start as NaN so an unwritten element fails
 LEAN = True  # exponent scale folded into one FMA, unmasked whole key chunks, row masks through lse = +inf
+DKV_KEYS_M = True  # dK/dV computed transposed (keys as M): no tile transposed through shared memory
+DKV_STEP_ROWS = 0  # rows per step of the dK/dV kernel walking long tiles (0: the tile rows, 128)
 DELTA_IN_DQ = True  # the dQ kernel computes rowsum(O·dO) for itself and dK/dV (no row_dot pass): -0.29 ms backward at 131k on an H200
 
 
@@ -159,7 +161,8 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, TILE_START, TILE_END, SEG_STA
                    sqt, sqh, skt, skh, slt, slh, sst, ssh, qk_scale, sm_scale,
                    S: tl.constexpr, SP: tl.constexpr, G: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                   LEAN: tl.constexpr = False, DELTA_HERE: tl.constexpr = False):
+                   LEAN: tl.constexpr = False, DELTA_HERE: tl.constexpr = False, ACC: tl.constexpr = False):
+    """ACC: dQ is added to DQ (written by the branches before)."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     tok, head, valid = _rows(TILE_START, TILE_END, tile, h, G, BLOCK_T, BLOCK_R)
@@ -190,17 +193,29 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, TILE_START, TILE_END, SEG_STA
         for n0 in range(0, total, BLOCK_N):
             n, nm = _gathered_keys(n0, cols, shift, lo, hi, total)
             dq = _dq_step(q, do, lse2, delta, valid, K, V, n, nm, h, skt, skh, d, qk_scale, dq)
-    tl.store(DQ + qoff, (dq * sm_scale).to(DQ.dtype.element_ty), mask=valid[:, None])
+    dq = dq * sm_scale
+    if ACC:  # the branches before this one wrote DQ; each program owns its rows
+        dq += tl.load(DQ + qoff, mask=valid[:, None], other=0.0).to(tl.float32)
+    tl.store(DQ + qoff, dq.to(DQ.dtype.element_ty), mask=valid[:, None])
 
 
 @triton.jit
 def _dkv_step(Q, DO, LSE, DELTA, DQ, tok, head, valid, k, v, nm, d, sqt, sqh, slt, slh, qk_scale, sm_scale, dk, dv,
-              FUSED_DQ: tl.constexpr, LEAN: tl.constexpr = False):
+              FUSED_DQ: tl.constexpr, LEAN: tl.constexpr = False, KEYS_M: tl.constexpr = False):
+    """One row step of dK/dV. KEYS_M: computed transposed (keys as the matmuls' M, Pᵀ and dSᵀ straight from the
+    accumulators as A operands), so no tile is transposed through shared memory."""
     qoff = tok[:, None] * sqt + head[:, None] * sqh + d[None, :]
     q = tl.load(Q + qoff, mask=valid[:, None], other=0.0)
     do = tl.load(DO + qoff, mask=valid[:, None], other=0.0)
     lse2 = tl.load(LSE + tok * slt + head * slh, mask=valid, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + tok * slt + head * slh, mask=valid, other=0.0)
+    if KEYS_M:
+        # rows past the tile have lse = +inf (Pᵀ = 0); keys past the chunk only fill dK/dV rows never stored
+        pt = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
+        dv += tl.dot(pt.to(do.dtype), do)
+        dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q)
+        return dk, dv
     if LEAN:
         # rows past the tile have lse = +inf (P = 0); columns past the chunk give garbage only in the dK/dV
         # rows of those keys, which are never stored
@@ -225,7 +240,8 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, TILE_START, TILE_END, C
                     QPTR, TIDX, ITEMS, sqt, sqh, skt, skh, slt, slh, sph, qk_scale, sm_scale,
                     G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, TPI: tl.constexpr,
                     BLOCK_N: tl.constexpr, D: tl.constexpr, ATOMIC: tl.constexpr, LONG_TILES: tl.constexpr,
-                    BALANCED: tl.constexpr, FUSED_DQ: tl.constexpr, LEAN: tl.constexpr = False):
+                    BALANCED: tl.constexpr, FUSED_DQ: tl.constexpr, LEAN: tl.constexpr = False,
+                    KEYS_M: tl.constexpr = False, STEP_R: tl.constexpr = 128):
     if BALANCED:  # one work item (chunk, kv head, range of its tile list) per program
         it = tl.program_id(0)
         c = tl.load(ITEMS + it * 4)
@@ -254,17 +270,17 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, TILE_START, TILE_END, C
     v = tl.load(V + koff, mask=nm[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
-    if LONG_TILES:  # tiles of more than BLOCK_R rows (tile-level selection): walk each in contiguous pieces
-        r = tl.arange(0, BLOCK_R)
+    if LONG_TILES:  # tiles of more than BLOCK_R rows (tile-level selection): walk each in steps of STEP_R rows
+        r = tl.arange(0, STEP_R)
         for i in range(a, b):
             tile = tl.load(TIDX + i)
             t0 = tl.load(TILE_START + tile)
             rows = (tl.load(TILE_END + tile) - t0) * G
-            for r0 in range(0, rows, BLOCK_R):
+            for r0 in range(0, rows, STEP_R):
                 tok = t0 + (r0 + r) // G
                 head = h * G + (r0 + r) % G
                 dk, dv = _dkv_step(Q, DO, LSE, DELTA, DQ, tok, head, r0 + r < rows, k, v, nm, d, sqt, sqh, slt, slh,
-                                   qk_scale, sm_scale, dk, dv, FUSED_DQ, LEAN)
+                                   qk_scale, sm_scale, dk, dv, FUSED_DQ, LEAN, KEYS_M)
     else:  # TPI short tiles side by side per step
         rr = tl.arange(0, TPI * BLOCK_R)
         j = rr // BLOCK_R
@@ -279,7 +295,7 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, TILE_START, TILE_END, C
             head = h * G + r % G
             valid = tm & (r < BLOCK_T * G) & (tok < t1)
             dk, dv = _dkv_step(Q, DO, LSE, DELTA, DQ, tok, head, valid, k, v, nm, d, sqt, sqh, slt, slh,
-                               qk_scale, sm_scale, dk, dv, FUSED_DQ, LEAN)
+                               qk_scale, sm_scale, dk, dv, FUSED_DQ, LEAN, KEYS_M)
     if ATOMIC:
         if b > a:  # work items past the last (the grid is an upper bound) add nothing
             tl.atomic_add(DK + koff, dk * sm_scale, mask=nm[:, None], sem="relaxed")
@@ -325,6 +341,8 @@ class SegmentPlan:
     lean: bool = True  # LEAN kernels for this plan (windows: ~2 key chunks each, the plain loop measured faster)
     dkv_tile_max: int = 0  # most tokens of a dK/dV tile (long tiles; 0 = read from the device)
     dkv_entries: int = 0  # bound on the tile-list entries summed over chunks and heads (0 = read from the device)
+    # launch settings per kernel ("fwd", "dq", "dkv": num_warps / num_stages / maxnreg) over the defaults above
+    launch: dict = field(default_factory=dict)
 
 
 def _work_items(plan, qptr, hkv: int, per_item: int) -> torch.Tensor:
@@ -367,6 +385,12 @@ def _stages(plan) -> dict:
     return {"num_stages": plan.num_stages} if plan.num_stages else {}
 
 
+def _launch_kw(plan, kernel: str, num_warps: int, stages: bool = True) -> dict:
+    kw = {"num_warps": num_warps, **(_stages(plan) if stages else {})}
+    kw.update(plan.launch.get(kernel, {}))
+    return kw
+
+
 def _seg_strides(t: torch.Tensor):
     return t.stride(0), (t.stride(1) if t.shape[1] > 1 else 0)
 
@@ -396,23 +420,33 @@ def _launch_fwd(q, k, v, plan: SegmentPlan):
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1), lse.stride(0), lse.stride(1),
             sst, ssh, d ** -0.5 * LOG2E, G=g, BLOCK_T=plan.block_t,
             BLOCK_R=_rows_for(plan.block_t, g), BLOCK_N=plan.block_n, D=d, LEAN=LEAN and plan.lean,
-            num_warps=_warps(_rows_for(plan.block_t, g), plan.num_warps), **seg_kw, **_stages(plan))
+            **seg_kw, **_launch_kw(plan, "fwd", _warps(_rows_for(plan.block_t, g), plan.num_warps)))
     return o, lse
 
 
-def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan):
+def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan, dq_into=None, dkv_into=None, want_delta=False):
+    """dQ, dK, dV of one branch (and rowsum(O·dO) with ``want_delta``). ``dq_into``: add dQ into this tensor
+    (written by earlier branches); ``dkv_into``: float32 (dK, dV) to add into, returned as they are."""
     n, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
     do = do.contiguous()
     fused = plan.fused_dq
     n_tiles = plan.tile_start.numel()
+    if fused and dq_into is not None:
+        raise ValueError("dQ from the dK/dV kernel's atomics cannot add into another branch's dQ")
     delta_here = DELTA_IN_DQ and not fused and n_tiles > 0
     delta = torch.empty(o.shape[:2], dtype=torch.float32, device=o.device) if delta_here else row_dot(o, do)
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if fused else _new(q.shape, q)
-    atomic = plan.dkv_split > 1 or plan.dkv_steps > 0
-    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if atomic else _new(k.shape, k)
-    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device) if atomic else _new(v.shape, v)
+    if dq_into is not None:
+        dq = dq_into
+    else:
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if fused else _new(q.shape, q)
+    atomic = plan.dkv_split > 1 or plan.dkv_steps > 0 or dkv_into is not None
+    if dkv_into is not None:
+        dk, dv = dkv_into
+    else:
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if atomic else _new(k.shape, k)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device) if atomic else _new(v.shape, v)
     br = _rows_for(plan.block_t, g)
     if n_tiles and not fused:
         sst, ssh = _seg_strides(plan.seg_start)
@@ -421,8 +455,8 @@ def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan):
             q, k, v, o, do, lse, delta, dq, plan.tile_start, plan.tile_end, plan.seg_start, plan.seg_end, cum,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), lse.stride(1), sst, ssh,
             d ** -0.5 * LOG2E, d ** -0.5, G=g, BLOCK_T=plan.block_t, BLOCK_R=br,
-            BLOCK_N=plan.block_n, D=d, LEAN=LEAN and plan.lean, DELTA_HERE=delta_here,
-            num_warps=_warps(br, plan.num_warps), **seg_kw, **_stages(plan))
+            BLOCK_N=plan.block_n, D=d, LEAN=LEAN and plan.lean, DELTA_HERE=delta_here, ACC=dq_into is not None,
+            **seg_kw, **_launch_kw(plan, "dq", _warps(br, plan.num_warps)))
     qptr, tidx = plan.inverse() if plan.inverse is not None else (plan.qptr, plan.tidx)
     n_chunks = plan.chunk_start.numel()
     if n_chunks:
@@ -441,19 +475,22 @@ def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan):
             items = _work_items(plan, qptr, hkv, per_item)
             grid = (items.shape[0],)
         if grid[0]:
+            kw = dict(G=g, BLOCK_T=plan.block_t, BLOCK_R=br, TPI=tpi, BLOCK_N=plan.chunk_n or plan.block_n, D=d,
+                      ATOMIC=atomic, LONG_TILES=long_tiles, BALANCED=plan.dkv_steps > 0, FUSED_DQ=fused,
+                      LEAN=LEAN and plan.lean, KEYS_M=DKV_KEYS_M and not fused, STEP_R=DKV_STEP_ROWS or br,
+                      num_warps=plan.dkv_warps or _warps(tpi * br, 4))
+            kw.update(plan.launch.get("dkv", {}))  # launch settings and the constexprs above
             _bwd_dkv_kernel[grid](
                 q, k, v, do, lse, delta, dq, dk, dv, ts, te, plan.chunk_start, plan.chunk_end,
                 plan.chunk_seg, qptr, tidx, items, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                lse.stride(0), lse.stride(1), plan.qptr_head_stride, d ** -0.5 * LOG2E, d ** -0.5,
-                G=g, BLOCK_T=plan.block_t, BLOCK_R=br, TPI=tpi, BLOCK_N=plan.chunk_n or plan.block_n, D=d,
-                ATOMIC=atomic, LONG_TILES=long_tiles, BALANCED=plan.dkv_steps > 0, FUSED_DQ=fused,
-                LEAN=LEAN and plan.lean,
-                num_warps=plan.dkv_warps or _warps(tpi * br, 4))
+                lse.stride(0), lse.stride(1), plan.qptr_head_stride, d ** -0.5 * LOG2E, d ** -0.5, **kw)
+    if dkv_into is not None:
+        return (dq, dk, dv, delta) if want_delta else (dq, dk, dv)  # float32 sums, cast after the last branch
     if atomic:
         dk, dv = dk.to(k.dtype), dv.to(v.dtype)
     if fused:
         dq = dq.to(q.dtype)
-    return dq, dk, dv
+    return (dq, dk, dv, delta) if want_delta else (dq, dk, dv)
 class _SegmentAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan):
