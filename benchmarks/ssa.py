@@ -488,37 +488,33 @@ def sweep(log, n=131072):
 
 
 def ab_whole(log, sizes=(8192, 131072), qt=64):
-    """The whole SSA under the structural switches, same inputs, one process: the current defaults against each
-    switch turned back and against all of them back with the launch settings of before (the previous code).
-    Outputs and gradients against the first row."""
-    from kernels.ssa import ops, scoring
-    keep = (ops.WHOLE, seg.DKV_KEYS_M, scoring.SCORE_KEYS_M, {b_: dict(v_) for b_, v_ in ops.LAUNCH.items()},
-            ops.WIN_BLOCK_N)
-    fwd8 = {"num_warps": 8, "num_stages": 3, "maxnreg": 80}
-    launch8 = {b_: dict(v_) for b_, v_ in keep[3].items()}
-    launch8["cmp"]["fwd"], launch8["slc"]["fwd"] = fwd8, fwd8
-    launch8["cmp"]["dq"] = launch8["win"]["dq"] = {"num_warps": 8, "num_stages": 3}
+    """The whole SSA under the switches of the latest round, same inputs, one process: the current defaults against
+    each switch turned back (and the opt-in warp specialization). Outputs and gradients against the first row."""
+    from kernels.ssa import ops
+    names = ("SCORE_IN_CMP", "GATE_IN_WINDOW", "LEAN_HOST", "SELECT_LISTS_KERNEL")
+    keep = {nm: getattr(ops, nm) for nm in names}
     rows = [("current defaults", {}),
             ("current defaults again", {}),
-            ("forward 8 warps at 80 registers, cmp/win dQ 8 warps", {"launch": launch8}),
-            ("per-branch autograd nodes (WHOLE off)", {"whole": False}),
-            ("dK/dV with queries as M", {"dkv": False}),
-            ("scores with queries as M (float16 sums)", {"score": False}),
-            ("previous code (all off, launch settings of before)",
-             {"whole": False, "dkv": False, "score": False, "launch": {"cmp": {}, "slc": {}, "win": {}}})]
+            ("scoring kernel after the compression forward (SCORE_IN_CMP off)", {"SCORE_IN_CMP": False}),
+            ("gate pass after the window forward (GATE_IN_WINDOW off)", {"GATE_IN_WINDOW": False}),
+            ("gate, sums and casts as tensor ops (LEAN_HOST off)", {"LEAN_HOST": False}),
+            ("dK/dV lists by sort + tensor ops (SELECT_LISTS_KERNEL off)", {"SELECT_LISTS_KERNEL": False}),
+            ("previous code (all four off)", {nm: False for nm in names})]
     for n in sizes:
         ref = None
         for label, sw in rows:
-            ops.WHOLE, seg.DKV_KEYS_M, scoring.SCORE_KEYS_M = sw.get("whole", keep[0]), sw.get("dkv", keep[1]), \
-                sw.get("score", keep[2])
-            ops.LAUNCH.clear()
-            ops.LAUNCH.update(sw.get("launch", {b_: dict(v_) for b_, v_ in keep[3].items()}))
-            ops.WIN_BLOCK_N = sw.get("win_bn", keep[4])
-            st, t = workload(n)  # a fresh structure: plans built under these launch settings
+            for nm in names:
+                setattr(ops, nm, sw.get(nm, keep[nm]))
+            st, t = workload(n)  # a fresh structure: plans built under these switches
             x = [t[s_].detach().requires_grad_(True) for s_ in ("q", "k", "v", "k_cmp", "v_cmp", "gates")]
-            out = spatial_sparse_attention(*x, st, top_k=8, q_tile=qt)
-            go = torch.randn(out.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(1)).to(out.dtype)
-            grads = torch.autograd.grad(out, x, go)
+            try:
+                out = spatial_sparse_attention(*x, st, top_k=8, q_tile=qt)
+                go = torch.randn(out.shape, device="cuda",
+                                 generator=torch.Generator("cuda").manual_seed(1)).to(out.dtype)
+                grads = torch.autograd.grad(out, x, go)
+            except Exception as e:  # a variant that does not compile is an answer too
+                log(f"whole N={n} [{label}] failed: {type(e).__name__}: {str(e)[:300]}")
+                continue
             if ref is None:
                 ref = (out, grads)
             diffs = " ".join(f"{nm}={rel(g_, rg_):.1e}" for nm, g_, rg_ in
@@ -527,10 +523,61 @@ def ab_whole(log, sizes=(8192, 131072), qt=64):
             f, b = time_fwd_bwd(lambda *a: spatial_sparse_attention(*a, st, top_k=8, q_tile=qt), x)
             log(f"whole N={n} [{label}] {f:.3f} / {b:.3f} ms; vs first row: out {rel(out, ref[0]):.1e} {diffs}"
                 f"{' NaN!' if nan else ''}")
-    ops.WHOLE, seg.DKV_KEYS_M, scoring.SCORE_KEYS_M = keep[:3]
-    ops.LAUNCH.clear()
-    ops.LAUNCH.update(keep[3])
-    ops.WIN_BLOCK_N = keep[4]
+    for nm in names:
+        setattr(ops, nm, keep[nm])
+
+
+def host_cost(log, sizes=(8192,), qt=64, reps=30):
+    """The whole SSA's backward with the host-side switches on and off: device launches per backward (kernels,
+    memsets, copies; torch.profiler), host time to enqueue it (wall clock, no sync), device time (CUDA events)
+    and the do_bench figure, same inputs, one process."""
+    from kernels.ssa import ops
+    keep = (ops.LEAN_HOST, ops.SELECT_LISTS_KERNEL)
+    rows = [("current defaults", {}), ("lists by sort + tensor ops", {"lists": False}),
+            ("gate, sums and casts as tensor ops", {"lean": False}),
+            ("both (the previous backward)", {"lists": False, "lean": False}),
+            ("current defaults again", {})]
+    for n in sizes:
+        st, t = workload(n)
+        x = [t[s_].detach().requires_grad_(True) for s_ in ("q", "k", "v", "k_cmp", "v_cmp", "gates")]
+        ref = None
+        for label, sw in rows:
+            ops.LEAN_HOST, ops.SELECT_LISTS_KERNEL = sw.get("lean", keep[0]), sw.get("lists", keep[1])
+            out = spatial_sparse_attention(*x, st, top_k=8, q_tile=qt)
+            go = torch.randn(out.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(1)).to(out.dtype)
+            grads = torch.autograd.grad(out, x, go, retain_graph=True)
+            if ref is None:
+                ref = grads
+            for _ in range(5):
+                torch.autograd.grad(out, x, go, retain_graph=True)
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                torch.autograd.grad(out, x, go, retain_graph=True)
+                torch.cuda.synchronize()
+            kinds = {}
+            for e in prof.events():
+                if e.device_type == torch.autograd.DeviceType.CUDA:
+                    kinds[e.name] = kinds.get(e.name, 0) + 1
+            launches = sum(kinds.values())
+            host, dev = [], []
+            for _ in range(reps):
+                torch.cuda.synchronize()
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                t0 = time.perf_counter()
+                a.record()
+                torch.autograd.grad(out, x, go, retain_graph=True)
+                b.record()
+                host.append((time.perf_counter() - t0) * 1e3)
+                torch.cuda.synchronize()
+                dev.append(a.elapsed_time(b))
+            host.sort()
+            dev.sort()
+            ms = bench(lambda: torch.autograd.grad(out, x, go, retain_graph=True))
+            diffs = " ".join(f"{nm}={rel(g_, rg_):.1e}" for nm, g_, rg_ in
+                             zip(("dq", "dk", "dv", "dkc", "dvc", "dg"), grads, ref))
+            log(f"host N={n} [{label}] backward: {launches} device launches, host enqueue {host[reps // 2]:.3f} ms "
+                f"(median of {reps}), events {dev[reps // 2]:.3f} ms, do_bench {ms:.3f} ms; vs first row: {diffs}")
+    ops.LEAN_HOST, ops.SELECT_LISTS_KERNEL = keep
 
 
 def tune(log, n=131072, qt=64, apply=True):
@@ -646,6 +693,7 @@ def main():
     ap.add_argument("--ab", action="store_true", help="the whole SSA under each structural switch at 8k and 131k first")
     ap.add_argument("--tune", action="store_true",
                     help="time launch settings of every kernel at 131,072 first and use the fastest for the rest")
+    ap.add_argument("--host", default="", help="comma list of sizes: backward launches and host time first")
     ap.add_argument("--no-compare", action="store_true", help="skip the tile vs per-query selection comparison")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -674,6 +722,8 @@ def main():
         ab_whole(log)
     if args.tune:
         tune(log)
+    if args.host:
+        host_cost(log, [int(s_) for s_ in args.host.split(",")])
     for n in [int(s_) for s_ in args.profile.split(",") if s_]:
         profile(log, n, cpu=n <= 16384)
     if not args.sizes:

@@ -130,6 +130,15 @@ def test_plain_kernel_paths_cpu(q_tile, shifted, monkeypatch):
     _check_ssa("cpu", 32, 2, 32, 8, 3, q_tile, shifted, seed=13)
 
 
+def test_previous_host_paths_cpu(monkeypatch):
+    """The whole SSA with the switches of the latest round turned back: scoring kernel after the compression
+    forward, gate pass after the window forward, the backward's gate and sums as tensor ops, dK/dV lists by sort."""
+    from kernels.ssa import ops
+    for name in ("SCORE_IN_CMP", "GATE_IN_WINDOW", "LEAN_HOST", "SELECT_LISTS_KERNEL"):
+        monkeypatch.setattr(ops, name, False)
+    _check_ssa("cpu", 32, 2, 32, 8, 3, 32, False, seed=14)
+
+
 @pytest.mark.parametrize("q_tile", [1, 32])
 def test_selection_work_items_cpu(q_tile, monkeypatch):
     """dK/dV lists cut into work items of one row step each, summed atomically, still give the gradients."""
@@ -210,3 +219,24 @@ def test_bad_input_errors():
         SSAStructure(coords, torch.tensor([0, 34, 34]), 4, 8)
     with pytest.raises(ValueError, match="multiple of cmp_block"):
         SSAStructure(coords, cu, 3, 8)
+
+
+def test_selection_lists_kernel_matches_sort_cpu():
+    """The dK/dV lists and work items built by the list kernels equal those of the sort + tensor-op path
+    (the order of the tiles inside one list is free)."""
+    from kernels.ssa import ops
+    from kernels.ssa.scoring import selection_lists
+    from kernels.ssa.segment_attention import _work_items
+    _device_dtype("cpu")
+    st, t = random_batch([70, 2, 33, 150], 32, 2, 16, cmp_block=8, seed=6, grid=9)
+    sel = select_blocks(t["q"].float(), t["k_cmp"].float(), None, st, top_k=3, q_tile=8, backend="torch")
+    plan = ops._selection_plan(st, sel, 8, 16)
+    for per_item in (1, 2, 5):
+        n_items = 2 * plan.chunk_start.numel() + -(-plan.dkv_entries // per_item)
+        qptr, tidx, items = selection_lists(sel, st.n_slc, plan.chunk_seg, per_item, n_items)
+        rq, rt = plan.inverse()
+        assert torch.equal(qptr, rq)
+        for i in range(qptr.numel() - 1):
+            a, b = int(qptr[i]), int(qptr[i + 1])
+            assert sorted(tidx[a:b].tolist()) == sorted(rt[a:b].tolist())
+        assert torch.equal(items, _work_items(plan, rq, 2, per_item))

@@ -11,7 +11,7 @@ import torch
 
 from . import reference as ref
 from .gate import gate_forward, gate_mix
-from .scoring import _unit_of_tile, block_scores, select_topk, selected_segments
+from .scoring import _unit_of_tile, block_scores, select_topk, selected_segments, selection_lists
 from .segment_attention import SegmentPlan, _launch_bwd, _launch_fwd, segment_attention
 from .structure import SSAStructure
 
@@ -183,6 +183,17 @@ def _select(q, k_cmp, lse_cmp, st: SSAStructure, top_k: int, q_tile: int):
     n_cols = st.max_slc_per_shape
     score = block_scores(q.contiguous(), k_cmp.contiguous(), lse_cmp, st, q_tile, n_cols,
                          SELECT_BLOCK_N or 64)
+    return _rank(score, st, top_k, q_tile)
+
+
+def _score_matrix_path(st: SSAStructure, q_tile: int, g: int) -> bool:
+    """Whether _select ranks a score matrix (long units without SELECT_FUSED_LONG, or m_cmp < m_slc)."""
+    return not (st.cmp_block == st.slc_block and (SELECT_FUSED_LONG or q_tile * g <= 128))
+
+
+def _rank(score, st: SSAStructure, top_k: int, q_tile: int):
+    """Top-k global block ids of a (units, Hkv, n_cols) score matrix, -1 past the shape's blocks."""
+    hkv, n_cols = score.shape[1], score.shape[2]
     pad, base = st.cached(("score_layout", q_tile, n_cols), lambda: _score_layout(st, q_tile, n_cols))
     if pad is not None:  # columns past a shape's blocks (scores are >= 0)
         score.masked_fill_(pad, -1.0)
@@ -208,6 +219,7 @@ SELECT_DKV_BLOCK_N = 0  # key chunk of the selection dK/dV inside a block; 0 = b
 SELECT_DKV_STEPS = 64  # row steps per dK/dV work item (0: one program per chunk, whatever its list length)
 SELECT_SUB_ROWS = 128  # rows (tokens × G heads) per program of the selection forward, dQ and dK/dV step
 SELECT_DKV_WARPS = 0  # warps of the selection dK/dV kernel (0: by rows)
+SELECT_LISTS_KERNEL = True  # dK/dV lists and work items by three Triton launches (False: sort + ~20 tensor ops)
 
 
 def _selection_plan(st: SSAStructure, selected: torch.Tensor, q_tile: int, g: int) -> SegmentPlan:
@@ -240,11 +252,15 @@ def _selection_plan(st: SSAStructure, selected: torch.Tensor, q_tile: int, g: in
         qptr = torch.searchsorted(key, torch.arange(n_lists + 1, device=st.device)).to(torch.int32)
         return qptr, tidx
 
+    def lists(per_item, n_items):
+        return selection_lists(selected, st.n_slc, cseg, per_item, n_items)
+
     per_token = sub * g <= 16
     long_tiles = sub != q_tile
     # per-query tiles of 16 rows run best with 2 warps and 3 pipeline stages (H100 sweep, docs/ssa.md)
     return SegmentPlan(ts, te, seg_start, seg_end, sub, cs, ce, cseg, None, st.n_slc, None, SELECT_FWD_BLOCK_N,
                        num_warps=2 if per_token else 4, num_stages=3, inverse=inverse, seg_cum=seg_cum,
+                       lists=lists if SELECT_LISTS_KERNEL else None,
                        chunk_n=chunk_n, dkv_tile_start=units_start if long_tiles else None,
                        dkv_tile_end=units_end if long_tiles else None, dkv_steps=SELECT_DKV_STEPS,
                        dkv_tile_max=q_tile, dkv_entries=n_units * hkv * k * max_chunks, dkv_warps=SELECT_DKV_WARPS,
@@ -324,7 +340,12 @@ def spatial_sparse_attention(q, k, v, k_cmp, v_cmp, gates, structure: SSAStructu
     return g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_win
 
 
+# the compression forward also sums the selection-block scores (a second pass over the pooled keys with the final
+# log-sum-exp) where a score matrix is ranked: no scoring kernel reading Q and the lse again
+SCORE_IN_CMP = True
+GATE_IN_WINDOW = True  # unshifted windows: the window forward's epilogue writes the gated sum (no gate pass)
 WHOLE = True  # the Triton SSA as one autograd node (below) instead of one per branch, the gate and the permutes
+LEAN_HOST = True  # its backward with the gates read by the kernels and one buffer per kind of sum (fewer launches)
 
 
 class _WholeSSA(torch.autograd.Function):
@@ -338,21 +359,71 @@ class _WholeSSA(torch.autograd.Function):
         q, k, v, k_cmp, v_cmp, gates = (t.contiguous() for t in (q, k, v, k_cmp, v_cmp, gates))
         g = q.shape[1] // k.shape[1]
         plan_c = _cmp_plan(st, g)
-        o_c, lse_c = _launch_fwd(q, k_cmp, v_cmp, plan_c)
-        plan_s = _selection_plan(st, _select(q, k_cmp, lse_c, st, top_k, q_tile), q_tile, g)
+        if SCORE_IN_CMP and _score_matrix_path(st, q_tile, g) and q_tile * g > 128:  # 128-row tiles: its units
+            bt = _rows_per_tile(g)
+            score = torch.zeros((st.n_tiles("shape", q_tile), k.shape[1], st.max_slc_per_shape),
+                                dtype=torch.float32, device=q.device)
+            unit = st.cached(("tile_unit", bt, q_tile), lambda: _unit_of_tile(st, bt, q_tile))
+            to_slc = st.cmp_to_slc_local if st.cmp_block != st.slc_block else None
+            o_c, lse_c = _launch_fwd(q, k_cmp, v_cmp, plan_c, scores=(score, unit, to_slc, SELECT_BLOCK_N or 64))
+            sel = _rank(score, st, top_k, q_tile)
+        else:
+            o_c, lse_c = _launch_fwd(q, k_cmp, v_cmp, plan_c)
+            sel = _select(q, k_cmp, lse_c, st, top_k, q_tile)
+        plan_s = _selection_plan(st, sel, q_tile, g)
         o_s, lse_s = _launch_fwd(q, k, v, plan_s)
         plan_w = _win_plan(st, shifted, g)
         perm = st.window_partition(shifted)[0]
         wq, wk, wv = (q, k, v) if perm is None else (t.index_select(0, perm) for t in (q, k, v))
-        o_wp, lse_w = _launch_fwd(wq, wk, wv, plan_w)
-        o_w = o_wp if perm is None else o_wp.index_select(0, _inv_perm(st, shifted))
-        out = gate_forward(o_c, o_s, o_w, gates)
+        if perm is None and GATE_IN_WINDOW:  # the window forward writes the gated sum too
+            out = torch.empty_like(o_c)
+            o_wp, lse_w = _launch_fwd(wq, wk, wv, plan_w, mix=(o_c, o_s, gates, out))
+        else:
+            o_wp, lse_w = _launch_fwd(wq, wk, wv, plan_w)
+            o_w = o_wp if perm is None else o_wp.index_select(0, _inv_perm(st, shifted))
+            out = gate_forward(o_c, o_s, o_w, gates)
         ctx.save_for_backward(q, k, v, k_cmp, v_cmp, gates, o_c, lse_c, o_s, lse_s, wq, wk, wv, o_wp, lse_w)
         ctx.plans, ctx.st, ctx.shifted = (plan_c, plan_s, plan_w), st, shifted
         return out
 
     @staticmethod
     def backward(ctx, dout):
+        if not LEAN_HOST:
+            return _WholeSSA._backward_ops(ctx, dout)
+        q, k, v, k_cmp, v_cmp, gates, o_c, lse_c, o_s, lse_s, wq, wk, wv, o_wp, lse_w = ctx.saved_tensors
+        plan_c, plan_s, plan_w = ctx.plans
+        do = dout.contiguous()
+        n, hkv, d = k.shape
+        nc = k_cmp.shape[0]
+        # every float32 dK/dV sum in one zeroed buffer (one memset, one cast at the end); the kernels take
+        # lse − ln g from the gates themselves and write rowsum(O·dO), the gates' gradient, into one buffer
+        acc = torch.zeros(2 * (n + nc) * hkv * d, dtype=torch.float32, device=k.device)
+        dk, dv, dkc, dvc = (t.view(-1, hkv, d) for t in acc.split([n * hkv * d] * 2 + [nc * hkv * d] * 2))
+        delta = torch.empty((3, *q.shape[:2]), dtype=torch.float32, device=q.device)
+        dq = _launch_bwd(q, k_cmp, v_cmp, o_c, lse_c, do, plan_c, dkv_into=(dkc, dvc), gate=gates, gate_b=0,
+                         delta_into=delta[0])[0]
+        _launch_bwd(q, k, v, o_s, lse_s, do, plan_s, dq_into=dq, dkv_into=(dk, dv), gate=gates, gate_b=1,
+                    delta_into=delta[1])
+        perm = ctx.st.window_partition(ctx.shifted)[0]
+        if perm is None:
+            _launch_bwd(q, k, v, o_wp, lse_w, do, plan_w, dq_into=dq, dkv_into=(dk, dv), gate=gates, gate_b=2,
+                        delta_into=delta[2])
+        else:  # shifted windows run on permuted copies: their gradients come back through the inverse
+            inv = _inv_perm(ctx.st, ctx.shifted)
+            dq_w, dk_w, dv_w, dg_w = _launch_bwd(wq, wk, wv, o_wp, lse_w, do.index_select(0, perm), plan_w,
+                                                 want_delta=True, gate=gates.index_select(0, perm), gate_b=2)
+            dq += dq_w.index_select(0, inv)
+            dk.add_(dk_w.index_select(0, inv))
+            dv.add_(dv_w.index_select(0, inv))
+            torch.index_select(dg_w, 0, inv, out=delta[2])
+        grads = acc.to(k.dtype)
+        dk, dv, dkc, dvc = (t.view(-1, hkv, d) for t in grads.split([n * hkv * d] * 2 + [nc * hkv * d] * 2))
+        dg = torch.empty(gates.shape, dtype=gates.dtype, device=gates.device).copy_(delta.permute(1, 2, 0))
+        return dq, dk, dv, dkc, dvc, dg, None, None, None, None
+
+    @staticmethod
+    def _backward_ops(ctx, dout):
+        """The backward before LEAN_HOST: lse − ln g, gradient sums and casts as separate tensor ops."""
         q, k, v, k_cmp, v_cmp, gates, o_c, lse_c, o_s, lse_s, wq, wk, wv, o_wp, lse_w = ctx.saved_tensors
         plan_c, plan_s, plan_w = ctx.plans
         do = dout.contiguous()

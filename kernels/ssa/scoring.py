@@ -243,3 +243,124 @@ def select_topk(q, k_cmp, lse_cmp, structure, top_k: int, q_tile: int, block_n: 
         sel.stride(0), sel.stride(1), d ** -0.5 * LOG2E, TOPK=top_k, KP=triton.next_power_of_2(top_k), G=g,
         Q_TILE=q_tile, P=p, STEPS=steps, BLOCK_N=block_n, D=d, num_warps=_warps(p * u // steps, 4))
     return sel
+
+
+# ------------------------------------------------------------------ dK/dV lists of the selection, on the GPU
+# For each (kv head, block) the tiles that selected it, and the work items (chunk, kv head, first, end) of the
+# dK/dV kernel: a counting sort (atomic ranks) and two prefix sums in three launches and one memset, instead of
+# a sort, searchsorted and ~20 small tensor ops per backward (the 8k backward is bound by the host).
+@triton.jit
+def _list_count_kernel(SEL, COUNT, RANK, n_entries, n_slc, HKV: tl.constexpr, K: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = e < n_entries
+    blk = tl.load(SEL + e, mask=m, other=-1).to(tl.int32)
+    ok = m & (blk >= 0)
+    lst = ((e // K) % HKV) * n_slc + blk
+    rank = tl.atomic_add(COUNT + lst, tl.full([BLOCK], 1, tl.int32), mask=ok, sem="relaxed")
+    tl.store(RANK + e, rank, mask=ok)
+
+
+@triton.jit
+def _list_scan_kernel(COUNT, QPTR, CHUNK_SEG, ENDS, n_lists, n_chunks, n_slc, per_item, HKV: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """One program: list starts (qptr, exclusive scan of the counts) and the work items' inclusive ends per
+    (kv head, chunk) job, a chunk's list cut into pieces of per_item entries."""
+    r = tl.arange(0, BLOCK)
+    carry = tl.zeros([], tl.int32)
+    tl.store(QPTR + r, tl.zeros([BLOCK], tl.int32), mask=r == 0)
+    for s in range(0, n_lists, BLOCK):
+        i = s + r
+        c = tl.load(COUNT + i, mask=i < n_lists, other=0)
+        tl.store(QPTR + i + 1, tl.cumsum(c, 0) + carry, mask=i < n_lists)
+        carry += tl.sum(c, 0)
+    carry = tl.zeros([], tl.int32)
+    for s in range(0, HKV * n_chunks, BLOCK):
+        j = s + r
+        jm = j < HKV * n_chunks
+        seg = tl.load(CHUNK_SEG + j % n_chunks, mask=jm, other=0)
+        n = tl.load(COUNT + (j // n_chunks) * n_slc + seg, mask=jm, other=0)
+        n_it = (n + per_item - 1) // per_item
+        tl.store(ENDS + j, tl.cumsum(n_it, 0) + carry, mask=jm)
+        carry += tl.sum(n_it, 0)
+
+
+@triton.jit
+def _list_fill_kernel(SEL, RANK, QPTR, TIDX, ENDS, CHUNK_SEG, ITEMS, n_entries, scatter_programs, n_items,
+                      n_chunks, n_slc, per_item, search_steps, HKV: tl.constexpr, K: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """Programs below scatter_programs put each entry's tile in its list; the rest write work-item rows
+    (a binary search of each row in the jobs' ends; rows past the last item are empty, first = end = 0)."""
+    pid = tl.program_id(0)
+    r = tl.arange(0, BLOCK)
+    if pid < scatter_programs:
+        e = pid * BLOCK + r
+        m = e < n_entries
+        blk = tl.load(SEL + e, mask=m, other=-1).to(tl.int32)
+        ok = m & (blk >= 0)
+        lst = ((e // K) % HKV) * n_slc + blk
+        pos = tl.load(QPTR + lst, mask=ok, other=0) + tl.load(RANK + e, mask=ok, other=0)
+        tl.store(TIDX + pos, (e // (K * HKV)).to(tl.int32), mask=ok)
+    else:
+        i = (pid - scatter_programs) * BLOCK + r
+        im = i < n_items
+        n_jobs = HKV * n_chunks
+        lo = tl.zeros([BLOCK], tl.int32)
+        hi = tl.zeros([BLOCK], tl.int32) + n_jobs
+        for _ in range(search_steps):  # first job whose inclusive end passes i
+            mid = (lo + hi) // 2
+            act = lo < hi
+            right = tl.load(ENDS + mid, mask=act & (mid < n_jobs), other=0) <= i
+            lo = tl.where(act & right, mid + 1, lo)
+            hi = tl.where(act & ~right, mid, hi)
+        job = tl.minimum(lo, n_jobs - 1)
+        c = job % n_chunks
+        h = job // n_chunks
+        lst = h * n_slc + tl.load(CHUNK_SEG + c, mask=im, other=0)
+        p0 = tl.load(QPTR + lst, mask=im, other=0)
+        p1 = tl.load(QPTR + lst + 1, mask=im, other=0)
+        n_it = (p1 - p0 + per_item - 1) // per_item
+        end = tl.load(ENDS + job, mask=im, other=0)
+        a = p0 + (i - (end - n_it)) * per_item
+        b = tl.minimum(a + per_item, p1)
+        real = i < tl.load(ENDS + n_jobs - 1)
+        a = tl.where(real, a, 0)
+        b = tl.where(real, b, 0)
+        tl.store(ITEMS + i * 4, c, mask=im)
+        tl.store(ITEMS + i * 4 + 1, h, mask=im)
+        tl.store(ITEMS + i * 4 + 2, a, mask=im)
+        tl.store(ITEMS + i * 4 + 3, b, mask=im)
+
+
+LIST_BLOCK = 1024
+
+
+def selection_lists(selected: torch.Tensor, n_slc: int, chunk_seg: torch.Tensor, per_item: int, n_items: int):
+    """(qptr (Hkv·n_slc + 1), tidx, items (n_items, 4)) int32 for the selection's dK/dV kernel, with no host
+    sync: qptr[h·n_slc + blk] .. qptr[...+1] indexes ``tidx``, the units that chose block blk for kv head h (in
+    no particular order); items cut each (chunk, kv head) list into pieces of per_item units, n_items rows (an
+    upper bound; the rows past the real items are empty)."""
+    selected = selected.contiguous()
+    n_units, hkv, k = selected.shape
+    dev = selected.device
+    n_entries = selected.numel()
+    n_lists = hkv * n_slc
+    n_chunks = chunk_seg.numel()
+    count = torch.zeros(n_lists, dtype=torch.int32, device=dev)
+    rank = torch.empty(max(1, n_entries), dtype=torch.int32, device=dev)
+    qptr = torch.empty(n_lists + 1, dtype=torch.int32, device=dev)
+    tidx = torch.empty(max(1, n_entries), dtype=torch.int32, device=dev)
+    ends = torch.empty(max(1, hkv * n_chunks), dtype=torch.int32, device=dev)
+    items = torch.empty((n_items, 4), dtype=torch.int32, device=dev)
+    if n_entries and n_lists:
+        _list_count_kernel[(triton.cdiv(n_entries, LIST_BLOCK),)](
+            selected, count, rank, n_entries, n_slc, HKV=hkv, K=k, BLOCK=LIST_BLOCK)
+    _list_scan_kernel[(1,)](count, qptr, chunk_seg, ends, n_lists, n_chunks, n_slc, per_item, HKV=hkv,
+                            BLOCK=LIST_BLOCK)
+    scatter = triton.cdiv(n_entries, LIST_BLOCK) if n_lists else 0
+    grid = scatter + (triton.cdiv(n_items, LIST_BLOCK) if n_chunks else 0)
+    if grid:
+        _list_fill_kernel[(grid,)](
+            selected, rank, qptr, tidx, ends, chunk_seg, items, n_entries, scatter, n_items, n_chunks, n_slc,
+            per_item, max(1, (hkv * n_chunks).bit_length()), HKV=hkv, K=k, BLOCK=LIST_BLOCK)
+    return qptr, tidx, items

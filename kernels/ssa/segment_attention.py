@@ -105,10 +105,36 @@ def _fwd_step(q, K, V, n, nm, h, skt, skh, d, qk_scale, m_i, l_i, acc, MASK: tl.
 
 
 @triton.jit
+def _score_pass(q, lse2, K, SCORE, TILE_UNIT, CMP_TO_SLC, tile, h, c0, c1, d, skt, skh, sct, sch, qk_scale,
+                BLOCK_N: tl.constexpr, POOL: tl.constexpr):
+    """Selection-block scores of one compression tile (Direct3D-S2 Sec. 3.3): a second pass over the pooled keys
+    with the final log-sum-exp, Pᵀ summed along each accumulator row (over the tile's tokens and G heads) in
+    float32 and added into the row of the tile's selection unit, as scoring._score_kernel does."""
+    row = SCORE + tl.load(TILE_UNIT + tile).to(tl.int64) * sct + h * sch
+    cols = tl.arange(0, BLOCK_N)
+    for n0 in range(c0, c1, BLOCK_N):
+        n = n0 + cols
+        nm = n < c1
+        k = tl.load(K + n[:, None] * skt + h * skh + d[None, :], mask=nm[:, None], other=0.0)
+        s = tl.sum(tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :]), 1)
+        if POOL:
+            col = tl.load(CMP_TO_SLC + n, mask=nm, other=0)
+        else:  # compression blocks are the selection blocks
+            col = n - c0
+        tl.atomic_add(row + col, s, mask=nm, sem="relaxed")
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, TILE_START, TILE_END, SEG_START, SEG_END, SEG_CUM,
                 sqt, sqh, skt, skh, sot, soh, slt, slh, sst, ssh, qk_scale,
                 S: tl.constexpr, SP: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, LEAN: tl.constexpr = False):
+                BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, LEAN: tl.constexpr = False,
+                SCORE=None, TILE_UNIT=None, CMP_TO_SLC=None, sct=0, sch=0, SCORE_N: tl.constexpr = 64,
+                POOL: tl.constexpr = False, SCORES: tl.constexpr = False, O0=None, O1=None, GATE=None, OUT=None,
+                MIX: tl.constexpr = False):
+    """SCORES (compression, one segment per tile): also the selection-block scores (_score_pass). MIX (the last
+    branch, rows in token order): also out = g0·O0 + g1·O1 + g2·O (Direct3D-S2 Sec. 3.3), as gate._gate_fwd_kernel
+    computes it from O as stored, without reading O back."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     tok, head, valid = _rows(TILE_START, TILE_END, tile, h, G, BLOCK_T, BLOCK_R)
@@ -137,6 +163,30 @@ def _fwd_kernel(Q, K, V, O, LSE, TILE_START, TILE_END, SEG_START, SEG_END, SEG_C
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("inf"))
     tl.store(O + tok[:, None] * sot + head[:, None] * soh + d[None, :], acc.to(O.dtype.element_ty), mask=valid[:, None])
     tl.store(LSE + tok * slt + head * slh, lse, mask=valid)
+    if MIX:  # O0, O1, OUT share O's strides; GATE is (N, Hq, 3) contiguous
+        ooff = tok[:, None] * sot + head[:, None] * soh + d[None, :]
+        grow = GATE + (tok * (sot // D) + head) * 3
+        mix = tl.load(grow + 2, mask=valid, other=0.0).to(tl.float32)[:, None] * acc.to(O.dtype.element_ty).to(
+            tl.float32)
+        mix += tl.load(grow, mask=valid, other=0.0).to(tl.float32)[:, None] * tl.load(
+            O0 + ooff, mask=valid[:, None], other=0.0).to(tl.float32)
+        mix += tl.load(grow + 1, mask=valid, other=0.0).to(tl.float32)[:, None] * tl.load(
+            O1 + ooff, mask=valid[:, None], other=0.0).to(tl.float32)
+        tl.store(OUT + ooff, mix.to(OUT.dtype.element_ty), mask=valid[:, None])
+    if SCORES:  # rows past the tile: +inf, so their P is 0 (as the stored lse read back by the scoring kernel)
+        lse2 = tl.where(valid, lse, float("inf")) * 1.4426950408889634
+        c0 = tl.load(SEG_START + base)
+        _score_pass(q, lse2, K, SCORE, TILE_UNIT, CMP_TO_SLC, tile, h, c0, tl.load(SEG_END + base), d, skt, skh,
+                    sct, sch, qk_scale, SCORE_N, POOL)
+
+
+@triton.jit
+def _lse2(LSE, GATE, tok, head, valid, slt, slh, sgt, sgh, GATE_B: tl.constexpr):
+    """log2-sum-exp of the rows (+inf past the tile); minus log2 of the gate when GATE_B >= 0."""
+    lse2 = tl.load(LSE + tok * slt + head * slh, mask=valid, other=float("inf")) * 1.4426950408889634
+    if GATE_B >= 0:  # a zero gate gives +inf: P = 0
+        lse2 -= tl.log2(tl.load(GATE + tok * sgt + head * sgh + GATE_B, mask=valid, other=1.0).to(tl.float32))
+    return lse2
 
 
 @triton.jit
@@ -157,12 +207,15 @@ def _dq_step(q, do, lse2, delta, valid, K, V, n, nm, h, skt, skh, d, qk_scale, d
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, TILE_START, TILE_END, SEG_START, SEG_END, SEG_CUM,
-                   sqt, sqh, skt, skh, slt, slh, sst, ssh, qk_scale, sm_scale,
+def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, TILE_START, TILE_END, SEG_START, SEG_END, SEG_CUM, GATE, LSE_OUT,
+                   sqt, sqh, skt, skh, slt, slh, sst, ssh, sgt, sgh, qk_scale, sm_scale,
                    S: tl.constexpr, SP: tl.constexpr, G: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                   LEAN: tl.constexpr = False, DELTA_HERE: tl.constexpr = False, ACC: tl.constexpr = False):
-    """ACC: dQ is added to DQ (written by the branches before)."""
+                   LEAN: tl.constexpr = False, DELTA_HERE: tl.constexpr = False, ACC: tl.constexpr = False,
+                   GATE_B: tl.constexpr = -1):
+    """ACC: dQ is added to DQ (written by the branches before). GATE_B >= 0: the log-sum-exp is lse − ln g
+    with g = GATE[..., GATE_B] (the gated branch's P, see ops._WholeSSA), stored into LSE_OUT for the dK/dV
+    kernel (reading the gate there costs its registers: 13.1 -> 18.8 ms backward at 131k, H100)."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     tok, head, valid = _rows(TILE_START, TILE_END, tile, h, G, BLOCK_T, BLOCK_R)
@@ -170,7 +223,9 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, TILE_START, TILE_END, SEG_STA
     qoff = tok[:, None] * sqt + head[:, None] * sqh + d[None, :]
     q = tl.load(Q + qoff, mask=valid[:, None], other=0.0)
     do = tl.load(DO + qoff, mask=valid[:, None], other=0.0)
-    lse2 = tl.load(LSE + tok * slt + head * slh, mask=valid, other=float("inf")) * 1.4426950408889634
+    lse2 = _lse2(LSE, GATE, tok, head, valid, slt, slh, sgt, sgh, GATE_B)
+    if GATE_B >= 0:
+        tl.store(LSE_OUT + tok * slt + head * slh, lse2 * 0.6931471805599453, mask=valid)
     if DELTA_HERE:  # rowsum(O·dO) for this kernel and the dK/dV kernel after it (no separate pass over O, dO)
         o = tl.load(O + qoff, mask=valid[:, None], other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -330,6 +385,7 @@ class SegmentPlan:
     num_warps: int = 4
     num_stages: int = 0  # 0 = Triton's default software-pipelining depth
     inverse: object = None  # () -> (qptr, tidx), for plans whose inverse lists cost time to build
+    lists: object = None  # (per_item, n_items) -> (qptr, tidx, work items) built on the GPU (dkv_steps > 0)
     dkv_split: int = 1  # programs per key chunk in dK/dV (partial sums added atomically in float32)
     seg_cum: torch.Tensor | None = None
     chunk_n: int = 0  # width of the dK/dV key chunks (0 = block_n)
@@ -405,13 +461,29 @@ def _seg_args(plan):
     return cum, dict(S=s, SP=triton.next_power_of_2(s))
 
 
-def _launch_fwd(q, k, v, plan: SegmentPlan):
+def _launch_fwd(q, k, v, plan: SegmentPlan, scores=None, mix=None):
+    """scores: (score matrix (units, Hkv, blocks) float32, zeroed; unit of each tile; compression block ->
+    selection block within the shape, or None when they are the same; key chunk): compression only, the
+    block scores of the selection added into the matrix (see _score_pass). mix: (o0, o1, gates (N, Hq, 3), out),
+    outputs in token order like q: out = g0·o0 + g1·o1 + g2·o also written."""
     n, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
     o = _new((n, hq, d), q)
     lse = _new((n, hq), q, torch.float32)
     n_tiles = plan.tile_start.numel()
+    score_kw = {}
+    if scores is not None:
+        score, unit, to_slc, score_n = scores
+        score_kw = dict(SCORE=score, TILE_UNIT=unit, CMP_TO_SLC=to_slc if to_slc is not None else unit,
+                        sct=score.stride(0), sch=score.stride(1), SCORE_N=score_n, POOL=to_slc is not None,
+                        SCORES=True)
+    if mix is not None:
+        o0, o1, gates, out = mix
+        if not (o0.stride() == o1.stride() == out.stride() == o.stride() and gates.is_contiguous()
+                and o.stride(0) == hq * d):
+            raise ValueError("the gated sum needs contiguous outputs and gates")
+        score_kw.update(O0=o0, O1=o1, GATE=gates, OUT=out, MIX=True)
     if n_tiles:
         sst, ssh = _seg_strides(plan.seg_start)
         cum, seg_kw = _seg_args(plan)
@@ -420,13 +492,16 @@ def _launch_fwd(q, k, v, plan: SegmentPlan):
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1), lse.stride(0), lse.stride(1),
             sst, ssh, d ** -0.5 * LOG2E, G=g, BLOCK_T=plan.block_t,
             BLOCK_R=_rows_for(plan.block_t, g), BLOCK_N=plan.block_n, D=d, LEAN=LEAN and plan.lean,
-            **seg_kw, **_launch_kw(plan, "fwd", _warps(_rows_for(plan.block_t, g), plan.num_warps)))
+            **seg_kw, **score_kw, **_launch_kw(plan, "fwd", _warps(_rows_for(plan.block_t, g), plan.num_warps)))
     return o, lse
 
 
-def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan, dq_into=None, dkv_into=None, want_delta=False):
+def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan, dq_into=None, dkv_into=None, want_delta=False,
+                gate=None, gate_b=-1, delta_into=None):
     """dQ, dK, dV of one branch (and rowsum(O·dO) with ``want_delta``). ``dq_into``: add dQ into this tensor
-    (written by earlier branches); ``dkv_into``: float32 (dK, dV) to add into, returned as they are."""
+    (written by earlier branches); ``dkv_into``: float32 (dK, dV) to add into, returned as they are.
+    ``gate`` (N, Hq, 3) with ``gate_b``: the kernels use lse − ln gate[..., gate_b]; ``delta_into``: an (N, Hq)
+    float32 tensor with lse's strides that receives rowsum(O·dO)."""
     n, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
@@ -436,7 +511,17 @@ def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan, dq_into=None, dkv_into=N
     if fused and dq_into is not None:
         raise ValueError("dQ from the dK/dV kernel's atomics cannot add into another branch's dQ")
     delta_here = DELTA_IN_DQ and not fused and n_tiles > 0
-    delta = torch.empty(o.shape[:2], dtype=torch.float32, device=o.device) if delta_here else row_dot(o, do)
+    if delta_into is None:
+        delta = torch.empty(o.shape[:2], dtype=torch.float32, device=o.device) if delta_here else row_dot(o, do)
+    else:
+        delta = delta_into if delta_here else delta_into.copy_(row_dot(o, do))
+    gate_b = gate_b if gate is not None else -1
+    gate_args = (gate, gate.stride(0), gate.stride(1)) if gate is not None else (lse, 0, 0)
+    lse_kv = lse  # the dK/dV kernel's log-sum-exp: lse − ln g written by the dQ kernel when gated
+    if gate is not None:
+        if fused or n_tiles == 0:
+            raise ValueError("a gated backward needs the dQ kernel (no fused dQ)")
+        lse_kv = torch.empty_like(lse)
     if dq_into is not None:
         dq = dq_into
     else:
@@ -453,11 +538,12 @@ def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan, dq_into=None, dkv_into=N
         cum, seg_kw = _seg_args(plan)
         _bwd_dq_kernel[(n_tiles, hkv)](
             q, k, v, o, do, lse, delta, dq, plan.tile_start, plan.tile_end, plan.seg_start, plan.seg_end, cum,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), lse.stride(1), sst, ssh,
-            d ** -0.5 * LOG2E, d ** -0.5, G=g, BLOCK_T=plan.block_t, BLOCK_R=br,
+            gate_args[0], lse_kv, q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), lse.stride(1),
+            sst, ssh,
+            *gate_args[1:], d ** -0.5 * LOG2E, d ** -0.5, G=g, BLOCK_T=plan.block_t, BLOCK_R=br,
             BLOCK_N=plan.block_n, D=d, LEAN=LEAN and plan.lean, DELTA_HERE=delta_here, ACC=dq_into is not None,
+            GATE_B=gate_b,
             **seg_kw, **_launch_kw(plan, "dq", _warps(br, plan.num_warps)))
-    qptr, tidx = plan.inverse() if plan.inverse is not None else (plan.qptr, plan.tidx)
     n_chunks = plan.chunk_start.numel()
     if n_chunks:
         long_tiles = plan.dkv_tile_start is not None
@@ -465,15 +551,21 @@ def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan, dq_into=None, dkv_into=N
         te = plan.dkv_tile_end if long_tiles else plan.tile_end
         tpi = 1 if long_tiles else max(1, 128 // br)
         grid = (n_chunks, hkv, plan.dkv_split)
-        items = qptr
         if plan.dkv_steps:
             if long_tiles:  # entries are whole tiles of up to max_rows rows, walked in br-row steps
                 max_rows = (plan.dkv_tile_max or int((plan.dkv_tile_end - plan.dkv_tile_start).max())) * g
                 per_item = max(1, plan.dkv_steps // triton.cdiv(max_rows, br))
             else:
                 per_item = plan.dkv_steps * tpi
-            items = _work_items(plan, qptr, hkv, per_item)
+            if plan.lists is not None and plan.dkv_entries:  # lists and items built on the GPU, no host sync
+                qptr, tidx, items = plan.lists(per_item, hkv * n_chunks + triton.cdiv(plan.dkv_entries, per_item))
+            else:
+                qptr, tidx = plan.inverse() if plan.inverse is not None else (plan.qptr, plan.tidx)
+                items = _work_items(plan, qptr, hkv, per_item)
             grid = (items.shape[0],)
+        else:
+            qptr, tidx = plan.inverse() if plan.inverse is not None else (plan.qptr, plan.tidx)
+            items = qptr
         if grid[0]:
             kw = dict(G=g, BLOCK_T=plan.block_t, BLOCK_R=br, TPI=tpi, BLOCK_N=plan.chunk_n or plan.block_n, D=d,
                       ATOMIC=atomic, LONG_TILES=long_tiles, BALANCED=plan.dkv_steps > 0, FUSED_DQ=fused,
@@ -481,7 +573,7 @@ def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan, dq_into=None, dkv_into=N
                       num_warps=plan.dkv_warps or _warps(tpi * br, 4))
             kw.update(plan.launch.get("dkv", {}))  # launch settings and the constexprs above
             _bwd_dkv_kernel[grid](
-                q, k, v, do, lse, delta, dq, dk, dv, ts, te, plan.chunk_start, plan.chunk_end,
+                q, k, v, do, lse_kv, delta, dq, dk, dv, ts, te, plan.chunk_start, plan.chunk_end,
                 plan.chunk_seg, qptr, tidx, items, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                 lse.stride(0), lse.stride(1), plan.qptr_head_stride, d ** -0.5 * LOG2E, d ** -0.5, **kw)
     if dkv_into is not None:
