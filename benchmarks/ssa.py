@@ -491,15 +491,17 @@ def ab_whole(log, sizes=(8192, 131072), qt=64):
     """The whole SSA under the switches of the latest round, same inputs, one process: the current defaults against
     each switch turned back (and the opt-in warp specialization). Outputs and gradients against the first row."""
     from kernels.ssa import ops
-    names = ("SCORE_IN_CMP", "GATE_IN_WINDOW", "LEAN_HOST", "SELECT_LISTS_KERNEL")
+    names = ("SCORE_IN_CMP", "GATE_IN_WINDOW", "LEAN_HOST", "SELECT_LISTS_KERNEL", "BWD_STREAMS")
     keep = {nm: getattr(ops, nm) for nm in names}
     rows = [("current defaults", {}),
+            ("dK/dV on the main stream (BWD_STREAMS off)", {"BWD_STREAMS": False}),
             ("current defaults again", {}),
+            ("BWD_STREAMS off again", {"BWD_STREAMS": False}),
             ("scoring kernel after the compression forward (SCORE_IN_CMP off)", {"SCORE_IN_CMP": False}),
             ("gate pass after the window forward (GATE_IN_WINDOW off)", {"GATE_IN_WINDOW": False}),
             ("gate, sums and casts as tensor ops (LEAN_HOST off)", {"LEAN_HOST": False}),
             ("dK/dV lists by sort + tensor ops (SELECT_LISTS_KERNEL off)", {"SELECT_LISTS_KERNEL": False}),
-            ("previous code (all four off)", {nm: False for nm in names})]
+            ("previous code (all five off)", {nm: False for nm in names})]
     for n in sizes:
         ref = None
         for label, sw in rows:

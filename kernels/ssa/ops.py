@@ -345,6 +345,18 @@ def spatial_sparse_attention(q, k, v, k_cmp, v_cmp, gates, structure: SSAStructu
 SCORE_IN_CMP = True
 GATE_IN_WINDOW = True  # unshifted windows: the window forward's epilogue writes the gated sum (no gate pass)
 WHOLE = True  # the Triton SSA as one autograd node (below) instead of one per branch, the gate and the permutes
+# its backward runs each branch's dK/dV on a second CUDA stream, overlapping the next branch's dQ kernel (the dQ
+# kernels add into one dQ in turn; the dK/dV kernels add into float32 sums with atomics)
+BWD_STREAMS = True
+_SIDE_STREAMS = {}
+
+
+def _side_stream(device):
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
 LEAN_HOST = True  # its backward with the gates read by the kernels and one buffer per kind of sum (fewer launches)
 
 
@@ -400,22 +412,27 @@ class _WholeSSA(torch.autograd.Function):
         acc = torch.zeros(2 * (n + nc) * hkv * d, dtype=torch.float32, device=k.device)
         dk, dv, dkc, dvc = (t.view(-1, hkv, d) for t in acc.split([n * hkv * d] * 2 + [nc * hkv * d] * 2))
         delta = torch.empty((3, *q.shape[:2]), dtype=torch.float32, device=q.device)
+        side = dict(dkv_stream=_side_stream(q.device), keep=[]) if BWD_STREAMS and q.is_cuda else {}
         dq = _launch_bwd(q, k_cmp, v_cmp, o_c, lse_c, do, plan_c, dkv_into=(dkc, dvc), gate=gates, gate_b=0,
-                         delta_into=delta[0])[0]
+                         delta_into=delta[0], **side)[0]
         _launch_bwd(q, k, v, o_s, lse_s, do, plan_s, dq_into=dq, dkv_into=(dk, dv), gate=gates, gate_b=1,
-                    delta_into=delta[1])
+                    delta_into=delta[1], **side)
         perm = ctx.st.window_partition(ctx.shifted)[0]
         if perm is None:
             _launch_bwd(q, k, v, o_wp, lse_w, do, plan_w, dq_into=dq, dkv_into=(dk, dv), gate=gates, gate_b=2,
-                        delta_into=delta[2])
+                        delta_into=delta[2], **side)
         else:  # shifted windows run on permuted copies: their gradients come back through the inverse
             inv = _inv_perm(ctx.st, ctx.shifted)
             dq_w, dk_w, dv_w, dg_w = _launch_bwd(wq, wk, wv, o_wp, lse_w, do.index_select(0, perm), plan_w,
                                                  want_delta=True, gate=gates.index_select(0, perm), gate_b=2)
+            if side:  # the selection's dK/dV atomics into dk, dv must be done before the sums below
+                torch.cuda.current_stream().wait_stream(side["dkv_stream"])
             dq += dq_w.index_select(0, inv)
             dk.add_(dk_w.index_select(0, inv))
             dv.add_(dv_w.index_select(0, inv))
             torch.index_select(dg_w, 0, inv, out=delta[2])
+        if side:  # join: every dK/dV kernel done before the cast (and before side["keep"] lets go)
+            torch.cuda.current_stream().wait_stream(side["dkv_stream"])
         grads = acc.to(k.dtype)
         dk, dv, dkc, dvc = (t.view(-1, hkv, d) for t in grads.split([n * hkv * d] * 2 + [nc * hkv * d] * 2))
         dg = torch.empty(gates.shape, dtype=gates.dtype, device=gates.device).copy_(delta.permute(1, 2, 0))

@@ -12,6 +12,7 @@ tiles that attended to it, so nothing is written twice and no atomics are needed
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -497,11 +498,13 @@ def _launch_fwd(q, k, v, plan: SegmentPlan, scores=None, mix=None):
 
 
 def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan, dq_into=None, dkv_into=None, want_delta=False,
-                gate=None, gate_b=-1, delta_into=None):
+                gate=None, gate_b=-1, delta_into=None, dkv_stream=None, keep=None):
     """dQ, dK, dV of one branch (and rowsum(O·dO) with ``want_delta``). ``dq_into``: add dQ into this tensor
     (written by earlier branches); ``dkv_into``: float32 (dK, dV) to add into, returned as they are.
     ``gate`` (N, Hq, 3) with ``gate_b``: the kernels use lse − ln gate[..., gate_b]; ``delta_into``: an (N, Hq)
-    float32 tensor with lse's strides that receives rowsum(O·dO)."""
+    float32 tensor with lse's strides that receives rowsum(O·dO). ``dkv_stream``: the dK/dV work (lists
+    included) runs on that stream after the dQ kernel, so it overlaps the next branch's dQ; the caller
+    joins the streams, and ``keep`` collects the tensors that must live until then."""
     n, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
@@ -545,6 +548,28 @@ def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan, dq_into=None, dkv_into=N
             GATE_B=gate_b,
             **seg_kw, **_launch_kw(plan, "dq", _warps(br, plan.num_warps)))
     n_chunks = plan.chunk_start.numel()
+    side = contextlib.nullcontext()
+    if dkv_stream is not None and n_chunks:
+        ready = torch.cuda.Event()
+        ready.record()
+        dkv_stream.wait_event(ready)
+        side = torch.cuda.stream(dkv_stream)
+        keep.extend((q, k, v, do, lse_kv, delta))
+    with side:
+        _launch_dkv(q, k, v, do, lse, lse_kv, delta, dq, dk, dv, plan, g, br, atomic, fused)
+    if dkv_into is not None:
+        return (dq, dk, dv, delta) if want_delta else (dq, dk, dv)  # float32 sums, cast after the last branch
+    if atomic:
+        dk, dv = dk.to(k.dtype), dv.to(v.dtype)
+    if fused:
+        dq = dq.to(q.dtype)
+    return (dq, dk, dv, delta) if want_delta else (dq, dk, dv)
+
+
+def _launch_dkv(q, k, v, do, lse, lse_kv, delta, dq, dk, dv, plan, g, br, atomic, fused):
+    """The dK/dV kernel of one branch (and the selection's lists and work items)."""
+    hkv, d = k.shape[1], k.shape[2]
+    n_chunks = plan.chunk_start.numel()
     if n_chunks:
         long_tiles = plan.dkv_tile_start is not None
         ts = plan.dkv_tile_start if long_tiles else plan.tile_start
@@ -576,13 +601,6 @@ def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan, dq_into=None, dkv_into=N
                 q, k, v, do, lse_kv, delta, dq, dk, dv, ts, te, plan.chunk_start, plan.chunk_end,
                 plan.chunk_seg, qptr, tidx, items, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                 lse.stride(0), lse.stride(1), plan.qptr_head_stride, d ** -0.5 * LOG2E, d ** -0.5, **kw)
-    if dkv_into is not None:
-        return (dq, dk, dv, delta) if want_delta else (dq, dk, dv)  # float32 sums, cast after the last branch
-    if atomic:
-        dk, dv = dk.to(k.dtype), dv.to(v.dtype)
-    if fused:
-        dq = dq.to(q.dtype)
-    return (dq, dk, dv, delta) if want_delta else (dq, dk, dv)
 class _SegmentAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan):
