@@ -529,6 +529,98 @@ def ab_whole(log, sizes=(8192, 131072), qt=64):
         setattr(ops, nm, keep[nm])
 
 
+DKV_VARIANTS = {  # label: (segment_attention.DKV_PAD, dK/dV launch settings and constexprs)
+    "default": (False, {}),
+    "pad": (True, {}),
+    "pad, 64-row steps, 168 registers": (True, dict(STEP_R=64, maxnreg=168)),
+    "pad, 32-row steps, 128 registers": (True, dict(STEP_R=32, maxnreg=128)),
+}
+
+
+def ab_dkv(log, n=131072, qt=64, rounds=2, whole_rounds=2):
+    """The dK/dV kernel's row step and register cap with the padded lse/rowsum loads (segment_attention.DKV_PAD):
+    each branch's backward alone under each variant, rounds alternated, then the whole SSA with each variant on
+    every branch and with the fastest per branch, rows alternated. Same seeded inputs, one process."""
+    import dataclasses
+
+    from kernels.ssa import ops
+    st, t = workload(n)
+    x = {s_: t[s_].detach().requires_grad_(True) for s_ in t}
+    q, k, v, kc, vc = (x[s_] for s_ in ("q", "k", "v", "k_cmp", "v_cmp"))
+    g = q.shape[1] // k.shape[1]
+    with torch.no_grad():
+        lse = compression_attention(q, kc, vc, st)[1]
+        sel = select_blocks(q, kc, lse, st, top_k=8, q_tile=qt)
+    plans = {"cmp": (ops._cmp_plan(st, g), [q, kc, vc]), "slc": (ops._selection_plan(st, sel, qt, g), [q, k, v]),
+             "win": (ops._win_plan(st, False, g), [q, k, v])}
+    pad0 = seg.DKV_PAD
+    times = {}
+    for r in range(rounds):
+        for br, (plan, inputs) in plans.items():
+            ref = None
+            for label, (pad, kw) in DKV_VARIANTS.items():
+                seg.DKV_PAD = pad
+                launch = dict(plan.launch)
+                launch["dkv"] = {**launch.get("dkv", {}), **kw}
+                p = dataclasses.replace(plan, launch=launch)
+                try:
+                    out = seg.segment_attention(*inputs, p)[0]
+                    grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
+                    f, b = time_fwd_bwd(lambda a, b_, c: seg.segment_attention(a, b_, c, p)[0], inputs, ms=100)
+                except Exception as e:  # a setting that does not compile is an answer too
+                    log(f"dkv {br} [{label}] failed: {type(e).__name__}: {str(e)[:200]}")
+                    continue
+                if ref is None:
+                    ref = grads
+                diffs = " ".join(f"{nm}={rel(g_, rg_):.1e}" for nm, g_, rg_ in zip(("dq", "dk", "dv"), grads, ref))
+                times.setdefault((br, label), []).append(b)
+                log(f"dkv round {r} N={n} {br} [{label}] bwd {b:.3f} ms (fwd {f:.3f}); vs default {diffs}")
+    best = {br: min(DKV_VARIANTS, key=lambda lb: sum(times.get((br, lb), [float("inf")]))) for br in plans}
+    log(f"dkv fastest per branch (sum over rounds): {best}")
+    launch0 = {br: dict(ops.LAUNCH[br]) for br in ops.LAUNCH}
+    rows = [(lb, {br: lb for br in plans}) for lb in DKV_VARIANTS] + [("fastest per branch", best)]
+    for r in range(whole_rounds):
+        for label, pick in rows:
+            pads = {DKV_VARIANTS[lb][0] for lb in pick.values()}
+            if len(pads) > 1:  # DKV_PAD is one switch: mixed picks run with it on (it is the only change)
+                pick = {br: (lb if DKV_VARIANTS[lb][0] else "pad") for br, lb in pick.items()}
+            seg.DKV_PAD = DKV_VARIANTS[next(iter(pick.values()))][0]
+            for br, lb in pick.items():
+                ops.LAUNCH[br] = {**launch0[br], "dkv": {**launch0[br].get("dkv", {}), **DKV_VARIANTS[lb][1]}}
+            for n_ in (n, 8192):
+                st2, t2 = workload(n_)  # a fresh structure: plans built with these settings
+                x2 = [t2[s_].detach().requires_grad_(True) for s_ in ("q", "k", "v", "k_cmp", "v_cmp", "gates")]
+                f, b = time_fwd_bwd(lambda *a: spatial_sparse_attention(*a, st2, top_k=8, q_tile=qt), x2)
+                log(f"dkv whole round {r} N={n_} [{label}: {pick}] {f:.3f} / {b:.3f} ms")
+    for br in ops.LAUNCH:
+        ops.LAUNCH[br] = launch0[br]
+    seg.DKV_PAD = pad0
+
+
+def ab_cmp_chunk(log, sizes=(131072, 8192), qt=64, rounds=3):
+    """The whole SSA with the compression dK/dV in 128-key programs of 8 warps (two warp groups sharing each
+    row step's q, dO loads) against the default 64-key programs of 4 warps, rows alternated, one process."""
+    from kernels.ssa import ops
+    keep = dict(ops.CMP_DKV)
+    rows = [("defaults (64 keys, 4 warps)", dict(keep)), ("compression dK/dV 128 keys, 8 warps",
+                                                          dict(chunk_n=128, dkv_warps=8))]
+    refs = {}
+    for r in range(rounds):
+        for label, cfg in rows:
+            ops.CMP_DKV.update(cfg)
+            for n in sizes:
+                st, t = workload(n)  # a fresh structure: plans built with these settings
+                x = [t[s_].detach().requires_grad_(True) for s_ in ("q", "k", "v", "k_cmp", "v_cmp", "gates")]
+                out = spatial_sparse_attention(*x, st, top_k=8, q_tile=qt)
+                grads = torch.autograd.grad(out, x, torch.ones_like(out))
+                ref = refs.setdefault(n, grads)
+                diffs = " ".join(f"{nm}={rel(g_, rg_):.1e}" for nm, g_, rg_ in
+                                 zip(("dq", "dk", "dv", "dkc", "dvc", "dg"), grads, ref))
+                f, b = time_fwd_bwd(lambda *a: spatial_sparse_attention(*a, st, top_k=8, q_tile=qt), x)
+                log(f"cmp-chunk round {r} N={n} [{label}] {f:.3f} / {b:.3f} ms; grads vs first row {diffs}")
+    ops.CMP_DKV.update(keep)
+
+
 def host_cost(log, sizes=(8192,), qt=64, reps=30):
     """The whole SSA's backward with the host-side switches on and off: device launches per backward (kernels,
     memsets, copies; torch.profiler), host time to enqueue it (wall clock, no sync), device time (CUDA events)
@@ -693,6 +785,10 @@ def main():
                     help="plain/lean softmax, score-sum and delta variants at 131,072 first")
     ap.add_argument("--profile", default="", help="comma list of sizes to profile kernel by kernel first")
     ap.add_argument("--ab", action="store_true", help="the whole SSA under each structural switch at 8k and 131k first")
+    ap.add_argument("--ab-dkv", action="store_true",
+                    help="dK/dV row step, register cap and padded loads per branch and as a whole SSA first")
+    ap.add_argument("--ab-cmp-chunk", action="store_true",
+                    help="the whole SSA with 128-key compression dK/dV programs against the default, alternated, first")
     ap.add_argument("--tune", action="store_true",
                     help="time launch settings of every kernel at 131,072 first and use the fastest for the rest")
     ap.add_argument("--host", default="", help="comma list of sizes: backward launches and host time first")
@@ -722,6 +818,10 @@ def main():
         ab_variants(log)
     if args.ab:
         ab_whole(log)
+    if args.ab_dkv:
+        ab_dkv(log)
+    if args.ab_cmp_chunk:
+        ab_cmp_chunk(log)
     if args.tune:
         tune(log)
     if args.host:

@@ -27,6 +27,11 @@ POISON = False  # tests set this: outputs start as NaN so an unwritten element f
 LEAN = True  # exponent scale folded into one FMA, unmasked whole key chunks, row masks through lse = +inf
 DKV_KEYS_M = True  # dK/dV computed transposed (keys as M): no tile transposed through shared memory
 DKV_STEP_ROWS = 0  # rows per step of the dK/dV kernel walking long tiles (0: the tile rows, 128)
+# rows past a tile read lse = +inf and rowsum(O·dO) = 0 from a two-element pad in the dK/dV kernel instead of masked
+# loads (whose fill value costs a select and the row mask in the accumulators' column layout; spills 16 -> 8 bytes
+# on triton 3.6): whole backward 12.65-12.83 -> 12.25-12.43 ms at 131k, H100, rows alternated (benchmarks/ssa.py --ab-dkv)
+DKV_PAD = True
+_PADS = {}
 DELTA_IN_DQ = True  # the dQ kernel computes rowsum(O·dO) for itself and dK/dV (no row_dot pass): -0.29 ms backward at 131k on an H200
 
 
@@ -257,14 +262,21 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, TILE_START, TILE_END, SEG_STA
 
 @triton.jit
 def _dkv_step(Q, DO, LSE, DELTA, DQ, tok, head, valid, k, v, nm, d, sqt, sqh, slt, slh, qk_scale, sm_scale, dk, dv,
-              FUSED_DQ: tl.constexpr, LEAN: tl.constexpr = False, KEYS_M: tl.constexpr = False):
+              FUSED_DQ: tl.constexpr, LEAN: tl.constexpr = False, KEYS_M: tl.constexpr = False, PAD=None):
     """One row step of dK/dV. KEYS_M: computed transposed (keys as the matmuls' M, Pᵀ and dSᵀ straight from the
-    accumulators as A operands), so no tile is transposed through shared memory."""
+    accumulators as A operands), so no tile is transposed through shared memory. PAD: float32 (+inf, 0) that rows
+    past the tile read as lse and rowsum(O·dO), so those loads need no mask (a masked load's fill value costs a
+    select and the row mask in the accumulators' column layout: registers the dK/dV kernel does not have)."""
     qoff = tok[:, None] * sqt + head[:, None] * sqh + d[None, :]
     q = tl.load(Q + qoff, mask=valid[:, None], other=0.0)
     do = tl.load(DO + qoff, mask=valid[:, None], other=0.0)
-    lse2 = tl.load(LSE + tok * slt + head * slh, mask=valid, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(DELTA + tok * slt + head * slh, mask=valid, other=0.0)
+    if PAD is not None:  # q = dO = 0 and lse = +inf on those rows: Pᵀ = dSᵀ = 0 there
+        loff = tok * slt + head * slh
+        lse2 = tl.load(tl.where(valid, LSE + loff, PAD)) * 1.4426950408889634
+        delta = tl.load(tl.where(valid, DELTA + loff, PAD + 1))
+    else:
+        lse2 = tl.load(LSE + tok * slt + head * slh, mask=valid, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(DELTA + tok * slt + head * slh, mask=valid, other=0.0)
     if KEYS_M:
         # rows past the tile have lse = +inf (Pᵀ = 0); keys past the chunk only fill dK/dV rows never stored
         pt = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
@@ -297,7 +309,7 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, TILE_START, TILE_END, C
                     G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, TPI: tl.constexpr,
                     BLOCK_N: tl.constexpr, D: tl.constexpr, ATOMIC: tl.constexpr, LONG_TILES: tl.constexpr,
                     BALANCED: tl.constexpr, FUSED_DQ: tl.constexpr, LEAN: tl.constexpr = False,
-                    KEYS_M: tl.constexpr = False, STEP_R: tl.constexpr = 128):
+                    KEYS_M: tl.constexpr = False, STEP_R: tl.constexpr = 128, PAD=None):
     if BALANCED:  # one work item (chunk, kv head, range of its tile list) per program
         it = tl.program_id(0)
         c = tl.load(ITEMS + it * 4)
@@ -336,7 +348,7 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, TILE_START, TILE_END, C
                 tok = t0 + (r0 + r) // G
                 head = h * G + (r0 + r) % G
                 dk, dv = _dkv_step(Q, DO, LSE, DELTA, DQ, tok, head, r0 + r < rows, k, v, nm, d, sqt, sqh, slt, slh,
-                                   qk_scale, sm_scale, dk, dv, FUSED_DQ, LEAN, KEYS_M)
+                                   qk_scale, sm_scale, dk, dv, FUSED_DQ, LEAN, KEYS_M, PAD)
     else:  # TPI short tiles side by side per step
         rr = tl.arange(0, TPI * BLOCK_R)
         j = rr // BLOCK_R
@@ -351,7 +363,7 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, TILE_START, TILE_END, C
             head = h * G + r % G
             valid = tm & (r < BLOCK_T * G) & (tok < t1)
             dk, dv = _dkv_step(Q, DO, LSE, DELTA, DQ, tok, head, valid, k, v, nm, d, sqt, sqh, slt, slh,
-                               qk_scale, sm_scale, dk, dv, FUSED_DQ, LEAN, KEYS_M)
+                               qk_scale, sm_scale, dk, dv, FUSED_DQ, LEAN, KEYS_M, PAD)
     if ATOMIC:
         if b > a:  # work items past the last (the grid is an upper bound) add nothing
             tl.atomic_add(DK + koff, dk * sm_scale, mask=nm[:, None], sem="relaxed")
@@ -427,6 +439,13 @@ def _work_items(plan, qptr, hkv: int, per_item: int) -> torch.Tensor:
     a, b = torch.where(real, a, 0), torch.where(real, b, 0)
     n_chunks = seg.numel()
     return torch.stack([job % n_chunks, job // n_chunks, a, b], 1).to(torch.int32).contiguous()
+
+
+def _pad(device) -> torch.Tensor:
+    """(+inf, 0) float32: what the dK/dV kernel reads as lse and rowsum(O·dO) for rows past a tile (DKV_PAD)."""
+    if device not in _PADS:
+        _PADS[device] = torch.tensor([float("inf"), 0.0], dtype=torch.float32, device=device)
+    return _PADS[device]
 
 
 def _rows_for(block_t: int, g: int) -> int:
@@ -595,7 +614,7 @@ def _launch_dkv(q, k, v, do, lse, lse_kv, delta, dq, dk, dv, plan, g, br, atomic
             kw = dict(G=g, BLOCK_T=plan.block_t, BLOCK_R=br, TPI=tpi, BLOCK_N=plan.chunk_n or plan.block_n, D=d,
                       ATOMIC=atomic, LONG_TILES=long_tiles, BALANCED=plan.dkv_steps > 0, FUSED_DQ=fused,
                       LEAN=LEAN and plan.lean, KEYS_M=DKV_KEYS_M and not fused, STEP_R=DKV_STEP_ROWS or br,
-                      num_warps=plan.dkv_warps or _warps(tpi * br, 4))
+                      num_warps=plan.dkv_warps or _warps(tpi * br, 4), PAD=_pad(k.device) if DKV_PAD else None)
             kw.update(plan.launch.get("dkv", {}))  # launch settings and the constexprs above
             _bwd_dkv_kernel[grid](
                 q, k, v, do, lse_kv, delta, dq, dk, dv, ts, te, plan.chunk_start, plan.chunk_end,
