@@ -597,6 +597,21 @@ def ab_dkv(log, n=131072, qt=64, rounds=2, whole_rounds=2):
     seg.DKV_PAD = pad0
 
 
+def _timed_row(log, tag, n, qt, refs):
+    """One whole-SSA row of an A/B: a fresh structure (plans built under the current settings), gradients against
+    the first row of that size (``refs``), forward / backward ms."""
+    st, t = workload(n)
+    x = [t[s_].detach().requires_grad_(True) for s_ in ("q", "k", "v", "k_cmp", "v_cmp", "gates")]
+    out = spatial_sparse_attention(*x, st, top_k=8, q_tile=qt)
+    go = torch.randn(out.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(1)).to(out.dtype)
+    grads = torch.autograd.grad(out, x, go)
+    ref = refs.setdefault(n, grads)
+    diffs = " ".join(f"{nm}={rel(g_, rg_):.1e}" for nm, g_, rg_ in
+                     zip(("dq", "dk", "dv", "dkc", "dvc", "dg"), grads, ref))
+    f, b = time_fwd_bwd(lambda *a: spatial_sparse_attention(*a, st, top_k=8, q_tile=qt), x)
+    log(f"{tag} {f:.3f} / {b:.3f} ms; grads vs first row {diffs}")
+
+
 def ab_cmp_chunk(log, sizes=(131072, 8192), qt=64, rounds=3):
     """The whole SSA with the compression dK/dV in 128-key programs of 8 warps (two warp groups sharing each
     row step's q, dO loads) against the default 64-key programs of 4 warps, rows alternated, one process."""
@@ -609,16 +624,62 @@ def ab_cmp_chunk(log, sizes=(131072, 8192), qt=64, rounds=3):
         for label, cfg in rows:
             ops.CMP_DKV.update(cfg)
             for n in sizes:
-                st, t = workload(n)  # a fresh structure: plans built with these settings
-                x = [t[s_].detach().requires_grad_(True) for s_ in ("q", "k", "v", "k_cmp", "v_cmp", "gates")]
-                out = spatial_sparse_attention(*x, st, top_k=8, q_tile=qt)
-                grads = torch.autograd.grad(out, x, torch.ones_like(out))
-                ref = refs.setdefault(n, grads)
-                diffs = " ".join(f"{nm}={rel(g_, rg_):.1e}" for nm, g_, rg_ in
-                                 zip(("dq", "dk", "dv", "dkc", "dvc", "dg"), grads, ref))
-                f, b = time_fwd_bwd(lambda *a: spatial_sparse_attention(*a, st, top_k=8, q_tile=qt), x)
-                log(f"cmp-chunk round {r} N={n} [{label}] {f:.3f} / {b:.3f} ms; grads vs first row {diffs}")
+                _timed_row(log, f"cmp-chunk round {r} N={n} [{label}]", n, qt, refs)
     ops.CMP_DKV.update(keep)
+
+
+def ab_pieces(log, n=131072, qt=64, rounds=2):
+    """The whole SSA under other dK/dV work sizes (selection work items of SELECT_DKV_STEPS row steps, query
+    tokens per compression / window list entry), rows alternated, one process."""
+    from kernels.ssa import ops
+    steps0, pieces0 = ops.SELECT_DKV_STEPS, dict(ops.SHARED_DKV_PIECE)
+    rows = [("defaults", {}, {}), ("selection items of 32 steps", {"steps": 32}, {}),
+            ("selection items of 128 steps", {"steps": 128}, {}), ("compression pieces of 1024", {}, {"shape": 1024}),
+            ("compression pieces of 4096", {}, {"shape": 4096}), ("window pieces of 256", {}, {"window": 256}),
+            ("window pieces of 1024", {}, {"window": 1024})]
+    for r in range(rounds):
+        for label, sel, pieces in rows:
+            ops.SELECT_DKV_STEPS = sel.get("steps", steps0)
+            ops.SHARED_DKV_PIECE.update({**pieces0, **pieces})
+            st, t = workload(n)  # a fresh structure: plans built with these settings
+            x = [t[s_].detach().requires_grad_(True) for s_ in ("q", "k", "v", "k_cmp", "v_cmp", "gates")]
+            f, b = time_fwd_bwd(lambda *a: spatial_sparse_attention(*a, st, top_k=8, q_tile=qt), x)
+            log(f"pieces round {r} N={n} [{label}] {f:.3f} / {b:.3f} ms")
+    ops.SELECT_DKV_STEPS = steps0
+    ops.SHARED_DKV_PIECE.update(pieces0)
+
+
+def ab_seg_switch(log, name, sizes=(131072, 8192), qt=64, rounds=3):
+    """The whole SSA with one of segment_attention's switches off and on (named), rows alternated, one process;
+    gradients against the first row."""
+    keep = getattr(seg, name)
+    refs = {}
+    for r in range(rounds):
+        for on in (False, True):
+            setattr(seg, name, on)
+            for n in sizes:
+                _timed_row(log, f"switch round {r} N={n} [{name}={on}]", n, qt, refs)
+    setattr(seg, name, keep)
+
+
+def ab_dq_warps(log, sizes=(131072, 8192), qt=64, rounds=3):
+    """The whole SSA with the dQ kernels in 8 warps capped at 128 registers (two warp groups of 64 rows, 2
+    programs = 16 warps per SM; 4 warps run at 210-250 registers, 8 warps per SM) against the defaults, rows
+    alternated, one process; gradients against the first row."""
+    from kernels.ssa import ops
+    launch0 = {br: dict(ops.LAUNCH[br]) for br in ops.LAUNCH}
+    wide = {"num_warps": 8, "maxnreg": 128}
+    rows = [("defaults", ()), ("dQ 8 warps at 128 registers, all branches", ("cmp", "slc", "win")),
+            ("dQ 8 warps at 128 registers, compression and selection", ("cmp", "slc"))]
+    refs = {}
+    for r in range(rounds):
+        for label, brs in rows:
+            for br in ops.LAUNCH:
+                ops.LAUNCH[br] = {**launch0[br], **({"dq": {**launch0[br].get("dq", {}), **wide}} if br in brs else {})}
+            for n in sizes:
+                _timed_row(log, f"dq-warps round {r} N={n} [{label}]", n, qt, refs)
+    for br in ops.LAUNCH:
+        ops.LAUNCH[br] = launch0[br]
 
 
 def host_cost(log, sizes=(8192,), qt=64, reps=30):
@@ -789,6 +850,12 @@ def main():
                     help="dK/dV row step, register cap and padded loads per branch and as a whole SSA first")
     ap.add_argument("--ab-cmp-chunk", action="store_true",
                     help="the whole SSA with 128-key compression dK/dV programs against the default, alternated, first")
+    ap.add_argument("--ab-pieces", action="store_true",
+                    help="the whole SSA under other dK/dV work-item and list-piece sizes, alternated, first")
+    ap.add_argument("--ab-switch", default="",
+                    help="a segment_attention switch (e.g. DKV_PAD): the whole SSA with it off and on, first")
+    ap.add_argument("--ab-dq-warps", action="store_true",
+                    help="the whole SSA with 8-warp dQ kernels at 128 registers against the defaults first")
     ap.add_argument("--tune", action="store_true",
                     help="time launch settings of every kernel at 131,072 first and use the fastest for the rest")
     ap.add_argument("--host", default="", help="comma list of sizes: backward launches and host time first")
@@ -822,6 +889,12 @@ def main():
         ab_dkv(log)
     if args.ab_cmp_chunk:
         ab_cmp_chunk(log)
+    if args.ab_pieces:
+        ab_pieces(log)
+    if args.ab_switch:
+        ab_seg_switch(log, args.ab_switch)
+    if args.ab_dq_warps:
+        ab_dq_warps(log)
     if args.tune:
         tune(log)
     if args.host:

@@ -29,7 +29,7 @@ DKV_KEYS_M = True  # dK/dV computed transposed (keys as M): no tile transposed t
 DKV_STEP_ROWS = 0  # rows per step of the dK/dV kernel walking long tiles (0: the tile rows, 128)
 # rows past a tile read lse = +inf and rowsum(O·dO) = 0 from a two-element pad in the dK/dV kernel instead of masked
 # loads (whose fill value costs a select and the row mask in the accumulators' column layout; spills 16 -> 8 bytes
-# on triton 3.6): whole backward 12.65-12.83 -> 12.25-12.43 ms at 131k, H100, rows alternated (benchmarks/ssa.py --ab-dkv)
+# on triton 3.6): whole backward 12.65-12.83 -> 12.25-12.43 ms at 131k, H100, rows alternated (ssa.py --ab-dkv)
 DKV_PAD = True
 _PADS = {}
 DELTA_IN_DQ = True  # the dQ kernel computes rowsum(O·dO) for itself and dK/dV (no row_dot pass): -0.29 ms backward at 131k on an H200
