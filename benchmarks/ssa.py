@@ -612,20 +612,26 @@ def _timed_row(log, tag, n, qt, refs):
     log(f"{tag} {f:.3f} / {b:.3f} ms; grads vs first row {diffs}")
 
 
+def _ab_dict(log, tag, settings: dict, rows, sizes, qt, rounds):
+    """Whole-SSA rows with ``settings`` (a dict of ops) updated to each row's values, rows alternated over
+    ``rounds``, one process; gradients against the first row; the settings restored after."""
+    keep = dict(settings)
+    refs = {}
+    for r in range(rounds):
+        for label, cfg in rows:
+            settings.update(cfg)
+            for n in sizes:
+                _timed_row(log, f"{tag} round {r} N={n} [{label}]", n, qt, refs)
+    settings.update(keep)
+
+
 def ab_cmp_chunk(log, sizes=(131072, 8192), qt=64, rounds=3):
     """The whole SSA with the compression dK/dV in 128-key programs of 8 warps (two warp groups sharing each
     row step's q, dO loads) against the default 64-key programs of 4 warps, rows alternated, one process."""
     from kernels.ssa import ops
-    keep = dict(ops.CMP_DKV)
-    rows = [("defaults (64 keys, 4 warps)", dict(keep)), ("compression dK/dV 128 keys, 8 warps",
-                                                          dict(chunk_n=128, dkv_warps=8))]
-    refs = {}
-    for r in range(rounds):
-        for label, cfg in rows:
-            ops.CMP_DKV.update(cfg)
-            for n in sizes:
-                _timed_row(log, f"cmp-chunk round {r} N={n} [{label}]", n, qt, refs)
-    ops.CMP_DKV.update(keep)
+    rows = [("defaults (64 keys, 4 warps)", dict(ops.CMP_DKV)), ("compression dK/dV 128 keys, 8 warps",
+                                                                 dict(chunk_n=128, dkv_warps=8))]
+    _ab_dict(log, "cmp-chunk", ops.CMP_DKV, rows, sizes, qt, rounds)
 
 
 def ab_pieces(log, n=131072, qt=64, rounds=2):
@@ -660,6 +666,16 @@ def ab_seg_switch(log, name, sizes=(131072, 8192), qt=64, rounds=3):
             for n in sizes:
                 _timed_row(log, f"switch round {r} N={n} [{name}={on}]", n, qt, refs)
     setattr(seg, name, keep)
+
+
+def ab_dkv_in_dq(log, sizes=(131072, 8192), qt=64, rounds=3):
+    """The whole SSA with the selection's and / or the window's dK/dV added by their dQ kernels (float32 atomics per
+    (query tile, key chunk), ops.DKV_IN_DQ: 1 keys as M, 2 queries as M) against the defaults, rows alternated,
+    one process; gradients against the first row."""
+    from kernels.ssa import ops
+    rows = [("defaults", dict(ops.DKV_IN_DQ)), ("dK/dV kernels for both (before)", {"slc": 0, "win": 0}),
+            ("selection only, queries as M", {"slc": 2, "win": 0})]  # keys as M (1): slower, RESULTS.md
+    _ab_dict(log, "dkv-in-dq", ops.DKV_IN_DQ, rows, sizes, qt, rounds)
 
 
 def ab_dq_warps(log, sizes=(131072, 8192), qt=64, rounds=3):
@@ -854,6 +870,8 @@ def main():
                     help="the whole SSA under other dK/dV work-item and list-piece sizes, alternated, first")
     ap.add_argument("--ab-switch", default="",
                     help="a segment_attention switch (e.g. DKV_PAD): the whole SSA with it off and on, first")
+    ap.add_argument("--ab-dkv-in-dq", action="store_true",
+                    help="the selection / window dK/dV from their dQ kernels (atomics) against the defaults first")
     ap.add_argument("--ab-dq-warps", action="store_true",
                     help="the whole SSA with 8-warp dQ kernels at 128 registers against the defaults first")
     ap.add_argument("--tune", action="store_true",
@@ -891,6 +909,8 @@ def main():
         ab_cmp_chunk(log)
     if args.ab_pieces:
         ab_pieces(log)
+    if args.ab_dkv_in_dq:
+        ab_dkv_in_dq(log)
     if args.ab_switch:
         ab_seg_switch(log, args.ab_switch)
     if args.ab_dq_warps:

@@ -130,6 +130,26 @@ def test_plain_kernel_paths_cpu(q_tile, shifted, monkeypatch):
     _check_ssa("cpu", 32, 2, 32, 8, 3, q_tile, shifted, seed=13)
 
 
+@pytest.mark.parametrize("mode,q_tile,shifted", [(1, 32, False), (2, 1, True)])
+def test_dkv_in_dq_cpu(mode, q_tile, shifted, monkeypatch):
+    """dK/dV of the selection and window branches added by their dQ kernels through float32 atomics (no dK/dV
+    kernel), with the keys (1) or the queries (2) as the matmuls' M; shifted windows take the unsummed path."""
+    from kernels.ssa import ops
+    monkeypatch.setattr(ops, "DKV_IN_DQ", {"slc": mode, "win": mode})
+    _check_ssa("cpu", 32, 2, 32, 8, 3, q_tile, shifted, seed=15)
+
+
+@pytest.mark.gpu
+def test_dkv_in_dq_gpu(monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from kernels.ssa import ops
+    for mode in (1, 2):
+        monkeypatch.setattr(ops, "DKV_IN_DQ", {"slc": mode, "win": mode})
+        _check_ssa("cuda", 32, 2, 32, 8, 8, 64, False, seed=16)
+        _check_ssa("cuda", 32, 2, 32, 8, 8, 16, True, seed=17)
+
+
 def test_previous_host_paths_cpu(monkeypatch):
     """The whole SSA with the switches of the latest round turned back: scoring kernel after the compression
     forward, gate pass after the window forward, the backward's gate and sums as tensor ops, dK/dV lists by sort."""

@@ -92,6 +92,13 @@ SHARED_DKV_PIECE = {"shape": 2048, "window": 512}  # query tokens per dK/dV list
 CMP_DKV = {"chunk_n": 64, "dkv_warps": 0}  # key chunk and warps of the compression dK/dV kernel
 # per branch: dQ from the dK/dV kernel's P through float32 atomics (one pass) instead of its own pass
 FUSED_DQ = {"cmp": False, "slc": False, "win": False}  # off until timed on a GPU (benchmarks/ssa.py --paths)
+# per branch: dK/dV from the dQ kernel's P and dS, added per (query tile, key chunk) into the float32 sums with
+# atomics, instead of a dK/dV kernel that re-reads q and dO once per key chunk (0: off, 1: keys as the matmuls' M,
+# 2: queries as M). Selection and windows only: the compression's pooled keys are shared by a whole shape.
+# Queries as M, H100, whole backward at 131k, rows alternated (benchmarks/ssa.py --ab-dkv-in-dq): selection
+# 12.18-12.43 -> 11.13 ms, then the windows too 11.11-11.13 -> 10.92-10.98 (both 12.12-12.24 before). Keys as M
+# spills (255 registers + 80 bytes) and is slower (12.8 ms); windows with keys as M: no difference
+DKV_IN_DQ = {"slc": 2, "win": 2}
 # launch settings per branch and kernel ("fwd", "dq", "dkv" -> num_warps / num_stages / maxnreg) over the defaults.
 # Forward programs capped at 128 registers run 4 to an SM instead of 2 (168-188 registers uncapped): compression
 # 2.07 -> 1.78 ms, selection 2.15 -> 1.77 at 131k (benchmarks/ssa.py --tune; 8 warps at 80 registers came close)
@@ -100,7 +107,7 @@ LAUNCH = {"cmp": {"fwd": _FWD_CAP}, "slc": {"fwd": _FWD_CAP}, "win": {}}
 
 
 def _shared_plan(st, tile_kind, seg_offsets, chunk_kind, block_t, block_n=64, fill_gpu=False, piece=0, chunk_n=64,
-                 dkv_warps=0, fused_dq=False, lean=True, launch=None):
+                 dkv_warps=0, fused_dq=False, lean=True, launch=None, dkv_in_dq=0):
     """Plan for branches where every tile of a segment attends to that whole segment.
 
     dK/dV of a key chunk walks the segment's queries in contiguous pieces of ``piece`` tokens (each
@@ -120,7 +127,7 @@ def _shared_plan(st, tile_kind, seg_offsets, chunk_kind, block_t, block_n=64, fi
     return SegmentPlan(ts, te, seg_start, segs[tseg.long() + 1].view(-1, 1, 1), block_t,
                        cs, ce, cseg, qptr, 0, tidx, block_n, dkv_split=split, seg_cum=torch.zeros_like(seg_start),
                        chunk_n=chunk_n, dkv_tile_start=dts, dkv_tile_end=dte, dkv_warps=dkv_warps, fused_dq=fused_dq,
-                       lean=lean, launch=dict(launch or {}))
+                       lean=lean, launch=dict(launch or {}), dkv_in_dq=dkv_in_dq)
 
 
 def compression_attention(q, k_cmp, v_cmp, structure: SSAStructure, *, backend: str = "triton"):
@@ -148,7 +155,7 @@ def _win_plan(st: SSAStructure, shifted: bool, g: int) -> SegmentPlan:
     return st.cached(("plan_win", kind, bt), lambda: _shared_plan(
         st, kind, st.window_partition(shifted)[1], kind, bt, block_n=WIN_BLOCK_N, piece=SHARED_DKV_PIECE["window"],
         fused_dq=FUSED_DQ["win"], lean=False,  # ~2 key chunks per window: the lean loop's tail measured slower
-        launch=LAUNCH["win"]))
+        launch=LAUNCH["win"], dkv_in_dq=DKV_IN_DQ["win"]))
 
 
 def select_blocks(q, k_cmp, lse_cmp, structure: SSAStructure, *, top_k: int = 8, q_tile: int = 1,
@@ -264,7 +271,7 @@ def _selection_plan(st: SSAStructure, selected: torch.Tensor, q_tile: int, g: in
                        chunk_n=chunk_n, dkv_tile_start=units_start if long_tiles else None,
                        dkv_tile_end=units_end if long_tiles else None, dkv_steps=SELECT_DKV_STEPS,
                        dkv_tile_max=q_tile, dkv_entries=n_units * hkv * k * max_chunks, dkv_warps=SELECT_DKV_WARPS,
-                       fused_dq=FUSED_DQ["slc"], launch=dict(LAUNCH["slc"]))
+                       fused_dq=FUSED_DQ["slc"], launch=dict(LAUNCH["slc"]), dkv_in_dq=DKV_IN_DQ["slc"])
 
 
 def selection_attention(q, k, v, structure: SSAStructure, selected: torch.Tensor, *, q_tile: int = 1,

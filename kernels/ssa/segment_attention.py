@@ -8,7 +8,9 @@ window = the tile's window. The forward and dQ kernels walk the concatenation of
 tile's segments in dense key chunks (gathering rows), so a short block costs no padded
 chunk of its own. The dK/dV kernel runs per key chunk over the list of
 tiles that attended to it, so nothing is written twice and no atomics are needed
-(except where a plan splits a chunk's list over several programs).
+(except where a plan splits a chunk's list over several programs). A plan with
+``dkv_in_dq`` (the selection's, by default) has no dK/dV kernel: its dQ kernel adds each
+(tile, key chunk)'s dK, dV into float32 sums with atomics.
 """
 from __future__ import annotations
 
@@ -213,15 +215,53 @@ def _dq_step(q, do, lse2, delta, valid, K, V, n, nm, h, skt, skh, d, qk_scale, d
 
 
 @triton.jit
+def _dq_dkv_step(q, do, lse2, delta, K, V, DK, DV, n, nm, h, skt, skh, d, qk_scale, sm_scale, dq,
+                 MASK: tl.constexpr, KEYS_M: tl.constexpr):
+    """One key chunk of dQ that also adds the chunk's dK = dSᵀQ and dV = PᵀdO over this tile's rows (all G query
+    heads of the kv head) into float32 DK, DV with atomics: no dK/dV kernel re-reading q and dO per key chunk.
+    Rows past the tile carry lse = +inf (P = 0); keys past the chunk are masked (dQ sums over them).
+    KEYS_M: Sᵀ with the keys as M (Pᵀ, dSᵀ straight into dV, dK; dS transposed once for dQ), else S with the
+    queries as M (P, dS transposed for dV, dK)."""
+    k, v = _chunk_kv(K, V, n, nm, h, skt, skh, d, MASK)
+    if KEYS_M:
+        pt = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
+        if MASK:
+            pt = tl.where(nm[:, None], pt, 0.0)
+        dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])
+        dst16 = dst.to(k.dtype)
+        dv_c = tl.dot(pt.to(do.dtype), do)
+        dk_c = tl.dot(dst16, q)
+        dq += tl.dot(tl.trans(dst16), k)
+    else:
+        p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
+        if MASK:
+            p = tl.where(nm[None, :], p, 0.0)
+        ds16 = (p * (tl.dot(do, tl.trans(v)) - delta[:, None])).to(k.dtype)
+        dq += tl.dot(ds16, k)
+        dv_c = tl.dot(tl.trans(p.to(do.dtype)), do)
+        dk_c = tl.dot(tl.trans(ds16), q)
+    koff = n[:, None] * skt + h * skh + d[None, :]
+    if MASK:
+        tl.atomic_add(DK + koff, dk_c * sm_scale, mask=nm[:, None], sem="relaxed")
+        tl.atomic_add(DV + koff, dv_c, mask=nm[:, None], sem="relaxed")
+    else:
+        tl.atomic_add(DK + koff, dk_c * sm_scale, sem="relaxed")
+        tl.atomic_add(DV + koff, dv_c, sem="relaxed")
+    return dq
+
+
+@triton.jit
 def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, TILE_START, TILE_END, SEG_START, SEG_END, SEG_CUM, GATE, LSE_OUT,
                    sqt, sqh, skt, skh, slt, slh, sst, ssh, sgt, sgh, qk_scale, sm_scale,
                    S: tl.constexpr, SP: tl.constexpr, G: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                    LEAN: tl.constexpr = False, DELTA_HERE: tl.constexpr = False, ACC: tl.constexpr = False,
-                   GATE_B: tl.constexpr = -1):
+                   GATE_B: tl.constexpr = -1, DK=None, DV=None, DKV: tl.constexpr = 0):
     """ACC: dQ is added to DQ (written by the branches before). GATE_B >= 0: the log-sum-exp is lse − ln g
     with g = GATE[..., GATE_B] (the gated branch's P, see ops._WholeSSA), stored into LSE_OUT for the dK/dV
-    kernel (reading the gate there costs its registers: 13.1 -> 18.8 ms backward at 131k, H100)."""
+    kernel (reading the gate there costs its registers: 13.1 -> 18.8 ms backward at 131k, H100).
+    DKV > 0: also dK, dV of every (tile, key chunk) pair added into float32 DK, DV (_dq_dkv_step; 1: keys as M,
+    2: queries as M), so the branch needs no dK/dV kernel and no lse − ln g for one."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     tok, head, valid = _rows(TILE_START, TILE_END, tile, h, G, BLOCK_T, BLOCK_R)
@@ -230,7 +270,7 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, TILE_START, TILE_END, SEG_STA
     q = tl.load(Q + qoff, mask=valid[:, None], other=0.0)
     do = tl.load(DO + qoff, mask=valid[:, None], other=0.0)
     lse2 = _lse2(LSE, GATE, tok, head, valid, slt, slh, sgt, sgh, GATE_B)
-    if GATE_B >= 0:
+    if GATE_B >= 0 and DKV == 0:
         tl.store(LSE_OUT + tok * slt + head * slh, lse2 * 0.6931471805599453, mask=valid)
     if DELTA_HERE:  # rowsum(O·dO) for this kernel and the dK/dV kernel after it (no separate pass over O, dO)
         o = tl.load(O + qoff, mask=valid[:, None], other=0.0)
@@ -242,7 +282,17 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, TILE_START, TILE_END, SEG_STA
     cols = tl.arange(0, BLOCK_N)
     base = tile * sst + h * ssh
     shift, lo, hi, total = _segment_table(SEG_START, SEG_END, SEG_CUM, base, S, SP)
-    if LEAN:
+    if DKV > 0:  # whole chunks unmasked, then the partial one (rows past the tile have lse = +inf either way)
+        full = total - total % BLOCK_N
+        for n0 in range(0, full, BLOCK_N):
+            n, nm = _gathered_keys(n0, cols, shift, lo, hi, total)
+            dq = _dq_dkv_step(q, do, lse2, delta, K, V, DK, DV, n, nm, h, skt, skh, d, qk_scale, sm_scale, dq,
+                              False, DKV == 1)
+        if full < total:
+            n, nm = _gathered_keys(full, cols, shift, lo, hi, total)
+            dq = _dq_dkv_step(q, do, lse2, delta, K, V, DK, DV, n, nm, h, skt, skh, d, qk_scale, sm_scale, dq,
+                              True, DKV == 1)
+    elif LEAN:
         full = total - total % BLOCK_N
         for n0 in range(0, full, BLOCK_N):
             n, nm = _gathered_keys(n0, cols, shift, lo, hi, total)
@@ -406,6 +456,7 @@ class SegmentPlan:
     dkv_tile_end: torch.Tensor | None = None
     dkv_steps: int = 0  # >0: split every chunk's tile list into work items of about this many 128-row steps
     fused_dq: bool = False  # dQ from the dK/dV kernel's P (float32 atomics) instead of a second pass
+    dkv_in_dq: int = 0  # dK/dV from the dQ kernel's P and dS (float32 atomics, no dK/dV kernel): 1 keys as M, 2 queries
     dkv_warps: int = 0  # warps of the dK/dV kernel (0: 4, or 8 for 256-row steps)
     lean: bool = True  # LEAN kernels for this plan (windows: ~2 key chunks each, the plain loop measured faster)
     dkv_tile_max: int = 0  # most tokens of a dK/dV tile (long tiles; 0 = read from the device)
@@ -548,7 +599,8 @@ def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan, dq_into=None, dkv_into=N
         dq = dq_into
     else:
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if fused else _new(q.shape, q)
-    atomic = plan.dkv_split > 1 or plan.dkv_steps > 0 or dkv_into is not None
+    dkv_here = plan.dkv_in_dq if not fused and n_tiles else 0  # dK/dV added by the dQ kernel (float32 atomics)
+    atomic = plan.dkv_split > 1 or plan.dkv_steps > 0 or dkv_into is not None or dkv_here > 0
     if dkv_into is not None:
         dk, dv = dkv_into
     else:
@@ -564,9 +616,9 @@ def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan, dq_into=None, dkv_into=N
             sst, ssh,
             *gate_args[1:], d ** -0.5 * LOG2E, d ** -0.5, G=g, BLOCK_T=plan.block_t, BLOCK_R=br,
             BLOCK_N=plan.block_n, D=d, LEAN=LEAN and plan.lean, DELTA_HERE=delta_here, ACC=dq_into is not None,
-            GATE_B=gate_b,
+            GATE_B=gate_b, DK=dk if dkv_here else None, DV=dv if dkv_here else None, DKV=dkv_here,
             **seg_kw, **_launch_kw(plan, "dq", _warps(br, plan.num_warps)))
-    n_chunks = plan.chunk_start.numel()
+    n_chunks = 0 if dkv_here else plan.chunk_start.numel()
     side = contextlib.nullcontext()
     if dkv_stream is not None and n_chunks:
         ready = torch.cuda.Event()
@@ -575,7 +627,8 @@ def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan, dq_into=None, dkv_into=N
         side = torch.cuda.stream(dkv_stream)
         keep.extend((q, k, v, do, lse_kv, delta))
     with side:
-        _launch_dkv(q, k, v, do, lse, lse_kv, delta, dq, dk, dv, plan, g, br, atomic, fused)
+        if n_chunks:
+            _launch_dkv(q, k, v, do, lse, lse_kv, delta, dq, dk, dv, plan, g, br, atomic, fused)
     if dkv_into is not None:
         return (dq, dk, dv, delta) if want_delta else (dq, dk, dv)  # float32 sums, cast after the last branch
     if atomic:
