@@ -9,7 +9,7 @@ tile's segments in dense key chunks (gathering rows), so a short block costs no 
 chunk of its own. The dK/dV kernel runs per key chunk over the list of
 tiles that attended to it, so nothing is written twice and no atomics are needed
 (except where a plan splits a chunk's list over several programs). A plan with
-``dkv_in_dq`` (the selection's, by default) has no dK/dV kernel: its dQ kernel adds each
+``dkv_in_dq`` (selection and window, by default) has no dK/dV kernel: its dQ kernel adds each
 (tile, key chunk)'s dK, dV into float32 sums with atomics.
 """
 from __future__ import annotations
