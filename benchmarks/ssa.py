@@ -502,29 +502,12 @@ def ab_whole(log, sizes=(8192, 131072), qt=64):
             ("gate, sums and casts as tensor ops (LEAN_HOST off)", {"LEAN_HOST": False}),
             ("dK/dV lists by sort + tensor ops (SELECT_LISTS_KERNEL off)", {"SELECT_LISTS_KERNEL": False}),
             ("previous code (all five off)", {nm: False for nm in names})]
+    refs = {}
     for n in sizes:
-        ref = None
         for label, sw in rows:
             for nm in names:
                 setattr(ops, nm, sw.get(nm, keep[nm]))
-            st, t = workload(n)  # a fresh structure: plans built under these switches
-            x = [t[s_].detach().requires_grad_(True) for s_ in ("q", "k", "v", "k_cmp", "v_cmp", "gates")]
-            try:
-                out = spatial_sparse_attention(*x, st, top_k=8, q_tile=qt)
-                go = torch.randn(out.shape, device="cuda",
-                                 generator=torch.Generator("cuda").manual_seed(1)).to(out.dtype)
-                grads = torch.autograd.grad(out, x, go)
-            except Exception as e:  # a variant that does not compile is an answer too
-                log(f"whole N={n} [{label}] failed: {type(e).__name__}: {str(e)[:300]}")
-                continue
-            if ref is None:
-                ref = (out, grads)
-            diffs = " ".join(f"{nm}={rel(g_, rg_):.1e}" for nm, g_, rg_ in
-                             zip(("dq", "dk", "dv", "dkc", "dvc", "dg"), grads, ref[1]))
-            nan = any(bool(torch.isnan(g_).any()) for g_ in (out, *grads))
-            f, b = time_fwd_bwd(lambda *a: spatial_sparse_attention(*a, st, top_k=8, q_tile=qt), x)
-            log(f"whole N={n} [{label}] {f:.3f} / {b:.3f} ms; vs first row: out {rel(out, ref[0]):.1e} {diffs}"
-                f"{' NaN!' if nan else ''}")
+            _timed_row(log, f"whole N={n} [{label}]", n, qt, refs)
     for nm in names:
         setattr(ops, nm, keep[nm])
 
@@ -598,18 +581,24 @@ def ab_dkv(log, n=131072, qt=64, rounds=2, whole_rounds=2):
 
 
 def _timed_row(log, tag, n, qt, refs):
-    """One whole-SSA row of an A/B: a fresh structure (plans built under the current settings), gradients against
-    the first row of that size (``refs``), forward / backward ms."""
+    """One whole-SSA row of an A/B: a fresh structure (plans built under the current settings), output and
+    gradients against the first row of that size (``refs``), forward / backward ms; a row that fails is logged."""
     st, t = workload(n)
     x = [t[s_].detach().requires_grad_(True) for s_ in ("q", "k", "v", "k_cmp", "v_cmp", "gates")]
-    out = spatial_sparse_attention(*x, st, top_k=8, q_tile=qt)
-    go = torch.randn(out.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(1)).to(out.dtype)
-    grads = torch.autograd.grad(out, x, go)
-    ref = refs.setdefault(n, grads)
+    try:
+        out = spatial_sparse_attention(*x, st, top_k=8, q_tile=qt)
+        go = torch.randn(out.shape, device=out.device,
+                         generator=torch.Generator(out.device).manual_seed(1)).to(out.dtype)
+        grads = torch.autograd.grad(out, x, go)
+    except Exception as e:  # a variant that does not compile is an answer too
+        log(f"{tag} failed: {type(e).__name__}: {str(e)[:300]}")
+        return
+    ref_out, ref = refs.setdefault(n, (out.detach(), grads))
     diffs = " ".join(f"{nm}={rel(g_, rg_):.1e}" for nm, g_, rg_ in
                      zip(("dq", "dk", "dv", "dkc", "dvc", "dg"), grads, ref))
+    nan = any(bool(torch.isnan(g_).any()) for g_ in (out, *grads))
     f, b = time_fwd_bwd(lambda *a: spatial_sparse_attention(*a, st, top_k=8, q_tile=qt), x)
-    log(f"{tag} {f:.3f} / {b:.3f} ms; grads vs first row {diffs}")
+    log(f"{tag} {f:.3f} / {b:.3f} ms; vs first row: out {rel(out, ref_out):.1e} {diffs}{' NaN!' if nan else ''}")
 
 
 def _ab_dict(log, tag, settings: dict, rows, sizes, qt, rounds):
@@ -639,6 +628,7 @@ def ab_pieces(log, n=131072, qt=64, rounds=2):
     tokens per compression / window list entry), rows alternated, one process."""
     from kernels.ssa import ops
     steps0, pieces0 = ops.SELECT_DKV_STEPS, dict(ops.SHARED_DKV_PIECE)
+    refs = {}
     rows = [("defaults", {}, {}), ("selection items of 32 steps", {"steps": 32}, {}),
             ("selection items of 128 steps", {"steps": 128}, {}), ("compression pieces of 1024", {}, {"shape": 1024}),
             ("compression pieces of 4096", {}, {"shape": 4096}), ("window pieces of 256", {}, {"window": 256}),
@@ -647,10 +637,7 @@ def ab_pieces(log, n=131072, qt=64, rounds=2):
         for label, sel, pieces in rows:
             ops.SELECT_DKV_STEPS = sel.get("steps", steps0)
             ops.SHARED_DKV_PIECE.update({**pieces0, **pieces})
-            st, t = workload(n)  # a fresh structure: plans built with these settings
-            x = [t[s_].detach().requires_grad_(True) for s_ in ("q", "k", "v", "k_cmp", "v_cmp", "gates")]
-            f, b = time_fwd_bwd(lambda *a: spatial_sparse_attention(*a, st, top_k=8, q_tile=qt), x)
-            log(f"pieces round {r} N={n} [{label}] {f:.3f} / {b:.3f} ms")
+            _timed_row(log, f"pieces round {r} N={n} [{label}]", n, qt, refs)
     ops.SELECT_DKV_STEPS = steps0
     ops.SHARED_DKV_PIECE.update(pieces0)
 

@@ -127,6 +127,7 @@ def test_plain_kernel_paths_cpu(q_tile, shifted, monkeypatch):
     monkeypatch.setattr(seg, "DKV_KEYS_M", False)
     monkeypatch.setattr(scoring, "SCORE_SUM_DOT", False)
     monkeypatch.setattr(scoring, "SCORE_KEYS_M", False)
+    monkeypatch.setattr(ops, "DKV_IN_DQ", {"slc": 0, "win": 0})  # every branch through its dK/dV kernel
     _check_ssa("cpu", 32, 2, 32, 8, 3, q_tile, shifted, seed=13)
 
 
@@ -156,6 +157,7 @@ def test_previous_host_paths_cpu(monkeypatch):
     from kernels.ssa import ops
     for name in ("SCORE_IN_CMP", "GATE_IN_WINDOW", "LEAN_HOST", "SELECT_LISTS_KERNEL"):
         monkeypatch.setattr(ops, name, False)
+    monkeypatch.setattr(ops, "DKV_IN_DQ", {"slc": 0, "win": 0})  # the selection's dK/dV lists are built at all
     _check_ssa("cpu", 32, 2, 32, 8, 3, 32, False, seed=14)
 
 
@@ -165,6 +167,7 @@ def test_selection_work_items_cpu(q_tile, monkeypatch):
     from kernels.ssa import ops
     _device_dtype("cpu")
     monkeypatch.setattr(ops, "SELECT_DKV_STEPS", 1)
+    monkeypatch.setattr(ops, "DKV_IN_DQ", {"slc": 0, "win": 0})  # the work items belong to the dK/dV kernel
     st, t = random_batch([70, 2, 33], 32, 2, 16, cmp_block=8, seed=5, grid=9)
     f = {k: t[k].float().requires_grad_(True) for k in ("q", "k", "v")}
     lse = compression_attention(f["q"].detach(), t["k_cmp"].float(), t["v_cmp"].float(), st)[1]
