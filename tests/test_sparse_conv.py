@@ -172,3 +172,73 @@ def test_triton_half_precision_on_gpu(dtype, autotune, monkeypatch):
     for got, want in ((y, yr), (xs.grad, xr.grad), (ws.grad, wr.grad)):
         err = (got.detach().double() - want.detach()).norm() / want.detach().norm()
         assert err < 1e-2, f"{dtype}: relative error {err:.2e}"
+
+
+def torchsparse_conv(coords, x, kernel, bias, kernel_size, stride, out_coords):
+    """torchsparse's conv written out voxel by voxel: output p, offset t reads input p·stride + d(t).
+
+    Odd kernels: t = (dz·K + dy)·K + dx, d = (dx, dy, dz) − (K−1)/2 (x = column 1 fastest);
+    even kernels: t = (dx·K + dy)·K + dz, d = (dx, dy, dz) (x slowest).
+    """
+    k = kernel_size
+    row = {tuple(c): n for n, c in enumerate(coords.tolist())}
+    out = torch.zeros(out_coords.shape[0], kernel.shape[2], dtype=x.dtype)
+    for o, (b, px, py, pz) in enumerate(out_coords.tolist()):
+        for t in range(k ** 3):
+            if k % 2:
+                dx, dy, dz = t % k - k // 2, t // k % k - k // 2, t // (k * k) - k // 2
+            else:
+                dx, dy, dz = t // (k * k), t // k % k, t % k
+            n = row.get((b, px * stride + dx, py * stride + dy, pz * stride + dz))
+            if n is not None:
+                out[o] += x[n] @ kernel[t]
+    return out + bias
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_torchsparse_kernel_layout_submanifold(kernel_size):
+    from model.sparse import SparseTensor
+    from model.sparse.layers import SparseConv3d, kernel_from_torchsparse, kernel_to_torchsparse
+
+    coords = random_structure(7, 260, 2, seed=kernel_size)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(coords.shape[0], 4, generator=g, dtype=torch.float64)
+    ts_kernel = torch.randn(kernel_size ** 3, 4, 6, generator=g, dtype=torch.float64)
+    bias = torch.randn(6, generator=g, dtype=torch.float64)
+    conv = SparseConv3d(4, 6, kernel_size).double()
+    with torch.no_grad():
+        conv.weight.copy_(kernel_from_torchsparse(ts_kernel))
+        conv.bias.copy_(bias)
+    got = conv(SparseTensor(coords, x, 7)).feats
+    want = torchsparse_conv(coords, x, ts_kernel, bias, kernel_size, 1, coords)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert torch.equal(kernel_to_torchsparse(conv.weight.detach()), ts_kernel)
+    # the layout is not symmetric: using the kernel unconverted gives another result
+    with torch.no_grad():
+        conv.weight.copy_(ts_kernel)
+    assert not torch.allclose(conv(SparseTensor(coords, x, 7)).feats, want)
+
+
+def test_torchsparse_kernel_layout_strided():
+    from model.sparse import SparseTensor
+    from model.sparse.layers import SparseConvDown, kernel_from_torchsparse
+
+    coords = random_structure(8, 300, 2, seed=5)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(coords.shape[0], 3, generator=g, dtype=torch.float64)
+    ts_kernel = torch.randn(8, 3, 5, generator=g, dtype=torch.float64)
+    bias = torch.randn(5, generator=g, dtype=torch.float64)
+    conv = SparseConvDown(3, 5).double()
+    with torch.no_grad():
+        conv.weight.copy_(kernel_from_torchsparse(ts_kernel))
+        conv.bias.copy_(bias)
+    y = conv(SparseTensor(coords, x, 8))
+    want = torchsparse_conv(coords, x, ts_kernel, bias, 2, 2, y.coords)
+    torch.testing.assert_close(y.feats, want, rtol=1e-10, atol=1e-10)
+
+
+def test_torchsparse_kernel_layout_rejects_non_cubes():
+    from model.sparse.layers import kernel_from_torchsparse
+
+    with pytest.raises(ValueError, match="not a cube"):
+        kernel_from_torchsparse(torch.zeros(26, 2, 2))

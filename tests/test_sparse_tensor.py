@@ -93,6 +93,22 @@ def test_group_norm_uses_each_shape_alone():
         torch.testing.assert_close(y.feats[s], ref)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_norm_acts_as_group_norm_32(dtype):
+    """32 groups, float32 statistics and affine, per-sample over the sample's voxels, cast back."""
+    x = make(channels=64, seed=2)
+    x = x.replace((x.feats * 3 + 1).to(dtype))
+    norm = SparseGroupNorm(32, 64)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    y = norm(x)
+    assert y.dtype == dtype
+    for s in x.layout:
+        ref = torch.nn.functional.group_norm(x.feats[s].float().T[None], 32, norm.weight, norm.bias)[0].T.to(dtype)
+        torch.testing.assert_close(y.feats[s], ref, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
+
 def test_window_attention_equals_per_window_attention():
     torch.manual_seed(0)
     x = make(res=16, count=600, channels=16)

@@ -10,6 +10,8 @@ from .layers import (
     SparseLinear,
     SparseSiLU,
     SparseSubdivide,
+    kernel_from_torchsparse,
+    kernel_to_torchsparse,
     subdivide_structure,
 )
 from .tensor import SparseTensor
@@ -17,5 +19,6 @@ from .tensor import SparseTensor
 __all__ = [
     "SparseTensor", "SparseLinear", "SparseGroupNorm", "SparseLayerNorm", "SparseSiLU", "SparseConv3d",
     "SparseConvDown", "SparseDownsample", "SparseSubdivide", "subdivide_structure",
+    "kernel_from_torchsparse", "kernel_to_torchsparse",
     "SparseWindowAttention", "SparseTransformerBlock", "sinusoidal_positions", "window_partition",
 ]

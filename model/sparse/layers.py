@@ -57,6 +57,39 @@ class SparseLayerNorm(nn.LayerNorm):
         return x.replace(super().forward(_norm_dtype(x.feats)).to(x.dtype))
 
 
+def _kernel_side(kernel: torch.Tensor, name: str) -> int:
+    if kernel.ndim != 3:
+        raise ValueError(f"{name}: expected a kernel (K³, C_in, C_out), got shape {tuple(kernel.shape)}")
+    side = round(kernel.shape[0] ** (1 / 3))
+    if side ** 3 != kernel.shape[0]:
+        raise ValueError(f"{name}: {kernel.shape[0]} kernel offsets is not a cube K³")
+    return side
+
+
+def kernel_from_torchsparse(kernel: torch.Tensor) -> torch.Tensor:
+    """A torchsparse Conv3d ``kernel`` (K³, C_in, C_out) as our SparseConv3d / SparseConvDown ``weight``.
+
+    torchsparse (2.x, ``get_kernel_offsets`` and the hash-table lookup) numbers the offsets of an odd
+    kernel with x fastest: t = (dz·K + dy)·K + dx, where (x, y, z) are coordinate columns 1..3 and the
+    output at p reads the input at p + d − (K−1)/2. Ours numbers them with the last column fastest,
+    v = (dx·K + dy)·K + dz, over the same offsets. An even kernel (the strided K = stride = 2 case) is
+    numbered x-slowest by torchsparse too, reading p·stride + d: the same order as ours.
+    """
+    side = _kernel_side(kernel, "kernel_from_torchsparse")
+    if side % 2 == 0:
+        return kernel.clone()
+    c_in, c_out = kernel.shape[1:]
+    # [dz, dy, dx] -> [dx, dy, dz]
+    return kernel.reshape(side, side, side, c_in, c_out).permute(2, 1, 0, 3, 4).reshape(-1, c_in, c_out).contiguous()
+
+
+def kernel_to_torchsparse(kernel: torch.Tensor) -> torch.Tensor:
+    """Our sparse-conv ``weight`` (K³, C_in, C_out) in torchsparse's offset order (inverse of kernel_from_torchsparse)."""
+    _kernel_side(kernel, "kernel_to_torchsparse")
+    # reversing the three offset axes is its own inverse
+    return kernel_from_torchsparse(kernel)
+
+
 class _SparseConvBase(nn.Module):
     """Weight (V, C_in, C_out) with conv3d's default init, an optional bias, and the conv over a kernel map."""
 
