@@ -72,3 +72,31 @@ def test_flow_loss_zero_at_target():
     x0, eps = torch.randn(3, 2), torch.randn(3, 2)
     assert float(flow_loss(eps - x0, x0, eps)) == 0.0
     assert float(flow_loss(torch.zeros(3, 2), x0, eps)) > 0
+
+
+def test_release_schedule_matches_the_released_scheduler():
+    from model.flow import FlowEulerSampler, ReleaseSchedule
+
+    diffusers = pytest.importorskip("diffusers")
+    for shift, steps in [(1.0, 50), (3.0, 30), (6.0, 15), (8.0, 15)]:
+        ref = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+        ref.set_timesteps(steps)
+        ours = ReleaseSchedule.from_official({"target": "diffusers.FlowMatchEulerDiscreteScheduler",
+                                              "num_train_timesteps": 1000, "shift": shift})
+        sampler = FlowEulerSampler(steps=steps, schedule=ours)
+        torch.testing.assert_close(sampler.timesteps(), ref.sigmas, rtol=0, atol=0)
+        # one Euler step is the scheduler's step
+        x, v = torch.randn(4, 8), torch.randn(4, 8)
+        ts = sampler.timesteps()
+        torch.testing.assert_close(sampler.step(v, x, ts[0], ts[1]), ref.step(v, ref.timesteps[0], x).prev_sample)
+
+
+def test_release_schedule_rejects_what_it_does_not_do():
+    from model.flow import ReleaseSchedule
+
+    with pytest.raises(ValueError, match="unknown scheduler parameter"):
+        ReleaseSchedule.from_official({"shfit": 3.0})
+    with pytest.raises(ValueError, match="use_dynamic_shifting=True is not supported"):
+        ReleaseSchedule.from_official({"use_dynamic_shifting": True})
+    with pytest.raises(ValueError, match="only FlowMatchEulerDiscreteScheduler"):
+        ReleaseSchedule.from_official({"target": "diffusers.DDIMScheduler"})
