@@ -293,21 +293,23 @@ def _plain(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def write_synthetic_snapshot(root: str, configs: dict[str, tuple[str, dict, Any]], seed: int = 0,
+def write_synthetic_snapshot(root: str, sections: dict[str, tuple[str, dict]], seed: int = 0,
                              extra: dict[str, dict] | None = None) -> None:
-    """A snapshot in the released layout from our networks with random weights (tests, parity).
+    """A snapshot in the released layout with random weights (tests, parity).
 
-    ``configs``: section -> (released target class, its params, our config). Tensors are drawn from a
-    seeded generator, written through ``ours_to_official`` into ``.ckpt`` files shaped like the release's,
-    and ``config.yaml`` names each section's target and params."""
+    ``sections``: config.yaml section -> (released target class, its params). Each network is built from
+    ``from_official(params)``, its tensors drawn from a seeded generator and written through
+    ``ours_to_official`` into ``.ckpt`` files shaped like the release's; ``config.yaml`` names each
+    section's target and params; ``extra`` adds sections without weights (encoders, schedulers)."""
     import yaml
 
     os.makedirs(root, exist_ok=True)
     files: dict[str, dict] = {}
     g = torch.Generator().manual_seed(seed)
     doc: dict[str, Any] = {}
-    for section, (target, params, cfg) in configs.items():
+    for section, (target, params) in sections.items():
         network = network_of_target(target, section)
+        cfg = config_from_params(network, params, section)
         module_cls, _ = network_classes(network)
         _, _, to_official = _converters(network)
         module = module_cls(cfg)
