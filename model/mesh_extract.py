@@ -46,12 +46,15 @@ CHUNK = 1 << 21  # voxels per pass: bounds the per-cell temporaries (1024³ surf
 
 
 def extract_mesh(coords: torch.Tensor, values: torch.Tensor, resolution: int, level: float = 0.0,
-                 chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+                 chunk: int = CHUNK, fill: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Iso-surface ``values = level`` of a sparse SDF -> (vertices (V, 3) float32 in [-1, 1]³, faces (F, 3) int64).
 
     ``coords`` (N, 3) int voxel indices in [0, resolution), ``values`` (N,); voxel
     centre x = −1 + (i + ½)·2/R. An SDF with no sign change gives an empty mesh.
-    Cells are processed ``chunk`` voxels at a time; only the faces' edge keys outlive a pass.
+    ``fill``: the value of every voxel not in the set (the released generator marches a dense grid
+    filled with 1 outside its sparse voxels, so surfaces close where the set ends); None: cells with
+    a missing corner make no surface. Cells are processed ``chunk`` voxels at a time; only the
+    faces' edge keys outlive a pass.
     """
     if coords.ndim != 2 or coords.shape[1] != 3 or values.shape != (coords.shape[0],):
         raise ValueError(f"extract_mesh: expected coords (N, 3) and values (N,), got {tuple(coords.shape)} and {tuple(values.shape)}")
@@ -59,6 +62,8 @@ def extract_mesh(coords: torch.Tensor, values: torch.Tensor, resolution: int, le
         raise ValueError("extract_mesh: empty sparse SDF (no voxels)")
     if not bool(torch.isfinite(values).all()):
         raise ValueError("extract_mesh: the SDF holds NaN or infinite values")
+    if fill is not None:
+        coords, values = _with_shell(coords, values, resolution, float(fill))
     device = coords.device
     c4 = torch.cat([torch.zeros_like(coords[:, :1]), coords], 1).to(torch.int32)
     skeys = coord_keys(c4, resolution)
@@ -139,6 +144,26 @@ def extract_mesh(coords: torch.Tensor, values: torch.Tensor, resolution: int, le
         remap = torch.cumsum(used, 0) - 1
         verts, faces = verts[used], remap[faces]
     return verts.float(), faces
+
+
+def _with_shell(coords: torch.Tensor, values: torch.Tensor, resolution: int, fill: float):
+    """The set plus every missing voxel of its 26-neighbourhood (inside the grid), valued ``fill``."""
+    r = torch.arange(-1, 2, device=coords.device)
+    offsets = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    c = coords.long()
+
+    def key(x):
+        return (x[:, 0] * resolution + x[:, 1]) * resolution + x[:, 2]
+
+    have = torch.unique(key(c))
+    ring = (c[:, None, :] + offsets[None]).reshape(-1, 3)
+    ring = ring[((ring >= 0) & (ring < resolution)).all(1)]
+    rk = torch.unique(key(ring))
+    pos = torch.searchsorted(have, rk).clamp(max=len(have) - 1)
+    new = rk[have[pos] != rk]
+    shell = torch.stack([new // (resolution * resolution), (new // resolution) % resolution, new % resolution], 1)
+    return (torch.cat([coords, shell.to(coords.dtype)]),
+            torch.cat([values, torch.full((len(shell),), fill, dtype=values.dtype, device=values.device)]))
 
 
 def _unique_faces(faces: torch.Tensor) -> torch.Tensor:

@@ -71,3 +71,22 @@ def test_bad_input_named():
         extract_mesh(c[:0], torch.zeros(0), 8)
     v, f = extract_mesh(c[:1], torch.tensor([0.5]), 8)
     assert len(f) == 0
+
+
+def test_fill_closes_surfaces_where_the_sparse_set_ends():
+    # a solid block of negative voxels with nothing around it: without fill there are no cells with a
+    # sign change; filled with 1 outside (the release's dense grid of ones) it is a closed box
+    r = torch.arange(4, 8)
+    coords = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    values = torch.full((len(coords),), -0.5)
+    v, f = extract_mesh(coords, values, 16)
+    assert len(f) == 0
+    v, f = extract_mesh(coords, values, 16, level=0.2, fill=1.0)
+    import trimesh
+
+    mesh = trimesh.Trimesh(v.numpy(), f.numpy(), process=True)
+    assert mesh.is_watertight and mesh.volume > 0
+    # the surface sits between the last voxel centre and the filled one, at (0.2 + 0.5) / 1.5 of the way
+    h = 2 / 16
+    centre_last = -1 + (7 + 0.5) * h
+    assert abs(float(v[:, 0].max()) - (centre_last + h * 0.7 / 1.5)) < 1e-5
