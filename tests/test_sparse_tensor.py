@@ -109,6 +109,7 @@ def test_group_norm_acts_as_group_norm_32(dtype):
         ref = torch.nn.functional.group_norm(x.feats[s].float().T[None], 32, norm.weight, norm.bias)[0].T.to(dtype)
         torch.testing.assert_close(y.feats[s], ref, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
 
+
 def test_window_attention_equals_per_window_attention():
     torch.manual_seed(0)
     x = make(res=16, count=600, channels=16)
@@ -121,8 +122,8 @@ def test_window_attention_equals_per_window_attention():
         idx = rows[w][valid[w]]
         wc = (x.coords[idx, 1:] + 4) // 8
         assert (wc == wc[0]).all() and (x.coords[idx, 0] == x.coords[idx[0], 0]).all()
-        q, k, v = attn.qkv(x.feats[idx]).reshape(len(idx), 3, 2, 8).permute(1, 2, 0, 3)
-        ref = attn.proj(torch.softmax(q @ k.transpose(1, 2) / 8 ** 0.5, -1).matmul(v).transpose(0, 1).reshape(len(idx), 16))
+        q, k, v = attn.to_qkv(x.feats[idx]).reshape(len(idx), 3, 2, 8).permute(1, 2, 0, 3)
+        ref = attn.to_out(torch.softmax(q @ k.transpose(1, 2) / 8 ** 0.5, -1).matmul(v).transpose(0, 1).reshape(len(idx), 16))
         torch.testing.assert_close(y.feats[idx], ref, rtol=1e-4, atol=1e-5)
     blk = SparseTransformerBlock(16, 2, 8, 0)
     assert blk(x).feats.shape == x.feats.shape

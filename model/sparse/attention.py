@@ -1,13 +1,15 @@
-"""Sparse 3D shifted-window self-attention and the transformer block built on it.
+"""Sparse 3D shifted-window self-attention and the transformer block built on it (the SS-VAE's).
 
-Voxels are grouped by the window (``window``³ voxels) they fall in, after an
-optional shift of the grid by ``shift`` voxels so that alternate blocks mix
-across window borders (Direct3D-S2 §3.2: windows of 8 latent voxels).
+Voxels are grouped by the window (``window``³ voxels) they fall in after the
+grid is shifted by ``shift`` voxels, ``(coords + shift) // window``, so that
+alternate blocks mix across window borders (Direct3D-S2 §3.2: windows of 8
+latent voxels, shift 4 on odd blocks). The block is pre-norm with LayerNorms
+without affine parameters (eps 1e-6, float32), a fused qkv projection laid out
+(3, heads, head_dim), and a tanh-GELU MLP; parameter names follow the release
+(``attn.to_qkv``, ``attn.to_out``, ``mlp.mlp.0``, ``mlp.mlp.2``).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +17,6 @@ from torch import nn
 
 from kernels.sparse_conv import coord_keys
 
-from .layers import SparseLayerNorm
 from .tensor import SparseTensor
 
 
@@ -25,7 +26,7 @@ def window_partition(x: SparseTensor, window: int, shift: int) -> tuple[torch.Te
     if key not in x.cache:
         wc = x.coords.clone()
         wc[:, 1:] = torch.div(wc[:, 1:] + shift, window, rounding_mode="floor")
-        wkeys = coord_keys(wc, x.resolution // window + 2)
+        wkeys = coord_keys(wc, (x.resolution + shift) // window + 1)
         wkeys, order = torch.sort(wkeys, stable=True)
         _, counts = torch.unique_consecutive(wkeys, return_counts=True)
         starts = torch.cumsum(counts, 0) - counts
@@ -43,8 +44,8 @@ class SparseWindowAttention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"SparseWindowAttention: dim {dim} is not divisible by num_heads {num_heads}")
         self.dim, self.num_heads, self.window, self.shift = dim, num_heads, window, shift
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.to_qkv = nn.Linear(dim, 3 * dim)
+        self.to_out = nn.Linear(dim, dim)
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         if x.num_channels != self.dim:
@@ -52,35 +53,54 @@ class SparseWindowAttention(nn.Module):
         rows, valid = window_partition(x, self.window, self.shift)
         w, length = rows.shape
         hd = self.dim // self.num_heads
-        qkv = self.qkv(x.feats)
+        qkv = self.to_qkv(x.feats)
         padded = qkv[rows.clamp(min=0)] * valid[..., None].to(qkv.dtype)
         q, k, v = padded.reshape(w, length, 3, self.num_heads, hd).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
         out = out.transpose(1, 2).reshape(w, length, self.dim)[valid]
         result = torch.zeros((len(x), self.dim), dtype=out.dtype, device=out.device).index_copy(0, rows[valid], out)
-        return x.replace(self.proj(result))
+        return x.replace(self.to_out(result))
 
 
-def sinusoidal_positions(coords: torch.Tensor, dim: int) -> torch.Tensor:
-    """Absolute 3D sinusoidal embedding of integer voxel coordinates (N, 3) -> (N, dim)."""
-    per_axis = dim // 6 * 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(per_axis // 2, device=coords.device) / max(1, per_axis // 2))
-    ang = coords.float()[:, :, None] * freqs  # (N, 3, F)
+def sinusoidal_positions(coords: torch.Tensor, dim: int, factor: float | None = None) -> torch.Tensor:
+    """Absolute 3D sinusoidal embedding of voxel coordinates (N, 3) -> (N, dim), float32.
+
+    Each axis takes F = dim // 6 frequencies 10000^(-f/F) as [sin, cos]; axes follow each other and the
+    remaining dim - 6F channels are zero. ``factor`` scales the coordinates first (a grid seen at another
+    resolution).
+    """
+    freq_dim = dim // 3 // 2
+    freqs = 1.0 / (10000 ** (torch.arange(freq_dim, dtype=torch.float32, device=coords.device) / freq_dim))
+    pos = coords.float() if factor is None else coords.float() * factor
+    ang = pos[:, :, None] * freqs  # (N, 3, F)
     emb = torch.cat([ang.sin(), ang.cos()], dim=2).reshape(coords.shape[0], -1)
     return F.pad(emb, (0, dim - emb.shape[1]))
 
 
-class SparseTransformerBlock(nn.Module):
-    """Pre-norm block: x + attention(LN x), x + MLP(LN x)."""
+def _layer_norm32(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
-    def __init__(self, dim: int, num_heads: int, window: int = 8, shift: int = 0, mlp_ratio: float = 4.0):
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mlp_ratio: float = 4.0):
         super().__init__()
-        self.norm1 = SparseLayerNorm(dim)
-        self.attn = SparseWindowAttention(dim, num_heads, window, shift)
-        self.norm2 = SparseLayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+class SparseTransformerBlock(nn.Module):
+    """Pre-norm block: x + attention(LN x), x + MLP(LN x); LayerNorms without parameters, eps 1e-6, in float32."""
+
+    eps = 1e-6
+
+    def __init__(self, dim: int, num_heads: int, window: int = 8, shift: int = 0, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.attn = SparseWindowAttention(dim, num_heads, window, shift)
+        self.mlp = FeedForward(dim, mlp_ratio)
+
     def forward(self, x: SparseTensor) -> SparseTensor:
-        x = x.replace(x.feats + self.attn(self.norm1(x)).feats)
-        return x.replace(x.feats + self.mlp(self.norm2(x).feats))
+        x = x.replace(x.feats + self.attn(x.replace(_layer_norm32(x.feats, self.eps))).feats)
+        return x.replace(x.feats + self.mlp(_layer_norm32(x.feats, self.eps)))

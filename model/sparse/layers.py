@@ -133,9 +133,11 @@ class SparseDownsample(nn.Module):
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         coarse, parent = x.coarse(self.stride)
-        total = x.feats.new_zeros(coarse.shape[0], x.num_channels).index_add(0, parent, x.feats)
-        count = torch.bincount(parent, minlength=coarse.shape[0]).to(x.dtype)
-        return _coarse_tensor(x, total / count[:, None], self.stride)
+        # summed in float32 at least: half-precision sums of many children overflow
+        acc = torch.promote_types(x.dtype, torch.float32)
+        total = x.feats.new_zeros(coarse.shape[0], x.num_channels, dtype=acc).index_add(0, parent, x.feats.to(acc))
+        count = torch.bincount(parent, minlength=coarse.shape[0]).to(acc)
+        return _coarse_tensor(x, (total / count[:, None]).to(x.dtype), self.stride)
 
 
 class SparseConvDown(_SparseConvBase):
