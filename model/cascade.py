@@ -28,8 +28,9 @@ from model.dit import DiTConfig, SparseDiT, pack
 from model.flow import STAGE_DEFAULTS, FlowEulerSampler
 from model.mesh_extract import extract_mesh
 from model.postprocess import PostprocessConfig, clean_mesh
-from model.structure import (STRUCTURE_DIT_CONFIGS, StructureVAE, StructureVAEConfig, latent_grid_coords, occupancy_to_latent_coords,
-                             structure_patch, tokens_per_shape, tokens_to_latent)
+from model.structure import (STRUCTURE_DIT_CONFIGS, StructureDiT, StructureVAE, StructureVAEConfig, check_structure_pair,
+                             occupancy_to_latent_coords)
+from model.dense_dit import DenseDiTConfig
 
 
 # -- checkpoints: a small registry of the networks and their config classes -------------------------
@@ -56,7 +57,7 @@ def _vae_classes():
 NETWORKS = {
     # network: (config class, module builder, prefix of the trainer's state-dict keys)
     "structure_vae": (StructureVAEConfig, StructureVAE, "vae."),
-    "structure_dit": (DiTConfig, SparseDiT, "dit."),
+    "structure_dit": (DenseDiTConfig, StructureDiT, "dit."),
     "dit": (DiTConfig, SparseDiT, "dit."),
 }
 
@@ -115,7 +116,7 @@ def load_network(source: str, network: str, opener=None) -> NetworkBundle:
             raise ValueError(f"checkpoint {source}: holds network {blob.get('network')!r}, expected {network!r}")
         cls, build, prefix = NETWORKS[network]
         cfg = parse_config_repr(str(blob.get("model_config")), cls, f"checkpoint {source}")
-        if isinstance(cfg, DiTConfig):
+        if isinstance(cfg, (DiTConfig, DenseDiTConfig)):
             cfg = dataclasses.replace(cfg, grad_checkpointing=False)
         module = build(cfg)
         state = {k.removeprefix(prefix): v for k, v in blob["state_dict"].items()}
@@ -138,7 +139,7 @@ def random_network(network: str, size: str = "debug", **overrides) -> NetworkBun
         module = StructureVAE(cfg)
     elif network == "structure_dit":
         cfg = dataclasses.replace(STRUCTURE_DIT_CONFIGS[size], **overrides)
-        module = SparseDiT(cfg)
+        module = StructureDiT(cfg)
     else:
         cfg = DiTConfig.named(size, in_channels=pooled_latent.CHANNELS, out_channels=pooled_latent.CHANNELS, **overrides)
         module = SparseDiT(cfg)
@@ -303,11 +304,9 @@ class Cascade:
                                  f"image encoder {self.cfg.image_encoder!r} gives {enc_dim}")
         sv, sd = self.bundles["structure_vae"], self.bundles["structure_dit"]
         try:
-            structure_patch(sd.config, sv.config.latent_channels)
-        except ValueError:
-            raise ValueError(f"structure_dit ({sd.source}): {sd.config.in_channels} channels, structure VAE "
-                             f"({sv.source}) latent has {sv.config.latent_channels} (a token holds "
-                             f"{sv.config.latent_channels}·p³ for a patch p)") from None
+            check_structure_pair(sv.config, sd.config)
+        except ValueError as e:
+            raise ValueError(f"structure_dit ({sd.source}) and structure_vae ({sv.source}): {e}") from None
         for dit_key, vae_key, res_key in (("dit", "vae", "resolution"), ("dit_refine", "vae_refine", "refine_resolution")):
             d = self.bundles.get(dit_key)
             if d is None:
@@ -371,16 +370,20 @@ class Cascade:
     @torch.no_grad()
     def structure_stage(self, cond: torch.Tensor, seeds: list[int]) -> list[torch.Tensor]:
         """Latent voxel coords (M_i, 3) at resolution/8 of every item (possibly empty)."""
-        b = cond.shape[0]
-        patch = structure_patch(self.structure_dit.cfg, self.bundles["structure_vae"].config.latent_channels)
-        n = tokens_per_shape(patch)
-        coords = latent_grid_coords(self.device, patch).repeat(b, 1)
-        cu = torch.arange(b + 1, device=self.device) * n
-        c = self.structure_dit.cfg.in_channels
-        noise = torch.cat([torch.randn(n, c, generator=_item_generator(s, 0)) for s in seeds]).to(self.device)
+        b, net, g = cond.shape[0], self.structure_dit, self.cfg.guidance
+        shape = (net.cfg.in_channels,) + (net.cfg.resolution,) * 3
+        noise = torch.stack([torch.randn(shape, generator=_item_generator(s, 0)) for s in seeds]).to(self.device)
+        cond2 = torch.cat([cond, torch.zeros_like(cond)])
+
+        def velocity(x, t, _cond):  # classifier-free guidance as one forward over [cond; zero cond]
+            if g == 1.0:
+                return net(x.to(self.dtype), t.expand(b).to(self.dtype), cond).float()
+            v = net(torch.cat([x, x]).to(self.dtype), t.expand(2 * b).to(self.dtype), cond2).float()
+            return v[b:] + g * (v[:b] - v[b:])
+
         sampler = FlowEulerSampler(self.cfg.structure_steps, self.cfg.structure_shift, self.cfg.guidance)
-        z = sampler.sample(self._guided(self.structure_dit, coords, cu, cond), noise)
-        logits = self.structure_vae.decode(tokens_to_latent(z.float(), b, patch))
+        z = sampler.sample(velocity, noise)
+        logits = self.structure_vae.decode(self.structure_vae.unscale(z.float()))
         latent_res = self.cfg.resolution // 8
         return [occupancy_to_latent_coords(logits[i], latent_res, self.cfg.occupancy_threshold) for i in range(b)]
 

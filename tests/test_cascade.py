@@ -70,7 +70,7 @@ def test_empty_structure_fails_that_item_only(cascade, monkeypatch):
 
 def test_structure_that_predicts_nothing_is_a_clear_error():
     c = Cascade.random(FAST, seed=1)
-    torch.nn.init.constant_(c.structure_vae.decoder[-1].bias, -50.0)  # every voxel far below the 0.1 threshold
+    torch.nn.init.constant_(c.structure_vae.decoder.out_layer[-1].bias, -50.0)  # every voxel far below the 0.1 threshold
     res = c.generate([Request("p", png(), 0), Request("q", png(), 1)])
     assert all("empty structure" in r.error for r in res)
 

@@ -88,7 +88,7 @@ def test_each_network_takes_a_training_step(network, tmp_path):
 def test_structure_dit_encodes_each_shape_once():
     """The frozen structure VAE encodes an item on its first batch only; later batches reuse its latent,
     and the batch equals encoding the occupancy afresh."""
-    from model.structure import StructureVAE, StructureVAEConfig, latent_to_tokens, occupancy_grid
+    from model.structure import StructureVAE, StructureVAEConfig, occupancy_grid
 
     samples = list(iter_samples([rows_to_table(synthetic_rows(2, 64))], Skipped()))
     vae_cfg = StructureVAEConfig.named("debug")
@@ -103,7 +103,7 @@ def test_structure_dit_encodes_each_shape_once():
     assert calls == [1, 1]  # item 0 encoded once, item 1 on its first batch
     with torch.no_grad():
         occ = torch.stack([occupancy_grid(s.coords, s.resolution) for s in samples])[:, None].float()
-        want = latent_to_tokens(encode(occ)[0], task.patch)
+        want = task.vae.scale(encode(occ)[0])
     # batched and single encodes agree to float rounding; a latent from the wrong item would be far off
     assert torch.allclose(second["x0"], want, atol=1e-5)
     assert torch.equal(first["x0"], second["x0"][: len(first["x0"])])  # item 0's kept latent, reused

@@ -17,8 +17,8 @@ from model import pooled_latent
 from model.condition import build_image_encoder, decode_image, drop_condition
 from model.dit import DiTConfig, SparseDiT, pack
 from model.flow import TimestepSampler, flow_loss, interpolate
-from model.structure import (StructureVAE, StructureVAEConfig, latent_grid_coords, latent_to_tokens,
-                             occupancy_grid, structure_dit_config, structure_patch, tokens_per_shape)
+from model.structure import (StructureDiT, StructureVAE, StructureVAEConfig, check_structure_pair, occupancy_grid,
+                             structure_dit_config)
 from pipeline.train.config import TrainConfig
 
 
@@ -43,6 +43,21 @@ class FlowObjective(nn.Module):
         t_tok = torch.repeat_interleave(t, lengths)[:, None]
         noise = torch.randn_like(x0)
         v = self.dit(interpolate(x0, noise, t_tok), coords, cu_seqlens, t.to(x0.dtype), cond)
+        loss = flow_loss(v, x0, noise)
+        return loss, {"flow_mse": loss.detach()}
+
+
+class DenseFlowObjective(nn.Module):
+    """The same rectified-flow loss on dense latents (B, C, D, H, W): one t per shape."""
+
+    def __init__(self, dit: nn.Module, timesteps: TimestepSampler):
+        super().__init__()
+        self.dit, self.timesteps = dit, timesteps
+
+    def forward(self, x0, cond):
+        t = self.timesteps(x0.shape[0], device=x0.device)
+        noise = torch.randn_like(x0)
+        v = self.dit(interpolate(x0, noise, t.view(-1, 1, 1, 1, 1).to(x0.dtype)), t.to(x0.dtype), cond)
         loss = flow_loss(v, x0, noise)
         return loss, {"flow_mse": loss.detach()}
 
@@ -168,19 +183,19 @@ class StructureVAETask(Task):
 
 
 class StructureDiTTask(Task):
-    """DiT over the 4,096 tokens of a frozen structure VAE's 16³×8 latent."""
+    """The dense DiT over a frozen structure VAE's 16³×8 latent (in the VAE's normalised space)."""
 
     def __init__(self, cfg: TrainConfig, seed: int, vae: StructureVAE):
         super().__init__(cfg, seed)
         self.vae = vae.eval().requires_grad_(False)
-        self.model_config = structure_dit_config(cfg.model, attention="full", grad_checkpointing=cfg.grad_checkpointing,
+        self.model_config = structure_dit_config(cfg.model, grad_checkpointing=cfg.grad_checkpointing,
                                                  cond_dim=self.encoder.dim)
-        self.module = FlowObjective(SparseDiT(self.model_config), TimestepSampler(shift=cfg.timestep_shift))
-        self.patch = structure_patch(self.model_config, vae.cfg.latent_channels)
+        check_structure_pair(vae.cfg, self.model_config)
+        self.module = DenseFlowObjective(StructureDiT(self.model_config), TimestepSampler(shift=cfg.timestep_shift))
 
     def prepare(self, sample) -> Item:
         occ = occupancy_grid(sample.coords, sample.resolution)
-        return Item(sample.mesh_id, tokens_per_shape(self.patch), {"occupancy": occ, "image": self.view_image(sample)})
+        return Item(sample.mesh_id, self.model_config.tokens, {"occupancy": occ, "image": self.view_image(sample)})
 
     @torch.no_grad()
     def collate(self, items, device, dtype) -> dict:
@@ -195,12 +210,8 @@ class StructureDiTTask(Task):
                 item.data["latent"] = z_item.float().cpu()
                 del item.data["occupancy"]
         z = torch.stack([i.data["latent"] for i in items]).to(device)
-        b = len(items)
-        coords = latent_grid_coords(device, self.patch).repeat(b, 1)
-        cu = torch.arange(b + 1, device=device) * tokens_per_shape(self.patch)
         cond = self.conditions([i.data["image"] for i in items], device)
-        return {"x0": latent_to_tokens(z, self.patch).to(dtype), "coords": coords, "cu_seqlens": cu,
-                "cond": cond.to(dtype)}
+        return {"x0": self.vae.scale(z).to(dtype), "cond": cond.to(dtype)}
 
     def to(self, device):
         self.vae.to(device)
