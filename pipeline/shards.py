@@ -32,6 +32,10 @@ views               list<struct<png, intrinsics, extrinsics,    condition views:
 ==================  ==========================================  =========================================
 
 Voxel (i, j, k) samples the point -1 + (i + 0.5) * 2/R in the normalized cube.
+Every data page carries a CRC-32 (Parquet page checksums), checked on every read: a flipped bit is
+a ``ShardError`` naming the file and row group, never a silently altered row. Every row read is
+checked too (``validate_sample``): coordinates within [0, R), as many SDF values as voxels, finite
+values, and the resolution of the folder it sits in.
 The views are repeated in each resolution's row so that a training job reading
 one resolution finds its conditions in the same row.
 """
@@ -39,6 +43,7 @@ one resolution finds its conditions in the same row.
 from __future__ import annotations
 
 import hashlib
+import math
 import posixpath
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
@@ -87,6 +92,10 @@ INDEX_COLUMNS = ["mesh_id", "source_uri", "content_hash", "config_hash", "resolu
 
 class ShardError(ValueError):
     """A shard cannot be read or does not have our schema; the message names the file."""
+
+
+class BadRow(ShardError):
+    """One row of a shard fails its checks (or its pages their checksums); the message names file and mesh."""
 
 
 @dataclass
@@ -216,7 +225,7 @@ def write_shard(root: str, rows: list[ShardRow], *, storage_options: dict | None
         sink = pa.BufferOutputStream()
         # One row group per row: readers stream a mesh at a time.
         pq.write_table(table, sink, compression=compression, compression_level=compression_level,
-                       row_group_size=1)
+                       row_group_size=1, write_page_checksum=True)
         data = sink.getvalue().to_pybytes()
         uri = storage.join(shard_dir(root, res), shard_name(group))
         fs, path = storage.filesystem(uri, storage_options)
@@ -238,7 +247,7 @@ def list_shards(root: str, resolution: int | None = None, *, storage_options: di
 def _open_parquet(uri: str, storage_options: dict | None) -> pq.ParquetFile:
     fs, path = storage.filesystem(uri, storage_options)
     try:
-        pf = pq.ParquetFile(fs.open(path, "rb"))
+        pf = pq.ParquetFile(fs.open(path, "rb"), page_checksum_verification=True)
     except (OSError, pa.ArrowInvalid) as exc:
         raise ShardError(f"{uri}: not a readable Parquet file ({exc})") from exc
     missing = [n for n in SCHEMA.names if n not in pf.schema_arrow.names]
@@ -259,6 +268,10 @@ def samples_from_table(table: pa.Table) -> list[SparseSDFSample]:
         # flatten() honours the row's offset and length (.values would be the whole column's child).
         c_np = c.flatten().to_numpy(zero_copy_only=True)
         s_np = s.to_numpy(zero_copy_only=True)
+        n_declared = table.column("num_voxels")[i].as_py()
+        if len(c_np) != 3 * len(s_np) or n_declared != len(s_np):
+            raise BadRow(f"mesh {table.column('mesh_id')[i].as_py()}: {len(c_np) // 3} coordinates, {len(s_np)} SDF "
+                         f"values, num_voxels {n_declared}; they must be equal")
         # Arrow buffers are read-only; the tensors share them (nothing here writes to them).
         coords = _readonly_tensor(c_np.reshape(-1, 3))
         values = _readonly_tensor(s_np)
@@ -278,6 +291,51 @@ def samples_from_table(table: pa.Table) -> list[SparseSDFSample]:
     return out
 
 
+def validate_sample(sample: SparseSDFSample, resolution: int | None = None) -> None:
+    """Refuse a row that would train on garbage: coords outside [0, R), non-finite SDF, wrong resolution.
+
+    ``resolution`` is that of the folder the row was read from (``shards/<R>/``).
+    """
+    res = sample.resolution
+    if resolution is not None and res != resolution:
+        raise BadRow(f"mesh {sample.mesh_id}: resolution {res} in a folder of resolution {resolution}")
+    if res < 1:
+        raise BadRow(f"mesh {sample.mesh_id}: resolution {res}")
+    if sample.num_voxels == 0:
+        raise BadRow(f"mesh {sample.mesh_id}: no voxels")
+    lo, hi = int(sample.coords.min()), int(sample.coords.max())
+    if lo < 0 or hi >= res:
+        raise BadRow(f"mesh {sample.mesh_id}: coordinates span [{lo}, {hi}], outside [0, {res}) at resolution {res}")
+    finite = torch.isfinite(sample.values)
+    if not bool(finite.all()):
+        raise BadRow(f"mesh {sample.mesh_id}: {int((~finite).sum())} non-finite SDF values")
+    if not (math.isfinite(sample.scale) and np.isfinite(sample.center).all() and math.isfinite(sample.band)):
+        raise BadRow(f"mesh {sample.mesh_id}: non-finite center, scale or band")
+
+
+def read_row_group(pf: pq.ParquetFile, uri: str, group: int, columns: list[str] | None = None) -> pa.Table:
+    """One row group, its page checksums verified; a damaged one is a BadRow naming the file and, if readable, the mesh."""
+    try:
+        return pf.read_row_group(group, columns=columns)
+    except (OSError, pa.ArrowInvalid) as exc:
+        try:
+            mesh = pf.read_row_group(group, columns=["mesh_id"]).column(0)[0].as_py()
+        except (OSError, pa.ArrowInvalid, IndexError):
+            mesh = "(unreadable id)"
+        raise BadRow(f"{uri}: row group {group}, mesh {mesh}: damaged ({exc})") from exc
+
+
+def checked_samples(table: pa.Table, uri: str, resolution: int | None) -> list[SparseSDFSample]:
+    """``samples_from_table`` plus ``validate_sample``; errors name the file."""
+    try:
+        out = samples_from_table(table)
+        for s in out:
+            validate_sample(s, resolution)
+    except BadRow as exc:
+        raise BadRow(f"{uri}: {exc}") from None
+    return out
+
+
 def _readonly_tensor(a: np.ndarray) -> torch.Tensor:
     import warnings
 
@@ -289,28 +347,38 @@ def _readonly_tensor(a: np.ndarray) -> torch.Tensor:
 def read_samples(root: str, resolution: int | None = None, *, storage_options: dict | None = None,
                  on_error: str = "raise", errors: list[str] | None = None,
                  with_views: bool = True) -> Iterator[SparseSDFSample]:
-    """Stream samples from every shard under ``root``, one row group at a time.
+    """Stream samples from every shard under ``root``, one row group at a time, each row checked.
 
-    ``on_error="skip"`` skips unreadable shards and appends their one-line
-    error to ``errors`` (if given) instead of raising.
+    ``on_error="skip"`` skips unreadable shards and bad rows and appends their one-line error to
+    ``errors`` (if given) instead of raising.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     columns = SCHEMA.names if with_views else [n for n in SCHEMA.names if n != "views"]
     for uri in list_shards(root, resolution, storage_options=storage_options):
+        folder_res = _folder_resolution(uri)
         try:
             pf = _open_parquet(uri, storage_options)
-            for g in range(pf.num_row_groups):
-                try:
-                    table = pf.read_row_group(g, columns=columns)
-                except (OSError, pa.ArrowInvalid) as exc:
-                    raise ShardError(f"{uri}: row group {g} unreadable ({exc})") from exc
-                yield from samples_from_table(table)
         except ShardError as exc:
             if on_error == "raise":
                 raise
             if errors is not None:
                 errors.append(str(exc))
+            continue
+        for g in range(pf.num_row_groups):
+            try:
+                yield from checked_samples(read_row_group(pf, uri, g, columns), uri, folder_res)
+            except ShardError as exc:
+                if on_error == "raise":
+                    raise
+                if errors is not None:
+                    errors.append(str(exc))
+
+
+def _folder_resolution(uri: str) -> int | None:
+    """R of ``.../shards/<R>/part-....parquet``, or None for a file elsewhere."""
+    parent = posixpath.basename(posixpath.dirname(uri.replace("\\", "/")))
+    return int(parent) if parent.isdigit() else None
 
 
 def read_index(root: str, *, storage_options: dict | None = None) -> pa.Table:

@@ -47,3 +47,20 @@ def ray_cluster(s3_server):
     cluster = start_ray(num_cpus=2, extra_env=s3_server.env)
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def local_dist():
+    """A one-process gloo group inside the test process (``run_without_ray``'s world of one), removed afterwards."""
+    import torch.distributed as dist
+
+    from servers import free_port
+
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu"}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        yield
+        if dist.is_initialized():
+            dist.destroy_process_group()

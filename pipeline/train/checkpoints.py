@@ -4,15 +4,21 @@
     <ckpt>/weights.pt     EMA weights of the whole model, network, model config repr, resolution, step (rank 0;
                           plain data, loadable with weights_only=True): what sampling and the next stage load
     <ckpt>/state/...      DeepSpeed's engine, optimizer and scheduler state (one file per rank for ZeRO)
+    <ckpt>/loop-rank<r>.pt where rank r's data stands (epoch, items consumed) and its random generators
 
 Ray Train uploads the directory of every worker into the same checkpoint, so the DeepSpeed shards of all
 ranks end up side by side; a restarted worker group restores from ``ray.train.get_checkpoint()``.
+
+Nothing read here can run code: every ``.pt`` file, DeepSpeed's own included, is unpickled with
+``weights_only=True`` and only the few DeepSpeed classes its state holds (``SAFE_GLOBALS``) allowed
+besides tensors and plain data. A file that names anything else fails with ``UnsafeCheckpoint``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import pickle
 import posixpath
 from pathlib import Path
 
@@ -23,6 +29,40 @@ TAG = "state"
 
 class CheckpointMismatch(ValueError):
     """A checkpoint of another network or model size."""
+
+
+class UnsafeCheckpoint(CheckpointMismatch):
+    """A checkpoint file that names a Python object outside the allowlist (it could run code); never loaded."""
+
+
+def _deepspeed_globals() -> list:
+    """The classes DeepSpeed's ZeRO optimizer state pickles besides tensors: plain records, no code on load."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:  # a host without DeepSpeed reads weights.pt only
+        return []
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(source, where: str, map_location="cpu"):
+    """``torch.load(weights_only=True)`` with DeepSpeed's record classes allowed; ``source`` is a path or file."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_globals()):
+            return torch.load(source, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsafeCheckpoint(f"{where}: refused, it is not plain tensor data ({first})") from None
+
+
+def guard_engine(engine) -> None:
+    """Make DeepSpeed read its checkpoint files through ``safe_load`` (it unpickles with weights_only=False).
+
+    ``load_checkpoint`` reads every model, optimizer and ZeRO partition file through the engine's
+    checkpoint engine; swapping that one method covers all of them for ZeRO stages 0-3.
+    """
+    engine.checkpoint_engine.load = lambda path, map_location=None: safe_load(path, str(path), map_location or "cpu")
 
 
 def describe(network: str, model_config) -> dict:
@@ -99,10 +139,40 @@ def restore(directory: str, engine, ema, *, network: str, model_config, resoluti
     meta = json.loads(meta_path.read_text())
     check_compatible(meta, network, model_config, directory)
     check_resumable(meta, directory, network=network, resolution=resolution, world_size=world_size)
+    guard_engine(engine)
     _, client = engine.load_checkpoint(directory, tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
-    weights = torch.load(os.path.join(directory, "weights.pt"), map_location="cpu", weights_only=True)
+    weights = safe_load(os.path.join(directory, "weights.pt"), os.path.join(directory, "weights.pt"))
     ema.load_full_state_dict(weights["state_dict"])
     return int(client["step"]) if client else int(meta["step"])
+
+
+def _loop_file(directory: str, rank: int) -> str:
+    return os.path.join(directory, f"loop-rank{rank}.pt")
+
+
+def save_loop_state(directory: str, rank: int, position: dict, task, device) -> None:
+    """This rank's data position and random generators: what a resumed run needs to continue the same stream."""
+    state = {"epoch": int(position["epoch"]), "consumed": int(position["consumed"]),
+             "python_rng": list(task.rng.getstate()[1]), "python_rng_version": task.rng.getstate()[0],
+             "python_rng_gauss": task.rng.getstate()[2],
+             "condition_rng": task.gen.get_state(), "torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    torch.save(state, _loop_file(directory, rank))
+
+
+def restore_loop_state(directory: str, rank: int, task, device) -> dict | None:
+    """Restore what ``save_loop_state`` wrote; None for a checkpoint without it (a run then restarts its epoch)."""
+    path = _loop_file(directory, rank)
+    if not os.path.exists(path):
+        return None
+    state = safe_load(path, path)
+    task.rng.setstate((state["python_rng_version"], tuple(state["python_rng"]), state["python_rng_gauss"]))
+    task.gen.set_state(state["condition_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    return {"epoch": state["epoch"], "consumed": state["consumed"]}
 
 
 def resolve(uri: str, storage_options: dict | None = None) -> str:
@@ -142,7 +212,7 @@ def load_weights(uri: str, network: str | None = None) -> dict:
     folder = resolve(uri)
     fs, path = storage.filesystem(folder + "/weights.pt")
     with fs.open(path, "rb") as f:
-        weights = torch.load(f, map_location="cpu", weights_only=True)
+        weights = safe_load(f, folder + "/weights.pt")
     weights["source"] = folder
     if network is not None and weights.get("network") != network:
         raise CheckpointMismatch(f"{uri}: checkpoint is for network {weights.get('network')!r}, expected {network!r}")

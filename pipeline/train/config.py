@@ -52,6 +52,8 @@ class TrainConfig:
     max_failures: int = field(default=3, metadata={"help": "worker-group restarts before the run fails"})
     cache_gb: float = field(default=2.0, metadata={
         "help": "replay a worker's prepared shapes from memory when they fit (small datasets); 0 = off"})
+    max_skipped_share: float = field(default=0.05, metadata={
+        "help": "stop when more than this share of the rows read are bad (each bad row is skipped and named)"})
     synthetic_shapes: int = 16
     seed: int = 0
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved per training worker"})
@@ -62,6 +64,8 @@ class TrainConfig:
         for key in ("steps", "token_budget", "num_workers", "checkpoint_every", "report_every", "resolution"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if not 0 <= self.max_skipped_share <= 1:
+            raise ConfigError(f"max_skipped_share: must be in [0, 1], got {self.max_skipped_share}")
         if not 0 <= self.cond_drop < 1:
             raise ConfigError(f"cond_drop: must be in [0, 1), got {self.cond_drop}")
         stages = [r.strip() for r in self.curriculum.split(",") if r.strip()]

@@ -50,9 +50,68 @@ def readable_shards(root: str, resolution: int, storage_options: dict | None = N
     return good, bad
 
 
+class TooManySkipped(shard_format.ShardError):
+    """More of the rows a worker read were bad than ``max_skipped_share`` allows: the data set needs fixing."""
+
+
+class SkipGuard:
+    """Counts rows read and rows skipped as bad; ``check`` stops the run when the bad share passes ``limit``."""
+
+    MIN_ROWS = 20  # before the end of a pass, a share of fewer rows says little
+
+    def __init__(self, limit: float, skipped: Skipped, where: str):
+        self.limit, self.skipped, self.where = limit, skipped, where
+        self.rows, self.bad = 0, 0
+
+    def count(self, bad: bool) -> None:
+        self.rows += 1
+        self.bad += bad
+        if bad and self.rows >= self.MIN_ROWS:
+            self.check()
+
+    def check(self) -> None:
+        if self.rows and self.bad / self.rows > self.limit:
+            first = next((line for line in self.skipped.shapes if "tokens is more than" not in line), "")
+            raise TooManySkipped(f"{self.where}: {self.bad} of {self.rows} rows read were bad "
+                                 f"({self.bad / self.rows:.0%} > max_skipped_share {self.limit:.0%}); stopping. "
+                                 f"First: {first}")
+
+
+def _error_row(uri: str, message: str) -> pa.Table:
+    cols = {n: pa.nulls(1, shard_format.SCHEMA.field(n).type) for n in shard_format.SCHEMA.names}
+    return pa.table({**cols, "s2_shard": pa.array([uri]), "s2_error": pa.array([message])})
+
+
+def shard_tables(uri: str, storage_options: dict | None = None) -> Iterator[pa.Table]:
+    """One table a row group, with columns ``s2_shard`` (the file) and ``s2_error`` (why it is unreadable, else null)."""
+    try:
+        pf = shard_format._open_parquet(uri, storage_options)
+    except shard_format.ShardError as e:
+        yield _error_row(uri, str(e))
+        return
+    for g in range(pf.num_row_groups):
+        try:
+            t = shard_format.read_row_group(pf, uri, g, shard_format.SCHEMA.names).select(shard_format.SCHEMA.names)
+        except shard_format.ShardError as e:
+            yield _error_row(uri, str(e))
+            continue
+        n = t.num_rows
+        yield t.append_column("s2_shard", pa.array([uri] * n)).append_column("s2_error", pa.nulls(n, pa.string()))
+
+
+def _read_row_groups(batch: pa.Table, storage_options: dict | None = None) -> pa.Table:
+    """Ray Data map_batches: (shard URI) rows -> those shards' row groups, checksums verified."""
+    return pa.concat_tables([t for uri in batch.column("uri").to_pylist() for t in shard_tables(uri, storage_options)])
+
+
 def build_dataset(shards: str, resolution: int, *, synthetic_shapes: int = 16, seed: int = 0,
                   storage_options: dict | None = None):
-    """The training rows as a Ray Dataset, and the shards skipped (with why)."""
+    """The training rows as a Ray Dataset, and the shards skipped (with why).
+
+    The shards are read by our own task (``shard_tables``) rather than ``read_parquet``: each row group
+    has its page checksums verified, and a damaged one becomes a row that says so instead of failing
+    the whole read. Order is preserved, so a resumed run finds its place in the stream.
+    """
     import ray.data
 
     if shards == "synthetic":
@@ -66,25 +125,41 @@ def build_dataset(shards: str, resolution: int, *, synthetic_shapes: int = 16, s
     if not good:
         raise shard_format.ShardError(f"{shards}: no readable shards at resolution {resolution}"
                                       + (f" ({len(bad)} skipped: {bad[0]})" if bad else ""))
-    fs, _ = storage.filesystem(good[0], storage_options)
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    paths = [storage.filesystem(u, storage_options)[1] for u in good]
-    ds = ray.data.read_parquet(paths, filesystem=PyFileSystem(FSSpecHandler(fs)))
+    ds = ray.data.from_items([{"uri": u} for u in good], override_num_blocks=min(len(good), 64))
+    ds.context.execution_options.preserve_order = True
+    ds = ds.map_batches(_read_row_groups, fn_kwargs={"storage_options": storage_options}, batch_size=1,
+                        batch_format="pyarrow")
     return ds, Skipped(shards=bad)
 
 
-def iter_samples(batches: Iterable[pa.Table], skipped: Skipped) -> Iterator[shard_format.SparseSDFSample]:
-    """Arrow batches (from Ray Data's iter_batches) -> samples; a row that will not convert is counted."""
+def iter_samples(batches: Iterable[pa.Table], skipped: Skipped, resolution: int | None = None,
+                 seen: SkipGuard | None = None) -> Iterator[shard_format.SparseSDFSample]:
+    """Arrow batches (from Ray Data's iter_batches) -> checked samples; a bad row is skipped and counted.
+
+    The message of a skipped row names its shard file and mesh; ``seen`` counts rows and bad rows.
+    """
     for table in batches:
         for i in range(table.num_rows):
+            row = table.slice(i, 1)
+            names = row.column_names
+            uri = row.column("s2_shard")[0].as_py() if "s2_shard" in names else "(batch)"
+            error = row.column("s2_error")[0].as_py() if "s2_error" in names else None
             try:
+                if error:
+                    raise shard_format.BadRow(error)
                 # A fresh one-row copy: the zero-copy reader reads the nested lists of a row that is a
                 # slice of a larger block (as Ray hands them out) past the row's end.
-                yield from shard_format.samples_from_table(table.slice(i, 1).take([0]))
+                out = shard_format.checked_samples(row.take([0]), uri, resolution)
             except (KeyError, ValueError, pa.ArrowInvalid, IndexError) as e:
-                skipped.shapes.append(f"row {i} of a batch: cannot read ({e})")
-                log.warning("skipping row: %s", e)
+                msg = str(e) if isinstance(e, shard_format.ShardError) else f"{uri}: row {i}: cannot read ({e})"
+                skipped.shapes.append(msg)
+                log.warning("skipping row: %s", msg)
+                if seen is not None:
+                    seen.count(True)
+                continue
+            if seen is not None:
+                seen.count(False)
+            yield from out
 
 
 def token_batches(items: Iterable, budget: int, tokens: Callable[[object], int], name: Callable[[object], str],
@@ -118,32 +193,45 @@ def _nbytes(obj) -> int:
 
 
 class EpochCache:
-    """Keeps a worker's prepared items in memory when they all fit in ``max_bytes``.
+    """A worker's prepared items, in an order fixed by the epoch alone, kept in memory when they fit.
 
     Each pass over a Ray Dataset starts a new execution (seconds of fixed cost); with a small dataset
     that cost would dominate every epoch, so later epochs replay the cache in a new order instead.
+    Epoch 0 (and every epoch when the items do not fit in ``max_bytes``) runs in the dataset's order;
+    epoch e > 0 of a cached dataset in a shuffle seeded by (seed, e). So ``(epoch, position)`` names
+    the next item exactly, and a resumed run continues where the checkpoint was taken.
     """
 
     def __init__(self, max_bytes: int, seed: int):
-        import random
-
-        self.max_bytes, self.rng = max_bytes, random.Random(seed)
+        self.max_bytes, self.seed = max_bytes, seed
         self.items: list = []
         self.bytes, self.complete, self.overflow = 0, False, max_bytes <= 0
 
-    def epoch(self, fresh: Iterable) -> Iterator:
-        if self.complete:
-            order = list(self.items)
-            self.rng.shuffle(order)
-            yield from order
+    def _add(self, item) -> None:
+        if self.overflow:
             return
-        for item in fresh:
-            if not self.overflow:
-                self.bytes += _nbytes(item)
-                if self.bytes > self.max_bytes:
-                    self.overflow, self.items = True, []
-                else:
-                    self.items.append(item)
-            yield item
-        # Only a pass that ran to its end holds every item.
-        self.complete = not self.overflow and bool(self.items)
+        self.bytes += _nbytes(item)
+        if self.bytes > self.max_bytes:
+            self.overflow, self.items = True, []
+        else:
+            self.items.append(item)
+
+    def epoch(self, epoch: int, fresh: Callable[[int], Iterable], start: int = 0) -> Iterator[tuple[int, object]]:
+        """(position, item) pairs of ``epoch`` from ``start``; ``fresh(skip)`` is a dataset pass without its first items."""
+        import random
+
+        if epoch > 0 and not self.complete and not self.overflow:
+            for item in fresh(0):  # resumed past epoch 0: the cached order needs every item first
+                self._add(item)
+            self.complete = not self.overflow and bool(self.items)
+        if epoch > 0 and self.complete:
+            order = list(self.items)
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            yield from enumerate(order[start:], start)
+            return
+        for pos, item in enumerate(fresh(start), start):
+            if start == 0:
+                self._add(item)
+            yield pos, item
+        # Only a pass that ran from its start to its end holds every item.
+        self.complete = start == 0 and not self.overflow and bool(self.items)

@@ -29,15 +29,34 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     }
 
 
+def skip_shm_op() -> None:
+    """Tell DeepSpeed not to JIT-build its shared-memory all-reduce op (CPU accelerator only).
+
+    Only ``inference_all_reduce`` uses that op; training goes through torch.distributed either way.
+    Without it nothing is compiled at run time: no shared build folder, no build lock that a killed run
+    leaves behind for the next one to wait on, or for a second run to delete under a live build.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 def make_engine(module: nn.Module, cfg: TrainConfig):
     import deepspeed
 
+    from pipeline.train.checkpoints import guard_engine
+
+    skip_shm_op()
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     warm = max(cfg.warmup_steps, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     engine, opt, _, sched = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,
                                                  config=deepspeed_config(cfg), dist_init_required=False)
+    guard_engine(engine)
     return engine, opt, sched
 
 

@@ -6,6 +6,7 @@ hosts that have PyTorch alone: the same loop with a local checkpoint folder and 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -21,7 +22,8 @@ from pipeline import storage
 from pipeline.config import from_dict
 from pipeline.train import checkpoints
 from pipeline.train.config import TrainConfig
-from pipeline.train.data import EpochCache, NoTrainableShapes, Skipped, iter_samples, token_batches
+from pipeline.train.data import (EpochCache, NoTrainableShapes, Skipped, SkipGuard, iter_samples,
+                                 token_batches)
 from pipeline.train.engine import EMA, make_engine
 from pipeline.train.plot import loss_curve_png
 from pipeline.train.tasks import build_task
@@ -97,26 +99,35 @@ def run_loop(cfg: TrainConfig, session) -> dict:
         ema.load_full_state_dict(start["state_dict"])
 
     step, history = 0, {"step": [], "loss": [], "tokens_per_s": [], "restarted_from": []}
+    position = {"epoch": 0, "consumed": 0}
     restored = session.checkpoint_dir()
     if restored is not None:
         with restored as d:
             step = checkpoints.restore(d, engine, ema, network=cfg.network, model_config=task.model_config,
                                        resolution=cfg.resolution, world_size=world)
+            position = checkpoints.restore_loop_state(d, rank, task, device) or position
             prev = json.loads(Path(d, "history.json").read_text())
             history = {k: v[:step] if k != "restarted_from" else v for k, v in prev.items()}
             history["restarted_from"].append(step)
-        log.info("rank %d resumed at step %d", rank, step)
+        log.info("rank %d resumed at step %d (epoch %d, item %d)", rank, step, position["epoch"], position["consumed"])
 
     skipped = Skipped()
     name = f"{cfg.network}-{cfg.model}"
     cache = EpochCache(int(cfg.cache_gb * 2**30), seed=cfg.seed + rank)
+    guard = SkipGuard(cfg.max_skipped_share, skipped, where=cfg.shards)
+
+    def fresh(skip: int):
+        samples = (s for s in iter_samples(session.batches(), skipped, cfg.resolution, seen=guard)
+                   if _mine(s, rank, world))
+        return (task.prepare(s) for s in itertools.islice(samples, skip, None))
+
     while step < cfg.steps:
-        samples = (s for s in iter_samples(session.batches(), skipped) if _mine(s, rank, world))
-        items = cache.epoch(task.prepare(s) for s in samples)
+        start = position["consumed"]
+        items = cache.epoch(position["epoch"], fresh, start)
         progressed = False
-        for group in token_batches(items, cfg.token_budget, lambda i: i.tokens, lambda i: i.name, skipped):
+        for group in token_batches(items, cfg.token_budget, lambda i: i[1].tokens, lambda i: i[1].name, skipped):
             t0 = time.perf_counter()
-            batch = task.collate(group, device, dtype)
+            batch = task.collate([i for _, i in group], device, dtype)
             loss, parts = engine(**batch)
             engine.backward(loss)
             engine.step()
@@ -126,7 +137,8 @@ def run_loop(cfg: TrainConfig, session) -> dict:
             dt = time.perf_counter() - t0
             step += 1
             progressed = True
-            tokens = sum(i.tokens for i in group)
+            position["consumed"] = group[-1][0] + 1
+            tokens = sum(i.tokens for _, i in group)
             mean_loss, tok_s = _mean_across_ranks([float(loss.detach()), tokens / dt], device)
             history["step"].append(step)
             history["loss"].append(mean_loss)
@@ -143,6 +155,7 @@ def run_loop(cfg: TrainConfig, session) -> dict:
                     checkpoints.save(tmp, engine, ema, network=cfg.network, model_config=task.model_config,
                                      resolution=cfg.resolution, step=step, rank=rank, world_size=world,
                                      started_from=started_from)
+                    checkpoints.save_loop_state(tmp, rank, position, task, device)
                     if rank == 0:
                         Path(tmp, "history.json").write_text(json.dumps(history))
                         if step == cfg.steps:
@@ -153,9 +166,13 @@ def run_loop(cfg: TrainConfig, session) -> dict:
                 session.report(metrics, None)
             if step >= cfg.steps:
                 break
-        if not progressed:
+        if step >= cfg.steps:
+            break
+        guard.check()
+        if not progressed and start == 0:
             raise NoTrainableShapes(f"{cfg.shards}: worker {rank} got no trainable shapes "
                                     f"({len(skipped.shapes)} skipped; first: {skipped.shapes[:1]})")
+        position = {"epoch": position["epoch"] + 1, "consumed": 0}
     return {"step": step, "skipped_shapes": skipped.shapes, "history": history}
 
 
@@ -199,19 +216,13 @@ class LocalSession:
             yield shard_format.rows_to_table(synthetic_rows(self.cfg.synthetic_shapes, self.cfg.resolution,
                                                             seed=self.cfg.seed))
             return
-        from pipeline.train.data import readable_shards
+        from pipeline.train.data import readable_shards, shard_tables
 
         good, bad = readable_shards(self.cfg.shards, self.cfg.resolution)
         for line in bad:
             log.warning("skipping shard %s", line)
-        import pyarrow.parquet as pq
-
         for uri in good:
-            fs, path = storage.filesystem(uri)
-            with fs.open(path, "rb") as f:
-                pf = pq.ParquetFile(f)
-                for g in range(pf.num_row_groups):
-                    yield pf.read_row_group(g)
+            yield from shard_tables(uri)
 
     def complete_checkpoints(self) -> list[str]:
         """Paths (on ``self.fs``) of this run's checkpoints that hold meta.json, oldest first."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from pathlib import Path
 
 from pipeline import storage
 from pipeline.train import checkpoints
@@ -14,19 +13,13 @@ from pipeline.train.data import build_dataset
 log = logging.getLogger(__name__)
 
 
-def clear_stale_extension_locks(extensions_dir: str) -> list[str]:
-    """Remove the ``lock`` files a killed DeepSpeed JIT build leaves behind (the next build would wait forever)."""
-    removed = []
-    for lock in Path(extensions_dir).glob("**/lock"):
-        lock.unlink(missing_ok=True)
-        removed.append(str(lock))
-    return removed
-
-
 def worker_env(cfg: TrainConfig) -> dict:
-    """Environment of the training workers: DeepSpeed's accelerator and a private JIT-extensions folder."""
-    ext = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "s2-torch-extensions")
-    env = {"TORCH_EXTENSIONS_DIR": ext}
+    """Environment of the training workers: DeepSpeed's accelerator and where the S3 store is.
+
+    No DeepSpeed op is compiled at run time (``engine.skip_shm_op``), so no build folder or lock is
+    shared between runs; nothing here touches another run's files.
+    """
+    env = {}
     # Where the S3-compatible store is (not a secret): workers read init_from / structure_vae URIs there too.
     for key in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"):
         if os.environ.get(key):
@@ -87,7 +80,6 @@ def run(cfg: TrainConfig, storage_options: dict | None = None):
     if resumes:
         log.info("%s: resuming from %s", cfg.name, resumes)
     env = worker_env(cfg)
-    clear_stale_extension_locks(env["TORCH_EXTENSIONS_DIR"])
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": env})
     dataset, skipped = build_dataset(cfg.shards, cfg.resolution, synthetic_shapes=cfg.synthetic_shapes,
