@@ -1,20 +1,30 @@
-"""SS-DiT (DESIGN.md): a diffusion transformer over packed sparse latent tokens.
+"""SS-DiT (DESIGN.md) as the released Direct3D-S2 SparseDiT computes it, over packed sparse latent tokens.
 
 Tokens of several shapes are packed into one (N, C) tensor with int coords (N, 3) and offsets
-``cu_seqlens`` (B + 1,), so shapes of 2k and 100k tokens share a batch without padding. Each block:
-adaLN-modulated self-attention (full or SSA, switched by ``attention``), cross-attention to image
-tokens, adaLN-modulated MLP. Positions are absolute 3D sinusoids of the latent coords, added once.
+``cu_seqlens`` (B + 1,), so shapes of 2k and 100k tokens share a batch without padding. Input: a
+linear layer plus absolute 3D sinusoids of the coords. Each block: adaLN-modulated self-attention
+(SSA, or full attention as our baseline), cross-attention to the image tokens (per-head q/k RMS
+norms), adaLN-modulated MLP. Output: a plain layer norm and a linear layer. State-dict keys are the
+release's; ``official_to_ours`` / ``ours_to_official`` only reorder the sparse convs' kernels.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from model.dense_dit import FeedForward, MultiHeadRMSNorm  # the released transformers share these
 from model.embeddings import TimestepEmbedder, position_embedding_3d
+from model.sparse import kernel_from_torchsparse, kernel_to_torchsparse
+from model.ssa import SSAConfig, SpatialSparseAttention, ssa_structure, varlen_attention
+
+__all__ = ["DiTConfig", "SparseDiT", "PackedCondition", "official_to_ours", "ours_to_official", "pack",
+           "varlen_attention"]
 
 
 @dataclass(frozen=True)
@@ -22,14 +32,33 @@ class DiTConfig:
     depth: int = 24
     width: int = 1024
     heads: int = 32
-    kv_heads: int = 2
-    head_dim: int = 32
+    kv_heads: int = 2  # key/value heads of the self-attention (cross-attention has ``heads``)
+    head_dim: int = 32  # width // heads, as in the release
     mlp_ratio: float = 4.0
     in_channels: int = 16
     out_channels: int = 16
     cond_dim: int = 1024
-    qk_norm: bool = True
-    attention: str = "full"  # "full" | "ssa"
+    # the latent grid side the released network was built for (64 at 512³, 128 at 1024³); the release
+    # numbers selection blocks with it, ours finds them from the coordinates and only records it
+    resolution: int = 64
+    cmp_block: int = 4
+    slc_block: int = 8
+    top_k: int = 8
+    window: int = 8
+    # windows shifted by window // 2 on odd blocks; False: shifted on every block (the release's use_shift)
+    alternate_shift: bool = True
+    compression: str = "v2"  # SSAConfig.compression
+    cross_qk_norm: bool = True  # per-head RMS norms of the cross-attention's q and k (qk_rms_norm_cross)
+    positions: bool = True  # absolute 3D sinusoids added to the input (pe_mode "ape")
+    position_factor: float = 1.0  # coords scaled before the sinusoids (0.5 in the released 1024³ stage)
+    # the image tokens come as a PackedCondition (a subset with 3D coords), through a linear layer plus sinusoids
+    sparse_conditions: bool = False
+    share_mod: bool = False  # one adaLN modulation for all blocks
+    use_fp16: bool = False  # linear and conv weights in float16 and the trunk run in it, as the release's
+    # "ssa" (the release; the named configs) | "full" (SDPA over each shape: our baseline, no SSA parameters)
+    attention: str = "full"
+    q_tile: int = 1  # SSAConfig.q_tile: 1 = per-query selection (the release)
+    ssa_backend: str = "auto"  # SSAConfig.backend
     grad_checkpointing: bool = False
     # > 0: tokens lie on a fixed g³ grid (the dense structure stage) and each grid cell also gets a
     # learned position vector. Sinusoids alone tell few cells apart at small widths (a width-64 network
@@ -46,8 +75,13 @@ class DiTConfig:
     def __post_init__(self):
         if self.heads % self.kv_heads:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        if self.heads * self.head_dim != self.width:
+            raise ValueError(f"heads × head_dim ({self.heads} × {self.head_dim}) must equal width ({self.width})")
         if self.attention not in ("full", "ssa"):
             raise ValueError(f"attention must be 'full' or 'ssa', got {self.attention!r}")
+        if self.sparse_conditions and self.cond_dim != self.width:
+            raise ValueError(f"sparse_conditions adds width-{self.width} positions to the condition tokens: "
+                             f"cond_dim ({self.cond_dim}) must equal it")
         for name in ("grid_positions", "grid_condition_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -56,12 +90,58 @@ class DiTConfig:
                              f"{self.grid_condition_channels} and {self.grid_condition_hidden}")
         if self.grid_condition_tokens and not self.grid_positions:
             raise ValueError("grid_condition_tokens needs grid_positions (the fixed grid its vectors belong to)")
+        self.ssa_config()  # its own checks (block sizes, compressor groups)
 
     @classmethod
     def named(cls, name: str, **overrides) -> "DiTConfig":
         if name not in DIT_CONFIGS:
             raise ValueError(f"unknown DiT config {name!r}; expected one of {sorted(DIT_CONFIGS)}")
         return with_overrides(DIT_CONFIGS[name], overrides)
+
+    def ssa_config(self) -> SSAConfig:
+        return SSAConfig(dim=self.width, num_heads=self.heads, num_kv_heads=self.kv_heads, head_dim=self.head_dim,
+                         cmp_block=self.cmp_block, slc_block=self.slc_block, top_k=self.top_k, window=self.window,
+                         window_shift=self.window // 2, compression=self.compression, q_tile=self.q_tile,
+                         attention="sparse" if self.attention == "ssa" else "full", backend=self.ssa_backend)
+
+    def layer_shifted(self, layer: int) -> bool:
+        return layer % 2 == 1 if self.alternate_shift else True
+
+    @classmethod
+    def from_official(cls, params: dict) -> "DiTConfig":
+        """Our config from the ``params:`` of the released SparseDiT in its config.yaml."""
+        unknown = sorted(set(params) - set(_OFFICIAL_DEFAULTS) - set(_OFFICIAL_REQUIRED))
+        if unknown:
+            raise ValueError(f"unknown SparseDiT parameter(s) {unknown}")
+        missing = sorted(set(_OFFICIAL_REQUIRED) - set(params))
+        if missing:
+            raise ValueError(f"SparseDiT parameter(s) {missing} missing (the released class has no default)")
+        p = {**_OFFICIAL_DEFAULTS, **params}
+        width = int(p["model_channels"])
+        heads = int(p["num_heads"] or width // p["num_head_channels"])
+        if p["pe_mode"] not in ("ape", "rope"):
+            raise ValueError(f"SparseDiT pe_mode must be 'ape' or 'rope', got {p['pe_mode']!r}")
+        if p["window_size"] is None:
+            raise ValueError("SparseDiT window_size None is not supported (the release needs a window)")
+        # qk_rms_norm acts on the release's non-SSA self-attention only: its SSA blocks have no q/k norm
+        return cls(depth=int(p["num_blocks"]), width=width, heads=heads, kv_heads=int(p["num_kv_heads"]),
+                   head_dim=width // heads, mlp_ratio=float(p["mlp_ratio"]), in_channels=int(p["in_channels"]),
+                   out_channels=int(p["out_channels"]), cond_dim=int(p["cond_channels"]),
+                   resolution=int(p["resolution"]), cmp_block=int(p["compression_block_size"]),
+                   slc_block=int(p["selection_block_size"]), top_k=int(p["topk"]), window=int(p["window_size"]),
+                   alternate_shift=bool(p["use_shift"]), compression=str(p["compression_version"]),
+                   cross_qk_norm=bool(p["qk_rms_norm_cross"]),
+                   # the release's SSA blocks ignore rope: with pe_mode "rope" the network sees no positions
+                   positions=p["pe_mode"] == "ape", position_factor=float(p["factor"]),
+                   sparse_conditions=bool(p["sparse_conditions"]), share_mod=bool(p["share_mod"]),
+                   use_fp16=bool(p["use_fp16"]), grad_checkpointing=bool(p["use_checkpoint"]), attention="ssa")
+
+
+_OFFICIAL_REQUIRED = ("resolution", "in_channels", "model_channels", "cond_channels", "out_channels", "num_blocks")
+_OFFICIAL_DEFAULTS = dict(num_heads=None, num_head_channels=64, num_kv_heads=2, compression_block_size=4,
+                          selection_block_size=8, topk=8, compression_version="v2", mlp_ratio=4, pe_mode="ape",
+                          use_fp16=False, use_checkpoint=False, share_mod=False, qk_rms_norm=False,
+                          qk_rms_norm_cross=False, sparse_conditions=False, factor=1.0, window_size=8, use_shift=True)
 
 
 def with_overrides(cfg, overrides: dict):
@@ -74,12 +154,21 @@ def with_overrides(cfg, overrides: dict):
 
 
 DIT_CONFIGS = {
-    # Trains on a CPU in seconds; what the tests run.
-    "debug": DiTConfig(depth=2, width=64, heads=4, kv_heads=2, head_dim=16, cond_dim=64),
-    "small": DiTConfig(depth=12, width=512, heads=16, kv_heads=2, head_dim=32),
-    # The paper's SS-DiT: 24 blocks, width 1024, 32 query heads, 2 KV heads, head dim 32.
-    "paper": DiTConfig(),
+    # The released layout at a width that runs on a CPU in seconds; what the tests run.
+    "debug": DiTConfig(depth=2, width=64, heads=4, kv_heads=2, head_dim=16, cond_dim=64, attention="ssa"),
+    "small": DiTConfig(depth=12, width=512, heads=16, kv_heads=2, head_dim=32, attention="ssa"),
+    # The released SS-DiT: 24 blocks, width 1024, 32 query heads, 2 KV heads, head dim 32, SSA (m_cmp 4).
+    "paper": DiTConfig(attention="ssa"),
 }
+
+
+class PackedCondition(NamedTuple):
+    """Image tokens of a batch packed like the latent tokens (``sparse_conditions``): tokens (M, cond_dim),
+    coords (M, 3) of each token (patch column, row, 0; the class and register tokens at (0, 0, 1)),
+    cu_seqlens (B + 1,)."""
+    tokens: torch.Tensor
+    coords: torch.Tensor
+    cu_seqlens: torch.Tensor
 
 
 def lengths_from_cu(cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -92,102 +181,38 @@ def batch_index(cu_seqlens: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths)
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     cu_q: torch.Tensor, cu_kv: torch.Tensor) -> torch.Tensor:
-    """Attention of each shape's queries to that shape's keys only.
-
-    q (Nq, Hq, D), k/v (Nk, Hkv, D) with Hq a multiple of Hkv (grouped-query attention).
-    Equal lengths run as one batched SDPA call; ragged ones loop over shapes (no padding, no mask).
-    """
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    lq, lk = lengths_from_cu(cu_q), lengths_from_cu(cu_kv)
-    b = len(lq)
-    if bool((lq == lq[0]).all()) and bool((lk == lk[0]).all()):
-        nq, nk = int(lq[0]), int(lk[0])
-        qb = q.reshape(b, nq, *q.shape[1:]).transpose(1, 2)
-        kb = k.reshape(b, nk, *k.shape[1:]).transpose(1, 2)
-        vb = v.reshape(b, nk, *v.shape[1:]).transpose(1, 2)
-        return F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(q.shape)
-    cq, ck = cu_q.tolist(), cu_kv.tolist()
-    out = []
-    for i in range(b):
-        qi = q[cq[i]:cq[i + 1]].transpose(0, 1)[None]
-        ki = k[ck[i]:ck[i + 1]].transpose(0, 1)[None]
-        vi = v[ck[i]:ck[i + 1]].transpose(0, 1)[None]
-        out.append(F.scaled_dot_product_attention(qi, ki, vi)[0].transpose(0, 1))
-    return torch.cat(out, dim=0)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the input and weight dtypes, returned in the input's."""
 
     def forward(self, x):
-        xf = x.float()
-        # Back to the input dtype after the weight: under autocast q/k/v must share one dtype (SSA kernels).
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
-
-
-class FullSelfAttention(nn.Module):
-    """Grouped-query self-attention over each shape's whole token set.
-
-    The interface every self-attention of the SS-DiT shares (SSA included):
-    forward(x (N, C), coords (N, 3) int, cu_seqlens (B + 1,)) -> (N, C); ``layer`` is the block index
-    (SSA shifts its windows on alternate layers; full attention ignores it).
-    """
-
-    def __init__(self, cfg: DiTConfig, layer: int):
-        super().__init__()
-        self.cfg, self.layer = cfg, layer
-        self.q = nn.Linear(cfg.width, cfg.heads * cfg.head_dim)
-        self.kv = nn.Linear(cfg.width, 2 * cfg.kv_heads * cfg.head_dim)
-        self.out = nn.Linear(cfg.heads * cfg.head_dim, cfg.width)
-        self.q_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
-
-    def forward(self, x, coords, cu_seqlens):
-        n, c = self.cfg.head_dim, self.cfg
-        q = self.q_norm(self.q(x).view(-1, c.heads, n))
-        k, v = self.kv(x).view(-1, 2, c.kv_heads, n).unbind(1)
-        o = varlen_attention(q, self.k_norm(k), v, cu_seqlens, cu_seqlens)
-        return self.out(o.reshape(x.shape[0], -1))
-
-
-def make_self_attention(cfg: DiTConfig, layer: int) -> nn.Module:
-    if cfg.attention == "full":
-        return FullSelfAttention(cfg, layer)
-    try:
-        from model.ssa import SpatialSparseAttention  # written beside this module; optional until present
-    except ImportError as e:
-        raise ImportError(f"attention='ssa' needs model.ssa.SpatialSparseAttention ({e})") from e
-    return SpatialSparseAttention.from_dit_config(cfg, layer)
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
 class CrossAttention(nn.Module):
-    """Tokens of shape b attend to the image tokens of condition b (every block, DESIGN.md)."""
+    """Tokens of shape b attend to the condition tokens of shape b (every block, DESIGN.md)."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.cfg = cfg
-        self.q = nn.Linear(cfg.width, cfg.heads * cfg.head_dim)
-        self.kv = nn.Linear(cfg.cond_dim, 2 * cfg.heads * cfg.head_dim)
-        self.out = nn.Linear(cfg.heads * cfg.head_dim, cfg.width)
-        self.q_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
+        w = cfg.width
+        self.to_q = nn.Linear(w, w)
+        self.to_kv = nn.Linear(cfg.cond_dim, 2 * w)
+        if cfg.cross_qk_norm:
+            self.q_rms_norm = MultiHeadRMSNorm(cfg.heads, cfg.head_dim)
+            self.k_rms_norm = MultiHeadRMSNorm(cfg.heads, cfg.head_dim)
+        self.to_out = nn.Linear(w, w)
 
-    def forward(self, x, cu_seqlens, cond):
+    def forward(self, x, cu_seqlens, cond, cu_cond):
+        """x (N, width) packed, cond (M, cond_dim) packed with offsets cu_cond."""
         c = self.cfg
-        b, l, _ = cond.shape
-        q = self.q_norm(self.q(x).view(-1, c.heads, c.head_dim))
-        k, v = self.kv(cond).view(b * l, 2, c.heads, c.head_dim).unbind(1)
-        cu_kv = torch.arange(b + 1, device=cond.device) * l
-        o = varlen_attention(q, self.k_norm(k), v, cu_seqlens, cu_kv)
-        return self.out(o.reshape(x.shape[0], -1))
+        q = self.to_q(x).view(-1, c.heads, c.head_dim)
+        k, v = self.to_kv(cond).view(-1, 2, c.heads, c.head_dim).unbind(1)
+        if c.cross_qk_norm:
+            q, k = self.q_rms_norm(q), self.k_rms_norm(k)
+        o = varlen_attention(q, k, v, cu_seqlens, cu_cond)
+        return self.to_out(o.reshape(x.shape[0], -1))
 
 
 def modulate(x, shift, scale):
@@ -198,34 +223,42 @@ class DiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig, layer: int):
         super().__init__()
         w = cfg.width
-        self.norm1 = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
-        self.attn = make_self_attention(cfg, layer)
-        self.norm2 = nn.LayerNorm(w, elementwise_affine=True, eps=1e-6)
-        self.cross = CrossAttention(cfg)
-        self.norm3 = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
-        hidden = int(w * cfg.mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(w, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, w))
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(w, 6 * w))
+        self.norm1 = LayerNorm32(w, elementwise_affine=False, eps=1e-6)
+        self.norm2 = LayerNorm32(w, elementwise_affine=True, eps=1e-6)
+        self.norm3 = LayerNorm32(w, elementwise_affine=False, eps=1e-6)
+        self.self_attn = SpatialSparseAttention.from_dit_config(cfg, layer)
+        self.cross_attn = CrossAttention(cfg)
+        self.mlp = FeedForward(w, cfg.mlp_ratio)
+        if not cfg.share_mod:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(w, 6 * w))
 
-    def forward(self, x, coords, cu_seqlens, token_shape, t_emb, cond):
-        mod = self.ada(t_emb)
+    def forward(self, x, st, cu_seqlens, token_shape, mod, cond, cu_cond):
+        """x in block order when ``st`` (the SSA structure) is given; mod (B, width) = t_emb or (B, 6·width) shared."""
+        if hasattr(self, "adaLN_modulation"):
+            mod = self.adaLN_modulation(mod)
         # One shape broadcasts; several gather their row per token.
         mod = mod if mod.shape[0] == 1 else mod[token_shape]
         sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=-1)
-        x = x + g1 * self.attn(modulate(self.norm1(x), sh1, sc1), coords, cu_seqlens)
-        x = x + self.cross(self.norm2(x), cu_seqlens, cond)
-        return x + g2 * self.mlp(modulate(self.norm3(x), sh2, sc2))
+        h = modulate(self.norm1(x), sh1, sc1)
+        h = self.self_attn.forward_sorted(h, st) if st is not None else self.self_attn.full_attention(h, cu_seqlens)
+        x = x + h * g1
+        x = x + self.cross_attn(self.norm2(x), cu_seqlens, cond, cu_cond)
+        return x + self.mlp(modulate(self.norm3(x), sh2, sc2)) * g2
 
 
 class SparseDiT(nn.Module):
-    """Velocity network v(x_t, t, image tokens) over packed sparse tokens."""
+    """Velocity network v(x_t, t, image tokens) over packed sparse tokens (the released SparseDiT)."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.cfg = cfg
         w = cfg.width
-        self.input = nn.Linear(cfg.in_channels, w)
-        self.t_embed = TimestepEmbedder(w)
+        self.t_embedder = TimestepEmbedder(w)
+        if cfg.share_mod:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(w, 6 * w))
+        if cfg.sparse_conditions:
+            self.cond_proj = nn.Linear(cfg.cond_dim, cfg.cond_dim)
+        self.input_layer = nn.Linear(cfg.in_channels, w)
         g = cfg.grid_positions
         self.grid_pos = nn.Parameter(torch.zeros(g ** 3, w)) if g else None
         self.grid_cond = None
@@ -234,67 +267,101 @@ class SparseDiT(nn.Module):
             self.grid_cond = nn.Sequential(nn.Linear(cfg.cond_dim, ch), nn.Flatten(),
                                            nn.Linear(cfg.grid_condition_tokens * ch, hid), nn.SiLU(),
                                            nn.Linear(hid, g ** 3 * w))
-        self.cond_norm = nn.LayerNorm(cfg.cond_dim)
         self.blocks = nn.ModuleList([DiTBlock(cfg, i) for i in range(cfg.depth)])
-        self.final_norm = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
-        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(w, 2 * w))
-        self.output = nn.Linear(w, cfg.out_channels)
+        self.out_layer = nn.Linear(w, cfg.out_channels)
         self.reset_parameters()
+        if cfg.use_fp16:  # the release's convert_to_fp16: linear and conv weights only, norms stay float32
+            from model.sparse import SparseConv3d
+
+            for m in self.modules():
+                if isinstance(m, (nn.Linear, SparseConv3d)):
+                    m.half()
 
     def reset_parameters(self):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: every block starts as the identity and the output as zero velocity.
-        for blk in self.blocks:
-            nn.init.zeros_(blk.ada[-1].weight)
-            nn.init.zeros_(blk.ada[-1].bias)
-        for lin in (self.final_ada[-1], self.output):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        for mod in [self.adaLN_modulation] if self.cfg.share_mod else [b.adaLN_modulation for b in self.blocks]:
+            nn.init.zeros_(mod[-1].weight)
+            nn.init.zeros_(mod[-1].bias)
+        nn.init.zeros_(self.out_layer.weight)
+        nn.init.zeros_(self.out_layer.bias)
         if self.grid_pos is not None:
             nn.init.normal_(self.grid_pos, std=0.02)
         if self.grid_cond is not None:  # starts small next to the input and the positions
             nn.init.normal_(self.grid_cond[-1].weight, std=0.02 / 16)
 
+    def _condition(self, cond, b: int, dtype):
+        """(tokens (M, cond_dim), offsets (B + 1)) of the image condition, dense (B, L, C) or packed."""
+        if self.cfg.sparse_conditions:
+            if not isinstance(cond, PackedCondition):
+                raise ValueError("this network has sparse_conditions: cond must be a PackedCondition")
+            if len(cond.cu_seqlens) != b + 1:
+                raise ValueError(f"expected a condition for each of {b} shapes, got {len(cond.cu_seqlens) - 1}")
+            tokens = self.cond_proj(cond.tokens.to(dtype))
+            return tokens + position_embedding_3d(cond.coords, self.cfg.width).to(dtype), cond.cu_seqlens
+        if isinstance(cond, PackedCondition) or cond.ndim != 3 or cond.shape[0] != b:
+            raise ValueError(f"expected cond ({b}, L, C), got {type(cond).__name__} "
+                             f"{tuple(getattr(cond, 'shape', ()))}")
+        return cond.to(dtype).reshape(-1, cond.shape[-1]), torch.arange(b + 1, device=cond.device) * cond.shape[1]
+
     def forward(self, x: torch.Tensor, coords: torch.Tensor, cu_seqlens: torch.Tensor,
-                t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x (N, in_channels), coords (N, 3) int, cu_seqlens (B + 1,), t (B,) in [0, 1], cond (B, L, cond_dim)."""
+                t: torch.Tensor, cond) -> torch.Tensor:
+        """x (N, in_channels), coords (N, 3) int, cu_seqlens (B + 1,), t (B,) in [0, 1] (noise at 1),
+        cond (B, L, cond_dim), or a PackedCondition with ``sparse_conditions`` → velocity (N, out_channels)."""
+        cfg = self.cfg
         b = cu_seqlens.numel() - 1
         if x.shape[0] != coords.shape[0] or int(cu_seqlens[-1]) != x.shape[0]:
             raise ValueError(f"packed tokens disagree: x {tuple(x.shape)}, coords {tuple(coords.shape)}, "
                              f"cu_seqlens ends at {int(cu_seqlens[-1])}")
-        if t.shape != (b,) or cond.shape[0] != b:
-            raise ValueError(f"expected t ({b},) and cond ({b}, L, C); got {tuple(t.shape)}, {tuple(cond.shape)}")
-        dtype = self.input.weight.dtype
-        h = self.input(x.to(dtype)) + position_embedding_3d(coords, self.cfg.width).to(dtype)
-        t_emb = self.t_embed(t)
-        cond = self.cond_norm(cond.to(dtype))
+        if t.shape != (b,):
+            raise ValueError(f"expected t ({b},), got {tuple(t.shape)}")
+        dtype = self.input_layer.weight.dtype
+        cond_tokens, cu_cond = self._condition(cond, b, dtype)
+        h = self.input_layer(x.to(dtype))
+        t_emb = self.t_embedder(t)
+        if cfg.share_mod:
+            t_emb = self.adaLN_modulation(t_emb)
+        t_emb = t_emb.to(dtype)
+        if cfg.positions:
+            h = h + position_embedding_3d(coords, cfg.width, cfg.position_factor).to(dtype)
         token_shape = batch_index(cu_seqlens)
         if self.grid_pos is not None:
-            g = self.cfg.grid_positions
-            lo, hi = (int(v) for v in coords.aminmax()) if coords.numel() else (0, 0)  # one host read
-            if lo < 0 or hi >= g:
-                raise ValueError(f"coords outside the {g}³ grid of the learned positions (range {lo}..{hi})")
-            c = coords.long()
-            cell = (c[:, 0] * g + c[:, 1]) * g + c[:, 2]
-            h = h + self.grid_pos[cell].to(dtype)
-            if self.grid_cond is not None:
-                if cond.shape[1] != self.cfg.grid_condition_tokens:
-                    raise ValueError(f"the condition has {cond.shape[1]} tokens; this network's grid condition "
-                                     f"reads {self.cfg.grid_condition_tokens} (grid_condition_tokens)")
-                per_cell = self.grid_cond(cond).view(b, g ** 3, self.cfg.width)
-                h = h + per_cell[token_shape, cell]
+            h = h + self._grid_terms(coords, token_shape, cond, b, dtype)
+        st = inv = None
+        if cfg.attention == "ssa":  # every block runs in the SSA's block order; per-token work ignores order
+            perm, inv, st = ssa_structure(coords, cu_seqlens, self.blocks[0].self_attn.cfg)
+            h = h[perm]  # shapes stay contiguous and in order, so token_shape holds
         for blk in self.blocks:
-            if self.cfg.grad_checkpointing and self.training:
-                h = checkpoint(blk, h, coords, cu_seqlens, token_shape, t_emb, cond, use_reentrant=False)
+            if cfg.grad_checkpointing and self.training:
+                h = checkpoint(blk, h, st, cu_seqlens, token_shape, t_emb, cond_tokens, cu_cond, use_reentrant=False)
             else:
-                h = blk(h, coords, cu_seqlens, token_shape, t_emb, cond)
-        shift, scale = self.final_ada(t_emb).chunk(2, dim=-1)
-        if b > 1:
-            shift, scale = shift[token_shape], scale[token_shape]
-        return self.output(modulate(self.final_norm(h), shift, scale))
+                h = blk(h, st, cu_seqlens, token_shape, t_emb, cond_tokens, cu_cond)
+        if inv is not None:
+            h = h[inv]
+        h = F.layer_norm(h, h.shape[-1:])
+        return self.out_layer(h.to(self.out_layer.weight.dtype))
+
+    def _grid_terms(self, coords, token_shape, cond, b, dtype):
+        g = self.cfg.grid_positions
+        lo, hi = (int(v) for v in coords.aminmax()) if coords.numel() else (0, 0)  # one host read
+        if lo < 0 or hi >= g:
+            raise ValueError(f"coords outside the {g}³ grid of the learned positions (range {lo}..{hi})")
+        c = coords.long()
+        cell = (c[:, 0] * g + c[:, 1]) * g + c[:, 2]
+        out = self.grid_pos[cell].to(dtype)
+        if self.grid_cond is not None:
+            if cond.shape[1] != self.cfg.grid_condition_tokens:
+                raise ValueError(f"the condition has {cond.shape[1]} tokens; this network's grid condition "
+                                 f"reads {self.cfg.grid_condition_tokens} (grid_condition_tokens)")
+            per_cell = self.grid_cond(cond.to(dtype)).view(b, g ** 3, self.cfg.width)
+            out = out + per_cell[token_shape, cell]
+        return out
 
 
 def pack(coords_list: list[torch.Tensor], feats_list: list[torch.Tensor]):
@@ -303,3 +370,70 @@ def pack(coords_list: list[torch.Tensor], feats_list: list[torch.Tensor]):
     cu = torch.zeros(len(lengths) + 1, dtype=torch.long)
     cu[1:] = torch.cumsum(lengths, 0)
     return torch.cat(coords_list), torch.cat(feats_list), cu
+
+
+# -- released weights ------------------------------------------------------------------------------------
+# Our keys are the release's except the compressors' sparse convs: torchsparse keeps a conv's kernel as
+# conv.kernel with x-fastest offsets (a 1³ kernel as (C_in, C_out)); ours is weight with the last axis fastest.
+_CONV = re.compile(r"(.*\.self_attn\.compression_(?:key|value)\.(?:out_layers\.[03]|act_layers\.0))\.(weight|bias)")
+
+
+def _conv_key(key: str, cfg: DiTConfig):
+    """(official key, kind) of one of our keys; kind: None (as is), 'k3' (3³ kernel), 'k1' (1³ kernel)."""
+    m = _CONV.fullmatch(key)
+    if m is None or (cfg.compression == "v2") == m.group(1).endswith("act_layers.0"):
+        return key, None  # v2's act_layers.0 is a GroupNorm; v1 has no out_layers
+    if m.group(2) == "bias":
+        return f"{m.group(1)}.conv.bias", None
+    return f"{m.group(1)}.conv.kernel", "k1" if cfg.compression == "v1" else "k3"
+
+
+def _our_shapes(cfg: DiTConfig) -> dict[str, torch.Size]:
+    with torch.device("meta"):
+        return {k: v.shape for k, v in SparseDiT(cfg).state_dict().items()}
+
+
+_SSA_ONLY = re.compile(r".*\.self_attn\.(compression_(key|value)\..*|intra_block_pe|gate\.0\.weight)")
+
+
+def official_to_ours(state_dict: dict, cfg: DiTConfig) -> dict:
+    """The released SparseDiT's state dict as our SparseDiT(cfg)'s.
+
+    With ``attention="full"`` the SSA-only tensors (compressors, intra-block positions, gate) are left out."""
+    ours, used = {}, set()
+    for key, shape in _our_shapes(cfg).items():
+        src, kind = _conv_key(key, cfg)
+        if src not in state_dict:
+            raise ValueError(f"released SparseDiT state dict lacks {src!r} (for {key!r})")
+        t = state_dict[src]
+        t = kernel_from_torchsparse(t) if kind == "k3" else t.t().contiguous() if kind == "k1" else t
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"released {src!r} has shape {tuple(state_dict[src].shape)}, "
+                             f"expected one that maps to {tuple(shape)}")
+        ours[key] = t
+        used.add(src)
+    extra = sorted(k for k in set(state_dict) - used if not (cfg.attention == "full" and _SSA_ONLY.fullmatch(k)))
+    if extra:
+        raise ValueError(f"released SparseDiT key(s) {extra[:5]}{' ...' if len(extra) > 5 else ''} "
+                         f"have no place in this config")
+    return ours
+
+
+def ours_to_official(state_dict: dict, cfg: DiTConfig) -> dict:
+    """Our SparseDiT(cfg) state dict in the released layout (inverse of official_to_ours)."""
+    if cfg.attention != "ssa":
+        raise ValueError("ours_to_official needs attention='ssa' (the released network's SSA parameters)")
+    shapes = _our_shapes(cfg)
+    extra = sorted(set(state_dict) - set(shapes))
+    if extra:
+        raise ValueError(f"state dict key(s) {extra[:5]} are not SparseDiT(cfg)'s")
+    out = {}
+    for key, shape in shapes.items():
+        if key not in state_dict:
+            raise ValueError(f"state dict lacks {key!r}")
+        t = state_dict[key]
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{key!r} has shape {tuple(t.shape)}, SparseDiT(cfg) expects {tuple(shape)}")
+        dst, kind = _conv_key(key, cfg)
+        out[dst] = kernel_to_torchsparse(t) if kind == "k3" else t.t().contiguous() if kind == "k1" else t
+    return out

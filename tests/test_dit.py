@@ -55,7 +55,7 @@ def test_adaln_zero_starts_at_zero_velocity_and_learns():
     out = model(f, c, cu, torch.rand(1), torch.randn(1, 4, cfg.cond_dim))
     assert torch.count_nonzero(out) == 0
     out.sum().backward()
-    assert model.output.weight.grad.abs().sum() > 0
+    assert model.out_layer.weight.grad.abs().sum() > 0
 
 
 def test_gradient_checkpointing_same_gradients():

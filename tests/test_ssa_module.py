@@ -1,4 +1,5 @@
-"""The SSA layer: config, block order round trip, Triton vs reference backend, full-attention switch."""
+"""The SSA layer: config, learned block compressors, block order round trip, Triton vs reference backend,
+full-attention switch."""
 import os
 
 import pytest
@@ -14,31 +15,69 @@ from ssa_cases import random_shapes  # noqa: E402
 SMALL = dict(dim=32, num_heads=4, num_kv_heads=2, head_dim=16, top_k=3)
 
 
-def _inputs(seed=0):
-    coords, cu = random_shapes([70, 2, 33], grid=10, seed=seed)
+def _inputs(seed=0, sizes=(70, 2, 33)):
+    coords, cu = random_shapes(list(sizes), grid=10, seed=seed)
     x = torch.randn(coords.shape[0], 32, generator=torch.Generator().manual_seed(seed))
     return x, coords, cu
 
 
-def test_config_rejects_unknown_keys():
+def _randomize(m, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return m
+
+
+def test_config_rejects_unknown_keys_and_bad_values():
     with pytest.raises(ValueError, match="unknown SSAConfig keys: topk"):
         SSAConfig.from_dict({"topk": 8})
     with pytest.raises(ValueError, match="attention"):
         SSAConfig(attention="dense")
+    with pytest.raises(ValueError, match="compression"):
+        SSAConfig(compression="v3")
+    with pytest.raises(ValueError, match="norm_groups"):
+        SSAConfig(dim=32, num_heads=4, num_kv_heads=1, head_dim=8)
     assert SSAConfig.from_dict({"top_k": 4}).top_k == 4
+    assert SSAConfig().q_tile == 1 and SSAConfig().cmp_block == 4
+
+
+def test_released_parameter_layout():
+    m = SpatialSparseAttention(SSAConfig(**SMALL))
+    shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert shapes["proj_q.weight"] == (64, 32) and shapes["proj_k.weight"] == (32, 32)
+    assert shapes["gate.0.weight"] == (3, 32) and shapes["intra_block_pe"] == (4, 4, 4, 32)
+    assert shapes["compression_key.out_layers.0.weight"] == (27, 32, 32)
+    assert not any(k.endswith("bias") and k.startswith("proj") for k in shapes)
+    full = SpatialSparseAttention(SSAConfig(**SMALL, attention="full"))
+    assert sorted(full.state_dict()) == ["proj_k.weight", "proj_o.weight", "proj_q.weight", "proj_v.weight"]
+
+
+def test_compressor_is_mean_pool_plus_learned_part():
+    """With the convs zeroed but their biases, v2 gives pooled input + bias; v1 with identity conv the pooled SiLU."""
+    m = _randomize(SpatialSparseAttention(SSAConfig(**SMALL)), 1)
+    x, coords, cu = _inputs(1)
+    perm, _, st = ssa_structure(coords, cu, m.cfg)
+    k, v = m.proj_k(x[perm]), m.proj_v(x[perm])
+    with torch.no_grad():
+        m.compression_value.out_layers[3].weight.zero_()
+    _, v_cmp = m.compress(k, v, st)
+    counts = (st.cmp_offsets[1:] - st.cmp_offsets[:-1])[:, None].float()
+    mean = torch.zeros(st.n_cmp, 32).index_add(0, st.cmp_of_token, v) / counts
+    expect = mean + m.compression_value.out_layers[3].bias
+    assert torch.allclose(v_cmp.reshape(st.n_cmp, 32), expect, atol=1e-5)
 
 
 @pytest.mark.parametrize("layer", [0, 1])
 def test_triton_layer_matches_reference_layer(layer):
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("this CPU layer test runs the kernels in Triton's interpreter")
-    torch.manual_seed(0)
-    q_tile = 1 if layer == 0 else SSAConfig().q_tile  # the paper's per-query selection, and the default tiles
-    m = SpatialSparseAttention(SSAConfig(**SMALL, cmp_block=4, q_tile=q_tile, backend="triton"), layer)
-    r = SpatialSparseAttention(SSAConfig(**SMALL, cmp_block=4, q_tile=q_tile, backend="torch"), layer)
+    q_tile = 1 if layer == 0 else 64  # the release's per-query selection, and the tiled option
+    m = _randomize(SpatialSparseAttention(SSAConfig(**SMALL, q_tile=q_tile, backend="triton"), layer == 1), layer)
+    r = SpatialSparseAttention(SSAConfig(**SMALL, q_tile=q_tile, backend="torch"), layer == 1)
     r.load_state_dict(m.state_dict())
     r.double()
-    x, coords, cu = _inputs(layer)
+    x, coords, cu = _inputs(layer, (40, 2, 17))
     xt = x.clone().requires_grad_(True)
     xr = x.double().requires_grad_(True)
     out = m(xt, coords, cu)
@@ -47,14 +86,15 @@ def test_triton_layer_matches_reference_layer(layer):
     out.square().sum().backward()
     ref.square().sum().backward()
     assert ((xt.grad.double() - xr.grad).norm() / xr.grad.norm()) < 1e-4
+    scale = max(float(pr.grad.norm()) for pr in r.parameters())
     for (name, p), (_, pr) in zip(m.named_parameters(), r.named_parameters()):
         assert p.grad is not None, name
-        assert ((p.grad.double() - pr.grad).norm() / pr.grad.norm().clamp_min(1e-12)) < 1e-4, name
+        # a conv bias right before a one-channel-per-group GroupNorm has a zero gradient: float32 noise there
+        assert (p.grad.double() - pr.grad).norm() <= 1e-4 * max(float(pr.grad.norm()), 1e-3 * scale), name
 
 
 def test_output_follows_token_order_and_structure_is_cached():
-    torch.manual_seed(1)
-    m = SpatialSparseAttention(SSAConfig(**SMALL, backend="torch"), 0)
+    m = _randomize(SpatialSparseAttention(SSAConfig(**SMALL, backend="torch")), 2)
     x, coords, cu = _inputs(2)
     out = m(x, coords, cu)
     # shuffling tokens inside a shape shuffles the output the same way
@@ -66,10 +106,10 @@ def test_output_follows_token_order_and_structure_is_cached():
 
 
 def test_full_attention_switch_and_dit_hook():
-    cfg = DiTConfig(depth=2, width=32, heads=4, kv_heads=2, head_dim=16, cond_dim=32, attention="ssa")
-    m = SpatialSparseAttention.from_dit_config(cfg, 1)
-    assert m.shifted and m.cfg.num_heads == 4
-    full = SpatialSparseAttention(SSAConfig(**SMALL, attention="full"), 0)
+    m = SpatialSparseAttention.from_dit_config(DiTConfig.named("debug"), 1)
+    assert m.shifted and m.cfg.num_heads == 4 and m.cfg.window_shift == 4
+    assert SpatialSparseAttention.from_dit_config(DiTConfig.named("debug", alternate_shift=False), 0).shifted
+    full = SpatialSparseAttention(SSAConfig(**SMALL, attention="full"), False)
     x, coords, cu = _inputs(3)
     y = full(x, coords, cu)
     # full attention within a shape: a change in shape 0 leaves shape 2 untouched
