@@ -85,7 +85,7 @@ _PARAMS: dict[str, dict[str, dict]] = {
                           model_channels_decoder=[32, 16, 8], num_res_blocks_decoder=2,
                           num_res_blocks_middle_decoder=2),
         "dense_dit": dict(resolution=8, in_channels=8, out_channels=8, model_channels=64, cond_channels=32,
-                          num_blocks=2, num_heads=4, patch_size=1, qk_rms_norm=True, qk_rms_norm_cross=True),
+                          latent_shape=[8, 8, 8, 8], num_blocks=2, num_heads=4, patch_size=1, qk_rms_norm=True, qk_rms_norm_cross=True),
         # the encoder's GroupNorm(32) layers need model_channels_encoder / 16 >= 32
         "sparse_vae_512": dict(embed_dim=16, resolution=8, model_channels_encoder=512, num_blocks_encoder=2,
                                num_heads_encoder=8, model_channels_decoder=64, num_blocks_decoder=2,
@@ -360,14 +360,14 @@ def sort_block(coords: torch.Tensor, block_size: int) -> torch.Tensor:
     return coords[order]
 
 
-def latent_coords(resolution: int, batch: int = 2, block_size: int = 8, factor: int = 8) -> torch.Tensor:
+def latent_coords(resolution: int, batch: int = 2, block_size: int = 8) -> torch.Tensor:
     """Latent voxel coords [N, 4] int32 (batch, x, y, z) of the shapes at ``resolution`` (the latent grid),
     each batch item ordered by sort_block and the items in batch order (the layout the DiTs expect)."""
     out = []
     for b in range(batch):
-        xyz, _ = shape_sdf(resolution * factor, which=b % 2, band=2.0 * factor / 4)
-        lat = torch.unique(xyz.long() // factor, dim=0)
-        c = torch.cat([torch.full((lat.shape[0], 1), b), lat], 1).to(torch.int32)
+        # a latent voxel is active where the surface crosses it: |distance at its centre| < half its diagonal
+        lat, _ = shape_sdf(resolution, which=b % 2, band=0.87)
+        c = torch.cat([torch.full((lat.shape[0], 1), b), lat.long()], 1).to(torch.int32)
         out.append(sort_block(c, block_size))
     return torch.cat(out)
 
