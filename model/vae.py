@@ -4,7 +4,8 @@ The layout is the released SparseSDFVAE's, so its weights load through
 ``official_to_ours``. For a transformer width C (512):
 
 - encoder: Linear(1 → C/16); three down blocks C/16 → C/8 → C/4 → C, each
-  GroupNorm(32, float32) + SiLU, mean-pool ×2 (the skip pools the block's input),
+  GroupNorm(32, float32) + SiLU, pool ×2 (the skip pools the block's input; the
+  release's pool is sum / (children + 1), a zero counted into the mean),
   conv 3³, GroupNorm + SiLU, conv 3³, plus a 1×1 skip; then Linear(C → C) +
   absolute sinusoidal positions, 4 shifted-window transformer blocks (windows of
   8 latent voxels, shift 4 on odd blocks), LayerNorm without parameters, and
@@ -154,7 +155,7 @@ class SparseDownBlock3d(nn.Module):
     def __init__(self, cin: int, cout: int, num_groups: int):
         super().__init__()
         self.act_layers = nn.Sequential(SparseGroupNorm(num_groups, cin), SparseSiLU())
-        self.down = SparseDownsample(2)
+        self.down = SparseDownsample(2, zero_in_mean=True)
         self.out_layers = nn.Sequential(SparseConv3d(cin, cout), SparseGroupNorm(num_groups, cout), SparseSiLU(),
                                         SparseConv3d(cout, cout))
         self.skip_connection = SparseLinear(cin, cout) if cin != cout else nn.Identity()

@@ -74,6 +74,11 @@ def test_downsample_and_subdivide_match_dense():
     parent[:, 1:] //= 2
     q = parent.long()
     torch.testing.assert_close(up.feats, s[q[:, 0], :, q[:, 1], q[:, 2], q[:, 3]])
+    # the released SS-VAE's pool counts one zero into each mean: sum / (children + 1)
+    sums = torch.nn.functional.avg_pool3d(dense, 2) * 8
+    counts = torch.nn.functional.avg_pool3d(cnt, 2) * 8
+    torch.testing.assert_close(SparseDownsample(2, zero_in_mean=True)(x).feats,
+                               (sums / (counts + 1))[p[:, 0], :, p[:, 1], p[:, 2], p[:, 3]])
 
 
 def test_conv_layers_shapes_and_grad():

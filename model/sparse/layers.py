@@ -125,18 +125,23 @@ def _coarse_tensor(x: SparseTensor, feats: torch.Tensor, stride: int) -> SparseT
 
 
 class SparseDownsample(nn.Module):
-    """Mean pool by ``stride`` (2): each coarse voxel averages its active children."""
+    """Mean pool by ``stride`` (2): each coarse voxel averages its active children.
 
-    def __init__(self, stride: int = 2):
+    ``zero_in_mean`` averages one zero in with the children (sum / (children + 1)): what the released
+    SS-VAE computes, its ``scatter_reduce(..., "mean")`` counting the zero it starts from (include_self).
+    """
+
+    def __init__(self, stride: int = 2, zero_in_mean: bool = False):
         super().__init__()
         self.stride = stride
+        self.zero_in_mean = zero_in_mean
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         coarse, parent = x.coarse(self.stride)
         # summed in float32 at least: half-precision sums of many children overflow
         acc = torch.promote_types(x.dtype, torch.float32)
         total = x.feats.new_zeros(coarse.shape[0], x.num_channels, dtype=acc).index_add(0, parent, x.feats.to(acc))
-        count = torch.bincount(parent, minlength=coarse.shape[0]).to(acc)
+        count = torch.bincount(parent, minlength=coarse.shape[0]).to(acc) + int(self.zero_in_mean)
         return _coarse_tensor(x, (total / count[:, None]).to(x.dtype), self.stride)
 
 
