@@ -410,7 +410,7 @@ class Cascade:
         out = []
         for c, z in zip(coords_list, latents):  # one shape at a time bounds the decoder's peak memory
             c4 = torch.cat([torch.zeros_like(c[:, :1]), c], 1).int().to(self.device)
-            st = SparseTensor.from_unsorted(c4, z.to(self.device, torch.float32), latent_res, 1)
+            st = SparseTensor.from_unsorted(c4, vae.unscale(z.to(self.device, torch.float32)), latent_res, 1)
             sdf = vae.decode(st, chunk=self.cfg.decode_chunk)
             values = sdf.feats[:, 0].float()
             # tanh saturates outside the band; marching needs only cells next to the surface

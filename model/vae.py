@@ -314,12 +314,12 @@ class SparseSDFVAE(nn.Module):
             meshes.append(((v - 1.0 / res) * scale + (scale - 1.0), f))
         return meshes
 
-    def latents_to_dit(self, z: torch.Tensor) -> torch.Tensor:
-        """Encoder latents -> the space the DiT samples in: (z − shift) · scale."""
+    def scale(self, z: torch.Tensor) -> torch.Tensor:
+        """Encoder latents -> the space the DiT samples in: (z − latents_shift) · latents_scale."""
         return (z - self.config.latents_shift) * self.config.latents_scale
 
-    def latents_from_dit(self, z: torch.Tensor) -> torch.Tensor:
-        """DiT samples -> decoder latents: z / scale + shift (the release's pipeline before decode_mesh)."""
+    def unscale(self, z: torch.Tensor) -> torch.Tensor:
+        """DiT samples -> decoder latents: z / latents_scale + latents_shift (the release, before decode_mesh)."""
         return z / self.config.latents_scale + self.config.latents_shift
 
     def forward(self, x: SparseTensor, sample: bool = True):

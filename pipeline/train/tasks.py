@@ -148,7 +148,7 @@ class SparseDiTTask(Task):
             x = SparseTensor.from_unsorted(c4, v.float().reshape(-1, 1).to(device), res, 1)
             z, _, _ = self.vae.encode(x, sample=False)
             coords.append(z.coords[:, 1:])
-            feats.append(z.feats.float())
+            feats.append(self.vae.scale(z.feats.float()))
         return coords, feats
 
     def collate(self, items: list[Item], device, dtype) -> dict:
