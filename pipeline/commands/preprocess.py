@@ -28,6 +28,9 @@ def _run(args) -> int:
 
     cfg = config.from_args(PreprocessConfig, args)
     cfg.validate()  # before Ray starts: a wrong setting costs nothing
+    from pipeline.storage import check_writable
+
+    check_writable(cfg.output, cfg.storage_options)  # nor does an output that cannot be written
     result = run(cfg, progress=not args.no_progress)
     print_summary(result, cfg)
     return 0
