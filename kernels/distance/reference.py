@@ -23,6 +23,14 @@ def point_triangle_sqdist_reference(
 
     All inputs are (N, 3) of one float dtype; returns (d2 (N,), feature (N,) uint8).
     """
+    diff, feature = point_triangle_offset_reference(points, a, b, c)
+    return _dot(diff, diff), feature
+
+
+def point_triangle_offset_reference(
+    points: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """points minus their closest points on the triangles (N,3), and the closest feature code."""
     ab, ac, ap = b - a, c - a, points - a
     d1, d2 = _dot(ab, ap), _dot(ac, ap)
     bp = points - b
@@ -65,5 +73,4 @@ def point_triangle_sqdist_reference(
         wb = torch.where(mask, nb, wb)
         wc = torch.where(mask, nc, wc)
         feature = torch.where(mask, torch.full_like(feature, code), feature)
-    diff = ap - wb.unsqueeze(-1) * ab - wc.unsqueeze(-1) * ac
-    return _dot(diff, diff), feature
+    return ap - wb.unsqueeze(-1) * ab - wc.unsqueeze(-1) * ac, feature

@@ -123,7 +123,8 @@ class PreparedMesh:
 
 
 def prepare_mesh(vertices, faces, sign: str = "winding", device=None) -> PreparedMesh:
-    """Validate the mesh, move it to `device` and build its topology, pseudo-normals and winding data."""
+    """Validate the mesh, move it to `device`, turn closed components outward and build its topology,
+    pseudo-normals and winding data."""
     device = _device_of(vertices, device)
     if sign not in SIGN_METHODS:
         raise ValueError(f"unknown sign method {sign!r}: expected one of {SIGN_METHODS}")
@@ -131,7 +132,11 @@ def prepare_mesh(vertices, faces, sign: str = "winding", device=None) -> Prepare
     v = v64.to(device=device, dtype=torch.float32)
     f = f.to(device)
     tri = v[f]
-    return PreparedMesh(tri, prepare_sign(sign, tri, f, v.shape[0]))
+    if sign != "none":  # weld equal positions (files split at UV or normal seams) so edges are shared
+        v, inv = torch.unique(v, dim=0, return_inverse=True)
+        f = inv[f]
+    prep, tri = prepare_sign(sign, tri, f, v)
+    return PreparedMesh(tri, prep)
 
 
 def _device_of(vertices, device) -> torch.device:
@@ -154,7 +159,7 @@ def sdf_on_grid(mesh: PreparedMesh, resolution: int, band: float = 2.0, chunk: i
     coords = _decode(bp.keys, resolution)
     h = 2.0 / resolution
     points = -1.0 + (coords.float() + 0.5) * h
-    s = band_signs(mesh.sign, points, bp.tri, bp.feature)
+    s = band_signs(mesh.sign, points, bp.tri, bp.feature, band * h)
     values = (s * bp.d2.sqrt() / (band * h)).clamp(-1.0, 1.0)
     return SparseSDF(coords, values.float(), resolution, float(band))
 

@@ -1,16 +1,23 @@
-"""Inside/outside for band voxels: angle-weighted pseudo-normals and the generalized winding number.
+"""Inside/outside for band voxels: inside means generalized winding number w >= 0.5, made certain.
 
-Definition: a point is inside when the generalized winding number w (Jacobson et
-al. 2013) is >= 0.5. On a closed, consistently oriented, single-component mesh
-w is 0 or 1, and at a band voxel the sign of (p - feature) . pseudo-normal of its
-closest feature equals it exactly (Baerentzen & Aanaes 2005), so that case costs
-nothing extra. On any other mesh (open, several shells, non-manifold) w is
-evaluated: at one probe just off each triangle's centroid, the other side
-following from the face's own solid angle (voxels inherit the value of their
-closest triangle's side), and at the voxel itself
-where its closest feature touches a boundary or non-manifold edge, where w
-varies fastest. w is summed exactly for near triangles and by clusters' dipole
-terms for far ones (Barill et al. 2018, first order).
+Rule (docs/sdf.md, "Sign"): every closed, consistently oriented component whose
+signed volume is negative is flipped first; then a voxel is inside when the
+winding number of the whole (re-oriented) soup is >= 0.5. How it is evaluated:
+
+- one closed, consistently oriented component that passes through itself nowhere:
+  w is 0 or 1 and equals the side of the closest feature's angle-weighted
+  pseudo-normal (Baerentzen & Aanaes 2005). Exact, one gather per voxel.
+- anything else: w at one probe just off each face's centroid (winding.py, exact:
+  ray crossings plus a cap over the boundary), carried to the voxel along the path voxel -> closest point ->
+  across the face to the centroid. That path crosses no surface on its first leg
+  (the closest point is the nearest surface point) and, on the second, only the
+  triangles that pass through the face (crossings.py): each adds +-1, counted
+  exactly. Along the path w changes otherwise only through the mesh's boundary
+  chain (edges whose faces do not cancel): |grad w| <= sum |e| / (4 pi dist^2) over
+  those edges (w is the potential of a current on the boundary, Biot-Savart), so
+  the drift is bounded per face (zero on closed meshes, where w is an integer).
+  Where the drift bound does not decide the side, or the closest feature touches
+  an edge the pseudo-normal cannot judge, w is evaluated exactly at the voxel.
 """
 
 from __future__ import annotations
@@ -20,9 +27,14 @@ from dataclasses import dataclass
 import torch
 
 from kernels.distance import EDGE_AB, EDGE_BC, EDGE_CA, FACE, VERT_A, VERT_B, VERT_C
+from kernels.distance.reference import point_triangle_offset_reference
+from pipeline.geometry.crossings import Crossings, triangle_crossings
+from pipeline.geometry.winding import WindingNumber, _expand
 
 WINDING_THRESHOLD = 0.5  # inside iff w >= 0.5: a hole is closed by its minimal cap, a lone sheet is outside
 _PROBE_OFFSET = 1e-4  # probe distance off a face, in normalized units (far below a 1024^3 voxel, 2e-3)
+_CELLS = 16  # grid of boundary-edge clusters for the drift bound
+_ROUNDING = 1e-6  # exact w up to float64 rounding and the rays' 1e-9 start shift (|grad w| < 1e3 at a probe)
 
 
 @dataclass
@@ -31,30 +43,41 @@ class MeshTopology:
 
     face_edges: torch.Tensor  # (F,3) edge id of edges ab, bc, ca
     edge_faces: torch.Tensor  # (E,) number of faces on each edge
-    closed: bool  # every edge on exactly two faces with opposite directions
+    good_edge: torch.Tensor  # (E,) bool: exactly two faces, opposite directions (pseudo-normal holds)
+    chain: torch.Tensor  # (E,) int: faces along lo->hi minus faces along hi->lo (nonzero: boundary chain)
+    edge_vertices: torch.Tensor  # (E,2) lo, hi vertex ids
+    labels: torch.Tensor  # (F,) component id (smallest face index of the component)
+    closed: bool  # every edge good
     components: int  # connected components through shared edges
 
 
 def mesh_topology(faces: torch.Tensor, num_vertices: int) -> MeshTopology:
-    """Edge table and component count, on the faces' device (no host round trip on CUDA)."""
+    """Edge table, boundary chain and components, on the faces' device (no host round trip on CUDA)."""
     f = faces.long()
     src = f.reshape(-1)
     dst = f[:, [1, 2, 0]].reshape(-1)
     lo, hi = torch.minimum(src, dst), torch.maximum(src, dst)
     und, inv, cnt = torch.unique(lo * num_vertices + hi, return_inverse=True, return_counts=True)
-    directed = torch.unique(src * num_vertices + dst).numel()
-    closed = bool((cnt == 2).all()) and directed == src.numel()
+    fwd = torch.zeros_like(cnt).index_add_(0, inv, (src < dst).long())
+    chain = 2 * fwd - cnt
+    good = (cnt == 2) & (chain == 0)
     face_edges = inv.reshape(-1, 3)
-    return MeshTopology(face_edges, cnt, closed, count_components(face_edges, und.numel()))
+    labels = component_labels(face_edges, und.numel())
+    return MeshTopology(face_edges, cnt, good, chain, torch.stack([und // num_vertices, und % num_vertices], 1),
+                        labels, bool(good.all()), int((labels == torch.arange(f.shape[0], device=f.device)).sum()))
 
 
 def count_components(face_edges: torch.Tensor, num_edges: int) -> int:
-    """Connected components of faces joined by shared edges: hook roots to the smallest neighbouring
-    root, then jump pointers to the roots, until nothing changes (Shiloach-Vishkin style)."""
+    labels = component_labels(face_edges, num_edges)
+    return int((labels == torch.arange(labels.numel(), device=labels.device)).sum())
+
+
+def component_labels(face_edges: torch.Tensor, num_edges: int) -> torch.Tensor:
+    """Component of each face through shared edges: hook roots to the smallest neighbouring root, then
+    jump pointers to the roots, until nothing changes (Shiloach-Vishkin style)."""
     n = face_edges.shape[0]
     dev = face_edges.device
-    ids = torch.arange(n, device=dev)
-    parent = ids.clone()
+    parent = torch.arange(n, device=dev)
     flat = face_edges.reshape(-1)
     while True:
         edge_min = torch.full((num_edges,), n, device=dev).scatter_reduce_(0, flat, parent.repeat_interleave(3), "amin")
@@ -66,8 +89,27 @@ def count_components(face_edges: torch.Tensor, num_edges: int) -> int:
                 break
             hooked = nxt
         if torch.equal(hooked, parent):
-            return int((parent == ids).sum())
+            return parent
         parent = hooked
+
+
+def orient_components(tri: torch.Tensor, faces: torch.Tensor, topo: MeshTopology):
+    """Faces with every closed, consistently oriented component of negative signed volume flipped,
+    and how many were flipped. Open or inconsistent components keep their faces."""
+    dev = faces.device
+    n = faces.shape[0]
+    bad_face = (~topo.good_edge)[topo.face_edges.to(dev)].any(1)
+    lab = topo.labels.to(dev)
+    comp_bad = torch.zeros(n, dtype=torch.bool, device=dev).index_put_((lab,), bad_face, accumulate=True)
+    t = tri.double()
+    vol6 = (t[:, 0] * torch.linalg.cross(t[:, 1], t[:, 2], dim=1)).sum(1)
+    comp_vol = torch.zeros(n, dtype=torch.float64, device=dev).index_add_(0, lab, vol6)
+    flip_comp = (~comp_bad) & (comp_vol < 0)
+    flip = flip_comp[lab]
+    flips = int(flip_comp.sum())
+    if flips == 0:
+        return faces, 0
+    return torch.where(flip[:, None], faces[:, [0, 2, 1]], faces), flips
 
 
 def pseudo_normals(tri: torch.Tensor, topo: MeshTopology, faces: torch.Tensor, num_vertices: int):
@@ -115,10 +157,10 @@ def feature_side(points, planes, tri_id, feature):
 
 
 def open_features(faces, topo, num_vertices) -> torch.Tensor:
-    """(F*7,) True where a (face, feature code) is, or touches, an edge not shared by exactly two faces."""
+    """(F*7,) True where a (face, feature code) is, or touches, an edge the pseudo-normal cannot judge."""
     dev = faces.device
     fe = topo.face_edges.to(dev)
-    open_edge = (topo.edge_faces != 2).to(dev)
+    open_edge = (~topo.good_edge).to(dev)
     f = faces.long()
     # A vertex is open when any edge around it is.
     open_vert = torch.zeros(num_vertices, dtype=torch.bool, device=dev)
@@ -134,119 +176,66 @@ def open_features(faces, topo, num_vertices) -> torch.Tensor:
     return table.reshape(-1)
 
 
-def _solid_angle(q, a, b, c):
-    """Signed solid angle of triangles (a,b,c) seen from q (Van Oosterom & Strackee 1983)."""
-    a, b, c = a - q, b - q, c - q
-    la, lb, lc = a.norm(dim=-1), b.norm(dim=-1), c.norm(dim=-1)
-    det = (a * torch.linalg.cross(b, c, dim=-1)).sum(-1)
-    den = la * lb * lc + (a * b).sum(-1) * lc + (b * c).sum(-1) * la + (c * a).sum(-1) * lb
-    return 2.0 * torch.atan2(det, den)
 
 
-def _morton(cell: torch.Tensor, bits: int) -> torch.Tensor:
-    code = torch.zeros_like(cell[:, 0])
-    for bit in range(bits):
-        for d in range(3):
-            code |= ((cell[:, d] >> bit) & 1) << (3 * bit + 2 - d)
-    return code
+def _point_segment_distance(p, a, b):
+    ab = b - a
+    s = (((p - a) * ab).sum(-1) / (ab * ab).sum(-1).clamp_min(1e-300)).clamp(0, 1)
+    return (p - a - s[..., None] * ab).norm(dim=-1)
 
 
-def _expand(counts: torch.Tensor, starts: torch.Tensor):
-    """For ragged children: (owner row, child index) for every child of every row."""
-    owner = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
-    first = torch.cumsum(counts, 0) - counts
-    return owner, starts[owner] + torch.arange(owner.numel(), device=counts.device) - first[owner]
+@dataclass
+class BoundaryChain:
+    """Edges whose faces do not cancel, with multiplicity-weighted lengths, clustered on a 16^3 grid."""
+
+    ends: torch.Tensor  # (B,2,3) float64, sorted by cluster
+    weight: torch.Tensor  # (B,) |chain| * length
+    center: torch.Tensor  # (C,3) cluster centres
+    radius: torch.Tensor  # (C,) reach of the cluster's edges from its centre
+    length: torch.Tensor  # (C,) summed weight
+    start: torch.Tensor  # (C,) first edge of each cluster
+    count: torch.Tensor  # (C,)
 
 
-class WindingNumber:
-    """Generalized winding number of a triangle soup: exact for near triangles, dipoles for far cells.
-
-    Cells form a grid hierarchy (4^3 ... 64^3 over [-1,1]^3, Morton-ordered so each
-    cell's children and triangles are contiguous); a cell farther than beta times
-    its radius contributes its area-weighted dipole (Barill et al. 2018, Sec. 3.2).
-    """
-
-    def __init__(self, tri: torch.Tensor, beta: float = 2.5, levels: tuple[int, ...] = (2, 3, 4, 5, 6)):
-        self.beta = beta
-        tri = tri.double()
-        cen = tri.mean(1)
-        finest = levels[-1]
-        cell = ((cen + 1) * (2 ** (finest - 1))).floor().clamp(0, 2**finest - 1).long()
-        code = _morton(cell, finest)
-        order = torch.argsort(code)
-        self.tri, code, cen = tri[order], code[order], cen[order]
-        area_vec = 0.5 * torch.linalg.cross(self.tri[:, 1] - self.tri[:, 0], self.tri[:, 2] - self.tri[:, 0], dim=1)
-        area = area_vec.norm(dim=1)
-        self.cells = []  # per level: center, dipole, radius, child start, child count
-        for lv in levels:
-            key = code >> (3 * (finest - lv))
-            uniq, inv = torch.unique_consecutive(key, return_inverse=True)
-            c = uniq.numel()
-            a = torch.zeros(c, dtype=tri.dtype, device=tri.device).index_add_(0, inv, area)
-            center = torch.zeros(c, 3, dtype=tri.dtype, device=tri.device).index_add_(0, inv, area[:, None] * cen)
-            center /= a.clamp_min(1e-300)[:, None]
-            dipole = torch.zeros(c, 3, dtype=tri.dtype, device=tri.device).index_add_(0, inv, area_vec)
-            reach = (self.tri - center[inv][:, None]).norm(dim=2).max(1).values
-            radius = torch.zeros(c, dtype=tri.dtype, device=tri.device).scatter_reduce_(0, inv, reach, "amax")
-            self.cells.append({"key": uniq, "inv": inv, "center": center, "dipole": dipole, "radius": radius})
-        for lv, (parent, child) in enumerate(zip(self.cells[:-1], self.cells[1:])):
-            shift = 3 * (levels[lv + 1] - levels[lv])
-            owner = torch.searchsorted(parent["key"], child["key"] >> shift)
-            parent["count"] = torch.bincount(owner, minlength=parent["key"].numel())
-            parent["start"] = torch.cumsum(parent["count"], 0) - parent["count"]
-        last = self.cells[-1]
-        last["count"] = torch.bincount(last["inv"], minlength=last["key"].numel())
-        last["start"] = torch.cumsum(last["count"], 0) - last["count"]
-        # Built in float64, evaluated in float32: errors stay far below the dipole truncation's.
-        self.tri = self.tri.float()
-        for cells in self.cells:
-            for k in ("center", "dipole", "radius"):
-                cells[k] = cells[k].float()
-
-    @torch.no_grad()
-    def __call__(self, points: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-        out = torch.empty(points.shape[0], dtype=torch.float32, device=points.device)
-        chunk = chunk or (1 << 15 if points.is_cuda else 1 << 12)  # GPU: fewer launches, under 1 GiB
-        for s in range(0, points.shape[0], chunk):
-            out[s : s + chunk] = self._eval(points[s : s + chunk].float())
-        return out
-
-    def _eval(self, q: torch.Tensor) -> torch.Tensor:
-        m = q.shape[0]
-        w = torch.zeros(m, dtype=q.dtype, device=q.device)
-        top = self.cells[0]["key"].numel()
-        qi = torch.arange(m, device=q.device).repeat_interleave(top)
-        ci = torch.arange(top, device=q.device).repeat(m)
-        for cells in self.cells:
-            rel = cells["center"].index_select(0, ci) - q.index_select(0, qi)
-            dist = rel.norm(dim=1)
-            far = dist > self.beta * cells["radius"].index_select(0, ci)
-            f_idx = far.nonzero().squeeze(1)
-            n_idx = (~far).nonzero().squeeze(1)
-            rel_f, dist_f = rel.index_select(0, f_idx), dist.index_select(0, f_idx)
-            dip = (rel_f * cells["dipole"].index_select(0, ci.index_select(0, f_idx))).sum(1) / dist_f**3
-            w.index_add_(0, qi.index_select(0, f_idx), dip)
-            ci_n = ci.index_select(0, n_idx)
-            owner, ci = _expand(cells["count"].index_select(0, ci_n), cells["start"].index_select(0, ci_n))
-            qi = qi.index_select(0, n_idx).index_select(0, owner)
-        t = self.tri.index_select(0, ci)
-        w.index_add_(0, qi, _solid_angle(q.index_select(0, qi), t[:, 0], t[:, 1], t[:, 2]))
-        return w / (4 * torch.pi)
+def boundary_chain(v: torch.Tensor, topo: MeshTopology) -> BoundaryChain | None:
+    """None when every edge's faces cancel (w is an integer off the surface)."""
+    on = (topo.chain != 0).nonzero().squeeze(1).to(v.device)
+    if on.numel() == 0:
+        return None
+    ends = v.double()[topo.edge_vertices.to(v.device)[on]]  # (B,2,3)
+    weight = topo.chain.to(v.device)[on].abs().double() * (ends[:, 1] - ends[:, 0]).norm(dim=1)
+    cell = ((ends.mean(1) + 1) * (_CELLS / 2)).floor().clamp(0, _CELLS - 1).long()
+    key = (cell[:, 0] * _CELLS + cell[:, 1]) * _CELLS + cell[:, 2]
+    order = torch.argsort(key)
+    ends, weight, key = ends[order], weight[order], key[order]
+    _, inv, count = torch.unique_consecutive(key, return_inverse=True, return_counts=True)
+    c = count.numel()
+    length = torch.zeros(c, dtype=torch.float64, device=v.device).index_add_(0, inv, weight)
+    center = torch.zeros(c, 3, dtype=torch.float64, device=v.device).index_add_(0, inv, ends.mean(1)) / count[:, None]
+    reach = (ends - center[inv][:, None]).norm(dim=2).max(1).values
+    radius = torch.zeros(c, dtype=torch.float64, device=v.device).scatter_reduce_(0, inv, reach, "amax")
+    return BoundaryChain(ends, weight, center, radius, length, torch.cumsum(count, 0) - count, count)
 
 
-def winding_side_values(tri: torch.Tensor, wn: WindingNumber) -> torch.Tensor:
-    """(F, 2) winding number just outside (column 0) and just inside (column 1) each face's centroid.
-
-    Only the outer probe is evaluated. The inner probe is its mirror image through the face, so the
-    face's own solid angle flips sign there while every other term is continuous: w_in = w_out - 2*own.
-    """
-    n = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=1)
-    n = n / n.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    probe = tri.mean(1) + _PROBE_OFFSET * n
-    outer = wn(probe)
-    t = tri.double()
-    own = (_solid_angle(probe.double(), t[:, 0], t[:, 1], t[:, 2]) / (4 * torch.pi)).to(outer.dtype)
-    return torch.stack([outer, outer - 2 * own], 1)
+def drift_bound(chain: BoundaryChain, centroid: torch.Tensor, reach: torch.Tensor, budget: int = 1 << 21):
+    """Per face: bound on |w(voxel) - w(probe)| from the boundary chain, for paths of length <= reach
+    that stay within reach of the centroid (inf where the chain comes that close)."""
+    f, c = centroid.shape[0], chain.center.shape[0]
+    out = torch.zeros(f, dtype=torch.float64, device=centroid.device)
+    step = max(1, budget // c)
+    for s in range(0, f, step):
+        g, R = centroid[s : s + step], reach[s : s + step]
+        gap = (g[:, None] - chain.center[None]).norm(dim=2) - R[:, None] - chain.radius[None]  # (T,C)
+        far = gap > chain.radius[None]
+        total = torch.where(far, chain.length[None] / gap.clamp_min(1e-300) ** 2, 0.0).sum(1)
+        ti, ci = (~far).nonzero().unbind(1)
+        owner, e = _expand(chain.count[ci], chain.start[ci])
+        t = ti[owner]
+        d = _point_segment_distance(g[t], chain.ends[e, 0], chain.ends[e, 1]) - R[t]
+        near = torch.where(d > 0, chain.weight[e] / d.clamp_min(1e-300) ** 2, torch.inf)
+        total.index_add_(0, t, near)
+        out[s : s + step] = R * total / (4 * torch.pi)
+    return out
 
 
 @dataclass
@@ -256,31 +245,111 @@ class SignPrep:
     method: str  # "winding", "pseudonormal" or "none"
     planes: torch.Tensor | None = None  # feature_planes(...) table
     side_values: torch.Tensor | None = None  # (F,2) winding number outside / inside each face (winding path)
+    side_err: torch.Tensor | None = None  # (F,) bound on the probe values' error
     open_table: torch.Tensor | None = None  # open_features(...) table (winding path)
     winding: WindingNumber | None = None
+    crossings: Crossings | None = None
+    integer: bool = True  # no boundary chain: w is an integer off the surface
+    chain: BoundaryChain | None = None
+    tri64: torch.Tensor | None = None  # (F,3,3) float64 triangles
+    centroid: torch.Tensor | None = None  # (F,3) float64
+    normal: torch.Tensor | None = None  # (F,3) float64 unit normals
+    rho: torch.Tensor | None = None  # (F,) farthest vertex from the centroid
+    flipped: int = 0  # components turned outward
+    _drift: dict | None = None  # band half-width -> (F,) drift bound
+
+    def drift(self, reach: float) -> torch.Tensor:
+        if self.chain is None:
+            return torch.zeros_like(self.rho)
+        self._drift = self._drift or {}
+        if reach not in self._drift:
+            self._drift[reach] = drift_bound(self.chain, self.centroid, self.rho + reach + _PROBE_OFFSET)
+        return self._drift[reach]
 
 
-def prepare_sign(method: str, tri: torch.Tensor, faces: torch.Tensor, num_vertices: int) -> SignPrep:
-    """Topology, pseudo-normal planes and, unless the mesh is closed with one component, the winding data."""
+def prepare_sign(method: str, tri: torch.Tensor, faces: torch.Tensor, vertices: torch.Tensor):
+    """(SignPrep, triangles): components turned outward, topology, pseudo-normal planes and, unless the
+    mesh is one closed component that crosses itself nowhere, the winding data. `faces` index the
+    welded `vertices`; the returned triangles carry the re-oriented vertex order."""
     if method == "none":
-        return SignPrep(method)
-    topo = mesh_topology(faces, num_vertices)
-    planes = feature_planes(tri, faces, pseudo_normals(tri, topo, faces, num_vertices), topo)
-    if method == "pseudonormal" or (topo.closed and topo.components == 1):
-        return SignPrep("pseudonormal", planes)
-    wn = WindingNumber(tri)
-    return SignPrep(method, planes, winding_side_values(tri, wn), open_features(faces, topo, num_vertices), wn)
+        return SignPrep(method), tri
+    nv = vertices.shape[0]
+    topo = mesh_topology(faces, nv)
+    flips = 0
+    if method == "winding":
+        faces, flips = orient_components(tri, faces, topo)
+        if flips:
+            tri = vertices[faces]
+            topo = mesh_topology(faces, nv)
+    planes = feature_planes(tri, faces, pseudo_normals(tri, topo, faces, nv), topo)
+    if method == "pseudonormal":
+        return SignPrep("pseudonormal", planes), tri
+    cross = triangle_crossings(tri, faces, _PROBE_OFFSET)
+    if topo.closed and topo.components == 1 and not cross.crossed.any() and not cross.hard.any():
+        return SignPrep("pseudonormal", planes, flipped=flips), tri
+    t = tri.double()
+    n = torch.linalg.cross(t[:, 1] - t[:, 0], t[:, 2] - t[:, 0], dim=1)
+    n = n / n.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    g = t.mean(1)
+    chain = boundary_chain(vertices, topo)
+    on = (topo.chain != 0).nonzero().squeeze(1).to(tri.device)
+    wn = WindingNumber(t, vertices.double()[topo.edge_vertices.to(tri.device)[on]], topo.chain.to(tri.device)[on])
+    probe = g + _PROBE_OFFSET * n
+    outer = wn(probe)
+    if chain is None:
+        outer = torch.round(outer)
+    # Crossing a face against its normal adds one: w just inside = w just outside + 1. The probe's
+    # offset from the face is part of the path the drift bound covers.
+    inner = outer + 1
+    err = torch.full_like(outer, _ROUNDING)
+    rho = (t - g[:, None]).norm(dim=2).max(1).values
+    return SignPrep(method, planes, torch.stack([outer, inner], 1), err, open_features(faces, topo, nv), wn,
+                    cross, chain is None, chain, t, g, n, rho, flips), tri
 
 
-def band_signs(prep: SignPrep, points: torch.Tensor, tri_id: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
-    """-1 inside, +1 outside for each band voxel, given its closest triangle and feature."""
+def _walk_crossings(prep: SignPrep, points: torch.Tensor, tri_id: torch.Tensor, piece: int = 1 << 18):
+    """Signed crossings met walking from each voxel's closest point across its face to the centroid."""
+    cr = prep.crossings
+    out = torch.zeros(points.shape[0], dtype=torch.float64, device=points.device)
+    for s in range(0, points.shape[0], piece):
+        t = tri_id[s : s + piece]
+        tri = prep.tri64[t]
+        diff, _ = point_triangle_offset_reference(points[s : s + piece].double(), tri[:, 0], tri[:, 1], tri[:, 2])
+        c = points[s : s + piece].double() - diff
+        owner, row = _expand(cr.count[t], cr.start[t])
+        n = prep.normal[t[owner]]
+        cc, gg = c[owner], prep.centroid[t[owner]]
+        l0, l1 = cr.seg[row, 0], cr.seg[row, 1]
+        d, e = gg - cc, l1 - l0
+
+        def o(u, w):
+            return (n * torch.linalg.cross(u, w, dim=1)).sum(1)
+
+        hit = (o(d, l0 - cc) * o(d, l1 - cc) < 0) & (o(e, cc - l0) * o(e, gg - l0) < 0)
+        # Leaving a surface along its normal lowers w by one: w(start) = w(centroid) + sum sign(d . n_s).
+        step = torch.where(hit, torch.sign((d * prep.normal[cr.other[row]]).sum(1)), 0.0)
+        out[s : s + piece].index_add_(0, owner, step)
+    return out
+
+
+def band_signs(prep: SignPrep, points: torch.Tensor, tri_id: torch.Tensor, feature: torch.Tensor,
+               reach: float) -> torch.Tensor:
+    """-1 inside, +1 outside for band voxels, given each one's closest triangle and feature; reach is the
+    band half-width (the farthest a voxel is from its closest point)."""
     if prep.method == "none":
         return torch.ones(points.shape[0], dtype=points.dtype, device=points.device)
     side = feature_side(points, prep.planes, tri_id, feature)
     if prep.method == "pseudonormal":
         return side
     w = prep.side_values[tri_id, (side < 0).long()]
-    near_open = prep.open_table.index_select(0, tri_id * 7 + feature.long())
-    if near_open.any():
-        w[near_open] = prep.winding(points[near_open])
+    err = prep.side_err[tri_id] + prep.drift(reach)[tri_id]
+    direct = prep.open_table.index_select(0, tri_id * 7 + feature.long()) | prep.crossings.hard[tri_id]
+    walk = prep.crossings.crossed[tri_id] & ~direct
+    if walk.any():
+        idx = walk.nonzero().squeeze(1)
+        w[idx] += _walk_crossings(prep, points[idx], tri_id[idx])
+    direct |= (err >= 0.5) if prep.integer else ((w - WINDING_THRESHOLD).abs() <= err)
+    if direct.any():
+        idx = direct.nonzero().squeeze(1)
+        w[idx] = prep.winding(points[idx])
     return torch.where(w >= WINDING_THRESHOLD, -1.0, 1.0).to(points.dtype)
