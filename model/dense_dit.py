@@ -16,7 +16,7 @@ and shapes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model.configs import strict_from_dict
-from model.dense_vae import check_layout
+from model.dense_vae import check_layout, named_config
 from model.embeddings import TimestepEmbedder, position_embedding_3d
 
 
@@ -60,13 +60,7 @@ class DenseDiTConfig:
 
     @classmethod
     def named(cls, name: str, **overrides) -> "DenseDiTConfig":
-        if name not in DENSE_DIT_CONFIGS:
-            raise ValueError(f"unknown structure DiT config {name!r}; expected one of {sorted(DENSE_DIT_CONFIGS)}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; known: {sorted(known)}")
-        return replace(DENSE_DIT_CONFIGS[name], **overrides)
+        return named_config(DENSE_DIT_CONFIGS, name, overrides, "structure DiT")
 
     @classmethod
     def from_official(cls, params: dict) -> "DenseDiTConfig":

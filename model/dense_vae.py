@@ -64,13 +64,7 @@ class DenseVAEConfig:
 
     @classmethod
     def named(cls, name: str, **overrides) -> "DenseVAEConfig":
-        if name not in DENSE_VAE_CONFIGS:
-            raise ValueError(f"unknown structure VAE config {name!r}; expected one of {sorted(DENSE_VAE_CONFIGS)}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; known: {sorted(known)}")
-        return replace(DENSE_VAE_CONFIGS[name], **overrides)
+        return named_config(DENSE_VAE_CONFIGS, name, overrides, "structure VAE")
 
     @classmethod
     def from_official(cls, params: dict) -> "DenseVAEConfig":
@@ -91,6 +85,18 @@ class DenseVAEConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "DenseVAEConfig":
         return strict_from_dict(cls, d)
+
+
+def named_config(table: dict, name: str, overrides: dict, what: str):
+    """``table[name]`` with ``overrides``; an unknown name or key is a ValueError naming it."""
+    if name not in table:
+        raise ValueError(f"unknown {what} config {name!r}; expected one of {sorted(table)}")
+    cfg = table[name]
+    known = {f.name for f in fields(cfg)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown {type(cfg).__name__} key(s) {unknown}; known: {sorted(known)}")
+    return replace(cfg, **overrides)
 
 
 # The release's constructor defaults (use_fp16 only picks its storage dtype; we choose ours at run time).

@@ -26,14 +26,14 @@ State-dict keys equal the release's (the UNet's are diffusers-style names), so `
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.configs import strict_from_dict
-from model.dense_vae import check_layout
+from model.dense_vae import check_layout, named_config
 
 
 @dataclass(frozen=True)
@@ -78,13 +78,7 @@ class RefinerConfig:
 
     @classmethod
     def named(cls, name: str, **overrides) -> "RefinerConfig":
-        if name not in REFINER_CONFIGS:
-            raise ValueError(f"unknown refiner config {name!r}; expected one of {sorted(REFINER_CONFIGS)}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; known: {sorted(known)}")
-        return replace(REFINER_CONFIGS[name], **overrides)
+        return named_config(REFINER_CONFIGS, name, overrides, "refiner")
 
     @classmethod
     def from_official(cls, params: dict, kind: str | None = None) -> "RefinerConfig":
@@ -303,8 +297,9 @@ class VoxelRefiner(nn.Module):
 
     # -- inference on one shape --------------------------------------------------------------------
     def _patch_input(self, coords: torch.Tensor, values: torch.Tensor, lo: tuple, size: tuple,
-                     rows: torch.Tensor | None = None, fill_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Dense (1, C, *size) crop at ``lo``: ``fill`` where no voxel is given, ``values`` rows elsewhere."""
+                     fill_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Dense (1, C, *size) crop at ``lo``: ``values`` rows at the given voxels, ``fill_rows`` (default 1)
+        elsewhere."""
         lo_t = torch.tensor(lo, device=coords.device)
         local = coords.long() - lo_t
         inside = ((local >= 0) & (local < torch.tensor(size, device=coords.device))).all(1)
