@@ -10,7 +10,9 @@ them through Ray's job submission API to the cluster at ``--address`` or
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -76,8 +78,36 @@ def with_overrides(spec: JobSpec, overrides: list[str]) -> JobSpec:
                    manifest=spec.manifest)
 
 
+SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|API_KEY|ACCESS_KEY|PRIVATE_KEY", re.I)
+
+
+def check_no_secrets(spec: JobSpec) -> None:
+    """A job's entrypoint and runtime env are shown by Ray's job API and logged: no credential may be in them.
+
+    Secrets reach a job from the cluster's own environment (a Kubernetes secret), a mounted file, or a
+    role; the error names the setting, never its value."""
+    from pipeline.storage import InlineCredentials, check_no_credentials
+
+    for name in (spec.runtime_env.get("env_vars") or {}):
+        if SECRET_NAME.search(str(name)):
+            raise InlineCredentials(f"{spec.path}: runtimeEnvYAML env_vars.{name}: a secret in the job's runtime env "
+                                    f"is shown by Ray's job API; give it to the cluster's pods (secretRef) instead")
+    argv = spec.argv()
+    for i, arg in enumerate(argv):
+        flag, _, inline = arg.partition("=")
+        if flag != "--storage-options":
+            continue
+        text = inline or (argv[i + 1] if i + 1 < len(argv) else "")
+        try:
+            options = json.loads(text)
+        except json.JSONDecodeError:
+            continue  # the stage's own parser names a malformed value
+        check_no_credentials(options, f"{spec.path}: --storage-options")
+
+
 def check_entrypoint(spec: JobSpec) -> None:
     """Parse an ``s2 <stage> ...`` entrypoint with the stage's own parser, so bad settings fail here."""
+    check_no_secrets(spec)
     argv = spec.argv()
     if not argv or Path(argv[0]).name != "s2":
         return  # a foreign command: nothing of ours to check
@@ -106,6 +136,7 @@ def auth_env() -> None:
 def submit(spec: JobSpec, *, address: str | None = None, wait: bool = True, follow_logs: bool = True,
            working_dir: str | None = None, submission_id: str | None = None, timeout_s: float | None = None) -> str:
     """Submit, stream the logs, and return the job's final status (or its id when not waiting)."""
+    check_no_secrets(spec)
     auth_env()
     from ray.job_submission import JobSubmissionClient
 

@@ -1,8 +1,11 @@
 """Storage by URI: local paths and ``s3://`` through fsspec (s3fs).
 
-S3 endpoints and credentials come from the usual AWS variables
-(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...) or from ``storage_options``;
-they are never logged or written into outputs.
+S3 endpoints and credentials come from where botocore looks for them on each node: the AWS variables
+(``AWS_ACCESS_KEY_ID``, ... e.g. from a Kubernetes secret through ``envFrom``), a shared credentials
+file (``AWS_SHARED_CREDENTIALS_FILE``, a mounted secret; ``storage_options {"profile": NAME}`` picks
+a profile) or an instance/pod role. ``storage_options`` never carries a credential: one given there
+would sit in the job's entrypoint, Ray's job metadata, configs and logs, so it is refused
+(``InlineCredentials``) before anything is read or submitted.
 """
 
 from __future__ import annotations
@@ -15,6 +18,30 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
+from pipeline.config import ConfigError
+
+# Option names that hold a credential in fsspec backends (s3fs, gcsfs, adlfs) or botocore.
+SECRET_OPTIONS = {"key", "secret", "token", "password", "session_token", "aws_access_key_id",
+                  "aws_secret_access_key", "aws_session_token", "account_key", "sas_token", "client_secret",
+                  "credentials", "connection_string"}
+
+
+class InlineCredentials(ConfigError):
+    """A credential given in storage_options (or a job's environment); the message names the key, never the value."""
+
+
+def check_no_credentials(options: Any, where: str = "storage_options") -> None:
+    """Refuse credentials inside ``options`` (nested mappings included)."""
+    if not isinstance(options, dict):
+        return
+    for key, value in options.items():
+        if str(key).lower() in SECRET_OPTIONS:
+            raise InlineCredentials(
+                f"{where}.{key}: credentials are not accepted inline (they would show in the job's entrypoint, "
+                f"Ray's job metadata and logs); use the AWS_* variables (e.g. from a Kubernetes secret), "
+                f"AWS_SHARED_CREDENTIALS_FILE (a mounted secret) with storage_options {{\"profile\": ...}}, or a role")
+        check_no_credentials(value, f"{where}.{key}")
+
 
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
@@ -22,6 +49,7 @@ def is_remote(uri: str) -> bool:
 
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and the path inside it for ``uri``."""
+    check_no_credentials(storage_options)
     opts = dict(storage_options or {})
     if uri.startswith("s3://") and "endpoint_url" not in opts and os.environ.get("AWS_ENDPOINT_URL"):
         opts.setdefault("client_kwargs", {}).setdefault("endpoint_url", os.environ["AWS_ENDPOINT_URL"])
@@ -29,6 +57,24 @@ def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple
         uri = os.path.abspath(uri.removeprefix("file://"))
     fs, path = url_to_fs(uri, **opts)
     return fs, path
+
+
+def check_writable(uri: str, storage_options: dict[str, Any] | None = None, what: str = "output") -> None:
+    """Write and remove a small probe under ``uri`` (creating the folder or bucket); a failure is one ConfigError line.
+
+    Stages call it before any work, so an output that cannot be written costs nothing."""
+    try:
+        fs, path = filesystem(uri, storage_options)
+        fs.makedirs(path, exist_ok=True)
+        probe = posixpath.join(path, f".s2-write-probe-{uuid.uuid4().hex}")
+        with fs.open(probe, "wb") as fh:
+            fh.write(b"probe")
+        fs.rm(probe)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every backend raises its own kind; the line names it
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{what} {uri}: cannot write there ({type(e).__name__}: {reason})") from None
 
 
 def join(uri: str, *parts: str) -> str:

@@ -41,6 +41,7 @@ def app(ray_cluster, tmp_path_factory):
     serve.shutdown()
     cfg = ServeConfig(name="s2test", port=free_port(), generation=FAST, random_weights="debug", num_cpus=1,
                       max_batch_size=4, batch_wait_timeout_s=1.0, max_upload_mb=0.25, max_image_side=1024,
+                      max_image_pixels=500_000,
                       api_key_file=str(key_file), torch_threads=1)
     start(cfg)
     yield f"http://127.0.0.1:{cfg.port}", cfg
@@ -141,3 +142,55 @@ def test_second_app_on_another_port_is_refused(app):
     with pytest.raises(RuntimeError, match=f"listens on .*:{cfg.port}.*asked for .*:{cfg.port + 1}"):
         start(other)
     assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"  # the running app is untouched
+
+
+def _png_header(w: int, h: int) -> bytes:
+    """A PNG of a few bytes whose header claims w x h pixels: the start of a decompression bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_pixel_bombs_get_413(app):
+    url, _ = app
+    r = post(url, _png_header(40000, 40000))  # PIL's own bomb ceiling (was a 500)
+    assert r.status_code == 413 and "too large" in r.json()["error"], r.text
+    r = post(url, _png_header(1000, 1000))  # sides within max_image_side, pixel count not
+    assert r.status_code == 413 and "1000x1000 = 1000000 pixels exceeds max_image_pixels 500000" in r.json()["error"]
+
+
+def test_docs_and_openapi_need_the_key(app):
+    url, _ = app
+    for path in ("/docs", "/openapi.json"):
+        assert requests.get(f"{url}{path}", timeout=30).status_code == 401, path
+        assert requests.get(f"{url}{path}", headers={"X-API-Key": "wrong"}, timeout=30).status_code == 401
+        assert requests.get(f"{url}{path}", headers={"X-API-Key": KEY}, timeout=30).status_code == 200, path
+    spec = requests.get(f"{url}/openapi.json", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
+    assert "/v1/generate" in spec["paths"]
+    assert requests.get(f"{url}/redoc", timeout=30).status_code == 404
+
+
+@pytest.mark.integration  # Serve tries the replica three times before the app fails (~40 s)
+def test_open_api_on_a_public_address_refuses_to_start(app):
+    """An app whose HTTP address is not loopback and whose replica finds no key does not come up."""
+    import dataclasses
+
+    from ray import serve
+
+    from pipeline.config import ConfigError
+    from pipeline.serve.app import deploy
+
+    url, cfg = app
+    open_cfg = dataclasses.replace(cfg, name="s2open", route_prefix="/open", host="0.0.0.0", api_key_file="",
+                                   api_key_env="S2_TEST_KEY_NOT_SET")
+    try:
+        with pytest.raises(ConfigError, match="^refusing to serve on 0.0.0.0 without an API key: set api_key_file"):
+            deploy(open_cfg)
+    finally:
+        serve.delete("s2open")
+    assert requests.get(f"{url}/open/healthz", timeout=30).status_code == 404

@@ -50,3 +50,85 @@ def test_api_key_and_multipart_parsing():
     with pytest.raises(UploadError, match="no 'image' field"):
         image_from_body({"content-type": "multipart/form-data; boundary=XX"},
                         b"--XX\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhi\r\n--XX--\r\n")
+
+
+def test_key_is_required_beyond_loopback(tmp_path, monkeypatch):
+    from pipeline.serve.uploads import NoApiKey, read_api_key, require_key
+
+    monkeypatch.delenv("S2_API_KEY", raising=False)
+    for host, loopback in (("127.0.0.1", True), ("localhost", True), ("::1", True), ("127.0.0.2", True),
+                           ("0.0.0.0", False), ("10.1.2.3", False), ("::", False), ("myhost", False)):
+        assert ServeConfig(host=host).loopback is loopback, host
+    require_key(None, "127.0.0.1", True, False)
+    require_key(None, "0.0.0.0", False, True)  # insecure_open: explicit
+    with pytest.raises(NoApiKey, match="refusing to serve on 0.0.0.0 without an API key"):
+        require_key(read_api_key("", "S2_API_KEY"), "0.0.0.0", False, False)
+    monkeypatch.setenv("S2_API_KEY", "from-env")
+    assert read_api_key("", "S2_API_KEY") == "from-env"
+    (tmp_path / "key").write_text("from-file\n")
+    assert read_api_key(str(tmp_path / "key"), "S2_API_KEY") == "from-file"
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        read_api_key(str(tmp_path / "empty"), "S2_API_KEY")
+
+
+def test_key_from_a_kubernetes_secret(tmp_path, monkeypatch):
+    """api_key_secret reads the secret through the cluster API (a stub on loopback) with the pod's token."""
+    import base64
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from pipeline.serve.uploads import read_api_key
+
+    seen = []
+
+    class Api(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Authorization")))
+            if self.path != "/api/v1/namespaces/ml/secrets/s2-api-key":
+                self.send_response(404)
+                self.end_headers()
+                return
+            body = json.dumps({"data": {"S2_API_KEY": base64.b64encode(b"from-secret\n").decode()}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Api)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    sa = tmp_path / "sa"
+    sa.mkdir()
+    (sa / "token").write_text("pod-token")
+    (sa / "namespace").write_text("ml")
+    monkeypatch.setenv("S2_SERVICE_ACCOUNT_DIR", str(sa))
+    monkeypatch.setenv("S2_KUBERNETES_API", f"http://127.0.0.1:{server.server_port}")
+    try:
+        assert read_api_key("", "S2_API_KEY", "s2-api-key/S2_API_KEY") == "from-secret"
+        assert read_api_key("", "S2_API_KEY", "ml/s2-api-key/S2_API_KEY") == "from-secret"
+        assert seen[0] == ("/api/v1/namespaces/ml/secrets/s2-api-key", "Bearer pod-token")
+        with pytest.raises(ValueError, match="api_key_secret ml/other/K: the cluster API answered 404"):
+            read_api_key("", "S2_API_KEY", "ml/other/K")
+        with pytest.raises(ValueError, match="has no key 'NOPE'"):
+            read_api_key("", "S2_API_KEY", "s2-api-key/NOPE")
+    finally:
+        server.shutdown()
+
+
+def test_manifests_give_the_key_to_every_pod_that_can_host_the_api():
+    """jobs/generate.yaml starts the Serve app: head and workers alike get the key secret, not optional.
+    jobs/serve.yaml binds 0.0.0.0, so its replicas refuse to start without a key (never open)."""
+    doc = yaml.safe_load(open("jobs/generate.yaml"))
+    cluster = doc["spec"]["rayClusterSpec"]
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        for container in pod["spec"]["containers"]:
+            refs = [e["secretRef"] for e in container.get("envFrom", []) if "secretRef" in e]
+            key = [r for r in refs if r["name"] == "s2-api-key"]
+            assert key and not key[0].get("optional", False), container["name"]
+    cfg = load_serve_config_file("jobs/serve.yaml", "s2")
+    assert not cfg.loopback and not cfg.insecure_open and cfg.api_key_env == "S2_API_KEY"

@@ -8,6 +8,8 @@ the GPU memory of each stage's networks sits idle (docs/generate.md).
 HTTP:  POST /v1/generate?format=glb|obj|ply&seed=N  (raw image bytes or multipart 'image')  -> mesh
        GET  /healthz                                                                           -> {"status": "ok"}
        GET  /v1/model                                                                          -> networks, limits
+       GET  /docs, /openapi.json                                                               -> API description
+Every route but /healthz needs the key when one is configured; on a non-loopback host a key is required.
 Python: ``serve.get_deployment_handle("Generator", app_name)`` then ``.generate.remote(item)``.
 """
 
@@ -18,6 +20,7 @@ import json
 import logging
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
@@ -102,7 +105,9 @@ class Generator:
         return list(self.batches)
 
 
-api = FastAPI(title="s2ray", description="image -> mesh (sparse SDF cascade)")
+# FastAPI's own /docs and /openapi.json would answer without the key: ours below check it first.
+api = FastAPI(title="s2ray", description="image -> mesh (sparse SDF cascade)", docs_url=None, redoc_url=None,
+              openapi_url=None)
 
 
 @serve.deployment(name="Api")
@@ -111,7 +116,8 @@ class Api:
     def __init__(self, generator, config: dict):
         self.cfg = from_dict(ServeConfig, config, where="ServeConfig")
         self.generator = generator
-        self.api_key = uploads.read_api_key(self.cfg.api_key_file, self.cfg.api_key_env)
+        self.api_key = uploads.read_api_key(self.cfg.api_key_file, self.cfg.api_key_env, self.cfg.api_key_secret)
+        uploads.require_key(self.api_key, self.cfg.host, self.cfg.loopback, self.cfg.insecure_open)
         self.max_bytes = int(self.cfg.max_upload_mb * 2**20)
 
     def _error(self, e: uploads.UploadError) -> JSONResponse:
@@ -121,6 +127,22 @@ class Api:
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request):
+        try:
+            uploads.check_api_key(self.api_key, request.headers)
+        except uploads.UploadError as e:
+            return self._error(e)
+        return JSONResponse(api.openapi())
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request):
+        try:
+            uploads.check_api_key(self.api_key, request.headers)
+        except uploads.UploadError as e:
+            return self._error(e)
+        return get_swagger_ui_html(openapi_url=request.scope.get("root_path", "") + "/openapi.json", title="s2ray")
+
     @api.get("/v1/model")
     async def model(self, request: Request):
         try:
@@ -128,7 +150,8 @@ class Api:
         except uploads.UploadError as e:
             return self._error(e)
         info = await self.generator.info.remote()
-        return {**info, "limits": {"max_upload_bytes": self.max_bytes, "max_image_side": self.cfg.max_image_side},
+        return {**info, "limits": {"max_upload_bytes": self.max_bytes, "max_image_side": self.cfg.max_image_side,
+                                   "max_image_pixels": self.cfg.max_image_pixels},
                 "formats": ["glb", "obj", "ply"], "api_key_required": self.api_key is not None}
 
     @api.post("/v1/generate")
@@ -149,7 +172,7 @@ class Api:
                     raise uploads.UploadError(413, f"upload exceeds the limit of {self.max_bytes} bytes")
             up = uploads.image_from_body(request.headers, bytes(body))
             name = up.filename or f"upload-{hashlib.sha256(up.data).hexdigest()[:12]}"
-            uploads.check_image(up.data, self.cfg.max_image_side, name)
+            uploads.check_image(up.data, self.cfg.max_image_side, name, self.cfg.max_image_pixels)
         except uploads.UploadError as e:
             return self._error(e)
         ans = await self.generator.generate.remote({"name": name, "image": up.data, "seed": seed, "format": fmt})
@@ -188,7 +211,28 @@ def start(cfg: ServeConfig, blocking: bool = False):
     if running is not None and running != (cfg.host, cfg.port):
         raise RuntimeError(f"Ray Serve already listens on {running[0]}:{running[1]} on this cluster; the app asked "
                            f"for {cfg.host}:{cfg.port}. Use that port, or stop Serve first (`serve shutdown`).")
-    return serve.run(build_app(cfg), name=cfg.name, route_prefix=cfg.route_prefix, blocking=blocking)
+    return deploy(cfg, blocking)
+
+
+def deploy(cfg: ServeConfig, blocking: bool = False):
+    """``serve.run`` of the app; a replica that refuses to start (no API key) is one ConfigError line."""
+    try:
+        return serve.run(build_app(cfg), name=cfg.name, route_prefix=cfg.route_prefix, blocking=blocking)
+    except RuntimeError as e:  # a replica that refused to start: its one-line reason, not Serve's traceback
+        import re
+
+        from pipeline.config import ConfigError
+
+        text = str(e)
+        try:  # the replica's own error is in the deployment's status message
+            app = serve.status().applications.get(cfg.name)
+            text += "\n" + "\n".join(d.message for d in (app.deployments.values() if app else []))
+        except Exception:  # noqa: BLE001 - status is best effort; the original error is raised then
+            pass
+        found = re.search(r"(?:NoApiKey|ValueError): ((?:refusing to serve|api_key_(?:file|secret)) [^\n]*)", text)
+        if found is None:
+            raise
+        raise ConfigError(found.group(1).strip()) from None
 
 
 def _running_http_address() -> tuple[str, int] | None:

@@ -31,17 +31,25 @@ class ServeConfig:
     max_ongoing_requests: int = 32
     max_upload_mb: float = 16.0
     max_image_side: int = 4096
+    max_image_pixels: int = field(default=4096 * 4096, metadata={
+        "help": "largest width x height accepted (a larger image is refused with 413 before it is decoded)"})
     api_key_file: str = field(default="", metadata={
         "help": "file holding the API key; requests must send it (Authorization: Bearer KEY or X-API-Key)"})
     api_key_env: str = field(default="S2_API_KEY", metadata={
-        "help": "environment variable holding the API key when no file is given (unset: no key required)"})
+        "help": "environment variable holding the API key when no file or secret is given"})
+    api_key_secret: str = field(default="", metadata={
+        "help": "Kubernetes secret NAMESPACE/NAME/KEY (or NAME/KEY in the pod's namespace) holding the API key, "
+                "read through the cluster API with the pod's service account"})
+    insecure_open: bool = field(default=False, metadata={
+        "help": "serve without an API key on a non-loopback host (refused otherwise; not recommended)"})
     default_format: Literal["glb", "obj", "ply"] = "glb"
     torch_threads: int = field(default=0, metadata={"help": "intra-op threads per CPU replica (0: torch default)"})
 
     def validate(self) -> None:
         from model.cascade import GenerationConfig
 
-        for key in ("num_replicas", "max_batch_size", "max_ongoing_requests", "max_image_side", "port"):
+        for key in ("num_replicas", "max_batch_size", "max_ongoing_requests", "max_image_side", "max_image_pixels",
+                    "port"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if self.max_upload_mb <= 0 or self.batch_wait_timeout_s < 0 or self.num_gpus < 0 or self.num_cpus < 0:
@@ -59,6 +67,18 @@ class ServeConfig:
             missing = [k for k in ("structure_vae", "structure_dit", "dit") if not getattr(gen, k)]
             if missing:
                 raise ConfigError(f"generation: checkpoint(s) {', '.join(missing)} not set (or set random_weights)")
+
+    @property
+    def loopback(self) -> bool:
+        """Is the HTTP address reachable from this machine only?"""
+        import ipaddress
+
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
 
     @property
     def generation_config(self):

@@ -20,8 +20,12 @@ class UploadError(Exception):
         self.status = status
 
 
-def read_api_key(key_file: str, key_env: str) -> str | None:
-    """The configured API key (file first, then the environment), or None when the API is open."""
+class NoApiKey(ValueError):
+    """The API would listen beyond this machine without a key; the message says where a key can come from."""
+
+
+def read_api_key(key_file: str, key_env: str, key_secret: str = "") -> str | None:
+    """The configured API key (a file, else a Kubernetes secret, else the environment), or None."""
     if key_file:
         try:
             key = Path(key_file).read_text().strip()
@@ -30,7 +34,18 @@ def read_api_key(key_file: str, key_env: str) -> str | None:
         if not key:
             raise ValueError(f"api_key_file {key_file}: empty")
         return key
+    if key_secret:
+        from pipeline.serve.secrets import read_kubernetes_secret
+
+        return read_kubernetes_secret(key_secret)
     return os.environ.get(key_env) or None if key_env else None
+
+
+def require_key(key: str | None, host: str, loopback: bool, open_ok: bool) -> None:
+    """Refuse an open API on a non-loopback address unless explicitly allowed."""
+    if key is None and not loopback and not open_ok:
+        raise NoApiKey(f"refusing to serve on {host} without an API key: set api_key_file, api_key_secret or the "
+                       f"variable named by api_key_env on every node that can host the API, or bind 127.0.0.1")
 
 
 def check_api_key(expected: str | None, headers) -> None:
@@ -82,8 +97,8 @@ def image_from_body(headers, body: bytes) -> Upload:
     return Upload(part.get_payload(decode=True) or b"", part.get_filename() or "")
 
 
-def check_image(data: bytes, max_side: int, name: str) -> tuple[int, int]:
-    """Reads only the header: (width, height); refuses non-images and images over ``max_side``."""
+def check_image(data: bytes, max_side: int, name: str, max_pixels: int | None = None) -> tuple[int, int]:
+    """Reads only the header: (width, height); refuses non-images and images over ``max_side`` or ``max_pixels``."""
     from PIL import Image, UnidentifiedImageError
 
     if not data:
@@ -91,8 +106,12 @@ def check_image(data: bytes, max_side: int, name: str) -> tuple[int, int]:
     try:
         with Image.open(io.BytesIO(data)) as img:
             w, h = img.size
-    except (UnidentifiedImageError, OSError) as e:
+    except Image.DecompressionBombError as e:  # PIL's own ceiling, far above ours: still a too-large image
+        raise UploadError(413, f"{name}: image too large ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
         raise UploadError(422, f"{name}: not an image ({e})") from None
     if w > max_side or h > max_side:
         raise UploadError(413, f"{name}: image of {w}x{h} pixels exceeds max_image_side {max_side}")
+    if max_pixels is not None and w * h > max_pixels:
+        raise UploadError(413, f"{name}: image of {w}x{h} = {w * h} pixels exceeds max_image_pixels {max_pixels}")
     return w, h
