@@ -44,6 +44,7 @@ CLASSES: dict[str, str] = {
     "dense_vae.DenseShapeVAE": "dense_vae",
     "dense_dit.DenseDiT": "dense_dit",
     "unet_refiner.Voxel_RefinerXL": "refiner",
+    "unet_refiner.Voxel_RefinerXL_sign": "refiner",  # RefinerConfig(kind="sign"), told by the target
 }
 
 # The release's sampling settings that live in its pipeline's call signature, not in config.yaml
@@ -86,10 +87,11 @@ def _converters(network: str):
     return config_cls.from_official, to_ours, to_official
 
 
-def config_from_params(network: str, params: dict, where: str):
+def config_from_params(network: str, params: dict, where: str, target: str | None = None):
     from_official, _, _ = _converters(network)
+    kind = {"kind": "sign"} if str(target or "").endswith("Voxel_RefinerXL_sign") else {}
     try:
-        return from_official(dict(params or {}))
+        return from_official(dict(params or {}), **kind)
     except (TypeError, ValueError, KeyError) as e:
         raise OfficialError(f"{where}: params do not describe a {network} ({e})") from None
 
@@ -121,7 +123,7 @@ def convert_module(section: str, params: dict, state_dict: dict[str, torch.Tenso
     """One released module (config.yaml section + its tensors) as our network, strict, in eval mode."""
     where = f"{section}"
     network = network_of_target(target, where) if target else _section_network(section)
-    cfg = config_from_params(network, params, where)
+    cfg = config_from_params(network, params, where, target)
     module_cls, _ = network_classes(network)
     ours = convert_state(network, cfg, state_dict, where)
     with torch.device("meta"):
@@ -262,7 +264,7 @@ def convert_snapshot(root: str, out: str, *, sections: list[str] | None = None, 
         t0 = time.perf_counter()
         target, params = snap.section(name)
         network = network_of_target(target, name)
-        cfg = config_from_params(network, params, name)
+        cfg = config_from_params(network, params, name, target)
         module = convert_module(name, params, snap.tensors(name), target=target)
         meta = {"source": f"{os.path.basename(SECTIONS[name][0])}:{SECTIONS[name][1]}", "release_target": target,
                 "release_params": _plain(params)}
