@@ -210,7 +210,7 @@ class SparseSDFEncoder(nn.Module):
             h = blk(h)
         pos = sinusoidal_positions(h.coords[:, 1:], h.num_channels, factor)
         h = self.input_layer(h)
-        h = h.replace(h.feats + pos.to(h.dtype))
+        h = h.replace((h.feats.float() + pos).to(h.dtype))  # summed in float32, as the release's promotion does
         for blk in self.blocks:
             h = blk(h)
         return self.out_layer(h.replace(F.layer_norm(h.feats, h.feats.shape[-1:])))
@@ -230,7 +230,7 @@ class SparseSDFDecoder(nn.Module):
     def latent_features(self, z: SparseTensor, factor: float | None = None) -> SparseTensor:
         """Input layer, positions and transformer blocks at the latent resolution."""
         h = self.input_layer(z)
-        h = h.replace(h.feats + sinusoidal_positions(z.coords[:, 1:], h.num_channels, factor).to(h.dtype))
+        h = h.replace((h.feats.float() + sinusoidal_positions(z.coords[:, 1:], h.num_channels, factor)).to(h.dtype))
         for blk in self.blocks:
             h = blk(h)
         return h
