@@ -2,8 +2,9 @@
 
 Queries, keys and values come from bias-free projections (32 query heads, 2 key/value heads, head
 dim 32 in the paper's SS-DiT). Keys (plus a learned intra-block position) and values are compressed
-per m_cmp³ block (m_cmp = 4) by a learned block each: GroupNorm, SiLU, mean pool, two 3³ sparse
-convs with a GroupNorm and SiLU between, plus the pooled input. A gate Linear(dim, 3) shared by all
+per m_cmp³ block (m_cmp = 4) by a learned block each: GroupNorm, SiLU, pool, two 3³ sparse
+convs with a GroupNorm and SiLU between, plus the pooled input (the pool divides each block's sum by
+its token count plus one, as the release's does). A gate Linear(dim, 3) shared by all
 heads, through a sigmoid, mixes the compression, selection and window outputs before the output
 projection. ``attention="full"`` swaps the three branches for SDPA over each shape (our baseline).
 """
@@ -139,7 +140,8 @@ class BlockGrid:
         order = torch.argsort(coord_keys(coarse, res))
         self.rank = torch.argsort(order)  # key-order row of each compression block (structure order)
         self.token_row = self.rank[st.cmp_of_token]  # key-order row of each token's compression block
-        self.counts = torch.bincount(self.token_row, minlength=st.n_cmp)[:, None]
+        # the release pools with scatter_reduce("mean") onto zeros, which counts that zero too: sum / (n + 1)
+        self.divisor = torch.bincount(self.token_row, minlength=st.n_cmp)[:, None] + 1
         self.coarse_coords = coarse[order].contiguous()
         self.resolution, self.batch_size, self.cache = res, st.n_shapes, {}
 
@@ -148,18 +150,19 @@ class BlockGrid:
         return SparseTensor(self.fine_coords, feats, self.fine_resolution, self.batch_size, check=False)
 
     def pool(self, x: SparseTensor) -> SparseTensor:
-        """Mean of each compression block's tokens, as a coarse SparseTensor in key order."""
+        """Each compression block's tokens pooled as the release pools them (sum / (n + 1)), as a coarse
+        SparseTensor in key order."""
         f = x.feats.float() if x.dtype in (torch.float16, torch.bfloat16) else x.feats
         total = f.new_zeros(len(self.coarse_coords), f.shape[1]).index_add(0, self.token_row, f)
-        return SparseTensor(self.coarse_coords, (total / self.counts).to(x.dtype), self.resolution,
+        return SparseTensor(self.coarse_coords, (total / self.divisor).to(x.dtype), self.resolution,
                             self.batch_size, self.cache, check=False)
 
 
 class BlockCompressor(nn.Module):
     """One token per m_cmp³ block from its tokens' features (the released SparseDownBlock3d).
 
-    v2: h = GroupNorm → SiLU → mean pool → 3³ conv → GroupNorm → SiLU → 3³ conv, plus the mean pool of the
-    input. v1: 1³ conv → SiLU → mean pool. Statistics of every GroupNorm are per shape."""
+    v2: h = GroupNorm → SiLU → pool → 3³ conv → GroupNorm → SiLU → 3³ conv, plus the pool of the
+    input. v1: 1³ conv → SiLU → pool. Statistics of every GroupNorm are per shape."""
 
     def __init__(self, channels: int, version: str = "v2", groups: int = 32):
         super().__init__()

@@ -53,8 +53,9 @@ def test_released_parameter_layout():
     assert sorted(full.state_dict()) == ["proj_k.weight", "proj_o.weight", "proj_q.weight", "proj_v.weight"]
 
 
-def test_compressor_is_mean_pool_plus_learned_part():
-    """With the convs zeroed but their biases, v2 gives pooled input + bias; v1 with identity conv the pooled SiLU."""
+def test_compressor_is_pool_plus_learned_part():
+    """With the last conv zeroed but its bias, v2 gives the pooled input + bias; the release's pool divides each
+    block's sum by its token count plus one (scatter_reduce "mean" onto zeros counts the zero)."""
     m = _randomize(SpatialSparseAttention(SSAConfig(**SMALL)), 1)
     x, coords, cu = _inputs(1)
     perm, _, st = ssa_structure(coords, cu, m.cfg)
@@ -63,7 +64,7 @@ def test_compressor_is_mean_pool_plus_learned_part():
         m.compression_value.out_layers[3].weight.zero_()
     _, v_cmp = m.compress(k, v, st)
     counts = (st.cmp_offsets[1:] - st.cmp_offsets[:-1])[:, None].float()
-    mean = torch.zeros(st.n_cmp, 32).index_add(0, st.cmp_of_token, v) / counts
+    mean = torch.zeros(st.n_cmp, 32).index_add(0, st.cmp_of_token, v) / (counts + 1)
     expect = mean + m.compression_value.out_layers[3].bias
     assert torch.allclose(v_cmp.reshape(st.n_cmp, 32), expect, atol=1e-5)
 
