@@ -295,6 +295,13 @@ class VoxelRefiner(nn.Module):
         out = adaptive_smooth(out, F.normalize(self.adaptive_conv3(mid), p=1, dim=1))
         return torch.tanh(out)
 
+    def forward_patch(self, sdf: torch.Tensor, feats: torch.Tensor | None = None) -> torch.Tensor:
+        """One patch as the release's loop body computes it: the sdf refiner from the raw decoder features
+        (B, feat_channels, D, H, W) -> tanh output; the sign refiner -> sigmoid (>= 0.5 is outside)."""
+        if self.cfg.kind == "sign":
+            return torch.sigmoid(self(sdf))
+        return self(sdf, self.latent_mlp(feats.movedim(1, -1)).movedim(-1, 1))
+
     # -- inference on one shape --------------------------------------------------------------------
     def _patch_input(self, coords: torch.Tensor, values: torch.Tensor, lo: tuple, size: tuple,
                      fill_rows: torch.Tensor | None = None) -> torch.Tensor:
