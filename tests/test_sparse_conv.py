@@ -242,3 +242,19 @@ def test_torchsparse_kernel_layout_rejects_non_cubes():
 
     with pytest.raises(ValueError, match="not a cube"):
         kernel_from_torchsparse(torch.zeros(26, 2, 2))
+
+
+def test_reference_sums_half_precision_in_float32():
+    coords, out, x, w, _, kmap = _case(12, 500, 16, 32, 3, 1, 1, seed=7, dtype=torch.float64)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    exact = sparse_conv_reference(xb.double(), wb.double(), kmap)
+    got = sparse_conv_reference(xb, wb, kmap)
+    assert got.dtype == torch.bfloat16
+    # summing the 27 offsets in bfloat16 rounds once per offset; the reference rounds the products only
+    nbr = kmap.neighbors.long()
+    naive = torch.zeros(len(out), w.shape[2], dtype=torch.bfloat16)
+    for v in range(27):
+        ok = nbr[:, v] >= 0
+        naive[ok] += xb[nbr[ok, v]] @ wb[v]
+    err, naive_err = (got.double() - exact).abs().max(), (naive.double() - exact).abs().max()
+    assert err < 0.6 * naive_err and err < 2 ** -7 * exact.abs().max()
