@@ -120,3 +120,19 @@ def test_triton_interpreter_matches_reference_backend():
     with torch.no_grad():
         ref, out = model(f, c, cu, t, cond), tri(f, c, cu, t, cond)
     assert ((out - ref).norm() / ref.norm()) < 1e-4
+
+
+def test_sinusoid_layouts():
+    from model.embeddings import TimestepEmbedder, position_embedding_3d, sinusoidal
+
+    e = position_embedding_3d(torch.tensor([[1, 2, 3]]), 1024, factor=0.5)[0]
+    f = 1.0 / 10000 ** (torch.arange(170) / 170)
+    for axis, c in enumerate((0.5, 1.0, 1.5)):  # per axis [sin | cos], axes side by side, 4 zeros at the end
+        assert torch.allclose(e[axis * 340:axis * 340 + 170], torch.sin(c * f), atol=1e-6)
+        assert torch.allclose(e[axis * 340 + 170:(axis + 1) * 340], torch.cos(c * f), atol=1e-6)
+    assert (e[1020:] == 0).all()
+    s = sinusoidal(torch.tensor([250.0]), 256)[0]  # timesteps: [cos | sin]
+    g = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(128) / 128)
+    assert torch.allclose(s, torch.cat([torch.cos(250 * g), torch.sin(250 * g)]), atol=1e-5)
+    emb = TimestepEmbedder(8)
+    assert torch.allclose(emb(torch.tensor([0.25])), emb.mlp(sinusoidal(torch.tensor([250.0]), 256)))
