@@ -60,3 +60,14 @@ def occupancy_to_latent_coords(logits: torch.Tensor, latent_resolution: int, thr
         sub = torch.stack(torch.meshgrid(*[torch.arange(f, device=idx.device)] * 3, indexing="ij"), -1).reshape(-1, 3)
         return (idx[:, None, :] * f + sub[None]).reshape(-1, 3).int()
     return torch.unique(idx // (GRID // latent_resolution), dim=0).int()
+
+
+def sort_block(coords: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Latent voxels (M, 3) in the released order of the sparse stage's tokens: by block of ``block_size``³
+    (x, y, z), then by position in the block (x, y, z); the sampler's noise rows follow this order."""
+    c = coords.long()
+    blk, inb = torch.div(c, block_size, rounding_mode="floor"), c % block_size
+    side = int(c.max()) + 1 if len(c) else 1
+    key = ((blk[:, 0] * side + blk[:, 1]) * side + blk[:, 2]) * block_size ** 3
+    key = key + (inb[:, 0] * block_size + inb[:, 1]) * block_size + inb[:, 2]
+    return coords[torch.argsort(key, stable=True)]

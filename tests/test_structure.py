@@ -106,3 +106,17 @@ def test_structure_vae_learns_occupancy_at_the_paper_threshold():
     all_occupied = float(target.float().mean())
     assert all_occupied < 0.11
     assert iou > 0.45, f"IoU {iou:.3f} at threshold 0.1 (all occupied: {all_occupied:.3f})"
+
+
+def test_sort_block_is_the_released_order():
+    from model.structure import sort_block
+
+    g = torch.Generator().manual_seed(0)
+    coords = torch.unique(torch.randint(0, 24, (300, 3), generator=g), dim=0).int()
+    got = sort_block(coords[torch.randperm(len(coords), generator=g)], 8)
+    # numpy.lexsort over (in-block z, y, x, block z, y, x), last key primary, as the release sorts
+    import numpy as np
+
+    c = coords.numpy()
+    order = np.lexsort((c[:, 2] % 8, c[:, 1] % 8, c[:, 0] % 8, c[:, 2] // 8, c[:, 1] // 8, c[:, 0] // 8))
+    assert torch.equal(got, coords[torch.from_numpy(order)])
