@@ -145,7 +145,14 @@ def submit(spec: JobSpec, *, address: str | None = None, wait: bool = True, foll
         raise ConfigError("no Ray cluster address: pass --address or set RAY_ADDRESS (e.g. http://127.0.0.1:8265)")
     if "://" not in address:
         address = f"http://{address}"
-    client = JobSubmissionClient(address)
+    from pipeline.commands.cluster import reachable
+
+    reachable(address)
+    try:
+        client = JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"Ray cluster at {address}: {first}") from None
     runtime_env = dict(spec.runtime_env)
     if working_dir:
         runtime_env["working_dir"] = working_dir

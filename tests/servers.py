@@ -59,16 +59,9 @@ class RayCluster:
     procs: list = field(default_factory=list)
 
     def processes(self) -> list[psutil.Process]:
-        found = {}
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                if any(self.temp_dir in a for a in (p.info["cmdline"] or [])):
-                    found[p.pid] = p
-                    for c in p.children(recursive=True):
-                        found[c.pid] = c
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        return list(found.values())
+        from pipeline.commands.cluster import own_processes
+
+        return own_processes(self.temp_dir)
 
     def worker_pids(self, name_part: str) -> list[int]:
         """PIDs of Ray worker processes running a task whose title contains ``name_part``."""
@@ -83,18 +76,9 @@ class RayCluster:
         return out
 
     def stop(self) -> None:
-        procs = self.processes()
-        for p in procs:
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=10)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        from pipeline.commands.cluster import end_processes
+
+        end_processes(self.processes())
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 

@@ -1,11 +1,22 @@
-"""``s2 cluster up|down|status``: a local Ray cluster on this machine, with token auth."""
+"""``s2 cluster up|down|status``: a local Ray cluster on this machine, with token auth.
+
+``up`` starts the head in its own temp folder (``/tmp/s2ray-<uid>-<dashboard port>``) and records the
+processes it started there; ``down`` ends exactly the processes of that folder (the recorded ones and
+what they spawned), never another cluster's: ``ray stop`` would end every Ray process of the machine.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+
+RECORD = "s2-cluster.json"
 
 
 def register(sub) -> None:
@@ -13,9 +24,19 @@ def register(sub) -> None:
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--num-cpus", type=int, default=None)
     p.add_argument("--num-gpus", type=int, default=None)
-    p.add_argument("--dashboard-port", type=int, default=8265)
+    p.add_argument("--port", type=int, default=6379, help="GCS port of the head")
+    p.add_argument("--dashboard-port", type=int, default=8265, help="names the cluster for `down` and `status`")
     p.add_argument("--no-auth", action="store_true", help="start without token auth (not recommended)")
     p.set_defaults(func=_run)
+
+
+def _psutil():
+    try:
+        import psutil
+    except ImportError:  # Ray ships its own copy and puts it on the path on import
+        import ray  # noqa: F401
+        import psutil
+    return psutil
 
 
 def _env(no_auth: bool) -> dict[str, str]:
@@ -43,22 +64,148 @@ def ensure_token(env: dict[str, str]) -> None:
             fh.write(secrets.token_hex(32))
 
 
+def temp_dir_for(dashboard_port: int) -> str:
+    """This user's cluster folder for a dashboard port (short: Ray's socket paths must fit 107 bytes)."""
+    return os.path.join(tempfile.gettempdir(), f"s2ray-{os.getuid()}-{dashboard_port}")
+
+
+def own_processes(temp_dir: str) -> list:
+    """Live processes whose command line names ``temp_dir`` (every Ray daemon of that cluster does), with children."""
+    psutil = _psutil()
+    found = {}
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in a for a in (p.info["cmdline"] or [])):
+                found[p.pid] = p
+                for c in p.children(recursive=True):
+                    found[c.pid] = c
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return list(found.values())
+
+
+def end_processes(procs: list, timeout_s: float = 10.0) -> int:
+    """SIGTERM, then SIGKILL what is left after ``timeout_s``; returns how many were ended."""
+    psutil = _psutil()
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return len(procs)
+
+
+def start_local(env: dict[str, str], *, dashboard_port: int = 8265, port: int = 6379, num_cpus: int | None = None,
+                num_gpus: int | None = None, quiet: bool = False) -> subprocess.CompletedProcess:
+    """``ray start --head`` in this cluster's own temp folder; records the processes it started there."""
+    temp_dir = temp_dir_for(dashboard_port)
+    os.makedirs(temp_dir, mode=0o700, exist_ok=True)
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    cmd = [ray, "start", "--head", "--disable-usage-stats", "--temp-dir", temp_dir, "--port", str(port),
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port)]
+    if num_cpus is not None:
+        cmd += ["--num-cpus", str(num_cpus)]
+    if num_gpus is not None:
+        cmd += ["--num-gpus", str(num_gpus)]
+    out = subprocess.PIPE if quiet else None
+    done = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.PIPE if quiet else None, text=True)
+    if done.returncode == 0:
+        record = {"temp_dir": temp_dir, "gcs_port": port, "dashboard_port": dashboard_port, "started": time.time(),
+                  "pids": sorted(p.pid for p in own_processes(temp_dir))}
+        Path(temp_dir, RECORD).write_text(json.dumps(record))
+    return done
+
+
+def stop_local(dashboard_port: int = 8265, timeout_s: float = 10.0) -> int | None:
+    """End the processes of the cluster ``start_local`` started for this port; None when there is none."""
+    temp_dir = temp_dir_for(dashboard_port)
+    record_path = Path(temp_dir, RECORD)
+    if not record_path.exists():
+        return None
+    psutil = _psutil()
+    record = json.loads(record_path.read_text())
+    procs = {p.pid: p for p in own_processes(temp_dir)}
+    for pid in record.get("pids", []):  # recorded daemons that no longer name the folder (renamed titles)
+        try:
+            p = psutil.Process(pid)
+            if p.create_time() <= record["started"] + 60:
+                procs.setdefault(pid, p)
+        except psutil.NoSuchProcess:
+            continue
+    n = end_processes(list(procs.values()), timeout_s)
+    record_path.unlink(missing_ok=True)
+    return n
+
+
+def reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A TCP connection to ``host:port`` (of a GCS or dashboard address) or a one-line ConfigError."""
+    from urllib.parse import urlparse
+
+    from pipeline.config import ConfigError
+
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+    except ValueError:
+        raise ConfigError(f"Ray cluster address {address!r}: not host:port or http://host:port") from None
+    if not host:
+        raise ConfigError(f"Ray cluster address {address!r}: not host:port or http://host:port")
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ConfigError(f"no Ray cluster answers at {address} ({e.strerror or e}); start one with "
+                          f"`s2 cluster up` or set RAY_ADDRESS") from None
+
+
+def connect(start_if_none: bool = False, **init_kwargs) -> None:
+    """``ray.init`` on the cluster of RAY_ADDRESS (a GCS address; a dashboard URL or none means this machine's,
+    or with ``start_if_none`` a new in-process one when none is set), checked first: an address where nothing
+    answers, or a failed connection, is one ConfigError line."""
+    import ray
+
+    from pipeline.config import ConfigError
+
+    addr = os.environ.get("RAY_ADDRESS", "")
+    if addr and addr != "auto" and not addr.startswith("ray://"):
+        reachable(addr)
+    target = (None if start_if_none else "auto") if not addr else "auto" if addr.startswith("http") else addr
+    try:
+        ray.init(address=target, ignore_reinit_error=True, **init_kwargs)
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"cannot join the Ray cluster ({addr or 'auto'}): {first}") from None
+
+
 def _run(args) -> int:
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
     env = _env(args.no_auth)
     if args.action == "up":
         ensure_token(env)
-        cmd = [ray, "start", "--head", "--disable-usage-stats", "--dashboard-host", "127.0.0.1",
-               "--dashboard-port", str(args.dashboard_port)]
-        if args.num_cpus is not None:
-            cmd += ["--num-cpus", str(args.num_cpus)]
-        if args.num_gpus is not None:
-            cmd += ["--num-gpus", str(args.num_gpus)]
-        rc = subprocess.call(cmd, env=env)
+        rc = start_local(env, dashboard_port=args.dashboard_port, port=args.port, num_cpus=args.num_cpus,
+                         num_gpus=args.num_gpus).returncode
         if rc == 0:
             print(f"\nRay cluster up: RAY_ADDRESS=http://127.0.0.1:{args.dashboard_port}"
-                  + ("" if args.no_auth else " (token auth; clients read ~/.ray/auth_token)"))
+                  + ("" if args.no_auth else " (token auth; clients read ~/.ray/auth_token)")
+                  + f"; `s2 cluster down --dashboard-port {args.dashboard_port}` ends it")
         return rc
     if args.action == "down":
-        return subprocess.call([ray, "stop", "--force"], env=env)
-    return subprocess.call([ray, "status"], env=env)
+        n = stop_local(args.dashboard_port)
+        if n is None:
+            print(f"s2 cluster down: no cluster started by `s2 cluster up` on dashboard port {args.dashboard_port}; "
+                  f"nothing stopped (other Ray clusters are left alone)", file=sys.stderr)
+            return 1
+        print(f"stopped the cluster of {temp_dir_for(args.dashboard_port)} ({n} processes)")
+        return 0
+    return subprocess.call([ray, "status", "--address", f"127.0.0.1:{_gcs_port(args)}"], env=env)
+
+
+def _gcs_port(args) -> int:
+    record = Path(temp_dir_for(args.dashboard_port), RECORD)
+    return json.loads(record.read_text())["gcs_port"] if record.exists() else args.port

@@ -54,20 +54,17 @@ def register(sub) -> None:
 
 
 def _start_cluster(num_cpus: int | None, env: dict[str, str]) -> str:
-    from pipeline.commands.cluster import ensure_token
+    """A local cluster in its own temp folder; ``cluster.stop_local()`` ends its processes and no others."""
+    from pipeline.commands.cluster import ensure_token, start_local
 
     ensure_token(env)
-    ray = os.path.join(os.path.dirname(sys.executable), "ray")
-    cmd = [ray, "start", "--head", "--disable-usage-stats", "--dashboard-host", "127.0.0.1"]
-    if num_cpus:
-        cmd += ["--num-cpus", str(num_cpus)]
-    done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    done = start_local(env, num_cpus=num_cpus or None, quiet=True)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         if "already running" in done.stderr:
             raise SystemExit("s2 demo: a Ray cluster already runs on this machine; run the demo on it with "
                              "RAY_ADDRESS=http://127.0.0.1:8265 (its dashboard address), or stop it first "
-                             f"(`ray stop`). ray start said: {last}")
+                             f"(`s2 cluster down`). ray start said: {last}")
         raise SystemExit(f"s2 demo: `ray start` failed (exit {done.returncode}): {last}")
     return "http://127.0.0.1:8265"
 
@@ -322,8 +319,9 @@ def _run(args) -> int:
             status = _generate_library(args, data, corpus, dataset, report, held, address)
     finally:
         if started and not args.keep_cluster:
-            ray = os.path.join(os.path.dirname(sys.executable), "ray")
-            subprocess.run([ray, "stop"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            from pipeline.commands.cluster import stop_local
+
+            stop_local()  # the processes this demo started, not every Ray process of the machine
     print(f"\ndemo {status} in {time.time() - t0:.0f} s")
     return 0 if status == "SUCCEEDED" else 1
 

@@ -45,6 +45,9 @@ def _run(args) -> int:
     from pipeline.generate import GenerateConfig, print_summary, run
 
     cfg = config.from_args(GenerateConfig, args)
+    from pipeline.storage import check_writable
+
+    check_writable(cfg.output, cfg.storage_options)  # before the cluster and any image work
     connect()
     handle = ensure_app(cfg)
     info = handle.info.remote().result()

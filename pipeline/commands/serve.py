@@ -33,13 +33,9 @@ def _check(args) -> None:
 
 def connect() -> None:
     """Join the cluster named by RAY_ADDRESS (a GCS address; a dashboard URL means this machine's cluster)."""
-    import os
+    from pipeline.commands import cluster
 
-    import ray
-
-    addr = os.environ.get("RAY_ADDRESS", "")
-    ray.init(address="auto" if not addr or addr.startswith("http") else addr, log_to_driver=False,
-             ignore_reinit_error=True)
+    cluster.connect(log_to_driver=False)
 
 
 def _run(args) -> int:

@@ -76,12 +76,15 @@ def run(cfg: TrainConfig, storage_options: dict | None = None):
 
     from pipeline.train.loop import train_loop_per_worker
 
+    storage.check_writable(cfg.storage, storage_options, what="storage")  # before any other work
     resumes = check_rerun(cfg, storage_options)
     if resumes:
         log.info("%s: resuming from %s", cfg.name, resumes)
     env = worker_env(cfg)
     if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": env})
+        from pipeline.commands.cluster import connect
+
+        connect(start_if_none=True, runtime_env={"env_vars": env})
     dataset, skipped = build_dataset(cfg.shards, cfg.resolution, synthetic_shapes=cfg.synthetic_shapes,
                                      seed=cfg.seed, storage_options=storage_options)
     if skipped.shards:
