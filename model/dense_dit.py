@@ -43,10 +43,25 @@ class DenseDiTConfig:
     qk_norm: bool = True
     qk_norm_cross: bool = True
     grad_checkpointing: bool = False
+    # Not in the release (off in "paper" and "debug"): inputs that let a narrow network tell the grid's
+    # cells and images apart (docs/generate.md, measured on the earlier packed-token structure DiT: a debug
+    # network sampled a training shape back from its view at IoU 0.88 with them, 0.17 without; not yet
+    # re-measured on this network). learned_positions: a table of one vector per token, added
+    # to the sinusoids (width-64 sinusoids tell few of 8 cells apart). grid_condition_tokens > 0: each of
+    # the condition's tokens projected to grid_condition_channels values, flattened in the image's order,
+    # through an MLP to one vector per token, added to the input.
+    learned_positions: bool = False
+    grid_condition_tokens: int = 0
+    grid_condition_channels: int = 8
+    grid_condition_hidden: int = 256
 
     def __post_init__(self):
         if self.width % self.heads:
             raise ValueError(f"width ({self.width}) must be a multiple of heads ({self.heads})")
+        if self.grid_condition_tokens < 0 or (self.grid_condition_tokens and min(
+                self.grid_condition_channels, self.grid_condition_hidden) < 1):
+            raise ValueError(f"grid condition: tokens must be >= 0 and channels, hidden >= 1, got "
+                             f"{self.grid_condition_tokens}, {self.grid_condition_channels}, {self.grid_condition_hidden}")
         if self.resolution % self.patch_size:
             raise ValueError(f"resolution ({self.resolution}) must be a multiple of patch_size ({self.patch_size})")
 
@@ -103,6 +118,9 @@ DENSE_DIT_CONFIGS = {
     "paper": DenseDiTConfig(),
     # Same layout, narrow, on 2³ patches (512 tokens of 64 channels): trains on a CPU (tests, the demo).
     "debug": DenseDiTConfig(width=64, cond_dim=64, depth=2, heads=4, patch_size=2),
+    # debug + the grid inputs, for the 64 tokens of the built-in image encoder (what the CPU demo trains)
+    "debug_grid": DenseDiTConfig(width=64, cond_dim=64, depth=2, heads=4, patch_size=2, learned_positions=True,
+                                 grid_condition_tokens=64),
 }
 
 
@@ -232,6 +250,13 @@ class DenseDiT(nn.Module):
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * cfg.width))
         self.register_buffer("pos_emb", position_embedding_3d(grid_coords(cfg.resolution // p), cfg.width))
         self.input_layer = nn.Linear(cfg.in_channels * p ** 3, cfg.width)
+        if cfg.learned_positions:
+            self.grid_pos = nn.Parameter(torch.zeros(cfg.tokens, cfg.width))
+        if cfg.grid_condition_tokens:
+            ch, hid = cfg.grid_condition_channels, cfg.grid_condition_hidden
+            self.grid_cond = nn.Sequential(nn.Linear(cfg.cond_dim, ch), nn.Flatten(),
+                                           nn.Linear(cfg.grid_condition_tokens * ch, hid), nn.SiLU(),
+                                           nn.Linear(hid, cfg.tokens * cfg.width))
         self.blocks = nn.ModuleList(DenseDiTBlock(cfg) for _ in range(cfg.depth))
         self.out_layer = nn.Linear(cfg.width, cfg.out_channels * p ** 3)
         self._init_weights()
@@ -252,6 +277,10 @@ class DenseDiT(nn.Module):
         for lin in [m[-1] for m in mods] + [self.out_layer]:
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
+        if self.cfg.learned_positions:
+            nn.init.normal_(self.grid_pos, std=0.02)
+        if self.cfg.grid_condition_tokens:  # starts small next to the input and the positions
+            nn.init.normal_(self.grid_cond[-1].weight, std=0.02 / 16)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -261,6 +290,13 @@ class DenseDiT(nn.Module):
         p, g = cfg.patch_size, cfg.resolution // cfg.patch_size
         h = patchify(x, p).flatten(2).transpose(1, 2)
         h = self.input_layer(h) + self.pos_emb.to(h.dtype)
+        if cfg.learned_positions:
+            h = h + self.grid_pos.to(h.dtype)
+        if cfg.grid_condition_tokens:
+            if cond.shape[1] != cfg.grid_condition_tokens:
+                raise ValueError(f"the condition has {cond.shape[1]} tokens; this network's grid condition reads "
+                                 f"{cfg.grid_condition_tokens} (grid_condition_tokens)")
+            h = h + self.grid_cond(cond.to(h.dtype)).view(x.shape[0], cfg.tokens, cfg.width)
         mod = self.t_embedder(t.reshape(-1).expand(x.shape[0]))
         if cfg.share_mod:
             mod = self.adaLN_modulation(mod)

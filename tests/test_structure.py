@@ -120,3 +120,26 @@ def test_sort_block_is_the_released_order():
     c = coords.numpy()
     order = np.lexsort((c[:, 2] % 8, c[:, 1] % 8, c[:, 0] % 8, c[:, 2] // 8, c[:, 1] // 8, c[:, 0] // 8))
     assert torch.equal(got, coords[torch.from_numpy(order)])
+
+
+def test_grid_inputs_of_the_demo_config():
+    """debug_grid (not in the release): a learned vector per token and the image's tokens, in order, mapped
+    to every token. Reordering the image tokens changes the velocity even without cross-attention."""
+    cfg = structure_dit_config("debug_grid")
+    net = StructureDiT(cfg).eval()
+    assert net.grid_pos.shape == (512, 64) and "grid_pos" not in StructureDiT(structure_dit_config("debug")).state_dict()
+    with torch.no_grad():
+        net.out_layer.weight.normal_()
+        for blk in net.blocks:  # without cross-attention the grid path is the only way the image gets in
+            blk.cross_attn.to_out.weight.zero_()
+            blk.cross_attn.to_out.bias.zero_()
+        x, t = torch.randn(2, 8, 16, 16, 16), torch.tensor([0.5, 0.5])
+        cond = torch.randn(2, 64, 64)
+        swapped = cond.clone()
+        swapped[1] = cond[1].flip(0)
+        v0, v1 = net(x, t, cond), net(x, t, swapped)
+    assert torch.allclose(v0[0], v1[0], atol=1e-6) and not torch.allclose(v0[1], v1[1], atol=1e-4)
+    with pytest.raises(ValueError, match="condition has 16 tokens"):
+        net(x, t, cond[:, :16])
+    with pytest.raises(ValueError, match="grid condition"):
+        structure_dit_config("debug", grid_condition_tokens=-1)
