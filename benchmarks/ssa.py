@@ -99,7 +99,8 @@ def shell(n, grid=128, device="cuda"):
     return c[torch.argsort(dist)[:n]].int()
 
 
-def workload(n, hq=32, hkv=2, d=32, m=8, dtype=torch.bfloat16):
+def workload(n, hq=32, hkv=2, d=32, m=8, dtype=torch.bfloat16, shared_gate=False):
+    """shared_gate: gates (N, 3), one per token and branch for every head, as the released layer makes them."""
     coords = shell(n)
     cu = torch.tensor([0, n], device="cuda")
     coords = coords[block_order(coords, cu, m, 8)]
@@ -107,8 +108,41 @@ def workload(n, hq=32, hkv=2, d=32, m=8, dtype=torch.bfloat16):
     torch.manual_seed(n)  # the same tensors for every run and code version at this size
     mk = lambda *s: torch.randn(*s, device="cuda", dtype=dtype)  # noqa: E731
     t = dict(q=mk(n, hq, d), k=mk(n, hkv, d), v=mk(n, hkv, d), k_cmp=mk(st.n_cmp, hkv, d),
-             v_cmp=mk(st.n_cmp, hkv, d), gates=torch.sigmoid(mk(n, hq, 3)))
+             v_cmp=mk(st.n_cmp, hkv, d), gates=torch.sigmoid(mk(n, 3) if shared_gate else mk(n, hq, 3)))
     return st, t
+
+
+def paper(log, n=131072, q_tiles=(1, 64), sdpa=True):
+    """The paper's SSA (m_cmp 4, m_slc 8, top-k 8, 32/2 heads, d 32, gates (N, 3)), whole forward and backward
+    per q_tile, its branches at q_tile 1, and full attention (SDPA cuDNN and flash) in the same process."""
+    st, t = workload(n, m=4, shared_gate=True)
+    log(f"paper N={n}: {st.n_cmp} compression blocks (m_cmp 4), {st.n_slc} selection blocks (m_slc 8), "
+        f"{n / st.n_cmp:.1f} / {n / st.n_slc:.1f} tokens per block")
+    x = {k: v.detach().requires_grad_(True) for k, v in t.items()}
+    rows = {}
+    for qt in q_tiles:
+        rows[f"ssa q_tile={qt}"] = time_fwd_bwd(lambda *a: spatial_sparse_attention(*a, st, top_k=8, q_tile=qt),
+                                                list(x.values()))
+        log(f"paper ssa q_tile={qt}: {rows[f'ssa q_tile={qt}'][0]:.3f} / {rows[f'ssa q_tile={qt}'][1]:.3f} ms")
+    res, _ = ours(st, t, 1, log)
+    for br, fb in res.items():
+        if br != "ssa":
+            rows[f"q_tile=1 {br}"] = fb
+    if len(q_tiles) > 1:
+        tile_vs_query(st, t, q_tiles[-1], "random q, k", log)
+        tile_vs_query(st, smooth_inputs(st), q_tiles[-1], "smooth field", log)
+    if sdpa:
+        for be in ("cudnn", "flash"):
+            try:
+                rows[f"sdpa-{be}"] = sdpa_full(t, be)
+            except Exception as e:  # noqa: BLE001 - a failing baseline must not hide our numbers
+                log(f"sdpa {be} failed: {type(e).__name__}: {str(e)[:200]}")
+    best = [min(v[i] for k, v in rows.items() if k.startswith("sdpa")) for i in (0, 1)] if sdpa else None
+    log(f"{'paper, N=' + str(n):>24} {'fwd ms':>9} {'bwd ms':>9} {'fwd x':>7} {'bwd x':>7}")
+    for k, (f, b) in rows.items():
+        ratio = (f"{best[0] / f:>7.1f} {best[1] / b:>7.1f}" if best and b else "")
+        log(f"{k:>24} {f:>9.3f} {b:>9.3f} {ratio}")
+    return rows
 
 
 def smooth_inputs(st, hq=32, hkv=2, d=32, dtype=torch.bfloat16, seed=0, noise=0.1):
@@ -865,6 +899,8 @@ def main():
                     help="time launch settings of every kernel at 131,072 first and use the fastest for the rest")
     ap.add_argument("--host", default="", help="comma list of sizes: backward launches and host time first")
     ap.add_argument("--no-compare", action="store_true", help="skip the tile vs per-query selection comparison")
+    ap.add_argument("--paper", action="store_true",
+                    help="the paper's configuration (m_cmp 4, gates (N, 3)) at 131,072 tokens, q_tile 1 and 64, first")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     logf = open(os.path.join(args.out, "ssa_bench.log"), "a")
@@ -878,6 +914,8 @@ def main():
     log(f"{time.strftime('%Y-%m-%d %H:%M')} {card} torch {torch.__version__}")
     if args.check and not check(log):
         sys.exit(1)
+    if args.paper:
+        paper(log, sdpa=not args.no_sdpa)
     if args.sweep:
         sweep(log)
     if args.sweep_tiles:

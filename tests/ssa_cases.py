@@ -23,6 +23,22 @@ def random_shapes(sizes, grid: int = 20, seed: int = 0):
     return torch.cat(coords).int(), torch.tensor(cu)
 
 
+def shell_shapes(sizes, grid: int = 40, seed: int = 0):
+    """One shape per entry of ``sizes``: the voxels nearest a random sphere of a grid³ box (a thick shell, so
+    blocks are partly filled and a shape holds many of them, as on real surfaces). Unsorted coords, cu_seqlens."""
+    g = torch.Generator().manual_seed(seed)
+    ax = torch.arange(grid, dtype=torch.float32)
+    c = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), -1).reshape(-1, 3)
+    coords, cu = [], [0]
+    for n in sizes:
+        centre = torch.rand(3, generator=g) * grid * 0.2 + grid * 0.4
+        radius = float(torch.rand(1, generator=g)) * grid * 0.2 + grid * 0.15
+        dist = ((c - centre).norm(dim=1) - radius).abs() + 0.5 * torch.rand(len(c), generator=g)
+        coords.append(c[torch.argsort(dist)[:n]].int())
+        cu.append(cu[-1] + n)
+    return torch.cat(coords), torch.tensor(cu)
+
+
 def random_batch(sizes, hq, hkv, d, cmp_block=4, slc_block=8, seed=0, device="cpu", dtype=torch.float32,
                  grid=20):
     """Sorted structure plus random q, k, v, pooled k_cmp/v_cmp and gates in float64 (cast by the caller)."""

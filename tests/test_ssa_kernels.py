@@ -12,7 +12,7 @@ from kernels.ssa import (SSAStructure, block_order, compression_attention, selec
                          selection_attention, spatial_sparse_attention, ssa_reference, window_attention)
 from kernels.ssa import reference as ref  # noqa: E402
 from kernels.ssa import segment_attention as seg  # noqa: E402
-from ssa_cases import random_batch, random_shapes  # noqa: E402
+from ssa_cases import random_batch, random_shapes, shell_shapes  # noqa: E402
 
 # shapes of 1 token, shapes smaller than one block, odd block counts
 SIZES = [41, 1, 3, 90, 9]
@@ -81,6 +81,60 @@ def _check_ssa(device, hq, hkv, d, cmp_block, top_k, q_tile, shifted, seed):
 ])
 def test_ssa_matches_reference_cpu(hq, hkv, d, cmp_block, top_k, q_tile, shifted):
     _check_ssa("cpu", hq, hkv, d, cmp_block, top_k, q_tile, shifted, seed=hq + top_k)
+
+
+def test_paper_config_cpu():
+    """The released configuration: 32 query / 2 kv heads, d 32, m_cmp 4, m_slc 8, top-k 8, per-query selection,
+    shifted windows (odd layers)."""
+    _check_ssa("cpu", 32, 2, 32, 4, 8, 1, True, seed=11)
+
+
+def test_pooled_selection_many_blocks_cpu():
+    """m_cmp 4 < m_slc 8 on sparse shells (several chunks of whole selection blocks per shape): the one-pass
+    scoring + top-k kernel picks the blocks of the float64 reference and of the score-matrix path."""
+    from kernels.ssa import ops
+    from kernels.ssa.scoring import pooled_chunks
+    _device_dtype("cpu")
+    coords, cu = shell_shapes([1500, 40], 40, seed=3)
+    coords = coords[block_order(coords, cu, 4, 8)]
+    st = SSAStructure(coords, cu, 4, 8)
+    start, end, ch_off, slc_of_cmp = pooled_chunks(st, 64)
+    assert int((end - start).max()) <= 64 and int((ch_off[1:] - ch_off[:-1]).max()) >= 2
+    assert (slc_of_cmp[start[1:].long()] != slc_of_cmp[start[1:].long() - 1]).all()  # whole blocks per chunk
+    g = torch.Generator().manual_seed(0)
+    q, kc, vc = (torch.randn(n, h, 16, generator=g, dtype=torch.float64) for n, h in
+                 ((st.n_tokens, 4), (st.n_cmp, 2), (st.n_cmp, 2)))
+    lse = compression_attention(q.float(), kc.float(), vc.float(), st)[1]
+    _, _, probs = ref.compression_attention_ref(q, kc, vc, st)
+    for q_tile in (1, 4):
+        sel = select_blocks(q.float(), kc.float(), lse, st, top_k=8, q_tile=q_tile)
+        rsel = ref.select_blocks_ref(probs, st, 2, 8, q_tile)
+        assert torch.equal(sel.sort(-1).values, rsel.sort(-1).values)
+        if q_tile > 1:
+            continue
+        ops.SELECT_POOLED = False
+        try:
+            msel = select_blocks(q.float(), kc.float(), lse, st, top_k=8, q_tile=q_tile)
+        finally:
+            ops.SELECT_POOLED = True
+        assert torch.equal(sel.sort(-1).values, msel.sort(-1).values)
+
+
+def test_shared_gates_cpu():
+    """Gates (N, 3), one per token and branch as the released layer makes them, act as (N, Hq, 3) with the same
+    value in every head; their gradient is the sum over the heads."""
+    _device_dtype("cpu")
+    st, t = random_batch([41, 3, 9], 8, 2, 16, cmp_block=4, seed=4, grid=11)
+    g3 = t["gates"][:, 0, :].float().requires_grad_(True)
+    gh = t["gates"][:, :1, :].expand(-1, 8, 3).contiguous().requires_grad_(True)  # float64, every head the same
+    args = [t[n] for n in ("q", "k", "v", "k_cmp", "v_cmp")]
+    w = torch.randn(t["q"].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    o3 = spatial_sparse_attention(*(a.float() for a in args), g3, st, top_k=3, q_tile=1, shifted=True)
+    oh = spatial_sparse_attention(*args, gh, st, top_k=3, q_tile=1, shifted=True, backend="torch")
+    assert rel(o3, oh) < 2e-5
+    (d3,) = torch.autograd.grad(o3, g3, w.float())
+    (dh,) = torch.autograd.grad(oh, gh, w)
+    assert rel(d3, dh.sum(1)) < 2e-5
 
 
 @pytest.mark.gpu

@@ -11,7 +11,8 @@ import torch
 
 from . import reference as ref
 from .gate import gate_forward, gate_mix
-from .scoring import _unit_of_tile, block_scores, select_topk, selected_segments, selection_lists
+from .scoring import (SELECT_POOLED_ROWS, _unit_of_tile, block_scores, select_topk, select_topk_pooled,
+                      selected_segments, selection_lists)
 from .segment_attention import SegmentPlan, _launch_bwd, _launch_fwd, segment_attention
 from .structure import SSAStructure
 
@@ -79,6 +80,9 @@ def _check(st: SSAStructure, backend: str, **tensors):
 
 SELECT_BLOCK_N = 0  # key chunk of the scoring kernel; 0 = by block density
 SELECT_LONG_BLOCK_N = 64  # key chunk of the scoring kernel for units of more than 128 rows
+# m_cmp < m_slc with units of up to 128 rows: scores summed over whole selection blocks and a running top-k in one
+# kernel (scoring.select_topk_pooled) instead of a (units, Hkv, blocks) score matrix, its atomics and torch.topk
+SELECT_POOLED = True
 SELECT_FUSED_LONG = False  # units of more than 128 rows: scoring + top-k in one kernel (not yet timed on a GPU)
 
 
@@ -185,6 +189,9 @@ def _select(q, k_cmp, lse_cmp, st: SSAStructure, top_k: int, q_tile: int):
         # 128-row units: narrower key chunks (H100 sweep); longer units: not swept yet (--sweep-bwd)
         bn = 32 if rows == 128 else (SELECT_LONG_BLOCK_N if rows > 128 else 64)
         return select_topk(q.contiguous(), k_cmp.contiguous(), lse_cmp, st, top_k, q_tile, SELECT_BLOCK_N or bn)
+    if st.cmp_block != st.slc_block and SELECT_POOLED and q_tile * q.shape[1] // hkv <= SELECT_POOLED_ROWS:
+        # m_cmp < m_slc, units of up to 128 rows (per-query selection): one pass over whole selection blocks
+        return select_topk_pooled(q.contiguous(), k_cmp.contiguous(), lse_cmp, st, top_k, q_tile)
     # long units without SELECT_FUSED_LONG (or m_cmp < m_slc): a (tiles, Hkv, blocks) score matrix
     # ranked by torch.topk
     n_cols = st.max_slc_per_shape
@@ -324,12 +331,16 @@ def _permute(x, perm, inv):
 
 def spatial_sparse_attention(q, k, v, k_cmp, v_cmp, gates, structure: SSAStructure, *, top_k: int = 8,
                              q_tile: int = 64, shifted: bool = False, backend: str = "triton"):
-    """o = g_cmp·o_cmp + g_slc·o_slc + g_win·o_win (Direct3D-S2 Sec. 3.3); gates (N, Hq, 3) after the sigmoid.
+    """o = g_cmp·o_cmp + g_slc·o_slc + g_win·o_win (Direct3D-S2 Sec. 3.3); gates after the sigmoid, (N, 3) as
+    the release's layer gives them (one per token and branch, shared by the heads) or (N, Hq, 3).
 
     q_tile consecutive block-sorted queries share one selection (1 = per query, as in the paper)."""
     _check(structure, backend, q=q, k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp)
+    if gates.shape == (q.shape[0], 3):  # the same gate for every head; autograd sums its gradient over them
+        gates = gates[:, None, :].expand(*q.shape[:2], 3)
     if gates.shape != (*q.shape[:2], 3):
-        raise ValueError(f"gates must be (N, Hq, 3) = {(*q.shape[:2], 3)}, got {tuple(gates.shape)}")
+        raise ValueError(f"gates must be (N, 3) = {(q.shape[0], 3)} or (N, Hq, 3) = {(*q.shape[:2], 3)}, "
+                         f"got {tuple(gates.shape)}")
     if top_k < 1 or q_tile < 1 or q_tile & (q_tile - 1):
         raise ValueError(f"top_k must be >= 1 and q_tile a power of two, got top_k={top_k}, q_tile={q_tile}")
     if backend == "triton" and WHOLE and not any(FUSED_DQ.values()):

@@ -97,7 +97,9 @@ def window_attention_ref(q, k, v, st: SSAStructure, shifted: bool):
 
 def ssa_reference(q, k, v, k_cmp, v_cmp, gates, st: SSAStructure, top_k: int = 8, shifted: bool = False,
                   q_tile: int = 1, selected=None):
-    """Whole SSA: gates (N, Hq, 3) already through the sigmoid. Returns (out, selected blocks)."""
+    """Whole SSA: gates (N, 3) or (N, Hq, 3) already through the sigmoid. Returns (out, selected blocks)."""
+    if gates.ndim == 2:  # one gate per token and branch, shared by the heads (the release's layer)
+        gates = gates[:, None, :]
     o_cmp, _, probs = compression_attention_ref(q, k_cmp, v_cmp, st)
     if selected is None:
         selected = select_blocks_ref([p.detach() for p in probs], st, k.shape[1], top_k, q_tile)

@@ -245,6 +245,126 @@ def select_topk(q, k_cmp, lse_cmp, structure, top_k: int, q_tile: int, block_n: 
     return sel
 
 
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _select_pooled_kernel(Q, KC, LSE, SEL, TILE_START, TILE_END, TILE_SEG, CH_OFF, CH_START, CH_END, SLC_OF_CMP,
+                          CU, UNIT_OFF, sqt, sqh, skt, skh, slt, slh, sst, ssh, qk_scale,
+                          TOPK: tl.constexpr, KP: tl.constexpr, G: tl.constexpr, Q_TILE: tl.constexpr,
+                          P: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    """Block scores and a running top-k in one pass when a selection block holds several compression blocks.
+
+    A program holds P units (query tiles of Q_TILE tokens) × the G heads of kv head h. The shape's pooled keys
+    are walked in chunks that hold whole selection blocks (``pooled_chunks``); per unit the chunk's
+    probabilities are summed over heads and tokens, then over each selection block's compression blocks (an
+    inclusive prefix sum along the keys minus its value before the block's first key), and each block's sum
+    enters the unit's top-k if it beats the weakest slot: no score matrix, no atomics, no torch.topk."""
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    RB: tl.constexpr = P * Q_TILE * G
+    t0 = tl.load(TILE_START + tile)
+    t1 = tl.load(TILE_END + tile)
+    seg = tl.load(TILE_SEG + tile)
+    cols = tl.arange(0, BLOCK_N)
+    kk = tl.arange(0, KP)
+    d = tl.arange(0, D)
+    top_v = tl.where(kk[None, :] < TOPK, tl.full([P, KP], float("-inf"), tl.float32), float("inf"))
+    top_i = tl.full([P, KP], -1, tl.int32)
+    q, lse2, valid = _unit_rows(Q, LSE, t0, t1, h, 0, sqt, sqh, slt, slh, G, RB, D)
+    lse2 = tl.where(valid, lse2, float("inf"))  # rows past the tile: P = 0
+    for c in range(tl.load(CH_OFF + seg), tl.load(CH_OFF + seg + 1)):
+        a = tl.load(CH_START + c)
+        e = tl.load(CH_END + c)
+        n = a + cols
+        nm = n < e
+        k = tl.load(KC + n[:, None] * skt + h * skh + d[None, :], mask=nm[:, None], other=0.0)
+        p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
+        p = tl.where(nm[None, :], p, 0.0)
+        s = tl.sum(tl.reshape(p, [P, RB // P, BLOCK_N]), 1)  # (units, keys): over the G heads and the tokens
+        blk = tl.load(SLC_OF_CMP + n, mask=nm, other=-1)
+        nxt = tl.load(SLC_OF_CMP + n + 1, mask=(n + 1) < e, other=-2)
+        prv = tl.load(SLC_OF_CMP + n - 1, mask=nm & (n > a), other=-3)
+        cs = tl.cumsum(s, 1)
+        start = tl.where((nm & (blk != prv))[None, :], cs - s, 0.0)  # sums are >= 0: the running max is the
+        base = tl.associative_scan(start, 1, _max_combine)  # prefix before the key's own block
+        cand = tl.where((nm & (blk != nxt))[None, :], cs - base, float("-inf"))  # at each block's last key
+        kth = tl.min(top_v, 1)
+        while tl.sum((tl.max(cand, 1) > kth).to(tl.int32), 0) > 0:  # the chunk's best into the weakest slot
+            bc = tl.max(cand, 1)
+            ic = tl.argmax(cand, 1)
+            slot = tl.argmin(top_v, 1)
+            ins = bc > kth
+            put = (kk[None, :] == slot[:, None]) & ins[:, None]
+            bid = tl.sum(tl.where(cols[None, :] == ic[:, None], blk[None, :], 0), 1)
+            top_v = tl.where(put, bc[:, None], top_v)
+            top_i = tl.where(put, bid[:, None], top_i)
+            cand = tl.where((cols[None, :] == ic[:, None]) & ins[:, None], float("-inf"), cand)
+            kth = tl.min(top_v, 1)
+    out = tl.where((top_v > float("-inf")) & (kk[None, :] < TOPK), top_i, -1)
+    unit = tl.load(UNIT_OFF + seg) + (t0 - tl.load(CU + seg)) // Q_TILE + tl.arange(0, P)
+    umask = t0 + tl.arange(0, P) * Q_TILE < t1
+    tl.store(SEL + unit[:, None] * sst + h * ssh + kk[None, :], out.to(tl.int64),
+             mask=umask[:, None] & (kk[None, :] < TOPK))
+
+
+def pooled_chunks(st, block_n: int):
+    """Chunks of a shape's pooled keys that hold whole selection blocks, at most ``block_n`` keys each.
+
+    A block holds at most r³ compression blocks (r = m_slc / m_cmp); chunk c of a shape takes the blocks whose
+    first pooled key lies in [c·w, (c+1)·w) of the shape, w = block_n − r³ + 1. Returns int32 (chunk start,
+    chunk end, first chunk of each shape (B+1)) and the global selection block of every pooled key."""
+    r3 = (st.slc_block // st.cmp_block) ** 3
+    if r3 > block_n:
+        raise ValueError(f"a selection block holds up to {r3} compression blocks, more than a chunk ({block_n})")
+    w = block_n - r3 + 1
+    dev = st.device
+    slc_of_cmp = st.slc_of_token[st.cmp_offsets[:-1]]
+    first_cmp = torch.searchsorted(slc_of_cmp, torch.arange(st.n_slc, device=dev))
+    shape = st.shape_of_token[st.slc_offsets[:-1]]
+    key = shape * (st.n_cmp + 1) + (first_cmp - st.cmp_shape_offsets[shape]) // w
+    change = torch.ones(st.n_slc, dtype=torch.bool, device=dev)
+    change[1:] = key[1:] != key[:-1]
+    start = first_cmp[change]
+    end = torch.cat([start[1:], torch.tensor([st.n_cmp], device=dev)])
+    ch_off = torch.searchsorted(shape[change], torch.arange(st.n_shapes + 1, device=dev))
+    i32 = torch.int32
+    return start.to(i32), end.to(i32), ch_off.to(i32), slc_of_cmp.to(i32)
+
+
+SELECT_POOLED_ROWS = 128  # rows (units × tokens × heads) per program of the pooled scoring + top-k kernel
+SELECT_POOLED_BLOCK_N = 64  # pooled keys per chunk (whole selection blocks)
+
+
+def select_topk_pooled(q, k_cmp, lse_cmp, structure, top_k: int, q_tile: int):
+    """Top-k global block ids (n_units, Hkv, top_k), -1 past the shape's blocks, for m_cmp < m_slc and units of
+    at most SELECT_POOLED_ROWS rows (q_tile × G)."""
+    n, hq, d = q.shape
+    hkv = k_cmp.shape[1]
+    g = hq // hkv
+    u = q_tile * g
+    if u > SELECT_POOLED_ROWS:
+        raise ValueError(f"units of {u} rows exceed SELECT_POOLED_ROWS ({SELECT_POOLED_ROWS})")
+    p = max(1, SELECT_POOLED_ROWS // u)
+    if u * p < 16:
+        p = 16 // u
+    st = structure
+    block_n = SELECT_POOLED_BLOCK_N
+    ch_start, ch_end, ch_off, slc_of_cmp = st.cached(("pooled_chunks", block_n), lambda: pooled_chunks(st, block_n))
+    _, _, _, unit_off = st.tiles("shape", q_tile)
+    ts, te, tseg, _ = st.tiles("shape", p * q_tile)
+    cu = st.cached("cu32", lambda: st.cu_seqlens.to(torch.int32))
+    sel = _new((st.n_tiles("shape", q_tile), hkv, top_k), q, torch.int64)
+    _select_pooled_kernel[(ts.numel(), hkv)](
+        q, k_cmp, lse_cmp, sel, ts, te, tseg, ch_off, ch_start, ch_end, slc_of_cmp, cu, unit_off,
+        q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), lse_cmp.stride(0), lse_cmp.stride(1),
+        sel.stride(0), sel.stride(1), d ** -0.5 * LOG2E, TOPK=top_k, KP=triton.next_power_of_2(top_k), G=g,
+        Q_TILE=q_tile, P=p, BLOCK_N=block_n, D=d, num_warps=_warps(p * u, 4))
+    return sel
+
+
 # ------------------------------------------------------------------ dK/dV lists of the selection, on the GPU
 # For each (kv head, block) the tiles that selected it, and the work items (chunk, kv head, first, end) of the
 # dK/dV kernel: a counting sort (atomic ranks) and two prefix sums in three launches and one memset, instead of
