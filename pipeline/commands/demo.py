@@ -150,7 +150,8 @@ def train_debug_networks(dataset: Path, runs: Path, resolution: int, steps: dict
     ckpt = {}
     for net, extra in (("structure-vae", []), ("structure-dit", None), ("dit", [])):
         if extra is None:
-            extra = ["--structure-vae", ckpt["structure_vae"]]
+            # the released debug layout plus the grid inputs (model/dense_dit.py, debug_grid)
+            extra = ["--structure-vae", ckpt["structure_vae"], "--model", "debug_grid"]
         n = steps[net]
         extra = [*extra, "--lr", str(DEBUG_LR[net]), "--steps", str(n), "--checkpoint-every", str(n)]
         status = jobs.submit(_job(f"demo-{net}", ["s2", "train", net, *common, "--name", f"demo-{net}", *extra]),
