@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model.dense_dit import FeedForward, MultiHeadRMSNorm  # the released transformers share these
 from model.embeddings import TimestepEmbedder, position_embedding_3d
-from model.sparse import kernel_from_torchsparse, kernel_to_torchsparse
+from model.sparse import SparseTensor, kernel_from_torchsparse, kernel_to_torchsparse
 from model.ssa import SSAConfig, SpatialSparseAttention, ssa_structure, varlen_attention
 
 __all__ = ["DiTConfig", "SparseDiT", "PackedCondition", "official_to_ours", "ours_to_official", "pack",
@@ -314,6 +314,19 @@ class SparseDiT(nn.Module):
                 t: torch.Tensor, cond) -> torch.Tensor:
         """x (N, in_channels), coords (N, 3) int, cu_seqlens (B + 1,), t (B,) in [0, 1] (noise at 1),
         cond (B, L, cond_dim), or a PackedCondition with ``sparse_conditions`` → velocity (N, out_channels)."""
+        return self._velocity(x, coords, cu_seqlens, t, cond)
+
+    def forward_sparse(self, x: SparseTensor, t: torch.Tensor, cond) -> SparseTensor:
+        """The release's call on a SparseTensor of latent voxels: the velocity on the same voxels.
+
+        The SSA structure lives in ``x.cache``, which ``x.replace`` shares: the steps of a sampler that
+        replaces the features build it once."""
+        if "cu_seqlens" not in x.cache:
+            counts = torch.bincount(x.batch_index, minlength=x.batch_size)
+            x.cache["cu_seqlens"] = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        return x.replace(self._velocity(x.feats, x.coords[:, 1:], x.cache["cu_seqlens"], t, cond, x.cache))
+
+    def _velocity(self, x, coords, cu_seqlens, t, cond, cache: dict | None = None):
         cfg = self.cfg
         b = cu_seqlens.numel() - 1
         if x.shape[0] != coords.shape[0] or int(cu_seqlens[-1]) != x.shape[0]:
@@ -335,7 +348,7 @@ class SparseDiT(nn.Module):
             h = h + self._grid_terms(coords, token_shape, cond, b, dtype)
         st = inv = None
         if cfg.attention == "ssa":  # every block runs in the SSA's block order; per-token work ignores order
-            perm, inv, st = ssa_structure(coords, cu_seqlens, self.blocks[0].self_attn.cfg)
+            perm, inv, st = ssa_structure(coords, cu_seqlens, self.blocks[0].self_attn.cfg, cache)
             h = h[perm]  # shapes stay contiguous and in order, so token_shape holds
         for blk in self.blocks:
             if cfg.grad_checkpointing and self.training:

@@ -103,19 +103,28 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 _STRUCTURES: OrderedDict = OrderedDict()
 
 
-def ssa_structure(coords: torch.Tensor, cu_seqlens: torch.Tensor, cfg: SSAConfig):
+def _build(coords, cu_seqlens, cfg: SSAConfig):
+    perm = block_order(coords, cu_seqlens, cfg.cmp_block, cfg.slc_block)
+    st = SSAStructure(coords[perm], cu_seqlens, cfg.cmp_block, cfg.slc_block, cfg.window, cfg.window_shift)
+    return perm, torch.argsort(perm), st
+
+
+def ssa_structure(coords: torch.Tensor, cu_seqlens: torch.Tensor, cfg: SSAConfig, cache: dict | None = None):
     """(block order permutation, its inverse, SSAStructure) for a packed batch.
 
-    Cached on the identity of ``coords`` and ``cu_seqlens``, so the 24 layers of one
-    forward pass build it once."""
-    key = (coords.data_ptr(), coords.shape[0], cu_seqlens.data_ptr(), coords.device,
-           cfg.cmp_block, cfg.slc_block, cfg.window, cfg.window_shift)
+    Kept in ``cache`` when given (a SparseTensor's: every tensor that shares its voxels reuses it);
+    otherwise in a small table keyed on the identity of ``coords`` and ``cu_seqlens``, so a caller that
+    passes the same tensors again (the layers of one forward, the steps of a sampler) builds it once."""
+    blocks = (cfg.cmp_block, cfg.slc_block, cfg.window, cfg.window_shift)
+    if cache is not None:
+        if ("ssa", blocks) not in cache:
+            cache[("ssa", blocks)] = _build(coords, cu_seqlens, cfg)
+        return cache[("ssa", blocks)]
+    key = (coords.data_ptr(), coords.shape[0], cu_seqlens.data_ptr(), coords.device, blocks)
     hit = _STRUCTURES.get(key)
     if hit is not None and hit[0] is coords and hit[1] is cu_seqlens:
         return hit[2:]
-    perm = block_order(coords, cu_seqlens, cfg.cmp_block, cfg.slc_block)
-    st = SSAStructure(coords[perm], cu_seqlens, cfg.cmp_block, cfg.slc_block, cfg.window, cfg.window_shift)
-    _STRUCTURES[key] = (coords, cu_seqlens, perm, torch.argsort(perm), st)
+    _STRUCTURES[key] = (coords, cu_seqlens, *_build(coords, cu_seqlens, cfg))
     while len(_STRUCTURES) > 8:
         _STRUCTURES.popitem(last=False)
     return _STRUCTURES[key][2:]

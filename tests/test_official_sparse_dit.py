@@ -136,3 +136,27 @@ def test_sinusoid_layouts():
     assert torch.allclose(s, torch.cat([torch.cos(250 * g), torch.sin(250 * g)]), atol=1e-5)
     emb = TimestepEmbedder(8)
     assert torch.allclose(emb(torch.tensor([0.25])), emb.mlp(sinusoidal(torch.tensor([250.0]), 256)))
+
+
+def test_sparse_tensor_call_keeps_the_structure_on_the_tensor():
+    from kernels.sparse_conv import coord_keys
+    from model.sparse import SparseTensor
+
+    cfg = DiTConfig.from_official(NARROW)
+    model = SparseDiT(cfg).eval()
+    model.load_state_dict(official_to_ours(_released(cfg, 5), cfg))
+    c, f, cu, t, cond = _batch(cfg, seed=6)
+    c4 = torch.cat([torch.repeat_interleave(torch.arange(2), cu[1:] - cu[:-1])[:, None], c], 1).int()
+    x = SparseTensor.from_unsorted(c4, f, cfg.resolution)
+
+    def structures():
+        return [v for k, v in x.cache.items() if isinstance(k, tuple) and k[0] == "ssa"]
+
+    with torch.no_grad():
+        out = model.forward_sparse(x, t, cond)
+        assert len(structures()) == 1
+        st = structures()[0]
+        again = model.forward_sparse(x.replace(x.feats * 2), t, cond)
+        assert structures()[0] is st and not torch.allclose(again.feats, out.feats)
+        order = torch.argsort(coord_keys(c4, cfg.resolution))
+        assert torch.allclose(out.feats, model(f, c, cu, t, cond)[order], atol=1e-5)
