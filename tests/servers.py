@@ -82,13 +82,13 @@ class RayCluster:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def start_ray(num_cpus: int = 2, extra_env: dict[str, str] | None = None) -> RayCluster:
+def start_ray(num_cpus: int = 2, extra_env: dict[str, str] | None = None, drop_env: tuple[str, ...] = ()) -> RayCluster:
     temp_dir = tempfile.mkdtemp(prefix="s2r", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     token_path = os.path.join(temp_dir, "auth_token")
     with open(token_path, "w") as fh:
         fh.write(secrets.token_hex(32))
     bindir = os.path.dirname(sys.executable)
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in drop_env}
     env.update(extra_env or {})
     env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_path,
                 "PATH": bindir + os.pathsep + env.get("PATH", ""), "RAY_USAGE_STATS_ENABLED": "0",
