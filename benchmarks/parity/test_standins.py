@@ -101,3 +101,15 @@ def test_score_sums_group_probabilities():
     score = ssa_ops.attention_score(q, kc, lse.exp().log2(), cu_q, cu_k, 6, 3, None)
     # probabilities of each query head over the compressed keys sum to 1; a group of 2 heads sums to 2
     assert torch.allclose(score.sum(-1), torch.full((2, 6), 2.0), atol=1e-5)
+
+
+def test_flash_varlen_many_windows_matches_one_by_one():
+    torch.manual_seed(4)
+    lens = [5, 8, 3, 8, 1] * 5                      # 25 windows: the grouped path
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    n = int(cu[-1])
+    q, k, v = torch.randn(n, 4, 8), torch.randn(n, 2, 8), torch.randn(n, 2, 8)
+    out, lse, _ = fa.flash_attn_varlen_func(q, k, v, cu, cu, 8, 8, return_attn_probs=True)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        o, l = fa._attend(q[a:b], k[a:b], v[a:b], 1 / math.sqrt(8), False)
+        assert torch.allclose(out[a:b], o, atol=1e-6) and torch.allclose(lse[:, a:b], l, atol=1e-6)

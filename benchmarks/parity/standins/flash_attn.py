@@ -88,16 +88,49 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     ck = cu_seqlens_k.tolist()
     out = torch.zeros(q.shape[0], q.shape[1], v.shape[-1], dtype=torch.float32, device=q.device)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
-    for b in range(len(cq) - 1):
-        if cq[b + 1] == cq[b]:
-            continue
-        o, l = _attend(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], scale, causal)
-        out[cq[b]:cq[b + 1]] = o
-        lse[:, cq[b]:cq[b + 1]] = l
+    seqs = [b for b in range(len(cq) - 1) if cq[b + 1] > cq[b]]
+    if len(seqs) > 16 and not causal:
+        _attend_many(q, k, v, cq, ck, seqs, scale, out, lse)
+    else:
+        for b in seqs:
+            o, l = _attend(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], scale, causal)
+            out[cq[b]:cq[b + 1]] = o
+            lse[:, cq[b]:cq[b + 1]] = l
     out = out.to(q.dtype)
     if return_attn_probs:
         return out, lse, torch.empty(0, device=q.device)
     return out
+
+
+def _attend_many(q, k, v, cq, ck, seqs, scale, out, lse, budget=1 << 27):
+    """Many short sequences (attention windows) at once: padded to the longest, keys masked, in groups
+    whose score tensor stays under ``budget`` elements. Same arithmetic as _attend, per sequence."""
+    h, h_kv = q.shape[1], k.shape[1]
+    group = h // h_kv
+    lq = max(cq[b + 1] - cq[b] for b in seqs)
+    lk = max(ck[b + 1] - ck[b] for b in seqs)
+    per = max(1, budget // (h * lq * lk))
+    dev = q.device
+    for g0 in range(0, len(seqs), per):
+        batch = seqs[g0:g0 + per]
+        qs = torch.tensor([cq[b] for b in batch], device=dev)
+        nq = torch.tensor([cq[b + 1] - cq[b] for b in batch], device=dev)
+        ks = torch.tensor([ck[b] for b in batch], device=dev)
+        nk = torch.tensor([ck[b + 1] - ck[b] for b in batch], device=dev)
+        iq = qs[:, None] + torch.arange(lq, device=dev)[None]          # [n, lq]
+        ik = ks[:, None] + torch.arange(lk, device=dev)[None]          # [n, lk]
+        vq = torch.arange(lq, device=dev)[None] < nq[:, None]
+        vk = torch.arange(lk, device=dev)[None] < nk[:, None]
+        qq = q[iq.clamp(max=q.shape[0] - 1)].float()                   # [n, lq, H, D]
+        kk = k[ik.clamp(max=k.shape[0] - 1)].float().repeat_interleave(group, dim=2)
+        vv = v[ik.clamp(max=k.shape[0] - 1)].float().repeat_interleave(group, dim=2)
+        s = torch.einsum("nqhd,nkhd->nhqk", qq, kk) * scale
+        s = s.masked_fill(~vk[:, None, None, :], float("-inf"))
+        l = torch.logsumexp(s, dim=-1)                                 # [n, H, lq]
+        o = torch.einsum("nhqk,nkhd->nqhd", torch.exp(s - l[..., None]), vv)
+        rows = iq[vq]
+        out[rows] = o[vq]
+        lse[:, rows] = l.permute(1, 0, 2)[:, vq]
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,

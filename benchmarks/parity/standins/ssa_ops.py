@@ -68,8 +68,9 @@ def selection_attention(q, k, v, block_topk, cu_seqblocks, cu_block_include_toke
             chosen = torch.where(first, topk, torch.full_like(topk, -3))
             kb = k[start:end, hk].float()
             vb = v[start:end, hk].float()
-            for i0 in range(0, end - start, _CHUNK):
-                i1 = min(i0 + _CHUNK, end - start)
+            chunk = max(16, min(_CHUNK, (1 << 27) // max(1, group * (end - start) * max(1, topk.shape[1] // 4))))
+            for i0 in range(0, end - start, chunk):
+                i1 = min(i0 + chunk, end - start)
                 mask = (chosen[i0:i1, :, None] == token_block[None, None, :]).any(1)   # [l, s]
                 qg = q[start + i0:start + i1, hk * group:(hk + 1) * group].float()       # [l, G, D]
                 s = torch.einsum("lgd,sd->gls", qg, kb) * scale
