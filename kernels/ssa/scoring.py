@@ -162,6 +162,26 @@ def _unit_col_sums(q, lse2, valid, k, nm, qk_scale, P: tl.constexpr, RB: tl.cons
 
 
 @triton.jit
+def _topk_insert(cand, ids, top_v, top_i, cols, kk):
+    """Running top-k per unit: the chunk's best candidate (units, keys) replaces the unit's weakest slot while it
+    beats it (strictly: of equal scores the one seen first stays); after the first chunks few do, so the loop
+    is short. ids (keys,) names each candidate column."""
+    kth = tl.min(top_v, 1)
+    while tl.sum((tl.max(cand, 1) > kth).to(tl.int32), 0) > 0:  # comparisons: no inf - inf
+        bc = tl.max(cand, 1)
+        ic = tl.argmax(cand, 1)
+        slot = tl.argmin(top_v, 1)
+        ins = bc > kth
+        put = (kk[None, :] == slot[:, None]) & ins[:, None]
+        bid = tl.sum(tl.where(cols[None, :] == ic[:, None], ids[None, :], 0), 1)
+        top_v = tl.where(put, bc[:, None], top_v)
+        top_i = tl.where(put, bid[:, None], top_i)
+        cand = tl.where((cols[None, :] == ic[:, None]) & ins[:, None], float("-inf"), cand)
+        kth = tl.min(top_v, 1)
+    return top_v, top_i
+
+
+@triton.jit
 def _select_kernel(Q, KC, LSE, SEL, TILE_START, TILE_END, TILE_SEG, CMP_OFF, CU, UNIT_OFF,
                    sqt, sqh, skt, skh, slt, slh, sst, ssh, qk_scale,
                    TOPK: tl.constexpr, KP: tl.constexpr, G: tl.constexpr, Q_TILE: tl.constexpr, P: tl.constexpr,
@@ -196,20 +216,7 @@ def _select_kernel(Q, KC, LSE, SEL, TILE_START, TILE_END, TILE_SEG, CMP_OFF, CU,
         for i in range(1, STEPS):
             qi, li, vi = _unit_rows(Q, LSE, t0, t1, h, i * RB, sqt, sqh, slt, slh, G, RB, D)
             s += _unit_col_sums(qi, li, vi, k, nm, qk_scale, P, RB, BLOCK_N)
-        s = tl.where(nm[None, :], s, float("-inf"))
-        kth = tl.min(top_v, 1)
-        # insert the chunk's best into each unit's weakest slot while it beats it: after the first
-        # chunks few candidates do, so this loop is short
-        while tl.sum((tl.max(s, 1) > kth).to(tl.int32), 0) > 0:  # comparisons: no inf - inf
-            bc = tl.max(s, 1)
-            ic = tl.argmax(s, 1)
-            slot = tl.argmin(top_v, 1)
-            ins = bc > kth
-            put = (kk[None, :] == slot[:, None]) & ins[:, None]
-            top_v = tl.where(put, bc[:, None], top_v)
-            top_i = tl.where(put, (n0 + ic)[:, None], top_i)
-            s = tl.where((cols[None, :] == ic[:, None]) & ins[:, None], float("-inf"), s)
-            kth = tl.min(top_v, 1)
+        top_v, top_i = _topk_insert(tl.where(nm[None, :], s, float("-inf")), n, top_v, top_i, cols, kk)
     out = tl.where((top_v > float("-inf")) & (kk[None, :] < TOPK), top_i, -1)
     unit = tl.load(UNIT_OFF + seg) + (t0 - tl.load(CU + seg)) // Q_TILE + tl.arange(0, P)
     umask = t0 + tl.arange(0, P) * Q_TILE < t1
@@ -291,18 +298,7 @@ def _select_pooled_kernel(Q, KC, LSE, SEL, TILE_START, TILE_END, TILE_SEG, CH_OF
         start = tl.where((nm & (blk != prv))[None, :], cs - s, 0.0)  # sums are >= 0: the running max is the
         base = tl.associative_scan(start, 1, _max_combine)  # prefix before the key's own block
         cand = tl.where((nm & (blk != nxt))[None, :], cs - base, float("-inf"))  # at each block's last key
-        kth = tl.min(top_v, 1)
-        while tl.sum((tl.max(cand, 1) > kth).to(tl.int32), 0) > 0:  # the chunk's best into the weakest slot
-            bc = tl.max(cand, 1)
-            ic = tl.argmax(cand, 1)
-            slot = tl.argmin(top_v, 1)
-            ins = bc > kth
-            put = (kk[None, :] == slot[:, None]) & ins[:, None]
-            bid = tl.sum(tl.where(cols[None, :] == ic[:, None], blk[None, :], 0), 1)
-            top_v = tl.where(put, bc[:, None], top_v)
-            top_i = tl.where(put, bid[:, None], top_i)
-            cand = tl.where((cols[None, :] == ic[:, None]) & ins[:, None], float("-inf"), cand)
-            kth = tl.min(top_v, 1)
+        top_v, top_i = _topk_insert(cand, blk, top_v, top_i, cols, kk)
     out = tl.where((top_v > float("-inf")) & (kk[None, :] < TOPK), top_i, -1)
     unit = tl.load(UNIT_OFF + seg) + (t0 - tl.load(CU + seg)) // Q_TILE + tl.arange(0, P)
     umask = t0 + tl.arange(0, P) * Q_TILE < t1
