@@ -133,7 +133,7 @@ class MultiHeadRMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(heads, dim))
 
     def forward(self, x):  # (B, L, H, D)
-        return (F.normalize(x.float(), dim=-1) * self.gamma * self.scale).to(x.dtype)
+        return (F.normalize(x.float(), dim=-1) * self.gamma.float() * self.scale).to(x.dtype)
 
 
 def _attention(q, k, v):
@@ -191,7 +191,8 @@ class FeedForward(nn.Module):
 
 
 def _layer_norm(x, norm: nn.Module | None = None, eps: float = 1e-6):
-    w, b = (norm.weight, norm.bias) if norm is not None else (None, None)
+    """LayerNorm in float32 (the release keeps its norms' weights in float32 under half precision)."""
+    w, b = (norm.weight.float(), norm.bias.float()) if norm is not None else (None, None)
     return F.layer_norm(x.float(), x.shape[-1:], w, b, eps).to(x.dtype)
 
 

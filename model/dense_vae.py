@@ -118,7 +118,7 @@ class ChannelLayerNorm(nn.LayerNorm):
     """LayerNorm over the channels of a (B, C, *spatial) tensor, in float32."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.layer_norm(x.float().movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps)
+        h = F.layer_norm(x.float().movedim(1, -1), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
         return h.movedim(-1, 1).to(x.dtype)
 
 

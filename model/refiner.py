@@ -119,6 +119,11 @@ REFINER_CONFIGS = {
 # -- the UNet (UNet3DModel of the release: diffusers-style blocks) --------------------------------------
 
 
+def _group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """GroupNorm in float32 whatever the weights' dtype, back in x's dtype."""
+    return F.group_norm(x.float(), norm.num_groups, norm.weight.float(), norm.bias.float(), norm.eps).to(x.dtype)
+
+
 class ResnetBlock3D(nn.Module):
     def __init__(self, cin: int, cout: int, groups: int, eps: float):
         super().__init__()
@@ -129,8 +134,8 @@ class ResnetBlock3D(nn.Module):
         self.conv_shortcut = nn.Conv3d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x.float()).to(x.dtype)))
-        h = self.conv2(F.silu(self.norm2(h.float()).to(x.dtype)))
+        h = self.conv1(F.silu(_group_norm(self.norm1, x)))
+        h = self.conv2(F.silu(_group_norm(self.norm2, h)))
         return (self.conv_shortcut(x) if self.conv_shortcut is not None else x) + h
 
 
@@ -211,7 +216,7 @@ class UNet3D(nn.Module):
         h = self.mid_block(h)
         for block in self.up_blocks:
             h = block(h, skips)
-        return F.silu(self.conv_norm_out(h.float()).to(h.dtype))
+        return F.silu(_group_norm(self.conv_norm_out, h))
 
 
 # -- the sdf refiner's pieces ------------------------------------------------------------------------

@@ -105,3 +105,21 @@ def test_patchify_layout():
     assert torch.equal(dense_dit.unpatchify(tok, p), x)
     want = x[0, :, 2:4, 6:8, 0:2].reshape(3, 8).reshape(-1)
     assert torch.equal(tok[0, :, 1, 3, 0], want)
+
+
+@pytest.mark.parametrize("name", ["dense_vae", "dense_dit"])
+def test_bfloat16_forward_close_to_float32(name):
+    """Cast to bfloat16 (as the cascade runs on a GPU) the norms still compute in float32."""
+    mod, cfg_cls, net_cls = MODULES[name]
+    net = net_cls(cfg_cls.from_official(NARROW[name])).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.05)
+        if name == "dense_vae":
+            z = torch.randn(1, 8, 16, 16, 16)
+            a, b = net.decode(z), net.to(torch.bfloat16).decode(z.bfloat16())
+        else:
+            x, t, c = torch.randn(1, 8, 16, 16, 16), torch.tensor([0.4]), torch.randn(1, 5, 32)
+            a, b = net(x, t, c), net.to(torch.bfloat16)(x.bfloat16(), t.bfloat16(), c.bfloat16())
+    assert b.dtype == torch.bfloat16
+    assert float((b.float() - a).abs().max() / a.abs().max()) < 0.05

@@ -172,3 +172,14 @@ def test_straddling_voxels_slabs_do_not_change_the_set():
     cell = F.max_pool3d(field[None, None], 2, stride=1) >= 0.7
     cell &= -F.max_pool3d(-field[None, None], 2, stride=1) <= 0.7
     assert int(cell.sum()) > 0 and len(a[0]) <= field.numel()
+
+
+@pytest.mark.parametrize("name", ["debug", "debug_1024"])
+def test_bfloat16_patch_close_to_float32(name):
+    net = _random(rf.RefinerConfig.named(name), seed=4)
+    x = torch.rand(1, 1, 16, 16, 16) * 2 - 1
+    f = torch.randn(1, 32, 16, 16, 16) if net.cfg.kind == "sdf" else None
+    with torch.no_grad():
+        a = net.forward_patch(x, f)
+        b = net.to(torch.bfloat16).forward_patch(x.bfloat16(), None if f is None else f.bfloat16())
+    assert b.dtype == torch.bfloat16 and float((b.float() - a).abs().max()) < 0.05
