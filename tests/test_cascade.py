@@ -17,9 +17,9 @@ FAST = GenerationConfig(resolution=64, structure_steps=2, sparse_steps=2, guidan
 
 
 def png(color=(180, 70, 40), w=80, h=80, box=True) -> bytes:
-    img = np.full((h, w, 3), 255, np.uint8)
+    img = np.full((h, w, 4), (255, 255, 255, 0), np.uint8)  # transparent background, the object opaque
     if box:
-        img[h // 4: 3 * h // 4, w // 5: 4 * w // 5] = color
+        img[h // 4: 3 * h // 4, w // 5: 4 * w // 5] = (*color, 255)
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
     return buf.getvalue()

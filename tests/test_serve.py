@@ -17,9 +17,9 @@ FAST = {"resolution": 64, "structure_steps": 2, "sparse_steps": 2, "guidance": 1
 
 
 def png(w=96, h=96, box=True) -> bytes:
-    img = np.full((h, w, 3), 255, np.uint8)
+    img = np.full((h, w, 4), (255, 255, 255, 0), np.uint8)  # transparent background, the object opaque
     if box:
-        img[h // 4: 3 * h // 4, w // 5: 4 * w // 5] = (180, 70, 40)
+        img[h // 4: 3 * h // 4, w // 5: 4 * w // 5] = (180, 70, 40, 255)
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
     return buf.getvalue()

@@ -33,8 +33,9 @@ def _silhouette_png(coords: np.ndarray, resolution: int, axis: int, size: int = 
     depth = coords[:, axis] / resolution
     shade = (40 + 180 * depth).astype(np.uint8)
     img[uv[:, 0], uv[:, 1]] = np.minimum(img[uv[:, 0], uv[:, 1]], shade)
+    alpha = np.where(img < 255, 255, 0).astype(np.uint8)  # views carry the object's coverage, as renders do
     buf = io.BytesIO()
-    Image.fromarray(np.stack([img] * 3, -1)).save(buf, format="PNG")
+    Image.fromarray(np.stack([img] * 3 + [alpha], -1), mode="RGBA").save(buf, format="PNG")
     return buf.getvalue()
 
 
