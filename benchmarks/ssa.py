@@ -209,6 +209,65 @@ def time_fwd_bwd(fn, inputs, ms=200):
     return f, b
 
 
+PAPER_TOKEN_VARIANTS = {  # ops.SELECT_TOKEN: launch settings, key chunk and dK/dV path of per-token programs
+    "128-row settings": {},
+    "2 warps": {"launch": {}, "dkv_in_dq": 2},
+    "2 warps, dK/dV kernel": {"launch": {}, "dkv_in_dq": 0},
+    "1 warp, dK/dV kernel": {"launch": {"fwd": {"num_warps": 1}, "dq": {"num_warps": 1}}, "dkv_in_dq": 0},
+    "2 warps, 128-key chunks, dK/dV kernel": {"launch": {}, "block_n": 128, "dkv_in_dq": 0},
+    "4 warps, 128-key chunks, dK/dV kernel": {"launch": {"fwd": {"num_warps": 4}, "dq": {"num_warps": 4}},
+                                              "block_n": 128, "dkv_in_dq": 0},
+}
+
+
+def paper_ab(log, n=131072, rounds=2):
+    """Per-query selection (q_tile 1) in the paper's configuration, rows alternated in one process: the one-pass
+    pooled top-k against the score matrix, then each per-token setting of PAPER_TOKEN_VARIANTS (selection branch
+    and whole SSA, outputs and gradients against the first). Leaves the fastest whole-SSA setting in place."""
+    from kernels.ssa import ops
+    st, t = workload(n, m=4, shared_gate=True)
+    x = {k: v.detach().requires_grad_(True) for k, v in t.items()}
+    q, kc, vc = t["q"], t["k_cmp"], t["v_cmp"]
+    lse = compression_attention(q, kc, vc, st)[1]
+    sels = {}
+    for r in range(rounds):
+        for pooled in (True, False):
+            ops.SELECT_POOLED = pooled
+            sels[pooled] = select_blocks(q, kc, lse, st, top_k=8, q_tile=1)
+            ms = bench(lambda: select_blocks(q, kc, lse, st, top_k=8, q_tile=1))
+            log(f"paper-ab round {r} scoring + top-k, {'pooled one-pass' if pooled else 'score matrix'}: {ms:.3f} ms")
+    ops.SELECT_POOLED = True
+    same = (sels[True].sort(-1).values == sels[False].sort(-1).values).all(-1).float().mean().item()
+    log(f"paper-ab: pooled one-pass and score-matrix selections equal for {same:.5f} of (query, kv head)")
+    sel = sels[True]
+    go = torch.randn(q.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(1)).to(q.dtype)
+    first, best = None, (float("inf"), {})
+    for r in range(rounds):
+        for name, cfg in PAPER_TOKEN_VARIANTS.items():
+            ops.SELECT_TOKEN = cfg
+            try:
+                xs = [x["q"], x["k"], x["v"]]
+                if r == 0:
+                    o = selection_attention(*xs, st, sel, q_tile=1)
+                    g = torch.autograd.grad(o, xs, go)
+                    if first is None:
+                        first = (o, g)
+                    diff = " ".join(f"{k_} {rel(a, b):.1e}" for k_, a, b in zip(("out", "dq", "dk", "dv"),
+                                                                                 (o, *g), (first[0], *first[1])))
+                    log(f"paper-ab [{name}] against the first: {diff}")
+                f, b = time_fwd_bwd(lambda a, b_, c: selection_attention(a, b_, c, st, sel, q_tile=1), xs, 100)
+                ff, bb = time_fwd_bwd(lambda *a: spatial_sparse_attention(*a, st, top_k=8, q_tile=1),
+                                      list(x.values()), 300)
+            except Exception as e:  # noqa: BLE001 - a setting can fail to compile; that is an answer too
+                log(f"paper-ab [{name}] failed: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            log(f"paper-ab round {r} [{name}]: selection {f:.3f} / {b:.3f} ms, whole SSA {ff:.3f} / {bb:.3f} ms")
+            if r == rounds - 1 and ff + bb < best[0]:
+                best = (ff + bb, cfg, name)
+    ops.SELECT_TOKEN = best[1]
+    log(f"paper-ab: fastest whole SSA with [{best[2] if len(best) > 2 else 'none'}], kept for what follows")
+
+
 # ------------------------------------------------------------------------------------------- ours
 def ours(st, t, q_tile, log):
     x = {k: v.detach().requires_grad_(True) for k, v in t.items()}
@@ -901,6 +960,8 @@ def main():
     ap.add_argument("--no-compare", action="store_true", help="skip the tile vs per-query selection comparison")
     ap.add_argument("--paper", action="store_true",
                     help="the paper's configuration (m_cmp 4, gates (N, 3)) at 131,072 tokens, q_tile 1 and 64, first")
+    ap.add_argument("--paper-ab", action="store_true",
+                    help="per-query scoring and selection settings of the paper's configuration, alternated, first")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     logf = open(os.path.join(args.out, "ssa_bench.log"), "a")
@@ -914,6 +975,8 @@ def main():
     log(f"{time.strftime('%Y-%m-%d %H:%M')} {card} torch {torch.__version__}")
     if args.check and not check(log):
         sys.exit(1)
+    if args.paper_ab:
+        paper_ab(log)
     if args.paper:
         paper(log, sdpa=not args.no_sdpa)
     if args.sweep:

@@ -138,7 +138,8 @@ def test_shared_gates_cpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d,cmp_block,q_tile,shifted", [(32, 8, 1, False), (64, 4, 1, True), (32, 8, 16, True),
+@pytest.mark.parametrize("d,cmp_block,q_tile,shifted", [(32, 8, 1, False), (64, 4, 1, True), (32, 4, 1, False),
+                                                         (32, 8, 16, True),
                                                          (32, 8, 64, False)])
 def test_ssa_matches_reference_gpu(d, cmp_block, q_tile, shifted):
     if not torch.cuda.is_available():

@@ -233,6 +233,10 @@ SELECT_DKV_BLOCK_N = 0  # key chunk of the selection dK/dV inside a block; 0 = b
 SELECT_DKV_STEPS = 64  # row steps per dK/dV work item (0: one program per chunk, whatever its list length)
 SELECT_SUB_ROWS = 128  # rows (tokens × G heads) per program of the selection forward, dQ and dK/dV step
 SELECT_DKV_WARPS = 0  # warps of the selection dK/dV kernel (0: by rows)
+# per-token selection programs (q_tile·G <= 16 rows, the paper's per-query selection): launch settings ("fwd", "dq"),
+# key chunk and dK/dV path of their own; the 128-row settings (LAUNCH, DKV_IN_DQ) were tuned on 64-query tiles
+# (keys left out: the 128-row settings)
+SELECT_TOKEN = {}
 SELECT_LISTS_KERNEL = True  # dK/dV lists and work items by three Triton launches (False: sort + ~20 tensor ops)
 
 
@@ -271,14 +275,18 @@ def _selection_plan(st: SSAStructure, selected: torch.Tensor, q_tile: int, g: in
 
     per_token = sub * g <= 16
     long_tiles = sub != q_tile
-    # per-query tiles of 16 rows run best with 2 warps and 3 pipeline stages (H100 sweep, docs/ssa.md)
-    return SegmentPlan(ts, te, seg_start, seg_end, sub, cs, ce, cseg, None, st.n_slc, None, SELECT_FWD_BLOCK_N,
+    # per-query tiles of 16 rows run best with 2 warps and 3 pipeline stages (H100 sweep, docs/ssa.md); their
+    # launch settings, key chunk and dK/dV path come from SELECT_TOKEN
+    tok = SELECT_TOKEN if per_token else {}
+    return SegmentPlan(ts, te, seg_start, seg_end, sub, cs, ce, cseg, None, st.n_slc, None,
+                       tok.get("block_n", SELECT_FWD_BLOCK_N),
                        num_warps=2 if per_token else 4, num_stages=3, inverse=inverse, seg_cum=seg_cum,
                        lists=lists if SELECT_LISTS_KERNEL else None,
                        chunk_n=chunk_n, dkv_tile_start=units_start if long_tiles else None,
                        dkv_tile_end=units_end if long_tiles else None, dkv_steps=SELECT_DKV_STEPS,
                        dkv_tile_max=q_tile, dkv_entries=n_units * hkv * k * max_chunks, dkv_warps=SELECT_DKV_WARPS,
-                       fused_dq=FUSED_DQ["slc"], launch=dict(LAUNCH["slc"]), dkv_in_dq=DKV_IN_DQ["slc"])
+                       fused_dq=FUSED_DQ["slc"], launch=dict(tok.get("launch", LAUNCH["slc"])),
+                       dkv_in_dq=tok.get("dkv_in_dq", DKV_IN_DQ["slc"]))
 
 
 def selection_attention(q, k, v, structure: SSAStructure, selected: torch.Tensor, *, q_tile: int = 1,
