@@ -51,7 +51,8 @@ def test_flipped_page_checksum_names_file_row_group_and_mesh(tmp_path):
     col = shards.SCHEMA.names.index("sdf")
     chunk = meta.row_group(1).column(col)
     data = bytearray(open(uri, "rb").read())
-    data[chunk.data_page_offset + chunk.total_compressed_size - 3] ^= 0x10  # inside the page body
+    end = (chunk.dictionary_page_offset or chunk.data_page_offset) + chunk.total_compressed_size
+    data[(chunk.data_page_offset + end) // 2] ^= 0x10  # inside the data page
     open(uri, "wb").write(data)
     errors = []
     got = list(shards.read_samples(str(tmp_path), RES, on_error="skip", errors=errors))

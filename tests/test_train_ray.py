@@ -246,3 +246,36 @@ def test_curriculum_each_stage_starts_from_previous_ema_and_records_resolution(s
     # Its EMA began there too: two steps at decay 0.99 move it by far less than a fresh initialization would.
     drift = max((w64["state_dict"][k] - v).abs().max().item() for k, v in w32["state_dict"].items())
     assert 0 < drift < 1e-3, drift
+
+
+@pytest.mark.integration
+def test_damaged_and_bad_rows_are_named_on_ray_and_a_bad_share_stops(ray_env, tmp_path):
+    """Through Ray Data and Ray Train: a row whose page fails its checksum and a row with an infinite SDF
+    are skipped, each named with its file and mesh, and the run finishes; past max_skipped_share it stops
+    with one line."""
+    import dataclasses
+
+    import pyarrow.parquet as pq
+
+    from pipeline.shards import SCHEMA
+
+    rows = [dataclasses.replace(r, views=[]) for r in synthetic_rows(8, RES, seed=3)]
+    sdf = rows[0].sdf.copy()
+    sdf[0] = float("inf")
+    [(uri, _)] = write_shard(str(tmp_path / "data"), [*rows, dataclasses.replace(rows[0], sdf=sdf, mesh_id="inf-row")])
+    pf = pq.ParquetFile(uri)
+    damaged = pf.read_row_group(2, columns=["mesh_id"]).column(0)[0].as_py()
+    chunk = pf.metadata.row_group(2).column(SCHEMA.names.index("sdf"))
+    data = bytearray(open(uri, "rb").read())
+    end = (chunk.dictionary_page_offset or chunk.data_page_offset) + chunk.total_compressed_size
+    data[(chunk.data_page_offset + end) // 2] ^= 0x10  # inside the data page
+    open(uri, "wb").write(data)
+    flags = dict(steps=2, checkpoint_every=2, num_workers=1, cpus_per_worker=1, max_failures=0)
+    out = _run(ray_env, _flags(str(tmp_path / "data"), tmp_path, name="badrows", max_skipped_share=0.5, **flags))
+    assert f"{uri}: mesh inf-row: 1 non-finite SDF values" in out
+    assert f"{uri}: row group 2, mesh {damaged}: damaged" in out
+    proc = _s2(ray_env, _flags(str(tmp_path / "data"), tmp_path, name="strict", max_skipped_share=0.1, **flags))
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 1, out[-3000:]
+    want = f"s2 train: TooManySkipped: {tmp_path / 'data'}: 2 of 9 rows read were bad (22% > max_skipped_share 10%)"
+    assert any(line.startswith(want) for line in out.splitlines()), out[-3000:]

@@ -6,6 +6,7 @@ torchrun or the ``deepspeed`` launcher on hosts that have PyTorch alone.
 from __future__ import annotations
 
 import json
+import sys
 
 from pipeline import config
 
@@ -54,9 +55,39 @@ def _run(args) -> int:
         return 0
     from pipeline.train import trainer
 
-    results = (trainer.run_curriculum(cfg) if cfg.curriculum else [trainer.run(cfg)])
+    try:
+        results = (trainer.run_curriculum(cfg) if cfg.curriculum else [trainer.run(cfg)])
+    except Exception as e:  # noqa: BLE001 - Ray Train wraps a worker's error in its own; name ours in one line
+        line = bad_input_line(e)
+        if line is None:
+            raise
+        print(f"s2 train: {line}", file=sys.stderr)
+        return 1
     _summary(cfg, results, dataclasses)
     return 0
+
+
+# Errors of ours that mean bad input (data, checkpoint, config), not a bug: one line, no traceback.
+BAD_INPUT = ("TooManySkipped", "UnsafeCheckpoint", "CheckpointMismatch", "NoTrainableShapes", "ShardError", "BadRow")
+
+
+def bad_input_line(e: BaseException) -> str | None:
+    """The first 'Name: message' line of one of ``BAD_INPUT`` in an exception or the errors it wraps."""
+    import re
+
+    seen, stack = set(), [e]
+    while stack:
+        exc = stack.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        if type(exc).__name__ in BAD_INPUT:
+            return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+        found = re.search(rf"\b({'|'.join(BAD_INPUT)}): ([^\n]+)", str(exc))
+        if found:
+            return f"{found.group(1)}: {found.group(2).strip()}"
+        stack += [exc.__cause__, exc.__context__]
+    return None
 
 
 def _summary(cfg, results, dataclasses) -> None:
