@@ -216,6 +216,9 @@ def band_pairs(
     """Every voxel centre with distance < band*h to the triangles (F,3,3), with its closest triangle."""
     if res > 1024:
         raise ValueError(f"resolution {res} > 1024: linear keys would not fit the packed 31 bits")
+    if tri.shape[0] == 0:
+        empty = torch.empty(0, dtype=torch.int64, device=tri.device)
+        return BandPairs(empty, empty.float(), empty, empty.to(torch.uint8))
     perm = _morton_order(tri)
     tri = tri[perm]
     counts = candidate_counts(tri, res, band)

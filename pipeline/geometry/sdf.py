@@ -151,13 +151,25 @@ def _default_chunk(device: torch.device) -> int:
 
 
 @torch.no_grad()
-def sdf_on_grid(mesh: PreparedMesh, resolution: int, band: float = 2.0, chunk: int | None = None) -> SparseSDF:
-    """The narrow-band sparse SDF of a prepared mesh at one resolution."""
+def sdf_on_grid(mesh: PreparedMesh, resolution: int, band: float = 2.0, chunk: int | None = None,
+                region: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None) -> SparseSDF:
+    """The narrow-band sparse SDF of a prepared mesh at one resolution; region (lo, hi), voxel indices
+    with hi exclusive, keeps only the band inside that box (the triangles near it are all searched)."""
     chunk = _default_chunk(mesh.tri.device) if chunk is None else chunk
     _check_grid(resolution, band, chunk)
-    bp = band_pairs(mesh.tri, resolution, band, chunk=chunk)
-    coords = _decode(bp.keys, resolution)
     h = 2.0 / resolution
+    tri, ids = mesh.tri, None
+    if region is not None:
+        lo = torch.tensor(region[0], device=tri.device) * h - 1 - band * h
+        hi = torch.tensor(region[1], device=tri.device) * h - 1 + band * h
+        ids = ((tri.min(1).values <= hi) & (tri.max(1).values >= lo)).all(1).nonzero().squeeze(1)
+        tri = tri[ids]
+    bp = band_pairs(tri, resolution, band, chunk=chunk)
+    coords = _decode(bp.keys, resolution)
+    if region is not None:
+        inside = ((coords >= torch.tensor(region[0], device=coords.device))
+                  & (coords < torch.tensor(region[1], device=coords.device))).all(1).nonzero().squeeze(1)
+        coords, bp.tri, bp.feature, bp.d2 = coords[inside], ids[bp.tri[inside]], bp.feature[inside], bp.d2[inside]
     points = -1.0 + (coords.float() + 0.5) * h
     s = band_signs(mesh.sign, points, bp.tri, bp.feature, band * h)
     values = (s * bp.d2.sqrt() / (band * h)).clamp(-1.0, 1.0)

@@ -39,13 +39,15 @@ def solid_angle(q, a, b, c):
 
 
 def strip_solid_angle(q, b, c):
-    """Solid angle of the triangle (apex at x = -inf, b, c) seen from q: the apex enters as a direction."""
-    u = torch.zeros_like(b)
-    u[..., 0] = -1.0
-    b, c = b - q, c - q
-    lb, lc = b.norm(dim=-1), c.norm(dim=-1)
-    det = (u * torch.linalg.cross(b, c, dim=-1)).sum(-1)
-    den = lb * lc + (u * b).sum(-1) * lc + (b * c).sum(-1) + (c * u).sum(-1) * lb
+    """Solid angle of the triangles (apex at x = -inf, b, c) seen from points q: q (P,1,3), b and c
+    (1,B,3) give (P,B). The apex enters as the direction u = -x (the formula is homogeneous in each
+    vertex); written per coordinate, since this is the open meshes' per-point loop."""
+    bx, by, bz = (b[..., k] - q[..., k] for k in range(3))
+    cx, cy, cz = (c[..., k] - q[..., k] for k in range(3))
+    lb = (bx * bx + by * by + bz * bz).sqrt()
+    lc = (cx * cx + cy * cy + cz * cz).sqrt()
+    det = bz * cy - by * cz  # u . (b x c) with u = (-1, 0, 0)
+    den = lb * lc - bx * lc + (bx * cx + by * cy + bz * cz) - cx * lb
     return 2.0 * torch.atan2(det, den)
 
 
