@@ -14,10 +14,9 @@ BIN = os.path.dirname(sys.executable)
 
 @pytest.fixture(scope="module")
 def launcher_env(s3_server, tmp_path_factory):
-    # DeepSpeed's CPU comm op JIT-builds once per folder (~30 s): one folder for the whole test session.
+    # Nothing is JIT-built (engine.skip_shm_op); a private extensions folder keeps it that way if it ever is.
     ext = tmp_path_factory.getbasetemp() / "torch-ext"
     ext.mkdir(exist_ok=True)
-    # The venv's ninja first, as on the Ray cluster: another ninja version would rebuild the op over again.
     return {**os.environ, **s3_server.env, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(ext),
             "PATH": BIN + os.pathsep + os.environ.get("PATH", "")}
 

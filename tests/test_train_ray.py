@@ -31,8 +31,8 @@ def train_shards(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_env(ray_cluster, tmp_path_factory):
-    """Environment of a driver on the test cluster; DeepSpeed's JIT-built comm op goes to a temp folder."""
-    ext = tmp_path_factory.getbasetemp() / "torch-ext"  # built once per test session (~30 s), see test_train_launcher
+    """Environment of a driver on the test cluster (a private extensions folder: nothing is JIT-built there)."""
+    ext = tmp_path_factory.getbasetemp() / "torch-ext"
     ext.mkdir(exist_ok=True)
     env = {**ray_cluster.env, "RAY_ADDRESS": ray_cluster.address, "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
            "TORCH_EXTENSIONS_DIR": str(ext)}

@@ -115,3 +115,17 @@ def test_restore_gives_back_the_saved_state(local_dist, shards, tmp_path):
     _assert_same(torch.get_rng_state(), loop["torch_rng"])
     assert list(task.rng.getstate()[1]) == loop["python_rng"]
     assert json.loads((ckpt / "meta.json").read_text())["step"] == 2
+
+
+def test_no_op_is_built_and_no_lock_is_touched(local_dist, shards, tmp_path, monkeypatch):
+    """A run compiles nothing and leaves a build folder alone: a lock another run holds stays (a second
+    run used to delete every lock and killed the first run's rank)."""
+    ext = tmp_path / "torch-ext"
+    held = ext / "deepspeed_shm_comm" / "lock"
+    held.parent.mkdir(parents=True)
+    held.write_text("")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(ext))
+    _train(_cfg(shards, tmp_path, steps=1, checkpoint_every=1))
+    assert held.exists()
+    assert sorted(p.relative_to(ext).as_posix() for p in ext.rglob("*")) == ["deepspeed_shm_comm",
+                                                                             "deepspeed_shm_comm/lock"]
