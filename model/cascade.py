@@ -2,8 +2,13 @@
 
 image → condition tokens → structure stage (dense DiT on the 16³×8 latent, decoded to 64³ occupancy)
 → sparse DiT on the occupied latent voxels at ``resolution`` → latent decode (SS-VAE, or the
-parameter-free pooled latent) → sparse marching tetrahedra → optional refine stage at
-``refine_resolution`` on the first surface → clean-up (interior shells, floating parts, face target).
+parameter-free pooled latent) → optional refiner (removes interior structure) → sparse marching →
+optional stage at ``refine_resolution`` on the latent voxels within 4 voxels of the first mesh (the
+release's mesh2index) → decode → optional refiner → marching → clean-up (interior shells, floating
+parts, face target).
+
+``GenerationConfig.pretrained`` names a folder written by ``s2 convert official``: its cascade.json
+gives every network, the release's sampler schedules (its config.yaml) and marching thresholds.
 
 Several images go through every stage together: the structure stage runs them as one batch of equal
 4,096-token shapes, the sparse stages pack their ragged token sets. Every item draws its noise from its
@@ -23,10 +28,12 @@ import numpy as np
 import torch
 
 from model import pooled_latent
-from model.condition import build_image_encoder, decode_image
-from model.dit import DiTConfig, SparseDiT, pack
-from model.flow import STAGE_DEFAULTS, FlowEulerSampler
+from model.checkpoint import CheckpointError, from_pretrained, is_pretrained_folder
+from model.condition import build_image_encoder, condition_mask, decode_image
+from model.dit import DiTConfig, PackedCondition, SparseDiT, pack
+from model.flow import STAGE_DEFAULTS, FlowEulerSampler, ReleaseSchedule
 from model.mesh_extract import extract_mesh
+from model.voxelize import normalize_vertices, surface_latent_index
 from model.postprocess import PostprocessConfig, clean_mesh
 from model.structure import (STRUCTURE_DIT_CONFIGS, StructureDiT, StructureVAE, StructureVAEConfig, check_structure_pair,
                              occupancy_to_latent_coords)
@@ -96,8 +103,22 @@ def _read(source: str, opener):
         raise ValueError(f"checkpoint {source}: unreadable without unpickling arbitrary objects ({first})") from None
 
 
+# cascade role -> the network a checkpoint folder (config.json + model.safetensors) must hold
+FOLDER_NETWORKS = {"structure_vae": "dense_vae", "structure_dit": "dense_dit", "dit": "sparse_dit", "vae": "ss_vae",
+                   "refiner": "refiner"}
+
+
 def load_network(source: str, network: str, opener=None) -> NetworkBundle:
-    """A network from a checkpoint file or a training checkpoint folder (its weights.pt), weights_only."""
+    """A network from a checkpoint folder (config.json + model.safetensors), a training checkpoint folder
+    (its weights.pt) or a weights.pt file; nothing read can run code."""
+    if is_pretrained_folder(source.rstrip("/"), opener):
+        try:
+            p = from_pretrained(source, FOLDER_NETWORKS[network], opener=opener)
+        except CheckpointError as e:
+            raise ValueError(str(e)) from None
+        return NetworkBundle(network, p.module, p.config, source, p.meta)
+    if network == "refiner":
+        raise ValueError(f"checkpoint {source}: a refiner loads from a converted folder (config.json)")
     path = source.rstrip("/")
     if not path.endswith((".pt", ".pth")):
         path += "/weights.pt"
@@ -154,12 +175,16 @@ class ItemError(ValueError):
 class GenerationConfig:
     """Which networks make up the cascade and how it samples. Checkpoint fields are paths or URIs."""
 
+    pretrained: str = ""  # a folder of `s2 convert official`: names every network below and the samplers
     structure_vae: str = ""
     structure_dit: str = ""
     dit: str = ""  # sparse DiT at ``resolution``
     vae: str = ""  # SS-VAE checkpoint; empty: the DiT works on pooled latents (model/pooled_latent.py)
     dit_refine: str = ""  # optional sparse DiT at ``refine_resolution`` on the first surface
     vae_refine: str = ""  # SS-VAE for the refine stage (empty: the same decoder as the first stage)
+    refiner: str = ""  # refiner after the first decode (the release's 512 refiner; removes interior structure)
+    refiner_refine: str = ""  # refiner after the refine stage's decode (the release's 1024 refiner)
+    background_model: str = ""  # ONNX matting model for images without alpha (empty: such images are refused)
     image_encoder: str = "tiny"  # 'tiny' (built in) or a DINOv2 path
     resolution: int = 512
     refine_resolution: int = 1024
@@ -172,7 +197,8 @@ class GenerationConfig:
     guidance: float = 7.0
     occupancy_threshold: float = 0.1  # sigmoid of decoded occupancy (DESIGN.md)
     max_tokens: int = 400_000  # more latent voxels than this for one shape is an error for that item
-    refine_band: float = 0.5  # first-stage voxels with |SDF| below this seed the refine stage's tokens
+    surface_band: float = 4.0  # refine-stage latent voxels: grid points within this many voxels of the first mesh
+    mc_threshold: Optional[float] = None  # marching level of decoded SDFs (None: 0.2 for a converted release, else 0)
     decode_chunk: int = 32  # latent voxels per axis per chunk of the SS-VAE decoder
     min_foreground: float = 0.002  # fraction of pixels that must differ from the background
     remove_interior: bool = True
@@ -193,6 +219,8 @@ class GenerationConfig:
             raise ValueError(f"device: expected auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ValueError(f"dtype: expected auto, bf16 or fp32, got {self.dtype!r}")
+        if self.surface_band <= 0:
+            raise ValueError(f"surface_band: must be > 0, got {self.surface_band}")
         if self.dit_refine and self.refine_resolution <= self.resolution:
             raise ValueError(f"refine_resolution ({self.refine_resolution}) must exceed resolution ({self.resolution})")
         PostprocessConfig(self.remove_interior, self.min_component_fraction, self.target_faces)
@@ -243,7 +271,9 @@ class Cascade:
 
     def __init__(self, cfg: GenerationConfig, encoder: torch.nn.Module, structure_vae: NetworkBundle,
                  structure_dit: NetworkBundle, dit: NetworkBundle, vae: NetworkBundle | None = None,
-                 dit_refine: NetworkBundle | None = None, vae_refine: NetworkBundle | None = None):
+                 dit_refine: NetworkBundle | None = None, vae_refine: NetworkBundle | None = None,
+                 refiner: NetworkBundle | None = None, refiner_refine: NetworkBundle | None = None,
+                 schedules: dict[str, ReleaseSchedule] | None = None, level: float | None = None):
         cfg.validate()
         self.cfg = cfg
         self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
@@ -257,9 +287,19 @@ class Cascade:
         self.vae = vae.module.to(self.device).eval() if vae else None
         self.dit_refine = dit_refine.module.to(self.device, self.dtype).eval() if dit_refine else None
         self.vae_refine = vae_refine.module.to(self.device).eval() if vae_refine else self.vae
+        self.refiner = refiner.module.to(self.device).eval() if refiner else None
+        self.refiner_refine = refiner_refine.module.to(self.device).eval() if refiner_refine else None
+        self.schedules = dict(schedules or {})  # stage -> the release's schedule (default: our shifted one)
+        self.level = cfg.mc_threshold if cfg.mc_threshold is not None else (level if level is not None else 0.0)
+        self.background = None
+        if cfg.background_model:
+            from model.condition import BackgroundRemover
+
+            self.background = BackgroundRemover(cfg.background_model)
         self.bundles = {k: b for k, b in [("structure_vae", structure_vae), ("structure_dit", structure_dit),
                                           ("dit", dit), ("vae", vae), ("dit_refine", dit_refine),
-                                          ("vae_refine", vae_refine)] if b is not None}
+                                          ("vae_refine", vae_refine), ("refiner", refiner),
+                                          ("refiner_refine", refiner_refine)] if b is not None}
         self._check_compatible()
 
     # -- construction ------------------------------------------------------------------------------
@@ -267,13 +307,16 @@ class Cascade:
     def from_checkpoints(cls, cfg: GenerationConfig, opener: Callable[[str], object] | None = None) -> "Cascade":
         """Load every network named in ``cfg`` (weights_only; ``opener`` opens URIs, default: local files)."""
         cfg.validate()
+        extra = {}
+        if cfg.pretrained:
+            cfg, extra = _from_release_folder(cfg, opener)
         for key in ("structure_vae", "structure_dit", "dit"):
             if not getattr(cfg, key):
                 raise ValueError(f"{key}: no checkpoint given (the cascade needs structure_vae, structure_dit and dit)")
         net = {"structure_vae": "structure_vae", "structure_dit": "structure_dit", "dit": "dit", "vae": "vae",
-               "dit_refine": "dit", "vae_refine": "vae"}
+               "dit_refine": "dit", "vae_refine": "vae", "refiner": "refiner", "refiner_refine": "refiner"}
         bundles = {k: load_network(getattr(cfg, k), net[k], opener=opener) for k in net if getattr(cfg, k)}
-        return cls(cfg, build_image_encoder(cfg.image_encoder), **bundles)
+        return cls(cfg, build_image_encoder(cfg.image_encoder), **bundles, **extra)
 
     @classmethod
     def random(cls, cfg: GenerationConfig, size: str = "debug", seed: int = 0, with_vae: bool = False,
@@ -317,6 +360,12 @@ class Cascade:
                 raise ValueError(f"{dit_key} ({d.source}): {d.config.in_channels} latent channels, its decoder has {channels}")
             if v is not None and v.config.downsample != 8:
                 raise ValueError(f"{vae_key} ({v.source}): downsamples by {v.config.downsample}, the cascade needs 8")
+            space = str(d.meta.get("latent_space", ""))
+            if space == "pooled" and v is not None:
+                raise ValueError(f"{dit_key} ({d.source}): trained on pooled latents, which an SS-VAE "
+                                 f"({v.source}) cannot decode; leave the vae empty")
+            if space.startswith("ss_vae") and v is None:
+                raise ValueError(f"{dit_key} ({d.source}): trained on SS-VAE latents ({space}); give its vae")
             trained = d.meta.get("resolution")
             if trained is not None and int(trained) != getattr(self.cfg, res_key):
                 raise ValueError(f"{dit_key} ({d.source}): trained at resolution {trained}, "
@@ -327,6 +376,8 @@ class Cascade:
         return {"resolution": self.cfg.resolution,
                 "refine_resolution": self.cfg.refine_resolution if self.dit_refine is not None else None,
                 "latent": "ss-vae" if self.vae is not None else "pooled", "image_encoder": self.cfg.image_encoder,
+                "pretrained": self.cfg.pretrained or None, "level": self.level,
+                "refiners": [k for k in ("refiner", "refiner_refine") if getattr(self, k) is not None],
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "networks": {k: {"network": b.network, "config": dataclasses.asdict(b.config), "step": b.meta.get("step"),
                                  "parameters": sum(p.numel() for p in b.module.parameters())}
@@ -334,29 +385,62 @@ class Cascade:
 
     # -- stages ------------------------------------------------------------------------------------
     def load_image(self, req: Request) -> torch.Tensor:
+        """The prepared image (4, S, S): RGB on white in [0, 1], then the object's alpha."""
         size = self.encoder.image_size
         if isinstance(req.image, (bytes, bytearray, memoryview)):
-            img = decode_image(bytes(req.image), size, name=req.name)
-        elif isinstance(req.image, torch.Tensor) and req.image.ndim == 3 and req.image.shape[0] == 3:
+            img = decode_image(bytes(req.image), size, name=req.name, background=self.background, with_mask=True)
+        elif isinstance(req.image, torch.Tensor) and req.image.ndim == 3 and req.image.shape[0] in (3, 4):
             img = torch.nn.functional.interpolate(req.image[None].float(), size=(size, size), mode="bilinear",
                                                   align_corners=False)[0].clamp(0, 1)
+            if img.shape[0] == 3:  # a tensor without alpha: the whole frame is the object
+                img = torch.cat([img, torch.ones_like(img[:1])])
         else:
-            raise ItemError(f"{req.name}: expected image bytes or a (3, H, W) tensor, got {type(req.image).__name__}")
-        if foreground_fraction(img) < self.cfg.min_foreground:
+            raise ItemError(f"{req.name}: expected image bytes or a (3|4, H, W) tensor, got {type(req.image).__name__}")
+        if foreground_fraction(img[:3]) < self.cfg.min_foreground:
             raise ItemError(f"{req.name}: no foreground (the image is a single flat colour)")
         return img
 
     @torch.no_grad()
     def condition(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encoder(images.to(self.device)).to(self.dtype)
+        """Condition tokens (B, L, C) of prepared images (B, 3 or 4, S, S)."""
+        return self.encoder(images[:, :3].to(self.device)).to(self.dtype)
 
-    def _guided(self, net: SparseDiT, coords: torch.Tensor, cu: torch.Tensor, cond: torch.Tensor):
+    def sparse_condition(self, net: SparseDiT, tokens: torch.Tensor, images: torch.Tensor):
+        """What ``net`` attends to: all tokens, or (``sparse_conditions``) the class and register tokens plus
+        the patches the object covers, packed with their coords (patch column, row, 0; (0, 0, 1) for the
+        class and registers), as the release's extract_tokens_and_coords."""
+        if not net.cfg.sparse_conditions:
+            return tokens
+        b, n, _ = tokens.shape
+        patch = getattr(getattr(self.encoder, "hub", None), "cfg", None)
+        patch = patch.patch if patch is not None else 14
+        mask = condition_mask(images[:, 3:].to(self.device), patch)  # (B, h, w)
+        grid = mask.shape[1] * mask.shape[2]
+        head = n - grid
+        if head < 1:
+            raise ValueError(f"image tokens ({n}) fewer than the {grid} patches of the alpha mask")
+        parts, coords, counts = [], [], []
+        for i in range(b):
+            pos = torch.nonzero(mask[i])  # (K, 2) rows (h, w), row-major
+            parts += [tokens[i, :head], tokens[i, head:][pos[:, 0] * mask.shape[2] + pos[:, 1]]]
+            first = torch.tensor([[0, 0, 1]], device=self.device).expand(head, 3)
+            coords += [first, torch.stack([pos[:, 1], pos[:, 0], torch.zeros_like(pos[:, 0])], 1)]
+            counts.append(head + len(pos))
+        cu = torch.tensor([0, *np.cumsum(counts)], device=self.device, dtype=torch.int32)
+        return PackedCondition(torch.cat(parts), torch.cat(coords).int(), cu)
+
+    def _guided(self, net: SparseDiT, coords: torch.Tensor, cu: torch.Tensor, cond):
         """Velocity with classifier-free guidance as one forward over [cond; zero cond] (2B shapes)."""
-        b = cond.shape[0]
+        b = cu.numel() - 1
         g = self.cfg.guidance
         coords2 = torch.cat([coords, coords])
         cu2 = torch.cat([cu, cu[1:] + cu[-1]])
-        cond2 = torch.cat([cond, torch.zeros_like(cond)])
+        if isinstance(cond, PackedCondition):  # the zero condition keeps the tokens' positions
+            ccu = cond.cu_seqlens
+            cond2 = PackedCondition(torch.cat([cond.tokens, torch.zeros_like(cond.tokens)]),
+                                    torch.cat([cond.coords, cond.coords]), torch.cat([ccu, ccu[1:] + ccu[-1]]))
+        else:
+            cond2 = torch.cat([cond, torch.zeros_like(cond)])
 
         def velocity(x, t, _cond):
             if g == 1.0:
@@ -381,49 +465,72 @@ class Cascade:
             v = net(torch.cat([x, x]).to(self.dtype), t.expand(2 * b).to(self.dtype), cond2).float()
             return v[b:] + g * (v[:b] - v[b:])
 
-        sampler = FlowEulerSampler(self.cfg.structure_steps, self.cfg.structure_shift, self.cfg.guidance)
+        sampler = FlowEulerSampler(self.cfg.structure_steps, self.cfg.structure_shift, self.cfg.guidance,
+                                   self.schedules.get("structure"))
         z = sampler.sample(velocity, noise)
         logits = self.structure_vae.decode(self.structure_vae.unscale(z.float()))
         latent_res = self.cfg.resolution // 8
         return [occupancy_to_latent_coords(logits[i], latent_res, self.cfg.occupancy_threshold) for i in range(b)]
 
     @torch.no_grad()
-    def sparse_stage(self, net: SparseDiT, coords_list: list[torch.Tensor], cond: torch.Tensor, seeds: list[int],
+    def sparse_stage(self, net: SparseDiT, coords_list: list[torch.Tensor], cond, seeds: list[int],
                      steps: int, shift: float, stage: int) -> list[torch.Tensor]:
         """Sample latents (M_i, C) on the given latent voxels of every item, packed without padding."""
         c = net.cfg.in_channels
         noise = [torch.randn(len(x), c, generator=_item_generator(s, stage)) for x, s in zip(coords_list, seeds)]
         coords, x0, cu = pack([x.cpu() for x in coords_list], noise)
         coords, x0, cu = coords.to(self.device), x0.to(self.device), cu.to(self.device)
-        sampler = FlowEulerSampler(steps, shift, self.cfg.guidance)
+        sampler = FlowEulerSampler(steps, shift, self.cfg.guidance, self.schedules.get("sparse" if stage == 1 else "refine"))
         z = sampler.sample(self._guided(net, coords, cu, cond), x0).float()
         return list(torch.split(z, [len(x) for x in coords_list]))
 
     @torch.no_grad()
     def decode(self, vae, coords_list: list[torch.Tensor], latents: list[torch.Tensor], latent_res: int,
-               prune: bool = True) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-        """Latents -> sparse SDF (coords (N, 3), values (N,), grid resolution) per item."""
+               refiner=None, refiner_level: float | None = None) -> list[tuple]:
+        """Latents -> sparse SDF per item: (coords (N, 3), values (N,), grid resolution, marching level, fill).
+
+        With a refiner, the decoded SDF (and, for the 512 refiner, the decoder's features) go through it,
+        and what comes back holds every voxel at a corner of a cell that crosses its level. Without one,
+        voxels outside the set count as 1 when marching (the release's dense grid of ones)."""
         if vae is None:
-            return [pooled_sdf(c, z, latent_res) for c, z in zip(coords_list, latents)]
+            return [(*pooled_sdf(c, z, latent_res), 0.0, None) for c, z in zip(coords_list, latents)]
         from model.sparse import SparseTensor
 
         out = []
         for c, z in zip(coords_list, latents):  # one shape at a time bounds the decoder's peak memory
             c4 = torch.cat([torch.zeros_like(c[:, :1]), c], 1).int().to(self.device)
             st = SparseTensor.from_unsorted(c4, vae.unscale(z.to(self.device, torch.float32)), latent_res, 1)
+            if refiner is not None:
+                wants_feat = refiner.config.kind == "sdf"
+                dec = vae.decode(st, chunk=self.cfg.decode_chunk, return_feat=wants_feat)
+                sdf, feat = dec if wants_feat else (dec, None)
+                rc, rv, res = refiner.run(sdf.coords[:, 1:], sdf.feats[:, 0].float(),
+                                          feat.feats if feat is not None else None, mc_threshold=refiner_level)
+                out.append((rc, rv, res, refiner_level, None))
+                continue
             sdf = vae.decode(st, chunk=self.cfg.decode_chunk)
             values = sdf.feats[:, 0].float()
-            # tanh saturates outside the band; marching needs only cells next to the surface
-            keep = values.abs() < 0.999 if prune else torch.ones_like(values, dtype=torch.bool)
-            out.append((sdf.coords[keep, 1:], values[keep], sdf.resolution))
+            # tanh saturates outside the band: voxels at +1 march exactly like the fill that replaces them
+            keep = values < 0.999
+            out.append((sdf.coords[keep, 1:], values[keep], sdf.resolution, self.level, 1.0))
         return out
 
-    def refine_coords(self, sdf: tuple[torch.Tensor, torch.Tensor, int]) -> torch.Tensor:
-        """Latent voxels of the refine stage: those under the first surface's near-band voxels."""
-        coords, values, res = sdf
-        near = coords[values.abs() < self.cfg.refine_band].long()
-        latent_res = self.cfg.refine_resolution // 8
-        return torch.unique(near * latent_res // res, dim=0).int()
+    def march(self, sdf: tuple) -> tuple[np.ndarray, np.ndarray]:
+        coords, values, res, level, fill = sdf
+        if len(coords) == 0:
+            raise ItemError("no surface (the decoded SDF has no voxels below the level)")
+        v, f = extract_mesh(coords, values, res, level=level, fill=fill)
+        if len(f) == 0:
+            raise ItemError("no surface (the decoded SDF has no sign change)")
+        return v.cpu().numpy(), f.cpu().numpy()
+
+    def refine_coords(self, mesh: tuple[np.ndarray, np.ndarray]) -> torch.Tensor:
+        """Latent voxels of the refine stage: grid points within ``surface_band`` voxels of the first mesh,
+        normalised as the release does (its mesh2index); the refine stage's mesh is in that frame."""
+        v, f = mesh
+        vn = torch.from_numpy(normalize_vertices(v)).to(self.device)
+        return surface_latent_index(vn, torch.from_numpy(f).to(self.device), size=self.cfg.refine_resolution,
+                                    factor=8, threshold=self.cfg.surface_band).int()
 
     # -- the whole cascade -------------------------------------------------------------------------
     def generate(self, requests: list[Request]) -> list[Result]:
@@ -481,37 +588,103 @@ class Cascade:
         if not keep:
             return
         idx = [live[j] for j in keep]
-        cond, seeds, coords = cond[keep], [seeds[j] for j in keep], [coords[j] for j in keep]
-        latents = self._timed(timings, "sparse", self.sparse_stage, self.dit, coords, cond, seeds,
-                              cfg.sparse_steps, cfg.sparse_shift, 1)
-        sdfs = self._timed(timings, "decode", self.decode, self.vae, coords, latents, cfg.resolution // 8)
+        cond, images, seeds, coords = cond[keep], images[keep], [seeds[j] for j in keep], [coords[j] for j in keep]
+        latents = self._timed(timings, "sparse", self.sparse_stage, self.dit, coords,
+                              self.sparse_condition(self.dit, cond, images), seeds, cfg.sparse_steps, cfg.sparse_shift, 1)
+        # the release's 512 refiner marches at twice the threshold
+        sdfs = self._timed(timings, "decode", self.decode, self.vae, coords, latents, cfg.resolution // 8,
+                           self.refiner, 2.0 * self.level)
         tokens = {i: len(c) for i, c in zip(idx, coords)}
-        if self.dit_refine is not None:
-            rcoords = [self.refine_coords(s) for s in sdfs]
+        meshes = self._timed(timings, "mesh", self._march_all, results, requests, idx, sdfs)
+        live_j = [j for j, m in enumerate(meshes) if m is not None]
+        idx, cond, images, seeds = [idx[j] for j in live_j], cond[live_j], images[live_j], [seeds[j] for j in live_j]
+        sdfs, meshes = [sdfs[j] for j in live_j], [meshes[j] for j in live_j]
+        if self.dit_refine is not None and idx:
+            rcoords = [self.refine_coords(m) for m in meshes]
             ok = [0 < len(c) <= cfg.max_tokens for c in rcoords]
             sub = self._drop(results, requests, idx, ok, lambda j: f"refine stage got {len(rcoords[j])} latent voxels "
                              f"(needs 1..{cfg.max_tokens}); the first surface is empty or too large")
             if not sub:
                 return
-            idx, cond, seeds, rcoords = [idx[j] for j in sub], cond[sub], [seeds[j] for j in sub], [rcoords[j] for j in sub]
-            latents = self._timed(timings, "refine", self.sparse_stage, self.dit_refine, rcoords, cond, seeds,
+            idx, cond, images = [idx[j] for j in sub], cond[sub], images[sub]
+            seeds, rcoords = [seeds[j] for j in sub], [rcoords[j] for j in sub]
+            latents = self._timed(timings, "refine", self.sparse_stage, self.dit_refine, rcoords,
+                                  self.sparse_condition(self.dit_refine, cond, images), seeds,
                                   cfg.refine_steps, cfg.refine_shift, 2)
             sdfs = self._timed(timings, "refine_decode", self.decode, self.vae_refine, rcoords, latents,
-                               cfg.refine_resolution // 8)
+                               cfg.refine_resolution // 8, self.refiner_refine, self.level)
             tokens = {i: (tokens[i], len(c)) for i, c in zip(idx, rcoords)}
-        for i, sdf in zip(idx, sdfs):
+            meshes = self._timed(timings, "refine_mesh", self._march_all, results, requests, idx, sdfs)
+        for i, sdf, mesh in zip(idx, sdfs, meshes):
+            if mesh is None:
+                continue
             t = time.perf_counter()
             try:
-                v, f = extract_mesh(sdf[0], sdf[1], sdf[2])
-                if len(f) == 0:
-                    raise ItemError("no surface (the decoded SDF has no sign change)")
-                v, f, stats = clean_mesh(v.cpu().numpy(), f.cpu().numpy(), cfg.postprocess)
+                v, f, stats = clean_mesh(mesh[0], mesh[1], cfg.postprocess)
             except ValueError as e:
                 results[i].error = f"{requests[i].name}: {e}"
                 continue
             results[i].vertices, results[i].faces = v, f
             results[i].stats = {**stats, "tokens": tokens[i], "voxels": int(len(sdf[0])), "grid": sdf[2]}
-            results[i].timings = {**timings, "mesh": time.perf_counter() - t}
+            results[i].timings = {**timings, "clean": time.perf_counter() - t}
+
+    def _march_all(self, results, requests, idx, sdfs):
+        meshes = []
+        for i, sdf in zip(idx, sdfs):
+            try:
+                meshes.append(self.march(sdf))
+            except ValueError as e:
+                results[i].error = f"{requests[i].name}: {e}"
+                meshes.append(None)
+        return meshes
+
+
+def _from_release_folder(cfg: GenerationConfig, opener=None) -> tuple[GenerationConfig, dict]:
+    """Fill the network fields of ``cfg`` from a converted release folder's cascade.json (fields the user
+    set stay), and return the release's sampler schedules and marching level."""
+    import json
+
+    root = cfg.pretrained.rstrip("/")
+    path = root + "/cascade.json"
+    try:
+        if opener is None:
+            with open(path) as f:
+                doc = json.load(f)
+        else:
+            with opener(path) as f:
+                doc = json.loads(f.read())
+    except FileNotFoundError:
+        raise ValueError(f"pretrained {root}: no cascade.json (write one with `s2 convert official`)") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"pretrained {root}: cascade.json is unreadable ({e})") from None
+    if doc.get("format") != "s2ray-cascade":
+        raise ValueError(f"pretrained {root}: cascade.json is not a converted cascade")
+    nets = doc.get("networks", {})
+    roles = {"dense_vae": "structure_vae", "dense_dit": "structure_dit", "sparse_vae_512": "vae",
+             "sparse_dit_512": "dit", "sparse_vae_1024": "vae_refine", "sparse_dit_1024": "dit_refine",
+             "refiner": "refiner", "refiner_1024": "refiner_refine"}
+    fill = {}
+    for section, role in roles.items():
+        if section in nets and not getattr(cfg, role):
+            fill[role] = root + "/" + nets[section]["path"]
+    if "sparse_dit_512" in nets:
+        fill["resolution"] = 512
+    if "sparse_dit_1024" in nets:
+        fill["refine_resolution"] = 1024
+    cfg = dataclasses.replace(cfg, **fill)
+    cfg.validate()
+    release = doc.get("release", {})
+    schedules = {}
+    for stage, section in (("structure", "dense_scheduler"), ("sparse", "sparse_scheduler_512"),
+                           ("refine", "sparse_scheduler_1024")):
+        if section in release:
+            sec = release[section]
+            try:
+                schedules[stage] = ReleaseSchedule.from_official({"target": sec.get("target", ""), **sec.get("params", {})})
+            except ValueError as e:
+                raise ValueError(f"pretrained {root}: {section}: {e}") from None
+    level = release.get("pipeline_defaults", {}).get("sparse_512", {}).get("mc_threshold")
+    return cfg, {"schedules": schedules, "level": level}
 
 
 def pooled_sdf(latent_coords: torch.Tensor, feats: torch.Tensor, latent_res: int) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from model.cascade import Cascade
+from model.cascade import Cascade, pooled_sdf
 
 TOKENS = {512: 10_700, 1024: 46_000}
 
@@ -60,14 +60,54 @@ class ShellCascade(Cascade):
         s = shell(latent_res, self._tokens(self.cfg.resolution)).to(self.device)
         return [s.clone() for _ in seeds]
 
-    def refine_coords(self, sdf):
+    def refine_coords(self, mesh):
         latent_res = self.cfg.refine_resolution // 8
         return shell(latent_res, self._tokens(self.cfg.refine_resolution)).to(self.device)
 
-    def decode(self, vae, coords_list, latents, latent_res, prune: bool = True):
+    @torch.no_grad()
+    def decode(self, vae, coords_list, latents, latent_res, refiner=None, refiner_level=None):
+        """Every decoder and refiner runs on its real input size; the field they hand on is the shell's."""
+        radius = self._radius(latent_res)
+        if vae is None:
+            decoded = [pooled_sdf(c, z, latent_res) for c, z in zip(coords_list, latents)]
+        else:
+            from model.sparse import SparseTensor
+
+            decoded = []
+            for c, z in zip(coords_list, latents):
+                c4 = torch.cat([torch.zeros_like(c[:, :1]), c], 1).int().to(self.device)
+                st = SparseTensor.from_unsorted(c4, vae.unscale(z.to(self.device, torch.float32)), latent_res, 1)
+                wants_feat = refiner is not None and refiner.config.kind == "sdf"
+                dec = vae.decode(st, chunk=self.cfg.decode_chunk, return_feat=wants_feat)
+                sdf, feat = dec if wants_feat else (dec, None)
+                coords, res = sdf.coords[:, 1:], sdf.resolution
+                if refiner is not None:  # the refiner's networks run on the shell's field; their output is dropped
+                    values = sphere_values(coords, res, radius)
+                    if refiner.config.kind == "sdf":
+                        refiner.refine_sdf(coords, values, feat.feats)
+                    else:
+                        refiner.refine_sign(coords, values)
+                    res = refiner.config.output_res
+                    coords = shell_band(res, radius, device=coords.device)
+                decoded.append((coords, None, res))
         out = []
-        for coords, _, res in super().decode(vae, coords_list, latents, latent_res, prune=False):
-            values = sphere_values(coords, res, self._radius(latent_res))
-            keep = values.abs() < 0.999 if prune else torch.ones_like(values, dtype=torch.bool)
-            out.append((coords[keep], values[keep], res))
+        for coords, _, res in decoded:
+            values = sphere_values(coords, res, radius)
+            keep = values.abs() < 0.999
+            out.append((coords[keep], values[keep], res, 0.0, None))
         return out
+
+
+def shell_band(res: int, radius: float, band: float = 2.0, device=None) -> torch.Tensor:
+    """Voxel coords (N, 3) within ``band`` voxels of the sphere of ``radius`` (normalised units) at ``res``."""
+    h = 2.0 / res
+    lo = max(0, int((1 - radius - band * h) / h) - 1)
+    hi = min(res, int((1 + radius + band * h) / h) + 2)
+    r = torch.arange(lo, hi, device=device)
+    out = []
+    for i in r:  # one slab at a time: no res³ array
+        jk = torch.stack(torch.meshgrid(r, r, indexing="ij"), -1).reshape(-1, 2)
+        c = torch.cat([torch.full((len(jk), 1), int(i), device=device), jk], 1)
+        d = sphere_values(c, res, radius) * band  # in voxels, clipped to the band
+        out.append(c[d.abs() < band])
+    return torch.cat(out).int()
