@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model.dense_dit import FeedForward, MultiHeadRMSNorm  # the released transformers share these
 from model.embeddings import TimestepEmbedder, position_embedding_3d
-from model.sparse import SparseTensor, kernel_from_torchsparse, kernel_to_torchsparse
+from model.sparse import SparseConv3d, SparseTensor, kernel_from_torchsparse, kernel_to_torchsparse
 from model.ssa import SSAConfig, SpatialSparseAttention, ssa_structure, varlen_attention
 
 __all__ = ["DiTConfig", "SparseDiT", "PackedCondition", "official_to_ours", "ours_to_official", "pack",
@@ -271,8 +271,6 @@ class SparseDiT(nn.Module):
         self.out_layer = nn.Linear(w, cfg.out_channels)
         self.reset_parameters()
         if cfg.use_fp16:  # the release's convert_to_fp16: linear and conv weights only, norms stay float32
-            from model.sparse import SparseConv3d
-
             for m in self.modules():
                 if isinstance(m, (nn.Linear, SparseConv3d)):
                     m.half()
