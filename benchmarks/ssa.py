@@ -112,7 +112,31 @@ def workload(n, hq=32, hkv=2, d=32, m=8, dtype=torch.bfloat16, shared_gate=False
     return st, t
 
 
-def paper(log, n=131072, q_tiles=(1, 64), sdpa=True):
+def paper_scoring_ab(log, n=131072, rounds=2):
+    """Per-query scoring + top-k in the paper's configuration, alternated: the score matrix (atomics, torch.topk)
+    and the one-pass pooled kernel with its sums by reshapes and scans or by 3xTF32 matmuls. Keeps the fastest."""
+    from kernels.ssa import ops, scoring
+    st, t = workload(n, m=4, shared_gate=True)
+    q, kc, vc = t["q"], t["k_cmp"], t["v_cmp"]
+    lse = compression_attention(q, kc, vc, st)[1]
+    variants = {"score matrix": (False, False), "pooled, scans": (True, False), "pooled, 3xTF32 matmuls": (True, True)}
+    sels, ms = {}, {}
+    for r in range(rounds):
+        for name, (pooled, dot) in variants.items():
+            ops.SELECT_POOLED, scoring.SELECT_POOLED_DOT = pooled, dot
+            sels[name] = select_blocks(q, kc, lse, st, top_k=8, q_tile=1)
+            ms[name] = bench(lambda: select_blocks(q, kc, lse, st, top_k=8, q_tile=1))
+            log(f"paper scoring round {r} [{name}]: {ms[name]:.3f} ms")
+    first = sels["score matrix"].sort(-1).values
+    for name, sel in sels.items():
+        same = (sel.sort(-1).values == first).all(-1).float().mean().item()
+        log(f"paper scoring [{name}]: selections equal to the score matrix's for {same:.5f} of (query, kv head)")
+    best = min(ms, key=ms.get)
+    ops.SELECT_POOLED, scoring.SELECT_POOLED_DOT = variants[best]
+    log(f"paper scoring: fastest [{best}], kept for what follows")
+
+
+def paper(log, n=131072, q_tiles=(1, 64), sdpa=True, detail=True):
     """The paper's SSA (m_cmp 4, m_slc 8, top-k 8, 32/2 heads, d 32, gates (N, 3)), whole forward and backward
     per q_tile, its branches at q_tile 1, and full attention (SDPA cuDNN and flash) in the same process."""
     st, t = workload(n, m=4, shared_gate=True)
@@ -124,11 +148,11 @@ def paper(log, n=131072, q_tiles=(1, 64), sdpa=True):
         rows[f"ssa q_tile={qt}"] = time_fwd_bwd(lambda *a: spatial_sparse_attention(*a, st, top_k=8, q_tile=qt),
                                                 list(x.values()))
         log(f"paper ssa q_tile={qt}: {rows[f'ssa q_tile={qt}'][0]:.3f} / {rows[f'ssa q_tile={qt}'][1]:.3f} ms")
-    res, _ = ours(st, t, 1, log)
+    res = ours(st, t, 1, log)[0] if detail else {}
     for br, fb in res.items():
         if br != "ssa":
             rows[f"q_tile=1 {br}"] = fb
-    if len(q_tiles) > 1:
+    if len(q_tiles) > 1 and detail:
         tile_vs_query(st, t, q_tiles[-1], "random q, k", log)
         tile_vs_query(st, smooth_inputs(st), q_tiles[-1], "smooth field", log)
     if sdpa:
@@ -962,6 +986,9 @@ def main():
                     help="the paper's configuration (m_cmp 4, gates (N, 3)) at 131,072 tokens, q_tile 1 and 64, first")
     ap.add_argument("--paper-ab", action="store_true",
                     help="per-query scoring and selection settings of the paper's configuration, alternated, first")
+    ap.add_argument("--paper-scoring", action="store_true",
+                    help="per-query scoring + top-k paths of the paper's configuration, alternated, first")
+    ap.add_argument("--paper-brief", action="store_true", help="--paper without the branch rows and tile comparison")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     logf = open(os.path.join(args.out, "ssa_bench.log"), "a")
@@ -977,8 +1004,10 @@ def main():
         sys.exit(1)
     if args.paper_ab:
         paper_ab(log)
+    if args.paper_scoring:
+        paper_scoring_ab(log)
     if args.paper:
-        paper(log, sdpa=not args.no_sdpa)
+        paper(log, sdpa=not args.no_sdpa, detail=not args.paper_brief)
     if args.sweep:
         sweep(log)
     if args.sweep_tiles:

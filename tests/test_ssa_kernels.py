@@ -183,6 +183,7 @@ def test_plain_kernel_paths_cpu(q_tile, shifted, monkeypatch):
     monkeypatch.setattr(scoring, "SCORE_SUM_DOT", False)
     monkeypatch.setattr(scoring, "SCORE_KEYS_M", False)
     monkeypatch.setattr(ops, "DKV_IN_DQ", {"slc": 0, "win": 0})  # every branch through its dK/dV kernel
+    monkeypatch.setattr(ops, "SELECT_TOKEN", {})  # per-token programs follow DKV_IN_DQ too
     _check_ssa("cpu", 32, 2, 32, 8, 3, q_tile, shifted, seed=13)
 
 
@@ -192,6 +193,7 @@ def test_dkv_in_dq_cpu(mode, q_tile, shifted, monkeypatch):
     kernel), with the keys (1) or the queries (2) as the matmuls' M; shifted windows take the unsummed path."""
     from kernels.ssa import ops
     monkeypatch.setattr(ops, "DKV_IN_DQ", {"slc": mode, "win": mode})
+    monkeypatch.setattr(ops, "SELECT_TOKEN", {})  # per-token programs follow DKV_IN_DQ too
     _check_ssa("cpu", 32, 2, 32, 8, 3, q_tile, shifted, seed=15)
 
 
@@ -202,6 +204,7 @@ def test_dkv_in_dq_gpu(monkeypatch):
     from kernels.ssa import ops
     for mode in (1, 2):
         monkeypatch.setattr(ops, "DKV_IN_DQ", {"slc": mode, "win": mode})
+        monkeypatch.setattr(ops, "SELECT_TOKEN", {})  # per-token programs follow DKV_IN_DQ too
         _check_ssa("cuda", 32, 2, 32, 8, 8, 64, False, seed=16)
         _check_ssa("cuda", 32, 2, 32, 8, 8, 16, True, seed=17)
 
@@ -213,6 +216,7 @@ def test_previous_host_paths_cpu(monkeypatch):
     for name in ("SCORE_IN_CMP", "GATE_IN_WINDOW", "LEAN_HOST", "SELECT_LISTS_KERNEL"):
         monkeypatch.setattr(ops, name, False)
     monkeypatch.setattr(ops, "DKV_IN_DQ", {"slc": 0, "win": 0})  # the selection's dK/dV lists are built at all
+    monkeypatch.setattr(ops, "SELECT_TOKEN", {})  # per-token programs follow DKV_IN_DQ too
     _check_ssa("cpu", 32, 2, 32, 8, 3, 32, False, seed=14)
 
 
@@ -223,6 +227,7 @@ def test_selection_work_items_cpu(q_tile, monkeypatch):
     _device_dtype("cpu")
     monkeypatch.setattr(ops, "SELECT_DKV_STEPS", 1)
     monkeypatch.setattr(ops, "DKV_IN_DQ", {"slc": 0, "win": 0})  # the work items belong to the dK/dV kernel
+    monkeypatch.setattr(ops, "SELECT_TOKEN", {})  # per-token programs follow DKV_IN_DQ too
     st, t = random_batch([70, 2, 33], 32, 2, 16, cmp_block=8, seed=5, grid=9)
     f = {k: t[k].float().requires_grad_(True) for k in ("q", "k", "v")}
     lse = compression_attention(f["q"].detach(), t["k_cmp"].float(), t["v_cmp"].float(), st)[1]

@@ -235,8 +235,10 @@ SELECT_SUB_ROWS = 128  # rows (tokens × G heads) per program of the selection f
 SELECT_DKV_WARPS = 0  # warps of the selection dK/dV kernel (0: by rows)
 # per-token selection programs (q_tile·G <= 16 rows, the paper's per-query selection): launch settings ("fwd", "dq"),
 # key chunk and dK/dV path of their own; the 128-row settings (LAUNCH, DKV_IN_DQ) were tuned on 64-query tiles
-# (keys left out: the 128-row settings)
-SELECT_TOKEN = {}
+# (keys left out: the 128-row settings). H200, 131k tokens, paper configuration, rows alternated (ssa.py --paper-ab):
+# 1 warp and the dK/dV kernel (work items) instead of the atomics: selection 18.4 / 42.8 -> 10.5 / 20.5-21.5 ms,
+# whole SSA 60.6 / 65.3 -> 52.6 / 43.7-43.8 ms (2 warps 12.6-13.5 / 21.3-21.6; 128-key chunks slower)
+SELECT_TOKEN = {"launch": {"fwd": {"num_warps": 1}, "dq": {"num_warps": 1}}, "dkv_in_dq": 0}
 SELECT_LISTS_KERNEL = True  # dK/dV lists and work items by three Triton launches (False: sort + ~20 tensor ops)
 
 

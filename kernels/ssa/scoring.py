@@ -261,47 +261,66 @@ def _max_combine(a, b):
 def _select_pooled_kernel(Q, KC, LSE, SEL, TILE_START, TILE_END, TILE_SEG, CH_OFF, CH_START, CH_END, SLC_OF_CMP,
                           CU, UNIT_OFF, sqt, sqh, skt, skh, slt, slh, sst, ssh, qk_scale,
                           TOPK: tl.constexpr, KP: tl.constexpr, G: tl.constexpr, Q_TILE: tl.constexpr,
-                          P: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+                          P: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, SUM_DOT: tl.constexpr = False):
     """Block scores and a running top-k in one pass when a selection block holds several compression blocks.
 
     A program holds P units (query tiles of Q_TILE tokens) × the G heads of kv head h. The shape's pooled keys
     are walked in chunks that hold whole selection blocks (``pooled_chunks``); per unit the chunk's
     probabilities are summed over heads and tokens, then over each selection block's compression blocks (an
     inclusive prefix sum along the keys minus its value before the block's first key), and each block's sum
-    enters the unit's top-k if it beats the weakest slot: no score matrix, no atomics, no torch.topk."""
+    enters the unit's top-k if it beats the weakest slot: no score matrix, no atomics, no torch.topk.
+
+    SUM_DOT: both sums as matmuls on the tensor cores instead of a reshape, a prefix sum and a scan: Pᵀ (keys ×
+    rows, the keys as M) times a 0/1 rows → units matrix, then the transpose times a 0/1 keys → blocks matrix,
+    in 3xTF32 (the 0/1 factor is exact in TF32, so the sums keep float32 accuracy)."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     RB: tl.constexpr = P * Q_TILE * G
+    UP: tl.constexpr = (16 if P < 16 else P) if SUM_DOT else P  # units padded to the matmul's smallest M
     t0 = tl.load(TILE_START + tile)
     t1 = tl.load(TILE_END + tile)
     seg = tl.load(TILE_SEG + tile)
     cols = tl.arange(0, BLOCK_N)
     kk = tl.arange(0, KP)
     d = tl.arange(0, D)
-    top_v = tl.where(kk[None, :] < TOPK, tl.full([P, KP], float("-inf"), tl.float32), float("inf"))
-    top_i = tl.full([P, KP], -1, tl.int32)
+    ur = tl.arange(0, UP)
+    top_v = tl.where(kk[None, :] < TOPK, tl.full([UP, KP], float("-inf"), tl.float32), float("inf"))
+    top_i = tl.full([UP, KP], -1, tl.int32)
     q, lse2, valid = _unit_rows(Q, LSE, t0, t1, h, 0, sqt, sqh, slt, slh, G, RB, D)
     lse2 = tl.where(valid, lse2, float("inf"))  # rows past the tile: P = 0
+    if SUM_DOT:
+        rows_to_units = (tl.arange(0, RB)[:, None] // (RB // P) == ur[None, :]).to(tl.float32)  # (RB, UP)
     for c in range(tl.load(CH_OFF + seg), tl.load(CH_OFF + seg + 1)):
         a = tl.load(CH_START + c)
         e = tl.load(CH_END + c)
         n = a + cols
         nm = n < e
         k = tl.load(KC + n[:, None] * skt + h * skh + d[None, :], mask=nm[:, None], other=0.0)
-        p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
-        p = tl.where(nm[None, :], p, 0.0)
-        s = tl.sum(tl.reshape(p, [P, RB // P, BLOCK_N]), 1)  # (units, keys): over the G heads and the tokens
         blk = tl.load(SLC_OF_CMP + n, mask=nm, other=-1)
-        nxt = tl.load(SLC_OF_CMP + n + 1, mask=(n + 1) < e, other=-2)
-        prv = tl.load(SLC_OF_CMP + n - 1, mask=nm & (n > a), other=-3)
-        cs = tl.cumsum(s, 1)
-        start = tl.where((nm & (blk != prv))[None, :], cs - s, 0.0)  # sums are >= 0: the running max is the
-        base = tl.associative_scan(start, 1, _max_combine)  # prefix before the key's own block
-        cand = tl.where((nm & (blk != nxt))[None, :], cs - base, float("-inf"))  # at each block's last key
-        top_v, top_i = _topk_insert(cand, blk, top_v, top_i, cols, kk)
+        if SUM_DOT:
+            pt = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
+            pt = tl.where(nm[:, None], pt, 0.0)
+            su = tl.dot(pt, rows_to_units, input_precision="tf32x3")  # (keys, units): over heads and tokens
+            b0 = tl.load(SLC_OF_CMP + a)
+            keys_to_blocks = ((blk - b0)[:, None] == cols[None, :]).to(tl.float32)  # (keys, block slots)
+            bs = tl.dot(tl.trans(su), keys_to_blocks, input_precision="tf32x3")  # (units, block slots)
+            n_blk = tl.load(SLC_OF_CMP + e - 1) - b0 + 1
+            cand = tl.where((ur[:, None] < P) & (cols[None, :] < n_blk), bs, float("-inf"))
+            top_v, top_i = _topk_insert(cand, b0 + cols, top_v, top_i, cols, kk)
+        else:
+            p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
+            p = tl.where(nm[None, :], p, 0.0)
+            s = tl.sum(tl.reshape(p, [P, RB // P, BLOCK_N]), 1)  # (units, keys): over the G heads and tokens
+            nxt = tl.load(SLC_OF_CMP + n + 1, mask=(n + 1) < e, other=-2)
+            prv = tl.load(SLC_OF_CMP + n - 1, mask=nm & (n > a), other=-3)
+            cs = tl.cumsum(s, 1)
+            start = tl.where((nm & (blk != prv))[None, :], cs - s, 0.0)  # sums are >= 0: the running max is
+            base = tl.associative_scan(start, 1, _max_combine)  # the prefix before the key's own block
+            cand = tl.where((nm & (blk != nxt))[None, :], cs - base, float("-inf"))  # at each block's last key
+            top_v, top_i = _topk_insert(cand, blk, top_v, top_i, cols, kk)
     out = tl.where((top_v > float("-inf")) & (kk[None, :] < TOPK), top_i, -1)
-    unit = tl.load(UNIT_OFF + seg) + (t0 - tl.load(CU + seg)) // Q_TILE + tl.arange(0, P)
-    umask = t0 + tl.arange(0, P) * Q_TILE < t1
+    unit = tl.load(UNIT_OFF + seg) + (t0 - tl.load(CU + seg)) // Q_TILE + ur
+    umask = (ur < P) & (t0 + ur * Q_TILE < t1)
     tl.store(SEL + unit[:, None] * sst + h * ssh + kk[None, :], out.to(tl.int64),
              mask=umask[:, None] & (kk[None, :] < TOPK))
 
@@ -332,6 +351,7 @@ def pooled_chunks(st, block_n: int):
 
 SELECT_POOLED_ROWS = 128  # rows (units × tokens × heads) per program of the pooled scoring + top-k kernel
 SELECT_POOLED_BLOCK_N = 64  # pooled keys per chunk (whole selection blocks)
+SELECT_POOLED_DOT = True  # the per-unit and per-block sums as 3xTF32 matmuls (see _select_pooled_kernel)
 
 
 def select_topk_pooled(q, k_cmp, lse_cmp, structure, top_k: int, q_tile: int):
@@ -357,7 +377,7 @@ def select_topk_pooled(q, k_cmp, lse_cmp, structure, top_k: int, q_tile: int):
         q, k_cmp, lse_cmp, sel, ts, te, tseg, ch_off, ch_start, ch_end, slc_of_cmp, cu, unit_off,
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), lse_cmp.stride(0), lse_cmp.stride(1),
         sel.stride(0), sel.stride(1), d ** -0.5 * LOG2E, TOPK=top_k, KP=triton.next_power_of_2(top_k), G=g,
-        Q_TILE=q_tile, P=p, BLOCK_N=block_n, D=d, num_warps=_warps(p * u, 4))
+        Q_TILE=q_tile, P=p, BLOCK_N=block_n, D=d, SUM_DOT=SELECT_POOLED_DOT, num_warps=_warps(p * u, 4))
     return sel
 
 
