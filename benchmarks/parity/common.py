@@ -55,8 +55,6 @@ SECTIONS: dict[str, Section] = {
     "refiner_1024": Section(f"{PKG}.models.refiner.unet_refiner.Voxel_RefinerXL_sign", "model_refiner_1024.ckpt",
                             "refiner"),
 }
-SSA_TARGET = (f"{PKG}.modules.sparse.attention.spatial_sparse_attention.module."
-              "spatial_sparse_attention.SpatialSparseAttention")
 
 # constructor kwargs. "paper": shared/official/README.md (values not in the paper are the classes'
 # defaults); "narrow": the same layout at CPU size (same block kinds, fewer/smaller ones).
@@ -73,11 +71,10 @@ _PARAMS: dict[str, dict[str, dict]] = {
                                out_channels=16, num_blocks=24, num_heads=32, num_kv_heads=2,
                                compression_block_size=4, selection_block_size=8, topk=8, window_size=8,
                                qk_rms_norm=True, qk_rms_norm_cross=True, sparse_conditions=True),
-        "sparse_vae_1024": dict(embed_dim=16, resolution=128),
+        # chunk_size: not in the paper; the release decodes 1024³ in chunks (its value ships in config.yaml)
+        "sparse_vae_1024": dict(embed_dim=16, resolution=128, chunk_size=4),
         "refiner": dict(),
         "refiner_1024": dict(),
-        "ssa": dict(hidden_size=1024, num_q_heads=32, num_kv_heads=2, head_dim=32, compression_block_size=4,
-                    selection_block_size=8, topk=8, window_size=8, shift_window=4, resolution=64),
     },
     "narrow": {
         "dense_vae": dict(embed_dim=8, in_channels=1, out_channels=1, model_channels_encoder=[8, 16, 32],
@@ -100,8 +97,6 @@ _PARAMS: dict[str, dict[str, dict]] = {
                                 num_heads_decoder=4, chunk_size=2),
         "refiner": dict(layers_per_block=1, layers_mid_block=1),
         "refiner_1024": dict(layers_per_block=1, layers_mid_block=1),
-        "ssa": dict(hidden_size=64, num_q_heads=4, num_kv_heads=2, head_dim=16, compression_block_size=4,
-                    selection_block_size=8, topk=2, window_size=8, shift_window=4, resolution=16),
     },
 }
 
@@ -117,7 +112,7 @@ for _size, _cond in (("paper", 1024), ("narrow", 32)):
 
 def params(section: str, size: str = "narrow") -> dict:
     """Constructor kwargs of a section at a size (narrow | paper); besides the config.yaml sections,
-    "ssa" is the lone SSA layer and "sparse_dit_densecond" an SS-DiT fed dense image tokens."""
+    "sparse_dit_densecond" is an SS-DiT fed dense image tokens."""
     return json.loads(json.dumps(_PARAMS[size][section]))
 
 
@@ -134,14 +129,16 @@ def import_release(official: str | os.PathLike | None = None, device="cpu", ssa_
 
     ssa_ops: "triton" runs the release's own SSA kernels (half precision, CUDA or TRITON_INTERPRET=1),
     "torch" swaps in our PyTorch references (benchmarks/parity/standins/ssa_ops.py), "auto" picks
-    "triton" for CUDA in bfloat16 and "torch" otherwise. Returns the release's root package.
+    "triton" for CUDA in bfloat16 where Triton still has block pointers, "torch" otherwise. Returns the
+    release's root package.
     """
     root = Path(official or DEFAULT_OFFICIAL)
     if not (root / PKG).is_dir():
         raise FileNotFoundError(f"no {PKG}/ under {root}: export the released code there (benchmarks/parity/README.md)"
                                 " or pass --official / set S2_OFFICIAL")
     if ssa_ops == "auto":
-        ssa_ops = "triton" if (str(device).startswith("cuda") and dtype != torch.float32) else "torch"
+        usable = str(device).startswith("cuda") and dtype != torch.float32 and block_pointers_available()
+        ssa_ops = "triton" if usable else "torch"
     key = (str(root), str(device), ssa_ops)
     if _IMPORTED.get("key") not in (None, key):
         raise RuntimeError(f"the release is already imported with {_IMPORTED['key']}; one setting per process")
@@ -160,6 +157,15 @@ def import_release(official: str | os.PathLike | None = None, device="cpu", ssa_
         _IMPORTED["key"] = key
         _IMPORTED["ssa_ops"] = ssa_ops
     return importlib.import_module(PKG)
+
+
+def block_pointers_available() -> bool:
+    """The release's SSA kernels use tl.make_block_ptr, which later Triton releases removed (3.9 raises)."""
+    try:
+        import triton.language as tl
+    except ImportError:
+        return False
+    return "removed" not in (getattr(tl.make_block_ptr, "__doc__", "") or "")
 
 
 def release_ssa_ops() -> str:

@@ -7,7 +7,10 @@ Each stage builds a released module with seeded random weights, writes it as the
 (config.yaml + model_*.ckpt), reads that back, converts it through model/official.py, runs both on the
 same inputs and prints max / mean relative error (max |ours − release| / max |release|; mean over mean).
 Pass: max within 1e-4 (float32) or 1e-2 (bfloat16). In bfloat16 the release runs its own half-precision
-path (use_fp16 with bfloat16) and the table adds the release's own bfloat16-vs-float32 error as a floor.
+path (use_fp16 with bfloat16); the table adds ours against the float32 release ("vs f32") and the
+release's own bfloat16-vs-float32 error ("floor"). A bfloat16 stage over 1e-2 whose "vs f32" is within
+1.5x the floor reads "floor": SSA's top-k block choice flips under bfloat16 rounding, so there no two
+bfloat16 runs agree to 1e-2, the release's own included.
 See benchmarks/parity/README.md.
 """
 from __future__ import annotations
@@ -31,6 +34,9 @@ import torch
 
 from benchmarks.parity import adapters, common
 from benchmarks.parity.adapters import NotBuilt
+
+
+FLOOR_MARGIN = 1.5
 
 
 @dataclasses.dataclass
@@ -77,16 +83,22 @@ def _dense_dit_inputs(ctx, p):
                                                                           p["cond_channels"], ctx.seed + 13)}
 
 
-def _ss_vae_inputs(ctx, p):
+def _ss_vae_encode_inputs(ctx, p):
     res = 256 if ctx.paper else 64
-    n = 1 if (ctx.paper or p.get("chunk_size", 1) > 1) else 2   # chunked decoding repeats work per chunk
-    batch = common.sparse_sdf_batch(res, n)
+    batch = common.sparse_sdf_batch(res, 1 if ctx.paper else 2)
     coords = torch.cat([batch["batch_idx"][:, None], batch["sparse_index"]], 1).int()
-    lat = common.latent_coords(res // 8, n)
+    return {"coords": coords, "sdf": batch["sparse_sdf"][:, None], "res": res}
+
+
+def _ss_vae_decode_inputs(ctx, p):
+    chunked = p.get("chunk_size", 1) > 1
+    # paper: 32³ latents (64³ when chunked, so that the 128 / chunk_size cubes and their overlaps are used)
+    res = (64 if chunked else 32) if ctx.paper else 8
+    n = 1 if (ctx.paper or chunked) else 2   # chunked decoding repeats work per chunk
+    lat = common.latent_coords(res, n)
     lat = common.sort_by_coords(lat, lat)[0]
     g = torch.Generator().manual_seed(ctx.seed + 14)
-    return {"coords": coords, "sdf": batch["sparse_sdf"][:, None], "res": res,
-            "lat_coords": lat, "z": torch.randn(lat.shape[0], p["embed_dim"], generator=g), "lat_res": res // 8}
+    return {"lat_coords": lat, "z": torch.randn(lat.shape[0], p["embed_dim"], generator=g), "lat_res": res}
 
 
 def _ss_dit_inputs(ctx, p):
@@ -177,11 +189,11 @@ STAGES: list[Stage] = [
           lambda m, i: m.decoder(i["z"]), lambda o, i: adapters.dense_vae_decode(o, i["z"]), half=False),
     Stage("dense_dit", "dense_dit", "dense_dit", _dense_dit_inputs,
           lambda m, i: m(i["x"], i["t"], i["cond"]), lambda o, i: adapters.dense_dit(o, i["x"], i["t"], i["cond"])),
-    Stage("ss_vae_encode", "sparse_vae_512", "sparse_vae_512", _ss_vae_inputs, _rel_ss_vae_encode,
+    Stage("ss_vae_encode", "sparse_vae_512", "sparse_vae_512", _ss_vae_encode_inputs, _rel_ss_vae_encode,
           lambda o, i: adapters.ss_vae_encode(o, i["coords"], i["sdf"], i["res"])),
-    Stage("ss_vae_decode", "sparse_vae_512", "sparse_vae_512", _ss_vae_inputs, _rel_ss_vae_decode,
+    Stage("ss_vae_decode", "sparse_vae_512", "sparse_vae_512", _ss_vae_decode_inputs, _rel_ss_vae_decode,
           lambda o, i: adapters.ss_vae_decode(o, i["lat_coords"], i["z"], i["lat_res"])),
-    Stage("ss_vae_decode_chunked", "sparse_vae_1024", "sparse_vae_1024", _ss_vae_inputs, _rel_ss_vae_decode,
+    Stage("ss_vae_decode_chunked", "sparse_vae_1024", "sparse_vae_1024", _ss_vae_decode_inputs, _rel_ss_vae_decode,
           lambda o, i: adapters.ss_vae_decode(o, i["lat_coords"], i["z"], i["lat_res"])),
     Stage("ssa", "sparse_dit_512", "sparse_dit_512", _ssa_inputs, _rel_ssa(0),
           lambda o, i: adapters.ssa_layer(o, 0, i["coords"], i["h"]), params_edit=_two_blocks),
@@ -256,10 +268,12 @@ def run_stage(stage: Stage, ctx: Ctx) -> dict:
     inputs = stage.inputs(ctx, params)
     notes: list[str] = []
     rel_coords, ref = _release_output(stage, module, inputs, ctx, ctx.dtype, notes)
-    floor = None
+    floor = ref32 = None
     if ctx.dtype != torch.float32:
-        _, ref32 = _release_output(stage, module, inputs, ctx, torch.float32)
-        floor = common.compare(ref, ref32).max if ref.shape == ref32.shape else float("nan")
+        coords32, ref32 = _release_output(stage, module, inputs, ctx, torch.float32)
+        if ref32.shape != ref.shape or (coords32 is not None and not torch.equal(coords32, rel_coords)):
+            ref32 = None  # the half-precision run made other voxels: no floor
+        floor = common.compare(ref, ref32).max if ref32 is not None else None
     del module
     try:
         ours = adapters.convert(stage.section, params_back, state_back, sec.target, ctx.dtype, ctx.device)
@@ -278,11 +292,18 @@ def run_stage(stage: Stage, ctx: Ctx) -> dict:
             return {"stage": stage.name, "status": "FAIL", "note": "; ".join(notes), "seconds": time.time() - t0}
     err = common.compare(out, ref)
     tol = common.TOLERANCE[ctx.dtype]
+    status = "pass" if err.passes(tol) else "FAIL"
+    vs32 = common.compare(out, ref32).max if ref32 is not None else None
+    if status == "FAIL" and vs32 is not None and floor is not None and vs32 <= max(tol, FLOOR_MARGIN * floor):
+        # SSA's top-k block choice flips under bfloat16 rounding: no bfloat16 run, the release's included,
+        # stays within 1e-2 of another there. "floor": ours is as close to the float32 release as the
+        # release's own bfloat16 run is.
+        status = "floor"
     if not err.ref_scale > 0:
         notes.append("the release's output is all zeros")
-    return {"stage": stage.name, "status": "pass" if err.passes(tol) and err.ref_scale > 0 else "FAIL",
-            "max": err.max, "mean": err.mean, "floor": floor, "numel": err.numel, "note": "; ".join(notes),
-            "seconds": time.time() - t0}
+        status = "FAIL"
+    return {"stage": stage.name, "status": status, "max": err.max, "mean": err.mean, "vs32": vs32, "floor": floor,
+            "numel": err.numel, "note": "; ".join(notes), "seconds": time.time() - t0}
 
 
 def main(argv=None) -> int:
@@ -326,7 +347,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(_format(row, args.dtype), flush=True)
     print()
-    print(f"{'stage':24s} {'dtype':9s} {'max rel':>10s} {'mean rel':>10s} {'rel floor':>10s}  result")
+    print(f"{'stage':24s} {'dtype':9s} {'max rel':>10s} {'mean rel':>10s} {'vs f32':>10s} {'floor':>10s}  result")
     for r in rows:
         print(_format(r, args.dtype))
     bad = [r for r in rows if r["status"] in ("FAIL", "error")]
@@ -336,7 +357,8 @@ def main(argv=None) -> int:
 def _format(r: dict, dtype: str) -> str:
     def num(v):
         return f"{v:10.2e}" if isinstance(v, float) else f"{'-':>10s}"
-    line = f"{r['stage']:24s} {dtype:9s} {num(r.get('max'))} {num(r.get('mean'))} {num(r.get('floor'))}  {r['status']}"
+    line = (f"{r['stage']:24s} {dtype:9s} {num(r.get('max'))} {num(r.get('mean'))} {num(r.get('vs32'))} "
+            f"{num(r.get('floor'))}  {r['status']}")
     if r.get("note"):
         line += f" ({r['note']})"
     if r.get("seconds") is not None:
