@@ -88,3 +88,14 @@ def test_no_secret_in_a_job_spec_or_storage_options(s2, tmp_path):
     assert sentinel not in str(e.value)
     rc, _, err = s2("submit", str(bad), "--address", "http://127.0.0.1:1")
     assert rc == 2 and sentinel not in err and "AWS_SECRET_ACCESS_KEY" in _one_line(err)
+
+
+def test_launcher_with_an_unwritable_storage_is_one_line(tmp_path, capsys):
+    """`python -m pipeline.train` (torchrun's entry) checks --storage before the process group starts."""
+    from pipeline.train.__main__ import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["dit", "--shards", "synthetic", "--storage", str(blocker / "runs")]) == 1
+    err = capsys.readouterr().err
+    assert f"storage {blocker}/runs: cannot write there" in _one_line(err)

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         out = run_without_ray(cfg)
-    except (CheckpointMismatch, ShardError, NoTrainableShapes) as e:  # bad input: one line, no traceback
+    except (CheckpointMismatch, ShardError, NoTrainableShapes, ConfigError) as e:  # bad input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         if dist.is_initialized():
             dist.destroy_process_group()

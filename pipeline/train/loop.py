@@ -274,6 +274,7 @@ def run_without_ray(cfg: TrainConfig) -> dict:
     """Run the loop under torchrun / the deepspeed launcher (env:// rendezvous) without Ray."""
     from pipeline.train.trainer import worker_env
 
+    storage.check_writable(cfg.storage, what="storage")  # before the process group and any work
     for key, value in worker_env(cfg).items():  # as Ray Train's workers get them; the launcher's env wins
         os.environ.setdefault(key, value)
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
