@@ -12,7 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MESH_EXTENSIONS = ("obj", "ply", "stl", "off", "glb", "gltf")
+MESH_EXTENSIONS = ("obj", "ply", "stl", "off", "glb", "gltf", "dae", "usd", "usda", "usdc", "usdz", "fbx")
+# Formats read by an optional package: extension -> (module to import, pip name).
+_OPTIONAL_READERS = {"dae": ("collada", "pycollada"), "usd": ("pxr", "usd-core"), "usda": ("pxr", "usd-core"),
+                     "usdc": ("pxr", "usd-core"), "usdz": ("pxr", "usd-core")}
+_CONVERT = "convert it to .glb (Blender: File > Export > glTF 2.0; or `assimp export in.{ext} out.glb`)"
 # Files that sit beside meshes in real corpora and are not inputs themselves.
 SIDECAR_EXTENSIONS = ("mtl", "json", "md", "txt", "png", "jpg", "jpeg", "bin", "csv")
 
@@ -43,30 +47,30 @@ def extension(uri: str) -> str:
     return name.rsplit(".", 1)[1] if "." in name else ""
 
 
-def load_mesh(data: bytes, ext: str, *, max_faces: int = 10_000_000) -> tuple[np.ndarray, np.ndarray]:
-    """Vertices and faces of a mesh file's bytes; scenes are flattened with their node transforms."""
-    import trimesh
+def load_mesh(data: bytes, ext: str, *, max_faces: int = 10_000_000, resolver=None) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices and faces of a mesh file's bytes; scenes are flattened with their node transforms.
 
+    resolver: trimesh resolver for files the mesh refers to (a .gltf's buffers, an .obj's .mtl).
+    """
     ext = ext.lower()
     if ext not in MESH_EXTENSIONS:
         raise MeshError(f"unsupported file type '.{ext}' (supported: {', '.join(MESH_EXTENSIONS)})")
     if not data:
         raise MeshError("empty file")
-    try:
-        # process=False: keep the file's own vertices, so NaNs and bad indices reach validate() instead of
-        # being dropped silently.
-        scene = trimesh.load_scene(io.BytesIO(data), file_type=ext, process=False)
-    except MeshError:
-        raise
-    except Exception as exc:  # trimesh raises many types on corrupt input; name the cause, keep one line
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MeshError(f"cannot parse as .{ext}: {msg[:200]}") from exc
-    meshes = []
-    for node in scene.graph.nodes_geometry:
-        transform, geom_name = scene.graph[node]
-        geom = scene.geometry.get(geom_name)
-        if isinstance(geom, trimesh.Trimesh) and len(geom.faces):
-            meshes.append((np.asarray(geom.vertices, np.float64), np.asarray(geom.faces, np.int64), transform))
+    if ext == "fbx":  # no maintained reader installs with pip
+        raise MeshError("FBX has no pip-installable reader: " + _CONVERT.format(ext=ext))
+    if ext in _OPTIONAL_READERS:
+        module, pip_name = _OPTIONAL_READERS[ext]
+        try:
+            __import__(module)
+        except ImportError:
+            raise MeshError(f"reading .{ext} needs the optional package {pip_name} (pip install {pip_name}), "
+                            "or " + _CONVERT.format(ext=ext)) from None
+        if module == "pxr":
+            from pipeline.geometry.usd import read_usd
+
+            return _check_faces(*read_usd(data, ext), max_faces)
+    meshes = _load_scene(data, ext, resolver)
     if not meshes:
         raise MeshError("no triangles (the file holds no faces)")
     total_faces = sum(f.shape[0] for _, f, _ in meshes)
@@ -82,6 +86,52 @@ def load_mesh(data: bytes, ext: str, *, max_faces: int = 10_000_000) -> tuple[np
         faces.append(f + offset)
         offset += len(v)
     return np.concatenate(verts), np.concatenate(faces)
+
+
+def _check_faces(v: np.ndarray, f: np.ndarray, max_faces: int) -> tuple[np.ndarray, np.ndarray]:
+    if len(f) == 0:
+        raise MeshError("no triangles (the file holds no faces)")
+    if len(f) > max_faces:
+        raise MeshError(f"{len(f):,} faces is over the limit of {max_faces:,} (max_faces)")
+    return v, f
+
+
+def _load_scene(data: bytes, ext: str, resolver) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(vertices, faces, transform) of every triangle geometry of the file, by trimesh; an OFF file
+    trimesh cannot triangulate is read by our own polygon reader."""
+    import trimesh
+
+    try:
+        # process=False: keep the file's own vertices, so NaNs and bad indices reach validate() instead of
+        # being dropped silently.
+        scene = trimesh.load_scene(io.BytesIO(data), file_type=ext, process=False, resolver=resolver)
+    except Exception as exc:  # trimesh raises many types on corrupt input; name the cause, keep one line
+        if ext == "off":
+            from pipeline.geometry.polygons import PolygonError, read_off
+
+            try:
+                v, f = read_off(data)
+            except PolygonError as own:
+                raise MeshError(f"cannot parse as .off: {own}") from exc
+            return [(v, f, np.eye(4))] if len(f) else []
+        raise MeshError(f"cannot parse as .{ext}: {_reason(exc)}") from exc
+    meshes = []
+    for node in scene.graph.nodes_geometry:
+        transform, geom_name = scene.graph[node]
+        geom = scene.geometry.get(geom_name)
+        if isinstance(geom, trimesh.Trimesh) and len(geom.faces):
+            meshes.append((np.asarray(geom.vertices, np.float64), np.asarray(geom.faces, np.int64), transform))
+    return meshes
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    msg = text.splitlines()[0] if text else type(exc).__name__
+    if "draco" in text.lower():
+        msg = "Draco-compressed geometry (decompress first, e.g. `gltf-transform copy in.glb out.glb`)"
+    elif isinstance(exc, (FileNotFoundError, KeyError)) or "resolver" in text.lower():
+        msg = f"a file it refers to is missing ({msg}): keep .bin/.mtl/textures beside it or use .glb"
+    return msg[:200]
 
 
 def validate(vertices: np.ndarray, faces: np.ndarray) -> None:
