@@ -112,30 +112,6 @@ def workload(n, hq=32, hkv=2, d=32, m=8, dtype=torch.bfloat16, shared_gate=False
     return st, t
 
 
-def paper_scoring_ab(log, n=131072, rounds=2):
-    """Per-query scoring + top-k in the paper's configuration, alternated: the score matrix (atomics, torch.topk)
-    and the one-pass pooled kernel with its sums by reshapes and scans or by 3xTF32 matmuls. Keeps the fastest."""
-    from kernels.ssa import ops, scoring
-    st, t = workload(n, m=4, shared_gate=True)
-    q, kc, vc = t["q"], t["k_cmp"], t["v_cmp"]
-    lse = compression_attention(q, kc, vc, st)[1]
-    variants = {"score matrix": (False, False), "pooled, scans": (True, False), "pooled, 3xTF32 matmuls": (True, True)}
-    sels, ms = {}, {}
-    for r in range(rounds):
-        for name, (pooled, dot) in variants.items():
-            ops.SELECT_POOLED, scoring.SELECT_POOLED_DOT = pooled, dot
-            sels[name] = select_blocks(q, kc, lse, st, top_k=8, q_tile=1)
-            ms[name] = bench(lambda: select_blocks(q, kc, lse, st, top_k=8, q_tile=1))
-            log(f"paper scoring round {r} [{name}]: {ms[name]:.3f} ms")
-    first = sels["score matrix"].sort(-1).values
-    for name, sel in sels.items():
-        same = (sel.sort(-1).values == first).all(-1).float().mean().item()
-        log(f"paper scoring [{name}]: selections equal to the score matrix's for {same:.5f} of (query, kv head)")
-    best = min(ms, key=ms.get)
-    ops.SELECT_POOLED, scoring.SELECT_POOLED_DOT = variants[best]
-    log(f"paper scoring: fastest [{best}], kept for what follows")
-
-
 def paper(log, n=131072, q_tiles=(1, 64), sdpa=True, detail=True):
     """The paper's SSA (m_cmp 4, m_slc 8, top-k 8, 32/2 heads, d 32, gates (N, 3)), whole forward and backward
     per q_tile, its branches at q_tile 1, and full attention (SDPA cuDNN and flash) in the same process."""
@@ -245,25 +221,15 @@ PAPER_TOKEN_VARIANTS = {  # ops.SELECT_TOKEN: launch settings, key chunk and dK/
 
 
 def paper_ab(log, n=131072, rounds=2):
-    """Per-query selection (q_tile 1) in the paper's configuration, rows alternated in one process: the one-pass
-    pooled top-k against the score matrix, then each per-token setting of PAPER_TOKEN_VARIANTS (selection branch
-    and whole SSA, outputs and gradients against the first). Leaves the fastest whole-SSA setting in place."""
+    """Per-query selection (q_tile 1) in the paper's configuration, rows alternated in one process: each per-token
+    setting of PAPER_TOKEN_VARIANTS (selection branch and whole SSA, outputs and gradients against the first).
+    Leaves the fastest whole-SSA setting in place."""
     from kernels.ssa import ops
     st, t = workload(n, m=4, shared_gate=True)
     x = {k: v.detach().requires_grad_(True) for k, v in t.items()}
     q, kc, vc = t["q"], t["k_cmp"], t["v_cmp"]
     lse = compression_attention(q, kc, vc, st)[1]
-    sels = {}
-    for r in range(rounds):
-        for pooled in (True, False):
-            ops.SELECT_POOLED = pooled
-            sels[pooled] = select_blocks(q, kc, lse, st, top_k=8, q_tile=1)
-            ms = bench(lambda: select_blocks(q, kc, lse, st, top_k=8, q_tile=1))
-            log(f"paper-ab round {r} scoring + top-k, {'pooled one-pass' if pooled else 'score matrix'}: {ms:.3f} ms")
-    ops.SELECT_POOLED = True
-    same = (sels[True].sort(-1).values == sels[False].sort(-1).values).all(-1).float().mean().item()
-    log(f"paper-ab: pooled one-pass and score-matrix selections equal for {same:.5f} of (query, kv head)")
-    sel = sels[True]
+    sel = select_blocks(q, kc, lse, st, top_k=8, q_tile=1)
     go = torch.randn(q.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(1)).to(q.dtype)
     first, best = None, (float("inf"), {})
     for r in range(rounds):
@@ -986,8 +952,6 @@ def main():
                     help="the paper's configuration (m_cmp 4, gates (N, 3)) at 131,072 tokens, q_tile 1 and 64, first")
     ap.add_argument("--paper-ab", action="store_true",
                     help="per-query scoring and selection settings of the paper's configuration, alternated, first")
-    ap.add_argument("--paper-scoring", action="store_true",
-                    help="per-query scoring + top-k paths of the paper's configuration, alternated, first")
     ap.add_argument("--paper-brief", action="store_true", help="--paper without the branch rows and tile comparison")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -1004,8 +968,6 @@ def main():
         sys.exit(1)
     if args.paper_ab:
         paper_ab(log)
-    if args.paper_scoring:
-        paper_scoring_ab(log)
     if args.paper:
         paper(log, sdpa=not args.no_sdpa, detail=not args.paper_brief)
     if args.sweep:

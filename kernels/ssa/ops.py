@@ -11,8 +11,7 @@ import torch
 
 from . import reference as ref
 from .gate import gate_forward, gate_mix
-from .scoring import (SELECT_POOLED_ROWS, _unit_of_tile, block_scores, select_topk, select_topk_pooled,
-                      selected_segments, selection_lists)
+from .scoring import _unit_of_tile, block_scores, select_topk, selected_segments, selection_lists
 from .segment_attention import SegmentPlan, _launch_bwd, _launch_fwd, segment_attention
 from .structure import SSAStructure
 
@@ -80,9 +79,6 @@ def _check(st: SSAStructure, backend: str, **tensors):
 
 SELECT_BLOCK_N = 0  # key chunk of the scoring kernel; 0 = by block density
 SELECT_LONG_BLOCK_N = 64  # key chunk of the scoring kernel for units of more than 128 rows
-# m_cmp < m_slc with units of up to 128 rows: scores summed over whole selection blocks and a running top-k in one
-# kernel (scoring.select_topk_pooled) instead of a (units, Hkv, blocks) score matrix, its atomics and torch.topk
-SELECT_POOLED = True
 SELECT_FUSED_LONG = False  # units of more than 128 rows: scoring + top-k in one kernel (not yet timed on a GPU)
 
 
@@ -189,9 +185,9 @@ def _select(q, k_cmp, lse_cmp, st: SSAStructure, top_k: int, q_tile: int):
         # 128-row units: narrower key chunks (H100 sweep); longer units: not swept yet (--sweep-bwd)
         bn = 32 if rows == 128 else (SELECT_LONG_BLOCK_N if rows > 128 else 64)
         return select_topk(q.contiguous(), k_cmp.contiguous(), lse_cmp, st, top_k, q_tile, SELECT_BLOCK_N or bn)
-    if st.cmp_block != st.slc_block and SELECT_POOLED and q_tile * q.shape[1] // hkv <= SELECT_POOLED_ROWS:
-        # m_cmp < m_slc, units of up to 128 rows (per-query selection): one pass over whole selection blocks
-        return select_topk_pooled(q.contiguous(), k_cmp.contiguous(), lse_cmp, st, top_k, q_tile)
+    # m_cmp < m_slc, per-query units included: a one-pass kernel over chunks of whole selection blocks with a
+    # running top-k measured slower than this matrix (H200, 131k, paper configuration: 41 ms with prefix sums and
+    # scans, 56 ms with the sums as 3xTF32 matmuls, against 25.5 ms; commit 1f0dcd1 holds it)
     # long units without SELECT_FUSED_LONG (or m_cmp < m_slc): a (tiles, Hkv, blocks) score matrix
     # ranked by torch.topk
     n_cols = st.max_slc_per_shape
