@@ -49,18 +49,25 @@ def ray_cluster(s3_server):
     cluster.stop()
 
 
-@pytest.fixture(scope="module")
-def local_dist():
-    """A one-process gloo group inside the test process (``run_without_ray``'s world of one), removed afterwards."""
+@pytest.fixture(scope="session")
+def _gloo_port():
+    """One gloo group for the whole session: DeepSpeed keeps handles to the first one it saw."""
     import torch.distributed as dist
 
     from servers import free_port
 
+    yield free_port()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def local_dist(_gloo_port):
+    """A one-process world inside the test process (``run_without_ray``'s world of one); the environment
+    it needs is set for the module only, the group (made by the first run) lives for the session."""
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu"}
+           "MASTER_PORT": str(_gloo_port), "DS_ACCELERATOR": "cpu"}
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
         yield
-        if dist.is_initialized():
-            dist.destroy_process_group()
