@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
-from benchmarks.parity import adapters, common
+from benchmarks.parity import adapters, common, standins
 from benchmarks.parity.adapters import NotBuilt
 
 
@@ -251,8 +251,14 @@ def _release_output(stage, module, inputs, ctx, dtype, notes=None):
     if dtype != torch.float32 and stage.half:
         common.to_release_dtype(m, dtype)
     use = dtype if stage.half else torch.float32
-    with torch.no_grad():
-        return _as_dense(stage.release(m, _to(inputs, ctx.device, use)), notes)
+    # the release's SSA Triton kernels take half precision only: a float32 run uses the references
+    before = standins.set_release_ssa_ops(True) if use == torch.float32 else None
+    try:
+        with torch.no_grad():
+            return _as_dense(stage.release(m, _to(inputs, ctx.device, use)), notes)
+    finally:
+        if before is not None:
+            standins.set_release_ssa_ops(before)
 
 
 def run_stage(stage: Stage, ctx: Ctx) -> dict:
@@ -346,6 +352,8 @@ def main(argv=None) -> int:
                 traceback.print_exc()
         rows.append(row)
         print(_format(row, args.dtype), flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     print()
     print(f"{'stage':24s} {'dtype':9s} {'max rel':>10s} {'mean rel':>10s} {'vs f32':>10s} {'floor':>10s}  result")
     for r in rows:

@@ -15,7 +15,7 @@ from . import misc as _misc
 from . import ssa_ops
 from . import torchsparse as _torchsparse
 
-__all__ = ["install", "patch_release_ssa", "ssa_ops"]
+__all__ = ["install", "patch_release_ssa", "set_release_ssa_ops", "ssa_ops"]
 
 
 def install() -> list[str]:
@@ -34,15 +34,33 @@ def install() -> list[str]:
     return sorted(mods)
 
 
+_ORIGINAL_OPS: dict = {}
+
+
 def patch_release_ssa(device, use_torch_ops: bool) -> None:
     """Point the released SSA module at our PyTorch references (use_torch_ops) and, off CUDA, at a torch
     proxy that maps its hard-coded device="cuda" allocations to ``device``."""
-    import importlib
-    pkg = "direct3d_s2.modules.sparse.attention.spatial_sparse_attention"
-    scoring = importlib.import_module(f"{pkg}.ops.compressed_attention")
-    module = importlib.import_module(f"{pkg}.module.spatial_sparse_attention")
-    if use_torch_ops:
-        scoring._get_attention_score = ssa_ops.attention_score
-        module.spatial_selection_attention = ssa_ops.selection_attention
+    scoring, module = _release_ssa_modules()
+    if not _ORIGINAL_OPS:
+        _ORIGINAL_OPS.update(score=scoring._get_attention_score, select=module.spatial_selection_attention)
+    set_release_ssa_ops(use_torch_ops)
     if str(device).split(":")[0] != "cuda":
         scoring.torch = ssa_ops.device_redirect(device)
+
+
+def set_release_ssa_ops(use_torch_ops: bool) -> bool:
+    """Switch the release's SSA score and selection ops between its Triton kernels and our references;
+    returns whether the references were in use before (the Triton kernels take half precision only,
+    so a float32 reference run of a bfloat16 comparison switches to the references for its duration)."""
+    scoring, module = _release_ssa_modules()
+    before = scoring._get_attention_score is ssa_ops.attention_score
+    scoring._get_attention_score = ssa_ops.attention_score if use_torch_ops else _ORIGINAL_OPS["score"]
+    module.spatial_selection_attention = ssa_ops.selection_attention if use_torch_ops else _ORIGINAL_OPS["select"]
+    return before
+
+
+def _release_ssa_modules():
+    import importlib
+    pkg = "direct3d_s2.modules.sparse.attention.spatial_sparse_attention"
+    return (importlib.import_module(f"{pkg}.ops.compressed_attention"),
+            importlib.import_module(f"{pkg}.module.spatial_sparse_attention"))
