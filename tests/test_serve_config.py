@@ -132,3 +132,8 @@ def test_manifests_give_the_key_to_every_pod_that_can_host_the_api():
             assert key and not key[0].get("optional", False), container["name"]
     cfg = load_serve_config_file("jobs/serve.yaml", "s2")
     assert not cfg.loopback and not cfg.insecure_open and cfg.api_key_env == "S2_API_KEY"
+    # The GPU cluster that `serve deploy jobs/serve.yaml` targets: every pod gets the key when it exists.
+    gpu = yaml.safe_load(open("cluster/gpu-kuberay.yaml"))["spec"]
+    for pod in [gpu["headGroupSpec"]["template"]] + [g["template"] for g in gpu["workerGroupSpecs"]]:
+        for container in pod["spec"]["containers"]:
+            assert {"name": "s2-api-key", "optional": True} in [e.get("secretRef") for e in container["envFrom"]]
