@@ -5,6 +5,7 @@ mid-job, broken files in the corpus, and a re-run that does no work twice."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -109,8 +110,15 @@ def test_rerun_does_no_work_twice(first_run, ray_cluster, sample_corpus):
     assert res.returncode == 0, res.stderr[-3000:]
     after = {u: os.path.getmtime(u) for u in shards.list_shards(out)}
     assert before == after, "a re-run rewrote or added shards"
-    assert f"meshes skipped (already done) │ {len(_valid(sample_corpus))}".replace(" ", "") in \
-        res.stdout.replace(" ", "")
+    # Every mesh file is skipped before it is read: its size and mtime match sources.parquet.
+    listed = re.search(r"preprocess: (\d+) mesh files listed, (\d+) unchanged", res.stdout)
+    assert listed and listed.group(1) == listed.group(2), res.stdout[-2000:]
+    assert int(listed.group(1)) >= len(_valid(sample_corpus))
+    stats = pq.read_table(os.path.join(out, "stats.parquet"))
+    assert {"seconds", "voxels", "faces", "bytes"} <= set(stats.column_names)
+    assert stats.num_rows >= len(_valid(sample_corpus))
+    errors = pq.read_table(os.path.join(out, "errors.parquet"))
+    assert errors.num_rows == len(_broken(sample_corpus)), "skipped failures keep their reasons"
 
 
 def test_ray_job_submit_runs_the_same_entrypoint(ray_cluster, sample_corpus, tmp_path):
