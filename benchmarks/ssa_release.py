@@ -4,11 +4,9 @@
     python benchmarks/ssa_release.py                                   # on a GPU
 
 The released attention ops (get_block_score, spatial_selection_attention, sparse_window_attention) are
-loaded from their files with stand-ins for the modules they import: ``flash_attn`` (a float32 PyTorch
-softmax that returns the log-sum-exp as flash_attn_varlen_func does, (heads, tokens)) and a minimal
-``SparseTensor``. On the CPU their Triton kernels run in the interpreter and the two CUDA-only calls of
-get_block_score (``torch.zeros(..., device="cuda")``, ``torch.histc`` of integers) are redirected.
-Inputs are rounded to bfloat16 (the release's kernels take bf16/fp16 only); ours run on the same values.
+imported through the parity harness (benchmarks/parity: stand-ins for flash_attn and torchsparse; on CUDA
+the release's own SSA Triton kernels, elsewhere the harness's PyTorch references of them) and called on
+our inputs, rounded to bfloat16 (the release's kernels take bf16/fp16 only); ours run on the same values.
 
 Printed per case: the share of (query, kv head) selections that equal the release's, the relative
 difference of each branch and of the gated sum against the release (our float64 reference given the
@@ -18,11 +16,9 @@ gradients against the release's Triton backward.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import math
+import importlib
 import os
 import sys
-import types
 
 import torch
 
@@ -33,50 +29,9 @@ from kernels.ssa import SSAStructure, block_order, select_blocks, spatial_sparse
 from kernels.ssa import reference as ref  # noqa: E402
 from ssa_cases import shell_shapes  # noqa: E402
 
-RELEASE = os.environ.get("S2_RELEASE", os.path.join(_ROOT, ".official", "direct3d_s2"))
-
-
-# ------------------------------------------------------------------------------------- stand-ins
-def _attend_varlen(q, k, v, cu_q, cu_k, scale):
-    """Per segment softmax attention in float32: out (Nq, H, D) in q's dtype, lse (H, Nq) float32."""
-    hq, hkv = q.shape[1], k.shape[1]
-    out = torch.empty_like(q)
-    lse = torch.empty(hq, q.shape[0], dtype=torch.float32, device=q.device)
-    for b in range(len(cu_q) - 1):
-        a, e, ka, ke = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
-        kk = k[ka:ke].float().repeat_interleave(hq // hkv, 1)
-        vv = v[ka:ke].float().repeat_interleave(hq // hkv, 1)
-        s = torch.einsum("nhd,mhd->hnm", q[a:e].float(), kk) * scale
-        l_ = torch.logsumexp(s, -1)
-        out[a:e] = torch.einsum("hnm,mhd->nhd", torch.exp(s - l_[..., None]), vv).to(q.dtype)
-        lse[:, a:e] = l_
-    return out, lse
-
-
-def _flash_attn_module():
-    fa = types.ModuleType("flash_attn")
-
-    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None,
-                               causal=False, return_attn_probs=False, **_):
-        assert not causal and dropout_p == 0.0
-        scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-        out, lse = _attend_varlen(q, k, v, cu_q, cu_k, scale)
-        return (out, lse, None) if return_attn_probs else out
-
-    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **_):
-        b, n = q.shape[:2]
-        cu = torch.arange(0, (b + 1) * n, n)
-        flat = lambda x: x.reshape(b * n, *x.shape[2:])  # noqa: E731
-        return flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, n, n, dropout_p, softmax_scale,
-                                      causal).reshape(q.shape)
-
-    fa.flash_attn_varlen_func = flash_attn_varlen_func
-    fa.flash_attn_func = flash_attn_func
-    return fa
-
-
+# ---------------------------------------------------------------------------------------- release
 class SparseTensorStandIn:
-    """The few members of the release's SparseTensor that the attention ops read."""
+    """The few members of the release's SparseTensor that its attention ops read."""
 
     def __init__(self, feats, coords):
         self.feats, self.coords = feats, coords
@@ -95,94 +50,19 @@ class SparseTensorStandIn:
         pass
 
 
-class _TorchOnCPU(types.ModuleType):
-    """``torch`` for get_block_score on a CPU: its two CUDA-only calls redirected, the rest unchanged."""
-
-    def __init__(self):
-        super().__init__("torch")
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def zeros(*a, device=None, **kw):
-        return torch.zeros(*a, device="cpu" if str(device) == "cuda" else device, **kw)
-
-    @staticmethod
-    def histc(x, *a, **kw):
-        return torch.histc(x.float(), *a, **kw)
-
-
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def load_release():
-    """(get_block_score, spatial_selection_attention, sparse_window_attention, flash_attn stand-in)."""
-    if not os.path.isdir(RELEASE):
-        raise SystemExit(f"release not found at {RELEASE} (set S2_RELEASE)")
-    fa = _flash_attn_module()
-    sys.modules["flash_attn"] = fa
-    pkg = os.path.join(RELEASE, "modules", "sparse", "attention")
-    for name in ("direct3d_s2", "direct3d_s2.modules", "direct3d_s2.modules.sparse",
-                 "direct3d_s2.modules.sparse.attention"):
-        m = types.ModuleType(name)
-        m.__path__ = []
-        sys.modules[name] = m
-    sp = sys.modules["direct3d_s2.modules.sparse"]
-    sp.SparseTensor, sp.DEBUG, sp.ATTN = SparseTensorStandIn, False, "flash_attn"
-    _load("direct3d_s2.modules.sparse.attention.windowed_attn", os.path.join(pkg, "windowed_attn.py"))
-    ops = os.path.join(pkg, "spatial_sparse_attention", "ops")
-    cmp_ = _load("s2_release_compressed_attention", os.path.join(ops, "compressed_attention.py"))
-    slc = _load("s2_release_selection_attention", os.path.join(ops, "selection_attention.py"))
-    win = _load("s2_release_window_attention", os.path.join(ops, "window_attention.py"))
-    selection = slc.spatial_selection_attention
-    if not torch.cuda.is_available():
-        cmp_.torch = _TorchOnCPU()
-        try:  # the release's kernels use block pointers, which newer Triton interpreters no longer run
-            import triton.language as tl
-            tl.make_block_ptr(base=torch.zeros(1), shape=(1,), strides=(1,), offsets=(0,), block_shape=(1,),
-                              order=(0,))
-        except Exception:  # noqa: BLE001 - any failure means: use the stand-ins below
-            print("release Triton kernels do not run here (block pointers): their math in PyTorch instead")
-            cmp_._get_attention_score = _score_standin
-            selection = _selection_standin
-    return cmp_.get_block_score, selection, win.sparse_window_attention, fa
-
-
-def _score_standin(q, k, lse2, cu_q, cu_k, max_q, max_k, sm_scale):
-    """What the release's score_kernel writes: (Hkv, Nq, max_k) float32, per query and compressed token
-    exp2(q·k·scale·log2(e) − lse2) summed over the G query heads of the kv head (lse2 = log2(exp(lse)))."""
-    hq, hkv = q.shape[1], k.shape[1]
-    scale = (sm_scale or q.shape[-1] ** -0.5) * 1.44269504
-    s = torch.zeros(hkv, q.shape[0], max_k, dtype=torch.float32)
-    for b in range(len(cu_q) - 1):
-        a, e, ka, ke = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
-        kk = k[ka:ke].float().repeat_interleave(hq // hkv, 1)
-        p = torch.exp2(torch.einsum("nhd,mhd->hnm", q[a:e].float(), kk) * scale - lse2[:, a:e, None])
-        s[:, a:e, :ke - ka] = p.view(hkv, hq // hkv, e - a, ke - ka).sum(1)
-    return s
-
-
-def _selection_standin(q, k, v, topk, cu_blocks, cu_block_tokens, block_size, cu, scale=None):
-    """The release's selection forward read off its tables: query i of shape b, kv head h attends to the
-    tokens cu_block_tokens[cu_blocks[b] + j] .. [+ 1] for each j >= 0 in topk[h, i] (keys of shape b)."""
-    hq, hkv = q.shape[1], k.shape[1]
-    g = hq // hkv
-    out = torch.zeros(q.shape, dtype=torch.float32)
-    for b in range(len(cu) - 1):
-        for i in range(int(cu[b]), int(cu[b + 1])):
-            for h in range(hkv):
-                idx = [int(j) for j in topk[h, i] if j >= 0]
-                keys = torch.cat([torch.arange(int(cu_block_tokens[int(cu_blocks[b]) + j]),
-                                               int(cu_block_tokens[int(cu_blocks[b]) + j + 1])) for j in idx])
-                s = q[i, h * g:(h + 1) * g].float() @ k[keys, h].float().T * (scale or q.shape[-1] ** -0.5)
-                out[i, h * g:(h + 1) * g] = torch.softmax(s, -1) @ v[keys, h].float()
-    return out.to(q.dtype)
+def load_release(device, official=None):
+    """(get_block_score, spatial_selection_attention, sparse_window_attention, flash_attn stand-in), imported
+    through the parity harness (benchmarks/parity: its flash_attn / torchsparse stand-ins; the release's SSA
+    Triton kernels on CUDA in bfloat16 with a Triton that has block pointers, its PyTorch references else)."""
+    from benchmarks.parity import common
+    common.import_release(official, device, "auto", torch.bfloat16)
+    pkg = "direct3d_s2.modules.sparse.attention.spatial_sparse_attention"
+    scoring = importlib.import_module(f"{pkg}.ops.compressed_attention")
+    module = importlib.import_module(f"{pkg}.module.spatial_sparse_attention")
+    window = importlib.import_module(f"{pkg}.ops.window_attention")
+    print(f"release SSA ops: {common._IMPORTED['ssa_ops']}")
+    return (scoring.get_block_score, module.spatial_selection_attention, window.sparse_window_attention,
+            sys.modules["flash_attn"], common._IMPORTED["ssa_ops"] == "torch")
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -206,7 +86,7 @@ def rel(a, b):
 # ----------------------------------------------------------------------------------------- compare
 def release_ssa(rel_ops, st, t, shift, resolution):
     """The release's SpatialSparseAttention.forward after its projections, on our inputs."""
-    get_block_score, selection, window, fa = rel_ops
+    get_block_score, selection, window, fa, _ = rel_ops
     dev = t["q"].device
     cu = st.cu_seqlens.to(torch.int32)
     cu_cmp = st.cmp_shape_offsets.to(torch.int32)
@@ -266,7 +146,7 @@ def compare(rel_ops, sizes, hq, hkv, d, grid, seed, shifted, device, log):
     if lse is not None:
         line += f" | release vs triton out {rel(r['out'], tout):.2e}"
     log(line + f" | bf16 rounding of the reference itself {rel(out.to(torch.bfloat16), out):.2e}")
-    if selection_standin(rel_ops):
+    if rel_ops[4]:  # the PyTorch references of the release's kernels: their gradients are not the release's
         return same(own_sel, r["sel"]), rel(r["out"], out)
     # gradients of the selection branch: the release's Triton backward against the reference's autograd
     w = torch.randn(r["slc"].shape, generator=torch.Generator().manual_seed(seed)).to(r["slc"])
@@ -279,16 +159,13 @@ def compare(rel_ops, sizes, hq, hkv, d, grid, seed, shifted, device, log):
     return same(own_sel, r["sel"]), rel(r["out"], out)
 
 
-def selection_standin(rel_ops) -> bool:
-    return rel_ops[1] is _selection_standin
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--official", default=None, help="folder holding direct3d_s2/ (default: <repo>/.official)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rel_ops = load_release()
+    rel_ops = load_release(device, args.official)
     worst_sel, worst_out = 1.0, 0.0
     cases = [([300, 5, 170], 32, 2, 32, 32, False), ([420, 90], 32, 2, 32, 32, True),
              ([260, 1, 33], 8, 2, 16, 24, True)]
