@@ -5,6 +5,8 @@ on a ~50k-face scanned mesh and on the sample corpus, against mesh-to-sdf on the
     python benchmarks/preprocess.py --device cuda            # one GPU
     python benchmarks/preprocess.py --mesh bunny.npz --res 256 512 --no-corpus --json out.json
     python benchmarks/preprocess.py --open --no-corpus      # the mesh cut open: winding-number sign path
+    python benchmarks/preprocess.py --rerun 10000           # a rerun over 10,000 finished files, one core
+    PYTHONPATH=<tree of another commit> python benchmarks/preprocess.py ...   # that commit, same script
 
 The scanned mesh is the Stanford bunny that pymeshlab's wheel ships (56k faces;
 Stanford 3D Scanning Repository, research use with acknowledgement) when
@@ -256,6 +258,39 @@ def _has_mesh_to_sdf() -> bool:
     return True
 
 
+def measure_rerun(n: int) -> dict:
+    """Seconds of `pipeline.preprocess.run` over n mesh files that a previous run finished (sources.parquet
+    and manifest.parquet as that run leaves them): every file must be skipped unread, Ray never started."""
+    import tempfile
+
+    import pyarrow as pa
+
+    from pipeline import config, storage
+    from pipeline.preprocess import SUMMARY_SCHEMA, PreprocessConfig, _sources, _write_table, build_manifest, run
+
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    root = Path(tempfile.mkdtemp(prefix="s2rerun_"))
+    (root / "in").mkdir()
+    obj = b"v 0 0 0\nv 1 0 0\nv 0 1 0\nv 0 0 1\nf 1 2 3\nf 1 3 4\nf 1 4 2\nf 2 4 3\n"
+    for i in range(n):
+        sub = root / "in" / f"{i // 1000:03d}"
+        sub.mkdir(exist_ok=True)
+        (sub / f"mesh_{i:06d}.obj").write_bytes(obj + f"# {i}\n".encode())
+    cfg = config.from_dict(PreprocessConfig, {"input": str(root / "in"), "output": str(root / "out"), "views": 0})
+    rows = [{**dict.fromkeys(SUMMARY_SCHEMA.names), "source_uri": u, "size": size, "stamp": stamp, "status": "ok",
+             "config_hash": cfg.row_config_hash(), "content_hash": f"{i:064x}", "voxels": 1000, "faces": 4}
+            for i, (u, size, stamp) in enumerate(storage.list_files_with_stamps(cfg.input))]
+    summary = pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
+    _write_table(_sources(summary, None, cfg), str(root / "out" / "sources.parquet"), {})
+    _write_table(build_manifest(cfg), str(root / "out" / "manifest.parquet"), {})
+    t, c = time.perf_counter(), time.process_time()
+    result = run(cfg, progress=False)
+    out = {"files": n, "seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - c,
+           "counts": result.counts()}
+    assert out["counts"]["skipped"] == n, out
+    return out
+
+
 # ---------- table ----------
 
 def main() -> None:
@@ -270,8 +305,17 @@ def main() -> None:
     ap.add_argument("--baseline-points", type=int, default=SAMPLE, help="band voxels given to mesh-to-sdf (0: skip)")
     ap.add_argument("--accuracy-points", type=int, default=50, help="band voxels checked by brute force")
     ap.add_argument("--open", action="store_true", help="cut the mesh open (winding-number sign path)")
+    ap.add_argument("--rerun", type=int, default=0, help="only time a rerun over this many finished files")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.rerun:
+        torch.set_num_threads(1)
+        r = measure_rerun(args.rerun)
+        print(f"rerun over {r['files']:,} finished files, one core: {r['seconds']:.2f} s wall, "
+              f"{r['cpu_seconds']:.2f} s CPU, {r['counts']}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(r, indent=1))
+        return
 
     v, f, name = scan_mesh(args.mesh)
     if args.open:
