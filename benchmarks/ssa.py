@@ -112,6 +112,50 @@ def workload(n, hq=32, hkv=2, d=32, m=8, dtype=torch.bfloat16, shared_gate=False
     return st, t
 
 
+def load_base(base: str):
+    """kernels/ssa of another version, imported beside the working tree's as the package ``ssa_base``: ``base``
+    is a folder holding kernels/ssa/ (made with ``git archive REV kernels/ssa | tar -x -C DIR``, e.g. carried to
+    a machine without the repository's history) or a git revision read here with ``git archive``."""
+    import importlib
+    import subprocess
+    import tempfile
+    src = os.path.join(base, "kernels", "ssa")
+    if not os.path.isdir(src):
+        tmp = tempfile.mkdtemp(prefix="ssa-base-")
+        tar = subprocess.run(["git", "-C", _ROOT, "archive", base, "kernels/ssa"], check=True, capture_output=True)
+        subprocess.run(["tar", "-x", "-C", tmp], input=tar.stdout, check=True)
+        src = os.path.join(tmp, "kernels", "ssa")
+    pkg = os.path.join(tempfile.mkdtemp(prefix="ssa-base-pkg-"), "ssa_base")
+    import shutil
+    shutil.copytree(src, pkg)
+    sys.path.insert(0, os.path.dirname(pkg))
+    return importlib.import_module("ssa_base")
+
+
+def ab_base(log, base: str, n=131072, q_tiles=(1, 64), rounds=3):
+    """The whole SSA of the working tree against ``base`` (load_base) in one process, rows alternated, paper
+    configuration: ms forward / backward per round, the ratio tree / base of the medians, and the outputs'
+    relative difference."""
+    import kernels.ssa as tree
+    mods = {"base": load_base(base), "tree": tree}
+    st0, t = workload(n, m=4)
+    structs = {k: m.SSAStructure(st0._coords, st0.cu_seqlens, 4, 8) for k, m in mods.items()}
+    x = {k: v.detach().requires_grad_(True) for k, v in t.items()}
+    for qt in q_tiles:
+        times = {k: [] for k in mods}
+        outs = {}
+        for r in range(rounds):
+            for name, m in mods.items():
+                fn = lambda *a, m=m, st=structs[name]: m.spatial_sparse_attention(*a, st, top_k=8, q_tile=qt)  # noqa
+                outs[name] = fn(*x.values()).detach()
+                times[name].append(time_fwd_bwd(fn, list(x.values()), 300))
+                log(f"base ab q_tile={qt} round {r} [{name}]: {times[name][-1][0]:.3f} / {times[name][-1][1]:.3f} ms")
+        med = {k: [sorted(v[i] for v in ts)[len(ts) // 2] for i in (0, 1)] for k, ts in times.items()}
+        log(f"base ab q_tile={qt}: tree / base {med['tree'][0] / med['base'][0]:.3f} forward, "
+            f"{med['tree'][1] / med['base'][1]:.3f} backward (medians of {rounds}); outputs differ by "
+            f"{rel(outs['tree'], outs['base']):.2e}")
+
+
 def paper(log, n=131072, q_tiles=(1, 64), sdpa=True, detail=True):
     """The paper's SSA (m_cmp 4, m_slc 8, top-k 8, 32/2 heads, d 32, gates (N, 3)), whole forward and backward
     per q_tile, its branches at q_tile 1, and full attention (SDPA cuDNN and flash) in the same process."""
@@ -952,6 +996,8 @@ def main():
                     help="the paper's configuration (m_cmp 4, gates (N, 3)) at 131,072 tokens, q_tile 1 and 64, first")
     ap.add_argument("--paper-ab", action="store_true",
                     help="per-query scoring and selection settings of the paper's configuration, alternated, first")
+    ap.add_argument("--base", default="",
+                    help="a git revision (or a folder holding its kernels/ssa/): the whole SSA against it, first")
     ap.add_argument("--paper-brief", action="store_true", help="--paper without the branch rows and tile comparison")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -966,6 +1012,8 @@ def main():
     log(f"{time.strftime('%Y-%m-%d %H:%M')} {card} torch {torch.__version__}")
     if args.check and not check(log):
         sys.exit(1)
+    if args.base:
+        ab_base(log, args.base)
     if args.paper_ab:
         paper_ab(log)
     if args.paper:
