@@ -46,6 +46,7 @@ class Ctx:
     size: str
     seed: int
     workdir: Path
+    perturb: bool = False
 
     @property
     def paper(self) -> bool:
@@ -286,6 +287,11 @@ def run_stage(stage: Stage, ctx: Ctx) -> dict:
     except NotBuilt as e:
         return {"stage": stage.name, "status": "not built", "note": str(e).splitlines()[0][:120],
                 "seconds": time.time() - t0}
+    if ctx.perturb:
+        with torch.no_grad():  # negative control: every weight off by 1e-3 relative must fail the stage
+            g = torch.Generator().manual_seed(ctx.seed + 99)
+            for w in ours.parameters():
+                w.mul_(1 + 1e-3 * torch.randn(w.shape, generator=g).to(w))
     our_notes: list[str] = []
     with torch.no_grad():
         our_coords, out = _as_dense(stage.ours(ours, _to(inputs, ctx.device, ctx.dtype)), our_notes)
@@ -323,6 +329,8 @@ def main(argv=None) -> int:
                     help="the release's SSA kernels: its Triton ops or our PyTorch references")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", default=None, help="folder to keep the written release checkpoints in")
+    ap.add_argument("--perturb", action="store_true",
+                    help="negative control: every weight of ours times 1 + N(0, 1e-3²) (every stage should fail)")
     args = ap.parse_args(argv)
 
     dtype = getattr(torch, args.dtype)
@@ -336,7 +344,7 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown stage(s) {unknown}")
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="s2-parity-"))
-    ctx = Ctx(device, dtype, args.size, args.seed, work)
+    ctx = Ctx(device, dtype, args.size, args.seed, work, args.perturb)
     print(f"parity: {args.size} sizes, {args.dtype} on {device} (release SSA ops: {common.release_ssa_ops()}), "
           f"tolerance {common.TOLERANCE[dtype]:g}; checkpoints under {work}", flush=True)
     rows = []
