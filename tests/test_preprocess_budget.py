@@ -25,10 +25,10 @@ def test_plan_cuts_into_slabs_then_refuses():
     area, faces = 10.0, 50_000
     one = plan(area, faces, [1024], 2.0, 64 * 2**30)[0]
     assert one.pieces == 1
-    tight = plan(area, faces, [1024], 2.0, 2.5 * 2**30)[0]
-    assert tight.pieces > 1 and tight.peak_bytes <= 2.5 * 2**30
-    with pytest.raises(BudgetError, match=r"at 1024\^3 .* over the task budget of 1.2 GiB"):
-        plan(area, faces, [256, 1024], 2.0, 1.2 * 2**30)
+    tight = plan(area, faces, [1024], 2.0, 1.2 * 2**30)[0]
+    assert tight.pieces > 1 and tight.peak_bytes <= 1.2 * 2**30
+    with pytest.raises(BudgetError, match=r"at 1024\^3 .* over the task budget of 0.9 GiB"):
+        plan(area, faces, [256, 1024], 2.0, 0.9 * 2**30)
 
 
 def test_slabs_give_the_same_sdf():
@@ -57,14 +57,14 @@ def test_a_mesh_cut_into_slabs_stays_within_its_budget():
     # A budget that forces slabs at 512^3; the process's measured peak must stay under it.
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(1.0, q))
+    p = ctx.Process(target=_child, args=(0.75, q))
     p.start()
     row, peak, voxels = q.get(timeout=300)
     p.join()
     assert row["status"] == "ok", row["error"]
     assert row["pieces"] > 1 and voxels > 1_000_000
-    assert peak <= 1.0 * 2**30, f"peak RSS {peak / 2**30:.2f} GiB over the 1.0 GiB budget"
-    assert row["estimated_gib"] <= 1.0
+    assert peak <= 0.75 * 2**30, f"peak RSS {peak / 2**30:.2f} GiB over the 0.75 GiB budget"
+    assert row["estimated_gib"] <= 0.75
 
 
 def test_rerun_skips_by_size_and_stamp_before_reading():
@@ -88,3 +88,22 @@ def test_rerun_skips_by_size_and_stamp_before_reading():
 def test_progress_line():
     line = progress_line(250, 1000, {"ok": 240, "skipped": 5, "failed": 5}, 100.0)
     assert line == ("preprocess: 250/1000 files (25%)  ok 240  skipped 5  failed 5  2.50 meshes/s  ETA 00:05:00")
+
+
+def test_job_spec_packs_one_task_per_cpu():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    spec = yaml.safe_load(Path(__file__).parent.parent.joinpath("jobs/preprocess.yaml").read_text())
+    entry = spec["spec"]["entrypoint"]
+    per_task = float(re.search(r"--memory-per-task-gb (\S+)", entry).group(1))
+    assert re.search(r"--cpus-per-task 1\b", entry)
+    for group in spec["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        start = group["rayStartParams"]
+        cpus = int(start["num-cpus"])
+        task_memory = int(start["memory"]) / 2**30
+        assert cpus * per_task <= task_memory, "fewer tasks than CPUs would fit"
+        limit = group["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+        assert task_memory + int(start["object-store-memory"]) / 2**30 <= float(limit.rstrip("Gi"))
