@@ -82,7 +82,8 @@ _PARAMS: dict[str, dict[str, dict]] = {
                           model_channels_decoder=[32, 16, 8], num_res_blocks_decoder=2,
                           num_res_blocks_middle_decoder=2),
         "dense_dit": dict(resolution=8, in_channels=8, out_channels=8, model_channels=64, cond_channels=32,
-                          latent_shape=[8, 8, 8, 8], num_blocks=2, num_heads=4, patch_size=1, qk_rms_norm=True, qk_rms_norm_cross=True),
+                          latent_shape=[8, 8, 8, 8], num_blocks=2, num_heads=4, patch_size=1, qk_rms_norm=True,
+                          qk_rms_norm_cross=True),
         # the encoder's GroupNorm(32) layers need model_channels_encoder / 16 >= 32
         "sparse_vae_512": dict(embed_dim=16, resolution=8, model_channels_encoder=512, num_blocks_encoder=2,
                                num_heads_encoder=8, model_channels_decoder=64, num_blocks_decoder=2,
