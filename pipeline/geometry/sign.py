@@ -101,7 +101,7 @@ def orient_components(tri: torch.Tensor, faces: torch.Tensor, topo: MeshTopology
     n = faces.shape[0]
     bad_face = (~topo.good_edge)[topo.face_edges.to(dev)].any(1)
     lab = topo.labels.to(dev)
-    comp_bad = torch.zeros(n, dtype=torch.bool, device=dev).index_put_((lab,), bad_face, accumulate=True)
+    comp_bad = torch.zeros(n, dtype=torch.long, device=dev).index_add_(0, lab, bad_face.long()) > 0
     t = tri.double()
     vol6 = (t[:, 0] * torch.linalg.cross(t[:, 1], t[:, 2], dim=1)).sum(1)
     comp_vol = torch.zeros(n, dtype=torch.float64, device=dev).index_add_(0, lab, vol6)
