@@ -53,6 +53,8 @@ class Crossings:
     other: torch.Tensor  # (P,) the crossing triangle
     seg: torch.Tensor  # (P,2,3) float64 ends of the intersection segment (in the crossed triangle)
     hard: torch.Tensor  # (F,) bool: a crossing the face walk cannot follow (touching, coplanar, near the probe)
+    line: torch.Tensor | None = None  # (P,3) n x (L1 - L0) of the crossed face's normal n (set by the sign)
+    g_side: torch.Tensor | None = None  # (P,) line . (centroid - L0)
 
     @property
     def crossed(self) -> torch.Tensor:

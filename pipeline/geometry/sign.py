@@ -306,31 +306,44 @@ def prepare_sign(method: str, tri: torch.Tensor, faces: torch.Tensor, vertices: 
     inner = outer + 1
     err = torch.full_like(outer, _ROUNDING)
     rho = (t - g[:, None]).norm(dim=2).max(1).values
+    crossed_face = torch.repeat_interleave(torch.arange(t.shape[0], device=t.device), cross.count)
+    cross.line = torch.linalg.cross(n[crossed_face], cross.seg[:, 1] - cross.seg[:, 0], dim=1)
+    cross.g_side = (cross.line * (g[crossed_face] - cross.seg[:, 0])).sum(1)
     return SignPrep(method, planes, torch.stack([outer, inner], 1), err, open_features(faces, topo, nv), wn,
                     cross, chain is None, chain, t, g, n, rho, flips), tri
 
 
 def _walk_crossings(prep: SignPrep, points: torch.Tensor, tri_id: torch.Tensor, piece: int = 1 << 18):
-    """Signed crossings met walking from each voxel's closest point across its face to the centroid."""
+    """Signed crossings met walking from each voxel's closest point across its face to the centroid.
+
+    In the face's plane (normal n) the walk c -> g crosses the intersection segment L0 -> L1 when
+    each pair of ends lies on opposite sides of the other's line; with m = n x (L1 - L0) and
+    k = n x (g - c) those sides are the signs of m.(c - L0), m.(g - L0), k.(L0 - c), k.(L1 - c).
+    """
     cr = prep.crossings
     out = torch.zeros(points.shape[0], dtype=torch.float64, device=points.device)
     for s in range(0, points.shape[0], piece):
         t = tri_id[s : s + piece]
         tri = prep.tri64[t]
-        diff, _ = point_triangle_offset_reference(points[s : s + piece].double(), tri[:, 0], tri[:, 1], tri[:, 2])
-        c = points[s : s + piece].double() - diff
+        p = points[s : s + piece].double()
+        diff, _ = point_triangle_offset_reference(p, tri[:, 0], tri[:, 1], tri[:, 2])
+        c = p - diff
+        d = prep.centroid[t] - c
+        k = torch.linalg.cross(prep.normal[t], d, dim=1)
         owner, row = _expand(cr.count[t], cr.start[t])
-        n = prep.normal[t[owner]]
-        cc, gg = c[owner], prep.centroid[t[owner]]
+        cx, cy, cz = c[owner].unbind(1)
+        kx, ky, kz = k[owner].unbind(1)
         l0, l1 = cr.seg[row, 0], cr.seg[row, 1]
-        d, e = gg - cc, l1 - l0
-
-        def o(u, w):
-            return (n * torch.linalg.cross(u, w, dim=1)).sum(1)
-
-        hit = (o(d, l0 - cc) * o(d, l1 - cc) < 0) & (o(e, cc - l0) * o(e, gg - l0) < 0)
+        m = cr.line[row]  # n x (L1 - L0)
+        g_side = cr.g_side[row]  # m . (g - L0), fixed per row
+        c_side = m[:, 0] * (cx - l0[:, 0]) + m[:, 1] * (cy - l0[:, 1]) + m[:, 2] * (cz - l0[:, 2])
+        o1 = kx * (l0[:, 0] - cx) + ky * (l0[:, 1] - cy) + kz * (l0[:, 2] - cz)
+        o2 = kx * (l1[:, 0] - cx) + ky * (l1[:, 1] - cy) + kz * (l1[:, 2] - cz)
+        hit = (o1 * o2 < 0) & (c_side * g_side < 0)
+        ns = prep.normal[cr.other[row]]
+        dx, dy, dz = d[owner].unbind(1)
         # Leaving a surface along its normal lowers w by one: w(start) = w(centroid) + sum sign(d . n_s).
-        step = torch.where(hit, torch.sign((d * prep.normal[cr.other[row]]).sum(1)), 0.0)
+        step = torch.where(hit, torch.sign(dx * ns[:, 0] + dy * ns[:, 1] + dz * ns[:, 2]), 0.0)
         out[s : s + piece].index_add_(0, owner, step)
     return out
 
