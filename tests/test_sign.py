@@ -5,6 +5,7 @@ winding number (summed over every triangle in float64) where that number is belo
 0.4 or above 0.6, at 256^3 (whole band, sampled) and 1024^3 (a block of the band).
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,3 +111,14 @@ def test_cuda_sign_matches_exact_winding(case):
         cpu = sdf_on_grid(prepare_mesh(v, f), res, region=region)
         # Same voxels; signs agree except where the closest face is a tie broken differently.
         assert sdf.coords.shape[0] == cpu.coords.shape[0]
+
+
+def test_unwelded_faces_are_welded_for_the_sign():
+    # STL and many GLB meshes repeat each vertex per face: after welding it is one closed surface again.
+    v, f = CASES["inverted_closed"]()
+    soup_v = v[f].reshape(-1, 3)
+    soup_f = np.arange(len(soup_v)).reshape(-1, 3)
+    a, b = prepare_mesh(v, f), prepare_mesh(soup_v, soup_f)
+    assert b.sign.method == "pseudonormal" and b.sign.flipped == 1
+    sa, sb = sdf_on_grid(a, 96), sdf_on_grid(b, 96)
+    assert torch.equal(sa.coords, sb.coords) and torch.equal(sa.values, sb.values)
