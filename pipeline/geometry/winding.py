@@ -26,6 +26,7 @@ import torch
 from pipeline.geometry.crossings import segment_crossing
 
 _RAY_END = 4.0  # x of the ray's far end: beyond every vertex of a mesh in [-1, 1]^3
+_MAX_CELLS = 256  # grid cells a triangle may be listed in before it is tested by every ray
 _JITTER = 2e-9  # start of each ray moved by up to 1e-9 in y and z (see WindingNumber.__call__)
 
 
@@ -91,6 +92,11 @@ class WindingNumber:
         hi = ((t[:, :, 1:].max(1).values + 1) * g / 2).floor().clamp(0, g - 1).long()
         span = hi - lo + 1
         n = span.prod(1)
+        # A triangle over many cells (large faces of CAD or game assets) is tested by every ray instead,
+        # so the table stays proportional to the faces.
+        big = n > _MAX_CELLS
+        self.big = big.nonzero().squeeze(1)
+        n = torch.where(big, 0, n)
         owner = torch.repeat_interleave(torch.arange(t.shape[0], device=dev), n)
         local = torch.arange(owner.numel(), device=dev) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
         cy = lo[owner, 0] + local // span[owner, 1]
@@ -118,15 +124,19 @@ class WindingNumber:
         g = self.g
         cyz = ((q[:, 1:] + 1) * g / 2).floor().clamp(0, g - 1).long()
         cell = cyz[:, 0] * g + cyz[:, 1]
-        counts = self.cell_count[cell]
+        nbig = self.big.numel()
+        counts = self.cell_count[cell] + nbig
         # Pieces of about `budget` (point, triangle) pairs.
         csum = torch.cumsum(counts, 0)
         s = 0
         while s < q.shape[0]:
             base = int(csum[s - 1]) if s else 0
             e = max(s + 1, int(torch.searchsorted(csum, base + budget, right=True)))
-            owner, idx = _expand(counts[s:e], self.cell_start[cell[s:e]])
+            owner, idx = _expand(counts[s:e] - nbig, self.cell_start[cell[s:e]])
             tid = self.cell_tri[idx]
+            if nbig:
+                owner = torch.cat([owner, torch.arange(e - s, device=q.device).repeat_interleave(nbig)])
+                tid = torch.cat([tid, self.big.repeat(e - s)])
             p = q[s:e][owner]
             keep = (self.x_max[tid] > p[:, 0]).nonzero().squeeze(1)
             owner, tid, p = owner[keep], tid[keep], p[keep]
