@@ -639,24 +639,29 @@ class Cascade:
         return meshes
 
 
-def _from_release_folder(cfg: GenerationConfig, opener=None) -> tuple[GenerationConfig, dict]:
-    """Fill the network fields of ``cfg`` from a converted release folder's cascade.json (fields the user
-    set stay), and return the release's sampler schedules and marching level."""
+def _read_json(path: str, opener=None) -> dict:
     import json
 
-    root = cfg.pretrained.rstrip("/")
-    path = root + "/cascade.json"
     try:
         if opener is None:
             with open(path) as f:
-                doc = json.load(f)
-        else:
-            with opener(path) as f:
-                doc = json.loads(f.read())
+                return json.load(f)
+        with opener(path) as f:
+            return json.loads(f.read())
     except FileNotFoundError:
-        raise ValueError(f"pretrained {root}: no cascade.json (write one with `s2 convert official`)") from None
+        raise ValueError(f"{path}: not found") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"pretrained {root}: cascade.json is unreadable ({e})") from None
+        raise ValueError(f"{path}: unreadable ({e})") from None
+
+
+def _from_release_folder(cfg: GenerationConfig, opener=None) -> tuple[GenerationConfig, dict]:
+    """Fill the network fields of ``cfg`` from a converted release folder's cascade.json (fields the user
+    set stay), and return the release's sampler schedules and marching level."""
+    root = cfg.pretrained.rstrip("/")
+    try:
+        doc = _read_json(root + "/cascade.json", opener)
+    except ValueError as e:
+        raise ValueError(f"pretrained {root}: no readable cascade.json, write one with `s2 convert official` ({e})") from None
     if doc.get("format") != "s2ray-cascade":
         raise ValueError(f"pretrained {root}: cascade.json is not a converted cascade")
     nets = doc.get("networks", {})
@@ -667,10 +672,10 @@ def _from_release_folder(cfg: GenerationConfig, opener=None) -> tuple[Generation
     for section, role in roles.items():
         if section in nets and not getattr(cfg, role):
             fill[role] = root + "/" + nets[section]["path"]
-    if "sparse_dit_512" in nets:
-        fill["resolution"] = 512
-    if "sparse_dit_1024" in nets:
-        fill["refine_resolution"] = 1024
+    # each stage's grid is its DiT's latent grid times the SS-VAE's 8 (512 and 1024 for the release)
+    for section, key in (("sparse_dit_512", "resolution"), ("sparse_dit_1024", "refine_resolution")):
+        if section in nets:
+            fill[key] = 8 * int(_read_json(root + "/" + nets[section]["path"] + "/config.json", opener)["config"]["resolution"])
     cfg = dataclasses.replace(cfg, **fill)
     cfg.validate()
     release = doc.get("release", {})
