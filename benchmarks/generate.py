@@ -2,6 +2,9 @@
 per batch size (the Generator's work), and meshes per minute through the Serve app over HTTP.
 
     python benchmarks/generate.py --size paper --device cuda            # paper-size networks, random weights
+    python benchmarks/generate.py --pretrained OUT/converted --image-encoder OUT/dinov2.pth   # a converted release
+    python benchmarks/generate.py --release-snapshot OUT --size paper   # write a paper-size synthetic release
+                                                                        # snapshot, convert it, then time it
     python benchmarks/generate.py --size debug --device cpu --steps-scale 0.1
     python benchmarks/generate.py --serve --batches 1,4,16              # through Ray Serve (CPU, debug networks)
 
@@ -51,6 +54,43 @@ def build(size: str, device: str, refine_attention: str, steps_scale: float) -> 
     return ShellCascade(cfg, RandomTokens(cond_dim, tokens), **nets)
 
 
+def build_pretrained(folder: str, image_encoder: str, device: str, steps_scale: float) -> ShellCascade:
+    """The cascade of a converted release folder (refiners included), on the sphere shell."""
+    s = lambda n: max(1, round(n * steps_scale))  # noqa: E731
+    cfg = GenerationConfig(pretrained=folder, image_encoder=image_encoder, device=device, structure_steps=s(50),
+                           sparse_steps=s(30), refine_steps=s(15))
+    return ShellCascade.from_checkpoints(cfg)
+
+
+def write_release(out: str, size: str) -> tuple[str, str]:
+    """A synthetic release snapshot of ``size`` (paper: the released layouts and sizes) converted under ``out``;
+    returns (converted folder, DINOv2 .pth). Random weights in the released .ckpt format."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    import release_snapshot
+
+    from model.official import convert_snapshot, write_synthetic_snapshot
+
+    t0 = time.perf_counter()
+    snap = os.path.join(out, "snapshot")
+    if size == "paper":
+        from model.dinov2 import DinoV2
+
+        sections = release_snapshot.paper_sections()
+        write_synthetic_snapshot(snap, sections, extra={**release_snapshot.ENCODERS, **release_snapshot.SCHEDULERS})
+        dino = os.path.join(out, "dinov2_vitl14_reg4_pretrained.pth")
+        torch.save({k: v * 0.02 if v.ndim > 1 else v for k, v in DinoV2().state_dict().items()}, dino)
+    else:
+        snap, dino = release_snapshot.write(out)
+    t1 = time.perf_counter()
+    convert_snapshot(snap, os.path.join(out, "converted"))
+    print(f"# synthetic {size} snapshot written in {t1 - t0:.0f} s, converted in {time.perf_counter() - t1:.0f} s",
+          flush=True)
+    return os.path.join(out, "converted"), dino
+
+
 def sync(dev):
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -71,7 +111,7 @@ def run_once(c: ShellCascade, batch: int, refine: bool, tokens512: int, tokens10
     ``c`` is a ShellCascade: the structure stage and the decoders run, then the geometry is the sphere
     shell of ``tokens512`` / ``tokens1024`` latent voxels (model/shell_cascade.py)."""
     dev = c.device
-    c.tokens = {512: tokens512, 1024: tokens1024}
+    c.tokens = {c.cfg.resolution: tokens512, c.cfg.refine_resolution: tokens1024}
     t = {}
 
     def timed(key, fn, *a):
@@ -86,22 +126,25 @@ def run_once(c: ShellCascade, batch: int, refine: bool, tokens512: int, tokens10
 
     def march(sdfs):
         faces = 0
-        for coords, values, res in sdfs:
-            keep = values.abs() < 0.999
-            faces += len(extract_mesh(coords[keep], values[keep], res)[1])
+        for sdf in sdfs:
+            faces += len(c.march(sdf)[1])
         return faces
 
     seeds = list(range(batch))
-    cond = timed("condition", c.condition, torch.zeros(batch, 3, 518, 518))
+    images = torch.zeros(batch, 4, 518, 518)
+    images[:, :, 100:400, 120:420] = 1.0  # an opaque square: the sparse condition keeps its patches
+    cond = timed("condition", c.condition, images)
     coords = timed("structure", c.structure_stage, cond, seeds)
-    lat = timed("sparse_512", c.sparse_stage, c.dit, coords, cond, seeds, c.cfg.sparse_steps, c.cfg.sparse_shift, 1)
-    sdfs = timed("decode_512", c.decode, c.vae, coords, lat, 64, False)
+    lat = timed("sparse_512", c.sparse_stage, c.dit, coords, c.sparse_condition(c.dit, cond, images), seeds,
+                c.cfg.sparse_steps, c.cfg.sparse_shift, 1)
+    sdfs = timed("decode_512", c.decode, c.vae, coords, lat, c.cfg.resolution // 8, c.refiner, 2.0 * c.level)
     t["voxels_512"] = len(sdfs[0][0])
     if refine:
-        coords = [c.refine_coords(s) for s in sdfs]
-        lat = timed("sparse_1024", c.sparse_stage, c.dit_refine, coords, cond, seeds, c.cfg.refine_steps,
-                    c.cfg.refine_shift, 2)
-        sdfs = timed("decode_1024", c.decode, c.vae, coords, lat, 128, False)
+        coords = [c.refine_coords(None) for _ in sdfs]
+        lat = timed("sparse_1024", c.sparse_stage, c.dit_refine, coords, c.sparse_condition(c.dit_refine, cond, images),
+                    seeds, c.cfg.refine_steps, c.cfg.refine_shift, 2)
+        sdfs = timed("decode_1024", c.decode, c.vae_refine, coords, lat, c.cfg.refine_resolution // 8,
+                     c.refiner_refine, c.level)
         t["voxels_1024"] = len(sdfs[0][0])
     t["faces"] = timed("mesh_1024" if refine else "mesh_512", march, sdfs) / batch
     t["peak_gb"] = max(v for k, v in t.items() if k.endswith("_gb"))
@@ -113,7 +156,13 @@ STAGE_KEYS = ("condition", "structure", "sparse_512", "decode_512", "mesh_512", 
 
 
 def gpu_table(args) -> list[dict]:
-    c = build(args.size, args.device, args.refine_attention, args.steps_scale)
+    if args.release_snapshot:
+        args.pretrained, args.image_encoder = write_release(args.release_snapshot, args.size)
+    if args.pretrained:
+        c = build_pretrained(args.pretrained, args.image_encoder, args.device, args.steps_scale)
+    else:
+        c = build(args.size, args.device, args.refine_attention, args.steps_scale)
+    print(f"# cascade: {json.dumps({k: v for k, v in c.info().items() if k != 'networks'})}", flush=True)
     rows = []
     t_start = time.perf_counter()
     run_once(c, 1, False, min(2000, args.tokens512), min(4000, args.tokens1024))  # warm-up: kernels compiled, allocator primed
@@ -220,6 +269,10 @@ def main() -> None:
     p.add_argument("--refine-attention", default="full", choices=["full", "ssa"])
     p.add_argument("--steps-scale", type=float, default=1.0, help="scale every stage's step count (quick runs)")
     p.add_argument("--budget-s", type=float, default=240.0, help="skip the remaining rows after this long")
+    p.add_argument("--pretrained", default="", help="a converted release folder (s2 convert official)")
+    p.add_argument("--image-encoder", default="tiny", help="with --pretrained: the DINOv2 .pth or folder")
+    p.add_argument("--release-snapshot", default="", help="write a synthetic release snapshot of --size here, "
+                                                            "convert it and time the converted cascade")
     p.add_argument("--serve", action="store_true", help="measure through Ray Serve over HTTP instead")
     p.add_argument("--serve-cpus", type=int, default=2)
     p.add_argument("--serve-requests", type=int, default=8)
