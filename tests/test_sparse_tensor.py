@@ -132,3 +132,16 @@ def test_window_attention_equals_per_window_attention():
         torch.testing.assert_close(y.feats[idx], ref, rtol=1e-4, atol=1e-5)
     blk = SparseTransformerBlock(16, 2, 8, 0)
     assert blk(x).feats.shape == x.feats.shape
+
+
+def test_group_norm_statistics_stay_exact_at_many_voxels():
+    from model.sparse.layers import SparseGroupNorm
+
+    g = torch.Generator().manual_seed(0)
+    c = torch.unique(torch.randint(0, 128, (200_000, 3), generator=g), dim=0)
+    c4 = torch.cat([torch.arange(2).repeat_interleave(len(c) // 2 + 1)[: len(c), None], c], 1).int()
+    x = SparseTensor.from_unsorted(c4, torch.randn(len(c), 64, generator=g) * 3 + 1, 128, 2)
+    out = SparseGroupNorm(32, 64)(x).feats.double()
+    for rows in x.layout:  # each batch element normalised by its own statistics, as a dense GroupNorm would
+        ref = torch.nn.functional.group_norm(x.feats[rows].double().T[None], 32, eps=1e-5)[0].T
+        assert ((out[rows] - ref).abs().max() / ref.abs().max()) < 1e-6

@@ -39,12 +39,20 @@ class SparseGroupNorm(nn.GroupNorm):
     def forward(self, x: SparseTensor) -> SparseTensor:
         _expect_channels("SparseGroupNorm", x, self.num_channels)
         f = _norm_dtype(x.feats).reshape(len(x), self.num_groups, -1)
+        # statistics per element over its rows (contiguous: keys start with the batch), accumulated in
+        # float64: float32 sums over millions of voxels drift to 1e-3 (the release's GroupNorm does not)
+        mean = torch.empty(x.batch_size, self.num_groups, device=f.device, dtype=f.dtype)
+        var = torch.empty_like(mean)
+        for i, rows in enumerate(x.layout):
+            part = f[rows]
+            if part.shape[0] == 0:
+                mean[i], var[i] = 0.0, 1.0
+                continue
+            m = part.mean(dim=(0, 2), dtype=torch.float64)
+            mean[i] = m
+            var[i] = (part - m.to(part.dtype)[None, :, None]).square().mean(dim=(0, 2), dtype=torch.float64)
         b = x.batch_index
-        count = torch.bincount(b, minlength=x.batch_size).clamp(min=1).to(f.dtype)[:, None] * f.shape[2]
-        mean = torch.zeros(x.batch_size, self.num_groups, device=f.device, dtype=f.dtype).index_add(0, b, f.sum(2)) / count
-        centred = f - mean[b][:, :, None]
-        var = torch.zeros_like(mean).index_add(0, b, centred.square().sum(2)) / count
-        out = (centred * torch.rsqrt(var[b][:, :, None] + self.eps)).reshape(len(x), -1)
+        out = ((f - mean[b][:, :, None]) * torch.rsqrt(var[b][:, :, None] + self.eps)).reshape(len(x), -1)
         if self.affine:
             out = out * self.weight + self.bias
         return x.replace(out.to(x.dtype))
