@@ -92,6 +92,17 @@ def scan_with_holes(subdivisions=4, seed=5, holes=4):
     return v, f[keep]
 
 
+def noisy_open_scan(rings=24, seed=7):
+    """A UV sphere jittered until neighbouring faces fold over each other and pass through each other
+    (as noisy scans do), with its top cut off and a slot cut through it."""
+    rng = np.random.default_rng(seed)
+    m = trimesh.creation.uv_sphere(radius=0.9, count=[rings, rings])
+    v = np.asarray(m.vertices) + 0.25 * (2 * np.pi / rings) * 0.9 * rng.normal(size=(len(m.vertices), 3))
+    f = np.asarray(m.faces, np.int64)
+    cen = v[f].mean(1)
+    return v, f[~((cen[:, 1] > 0.55) | (np.abs(cen[:, 0] - 0.2) < 0.05))]
+
+
 def single_sheet(n=40):
     """A wavy open terrain sheet: no inside anywhere."""
     x, y = np.meshgrid(np.linspace(-0.9, 0.9, n), np.linspace(-0.9, 0.9, n), indexing="ij")
@@ -119,5 +130,6 @@ CASES = {name: fitted(build) for name, build in {
     "nested_shells": nested_shells,
     "overlapping_convex_pieces": overlapping_convex_pieces,
     "scan_with_holes": scan_with_holes,
+    "noisy_open_scan": noisy_open_scan,
     "single_sheet": single_sheet,
 }.items()}

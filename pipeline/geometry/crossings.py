@@ -120,9 +120,27 @@ def triangle_crossings(tri: torch.Tensor, faces: torch.Tensor, probe_offset: flo
     pairs = _candidate_pairs(lo, hi)
     f = faces.long()
     i, j = pairs.unbind(1)
-    shared = (f[i][:, :, None] == f[j][:, None, :]).sum((1, 2))
-    keep = shared < 2  # triangles on one edge meet along it; a fold through it is not a crossing
-    i, j = i[keep], j[keep]
+    same = f[i][:, :, None] == f[j][:, None, :]
+    shared = same.sum((1, 2))
+    hard = torch.zeros(n, dtype=torch.bool, device=dev)
+    # Triangles on one edge meet along it. One folded back over the other (its far vertex on the same
+    # side of the edge, seen in the other's plane) lies between that face and its probe: both hard.
+    e2 = (shared == 2).nonzero().squeeze(1)
+    if e2.numel():
+        a, b = i[e2], j[e2]
+        far_a = t[a, (~same[e2].any(2)).int().argmax(1)]
+        far_b = t[b, (~same[e2].any(1)).int().argmax(1)]
+        on_a = same[e2].any(2)
+        k0 = on_a.int().argmax(1)
+        k1 = 2 - on_a.flip(1).int().argmax(1)
+        u, w = t[a, k0], t[a, k1]
+        na = torch.linalg.cross(t[a, 1] - t[a, 0], t[a, 2] - t[a, 0], dim=1)
+        edge = torch.linalg.cross(w - u, na, dim=1)
+        folded = ((edge * (far_a - u)).sum(1) * (edge * (far_b - u)).sum(1)) > 0
+        hard[a[folded]] = True
+        hard[b[folded]] = True
+    keep = shared < 2
+    i, j, shared, corner = i[keep], j[keep], shared[keep], same.any(2)[keep].int().argmax(1)
     hits, points = [], []
     for x, y in ((i, j), (j, i)):  # edges of x through the face of y
         for k in range(3):
@@ -132,15 +150,18 @@ def triangle_crossings(tri: torch.Tensor, faces: torch.Tensor, probe_offset: flo
             points.append(p + (q - p) * s[:, None])
     hits = torch.stack(hits, 1)  # (K,6)
     nhit = hits.sum(1)
-    # A proper crossing of two triangles pierces exactly two edges; anything else touches or is coplanar.
+    # A proper crossing of two triangles pierces exactly two edges; two triangles that share a vertex
+    # and fold through each other (noisy scans) pierce one, the segment running from that vertex.
+    # Anything else touches or is coplanar.
     any_hit = nhit > 0
-    proper = nhit == 2
+    fold = (shared == 1) & (nhit == 1)
+    proper = ((shared == 0) & (nhit == 2)) | fold
     pts = torch.stack(points, 1)
     first = torch.argmax(hits.int(), 1)
     last = 5 - torch.argmax(hits.flip(1).int(), 1)
     rows = torch.arange(hits.shape[0], device=dev)
-    seg = torch.stack([pts[rows, first], pts[rows, last]], 1)
-    hard = torch.zeros(n, dtype=torch.bool, device=dev)
+    start = torch.where(fold[:, None], t[i, corner], pts[rows, first])
+    seg = torch.stack([start, pts[rows, last]], 1)
     bad = any_hit & ~proper
     hard[i[bad]] = True
     hard[j[bad]] = True
