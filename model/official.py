@@ -311,7 +311,7 @@ def write_synthetic_snapshot(root: str, sections: dict[str, tuple[str, dict]], s
     doc: dict[str, Any] = {}
     for section, (target, params) in sections.items():
         network = network_of_target(target, section)
-        cfg = config_from_params(network, params, section)
+        cfg = config_from_params(network, params, section, target)
         module_cls, _ = network_classes(network)
         _, _, to_official = _converters(network)
         module = module_cls(cfg)
