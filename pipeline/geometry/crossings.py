@@ -3,7 +3,7 @@
 The sign (sign.py) carries the winding number from a probe at a triangle's
 centroid to a voxel along the triangle's own face; it changes on that path only
 where another triangle crosses the face. This module finds those crossings:
-a grid hash of the triangles' boxes (cells of twice the median box size; boxes
+a grid hash of the triangles' boxes (cells of the median box size; boxes
 over 64 cells are tested against every box instead) gives candidate pairs, and
 the exact test is six segment/triangle crossings in float64 (each edge of one
 triangle through the other), from sign-of-volume predicates that are
@@ -66,7 +66,7 @@ def _candidate_pairs(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     dev = lo.device
     n = lo.shape[0]
     ext = (hi - lo).max(1).values
-    size = float(2 * ext.median().clamp_min(1e-6))
+    size = float(ext.median().clamp_min(1e-6))
     ilo = torch.floor((lo + 1) / size).long()
     ihi = torch.floor((hi + 1) / size).long()
     span = ihi - ilo + 1
@@ -110,6 +110,18 @@ def _candidate_pairs(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     return p[((lo[i] <= hi[j]) & (lo[j] <= hi[i])).all(1)]
 
 
+def _straddle(t, i, j, shared_j, eps: float = 1e-12):
+    """False where the vertices of triangle j not shared with i lie strictly on one side of i's plane
+    (then j meets i at most in their shared vertex): most pairs of a smooth surface, dropped before
+    the six exact tests."""
+    n = torch.linalg.cross(t[i, 1] - t[i, 0], t[i, 2] - t[i, 0], dim=1)
+    side = ((t[j] - t[i, 0][:, None]) * n[:, None]).sum(2)  # (K,3)
+    tol = eps * n.norm(dim=1, keepdim=True)
+    above = (side > tol) | shared_j
+    below = (side < -tol) | shared_j
+    return ~(above.all(1) | below.all(1))
+
+
 @torch.no_grad()
 def triangle_crossings(tri: torch.Tensor, faces: torch.Tensor, probe_offset: float) -> Crossings:
     """Pairs of triangles (F,3,3) that pass through each other; faces (F,3) tell shared vertices."""
@@ -123,23 +135,18 @@ def triangle_crossings(tri: torch.Tensor, faces: torch.Tensor, probe_offset: flo
     same = f[i][:, :, None] == f[j][:, None, :]
     shared = same.sum((1, 2))
     hard = torch.zeros(n, dtype=torch.bool, device=dev)
-    # Triangles on one edge meet along it. One folded back over the other (its far vertex on the same
-    # side of the edge, seen in the other's plane) lies between that face and its probe: both hard.
+    # Triangles on one edge meet along it. One folded back so far over the other that it passes
+    # between that face and its probe breaks the probe's value: both hard.
     e2 = (shared == 2).nonzero().squeeze(1)
     if e2.numel():
-        a, b = i[e2], j[e2]
-        far_a = t[a, (~same[e2].any(2)).int().argmax(1)]
-        far_b = t[b, (~same[e2].any(1)).int().argmax(1)]
-        on_a = same[e2].any(2)
-        k0 = on_a.int().argmax(1)
-        k1 = 2 - on_a.flip(1).int().argmax(1)
-        u, w = t[a, k0], t[a, k1]
-        na = torch.linalg.cross(t[a, 1] - t[a, 0], t[a, 2] - t[a, 0], dim=1)
-        edge = torch.linalg.cross(w - u, na, dim=1)
-        folded = ((edge * (far_a - u)).sum(1) * (edge * (far_b - u)).sum(1)) > 0
-        hard[a[folded]] = True
-        hard[b[folded]] = True
-    keep = shared < 2
+        for x, y in ((i[e2], j[e2]), (j[e2], i[e2])):
+            nx = torch.linalg.cross(t[x, 1] - t[x, 0], t[x, 2] - t[x, 0], dim=1)
+            reach = 2 * probe_offset * nx / nx.norm(dim=1, keepdim=True).clamp_min(1e-300)
+            g = t[x].mean(1)
+            folded, _ = segment_crossing(g - reach, g + reach, t[y, 0], t[y, 1], t[y, 2])
+            hard[x[folded]] = True
+            hard[y[folded]] = True
+    keep = (shared < 2) & _straddle(t, i, j, same.any(1)) & _straddle(t, j, i, same.any(2))
     i, j, shared, corner = i[keep], j[keep], shared[keep], same.any(2)[keep].int().argmax(1)
     hits, points = [], []
     for x, y in ((i, j), (j, i)):  # edges of x through the face of y

@@ -4,10 +4,10 @@ Rule (docs/sdf.md, "Sign"): every closed, consistently oriented component whose
 signed volume is negative is flipped first; then a voxel is inside when the
 winding number of the whole (re-oriented) soup is >= 0.5. How it is evaluated:
 
-- one closed, consistently oriented component: w is 0 or 1 wherever it does not
-  pass through itself, and equals the side of the closest feature's angle-weighted
-  pseudo-normal (Baerentzen & Aanaes 2005). Exact, one gather per voxel. (Where
-  such a surface passes through itself, the local side is kept.)
+- one closed, consistently oriented component that passes through itself nowhere
+  and folds over no edge (crossings.py checks): w is 0 or 1 and equals the side of
+  the closest feature's angle-weighted pseudo-normal (Baerentzen & Aanaes 2005).
+  Exact, one gather per voxel.
 - anything else: w at one probe just off each face's centroid (winding.py, exact:
   ray crossings plus a cap over the boundary), carried to the voxel along the path voxel -> closest point ->
   across the face to the centroid. That path crosses no surface on its first leg
@@ -307,11 +307,11 @@ def prepare_sign(method: str, tri: torch.Tensor, faces: torch.Tensor, vertices: 
     planes = feature_planes(tri, faces, pseudo_normals(tri, topo, faces, nv), topo)
     if method == "pseudonormal":
         return SignPrep("pseudonormal", planes), tri
-    if topo.closed and topo.components == 1:
-        # One closed surface: its own pseudo-normals decide (w is 0 or 1 unless it passes through
-        # itself; there the local side is kept: checking costs more than the whole band on a scan).
-        return SignPrep("pseudonormal", planes, flipped=flips), tri
     cross = triangle_crossings(tri, faces, _PROBE_OFFSET)
+    if topo.closed and topo.components == 1 and not cross.crossed.any() and not cross.hard.any():
+        # One closed surface that passes through itself nowhere and folds nowhere: w is 0 or 1 and its
+        # own pseudo-normals decide.
+        return SignPrep("pseudonormal", planes, flipped=flips), tri
     t = tri.double()
     n = torch.linalg.cross(t[:, 1] - t[:, 0], t[:, 2] - t[:, 0], dim=1)
     n = n / n.norm(dim=1, keepdim=True).clamp_min(1e-300)
