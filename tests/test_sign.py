@@ -109,8 +109,8 @@ def test_cuda_sign_matches_exact_winding(case):
         sdf = sdf_on_grid(prep, res, region=region)
         _check(v, f, sdf, _pick(sdf, prep, SAMPLE))
         cpu = sdf_on_grid(prepare_mesh(v, f), res, region=region)
-        # Same voxels; signs agree except where the closest face is a tie broken differently.
-        assert sdf.coords.shape[0] == cpu.coords.shape[0]
+        # Same voxels up to those at distance band*h within float32 rounding (two distance formulas).
+        assert abs(sdf.coords.shape[0] - cpu.coords.shape[0]) <= 1e-4 * cpu.coords.shape[0] + 1
 
 
 def test_unwelded_faces_are_welded_for_the_sign():
