@@ -29,7 +29,7 @@ import torch
 
 from model import pooled_latent
 from model.checkpoint import CheckpointError, from_pretrained, is_pretrained_folder
-from model.condition import build_image_encoder, condition_mask, decode_image
+from model.condition import build_image_encoder, decode_image, pack_condition
 from model.dit import DiTConfig, PackedCondition, SparseDiT, pack
 from model.flow import STAGE_DEFAULTS, FlowEulerSampler, ReleaseSchedule
 from model.mesh_extract import extract_mesh
@@ -111,9 +111,12 @@ FOLDER_NETWORKS = {"structure_vae": "dense_vae", "structure_dit": "dense_dit", "
 def load_network(source: str, network: str, opener=None) -> NetworkBundle:
     """A network from a checkpoint folder (config.json + model.safetensors), a training checkpoint folder
     (its weights.pt) or a weights.pt file; nothing read can run code."""
-    if is_pretrained_folder(source.rstrip("/"), opener):
+    folder = source.rstrip("/")
+    if not is_pretrained_folder(folder, opener) and is_pretrained_folder(folder + "/model", opener):
+        folder += "/model"  # a training checkpoint: its export in the checkpoint folder format
+    if is_pretrained_folder(folder, opener):
         try:
-            p = from_pretrained(source, FOLDER_NETWORKS[network], opener=opener)
+            p = from_pretrained(folder, FOLDER_NETWORKS[network], opener=opener)
         except CheckpointError as e:
             raise ValueError(str(e)) from None
         return NetworkBundle(network, p.module, p.config, source, p.meta)
@@ -411,23 +414,8 @@ class Cascade:
         class and registers), as the release's extract_tokens_and_coords."""
         if not net.cfg.sparse_conditions:
             return tokens
-        b, n, _ = tokens.shape
-        patch = getattr(getattr(self.encoder, "hub", None), "cfg", None)
-        patch = patch.patch if patch is not None else 14
-        mask = condition_mask(images[:, 3:].to(self.device), patch)  # (B, h, w)
-        grid = mask.shape[1] * mask.shape[2]
-        head = n - grid
-        if head < 1:
-            raise ValueError(f"image tokens ({n}) fewer than the {grid} patches of the alpha mask")
-        parts, coords, counts = [], [], []
-        for i in range(b):
-            pos = torch.nonzero(mask[i])  # (K, 2) rows (h, w), row-major
-            parts += [tokens[i, :head], tokens[i, head:][pos[:, 0] * mask.shape[2] + pos[:, 1]]]
-            first = torch.tensor([[0, 0, 1]], device=self.device).expand(head, 3)
-            coords += [first, torch.stack([pos[:, 1], pos[:, 0], torch.zeros_like(pos[:, 0])], 1)]
-            counts.append(head + len(pos))
-        cu = torch.tensor([0, *np.cumsum(counts)], device=self.device, dtype=torch.int32)
-        return PackedCondition(torch.cat(parts), torch.cat(coords).int(), cu)
+        hub = getattr(self.encoder, "hub", None)
+        return PackedCondition(*pack_condition(tokens, images[:, 3:].to(self.device), hub.cfg.patch if hub else 14))
 
     def _guided(self, net: SparseDiT, coords: torch.Tensor, cu: torch.Tensor, cond):
         """Velocity with classifier-free guidance as one forward over [cond; zero cond] (2B shapes)."""

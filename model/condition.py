@@ -139,6 +139,29 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images - mean) / std
 
 
+def pack_condition(tokens: torch.Tensor, masks: torch.Tensor, patch: int = 14):
+    """The released sparse-condition input: per image the class and register tokens (coords (0, 0, 1)) and
+    the patch tokens its alpha covers (coords (column, row, 0), row-major), packed with offsets.
+
+    ``tokens`` (B, head + h·w, C) [class, registers, patches]; ``masks`` (B, 1, H, W) alpha in [0, 1].
+    Returns (tokens (M, C), coords (M, 3) int32, cu_seqlens (B + 1,) int32)."""
+    cover = condition_mask(masks, patch)
+    b, n, _ = tokens.shape
+    grid = cover.shape[1] * cover.shape[2]
+    head = n - grid
+    if head < 1:
+        raise ValueError(f"image tokens ({n}) do not hold the {grid} patches of the alpha mask plus class tokens")
+    parts, coords, counts = [], [], [0]
+    for i in range(b):
+        pos = torch.nonzero(cover[i])  # (K, 2) (row, column)
+        parts += [tokens[i, :head], tokens[i, head:][pos[:, 0] * cover.shape[2] + pos[:, 1]]]
+        coords += [torch.tensor([[0, 0, 1]], device=tokens.device).expand(head, 3),
+                   torch.stack([pos[:, 1], pos[:, 0], torch.zeros_like(pos[:, 0])], 1)]
+        counts.append(head + len(pos))
+    cu = torch.tensor(np.cumsum(counts), device=tokens.device, dtype=torch.int32)
+    return torch.cat(parts), torch.cat(coords).int(), cu
+
+
 def condition_mask(masks: torch.Tensor, patch: int = 14) -> torch.Tensor:
     """Alpha (B, 1, H, W) -> which patch tokens the object covers (B, H/patch, W/patch): the released
     sparse-condition DiT attends only to those patches (plus the class and register tokens)."""

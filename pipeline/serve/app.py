@@ -52,7 +52,27 @@ def build_cascade(cfg: ServeConfig):
         return cascade
     if cfg.random_weights:
         return Cascade.random(gen, cfg.random_weights)
-    return Cascade.from_checkpoints(gen, opener=_opener)
+    return Cascade.from_checkpoints(resolve_run_folders(gen), opener=_opener)
+
+
+def resolve_run_folders(gen):
+    """A checkpoint field naming a training run's folder (``<storage>/<name>``) takes its newest checkpoint."""
+    import dataclasses
+
+    from pipeline import storage
+    from pipeline.train.checkpoints import resolve
+
+    fields = ("structure_vae", "structure_dit", "dit", "vae", "dit_refine", "vae_refine")
+    fixed = {}
+    for key in fields:
+        uri = getattr(gen, key)
+        if not uri or uri.endswith((".pt", ".pth")):
+            continue
+        fs, path = storage.filesystem(uri.rstrip("/"))
+        if fs.exists(path + "/config.json") or fs.exists(path + "/weights.pt"):
+            continue
+        fixed[key] = resolve(uri)
+    return dataclasses.replace(gen, **fixed) if fixed else gen
 
 
 def run_items(cascade, items: list[dict]) -> list[dict]:

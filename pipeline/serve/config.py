@@ -63,7 +63,7 @@ class ServeConfig:
             gen.validate()
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if not self.random_weights:
+        if not self.random_weights and not gen.pretrained:  # a converted release folder names them itself
             missing = [k for k in ("structure_vae", "structure_dit", "dit") if not getattr(gen, k)]
             if missing:
                 raise ConfigError(f"generation: checkpoint(s) {', '.join(missing)} not set (or set random_weights)")

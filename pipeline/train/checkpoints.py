@@ -87,7 +87,7 @@ def weights_digest(state_dict: dict) -> str:
 
 
 def save(directory: str, engine, ema, *, network: str, model_config, resolution: int, step: int, rank: int,
-         world_size: int, started_from: dict | None = None) -> None:
+         world_size: int, started_from: dict | None = None, latent_space: str | None = None) -> None:
     """Collective: every rank calls it with its own local ``directory``.
 
     ``resolution`` is the grid the network was trained at (the generation cascade refuses a DiT used at
@@ -104,8 +104,22 @@ def save(directory: str, engine, ema, *, network: str, model_config, resolution:
 
             blob["vae_config"] = dataclasses.asdict(model_config)
             blob["model"] = {k.removeprefix("vae."): v for k, v in ema_full.items()}
+        if latent_space:
+            blob["latent_space"] = meta["latent_space"] = latent_space
         torch.save(blob, os.path.join(directory, "weights.pt"))
         Path(directory, "meta.json").write_text(json.dumps(meta))
+        export_folder(os.path.join(directory, "model"), network, model_config, ema_full, meta)
+
+
+def export_folder(path: str, network: str, model_config, state_dict: dict, meta: dict) -> str:
+    """The network alone in the one checkpoint format (config.json + model.safetensors): what generation
+    and fine-tuning read, the same as a converted release network."""
+    from model.checkpoint import save_pretrained
+
+    folder_net, prefix = FOLDER_NETWORKS[network]
+    state = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+    keep = {k: meta.get(k) for k in ("step", "resolution", "latent_space", "started_from") if meta.get(k) is not None}
+    return save_pretrained(None, model_config, path, network=folder_net, meta=keep, state_dict=state)
 
 
 def check_resumable(meta: dict, where: str, *, network: str, resolution: int, world_size: int) -> None:
@@ -209,6 +223,9 @@ def load_weights(uri: str, network: str | None = None) -> dict:
     """
     from pipeline import storage
 
+    pretrained = _pretrained_folder(uri)
+    if pretrained is not None:
+        return _weights_of_pretrained(pretrained, uri, network)
     folder = resolve(uri)
     fs, path = storage.filesystem(folder + "/weights.pt")
     with fs.open(path, "rb") as f:
@@ -219,8 +236,50 @@ def load_weights(uri: str, network: str | None = None) -> dict:
     return weights
 
 
+# trainer network -> (network of a checkpoint folder, the prefix of the training objective's keys)
+FOLDER_NETWORKS = {"dit": ("sparse_dit", "dit."), "structure_dit": ("dense_dit", "dit."),
+                   "structure_vae": ("dense_vae", "vae."), "vae": ("ss_vae", "vae.")}
+
+
+def _pretrained_folder(uri: str) -> str | None:
+    """``uri`` itself or its ``model/`` when it holds config.json (our checkpoint folder format), else None."""
+    from pipeline import storage
+
+    uri = uri.rstrip("/")
+    for folder in (uri, uri + "/model"):
+        fs, path = storage.filesystem(folder + "/config.json")
+        if fs.exists(path):
+            return folder
+    return None
+
+
+def _weights_of_pretrained(folder: str, uri: str, network: str | None) -> dict:
+    """A checkpoint folder (config.json + model.safetensors: a converted release network, or the export
+    of a run) as the dict ``load_weights`` returns."""
+    from model.checkpoint import CheckpointError, from_pretrained
+    from pipeline import storage
+
+    def opener(u):
+        fs, path = storage.filesystem(u)
+        return fs.open(path, "rb")
+
+    want = FOLDER_NETWORKS[network][0] if network else None
+    try:
+        p = from_pretrained(folder, want, opener=opener)
+    except CheckpointError as e:
+        raise CheckpointMismatch(str(e)) from None
+    trainer_net = network or next(k for k, (v, _) in FOLDER_NETWORKS.items() if v == p.network)
+    prefix = FOLDER_NETWORKS[trainer_net][1]
+    state = {prefix + k: v for k, v in p.module.state_dict().items()}
+    return {"state_dict": state, "network": trainer_net, "model_config": repr(p.config), "config": p.config,
+            "step": p.meta.get("step"), "resolution": p.meta.get("resolution"),
+            "latent_space": p.meta.get("latent_space"), "source": uri.rstrip("/"), "pretrained": True}
+
+
 def model_config_of(weights: dict, cls: type):
     """The model config a checkpoint was trained with, rebuilt from its repr (literal values only)."""
+    if isinstance(weights.get("config"), cls):  # a checkpoint folder: its typed config.json
+        return weights["config"]
     from model.cascade import parse_config_repr
 
     return parse_config_repr(str(weights.get("model_config")), cls, "checkpoint")

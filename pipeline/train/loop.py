@@ -81,11 +81,14 @@ def run_loop(cfg: TrainConfig, session) -> dict:
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     frozen = checkpoints.load_weights(cfg.structure_vae, "structure_vae") if cfg.network == "structure_dit" else None
-    task = build_task(cfg, seed=cfg.seed * 1009 + rank, frozen_weights=frozen).to(device)
+    start = checkpoints.load_weights(cfg.init_from, cfg.network) if cfg.init_from else None
+    # a checkpoint folder (a converted release network) brings its own typed config: fine-tune that network
+    override = start["config"] if start is not None and start.get("pretrained") else None
+    task = build_task(cfg, seed=cfg.seed * 1009 + rank, frozen_weights=frozen, model_config=override).to(device)
     started_from = None
     if cfg.init_from:
-        start = checkpoints.load_weights(cfg.init_from, cfg.network)
-        checkpoints.check_compatible(start, cfg.network, task.model_config, cfg.init_from)
+        if not start.get("pretrained"):  # a folder's own config built the network: nothing to compare
+            checkpoints.check_compatible(start, cfg.network, task.model_config, cfg.init_from)
         task.module.load_state_dict(start["state_dict"])
         # Digest of the weights as loaded into the module: the checkpoint records what it really started from.
         loaded = {n: p for n, p in task.module.named_parameters() if n in start["state_dict"]}
@@ -154,7 +157,7 @@ def run_loop(cfg: TrainConfig, session) -> dict:
                 with tempfile.TemporaryDirectory(prefix="s2ckpt-") as tmp:
                     checkpoints.save(tmp, engine, ema, network=cfg.network, model_config=task.model_config,
                                      resolution=cfg.resolution, step=step, rank=rank, world_size=world,
-                                     started_from=started_from)
+                                     started_from=started_from, latent_space=task.latent_space)
                     checkpoints.save_loop_state(tmp, rank, position, task, device)
                     if rank == 0:
                         Path(tmp, "history.json").write_text(json.dumps(history))

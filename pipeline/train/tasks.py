@@ -6,6 +6,7 @@ trainable module, whose ``forward(**batch)`` returns (loss, metrics). DeepSpeed 
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -14,8 +15,8 @@ import torch
 from torch import nn
 
 from model import pooled_latent
-from model.condition import build_image_encoder, decode_image, drop_condition
-from model.dit import DiTConfig, SparseDiT, pack
+from model.condition import build_image_encoder, decode_image, drop_condition, pack_condition
+from model.dit import DiTConfig, PackedCondition, SparseDiT, pack
 from model.flow import TimestepSampler, flow_loss, interpolate
 from model.structure import (StructureDiT, StructureVAE, StructureVAEConfig, check_structure_pair, occupancy_grid,
                              structure_dit_config)
@@ -76,6 +77,7 @@ class Task:
 
     module: nn.Module
     model_config: Any
+    latent_space: str | None = None  # what a DiT models, recorded in its checkpoints (generation checks it)
 
     def __init__(self, cfg: TrainConfig, seed: int):
         self.cfg = cfg
@@ -89,12 +91,12 @@ class Task:
             self.missing_views += 1
             return None
         view = sample.views[self.rng.randrange(len(sample.views))]
-        return decode_image(view.png, self.encoder.image_size, name=f"{sample.mesh_id} view")
+        return decode_image(view.png, self.encoder.image_size, name=f"{sample.mesh_id} view", with_mask=True)
 
     @torch.no_grad()
     def conditions(self, images: list, device) -> torch.Tensor:
         """Image tokens (B, L, C); a shape without views gets the zero (unconditional) condition."""
-        present = [im for im in images if im is not None]
+        present = [im[:3] for im in images if im is not None]  # RGB; the alpha is the images' 4th channel
         n_tok = getattr(self.encoder, "num_tokens", None)
         tokens = self.encoder(torch.stack(present).to(device)) if present else None
         shape = tokens.shape[1:] if tokens is not None else (n_tok, self.encoder.dim)
@@ -116,14 +118,23 @@ class SparseDiTTask(Task):
     generation decodes them with the same VAE (model/cascade.py).
     """
 
-    def __init__(self, cfg: TrainConfig, seed: int, latent_vae: nn.Module | None = None):
+    def __init__(self, cfg: TrainConfig, seed: int, latent_vae: nn.Module | None = None, model_config=None):
         super().__init__(cfg, seed)
         if cfg.latent != "pooled" and latent_vae is None:
             raise ValueError(f"latent={cfg.latent!r}: the SS-VAE checkpoint was not loaded")
         self.vae = latent_vae.eval().requires_grad_(False) if cfg.latent != "pooled" else None
         channels = self.vae.config.latent_channels if self.vae is not None else pooled_latent.CHANNELS
-        self.model_config = DiTConfig.named(cfg.model, attention=cfg.attention, grad_checkpointing=cfg.grad_checkpointing,
-                                            cond_dim=self.encoder.dim, in_channels=channels, out_channels=channels)
+        if model_config is not None:  # a given network (a converted release SS-DiT): its layout as it is
+            self.model_config = dataclasses.replace(model_config, grad_checkpointing=cfg.grad_checkpointing)
+            if (self.model_config.in_channels, self.model_config.cond_dim) != (channels, self.encoder.dim):
+                raise ValueError(f"the SS-DiT takes {self.model_config.in_channels} latent channels and "
+                                 f"{self.model_config.cond_dim}-wide conditions; the latent has {channels}, the image "
+                                 f"encoder {cfg.image_encoder!r} gives {self.encoder.dim}")
+        else:
+            self.model_config = DiTConfig.named(cfg.model, attention=cfg.attention,
+                                                grad_checkpointing=cfg.grad_checkpointing, cond_dim=self.encoder.dim,
+                                                in_channels=channels, out_channels=channels)
+        self.latent_space = "pooled" if self.vae is None else f"ss_vae:{cfg.latent}"
         self.module = FlowObjective(SparseDiT(self.model_config), TimestepSampler(shift=cfg.timestep_shift))
 
     def prepare(self, sample) -> Item:
@@ -157,9 +168,18 @@ class SparseDiTTask(Task):
         else:
             coords_list, feats_list = self._encode(items, device)
         coords, feats, cu = pack(coords_list, feats_list)
-        cond = self.conditions([i.data["image"] for i in items], device)
+        images = [i.data["image"] for i in items]
+        cond = self.conditions(images, device)
+        if self.model_config.sparse_conditions:  # the released layout: covered patches with their coords
+            side = self.encoder.image_size
+            alpha = torch.stack([im[3:] if im is not None else torch.zeros(1, side, side) for im in images]).to(device)
+            hub = getattr(self.encoder, "hub", None)
+            cond = PackedCondition(*pack_condition(cond, alpha, hub.cfg.patch if hub else 14))
+            cond = PackedCondition(cond.tokens.to(dtype), cond.coords, cond.cu_seqlens)
+        else:
+            cond = cond.to(dtype)
         return {"x0": feats.to(device, dtype), "coords": coords.to(device), "cu_seqlens": cu.to(device),
-                "cond": cond.to(dtype)}
+                "cond": cond}
 
     def to(self, device):
         super().to(device)
@@ -169,9 +189,9 @@ class SparseDiTTask(Task):
 
 
 class StructureVAETask(Task):
-    def __init__(self, cfg: TrainConfig, seed: int):
+    def __init__(self, cfg: TrainConfig, seed: int, model_config=None):
         super().__init__(cfg, seed)
-        self.model_config = StructureVAEConfig.named(cfg.model)
+        self.model_config = model_config if model_config is not None else StructureVAEConfig.named(cfg.model)
         self.module = StructureVAEObjective(StructureVAE(self.model_config))
 
     def prepare(self, sample) -> Item:
@@ -185,11 +205,14 @@ class StructureVAETask(Task):
 class StructureDiTTask(Task):
     """The dense DiT over a frozen structure VAE's 16³×8 latent (in the VAE's normalised space)."""
 
-    def __init__(self, cfg: TrainConfig, seed: int, vae: StructureVAE):
+    def __init__(self, cfg: TrainConfig, seed: int, vae: StructureVAE, model_config=None):
         super().__init__(cfg, seed)
         self.vae = vae.eval().requires_grad_(False)
-        self.model_config = structure_dit_config(cfg.model, grad_checkpointing=cfg.grad_checkpointing,
-                                                 cond_dim=self.encoder.dim)
+        if model_config is not None:
+            self.model_config = dataclasses.replace(model_config, grad_checkpointing=cfg.grad_checkpointing)
+        else:
+            self.model_config = structure_dit_config(cfg.model, grad_checkpointing=cfg.grad_checkpointing,
+                                                     cond_dim=self.encoder.dim)
         check_structure_pair(vae.cfg, self.model_config)
         self.module = DenseFlowObjective(StructureDiT(self.model_config), TimestepSampler(shift=cfg.timestep_shift))
 
@@ -240,13 +263,14 @@ class SparseVAEObjective(nn.Module):
 class SparseVAETask(Task):
     """SS-VAE on narrow-band sparse SDFs; a batch is as many shapes as fit in the voxel budget."""
 
-    def __init__(self, cfg: TrainConfig, seed: int):
+    def __init__(self, cfg: TrainConfig, seed: int, model_config=None):
         super().__init__(cfg, seed)
         from model.vae import SparseSDFVAE, VAEConfig
         from model.vae_loss import VAELossWeights
 
         # "debug" is the trainer-wide name of the smallest size; the SS-VAE calls it "tiny".
-        self.model_config = VAEConfig.named("tiny" if cfg.model == "debug" else cfg.model)
+        self.model_config = (model_config if model_config is not None
+                             else VAEConfig.named("tiny" if cfg.model == "debug" else cfg.model))
         self.module = SparseVAEObjective(SparseSDFVAE(self.model_config), VAELossWeights())
 
     def prepare(self, sample) -> Item:
@@ -262,20 +286,21 @@ class SparseVAETask(Task):
         return {"x": x, "targets": targets}
 
 
-def build_task(cfg: TrainConfig, seed: int, frozen_weights: dict | None = None) -> Task:
-    """The task of ``cfg.network``; ``frozen_weights`` holds the structure VAE for network=structure_dit."""
+def build_task(cfg: TrainConfig, seed: int, frozen_weights: dict | None = None, model_config=None) -> Task:
+    """The task of ``cfg.network``; ``frozen_weights`` holds the structure VAE for network=structure_dit;
+    ``model_config`` (a checkpoint folder's, e.g. a converted release network) replaces the named size."""
     if cfg.network == "dit":
         if cfg.latent == "pooled":
-            return SparseDiTTask(cfg, seed)
+            return SparseDiTTask(cfg, seed, model_config=model_config)
         from model.vae import SparseSDFVAE, VAEConfig
         from pipeline.train.checkpoints import load_weights, model_config_of
 
         weights = load_weights(cfg.latent, "vae")
         vae = SparseSDFVAE(model_config_of(weights, VAEConfig))
         vae.load_state_dict({k.removeprefix("vae."): v for k, v in weights["state_dict"].items()})
-        return SparseDiTTask(cfg, seed, vae)
+        return SparseDiTTask(cfg, seed, vae, model_config=model_config)
     if cfg.network == "structure_vae":
-        return StructureVAETask(cfg, seed)
+        return StructureVAETask(cfg, seed, model_config)
     if cfg.network == "structure_dit":
         if frozen_weights is None:
             raise ValueError("network=structure_dit: the structure VAE weights were not loaded")
@@ -283,7 +308,7 @@ def build_task(cfg: TrainConfig, seed: int, frozen_weights: dict | None = None) 
 
         vae = StructureVAE(model_config_of(frozen_weights, StructureVAEConfig))
         vae.load_state_dict({k.removeprefix("vae."): v for k, v in frozen_weights["state_dict"].items()})
-        return StructureDiTTask(cfg, seed, vae)
+        return StructureDiTTask(cfg, seed, vae, model_config)
     if cfg.network == "vae":
-        return SparseVAETask(cfg, seed)
+        return SparseVAETask(cfg, seed, model_config)
     raise ValueError(f"unknown network {cfg.network!r}; expected dit, structure_vae, structure_dit or vae")
