@@ -27,6 +27,9 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=6379, help="GCS port of the head")
     p.add_argument("--dashboard-port", type=int, default=8265, help="names the cluster for `down` and `status`")
     p.add_argument("--no-auth", action="store_true", help="start without token auth (not recommended)")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="2 or more: a head and NODES-1 workers, each in its own network namespace on one bridge "
+                        "(needs root; --num-cpus is then per worker; docs/cluster.md)")
     p.set_defaults(func=_run)
 
 
@@ -186,6 +189,8 @@ def connect(start_if_none: bool = False, **init_kwargs) -> None:
 def _run(args) -> int:
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
     env = _env(args.no_auth)
+    if args.nodes > 1 or Path(temp_dir_for(args.dashboard_port), "netns-cluster.json").exists():
+        return _run_multinode(args)
     if args.action == "up":
         ensure_token(env)
         rc = start_local(env, dashboard_port=args.dashboard_port, port=args.port, num_cpus=args.num_cpus,
@@ -209,3 +214,39 @@ def _run(args) -> int:
 def _gcs_port(args) -> int:
     record = Path(temp_dir_for(args.dashboard_port), RECORD)
     return json.loads(record.read_text())["gcs_port"] if record.exists() else args.port
+
+
+def _run_multinode(args) -> int:
+    """``up|down|status`` of a cluster of network namespaces (pipeline.multinode), named by the dashboard port."""
+    from pipeline.multinode import RECORD as NETNS_RECORD
+    from pipeline.multinode import NetnsCluster
+
+    state_dir = temp_dir_for(args.dashboard_port)
+    recorded = Path(state_dir, NETNS_RECORD).exists()
+    if args.action == "up":
+        if recorded:
+            print(f"s2 cluster up: a multi-node cluster is already recorded in {state_dir}; "
+                  f"`s2 cluster down --dashboard-port {args.dashboard_port}` first", file=sys.stderr)
+            return 1
+        if args.no_auth:
+            print("s2 cluster up: a multi-node cluster always runs with token auth", file=sys.stderr)
+            return 2
+        cluster = NetnsCluster.start(nodes=args.nodes, cpus_per_worker=args.num_cpus or 2,
+                                     name=f"s2c{args.dashboard_port}", state_dir=state_dir)
+        print(f"Ray cluster up: {args.nodes} nodes, head {cluster.head_ip}, workers "
+              + ", ".join(n.ip for n in cluster.nodes[1:])
+              + f"\n  export RAY_ADDRESS={cluster.dashboard} RAY_AUTH_MODE=token "
+              f"RAY_AUTH_TOKEN_PATH={cluster.token_path}\n"
+              f"`s2 cluster down --dashboard-port {args.dashboard_port}` ends it")
+        return 0
+    if not recorded:
+        print(f"s2 cluster {args.action}: no multi-node cluster recorded in {state_dir}", file=sys.stderr)
+        return 1
+    cluster = NetnsCluster.load(state_dir)
+    if args.action == "down":
+        cluster.stop()
+        print(f"stopped the {len(cluster.nodes)}-node cluster {cluster.name} (namespaces, veths, bridge removed)")
+        return 0
+    text = cluster.status()
+    print(text or f"the head at {cluster.address} does not answer")
+    return 0 if text else 1
