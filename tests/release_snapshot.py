@@ -82,25 +82,10 @@ def write_dinov2(path: str, seed: int = 0) -> str:
 
 
 def paper_sections() -> dict:
-    """Every section at the released sizes (shared/official/README.md; other values: the classes' defaults)."""
-    p = {
-        "dense_vae": dict(embed_dim=8, in_channels=1, out_channels=1, model_channels_encoder=[32, 128, 512],
-                          num_res_blocks_encoder=2, num_res_blocks_middle_encoder=2,
-                          model_channels_decoder=[512, 128, 64], num_res_blocks_decoder=4,
-                          num_res_blocks_middle_decoder=4),
-        "dense_dit": dict(resolution=16, in_channels=8, out_channels=8, model_channels=1024, cond_channels=1024,
-                          num_blocks=24, num_heads=16, patch_size=1, qk_rms_norm=True, qk_rms_norm_cross=True),
-        "sparse_vae_512": dict(embed_dim=16, resolution=64),
-        "sparse_dit_512": dict(resolution=64, in_channels=16, model_channels=1024, cond_channels=1024,
-                               out_channels=16, num_blocks=24, num_heads=32, num_kv_heads=2, compression_block_size=4,
-                               selection_block_size=8, topk=8, window_size=8, qk_rms_norm=True,
-                               qk_rms_norm_cross=True, sparse_conditions=True),
-        "sparse_vae_1024": dict(embed_dim=16, resolution=128, chunk_size=4),
-        "refiner": dict(),
-        "refiner_1024": dict(),
-    }
-    p["sparse_dit_1024"] = dict(p["sparse_dit_512"], resolution=128)
-    return {k: (SECTIONS[k][0], p[k]) for k in SECTIONS}
+    """Every section at the released sizes (model.official.PAPER_PARAMS)."""
+    from model.official import PAPER_PARAMS
+
+    return {k: (SECTIONS[k][0], dict(PAPER_PARAMS[k])) for k in SECTIONS}
 
 
 def small_sections() -> dict:

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from model.official import PAPER_PARAMS
+
 from . import standins
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,23 +61,7 @@ SECTIONS: dict[str, Section] = {
 # constructor kwargs. "paper": shared/official/README.md (values not in the paper are the classes'
 # defaults); "narrow": the same layout at CPU size (same block kinds, fewer/smaller ones).
 _PARAMS: dict[str, dict[str, dict]] = {
-    "paper": {
-        "dense_vae": dict(embed_dim=8, in_channels=1, out_channels=1, model_channels_encoder=[32, 128, 512],
-                          num_res_blocks_encoder=2, num_res_blocks_middle_encoder=2,
-                          model_channels_decoder=[512, 128, 64], num_res_blocks_decoder=4,
-                          num_res_blocks_middle_decoder=4),
-        "dense_dit": dict(resolution=16, in_channels=8, out_channels=8, model_channels=1024, cond_channels=1024,
-                          num_blocks=24, num_heads=16, patch_size=1, qk_rms_norm=True, qk_rms_norm_cross=True),
-        "sparse_vae_512": dict(embed_dim=16, resolution=64),
-        "sparse_dit_512": dict(resolution=64, in_channels=16, model_channels=1024, cond_channels=1024,
-                               out_channels=16, num_blocks=24, num_heads=32, num_kv_heads=2,
-                               compression_block_size=4, selection_block_size=8, topk=8, window_size=8,
-                               qk_rms_norm=True, qk_rms_norm_cross=True, sparse_conditions=True),
-        # chunk_size: not in the paper; the release decodes 1024³ in chunks (its value ships in config.yaml)
-        "sparse_vae_1024": dict(embed_dim=16, resolution=128, chunk_size=4),
-        "refiner": dict(),
-        "refiner_1024": dict(),
-    },
+    "paper": {k: v for k, v in PAPER_PARAMS.items() if k != "sparse_dit_1024"},
     "narrow": {
         "dense_vae": dict(embed_dim=8, in_channels=1, out_channels=1, model_channels_encoder=[8, 16, 32],
                           num_res_blocks_encoder=2, num_res_blocks_middle_encoder=2,
@@ -102,8 +88,8 @@ _PARAMS: dict[str, dict[str, dict]] = {
 }
 
 # the 1024 SS-DiT: the 512 one on a grid twice as fine
-for _size, _res in (("paper", 128), ("narrow", 32)):
-    _PARAMS[_size]["sparse_dit_1024"] = dict(_PARAMS[_size]["sparse_dit_512"], resolution=_res)
+_PARAMS["paper"]["sparse_dit_1024"] = dict(PAPER_PARAMS["sparse_dit_1024"])
+_PARAMS["narrow"]["sparse_dit_1024"] = dict(_PARAMS["narrow"]["sparse_dit_512"], resolution=32)
 # an SS-DiT fed dense image tokens: the release's sparse cross-attention unbinds a dense kv on the wrong
 # axis when qk_rms_norm_cross is on, so a dense-condition SS-DiT only runs with it off
 for _size, _cond in (("paper", 1024), ("narrow", 32)):
