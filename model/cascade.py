@@ -152,6 +152,25 @@ def load_network(source: str, network: str, opener=None) -> NetworkBundle:
     return NetworkBundle(network, module.eval().requires_grad_(False), cfg, source, meta)
 
 
+def migrate_checkpoint(source: str, out: str) -> str:
+    """A training checkpoint folder or ``weights.pt`` of ours -> a checkpoint folder (config.json +
+    model.safetensors). Its network is read from the file; a layout this code no longer builds is an
+    error naming the checkpoint."""
+    from model.checkpoint import save_pretrained
+
+    path = source.rstrip("/")
+    blob = _read(path if path.endswith((".pt", ".pth")) else path + "/weights.pt", None)
+    if not isinstance(blob, dict):
+        raise ValueError(f"checkpoint {source}: not a checkpoint (a {type(blob).__name__})")
+    network = "vae" if "vae_config" in blob and blob.get("network") in (None, "vae") else blob.get("network")
+    if network not in FOLDER_NETWORKS:
+        raise ValueError(f"checkpoint {source}: holds network {network!r}, not one of {sorted(FOLDER_NETWORKS)}")
+    bundle = load_network(source, network)
+    meta = {k: blob[k] for k in ("step", "resolution", "latent_space") if blob.get(k) is not None}
+    return save_pretrained(bundle.module, bundle.config, out, network=FOLDER_NETWORKS[network],
+                           meta={**meta, "migrated_from": source})
+
+
 def random_network(network: str, size: str = "debug", **overrides) -> NetworkBundle:
     """An untrained network of a named size."""
     if network == "vae":

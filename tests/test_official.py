@@ -166,3 +166,23 @@ def test_checkpoint_folder_round_trip_and_strict_config(tmp_path):
     (tmp_path / "dit" / "config.json").write_text(json.dumps(doc))
     with pytest.raises(CheckpointError, match="model.safetensors is unreadable"):
         from_pretrained(path)
+
+
+def test_old_weights_pt_migrates_to_a_checkpoint_folder(tmp_path):
+    from model.cascade import load_network, migrate_checkpoint
+    from model.dense_dit import DenseDiT, DenseDiTConfig
+
+    cfg = DenseDiTConfig.named("debug")
+    net = DenseDiT(cfg)
+    old = tmp_path / "ckpt"
+    old.mkdir()
+    torch.save({"network": "structure_dit", "model_config": repr(cfg), "step": 12,
+                "state_dict": {"dit." + k: v for k, v in net.state_dict().items()}}, old / "weights.pt")
+    out = migrate_checkpoint(str(old), str(tmp_path / "migrated"))
+    loaded = from_pretrained(out, "dense_dit")
+    assert loaded.config == cfg and loaded.meta["step"] == 12
+    assert all(torch.equal(v, loaded.module.state_dict()[k]) for k, v in net.state_dict().items())
+    assert load_network(out, "structure_dit").config == cfg  # generation reads the migrated folder
+    torch.save({"network": "something_else"}, old / "weights.pt")
+    with pytest.raises(ValueError, match="holds network 'something_else'"):
+        migrate_checkpoint(str(old), str(tmp_path / "m2"))
