@@ -248,6 +248,36 @@ class NetnsCluster:
                 raise TimeoutError(f"node {i} still has processes {pids} after {timeout_s:.0f}s")
             time.sleep(0.2)
 
+    def node_pids_running(self, i: int, title_part: str) -> list[int]:
+        """PIDs in node ``i`` whose command line (a Ray worker's title, ``ray::<task>``) contains ``title_part``."""
+        out = []
+        for pid in self.node_pids(i):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if title_part in cmdline:
+                out.append(pid)
+        return out
+
+    def task_nodes(self, name_part: str, timeout_s: float = 120.0) -> dict[str, dict[str, int]]:
+        """Node address -> {task state: count} of the tasks whose name contains ``name_part``, from Ray's state
+        API on the head (asked by a client process holding the token)."""
+        code = ("import collections, json, sys\n"
+                "from ray.util.state import list_nodes, list_tasks\n"
+                "a = sys.argv[1]\n"
+                "ips = {n.node_id: n.node_ip for n in list_nodes(address=a, limit=1000)}\n"
+                "c = collections.defaultdict(collections.Counter)\n"
+                "for t in list_tasks(address=a, limit=10000, detail=True):\n"
+                "    if sys.argv[2] in t.name:\n"
+                "        c[ips.get(t.node_id, str(t.node_id))][t.state] += 1\n"
+                "print(json.dumps(c))\n")
+        done = subprocess.run([sys.executable, "-c", code, self.dashboard, name_part], env=self.env,
+                              capture_output=True, text=True, timeout=timeout_s)
+        if done.returncode != 0:
+            raise RuntimeError(f"Ray state API at {self.dashboard}: {done.stderr[-2000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
     def alive_nodes(self) -> list[int]:
         return [i for i in range(len(self.nodes)) if self.node_pids(i)]
 

@@ -49,6 +49,21 @@ def ray_cluster(s3_server):
     cluster.stop()
 
 
+@pytest.fixture(scope="module")
+def netns_cluster():
+    """A head (no CPUs) and two 2-CPU workers, each in its own network namespace on one bridge, token auth on
+    (pipeline.multinode); torn down after the module. Skipped where namespaces cannot be made (not root)."""
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("a multi-node cluster needs root and iproute2 (network namespaces)")
+    from pipeline.multinode import NetnsCluster
+
+    cluster = NetnsCluster.start(nodes=3, cpus_per_worker=2)
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture(scope="session")
 def _gloo_port():
     """One gloo group for the whole session: DeepSpeed keeps handles to the first one it saw."""
