@@ -7,6 +7,7 @@ from typing import Literal, Optional
 from pipeline.config import ConfigError
 
 NETWORKS = ("dit", "structure_vae", "structure_dit", "vae")
+DITS = ("dit", "structure_dit")  # a field's metadata "networks": the networks that read it (default: all)
 
 
 @dataclass
@@ -17,23 +18,24 @@ class TrainConfig:
         "help": "dataset root (local path or s3://) written by `s2 preprocess`; 'synthetic' = analytic shapes"})
     resolution: int = field(default=256, metadata={"help": "grid resolution of the shards to read"})
     model: str = field(default="debug", metadata={"help": "named model size: debug | small | paper"})
-    attention: Literal["full", "ssa"] = field(default="full", metadata={"help": "DiT self-attention"})
+    attention: Literal["full", "ssa"] = field(default="full", metadata={"help": "DiT self-attention",
+                                                                        "networks": ("dit",)})
     steps: int = field(default=1000, metadata={"help": "optimizer steps in total (a resumed run finishes them)"})
-    lr: float = 1e-4
-    weight_decay: float = 0.0
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=0, metadata={"help": "linear learning-rate warm-up"})
-    grad_clip: float = 1.0
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 = off)"})
     token_budget: int = field(default=16384, metadata={"help": "most tokens in one batch on one worker"})
     zero_stage: int = field(default=2, metadata={"help": "DeepSpeed ZeRO stage: 1, 2 or 3"})
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers (one per GPU)"})
-    use_gpu: bool = False
+    use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker"})
     precision: Literal["auto", "bf16", "fp32"] = field(
         default="auto", metadata={"help": "auto = bf16 on GPUs, fp32 on CPUs"})
-    ema_decay: float = 0.999
-    checkpoint_every: int = 100
+    ema_decay: float = field(default=0.999, metadata={"help": "decay of the EMA weights that checkpoints keep"})
+    checkpoint_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
     report_every: int = field(default=10, metadata={
         "help": "steps between reports to Ray Train (each is a sync of all workers); every step is logged"})
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept; older ones are deleted"})
     storage: str = field(default="./runs", metadata={"help": "where checkpoints go: local path or s3://"})
     name: str = field(default="s2-train", metadata={"help": "run name; rerunning a name resumes it"})
     init_from: Optional[str] = field(default=None, metadata={
@@ -42,20 +44,26 @@ class TrainConfig:
     curriculum: str = field(default="", metadata={
         "help": "comma-separated resolutions (256,512,1024): one run per stage, each from the last"})
     structure_vae: Optional[str] = field(default=None, metadata={
-        "help": "checkpoint of a trained structure VAE (needed by network=structure_dit)"})
+        "help": "checkpoint of a trained structure VAE (needed by network=structure_dit)",
+        "networks": ("structure_dit",)})
     latent: str = field(default="pooled", metadata={
-        "help": "SS-DiT latents: 'pooled' (fixed sub-cell statistics) or a trained SS-VAE checkpoint"})
-    cond_drop: float = field(default=0.1, metadata={"help": "rate of zeroed conditions (classifier-free guidance)"})
-    image_encoder: str = field(default="tiny", metadata={"help": "'tiny' (built in) or a DINOv2 path / hub name"})
-    timestep_shift: float = field(default=1.0, metadata={"help": "time shift of training timesteps"})
-    grad_checkpointing: bool = False
+        "help": "SS-DiT latents: 'pooled' (fixed sub-cell statistics) or a trained SS-VAE checkpoint",
+        "networks": ("dit",)})
+    cond_drop: float = field(default=0.1, metadata={"help": "rate of zeroed conditions (classifier-free guidance)",
+                                                    "networks": DITS})
+    image_encoder: str = field(default="tiny", metadata={"help": "'tiny' (built in) or a DINOv2 path / hub name",
+                                                         "networks": DITS})
+    timestep_shift: float = field(default=1.0, metadata={"help": "time shift of training timesteps",
+                                                         "networks": DITS})
+    grad_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in the backward pass (less memory, more time)", "networks": DITS})
     max_failures: int = field(default=3, metadata={"help": "worker-group restarts before the run fails"})
     cache_gb: float = field(default=2.0, metadata={
         "help": "replay a worker's prepared shapes from memory when they fit (small datasets); 0 = off"})
     max_skipped_share: float = field(default=0.05, metadata={
         "help": "stop when more than this share of the rows read are bad (each bad row is skipped and named)"})
-    synthetic_shapes: int = 16
-    seed: int = 0
+    synthetic_shapes: int = field(default=16, metadata={"help": "shapes of the analytic dataset (shards=synthetic)"})
+    seed: int = field(default=0, metadata={"help": "seed of data order, initialisation and noise"})
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved per training worker"})
 
     def validate(self) -> None:
