@@ -7,13 +7,14 @@ import importlib
 import pkgutil
 import sys
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, Parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     import pipeline.commands as commands
 
-    parser = argparse.ArgumentParser(prog="s2", description="Sparse-SDF image-to-3D on Ray")
+    # Parser: a subcommand's flags (and the imports they need) are built only when it is used.
+    parser = Parser(prog="s2", description="Sparse-SDF image-to-3D on Ray")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"pipeline.commands.{info.name}")

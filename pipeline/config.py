@@ -119,18 +119,100 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "config") -> T
     return obj
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field (``--field-name``), plus ``--config FILE`` for YAML."""
+class _HelpFormatter(argparse.HelpFormatter):
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if isinstance(action, BoolFlag):
+            return ", ".join(f"{o} [true|false]" if not o.startswith("--no-") else o for o in action.option_strings)
+        return super()._format_action_invocation(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose arguments may be added on first use: ``later(build)``.
+
+    ``s2 --help`` lists the subcommands without importing what their flags are made from (torch, Ray);
+    a subcommand's ``build(parser)`` runs when that subcommand is parsed or its help is shown.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self._later: list[Any] = []
+
+    def later(self, build: Any) -> "Parser":
+        self._later.append(build)
+        return self
+
+    def _build(self) -> None:
+        while self._later:
+            self._later.pop(0)(self)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        self._build()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._build()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        self._build()
+        return super().format_usage()
+
+
+def later(parser: argparse.ArgumentParser, build: Any) -> None:
+    """Run ``build(parser)`` on first use of ``parser`` (at once when it is a plain ArgumentParser)."""
+    if isinstance(parser, Parser):
+        parser.later(build)
+    else:
+        build(parser)
+
+
+class BoolFlag(argparse.Action):
+    """``--x`` / ``--no-x``; ``--x true|false`` (and yes/no, on/off, 1/0) is accepted too."""
+
+    def __init__(self, option_strings: list[str], dest: str, default: Any = None, help: str | None = None,
+                 **_: Any) -> None:
+        names = [n for o in option_strings for n in ((o, "--no-" + o[2:]) if o.startswith("--") else (o,))]
+        super().__init__(names, dest, nargs="?", default=default, help=help, metavar="true|false")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        negative = bool(option_string and option_string.startswith("--no-"))
+        if values is None:
+            setattr(namespace, self.dest, not negative)
+            return
+        if negative:
+            parser.error(f"{option_string} takes no value")
+        try:
+            setattr(namespace, self.dest, _parse_scalar(bool, values, option_string or self.dest))
+        except ConfigError as exc:
+            parser.error(str(exc))
+
+    def format_usage(self) -> str:
+        return " | ".join(self.option_strings)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, include: Any = None,
+                  helps: dict[str, str] | None = None) -> None:
+    """One flag per field (``--field-name``; a bool field ``--x`` / ``--no-x``), plus ``--config FILE``.
+
+    ``include(field)`` picks the fields that get a flag (default: all); the others keep their defaults and
+    may still be set in the ``--config`` file. A field's help is its ``metadata["help"]``, else ``helps[name]``.
+    """
     parser.add_argument("--config", metavar="FILE", help="YAML file with the same keys as the flags")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if not f.init:
+        if not f.init or (include is not None and not include(f)):
             continue
         tp, _ = _unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
         )
-        doc = (f.metadata or {}).get("help", "")
+        doc = (f.metadata or {}).get("help") or (helps or {}).get(f.name, "")
+        if tp is bool:
+            parser.add_argument(_flag(f.name), dest=f.name, default=None, action=BoolFlag,
+                                help=f"{doc} (default: {'on' if default else 'off'})".strip())
+            continue
         shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
         # Flags stay strings here; coerce() converts them with the field's type so
         # YAML and flags share one set of rules and one set of error messages.

@@ -4,13 +4,22 @@ from __future__ import annotations
 from pipeline import config
 
 
+HELP = {"format": "mesh format of the library: glb, obj or ply", "preview_size": "preview image side in pixels",
+        "request_timeout_s": "seconds one generation may take before it is recorded as failed",
+        "title": "title of gallery.html"}
+
+
 def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate an asset library (meshes, previews, index, gallery) via Ray Serve")
+    config.later(p, _arguments)
+    p.set_defaults(func=_run, check=_check)
+
+
+def _arguments(p) -> None:
     from pipeline.generate import GenerateConfig
 
-    p = sub.add_parser("generate", help="generate an asset library (meshes, previews, index, gallery) via Ray Serve")
-    config.add_arguments(p, GenerateConfig)
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_run, check=_check)
+    config.add_arguments(p, GenerateConfig, helps=HELP)
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _check(args) -> None:

@@ -6,12 +6,16 @@ from pipeline import config
 
 
 def register(sub) -> None:
+    p = sub.add_parser("preprocess", help="mesh corpus -> narrow-band sparse SDF Parquet shards (Ray Data)")
+    config.later(p, _arguments)
+    p.set_defaults(func=_run, check=_check)
+
+
+def _arguments(p) -> None:
     from pipeline.preprocess import PreprocessConfig
 
-    p = sub.add_parser("preprocess", help="mesh corpus -> narrow-band sparse SDF Parquet shards (Ray Data)")
     config.add_arguments(p, PreprocessConfig)
     p.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
-    p.set_defaults(func=_run, check=_check)
 
 
 def _check(args) -> None:

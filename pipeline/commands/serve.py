@@ -4,15 +4,27 @@ from __future__ import annotations
 from pipeline import config
 
 
+HELP = {"route_prefix": "HTTP path the API is served under", "port": "HTTP proxy port",
+        "num_replicas": "generator replicas", "num_cpus": "CPUs per generator replica",
+        "max_ongoing_requests": "requests one replica holds at a time; more wait in the proxy",
+        "max_upload_mb": "largest request body accepted (413 beyond)",
+        "max_image_side": "longest image side accepted (413 beyond)",
+        "default_format": "mesh format of a request that names none: glb, obj or ply"}
+
+
 def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve the generation cascade (Ray Serve, HTTP API, dynamic batching)")
+    config.later(p, _arguments)
+    p.set_defaults(func=_run, check=_check)
+
+
+def _arguments(p) -> None:
     from pipeline.serve.config import ServeConfig
 
-    p = sub.add_parser("serve", help="serve the generation cascade (Ray Serve, HTTP API, dynamic batching)")
-    config.add_arguments(p, ServeConfig)
+    config.add_arguments(p, ServeConfig, helps=HELP)
     p.add_argument("--serve-config", metavar="FILE",
                    help="a Serve config file (jobs/serve.yaml); its application's args are the settings")
     p.add_argument("--detach", action="store_true", help="return once the app is running (default: block)")
-    p.set_defaults(func=_run, check=_check)
 
 
 def load(args):

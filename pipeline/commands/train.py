@@ -15,17 +15,26 @@ NETWORKS = {"dit": "SS-DiT on sparse latents", "structure-vae": "64³ occupancy 
 
 
 def register(sub) -> None:
-    from pipeline.train.config import TrainConfig
-
     p = sub.add_parser("train", help="train a network of the cascade (Ray Train + DeepSpeed ZeRO)")
     nets = p.add_subparsers(dest="network_command", metavar="NETWORK")
     for name, what in NETWORKS.items():
-        n = nets.add_parser(name, help=what)
-        config.add_arguments(n, TrainConfig)
-        n.add_argument("--no-ray", action="store_true",
-                       help="run under torchrun / the deepspeed launcher instead of Ray Train")
+        n = nets.add_parser(name, help=what, description=f"Train the {what}.")
+        config.later(n, lambda n, name=name: _arguments(n, name.replace("-", "_")))
         n.set_defaults(func=_run, check=_check, network_name=name.replace("-", "_"))
     p.set_defaults(func=lambda args: p.print_help() or 2)
+
+
+def _arguments(n, network: str) -> None:
+    """The TrainConfig fields that ``network`` reads (a field's metadata "networks"; default: all)."""
+    import argparse
+
+    from pipeline.train.config import TrainConfig
+
+    config.add_arguments(n, TrainConfig, include=lambda f: f.name != "network" and network in f.metadata.get(
+        "networks", (network,)))
+    n.add_argument("--network", default=None, help=argparse.SUPPRESS)  # older job specs name it; must agree
+    n.add_argument("--no-ray", action="store_true",
+                   help="run under torchrun / the deepspeed launcher instead of Ray Train")
 
 
 def _config(args):
