@@ -46,12 +46,14 @@ import hashlib
 import math
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
+
+if TYPE_CHECKING:  # imported where used: `s2 preprocess --help` reads this module's config without torch
+    import torch
 
 from pipeline import storage
 
@@ -306,6 +308,8 @@ def validate_sample(sample: SparseSDFSample, resolution: int | None = None) -> N
     lo, hi = int(sample.coords.min()), int(sample.coords.max())
     if lo < 0 or hi >= res:
         raise BadRow(f"mesh {sample.mesh_id}: coordinates span [{lo}, {hi}], outside [0, {res}) at resolution {res}")
+    import torch
+
     finite = torch.isfinite(sample.values)
     if not bool(finite.all()):
         raise BadRow(f"mesh {sample.mesh_id}: {int((~finite).sum())} non-finite SDF values")
@@ -338,6 +342,8 @@ def checked_samples(table: pa.Table, uri: str, resolution: int | None) -> list[S
 
 def _readonly_tensor(a: np.ndarray) -> torch.Tensor:
     import warnings
+
+    import torch
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not writable.*")

@@ -23,7 +23,8 @@ def _modules_after(argv: list[str]) -> dict:
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "dit", "--help"], ["train", "vae", "--help"],
-                                  ["serve", "--help"], ["generate", "--help"], ["submit", "--help"]])
+                                  ["serve", "--help"], ["generate", "--help"], ["submit", "--help"],
+                                  ["preprocess", "--help"]])
 def test_help_imports_neither_torch_nor_ray(argv):
     got = _modules_after(argv)
     assert got["rc"] == 0 and "usage: s2" in got["stdout"]
