@@ -242,15 +242,14 @@ FOLDER_NETWORKS = {"dit": ("sparse_dit", "dit."), "structure_dit": ("dense_dit",
 
 
 def _pretrained_folder(uri: str) -> str | None:
-    """``uri`` itself or its ``model/`` when it holds config.json (our checkpoint folder format), else None."""
+    """``uri`` when it is a checkpoint folder of the one format (config.json: a converted release network, or
+    a run checkpoint's ``model/``), else None. A training checkpoint itself is read from its weights.pt,
+    with the run's own config checks."""
     from pipeline import storage
 
     uri = uri.rstrip("/")
-    for folder in (uri, uri + "/model"):
-        fs, path = storage.filesystem(folder + "/config.json")
-        if fs.exists(path):
-            return folder
-    return None
+    fs, path = storage.filesystem(uri + "/config.json")
+    return uri if fs.exists(path) else None
 
 
 def _weights_of_pretrained(folder: str, uri: str, network: str | None) -> dict:
