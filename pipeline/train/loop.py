@@ -6,6 +6,7 @@ hosts that have PyTorch alone: the same loop with a local checkpoint folder and 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -25,7 +26,7 @@ from pipeline.train.config import TrainConfig
 from pipeline.train.data import (EpochCache, NoTrainableShapes, Skipped, SkipGuard, iter_samples,
                                  token_batches)
 from pipeline.train.engine import EMA, make_engine
-from pipeline.train.plot import loss_curve_png
+from pipeline.train.plot import CurveLog, loss_curve_png
 from pipeline.train.tasks import build_task
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,8 @@ def run_loop(cfg: TrainConfig, session) -> dict:
     name = f"{cfg.network}-{cfg.model}"
     cache = EpochCache(int(cfg.cache_gb * 2**30), seed=cfg.seed + rank)
     guard = SkipGuard(cfg.max_skipped_share, skipped, where=cfg.shards)
+    curves = CurveLog(storage.join(cfg.storage, cfg.name), cfg.name, dataclasses.asdict(cfg), first_step=step + 1,
+                      enabled=rank == 0)
 
     def fresh(skip: int):
         samples = (s for s in iter_samples(session.batches(), skipped, cfg.resolution, seen=guard)
@@ -159,6 +162,7 @@ def run_loop(cfg: TrainConfig, session) -> dict:
                                      resolution=cfg.resolution, step=step, rank=rank, world_size=world,
                                      started_from=started_from, latent_space=task.latent_space)
                     checkpoints.save_loop_state(tmp, rank, position, task, device)
+                    curves.write(metrics)
                     if rank == 0:
                         Path(tmp, "history.json").write_text(json.dumps(history))
                         if step == cfg.steps:
@@ -166,6 +170,7 @@ def run_loop(cfg: TrainConfig, session) -> dict:
                                            title=f"{name} loss")
                     session.report(metrics, tmp)
             elif step % cfg.report_every == 0:
+                curves.write(metrics)
                 session.report(metrics, None)
             if step >= cfg.steps:
                 break
@@ -176,6 +181,7 @@ def run_loop(cfg: TrainConfig, session) -> dict:
             raise NoTrainableShapes(f"{cfg.shards}: worker {rank} got no trainable shapes "
                                     f"({len(skipped.shapes)} skipped; first: {skipped.shapes[:1]})")
         position = {"epoch": position["epoch"] + 1, "consumed": 0}
+    curves.close()
     return {"step": step, "skipped_shapes": skipped.shapes, "history": history}
 
 
