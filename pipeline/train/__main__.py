@@ -18,7 +18,7 @@ from pipeline.train.config import TrainConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.splitlines()[0])
+    parser = config.Parser(prog="python -m pipeline.train", description=__doc__.splitlines()[0])
     parser.add_argument("network_name", choices=["dit", "structure_vae", "structure_dit", "vae"])
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
     config.add_arguments(parser, TrainConfig)
