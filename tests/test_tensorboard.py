@@ -80,3 +80,22 @@ def test_remote_storage_gets_the_event_files(tmp_path, monkeypatch):
     curves.write({"step": 1, "loss": 0.5})
     assert [p for p in fs.ls("/bucket/run/tensorboard", detail=False) if "tfevents" in p]
     curves.close()
+
+
+def test_mlflow_gets_the_same_metrics_when_installed(tmp_path, monkeypatch):
+    """A stand-in ``mlflow`` module records the calls: params once, each report's scalars at its step."""
+    import types
+
+    calls = []
+    fake = types.ModuleType("mlflow")
+    for name in ("set_tracking_uri", "start_run", "log_params", "log_metrics", "end_run"):
+        setattr(fake, name, lambda *a, _n=name, **kw: calls.append((_n, a, kw)))
+    monkeypatch.setitem(sys.modules, "mlflow", fake)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    curves = CurveLog(str(tmp_path / "run"), "run", {"lr": 1e-3, "name": "run"})
+    curves.write({"step": 4, "loss": 0.25, "lr": 1e-3})
+    curves.close()
+    names = [c[0] for c in calls]
+    assert names == ["set_tracking_uri", "start_run", "log_params", "log_metrics", "end_run"]
+    assert calls[0][1][0] == (tmp_path / "run" / "mlruns").as_uri()
+    assert calls[3][1][0] == {"loss": 0.25, "lr": 1e-3} and calls[3][2] == {"step": 4}
