@@ -114,8 +114,15 @@ class NetnsCluster:
               object_store_mb: int = 200, timeout_s: float = 300.0) -> NetnsCluster:
         """Bridge, head and ``nodes - 1`` workers; returns once ``ray status`` counts every node alive.
         On any failure it tears down what it made and raises."""
-        if nodes < 2:
-            raise ValueError("a multi-node cluster needs a head and at least one worker (nodes >= 2)")
+        cluster = cls.network(name=name, state_dir=state_dir, extra_env=extra_env)
+        cluster.start_nodes(nodes, cpus_per_worker, head_cpus, object_store_mb=object_store_mb, timeout_s=timeout_s)
+        return cluster
+
+    @classmethod
+    def network(cls, *, name: str | None = None, state_dir: str | None = None,
+                extra_env: dict[str, str] | None = None) -> NetnsCluster:
+        """The bridge (the host at ``host_ip``) and the token, no node yet: start a server the nodes need on
+        ``host_ip`` first (an S3 store, say), put its address into ``extra_env``, then ``start_nodes``."""
         if shutil.which("ip") is None:
             raise RuntimeError("iproute2's `ip` is not installed")
         name = name or f"s2n{secrets.token_hex(2)}"
@@ -131,16 +138,25 @@ class NetnsCluster:
             cluster.save()
             _ip("addr", "add", f"{cluster.host_ip}/24", "dev", cluster.bridge)
             _ip("link", "set", cluster.bridge, "up")
-            cluster._add_node(head=True, num_cpus=head_cpus, object_store_mb=object_store_mb)
-            cluster.wait_alive(1, timeout_s)
-            for _ in range(nodes - 1):
-                cluster.add_worker(cpus_per_worker, object_store_mb=object_store_mb, wait=False)
-            cluster.wait_alive(nodes, timeout_s)
-            cluster.wait_dashboard(timeout_s)
         except BaseException:
             cluster.stop()
             raise
         return cluster
+
+    def start_nodes(self, nodes: int = 3, cpus_per_worker: int = 2, head_cpus: int = 0, *,
+                    object_store_mb: int = 200, timeout_s: float = 300.0) -> None:
+        if nodes < 2:
+            raise ValueError("a multi-node cluster needs a head and at least one worker (nodes >= 2)")
+        try:
+            self._add_node(head=True, num_cpus=head_cpus, object_store_mb=object_store_mb)
+            self.wait_alive(1, timeout_s)
+            for _ in range(nodes - 1):
+                self.add_worker(cpus_per_worker, object_store_mb=object_store_mb, wait=False)
+            self.wait_alive(nodes, timeout_s)
+            self.wait_dashboard(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
 
     def add_worker(self, num_cpus: int = 2, *, object_store_mb: int = 200, wait: bool = True,
                    timeout_s: float = 300.0) -> Node:
@@ -177,7 +193,9 @@ class NetnsCluster:
         # (`ray start --block`) takes every other one down with it when killed, like a host losing power.
         full = ["ip", "netns", "exec", node.netns, "unshare", "--pid", "--fork", "--mount-proc", *cmd]
         with open(node.log, "ab") as log:
-            subprocess.Popen(full, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            # Collective libraries bind the node's own interface, not the host name's address.
+            env = {**self.env, "GLOO_SOCKET_IFNAME": "eth0", "NCCL_SOCKET_IFNAME": "eth0"}
+            subprocess.Popen(full, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                              start_new_session=True, cwd=self.state_dir)
         return node
 
