@@ -53,6 +53,24 @@ def _free_subnet() -> str:
     raise RuntimeError("no free 10.x.y.0/24 subnet for the cluster bridge")
 
 
+def can_make_namespaces() -> str | None:
+    """None where this process may create network namespaces and bridges, else why not."""
+    if shutil.which("ip") is None:
+        return "iproute2's `ip` is not installed"
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    probe = f"s2p{secrets.token_hex(2)}"
+    made = _ip("link", "add", probe, "type", "bridge", check=False)
+    if made.returncode != 0:
+        return f"cannot create a bridge: {made.stderr.strip()}"
+    _ip("link", "del", probe, check=False)
+    made = _ip("netns", "add", probe, check=False)
+    if made.returncode != 0:
+        return f"cannot create a network namespace: {made.stderr.strip()}"
+    _ip("netns", "del", probe, check=False)
+    return None
+
+
 @dataclass
 class Node:
     netns: str  # network namespace name

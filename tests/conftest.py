@@ -53,12 +53,10 @@ def ray_cluster(s3_server):
 def netns_cluster():
     """A head (no CPUs) and two 2-CPU workers, each in its own network namespace on one bridge, token auth on
     (pipeline.multinode); torn down after the module. Skipped where namespaces cannot be made (not root)."""
-    import shutil
+    from pipeline.multinode import NetnsCluster, can_make_namespaces
 
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("a multi-node cluster needs root and iproute2 (network namespaces)")
-    from pipeline.multinode import NetnsCluster
-
+    if why := can_make_namespaces():
+        pytest.skip(f"no multi-node cluster on this machine: {why}")
     cluster = NetnsCluster.start(nodes=3, cpus_per_worker=2)
     yield cluster
     cluster.stop()

@@ -219,7 +219,7 @@ def _gcs_port(args) -> int:
 def _run_multinode(args) -> int:
     """``up|down|status`` of a cluster of network namespaces (pipeline.multinode), named by the dashboard port."""
     from pipeline.multinode import RECORD as NETNS_RECORD
-    from pipeline.multinode import NetnsCluster
+    from pipeline.multinode import NetnsCluster, can_make_namespaces
 
     state_dir = temp_dir_for(args.dashboard_port)
     recorded = Path(state_dir, NETNS_RECORD).exists()
@@ -231,6 +231,9 @@ def _run_multinode(args) -> int:
         if args.no_auth:
             print("s2 cluster up: a multi-node cluster always runs with token auth", file=sys.stderr)
             return 2
+        if why := can_make_namespaces():
+            print(f"s2 cluster up --nodes {args.nodes}: {why}", file=sys.stderr)
+            return 1
         cluster = NetnsCluster.start(nodes=args.nodes, cpus_per_worker=args.num_cpus or 2,
                                      name=f"s2c{args.dashboard_port}", state_dir=state_dir)
         print(f"Ray cluster up: {args.nodes} nodes, head {cluster.head_ip}, workers "
