@@ -72,6 +72,11 @@ def temp_dir_for(dashboard_port: int) -> str:
     return os.path.join(tempfile.gettempdir(), f"s2ray-{os.getuid()}-{dashboard_port}")
 
 
+def multinode_dir_for(dashboard_port: int) -> str:
+    """State folder of a multi-node cluster (``--nodes``): not the one-node cluster's, which `down` removes."""
+    return temp_dir_for(dashboard_port) + "n"
+
+
 def own_processes(temp_dir: str) -> list:
     """Live processes whose command line names ``temp_dir`` (every Ray daemon of that cluster does), with children."""
     psutil = _psutil()
@@ -189,7 +194,7 @@ def connect(start_if_none: bool = False, **init_kwargs) -> None:
 def _run(args) -> int:
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
     env = _env(args.no_auth)
-    if args.nodes > 1 or Path(temp_dir_for(args.dashboard_port), "netns-cluster.json").exists():
+    if args.nodes > 1 or Path(multinode_dir_for(args.dashboard_port), "netns-cluster.json").exists():
         return _run_multinode(args)
     if args.action == "up":
         ensure_token(env)
@@ -221,7 +226,7 @@ def _run_multinode(args) -> int:
     from pipeline.multinode import RECORD as NETNS_RECORD
     from pipeline.multinode import NetnsCluster, can_make_namespaces
 
-    state_dir = temp_dir_for(args.dashboard_port)
+    state_dir = multinode_dir_for(args.dashboard_port)
     recorded = Path(state_dir, NETNS_RECORD).exists()
     if args.action == "up":
         if recorded:
