@@ -93,6 +93,9 @@ def test_worker_node_killed_mid_job_loses_and_duplicates_nothing(netns_cluster, 
     st, logs = _wait_job(c, job_id)
     assert "succeeded" in st, logs[-4000:]
     _check_output(out, sample_corpus)  # every valid mesh once per resolution: none lost, none twice
+    placed = c.task_nodes(TASK)  # the victim ran tasks of this job; the survivor finished the rest
+    assert c.nodes[victim].ip in placed and placed[c.nodes[1].ip].get("FINISHED"), placed
+    print(f"{TASK} tasks by node after losing {c.nodes[victim].ip}: {placed}")
     # The head saw the node go: two nodes alive, the dead one listed as such.
     deadline = time.monotonic() + 120
     while c.alive_count() != 2:
