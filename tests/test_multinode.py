@@ -44,6 +44,35 @@ def _wait_job(cluster, job_id, timeout_s=300.0):
         time.sleep(1)
 
 
+def test_s2_cluster_up_status_down_by_hand():
+    """First, before the module's cluster exists: `s2 cluster up --nodes 3` leaves a running cluster behind; `down` removes every namespace and link it made."""
+    from pipeline.multinode import can_make_namespaces
+    from servers import free_port
+
+    if why := can_make_namespaces():
+        pytest.skip(f"no multi-node cluster on this machine: {why}")
+    s2 = os.path.join(os.path.dirname(sys.executable), "s2")
+    port = str(free_port())  # names the cluster: s2c<port>-<i>, bridge s2c<port>br
+
+    def run(*args):
+        return subprocess.run([s2, "cluster", *args, "--dashboard-port", port], capture_output=True, text=True,
+                              timeout=400)
+
+    up = run("up", "--nodes", "3", "--num-cpus", "1")
+    try:
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        assert "RAY_AUTH_TOKEN_PATH=" in up.stdout
+        st = run("status")
+        assert st.returncode == 0 and st.stdout.count(" node_") == 3, st.stdout
+    finally:
+        down = run("down")
+    assert down.returncode == 0, down.stderr
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    spaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert f"s2c{port}" not in links + spaces
+    assert not os.path.exists(f"/tmp/s2ray-{os.getuid()}-{port}n")
+
+
 def test_cluster_is_three_hosts(netns_cluster):
     c = netns_cluster
     assert c.alive_count() == 3
@@ -101,3 +130,4 @@ def test_worker_node_killed_mid_job_loses_and_duplicates_nothing(netns_cluster, 
     while c.alive_count() != 2:
         assert time.monotonic() < deadline, c.status()
         time.sleep(2)
+
