@@ -23,7 +23,8 @@ SPEC = os.path.join(ROOT, "jobs", "preprocess.yaml")
 # Small settings so the whole corpus runs in well under a minute on two CPUs.
 SMALL = ["resolutions=32,64", "views=2", "view_size=64", "meshes_per_task=3", "memory_per_task_gb=none"]
 
-pytestmark = pytest.mark.timeout(900)
+# the job on a real local Ray cluster (minutes): the end-to-end phase after the default suite (.ci/run)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.integration]
 
 
 def _s2(cluster, *args, timeout=600):

@@ -14,6 +14,9 @@ import torch
 from pipeline.shards import write_shard
 from pipeline.train.synthetic import synthetic_rows
 
+# multi-worker Ray Train runs (minutes each): the end-to-end phase after the default suite (.ci/run)
+pytestmark = pytest.mark.integration
+
 RES = 64
 
 
