@@ -9,6 +9,15 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Triton reads TRITON_INTERPRET when a kernel module is imported, and test modules import the kernels (through
+# model/) at collection, in any order: on a machine without CUDA, set it before any of them. Code paths
+# choose Triton on CUDA only ("auto"), so this changes nothing but the tests that ask for Triton.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 from servers import start_ray, start_s3  # noqa: E402
 
 try:  # mesh-to-sdf refuses to load after pyrender (which the renderer's cross-check imports)
