@@ -39,17 +39,19 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.train.data import NoTrainableShapes
     from pipeline.train.loop import run_without_ray
 
+    ours = not dist.is_initialized()  # end only a process group this run made (a caller's stays usable)
     try:
         out = run_without_ray(cfg)
     except (CheckpointMismatch, ShardError, NoTrainableShapes, ConfigError) as e:  # bad input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
-        if dist.is_initialized():
+        if ours and dist.is_initialized():
             dist.destroy_process_group()
         return 1
     if dist.get_rank() == 0:
         print(json.dumps({"step": out["step"], "first_loss": out["history"]["loss"][:1],
                           "final_loss": out["history"]["loss"][-1:], "skipped_shapes": len(out["skipped_shapes"])}))
-    dist.destroy_process_group()
+    if ours:
+        dist.destroy_process_group()
     return 0
 
 
