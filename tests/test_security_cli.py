@@ -15,18 +15,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
-def s2(capsys, monkeypatch):
-    """``s2 ARGS`` in this process (the same code as the command, without its start-up time)."""
-    from pipeline.cli import main
+def s2():
+    """``s2 ARGS`` as a user runs it, in its own process: Ray fixes its client's auth mode for the life of a
+    process, so an in-process call would leave this one unable to reach the token-auth test cluster."""
 
     def run(*args, env=None):
-        for key, value in (env or {}).items():
-            monkeypatch.setenv(key, value)
-        monkeypatch.chdir(ROOT)
-        capsys.readouterr()
-        rc = main(list(args))
-        out = capsys.readouterr()
-        return rc, out.out, out.err
+        res = subprocess.run([S2, *args], cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True,
+                             text=True, timeout=300)
+        return res.returncode, res.stdout, res.stderr
     return run
 
 
