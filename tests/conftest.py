@@ -20,6 +20,17 @@ if "TRITON_INTERPRET" not in os.environ:
 
 from servers import start_ray, start_s3  # noqa: E402
 
+# Token auth for every Ray this test process talks to or starts (the local clusters of start_ray, a Ray Data
+# run in-process): Ray reads the mode and token once per process, so they are set before any test runs.
+if "RAY_AUTH_TOKEN_PATH" not in os.environ:
+    import secrets
+    import tempfile
+
+    _token = os.path.join(tempfile.mkdtemp(prefix="s2auth"), "auth_token")
+    with open(_token, "w") as _fh:
+        _fh.write(secrets.token_hex(32))
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": _token})
+
 try:  # mesh-to-sdf refuses to load after pyrender (which the renderer's cross-check imports)
     import mesh_to_sdf  # noqa: F401,E402
 except ImportError:

@@ -84,9 +84,12 @@ class RayCluster:
 
 def start_ray(num_cpus: int = 2, extra_env: dict[str, str] | None = None, drop_env: tuple[str, ...] = ()) -> RayCluster:
     temp_dir = tempfile.mkdtemp(prefix="s2r", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    token_path = os.path.join(temp_dir, "auth_token")
-    with open(token_path, "w") as fh:
-        fh.write(secrets.token_hex(32))
+    # one token for the session's clusters (conftest exports it): Ray fixes a process's auth mode and token
+    # the first time it connects, so every in-process client must see the same ones
+    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(temp_dir, "auth_token")
+    if not os.path.exists(token_path):
+        with open(token_path, "w") as fh:
+            fh.write(secrets.token_hex(32))
     bindir = os.path.dirname(sys.executable)
     env = {k: v for k, v in os.environ.items() if k not in drop_env}
     env.update(extra_env or {})
