@@ -11,7 +11,6 @@ naming the key: a converted network never holds a randomly initialised weight.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import os
 import pickle
@@ -20,7 +19,7 @@ from typing import Any
 
 import torch
 
-from model.checkpoint import CheckpointError, load_state_strict, network_classes
+from model.checkpoint import _restore_buffers, load_state_strict, network_classes
 
 # section of config.yaml -> (checkpoint file, key inside it)
 SECTIONS: dict[str, tuple[str, str]] = {
@@ -151,16 +150,10 @@ def convert_module(section: str, params: dict, state_dict: dict[str, torch.Tenso
         module = module_cls(cfg)
     module = module.to_empty(device="cpu")
     load_state_strict(module, ours, f"{where} (converted)")
-    _fill_nonpersistent(module, module_cls, cfg, ours)
+    _restore_buffers(module, module_cls, cfg, ours)
     if dtype is not None:
         module = module.to(dtype)
     return module.eval().requires_grad_(False)
-
-
-def _fill_nonpersistent(module, module_cls, cfg, state) -> None:
-    from model.checkpoint import _restore_buffers
-
-    _restore_buffers(module, module_cls, cfg, state)
 
 
 def _section_network(section: str) -> str:
@@ -259,11 +252,6 @@ def read_ckpt(path: str) -> dict:
     return blob
 
 
-def scheduler_params(snapshot: Snapshot, section: str) -> dict[str, Any]:
-    target, params = snapshot.section(section)
-    return {"target": target, **params}
-
-
 def convert_snapshot(root: str, out: str, *, sections: list[str] | None = None, progress=None) -> dict[str, Any]:
     """Convert every weighted section of a snapshot into ``out/<section>/`` and write ``out/cascade.json``.
 
@@ -355,7 +343,3 @@ def _random_like(t: torch.Tensor, name: str, g: torch.Generator) -> torch.Tensor
         return 1.0 + 0.1 * torch.randn(t.shape, generator=g)
     fan_in = t[0].numel() if t.ndim > 1 else 1
     return torch.randn(t.shape, generator=g) / max(fan_in, 1) ** 0.5
-
-
-def describe(cfg) -> str:
-    return ", ".join(f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg))
