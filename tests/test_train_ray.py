@@ -83,7 +83,7 @@ def test_zero2_two_workers_loss_falls_and_samples_beat_noise(ray_env, train_shar
     from model.condition import build_image_encoder
 
     dit = load_network(str(ckpt), "dit")
-    assert dit.meta == {"step": 40, "resolution": RES}
+    assert dit.meta == {"step": 40, "resolution": RES, "latent_space": "pooled"}
     enc = build_image_encoder("tiny")
     others = dict(structure_vae=random_network("structure_vae"), structure_dit=random_network("structure_dit",
                                                                                               cond_dim=enc.dim))
