@@ -1,8 +1,10 @@
-"""Sinusoidal embeddings of the released Direct3D-S2 DiTs: diffusion timesteps and absolute 3D positions.
+"""Sinusoidal embeddings of the released Direct3D-S2 networks: diffusion timesteps and absolute 3D positions.
 
-Both follow the published networks channel for channel, so released weights see the inputs they were
-trained on: the timestep embedding is [cos | sin] of geometric frequencies, the position embedding is
-[sin | cos] per axis, the three axes side by side, zero-padded to the width.
+The one module for both: the DiTs (sparse and dense) and the SS-VAE's transformers take their positions
+from ``position_embedding_3d``. Both follow the published networks channel for channel, so released
+weights see the inputs they were trained on: the timestep embedding is [cos | sin] of geometric
+frequencies, the position embedding is [sin | cos] per axis, the three axes side by side, zero-padded
+to the width.
 """
 from __future__ import annotations
 

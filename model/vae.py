@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.configs import strict_from_dict
+from model.embeddings import position_embedding_3d
 
 from .sparse import (
     SparseConv3d,
@@ -42,7 +43,6 @@ from .sparse import (
     SparseTransformerBlock,
     kernel_from_torchsparse,
     kernel_to_torchsparse,
-    sinusoidal_positions,
 )
 
 DOWNSAMPLE = 8  # three ×2 blocks on each side
@@ -208,7 +208,7 @@ class SparseSDFEncoder(nn.Module):
         h = self.input_layer1(x)
         for blk in self.downsample:
             h = blk(h)
-        pos = sinusoidal_positions(h.coords[:, 1:], h.num_channels, factor)
+        pos = position_embedding_3d(h.coords[:, 1:], h.num_channels, factor or 1.0)
         h = self.input_layer(h)
         h = h.replace((h.feats.float() + pos).to(h.dtype))  # summed in float32, as the release's promotion does
         for blk in self.blocks:
@@ -230,7 +230,8 @@ class SparseSDFDecoder(nn.Module):
     def latent_features(self, z: SparseTensor, factor: float | None = None) -> SparseTensor:
         """Input layer, positions and transformer blocks at the latent resolution."""
         h = self.input_layer(z)
-        h = h.replace((h.feats.float() + sinusoidal_positions(z.coords[:, 1:], h.num_channels, factor)).to(h.dtype))
+        pos = position_embedding_3d(z.coords[:, 1:], h.num_channels, factor or 1.0)
+        h = h.replace((h.feats.float() + pos).to(h.dtype))
         for blk in self.blocks:
             h = blk(h)
         return h

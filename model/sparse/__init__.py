@@ -1,6 +1,6 @@
 """Sparse voxel tensors and the layers that run on them."""
 
-from .attention import SparseTransformerBlock, SparseWindowAttention, sinusoidal_positions, window_partition
+from .attention import SparseTransformerBlock, SparseWindowAttention, window_partition
 from .layers import (
     SparseConv3d,
     SparseConvDown,
@@ -20,5 +20,5 @@ __all__ = [
     "SparseTensor", "SparseLinear", "SparseGroupNorm", "SparseLayerNorm", "SparseSiLU", "SparseConv3d",
     "SparseConvDown", "SparseDownsample", "SparseSubdivide", "subdivide_structure",
     "kernel_from_torchsparse", "kernel_to_torchsparse",
-    "SparseWindowAttention", "SparseTransformerBlock", "sinusoidal_positions", "window_partition",
+    "SparseWindowAttention", "SparseTransformerBlock", "window_partition",
 ]

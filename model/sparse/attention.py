@@ -62,21 +62,6 @@ class SparseWindowAttention(nn.Module):
         return x.replace(self.to_out(result))
 
 
-def sinusoidal_positions(coords: torch.Tensor, dim: int, factor: float | None = None) -> torch.Tensor:
-    """Absolute 3D sinusoidal embedding of voxel coordinates (N, 3) -> (N, dim), float32.
-
-    Each axis takes F = dim // 6 frequencies 10000^(-f/F) as [sin, cos]; axes follow each other and the
-    remaining dim - 6F channels are zero. ``factor`` scales the coordinates first (a grid seen at another
-    resolution).
-    """
-    freq_dim = dim // 3 // 2
-    freqs = 1.0 / (10000 ** (torch.arange(freq_dim, dtype=torch.float32, device=coords.device) / freq_dim))
-    pos = coords.float() if factor is None else coords.float() * factor
-    ang = pos[:, :, None] * freqs  # (N, 3, F)
-    emb = torch.cat([ang.sin(), ang.cos()], dim=2).reshape(coords.shape[0], -1)
-    return F.pad(emb, (0, dim - emb.shape[1]))
-
-
 def _layer_norm32(x: torch.Tensor, eps: float) -> torch.Tensor:
     return F.layer_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
