@@ -150,7 +150,7 @@ class Library:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from pipeline.gallery import gallery_html
+        from pipeline.gallery import write_gallery
 
         rows = sorted(records.values(), key=lambda r: r["asset_id"])
         cols = ["asset_id", "name", "source", "image_sha256", "seed", "model_id", "key", "status", "error", "mesh",
@@ -163,19 +163,22 @@ class Library:
         buf = io.BytesIO()
         pq.write_table(pa.table(data, schema=schema), buf, compression="zstd")
         self.write("index.parquet", buf.getvalue())
-        self.write("gallery.html", gallery_html(rows, title).encode())
+        write_gallery(self, rows, title)
 
 
-def render_preview(mesh: bytes, fmt: str, size: int) -> bytes:
+def render_preview(mesh: bytes, fmt: str, size: int, camera=None) -> bytes:
+    """The mesh, normalised as the corpus is, seen from ``camera`` (the input's; default: the front camera)."""
     import numpy as np
 
     from model.postprocess import read_mesh_bytes
-    from pipeline.geometry.render import render_view
+    from pipeline.geometry.render import FRONT_CAMERA, render_view
 
+    cam = camera or FRONT_CAMERA
     v, f = read_mesh_bytes(mesh, fmt)
     v = v - (v.max(0) + v.min(0)) / 2
     v = v * (0.95 / max(float(np.abs(v).max()), 1e-6))
-    return render_view(v, f, elevation=20.0, azimuth=35.0, size=size).png()
+    return render_view(v, f, elevation=cam.elevation, azimuth=cam.azimuth, fov_deg=cam.fov_deg, radius=cam.radius,
+                       size=size).png()
 
 
 class Job:
@@ -195,29 +198,35 @@ class Job:
         return rec
 
     def run_item(self, item: Item, data: bytes) -> dict:
+        from pipeline.gallery import save_input, write_asset_view
+        from pipeline.geometry.render import FRONT_CAMERA, read_camera
+
         sha = hashlib.sha256(data).hexdigest()
         key = item_key(sha, item.seed, self.model)
         asset_id = f"{_stem(item.name)}-{key[:10]}"
         t0 = time.perf_counter()
+        camera = read_camera(data) or FRONT_CAMERA  # the preview looks from the input's camera where it has one
+        seen = {"input": save_input(self.lib, asset_id, data), "camera": camera.as_dict()}
         try:
             ans = self.handle.generate.remote({"name": item.name, "image": data, "seed": item.seed,
                                                "format": self.cfg.format}).result(timeout_s=self.cfg.request_timeout_s)
         except Exception as e:  # a replica that died or timed out fails this item only
             msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            return self._record(item, sha, key, asset_id, error=f"{item.name}: {type(e).__name__}: {msg[:300]}")
+            return self._record(item, sha, key, asset_id, error=f"{item.name}: {type(e).__name__}: {msg[:300]}", **seen)
         if ans["error"]:
-            return self._record(item, sha, key, asset_id, error=ans["error"], timings=ans["timings"])
+            return self._record(item, sha, key, asset_id, error=ans["error"], timings=ans["timings"], **seen)
         mesh_rel = f"meshes/{asset_id}.{self.cfg.format}"
         self.lib.write(mesh_rel, ans["mesh"])
         t = time.perf_counter()
         try:
-            preview = render_preview(ans["mesh"], self.cfg.format, self.cfg.preview_size)
+            preview = render_preview(ans["mesh"], self.cfg.format, self.cfg.preview_size, camera)
+            seen.update(write_asset_view(self.lib, asset_id, ans["mesh"], self.cfg.format))
         except ValueError as e:
-            return self._record(item, sha, key, asset_id, error=f"{item.name}: preview: {e}", mesh=mesh_rel)
+            return self._record(item, sha, key, asset_id, error=f"{item.name}: preview: {e}", mesh=mesh_rel, **seen)
         self.lib.write(f"previews/{asset_id}.png", preview)
         timings = {**ans["timings"], "preview": time.perf_counter() - t}
         return self._record(item, sha, key, asset_id, status="ok", mesh=mesh_rel, preview=f"previews/{asset_id}.png",
-                            faces=ans["faces"], vertices=ans["vertices"],
+                            **{**seen, "faces": ans["faces"], "vertices": ans["vertices"]},
                             seconds=time.perf_counter() - t0, batch_size=ans["batch_size"], timings=timings)
 
 

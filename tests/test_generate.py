@@ -65,7 +65,7 @@ class Cards(HTMLParser):
         a = dict(attrs)
         if tag == "div" and "data-asset" in a:
             self.cards.append((a["data-asset"], a["data-status"]))
-        if tag == "img":
+        if tag == "img" and a.get("class") == "preview":
             self.imgs.append(a["src"])
 
 

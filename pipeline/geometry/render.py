@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 from dataclasses import dataclass
 
@@ -28,6 +29,59 @@ _NEAR = 1e-3
 _EDGE_TOLERANCE_PX = 1e-7  # a pixel centre this close outside an edge still counts: shared edges leave no gaps
 _CHUNK = 1 << 22  # pixel candidates z-tested per step
 _FACE_BATCH = 1 << 19  # faces set up per step; with _CHUNK this bounds memory for huge meshes
+
+
+CAMERA_KEY = "s2ray:camera"  # PNG text chunk holding the camera a view was rendered from
+
+
+@dataclass(frozen=True)
+class Camera:
+    """Where a view looks from: the angles of ``render_view``, its field of view and distance.
+
+    ``radius`` None fits the mesh in the view (``render_view``'s default); ``source`` says where the camera
+    came from: "image" (read from the input view) or "front" (``FRONT_CAMERA``, the input's is unknown)."""
+
+    elevation: float
+    azimuth: float
+    fov_deg: float = 40.0
+    radius: float | None = None
+    source: str = "front"
+
+    def to_json(self) -> str:
+        return json.dumps({"elevation": self.elevation, "azimuth": self.azimuth, "fov_deg": self.fov_deg,
+                           "radius": self.radius}, sort_keys=True)
+
+    def as_dict(self) -> dict:
+        return {"elevation": self.elevation, "azimuth": self.azimuth, "fov_deg": self.fov_deg,
+                "radius": self.radius, "source": self.source}
+
+
+# The front view for inputs without a camera (photos): glTF's convention, an asset's front faces +Z with +Y up
+# (the release's code names no front; its own renders use a 40-degree field of view). On +Z at the horizon.
+FRONT_CAMERA = Camera(elevation=0.0, azimuth=0.0, fov_deg=40.0, radius=None, source="front")
+
+
+def read_camera(image: bytes) -> Camera | None:
+    """The camera a PNG was rendered from (``View.png(camera=True)``); None for any other image.
+
+    A value out of range is dropped (None, or a fitted distance for a radius inside [-1, 1]^3), never
+    an error: the camera only places a preview."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(image)) as im:
+            raw = im.info.get(CAMERA_KEY)
+        d = json.loads(raw) if isinstance(raw, str) else None
+        el, az, fov = float(d["elevation"]), float(d["azimuth"]), float(d.get("fov_deg", 40.0))
+        radius = d.get("radius")
+        radius = float(radius) if radius is not None else None
+    except Exception:  # not an image, no chunk, or a chunk that does not parse: no camera
+        return None
+    if not (math.isfinite(el) and math.isfinite(az) and -90.0 < el < 90.0 and 1.0 <= fov <= 150.0):
+        return None
+    if radius is not None and not (math.isfinite(radius) and radius > math.sqrt(3.0)):
+        radius = None
+    return Camera(el, az % 360.0, fov, radius, source="image")
 
 
 @dataclass
@@ -48,12 +102,25 @@ class View:
     def alpha(self) -> np.ndarray:
         return self.image[..., 3]
 
-    def png(self) -> bytes:
-        """RGBA PNG bytes; the same image always gives the same bytes (no metadata, fixed settings)."""
-        from PIL import Image
+    @property
+    def camera(self) -> Camera:
+        """The camera as angles, field of view and distance (what a preview from this view needs)."""
+        fov = math.degrees(2.0 * math.atan((self.image.shape[1] / 2.0) / float(self.intrinsics[0, 0])))
+        radius = float(np.linalg.norm(self.extrinsics[:3, 3]))
+        return Camera(self.elevation, self.azimuth, round(fov, 4), round(radius, 6), source="image")
 
+    def png(self, camera: bool = False) -> bytes:
+        """RGBA PNG bytes; the same image always gives the same bytes (fixed settings). Without ``camera``
+        there is no metadata; with it, the camera rides along in a text chunk (``read_camera``)."""
+        from PIL import Image
+        from PIL.PngImagePlugin import PngInfo
+
+        info = None
+        if camera:
+            info = PngInfo()
+            info.add_text(CAMERA_KEY, self.camera.to_json())
         buf = io.BytesIO()
-        Image.fromarray(self.image, mode="RGBA").save(buf, format="PNG", compress_level=6)
+        Image.fromarray(self.image, mode="RGBA").save(buf, format="PNG", compress_level=6, pnginfo=info)
         return buf.getvalue()
 
 
