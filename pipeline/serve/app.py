@@ -6,7 +6,7 @@ and splitting stages into deployments would ship latents through the object stor
 the GPU memory of each stage's networks sits idle (docs/generate.md).
 
 HTTP:  POST /v1/generate?format=glb|obj|ply&seed=N  (raw image bytes or multipart 'image')  -> mesh
-       GET  /healthz                                                                           -> {"status": "ok"}
+       GET  /healthz            -> {"status": "ok"}, or 503 {"status": "unhealthy", "error": why} (model not loaded)
        GET  /v1/model                                                                          -> networks, limits
        GET  /docs, /openapi.json                                                               -> API description
 Every route but /healthz needs the key when one is configured; on a non-loopback host a key is required.
@@ -18,6 +18,8 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -55,8 +57,12 @@ def build_cascade(cfg: ServeConfig):
     return Cascade.from_checkpoints(resolve_run_folders(gen), opener=_opener)
 
 
+LATEST = "latest"
+
+
 def resolve_run_folders(gen):
-    """A checkpoint field naming a training run's folder (``<storage>/<name>``) takes its newest checkpoint."""
+    """A checkpoint field naming a training run's folder (``<storage>/<name>``), or that folder followed by
+    ``/latest``, takes the run's newest checkpoint (the one of the highest step), read when the replica starts."""
     import dataclasses
 
     from pipeline import storage
@@ -67,6 +73,9 @@ def resolve_run_folders(gen):
     for key in fields:
         uri = getattr(gen, key)
         if not uri or uri.endswith((".pt", ".pth")):
+            continue
+        if uri.rstrip("/").rsplit("/", 1)[-1] == LATEST:
+            fixed[key] = resolve(uri.rstrip("/")[: -len(LATEST) - 1])
             continue
         fs, path = storage.filesystem(uri.rstrip("/"))
         if fs.exists(path + "/config.json") or fs.exists(path + "/weights.pt"):
@@ -95,6 +104,54 @@ def run_items(cascade, items: list[dict]) -> list[dict]:
     return out
 
 
+class ModelNotLoaded(RuntimeError):
+    """The replica's networks did not load; the message is the reason in one line."""
+
+
+HEALTH_TIMEOUT_S = 10.0
+STATUS_TTL_S = 2.0
+NOT_LOADED = re.compile(r"(?:ModelNotLoaded: |^)(model did not load: [^\n]*)", re.M)
+
+
+def not_loaded_line(text: str) -> str | None:
+    """The 'model did not load: ...' line of an error or a status message (a traceback quotes it too)."""
+    found = NOT_LOADED.findall(text or "")
+    return found[-1].strip() if found else None
+
+
+def failure_line(e: BaseException) -> str:
+    """One line for a failed call to the Generator: the load failure it names, else its first line."""
+    return not_loaded_line(str(e)) or load_error_line(e)
+
+
+def unavailable(e: BaseException) -> bool:
+    """Does this failed call mean the Generator cannot answer (model not loaded, no replica)?"""
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    return isinstance(e, DeploymentUnavailableError) or not_loaded_line(str(e)) is not None
+
+
+def generator_status_reason(app_name: str) -> str | None:
+    """Why Serve reports the app's Generator as not healthy (one line), or None when it is healthy."""
+    try:
+        app = serve.status().applications.get(app_name)
+    except Exception:  # noqa: BLE001 - the controller is unreachable: the caller reports its own error
+        return None
+    dep = app.deployments.get("Generator") if app else None
+    if dep is None or str(dep.status).split(".")[-1] == "HEALTHY":
+        return None
+    found = not_loaded_line(dep.message)
+    first = (dep.message or "").strip().splitlines()
+    return found if found else f"Generator {str(dep.status).split('.')[-1]}: " + (
+        first[0] if first else "no replica is running")
+
+
+def load_error_line(e: BaseException) -> str:
+    """'Type: first line of the message' of a load failure (the file and the cause, no traceback)."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
 @serve.deployment(name="Generator")
 class Generator:
     """The cascade on one device; ``generate`` takes one item and is batched across concurrent callers."""
@@ -105,18 +162,38 @@ class Generator:
         self.cfg = from_dict(ServeConfig, config, where="ServeConfig")
         if self.cfg.torch_threads:
             torch.set_num_threads(self.cfg.torch_threads)
-        self.cascade = build_cascade(self.cfg)
+        # A model that does not load keeps the replica up with the reason: check_health (which Serve runs as
+        # the replica starts and then periodically) fails with it, so `serve status` names it, and calls fail
+        # at once instead of waiting for a replica that never comes.
+        self.cascade, self.load_error = None, None
+        try:
+            self.cascade = build_cascade(self.cfg)
+        except Exception as e:  # noqa: BLE001 - any failure to load is reported, never a hanging app
+            self.load_error = load_error_line(e)
+            log.error("model did not load: %s", self.load_error)
         self.generate.set_max_batch_size(self.cfg.max_batch_size)
         self.generate.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self.batches: list[int] = []
 
+    def check_health(self) -> None:
+        if self.load_error:
+            raise ModelNotLoaded(f"model did not load: {self.load_error}")
+
+    def health(self) -> str | None:
+        """None when the model is loaded, else the one-line reason it is not."""
+        return self.load_error
+
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
     async def generate(self, items: list[dict]) -> list[dict]:
+        if self.load_error:
+            raise ModelNotLoaded(f"model did not load: {self.load_error}")
         self.batches.append(len(items))
         # the cascade blocks for seconds; a thread keeps the replica's loop free to queue the next batch
         return await asyncio.to_thread(run_items, self.cascade, items)
 
     def info(self) -> dict:
+        if self.load_error:
+            raise ModelNotLoaded(f"model did not load: {self.load_error}")
         return {**self.cascade.info(), "max_batch_size": self.cfg.max_batch_size,
                 "batch_wait_timeout_s": self.cfg.batch_wait_timeout_s}
 
@@ -139,13 +216,38 @@ class Api:
         self.api_key = uploads.read_api_key(self.cfg.api_key_file, self.cfg.api_key_env, self.cfg.api_key_secret)
         uploads.require_key(self.api_key, self.cfg.host, self.cfg.loopback, self.cfg.insecure_open)
         self.max_bytes = int(self.cfg.max_upload_mb * 2**20)
+        # `serve deploy` names the app in the config file, not in args: ask Serve which app this replica is in
+        self.app_name = serve.get_replica_context().app_name
+        self._status: tuple[float, str | None] = (-STATUS_TTL_S, None)
 
     def _error(self, e: uploads.UploadError) -> JSONResponse:
         return JSONResponse({"error": str(e)}, status_code=e.status)
 
+    async def _down(self) -> str | None:
+        """Why Serve reports the Generator unhealthy (a failed deploy: calls to it would wait), or None.
+        Asked of the controller at most every STATUS_TTL_S seconds."""
+        now = time.monotonic()
+        if now - self._status[0] > STATUS_TTL_S:
+            self._status = (now, await asyncio.to_thread(generator_status_reason, self.app_name))
+        return self._status[1]
+
+    async def _not_ready(self) -> str | None:
+        """None when the Generator answers with its model loaded, else why not (one line)."""
+        why = await self._down()
+        if why:
+            return why
+        try:
+            return await asyncio.wait_for(self.generator.health.remote(), timeout=HEALTH_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - no replica yet, a timeout, a dead actor: all unhealthy
+            return failure_line(e)
+
+    def _unavailable(self, why: str) -> JSONResponse:
+        return JSONResponse({"status": "unhealthy", "error": why}, status_code=503)
+
     @api.get("/healthz")
-    async def healthz(self) -> dict:
-        return {"status": "ok"}
+    async def healthz(self):
+        why = await self._not_ready()
+        return self._unavailable(why) if why else {"status": "ok"}
 
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi(self, request: Request):
@@ -169,7 +271,14 @@ class Api:
             uploads.check_api_key(self.api_key, request.headers)
         except uploads.UploadError as e:
             return self._error(e)
-        info = await self.generator.info.remote()
+        if why := await self._down():
+            return self._unavailable(why)
+        try:
+            info = await self.generator.info.remote()
+        except Exception as e:  # noqa: BLE001 - the model did not load, or no replica: 503 with the reason
+            if not unavailable(e):
+                raise
+            return self._unavailable(failure_line(e))
         return {**info, "limits": {"max_upload_bytes": self.max_bytes, "max_image_side": self.cfg.max_image_side,
                                    "max_image_pixels": self.cfg.max_image_pixels},
                 "formats": ["glb", "obj", "ply"], "api_key_required": self.api_key is not None}
@@ -195,7 +304,14 @@ class Api:
             uploads.check_image(up.data, self.cfg.max_image_side, name, self.cfg.max_image_pixels)
         except uploads.UploadError as e:
             return self._error(e)
-        ans = await self.generator.generate.remote({"name": name, "image": up.data, "seed": seed, "format": fmt})
+        if why := await self._down():
+            return self._unavailable(why)
+        try:
+            ans = await self.generator.generate.remote({"name": name, "image": up.data, "seed": seed, "format": fmt})
+        except Exception as e:  # noqa: BLE001 - the model did not load, or no replica: 503 with the reason
+            if not unavailable(e):
+                raise
+            return self._unavailable(failure_line(e))
         if ans["error"]:
             return JSONResponse({"error": ans["error"]}, status_code=422)
         headers = {"X-S2-Seed": str(ans["seed"]), "X-S2-Faces": str(ans["faces"]),
@@ -239,8 +355,6 @@ def deploy(cfg: ServeConfig, blocking: bool = False):
     try:
         return serve.run(build_app(cfg), name=cfg.name, route_prefix=cfg.route_prefix, blocking=blocking)
     except RuntimeError as e:  # a replica that refused to start: its one-line reason, not Serve's traceback
-        import re
-
         from pipeline.config import ConfigError
 
         text = str(e)
@@ -250,9 +364,12 @@ def deploy(cfg: ServeConfig, blocking: bool = False):
         except Exception:  # noqa: BLE001 - status is best effort; the original error is raised then
             pass
         found = re.search(r"(?:NoApiKey|ValueError): ((?:refusing to serve|api_key_(?:file|secret)) [^\n]*)", text)
-        if found is None:
-            raise
-        raise ConfigError(found.group(1).strip()) from None
+        if found is not None:
+            raise ConfigError(found.group(1).strip()) from None
+        found = not_loaded_line(text)
+        if found is not None:
+            raise ConfigError(f"Serve app {cfg.name!r}: {found} (`serve status` shows it)") from None
+        raise
 
 
 def _running_http_address() -> tuple[str, int] | None:
