@@ -98,7 +98,7 @@ def render_held_out(held, corpus: Path, out: Path, size: int, seed: int = 100) -
         v, f = load_mesh(path.read_bytes(), path.suffix.lstrip("."))
         n = normalize(v, f)
         name = path.stem
-        (out / f"{name}.png").write_bytes(render_views(n.vertices, n.faces, n_views=1, size=size, seed=seed + i)[0].png())
+        (out / f"{name}.png").write_bytes(render_views(n.vertices, n.faces, n_views=1, size=size, seed=seed + i)[0].png(camera=True))
         meshes[name] = (n.vertices, n.faces)
     return meshes
 
