@@ -1,16 +1,22 @@
 """The CPU condition-view renderer: cameras, projection, occlusion, coverage, determinism, bad input."""
 
+import io
 import math
 
 import numpy as np
 import pytest
 import trimesh
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from scipy import ndimage
 
 from pipeline.geometry.render import (
+    CAMERA_KEY,
+    FRONT_CAMERA,
     intrinsics_matrix,
     look_at_extrinsics,
     rasterize,
+    read_camera,
     render_view,
     render_views,
     sample_cameras,
@@ -261,3 +267,48 @@ def test_agrees_with_an_opengl_renderer():
     inner = ndimage.binary_erosion(a & b, iterations=2)
     diff = np.abs(ours.depth.numpy()[inner] - depth[inner])
     assert np.median(diff) < 0.01 and np.percentile(diff, 90) < 0.03
+
+
+def test_camera_rides_in_the_png_and_places_the_preview():
+    from model.postprocess import mesh_bytes
+    from pipeline.generate import render_preview
+    from pipeline.geometry.mesh import normalize
+
+    m = trimesh.creation.box((1.4, 0.7, 0.5))
+    m.apply_transform(trimesh.transformations.rotation_matrix(0.5, (0.2, 1, 0)))
+    src = normalize(m.vertices, m.faces)
+    view = render_views(src.vertices, src.faces, n_views=1, size=64, seed=11)[0]
+    assert read_camera(view.png()) is None and read_camera(b"not an image") is None
+    cam = read_camera(view.png(camera=True))
+    assert cam.source == "image" and cam.fov_deg == pytest.approx(40.0)
+    assert (cam.elevation, cam.azimuth) == pytest.approx((view.elevation, view.azimuth))
+    assert cam.radius == pytest.approx(float(np.linalg.norm(view.extrinsics[:3, 3])), rel=1e-6)
+    # the library's preview of the source mesh from the input's camera is the input view itself
+    preview = render_preview(mesh_bytes(src.vertices, src.faces, "glb"), "glb", 64, cam)
+    got = np.asarray(Image.open(io.BytesIO(preview)))
+    assert np.abs(got.astype(int) - view.image.astype(int)).max() <= 2
+    # without a camera the preview looks from the front (+Z, +Y up): the box, longest along X, lies wide
+    front = np.asarray(Image.open(io.BytesIO(render_preview(mesh_bytes(src.vertices, src.faces, "glb"), "glb", 64,
+                                                            FRONT_CAMERA))))[..., 3] > 0
+    assert FRONT_CAMERA.azimuth == 0.0 and FRONT_CAMERA.elevation == 0.0
+    assert front.any(0).sum() > 1.5 * front.any(1).sum()
+
+
+def _png_with_camera(text: str) -> bytes:
+    info = PngInfo()
+    info.add_text(CAMERA_KEY, text)
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("chunk", [
+    b'{"elevation": 95, "azimuth": 0}', b'{"elevation": "x", "azimuth": 0}', b'{"azimuth": 0}', b"[1, 2]",
+])
+def test_a_bad_camera_chunk_is_no_camera(chunk):
+    assert read_camera(_png_with_camera(chunk.decode())) is None
+
+
+def test_a_camera_inside_the_cube_keeps_its_angles_and_fits_its_distance():
+    cam = read_camera(_png_with_camera('{"elevation": 30, "azimuth": 400, "fov_deg": 35, "radius": 1.0}'))
+    assert (cam.elevation, cam.azimuth, cam.fov_deg, cam.radius) == (30.0, 40.0, 35.0, None)
