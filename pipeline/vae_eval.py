@@ -1,13 +1,21 @@
-"""SS-VAE reconstruction evaluation: encode, decode, extract meshes, compare with the input SDF's mesh."""
+"""SS-VAE reconstruction evaluation: encode, decode, extract meshes, compare with the input SDF's mesh.
+
+A sample is a shard sample (``pipeline.shards.SparseSDFSample``: ``mesh_id``, ``coords`` (N, 3),
+``values`` (N,), ``resolution``). The training loop runs it on the shapes it holds out
+(``TrainConfig.holdout``); ``s2 eval-vae`` on any checkpoint.
+"""
 
 from __future__ import annotations
 
 import time
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
 from model.mesh_extract import extract_mesh
 from model.metrics import mesh_metrics
+from model.sparse import SparseTensor
 from model.vae import SparseSDFVAE
 
 THRESHOLDS = (0.005, 0.001)
@@ -16,10 +24,10 @@ THRESHOLDS = (0.005, 0.001)
 @torch.no_grad()
 def reconstruct(model: SparseSDFVAE, sample, device: torch.device | str = "cpu", chunk: int | None = None):
     """Decoded SDF of one sample: (coords (M, 3), values (M,)) at the sample's resolution."""
-    from pipeline.vae_train import make_batch
-
+    if not bool(torch.isfinite(sample.values).all()):
+        raise ValueError(f"{sample.mesh_id}: the SDF holds NaN or infinite values")
     model.eval()
-    x = make_batch([sample], device)
+    x = SparseTensor.from_samples([sample.coords], [sample.values.float()], sample.resolution, device)
     z, _, _ = model.encode(x, sample=False)
     out = model.decode(z, chunk=chunk)
     return out.coords[:, 1:], out.feats[:, 0].float()
@@ -31,7 +39,7 @@ def evaluate_one(model: SparseSDFVAE, sample, points: int = 20000, device="cpu",
     coords, values = reconstruct(model, sample, device, chunk)
     # extraction runs where the decoded SDF is (the GPU when there is one)
     gt = extract_mesh(sample.coords.to(coords.device), sample.values.to(coords.device), sample.resolution)
-    row = {"name": sample.name, "voxels": int(sample.coords.shape[0]), "decoded_voxels": int(coords.shape[0])}
+    row = {"name": sample.mesh_id, "voxels": int(sample.coords.shape[0]), "decoded_voxels": int(coords.shape[0])}
     pred = extract_mesh(coords, values, sample.resolution)
     if pred[1].shape[0] == 0:
         # nothing decoded crosses zero: the worst score, not a crash
@@ -60,9 +68,6 @@ def evaluate(model: SparseSDFVAE, samples, points: int = 20000, device="cpu", ch
 
 
 def print_table(result: dict, title: str = "SS-VAE reconstruction") -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=title)
     cols = ["name", "voxels", "chamfer", "f1@0.005", "f1@0.001", "normal_consistency"]
     for c in cols:

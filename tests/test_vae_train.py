@@ -1,23 +1,31 @@
-"""Single-process VAE training entry, checkpoints and the train-vae-local / eval-vae commands."""
+"""The SS-VAE on the one training loop (``python -m pipeline.train vae``'s local session): held-out shapes
+measured before and after, and ``s2 eval-vae`` on the checkpoint it writes."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.config import ConfigError
-from pipeline.vae_train import (
-    VAETrainConfig,
-    load_checkpoint,
-    load_samples,
-    make_batch,
-    prepare_batch,
-    save_checkpoint,
-    train_step,
-    train_vae,
-)
+from pipeline.shards import rows_to_table, samples_from_table, write_shard
+from pipeline.train.config import TrainConfig
+from pipeline.train.holdout import is_held_out
+from pipeline.train.synthetic import synthetic_rows
+
+RES = 24  # the SS-VAE's sparse convolutions run in PyTorch on a CPU
+SHARE = 0.3  # of the 6 shapes below, one is held out
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vae-data")
+    write_shard(str(root), [dataclasses.replace(r, views=[]) for r in synthetic_rows(6, RES, seed=0)])
+    return str(root)
 
 
 def _parser():
@@ -28,91 +36,69 @@ def _parser():
     return p
 
 
-def test_train_vae_tiny_end_to_end(tmp_path, capsys):
-    cfg = VAETrainConfig(resolution=32, steps=3, synthetic_count=3, holdout=1, batch_size=2, eval_points=2000,
-                         out_dir=str(tmp_path), threads=1)
-    result = train_vae(cfg, progress=False)
-    assert result["steps"] == 3 and result["train_samples"] == 2 and result["heldout_samples"] == 1
+def test_vae_trains_on_the_loop_and_measures_its_held_out_shapes(local_dist, shards, tmp_path, capsys):
+    from pipeline.commands.vae import load_vae, samples
+    from pipeline.train.loop import run_without_ray
+    from pipeline.vae_eval import evaluate
+
+    cfg = TrainConfig(network="vae", shards=shards, resolution=RES, model="debug", steps=3, checkpoint_every=3,
+                      token_budget=100_000, storage=str(tmp_path), name="vae", holdout=SHARE, eval_points=2000)
+    out = run_without_ray(cfg)
+    assert out["step"] == 3 and out["skipped_shapes"] == []
+    all_shapes = samples(shards, RES, 0, 0)
+    held = sorted(s.mesh_id for s in all_shapes if is_held_out(s.mesh_id, SHARE))
+    assert len(held) == 1
+    ckpt = next(Path(tmp_path, "vae").glob("checkpoint_*"))
+    report = json.loads((ckpt / "eval.json").read_text())
+    assert report["shapes"] == held
     for key in ("chamfer", "f1@0.005", "f1@0.001", "normal_consistency"):
-        assert key in result["before"] and key in result["after"]
-    model, meta = load_checkpoint(result["checkpoint"])
-    assert meta["step"] == 3 and meta["train_config"]["resolution"] == 32
-    args = _parser().parse_args(["eval-vae", "--checkpoint", result["checkpoint"], "--resolution", "32",
+        assert key in report["before"] and key in report["after"]
+
+    # the held-out shape was never trained on: each step (one batch) holds the other five shapes
+    reports = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"step"')]
+    assert reports[-1]["step"] == 3 and reports[-1]["shapes"] == 5
+    assert reports[-1]["tokens"] == sum(s.num_voxels for s in all_shapes if s.mesh_id not in held)
+    assert reports[-1]["heldout_chamfer"] == report["after"]["chamfer"]
+
+    # the checkpoint's EMA weights, loaded as `s2 eval-vae` does, give the evaluation the loop wrote
+    model, meta = load_vae(str(Path(tmp_path, "vae")), "cpu")
+    assert meta["step"] == 3
+    again = evaluate(model, [s for s in all_shapes if s.mesh_id in held], 2000)
+    assert [r["decoded_voxels"] for r in again["rows"]] == [r["decoded_voxels"] for r in report["after"]["rows"]]
+    assert again["chamfer"] == pytest.approx(report["after"]["chamfer"])
+
+    args = _parser().parse_args(["eval-vae", "--checkpoint", str(Path(tmp_path, "vae")), "--resolution", str(RES),
                                  "--limit", "1", "--points", "1000", "--device", "cpu"])
     assert args.func(args) == 0
     assert "f1@0.001" in capsys.readouterr().out
 
 
-def test_checkpoint_round_trip_and_train_step(tmp_path):
-    cfg = VAETrainConfig(resolution=32, synthetic_count=2)
-    samples = load_samples(cfg)
-    from model.vae import SparseSDFVAE, VAEConfig
-
-    torch.manual_seed(0)
-    model = SparseSDFVAE(VAEConfig.named("tiny"))
-    x, targets = prepare_batch(samples, 8)
-    from model.vae_loss import stack_targets
-
-    stacked = stack_targets([prepare_batch([s], 8)[1] for s in samples])  # how train_vae caches targets
-    assert torch.equal(stacked.coords, targets.coords) and torch.equal(stacked.values, targets.values)
-    assert torch.equal(stacked.is_input, targets.is_input) and torch.equal(stacked.is_sharp, targets.is_sharp)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    terms = train_step(model, opt, x, targets, cfg.loss_weights())
-    assert set(terms) >= {"total", "input", "extra", "sharp", "kl", "grad_norm"}
-    save_checkpoint(tmp_path / "v.pt", model, cfg, 1)
-    loaded, _ = load_checkpoint(tmp_path / "v.pt")
-    model.eval(), loaded.eval()
-    with torch.no_grad():
-        a = model.decode(model.encode(x, sample=False)[0])
-        b = loaded.decode(loaded.encode(x, sample=False)[0])
-    assert torch.equal(a.feats, b.feats)
+def test_holdout_is_a_share_of_ids_and_bad_settings_are_named():
+    ids = [f"shape-{i}" for i in range(2000)]
+    share = sum(is_held_out(i, 0.1) for i in ids) / len(ids)
+    assert 0.07 < share < 0.13
+    assert not any(is_held_out(i, 0.0) for i in ids)
+    with pytest.raises(ConfigError, match="holdout"):
+        TrainConfig(network="vae", holdout=1.5).validate()
 
 
-def test_bad_settings_and_inputs_named(tmp_path):
-    with pytest.raises(ValueError, match="unknown size"):
-        VAETrainConfig(size="huge").validate()
-    with pytest.raises(ValueError, match="multiple of 8"):
-        VAETrainConfig(resolution=60).validate()
-    args = _parser().parse_args(["train-vae-local", "--resolution", "abc"])
-    with pytest.raises(ConfigError, match="resolution"):
-        args.check(args)
-    samples = load_samples(VAETrainConfig(resolution=32, synthetic_count=1))
-    samples[0].values[3] = float("nan")
-    with pytest.raises(ValueError, match=samples[0].name):
-        make_batch(samples)
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pt"):
-        load_checkpoint(tmp_path / "junk.pt")
+def test_vae_batches_from_shard_samples_and_nan_is_named():
+    from pipeline.train.tasks import build_task
+    from pipeline.vae_eval import reconstruct
 
+    shapes = samples_from_table(rows_to_table(synthetic_rows(2, 16, seed=1)))
+    task = build_task(TrainConfig(network="vae", model="debug", resolution=16), seed=0)
+    batch = task.collate([task.prepare(s) for s in shapes], torch.device("cpu"), torch.float32)
+    x = batch["x"]
+    assert x.batch_size == 2 and len(x) == sum(s.num_voxels for s in shapes) and x.num_channels == 1
+    assert torch.equal(x.feats[x.layout[1], 0].sort().values, shapes[1].values.float().sort().values)
+    loss, parts = task.module(**batch)
+    assert torch.isfinite(loss) and set(parts) >= {"input", "extra", "sharp", "kl"}
 
-def test_stage_from_another_resolution_and_time_schedule(tmp_path):
-    """--init-from starts from the saved weights (same held-out meshes at each resolution); metrics.json."""
-    import json
-
-    from model.vae import VAEConfig
-    from pipeline.vae_eval import evaluate
-    from pipeline.vae_train import lr_factor
-
-    first = train_vae(VAETrainConfig(resolution=32, steps=2, synthetic_count=4, holdout=2, eval_points=2000,
-                                     out_dir=str(tmp_path / "a"), threads=1), progress=False)
-    second_cfg = VAETrainConfig(resolution=40, steps=1, synthetic_count=4, holdout=2, eval_points=2000,
-                                init_from=first["checkpoint"], out_dir=str(tmp_path / "b"), threads=1)
-    second = train_vae(second_cfg, progress=False)
-    assert second["heldout_names"] == first["heldout_names"]
-    # "before" of the second stage is the first stage's weights evaluated at the new resolution
-    model, _ = load_checkpoint(first["checkpoint"])
-    held = {s.name: s for s in load_samples(second_cfg)}
-    again = evaluate(model, [held[n] for n in second["heldout_names"]], 2000)
-    assert again["chamfer"] == pytest.approx(second["before"]["chamfer"])
-    saved = json.loads((tmp_path / "b" / "metrics.json").read_text())
-    assert saved["init_from"] == first["checkpoint"] and saved["steps"] == 1 and saved["resolution"] == 40
-    assert VAEConfig.from_dict(saved["vae_config"]) == model.config  # the checkpoint's network, not --size's
-
-    cfg = VAETrainConfig(steps=1000, warmup_steps=10, time_limit_s=100.0)
-    assert lr_factor(cfg, 0, 0.0) == pytest.approx(0.1)
-    assert lr_factor(cfg, 20, 50.0) == pytest.approx(0.5, abs=1e-6)  # half the time gone: half the cosine
-    assert lr_factor(cfg, 20, 100.0) == pytest.approx(0.0, abs=1e-9)
-    assert lr_factor(VAETrainConfig(steps=100, warmup_steps=1), 50, 1e6) == pytest.approx(0.5)  # no limit: steps
+    bad = dataclasses.replace(shapes[0], values=shapes[0].values.clone())
+    bad.values[3] = float("nan")
+    with pytest.raises(ValueError, match=bad.mesh_id):
+        reconstruct(task.module.vae, bad)
 
 
 def test_conv_autotune_switch(monkeypatch):

@@ -35,6 +35,18 @@ class SparseTensor:
         order = torch.argsort(coord_keys(coords, resolution))
         return cls(coords[order].contiguous(), feats[order], resolution, batch_size)
 
+    @classmethod
+    def from_samples(cls, coords: list[torch.Tensor], feats: list[torch.Tensor], resolution: int,
+                     device: torch.device | str | None = None) -> "SparseTensor":
+        """A batch of grids from each one's voxels (N_i, 3) and features (N_i, C) (or values (N_i,))."""
+        if not coords or len(coords) != len(feats):
+            raise ValueError(f"SparseTensor.from_samples: {len(coords)} coordinate and {len(feats)} feature sets")
+        c = torch.cat([torch.cat([torch.full_like(ci[:, :1], b, dtype=torch.int32), ci.to(torch.int32)], 1)
+                       for b, ci in enumerate(coords)])
+        f = torch.cat([fi.reshape(len(fi), -1) for fi in feats])
+        device = c.device if device is None else device
+        return cls.from_unsorted(c.to(device), f.to(device), resolution, len(coords))
+
     # -- structure -----------------------------------------------------------
     @property
     def shape(self) -> torch.Size:

@@ -62,6 +62,11 @@ class TrainConfig:
         "help": "replay a worker's prepared shapes from memory when they fit (small datasets); 0 = off"})
     max_skipped_share: float = field(default=0.05, metadata={
         "help": "stop when more than this share of the rows read are bad (each bad row is skipped and named)"})
+    holdout: float = field(default=0.0, metadata={
+        "help": "share of shapes (by a hash of their id) kept out of training; their reconstruction before and "
+                "after the run goes into the last checkpoint's eval.json", "networks": ("vae",)})
+    eval_points: int = field(default=20000, metadata={"help": "surface samples per mesh in the held-out evaluation",
+                                                      "networks": ("vae",)})
     synthetic_shapes: int = field(default=16, metadata={"help": "shapes of the analytic dataset (shards=synthetic)"})
     seed: int = field(default=0, metadata={"help": "seed of data order, initialisation and noise"})
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved per training worker"})
@@ -74,6 +79,8 @@ class TrainConfig:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if not 0 <= self.max_skipped_share <= 1:
             raise ConfigError(f"max_skipped_share: must be in [0, 1], got {self.max_skipped_share}")
+        if not 0 <= self.holdout < 1:
+            raise ConfigError(f"holdout: must be in [0, 1), got {self.holdout}")
         if not 0 <= self.cond_drop < 1:
             raise ConfigError(f"cond_drop: must be in [0, 1), got {self.cond_drop}")
         stages = [r.strip() for r in self.curriculum.split(",") if r.strip()]

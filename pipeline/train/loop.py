@@ -26,6 +26,7 @@ from pipeline.train.config import TrainConfig
 from pipeline.train.data import (EpochCache, NoTrainableShapes, Skipped, SkipGuard, iter_samples,
                                  token_batches)
 from pipeline.train.engine import EMA, make_engine
+from pipeline.train.holdout import HeldOutEvaluation, is_held_out
 from pipeline.train.plot import CurveLog, loss_curve_png
 from pipeline.train.tasks import build_task
 
@@ -97,6 +98,9 @@ def run_loop(cfg: TrainConfig, session) -> dict:
                         "weights_sha256": checkpoints.weights_digest(loaded)}
         log.info("rank %d starts from %s (step %s, resolution %s)", rank, start["source"], start.get("step"),
                  start.get("resolution"))
+    # the held-out evaluation compares the weights the run began from (the same on a rerun: seeded, or init_from)
+    holdout = (HeldOutEvaluation(task.model_config, task.module.state_dict(), cfg.eval_points)
+               if cfg.network == "vae" and cfg.holdout and rank == 0 else None)
     engine, _, _ = make_engine(task.module, cfg)
     ema = EMA(engine.module, cfg.ema_decay, warmup=not cfg.init_from)
     if cfg.init_from:
@@ -122,9 +126,16 @@ def run_loop(cfg: TrainConfig, session) -> dict:
     curves = CurveLog(storage.join(cfg.storage, cfg.name), cfg.name, dataclasses.asdict(cfg), first_step=step + 1,
                       enabled=rank == 0)
 
+    def trained_here(sample) -> bool:
+        if is_held_out(sample.mesh_id, cfg.holdout):
+            if holdout is not None:
+                holdout.add(sample)
+            return False
+        return _mine(sample, rank, world)
+
     def fresh(skip: int):
         samples = (s for s in iter_samples(session.batches(), skipped, cfg.resolution, seen=guard)
-                   if _mine(s, rank, world))
+                   if trained_here(s))
         return (task.prepare(s) for s in itertools.islice(samples, skip, None))
 
     while step < cfg.steps:
@@ -162,6 +173,13 @@ def run_loop(cfg: TrainConfig, session) -> dict:
                                      resolution=cfg.resolution, step=step, rank=rank, world_size=world,
                                      started_from=started_from, latent_space=task.latent_space)
                     checkpoints.save_loop_state(tmp, rank, position, task, device)
+                    if step == cfg.steps and cfg.network == "vae" and cfg.holdout:
+                        final = ema.full_state_dict()  # collective: every rank calls it
+                        result = holdout.run(final, device) if holdout is not None else None
+                        if result is not None:
+                            Path(tmp, "eval.json").write_text(json.dumps(result, default=float))
+                            metrics.update({f"heldout_{k}": result["after"][k] for k in
+                                            ("chamfer", "f1@0.005", "f1@0.001", "normal_consistency")})
                     curves.write(metrics)
                     if rank == 0:
                         Path(tmp, "history.json").write_text(json.dumps(history))

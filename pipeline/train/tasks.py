@@ -18,8 +18,12 @@ from model import pooled_latent
 from model.condition import build_image_encoder, decode_image, drop_condition, pack_condition
 from model.dit import DiTConfig, PackedCondition, SparseDiT, pack
 from model.flow import TimestepSampler, flow_loss, interpolate
+from model.sparse import SparseTensor
 from model.structure import (StructureDiT, StructureVAE, StructureVAEConfig, check_structure_pair, occupancy_grid,
                              structure_dit_config)
+from model.vae import SparseSDFVAE, VAEConfig
+from model.vae_loss import VAELossWeights, vae_loss, vae_targets
+from pipeline.train.checkpoints import load_weights, model_config_of
 from pipeline.train.config import TrainConfig
 
 
@@ -150,13 +154,10 @@ class SparseDiTTask(Task):
 
     @torch.no_grad()
     def _encode(self, items: list[Item], device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        from model.sparse import SparseTensor
-
         coords, feats = [], []
         for item in items:  # one shape at a time: the encoder's peak memory is that of the largest shape
             c, v, res = item.data["sdf"]
-            c4 = torch.cat([torch.zeros_like(c[:, :1]), c], 1).int().to(device)
-            x = SparseTensor.from_unsorted(c4, v.float().reshape(-1, 1).to(device), res, 1)
+            x = SparseTensor.from_samples([c], [v.float()], res, device)
             z, _, _ = self.vae.encode(x, sample=False)
             coords.append(z.coords[:, 1:])
             feats.append(self.vae.scale(z.feats.float()))
@@ -249,8 +250,6 @@ class SparseVAEObjective(nn.Module):
         self.vae, self.weights = vae, weights
 
     def forward(self, x, targets):
-        from model.vae_loss import vae_loss
-
         pred, mean, logvar = self.vae(x.replace(x.feats.to(self.vae_dtype)))
         terms = vae_loss(pred.replace(pred.feats.float()), targets, mean.float(), logvar.float(), self.weights)
         return terms["total"], {k: v.detach() for k, v in terms.items() if k != "total"}
@@ -265,25 +264,21 @@ class SparseVAETask(Task):
 
     def __init__(self, cfg: TrainConfig, seed: int, model_config=None):
         super().__init__(cfg, seed)
-        from model.vae import SparseSDFVAE, VAEConfig
-        from model.vae_loss import VAELossWeights
-
         # "debug" is the trainer-wide name of the smallest size; the SS-VAE calls it "tiny".
         self.model_config = (model_config if model_config is not None
                              else VAEConfig.named("tiny" if cfg.model == "debug" else cfg.model))
         self.module = SparseVAEObjective(SparseSDFVAE(self.model_config), VAELossWeights())
 
     def prepare(self, sample) -> Item:
-        from pipeline.vae_train import SDFSample
-
-        s = SDFSample(sample.mesh_id, sample.coords.clone(), sample.values.clone(), sample.resolution)
-        return Item(sample.mesh_id, sample.num_voxels, {"sample": s})
+        return Item(sample.mesh_id, sample.num_voxels,
+                    {"sdf": (sample.coords.clone(), sample.values.clone(), sample.resolution)})
 
     def collate(self, items, device, dtype) -> dict:
-        from pipeline.vae_train import prepare_batch
-
-        x, targets = prepare_batch([i.data["sample"] for i in items], self.model_config.downsample, device)
-        return {"x": x, "targets": targets}
+        coords, values, resolutions = zip(*(i.data["sdf"] for i in items))
+        if len(set(resolutions)) > 1:
+            raise ValueError(f"SS-VAE batch of several resolutions {sorted(set(resolutions))}")
+        x = SparseTensor.from_samples(list(coords), [v.float() for v in values], resolutions[0], device)
+        return {"x": x, "targets": vae_targets(x, self.model_config.downsample)}
 
 
 def build_task(cfg: TrainConfig, seed: int, frozen_weights: dict | None = None, model_config=None) -> Task:
@@ -292,9 +287,6 @@ def build_task(cfg: TrainConfig, seed: int, frozen_weights: dict | None = None, 
     if cfg.network == "dit":
         if cfg.latent == "pooled":
             return SparseDiTTask(cfg, seed, model_config=model_config)
-        from model.vae import SparseSDFVAE, VAEConfig
-        from pipeline.train.checkpoints import load_weights, model_config_of
-
         weights = load_weights(cfg.latent, "vae")
         vae = SparseSDFVAE(model_config_of(weights, VAEConfig))
         vae.load_state_dict({k.removeprefix("vae."): v for k, v in weights["state_dict"].items()})
@@ -304,8 +296,6 @@ def build_task(cfg: TrainConfig, seed: int, frozen_weights: dict | None = None, 
     if cfg.network == "structure_dit":
         if frozen_weights is None:
             raise ValueError("network=structure_dit: the structure VAE weights were not loaded")
-        from pipeline.train.checkpoints import model_config_of
-
         vae = StructureVAE(model_config_of(frozen_weights, StructureVAEConfig))
         vae.load_state_dict({k.removeprefix("vae."): v for k, v in frozen_weights["state_dict"].items()})
         return StructureDiTTask(cfg, seed, vae, model_config)
