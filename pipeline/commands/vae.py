@@ -6,6 +6,7 @@ The SS-VAE trains like every network, with ``s2 train vae`` (Ray Train) or ``pyt
 
 from __future__ import annotations
 
+import itertools
 import json
 
 
@@ -26,8 +27,6 @@ def register(sub) -> None:
 
 def samples(shards: str, resolution: int, limit: int, seed: int) -> list:
     """Shard samples at ``resolution`` (the first ``limit``; 0: all), or ``limit`` analytic shapes when no shards."""
-    import itertools
-
     from pipeline.shards import read_samples, rows_to_table, samples_from_table
     from pipeline.train.synthetic import synthetic_rows
 

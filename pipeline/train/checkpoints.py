@@ -15,6 +15,7 @@ besides tensors and plain data. A file that names anything else fails with ``Uns
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,6 +24,10 @@ import posixpath
 from pathlib import Path
 
 import torch
+
+from model.cascade import parse_config_repr
+from model.checkpoint import CheckpointError, from_pretrained, save_pretrained
+from pipeline import storage
 
 TAG = "state"
 
@@ -100,8 +105,6 @@ def save(directory: str, engine, ema, *, network: str, model_config, resolution:
                 "started_from": started_from}
         blob = {"state_dict": ema_full, **meta}  # plain data only: readers load it with weights_only=True
         if network == "vae":  # also in the SS-VAE's own checkpoint layout, which the generation cascade reads
-            import dataclasses
-
             blob["vae_config"] = dataclasses.asdict(model_config)
             blob["model"] = {k.removeprefix("vae."): v for k, v in ema_full.items()}
         if latent_space:
@@ -114,8 +117,6 @@ def save(directory: str, engine, ema, *, network: str, model_config, resolution:
 def export_folder(path: str, network: str, model_config, state_dict: dict, meta: dict) -> str:
     """The network alone in the one checkpoint format (config.json + model.safetensors): what generation
     and fine-tuning read, the same as a converted release network."""
-    from model.checkpoint import save_pretrained
-
     folder_net, prefix = FOLDER_NETWORKS[network]
     state = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
     keep = {k: meta.get(k) for k in ("step", "resolution", "latent_space", "started_from") if meta.get(k) is not None}
@@ -138,8 +139,6 @@ def check_resumable(meta: dict, where: str, *, network: str, resolution: int, wo
 
 def read_meta(folder: str, storage_options: dict | None = None) -> dict:
     """meta.json of a checkpoint folder (local path or s3:// URI)."""
-    from pipeline import storage
-
     fs, path = storage.filesystem(folder.rstrip("/") + "/meta.json", storage_options)
     with fs.open(path, "rb") as f:
         return json.loads(f.read())
@@ -195,8 +194,6 @@ def resolve(uri: str, storage_options: dict | None = None) -> str:
     A run folder resolves to its checkpoint of the highest step that holds ``weights.pt`` (Ray Train names
     checkpoints by time, the launcher path by step; the step in meta.json orders both).
     """
-    from pipeline import storage
-
     uri = uri.rstrip("/")
     fs, path = storage.filesystem(uri, storage_options)
     if fs.exists(posixpath.join(path, "weights.pt")):
@@ -221,8 +218,6 @@ def load_weights(uri: str, network: str | None = None) -> dict:
     What sampling loads, and what the next curriculum stage starts from (``init_from``). The dict gets
     ``"source"``: the checkpoint folder the weights came from.
     """
-    from pipeline import storage
-
     pretrained = _pretrained_folder(uri)
     if pretrained is not None:
         return _weights_of_pretrained(pretrained, uri, network)
@@ -245,8 +240,6 @@ def _pretrained_folder(uri: str) -> str | None:
     """``uri`` when it is a checkpoint folder of the one format (config.json: a converted release network, or
     a run checkpoint's ``model/``), else None. A training checkpoint itself is read from its weights.pt,
     with the run's own config checks."""
-    from pipeline import storage
-
     uri = uri.rstrip("/")
     fs, path = storage.filesystem(uri + "/config.json")
     return uri if fs.exists(path) else None
@@ -255,9 +248,6 @@ def _pretrained_folder(uri: str) -> str | None:
 def _weights_of_pretrained(folder: str, uri: str, network: str | None) -> dict:
     """A checkpoint folder (config.json + model.safetensors: a converted release network, or the export
     of a run) as the dict ``load_weights`` returns."""
-    from model.checkpoint import CheckpointError, from_pretrained
-    from pipeline import storage
-
     def opener(u):
         fs, path = storage.filesystem(u)
         return fs.open(path, "rb")
@@ -279,6 +269,4 @@ def model_config_of(weights: dict, cls: type):
     """The model config a checkpoint was trained with, rebuilt from its repr (literal values only)."""
     if isinstance(weights.get("config"), cls):  # a checkpoint folder: its typed config.json
         return weights["config"]
-    from model.cascade import parse_config_repr
-
     return parse_config_repr(str(weights.get("model_config")), cls, "checkpoint")

@@ -7,6 +7,7 @@ the run starts; a shape bigger than the budget is skipped and counted with a one
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -15,6 +16,7 @@ import pyarrow.parquet as pq
 
 from pipeline import shards as shard_format
 from pipeline import storage
+from pipeline.train.synthetic import synthetic_rows
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +119,6 @@ def build_dataset(shards: str, resolution: int, *, synthetic_shapes: int = 16, s
     import ray.data
 
     if shards == "synthetic":
-        from pipeline.train.synthetic import synthetic_rows
-
         table = shard_format.rows_to_table(synthetic_rows(synthetic_shapes, resolution, seed=seed))
         return ray.data.from_arrow(table), Skipped()
     good, bad = readable_shards(shards, resolution, storage_options)
@@ -220,8 +220,6 @@ class EpochCache:
 
     def epoch(self, epoch: int, fresh: Callable[[int], Iterable], start: int = 0) -> Iterator[tuple[int, object]]:
         """(position, item) pairs of ``epoch`` from ``start``; ``fresh(skip)`` is a dataset pass without its first items."""
-        import random
-
         if epoch > 0 and not self.complete and not self.overflow:
             for item in fresh(0):  # resumed past epoch 0: the cached order needs every item first
                 self._add(item)

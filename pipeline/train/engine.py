@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.train.checkpoints import guard_engine
 from pipeline.train.config import TrainConfig
 
 
@@ -46,8 +47,6 @@ def skip_shm_op() -> None:
 
 def make_engine(module: nn.Module, cfg: TrainConfig):
     import deepspeed
-
-    from pipeline.train.checkpoints import guard_engine
 
     skip_shm_op()
     params = [p for p in module.parameters() if p.requires_grad]

@@ -12,22 +12,26 @@ import json
 import logging
 import os
 import posixpath
+import socket
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from pipeline import shards as shard_format
 from pipeline import storage
 from pipeline.config import from_dict
 from pipeline.train import checkpoints
 from pipeline.train.config import TrainConfig
-from pipeline.train.data import (EpochCache, NoTrainableShapes, Skipped, SkipGuard, iter_samples,
-                                 token_batches)
+from pipeline.train.data import (EpochCache, NoTrainableShapes, Skipped, SkipGuard, iter_samples, readable_shards,
+                                 shard_tables, token_batches)
 from pipeline.train.engine import EMA, make_engine
 from pipeline.train.holdout import HeldOutEvaluation, is_held_out
 from pipeline.train.plot import CurveLog, loss_curve_png
+from pipeline.train.synthetic import synthetic_rows
 from pipeline.train.tasks import build_task
 
 log = logging.getLogger(__name__)
@@ -64,8 +68,6 @@ class RaySession:
 
 def _mine(sample, rank: int, world: int) -> bool:
     """Each worker keeps the shapes whose id hashes to its rank (stable across epochs and restarts)."""
-    import zlib
-
     return zlib.crc32(sample.mesh_id.encode()) % world == rank
 
 
@@ -236,15 +238,10 @@ class LocalSession:
         return torch.device("cpu")
 
     def batches(self):
-        from pipeline import shards as shard_format
-        from pipeline.train.synthetic import synthetic_rows
-
         if self.cfg.shards == "synthetic":
             yield shard_format.rows_to_table(synthetic_rows(self.cfg.synthetic_shapes, self.cfg.resolution,
                                                             seed=self.cfg.seed))
             return
-        from pipeline.train.data import readable_shards, shard_tables
-
         good, bad = readable_shards(self.cfg.shards, self.cfg.resolution)
         for line in bad:
             log.warning("skipping shard %s", line)
@@ -297,17 +294,29 @@ def _downloaded(fs, path: str):
         yield tmp
 
 
+def worker_env(cfg: TrainConfig) -> dict:
+    """Environment of the training workers: DeepSpeed's accelerator and where the S3 store is.
+
+    No DeepSpeed op is compiled at run time (``engine.skip_shm_op``), so no build folder or lock is
+    shared between runs; nothing here touches another run's files.
+    """
+    env = {}
+    # Where the S3-compatible store is (not a secret): workers read init_from / structure_vae URIs there too.
+    for key in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    if not cfg.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"  # else DeepSpeed probes for CUDA and fails on CPU-only nodes
+    return env
+
+
 def run_without_ray(cfg: TrainConfig) -> dict:
     """Run the loop under torchrun / the deepspeed launcher (env:// rendezvous) without Ray."""
-    from pipeline.train.trainer import worker_env
-
     storage.check_writable(cfg.storage, what="storage")  # before the process group and any work
     for key, value in worker_env(cfg).items():  # as Ray Train's workers get them; the launcher's env wins
         os.environ.setdefault(key, value)
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         # started as a plain `python -m pipeline.train`: one process, its own rendezvous on a free port
-        import socket
-
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]

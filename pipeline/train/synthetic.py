@@ -5,6 +5,7 @@ import hashlib
 import io
 
 import numpy as np
+from PIL import Image
 
 from pipeline.shards import ShardRow, View
 
@@ -25,8 +26,6 @@ def _sdf(kind: str, p: np.ndarray, a: float, b: float) -> np.ndarray:
 
 
 def _silhouette_png(coords: np.ndarray, resolution: int, axis: int, size: int = 64) -> bytes:
-    from PIL import Image
-
     keep = [i for i in range(3) if i != axis]
     img = np.full((size, size), 255, np.uint8)
     uv = (coords[:, keep] * size // resolution).clip(0, size - 1)

@@ -5,28 +5,15 @@ import dataclasses
 import logging
 import os
 
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+
 from pipeline import storage
 from pipeline.train import checkpoints
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import build_dataset
+from pipeline.train.loop import train_loop_per_worker, worker_env
 
 log = logging.getLogger(__name__)
-
-
-def worker_env(cfg: TrainConfig) -> dict:
-    """Environment of the training workers: DeepSpeed's accelerator and where the S3 store is.
-
-    No DeepSpeed op is compiled at run time (``engine.skip_shm_op``), so no build folder or lock is
-    shared between runs; nothing here touches another run's files.
-    """
-    env = {}
-    # Where the S3-compatible store is (not a secret): workers read init_from / structure_vae URIs there too.
-    for key in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"):
-        if os.environ.get(key):
-            env[key] = os.environ[key]
-    if not cfg.use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"  # else DeepSpeed probes for CUDA and fails on CPU-only nodes
-    return env
 
 
 def run_storage(uri: str, storage_options: dict | None = None):
@@ -38,8 +25,6 @@ def run_storage(uri: str, storage_options: dict | None = None):
     """
     if not storage.is_remote(uri):
         return uri, None  # absolute already (absolute_paths)
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
     fs, path = storage.filesystem(uri, storage_options)
     return path.rstrip("/"), PyFileSystem(FSSpecHandler(fs))
 
@@ -73,8 +58,6 @@ def run(cfg: TrainConfig, storage_options: dict | None = None):
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from pipeline.train.loop import train_loop_per_worker
 
     storage.check_writable(cfg.storage, storage_options, what="storage")  # before any other work
     resumes = check_rerun(cfg, storage_options)
