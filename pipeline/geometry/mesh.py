@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.geometry.usd import UsdError, read_usd
+
 MESH_EXTENSIONS = ("obj", "ply", "stl", "off", "glb", "gltf", "dae", "usd", "usda", "usdc", "usdz", "fbx")
 # Formats read by an optional package: extension -> (module to import, pip name).
 _OPTIONAL_READERS = {"dae": ("collada", "pycollada"), "usd": ("pxr", "usd-core"), "usda": ("pxr", "usd-core"),
@@ -67,9 +69,11 @@ def load_mesh(data: bytes, ext: str, *, max_faces: int = 10_000_000, resolver=No
             raise MeshError(f"reading .{ext} needs the optional package {pip_name} (pip install {pip_name}), "
                             "or " + _CONVERT.format(ext=ext)) from None
         if module == "pxr":
-            from pipeline.geometry.usd import read_usd
-
-            return _check_faces(*read_usd(data, ext), max_faces)
+            try:
+                verts, faces = read_usd(data, ext)
+            except UsdError as e:
+                raise MeshError(str(e)) from e
+            return _check_faces(verts, faces, max_faces)
     meshes = _load_scene(data, ext, resolver)
     if not meshes:
         raise MeshError("no triangles (the file holds no faces)")

@@ -10,12 +10,14 @@ import numpy as np
 from pipeline.geometry.polygons import triangulate
 
 
-def read_usd(data: bytes, ext: str) -> tuple[np.ndarray, np.ndarray]:
-    """Every UsdGeom.Mesh of the stage in world space, polygons triangulated; MeshError-free: callers
-    wrap failures. The stage API opens paths only, so the bytes go through a temporary file."""
-    from pxr import Usd, UsdGeom
+class UsdError(ValueError):
+    """The stage cannot be read; ``pipeline.geometry.mesh`` turns it into its MeshError."""
 
-    from pipeline.geometry.mesh import MeshError
+
+def read_usd(data: bytes, ext: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every UsdGeom.Mesh of the stage in world space, polygons triangulated. The stage API opens paths
+    only, so the bytes go through a temporary file."""
+    from pxr import Usd, UsdGeom  # optional: usd-core
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, f"mesh.{ext}")
@@ -24,7 +26,7 @@ def read_usd(data: bytes, ext: str) -> tuple[np.ndarray, np.ndarray]:
         try:
             stage = Usd.Stage.Open(path)
         except Exception as exc:  # pxr raises Tf errors of its own types
-            raise MeshError(f"cannot parse as .{ext}: {str(exc).strip().splitlines()[0][:200]}") from exc
+            raise UsdError(f"cannot parse as .{ext}: {str(exc).strip().splitlines()[0][:200]}") from exc
         cache = UsdGeom.XformCache()
         verts, faces, offset = [], [], 0
         for prim in stage.Traverse():
