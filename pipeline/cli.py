@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from pipeline.ray_address import auth_env
+
+    auth_env(strict=False)  # token auth as Ray reads it, set before a command imports Ray
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shlex
 import sys
@@ -61,6 +60,42 @@ def load_job_spec(path: str | Path) -> JobSpec:
     name = (doc.get("metadata") or {}).get("name") or p.stem
     return JobSpec(path=str(p), name=name, entrypoint=" ".join(entrypoint.split()), runtime_env=runtime_env,
                    manifest=doc)
+
+
+CLUSTER_DIR = Path(__file__).resolve().parents[1] / "cluster"
+
+
+def selected_cluster(spec: JobSpec, cluster_dir: str | Path = CLUSTER_DIR) -> tuple[Path, dict[str, Any]] | None:
+    """The RayCluster manifest in ``cluster/`` that the job's ``clusterSelector`` names, or None without one."""
+    selector = (spec.manifest.get("spec") or {}).get("clusterSelector") or {}
+    name = selector.get("ray.io/cluster")
+    if not name:
+        return None
+    for path in sorted(Path(cluster_dir).glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if isinstance(doc, dict) and doc.get("kind") == "RayCluster" and (doc.get("metadata") or {}).get(
+                    "name") == name:
+                return path, doc
+    raise ConfigError(f"{spec.path}: spec.clusterSelector names the RayCluster {name!r}, which no manifest in "
+                      f"{cluster_dir} defines")
+
+
+def standalone_manifest(spec: JobSpec) -> dict[str, Any]:
+    """The RayJob with its own cluster: a job that runs on a named RayCluster gets a copy of that cluster's spec
+    (``rayClusterSpec``), removed when the job ends. What ``s2 submit JOB --manifest`` prints for kubectl."""
+    import copy
+
+    doc = copy.deepcopy(spec.manifest)
+    found = selected_cluster(spec)
+    if found is None:
+        return doc
+    path, cluster = found
+    body = doc["spec"]
+    body.pop("clusterSelector")
+    body.update(shutdownAfterJobFinishes=True, ttlSecondsAfterFinished=3600,
+                rayClusterSpec=copy.deepcopy(cluster["spec"]))
+    doc.setdefault("metadata", {}).setdefault("annotations", {})["s2ray/cluster-from"] = f"cluster/{path.name}"
+    return doc
 
 
 def with_overrides(spec: JobSpec, overrides: list[str]) -> JobSpec:
@@ -124,30 +159,15 @@ def check_entrypoint(spec: JobSpec) -> None:
         check(args)
 
 
-def auth_env() -> None:
-    """Ray 2.60 clusters run with token auth when a token exists; make this client present it."""
-    if os.environ.get("RAY_AUTH_MODE"):
-        return
-    token_path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if os.environ.get("RAY_AUTH_TOKEN") or token_path.exists():
-        os.environ["RAY_AUTH_MODE"] = "token"
-
-
 def submit(spec: JobSpec, *, address: str | None = None, wait: bool = True, follow_logs: bool = True,
            working_dir: str | None = None, submission_id: str | None = None, timeout_s: float | None = None) -> str:
     """Submit, stream the logs, and return the job's final status (or its id when not waiting)."""
     check_no_secrets(spec)
-    auth_env()
     from ray.job_submission import JobSubmissionClient
 
-    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
-    if not address:
-        raise ConfigError("no Ray cluster address: pass --address or set RAY_ADDRESS (e.g. http://127.0.0.1:8265)")
-    if "://" not in address:
-        address = f"http://{address}"
-    from pipeline.commands.cluster import reachable
+    from pipeline.ray_address import dashboard_url
 
-    reachable(address)
+    address = dashboard_url(address)  # any of Ray's address forms; answers and accepts our token, or one line
     try:
         client = JobSubmissionClient(address)
     except (ConnectionError, RuntimeError, ValueError) as exc:

@@ -418,7 +418,9 @@ def _run_tasks(cfg: PreprocessConfig, todo: list[dict], manifest: pa.Table, prog
                                                 manifest.column("config_hash").to_pylist(),
                                                 manifest.column("resolution").to_pylist())}
     if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, log_to_driver=True)
+        from pipeline.ray_address import connect
+
+        connect(start_if_none=True, log_to_driver=True)  # RAY_ADDRESS in any of Ray's forms
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     blocks = max(1, math.ceil(len(todo) / cfg.meshes_per_task))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -151,44 +150,11 @@ def stop_local(dashboard_port: int = 8265, timeout_s: float = 10.0) -> int | Non
     return n
 
 
-def reachable(address: str, timeout_s: float = 5.0) -> None:
-    """A TCP connection to ``host:port`` (of a GCS or dashboard address) or a one-line ConfigError."""
-    from urllib.parse import urlparse
-
-    from pipeline.config import ConfigError
-
-    parsed = urlparse(address if "://" in address else f"tcp://{address}")
-    try:
-        host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
-    except ValueError:
-        raise ConfigError(f"Ray cluster address {address!r}: not host:port or http://host:port") from None
-    if not host:
-        raise ConfigError(f"Ray cluster address {address!r}: not host:port or http://host:port")
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            pass
-    except OSError as e:
-        raise ConfigError(f"no Ray cluster answers at {address} ({e.strerror or e}); start one with "
-                          f"`s2 cluster up` or set RAY_ADDRESS") from None
-
-
 def connect(start_if_none: bool = False, **init_kwargs) -> None:
-    """``ray.init`` on the cluster of RAY_ADDRESS (a GCS address; a dashboard URL or none means this machine's,
-    or with ``start_if_none`` a new in-process one when none is set), checked first: an address where nothing
-    answers, or a failed connection, is one ConfigError line."""
-    import ray
+    """``ray.init`` on the cluster of RAY_ADDRESS in any of Ray's forms (pipeline.ray_address.connect)."""
+    from pipeline.ray_address import connect as join
 
-    from pipeline.config import ConfigError
-
-    addr = os.environ.get("RAY_ADDRESS", "")
-    if addr and addr != "auto" and not addr.startswith("ray://"):
-        reachable(addr)
-    target = (None if start_if_none else "auto") if not addr else "auto" if addr.startswith("http") else addr
-    try:
-        ray.init(address=target, ignore_reinit_error=True, **init_kwargs)
-    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"cannot join the Ray cluster ({addr or 'auto'}): {first}") from None
+    join(start_if_none, **init_kwargs)
 
 
 def _run(args) -> int:
@@ -213,7 +179,23 @@ def _run(args) -> int:
             return 1
         print(f"stopped the cluster of {temp_dir_for(args.dashboard_port)} ({n} processes)")
         return 0
-    return subprocess.call([ray, "status", "--address", f"127.0.0.1:{_gcs_port(args)}"], env=env)
+    return _status(args, ray, env)
+
+
+def _status(args, ray: str, env: dict[str, str]) -> int:
+    """``ray status`` of the cluster RAY_ADDRESS names (any form), else of the one `up` started here."""
+    from pipeline import ray_address
+
+    addr = ray_address.from_env()
+    gcs = f"127.0.0.1:{_gcs_port(args)}"
+    if addr is not None and addr.kind != "auto":
+        gcs = ray_address.init_target(addr)
+        if gcs.startswith("ray://"):
+            print(f"s2 cluster status: {addr} reaches the cluster through Ray Client only; run `ray status` on the "
+                  f"head", file=sys.stderr)
+            return 1
+    env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}  # `ray status` reads it over --address
+    return subprocess.call([ray, "status", "--address", gcs], env=env)
 
 
 def _gcs_port(args) -> int:

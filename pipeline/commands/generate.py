@@ -35,7 +35,7 @@ def ensure_app(cfg):
     from ray import serve
 
     from pipeline.config import ConfigError
-    from pipeline.serve.app import generator_handle, start
+    from pipeline.serve.app import generator_handle, generator_status_reason, start
     from pipeline.serve.config import load_serve_config_file
 
     running = cfg.app_name in serve.status().applications if serve.context._get_global_client(
@@ -46,6 +46,9 @@ def ensure_app(cfg):
         scfg = load_serve_config_file(cfg.serve_config, cfg.app_name)
         print(f"starting Serve app {cfg.app_name!r} from {cfg.serve_config}", flush=True)
         start(scfg)
+    why = generator_status_reason(cfg.app_name)
+    if why:  # a failed deploy: calls would wait for a replica that never comes
+        raise ConfigError(f"Serve app {cfg.app_name!r}: {why} (`serve status` shows it)")
     return generator_handle(cfg.app_name)
 
 

@@ -46,12 +46,6 @@ def build_cascade(cfg: ServeConfig):
     from model.cascade import Cascade
 
     gen = cfg.generation_config
-    if cfg.random_weights and cfg.shell_tokens:
-        from model.shell_cascade import ShellCascade
-
-        cascade = ShellCascade.random(gen, cfg.random_weights, with_vae=True)
-        cascade.tokens = {gen.resolution: cfg.shell_tokens}
-        return cascade
     if cfg.random_weights:
         return Cascade.random(gen, cfg.random_weights)
     return Cascade.from_checkpoints(resolve_run_folders(gen), opener=_opener)
@@ -132,17 +126,18 @@ def unavailable(e: BaseException) -> bool:
 
 
 def generator_status_reason(app_name: str) -> str | None:
-    """Why Serve reports the app's Generator as not healthy (one line), or None when it is healthy."""
+    """Why Serve reports the app's Generator failed or unhealthy (one line), else None."""
     try:
         app = serve.status().applications.get(app_name)
     except Exception:  # noqa: BLE001 - the controller is unreachable: the caller reports its own error
         return None
     dep = app.deployments.get("Generator") if app else None
-    if dep is None or str(dep.status).split(".")[-1] == "HEALTHY":
+    state = str(dep.status).split(".")[-1] if dep else ""
+    if state not in ("DEPLOY_FAILED", "UNHEALTHY"):  # healthy, or starting / updating: calls wait, then answer
         return None
     found = not_loaded_line(dep.message)
     first = (dep.message or "").strip().splitlines()
-    return found if found else f"Generator {str(dep.status).split('.')[-1]}: " + (
+    return found if found else f"Generator {state}: " + (
         first[0] if first else "no replica is running")
 
 
