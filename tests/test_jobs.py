@@ -21,7 +21,11 @@ def test_every_job_spec_is_a_rayjob_whose_settings_parse(path):
     spec = jobs.load_job_spec(path)
     doc = spec.manifest
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
-    cluster = doc["spec"]["rayClusterSpec"]
+    # its own cluster, or (training) the one RayCluster of cluster/ it names; --manifest inlines that one
+    assert ("rayClusterSpec" in doc["spec"]) != ("clusterSelector" in doc["spec"])
+    if "clusterSelector" in doc["spec"]:
+        assert "shutdownAfterJobFinishes" not in doc["spec"]  # KubeRay refuses it with a selector
+    cluster = jobs.standalone_manifest(spec)["spec"]["rayClusterSpec"]
     assert cluster["headGroupSpec"]["template"]["spec"]["containers"]
     assert cluster.get("authOptions", {}).get("mode") == "token"
     assert spec.argv()[0] == "s2"
@@ -110,3 +114,30 @@ def test_demo_summary_is_per_set():
     assert s[demo.NEW_VIEW]["trained"] == pytest.approx(0.3) and s[demo.NEW_VIEW]["trained_better"] == 1
     assert s[demo.NEW_VIEW]["items"] == 2 and s[demo.NEW_VIEW]["source_structure"] != s[demo.NEW_VIEW]["source_structure"]
     assert s[demo.HELD_OUT]["trained_better"] == 0 and s[demo.HELD_OUT]["source_structure"] == pytest.approx(0.2)
+
+
+def test_training_jobs_share_one_cluster_and_print_it_whole(tmp_path):
+    """The three training jobs name cluster/gpu-kuberay.yaml's RayCluster instead of each carrying a copy;
+    `s2 submit --manifest` gives kubectl a RayJob that brings that cluster, with the --set overrides."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    gpu = yaml.safe_load(open(os.path.join(ROOT, "cluster", "gpu-kuberay.yaml")))
+    for name in ("train_vae", "train_structure", "train_dit"):
+        spec = jobs.load_job_spec(os.path.join(ROOT, "jobs", f"{name}.yaml"))
+        assert spec.manifest["spec"]["clusterSelector"] == {"ray.io/cluster": gpu["metadata"]["name"]}
+        assert "rayClusterSpec" not in spec.manifest["spec"]
+    s2 = os.path.join(os.path.dirname(sys.executable), "s2")
+    out = subprocess.run([s2, "submit", "jobs/train_vae.yaml", "--manifest", "--set", "steps=7"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    doc = yaml.safe_load(out.stdout)
+    assert doc["spec"]["rayClusterSpec"] == gpu["spec"] and "clusterSelector" not in doc["spec"]
+    assert doc["spec"]["shutdownAfterJobFinishes"] is True and doc["spec"]["entrypoint"].endswith("--steps 7")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(open(os.path.join(ROOT, "jobs", "train_vae.yaml")).read().replace("ray.io/cluster: s2-gpu",
+                                                                                      "ray.io/cluster: nope"))
+    with pytest.raises(ConfigError, match="clusterSelector names the RayCluster 'nope', which no manifest"):
+        jobs.standalone_manifest(jobs.load_job_spec(bad))

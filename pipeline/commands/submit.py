@@ -15,6 +15,8 @@ def register(sub) -> None:
     p.add_argument("--no-wait", action="store_true", help="return once submitted")
     p.add_argument("--timeout", type=float, default=None, help="stop the job after this many seconds")
     p.add_argument("--dry-run", action="store_true", help="check the spec and print the entrypoint only")
+    p.add_argument("--manifest", action="store_true",
+                   help="check the spec and print it as a RayJob that brings its own cluster (for kubectl apply -f -)")
     p.set_defaults(func=_run)
 
 
@@ -23,6 +25,14 @@ def _run(args) -> int:
 
     spec = jobs.with_overrides(jobs.load_job_spec(args.spec), args.overrides)
     jobs.check_entrypoint(spec)
+    if args.manifest:
+        import yaml
+
+        doc = jobs.standalone_manifest(jobs.JobSpec(spec.path, spec.name, spec.entrypoint, spec.runtime_env,
+                                                    {**spec.manifest, "spec": {**spec.manifest["spec"],
+                                                                               "entrypoint": spec.entrypoint}}))
+        print(yaml.safe_dump(doc, sort_keys=False, width=120), end="")
+        return 0
     if args.dry_run:
         print(spec.entrypoint)
         return 0
