@@ -12,20 +12,24 @@ Random weights give random occupancy and random SDFs, which would make token cou
 meaningless. So the structure stage runs for its time only, and the sparse stages run on a sphere shell
 with the paper's token counts (about 10.7k latent voxels at 512, 46k at 1024, DESIGN.md); the networks'
 decoded SDF is timed, then replaced by the sphere's SDF on the same voxels so marching extracts a mesh of
-realistic size (`model/shell_cascade.py`, which the Serve rows use too). The image encoder is stood in for by random DINOv2-L-sized tokens (1,374 × 1,024): its
+realistic size (`tests/shell_cascade.py`: a fixture, out of the Serve app's reach). The image encoder is stood in for by random DINOv2-L-sized tokens (1,374 × 1,024): its
 own cost (one ViT-L pass, ~0.05 s on an H100) is not in the figures.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import torch
 
-from model.cascade import GenerationConfig, random_network
-from model.mesh_extract import extract_mesh
-from model.shell_cascade import ShellCascade
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+
+from model.cascade import GenerationConfig, random_network  # noqa: E402
+from model.mesh_extract import extract_mesh  # noqa: E402
+from shell_cascade import ShellCascade  # noqa: E402
 
 
 class RandomTokens(torch.nn.Module):
@@ -188,13 +192,16 @@ def serve_table(args) -> list[dict]:
     """Meshes per minute through the Serve app over HTTP at each max_batch_size (one replica, local cluster).
 
     ``--size debug`` on the CPU: the debug networks at resolution 64 with 4 + 4 steps (the mechanism).
-    Any other size: those networks untrained at resolution 512 with the paper's steps and CFG, on the
-    sphere shell of ``--tokens512`` latent voxels (the Serve app's ``shell_tokens``, model/shell_cascade.py),
-    with the SS-VAE decoding: one GPU replica when ``--device cuda``."""
+    With ``--pretrained``: the converted release cascade at resolution 512 with the paper's steps and CFG,
+    its real shapes' token counts, one GPU replica when ``--device cuda``. Untrained networks of another
+    size are refused: their random occupancy makes token counts meaningless, and the sphere-shell fixture
+    that fixes it for the direct rows is not reachable from Serve."""
     import io
     import threading
 
     import numpy as np
+    if args.size != "debug" and not args.pretrained:
+        raise SystemExit("--serve at a size other than debug needs --pretrained (a converted release folder)")
     import ray
     import requests
     from PIL import Image
@@ -211,16 +218,16 @@ def serve_table(args) -> list[dict]:
     gpu = args.device.startswith("cuda")
     ray.init(num_cpus=args.serve_cpus, num_gpus=1 if gpu else 0, include_dashboard=False, log_to_driver=False)
     rows = []
-    if args.size == "debug":
-        gen = {"resolution": 64, "structure_steps": 4, "sparse_steps": 4, "guidance": 1.0, "device": args.device}
-        shell_tokens = 0
-    else:
+    if args.pretrained:
         s = lambda n: max(1, round(n * args.steps_scale))  # noqa: E731
-        gen = {"resolution": 512, "structure_steps": s(50), "sparse_steps": s(30), "device": args.device,
-               "image_encoder": "tiny"}
-        shell_tokens = args.tokens512
+        gen = {"pretrained": args.pretrained, "resolution": 512, "structure_steps": s(50), "sparse_steps": s(30),
+               "device": args.device, "image_encoder": args.image_encoder}
+        random_weights = ""
+    else:
+        gen = {"resolution": 64, "structure_steps": 4, "sparse_steps": 4, "guidance": 1.0, "device": args.device}
+        random_weights = "debug"
     for b in args.batches:
-        cfg = ServeConfig(name="bench", port=args.port, generation=gen, random_weights=args.size, shell_tokens=shell_tokens,
+        cfg = ServeConfig(name="bench", port=args.port, generation=gen, random_weights=random_weights,
                           max_batch_size=b, batch_wait_timeout_s=0.5, num_cpus=1, num_gpus=1 if gpu else 0,
                           max_ongoing_requests=max(32, 2 * b), torch_threads=0 if gpu else 1)
         start(cfg)

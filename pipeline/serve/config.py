@@ -20,9 +20,6 @@ class ServeConfig:
         "help": "GenerationConfig keys (model/cascade.py): checkpoints, resolution, steps, guidance, post-processing"})
     random_weights: str = field(default="", metadata={
         "help": "'' loads the checkpoints; 'debug' or 'paper' serves untrained networks of that size (benchmarks)"})
-    shell_tokens: int = field(default=0, metadata={
-        "help": "with random_weights: generate on a sphere shell of about this many latent voxels (realistic token "
-                "counts for speed measurements; model/shell_cascade.py); 0 = off"})
     num_replicas: int = 1
     num_gpus: float = field(default=0.0, metadata={"help": "GPUs per generator replica (0: CPU replicas)"})
     num_cpus: float = 1.0
@@ -54,8 +51,6 @@ class ServeConfig:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if self.max_upload_mb <= 0 or self.batch_wait_timeout_s < 0 or self.num_gpus < 0 or self.num_cpus < 0:
             raise ConfigError("max_upload_mb > 0, batch_wait_timeout_s >= 0, num_gpus >= 0 and num_cpus >= 0 are required")
-        if self.shell_tokens < 0 or (self.shell_tokens and not self.random_weights):
-            raise ConfigError("shell_tokens: needs random_weights and must be >= 0")
         if self.random_weights not in ("", "debug", "small", "paper"):
             raise ConfigError(f"random_weights: expected '', debug, small or paper, got {self.random_weights!r}")
         try:

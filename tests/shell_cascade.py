@@ -1,4 +1,4 @@
-"""Untrained networks at realistic token counts, for speed and memory measurements.
+"""Untrained networks at realistic token counts, for speed and memory measurements (a benchmark fixture).
 
 Random weights give random occupancy (about half of the 64³ structure grid) and random SDFs (sign
 changes everywhere), so an untrained cascade would run its sparse stages on far more tokens than a
@@ -6,7 +6,8 @@ real shape has and march a meaningless surface. ``ShellCascade`` keeps every net
 cost but fixes the geometry: the structure stage runs, then its occupancy is replaced by a sphere shell
 holding about the paper's token count (10.7k latent voxels at 512, 46k at 1024, DESIGN.md); the
 decoders run, then their SDF is replaced by the sphere's on the same voxels, so marching and clean-up
-see a surface of realistic size. ``benchmarks/generate.py`` and the Serve app's ``shell_tokens`` use it.
+see a surface of realistic size. ``benchmarks/generate.py`` uses it; nothing the Serve app or the
+``s2`` command loads can reach it (it lives with the tests, outside the installed packages).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import math
 import torch
 
 from model.cascade import Cascade, pooled_sdf
+from model.sparse import SparseTensor
 
 TOKENS = {512: 10_700, 1024: 46_000}
 
@@ -71,12 +73,10 @@ class ShellCascade(Cascade):
         if vae is None:
             decoded = [pooled_sdf(c, z, latent_res) for c, z in zip(coords_list, latents)]
         else:
-            from model.sparse import SparseTensor
-
             decoded = []
             for c, z in zip(coords_list, latents):
-                c4 = torch.cat([torch.zeros_like(c[:, :1]), c], 1).int().to(self.device)
-                st = SparseTensor.from_unsorted(c4, vae.unscale(z.to(self.device, torch.float32)), latent_res, 1)
+                st = SparseTensor.from_samples([c], [vae.unscale(z.to(self.device, torch.float32))], latent_res,
+                                               self.device)
                 wants_feat = refiner is not None and refiner.config.kind == "sdf"
                 dec = vae.decode(st, chunk=self.cfg.decode_chunk, return_feat=wants_feat)
                 sdf, feat = dec if wants_feat else (dec, None)
