@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.evaluate import HELD_OUT, NEW_VIEW, print_table, score_library, summarize  # noqa: F401 (the demo's table)
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -43,9 +45,14 @@ def register(sub) -> None:
                    help="training meshes (one per kind first) also generated from a camera their training views lack")
     p.add_argument("--guidance", type=float, default=2.0,
                    help="classifier-free guidance of the served cascade (the debug networks overshoot at the usual 7)")
-    p.add_argument("--train-resolution", type=int, default=128, help="grid the debug networks train and generate at")
-    p.add_argument("--train-steps", type=int, default=800,
-                   help="optimizer steps of the SS-DiT (200: sponge-like surfaces even on the right structure)")
+    p.add_argument("--train-resolution", type=int, default=64,
+                   help="grid the debug networks train and generate at (64: the SS-VAE trains in minutes on a CPU)")
+    p.add_argument("--latent", choices=("ss_vae", "pooled"), default="ss_vae",
+                   help="what the SS-DiT models: an SS-VAE trained on the shards first (the paper's way), or the "
+                        "fixed pooled statistics of model/pooled_latent.py (no SS-VAE; coarse surfaces, docs/demo.md)")
+    p.add_argument("--vae-steps", type=int, default=600,
+                   help="optimizer steps of the SS-VAE (batches of up to 65k band voxels)")
+    p.add_argument("--train-steps", type=int, default=800, help="optimizer steps of the SS-DiT")
     p.add_argument("--structure-dit-steps", type=int, default=1000,
                    help="optimizer steps of the structure DiT (512 tokens a shape: ~0.3 s a step on one core)")
     p.add_argument("--structure-vae-steps", type=int, default=100,
@@ -134,31 +141,45 @@ def _job(name: str, argv: list[str]):
     return spec
 
 
-# Learning rates of the debug networks, measured on the sample corpus (docs/generate.md): networks this
-# small learn nothing recognisable in a few hundred CPU steps at the paper-size 1e-4 (or 3e-4).
-DEBUG_LR = {"structure-vae": 2e-3, "structure-dit": 2e-3, "dit": 1e-3}
+# Learning rates of the debug networks, measured on the sample corpus (docs/generate.md, docs/demo.md):
+# networks this small learn nothing recognisable in a few hundred CPU steps at the paper-size 1e-4.
+DEBUG_LR = {"structure-vae": 2e-3, "structure-dit": 2e-3, "vae": 2e-3, "dit": 1e-3}
 DEBUG_WARMUP = 10
+# The SS-VAE's batches are voxels, not tokens: at 64³ the corpus's shapes hold 5k-140k band voxels.
+VAE_TOKEN_BUDGET = 65_536
+NETWORK_ORDER = ("structure-vae", "structure-dit", "vae", "dit")
 
 
 def train_debug_networks(dataset: Path, runs: Path, resolution: int, steps: dict[str, int],
-                         address: str) -> dict[str, str]:
-    """One Ray job per network; ``steps`` maps structure-vae, structure-dit and dit to optimizer steps."""
+                         address: str, latent: str = "ss_vae") -> dict[str, str]:
+    """One Ray job per network; ``steps`` maps structure-vae, structure-dit, vae and dit to optimizer steps.
+
+    ``latent`` 'ss_vae' (the paper's way): the SS-VAE trains on the shards first and the SS-DiT on its
+    latents; 'pooled': no SS-VAE, the SS-DiT models model/pooled_latent.py's fixed statistics."""
     from pipeline import jobs
 
     common = ["--shards", str(dataset), "--resolution", str(resolution), "--model", "debug", "--storage", str(runs),
               "--num-workers", "1", "--warmup-steps", str(DEBUG_WARMUP)]
-    ckpt = {}
-    for net, extra in (("structure-vae", []), ("structure-dit", None), ("dit", [])):
-        if extra is None:
-            # the released debug layout plus the grid inputs (model/dense_dit.py, debug_grid)
+    ckpt: dict[str, str] = {}
+    for net in NETWORK_ORDER:
+        if net == "vae" and latent != "ss_vae":
+            continue
+        extra: list[str] = []
+        if net == "structure-dit":  # the released debug layout plus the grid inputs (model/dense_dit.py, debug_grid)
             extra = ["--structure-vae", ckpt["structure_vae"], "--model", "debug_grid"]
+        elif net == "vae":
+            extra = ["--token-budget", str(VAE_TOKEN_BUDGET)]
+        elif net == "dit" and latent == "ss_vae":
+            extra = ["--latent", ckpt["vae"]]
         n = steps[net]
         extra = [*extra, "--lr", str(DEBUG_LR[net]), "--steps", str(n), "--checkpoint-every", str(n)]
+        t = time.time()
         status = jobs.submit(_job(f"demo-{net}", ["s2", "train", net, *common, "--name", f"demo-{net}", *extra]),
                              address=address)
         if status != "SUCCEEDED":
             raise RuntimeError(f"training {net}: job {status}")
         ckpt[net.replace("-", "_")] = latest_checkpoint(runs, f"demo-{net}")
+        print(f"trained {net}: {n} steps in {time.time() - t:.0f} s")
     return ckpt
 
 
@@ -173,111 +194,6 @@ def write_serve_config(path: Path, ckpt: dict[str, str], resolution: int, guidan
                                       "batch_wait_timeout_s": 0.2}}]}
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return generation
-
-
-def _source_structure_cascade():
-    """A cascade whose structure stage is the structure VAE's reconstruction of a given 64³ occupancy.
-
-    It isolates the networks after the structure DiT: with the source mesh's own occupancy, the trained
-    structure VAE and SS-DiT alone decide the mesh.
-    """
-    import torch
-
-    from model.cascade import Cascade
-    from model.structure import occupancy_to_latent_coords
-
-    class SourceStructureCascade(Cascade):
-        occupancy = None  # (64, 64, 64) bool of the item being generated
-
-        @torch.no_grad()
-        def structure_stage(self, cond, seeds):
-            if self.occupancy is None or len(seeds) != 1:
-                raise ValueError("SourceStructureCascade generates one item at a time, after setting .occupancy")
-            occ = self.occupancy[None, None].to(self.device, torch.float32)
-            logits = self.structure_vae.decode(self.structure_vae.encode(occ)[1])
-            return [occupancy_to_latent_coords(logits[0], self.cfg.resolution // 8, self.cfg.occupancy_threshold)]
-
-    return SourceStructureCascade
-
-
-NEW_VIEW, HELD_OUT = "training mesh, new view", "held-out mesh"  # the library's two sets
-
-
-def chamfer_table(library: Path, images: Path, meshes: dict, generation: dict, sets: dict[str, str]) -> list[dict]:
-    """Chamfer of each generated mesh to its source, next to an untrained cascade of the same size; for the
-    held-out meshes (``sets[name] == HELD_OUT``) also the trained cascade given the source's own occupancy
-    instead of the structure DiT's sample."""
-    import dataclasses
-
-    import torch
-
-    from model.cascade import Cascade, GenerationConfig, Request
-    from model.metrics import mesh_metrics
-    from model.postprocess import read_mesh_bytes
-    from model.structure import occupancy_grid
-    from pipeline.geometry.sdf import sparse_sdf
-
-    def chamfer(v, f, name):
-        gv, gf = meshes[name]
-        m = mesh_metrics((torch.as_tensor(v), torch.as_tensor(f)), (torch.as_tensor(gv), torch.as_tensor(gf)),
-                         samples=20_000)
-        return float(m.chamfer)
-
-    cfg = GenerationConfig(**{k: v for k, v in generation.items() if k not in ("structure_vae", "structure_dit", "dit")})
-    untrained = Cascade.random(dataclasses.replace(cfg), size="debug", seed=0)
-    given = _source_structure_cascade().from_checkpoints(GenerationConfig(**generation))
-    records = {r["name"]: r for r in (json.loads(p.read_text()) for p in (library / "records").glob("*.json"))}
-    rows = []
-    for name in sorted(meshes, key=lambda n: (sets[n] != NEW_VIEW, n)):
-        rec = records.get(name, {})
-        row = {"name": name, "set": sets[name], "trained": float("nan"), "source_structure": float("nan"),
-               "untrained": float("nan")}
-        if rec.get("status") == "ok":
-            row["trained"] = chamfer(*read_mesh_bytes((library / rec["mesh"]).read_bytes(), rec["format"]), name)
-        request = Request(name, (images / f"{name}.png").read_bytes(), rec.get("seed", 0))
-        base = untrained.generate([request])[0]
-        if base.ok:
-            row["untrained"] = chamfer(base.vertices, base.faces, name)
-        if sets[name] == HELD_OUT:
-            given.occupancy = occupancy_grid(sparse_sdf(*meshes[name], cfg.resolution).coords, cfg.resolution)
-            out = given.generate([request])[0]
-            if out.ok:
-                row["source_structure"] = chamfer(out.vertices, out.faces, name)
-        rows.append(row)
-    return rows
-
-
-def summarize(rows: list[dict]) -> dict[str, dict]:
-    """Per set: mean Chamfer of each column over the items that have one, and how many items the trained
-    cascade beats the untrained one on."""
-    out = {}
-    for name in dict.fromkeys(r["set"] for r in rows):
-        mine = [r for r in rows if r["set"] == name]
-        mean = {}
-        for k in ("trained", "source_structure", "untrained"):
-            vals = [r[k] for r in mine if r[k] == r[k]]
-            mean[k] = sum(vals) / len(vals) if vals else float("nan")
-        better = sum(r["trained"] < r["untrained"] for r in mine)
-        out[name] = {**mean, "items": len(mine), "trained_better": better}
-    return out
-
-
-def _print_chamfer(rows: list[dict]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title="Chamfer to the source meshes (lower is better)")
-    cols = (("trained", "trained"), ("untrained", "untrained"), ("source_structure", "trained, source occupancy"))
-    fmt = lambda x: "-" if x != x else f"{x:.4f}"  # noqa: E731
-    t.add_column("mesh")
-    t.add_column("set")
-    for _, title in cols:
-        t.add_column(title)
-    for r in rows:
-        t.add_row(r["name"], r["set"], *(fmt(r[k]) for k, _ in cols))
-    for name, m in summarize(rows).items():
-        t.add_row(f"mean ({m['trained_better']}/{m['items']} better)", name, *(fmt(m[k]) for k, _ in cols))
-    Console().print(t)
 
 
 def _run(args) -> int:
@@ -332,8 +248,8 @@ def _generate_library(args, data: Path, corpus: Path, dataset: Path, report, hel
 
     t = time.time()
     steps = {"structure-vae": args.structure_vae_steps, "structure-dit": args.structure_dit_steps,
-             "dit": args.train_steps}
-    ckpt = train_debug_networks(dataset, data / "runs", args.train_resolution, steps, address)
+             "vae": args.vae_steps, "dit": args.train_steps}
+    ckpt = train_debug_networks(dataset, data / "runs", args.train_resolution, steps, address, latent=args.latent)
     print(f"\ntrained the debug networks in {time.time() - t:.0f} s: {ckpt}")
     images, library = data / "held-out-views", data / "library"
     meshes = render_held_out(held, corpus, images, args.view_size, seed=100)
@@ -348,8 +264,8 @@ def _generate_library(args, data: Path, corpus: Path, dataset: Path, report, hel
                                                 "--concurrency", "4", "--no-progress"]), address=address)
     if status != "SUCCEEDED":
         return status
-    rows = chamfer_table(library, images, meshes, generation, sets)
-    _print_chamfer(rows)
+    rows = score_library(library, images, meshes, generation, sets)
+    print_table(rows)
     (library / "chamfer.json").write_text(json.dumps({"rows": rows, "summary": summarize(rows)}, indent=1))
     print(f"\nasset library: {library}  (index.parquet, meshes/, previews/)")
     print(f"gallery: file://{library / 'gallery.html'}")

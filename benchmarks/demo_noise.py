@@ -1,0 +1,230 @@
+"""Where the demo's surface noise comes from: each stage of the sparse path alone, on a few corpus meshes.
+
+    OMP_NUM_THREADS=1 python benchmarks/demo_noise.py --shards data/dataset --resolution 64 \
+        --vae runs/demo-vae/checkpoint_X [--dit runs/demo-dit/checkpoint_Y] [--pooled-dit ...] \
+        --meshes torus,cylinder,chair,die --steps 30 --guidance 2 --shift 6
+
+Rows (one per stage and mesh, then the mean per stage), all against the normalized source mesh:
+
+- ``shard``: the ground-truth sparse SDF marched as it is (the ceiling at this grid);
+- ``pooled``: the pooled latent of that SDF decoded to its sub-cell grid (what a pooled-latent DiT
+  can at best produce);
+- ``vae``: SS-VAE encode -> decode (posterior mean); also the share of band voxels whose decoded sign
+  is wrong;
+- ``vae+noise σ``: the same with Gaussian noise of σ × the latent's std added to the latent (how much
+  a DiT's sample error the decoder tolerates);
+- ``dit``: the SS-DiT's sample on the source's own latent voxels, from one of its training views,
+  decoded by the VAE (``pooled-dit``: a pooled-latent DiT, decoded by ``pooled_sdf``).
+
+Each row: Chamfer, F1@0.05, connected parts and watertightness of the marched mesh before and after the
+cascade's clean-up (model/postprocess.py). Nothing here is asserted; docs/demo.md keeps the tables.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def source_mesh(sample):
+    from pipeline.geometry.mesh import load_mesh, normalize
+
+    path = Path(sample.source_uri.removeprefix("file://"))
+    v, f = load_mesh(path.read_bytes(), path.suffix.lstrip("."))
+    n = normalize(v, f)
+    return torch.as_tensor(n.vertices), torch.as_tensor(n.faces)
+
+
+def band_sign_error(coords, values, dec_coords, dec_values, resolution: int) -> float:
+    """Share of band voxels (|SDF| < 1) whose decoded value has the other sign; an undecoded voxel reads +1."""
+    from model.sparse import coord_keys
+
+    def keys(c):
+        return coord_keys(torch.cat([torch.zeros_like(c[:, :1]), c], 1).int(), resolution)
+
+    dk, order = torch.sort(keys(dec_coords))
+    dv = dec_values[order]
+    q = keys(coords)
+    pos = torch.searchsorted(dk, q).clamp(max=len(dk) - 1)
+    found = dk[pos] == q
+    pred = torch.where(found, dv[pos], torch.ones_like(q, dtype=dv.dtype))
+    band = values.abs() < 1
+    return float(((pred[band] < 0) != (values[band] < 0)).float().mean())
+
+
+def main() -> None:
+    from pipeline.evaluate import mesh_row
+    from model.mesh_extract import extract_mesh
+    from pipeline.shards import read_samples
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shards", default="data/dataset")
+    ap.add_argument("--resolution", type=int, default=64)
+    ap.add_argument("--meshes", default="torus,cylinder,chair,die,box_minus_sphere,double_torus")
+    ap.add_argument("--vae", default="", help="SS-VAE checkpoint (training checkpoint folder)")
+    ap.add_argument("--dit", default="", help="SS-DiT trained on that SS-VAE's latents")
+    ap.add_argument("--pooled-dit", default="", help="SS-DiT trained on pooled latents")
+    ap.add_argument("--noise", default="0.1,0.3", help="latent noise levels (× the latent std) for the vae rows")
+    ap.add_argument("--steps", default="30", help="Euler steps of the DiT rows (comma list: a sweep)")
+    ap.add_argument("--guidance", default="2", help="guidance of the DiT rows (comma list)")
+    ap.add_argument("--shift", default="6", help="time shift of the DiT rows (comma list)")
+    ap.add_argument("--level", type=float, default=0.0, help="marching level of decoded SDFs")
+    ap.add_argument("--stages", default="shard,pooled,vae,dit")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    stages = set(args.stages.split(","))
+    names = set(args.meshes.split(","))
+    res = args.resolution
+
+    samples = [s for s in read_samples(args.shards, resolution=res)
+               if Path(s.source_uri).stem in names]
+    print(f"{len(samples)} meshes at {res}³: {', '.join(Path(s.source_uri).stem for s in samples)}")
+    rows: list[dict] = []
+
+    def add(stage, s, v, f, t0, **extra):
+        row = {"stage": stage, "mesh": Path(s.source_uri).stem, **mesh_row(v, f, gts[s.mesh_id]), **extra,
+               "seconds": time.time() - t0}
+        rows.append(row)
+        print("  ".join(f"{k}={_fmt(x)}" for k, x in row.items()), flush=True)
+
+    gts = {s.mesh_id: source_mesh(s) for s in samples}
+    for s in samples:
+        if "shard" in stages:
+            t0 = time.time()
+            v, f = extract_mesh(s.coords, s.values, res)
+            add("shard", s, v, f, t0)
+        if "pooled" in stages:
+            from model import pooled_latent
+            from model.cascade import pooled_sdf
+
+            t0 = time.time()
+            lc, lf = pooled_latent.encode(s.coords, s.values)
+            c, vals, r = pooled_sdf(lc, lf, res // 8)
+            v, f = extract_mesh(c.long(), vals, r, fill=1.0)
+            add("pooled", s, v, f, t0)
+
+    vae = None
+    if args.vae:
+        from model.cascade import load_network
+
+        vae = load_network(args.vae, "vae").module
+    if vae is not None and "vae" in stages:
+        from model.sparse import SparseTensor
+
+        for s in samples:
+            t0 = time.time()
+            with torch.no_grad():
+                x = SparseTensor.from_unsorted(torch.cat([torch.zeros_like(s.coords[:, :1]), s.coords], 1).int(),
+                                               s.values.float()[:, None], res, 1)
+                z, mean, _ = vae.encode(x, sample=False)
+                std = float(mean.feats.std())
+                for sigma in [0.0, *(float(n) for n in args.noise.split(",") if n)]:
+                    t0 = time.time()
+                    g = torch.Generator().manual_seed(0)
+                    feats = mean.feats + sigma * std * torch.randn(mean.feats.shape, generator=g)
+                    dec = vae.decode(mean.replace(feats))
+                    dc, dv = dec.coords[:, 1:], dec.feats[:, 0].float()
+                    err = band_sign_error(s.coords, s.values, dc, dv, res)
+                    keep = dv < 0.999
+                    v, f = extract_mesh(dc[keep], dv[keep], res, level=args.level, fill=1.0)
+                    add("vae" if sigma == 0 else f"vae+noise {sigma:g}", s, v, f, t0, sign_err=err,
+                        latent_std=std, latent_mean=float(mean.feats.mean()))
+    dit_rows(args, samples, vae, add)
+    summary(rows)
+
+
+def dit_rows(args, samples, vae, add) -> None:
+    """The SS-DiT's samples on each source's own latent voxels, from one of its views."""
+    if "dit" not in args.stages.split(",") or not (args.dit or args.pooled_dit):
+        return
+    import dataclasses
+
+    from model.cascade import Cascade, GenerationConfig, load_network, random_network
+    from model.condition import build_image_encoder, decode_image
+    from model.sparse import SparseTensor
+
+    res = args.resolution
+    for kind, path in (("dit", args.dit), ("pooled-dit", args.pooled_dit)):
+        if not path:
+            continue
+        dit = load_network(path, "dit")
+        enc = build_image_encoder("tiny")
+        nets = {"structure_vae": random_network("structure_vae"),
+                "structure_dit": random_network("structure_dit", cond_dim=enc.dim), "dit": dit}
+        if kind == "dit":
+            nets["vae"] = load_network(args.vae, "vae")
+        base = GenerationConfig(resolution=res, device="cpu", image_encoder="tiny")
+        for steps in (int(x) for x in args.steps.split(",")):
+            for guidance in (float(x) for x in args.guidance.split(",")):
+                for shift in (float(x) for x in args.shift.split(",")):
+                    cfg = dataclasses.replace(base, guidance=guidance, sparse_steps=steps, sparse_shift=shift)
+                    cascade = Cascade(cfg, enc, **nets)
+                    for s in samples:
+                        t0 = time.time()
+                        img = decode_image(s.views[0].png, enc.image_size, with_mask=True)[None]
+                        cond = cascade.condition(img)
+                        lc = torch.unique(s.coords.long() // 8, dim=0).int()
+                        (z,) = cascade.sparse_stage(cascade.dit, [lc], cond, [0], steps, shift, 1)
+                        sdf = cascade.decode(cascade.vae, [lc], [z], res // 8)[0]
+                        extra = {"steps": steps, "guidance": guidance, "shift": shift}
+                        if cascade.vae is not None:
+                            x = SparseTensor.from_unsorted(
+                                torch.cat([torch.zeros_like(s.coords[:, :1]), s.coords], 1).int(),
+                                s.values.float()[:, None], res, 1)
+                            with torch.no_grad():
+                                _, mean, _ = cascade.vae.encode(x, sample=False)
+                            ref = cascade.vae.scale(mean.feats)
+                            order = _match(mean.coords[:, 1:], lc)
+                            extra["latent_rmse"] = float((z[order] - ref).pow(2).mean().sqrt())
+                            extra["latent_std"] = float(ref.std())
+                            dec = cascade.vae.decode(SparseTensor.from_unsorted(
+                                torch.cat([torch.zeros_like(lc[:, :1]), lc], 1).int(), cascade.vae.unscale(z), res // 8, 1))
+                            extra["sign_err"] = band_sign_error(s.coords, s.values, dec.coords[:, 1:],
+                                                                dec.feats[:, 0].float(), res)
+                        try:
+                            v, f = cascade.march(sdf)
+                        except ValueError as e:
+                            print(f"{kind} {Path(s.source_uri).stem}: {e}")
+                            continue
+                        add(kind, s, torch.as_tensor(v), torch.as_tensor(f), t0, **extra)
+
+
+def _match(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Index into ``b`` of each row of ``a`` (both (N, 3) int, the same set)."""
+    key = lambda c: (c[:, 0].long() * 4096 + c[:, 1].long()) * 4096 + c[:, 2].long()  # noqa: E731
+    kb, order = torch.sort(key(b))
+    return order[torch.searchsorted(kb, key(a))]
+
+
+def _fmt(x):
+    return f"{x:.4f}" if isinstance(x, float) else str(x)
+
+
+def summary(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="stage -> metric (mean over meshes; Chamfer and F1@0.05 against the source mesh)")
+    cols = ["chamfer", "f1@0.05", "parts", "parts_clean", "watertight", "sign_err", "latent_rmse"]
+    t.add_column("stage")
+    t.add_column("meshes")
+    for c in cols:
+        t.add_column(c)
+    for stage in dict.fromkeys(r["stage"] for r in rows):
+        group = [r for r in rows if r["stage"] == stage]
+        for key in dict.fromkeys((r.get("steps"), r.get("guidance"), r.get("shift")) for r in group):
+            g = [r for r in group if (r.get("steps"), r.get("guidance"), r.get("shift")) == key]
+            label = stage if key == (None, None, None) else f"{stage} steps {key[0]} cfg {key[1]:g} shift {key[2]:g}"
+            vals = []
+            for c in cols:
+                xs = [float(r[c]) for r in g if c in r]
+                vals.append(f"{np.mean(xs):.4f}" if xs else "-")
+            t.add_row(label, str(len(g)), *vals)
+    Console().print(t)
+
+
+if __name__ == "__main__":
+    main()

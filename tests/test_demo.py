@@ -1,0 +1,77 @@
+"""The demo's scoring (pipeline/evaluate.py) and the order and flags of its training jobs."""
+import shlex
+
+import numpy as np
+import pytest
+import trimesh
+
+from pipeline import evaluate
+from pipeline.commands import demo
+
+
+def _sphere(radius=0.8, offset=(0.0, 0.0, 0.0)):
+    m = trimesh.creation.icosphere(subdivisions=3, radius=radius)
+    return np.asarray(m.vertices + np.asarray(offset), np.float32), np.asarray(m.faces, np.int64)
+
+
+def test_mesh_row_scores_a_mesh_against_itself_and_counts_parts():
+    gt = _sphere()
+    row = evaluate.mesh_row(*gt, gt, samples=2000)
+    assert row["chamfer"] < 0.01 and row["f1@0.05"] == pytest.approx(1.0)
+    assert row["parts"] == 1 and row["parts_clean"] == 1 and row["watertight"]
+
+    a, b = _sphere(), _sphere(0.1, (0.0, 0.0, 0.0))  # a small shell inside the sphere: the clean-up drops it
+    v = np.concatenate([a[0], b[0]])
+    f = np.concatenate([a[1], b[1] + len(a[0])])
+    row = evaluate.mesh_row(v, f, gt, samples=2000)
+    assert row["parts"] == 2 and row["parts_clean"] == 1 and row["watertight"]
+
+
+def test_mesh_row_of_an_empty_mesh():
+    row = evaluate.mesh_row(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int64), _sphere())
+    assert row["chamfer"] != row["chamfer"] and row["f1@0.05"] == 0.0 and row["parts"] == 0
+
+
+def test_summary_counts_parts_watertight_and_wins():
+    nan = float("nan")
+    rows = [{"name": "x", "set": evaluate.NEW_VIEW, "trained": 0.02, "trained_f1@0.05": 0.9, "trained_parts_clean": 1,
+             "trained_watertight": True, "untrained": 0.3},
+            {"name": "y", "set": evaluate.NEW_VIEW, "trained": 0.06, "trained_f1@0.05": 0.7, "trained_parts_clean": 3,
+             "trained_watertight": False, "untrained": 0.05},
+            {"name": "z", "set": evaluate.HELD_OUT, "trained": nan, "untrained": 0.4, "source_structure": 0.2}]
+    s = evaluate.summarize(rows)
+    new = s[evaluate.NEW_VIEW]
+    assert new["trained"] == pytest.approx(0.04) and new["trained_f1"] == pytest.approx(0.8)
+    assert new["trained_parts_max"] == 3 and new["trained_watertight"] == 1 and new["trained_better"] == 1
+    assert s[evaluate.HELD_OUT]["trained_better"] == 0 and s[evaluate.HELD_OUT]["source_structure"] == pytest.approx(0.2)
+    evaluate.print_table(rows)  # renders with missing columns
+
+
+@pytest.mark.parametrize("latent", ["ss_vae", "pooled"])
+def test_training_jobs_run_in_order_and_the_dit_models_the_vae_latents(monkeypatch, tmp_path, latent):
+    from pipeline import jobs
+
+    submitted = []
+
+    def submit(spec, address):
+        argv = shlex.split(spec.entrypoint)
+        submitted.append(argv)
+        name = argv[argv.index("--name") + 1]
+        (tmp_path / "runs" / name / "checkpoint_1").mkdir(parents=True)
+        (tmp_path / "runs" / name / "checkpoint_1" / "weights.pt").write_bytes(b"")
+        return "SUCCEEDED"
+
+    monkeypatch.setattr(jobs, "submit", submit)
+    steps = {"structure-vae": 1, "structure-dit": 2, "vae": 3, "dit": 4}
+    ckpt = demo.train_debug_networks(tmp_path / "dataset", tmp_path / "runs", 64, steps, "http://x", latent=latent)
+    nets = [a[2] for a in submitted]
+    want = ["structure-vae", "structure-dit", "vae", "dit"] if latent == "ss_vae" else ["structure-vae", "structure-dit", "dit"]
+    assert nets == want
+    dit = submitted[-1]
+    if latent == "ss_vae":
+        assert dit[dit.index("--latent") + 1] == ckpt["vae"] and ckpt["vae"].endswith("checkpoint_1")
+        vae = submitted[2]
+        assert vae[vae.index("--token-budget") + 1] == str(demo.VAE_TOKEN_BUDGET)
+        assert vae[vae.index("--steps") + 1] == "3"
+    else:
+        assert "--latent" not in dit and "vae" not in ckpt
