@@ -137,3 +137,24 @@ def test_manifests_give_the_key_to_every_pod_that_can_host_the_api():
     for pod in [gpu["headGroupSpec"]["template"]] + [g["template"] for g in gpu["workerGroupSpecs"]]:
         for container in pod["spec"]["containers"]:
             assert {"name": "s2-api-key", "optional": True} in [e.get("secretRef") for e in container["envFrom"]]
+
+
+def test_run_folders_and_latest_name_the_newest_checkpoint(tmp_path):
+    """A checkpoint field may name a run folder, or that folder + /latest: the checkpoint of the highest step."""
+    import json
+
+    from model.cascade import GenerationConfig
+    from pipeline.serve.app import resolve_run_folders
+
+    run = tmp_path / "runs" / "ss-dit-512"
+    for name, step in (("checkpoint_2026-12-04_10", 300), ("checkpoint_2026-12-04_09", 900), ("checkpoint_x", 50)):
+        (run / name).mkdir(parents=True)
+        (run / name / "meta.json").write_text(json.dumps({"step": step}))
+        (run / name / "weights.pt").write_bytes(b"")
+    (run / "checkpoint_no_weights").mkdir()
+    (run / "checkpoint_no_weights" / "meta.json").write_text(json.dumps({"step": 10_000}))
+    pinned = str(run / "checkpoint_x")
+    gen = GenerationConfig(structure_vae=str(run), structure_dit=f"{run}/latest", dit=f"{run}/latest/", vae=pinned)
+    got = resolve_run_folders(gen)
+    newest = str(run / "checkpoint_2026-12-04_09")
+    assert (got.structure_vae, got.structure_dit, got.dit, got.vae) == (newest, newest, newest, pinned)
