@@ -44,14 +44,20 @@ def _check(v, f, sdf, idx):
     return w
 
 
+def _crossings(prep):
+    """Where the mesh's triangles pass through each other (the hard places for any sign test)."""
+    from pipeline.geometry.crossings import triangle_crossings
+
+    verts, inv = torch.unique(prep.tri.reshape(-1, 3), dim=0, return_inverse=True)
+    return triangle_crossings(prep.tri, inv.reshape(-1, 3), 1e-4)
+
+
 def _crossed_voxels(sdf, prep, n):
-    """Band voxels whose closest face another triangle passes through (the walk's voxels)."""
+    """Band voxels whose closest face another triangle passes through."""
     from pipeline.geometry.band import band_pairs
 
-    if prep.sign.crossings is None:
-        return torch.empty(0, dtype=torch.long)
     bp = band_pairs(prep.tri, sdf.resolution, sdf.band)
-    crossed = prep.sign.crossings.crossed[bp.tri].cpu().nonzero().squeeze(1)
+    crossed = _crossings(prep).crossed[bp.tri].cpu().nonzero().squeeze(1)
     return crossed[torch.randperm(crossed.numel(), generator=torch.Generator().manual_seed(1))[:n]]
 
 
@@ -65,16 +71,16 @@ def test_sign_matches_exact_winding_at_256(case):
     if case == "nested_shells":
         assert set(torch.round(w).long().tolist()) >= {0, 1, 2, 3}
     if case == "inverted_closed":
-        assert prep.sign.flipped == 1 and prep.sign.method == "pseudonormal"
+        assert prep.sign.flipped == 1 and prep.sign.method == "lines"
         assert (sdf.values < 0).sum() > 0.3 * sdf.values.numel()
     if case == "overlapping_convex_pieces":
-        assert prep.sign.crossings.crossed.sum() > 100 and prep.sign.flipped == 2
+        assert _crossings(prep).crossed.sum() > 100 and prep.sign.flipped == 2
 
 
 def _block(prep, size=96):
     """A size^3 block of the 1024^3 grid around where two surfaces cross (else around a face)."""
-    cr = prep.sign.crossings
-    at = cr.seg[0, 0] if cr is not None and cr.seg.shape[0] else prep.tri[0].mean(0).double()
+    cr = _crossings(prep)
+    at = cr.seg[0, 0] if cr.seg.shape[0] else prep.tri[0].mean(0).double()
     lo = ((at.cpu() + 1) * 512).long() - size // 2
     return tuple(lo.tolist()), tuple((lo + size).tolist())
 
@@ -119,6 +125,37 @@ def test_unwelded_faces_are_welded_for_the_sign():
     soup_v = v[f].reshape(-1, 3)
     soup_f = np.arange(len(soup_v)).reshape(-1, 3)
     a, b = prepare_mesh(v, f), prepare_mesh(soup_v, soup_f)
-    assert b.sign.method == "pseudonormal" and b.sign.flipped == 1
+    assert b.sign.method == "lines" and b.sign.flipped == 1
     sa, sb = sdf_on_grid(a, 96), sdf_on_grid(b, 96)
     assert torch.equal(sa.coords, sb.coords) and torch.equal(sa.values, sb.values)
+
+
+def _box(lo, hi):
+    v = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])], float)
+    f = np.array([[0, 1, 3], [0, 3, 2], [4, 6, 7], [4, 7, 5], [0, 4, 5], [0, 5, 1],
+                  [2, 3, 7], [2, 7, 6], [0, 2, 6], [0, 6, 4], [1, 5, 7], [1, 7, 3]])
+    return v, f
+
+
+@pytest.mark.parametrize("res", [32, 64])
+def test_grid_lines_through_vertices_and_edges(res):
+    # Corners and edges exactly on the grid lines of voxel centres (CAD meshes, symmetric scans): two
+    # overlapping boxes, one inward, and an octahedron whose edges run along diagonals of the grid.
+    c = lambda i: -1 + (i + 0.5) * 2 / res  # noqa: E731  (a voxel centre coordinate)
+    b1 = _box((c(4), c(6), c(5)), (c(res - 8), c(res - 10), c(res - 6)))
+    b2 = _box((c(10), c(3), c(8)), (c(res - 4), c(res - 14), c(res - 3)))
+    m = res // 2
+    ov = np.array([[c(m - 12), c(m), c(m)], [c(m + 12), c(m), c(m)], [c(m), c(m - 12), c(m)],
+                   [c(m), c(m + 12), c(m)], [c(m), c(m), c(m - 12)], [c(m), c(m), c(m + 12)]])
+    of = np.array([[0, 2, 4], [2, 1, 4], [1, 3, 4], [3, 0, 4], [2, 0, 5], [1, 2, 5], [3, 1, 5], [0, 3, 5]])
+    v = np.concatenate([b1[0], b2[0], ov])
+    f = np.concatenate([b1[1], b2[1][:, ::-1] + 8, of + 16])
+    prep = prepare_mesh(v, f)
+    assert prep.sign.method == "lines"
+    sdf = sdf_on_grid(prep, res)
+    w = winding_exact(sdf.centers().double(), prep.tri.double())
+    d = sdf.distance().double()
+    # Voxel centres on a face (d = 0 up to float32 rounding) may take either side.
+    decided = ((w - 0.5).abs() > 1e-6) & (d.abs() > 1e-5 * sdf.voxel_size)
+    assert decided.sum() > 0.5 * d.numel()
+    assert int((decided & ((d < 0) != (w >= 0.5))).sum()) == 0

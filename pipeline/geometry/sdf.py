@@ -171,7 +171,8 @@ def sdf_on_grid(mesh: PreparedMesh, resolution: int, band: float = 2.0, chunk: i
                   & (coords < torch.tensor(region[1], device=coords.device))).all(1).nonzero().squeeze(1)
         coords, bp.tri, bp.feature, bp.d2 = coords[inside], ids[bp.tri[inside]], bp.feature[inside], bp.d2[inside]
     points = -1.0 + (coords.float() + 0.5) * h
-    s = band_signs(mesh.sign, points, bp.tri, bp.feature, band * h)
+    lines = None if region is None else (tuple(region[0][:2]), tuple(region[1][:2]))
+    s = band_signs(mesh.sign, points, bp.tri, bp.feature, band * h, coords, resolution, lines)
     values = (s * bp.d2.sqrt() / (band * h)).clamp(-1.0, 1.0)
     return SparseSDF(coords, values.float(), resolution, float(band))
 

@@ -4,21 +4,23 @@ Rule (docs/sdf.md, "Sign"): every closed, consistently oriented component whose
 signed volume is negative is flipped first; then a voxel is inside when the
 winding number of the whole (re-oriented) soup is >= 0.5. How it is evaluated:
 
-- one closed, consistently oriented component that passes through itself nowhere
-  and folds over no edge (crossings.py checks): w is 0 or 1 and equals the side of
-  the closest feature's angle-weighted pseudo-normal (Baerentzen & Aanaes 2005).
-  Exact, one gather per voxel.
-- anything else: w at one probe just off each face's centroid (winding.py, exact:
-  ray crossings plus a cap over the boundary), carried to the voxel along the path voxel -> closest point ->
-  across the face to the centroid. That path crosses no surface on its first leg
-  (the closest point is the nearest surface point) and, on the second, only the
-  triangles that pass through the face (crossings.py): each adds +-1, counted
-  exactly. Along the path w changes otherwise only through the mesh's boundary
-  chain (edges whose faces do not cancel): |grad w| <= sum |e| / (4 pi dist^2) over
-  those edges (w is the potential of a current on the boundary, Biot-Savart), so
-  the drift is bounded per face (zero on closed meshes, where w is an integer).
-  Where the drift bound does not decide the side, or the closest feature touches
-  an edge the pseudo-normal cannot judge, w is evaluated exactly at the voxel.
+- every edge's faces cancel (closed parts, however they nest, overlap, fold or pass
+  through themselves): w is an integer off the surface, the signed count of the
+  crossings on the +z ray from the voxel. All band voxels of a grid column share
+  one line, so each triangle's (x, y) projection is scan-converted onto the lines
+  it covers once, with edge predicates that agree exactly between the two faces
+  of an edge (winding.LineCrossings); a voxel's count is a look-up in that list.
+- a boundary chain remains (open surfaces): w at one probe just off each face's
+  centroid (winding.py, exact: ray crossings plus a cap over the boundary),
+  carried to the voxel along the path voxel -> closest point -> across the face
+  to the centroid. That path crosses no surface on its first leg (the closest
+  point is the nearest surface point) and, on the second, only the triangles that
+  pass through the face (crossings.py): each adds +-1, counted exactly. Along the
+  path w changes otherwise only through the boundary chain: |grad w| <= sum |e| /
+  (4 pi dist^2) over its edges (w is the potential of a current on the boundary,
+  Biot-Savart), so the drift is bounded per face. Where the drift bound does not
+  decide the side, or the closest feature touches an edge the pseudo-normal
+  cannot judge, w is evaluated exactly at the voxel.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 from kernels.distance import EDGE_AB, EDGE_BC, EDGE_CA, FACE, VERT_A, VERT_B, VERT_C
 from kernels.distance.reference import point_triangle_offset_reference
 from pipeline.geometry.crossings import Crossings, triangle_crossings
-from pipeline.geometry.winding import WindingNumber, _expand
+from pipeline.geometry.winding import LineCrossings, WindingNumber, _expand
 
 WINDING_THRESHOLD = 0.5  # inside iff w >= 0.5: a hole is closed by its minimal cap, a lone sheet is outside
 _PROBE_OFFSET = 1e-4  # probe distance off a face, in normalized units (far below a 1024^3 voxel, 2e-3)
@@ -265,14 +267,13 @@ def drift_bound_fine(chain: BoundaryChain, centroid: torch.Tensor, reach: torch.
 class SignPrep:
     """Everything the sign needs that depends on the mesh alone, so resolutions can share it."""
 
-    method: str  # "winding", "pseudonormal" or "none"
+    method: str  # "lines" (w an integer), "winding" (open soups), "pseudonormal" or "none"
     planes: torch.Tensor | None = None  # feature_planes(...) table
     side_values: torch.Tensor | None = None  # (F,2) winding number outside / inside each face (winding path)
     side_err: torch.Tensor | None = None  # (F,) bound on the probe values' error
     open_table: torch.Tensor | None = None  # open_features(...) table (winding path)
     winding: WindingNumber | None = None
     crossings: Crossings | None = None
-    integer: bool = True  # no boundary chain: w is an integer off the surface
     chain: BoundaryChain | None = None
     tri64: torch.Tensor | None = None  # (F,3,3) float64 triangles
     centroid: torch.Tensor | None = None  # (F,3) float64
@@ -282,8 +283,6 @@ class SignPrep:
     _drift: dict | None = None  # band half-width -> (F,) drift bound
 
     def drift(self, reach: float) -> torch.Tensor:
-        if self.chain is None:
-            return torch.zeros_like(self.rho)
         self._drift = self._drift or {}
         if reach not in self._drift:
             self._drift[reach] = drift_bound(self.chain, self.centroid, self.rho + reach + _PROBE_OFFSET)
@@ -304,15 +303,16 @@ def prepare_sign(method: str, tri: torch.Tensor, faces: torch.Tensor, vertices: 
         if flips:
             tri = vertices[faces]
             topo = mesh_topology(faces, nv)
+    t = tri.double()
+    if method == "winding" and not bool((topo.chain != 0).any()):
+        # Every edge's faces cancel (closed parts, however they overlap, nest or pass through
+        # themselves): w is an integer off the surface, the signed count of crossings on the +z ray
+        # from the voxel, counted once per grid line for all its voxels (winding.LineCrossings).
+        return SignPrep("lines", tri64=t, flipped=flips), tri
     planes = feature_planes(tri, faces, pseudo_normals(tri, topo, faces, nv), topo)
     if method == "pseudonormal":
         return SignPrep("pseudonormal", planes), tri
     cross = triangle_crossings(tri, faces, _PROBE_OFFSET)
-    if topo.closed and topo.components == 1 and not cross.crossed.any() and not cross.hard.any():
-        # One closed surface that passes through itself nowhere and folds nowhere: w is 0 or 1 and its
-        # own pseudo-normals decide.
-        return SignPrep("pseudonormal", planes, flipped=flips), tri
-    t = tri.double()
     n = torch.linalg.cross(t[:, 1] - t[:, 0], t[:, 2] - t[:, 0], dim=1)
     n = n / n.norm(dim=1, keepdim=True).clamp_min(1e-300)
     g = t.mean(1)
@@ -321,8 +321,6 @@ def prepare_sign(method: str, tri: torch.Tensor, faces: torch.Tensor, vertices: 
     wn = WindingNumber(t, vertices.double()[topo.edge_vertices.to(tri.device)[on]], topo.chain.to(tri.device)[on])
     probe = g + _PROBE_OFFSET * n
     outer = wn(probe)
-    if chain is None:
-        outer = torch.round(outer)
     # Crossing a face against its normal adds one: w just inside = w just outside + 1. The probe's
     # offset from the face is part of the path the drift bound covers.
     inner = outer + 1
@@ -340,7 +338,7 @@ def prepare_sign(method: str, tri: torch.Tensor, faces: torch.Tensor, vertices: 
                               fold[:, 2] | fold[:, 0], fold[:, 0], fold[:, 1], fold[:, 2]], 1).reshape(-1)
     open_table = open_features(faces, topo, nv) | fold_table
     return SignPrep(method, planes, torch.stack([outer, inner], 1), err, open_table, wn,
-                    cross, chain is None, chain, t, g, n, rho, flips), tri
+                    cross, chain, t, g, n, rho, flips), tri
 
 
 def _walk_crossings(prep: SignPrep, points: torch.Tensor, tri_id: torch.Tensor, piece: int = 1 << 18):
@@ -379,11 +377,16 @@ def _walk_crossings(prep: SignPrep, points: torch.Tensor, tri_id: torch.Tensor, 
 
 
 def band_signs(prep: SignPrep, points: torch.Tensor, tri_id: torch.Tensor, feature: torch.Tensor,
-               reach: float) -> torch.Tensor:
-    """-1 inside, +1 outside for band voxels, given each one's closest triangle and feature; reach is the
-    band half-width (the farthest a voxel is from its closest point)."""
+               reach: float, coords: torch.Tensor, resolution: int, lines=None) -> torch.Tensor:
+    """-1 inside, +1 outside for band voxels (coords (N,3) sorted by (i, j, k), centres `points`), given
+    each one's closest triangle and feature; reach is the band half-width (the farthest a voxel is
+    from its closest point); lines ((i0, j0), (i1, j1)) bounds the voxels' columns when they come
+    from a region."""
     if prep.method == "none":
         return torch.ones(points.shape[0], dtype=points.dtype, device=points.device)
+    if prep.method == "lines":
+        w = LineCrossings(prep.tri64, resolution, lines)(coords)
+        return torch.where(w >= 1, -1.0, 1.0).to(points.dtype)
     side = feature_side(points, prep.planes, tri_id, feature)
     if prep.method == "pseudonormal":
         return side
@@ -394,15 +397,12 @@ def band_signs(prep: SignPrep, points: torch.Tensor, tri_id: torch.Tensor, featu
     if walk.any():
         idx = walk.nonzero().squeeze(1)
         w[idx] += _walk_crossings(prep, points[idx], tri_id[idx])
-    if prep.integer:
-        direct |= err >= 0.5
-    else:
-        unsure = (~direct & ((w - WINDING_THRESHOLD).abs() <= err)).nonzero().squeeze(1)
-        if unsure.numel():
-            faces, at = torch.unique(tri_id[unsure], return_inverse=True)
-            fine = drift_bound_fine(prep.chain, prep.centroid[faces], prep.rho[faces] + reach + _PROBE_OFFSET)
-            still = (w[unsure] - WINDING_THRESHOLD).abs() <= prep.side_err[tri_id[unsure]] + fine[at]
-            direct[unsure[still]] = True
+    unsure = (~direct & ((w - WINDING_THRESHOLD).abs() <= err)).nonzero().squeeze(1)
+    if unsure.numel():
+        faces, at = torch.unique(tri_id[unsure], return_inverse=True)
+        fine = drift_bound_fine(prep.chain, prep.centroid[faces], prep.rho[faces] + reach + _PROBE_OFFSET)
+        still = (w[unsure] - WINDING_THRESHOLD).abs() <= prep.side_err[tri_id[unsure]] + fine[at]
+        direct[unsure[still]] = True
     if direct.any():
         idx = direct.nonzero().squeeze(1)
         w[idx] = prep.winding(points[idx])

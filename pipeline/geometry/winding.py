@@ -153,3 +153,137 @@ class WindingNumber:
                 ang = strip_solid_angle(p, self.edges[None, :, 0], self.edges[None, :, 1])
                 out[s : s + step] += (ang * self.mult[None]).sum(1) / (4 * torch.pi)
         return out
+
+
+# ---------- winding numbers of voxel centres along grid lines ----------
+#
+# Every band voxel of a column (i, j) lies on one grid line parallel to z; the +z rays of all of them
+# run along it. So the crossings are found once per line, by scan-converting each triangle's (x, y)
+# projection onto the lines it covers, and a voxel's ray count is a sum over the crossings above it.
+
+
+def _edge_lines(t: torch.Tensor):
+    """(A, B, C, tie), each (F,3), of the edges ab, bc, ca in the (x, y) plane: A px + B py + C is the
+    side of p from the edge (> 0: left of it going along the triangle).
+
+    The coefficients come from the edge's ends in one fixed (lexicographic) order and are negated when
+    the triangle runs the other way, so the two triangles on an edge get exactly opposite values at
+    every point. An exact zero (p on the edge's line) takes the sign `tie` it has for p moved by
+    (eps, eps^2), so a line through an edge or a vertex is inside exactly one triangle of a closed fan.
+    """
+    u, w = t[:, :, :2], t[:, [1, 2, 0], :2]
+    swap = (u[..., 0] > w[..., 0]) | ((u[..., 0] == w[..., 0]) & (u[..., 1] > w[..., 1]))
+    a = torch.where(swap[..., None], w, u)
+    d = torch.where(swap[..., None], u, w) - a
+    flip = torch.where(swap, -1.0, 1.0).to(t.dtype)
+    A, B = -d[..., 1], d[..., 0]
+    C = d[..., 1] * a[..., 0] - d[..., 0] * a[..., 1]
+    tie = torch.where(d[..., 1] != 0, -torch.sign(d[..., 1]), torch.sign(d[..., 0]))
+    return A * flip, B * flip, C * flip, tie * flip
+
+
+class LineCrossings:
+    """Crossings of the z-parallel grid lines through voxel centres with a closed soup's triangles.
+
+    Sorted by key = line * (R + 1) + k_c, with line = i * R + j and k_c the number of voxel centres on
+    the line below the crossing; `after` holds, per crossing, the signed count (+1 where the triangle's
+    normal points to +z) of it and every later crossing on its line: w of a voxel is `after` at the
+    first crossing above it on its line (0 when there is none).
+    """
+
+    def __init__(self, tri: torch.Tensor, resolution: int, lines=None, budget: int = 1 << 22):
+        """tri (F,3,3) float64; lines ((i0, j0), (i1, j1)) limits the lines to that box (hi exclusive)."""
+        t = tri.double()
+        dev = t.device
+        r = self.resolution = resolution
+        h = 2.0 / r
+        (i0, j0), (i1, j1) = lines if lines is not None else ((0, 0), (r, r))
+        # Columns x_i under each triangle's x extent (a little slack: the exact test removes extras).
+        x, y = t[:, :, 0], t[:, :, 1]
+        c_lo = torch.ceil((x.min(1).values + 1) / h - 0.5 - 1e-6).clamp_min(i0).long()
+        c_hi = torch.floor((x.max(1).values + 1) / h - 0.5 + 1e-6).clamp_max(i1 - 1).long()
+        owner, col = _ragged(c_lo, (c_hi - c_lo + 1).clamp_min(0))
+        px = -1 + (col.double() + 0.5) * h
+        # Per (triangle, column): the rows whose line can pass through the triangle, and the edge
+        # functions at x_i (the row's y is the one term left per line).
+        ylo, yhi = _column_spans(x[owner], y[owner], px)
+        empty = ~(ylo <= yhi)  # a slack column that no edge reaches
+        ylo, yhi = torch.where(empty, 0.0, ylo), torch.where(empty, -1.0, yhi)
+        r_lo = torch.ceil((ylo + 1) / h - 0.5 - 1e-6).clamp_min(j0).long()
+        nrow = (torch.floor((yhi + 1) / h - 0.5 + 1e-6).clamp_max(j1 - 1).long() - r_lo + 1).clamp_min(0)
+        A, B, C, tie = _edge_lines(t)
+        base = A[owner] * px[:, None] + C[owner]  # (P,3)
+        keys, signs = [], []
+        csum = torch.cumsum(nrow, 0)
+        s = 0
+        while s < nrow.numel():  # pieces of about `budget` (triangle, line) pairs
+            done = int(csum[s - 1]) if s else 0
+            e = max(s + 1, int(torch.searchsorted(csum, done + budget, right=True)))
+            rep, j = _ragged(r_lo[s:e], nrow[s:e])
+            tid = owner[s:e][rep]
+            py = -1 + (j.double() + 0.5) * h
+            o = base[s:e][rep] + B[tid] * py[:, None]
+            side = torch.where(o == 0, tie[tid], o)
+            pos, neg = (side > 0).all(1), (side < 0).all(1)
+            hit = (pos | neg).nonzero().squeeze(1)
+            o, tid, v = o[hit], tid[hit], t[tid[hit], :, 2]
+            # Height of the crossing, barycentric: o(b->c) weighs a, o(c->a) weighs b, o(a->b) weighs c.
+            den = o.sum(1)
+            zc = torch.where(den != 0, (o[:, [1, 2, 0]] * v).sum(1) / torch.where(den != 0, den, 1.0), v.mean(1))
+            below = torch.ceil((zc + 1) / h - 0.5).clamp(0, r).long()  # voxel centres strictly below it
+            keys.append(((col[s:e][rep[hit]] * r + j[hit]) * (r + 1) + below))
+            signs.append(torch.where(pos[hit], 1, -1))
+            s = e
+        key = torch.cat(keys) if keys else torch.empty(0, dtype=torch.long, device=dev)
+        sign = torch.cat(signs) if signs else torch.empty(0, dtype=torch.long, device=dev)
+        order = torch.argsort(key)
+        self.keys, sign = key[order], sign[order]
+        self.line = torch.div(self.keys, r + 1, rounding_mode="floor")
+        # after[c] = sum of the signs from c to the end of its line: a suffix sum restarted per line.
+        total = torch.cumsum(sign, 0)
+        last = torch.ones_like(self.line, dtype=torch.bool)
+        last[:-1] = self.line[1:] != self.line[:-1]
+        idx = torch.arange(self.line.numel(), device=dev)
+        end = torch.where(last, idx, self.line.numel()).flip(0).cummin(0).values.flip(0)
+        self.after = total[end] - total + sign
+
+    def __call__(self, coords: torch.Tensor) -> torch.Tensor:
+        """(N,) int64 winding numbers at voxel centres (N,3) sorted by (i, j, k): the signed crossings
+        above each one on its line."""
+        r = self.resolution
+        line = coords[:, 0].long() * r + coords[:, 1].long()
+        key = line * (r + 1) + coords[:, 2].long()
+        if self.keys.numel() == 0:
+            return torch.zeros_like(line)
+        # Index of the first crossing above each voxel = the crossings at or below it: place the (fewer)
+        # crossings among the sorted voxels and count.
+        at = torch.searchsorted(key, self.keys)
+        first = torch.cumsum(torch.bincount(at, minlength=key.numel() + 1), 0)[:-1]
+        # A last entry on no line stands for "no crossing above" past the end.
+        line_of = torch.cat([self.line, self.line.new_full((1,), -1)])
+        after = torch.cat([self.after, self.after.new_zeros(1)])
+        return torch.where(line_of[first] == line, after[first], 0)
+
+
+def _ragged(start: torch.Tensor, count: torch.Tensor):
+    """(owner, value) for the ranges start[i], ..., start[i] + count[i] - 1, in order."""
+    owner = torch.repeat_interleave(torch.arange(count.numel(), device=count.device), count)
+    first = torch.cumsum(count, 0) - count
+    return owner, start[owner] + torch.arange(owner.numel(), device=count.device) - first[owner]
+
+
+def _column_spans(x, y, xc):
+    """[lo, hi] of y over each triangle's cut by the line x = xc (edges whose x range holds xc), with
+    slack so rounding in the cut never drops a line; lo > hi where no edge reaches xc."""
+    lo = torch.full_like(xc, torch.inf)
+    hi = torch.full_like(xc, -torch.inf)
+    for a, b in ((0, 1), (1, 2), (2, 0)):
+        xa, xb, ya, yb = x[:, a], x[:, b], y[:, a], y[:, b]
+        dx = xb - xa
+        tt = ((xc - xa) / torch.where(dx == 0, 1.0, dx)).clamp(0, 1)
+        yc = ya + tt * (yb - ya)
+        covers = (torch.minimum(xa, xb) <= xc) & (xc <= torch.maximum(xa, xb))
+        flat = dx == 0
+        lo = torch.where(covers, torch.minimum(lo, torch.where(flat, torch.minimum(ya, yb), yc)), lo)
+        hi = torch.where(covers, torch.maximum(hi, torch.where(flat, torch.maximum(ya, yb), yc)), hi)
+    return lo - 1e-9, hi + 1e-9
