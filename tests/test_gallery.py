@@ -166,13 +166,16 @@ def test_gallery_in_headless_chromium(library, tmp_path):
     boxes = json.loads(attrs["data-first-card"].replace("&quot;", '"'))
 
     shot = tmp_path / "gallery.png"
-    res = _chromium(page, tmp_path / "profile-shot", f"--screenshot={shot}")
-    assert shot.exists(), res.stderr[-2000:]
+    for attempt in range(3):  # on a busy machine a screenshot can come before the view's first frame is shown
+        res = _chromium(page, tmp_path / f"profile-shot{attempt}", f"--screenshot={shot}")
+        assert shot.exists(), res.stderr[-2000:]
+        img = np.asarray(Image.open(shot).convert("RGB")).astype(np.float64)
+        view, preview, inp = (_region(img, boxes[k]) for k in ("view", "preview", "input"))
+        if (view.mean(-1) < 235).mean() > 0.05:
+            break
     ARTEFACTS.mkdir(parents=True, exist_ok=True)
     shutil.copy(shot, ARTEFACTS / "test_gallery.png")
-    img = np.asarray(Image.open(shot).convert("RGB")).astype(np.float64)
     assert img.shape[:2] == (900, 1280)
-    view, preview, inp = (_region(img, boxes[k]) for k in ("view", "preview", "input"))
     # the 3D view drew the grey mesh: many pixels darker than the white background, and not flat
     assert (view.mean(-1) < 235).mean() > 0.05 and view.std() > 20, (view.mean(), view.std())
     assert (preview.mean(-1) < 235).mean() > 0.05 and preview.std() > 20
@@ -180,3 +183,56 @@ def test_gallery_in_headless_chromium(library, tmp_path):
     # the view shows the same grey clay as the preview, seen from elsewhere: similar tones, other pixels
     grey = lambda r: r[r.mean(-1) < 235].mean()  # noqa: E731
     assert abs(grey(view) - grey(preview)) < 40
+
+
+def test_coarsen_keeps_the_shape_within_the_face_budget():
+    from pipeline.gallery import coarsen, viewer_script
+
+    ball = trimesh.creation.icosphere(5, radius=0.9)  # 20,480 faces
+    v, f = coarsen(ball.vertices, ball.faces, 2000)
+    assert 500 < len(f) <= 2000 and f.max() < len(v)
+    assert len(np.unique(np.sort(f, axis=1), axis=0)) == len(f)  # no face twice
+    assert np.abs(np.linalg.norm(v, axis=1) - 0.9).max() < 0.1  # on the sphere, within about a cell
+    meta = json.loads(re.search(rb"(\{.*?\})", viewer_script("ball", ball.vertices, ball.faces, 2000)).group(1))
+    assert meta["faces"] == len(f) and meta["index"] == "u16"
+
+
+# Drives the first 3D view as a person would, once its mesh is drawn: drag, wheel, double-click; writes what
+# changed into <body data-*> (a fraction of pixels, the covered share before and after zooming out).
+INTERACT = """<script>
+(function () {
+  function pixels(c) { return c.getContext("2d").getImageData(0, 0, c.width, c.height).data; }
+  function changed(a, b) { var n = 0; for (var i = 0; i < a.length; i += 4) if (a[i] !== b[i]) n++; return n / (a.length / 4); }
+  function covered(a) { var n = 0; for (var i = 0; i < a.length; i += 4) if (a[i] < 250) n++; return n / (a.length / 4); }
+  function fire(c, type, x, y) {
+    var r = c.getBoundingClientRect();
+    c.dispatchEvent(new PointerEvent(type, {clientX: r.left + x, clientY: r.top + y, pointerId: 7, bubbles: true}));
+  }
+  var timer = setInterval(function () {
+    var c = document.querySelector("canvas.view[data-drawn]");
+    if (!c) return;
+    clearInterval(timer);
+    var first = pixels(c), b = document.body;
+    fire(c, "pointerdown", 100, 100); fire(c, "pointermove", 160, 120); fire(c, "pointerup", 160, 120);
+    var dragged = pixels(c);
+    b.setAttribute("data-drag-changed", changed(first, dragged).toFixed(4));
+    c.dispatchEvent(new WheelEvent("wheel", {deltaY: 600, bubbles: true, cancelable: true}));
+    b.setAttribute("data-zoom-covered", covered(dragged).toFixed(4) + " " + covered(pixels(c)).toFixed(4));
+    c.dispatchEvent(new MouseEvent("dblclick", {bubbles: true}));
+    b.setAttribute("data-reset-changed", changed(first, pixels(c)).toFixed(4));
+  }, 100);
+})();
+</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium: apt-get install chromium (or chromium-headless-shell)")
+def test_the_3d_view_orbits_zooms_and_resets(library, tmp_path):
+    root, _, _ = library
+    page = root / "gallery_interact.html"
+    page.write_text((root / "gallery.html").read_text().replace("</body>", INTERACT + "</body>"))
+    dom = _chromium(page, tmp_path / "profile", "--dump-dom").stdout
+    attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', re.search(r"<body[^>]*>", dom).group(0)))
+    assert float(attrs["data-drag-changed"]) > 0.02, attrs  # the drag turned the mesh
+    before, after = map(float, attrs["data-zoom-covered"].split())
+    assert after < 0.8 * before, attrs  # wheel down moves the camera away: the mesh covers less
+    assert float(attrs["data-reset-changed"]) == 0.0, attrs  # double-click: back to the first view exactly

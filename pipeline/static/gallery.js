@@ -47,16 +47,15 @@
   }
 
   window.addEventListener("load", function () {
-    var canvases = document.querySelectorAll("canvas.view");
-    if ("IntersectionObserver" in window) {
-      var seen = new IntersectionObserver(function (entries) {
-        entries.forEach(function (e) { if (e.isIntersecting) { load(e.target); seen.unobserve(e.target); } });
-      }, {rootMargin: "400px"});
-      canvases.forEach(function (c) { seen.observe(c); });
-    } else {
-      canvases.forEach(load);
-    }
+    var canvases = document.querySelectorAll("canvas.view"), margin = 400;
+    var seen = "IntersectionObserver" in window && new IntersectionObserver(function (entries) {
+      entries.forEach(function (e) { if (e.isIntersecting) { load(e.target); seen.unobserve(e.target); } });
+    }, {rootMargin: margin + "px"});
+    canvases.forEach(function (c) {  // what is on the screen now loads at once, the rest when scrolled near
+      var r = c.getBoundingClientRect();
+      if (!seen || r.top < window.innerHeight + margin) load(c); else seen.observe(c);
+    });
+    S2Viewer.ondraw = count;
     count();
-    setInterval(count, 500);
   });
 })();

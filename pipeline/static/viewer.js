@@ -118,14 +118,18 @@
     gl.bindVertexArray(null);
     ctx.clearRect(0, 0, w, h);
     ctx.drawImage(glCanvas, 0, 0);
-    view.canvas.setAttribute("data-drawn", "1");
+    if (!view.canvas.hasAttribute("data-drawn")) {
+      view.canvas.setAttribute("data-drawn", "1");
+      if (S2Viewer.ondraw) S2Viewer.ondraw(view.canvas);
+    }
     return true;
   }
 
   function attach(view) {
     var c = view.canvas, drag = null;
     c.addEventListener("pointerdown", function (e) {
-      drag = {x: e.clientX, y: e.clientY}; c.setPointerCapture(e.pointerId);
+      drag = {x: e.clientX, y: e.clientY};
+      try { c.setPointerCapture(e.pointerId); } catch (err) { /* a synthetic pointer has nothing to capture */ }
     });
     c.addEventListener("pointermove", function (e) {
       if (!drag) return;
@@ -171,5 +175,7 @@
     views.forEach(function (v) { if (v.id === id) ready(v); });
   }
 
-  window.S2Viewer = {view: view, mesh: mesh, error: function () { context(); return glError; }};
+  // ondraw(canvas): called once per view, after its first frame
+  var S2Viewer = window.S2Viewer = {view: view, mesh: mesh, ondraw: null,
+                                    error: function () { context(); return glError; }};
 })();
