@@ -167,9 +167,10 @@ def _run(args) -> int:
         rc = start_local(env, dashboard_port=args.dashboard_port, port=args.port, num_cpus=args.num_cpus,
                          num_gpus=args.num_gpus).returncode
         if rc == 0:
-            print(f"\nRay cluster up: RAY_ADDRESS=http://127.0.0.1:{args.dashboard_port}"
-                  + ("" if args.no_auth else " (token auth; clients read ~/.ray/auth_token)")
-                  + f"; `s2 cluster down --dashboard-port {args.dashboard_port}` ends it")
+            print(f"\nRay cluster up (token auth {'off' if args.no_auth else 'on: the token is ~/.ray/auth_token'}):\n"
+                  f"  export RAY_ADDRESS=http://127.0.0.1:{args.dashboard_port}"
+                  + ("" if args.no_auth else " RAY_AUTH_MODE=token")
+                  + f"\n`s2 cluster down --dashboard-port {args.dashboard_port}` ends it")
         return rc
     if args.action == "down":
         n = stop_local(args.dashboard_port)
