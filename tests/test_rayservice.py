@@ -96,3 +96,14 @@ def test_against_the_kuberay_crd():
         errors = [f"{'.'.join(map(str, e.path))}: {e.message}"
                   for e in jsonschema.Draft7Validator(_kube_schema(schema)).iter_errors(_manifest())]
         assert not errors, (path, errors[:5])
+
+
+def test_every_claim_the_manifests_mount_is_made_by_one():
+    """The s2-models volume the GPU pods mount comes from cluster/models-pvc.yaml, not from nowhere."""
+    import re
+
+    texts = [p.read_text() for d in ("cluster", "jobs") for p in sorted((ROOT / d).glob("*.yaml"))]
+    claims = {c for t in texts for c in re.findall(r"claimName:\s*([\w-]+)", t)}
+    made = {doc["metadata"]["name"] for t in texts for doc in yaml.safe_load_all(t)
+            if isinstance(doc, dict) and doc.get("kind") == "PersistentVolumeClaim"}
+    assert claims and claims <= made, claims - made
