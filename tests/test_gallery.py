@@ -141,11 +141,13 @@ def test_names_and_errors_are_escaped(tmp_path):
     assert "bad<script>" not in page and "bad&lt;script&gt;" in page and "image &lt;b&gt;" in page
 
 
-def _chromium(page: Path, profile: Path, *args: str) -> subprocess.CompletedProcess:
+def _chromium(page: Path | str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    """Headless Chromium on ``page`` (a file or a URL), WebGL through SwiftShader."""
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--use-angle=swiftshader",
            "--enable-unsafe-swiftshader", "--disable-background-networking", "--disable-component-update",
            "--disable-sync", "--no-first-run", f"--user-data-dir={profile}", "--window-size=1280,900",
-           "--hide-scrollbars", "--virtual-time-budget=8000", *args, page.as_uri()]
+           "--hide-scrollbars", "--virtual-time-budget=8000", *args,
+           page if isinstance(page, str) else page.as_uri()]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
@@ -236,3 +238,22 @@ def test_the_3d_view_orbits_zooms_and_resets(library, tmp_path):
     before, after = map(float, attrs["data-zoom-covered"].split())
     assert after < 0.8 * before, attrs  # wheel down moves the camera away: the mesh covers less
     assert float(attrs["data-reset-changed"]) == 0.0, attrs  # double-click: back to the first view exactly
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium: apt-get install chromium (or chromium-headless-shell)")
+def test_gallery_served_over_http(library, tmp_path):
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    root, _, _ = library
+    quiet = type("Quiet", (SimpleHTTPRequestHandler,), {"log_message": lambda *a: None})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(quiet, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/gallery.html"
+        dom = _chromium(url, tmp_path / "profile", "--dump-dom").stdout
+    finally:
+        server.shutdown()
+    body = re.search(r"<body[^>]*>", dom).group(0)
+    assert 'data-previews-loaded="2"' in body and 'data-views-drawn="2"' in body, body
