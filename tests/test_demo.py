@@ -56,22 +56,75 @@ def test_training_jobs_run_in_order_and_the_dit_models_the_vae_latents(monkeypat
     def submit(spec, address):
         argv = shlex.split(spec.entrypoint)
         submitted.append(argv)
-        name = argv[argv.index("--name") + 1]
-        (tmp_path / "runs" / name / "checkpoint_1").mkdir(parents=True)
-        (tmp_path / "runs" / name / "checkpoint_1" / "weights.pt").write_bytes(b"")
+        if argv[0] == "s2":
+            name = argv[argv.index("--name") + 1]
+            (tmp_path / "runs" / name / "checkpoint_1").mkdir(parents=True)
+            (tmp_path / "runs" / name / "checkpoint_1" / "weights.pt").write_bytes(b"")
         return "SUCCEEDED"
 
     monkeypatch.setattr(jobs, "submit", submit)
     steps = {"structure-vae": 1, "structure-dit": 2, "vae": 3, "dit": 4}
     ckpt = demo.train_debug_networks(tmp_path / "dataset", tmp_path / "runs", 64, steps, "http://x", latent=latent)
     nets = [a[2] for a in submitted]
-    want = ["structure-vae", "structure-dit", "vae", "dit"] if latent == "ss_vae" else ["structure-vae", "structure-dit", "dit"]
+    want = (["structure-vae", "structure-dit", "vae", "pipeline.train.latents", "dit"] if latent == "ss_vae"
+            else ["structure-vae", "structure-dit", "dit"])
     assert nets == want
     dit = submitted[-1]
-    if latent == "ss_vae":
-        assert dit[dit.index("--latent") + 1] == ckpt["vae"] and ckpt["vae"].endswith("checkpoint_1")
+    if latent == "ss_vae":  # the SS-DiT and the cascade read the VAE with its latent scale
+        stats = submitted[3]
+        assert stats[3].endswith("checkpoint_1") and ckpt["vae"] == stats[stats.index("--out") + 1]
+        assert dit[dit.index("--latent") + 1] == ckpt["vae"]
         vae = submitted[2]
         assert vae[vae.index("--token-budget") + 1] == str(demo.VAE_TOKEN_BUDGET)
         assert vae[vae.index("--steps") + 1] == "3"
     else:
         assert "--latent" not in dit and "vae" not in ckpt
+
+
+def test_latent_calibration_gives_unit_spread(monkeypatch, tmp_path):
+    import dataclasses
+    from types import SimpleNamespace
+
+    import torch
+
+    from model.cascade import load_network
+    from model.sdf_shapes import AnalyticShape, narrow_band
+    from model.vae import SparseSDFVAE, VAEConfig
+    from pipeline import shards
+    from pipeline.train import latents
+
+    torch.manual_seed(0)
+    cfg = VAEConfig.named("tiny")
+    vae = SparseSDFVAE(cfg)
+    torch.nn.init.normal_(vae.encoder.out_layer.weight, std=0.3)  # a fresh encoder's latents are all zero
+    ckpt = tmp_path / "run" / "checkpoint_1"
+    ckpt.mkdir(parents=True)
+    torch.save({"network": "vae", "model_config": repr(cfg), "resolution": 32, "step": 1,
+                "state_dict": {f"vae.{k}": v for k, v in vae.state_dict().items()}}, ckpt / "weights.pt")
+    samples = []
+    for kind, params in (("sphere", (0.6,)), ("torus", (0.5, 0.2))):
+        c, v = narrow_band(AnalyticShape(kind, params), 32)
+        samples.append(SimpleNamespace(coords=c, values=v, resolution=32))
+    monkeypatch.setattr(shards, "read_samples", lambda *a, **k: iter(samples))
+
+    out = tmp_path / "calibrated"
+    stats = latents.calibrate(str(ckpt), "unused", 32, str(out))
+    assert stats["shapes"] == 2 and stats["std"] > 0
+    for source in (str(out), str(out / "model")):  # the trainer's layout and the checkpoint folder
+        loaded = load_network(source, "vae")
+        assert loaded.config.latents_scale == pytest.approx(1 / stats["std"])
+        assert loaded.config.latents_shift == pytest.approx(stats["mean"])
+    from pipeline.train.checkpoints import load_weights, model_config_of
+
+    trained_on = model_config_of(load_weights(str(out), "vae"), VAEConfig)  # what the SS-DiT task reads
+    assert trained_on == dataclasses.replace(cfg, latents_scale=1 / stats["std"], latents_shift=stats["mean"])
+    z = []
+    for s in samples:
+        from model.sparse import SparseTensor
+
+        x = SparseTensor.from_unsorted(torch.cat([torch.zeros_like(s.coords[:, :1]), s.coords], 1).int(),
+                                       s.values.float()[:, None], 32, 1)
+        m = load_network(str(out), "vae").module
+        z.append(m.scale(m.encode(x, sample=False)[1]).flatten())
+    z = torch.cat(z)
+    assert float(z.std()) == pytest.approx(1.0, rel=1e-3) and abs(float(z.mean())) < 1e-4

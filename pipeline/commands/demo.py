@@ -180,6 +180,14 @@ def train_debug_networks(dataset: Path, runs: Path, resolution: int, steps: dict
             raise RuntimeError(f"training {net}: job {status}")
         ckpt[net.replace("-", "_")] = latest_checkpoint(runs, f"demo-{net}")
         print(f"trained {net}: {n} steps in {time.time() - t:.0f} s")
+        if net == "vae":  # the SS-DiT models latents of unit spread (pipeline/train/latents.py)
+            out = str(runs / "demo-vae-latents")
+            status = jobs.submit(_job("demo-vae-latents", [
+                "python", "-m", "pipeline.train.latents", ckpt["vae"], "--shards", str(dataset),
+                "--resolution", str(resolution), "--out", out]), address=address)
+            if status != "SUCCEEDED":
+                raise RuntimeError(f"latent statistics of the SS-VAE: job {status}")
+            ckpt["vae"] = out
     return ckpt
 
 
