@@ -111,13 +111,20 @@ def viewer_script(asset_id: str, vertices: np.ndarray, faces: np.ndarray, max_fa
 
 
 def write_asset_view(lib, asset_id: str, mesh: bytes, fmt: str) -> dict:
-    """Writes ``viewer/<asset_id>.js``; returns the record fields: the viewer path and the mesh's facts."""
+    """Writes ``viewer/<asset_id>.js``; returns the record fields: the viewer path and the mesh's facts.
+
+    Never raises for a mesh it cannot read or measure: the asset is still a good mesh, so its card says
+    why the 3D view is missing (``viewer_error``) instead."""
     from model.postprocess import read_mesh_bytes
 
-    v, f = read_mesh_bytes(mesh, fmt)
-    facts = mesh_facts(v, f)
+    try:
+        v, f = read_mesh_bytes(mesh, fmt)
+        facts = mesh_facts(v, f)
+        script = viewer_script(asset_id, v, f)
+    except Exception as e:  # noqa: BLE001 - whatever the loaders raise, the item keeps its mesh and preview
+        return {"viewer": None, "viewer_error": f"{type(e).__name__}: {e}"[:200]}
     rel = f"viewer/{asset_id}.js"
-    lib.write(rel, viewer_script(asset_id, v, f))
+    lib.write(rel, script)
     return {"viewer": rel, "viewer_faces": min(len(f), VIEWER_FACES), **facts}
 
 
@@ -164,7 +171,8 @@ def _card(row: dict) -> str:
                 f'<figcaption>3D: drag to orbit, wheel to zoom, double-click to reset'
                 f'<span class="viewnote"></span></figcaption></figure>')
     else:
-        view = '<figure><div class="missing">no 3D view</div><figcaption>3D</figcaption></figure>'
+        why = e(row.get("viewer_error") or "")
+        view = f'<figure><div class="missing">no 3D view</div><figcaption>3D {why}</figcaption></figure>'
     shown = row.get("viewer_faces")
     faces = f'{row["faces"]:,}' + (f" (3D view: {shown:,})" if shown and shown < row["faces"] else "")
     facts = (_fact("seed", row["seed"]) + _fact("faces", faces)
@@ -196,7 +204,7 @@ def write_gallery(lib, rows: list[dict], title: str) -> None:
     view existed) gets ``viewer/<asset_id>.js`` now."""
     rows = [dict(r) for r in rows]
     for r in rows:
-        if r["status"] != "ok" or r.get("viewer") or not r.get("mesh"):
+        if r["status"] != "ok" or "viewer" in r or not r.get("mesh"):
             continue
         rel = f"viewer/{r['asset_id']}.js"
         try:

@@ -257,3 +257,16 @@ def test_gallery_served_over_http(library, tmp_path):
         server.shutdown()
     body = re.search(r"<body[^>]*>", dom).group(0)
     assert 'data-previews-loaded="2"' in body and 'data-views-drawn="2"' in body, body
+
+
+def test_a_mesh_the_viewer_cannot_read_keeps_its_card(tmp_path):
+    from pipeline.gallery import gallery_html, write_asset_view
+    from pipeline.generate import Library
+
+    lib = Library(str(tmp_path))
+    fields = write_asset_view(lib, "odd", b"not a mesh", "glb")
+    assert fields["viewer"] is None and fields["viewer_error"] and not (tmp_path / "viewer").exists()
+    row = {"asset_id": "odd", "name": "odd", "source": "x.png", "seed": 0, "status": "ok", "error": None,
+           "preview": "previews/odd.png", "mesh": "meshes/odd.glb", "faces": 12, "seconds": 1.0, **fields}
+    page = gallery_html([row])
+    assert "no 3D view" in page and '<canvas class="view"' not in page and 'data-status="ok"' in page
