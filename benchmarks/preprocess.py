@@ -5,6 +5,7 @@ on a ~50k-face scanned mesh and on the sample corpus, against mesh-to-sdf on the
     python benchmarks/preprocess.py --device cuda            # one GPU
     python benchmarks/preprocess.py --mesh bunny.npz --res 256 512 --no-corpus --json out.json
     python benchmarks/preprocess.py --open --no-corpus      # the mesh cut open: winding-number sign path
+    python benchmarks/preprocess.py --mesh sign:nested_shells --res 1024 --no-corpus   # a sign-test mesh
     python benchmarks/preprocess.py --rerun 10000           # a rerun over 10,000 finished files, one core
     PYTHONPATH=<tree of another commit> python benchmarks/preprocess.py ...   # that commit, same script
 
@@ -72,6 +73,14 @@ def scan_mesh(path: str | None) -> tuple[np.ndarray, np.ndarray, str]:
     if path == "scan_smooth":
         v, f = scan_like_mesh(noise=0.02)
         return v, f, "scan_smooth"
+    if path and path.startswith("sign:"):  # a mesh of the sign tests (tests/sign_cases.py)
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from sign_cases import CASES
+
+        v, f = CASES[path[5:]]()
+        return v, f, path[5:]
     if path and path.endswith(".npz"):
         d = np.load(path)
         return d["v"], d["f"], Path(path).stem
@@ -304,7 +313,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--res", type=int, nargs="+", default=list(RESOLUTIONS))
     ap.add_argument("--band", type=float, default=2.0)
-    ap.add_argument("--mesh", default=None, help="scan_like, .npz (v, f) or a mesh file; default: bunny, else scan_like")
+    ap.add_argument("--mesh", default=None, help="scan_like, scan_smooth, sign:<case of tests/sign_cases.py>, .npz (v, f) "
+                    "or a mesh file; default: bunny, else scan_like")
     ap.add_argument("--corpus", default=None, help="sample corpus folder (generated if absent)")
     ap.add_argument("--corpus-res", type=int, default=256)
     ap.add_argument("--no-corpus", action="store_true")

@@ -137,10 +137,9 @@ def _box(lo, hi):
     return v, f
 
 
-@pytest.mark.parametrize("res", [32, 64])
-def test_grid_lines_through_vertices_and_edges(res):
-    # Corners and edges exactly on the grid lines of voxel centres (CAD meshes, symmetric scans): two
-    # overlapping boxes, one inward, and an octahedron whose edges run along diagonals of the grid.
+def _on_grid_lines(res):
+    """Corners and edges exactly on the grid lines of voxel centres (CAD meshes, symmetric scans): two
+    overlapping boxes, one inward, and an octahedron whose edges run along diagonals of the grid."""
     c = lambda i: -1 + (i + 0.5) * 2 / res  # noqa: E731  (a voxel centre coordinate)
     b1 = _box((c(4), c(6), c(5)), (c(res - 8), c(res - 10), c(res - 6)))
     b2 = _box((c(10), c(3), c(8)), (c(res - 4), c(res - 14), c(res - 3)))
@@ -149,7 +148,12 @@ def test_grid_lines_through_vertices_and_edges(res):
                    [c(m), c(m + 12), c(m)], [c(m), c(m), c(m - 12)], [c(m), c(m), c(m + 12)]])
     of = np.array([[0, 2, 4], [2, 1, 4], [1, 3, 4], [3, 0, 4], [2, 0, 5], [1, 2, 5], [3, 1, 5], [0, 3, 5]])
     v = np.concatenate([b1[0], b2[0], ov])
-    f = np.concatenate([b1[1], b2[1][:, ::-1] + 8, of + 16])
+    return v, np.concatenate([b1[1], b2[1][:, ::-1] + 8, of + 16])
+
+
+@pytest.mark.parametrize("res", [32, 64])
+def test_grid_lines_through_vertices_and_edges(res):
+    v, f = _on_grid_lines(res)
     prep = prepare_mesh(v, f)
     assert prep.sign.method == "lines"
     sdf = sdf_on_grid(prep, res)
@@ -159,3 +163,26 @@ def test_grid_lines_through_vertices_and_edges(res):
     decided = ((w - 0.5).abs() > 1e-6) & (d.abs() > 1e-5 * sdf.voxel_size)
     assert decided.sum() > 0.5 * d.numel()
     assert int((decided & ((d < 0) != (w >= 0.5))).sum()) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["grid_lines", "scan_like"])
+def test_cuda_line_counts_equal_cpu(case):
+    # The line crossings are exact predicates in float64: CUDA and CPU must give the same integers.
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from pipeline.geometry.winding import LineCrossings
+
+    if case == "grid_lines":
+        v, f, res = *_on_grid_lines(64), 64
+    else:
+        from benchmarks.preprocess import scan_like_mesh
+
+        (v, f), res = scan_like_mesh(), 512
+    prep = prepare_mesh(v, f)
+    sdf = sdf_on_grid(prep, res)
+    cpu = LineCrossings(prep.tri.double(), res)(sdf.coords)
+    gpu = LineCrossings(prep.tri.double().cuda(), res)(sdf.coords.cuda())
+    assert torch.equal(cpu, gpu.cpu())
+    on_gpu = sdf_on_grid(prepare_mesh(v, f, device="cuda"), res)
+    assert abs(on_gpu.coords.shape[0] - sdf.coords.shape[0]) <= 1e-4 * sdf.coords.shape[0] + 1
