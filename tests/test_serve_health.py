@@ -65,5 +65,16 @@ def test_corrupt_checkpoint_is_reported_by_serve_status_and_healthz(ray_cluster,
                           timeout=60)
         assert r.status_code == 503 and r.json()["error"] == body["error"], r.text
         assert time.monotonic() - t0 < 30  # answers, not a wait for a replica
+
+        images = tmp_path / "images"  # a batch job against the failed app stops with the same line
+        images.mkdir()
+        (images / "a.png").write_bytes(png())
+        s2 = os.path.join(os.path.dirname(sys.executable), "s2")
+        out = subprocess.run([s2, "generate", "--images", str(images), "--output", str(tmp_path / "lib"),
+                              "--app-name", "s2bad", "--no-progress"], capture_output=True, text=True, timeout=180,
+                             env={**ray_cluster.env, "RAY_ADDRESS": ray_cluster.dashboard})
+        lines = [line for line in out.stderr.splitlines() if line.startswith("s2 generate")]
+        assert out.returncode == 2 and lines and body["error"] in lines[-1], out.stderr[-3000:]
+        assert "Traceback" not in out.stderr
     finally:
         _serve(ray_cluster, "shutdown", "-y")
