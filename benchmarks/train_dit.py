@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from model.dit import DiTConfig, SparseDiT
+from model.sparse import SparseTensor
 from model.flow import TimestepSampler
 from pipeline.train.tasks import FlowObjective
 
@@ -53,9 +54,9 @@ def _world() -> tuple[int, int]:
 def _torch_step(model, device):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
-    def step(x0, coords, cu, cond):
+    def step(x0, cond):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = model(x0, coords, cu, cond)
+            loss, _ = model(x0, cond)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -73,8 +74,8 @@ def _deepspeed_step(model, zero: int):
     engine, opt, sched = make_engine(model, cfg)
     ema = EMA(engine.module, cfg.ema_decay)
 
-    def step(x0, coords, cu, cond):
-        loss, _ = engine(x0.bfloat16(), coords, cu, cond.bfloat16())
+    def step(x0, cond):
+        loss, _ = engine(x0.replace(x0.feats.bfloat16()), cond.bfloat16())
         engine.backward(loss)
         engine.step()
         ema.update()
@@ -94,8 +95,8 @@ def bench(cfg_name: str, tokens: int, attention: str, steps: int, warmup: int, c
     grid = 64 if tokens <= 30000 else 128  # latent grid of 512³ / 1024³
     coords = shell_coords(tokens, grid, seed=rank).to(device)  # each rank its own shape
     gen = torch.Generator(device=device).manual_seed(rank)
-    x0 = torch.randn(tokens, cfg.in_channels, device=device, generator=gen)
-    cu = torch.tensor([0, tokens], device=device)
+    x0 = SparseTensor.packed(coords, torch.randn(tokens, cfg.in_channels, device=device, generator=gen),
+                             torch.tensor([0, tokens], device=device), grid)
     cond = torch.randn(1, COND_TOKENS, cfg.cond_dim, device=device, generator=gen)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -103,7 +104,7 @@ def bench(cfg_name: str, tokens: int, attention: str, steps: int, warmup: int, c
     for i in range(warmup + steps):
         torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        loss = step(x0, coords, cu, cond)
+        loss = step(x0, cond)
         torch.cuda.synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)

@@ -30,11 +30,12 @@ import torch
 from model import pooled_latent
 from model.checkpoint import CheckpointError, from_pretrained, is_pretrained_folder
 from model.condition import build_image_encoder, decode_image, pack_condition
-from model.dit import DiTConfig, PackedCondition, SparseDiT, pack
+from model.dit import DiTConfig, PackedCondition, SparseDiT
 from model.flow import STAGE_DEFAULTS, FlowEulerSampler, ReleaseSchedule
 from model.mesh_extract import extract_mesh
 from model.voxelize import normalize_vertices, surface_latent_index
 from model.postprocess import PostprocessConfig, clean_mesh
+from model.sparse import SparseTensor
 from model.structure import (STRUCTURE_DIT_CONFIGS, StructureDiT, StructureVAE, StructureVAEConfig, check_structure_pair,
                              occupancy_to_latent_coords)
 from model.dense_dit import DenseDiTConfig
@@ -436,12 +437,15 @@ class Cascade:
         hub = getattr(self.encoder, "hub", None)
         return PackedCondition(*pack_condition(tokens, images[:, 3:].to(self.device), hub.cfg.patch if hub else 14))
 
-    def _guided(self, net: SparseDiT, coords: torch.Tensor, cu: torch.Tensor, cond):
-        """Velocity with classifier-free guidance as one forward over [cond; zero cond] (2B shapes)."""
-        b = cu.numel() - 1
+    def _guided(self, net: SparseDiT, tokens: SparseTensor, cond):
+        """Velocity with classifier-free guidance as one forward over [cond; zero cond] (2B shapes).
+
+        The tokens' structure (and the SSA's, cached on it) is built once for all the sampler's steps."""
+        b, cu = tokens.batch_size, tokens.cu_seqlens
         g = self.cfg.guidance
-        coords2 = torch.cat([coords, coords])
-        cu2 = torch.cat([cu, cu[1:] + cu[-1]])
+        coords = tokens.coords[:, 1:]
+        doubled = SparseTensor.packed(torch.cat([coords, coords]), torch.cat([tokens.feats, tokens.feats]),
+                                      torch.cat([cu, cu[1:] + cu[-1]]), tokens.resolution)
         if isinstance(cond, PackedCondition):  # the zero condition keeps the tokens' positions
             ccu = cond.cu_seqlens
             cond2 = PackedCondition(torch.cat([cond.tokens, torch.zeros_like(cond.tokens)]),
@@ -451,8 +455,9 @@ class Cascade:
 
         def velocity(x, t, _cond):
             if g == 1.0:
-                return net(x, coords, cu, t.expand(b).to(self.dtype), cond).float()
-            v = net(torch.cat([x, x]).to(self.dtype), coords2, cu2, t.expand(2 * b).to(self.dtype), cond2).float()
+                return net(tokens.replace(x), t.expand(b).to(self.dtype), cond).feats.float()
+            v = net(doubled.replace(torch.cat([x, x]).to(self.dtype)), t.expand(2 * b).to(self.dtype), cond2)
+            v = v.feats.float()
             vc, vu = v[: x.shape[0]], v[x.shape[0]:]
             return vu + g * (vc - vu)
 
@@ -485,10 +490,9 @@ class Cascade:
         """Sample latents (M_i, C) on the given latent voxels of every item, packed without padding."""
         c = net.cfg.in_channels
         noise = [torch.randn(len(x), c, generator=_item_generator(s, stage)) for x, s in zip(coords_list, seeds)]
-        coords, x0, cu = pack([x.cpu() for x in coords_list], noise)
-        coords, x0, cu = coords.to(self.device), x0.to(self.device), cu.to(self.device)
+        tokens = SparseTensor.from_samples([x.cpu() for x in coords_list], noise, device=self.device, ordered=False)
         sampler = FlowEulerSampler(steps, shift, self.cfg.guidance, self.schedules.get("sparse" if stage == 1 else "refine"))
-        z = sampler.sample(self._guided(net, coords, cu, cond), x0).float()
+        z = sampler.sample(self._guided(net, tokens, cond), tokens.feats).float()
         return list(torch.split(z, [len(x) for x in coords_list]))
 
     @torch.no_grad()
@@ -501,12 +505,9 @@ class Cascade:
         voxels outside the set count as 1 when marching (the release's dense grid of ones)."""
         if vae is None:
             return [(*pooled_sdf(c, z, latent_res), 0.0, None) for c, z in zip(coords_list, latents)]
-        from model.sparse import SparseTensor
-
         out = []
         for c, z in zip(coords_list, latents):  # one shape at a time bounds the decoder's peak memory
-            c4 = torch.cat([torch.zeros_like(c[:, :1]), c], 1).int().to(self.device)
-            st = SparseTensor.from_unsorted(c4, vae.unscale(z.to(self.device, torch.float32)), latent_res, 1)
+            st = SparseTensor.from_samples([c], [vae.unscale(z.to(self.device, torch.float32))], latent_res, self.device)
             if refiner is not None:
                 wants_feat = refiner.config.kind == "sdf"
                 dec = vae.decode(st, chunk=self.cfg.decode_chunk, return_feat=wants_feat)

@@ -1,7 +1,9 @@
 """SS-DiT (DESIGN.md) as the released Direct3D-S2 SparseDiT computes it, over packed sparse latent tokens.
 
-Tokens of several shapes are packed into one (N, C) tensor with int coords (N, 3) and offsets
-``cu_seqlens`` (B + 1,), so shapes of 2k and 100k tokens share a batch without padding. Input: a
+The tokens of several shapes are one ``SparseTensor`` (ordered, or packed with each shape's tokens in
+any order; ``SparseTensor.packed`` / ``from_samples(..., ordered=False)``), so shapes of 2k and 100k
+tokens share a batch without padding; its ``cu_seqlens`` and SSA block structure are built once and
+kept on it, for every block and every sampler step that ``replace``s its features. Input: a
 linear layer plus absolute 3D sinusoids of the coords. Each block: adaLN-modulated self-attention
 (SSA, or full attention as our baseline), cross-attention to the image tokens (per-head q/k RMS
 norms), adaLN-modulated MLP. Output: a plain layer norm and a linear layer. State-dict keys are the
@@ -23,8 +25,7 @@ from model.embeddings import TimestepEmbedder, position_embedding_3d
 from model.sparse import SparseConv3d, SparseTensor, kernel_from_torchsparse, kernel_to_torchsparse
 from model.ssa import SSAConfig, SpatialSparseAttention, ssa_structure, varlen_attention
 
-__all__ = ["DiTConfig", "SparseDiT", "PackedCondition", "official_to_ours", "ours_to_official", "pack",
-           "varlen_attention"]
+__all__ = ["DiTConfig", "SparseDiT", "PackedCondition", "official_to_ours", "ours_to_official", "varlen_attention"]
 
 
 @dataclass(frozen=True)
@@ -308,28 +309,20 @@ class SparseDiT(nn.Module):
                              f"{tuple(getattr(cond, 'shape', ()))}")
         return cond.to(dtype).reshape(-1, cond.shape[-1]), torch.arange(b + 1, device=cond.device) * cond.shape[1]
 
-    def forward(self, x: torch.Tensor, coords: torch.Tensor, cu_seqlens: torch.Tensor,
-                t: torch.Tensor, cond) -> torch.Tensor:
-        """x (N, in_channels), coords (N, 3) int, cu_seqlens (B + 1,), t (B,) in [0, 1] (noise at 1),
-        cond (B, L, cond_dim), or a PackedCondition with ``sparse_conditions`` → velocity (N, out_channels)."""
-        return self._velocity(x, coords, cu_seqlens, t, cond)
-
-    def forward_sparse(self, x: SparseTensor, t: torch.Tensor, cond) -> SparseTensor:
-        """The release's call on a SparseTensor of latent voxels: the velocity on the same voxels.
+    def forward(self, x: SparseTensor, t: torch.Tensor, cond) -> SparseTensor:
+        """Latent tokens x (N, in_channels) of B shapes, t (B,) in [0, 1] (noise at 1), cond (B, L, cond_dim)
+        or a PackedCondition with ``sparse_conditions`` → the velocity (N, out_channels) on the same tokens.
 
         The SSA structure lives in ``x.cache``, which ``x.replace`` shares: the steps of a sampler that
-        replaces the features build it once."""
-        if "cu_seqlens" not in x.cache:
-            counts = torch.bincount(x.batch_index, minlength=x.batch_size)
-            x.cache["cu_seqlens"] = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        return x.replace(self._velocity(x.feats, x.coords[:, 1:], x.cache["cu_seqlens"], t, cond, x.cache))
+        replace the features build it once."""
+        if not isinstance(x, SparseTensor):
+            raise TypeError(f"SparseDiT takes a SparseTensor of latent tokens, got {type(x).__name__}")
+        return x.replace(self._velocity(x, t, cond))
 
-    def _velocity(self, x, coords, cu_seqlens, t, cond, cache: dict | None = None):
+    def _velocity(self, xs: SparseTensor, t, cond):
         cfg = self.cfg
-        b = cu_seqlens.numel() - 1
-        if x.shape[0] != coords.shape[0] or int(cu_seqlens[-1]) != x.shape[0]:
-            raise ValueError(f"packed tokens disagree: x {tuple(x.shape)}, coords {tuple(coords.shape)}, "
-                             f"cu_seqlens ends at {int(cu_seqlens[-1])}")
+        x, coords, cu_seqlens = xs.feats, xs.coords[:, 1:], xs.cu_seqlens
+        b = xs.batch_size
         if t.shape != (b,):
             raise ValueError(f"expected t ({b},), got {tuple(t.shape)}")
         dtype = self.input_layer.weight.dtype
@@ -346,7 +339,7 @@ class SparseDiT(nn.Module):
             h = h + self._grid_terms(coords, token_shape, cond, b, dtype)
         st = inv = None
         if cfg.attention == "ssa":  # every block runs in the SSA's block order; per-token work ignores order
-            perm, inv, st = ssa_structure(coords, cu_seqlens, self.blocks[0].self_attn.cfg, cache)
+            perm, inv, st = ssa_structure(xs, self.blocks[0].self_attn.cfg)
             h = h[perm]  # shapes stay contiguous and in order, so token_shape holds
         for blk in self.blocks:
             if cfg.grad_checkpointing and self.training:
@@ -373,14 +366,6 @@ class SparseDiT(nn.Module):
             per_cell = self.grid_cond(cond.to(dtype)).view(b, g ** 3, self.cfg.width)
             out = out + per_cell[token_shape, cell]
         return out
-
-
-def pack(coords_list: list[torch.Tensor], feats_list: list[torch.Tensor]):
-    """Pack per-shape (coords, feats) into (coords, feats, cu_seqlens)."""
-    lengths = torch.tensor([c.shape[0] for c in coords_list])
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.long)
-    cu[1:] = torch.cumsum(lengths, 0)
-    return torch.cat(coords_list), torch.cat(feats_list), cu
 
 
 # -- released weights ------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ projection. ``attention="full"`` swaps the three branches for SDPA over each sha
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -100,34 +99,16 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.cat(out, dim=0)
 
 
-_STRUCTURES: OrderedDict = OrderedDict()
-
-
-def _build(coords, cu_seqlens, cfg: SSAConfig):
-    perm = block_order(coords, cu_seqlens, cfg.cmp_block, cfg.slc_block)
-    st = SSAStructure(coords[perm], cu_seqlens, cfg.cmp_block, cfg.slc_block, cfg.window, cfg.window_shift)
-    return perm, torch.argsort(perm), st
-
-
-def ssa_structure(coords: torch.Tensor, cu_seqlens: torch.Tensor, cfg: SSAConfig, cache: dict | None = None):
-    """(block order permutation, its inverse, SSAStructure) for a packed batch.
-
-    Kept in ``cache`` when given (a SparseTensor's: every tensor that shares its voxels reuses it);
-    otherwise in a small table keyed on the identity of ``coords`` and ``cu_seqlens``, so a caller that
-    passes the same tensors again (the layers of one forward, the steps of a sampler) builds it once."""
-    blocks = (cfg.cmp_block, cfg.slc_block, cfg.window, cfg.window_shift)
-    if cache is not None:
-        if ("ssa", blocks) not in cache:
-            cache[("ssa", blocks)] = _build(coords, cu_seqlens, cfg)
-        return cache[("ssa", blocks)]
-    key = (coords.data_ptr(), coords.shape[0], cu_seqlens.data_ptr(), coords.device, blocks)
-    hit = _STRUCTURES.get(key)
-    if hit is not None and hit[0] is coords and hit[1] is cu_seqlens:
-        return hit[2:]
-    _STRUCTURES[key] = (coords, cu_seqlens, *_build(coords, cu_seqlens, cfg))
-    while len(_STRUCTURES) > 8:
-        _STRUCTURES.popitem(last=False)
-    return _STRUCTURES[key][2:]
+def ssa_structure(x: SparseTensor, cfg: SSAConfig):
+    """(block order permutation, its inverse, SSAStructure) of ``x``'s tokens, kept in ``x.cache``: every
+    tensor that shares its voxels (the layers of one forward, the steps of a sampler) builds it once."""
+    key = ("ssa", cfg.cmp_block, cfg.slc_block, cfg.window, cfg.window_shift)
+    if key not in x.cache:
+        coords, cu = x.coords[:, 1:], x.cu_seqlens
+        perm = block_order(coords, cu, cfg.cmp_block, cfg.slc_block)
+        st = SSAStructure(coords[perm], cu, cfg.cmp_block, cfg.slc_block, cfg.window, cfg.window_shift)
+        x.cache[key] = (perm, torch.argsort(perm), st)
+    return x.cache[key]
 
 
 class BlockGrid:
@@ -156,7 +137,8 @@ class BlockGrid:
 
     def fine(self, feats: torch.Tensor) -> SparseTensor:
         # token (block) order is not key order: fit for per-token and per-shape layers only, not convs
-        return SparseTensor(self.fine_coords, feats, self.fine_resolution, self.batch_size, check=False)
+        return SparseTensor(self.fine_coords, feats, self.fine_resolution, self.batch_size, check=False,
+                            ordered=False)
 
     def pool(self, x: SparseTensor) -> SparseTensor:
         """Each compression block's tokens pooled as the release pools them (sum / (n + 1)), as a coarse
@@ -218,12 +200,12 @@ class SpatialSparseAttention(nn.Module):
         """The SS-DiT's self-attention of block ``layer`` (model/dit.py DiTConfig)."""
         return cls(cfg.ssa_config(), cfg.layer_shifted(layer))
 
-    def forward(self, x: torch.Tensor, coords: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        """x (N, dim) packed tokens in any order with int coords (N, 3) and offsets (B+1) → (N, dim)."""
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        """Tokens of a batch of shapes (ordered or packed, features (N, dim)) → the same tokens, (N, dim)."""
         if self.cfg.attention == "full":
-            return self.full_attention(x, cu_seqlens)
-        perm, inv, st = ssa_structure(coords, cu_seqlens, self.cfg)
-        return self.forward_sorted(x[perm], st)[inv]
+            return x.replace(self.full_attention(x.feats, x.cu_seqlens))
+        perm, inv, st = ssa_structure(x, self.cfg)
+        return x.replace(self.forward_sorted(x.feats[perm], st)[inv])
 
     def forward_sorted(self, feats: torch.Tensor, st: SSAStructure) -> torch.Tensor:
         """feats (N, dim) already in ``st``'s block order → (N, dim) in the same order."""

@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from model.condition import TinyImageEncoder, decode_image, drop_condition
-from model.dit import DiTConfig, SparseDiT, pack, varlen_attention
+from model.dit import DiTConfig, SparseDiT, varlen_attention
 from model.embeddings import position_embedding_3d
+from model.sparse import SparseTensor
 
 
 def _random_init(model):
@@ -15,9 +16,15 @@ def _random_init(model):
 
 
 def _shapes(lengths, channels=16, grid=16):
+    """Distinct random voxels of each shape, in random order, and their features."""
     g = torch.Generator().manual_seed(2)
-    return ([torch.randint(0, grid, (n, 3), generator=g) for n in lengths],
+    cells = [torch.randperm(grid ** 3, generator=g)[:n] for n in lengths]
+    return ([torch.stack([c // grid ** 2, c // grid % grid, c % grid], 1) for c in cells],
             [torch.randn(n, channels, generator=g) for n in lengths])
+
+
+def _packed(coords, feats):
+    return SparseTensor.from_samples(coords, feats, ordered=False)
 
 
 def test_varlen_gqa_matches_naive_reference():
@@ -39,20 +46,21 @@ def test_packed_batch_equals_shapes_alone():
     cfg = DiTConfig.named("debug")
     model = _random_init(SparseDiT(cfg)).eval()
     coords, feats = _shapes([12, 30, 7])
-    c, f, cu = pack(coords, feats)
+    x = _packed(coords, feats)
     t, cond = torch.rand(3), torch.randn(3, 5, cfg.cond_dim)
-    out = model(f, c, cu, t, cond)
+    out = model(x, t, cond)
+    assert out.coords is x.coords and out.cache is x.cache  # the same tokens, the structure kept
+    cu = x.cu_seqlens
     for i in range(3):
-        alone = model(feats[i], coords[i], torch.tensor([0, len(feats[i])]), t[i:i + 1], cond[i:i + 1])
-        assert torch.allclose(out[int(cu[i]):int(cu[i + 1])], alone, atol=1e-5)
+        alone = model(_packed(coords[i:i + 1], feats[i:i + 1]), t[i:i + 1], cond[i:i + 1])
+        assert torch.allclose(out.feats[int(cu[i]):int(cu[i + 1])], alone.feats, atol=1e-5)
 
 
 def test_adaln_zero_starts_at_zero_velocity_and_learns():
     cfg = DiTConfig.named("debug")
     model = SparseDiT(cfg)
     coords, feats = _shapes([20])
-    c, f, cu = pack(coords, feats)
-    out = model(f, c, cu, torch.rand(1), torch.randn(1, 4, cfg.cond_dim))
+    out = model(_packed(coords, feats), torch.rand(1), torch.randn(1, 4, cfg.cond_dim)).feats
     assert torch.count_nonzero(out) == 0
     out.sum().backward()
     assert model.out_layer.weight.grad.abs().sum() > 0
@@ -60,13 +68,13 @@ def test_adaln_zero_starts_at_zero_velocity_and_learns():
 
 def test_gradient_checkpointing_same_gradients():
     coords, feats = _shapes([10, 14])
-    c, f, cu = pack(coords, feats)
+    x = _packed(coords, feats)
     t, cond = torch.rand(2), torch.randn(2, 3, 64)
     grads = []
     for ckpt in (False, True):
         torch.manual_seed(0)
         model = _random_init(SparseDiT(DiTConfig.named("debug", grad_checkpointing=ckpt)))
-        model(f, c, cu, t, cond).pow(2).sum().backward()
+        model(x, t, cond).feats.pow(2).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
 
@@ -74,11 +82,10 @@ def test_gradient_checkpointing_same_gradients():
 def test_condition_changes_output():
     cfg = DiTConfig.named("debug")
     model = _random_init(SparseDiT(cfg)).eval()
-    coords, feats = _shapes([15])
-    c, f, cu = pack(coords, feats)
+    x = _packed(*_shapes([15]))
     t = torch.rand(1)
-    a = model(f, c, cu, t, torch.randn(1, 4, cfg.cond_dim))
-    b = model(f, c, cu, t, torch.zeros(1, 4, cfg.cond_dim))
+    a = model(x, t, torch.randn(1, 4, cfg.cond_dim)).feats
+    b = model(x, t, torch.zeros(1, 4, cfg.cond_dim)).feats
     assert not torch.allclose(a, b)
 
 
@@ -98,9 +105,14 @@ def test_config_errors():
     with pytest.raises(ValueError, match="multiple of kv_heads"):
         DiTConfig(heads=3, kv_heads=2)
     model = SparseDiT(DiTConfig.named("debug"))
-    with pytest.raises(ValueError, match="packed tokens disagree"):
-        model(torch.randn(5, 16), torch.zeros(5, 3, dtype=torch.long), torch.tensor([0, 4]), torch.rand(1),
-              torch.randn(1, 2, 64))
+    with pytest.raises(ValueError, match="cu_seqlens must be"):
+        SparseTensor.packed(torch.arange(15).view(5, 3), torch.randn(5, 16), torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="duplicated"):
+        SparseTensor.packed(torch.zeros(5, 3, dtype=torch.long), torch.randn(5, 16), torch.tensor([0, 5]))
+    with pytest.raises(TypeError, match="SparseTensor"):
+        model(torch.randn(5, 16), torch.rand(1), torch.randn(1, 2, 64))
+    with pytest.raises(ValueError, match="expected t"):
+        model(_packed(*_shapes([5])), torch.rand(2), torch.randn(1, 2, 64))
 
 
 def test_position_embedding_distinguishes_coords():

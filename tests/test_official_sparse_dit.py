@@ -10,8 +10,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel module is imported
 
-from model.dit import (DiTConfig, PackedCondition, SparseDiT, official_to_ours, ours_to_official,  # noqa: E402
-                       pack)
+from model.dit import DiTConfig, PackedCondition, SparseDiT, official_to_ours, ours_to_official  # noqa: E402
+from model.sparse import SparseTensor  # noqa: E402
 
 SHAPES = Path("/work/shared/official/state_dict_shapes.json")
 # the constructor arguments state_dict_shapes.json was read with (its README)
@@ -33,7 +33,8 @@ def _released(cfg: DiTConfig, seed: int = 0) -> dict:
 def _batch(cfg: DiTConfig, lengths=(60, 23), seed=0):
     g = torch.Generator().manual_seed(seed)
     coords = [torch.unique(torch.randint(0, cfg.resolution, (n, 3), generator=g), dim=0) for n in lengths]
-    c, f, cu = pack(coords, [torch.randn(len(x), cfg.in_channels, generator=g) for x in coords])
+    x = SparseTensor.from_samples(coords, [torch.randn(len(c), cfg.in_channels, generator=g) for c in coords],
+                                  cfg.resolution, ordered=False)
     b = len(lengths)
     if cfg.sparse_conditions:
         n = torch.tensor([7, 4][:b])
@@ -42,7 +43,7 @@ def _batch(cfg: DiTConfig, lengths=(60, 23), seed=0):
                                torch.cat([torch.zeros(1, dtype=torch.long), n.cumsum(0)]))
     else:
         cond = torch.randn(b, 5, cfg.cond_dim, generator=g)
-    return c, f, cu, torch.tensor([0.3, 0.8][:b]), cond
+    return x, torch.tensor([0.3, 0.8][:b]), cond
 
 
 @pytest.mark.skipif(not SHAPES.exists(), reason="state_dict_shapes.json not present")
@@ -78,13 +79,15 @@ def test_narrow_round_trip_and_forward(extra):
     model.load_state_dict(ours, strict=True)
     back = ours_to_official(model.state_dict(), cfg)
     assert back.keys() == released.keys() and all(torch.equal(back[k], released[k]) for k in back)
-    c, f, cu, t, cond = _batch(cfg)
+    x, t, cond = _batch(cfg)
+    cu = x.cu_seqlens
     with torch.no_grad():
-        out = model(f, c, cu, t, cond)
-        assert out.shape == (len(f), cfg.out_channels) and torch.isfinite(out).all()
+        out = model(x, t, cond).feats
+        assert out.shape == (len(x), cfg.out_channels) and torch.isfinite(out).all()
         # tokens in any order inside a shape: the output follows them
         perm = torch.cat([torch.randperm(int(cu[1])), int(cu[1]) + torch.randperm(int(cu[2] - cu[1]))])
-        assert torch.allclose(model(f[perm], c[perm], cu, t, cond), out[perm], atol=1e-5)
+        shuffled = SparseTensor.packed(x.coords[perm, 1:], x.feats[perm], cu, x.resolution)
+        assert torch.allclose(model(shuffled, t, cond).feats, out[perm], atol=1e-5)
 
 
 def test_converter_names_bad_keys():
@@ -116,9 +119,9 @@ def test_triton_interpreter_matches_reference_backend():
     model.load_state_dict(official_to_ours(_released(cfg, 3), cfg))
     tri = SparseDiT(replace(cfg, ssa_backend="triton")).eval()
     tri.load_state_dict(model.state_dict())
-    c, f, cu, t, cond = _batch(cfg, (30, 9), seed=4)
+    x, t, cond = _batch(cfg, (30, 9), seed=4)
     with torch.no_grad():
-        ref, out = model(f, c, cu, t, cond), tri(f, c, cu, t, cond)
+        ref, out = model(x, t, cond).feats, tri(x, t, cond).feats
     assert ((out - ref).norm() / ref.norm()) < 1e-4
 
 
@@ -140,23 +143,21 @@ def test_sinusoid_layouts():
 
 def test_sparse_tensor_call_keeps_the_structure_on_the_tensor():
     from kernels.sparse_conv import coord_keys
-    from model.sparse import SparseTensor
 
     cfg = DiTConfig.from_official(NARROW)
     model = SparseDiT(cfg).eval()
     model.load_state_dict(official_to_ours(_released(cfg, 5), cfg))
-    c, f, cu, t, cond = _batch(cfg, seed=6)
-    c4 = torch.cat([torch.repeat_interleave(torch.arange(2), cu[1:] - cu[:-1])[:, None], c], 1).int()
-    x = SparseTensor.from_unsorted(c4, f, cfg.resolution)
+    packed, t, cond = _batch(cfg, seed=6)
+    x = SparseTensor.from_unsorted(packed.coords, packed.feats, cfg.resolution)  # the same tokens in key order
 
     def structures():
         return [v for k, v in x.cache.items() if isinstance(k, tuple) and k[0] == "ssa"]
 
     with torch.no_grad():
-        out = model.forward_sparse(x, t, cond)
+        out = model(x, t, cond)
         assert len(structures()) == 1
         st = structures()[0]
-        again = model.forward_sparse(x.replace(x.feats * 2), t, cond)
+        again = model(x.replace(x.feats * 2), t, cond)
         assert structures()[0] is st and not torch.allclose(again.feats, out.feats)
-        order = torch.argsort(coord_keys(c4, cfg.resolution))
-        assert torch.allclose(out.feats, model(f, c, cu, t, cond)[order], atol=1e-5)
+        order = torch.argsort(coord_keys(packed.coords, cfg.resolution))
+        assert torch.allclose(out.feats, model(packed, t, cond).feats[order], atol=1e-5)

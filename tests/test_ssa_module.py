@@ -9,6 +9,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel module is imported
 
 from model.dit import DiTConfig  # noqa: E402
+from model.sparse import SparseTensor  # noqa: E402
 from model.ssa import SSAConfig, SpatialSparseAttention, ssa_structure  # noqa: E402
 from ssa_cases import random_shapes  # noqa: E402
 
@@ -16,9 +17,10 @@ SMALL = dict(dim=32, num_heads=4, num_kv_heads=2, head_dim=16, top_k=3)
 
 
 def _inputs(seed=0, sizes=(70, 2, 33)):
+    """Packed tokens of random shapes (each shape's voxels in random order) with 32 features."""
     coords, cu = random_shapes(list(sizes), grid=10, seed=seed)
     x = torch.randn(coords.shape[0], 32, generator=torch.Generator().manual_seed(seed))
-    return x, coords, cu
+    return SparseTensor.packed(coords, x, cu)
 
 
 def _randomize(m, seed=0):
@@ -57,9 +59,9 @@ def test_compressor_is_pool_plus_learned_part():
     """With the last conv zeroed but its bias, v2 gives the pooled input + bias; the release's pool divides each
     block's sum by its token count plus one (scatter_reduce "mean" onto zeros counts the zero)."""
     m = _randomize(SpatialSparseAttention(SSAConfig(**SMALL)), 1)
-    x, coords, cu = _inputs(1)
-    perm, _, st = ssa_structure(coords, cu, m.cfg)
-    k, v = m.proj_k(x[perm]), m.proj_v(x[perm])
+    x = _inputs(1)
+    perm, _, st = ssa_structure(x, m.cfg)
+    k, v = m.proj_k(x.feats[perm]), m.proj_v(x.feats[perm])
     with torch.no_grad():
         m.compression_value.out_layers[3].weight.zero_()
     _, v_cmp = m.compress(k, v, st)
@@ -78,11 +80,11 @@ def test_triton_layer_matches_reference_layer(layer):
     r = SpatialSparseAttention(SSAConfig(**SMALL, q_tile=q_tile, backend="torch"), layer == 1)
     r.load_state_dict(m.state_dict())
     r.double()
-    x, coords, cu = _inputs(layer, (40, 2, 17))
-    xt = x.clone().requires_grad_(True)
-    xr = x.double().requires_grad_(True)
-    out = m(xt, coords, cu)
-    ref = r(xr, coords, cu)
+    x = _inputs(layer, (40, 2, 17))
+    xt = x.feats.clone().requires_grad_(True)
+    xr = x.feats.double().requires_grad_(True)
+    out = m(x.replace(xt)).feats
+    ref = r(x.replace(xr)).feats
     assert ((out.double() - ref).norm() / ref.norm()) < 1e-4
     out.square().sum().backward()
     ref.square().sum().backward()
@@ -96,14 +98,16 @@ def test_triton_layer_matches_reference_layer(layer):
 
 def test_output_follows_token_order_and_structure_is_cached():
     m = _randomize(SpatialSparseAttention(SSAConfig(**SMALL, backend="torch")), 2)
-    x, coords, cu = _inputs(2)
-    out = m(x, coords, cu)
+    x = _inputs(2)
+    out = m(x)
     # shuffling tokens inside a shape shuffles the output the same way
     perm = torch.cat([torch.arange(70).flip(0), torch.arange(70, 72), 72 + torch.randperm(33)])
-    out2 = m(x[perm], coords[perm], cu)
-    assert torch.allclose(out2, out[perm], atol=1e-5)
-    a = ssa_structure(coords, cu, m.cfg)
-    assert ssa_structure(coords, cu, m.cfg)[2] is a[2]
+    shuffled = SparseTensor.packed(x.coords[perm, 1:], x.feats[perm], x.cu_seqlens)
+    assert torch.allclose(m(shuffled).feats, out.feats[perm], atol=1e-5)
+    # the structure is built once and kept on the tensor: the output and every replace share it
+    a = ssa_structure(x, m.cfg)
+    assert ssa_structure(x.replace(x.feats * 2), m.cfg)[2] is a[2] and ssa_structure(out, m.cfg)[2] is a[2]
+    assert ssa_structure(shuffled, m.cfg)[2] is not a[2]
 
 
 def test_full_attention_switch_and_dit_hook():
@@ -111,10 +115,10 @@ def test_full_attention_switch_and_dit_hook():
     assert m.shifted and m.cfg.num_heads == 4 and m.cfg.window_shift == 4
     assert SpatialSparseAttention.from_dit_config(DiTConfig.named("debug", alternate_shift=False), 0).shifted
     full = SpatialSparseAttention(SSAConfig(**SMALL, attention="full"), False)
-    x, coords, cu = _inputs(3)
-    y = full(x, coords, cu)
+    x = _inputs(3)
+    y = full(x).feats
     # full attention within a shape: a change in shape 0 leaves shape 2 untouched
-    x2 = x.clone()
+    x2 = x.feats.clone()
     x2[:70] += 1.0
-    assert torch.allclose(full(x2, coords, cu)[72:], y[72:], atol=1e-6)
-    assert not torch.allclose(full(x2, coords, cu)[:70], y[:70])
+    assert torch.allclose(full(x.replace(x2)).feats[72:], y[72:], atol=1e-6)
+    assert not torch.allclose(full(x.replace(x2)).feats[:70], y[:70])

@@ -36,10 +36,10 @@ def test_dit_trains_on_the_frozen_vae_latents(tmp_path):
                                        sample=False)
         n = len(z.coords)
         assert item.tokens == n
-        torch.testing.assert_close(batch["x0"][start:start + n], mean)
-        assert torch.equal(batch["coords"][start:start + n], z.coords[:, 1:])
+        torch.testing.assert_close(batch["x0"].feats[start:start + n], mean)
+        assert torch.equal(batch["x0"].coords[start:start + n, 1:], z.coords[:, 1:])
         start += n
-    assert start == len(batch["x0"]) == int(batch["cu_seqlens"][-1])
+    assert start == len(batch["x0"]) == int(batch["x0"].cu_seqlens[-1])
     loss, _ = task.module(**batch)
     loss.backward()
     assert torch.isfinite(loss)

@@ -96,6 +96,7 @@ def test_zero2_two_workers_loss_falls_and_samples_beat_noise(ray_env, train_shar
     from model.condition import build_image_encoder, decode_image
     from model.dit import DiTConfig, SparseDiT
     from model.flow import FlowEulerSampler
+    from model.sparse import SparseTensor
     from pipeline.shards import read_samples
     from pipeline.train.checkpoints import load_weights, model_config_of
 
@@ -108,13 +109,13 @@ def test_zero2_two_workers_loss_falls_and_samples_beat_noise(ray_env, train_shar
     d_model, d_noise = [], []
     for s in list(read_samples(train_shards, RES, on_error="skip"))[:4]:
         coords, _ = pooled_latent.encode(s.coords, s.values)
-        cu = torch.tensor([0, len(coords)])
         cond = encoder(decode_image(s.views[0].png, encoder.image_size)[None])
+        noise = torch.randn(len(coords), pooled_latent.CHANNELS, generator=gen)
+        tokens = SparseTensor.packed(coords, noise, torch.tensor([0, len(coords)]))
 
         def velocity(x, t, c):
-            return dit(x, coords, cu, t.reshape(1), c)
+            return dit(tokens.replace(x), t.reshape(1), c).feats
 
-        noise = torch.randn(len(coords), pooled_latent.CHANNELS, generator=gen)
         x = sampler.sample(velocity, noise, cond)
         truth = -1 + (s.coords[s.values.abs() < 0.5].float() + 0.5) * 2 / RES
         d_model.append(pooled_latent.chamfer(pooled_latent.decode_points(coords, x, RES), truth))

@@ -74,17 +74,21 @@ def ss_vae_decode(ours, coords: torch.Tensor, z: torch.Tensor, resolution: int):
 
 def ss_dit(ours, coords: torch.Tensor, x: torch.Tensor, t: torch.Tensor, cond, cond_coords=None):
     """coords in the release's token order (block-sorted per shape); output rows in that order."""
-    cu = _cu_seqlens(coords).to(x.device)
+    from model.sparse.tensor import SparseTensor
+
+    tokens = SparseTensor.packed(coords[:, 1:].to(x.device), x, _cu_seqlens(coords).to(x.device))
     if cond_coords is not None:
         from model.dit import PackedCondition
         cond = PackedCondition(cond, cond_coords[:, 1:].to(x.device), _cu_seqlens(cond_coords).to(x.device))
-    return ours(x, coords[:, 1:].to(x.device), cu, t / 1000.0, cond)
+    return ours(tokens, t / 1000.0, cond).feats
 
 
 def ssa_layer(ours_dit, layer: int, coords: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The self-attention of block ``layer`` of our converted SS-DiT, on tokens in the release's order."""
+    from model.sparse.tensor import SparseTensor
+
     attn = ours_dit.blocks[layer].self_attn
-    return attn(x, coords[:, 1:].to(x.device), _cu_seqlens(coords).to(x.device))
+    return attn(SparseTensor.packed(coords[:, 1:].to(x.device), x, _cu_seqlens(coords).to(x.device))).feats
 
 
 # -- refiners -------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from torch import nn
 
 from model import pooled_latent
 from model.condition import build_image_encoder, decode_image, drop_condition, pack_condition
-from model.dit import DiTConfig, PackedCondition, SparseDiT, pack
+from model.dit import DiTConfig, PackedCondition, SparseDiT
 from model.flow import TimestepSampler, flow_loss, interpolate
 from model.sparse import SparseTensor
 from model.structure import (StructureDiT, StructureVAE, StructureVAEConfig, check_structure_pair, occupancy_grid,
@@ -41,14 +41,13 @@ class FlowObjective(nn.Module):
         super().__init__()
         self.dit, self.timesteps = dit, timesteps
 
-    def forward(self, x0, coords, cu_seqlens, cond):
-        b = cu_seqlens.numel() - 1
-        t = self.timesteps(b, device=x0.device)
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        t_tok = torch.repeat_interleave(t, lengths)[:, None]
-        noise = torch.randn_like(x0)
-        v = self.dit(interpolate(x0, noise, t_tok), coords, cu_seqlens, t.to(x0.dtype), cond)
-        loss = flow_loss(v, x0, noise)
+    def forward(self, x0: SparseTensor, cond):
+        cu = x0.cu_seqlens
+        t = self.timesteps(x0.batch_size, device=x0.device)
+        t_tok = torch.repeat_interleave(t, cu[1:] - cu[:-1])[:, None]
+        noise = torch.randn_like(x0.feats)
+        v = self.dit(x0.replace(interpolate(x0.feats, noise, t_tok)), t.to(x0.dtype), cond).feats
+        loss = flow_loss(v, x0.feats, noise)
         return loss, {"flow_mse": loss.detach()}
 
 
@@ -168,7 +167,7 @@ class SparseDiTTask(Task):
             coords_list, feats_list = [i.data["coords"] for i in items], [i.data["feats"] for i in items]
         else:
             coords_list, feats_list = self._encode(items, device)
-        coords, feats, cu = pack(coords_list, feats_list)
+        x0 = SparseTensor.from_samples(coords_list, feats_list, device=device, ordered=False)
         images = [i.data["image"] for i in items]
         cond = self.conditions(images, device)
         if self.model_config.sparse_conditions:  # the released layout: covered patches with their coords
@@ -179,8 +178,7 @@ class SparseDiTTask(Task):
             cond = PackedCondition(cond.tokens.to(dtype), cond.coords, cond.cu_seqlens)
         else:
             cond = cond.to(dtype)
-        return {"x0": feats.to(device, dtype), "coords": coords.to(device), "cu_seqlens": cu.to(device),
-                "cond": cond}
+        return {"x0": x0.replace(x0.feats.to(dtype)), "cond": cond}
 
     def to(self, device):
         super().to(device)
