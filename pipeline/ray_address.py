@@ -178,12 +178,20 @@ def check_dashboard(addr: RayAddress, token: str | None) -> str:
     return url
 
 
+def psutil_module():
+    """psutil, or the copy Ray ships and puts on the path when it is imported."""
+    try:
+        import psutil
+    except ImportError:
+        import ray  # noqa: F401
+        import psutil
+    return psutil
+
+
 def _local_gcs_for_dashboard(port: int) -> str | None:
     """The GCS address of the dashboard listening on ``port`` on this machine (its own command line names it)."""
     try:
-        from pipeline.commands.cluster import _psutil
-
-        psutil = _psutil()
+        psutil = psutil_module()
     except ImportError:
         return None
     pids = set()

@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline.ray_address import psutil_module
+
 RECORD = "s2-cluster.json"
 
 
@@ -30,15 +32,6 @@ def register(sub) -> None:
                    help="2 or more: a head and NODES-1 workers, each in its own network namespace on one bridge "
                         "(needs root; --num-cpus is then per worker; docs/cluster.md)")
     p.set_defaults(func=_run)
-
-
-def _psutil():
-    try:
-        import psutil
-    except ImportError:  # Ray ships its own copy and puts it on the path on import
-        import ray  # noqa: F401
-        import psutil
-    return psutil
 
 
 def _env(no_auth: bool) -> dict[str, str]:
@@ -78,7 +71,7 @@ def multinode_dir_for(dashboard_port: int) -> str:
 
 def own_processes(temp_dir: str) -> list:
     """Live processes whose command line names ``temp_dir`` (every Ray daemon of that cluster does), with children."""
-    psutil = _psutil()
+    psutil = psutil_module()
     found = {}
     for p in psutil.process_iter(["cmdline"]):
         try:
@@ -93,7 +86,7 @@ def own_processes(temp_dir: str) -> list:
 
 def end_processes(procs: list, timeout_s: float = 10.0) -> int:
     """SIGTERM, then SIGKILL what is left after ``timeout_s``; returns how many were ended."""
-    psutil = _psutil()
+    psutil = psutil_module()
     for p in procs:
         try:
             p.terminate()
@@ -135,7 +128,7 @@ def stop_local(dashboard_port: int = 8265, timeout_s: float = 10.0) -> int | Non
     record_path = Path(temp_dir, RECORD)
     if not record_path.exists():
         return None
-    psutil = _psutil()
+    psutil = psutil_module()
     record = json.loads(record_path.read_text())
     procs = {p.pid: p for p in own_processes(temp_dir)}
     for pid in record.get("pids", []):  # recorded daemons that no longer name the folder (renamed titles)
