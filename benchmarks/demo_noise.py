@@ -8,7 +8,8 @@ Rows (one per stage and mesh, then the mean per stage), all against the normaliz
 
 - ``shard``: the ground-truth sparse SDF marched as it is (the ceiling at this grid);
 - ``pooled``: the pooled latent of that SDF decoded to its sub-cell grid (what a pooled-latent DiT
-  can at best produce);
+  can at best produce); ``pooled+noise σ``: with noise of σ × the latent's std added (a DiT's sample
+  error), sign_err the share of sub-cells whose sign the noise flips;
 - ``vae``: SS-VAE encode -> decode (posterior mean); also the share of band voxels whose decoded sign
   is wrong;
 - ``vae+noise σ``: the same with Gaussian noise of σ × the latent's std added to the latent (how much
@@ -100,11 +101,17 @@ def main() -> None:
             from model import pooled_latent
             from model.cascade import pooled_sdf
 
-            t0 = time.time()
             lc, lf = pooled_latent.encode(s.coords, s.values)
-            c, vals, r = pooled_sdf(lc, lf, res // 8)
-            v, f = extract_mesh(c.long(), vals, r, fill=1.0)
-            add("pooled", s, v, f, t0)
+            std = float(lf.std())
+            for sigma in [0.0, *(float(n) for n in args.noise.split(",") if n)]:
+                t0 = time.time()
+                g = torch.Generator().manual_seed(0)
+                noisy = lf + sigma * std * torch.randn(lf.shape, generator=g)
+                c, vals, r = pooled_sdf(lc, noisy, res // 8)
+                clean_c, clean_v, _ = pooled_sdf(lc, lf, res // 8)
+                err = float(((vals < 0) != (clean_v < 0)).float().mean())
+                v, f = extract_mesh(c.long(), vals, r, fill=1.0)
+                add("pooled" if sigma == 0 else f"pooled+noise {sigma:g}", s, v, f, t0, sign_err=err, latent_std=std)
 
     vae = None
     if args.vae:

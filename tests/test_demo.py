@@ -128,3 +128,16 @@ def test_latent_calibration_gives_unit_spread(monkeypatch, tmp_path):
         z.append(m.scale(m.encode(x, sample=False)[1]).flatten())
     z = torch.cat(z)
     assert float(z.std()) == pytest.approx(1.0, rel=1e-3) and abs(float(z.mean())) < 1e-4
+
+
+def test_quick_mode_cuts_only_the_defaults():
+    import argparse
+
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["demo", "--quick", "--vae-steps", "50"])
+    assert isinstance(args, argparse.Namespace) and args.quick
+    demo.apply_quick(args)
+    assert args.vae_steps == 50 and args.train_steps == demo.QUICK["train_steps"]
+    assert args.train_resolution == 64 and args.latent == "ss_vae"
