@@ -30,6 +30,7 @@ from model.checkpoint import CheckpointError, from_pretrained, save_pretrained
 from pipeline import storage
 
 TAG = "state"
+RESHARDABLE = (0, 1, 2)  # ZeRO stages whose checkpoints resume on another number of workers
 
 
 class CheckpointMismatch(ValueError):
@@ -102,7 +103,7 @@ def save(directory: str, engine, ema, *, network: str, model_config, resolution:
     ema_full = ema.full_state_dict()
     if rank == 0:
         meta = {**describe(network, model_config), "resolution": resolution, "step": step, "world_size": world_size,
-                "started_from": started_from}
+                "zero_stage": engine.zero_optimization_stage(), "started_from": started_from}
         blob = {"state_dict": ema_full, **meta}  # plain data only: readers load it with weights_only=True
         if network == "vae":  # also in the SS-VAE's own checkpoint layout, which the generation cascade reads
             blob["vae_config"] = dataclasses.asdict(model_config)
@@ -131,10 +132,12 @@ def check_resumable(meta: dict, where: str, *, network: str, resolution: int, wo
         # Resuming is for the same run; another resolution is a new curriculum stage (a new name + init_from).
         raise CheckpointMismatch(f"{where}: checkpoint was trained at resolution {meta['resolution']}, this run "
                                  f"trains at {resolution}; start a new run name with init_from instead")
-    if meta.get("world_size", world_size) != world_size:
-        # DeepSpeed cannot re-partition ZeRO optimizer state across another number of workers.
+    if meta.get("world_size", world_size) != world_size and meta.get("zero_stage") not in RESHARDABLE:
+        # ZeRO-3 partitions each parameter on its own: its state resumes on the number of workers that wrote it.
+        stage = f"ZeRO stage {meta['zero_stage']}" if "zero_stage" in meta else "a checkpoint of an earlier version"
         raise CheckpointMismatch(f"{where}: checkpoint was written by {meta['world_size']} workers, this run has "
-                                 f"{world_size}; resume with the same number or start a new run name with init_from")
+                                 f"{world_size}; {stage} resumes only on the same number (ZeRO 0-2 reshard), or "
+                                 f"start a new run name with init_from")
 
 
 def read_meta(folder: str, storage_options: dict | None = None) -> dict:
@@ -153,7 +156,13 @@ def restore(directory: str, engine, ema, *, network: str, model_config, resoluti
     check_compatible(meta, network, model_config, directory)
     check_resumable(meta, directory, network=network, resolution=resolution, world_size=world_size)
     guard_engine(engine)
-    _, client = engine.load_checkpoint(directory, tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if meta.get("world_size", world_size) != world_size and engine.zero_optimization_stage() in (1, 2):
+        from pipeline.train.reshard import load_resharded
+
+        client = load_resharded(engine, directory, TAG)  # DeepSpeed itself refuses another ZeRO world size
+    else:
+        _, client = engine.load_checkpoint(directory, tag=TAG, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
     weights = safe_load(os.path.join(directory, "weights.pt"), os.path.join(directory, "weights.pt"))
     ema.load_full_state_dict(weights["state_dict"])
     return int(client["step"]) if client else int(meta["step"])
@@ -166,6 +175,7 @@ def _loop_file(directory: str, rank: int) -> str:
 def save_loop_state(directory: str, rank: int, position: dict, task, device) -> None:
     """This rank's data position and random generators: what a resumed run needs to continue the same stream."""
     state = {"epoch": int(position["epoch"]), "consumed": int(position["consumed"]),
+             "names": list(position.get("names", ())), "clauses": [list(c) for c in position.get("clauses", ())],
              "python_rng": list(task.rng.getstate()[1]), "python_rng_version": task.rng.getstate()[0],
              "python_rng_gauss": task.rng.getstate()[2],
              "condition_rng": task.gen.get_state(), "torch_rng": torch.get_rng_state()}
@@ -180,12 +190,61 @@ def restore_loop_state(directory: str, rank: int, task, device) -> dict | None:
     if not os.path.exists(path):
         return None
     state = safe_load(path, path)
+    _set_generators(state, task, device)
+    return {"epoch": state["epoch"], "consumed": state["consumed"], "names": list(state.get("names", [])),
+            "clauses": [list(c) for c in state.get("clauses", [])]}
+
+
+def _set_generators(state: dict, task, device) -> None:
     task.rng.setstate((state["python_rng_version"], tuple(state["python_rng"]), state["python_rng_gauss"]))
     task.gen.set_state(state["condition_rng"])
     torch.set_rng_state(state["torch_rng"])
     if device.type == "cuda" and "cuda_rng" in state:
         torch.cuda.set_rng_state(state["cuda_rng"], device)
-    return {"epoch": state["epoch"], "consumed": state["consumed"]}
+
+
+def owner(name: str, world: int) -> int:
+    """The rank that trains shape ``name`` among ``world`` workers (stable across epochs and restarts)."""
+    import zlib
+
+    return zlib.crc32(name.encode()) % world
+
+
+def regroup_loop_state(directory: str, old_world: int, rank: int, world: int, task, device) -> dict | None:
+    """Data position of rank ``rank`` of ``world`` from a checkpoint written by ``old_world`` workers.
+
+    Shapes are split among workers by a hash of their id, so another worker count splits them anew. The run
+    continues the epoch of the slowest old worker; a shape counts as done in it when its old worker had
+    trained it there (its name is in that worker's list) or had already moved on to the next epoch (its
+    whole share was done: a clause (old_world, [ranks])). Each new worker skips its done shapes, so no
+    shape of that epoch is trained twice or left out, also across several changes within one epoch. What
+    an old worker had trained of a later epoch is trained again. None when a worker's file is missing.
+    """
+    states = []
+    for r in range(old_world):
+        path = _loop_file(directory, r)
+        if not os.path.exists(path):
+            return None
+        states.append(safe_load(path, path))
+    epoch = min(int(s["epoch"]) for s in states)
+    names: set[str] = set()
+    clauses: list[list] = []
+    for s in states:
+        if int(s["epoch"]) == epoch:
+            names.update(s.get("names", []))
+            clauses += [list(c) for c in s.get("clauses", []) if list(c) not in clauses]
+    ahead = [r for r, s in enumerate(states) if int(s["epoch"]) > epoch]
+    if ahead:
+        clauses.append([old_world, ahead])
+    if rank < old_world:  # continue that worker's random streams; a new rank keeps its seeded ones
+        _set_generators(states[rank], task, device)
+    return {"epoch": epoch, "consumed": 0, "names": sorted(n for n in names if owner(n, world) == rank),
+            "clauses": clauses}
+
+
+def is_done(name: str, names: set, clauses: list) -> bool:
+    """Whether ``regroup_loop_state``'s record marks shape ``name`` as trained in the current epoch."""
+    return name in names or any(owner(name, w) in ranks for w, ranks in clauses)
 
 
 def resolve(uri: str, storage_options: dict | None = None) -> str:

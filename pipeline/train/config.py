@@ -58,6 +58,12 @@ class TrainConfig:
     grad_checkpointing: bool = field(default=False, metadata={
         "help": "recompute activations in the backward pass (less memory, more time)", "networks": DITS})
     max_failures: int = field(default=3, metadata={"help": "worker-group restarts before the run fails"})
+    min_workers: int = field(default=0, metadata={
+        "help": "elastic training: after a lost node, go on with as few as this many workers (and grow back to "
+                "num_workers when nodes return) instead of waiting for a replacement; ZeRO 0-2; 0 = off"})
+    resize_check_s: float = field(default=60.0, metadata={
+        "help": "elastic training: seconds between checks for returned capacity (a resize restarts the "
+                "workers from the last checkpoint)"})
     cache_gb: float = field(default=2.0, metadata={
         "help": "replay a worker's prepared shapes from memory when they fit (small datasets); 0 = off"})
     max_skipped_share: float = field(default=0.05, metadata={
@@ -79,6 +85,13 @@ class TrainConfig:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if not 0 <= self.max_skipped_share <= 1:
             raise ConfigError(f"max_skipped_share: must be in [0, 1], got {self.max_skipped_share}")
+        if not 0 <= self.min_workers <= self.num_workers:
+            raise ConfigError(f"min_workers: must be in [0, num_workers={self.num_workers}], got {self.min_workers}")
+        if self.elastic and self.zero_stage == 3:
+            raise ConfigError("min_workers: ZeRO-3 state resumes only on the number of workers that wrote it; "
+                              "use zero_stage 2 for elastic training, or min_workers 0")
+        if self.resize_check_s < 0:
+            raise ConfigError(f"resize_check_s: must be >= 0, got {self.resize_check_s}")
         if not 0 <= self.holdout < 1:
             raise ConfigError(f"holdout: must be in [0, 1), got {self.holdout}")
         if not 0 <= self.cond_drop < 1:
@@ -91,6 +104,11 @@ class TrainConfig:
             raise ConfigError(f"keep_checkpoints: must be >= 1, got {self.keep_checkpoints}")
         if self.network == "structure_dit" and not self.structure_vae:
             raise ConfigError("structure_vae: network=structure_dit needs a trained structure VAE checkpoint")
+
+    @property
+    def elastic(self) -> bool:
+        """Ray Train may run this job on min_workers..num_workers workers."""
+        return 0 < self.min_workers < self.num_workers
 
     @property
     def bf16(self) -> bool:

@@ -15,7 +15,6 @@ import posixpath
 import socket
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import torch
@@ -68,7 +67,7 @@ class RaySession:
 
 def _mine(sample, rank: int, world: int) -> bool:
     """Each worker keeps the shapes whose id hashes to its rank (stable across epochs and restarts)."""
-    return zlib.crc32(sample.mesh_id.encode()) % world == rank
+    return checkpoints.owner(sample.mesh_id, world) == rank
 
 
 def _mean_across_ranks(values: list[float], device) -> list[float]:
@@ -108,16 +107,24 @@ def run_loop(cfg: TrainConfig, session) -> dict:
     if cfg.init_from:
         ema.load_full_state_dict(start["state_dict"])
 
-    step, history = 0, {"step": [], "loss": [], "tokens_per_s": [], "restarted_from": []}
-    position = {"epoch": 0, "consumed": 0}
+    step, history = 0, {"step": [], "loss": [], "tokens_per_s": [], "workers": [], "restarted_from": []}
+    # names: shapes trained in this epoch by this rank; clauses: whole shares of an earlier worker count done
+    position = {"epoch": 0, "consumed": 0, "names": [], "clauses": []}
     restored = session.checkpoint_dir()
     if restored is not None:
         with restored as d:
             step = checkpoints.restore(d, engine, ema, network=cfg.network, model_config=task.model_config,
                                        resolution=cfg.resolution, world_size=world)
-            position = checkpoints.restore_loop_state(d, rank, task, device) or position
+            written_by = json.loads(Path(d, "meta.json").read_text()).get("world_size", world)
+            if written_by == world:
+                position = checkpoints.restore_loop_state(d, rank, task, device) or position
+            else:
+                position = checkpoints.regroup_loop_state(d, written_by, rank, world, task, device) or position
+                log.info("rank %d: checkpoint of %d workers continues on %d (epoch %d, %d of this rank's shapes "
+                         "done)", rank, written_by, world, position["epoch"], len(position["names"]))
             prev = json.loads(Path(d, "history.json").read_text())
             history = {k: v[:step] if k != "restarted_from" else v for k, v in prev.items()}
+            history["workers"] = prev.get("workers", [None] * step)[:step]
             history["restarted_from"].append(step)
         log.info("rank %d resumed at step %d (epoch %d, item %d)", rank, step, position["epoch"], position["consumed"])
 
@@ -140,10 +147,16 @@ def run_loop(cfg: TrainConfig, session) -> dict:
                    if trained_here(s))
         return (task.prepare(s) for s in itertools.islice(samples, skip, None))
 
+    def undone(items, yielded: list):
+        done, clauses = set(position["names"]), position["clauses"]
+        for pos, item in items:
+            yielded[0] = True
+            if not (done or clauses) or not checkpoints.is_done(item.name, done, clauses):
+                yield pos, item
+
     while step < cfg.steps:
-        start = position["consumed"]
-        items = cache.epoch(position["epoch"], fresh, start)
-        progressed = False
+        start, yielded = position["consumed"], [False]
+        items = undone(cache.epoch(position["epoch"], fresh, start), yielded)
         for group in token_batches(items, cfg.token_budget, lambda i: i[1].tokens, lambda i: i[1].name, skipped):
             t0 = time.perf_counter()
             batch = task.collate([i for _, i in group], device, dtype)
@@ -155,13 +168,14 @@ def run_loop(cfg: TrainConfig, session) -> dict:
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
             step += 1
-            progressed = True
             position["consumed"] = group[-1][0] + 1
+            position["names"].extend(i.name for _, i in group)
             tokens = sum(i.tokens for _, i in group)
             mean_loss, tok_s = _mean_across_ranks([float(loss.detach()), tokens / dt], device)
             history["step"].append(step)
             history["loss"].append(mean_loss)
             history["tokens_per_s"].append(tok_s)
+            history["workers"].append(world)
             metrics = {"step": step, "loss": mean_loss, "tokens_per_s_per_worker": tok_s, "step_time_s": dt,
                        "tokens": tokens, "shapes": len(group), "skipped_shapes": len(skipped.shapes),
                        "lr": engine.get_lr()[0], **{k: float(v) for k, v in parts.items()}}
@@ -197,10 +211,10 @@ def run_loop(cfg: TrainConfig, session) -> dict:
         if step >= cfg.steps:
             break
         guard.check()
-        if not progressed and start == 0:
+        if not yielded[0] and start == 0:
             raise NoTrainableShapes(f"{cfg.shards}: worker {rank} got no trainable shapes "
                                     f"({len(skipped.shapes)} skipped; first: {skipped.shapes[:1]})")
-        position = {"epoch": position["epoch"] + 1, "consumed": 0}
+        position = {"epoch": position["epoch"] + 1, "consumed": 0, "names": [], "clauses": []}
     curves.close()
     return {"step": step, "skipped_shapes": skipped.shapes, "history": history}
 
