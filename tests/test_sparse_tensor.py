@@ -145,3 +145,27 @@ def test_group_norm_statistics_stay_exact_at_many_voxels():
     for rows in x.layout:  # each batch element normalised by its own statistics, as a dense GroupNorm would
         ref = torch.nn.functional.group_norm(x.feats[rows].double().T[None], 32, eps=1e-5)[0].T
         assert ((out[rows] - ref).abs().max() / ref.abs().max()) < 1e-6
+
+
+def test_packed_tokens_keep_their_order_and_carry_their_structure():
+    """The SS-DiT's input: each shape's tokens in the caller's order, cu_seqlens and caches on the tensor."""
+    import pytest
+
+    from model.sparse import SparseConv3d, SparseTensor
+
+    g = torch.Generator().manual_seed(0)
+    coords = [torch.randperm(64, generator=g)[:n] for n in (9, 4)]
+    coords = [torch.stack([c // 16, c // 4 % 4, c % 4], 1) for c in coords]
+    feats = [torch.randn(len(c), 3, generator=g) for c in coords]
+    x = SparseTensor.from_samples(coords, feats, ordered=False)
+    assert not x.ordered and x.batch_size == 2 and x.resolution == 4
+    assert torch.equal(x.coords[:, 1:], torch.cat(coords)) and torch.equal(x.feats, torch.cat(feats))
+    assert x.cu_seqlens.tolist() == [0, 9, 13] and x.replace(x.feats * 2).cu_seqlens is x.cu_seqlens
+    same = SparseTensor.packed(torch.cat(coords), torch.cat(feats), torch.tensor([0, 9, 13]))
+    assert torch.equal(same.coords, x.coords) and not same.ordered
+    ordered = SparseTensor.from_samples(coords, feats)
+    assert ordered.ordered and sorted(map(tuple, ordered.coords.tolist())) == sorted(map(tuple, x.coords.tolist()))
+    with pytest.raises(ValueError, match="packed"):
+        SparseConv3d(3, 3)(x)
+    with pytest.raises(ValueError, match="batch order"):
+        SparseTensor(x.coords.flip(0), x.feats, 4, ordered=False)
