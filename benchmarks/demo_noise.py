@@ -230,7 +230,7 @@ def summary(rows: list[dict]) -> None:
                 xs = [float(r[c]) for r in g if c in r]
                 vals.append(f"{np.mean(xs):.4f}" if xs else "-")
             t.add_row(label, str(len(g)), *vals)
-    Console().print(t)
+    Console(width=200).print(t)
 
 
 if __name__ == "__main__":
