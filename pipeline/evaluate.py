@@ -65,9 +65,12 @@ def source_structure_cascade():
 
 
 def score_library(library: Path, images: Path, meshes: dict, generation: dict, sets: dict[str, str],
-                  untrained_vae: bool | None = None) -> list[dict]:
+                  untrained_vae: bool = False) -> list[dict]:
     """One row per mesh: the library's result, an untrained cascade's and (held-out meshes) the trained
-    cascade on the source's own occupancy, each as ``mesh_row`` columns prefixed by the column name."""
+    cascade on the source's own occupancy, each as ``mesh_row`` columns prefixed by the column name.
+
+    The untrained cascade decodes pooled latents unless ``untrained_vae``: an untrained SS-VAE's output
+    layer is zero, so it decodes SDF 0 everywhere and has no surface to score."""
     from model.cascade import Cascade, GenerationConfig, Request
     from model.postprocess import read_mesh_bytes
     from model.structure import occupancy_grid
@@ -75,8 +78,7 @@ def score_library(library: Path, images: Path, meshes: dict, generation: dict, s
 
     nets = ("structure_vae", "structure_dit", "dit", "vae")
     cfg = GenerationConfig(**{k: v for k, v in generation.items() if k not in nets})
-    with_vae = bool(generation.get("vae")) if untrained_vae is None else untrained_vae
-    untrained = Cascade.random(dataclasses.replace(cfg), size="debug", seed=0, with_vae=with_vae)
+    untrained = Cascade.random(dataclasses.replace(cfg), size="debug", seed=0, with_vae=untrained_vae)
     given = source_structure_cascade().from_checkpoints(GenerationConfig(**generation))
     records = {r["name"]: r for r in (json.loads(p.read_text()) for p in (library / "records").glob("*.json"))}
     rows = []
