@@ -118,7 +118,9 @@ def test_safe_load_allows_only_deepspeed_records(tmp_path):
     torch.save({"x": torch.nn.Linear(2, 2)}, tmp_path / "module.pt")
     with pytest.raises(checkpoints.UnsafeCheckpoint, match="module.pt"):
         checkpoints.safe_load(tmp_path / "module.pt", str(tmp_path / "module.pt"))
-    names = sorted(f"{c.__module__}.{c.__name__}" for c in checkpoints._deepspeed_globals())
+    from pipeline.train import safe_load
+
+    names = sorted(f"{c.__module__}.{c.__name__}" for c in safe_load._deepspeed_globals())
     assert names == ["deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
                      "deepspeed.utils.tensor_fragment.fragment_address"]
     assert os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD") is None

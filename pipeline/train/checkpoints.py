@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import pickle
 import posixpath
 from pathlib import Path
 
@@ -28,38 +27,12 @@ import torch
 from model.cascade import parse_config_repr
 from model.checkpoint import CheckpointError, from_pretrained, save_pretrained
 from pipeline import storage
+from pipeline.train.reshard import load_resharded
+# the errors and the safe reader, where every reader of checkpoints finds them
+from pipeline.train.safe_load import CheckpointMismatch, UnsafeCheckpoint, safe_load  # noqa: F401
 
 TAG = "state"
 RESHARDABLE = (0, 1, 2)  # ZeRO stages whose checkpoints resume on another number of workers
-
-
-class CheckpointMismatch(ValueError):
-    """A checkpoint of another network or model size."""
-
-
-class UnsafeCheckpoint(CheckpointMismatch):
-    """A checkpoint file that names a Python object outside the allowlist (it could run code); never loaded."""
-
-
-def _deepspeed_globals() -> list:
-    """The classes DeepSpeed's ZeRO optimizer state pickles besides tensors: plain records, no code on load."""
-    try:
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-    except ImportError:  # a host without DeepSpeed reads weights.pt only
-        return []
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-def safe_load(source, where: str, map_location="cpu"):
-    """``torch.load(weights_only=True)`` with DeepSpeed's record classes allowed; ``source`` is a path or file."""
-    try:
-        with torch.serialization.safe_globals(_deepspeed_globals()):
-            return torch.load(source, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UnsafeCheckpoint(f"{where}: refused, it is not plain tensor data ({first})") from None
 
 
 def guard_engine(engine) -> None:
@@ -157,8 +130,6 @@ def restore(directory: str, engine, ema, *, network: str, model_config, resoluti
     check_resumable(meta, directory, network=network, resolution=resolution, world_size=world_size)
     guard_engine(engine)
     if meta.get("world_size", world_size) != world_size and engine.zero_optimization_stage() in (1, 2):
-        from pipeline.train.reshard import load_resharded
-
         client = load_resharded(engine, directory, TAG)  # DeepSpeed itself refuses another ZeRO world size
     else:
         _, client = engine.load_checkpoint(directory, tag=TAG, load_optimizer_states=True,

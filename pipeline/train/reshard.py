@@ -20,6 +20,8 @@ import re
 
 import torch
 
+from pipeline.train.safe_load import safe_load
+
 # DeepSpeed's checkpoint keys (deepspeed.checkpoint.constants), spelled out so that this module imports
 # without DeepSpeed on hosts that only read weights.
 OPTIMIZER_STATE_DICT = "optimizer_state_dict"
@@ -85,8 +87,6 @@ def load_resharded(engine, directory: str, tag: str) -> dict:
     Restores the module weights, the fp32 master weights, Adam's moments and step, the learning-rate
     schedule and DeepSpeed's step counters. Returns the client state saved with the checkpoint.
     """
-    from pipeline.train.checkpoints import safe_load
-
     where = os.path.join(directory, tag)
     opt = _zero_optimizer(engine, where)
     model_file = os.path.join(directory, tag, "mp_rank_00_model_states.pt")
