@@ -29,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.sparse_conv import coord_keys
 from model.configs import strict_from_dict
 from model.embeddings import position_embedding_3d
+from model.mesh_extract import extract_mesh
 
 from .sparse import (
     SparseConv3d,
@@ -303,8 +305,6 @@ class SparseSDFVAE(nn.Module):
         for voxel index i (``voxel_resolution`` defaults to the decoded grid's). The surface is found on the
         sparse SDF by marching tetrahedra (model.mesh_extract), not on a dense grid.
         """
-        from model.mesh_extract import extract_mesh
-
         sdf = self.decode(latents, chunk=chunk, factor=factor)
         res = sdf.resolution
         scale = res / float(voxel_resolution or res)
@@ -330,8 +330,6 @@ class SparseSDFVAE(nn.Module):
 
 def _upsample_chunked(decoder: SparseSDFDecoder, h: SparseTensor, chunk: int, halo: int) -> SparseTensor:
     """Up blocks cube by cube: each cube of ``chunk`` latent voxels with ``halo`` around it, keeping its own children."""
-    from kernels.sparse_conv import coord_keys
-
     if chunk < 1 or halo < 0:
         raise ValueError(f"SparseSDFVAE.decode: chunk must be >= 1 and halo >= 0, got {chunk} and {halo}")
     cell = torch.div(h.coords[:, 1:], chunk, rounding_mode="floor")
