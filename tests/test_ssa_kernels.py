@@ -135,87 +135,15 @@ def test_ssa_matches_reference_gpu(d, cmp_block, q_tile, shifted):
     _check_ssa("cuda", 32, 2, d, cmp_block, 8, q_tile, shifted, seed=d + cmp_block)
 
 
-def _fused_paths(monkeypatch):
-    from kernels.ssa import ops
-    monkeypatch.setattr(ops, "FUSED_DQ", {"cmp": True, "slc": True, "win": True})
-    monkeypatch.setattr(ops, "SELECT_FUSED_LONG", True)
+def test_selection_work_items_cpu(monkeypatch):
+    """Per-query selection: dK/dV lists cut into work items of one row step each, summed atomically, still give
+    the gradients."""
+    from dataclasses import replace
 
-
-@pytest.mark.parametrize("q_tile,shifted", [(1, True), (32, False)])
-def test_fused_paths_cpu(q_tile, shifted, monkeypatch):
-    """dQ from the dK/dV kernel's P through atomics, and one-kernel scoring + top-k of long units."""
-    _fused_paths(monkeypatch)
-    _check_ssa("cpu", 32, 2, 32, 8, 3, q_tile, shifted, seed=11)
-
-
-@pytest.mark.gpu
-def test_fused_paths_gpu(monkeypatch):
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    _fused_paths(monkeypatch)
-    _check_ssa("cuda", 32, 2, 32, 8, 8, 64, True, seed=12)
-
-
-@pytest.mark.parametrize("q_tile,shifted", [(1, True), (32, False)])
-def test_plain_kernel_paths_cpu(q_tile, shifted, monkeypatch):
-    """The kernels without the lean softmax (masked every chunk, separate scale) and with the score tiles
-    summed by reductions instead of a matmul (the paths the defaults were measured against), with
-    rowsum(O·dO) in its own pass instead of inside the dQ kernel, and dK/dV and scores computed with the
-    queries as the matmuls' M (not transposed), and the whole SSA as one autograd node per branch, the gate
-    and the permutes (each branch's dO written out by the gate's backward)."""
-    from kernels.ssa import ops, scoring
-    monkeypatch.setattr(ops, "WHOLE", False)
-    monkeypatch.setattr(seg, "LEAN", False)
-    monkeypatch.setattr(seg, "DELTA_IN_DQ", False)
-    monkeypatch.setattr(seg, "DKV_KEYS_M", False)
-    monkeypatch.setattr(scoring, "SCORE_SUM_DOT", False)
-    monkeypatch.setattr(scoring, "SCORE_KEYS_M", False)
-    monkeypatch.setattr(ops, "DKV_IN_DQ", {"slc": 0, "win": 0})  # every branch through its dK/dV kernel
-    monkeypatch.setattr(ops, "SELECT_TOKEN", {})  # per-token programs follow DKV_IN_DQ too
-    _check_ssa("cpu", 32, 2, 32, 8, 3, q_tile, shifted, seed=13)
-
-
-@pytest.mark.parametrize("mode,q_tile,shifted", [(1, 32, False), (2, 1, True)])
-def test_dkv_in_dq_cpu(mode, q_tile, shifted, monkeypatch):
-    """dK/dV of the selection and window branches added by their dQ kernels through float32 atomics (no dK/dV
-    kernel), with the keys (1) or the queries (2) as the matmuls' M; shifted windows take the unsummed path."""
-    from kernels.ssa import ops
-    monkeypatch.setattr(ops, "DKV_IN_DQ", {"slc": mode, "win": mode})
-    monkeypatch.setattr(ops, "SELECT_TOKEN", {})  # per-token programs follow DKV_IN_DQ too
-    _check_ssa("cpu", 32, 2, 32, 8, 3, q_tile, shifted, seed=15)
-
-
-@pytest.mark.gpu
-def test_dkv_in_dq_gpu(monkeypatch):
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    from kernels.ssa import ops
-    for mode in (1, 2):
-        monkeypatch.setattr(ops, "DKV_IN_DQ", {"slc": mode, "win": mode})
-        monkeypatch.setattr(ops, "SELECT_TOKEN", {})  # per-token programs follow DKV_IN_DQ too
-        _check_ssa("cuda", 32, 2, 32, 8, 8, 64, False, seed=16)
-        _check_ssa("cuda", 32, 2, 32, 8, 8, 16, True, seed=17)
-
-
-def test_previous_host_paths_cpu(monkeypatch):
-    """The whole SSA with the switches of the latest round turned back: scoring kernel after the compression
-    forward, gate pass after the window forward, the backward's gate and sums as tensor ops, dK/dV lists by sort."""
-    from kernels.ssa import ops
-    for name in ("SCORE_IN_CMP", "GATE_IN_WINDOW", "LEAN_HOST", "SELECT_LISTS_KERNEL"):
-        monkeypatch.setattr(ops, name, False)
-    monkeypatch.setattr(ops, "DKV_IN_DQ", {"slc": 0, "win": 0})  # the selection's dK/dV lists are built at all
-    monkeypatch.setattr(ops, "SELECT_TOKEN", {})  # per-token programs follow DKV_IN_DQ too
-    _check_ssa("cpu", 32, 2, 32, 8, 3, 32, False, seed=14)
-
-
-@pytest.mark.parametrize("q_tile", [1, 32])
-def test_selection_work_items_cpu(q_tile, monkeypatch):
-    """dK/dV lists cut into work items of one row step each, summed atomically, still give the gradients."""
     from kernels.ssa import ops
     _device_dtype("cpu")
-    monkeypatch.setattr(ops, "SELECT_DKV_STEPS", 1)
-    monkeypatch.setattr(ops, "DKV_IN_DQ", {"slc": 0, "win": 0})  # the work items belong to the dK/dV kernel
-    monkeypatch.setattr(ops, "SELECT_TOKEN", {})  # per-token programs follow DKV_IN_DQ too
+    monkeypatch.setattr(ops, "SLC_TOKEN", replace(ops.SLC_TOKEN, dkv_steps=1))
+    q_tile = 1
     st, t = random_batch([70, 2, 33], 32, 2, 16, cmp_block=8, seed=5, grid=9)
     f = {k: t[k].float().requires_grad_(True) for k in ("q", "k", "v")}
     lse = compression_attention(f["q"].detach(), t["k_cmp"].float(), t["v_cmp"].float(), st)[1]
@@ -292,22 +220,41 @@ def test_bad_input_errors():
         SSAStructure(coords, cu, 3, 8)
 
 
+def _lists_by_sort(plan, selected, n_slc, per_item):
+    """The selection's dK/dV lists and work items by a sort and tensor ops: the list kernels' reference."""
+    n_units, hkv, k = selected.shape
+    head = torch.arange(hkv)[None, :, None]
+    key, order = torch.sort(torch.where(selected >= 0, head * n_slc + selected, hkv * n_slc).flatten(), stable=True)
+    tidx = torch.div(order, hkv * k, rounding_mode="floor").to(torch.int32)
+    qptr = torch.searchsorted(key, torch.arange(hkv * n_slc + 1)).to(torch.int32)
+    seg = plan.chunk_seg.long()
+    base = torch.arange(hkv)[:, None] * n_slc + seg[None, :]
+    p0, p1 = qptr[base].long().flatten(), qptr[base + 1].long().flatten()
+    n_it = (p1 - p0 + per_item - 1) // per_item
+    rows = []
+    for job in range(n_it.numel()):
+        for i in range(int(n_it[job])):
+            a = int(p0[job]) + i * per_item
+            rows.append([job % seg.numel(), job // seg.numel(), a, min(a + per_item, int(p1[job]))])
+    return qptr, tidx, torch.tensor(rows, dtype=torch.int32).view(-1, 4)
+
+
 def test_selection_lists_kernel_matches_sort_cpu():
-    """The dK/dV lists and work items built by the list kernels equal those of the sort + tensor-op path
-    (the order of the tiles inside one list is free)."""
+    """The dK/dV lists and work items built by the list kernels equal those of a sort (the order of the tiles
+    inside one list is free; rows past the real work items are empty)."""
     from kernels.ssa import ops
     from kernels.ssa.scoring import selection_lists
-    from kernels.ssa.segment_attention import _work_items
     _device_dtype("cpu")
     st, t = random_batch([70, 2, 33, 150], 32, 2, 16, cmp_block=8, seed=6, grid=9)
-    sel = select_blocks(t["q"].float(), t["k_cmp"].float(), None, st, top_k=3, q_tile=8, backend="torch")
-    plan = ops._selection_plan(st, sel, 8, 16)
+    sel = select_blocks(t["q"].float(), t["k_cmp"].float(), None, st, top_k=3, q_tile=1, backend="torch")
+    plan = ops._selection_plan(st, sel, 1, 16)
     for per_item in (1, 2, 5):
         n_items = 2 * plan.chunk_start.numel() + -(-plan.dkv_entries // per_item)
         qptr, tidx, items = selection_lists(sel, st.n_slc, plan.chunk_seg, per_item, n_items)
-        rq, rt = plan.inverse()
+        rq, rt, ritems = _lists_by_sort(plan, sel, st.n_slc, per_item)
         assert torch.equal(qptr, rq)
         for i in range(qptr.numel() - 1):
             a, b = int(qptr[i]), int(qptr[i + 1])
             assert sorted(tidx[a:b].tolist()) == sorted(rt[a:b].tolist())
-        assert torch.equal(items, _work_items(plan, rq, 2, per_item))
+        assert torch.equal(items[:len(ritems)], ritems)
+        assert (items[len(ritems):, 2] == items[len(ritems):, 3]).all()

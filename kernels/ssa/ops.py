@@ -6,13 +6,14 @@ All tensors are packed over the tokens of a batch in the order of ``structure``
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 
 from . import reference as ref
-from .gate import gate_forward, gate_mix
-from .scoring import _unit_of_tile, block_scores, select_topk, selected_segments, selection_lists
-from .segment_attention import SegmentPlan, _launch_bwd, _launch_fwd, segment_attention
+from .gate import gate_forward
+from .scoring import SCORING, _unit_of_tile, block_scores, select_topk, selected_segments, selection_lists
+from .segment_attention import BranchLaunch, Launch, SegmentPlan, _launch_bwd, _launch_fwd, segment_attention
 from .structure import SSAStructure
 
 _GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -77,57 +78,45 @@ def _check(st: SSAStructure, backend: str, **tensors):
             raise ValueError(f"triton interpreter on the CPU takes float32, got {dt}")
 
 
-SELECT_BLOCK_N = 0  # key chunk of the scoring kernel; 0 = by block density
-SELECT_LONG_BLOCK_N = 64  # key chunk of the scoring kernel for units of more than 128 rows
-SELECT_FUSED_LONG = False  # units of more than 128 rows: scoring + top-k in one kernel (not yet timed on a GPU)
-
-
 def _block_n(st: SSAStructure, offsets: torch.Tensor) -> int:
     """Key chunk width: narrow for sparse blocks so fewer masked columns are computed."""
     mean = st.n_tokens / max(1, len(offsets) - 1)
     return 32 if mean < 48 else 64
 
 
-SHARED_DKV_PIECE = {"shape": 2048, "window": 512}  # query tokens per dK/dV list entry (see _shared_plan)
-CMP_DKV = {"chunk_n": 64, "dkv_warps": 0}  # key chunk and warps of the compression dK/dV kernel
-# per branch: dQ from the dK/dV kernel's P through float32 atomics (one pass) instead of its own pass
-FUSED_DQ = {"cmp": False, "slc": False, "win": False}  # off until timed on a GPU (benchmarks/ssa.py --paths)
-# per branch: dK/dV from the dQ kernel's P and dS, added per (query tile, key chunk) into the float32 sums with
-# atomics, instead of a dK/dV kernel that re-reads q and dO once per key chunk (0: off, 1: keys as the matmuls' M,
-# 2: queries as M). Selection and windows only: the compression's pooled keys are shared by a whole shape.
-# Queries as M, H100, whole backward at 131k, rows alternated (benchmarks/ssa.py --ab-dkv-in-dq): selection
-# 12.18-12.43 -> 11.13 ms, then the windows too 11.11-11.13 -> 10.92-10.98 (both 12.12-12.24 before). Keys as M
-# spills (255 registers + 80 bytes) and is slower (12.8 ms); windows with keys as M: no difference
-DKV_IN_DQ = {"slc": 2, "win": 2}
-# launch settings per branch and kernel ("fwd", "dq", "dkv" -> num_warps / num_stages / maxnreg) over the defaults.
-# Forward programs capped at 128 registers run 4 to an SM instead of 2 (168-188 registers uncapped): compression
-# 2.07 -> 1.78 ms, selection 2.15 -> 1.77 at 131k (benchmarks/ssa.py --tune; 8 warps at 80 registers came close)
-_FWD_CAP = {"num_warps": 4, "num_stages": 3, "maxnreg": 128}
-LAUNCH = {"cmp": {"fwd": _FWD_CAP}, "slc": {"fwd": _FWD_CAP}, "win": {}}
+# Launch settings per branch, the measured fastest (benchmarks/RESULTS.md, docs/ssa.md). Forward programs capped at
+# 128 registers run 4 to an SM instead of 2. The compression's dK/dV kernel walks a shape's queries in pieces of
+# 2,048 tokens; the selection's and the windows' dK/dV come from their dQ kernels, except with per-query selection
+# (programs of at most 16 rows: 1 warp, and the dK/dV kernel over work items of 64 row steps).
+_FWD_CAP = Launch(num_warps=4, num_stages=3, maxnreg=128)
+CMP = BranchLaunch(fwd=_FWD_CAP, dkv_piece=2048)
+WIN = BranchLaunch(lean=False, dkv_in_dq=True)
+SLC = BranchLaunch(fwd=_FWD_CAP, dq=Launch(num_stages=3), dkv_in_dq=True)
+SLC_TOKEN = BranchLaunch(fwd=Launch(num_warps=1, num_stages=3), dq=Launch(num_warps=1, num_stages=3),
+                         dkv_block_n=0, dkv_steps=64)
+SLC_SUB_ROWS = 128  # rows (tokens × G heads) per program of the selection forward and dQ
 
 
-def _shared_plan(st, tile_kind, seg_offsets, chunk_kind, block_t, block_n=64, fill_gpu=False, piece=0, chunk_n=64,
-                 dkv_warps=0, fused_dq=False, lean=True, launch=None, dkv_in_dq=0):
+def _shared_plan(st, tile_kind, seg_offsets, chunk_kind, block_t, launch: BranchLaunch, fill_gpu=False):
     """Plan for branches where every tile of a segment attends to that whole segment.
 
-    dK/dV of a key chunk walks the segment's queries in contiguous pieces of ``piece`` tokens (each
-    in 128-row steps, no per-tile indirection); ``piece=0`` lists the query tiles instead."""
-    ts, te, tseg, toff = st.tiles(tile_kind, block_t)
+    dK/dV of a key chunk (without ``launch.dkv_in_dq``) walks the segment's queries in contiguous pieces of
+    ``launch.dkv_piece`` tokens (each in 128-row steps, no per-tile indirection)."""
+    ts, te, tseg, _ = st.tiles(tile_kind, block_t)
     segs = seg_offsets.to(torch.int32)
-    cs, ce, cseg, _ = st.chunks(chunk_kind, chunk_n)
+    seg_start = segs[tseg.long()].view(-1, 1, 1)
+    plan = dict(tile_start=ts, tile_end=te, seg_start=seg_start, seg_end=segs[tseg.long() + 1].view(-1, 1, 1),
+                seg_cum=torch.zeros_like(seg_start), block_t=block_t, launch=launch)
+    if launch.dkv_in_dq:
+        return SegmentPlan(**plan)
+    cs, ce, cseg, _ = st.chunks(chunk_kind, launch.dkv_block_n)
     split = 1
     if fill_gpu:  # few long key segments: split each chunk's tile list so ~1k programs run
         split = max(1, min(64, 1024 // max(1, cs.numel())))
-    dts = dte = None
-    qptr = toff
-    if piece:
-        dts, dte, _, qptr = st.tiles(tile_kind, piece)
-    tidx = torch.arange((dts if piece else ts).numel(), dtype=torch.int32, device=st.device)
-    seg_start = segs[tseg.long()].view(-1, 1, 1)
-    return SegmentPlan(ts, te, seg_start, segs[tseg.long() + 1].view(-1, 1, 1), block_t,
-                       cs, ce, cseg, qptr, 0, tidx, block_n, dkv_split=split, seg_cum=torch.zeros_like(seg_start),
-                       chunk_n=chunk_n, dkv_tile_start=dts, dkv_tile_end=dte, dkv_warps=dkv_warps, fused_dq=fused_dq,
-                       lean=lean, launch=dict(launch or {}), dkv_in_dq=dkv_in_dq)
+    dts, dte, _, qptr = st.tiles(tile_kind, launch.dkv_piece)
+    tidx = torch.arange(dts.numel(), dtype=torch.int32, device=st.device)
+    return SegmentPlan(**plan, chunk_start=cs, chunk_end=ce, chunk_seg=cseg, qptr=qptr, tidx=tidx,
+                       dkv_tile_start=dts, dkv_tile_end=dte, dkv_split=split)
 
 
 def compression_attention(q, k_cmp, v_cmp, structure: SSAStructure, *, backend: str = "triton"):
@@ -141,21 +130,15 @@ def compression_attention(q, k_cmp, v_cmp, structure: SSAStructure, *, backend: 
 
 def _cmp_plan(st: SSAStructure, g: int) -> SegmentPlan:
     bt = _rows_per_tile(g)
-    return st.cached(("plan_cmp", bt), lambda: _shared_plan(
-        st, "shape", st.cmp_shape_offsets, "cmp", bt, fill_gpu=True,
-        piece=SHARED_DKV_PIECE["shape"], fused_dq=FUSED_DQ["cmp"], launch=LAUNCH["cmp"], **CMP_DKV))
-
-
-WIN_BLOCK_N = 64  # key chunk of the window forward and dQ (windows hold ~140 tokens at 131k)
+    return st.cached(("plan_cmp", bt), lambda: _shared_plan(st, "shape", st.cmp_shape_offsets, "cmp", bt, CMP,
+                                                           fill_gpu=True))
 
 
 def _win_plan(st: SSAStructure, shifted: bool, g: int) -> SegmentPlan:
     kind = "window1" if shifted else "window0"
     bt = _rows_per_tile(g)
-    return st.cached(("plan_win", kind, bt), lambda: _shared_plan(
-        st, kind, st.window_partition(shifted)[1], kind, bt, block_n=WIN_BLOCK_N, piece=SHARED_DKV_PIECE["window"],
-        fused_dq=FUSED_DQ["win"], lean=False,  # ~2 key chunks per window: the lean loop's tail measured slower
-        launch=LAUNCH["win"], dkv_in_dq=DKV_IN_DQ["win"]))
+    return st.cached(("plan_win", kind, bt), lambda: _shared_plan(st, kind, st.window_partition(shifted)[1], kind,
+                                                                   bt, WIN))
 
 
 def select_blocks(q, k_cmp, lse_cmp, structure: SSAStructure, *, top_k: int = 8, q_tile: int = 1,
@@ -177,28 +160,19 @@ def select_blocks(q, k_cmp, lse_cmp, structure: SSAStructure, *, top_k: int = 8,
 
 def _select(q, k_cmp, lse_cmp, st: SSAStructure, top_k: int, q_tile: int):
     """select_blocks on the Triton kernels, after the checks."""
-    hkv = k_cmp.shape[1]
-    if st.cmp_block == st.slc_block and (SELECT_FUSED_LONG or q_tile * q.shape[1] // hkv <= 128):
-        # one pass with a running top-k per unit, no score matrix (units of more than 128 rows
-        # sum their rows in steps inside the program)
-        rows = q_tile * q.shape[1] // hkv
-        # 128-row units: narrower key chunks (H100 sweep); longer units: not swept yet (--sweep-bwd)
-        bn = 32 if rows == 128 else (SELECT_LONG_BLOCK_N if rows > 128 else 64)
-        return select_topk(q.contiguous(), k_cmp.contiguous(), lse_cmp, st, top_k, q_tile, SELECT_BLOCK_N or bn)
-    # m_cmp < m_slc, per-query units included: a one-pass kernel over chunks of whole selection blocks with a
-    # running top-k measured slower than this matrix (H200, 131k, paper configuration: 41 ms with prefix sums and
-    # scans, 56 ms with the sums as 3xTF32 matmuls, against 25.5 ms; commit 1f0dcd1 holds it)
-    # long units without SELECT_FUSED_LONG (or m_cmp < m_slc): a (tiles, Hkv, blocks) score matrix
-    # ranked by torch.topk
-    n_cols = st.max_slc_per_shape
-    score = block_scores(q.contiguous(), k_cmp.contiguous(), lse_cmp, st, q_tile, n_cols,
-                         SELECT_BLOCK_N or 64)
+    if not _score_matrix_path(st, q_tile, q.shape[1] // k_cmp.shape[1]):
+        # one pass with a running top-k per unit, no score matrix
+        return select_topk(q.contiguous(), k_cmp.contiguous(), lse_cmp, st, top_k, q_tile)
+    # a (units, Hkv, blocks) score matrix ranked by torch.topk: units of more than 128 rows, and m_cmp < m_slc
+    # (where a one-pass kernel over chunks of whole selection blocks with a running top-k measured slower, see
+    # docs/ssa.md)
+    score = block_scores(q.contiguous(), k_cmp.contiguous(), lse_cmp, st, q_tile, st.max_slc_per_shape)
     return _rank(score, st, top_k, q_tile)
 
 
 def _score_matrix_path(st: SSAStructure, q_tile: int, g: int) -> bool:
-    """Whether _select ranks a score matrix (long units without SELECT_FUSED_LONG, or m_cmp < m_slc)."""
-    return not (st.cmp_block == st.slc_block and (SELECT_FUSED_LONG or q_tile * g <= 128))
+    """Whether _select ranks a score matrix (units of more than 128 rows, or m_cmp < m_slc)."""
+    return not (st.cmp_block == st.slc_block and q_tile * g <= 128)
 
 
 def _rank(score, st: SSAStructure, top_k: int, q_tile: int):
@@ -224,67 +198,35 @@ def _score_layout(st: SSAStructure, q_tile: int, n_cols: int):
     return (pad if bool(pad.any()) else None), st.slc_shape_offsets[tseg][:, None, None]
 
 
-SELECT_FWD_BLOCK_N = 64  # key chunk of the selection forward and dQ over the concatenated blocks
-SELECT_DKV_BLOCK_N = 0  # key chunk of the selection dK/dV inside a block; 0 = by block density
-SELECT_DKV_STEPS = 64  # row steps per dK/dV work item (0: one program per chunk, whatever its list length)
-SELECT_SUB_ROWS = 128  # rows (tokens × G heads) per program of the selection forward, dQ and dK/dV step
-SELECT_DKV_WARPS = 0  # warps of the selection dK/dV kernel (0: by rows)
-# per-token selection programs (q_tile·G <= 16 rows, the paper's per-query selection): launch settings ("fwd", "dq"),
-# key chunk and dK/dV path of their own; the 128-row settings (LAUNCH, DKV_IN_DQ) were tuned on 64-query tiles
-# (keys left out: the 128-row settings). H200, 131k tokens, paper configuration, rows alternated (ssa.py --paper-ab):
-# 1 warp and the dK/dV kernel (work items) instead of the atomics: selection 18.4 / 42.8 -> 10.5 / 20.5-21.5 ms,
-# whole SSA 60.6 / 65.3 -> 52.6 / 43.7-43.8 ms (2 warps 12.6-13.5 / 21.3-21.6; 128-key chunks slower)
-SELECT_TOKEN = {"launch": {"fwd": {"num_warps": 1}, "dq": {"num_warps": 1}}, "dkv_in_dq": 0}
-SELECT_LISTS_KERNEL = True  # dK/dV lists and work items by three Triton launches (False: sort + ~20 tensor ops)
-
-
 def _selection_plan(st: SSAStructure, selected: torch.Tensor, q_tile: int, g: int) -> SegmentPlan:
-    """Programs of at most SELECT_SUB_ROWS rows (tokens × G heads); a longer tile is split into sub-tiles
-    that read its selection, and its dK/dV list entry walks the whole tile in pieces of that many rows."""
-    units_start, units_end, _, _ = st.tiles("shape", q_tile)
+    """Programs of at most SLC_SUB_ROWS rows (tokens × G heads); a longer tile is split into sub-tiles that read
+    its selection. Per-query programs (at most 16 rows) run the dK/dV kernel over the lists of the units that
+    chose each block; the others add dK/dV from their dQ kernel."""
+    units_start = st.tiles("shape", q_tile)[0]
     n_units, hkv, k = selected.shape
     if n_units != units_start.numel():
         raise ValueError(f"selected has {n_units} tiles, expected {units_start.numel()} for q_tile={q_tile}")
-    sub = q_tile if q_tile * g <= SELECT_SUB_ROWS else max(1, SELECT_SUB_ROWS // g)
+    sub = q_tile if q_tile * g <= SLC_SUB_ROWS else max(1, SLC_SUB_ROWS // g)
     ts, te, _, _ = st.tiles("shape", sub)
     unit = None
     if sub != q_tile:
         unit = st.cached(("tile_unit", sub, q_tile), lambda: _unit_of_tile(st, sub, q_tile))
     seg_start, seg_end, seg_cum = selected_segments(selected, st.slc_offsets, unit)
-    chunk_n = SELECT_DKV_BLOCK_N or _block_n(st, st.slc_offsets)
+    plan = dict(tile_start=ts, tile_end=te, seg_start=seg_start, seg_end=seg_end, seg_cum=seg_cum, block_t=sub)
+    if sub * g > 16:
+        return SegmentPlan(**plan, launch=SLC)
+    chunk_n = SLC_TOKEN.dkv_block_n or _block_n(st, st.slc_offsets)
     cs, ce, cseg, _ = st.chunks("slc", chunk_n)
     # most (tile, block, chunk) list entries the dK/dV lists can hold: the work-item grid's bound
     max_chunks = st.cached(("max_chunks", "slc", chunk_n),
                            lambda: int((st.chunks("slc", chunk_n)[3].diff()).max()) if st.n_slc else 0)
 
-    def inverse():
-        """For each (kv head, block), the tiles that selected it: needed by dK/dV only. No host syncs:
-        unused slots sort last, past every list."""
-        n_lists = hkv * st.n_slc
-        head = torch.arange(hkv, device=st.device)[None, :, None]
-        key = torch.where(selected >= 0, head * st.n_slc + selected, n_lists).flatten()
-        key, order = torch.sort(key, stable=True)
-        tidx = torch.div(order, hkv * k, rounding_mode="floor").to(torch.int32)
-        qptr = torch.searchsorted(key, torch.arange(n_lists + 1, device=st.device)).to(torch.int32)
-        return qptr, tidx
-
     def lists(per_item, n_items):
         return selection_lists(selected, st.n_slc, cseg, per_item, n_items)
 
-    per_token = sub * g <= 16
-    long_tiles = sub != q_tile
-    # per-query tiles of 16 rows run best with 2 warps and 3 pipeline stages (H100 sweep, docs/ssa.md); their
-    # launch settings, key chunk and dK/dV path come from SELECT_TOKEN
-    tok = SELECT_TOKEN if per_token else {}
-    return SegmentPlan(ts, te, seg_start, seg_end, sub, cs, ce, cseg, None, st.n_slc, None,
-                       tok.get("block_n", SELECT_FWD_BLOCK_N),
-                       num_warps=2 if per_token else 4, num_stages=3, inverse=inverse, seg_cum=seg_cum,
-                       lists=lists if SELECT_LISTS_KERNEL else None,
-                       chunk_n=chunk_n, dkv_tile_start=units_start if long_tiles else None,
-                       dkv_tile_end=units_end if long_tiles else None, dkv_steps=SELECT_DKV_STEPS,
-                       dkv_tile_max=q_tile, dkv_entries=n_units * hkv * k * max_chunks, dkv_warps=SELECT_DKV_WARPS,
-                       fused_dq=FUSED_DQ["slc"], launch=dict(tok.get("launch", LAUNCH["slc"])),
-                       dkv_in_dq=tok.get("dkv_in_dq", DKV_IN_DQ["slc"]))
+    return SegmentPlan(**plan, launch=replace(SLC_TOKEN, dkv_block_n=chunk_n), chunk_start=cs, chunk_end=ce,
+                       chunk_seg=cseg, qptr_head_stride=st.n_slc, lists=lists,
+                       dkv_entries=n_units * hkv * k * max_chunks)
 
 
 def selection_attention(q, k, v, structure: SSAStructure, selected: torch.Tensor, *, q_tile: int = 1,
@@ -349,39 +291,24 @@ def spatial_sparse_attention(q, k, v, k_cmp, v_cmp, gates, structure: SSAStructu
                          f"got {tuple(gates.shape)}")
     if top_k < 1 or q_tile < 1 or q_tile & (q_tile - 1):
         raise ValueError(f"top_k must be >= 1 and q_tile a power of two, got top_k={top_k}, q_tile={q_tile}")
-    if backend == "triton" and WHOLE and not any(FUSED_DQ.values()):
+    if backend == "triton":
         return _WholeSSA.apply(q, k, v, k_cmp, v_cmp, gates, structure, top_k, q_tile, shifted)
-    o_cmp, lse = compression_attention(q, k_cmp, v_cmp, structure, backend=backend)
-    if backend == "torch":
-        sel = select_blocks(q, k_cmp, None, structure, top_k=top_k, q_tile=q_tile, backend="torch")
-    else:
-        sel = select_blocks(q.detach(), k_cmp.detach(), lse, structure, top_k=top_k, q_tile=q_tile)
+    o_cmp, _ = compression_attention(q, k_cmp, v_cmp, structure, backend=backend)
+    sel = select_blocks(q, k_cmp, None, structure, top_k=top_k, q_tile=q_tile, backend="torch")
     o_slc = selection_attention(q, k, v, structure, sel, q_tile=q_tile, backend=backend)
     o_win = window_attention(q, k, v, structure, shifted=shifted, backend=backend)
-    if backend == "triton":
-        return gate_mix(o_cmp, o_slc, o_win, gates)
     g = gates.to(q.dtype)
     return g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_win
 
 
-# the compression forward also sums the selection-block scores (a second pass over the pooled keys with the final
-# log-sum-exp) where a score matrix is ranked: no scoring kernel reading Q and the lse again
-SCORE_IN_CMP = True
-GATE_IN_WINDOW = True  # unshifted windows: the window forward's epilogue writes the gated sum (no gate pass)
-WHOLE = True  # the Triton SSA as one autograd node (below) instead of one per branch, the gate and the permutes
-# its backward runs each branch's dK/dV on a second CUDA stream, overlapping the next branch's dQ kernel (the dQ
-# kernels add into one dQ in turn; the dK/dV kernels add into float32 sums with atomics)
-BWD_STREAMS = True
 _SIDE_STREAMS = {}
 
 
 def _side_stream(device):
+    """The CUDA stream the backward runs each branch's dK/dV kernel on, overlapping the next branch's dQ kernel."""
     if device not in _SIDE_STREAMS:
         _SIDE_STREAMS[device] = torch.cuda.Stream(device)
     return _SIDE_STREAMS[device]
-
-
-LEAN_HOST = True  # its backward with the gates read by the kernels and one buffer per kind of sum (fewer launches)
 
 
 class _WholeSSA(torch.autograd.Function):
@@ -395,13 +322,15 @@ class _WholeSSA(torch.autograd.Function):
         q, k, v, k_cmp, v_cmp, gates = (t.contiguous() for t in (q, k, v, k_cmp, v_cmp, gates))
         g = q.shape[1] // k.shape[1]
         plan_c = _cmp_plan(st, g)
-        if SCORE_IN_CMP and _score_matrix_path(st, q_tile, g) and q_tile * g > 128:  # 128-row tiles: its units
+        if _score_matrix_path(st, q_tile, g) and q_tile * g > 128:  # 128-row tiles: its units
+            # the compression forward also sums the selection-block scores (a second pass over the pooled keys
+            # with the final log-sum-exp): no scoring kernel reading Q and the lse again
             bt = _rows_per_tile(g)
             score = torch.zeros((st.n_tiles("shape", q_tile), k.shape[1], st.max_slc_per_shape),
                                 dtype=torch.float32, device=q.device)
             unit = st.cached(("tile_unit", bt, q_tile), lambda: _unit_of_tile(st, bt, q_tile))
             to_slc = st.cmp_to_slc_local if st.cmp_block != st.slc_block else None
-            o_c, lse_c = _launch_fwd(q, k_cmp, v_cmp, plan_c, scores=(score, unit, to_slc, SELECT_BLOCK_N or 64))
+            o_c, lse_c = _launch_fwd(q, k_cmp, v_cmp, plan_c, scores=(score, unit, to_slc, SCORING.score_block_n))
             sel = _rank(score, st, top_k, q_tile)
         else:
             o_c, lse_c = _launch_fwd(q, k_cmp, v_cmp, plan_c)
@@ -411,21 +340,18 @@ class _WholeSSA(torch.autograd.Function):
         plan_w = _win_plan(st, shifted, g)
         perm = st.window_partition(shifted)[0]
         wq, wk, wv = (q, k, v) if perm is None else (t.index_select(0, perm) for t in (q, k, v))
-        if perm is None and GATE_IN_WINDOW:  # the window forward writes the gated sum too
+        if perm is None:  # the window forward writes the gated sum too (shifted windows' rows are permuted)
             out = torch.empty_like(o_c)
             o_wp, lse_w = _launch_fwd(wq, wk, wv, plan_w, mix=(o_c, o_s, gates, out))
         else:
             o_wp, lse_w = _launch_fwd(wq, wk, wv, plan_w)
-            o_w = o_wp if perm is None else o_wp.index_select(0, _inv_perm(st, shifted))
-            out = gate_forward(o_c, o_s, o_w, gates)
+            out = gate_forward(o_c, o_s, o_wp.index_select(0, _inv_perm(st, shifted)), gates)
         ctx.save_for_backward(q, k, v, k_cmp, v_cmp, gates, o_c, lse_c, o_s, lse_s, wq, wk, wv, o_wp, lse_w)
         ctx.plans, ctx.st, ctx.shifted = (plan_c, plan_s, plan_w), st, shifted
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        if not LEAN_HOST:
-            return _WholeSSA._backward_ops(ctx, dout)
         q, k, v, k_cmp, v_cmp, gates, o_c, lse_c, o_s, lse_s, wq, wk, wv, o_wp, lse_w = ctx.saved_tensors
         plan_c, plan_s, plan_w = ctx.plans
         do = dout.contiguous()
@@ -436,7 +362,9 @@ class _WholeSSA(torch.autograd.Function):
         acc = torch.zeros(2 * (n + nc) * hkv * d, dtype=torch.float32, device=k.device)
         dk, dv, dkc, dvc = (t.view(-1, hkv, d) for t in acc.split([n * hkv * d] * 2 + [nc * hkv * d] * 2))
         delta = torch.empty((3, *q.shape[:2]), dtype=torch.float32, device=q.device)
-        side = dict(dkv_stream=_side_stream(q.device), keep=[]) if BWD_STREAMS and q.is_cuda else {}
+        # each branch's dK/dV kernel on a second stream once its dQ kernel is done (the dQ kernels add into one dQ
+        # in turn; the dK/dV kernels add into float32 sums with atomics)
+        side = dict(dkv_stream=_side_stream(q.device), keep=[]) if q.is_cuda else {}
         dq = _launch_bwd(q, k_cmp, v_cmp, o_c, lse_c, do, plan_c, dkv_into=(dkc, dvc), gate=gates, gate_b=0,
                          delta_into=delta[0], **side)[0]
         _launch_bwd(q, k, v, o_s, lse_s, do, plan_s, dq_into=dq, dkv_into=(dk, dv), gate=gates, gate_b=1,
@@ -461,30 +389,3 @@ class _WholeSSA(torch.autograd.Function):
         dk, dv, dkc, dvc = (t.view(-1, hkv, d) for t in grads.split([n * hkv * d] * 2 + [nc * hkv * d] * 2))
         dg = torch.empty(gates.shape, dtype=gates.dtype, device=gates.device).copy_(delta.permute(1, 2, 0))
         return dq, dk, dv, dkc, dvc, dg, None, None, None, None
-
-    @staticmethod
-    def _backward_ops(ctx, dout):
-        """The backward before LEAN_HOST: lse − ln g, gradient sums and casts as separate tensor ops."""
-        q, k, v, k_cmp, v_cmp, gates, o_c, lse_c, o_s, lse_s, wq, wk, wv, o_wp, lse_w = ctx.saved_tensors
-        plan_c, plan_s, plan_w = ctx.plans
-        do = dout.contiguous()
-        ln_g = torch.log(gates.float())  # a zero gate gives lse = +inf: P = 0 for that branch
-        dq, dkc, dvc, dg_c = _launch_bwd(q, k_cmp, v_cmp, o_c, lse_c - ln_g[..., 0], do, plan_c, want_delta=True)
-        dkv = (torch.zeros(k.shape, dtype=torch.float32, device=k.device),
-               torch.zeros(v.shape, dtype=torch.float32, device=v.device))
-        dg_s = _launch_bwd(q, k, v, o_s, lse_s - ln_g[..., 1], do, plan_s, dq_into=dq, dkv_into=dkv,
-                           want_delta=True)[3]
-        perm = ctx.st.window_partition(ctx.shifted)[0]
-        if perm is None:
-            dg_w = _launch_bwd(q, k, v, o_wp, lse_w - ln_g[..., 2], do, plan_w, dq_into=dq, dkv_into=dkv,
-                               want_delta=True)[3]
-        else:  # shifted windows run on permuted copies: their gradients come back through the inverse
-            inv = _inv_perm(ctx.st, ctx.shifted)
-            dq_w, dk_w, dv_w, dg_w = _launch_bwd(wq, wk, wv, o_wp, lse_w - ln_g[..., 2].index_select(0, perm),
-                                                 do.index_select(0, perm), plan_w, want_delta=True)
-            dq += dq_w.index_select(0, inv)
-            dkv[0].add_(dk_w.index_select(0, inv))
-            dkv[1].add_(dv_w.index_select(0, inv))
-            dg_w = dg_w.index_select(0, inv)
-        dg = torch.stack([dg_c, dg_s, dg_w], -1).to(gates.dtype)
-        return dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype), dkc, dvc, dg, None, None, None, None

@@ -6,21 +6,37 @@ the queries of a tile when q_tile > 1). Probabilities are recomputed from the sa
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from . import segment_attention as _seg
-from .segment_attention import LOG2E, _new, _rows, _rows_for, _warps
+from .segment_attention import LOG2E, Launch, _new, _rows, _rows_for
+
+
+@dataclass(frozen=True)
+class ScoringLaunch:
+    """Launch settings of the scoring and list kernels, the measured fastest (benchmarks/RESULTS.md)."""
+    select_rows: int = 64  # rows (units × tokens × heads) per program of the one-pass scoring + top-k
+    select_block_n: int = 64  # its key chunk; 32 for units of 128 rows
+    score_block_n: int = 64  # key chunk of the score-matrix kernel and of the compression forward's score pass
+    list_block: int = 1024  # entries per program of the dK/dV list kernels
+
+    def select_chunk(self, rows: int) -> int:
+        return 32 if rows == 128 else self.select_block_n
+
+
+SCORING = ScoringLaunch()
 
 
 @triton.jit
 def _score_kernel(Q, KC, LSE, SCORE, TILE_START, TILE_END, TILE_SEG, TILE_UNIT, CMP_OFF, CMP_TO_SLC,
                   sqt, sqh, skt, skh, slt, slh, sct, sch, qk_scale,
                   G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                  D: tl.constexpr, POOL: tl.constexpr, LEAN: tl.constexpr = False, SUM_DOT: tl.constexpr = False,
-                  SUM_DT: tl.constexpr = tl.float32, KEYS_M: tl.constexpr = False):
-    """Adds one tile's probabilities, summed over its rows, into the score row of its selection unit."""
+                  D: tl.constexpr, POOL: tl.constexpr):
+    """Adds one tile's probabilities, summed over its rows, into the score row of its selection unit. The sums
+    come from Pᵀ (keys as the matmul's M): float32 sums along accumulator rows, no transpose."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     tok, head, valid = _rows(TILE_START, TILE_END, tile, h, G, BLOCK_T, BLOCK_R)
@@ -37,22 +53,9 @@ def _score_kernel(Q, KC, LSE, SCORE, TILE_START, TILE_END, TILE_SEG, TILE_UNIT, 
         n = n0 + cols
         nm = n < c1
         k = tl.load(KC + n[:, None] * skt + h * skh + d[None, :], mask=nm[:, None], other=0.0)
-        # summed over the G heads of this kv group and the tile's tokens
-        if KEYS_M:  # Pᵀ = exp(K Qᵀ - lse): the sum over rows is a sum along each accumulator row (no transpose)
-            pt = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
-            if not LEAN:
-                pt = tl.where(valid[None, :] & nm[:, None], pt, 0.0)
-            s = tl.sum(pt, 1)
-        else:
-            if LEAN:  # columns past the shape sum garbage that the masked atomic never adds
-                p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
-            else:
-                qk = tl.dot(q, tl.trans(k)) * qk_scale
-                p = tl.where(valid[:, None] & nm[None, :], tl.exp2(qk - lse2[:, None]), 0.0)
-            if SUM_DOT:  # on the tensor cores: P^T (BLOCK_N x rows) @ ones (rows x 16), every column the sum
-                s = tl.max(tl.dot(tl.trans(p.to(SUM_DT)), tl.full([BLOCK_R, 16], 1.0, SUM_DT)), 1)
-            else:
-                s = tl.sum(p, 0)
+        # summed over the G heads of this kv group and the tile's tokens; rows past the tile have lse = +inf
+        # (Pᵀ = 0), columns past the shape sum garbage that the masked atomic never adds
+        s = tl.sum(tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :]), 1)
         if POOL:
             col = tl.load(CMP_TO_SLC + n, mask=nm, other=0)
         else:  # compression blocks are the selection blocks
@@ -60,12 +63,7 @@ def _score_kernel(Q, KC, LSE, SCORE, TILE_START, TILE_END, TILE_SEG, TILE_UNIT, 
         tl.atomic_add(row + col, s, mask=nm)
 
 
-SCORE_WARPS = 0  # warps of the scoring kernel (0: 4, or 8 for 256-row programs)
-SCORE_KEYS_M = True  # scores from Pᵀ (keys as the matmul's M): float32 row sums, no transpose, no float16 rounding
-SCORE_SUM_DOT = True  # column sums of the score tiles by a matmul with ones (P in float16) instead of shuffles
-
-
-def block_scores(q, k_cmp, lse_cmp, structure, q_tile: int, n_cols: int, block_n: int = 64):
+def block_scores(q, k_cmp, lse_cmp, structure, q_tile: int, n_cols: int):
     """Per (query tile of q_tile tokens, kv head) sum of compression probabilities per selection block.
 
     Returns float32 (n_tiles, Hkv, n_cols) indexed by the block's number inside its shape, 0 past the
@@ -86,9 +84,8 @@ def block_scores(q, k_cmp, lse_cmp, structure, q_tile: int, n_cols: int, block_n
         q, k_cmp, lse_cmp, score, ts, te, tseg, unit, cmp_off, st.cmp_to_slc_local,
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), lse_cmp.stride(0), lse_cmp.stride(1),
         score.stride(0), score.stride(1), d ** -0.5 * LOG2E, G=g, BLOCK_T=sub,
-        BLOCK_R=_rows_for(sub, g), BLOCK_N=block_n, D=d, POOL=pool, LEAN=_seg.LEAN, SUM_DOT=SCORE_SUM_DOT,
-        SUM_DT=tl.float32 if q.dtype == torch.float32 else tl.float16, KEYS_M=SCORE_KEYS_M,
-        num_warps=SCORE_WARPS or _warps(_rows_for(sub, g), 4))
+        BLOCK_R=_rows_for(sub, g), BLOCK_N=SCORING.score_block_n, D=d, POOL=pool,
+        **Launch().options(_rows_for(sub, g)))
     return score
 
 
@@ -185,16 +182,13 @@ def _topk_insert(cand, ids, top_v, top_i, cols, kk):
 def _select_kernel(Q, KC, LSE, SEL, TILE_START, TILE_END, TILE_SEG, CMP_OFF, CU, UNIT_OFF,
                    sqt, sqh, skt, skh, slt, slh, sst, ssh, qk_scale,
                    TOPK: tl.constexpr, KP: tl.constexpr, G: tl.constexpr, Q_TILE: tl.constexpr, P: tl.constexpr,
-                   STEPS: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
-    """Block scores and a running top-k in one pass (compression blocks = selection blocks).
-
-    A program holds P selection units (query tiles of Q_TILE tokens) of one shape; rows are
-    units × tokens × the G heads of a kv group, and each unit keeps its own top-k. A unit of more
-    rows than one step holds (P = 1) is summed in STEPS row steps per key chunk, so its column sums
-    stay in registers (no score matrix, no atomics)."""
+                   BLOCK_N: tl.constexpr, D: tl.constexpr):
+    """Block scores and a running top-k in one pass (compression blocks = selection blocks), for units of at most
+    128 rows: a program holds P selection units (query tiles of Q_TILE tokens) of one shape; rows are
+    units × tokens × the G heads of a kv group, and each unit keeps its own top-k (no score matrix, no atomics)."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
-    RB: tl.constexpr = P * Q_TILE * G // STEPS  # rows per step
+    RB: tl.constexpr = P * Q_TILE * G  # rows
     t0 = tl.load(TILE_START + tile)
     t1 = tl.load(TILE_END + tile)
     seg = tl.load(TILE_SEG + tile)
@@ -206,16 +200,13 @@ def _select_kernel(Q, KC, LSE, SEL, TILE_START, TILE_END, TILE_SEG, CMP_OFF, CU,
     # slots past TOPK hold +inf so the minimum (the k-th best) never lands on them
     top_v = tl.where(kk[None, :] < TOPK, tl.full([P, KP], float("-inf"), tl.float32), float("inf"))
     top_i = tl.full([P, KP], -1, tl.int32)
-    q, lse2, valid = _unit_rows(Q, LSE, t0, t1, h, 0, sqt, sqh, slt, slh, G, RB, D)  # the first step stays
+    q, lse2, valid = _unit_rows(Q, LSE, t0, t1, h, 0, sqt, sqh, slt, slh, G, RB, D)
     for n0 in range(c0, c1, BLOCK_N):
         n = n0 + cols
         nm = n < c1
         k = tl.load(KC + n[:, None] * skt + h * skh + d[None, :], mask=nm[:, None], other=0.0)
         # summed over the G heads of the kv group and the unit's tokens
         s = _unit_col_sums(q, lse2, valid, k, nm, qk_scale, P, RB, BLOCK_N)
-        for i in range(1, STEPS):
-            qi, li, vi = _unit_rows(Q, LSE, t0, t1, h, i * RB, sqt, sqh, slt, slh, G, RB, D)
-            s += _unit_col_sums(qi, li, vi, k, nm, qk_scale, P, RB, BLOCK_N)
         top_v, top_i = _topk_insert(tl.where(nm[None, :], s, float("-inf")), n, top_v, top_i, cols, kk)
     out = tl.where((top_v > float("-inf")) & (kk[None, :] < TOPK), top_i, -1)
     unit = tl.load(UNIT_OFF + seg) + (t0 - tl.load(CU + seg)) // Q_TILE + tl.arange(0, P)
@@ -224,20 +215,18 @@ def _select_kernel(Q, KC, LSE, SEL, TILE_START, TILE_END, TILE_SEG, CMP_OFF, CU,
              mask=umask[:, None] & (kk[None, :] < TOPK))
 
 
-SELECT_ROWS = 64  # rows (units × tokens × heads) per selection program (H100 sweep, docs/ssa.md)
-SELECT_STEP_ROWS = 128  # rows per step of a unit longer than one program step (tile-level selection)
-
-
-def select_topk(q, k_cmp, lse_cmp, structure, top_k: int, q_tile: int, block_n: int = 64):
-    """Top-k global block ids (n_units, Hkv, top_k), -1 past the shape's blocks; needs m_cmp == m_slc."""
+def select_topk(q, k_cmp, lse_cmp, structure, top_k: int, q_tile: int):
+    """Top-k global block ids (n_units, Hkv, top_k), -1 past the shape's blocks; needs m_cmp == m_slc and units
+    of at most 128 rows (q_tile × G)."""
     n, hq, d = q.shape
     hkv = k_cmp.shape[1]
     g = hq // hkv
     u = q_tile * g
-    p = max(1, SELECT_ROWS // u)
+    if u > 128:
+        raise ValueError(f"select_topk takes units of at most 128 rows, got {q_tile} tokens × {g} heads")
+    p = max(1, SCORING.select_rows // u)
     if u < 16:
         p = max(p, 16 // u)
-    steps = max(1, u // SELECT_STEP_ROWS)  # powers of two: the steps divide the unit
     st = structure
     _, _, _, unit_off = st.tiles("shape", q_tile)
     ts, te, tseg, _ = st.tiles("shape", p * q_tile)
@@ -248,7 +237,7 @@ def select_topk(q, k_cmp, lse_cmp, structure, top_k: int, q_tile: int, block_n: 
         q, k_cmp, lse_cmp, sel, ts, te, tseg, cmp_off, cu, unit_off,
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), lse_cmp.stride(0), lse_cmp.stride(1),
         sel.stride(0), sel.stride(1), d ** -0.5 * LOG2E, TOPK=top_k, KP=triton.next_power_of_2(top_k), G=g,
-        Q_TILE=q_tile, P=p, STEPS=steps, BLOCK_N=block_n, D=d, num_warps=_warps(p * u // steps, 4))
+        Q_TILE=q_tile, P=p, BLOCK_N=SCORING.select_chunk(u), D=d, **Launch().options(p * u))
     return sel
 
 
@@ -339,9 +328,6 @@ def _list_fill_kernel(SEL, RANK, QPTR, TIDX, ENDS, CHUNK_SEG, ITEMS, n_entries, 
         tl.store(ITEMS + i * 4 + 3, b, mask=im)
 
 
-LIST_BLOCK = 1024
-
-
 def selection_lists(selected: torch.Tensor, n_slc: int, chunk_seg: torch.Tensor, per_item: int, n_items: int):
     """(qptr (Hkv·n_slc + 1), tidx, items (n_items, 4)) int32 for the selection's dK/dV kernel, with no host
     sync: qptr[h·n_slc + blk] .. qptr[...+1] indexes ``tidx``, the units that chose block blk for kv head h (in
@@ -360,14 +346,14 @@ def selection_lists(selected: torch.Tensor, n_slc: int, chunk_seg: torch.Tensor,
     ends = torch.empty(max(1, hkv * n_chunks), dtype=torch.int32, device=dev)
     items = torch.empty((n_items, 4), dtype=torch.int32, device=dev)
     if n_entries and n_lists:
-        _list_count_kernel[(triton.cdiv(n_entries, LIST_BLOCK),)](
-            selected, count, rank, n_entries, n_slc, HKV=hkv, K=k, BLOCK=LIST_BLOCK)
+        _list_count_kernel[(triton.cdiv(n_entries, SCORING.list_block),)](
+            selected, count, rank, n_entries, n_slc, HKV=hkv, K=k, BLOCK=SCORING.list_block)
     _list_scan_kernel[(1,)](count, qptr, chunk_seg, ends, n_lists, n_chunks, n_slc, per_item, HKV=hkv,
-                            BLOCK=LIST_BLOCK)
-    scatter = triton.cdiv(n_entries, LIST_BLOCK) if n_lists else 0
-    grid = scatter + (triton.cdiv(n_items, LIST_BLOCK) if n_chunks else 0)
+                            BLOCK=SCORING.list_block)
+    scatter = triton.cdiv(n_entries, SCORING.list_block) if n_lists else 0
+    grid = scatter + (triton.cdiv(n_items, SCORING.list_block) if n_chunks else 0)
     if grid:
         _list_fill_kernel[(grid,)](
             selected, rank, qptr, tidx, ends, chunk_seg, items, n_entries, scatter, n_items, n_chunks, n_slc,
-            per_item, max(1, (hkv * n_chunks).bit_length()), HKV=hkv, K=k, BLOCK=LIST_BLOCK)
+            per_item, max(1, (hkv * n_chunks).bit_length()), HKV=hkv, K=k, BLOCK=SCORING.list_block)
     return qptr, tidx, items
