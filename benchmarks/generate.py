@@ -113,7 +113,7 @@ def run_once(c: ShellCascade, batch: int, refine: bool, tokens512: int, tokens10
     """One batch through every stage; seconds per stage (for the whole batch) and each stage's peak memory.
 
     ``c`` is a ShellCascade: the structure stage and the decoders run, then the geometry is the sphere
-    shell of ``tokens512`` / ``tokens1024`` latent voxels (model/shell_cascade.py)."""
+    shell of ``tokens512`` / ``tokens1024`` latent voxels (tests/shell_cascade.py)."""
     dev = c.device
     c.tokens = {c.cfg.resolution: tokens512, c.cfg.refine_resolution: tokens1024}
     t = {}
