@@ -251,6 +251,8 @@ def dashboard_url(explicit: str | None = None) -> str:
     # GCS, Ray Client or auto: Ray finds the dashboard the cluster registered
     if addr.kind != "auto":
         reachable(addr)
+    if addr.kind == "client" and is_dashboard(parse(f"http://{addr.host}:{DEFAULT_PORTS['dashboard']}")):
+        return check_dashboard(parse(f"http://{addr.host}:{DEFAULT_PORTS['dashboard']}"), token)
     from ray.dashboard.utils import ray_address_to_api_server_url, ray_client_address_to_api_server_url
 
     try:

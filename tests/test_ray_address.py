@@ -124,16 +124,23 @@ def test_no_address_names_the_fix(monkeypatch):
         dashboard_url()
 
 
-PROBE = ("from pipeline.ray_address import connect, dashboard_url; connect(log_to_driver=False); import ray; "
-         "print(int(ray.cluster_resources()['CPU']), dashboard_url())")
+PROBE = ("from pipeline.ray_address import connect, dashboard_url; url = dashboard_url(); connect(log_to_driver=False); "
+         "import ray; print(int(ray.cluster_resources()['CPU']), url)")
 
 
 @pytest.mark.integration
 def test_every_form_on_a_live_cluster(ray_cluster, tmp_path):
     """A driver (ray.init) and the job API reach the same local cluster from the dashboard URL, the GCS address,
-    and the dashboard's host:port; a client without the token gets the one line that names the fix."""
-    # ray:// needs ray[client] on the cluster (not installed here); auto is Ray's own lookup, passed through
+    the dashboard's host:port and ray://; a client without the token gets the one line that names the fix."""
+    # auto is Ray's own lookup (the cluster `ray start` last started here), passed through as it is
     forms = [ray_cluster.dashboard, ray_cluster.address, ray_cluster.dashboard.split("://")[1]]
+    import psutil
+
+    client = [a.split("=", 1)[1] for p in psutil.process_iter() for a in _cmdline(p)
+              if {"ray.util.client.server", f"--address={ray_cluster.address}"} <= set(_cmdline(p))
+              and a.startswith("--port=")]
+    if client:  # Ray Client's server runs where ray[client] is installed
+        forms.append(f"ray://127.0.0.1:{client[0]}")
     for form in forms:
         env = {**ray_cluster.env, "RAY_ADDRESS": form}
         env.pop("RAY_AUTH_MODE")  # a token file is enough: token mode follows, as with Ray's own tools
@@ -147,3 +154,10 @@ def test_every_form_on_a_live_cluster(ray_cluster, tmp_path):
     assert out.returncode != 0 and "needs a token: export RAY_AUTH_MODE=token" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
+
+
+def _cmdline(p) -> list[str]:
+    try:
+        return p.cmdline()
+    except Exception:  # noqa: BLE001 - a process that ended meanwhile
+        return []
