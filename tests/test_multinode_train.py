@@ -154,3 +154,70 @@ def test_zero3_across_nodes_checkpoints_on_s3(train_cluster):
     # ZeRO-3 shards parameters and optimizer state per rank; each rank wrote its own partition to S3.
     assert {"state/zero_pp_rank_0_mp_rank_00_optim_states.pt",
             "state/zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(final["files"]), final["files"]
+
+
+ELASTIC_STEPS = 500
+
+
+@pytest.mark.timeout(720)
+def test_elastic_run_shrinks_to_the_remaining_node_and_grows_back(train_cluster):
+    """min_workers 1 of 2: a lost worker node shrinks the run to the node that is left (no waiting for a
+    replacement), a node that joins later grows it back; ZeRO-2 state is resharded each time, no step is lost
+    or repeated, and history.json names every step's worker count."""
+    import s3fs
+
+    c = train_cluster
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": c.extra_env["AWS_ENDPOINT_URL"]}, key="testing",
+                           secret="testing")
+    workers = [i for i in c.alive_nodes() if not c.nodes[i].head]
+    while len(workers) < 2:
+        c.add_worker(2)
+        workers = [i for i in c.alive_nodes() if not c.nodes[i].head]
+    run = "mn-runs/exp/elastic"
+    flags = _flags(storage="s3://mn-runs/exp", shards="synthetic", synthetic_shapes=8, num_workers=2, min_workers=1,
+                   resize_check_s=5, cpus_per_worker=2, zero_stage=2, steps=ELASTIC_STEPS, checkpoint_every=10,
+                   report_every=10, max_failures=6, name="elastic")
+    res = _ray(c, "job", "submit", "--no-wait", "--address", c.dashboard, "--", "s2", "train", "dit", *flags)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", res.stdout + res.stderr).group(0)
+
+    def newest() -> dict | None:
+        fs.invalidate_cache()
+        try:
+            return _s3_final_checkpoint(fs, run)
+        except (AssertionError, FileNotFoundError):
+            return None
+
+    def status() -> str:
+        out = _ray(c, "job", "status", "--address", c.dashboard, job_id)
+        return (out.stdout + out.stderr).lower()
+
+    t0, phase, seen = time.monotonic(), "both", set()
+    events = {}
+    while True:
+        st = status()
+        if any(s in st for s in ("succeeded", "failed", "stopped")):
+            break
+        assert time.monotonic() - t0 < 660, f"phase {phase}: {st}"
+        ckpt = newest()
+        hist = ckpt["history"] if ckpt else {"workers": []}
+        if phase == "both":
+            seen |= {i for i in workers if c.node_pids_running(i, "RayTrainWorker")}
+            if seen == set(workers) and len(hist["workers"]) >= 20 and hist["workers"][-1] == 2:
+                c.kill_node(workers[-1])
+                phase, events["killed_at_step"] = "shrunk?", hist["step"][-1]
+        elif phase == "shrunk?" and hist["workers"] and hist["workers"][-1] == 1:
+            c.add_worker(2)
+            phase, events["node_added_at_step"] = "grown?", hist["step"][-1]
+        elif phase == "grown?" and hist["workers"] and hist["workers"][-1] == 2:
+            phase, events["grown_at_step"] = "done", hist["step"][-1]
+        time.sleep(1)
+    logs = _ray(c, "job", "logs", "--address", c.dashboard, job_id).stdout
+    assert "succeeded" in st, logs[-4000:]
+    final = newest()
+    hist = final["history"]
+    assert hist["step"] == list(range(1, ELASTIC_STEPS + 1)), "steps lost or repeated across the resizes"
+    counts = [w for i, w in enumerate(hist["workers"]) if i == 0 or hist["workers"][i - 1] != w]
+    assert counts == [2, 1, 2], (counts, events, hist["restarted_from"])
+    assert len(hist["restarted_from"]) >= 2 and all(s % 10 == 0 for s in hist["restarted_from"])
+    print(json.dumps({**events, "restarted_from": hist["restarted_from"], "total_s": round(time.monotonic() - t0, 1)}))
