@@ -80,6 +80,8 @@ def test_holdout_is_a_share_of_ids_and_bad_settings_are_named():
     assert not any(is_held_out(i, 0.0) for i in ids)
     with pytest.raises(ConfigError, match="holdout"):
         TrainConfig(network="vae", holdout=1.5).validate()
+    with pytest.raises(ConfigError, match="only network=vae"):
+        TrainConfig(network="dit", holdout=0.1).validate()
 
 
 def test_vae_batches_from_shard_samples_and_nan_is_named():

@@ -94,6 +94,8 @@ class TrainConfig:
             raise ConfigError(f"resize_check_s: must be >= 0, got {self.resize_check_s}")
         if not 0 <= self.holdout < 1:
             raise ConfigError(f"holdout: must be in [0, 1), got {self.holdout}")
+        if self.holdout and self.network != "vae":
+            raise ConfigError(f"holdout: only network=vae measures held-out shapes, this run trains {self.network}")
         if not 0 <= self.cond_drop < 1:
             raise ConfigError(f"cond_drop: must be in [0, 1), got {self.cond_drop}")
         stages = [r.strip() for r in self.curriculum.split(",") if r.strip()]
