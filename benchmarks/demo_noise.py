@@ -41,7 +41,7 @@ def source_mesh(sample):
 
 def band_sign_error(coords, values, dec_coords, dec_values, resolution: int) -> float:
     """Share of band voxels (|SDF| < 1) whose decoded value has the other sign; an undecoded voxel reads +1."""
-    from model.sparse import coord_keys
+    from kernels.sparse_conv import coord_keys
 
     def keys(c):
         return coord_keys(torch.cat([torch.zeros_like(c[:, :1]), c], 1).int(), resolution)
@@ -80,8 +80,8 @@ def main() -> None:
     names = set(args.meshes.split(","))
     res = args.resolution
 
-    samples = [s for s in read_samples(args.shards, resolution=res)
-               if Path(s.source_uri).stem in names]
+    samples = list({s.mesh_id: s for s in read_samples(args.shards, resolution=res)
+                    if Path(s.source_uri).stem in names}.values())  # a mesh preprocessed twice counts once
     print(f"{len(samples)} meshes at {res}³: {', '.join(Path(s.source_uri).stem for s in samples)}")
     rows: list[dict] = []
 
@@ -127,18 +127,18 @@ def main() -> None:
                 x = SparseTensor.from_unsorted(torch.cat([torch.zeros_like(s.coords[:, :1]), s.coords], 1).int(),
                                                s.values.float()[:, None], res, 1)
                 z, mean, _ = vae.encode(x, sample=False)
-                std = float(mean.feats.std())
+                std = float(mean.std())
                 for sigma in [0.0, *(float(n) for n in args.noise.split(",") if n)]:
                     t0 = time.time()
                     g = torch.Generator().manual_seed(0)
-                    feats = mean.feats + sigma * std * torch.randn(mean.feats.shape, generator=g)
-                    dec = vae.decode(mean.replace(feats))
+                    feats = mean + sigma * std * torch.randn(mean.shape, generator=g)
+                    dec = vae.decode(z.replace(feats.to(z.feats.dtype)))
                     dc, dv = dec.coords[:, 1:], dec.feats[:, 0].float()
                     err = band_sign_error(s.coords, s.values, dc, dv, res)
                     keep = dv < 0.999
                     v, f = extract_mesh(dc[keep], dv[keep], res, level=args.level, fill=1.0)
                     add("vae" if sigma == 0 else f"vae+noise {sigma:g}", s, v, f, t0, sign_err=err,
-                        latent_std=std, latent_mean=float(mean.feats.mean()))
+                        latent_std=std, latent_mean=float(mean.mean()))
     dit_rows(args, samples, vae, add)
     summary(rows)
 
@@ -182,9 +182,9 @@ def dit_rows(args, samples, vae, add) -> None:
                                 torch.cat([torch.zeros_like(s.coords[:, :1]), s.coords], 1).int(),
                                 s.values.float()[:, None], res, 1)
                             with torch.no_grad():
-                                _, mean, _ = cascade.vae.encode(x, sample=False)
-                            ref = cascade.vae.scale(mean.feats)
-                            order = _match(mean.coords[:, 1:], lc)
+                                zt, mean, _ = cascade.vae.encode(x, sample=False)
+                            ref = cascade.vae.scale(mean)
+                            order = _match(zt.coords[:, 1:], lc)
                             extra["latent_rmse"] = float((z[order] - ref).pow(2).mean().sqrt())
                             extra["latent_std"] = float(ref.std())
                             dec = cascade.vae.decode(SparseTensor.from_unsorted(

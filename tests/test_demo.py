@@ -141,3 +141,28 @@ def test_quick_mode_cuts_only_the_defaults():
     demo.apply_quick(args)
     assert args.vae_steps == 50 and args.train_steps == demo.QUICK["train_steps"]
     assert args.train_resolution == 64 and args.latent == "ss_vae"
+
+
+def test_a_fresh_ss_vae_decoder_passes_its_signal_to_the_output_layer():
+    import torch
+
+    from model.sdf_shapes import AnalyticShape, narrow_band
+    from model.sparse import SparseTensor
+    from model.vae import SparseSDFVAE, VAEConfig
+    from pipeline.train.tasks import signal_preserving_init
+
+    torch.manual_seed(0)
+    c, v = narrow_band(AnalyticShape("torus", (0.6, 0.2)), 32)
+    x = SparseTensor.from_unsorted(torch.cat([torch.zeros_like(c[:, :1]), c], 1).int(), v[:, None], 32, 1)
+    ratios = []
+    for init in (False, True):
+        vae = SparseSDFVAE(VAEConfig.named("tiny"))
+        if init:
+            signal_preserving_init(vae)
+        with torch.no_grad():
+            z = vae.encode(x, sample=False)[0]
+            z = z.replace(torch.randn_like(z.feats))  # a latent of unit spread on the shape's latent voxels
+            h = vae.decoder.latent_features(z)
+            out = vae.decoder.upsample_features(h)
+        ratios.append(float(out.feats.std() / h.feats.std()))
+    assert ratios[0] < 1e-2 < 5e-2 < ratios[1]  # the release's init loses the signal; the training init keeps it

@@ -257,6 +257,21 @@ class SparseVAEObjective(nn.Module):
         return next(self.vae.parameters()).dtype
 
 
+def signal_preserving_init(vae) -> None:
+    """He-normal 3³ sparse convs (std √(2 / (27·C_in))) for an SS-VAE trained from scratch.
+
+    The release's layout has no norms in the decoder's up blocks, and with fan-in-scaled uniform convs
+    each block shrinks the signal ~14×: at the debug widths (32, 16, 8 channels) a fresh decoder's last
+    features are 3,000× smaller than its latent features (std 1.29 -> 4.5e-4 on a 64³ torus), so its
+    zero-initialised output layer learns for hundreds of steps before the SDF follows the latent
+    (docs/demo.md). He-normal keeps 0.14. Weights loaded afterwards (``init_from``, resume) replace it."""
+    from model.sparse.layers import SparseConv3d
+
+    for m in vae.modules():
+        if isinstance(m, SparseConv3d):
+            nn.init.normal_(m.weight, std=(2.0 / (m.weight.shape[0] * m.weight.shape[1])) ** 0.5)
+
+
 class SparseVAETask(Task):
     """SS-VAE on narrow-band sparse SDFs; a batch is as many shapes as fit in the voxel budget."""
 
@@ -265,7 +280,9 @@ class SparseVAETask(Task):
         # "debug" is the trainer-wide name of the smallest size; the SS-VAE calls it "tiny".
         self.model_config = (model_config if model_config is not None
                              else VAEConfig.named("tiny" if cfg.model == "debug" else cfg.model))
-        self.module = SparseVAEObjective(SparseSDFVAE(self.model_config), VAELossWeights())
+        vae = SparseSDFVAE(self.model_config)
+        signal_preserving_init(vae)
+        self.module = SparseVAEObjective(vae, VAELossWeights())
 
     def prepare(self, sample) -> Item:
         return Item(sample.mesh_id, sample.num_voxels,
