@@ -78,8 +78,10 @@ def _script(page_blocks: list[Block]) -> str:
 def _namespace_prefix() -> list[str] | None:
     if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
         return None
-    probe = subprocess.run(["unshare", "--pid", "--net", "--fork", "--mount-proc", "true"], capture_output=True)
-    return ["unshare", "--pid", "--net", "--fork", "--mount-proc"] if probe.returncode == 0 else None
+    # --kill-child: a page that times out takes its whole namespace (cluster included) with it
+    prefix = ["unshare", "--pid", "--net", "--fork", "--mount-proc", "--kill-child"]
+    probe = subprocess.run([*prefix, "true"], capture_output=True)
+    return prefix if probe.returncode == 0 else None
 
 
 @pytest.mark.integration
