@@ -76,5 +76,14 @@ def test_corrupt_checkpoint_is_reported_by_serve_status_and_healthz(ray_cluster,
         lines = [line for line in out.stderr.splitlines() if line.startswith("s2 generate")]
         assert out.returncode == 2 and lines and body["error"] in lines[-1], out.stderr[-3000:]
         assert "Traceback" not in out.stderr
+
+        doc = yaml.safe_load(config.read_text())  # s2 serve of such a config: one line, exit 2, no hang
+        doc["applications"][0].update(name="s2bad2", route_prefix="/b2")
+        config.write_text(yaml.safe_dump(doc))
+        out = subprocess.run([s2, "serve", "--serve-config", str(config), "--name", "s2bad2", "--detach"],
+                             capture_output=True, text=True, timeout=400,
+                             env={**ray_cluster.env, "RAY_ADDRESS": ray_cluster.dashboard})
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        assert f"s2 serve: configuration error: Serve app 's2bad2': model did not load: " in out.stderr, out.stderr
     finally:
         _serve(ray_cluster, "shutdown", "-y")
