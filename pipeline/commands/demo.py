@@ -2,14 +2,13 @@
 
 Generates the sample corpus and holds a few meshes out; starts a local Ray cluster with token auth
 (unless ``RAY_ADDRESS`` names a running one); submits ``jobs/preprocess.yaml`` on the rest; trains the
-debug structure VAE, structure DiT and SS-DiT for a few minutes on the CPU (one job each); serves
-them with the Serve app and generates an asset library from held-out views: new camera angles of
-training meshes, one per kind of the corpus, and views of the meshes kept out of training (the
-``s2 generate`` job, which starts the app from a Serve config file); scores the library by Chamfer
-distance against the source meshes next to an untrained cascade (and, for the held-out meshes, the
-trained cascade given each source's own occupancy as its structure, which separates the structure DiT
-from the later networks), and prints where the gallery is.
-The cluster it started is stopped at the end.
+debug networks on the CPU as the paper trains the real ones, one Ray Train job each: structure VAE,
+structure DiT, SS-VAE, then (after a job that scales the SS-VAE's latents to unit spread) the SS-DiT on
+the SS-VAE's latents; serves them with the Serve app and generates an asset library from held-out
+views: new camera angles of training meshes, one per kind of the corpus, and views of the meshes kept
+out of training (the ``s2 generate`` job, which starts the app from a Serve config file); scores the
+library against the source meshes (``pipeline/evaluate.py``) next to an untrained cascade, and prints
+where the gallery is. The cluster it started is stopped at the end. docs/demo.md has the measurements.
 """
 
 from __future__ import annotations
