@@ -22,9 +22,10 @@ RECORD = "s2-cluster.json"
 
 def register(sub) -> None:
     p = sub.add_parser("cluster", help="start or stop a local Ray cluster on this machine (token auth on)")
-    p.add_argument("action", choices=["up", "down", "status"])
-    p.add_argument("--num-cpus", type=int, default=None)
-    p.add_argument("--num-gpus", type=int, default=None)
+    p.add_argument("action", choices=["up", "down", "status"],
+                   help="up: start it; down: end its processes; status: `ray status` of it (or of RAY_ADDRESS's)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs the head offers to tasks (default: all)")
+    p.add_argument("--num-gpus", type=int, default=None, help="GPUs the head offers to tasks (default: all)")
     p.add_argument("--port", type=int, default=6379, help="GCS port of the head")
     p.add_argument("--dashboard-port", type=int, default=8265, help="names the cluster for `down` and `status`")
     p.add_argument("--no-auth", action="store_true", help="start without token auth (not recommended)")
@@ -156,6 +157,9 @@ def _run(args) -> int:
     if args.nodes > 1 or Path(multinode_dir_for(args.dashboard_port), "netns-cluster.json").exists():
         return _run_multinode(args)
     if args.action == "up":
+        if busy := _ports_in_use(args):
+            print(f"s2 cluster up: {busy}", file=sys.stderr)
+            return 1
         ensure_token(env)
         rc = start_local(env, dashboard_port=args.dashboard_port, port=args.port, num_cpus=args.num_cpus,
                          num_gpus=args.num_gpus).returncode
@@ -190,6 +194,24 @@ def _status(args, ray: str, env: dict[str, str]) -> int:
             return 1
     env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}  # `ray status` reads it over --address
     return subprocess.call([ray, "status", "--address", gcs], env=env)
+
+
+def _ports_in_use(args) -> str | None:
+    """Why `up` cannot start on these ports (a cluster of ours or something else listens there), or None."""
+    import socket
+
+    ours = Path(temp_dir_for(args.dashboard_port), RECORD).exists() and own_processes(temp_dir_for(args.dashboard_port))
+    for port, what in ((args.port, "the GCS port, --port"), (args.dashboard_port, "the dashboard port, --dashboard-port")):
+        with socket.socket() as sock:
+            sock.settimeout(1.0)
+            if sock.connect_ex(("127.0.0.1", port)) != 0:
+                continue
+        if ours:
+            return (f"the cluster `s2 cluster up` started on dashboard port {args.dashboard_port} already runs "
+                    f"(RAY_ADDRESS=http://127.0.0.1:{args.dashboard_port}); `s2 cluster down` first to restart it")
+        return (f"port {port} ({what}) is in use on this machine, by another Ray cluster or program; "
+                f"pick free ports with --port and --dashboard-port")
+    return None
 
 
 def _gcs_port(args) -> int:
