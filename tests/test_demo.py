@@ -166,3 +166,27 @@ def test_a_fresh_ss_vae_decoder_passes_its_signal_to_the_output_layer():
             out = vae.decoder.upsample_features(h)
         ratios.append(float(out.feats.std() / h.feats.std()))
     assert ratios[0] < 1e-2 < 5e-2 < ratios[1]  # the release's init loses the signal; the training init keeps it
+
+
+def test_the_ss_dit_task_encodes_each_shape_once():
+    from types import SimpleNamespace
+
+    import torch
+
+    from model.sdf_shapes import AnalyticShape, narrow_band
+    from model.vae import SparseSDFVAE, VAEConfig
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.tasks import SparseDiTTask
+
+    vae = SparseSDFVAE(VAEConfig.named("tiny"))
+    calls = []
+    encode = vae.encode
+    vae.encode = lambda *a, **k: calls.append(1) or encode(*a, **k)
+    task = SparseDiTTask(TrainConfig(network="dit", model="debug", latent="a-vae-checkpoint"), 0, latent_vae=vae)
+    c, v = narrow_band(AnalyticShape("sphere", (0.6,)), 32)
+    items = [task.prepare(SimpleNamespace(mesh_id=f"s{i}", coords=c, values=v, resolution=32, views=[]))
+             for i in range(2)]
+    first = task.collate(items, "cpu", torch.float32)
+    second = task.collate(items, "cpu", torch.float32)
+    assert len(calls) == 2 and torch.equal(first["x0"].feats, second["x0"].feats)
+    assert "sdf" not in items[0].data and items[0].data["latent"][1].shape[1] == 16
