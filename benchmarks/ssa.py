@@ -2,6 +2,9 @@
 
     python benchmarks/ssa.py --check                       # bf16/fp16 sweep against the float64 reference
     python benchmarks/ssa.py --sizes 16384,131072          # timings (ms, effective TFLOP/s) and baselines
+    python benchmarks/ssa.py --base REV --sizes ""         # the working tree against git revision REV, same run
+    TRITON_INTERPRET=1 python benchmarks/ssa.py --base REV --tokens 200 --sizes ""   # its CPU smoke run
+    python benchmarks/ssa.py --sass REV --sizes ""         # same sm_90 SASS as REV, launch by launch (CPU)
 
 Shapes: one thick sphere shell on a 128³ latent grid, 32 query / 2 kv heads, d = 32,
 bf16, top-k = 8, m_cmp = m_slc = 8. Baselines in the same run: full attention through
@@ -91,22 +94,31 @@ def check(log):
 
 
 # ------------------------------------------------------------------------------------------ workload
-def shell(n, grid=128, device="cuda"):
+def shell(n, grid=128, device=None):
     """n voxels of a thick sphere shell (the n closest to radius 0.4·grid) on a grid³ lattice."""
+    device = device or _device()
     ax = torch.arange(grid, device=device, dtype=torch.float32)
     c = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), -1).reshape(-1, 3)
     dist = ((c - (grid - 1) / 2).norm(dim=1) - 0.4 * grid).abs()
     return c[torch.argsort(dist)[:n]].int()
 
 
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def workload(n, hq=32, hkv=2, d=32, m=8, dtype=torch.bfloat16, shared_gate=False):
-    """shared_gate: gates (N, 3), one per token and branch for every head, as the released layer makes them."""
-    coords = shell(n)
-    cu = torch.tensor([0, n], device="cuda")
+    """shared_gate: gates (N, 3), one per token and branch for every head, as the released layer makes them.
+    Without CUDA (the Triton interpreter): float32 on a 16³ grid, for smoke runs at a few hundred tokens."""
+    dev = _device()
+    if dev == "cpu":
+        dtype = torch.float32
+    coords = shell(n, grid=128 if dev == "cuda" else 16)
+    cu = torch.tensor([0, n], device=dev)
     coords = coords[block_order(coords, cu, m, 8)]
     st = SSAStructure(coords, cu, m, 8)
     torch.manual_seed(n)  # the same tensors for every run and code version at this size
-    mk = lambda *s: torch.randn(*s, device="cuda", dtype=dtype)  # noqa: E731
+    mk = lambda *s: torch.randn(*s, device=dev, dtype=dtype)  # noqa: E731
     t = dict(q=mk(n, hq, d), k=mk(n, hkv, d), v=mk(n, hkv, d), k_cmp=mk(st.n_cmp, hkv, d),
              v_cmp=mk(st.n_cmp, hkv, d), gates=torch.sigmoid(mk(n, 3) if shared_gate else mk(n, hq, 3)))
     return st, t
@@ -140,6 +152,8 @@ def ab_base(log, base: str, n=131072, q_tiles=(1, 64), rounds=3):
     mods = {"base": load_base(base), "tree": tree}
     st0, t = workload(n, m=4)
     structs = {k: m.SSAStructure(st0._coords, st0.cu_seqlens, 4, 8) for k, m in mods.items()}
+    if not torch.cuda.is_available():
+        rounds = 1
     x = {k: v.detach().requires_grad_(True) for k, v in t.items()}
     for qt in q_tiles:
         times = {k: [] for k in mods}
@@ -246,60 +260,17 @@ def pair_counts(st, sel, q_tile, hq, hkv):
 
 def time_fwd_bwd(fn, inputs, ms=200):
     """(forward ms, backward ms) of fn(*inputs) -> tensor."""
+    if not torch.cuda.is_available():  # the Triton interpreter: one forward and one backward (a smoke run)
+        t0 = time.perf_counter()
+        out = fn(*inputs)
+        t1 = time.perf_counter()
+        torch.autograd.grad(out, inputs, torch.randn_like(out))
+        return (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
     f = bench(lambda: fn(*inputs), ms)
     out = fn(*inputs)
     go = torch.randn_like(out)
     b = bench(lambda: torch.autograd.grad(out, inputs, go, retain_graph=True), ms)
     return f, b
-
-
-PAPER_TOKEN_VARIANTS = {  # ops.SELECT_TOKEN: launch settings, key chunk and dK/dV path of per-token programs
-    "128-row settings": {},
-    "2 warps": {"launch": {}, "dkv_in_dq": 2},
-    "2 warps, dK/dV kernel": {"launch": {}, "dkv_in_dq": 0},
-    "1 warp, dK/dV kernel": {"launch": {"fwd": {"num_warps": 1}, "dq": {"num_warps": 1}}, "dkv_in_dq": 0},
-    "2 warps, 128-key chunks, dK/dV kernel": {"launch": {}, "block_n": 128, "dkv_in_dq": 0},
-    "4 warps, 128-key chunks, dK/dV kernel": {"launch": {"fwd": {"num_warps": 4}, "dq": {"num_warps": 4}},
-                                              "block_n": 128, "dkv_in_dq": 0},
-}
-
-
-def paper_ab(log, n=131072, rounds=2):
-    """Per-query selection (q_tile 1) in the paper's configuration, rows alternated in one process: each per-token
-    setting of PAPER_TOKEN_VARIANTS (selection branch and whole SSA, outputs and gradients against the first).
-    Leaves the fastest whole-SSA setting in place."""
-    from kernels.ssa import ops
-    st, t = workload(n, m=4, shared_gate=True)
-    x = {k: v.detach().requires_grad_(True) for k, v in t.items()}
-    q, kc, vc = t["q"], t["k_cmp"], t["v_cmp"]
-    lse = compression_attention(q, kc, vc, st)[1]
-    sel = select_blocks(q, kc, lse, st, top_k=8, q_tile=1)
-    go = torch.randn(q.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(1)).to(q.dtype)
-    first, best = None, (float("inf"), {})
-    for r in range(rounds):
-        for name, cfg in PAPER_TOKEN_VARIANTS.items():
-            ops.SELECT_TOKEN = cfg
-            try:
-                xs = [x["q"], x["k"], x["v"]]
-                if r == 0:
-                    o = selection_attention(*xs, st, sel, q_tile=1)
-                    g = torch.autograd.grad(o, xs, go)
-                    if first is None:
-                        first = (o, g)
-                    diff = " ".join(f"{k_} {rel(a, b):.1e}" for k_, a, b in zip(("out", "dq", "dk", "dv"),
-                                                                                 (o, *g), (first[0], *first[1])))
-                    log(f"paper-ab [{name}] against the first: {diff}")
-                f, b = time_fwd_bwd(lambda a, b_, c: selection_attention(a, b_, c, st, sel, q_tile=1), xs, 100)
-                ff, bb = time_fwd_bwd(lambda *a: spatial_sparse_attention(*a, st, top_k=8, q_tile=1),
-                                      list(x.values()), 300)
-            except Exception as e:  # noqa: BLE001 - a setting can fail to compile; that is an answer too
-                log(f"paper-ab [{name}] failed: {type(e).__name__}: {str(e)[:200]}")
-                continue
-            log(f"paper-ab round {r} [{name}]: selection {f:.3f} / {b:.3f} ms, whole SSA {ff:.3f} / {bb:.3f} ms")
-            if r == rounds - 1 and ff + bb < best[0]:
-                best = (ff + bb, cfg, name)
-    ops.SELECT_TOKEN = best[1]
-    log(f"paper-ab: fastest whole SSA with [{best[2] if len(best) > 2 else 'none'}], kept for what follows")
 
 
 # ------------------------------------------------------------------------------------------- ours
@@ -390,175 +361,6 @@ def flex_ssa(st, t, log):
     return res
 
 
-def sweep_tiles(log, n=131072, q_tiles=(1, 64)):
-    """Launch settings of the selection branch: scoring time per tile size; forward/backward ms for
-    dK/dV work items of several sizes and 128 or 256 rows per program."""
-    from kernels.ssa import ops
-    st, t = workload(n)
-    x = {s: t[s].detach().requires_grad_(True) for s in ("q", "k", "v")}
-    lse = compression_attention(t["q"], t["k_cmp"], t["v_cmp"], st)[1]
-    for qt in q_tiles:
-        ms = bench(lambda: select_blocks(t["q"], t["k_cmp"], lse, st, top_k=8, q_tile=qt))
-        sel = select_blocks(t["q"], t["k_cmp"], lse, st, top_k=8, q_tile=qt)
-        log(f"sweep tiles q_tile={qt}: scoring + top-k {ms:.3f} ms")
-        for steps, sub_rows in ((32, 128), (64, 128), (128, 128), (32, 256), (64, 256)):
-            if qt == 1 and sub_rows != 128:
-                continue
-            ops.SELECT_DKV_STEPS, ops.SELECT_SUB_ROWS = steps, sub_rows
-            try:
-                f, b = time_fwd_bwd(lambda a, b_, c: selection_attention(a, b_, c, st, sel, q_tile=qt),
-                                    [x["q"], x["k"], x["v"]])
-            except Exception as e:  # a setting can exceed shared memory; that is an answer too
-                f = b = float("nan")
-                log(f"  {type(e).__name__}: {str(e)[:80]}")
-            log(f"sweep tiles slc q_tile={qt} dkv_steps={steps} rows={sub_rows}: {f:.3f} / {b:.3f} ms")
-    ops.SELECT_DKV_STEPS, ops.SELECT_SUB_ROWS = 64, 128
-
-
-def compare_paths(log, n=131072, qt=64):
-    """The fused paths (scoring + top-k of long units in one kernel, dQ from the dK/dV kernel) against the
-    two-pass paths on the same inputs: gradients' relative difference, the share of equal block choices,
-    and ms of each branch and of the whole SSA."""
-    from kernels.ssa import ops
-    st, t = workload(n)
-    x = {s_: t[s_].detach().requires_grad_(True) for s_ in t}
-    configs = {"two-pass": (False, dict(cmp=False, slc=False, win=False)),
-               "fused": (True, dict(cmp=True, slc=True, win=True)),
-               "fused, window two-pass": (True, dict(cmp=True, slc=True, win=False))}
-    ref = None
-    for name, (long_scoring, fused) in configs.items():
-        ops.SELECT_FUSED_LONG = long_scoring
-        ops.FUSED_DQ.update(fused)
-        st._cache.clear()
-        lse = compression_attention(t["q"], t["k_cmp"], t["v_cmp"], st)[1]
-        sel = select_blocks(t["q"], t["k_cmp"], lse, st, top_k=8, q_tile=qt)
-        out = spatial_sparse_attention(*x.values(), st, q_tile=qt)
-        go = torch.randn(out.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(0)).to(out.dtype)
-        grads = torch.autograd.grad(out, list(x.values()), go)
-        if ref is None:
-            ref = (sel, out, grads)
-        same = (sel.sort(-1).values == ref[0].sort(-1).values).all(-1).float().mean().item()
-        diffs = " ".join(f"d{k_}={rel(g, rg):.1e}" for k_, g, rg in zip(x, grads, ref[2]))
-        ms = {"select": bench(lambda: select_blocks(t["q"], t["k_cmp"], lse, st, top_k=8, q_tile=qt), 100)}
-        ms["cmp"] = time_fwd_bwd(lambda a, b, c: compression_attention(a, b, c, st)[0],
-                                 [x["q"], x["k_cmp"], x["v_cmp"]], 100)
-        ms["slc"] = time_fwd_bwd(lambda a, b, c: selection_attention(a, b, c, st, sel, q_tile=qt),
-                                 [x["q"], x["k"], x["v"]], 100)
-        ms["win"] = time_fwd_bwd(lambda a, b, c: window_attention(a, b, c, st), [x["q"], x["k"], x["v"]], 100)
-        ms["ssa"] = time_fwd_bwd(lambda *a: spatial_sparse_attention(*a, st, q_tile=qt), list(x.values()), 100)
-        log(f"paths N={n} q_tile={qt} [{name}] same selection {same:.4f}, out {rel(out, ref[1]):.1e} {diffs}")
-        log(f"paths N={n} q_tile={qt} [{name}] ms " + " ".join(
-            f"{k_}={v_:.3f}" if isinstance(v_, float) else f"{k_}={v_[0]:.3f}/{v_[1]:.3f}" for k_, v_ in ms.items()))
-    ops.SELECT_FUSED_LONG = False
-    ops.FUSED_DQ.update(configs["two-pass"][1])
-    st._cache.clear()
-
-
-def sweep_bwd(log, n=131072, qt=64):
-    """Launch settings at one size for tile-level selection: the fused scoring's key chunk and row step,
-    the selection forward's chunk/warps/stages, the dK/dV chunk and warps of selection and compression;
-    then where the whole SSA's time goes, kernel by kernel (torch.profiler)."""
-    import dataclasses
-
-    from kernels.ssa import ops, scoring
-    st, t = workload(n)
-    x = {s_: t[s_].detach().requires_grad_(True) for s_ in t}
-    q, k, v, kc, vc = (t[s_] for s_ in ("q", "k", "v", "k_cmp", "v_cmp"))
-    lse = compression_attention(q, kc, vc, st)[1]
-    ms = bench(lambda: select_blocks(q, kc, lse, st, top_k=8, q_tile=qt))
-    log(f"sweep scoring q_tile={qt} score matrix + torch.topk (default): {ms:.3f} ms")
-    ops.SELECT_FUSED_LONG = True
-    for bn in (32, 64, 128):
-        for rows in (128, 256):
-            ops.SELECT_LONG_BLOCK_N, scoring.SELECT_STEP_ROWS = bn, rows
-            ms = bench(lambda: select_blocks(q, kc, lse, st, top_k=8, q_tile=qt))
-            log(f"sweep scoring q_tile={qt} one kernel, block_n={bn} step_rows={rows}: {ms:.3f} ms")
-    ops.SELECT_LONG_BLOCK_N, scoring.SELECT_STEP_ROWS, ops.SELECT_FUSED_LONG = 64, 128, False
-    sel = select_blocks(q, kc, lse, st, top_k=8, q_tile=qt)
-    base = ops._selection_plan(st, sel, qt, 16)
-    for bn, nw, ns in ((64, 4, 3), (32, 4, 3), (64, 8, 3), (64, 4, 2), (64, 4, 4), (32, 4, 4)):
-        plan = dataclasses.replace(base, block_n=bn, num_warps=nw, num_stages=ns)
-        ms = bench(lambda: seg.segment_attention(q, k, v, plan))
-        log(f"sweep slc fwd q_tile={qt} block_n={bn} warps={nw} stages={ns}: {ms:.3f} ms")
-    fused0 = dict(ops.FUSED_DQ)
-    for fused, cn, nw in ((False, 0, 0), (True, 0, 0), (True, 128, 8), (True, 64, 8), (True, 128, 4)):
-        ops.SELECT_DKV_BLOCK_N, ops.SELECT_DKV_WARPS, ops.FUSED_DQ["slc"] = cn, nw, fused
-        f, b = time_fwd_bwd(lambda a, b_, c: selection_attention(a, b_, c, st, sel, q_tile=qt),
-                            [x["q"], x["k"], x["v"]])
-        log(f"sweep slc bwd q_tile={qt} fused_dq={fused} chunk={cn or 'auto'} warps={nw or 'auto'}: "
-            f"{f:.3f} / {b:.3f} ms")
-    ops.SELECT_DKV_BLOCK_N, ops.SELECT_DKV_WARPS = 0, 0
-    for fused, cn, nw in ((False, 64, 0), (True, 64, 0), (True, 128, 8), (True, 128, 4), (True, 64, 8)):
-        ops.CMP_DKV.update(chunk_n=cn, dkv_warps=nw)
-        ops.FUSED_DQ["cmp"] = fused
-        st._cache.clear()
-        f, b = time_fwd_bwd(lambda a, b_, c: compression_attention(a, b_, c, st)[0], [x["q"], x["k_cmp"], x["v_cmp"]])
-        log(f"sweep cmp bwd fused_dq={fused} chunk={cn} warps={nw or 'auto'}: {f:.3f} / {b:.3f} ms")
-    ops.CMP_DKV.update(chunk_n=64, dkv_warps=0)
-    for fused in (False, True):
-        ops.FUSED_DQ["win"] = fused
-        st._cache.clear()
-        for shifted in (False, True):
-            f, b = time_fwd_bwd(lambda a, b_, c: window_attention(a, b_, c, st, shifted=shifted),
-                                [x["q"], x["k"], x["v"]])
-            log(f"sweep win bwd fused_dq={fused} shifted={shifted}: {f:.3f} / {b:.3f} ms")
-    ops.FUSED_DQ.update(fused0)
-    st._cache.clear()
-    out = spatial_sparse_attention(x["q"], x["k"], x["v"], x["k_cmp"], x["v_cmp"], x["gates"], st, q_tile=qt)
-    go = torch.randn_like(out)
-    for _ in range(3):
-        out = spatial_sparse_attention(x["q"], x["k"], x["v"], x["k_cmp"], x["v_cmp"], x["gates"], st, q_tile=qt)
-        torch.autograd.grad(out, list(x.values()), go)
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            out = spatial_sparse_attention(x["q"], x["k"], x["v"], x["k_cmp"], x["v_cmp"], x["gates"], st,
-                                           q_tile=qt)
-            torch.autograd.grad(out, list(x.values()), go)
-        torch.cuda.synchronize()
-    log(f"profile: whole SSA forward + backward, N={n}, q_tile={qt}, 5 iterations (device time per kernel)")
-    log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22))
-
-
-def ab_variants(log, sizes=(131072,), qt=64):
-    """Kernel variants against each other on the same inputs, one process: the plain softmax (every chunk
-    masked, scale multiplied apart) against the lean one, score-tile column sums by reductions against
-    a matmul with ones, and rowsum(O·dO) by its own pass against inside the dQ kernel. ms of scoring,
-    each branch and the whole SSA; outputs and gradients against the first variant."""
-    from kernels.ssa import scoring
-    variants = {"plain": (False, False, False), "lean": (True, False, False), "lean+sum-dot": (True, True, False),
-                "lean+sum-dot+delta-in-dQ": (True, True, True)}
-    keep = (seg.LEAN, scoring.SCORE_SUM_DOT, seg.DELTA_IN_DQ)
-    for n in sizes:
-        st, t = workload(n)
-        x = {s_: t[s_].detach().requires_grad_(True) for s_ in t}
-        gen = torch.Generator("cuda").manual_seed(0)
-        go = torch.randn(t["q"].shape, device="cuda", generator=gen).to(t["q"].dtype)
-        ref = None
-        for name, (lean, sum_dot, delta) in variants.items():
-            seg.LEAN, scoring.SCORE_SUM_DOT, seg.DELTA_IN_DQ = lean, sum_dot, delta
-            lse = compression_attention(t["q"], t["k_cmp"], t["v_cmp"], st)[1]
-            sel = select_blocks(t["q"], t["k_cmp"], lse, st, top_k=8, q_tile=qt)
-            out = spatial_sparse_attention(*x.values(), st, q_tile=qt)
-            grads = torch.autograd.grad(out, list(x.values()), go)
-            if ref is None:
-                ref = (sel, out, grads)
-            same = (sel.sort(-1).values == ref[0].sort(-1).values).all(-1).float().mean().item()
-            diffs = " ".join(f"d{k_}={rel(g, rg):.1e}" for k_, g, rg in zip(x, grads, ref[2]))
-            ms = {"select": bench(lambda: select_blocks(t["q"], t["k_cmp"], lse, st, top_k=8, q_tile=qt))}
-            ms["cmp"] = time_fwd_bwd(lambda a, b, c: compression_attention(a, b, c, st)[0],
-                                     [x["q"], x["k_cmp"], x["v_cmp"]])
-            ms["slc"] = time_fwd_bwd(lambda a, b, c: selection_attention(a, b, c, st, ref[0], q_tile=qt),
-                                     [x["q"], x["k"], x["v"]])
-            ms["win"] = time_fwd_bwd(lambda a, b, c: window_attention(a, b, c, st), [x["q"], x["k"], x["v"]])
-            ms["ssa"] = time_fwd_bwd(lambda *a: spatial_sparse_attention(*a, st, q_tile=qt), list(x.values()))
-            log(f"variants N={n} q_tile={qt} [{name}] same selection {same:.4f}, out {rel(out, ref[1]):.1e} {diffs}")
-            log(f"variants N={n} q_tile={qt} [{name}] ms " + " ".join(
-                f"{k_}={v_:.3f}" if isinstance(v_, float) else f"{k_}={v_[0]:.3f}/{v_[1]:.3f}"
-                for k_, v_ in ms.items()))
-    seg.LEAN, scoring.SCORE_SUM_DOT, seg.DELTA_IN_DQ = keep
-
-
 def profile(log, n, qt=64, cpu=False):
     """Where the whole SSA's forward + backward time goes, kernel by kernel (torch.profiler, 5 iterations);
     with cpu=True also the host side (what bounds small sizes)."""
@@ -582,370 +384,93 @@ def profile(log, n, qt=64, cpu=False):
         log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=24, max_name_column_width=60))
 
 
-def sweep(log, n=131072):
-    """Launch settings of the selection kernels at one size: the table's defaults come from here."""
-    import dataclasses
-
-    from kernels.ssa import ops, scoring
-    from kernels.ssa.ops import _selection_plan
-    st, t = workload(n)
-    q, k, v, kc = (t[s] for s in ("q", "k", "v", "k_cmp"))
-    lse = compression_attention(q, kc, t["v_cmp"], st)[1]
-    for qt in (1, 8):
-        for rows in (32, 64, 128, 256):
-            for bn in (32, 64, 128):
-                if qt * 16 > rows:
-                    continue
-                scoring.SELECT_ROWS, ops.SELECT_BLOCK_N = rows, bn
-                ms = bench(lambda: select_blocks(q, kc, lse, st, top_k=8, q_tile=qt))
-                log(f"sweep select q_tile={qt} rows={rows} block_n={bn}: {ms:.3f} ms")
-        scoring.SELECT_ROWS, ops.SELECT_BLOCK_N = 64, 0
-        sel = select_blocks(q, kc, lse, st, top_k=8, q_tile=qt)
-        base = _selection_plan(st, sel, qt, 16)
-        for bn in (32, 64, 128):
-            for nw in (2, 4, 8):
-                for ns in (1, 3):
-                    plan = dataclasses.replace(base, block_n=bn, num_warps=nw, num_stages=ns)
-                    try:
-                        ms = bench(lambda: seg.segment_attention(q, k, v, plan))
-                    except Exception as e:  # a setting can exceed shared memory; that is an answer too
-                        ms = float("nan")
-                        log(f"  {type(e).__name__}: {str(e)[:80]}")
-                    log(f"sweep slc fwd q_tile={qt} block_n={bn} warps={nw} stages={ns}: {ms:.3f} ms")
+# ------------------------------------------------------------------------------------------- sass
+SASS_CASES = [(32, 2, 32, 8, 1, False), (32, 2, 32, 4, 1, True), (32, 2, 32, 4, 64, False), (32, 2, 32, 8, 64, True),
+              (32, 2, 32, 8, 16, True), (32, 2, 64, 4, 1, True), (8, 2, 32, 8, 4, False), (4, 2, 16, 4, 1, True)]
 
 
-def ab_whole(log, sizes=(8192, 131072), qt=64):
-    """The whole SSA under the switches of the latest round, same inputs, one process: the current defaults against
-    each switch turned back (and the opt-in warp specialization). Outputs and gradients against the first row."""
-    from kernels.ssa import ops
-    names = ("SCORE_IN_CMP", "GATE_IN_WINDOW", "LEAN_HOST", "SELECT_LISTS_KERNEL", "BWD_STREAMS")
-    keep = {nm: getattr(ops, nm) for nm in names}
-    rows = [("current defaults", {}),
-            ("dK/dV on the main stream (BWD_STREAMS off)", {"BWD_STREAMS": False}),
-            ("current defaults again", {}),
-            ("BWD_STREAMS off again", {"BWD_STREAMS": False}),
-            ("scoring kernel after the compression forward (SCORE_IN_CMP off)", {"SCORE_IN_CMP": False}),
-            ("gate pass after the window forward (GATE_IN_WINDOW off)", {"GATE_IN_WINDOW": False}),
-            ("gate, sums and casts as tensor ops (LEAN_HOST off)", {"LEAN_HOST": False}),
-            ("dK/dV lists by sort + tensor ops (SELECT_LISTS_KERNEL off)", {"SELECT_LISTS_KERNEL": False}),
-            ("previous code (all five off)", {nm: False for nm in names})]
-    refs = {}
-    for n in sizes:
-        for label, sw in rows:
-            for nm in names:
-                setattr(ops, nm, sw.get(nm, keep[nm]))
-            _timed_row(log, f"whole N={n} [{label}]", n, qt, refs)
-    for nm in names:
-        setattr(ops, nm, keep[nm])
+def _record_launches(mod, cases):
+    """Every Triton launch (kernel, signature, constexprs, attributes, options) of the whole SSA's forward and
+    backward and of the public branch functions, bf16 on the CPU, bound as for an sm_90 launch but not run."""
+    from ssa_cases import random_shapes
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime import jit
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    launches = []
 
+    def record(self, *args, grid, warmup, **kwargs):
+        bound, spec, opts = jit.create_function_from_signature(self.signature, self.params, backend)(*args, **kwargs)
+        launches.append((self, *self._pack_args(backend, kwargs, bound, spec, opts)))
 
-DKV_VARIANTS = {  # label: (segment_attention.DKV_PAD, dK/dV launch settings and constexprs)
-    "default": (False, {}),
-    "pad": (True, {}),
-    "pad, 64-row steps, 168 registers": (True, dict(STEP_R=64, maxnreg=168)),
-    "pad, 32-row steps, 128 registers": (True, dict(STEP_R=32, maxnreg=128)),
-}
-
-
-def ab_dkv(log, n=131072, qt=64, rounds=2, whole_rounds=2):
-    """The dK/dV kernel's row step and register cap with the padded lse/rowsum loads (segment_attention.DKV_PAD):
-    each branch's backward alone under each variant, rounds alternated, then the whole SSA with each variant on
-    every branch and with the fastest per branch, rows alternated. Same seeded inputs, one process."""
-    import dataclasses
-
-    from kernels.ssa import ops
-    st, t = workload(n)
-    x = {s_: t[s_].detach().requires_grad_(True) for s_ in t}
-    q, k, v, kc, vc = (x[s_] for s_ in ("q", "k", "v", "k_cmp", "v_cmp"))
-    g = q.shape[1] // k.shape[1]
-    with torch.no_grad():
-        lse = compression_attention(q, kc, vc, st)[1]
-        sel = select_blocks(q, kc, lse, st, top_k=8, q_tile=qt)
-    plans = {"cmp": (ops._cmp_plan(st, g), [q, kc, vc]), "slc": (ops._selection_plan(st, sel, qt, g), [q, k, v]),
-             "win": (ops._win_plan(st, False, g), [q, k, v])}
-    pad0 = seg.DKV_PAD
-    times = {}
-    for r in range(rounds):
-        for br, (plan, inputs) in plans.items():
-            ref = None
-            for label, (pad, kw) in DKV_VARIANTS.items():
-                seg.DKV_PAD = pad
-                launch = dict(plan.launch)
-                launch["dkv"] = {**launch.get("dkv", {}), **kw}
-                p = dataclasses.replace(plan, launch=launch)
-                try:
-                    out = seg.segment_attention(*inputs, p)[0]
-                    grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
-                    f, b = time_fwd_bwd(lambda a, b_, c: seg.segment_attention(a, b_, c, p)[0], inputs, ms=100)
-                except Exception as e:  # a setting that does not compile is an answer too
-                    log(f"dkv {br} [{label}] failed: {type(e).__name__}: {str(e)[:200]}")
-                    continue
-                if ref is None:
-                    ref = grads
-                diffs = " ".join(f"{nm}={rel(g_, rg_):.1e}" for nm, g_, rg_ in zip(("dq", "dk", "dv"), grads, ref))
-                times.setdefault((br, label), []).append(b)
-                log(f"dkv round {r} N={n} {br} [{label}] bwd {b:.3f} ms (fwd {f:.3f}); vs default {diffs}")
-    best = {br: min(DKV_VARIANTS, key=lambda lb: sum(times.get((br, lb), [float("inf")]))) for br in plans}
-    log(f"dkv fastest per branch (sum over rounds): {best}")
-    launch0 = {br: dict(ops.LAUNCH[br]) for br in ops.LAUNCH}
-    rows = [(lb, {br: lb for br in plans}) for lb in DKV_VARIANTS] + [("fastest per branch", best)]
-    for r in range(whole_rounds):
-        for label, pick in rows:
-            pads = {DKV_VARIANTS[lb][0] for lb in pick.values()}
-            if len(pads) > 1:  # DKV_PAD is one switch: mixed picks run with it on (it is the only change)
-                pick = {br: (lb if DKV_VARIANTS[lb][0] else "pad") for br, lb in pick.items()}
-            seg.DKV_PAD = DKV_VARIANTS[next(iter(pick.values()))][0]
-            for br, lb in pick.items():
-                ops.LAUNCH[br] = {**launch0[br], "dkv": {**launch0[br].get("dkv", {}), **DKV_VARIANTS[lb][1]}}
-            for n_ in (n, 8192):
-                st2, t2 = workload(n_)  # a fresh structure: plans built with these settings
-                x2 = [t2[s_].detach().requires_grad_(True) for s_ in ("q", "k", "v", "k_cmp", "v_cmp", "gates")]
-                f, b = time_fwd_bwd(lambda *a: spatial_sparse_attention(*a, st2, top_k=8, q_tile=qt), x2)
-                log(f"dkv whole round {r} N={n_} [{label}: {pick}] {f:.3f} / {b:.3f} ms")
-    for br in ops.LAUNCH:
-        ops.LAUNCH[br] = launch0[br]
-    seg.DKV_PAD = pad0
-
-
-def _timed_row(log, tag, n, qt, refs):
-    """One whole-SSA row of an A/B: a fresh structure (plans built under the current settings), output and
-    gradients against the first row of that size (``refs``), forward / backward ms; a row that fails is logged."""
-    st, t = workload(n)
-    x = [t[s_].detach().requires_grad_(True) for s_ in ("q", "k", "v", "k_cmp", "v_cmp", "gates")]
+    run, check = jit.JITFunction.run, mod.ops._check
+    jit.JITFunction.run, mod.ops._check = record, (lambda *a, **k: None)
     try:
-        out = spatial_sparse_attention(*x, st, top_k=8, q_tile=qt)
-        go = torch.randn(out.shape, device=out.device,
-                         generator=torch.Generator(out.device).manual_seed(1)).to(out.dtype)
-        grads = torch.autograd.grad(out, x, go)
-    except Exception as e:  # a variant that does not compile is an answer too
-        log(f"{tag} failed: {type(e).__name__}: {str(e)[:300]}")
-        return
-    ref_out, ref = refs.setdefault(n, (out.detach(), grads))
-    diffs = " ".join(f"{nm}={rel(g_, rg_):.1e}" for nm, g_, rg_ in
-                     zip(("dq", "dk", "dv", "dkc", "dvc", "dg"), grads, ref))
-    nan = any(bool(torch.isnan(g_).any()) for g_ in (out, *grads))
-    f, b = time_fwd_bwd(lambda *a: spatial_sparse_attention(*a, st, top_k=8, q_tile=qt), x)
-    log(f"{tag} {f:.3f} / {b:.3f} ms; vs first row: out {rel(out, ref_out):.1e} {diffs}{' NaN!' if nan else ''}")
+        for hq, hkv, d, m, qt, shifted in cases:
+            coords, cu = random_shapes([300, 1, 3, 90, 9], 14, seed=0)
+            st = mod.SSAStructure(coords[block_order(coords, cu, m, 8)], cu, m, 8)
+            mk = lambda *s_: torch.randn(*s_, dtype=torch.bfloat16).requires_grad_(True)  # noqa: E731
+            q, k, v = mk(st.n_tokens, hq, d), mk(st.n_tokens, hkv, d), mk(st.n_tokens, hkv, d)
+            kc, vc = mk(st.n_cmp, hkv, d), mk(st.n_cmp, hkv, d)
+            gates = torch.rand(st.n_tokens, 3, dtype=torch.bfloat16).requires_grad_(True)
+            for out, ins in ((mod.spatial_sparse_attention(q, k, v, kc, vc, gates, st, top_k=8, q_tile=qt,
+                                                           shifted=shifted), (q, k, v, kc, vc, gates)),
+                             (mod.compression_attention(q, kc, vc, st)[0], (q, kc, vc)),
+                             (mod.selection_attention(q, k, v, st, torch.randint(-1, st.n_slc, (
+                                 st.n_tiles("shape", qt), hkv, 8)), q_tile=qt), (q, k, v)),
+                             (mod.window_attention(q, k, v, st, shifted=shifted), (q, k, v))):
+                torch.autograd.grad(out, ins, torch.randn_like(out))
+            mod.select_blocks(q.detach(), kc.detach(), torch.zeros(q.shape[:2]), st, top_k=8, q_tile=qt)
+    finally:
+        jit.JITFunction.run, mod.ops._check = run, check
+    return launches
 
 
-def _ab_dict(log, tag, settings: dict, rows, sizes, qt, rounds):
-    """Whole-SSA rows with ``settings`` (a dict of ops) updated to each row's values, rows alternated over
-    ``rounds``, one process; gradients against the first row; the settings restored after."""
-    keep = dict(settings)
-    refs = {}
-    for r in range(rounds):
-        for label, cfg in rows:
-            settings.update(cfg)
-            for n in sizes:
-                _timed_row(log, f"{tag} round {r} N={n} [{label}]", n, qt, refs)
-    settings.update(keep)
+def _sass(launch, cache):
+    """SASS of one recorded launch compiled for sm_90, parameter slots masked (runtime parameters move them)."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    fn, options, signature, constexprs, attrs = launch
+    key = (id(fn), repr(signature), repr(sorted((repr(k), repr(v)) for k, v in constexprs.items())), repr(options))
+    if key not in cache:
+        c = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                           options=options.__dict__)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(c.asm["cubin"])
+            f.flush()
+            nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+            text = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+        lines = [re.sub(r"c\[0x0\]\[0x[0-9a-f]+\]", "c[P]", re.sub(r"/\*.*?\*/", "", ln)).strip(" ;")
+                 for ln in text.splitlines()]
+        cache[key] = [ln for ln in lines if ln and not ln.startswith((".", "//")) and not ln.endswith(":")]
+    return cache[key]
 
 
-def ab_cmp_chunk(log, sizes=(131072, 8192), qt=64, rounds=3):
-    """The whole SSA with the compression dK/dV in 128-key programs of 8 warps (two warp groups sharing each
-    row step's q, dO loads) against the default 64-key programs of 4 warps, rows alternated, one process."""
-    from kernels.ssa import ops
-    rows = [("defaults (64 keys, 4 warps)", dict(ops.CMP_DKV)), ("compression dK/dV 128 keys, 8 warps",
-                                                                 dict(chunk_n=128, dkv_warps=8))]
-    _ab_dict(log, "cmp-chunk", ops.CMP_DKV, rows, sizes, qt, rounds)
-
-
-def ab_pieces(log, n=131072, qt=64, rounds=2):
-    """The whole SSA under other dK/dV work sizes (selection work items of SELECT_DKV_STEPS row steps, query
-    tokens per compression / window list entry), rows alternated, one process."""
-    from kernels.ssa import ops
-    steps0, pieces0 = ops.SELECT_DKV_STEPS, dict(ops.SHARED_DKV_PIECE)
-    refs = {}
-    rows = [("defaults", {}, {}), ("selection items of 32 steps", {"steps": 32}, {}),
-            ("selection items of 128 steps", {"steps": 128}, {}), ("compression pieces of 1024", {}, {"shape": 1024}),
-            ("compression pieces of 4096", {}, {"shape": 4096}), ("window pieces of 256", {}, {"window": 256}),
-            ("window pieces of 1024", {}, {"window": 1024})]
-    for r in range(rounds):
-        for label, sel, pieces in rows:
-            ops.SELECT_DKV_STEPS = sel.get("steps", steps0)
-            ops.SHARED_DKV_PIECE.update({**pieces0, **pieces})
-            _timed_row(log, f"pieces round {r} N={n} [{label}]", n, qt, refs)
-    ops.SELECT_DKV_STEPS = steps0
-    ops.SHARED_DKV_PIECE.update(pieces0)
-
-
-def ab_seg_switch(log, name, sizes=(131072, 8192), qt=64, rounds=3):
-    """The whole SSA with one of segment_attention's switches off and on (named), rows alternated, one process;
-    gradients against the first row."""
-    keep = getattr(seg, name)
-    refs = {}
-    for r in range(rounds):
-        for on in (False, True):
-            setattr(seg, name, on)
-            for n in sizes:
-                _timed_row(log, f"switch round {r} N={n} [{name}={on}]", n, qt, refs)
-    setattr(seg, name, keep)
-
-
-def ab_dkv_in_dq(log, sizes=(131072, 8192), qt=64, rounds=3):
-    """The whole SSA with the selection's and / or the window's dK/dV added by their dQ kernels (float32 atomics per
-    (query tile, key chunk), ops.DKV_IN_DQ: 1 keys as M, 2 queries as M) against the defaults, rows alternated,
-    one process; gradients against the first row."""
-    from kernels.ssa import ops
-    rows = [("defaults", dict(ops.DKV_IN_DQ)), ("dK/dV kernels for both (before)", {"slc": 0, "win": 0}),
-            ("selection only, queries as M", {"slc": 2, "win": 0})]  # keys as M (1): slower, RESULTS.md
-    _ab_dict(log, "dkv-in-dq", ops.DKV_IN_DQ, rows, sizes, qt, rounds)
-
-
-def ab_dq_warps(log, sizes=(131072, 8192), qt=64, rounds=3):
-    """The whole SSA with the dQ kernels in 8 warps capped at 128 registers (two warp groups of 64 rows, 2
-    programs = 16 warps per SM; 4 warps run at 210-250 registers, 8 warps per SM) against the defaults, rows
-    alternated, one process; gradients against the first row."""
-    from kernels.ssa import ops
-    launch0 = {br: dict(ops.LAUNCH[br]) for br in ops.LAUNCH}
-    wide = {"num_warps": 8, "maxnreg": 128}
-    rows = [("defaults", ()), ("dQ 8 warps at 128 registers, all branches", ("cmp", "slc", "win")),
-            ("dQ 8 warps at 128 registers, compression and selection", ("cmp", "slc"))]
-    refs = {}
-    for r in range(rounds):
-        for label, brs in rows:
-            for br in ops.LAUNCH:
-                ops.LAUNCH[br] = {**launch0[br], **({"dq": {**launch0[br].get("dq", {}), **wide}} if br in brs else {})}
-            for n in sizes:
-                _timed_row(log, f"dq-warps round {r} N={n} [{label}]", n, qt, refs)
-    for br in ops.LAUNCH:
-        ops.LAUNCH[br] = launch0[br]
-
-
-def host_cost(log, sizes=(8192,), qt=64, reps=30):
-    """The whole SSA's backward with the host-side switches on and off: device launches per backward (kernels,
-    memsets, copies; torch.profiler), host time to enqueue it (wall clock, no sync), device time (CUDA events)
-    and the do_bench figure, same inputs, one process."""
-    from kernels.ssa import ops
-    keep = (ops.LEAN_HOST, ops.SELECT_LISTS_KERNEL)
-    rows = [("current defaults", {}), ("lists by sort + tensor ops", {"lists": False}),
-            ("gate, sums and casts as tensor ops", {"lean": False}),
-            ("both (the previous backward)", {"lists": False, "lean": False}),
-            ("current defaults again", {})]
-    for n in sizes:
-        st, t = workload(n)
-        x = [t[s_].detach().requires_grad_(True) for s_ in ("q", "k", "v", "k_cmp", "v_cmp", "gates")]
-        ref = None
-        for label, sw in rows:
-            ops.LEAN_HOST, ops.SELECT_LISTS_KERNEL = sw.get("lean", keep[0]), sw.get("lists", keep[1])
-            out = spatial_sparse_attention(*x, st, top_k=8, q_tile=qt)
-            go = torch.randn(out.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(1)).to(out.dtype)
-            grads = torch.autograd.grad(out, x, go, retain_graph=True)
-            if ref is None:
-                ref = grads
-            for _ in range(5):
-                torch.autograd.grad(out, x, go, retain_graph=True)
-            torch.cuda.synchronize()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                torch.autograd.grad(out, x, go, retain_graph=True)
-                torch.cuda.synchronize()
-            kinds = {}
-            for e in prof.events():
-                if e.device_type == torch.autograd.DeviceType.CUDA:
-                    kinds[e.name] = kinds.get(e.name, 0) + 1
-            launches = sum(kinds.values())
-            host, dev = [], []
-            for _ in range(reps):
-                torch.cuda.synchronize()
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                t0 = time.perf_counter()
-                a.record()
-                torch.autograd.grad(out, x, go, retain_graph=True)
-                b.record()
-                host.append((time.perf_counter() - t0) * 1e3)
-                torch.cuda.synchronize()
-                dev.append(a.elapsed_time(b))
-            host.sort()
-            dev.sort()
-            ms = bench(lambda: torch.autograd.grad(out, x, go, retain_graph=True))
-            diffs = " ".join(f"{nm}={rel(g_, rg_):.1e}" for nm, g_, rg_ in
-                             zip(("dq", "dk", "dv", "dkc", "dvc", "dg"), grads, ref))
-            log(f"host N={n} [{label}] backward: {launches} device launches, host enqueue {host[reps // 2]:.3f} ms "
-                f"(median of {reps}), events {dev[reps // 2]:.3f} ms, do_bench {ms:.3f} ms; vs first row: {diffs}")
-    ops.LEAN_HOST, ops.SELECT_LISTS_KERNEL = keep
-
-
-def tune(log, n=131072, qt=64, apply=True):
-    """Launch settings (warps, pipeline stages, register cap, key-chunk widths) of every kernel of every branch
-    at one size, one process, same inputs: each kernel's settings varied with the others at their defaults.
-    With ``apply`` the fastest setting of each (branch, kernel) goes into ``ops.LAUNCH`` for the rest of the run."""
-    import dataclasses
-
-    from kernels.ssa import ops, scoring
-    st, t = workload(n)
-    x = {s_: t[s_].detach().requires_grad_(True) for s_ in t}
-    q, k, v, kc, vc = (x[s_] for s_ in ("q", "k", "v", "k_cmp", "v_cmp"))
-    lse = compression_attention(q.detach(), kc.detach(), vc.detach(), st)[1]
-    sel = select_blocks(q.detach(), kc.detach(), lse, st, top_k=8, q_tile=qt)
-    window_attention(q.detach(), k.detach(), v.detach(), st)
-    f0, b0 = time_fwd_bwd(lambda *a: spatial_sparse_attention(*a, st, top_k=8, q_tile=qt), list(x.values()))
-    log(f"tune N={n} whole SSA, default settings: {f0:.3f} / {b0:.3f} ms")
-    bt = 128 // (q.shape[1] // k.shape[1])
-    plans = {"cmp": (st.cached(("plan_cmp", bt), None), [q, kc, vc]),
-             "slc": (ops._selection_plan(st, sel, qt, q.shape[1] // k.shape[1]), [q, k, v]),
-             "win": (st.cached(("plan_win", "window0", bt), None), [q, k, v])}
-    # (label, kernel, launch/constexpr overrides over the plan's own, plan field overrides)
-    variants = [("default", None, {}, {})]
-    for label, kw in (("nw=4 ns=3", dict(num_warps=4, num_stages=3, maxnreg=None)),
-                      ("nw=8 ns=3 mr=80", dict(num_warps=8, num_stages=3, maxnreg=80)),
-                      ("nw=8 ns=2 mr=80", dict(num_warps=8, num_stages=2, maxnreg=80)),
-                      ("nw=4 ns=3 mr=128", dict(num_warps=4, num_stages=3, maxnreg=128))):
-        variants.append((f"fwd {label}", "fwd", kw, {}))
-    for label, kw in (("nw=4 ns=3", dict(num_warps=4, num_stages=3)), ("nw=8 ns=3", dict(num_warps=8, num_stages=3)),
-                      ("nw=4 ns=3 mr=168", dict(num_warps=4, num_stages=3, maxnreg=168))):
-        variants.append((f"dq {label}", "dq", kw, {}))
-    for label, kw in (("queries as M (previous)", dict(KEYS_M=False)),
-                      ("keys as M, ns=2", dict(num_stages=2)),
-                      ("keys as M, ns=4", dict(num_stages=4)),
-                      ("keys as M, 64-row steps", dict(STEP_R=64)),
-                      ("keys as M, 64-row steps, mr=128", dict(STEP_R=64, maxnreg=128)),
-                      ("keys as M, 32-row steps", dict(STEP_R=32)),
-                      ("keys as M, mr=168", dict(maxnreg=168))):
-        variants.append((f"dkv {label}", "dkv", kw, {}))
-    best = {}
-    for br, (plan, inputs) in plans.items():
-        ref_out = None
-        for label, kern, kw, fields in variants:
-            launch = dict(plan.launch)
-            if kern:
-                launch[kern] = {**launch.get(kern, {}), **kw}
-                launch[kern] = {k_: v_ for k_, v_ in launch[kern].items() if v_ is not None}
-            p = dataclasses.replace(plan, launch=launch, **fields)
-            try:
-                out = seg.segment_attention(*inputs, p)[0]
-                f, b = time_fwd_bwd(lambda a, b_, c: seg.segment_attention(a, b_, c, p)[0], inputs, ms=100)
-            except Exception as e:  # a setting can exceed shared memory or registers; that is an answer too
-                log(f"tune {br} [{label}] failed: {type(e).__name__}: {str(e)[:120]}")
-                continue
-            if ref_out is None:
-                ref_out = out
-            diff = rel(out, ref_out)
-            log(f"tune N={n} {br:3s} [{label:30s}] fwd {f:.3f} bwd {b:.3f} ms  out vs default {diff:.1e}")
-            for kk in ("fwd", "dq", "dkv"):  # forward settings judged by the forward, dq/dkv ones by the backward
-                if kern in (None, kk) and not fields:
-                    ms = f if kk == "fwd" else b
-                    if ms < best.get((br, kk), (float("inf"),))[0]:
-                        best[(br, kk)] = (ms, label, kw)
-    gen = dict(q=t["q"], kc=t["k_cmp"])
-    for km, nw, bn in ((True, 4, 64), (True, 8, 64), (True, 4, 128), (True, 8, 128), (False, 4, 64)):
-        scoring.SCORE_KEYS_M, scoring.SCORE_WARPS, ops.SELECT_BLOCK_N = km, nw, bn
-        ms = bench(lambda: select_blocks(gen["q"], gen["kc"], lse, st, top_k=8, q_tile=qt), 100)
-        same = (select_blocks(gen["q"], gen["kc"], lse, st, top_k=8, q_tile=qt).sort(-1).values
-                == sel.sort(-1).values).all(-1).float().mean().item()
-        log(f"tune N={n} scoring keys-as-M={km} warps={nw} block_n={bn}: {ms:.3f} ms, same blocks {same:.4f}")
-    scoring.SCORE_KEYS_M = True
-    scoring.SCORE_WARPS, ops.SELECT_BLOCK_N = 0, 0
-    for (br, kern), (ms, label, kw) in sorted(best.items()):
-        log(f"tune best {br} {kern}: [{label}] {ms:.3f} ms")
-        if apply and label != "default":
-            merged = {**ops.LAUNCH[br].get(kern, {}), **kw}
-            ops.LAUNCH[br][kern] = {k_: v_ for k_, v_ in merged.items() if v_ is not None}
-    if apply:
-        log(f"tune applied: LAUNCH = {ops.LAUNCH}")
-        st2, t2 = workload(n)  # a fresh structure: its plans are built with the chosen settings
-        x2 = [t2[s_].detach().requires_grad_(True) for s_ in ("q", "k", "v", "k_cmp", "v_cmp", "gates")]
-        f, b = time_fwd_bwd(lambda *a: spatial_sparse_attention(*a, st2, top_k=8, q_tile=qt), x2)
-        log(f"tune N={n} whole SSA with the chosen settings: {f:.3f} / {b:.3f} ms (defaults: {f0:.3f} / {b0:.3f})")
+def sass_base(log, base: str, cases=SASS_CASES):
+    """Whether the working tree's kernels compile to the same sm_90 SASS as ``base``'s (load_base), launch by
+    launch, on the CPU: the check for a change that must leave the generated code as it is. Run without
+    TRITON_INTERPRET (the kernels are compiled, never run)."""
+    import kernels.ssa as tree
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("--sass compiles the kernels: run it without TRITON_INTERPRET=1")
+    rec = {name: _record_launches(m, cases) for name, m in (("base", load_base(base)), ("tree", tree))}
+    if [r[0].__name__ for r in rec["base"]] != [r[0].__name__ for r in rec["tree"]]:
+        log(f"sass: the launch sequences differ ({len(rec['base'])} base, {len(rec['tree'])} tree launches)")
+        return False
+    cache, same = {}, 0
+    for b, t in zip(rec["base"], rec["tree"]):
+        if _sass(b, cache) == _sass(t, cache):
+            same += 1
+        else:
+            log(f"sass: {t[0].__name__} differs (constexprs {t[3]})")
+    log(f"sass: {same} of {len(rec['tree'])} launches compile to the same SASS as {base} "
+        f"({len(cache)} compiles)")
+    return same == len(rec["tree"])
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -965,39 +490,17 @@ def main():
     ap.add_argument("--sizes", default="16384,32768,65536,131072")
     ap.add_argument("--q-tile", default="64", help="comma list of selection query tiles to time")
     ap.add_argument("--no-flex", action="store_true")
-    ap.add_argument("--sweep", action="store_true", help="time launch settings of the selection kernels first")
-    ap.add_argument("--sweep-tiles", action="store_true", help="time launch settings of tile-level selection first")
-    ap.add_argument("--sweep-bwd", action="store_true",
-                    help="time launch settings of the tile-level kernels and profile the whole SSA first")
-    ap.add_argument("--paths", action="store_true", help="fused against two-pass paths at 131,072 tokens first")
     ap.add_argument("--no-sdpa", action="store_true")
     ap.add_argument("--flex-sizes", default="", help="comma list: the FlexAttention baseline only at these sizes")
-    ap.add_argument("--variants", action="store_true",
-                    help="plain/lean softmax, score-sum and delta variants at 131,072 first")
     ap.add_argument("--profile", default="", help="comma list of sizes to profile kernel by kernel first")
-    ap.add_argument("--ab", action="store_true", help="the whole SSA under each structural switch at 8k and 131k first")
-    ap.add_argument("--ab-dkv", action="store_true",
-                    help="dK/dV row step, register cap and padded loads per branch and as a whole SSA first")
-    ap.add_argument("--ab-cmp-chunk", action="store_true",
-                    help="the whole SSA with 128-key compression dK/dV programs against the default, alternated, first")
-    ap.add_argument("--ab-pieces", action="store_true",
-                    help="the whole SSA under other dK/dV work-item and list-piece sizes, alternated, first")
-    ap.add_argument("--ab-switch", default="",
-                    help="a segment_attention switch (e.g. DKV_PAD): the whole SSA with it off and on, first")
-    ap.add_argument("--ab-dkv-in-dq", action="store_true",
-                    help="the selection / window dK/dV from their dQ kernels (atomics) against the defaults first")
-    ap.add_argument("--ab-dq-warps", action="store_true",
-                    help="the whole SSA with 8-warp dQ kernels at 128 registers against the defaults first")
-    ap.add_argument("--tune", action="store_true",
-                    help="time launch settings of every kernel at 131,072 first and use the fastest for the rest")
-    ap.add_argument("--host", default="", help="comma list of sizes: backward launches and host time first")
     ap.add_argument("--no-compare", action="store_true", help="skip the tile vs per-query selection comparison")
     ap.add_argument("--paper", action="store_true",
                     help="the paper's configuration (m_cmp 4, gates (N, 3)) at 131,072 tokens, q_tile 1 and 64, first")
-    ap.add_argument("--paper-ab", action="store_true",
-                    help="per-query scoring and selection settings of the paper's configuration, alternated, first")
     ap.add_argument("--base", default="",
                     help="a git revision (or a folder holding its kernels/ssa/): the whole SSA against it, first")
+    ap.add_argument("--tokens", type=int, default=131072, help="tokens of the --base comparison")
+    ap.add_argument("--sass", default="", help="a git revision: whether the kernels compile (sm_90, on the CPU) to "
+                                                "the same SASS as its, launch by launch (exit 1 if not)")
     ap.add_argument("--paper-brief", action="store_true", help="--paper without the branch rows and tile comparison")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -1012,40 +515,12 @@ def main():
     log(f"{time.strftime('%Y-%m-%d %H:%M')} {card} torch {torch.__version__}")
     if args.check and not check(log):
         sys.exit(1)
+    if args.sass and not sass_base(log, args.sass):
+        sys.exit(1)
     if args.base:
-        ab_base(log, args.base)
-    if args.paper_ab:
-        paper_ab(log)
+        ab_base(log, args.base, n=args.tokens)
     if args.paper:
         paper(log, sdpa=not args.no_sdpa, detail=not args.paper_brief)
-    if args.sweep:
-        sweep(log)
-    if args.sweep_tiles:
-        sweep_tiles(log)
-    if args.paths:
-        compare_paths(log)
-    if args.sweep_bwd:
-        sweep_bwd(log)
-    if args.variants:
-        ab_variants(log)
-    if args.ab:
-        ab_whole(log)
-    if args.ab_dkv:
-        ab_dkv(log)
-    if args.ab_cmp_chunk:
-        ab_cmp_chunk(log)
-    if args.ab_pieces:
-        ab_pieces(log)
-    if args.ab_dkv_in_dq:
-        ab_dkv_in_dq(log)
-    if args.ab_switch:
-        ab_seg_switch(log, args.ab_switch)
-    if args.ab_dq_warps:
-        ab_dq_warps(log)
-    if args.tune:
-        tune(log)
-    if args.host:
-        host_cost(log, [int(s_) for s_ in args.host.split(",")])
     for n in [int(s_) for s_ in args.profile.split(",") if s_]:
         profile(log, n, cpu=n <= 16384)
     if not args.sizes:
