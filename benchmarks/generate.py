@@ -58,11 +58,12 @@ def build(size: str, device: str, refine_attention: str, steps_scale: float) -> 
     return ShellCascade(cfg, RandomTokens(cond_dim, tokens), **nets)
 
 
-def build_pretrained(folder: str, image_encoder: str, device: str, steps_scale: float) -> ShellCascade:
+def build_pretrained(folder: str, image_encoder: str, device: str, steps_scale: float,
+                     offload: bool = False) -> ShellCascade:
     """The cascade of a converted release folder (refiners included), on the sphere shell."""
     s = lambda n: max(1, round(n * steps_scale))  # noqa: E731
     cfg = GenerationConfig(pretrained=folder, image_encoder=image_encoder, device=device, structure_steps=s(50),
-                           sparse_steps=s(30), refine_steps=s(15))
+                           sparse_steps=s(30), refine_steps=s(15), offload=offload)
     return ShellCascade.from_checkpoints(cfg)
 
 
@@ -122,6 +123,7 @@ def run_once(c: ShellCascade, batch: int, refine: bool, tokens512: int, tokens10
         sync(dev)
         peak_reset(dev)  # each stage's own peak (resident weights and live tensors of earlier stages included)
         t0 = time.perf_counter()
+        c._bring(BENCH_STAGES.get(key, key))  # with offload: this stage's networks to the device, the rest away
         out = fn(*a)
         sync(dev)
         t[key] = time.perf_counter() - t0
@@ -156,6 +158,7 @@ def run_once(c: ShellCascade, batch: int, refine: bool, tokens512: int, tokens10
     return t
 
 
+BENCH_STAGES = {"sparse_512": "sparse", "decode_512": "decode", "sparse_1024": "refine", "decode_1024": "refine_decode"}
 STAGE_KEYS = ("condition", "structure", "sparse_512", "decode_512", "mesh_512", "sparse_1024", "decode_1024", "mesh_1024")
 
 
@@ -163,7 +166,7 @@ def gpu_table(args) -> list[dict]:
     if args.release_snapshot:
         args.pretrained, args.image_encoder = write_release(args.release_snapshot, args.size)
     if args.pretrained:
-        c = build_pretrained(args.pretrained, args.image_encoder, args.device, args.steps_scale)
+        c = build_pretrained(args.pretrained, args.image_encoder, args.device, args.steps_scale, args.offload)
     else:
         c = build(args.size, args.device, args.refine_attention, args.steps_scale)
     print(f"# cascade: {json.dumps({k: v for k, v in c.info().items() if k != 'networks'})}", flush=True)
@@ -280,6 +283,8 @@ def main() -> None:
     p.add_argument("--image-encoder", default="tiny", help="with --pretrained: the DINOv2 .pth or folder")
     p.add_argument("--release-snapshot", default="", help="write a synthetic release snapshot of --size here, "
                                                             "convert it and time the converted cascade")
+    p.add_argument("--offload", action="store_true", help="with --pretrained / --release-snapshot: each stage "
+                   "brings only its own networks to the device (GenerationConfig.offload)")
     p.add_argument("--serve", action="store_true", help="measure through Ray Serve over HTTP instead")
     p.add_argument("--serve-cpus", type=int, default=2)
     p.add_argument("--serve-requests", type=int, default=8)

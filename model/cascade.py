@@ -229,6 +229,7 @@ class GenerationConfig:
     target_faces: int = 0
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    offload: bool = False  # networks wait in host memory; each stage moves only its own to the device
 
     def validate(self) -> None:
         for key in ("resolution", "refine_resolution"):
@@ -303,15 +304,19 @@ class Cascade:
                                    ("cpu" if cfg.device == "auto" else cfg.device))
         self.dtype = (torch.bfloat16 if (cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda"))
                       else torch.float32)
-        self.encoder = encoder.to(self.device).eval()
-        self.structure_vae = structure_vae.module.to(self.device).eval()
-        self.structure_dit = structure_dit.module.to(self.device, self.dtype).eval()
-        self.dit = dit.module.to(self.device, self.dtype).eval()
-        self.vae = vae.module.to(self.device).eval() if vae else None
-        self.dit_refine = dit_refine.module.to(self.device, self.dtype).eval() if dit_refine else None
-        self.vae_refine = vae_refine.module.to(self.device).eval() if vae_refine else self.vae
-        self.refiner = refiner.module.to(self.device).eval() if refiner else None
-        self.refiner_refine = refiner_refine.module.to(self.device).eval() if refiner_refine else None
+        # with offload the networks wait in host memory and each stage brings its own (_timed)
+        self.home = torch.device("cpu") if cfg.offload else self.device
+        self.encoder = encoder.to(self.home).eval()
+        self.structure_vae = structure_vae.module.to(self.home).eval()
+        self.structure_dit = structure_dit.module.to(self.home, self.dtype).eval()
+        self.dit = dit.module.to(self.home, self.dtype).eval()
+        self.vae = vae.module.to(self.home).eval() if vae else None
+        self.dit_refine = dit_refine.module.to(self.home, self.dtype).eval() if dit_refine else None
+        self.vae_refine = vae_refine.module.to(self.home).eval() if vae_refine else self.vae
+        self.refiner = refiner.module.to(self.home).eval() if refiner else None
+        self.refiner_refine = refiner_refine.module.to(self.home).eval() if refiner_refine else None
+        self._resident: tuple[str, ...] = ()
+        self._masters: dict[int, list] = {}  # offload: id(module) -> [(tensor, its host master)]
         self.schedules = dict(schedules or {})  # stage -> the release's schedule (default: our shifted one)
         self.level = cfg.mc_threshold if cfg.mc_threshold is not None else (level if level is not None else 0.0)
         self.background = None
@@ -565,10 +570,42 @@ class Cascade:
                     results[i].error = f"{requests[i].name}: {type(e).__name__}: {msg}"
         return results
 
+    # the networks each timed stage runs (what offload brings to the device for it)
+    STAGE_NETWORKS = {"condition": ("encoder",), "structure": ("structure_dit", "structure_vae"), "sparse": ("dit",),
+                      "decode": ("vae", "refiner"), "refine": ("dit_refine",),
+                      "refine_decode": ("vae_refine", "refiner_refine")}
+
+    def _bring(self, stage: str) -> None:
+        """Offload: the device holds the networks of ``stage`` and no others."""
+        if not self.cfg.offload or self.home == self.device or stage not in self.STAGE_NETWORKS:
+            return  # marching and clean-up run no network: what is resident stays
+        want = tuple(n for n in self.STAGE_NETWORKS[stage] if getattr(self, n) is not None)
+        if want == self._resident:
+            return
+        keep = {id(getattr(self, n)) for n in want}
+        for name in self._resident:
+            if id(getattr(self, name)) not in keep:
+                self._place(getattr(self, name), self.home)
+        for name in want:
+            self._place(getattr(self, name), self.device)
+        self._resident = want
+
+    def _place(self, module: torch.nn.Module, device: torch.device) -> None:
+        """Point ``module``'s tensors at ``device``: a copy of the host master going there (pinned memory, so
+        the copy runs at full bus speed), the master itself coming back (weights never change: no copy back)."""
+        masters = self._masters.get(id(module))
+        if masters is None:
+            pin = self.device.type == "cuda"
+            masters = [(t, t.data.pin_memory() if pin else t.data) for t in (*module.parameters(), *module.buffers())]
+            self._masters[id(module)] = masters
+        for t, master in masters:
+            t.data = master if device == self.home else master.to(device, non_blocking=True)
+
     def _timed(self, timings: dict, key: str, fn, *args):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t = time.perf_counter()
+        self._bring(key)  # inside the stage's time: the copy is part of what offload costs
         out = fn(*args)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -180,3 +180,51 @@ def test_shell_cascade_runs_every_network_on_the_requested_token_count():
     assert not bad.ok and "no token count for resolution 128" in bad.error
     with pytest.raises(ConfigError, match="shell_tokens"):  # a benchmark fixture: Serve has no way to it
         from_dict(ServeConfig, {"generation": {}, "shell_tokens": 100}, where="ServeConfig")
+
+
+def test_offload_keeps_only_the_running_stage_on_the_device(monkeypatch):
+    """GenerationConfig.offload: during each stage the device holds that stage's networks and no others. This
+    machine has one device, so the moves are recorded instead of made (``home`` stands for host memory);
+    tests/test_cascade_gpu.py makes them on a GPU and compares the meshes and the peak memory, and
+    test_offload_place_points_tensors_at_masters checks the move itself."""
+    cfg = dataclasses.replace(FAST, offload=True, refine_resolution=128, refine_steps=2)
+    c = Cascade.random(cfg, seed=0, with_vae=True, refine=True)
+    c.home = torch.device("cpu", 1)
+    names = ["encoder", "structure_vae", "structure_dit", "dit", "vae", "dit_refine"]
+    name_of, where = {id(getattr(c, n)): n for n in reversed(names)}, {}
+    monkeypatch.setattr(c, "_place", lambda module, dev: where.__setitem__(name_of[id(module)], dev))
+    during, run = {}, c._timed
+
+    def timed(timings, key, fn, *args):
+        def spy(*a):
+            during[key] = sorted(n for n in names if where.get(n) == c.device)
+            return fn(*a)
+        return run(timings, key, spy, *args)
+
+    monkeypatch.setattr(c, "_timed", timed)
+    box = trimesh.creation.box(extents=(1.0, 1.0, 1.0))  # every first surface a box: the refine stage always runs
+    monkeypatch.setattr(c, "march", lambda sdf: (np.asarray(box.vertices, np.float32), np.asarray(box.faces)))
+    res = c.generate([Request("a", png(), 1)])
+    assert during["condition"] == ["encoder"]
+    assert during["structure"] == ["structure_dit", "structure_vae"]
+    assert during["sparse"] == ["dit"] and during["decode"] == ["vae"]
+    assert during["mesh"] == ["vae"]  # marching runs no network: nothing is moved for it
+    assert during["refine"] == ["dit_refine"] and during["refine_decode"] == ["vae"]
+    assert res[0].error is None, res[0].error
+
+
+def test_offload_place_points_tensors_at_masters():
+    """``_place`` to the device gives each tensor a copy of its host master; back home, the master itself
+    (no copy back, the same storage each time), and the outputs do not change."""
+    c = Cascade.random(dataclasses.replace(FAST, offload=True), seed=0)
+    net = c.dit
+    x = [p.detach().clone() for p in net.parameters()]
+    c._place(net, torch.device("cpu", 0))  # "another device" that is host memory on this machine
+    moved = [p.data_ptr() for p in net.parameters()]
+    c._place(net, c.home)
+    home = [p.data_ptr() for p in net.parameters()]
+    c._place(net, torch.device("cpu", 0))
+    c._place(net, c.home)
+    assert [p.data_ptr() for p in net.parameters()] == home  # the same masters every time
+    assert all(torch.equal(a, p) for a, p in zip(x, net.parameters()))
+    assert len(moved) == len(home)

@@ -1,0 +1,31 @@
+"""The generation cascade's offload on a GPU: the same meshes with and without it, and a lower peak."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from model.cascade import Cascade, GenerationConfig, Request
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def test_offload_same_meshes_lower_peak():
+    from test_cascade import png
+
+    cfg = GenerationConfig(resolution=64, structure_steps=4, sparse_steps=4, guidance=1.0, device="cuda", dtype="fp32")
+    out, peak = {}, {}
+    for offload in (False, True):
+        torch.cuda.empty_cache()
+        c = Cascade.random(dataclasses.replace(cfg, offload=offload), size="small", seed=0, with_vae=True)
+        torch.cuda.reset_peak_memory_stats()
+        out[offload] = c.generate([Request("a", png(), 3)])[0]
+        peak[offload] = torch.cuda.max_memory_allocated()
+        del c
+    assert out[False].error is None and out[True].error is None, (out[False].error, out[True].error)
+    np.testing.assert_array_equal(out[False].faces, out[True].faces)
+    np.testing.assert_allclose(out[False].vertices, out[True].vertices, rtol=0, atol=0)
+    assert peak[True] < peak[False], peak
+    print({k: round(v / 2**20, 1) for k, v in peak.items()})
