@@ -405,5 +405,5 @@ def band_signs(prep: SignPrep, points: torch.Tensor, tri_id: torch.Tensor, featu
         direct[unsure[still]] = True
     if direct.any():
         idx = direct.nonzero().squeeze(1)
-        w[idx] = prep.winding(points[idx])
+        w[idx] = prep.winding.on_grid(coords[idx], resolution, lines)
     return torch.where(w >= WINDING_THRESHOLD, -1.0, 1.0).to(points.dtype)
