@@ -511,7 +511,8 @@ def main():
         logf.write(s + "\n")
         logf.flush()
 
-    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (Triton interpreter)"
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else (
+        "cpu (Triton interpreter)" if os.environ.get("TRITON_INTERPRET") == "1" else "cpu")
     log(f"{time.strftime('%Y-%m-%d %H:%M')} {card} torch {torch.__version__}")
     if args.check and not check(log):
         sys.exit(1)
