@@ -37,6 +37,7 @@ from pipeline.geometry.winding import LineCrossings, WindingNumber, _expand
 WINDING_THRESHOLD = 0.5  # inside iff w >= 0.5: a hole is closed by its minimal cap, a lone sheet is outside
 _PROBE_OFFSET = 1e-4  # probe distance off a face, in normalized units (far below a 1024^3 voxel, 2e-3)
 _CELLS = 16  # grid of boundary-edge clusters for the drift bound
+_LINES_FROM = 0.01  # exact w at voxels along grid lines when more than this share of the band needs it
 _ROUNDING = 1e-6  # exact w up to float64 rounding and the rays' 1e-9 start shift (|grad w| < 1e3 at a probe)
 
 
@@ -405,5 +406,10 @@ def band_signs(prep: SignPrep, points: torch.Tensor, tri_id: torch.Tensor, featu
         direct[unsure[still]] = True
     if direct.any():
         idx = direct.nonzero().squeeze(1)
-        w[idx] = prep.winding.on_grid(coords[idx], resolution, lines)
+        # Counting along grid lines scan-converts every triangle once; a ray per voxel is cheaper for
+        # a few voxels (a ray costs about as much as a hundred (triangle, line) tests).
+        if idx.numel() > _LINES_FROM * points.shape[0]:
+            w[idx] = prep.winding.on_grid(coords[idx], resolution, lines)
+        else:
+            w[idx] = prep.winding(points[idx])
     return torch.where(w >= WINDING_THRESHOLD, -1.0, 1.0).to(points.dtype)

@@ -39,10 +39,11 @@ def solid_angle(q, a, b, c):
     return 2.0 * torch.atan2(det, den)
 
 
-def strip_solid_angle(q, b, c, axis: int = 0):
+def strip_solid_angle(q, b, c, axis: int = 0, planar: bool = False):
     """Solid angle of the triangles (apex at -inf along `axis`, b, c) seen from points q: q (P,1,3), b
     and c (1,B,3) give (P,B). The apex enters as the direction u = -e_axis (the formula is homogeneous
-    in each vertex); written per coordinate, since this is the open meshes' per-point loop."""
+    in each vertex); written per coordinate, since this is the open meshes' per-point loop. planar:
+    also (P,) True where a point lies in the plane of one of its strips (the angle jumps there)."""
     k1, k2 = (axis + 1) % 3, (axis + 2) % 3
     b0, b1, b2 = (b[..., k] - q[..., k] for k in (axis, k1, k2))
     c0, c1, c2 = (c[..., k] - q[..., k] for k in (axis, k1, k2))
@@ -50,6 +51,8 @@ def strip_solid_angle(q, b, c, axis: int = 0):
     lc = (c0 * c0 + c1 * c1 + c2 * c2).sqrt()
     det = b2 * c1 - b1 * c2  # u . (b x c)
     den = lb * lc - b0 * lc + (b0 * c0 + b1 * c1 + b2 * c2) - c0 * lb
+    if planar:
+        return 2.0 * torch.atan2(det, den), (det == 0).any(-1)
     return 2.0 * torch.atan2(det, den)
 
 
@@ -108,10 +111,6 @@ class WindingNumber:
         self.cell_count = torch.bincount(cell, minlength=g * g)
         self.cell_start = torch.cumsum(self.cell_count, 0) - self.cell_count
 
-    @property
-    def integer(self) -> bool:
-        return self.edges is None
-
     @torch.no_grad()
     def on_grid(self, coords: torch.Tensor, resolution: int, lines=None, budget: int = 1 << 21) -> torch.Tensor:
         """(N,) float64 winding numbers at voxel centres (coords (N,3) sorted by (i, j, k)): the
@@ -123,15 +122,10 @@ class WindingNumber:
         out = LineCrossings(self.tri, resolution, lines)(coords).double()
         if self.edges is None:
             return out
-        a, b = self.edges[:, 0], self.edges[:, 1]
-        d = b - a
-        flat = (d[:, 0] == 0) & (d[:, 1] == 0)
         step = max(1, budget // self.edges.shape[0])
         for s in range(0, p.shape[0], step):
             q = p[s : s + step, None]
-            side = d[None, :, 0] * (q[..., 1] - a[None, :, 1]) - d[None, :, 1] * (q[..., 0] - a[None, :, 0])
-            on = ((side == 0) & (~flat[None] | ((q[..., 0] == a[None, :, 0]) & (q[..., 1] == a[None, :, 1])))).any(1)
-            ang = strip_solid_angle(q, a[None], b[None], axis=2)
+            ang, on = strip_solid_angle(q, self.edges[None, :, 0], self.edges[None, :, 1], axis=2, planar=True)
             w = out[s : s + step] + (ang * self.mult[None]).sum(1) / (4 * torch.pi)
             if on.any():
                 w[on] = self(p[s : s + step][on])
