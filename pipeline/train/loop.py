@@ -147,16 +147,18 @@ def run_loop(cfg: TrainConfig, session) -> dict:
                    if trained_here(s))
         return (task.prepare(s) for s in itertools.islice(samples, skip, None))
 
-    def undone(items, yielded: list):
+    def undone(items, counts: dict):
+        """The epoch's items without those trained before a change of worker count (regroup_loop_state)."""
         done, clauses = set(position["names"]), position["clauses"]
         for pos, item in items:
-            yielded[0] = True
-            if not (done or clauses) or not checkpoints.is_done(item.name, done, clauses):
-                yield pos, item
+            if (done or clauses) and checkpoints.is_done(item.name, done, clauses):
+                counts["done"] += 1
+                continue
+            yield pos, item
 
     while step < cfg.steps:
-        start, yielded = position["consumed"], [False]
-        items = undone(cache.epoch(position["epoch"], fresh, start), yielded)
+        start, counts = position["consumed"], {"done": 0, "steps": 0}
+        items = undone(cache.epoch(position["epoch"], fresh, start), counts)
         for group in token_batches(items, cfg.token_budget, lambda i: i[1].tokens, lambda i: i[1].name, skipped):
             t0 = time.perf_counter()
             batch = task.collate([i for _, i in group], device, dtype)
@@ -168,6 +170,7 @@ def run_loop(cfg: TrainConfig, session) -> dict:
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
             step += 1
+            counts["steps"] += 1
             position["consumed"] = group[-1][0] + 1
             position["names"].extend(i.name for _, i in group)
             tokens = sum(i.tokens for _, i in group)
@@ -211,7 +214,7 @@ def run_loop(cfg: TrainConfig, session) -> dict:
         if step >= cfg.steps:
             break
         guard.check()
-        if not yielded[0] and start == 0:
+        if not counts["steps"] and not counts["done"] and start == 0:
             raise NoTrainableShapes(f"{cfg.shards}: worker {rank} got no trainable shapes "
                                     f"({len(skipped.shapes)} skipped; first: {skipped.shapes[:1]})")
         position = {"epoch": position["epoch"] + 1, "consumed": 0, "names": [], "clauses": []}
