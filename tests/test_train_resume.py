@@ -129,3 +129,20 @@ def test_no_op_is_built_and_no_lock_is_touched(local_dist, shards, tmp_path, mon
     assert held.exists()
     assert sorted(p.relative_to(ext).as_posix() for p in ext.rglob("*")) == ["deepspeed_shm_comm",
                                                                              "deepspeed_shm_comm/lock"]
+
+
+def test_exported_folder_holds_the_buffers(tmp_path):
+    """A network with a persistent buffer (the structure DiT's position table) exports a folder that loads:
+    the EMA covers parameters only, so the buffers are added from the module."""
+    from model.cascade import random_network
+    from model.checkpoint import from_pretrained
+
+    bundle = random_network("structure_dit", "debug", cond_dim=64)
+    task = torch.nn.Module()
+    task.dit = bundle.module
+    ema = {n: p.detach().clone() for n, p in task.named_parameters()}
+    assert "dit.pos_emb" in checkpoints.persistent_buffers(task) and "dit.pos_emb" not in ema
+    folder = checkpoints.export_folder(str(tmp_path / "model"), "structure_dit", bundle.config,
+                                       {**checkpoints.persistent_buffers(task), **ema}, {"step": 1})
+    loaded = from_pretrained(folder, "dense_dit")
+    torch.testing.assert_close(loaded.module.pos_emb, bundle.module.pos_emb, rtol=0, atol=0)

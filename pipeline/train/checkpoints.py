@@ -73,7 +73,8 @@ def save(directory: str, engine, ema, *, network: str, model_config, resolution:
     another one); ``started_from`` names the checkpoint whose weights began the run (``init_from``).
     """
     engine.save_checkpoint(directory, tag=TAG, client_state={"step": step}, save_latest=False)
-    ema_full = ema.full_state_dict()
+    # the EMA covers the trained parameters; persistent buffers (a DiT's position table) complete the state
+    ema_full = {**persistent_buffers(engine.module), **ema.full_state_dict()}
     if rank == 0:
         meta = {**describe(network, model_config), "resolution": resolution, "step": step, "world_size": world_size,
                 "zero_stage": engine.zero_optimization_stage(), "started_from": started_from}
@@ -86,6 +87,16 @@ def save(directory: str, engine, ema, *, network: str, model_config, resolution:
         torch.save(blob, os.path.join(directory, "weights.pt"))
         Path(directory, "meta.json").write_text(json.dumps(meta))
         export_folder(os.path.join(directory, "model"), network, model_config, ema_full, meta)
+
+
+def persistent_buffers(module: torch.nn.Module) -> dict:
+    """The buffers a state dict holds (not the non-persistent ones), as CPU copies; never partitioned by ZeRO."""
+    out = {}
+    for prefix, mod in module.named_modules():
+        for name, buf in mod.named_buffers(recurse=False):
+            if buf is not None and name not in mod._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = buf.detach().to("cpu", copy=True)
+    return out
 
 
 def export_folder(path: str, network: str, model_config, state_dict: dict, meta: dict) -> str:
