@@ -85,6 +85,7 @@ def _namespace_prefix() -> list[str] | None:
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(960)  # 4.5-6 min on a quiet 2-core machine; more than 10 under heavy load
 def test_documented_commands_run_in_order(tmp_path):
     prefix = _namespace_prefix()
     if prefix is None:
@@ -107,7 +108,7 @@ def test_documented_commands_run_in_order(tmp_path):
         script = work / f".{Path(page).stem}.sh"
         script.write_text(_script(page_blocks))
         cmd = [*prefix, "bash", "-c", f"ip link set lo up && exec bash {script}"]
-        res = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+        res = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=900)
         failed = re.findall(r"::failed (\S+)", res.stderr)
         assert res.returncode == 0, (f"{failed[-1] if failed else page}: a documented command failed (exit "
                                      f"{res.returncode})\n--- stdout\n{res.stdout[-4000:]}\n--- stderr\n"

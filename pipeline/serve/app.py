@@ -136,6 +136,9 @@ def generator_status_reason(app_name: str) -> str | None:
     if state not in ("DEPLOY_FAILED", "UNHEALTHY"):  # healthy, or starting / updating: calls wait, then answer
         return None
     found = not_loaded_line(dep.message)
+    if state == "UNHEALTHY" and not found:
+        # a replica was lost (a node died) while others live: calls go to those, so this is not an outage
+        return None
     first = (dep.message or "").strip().splitlines()
     return found if found else f"Generator {state}: " + (
         first[0] if first else "no replica is running")
