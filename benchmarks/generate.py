@@ -123,7 +123,7 @@ def run_once(c: ShellCascade, batch: int, refine: bool, tokens512: int, tokens10
         sync(dev)
         peak_reset(dev)  # each stage's own peak (resident weights and live tensors of earlier stages included)
         t0 = time.perf_counter()
-        c._bring(BENCH_STAGES.get(key, key))  # with offload: this stage's networks to the device, the rest away
+        c.bring(BENCH_STAGES.get(key, key))  # with offload: this stage's networks to the device, the rest away
         out = fn(*a)
         sync(dev)
         t[key] = time.perf_counter() - t0

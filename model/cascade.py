@@ -575,7 +575,7 @@ class Cascade:
                       "decode": ("vae", "refiner"), "refine": ("dit_refine",),
                       "refine_decode": ("vae_refine", "refiner_refine")}
 
-    def _bring(self, stage: str) -> None:
+    def bring(self, stage: str) -> None:
         """Offload: the device holds the networks of ``stage`` and no others."""
         if not self.cfg.offload or self.home == self.device or stage not in self.STAGE_NETWORKS:
             return  # marching and clean-up run no network: what is resident stays
@@ -605,7 +605,7 @@ class Cascade:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t = time.perf_counter()
-        self._bring(key)  # inside the stage's time: the copy is part of what offload costs
+        self.bring(key)  # inside the stage's time: the copy is part of what offload costs
         out = fn(*args)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
