@@ -55,6 +55,16 @@ def test_replace_shares_cached_maps():
     assert [s.stop - s.start for s in x.layout] == torch.bincount(x.coords[:, 0].long()).tolist()
 
 
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_cpu_table_map_equals_the_searched_map(kernel_size):
+    from kernels.sparse_conv import build_kernel_map
+
+    x = make(res=12, count=900, batch=3)
+    km = x.submanifold_map(kernel_size)  # a 3 x 12³ grid: the dense-table path
+    assert torch.equal(km.neighbors, build_kernel_map(x.coords, x.coords, 12, kernel_size, in_sorted=True).neighbors)
+    assert km.symmetric and km.num_inputs == len(x)
+
+
 def test_downsample_and_subdivide_match_dense():
     x = make(channels=3)
     pooled = SparseDownsample(2)(x)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.sparse_conv import KernelMap, build_kernel_map, coord_keys
+from kernels.sparse_conv import KernelMap, build_kernel_map, coord_keys, kernel_offsets
 
 
 class SparseTensor:
@@ -144,8 +144,11 @@ class SparseTensor:
         key = ("submanifold", kernel_size, 1)
         self._need_order("a sparse convolution")
         if key not in self.cache:
-            self.cache[key] = build_kernel_map(self.coords, self.coords, self.resolution, kernel_size,
-                                               stride=1, in_sorted=True)
+            if self.device.type == "cpu" and self.batch_size * self.resolution ** 3 <= _TABLE_LIMIT:
+                self.cache[key] = _table_submanifold_map(self, kernel_size)
+            else:
+                self.cache[key] = build_kernel_map(self.coords, self.coords, self.resolution, kernel_size,
+                                                   stride=1, in_sorted=True)
         return self.cache[key]
 
     def coarse(self, stride: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,6 +179,26 @@ class SparseTensor:
         return (f"SparseTensor(voxels={len(self)}, channels={self.num_channels}, resolution={self.resolution}, "
                 f"batch={self.batch_size}, dtype={self.dtype}, device={self.device}"
                 f"{'' if self.ordered else ', packed'})")
+
+
+# Grids of at most this many cells (batch × R³) find CPU neighbours in a dense index table.
+_TABLE_LIMIT = 1 << 24
+
+
+def _table_submanifold_map(x: SparseTensor, kernel_size: int) -> KernelMap:
+    """build_kernel_map's submanifold map through a dense row table (4 bytes a cell): a gather per offset
+    instead of a binary search, 5-10x faster on a CPU at 64³ (docs/demo.md)."""
+    r, pad = x.resolution, (kernel_size - 1) // 2
+    table = torch.full((x.batch_size * r ** 3,), -1, dtype=torch.int32)
+    table[x.keys()] = torch.arange(len(x), dtype=torch.int32)
+    # inside[a][o]: the neighbour at offset o - pad along axis a is on the grid
+    inside = [[(x.coords[:, a] >= pad - o) & (x.coords[:, a] < r + pad - o) for o in range(kernel_size)]
+              for a in (1, 2, 3)]
+    nbr = torch.empty((len(x), kernel_size ** 3), dtype=torch.int32)
+    for v, (i, j, k) in enumerate(kernel_offsets(kernel_size).tolist()):
+        qk = (x.keys() + (((i - pad) * r + j - pad) * r + k - pad)).clamp_(0, len(table) - 1)
+        nbr[:, v] = torch.where(inside[0][i] & inside[1][j] & inside[2][k], table[qk], -1)
+    return KernelMap(nbr, len(x), symmetric=True)
 
 
 def _check_structure(coords: torch.Tensor, feats: torch.Tensor, resolution: int, order: str = "sorted") -> None:
