@@ -7,6 +7,7 @@ per batch size (the Generator's work), and meshes per minute through the Serve a
                                                                         # snapshot, convert it, then time it
     python benchmarks/generate.py --size debug --device cpu --steps-scale 0.1
     python benchmarks/generate.py --serve --batches 1,4,16              # through Ray Serve (CPU, debug networks)
+    python benchmarks/generate.py --size paper --syncs                  # + host syncs of one mesh, by source line
 
 Random weights give random occupancy and random SDFs, which would make token counts and meshes
 meaningless. So the structure stage runs for its time only, and the sparse stages run on a sphere shell
@@ -191,6 +192,28 @@ def gpu_table(args) -> list[dict]:
     return rows
 
 
+def count_syncs(args) -> None:
+    """Every device-to-host synchronisation of one mesh at 512 and at 1024, by the source line that caused it
+    (CUDA only): the sampling loops should have none."""
+    import collections
+    import warnings
+
+    c = (build_pretrained(args.pretrained, args.image_encoder, args.device, args.steps_scale, args.offload)
+         if args.pretrained else build(args.size, args.device, args.refine_attention, args.steps_scale))
+    for res, refine in ((512, False), (1024, True)):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                run_once(c, 1, refine, args.tokens512, args.tokens1024)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        where = collections.Counter(f"{os.path.relpath(w.filename)}:{w.lineno}" for w in seen
+                                    if "synchroniz" in str(w.message))
+        print(f"\nhost syncs, one mesh at {res}: {sum(where.values())}")
+        print_table([{"source line": k, "syncs": v} for k, v in where.most_common(20)], ["source line", "syncs"])
+
+
 def serve_table(args) -> list[dict]:
     """Meshes per minute through the Serve app over HTTP at each max_batch_size (one replica, local cluster).
 
@@ -285,6 +308,8 @@ def main() -> None:
                                                             "convert it and time the converted cascade")
     p.add_argument("--offload", action="store_true", help="with --pretrained / --release-snapshot: each stage "
                    "brings only its own networks to the device (GenerationConfig.offload)")
+    p.add_argument("--syncs", action="store_true", help="after the table, count the host syncs of one mesh at 512 "
+                   "and at 1024 by source line (torch.cuda.set_sync_debug_mode)")
     p.add_argument("--serve", action="store_true", help="measure through Ray Serve over HTTP instead")
     p.add_argument("--serve-cpus", type=int, default=2)
     p.add_argument("--serve-requests", type=int, default=8)
@@ -303,6 +328,8 @@ def main() -> None:
                        *STAGE_KEYS, "skipped"])
     print("\nPeak GB per stage (resident weights included):")
     print_table(rows, ["resolution", "batch", *[f"{k}_gb" for k in STAGE_KEYS]])
+    if args.syncs and dev.type == "cuda":
+        count_syncs(args)
 
 
 if __name__ == "__main__":

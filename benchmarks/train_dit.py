@@ -13,6 +13,7 @@ Two engines:
     python benchmarks/train_dit.py --tokens 10700,46000 --attention full,ssa --steps 5
     torchrun --nproc_per_node 2 benchmarks/train_dit.py --engine deepspeed --zero 2 --json z2x2.json
     python benchmarks/train_dit.py --summary z2x1.json z2x2.json   # scaling table from saved runs
+    python benchmarks/train_dit.py --tokens 46000 --attention ssa --profile 3   # where the step goes, by kind
 
 Every rank trains its own shape (data parallel); the step time is the slowest rank's median, peak memory
 the largest rank's, and scaling efficiency = tokens/s per GPU at N GPUs / tokens/s per GPU at 1 GPU.
@@ -85,7 +86,7 @@ def _deepspeed_step(model, zero: int):
 
 
 def bench(cfg_name: str, tokens: int, attention: str, steps: int, warmup: int, ckpt: bool, engine: str,
-          zero: int, device) -> dict:
+          zero: int, device, profile: int = 0, peak_tflops: float = 989.0) -> dict:
     rank, world = _world()
     cfg = DiTConfig.named(cfg_name, attention=attention, grad_checkpointing=ckpt)
     torch.manual_seed(0)  # the same initial weights on every rank
@@ -116,11 +117,23 @@ def bench(cfg_name: str, tokens: int, attention: str, steps: int, warmup: int, c
         allv = torch.stack(parts)
         mine = torch.stack([allv[:, 0].max(), allv[:, 1].max(), allv[:, 2].mean()])
     step_s, peak, loss_v = mine.tolist()
+    breakdown = None
+    if profile:
+        from step_profile import print_breakdown, profile_step  # beside this script
+
+        cats, kernels, wall_ms = profile_step(lambda: step(x0, cond), profile, device)
+        breakdown = {"categories_ms": cats, "wall_ms": wall_ms}
+        if rank == 0:
+            print_breakdown(cats, kernels, wall_ms, title=f"{cfg_name}, {attention}, {tokens} tokens, "
+                                                          f"{engine}{'' if engine == 'torch' else f' ZeRO-{zero}'}")
     del step, keep, model
     gc.collect()
     torch.cuda.empty_cache()
+    # model FLOPs by the usual 6 * parameters * tokens (attention's own FLOPs not counted)
+    mfu = 6 * params * tokens / step_s / (peak_tflops * 1e12)
     return {"config": cfg_name, "engine": engine, "zero": zero if engine == "deepspeed" else None, "gpus": world,
             "attention": attention, "tokens": tokens, "step_s": step_s, "tokens_per_s_per_gpu": tokens / step_s,
+            "mfu": mfu, "breakdown": breakdown,
             "peak_gb": peak, "loss": loss_v, "params_m": params / 1e6, "grad_checkpointing": ckpt,
             "device": torch.cuda.get_device_name(device)}
 
@@ -129,9 +142,9 @@ def _row(r: dict) -> str:
     eng = "torch" if r["engine"] == "torch" else f"ZeRO-{r['zero']}"
     head = f"| {eng} | {r['gpus']} | {r['attention']} | {r['tokens']} |"
     if "error" in r:
-        return f"{head} {r['error']} | | | |"
-    return (f"{head} {r['step_s']:.3f} | {r['tokens_per_s_per_gpu']:.0f} | {r['peak_gb']:.1f} | "
-            f"{r.get('efficiency', float('nan')):.2f} |")
+        return f"{head} {r['error']} | | | | |"
+    return (f"{head} {r['step_s']:.3f} | {r['tokens_per_s_per_gpu']:.0f} | {100 * r.get('mfu', float('nan')):.0f}% | "
+            f"{r['peak_gb']:.1f} | {r.get('efficiency', float('nan')):.2f} |")
 
 
 def print_table(rows: list[dict]) -> None:
@@ -143,9 +156,10 @@ def print_table(rows: list[dict]) -> None:
         if b and "error" not in r:
             r["efficiency"] = r["tokens_per_s_per_gpu"] / b
     dev = next((r["device"] for r in rows if "device" in r), "")
-    print(f"\n({dev}, {rows[0]['config'] if rows else ''}; efficiency = tokens/s per GPU against 1 GPU)")
-    print("| engine | GPUs | attention | tokens | step (s) | tokens/s per GPU | peak GiB per GPU | efficiency |")
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    print(f"\n({dev}, {rows[0]['config'] if rows else ''}; efficiency = tokens/s per GPU against 1 GPU; "
+          "MFU = 6 x parameters x tokens / step / bf16 peak)")
+    print("| engine | GPUs | attention | tokens | step (s) | tokens/s per GPU | MFU | peak GiB per GPU | efficiency |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in sorted(rows, key=lambda r: (r["engine"], r["zero"] or 0, r["tokens"], r["attention"], r["gpus"])):
         print(_row(r))
 
@@ -161,6 +175,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-checkpointing", action="store_true")
+    ap.add_argument("--profile", type=int, default=0,
+                    help="after timing, profile this many steps and print where the step goes (benchmarks/step_profile.py)")
+    ap.add_argument("--peak-tflops", type=float, default=989.0,
+                    help="the card's dense bf16 peak for the MFU column (H100/H200 SXM: 989)")
     ap.add_argument("--json", default="")
     ap.add_argument("--summary", nargs="*", help="print one scaling table from saved --json files and exit")
     args = ap.parse_args()
@@ -189,7 +207,7 @@ def main() -> None:
                 continue
             try:
                 row = bench(args.config, tokens, attention, args.steps, args.warmup, not args.no_checkpointing,
-                            args.engine, args.zero, device)
+                            args.engine, args.zero, device, args.profile, args.peak_tflops)
             except Exception as e:  # one failing configuration (OOM, a kernel) must not hide the others
                 row = {"config": args.config, "engine": args.engine, "zero": args.zero, "gpus": _world()[1],
                        "attention": attention, "tokens": tokens, "error": f"{type(e).__name__}: {str(e)[:200]}"}

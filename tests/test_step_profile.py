@@ -1,0 +1,55 @@
+"""benchmarks/step_profile.py: kernels land in the right category and categories + idle time = wall time."""
+import pytest
+import torch
+
+from benchmarks.step_profile import (CONV, GAPS, SSA, breakdown, categorize, profile_step, triton_kernel_names,
+                                     union_length)
+
+
+def test_our_triton_kernels_are_found_by_name():
+    names = triton_kernel_names()
+    assert {"_fwd_kernel", "_bwd_dq_kernel", "_score_kernel"} <= names["kernels.ssa"]
+    assert names["kernels.sparse_conv"], "no sparse-conv kernel found"
+    assert categorize("_fwd_kernel", names["kernels.ssa"], names["kernels.sparse_conv"]) == SSA
+    conv = next(iter(names["kernels.sparse_conv"]))
+    assert categorize(conv, names["kernels.ssa"], names["kernels.sparse_conv"]) == CONV
+
+
+@pytest.mark.parametrize("name, cat", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "GEMM (linears)"),
+    ("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT", "GEMM (linears)"),
+    ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL", "communication"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdam>", "optimizer"),
+    ("flash_fwd_kernel", "other attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "other attention"),
+    ("void at::native::vectorized_layer_norm_kernel<c10::BFloat16, float>", "norms, modulation, elementwise"),
+    ("aten::addmm", "GEMM (linears)"),
+    ("some_unknown_kernel", "other kernels"),
+])
+def test_kernel_names_by_category(name, cat):
+    assert categorize(name, set(), set()) == cat
+
+
+def test_overlapping_streams_are_not_counted_twice():
+    assert union_length([(0, 10), (5, 15), (20, 30)]) == 25
+    assert union_length([]) == 0
+    kernels = [("gemm_a", 0, 10), ("ncclAllReduce", 5, 15), ("vectorized_add", 20, 30)]
+    cats, names = breakdown(kernels, wall_us=40)
+    assert cats[GAPS] == pytest.approx(15)  # 40 - 25 busy
+    assert sum(cats.values()) == pytest.approx(40)
+    assert cats["communication"] == pytest.approx(10 * 25 / 30)  # overlap shared out in proportion
+    assert names == {"gemm_a": 10, "ncclAllReduce": 10, "vectorized_add": 10}
+
+
+def test_a_cpu_step_adds_up_to_its_wall_time():
+    torch.manual_seed(0)
+    lin, norm = torch.nn.Linear(256, 256), torch.nn.LayerNorm(256)
+    x = torch.randn(512, 256)
+
+    def step():
+        norm(lin(x)).sum().backward()
+
+    cats, kernels, wall_ms = profile_step(step, iters=3, device=torch.device("cpu"))
+    assert sum(cats.values()) == pytest.approx(wall_ms, rel=1e-6)
+    assert cats.get("GEMM (linears)", 0) > 0
+    assert any(k.startswith("aten::") for k in kernels)
