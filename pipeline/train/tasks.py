@@ -22,7 +22,7 @@ from model.sparse import SparseTensor
 from model.structure import (StructureDiT, StructureVAE, StructureVAEConfig, check_structure_pair, occupancy_grid,
                              structure_dit_config)
 from model.vae import SparseSDFVAE, VAEConfig
-from model.vae_loss import VAELossWeights, vae_loss, vae_targets
+from model.vae_loss import VAELossWeights, VAETargets, stack_targets, vae_loss, vae_targets
 from pipeline.train.checkpoints import load_weights, model_config_of
 from pipeline.train.config import TrainConfig
 
@@ -295,7 +295,18 @@ class SparseVAETask(Task):
         if len(set(resolutions)) > 1:
             raise ValueError(f"SS-VAE batch of several resolutions {sorted(set(resolutions))}")
         x = SparseTensor.from_samples(list(coords), [v.float() for v in values], resolutions[0], device)
-        return {"x": x, "targets": vae_targets(x, self.model_config.downsample)}
+        return {"x": x, "targets": stack_targets([self._targets(i, device) for i in items])}
+
+    def _targets(self, item: Item, device) -> VAETargets:
+        # The targets depend on the shape alone: built once (a third of a step's time on a CPU at 64³),
+        # kept on the item, which the epoch cache replays.
+        if "targets" not in item.data:
+            c, v, res = item.data["sdf"]
+            one = SparseTensor.from_samples([c], [v.float()], res, device)
+            t = vae_targets(one, self.model_config.downsample)
+            item.data["targets"] = VAETargets(t.coords.cpu(), t.values.cpu(), t.is_input.cpu(), t.is_sharp.cpu())
+        t = item.data["targets"]
+        return VAETargets(t.coords.to(device), t.values.to(device), t.is_input.to(device), t.is_sharp.to(device))
 
 
 def build_task(cfg: TrainConfig, seed: int, frozen_weights: dict | None = None, model_config=None) -> Task:
