@@ -145,3 +145,31 @@ def print_table(rows: list[dict]) -> None:
                   f"≤ {m['trained_parts_max']}", f"{m['trained_watertight']}/{m['items']}", fmt(m["untrained"]),
                   fmt(m["source_structure"]))
     Console().print(t)
+
+
+def preview_strip(library: Path, rows: list[dict], out: Path, side: int = 160) -> Path:
+    """A PNG of the library's items in table order: each input image above its preview, named and scored.
+
+    What README shows of the demo (docs/img/demo-strip.png is this file from a demo run)."""
+    from PIL import Image, ImageDraw
+
+    records = {r["name"]: r for r in (json.loads(p.read_text()) for p in (library / "records").glob("*.json"))}
+    shown = [(r, records[r["name"]]) for r in rows if records.get(r["name"], {}).get("status") == "ok"]
+    label = 30
+    sheet = Image.new("RGB", (max(1, len(shown)) * side, 2 * side + label), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (row, rec) in enumerate(shown):
+        for j, key in enumerate(("input", "preview")):
+            if rec.get(key):
+                with Image.open(library / rec[key]) as im:
+                    im = im.convert("RGBA")
+                    im.thumbnail((side, side))
+                    tile = Image.new("RGBA", (side, side), "white")
+                    tile.alpha_composite(im, ((side - im.width) // 2, (side - im.height) // 2))
+                    sheet.paste(tile.convert("RGB"), (i * side, j * side))
+        held = "held out" if row["set"] == HELD_OUT else "new view"
+        draw.text((i * side + 4, 2 * side + 2), f"{row['name']} ({held})", fill="black")
+        draw.text((i * side + 4, 2 * side + 15), f"Chamfer {row.get('trained', float('nan')):.3f}", fill="black")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out, format="PNG", optimize=True)
+    return out

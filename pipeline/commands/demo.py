@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.evaluate import HELD_OUT, NEW_VIEW, print_table, score_library, summarize  # noqa: F401 (the demo's table)
+from pipeline.evaluate import (HELD_OUT, NEW_VIEW, preview_strip, print_table, score_library,  # noqa: F401 (the demo's table)
+                               summarize)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -294,6 +295,7 @@ def _generate_library(args, data: Path, corpus: Path, dataset: Path, report, hel
     rows = score_library(library, images, meshes, generation, sets)
     print_table(rows)
     (library / "chamfer.json").write_text(json.dumps({"rows": rows, "summary": summarize(rows)}, indent=1))
+    print(f"previews beside their inputs: {preview_strip(library, rows, library / 'strip.png')}")
     print(f"\nasset library: {library}  (index.parquet, meshes/, previews/)")
     print(f"gallery: file://{library / 'gallery.html'}")
     return status
