@@ -22,6 +22,7 @@ from kernels.distance.frame import sqdist_in_frame, triangle_frames
 # For dominant axis a: position of x, y, z in the (u, v, w=a) column frame, u=(a+1)%3, v=(a+2)%3.
 _XYZ_FROM_UVW = torch.tensor([[2, 0, 1], [1, 2, 0], [0, 1, 2]])
 _EPS = 1e-4  # index-space slack so rounding never drops a candidate (the exact test removes extras)
+_NONE = 1 << 30  # key of a candidate outside the band: after every voxel key (< 2^30 at R <= 1024)
 
 
 @dataclass
@@ -30,8 +31,8 @@ class BandPairs:
 
     keys: torch.Tensor  # (N,) int64 linear key (i*R + j)*R + k
     d2: torch.Tensor  # (N,) float32 squared distance to the mesh
-    tri: torch.Tensor  # (N,) int64 index of a closest triangle
-    feature: torch.Tensor  # (N,) uint8 closest feature on that triangle
+    tri: torch.Tensor | None  # (N,) int64 index of a closest triangle
+    feature: torch.Tensor | None  # (N,) uint8 closest feature on that triangle
 
 
 def _column_frames(tri: torch.Tensor):
@@ -78,11 +79,14 @@ def _take(mask: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.index_select(0, idx) for t in tensors]
 
 
-def _chunk_candidates(tri: torch.Tensor, first_id: int, res: int, band: float, distance_backend: str, frames=None):
-    """Band pairs (key, d2, owner) of one chunk of triangles numbered from first_id; not yet unique.
+def _chunk_candidates(tri: torch.Tensor, first_id: int, res: int, band: float, distance_backend: str, frames=None,
+                      closest: bool = True):
+    """Candidate pairs (key, d2, owner) of one chunk of triangles numbered from first_id; not yet unique,
+    key _NONE where d2 is not below the band.
 
-    owner is the int32 word (triangle id << 3) | closest feature code. frames: this chunk's rows of
-    `_frames(tri)`, computed once for the whole mesh (per-chunk small ops cost more in overhead).
+    owner is the int32 word (triangle id << 3) | closest feature code, None unless `closest`. frames:
+    this chunk's rows of `_frames(tri)`, computed once for the whole mesh (per-chunk small ops cost
+    more in overhead).
     """
     frames = frames or _frames(tri, distance_backend)
     h = 2.0 / res
@@ -138,9 +142,8 @@ def _chunk_candidates(tri: torch.Tensor, first_id: int, res: int, band: float, d
         xyz = torch.gather(uvw, 1, _XYZ_FROM_UVW.to(uvw.device)[axis[t_loc]])
         pts = c0 + xyz.to(tri.dtype) * h
         d2, feat = point_triangle_sqdist(pts, tri, t_loc, backend=distance_backend)
-        xyz, d2, owner = _take(d2 < r * r, xyz, d2, _owner(t_loc, first_id, feat))
         key = (xyz[:, 0] * res + xyz[:, 1]) * res + xyz[:, 2]
-        return key, d2, owner
+        return torch.where(d2 < r * r, key, _NONE), d2, _owner(t_loc, first_id, feat) if closest else None
 
     # CPU: local triangle-frame coordinates are affine in (iu, iv, iw); a column shares iu, iv.
     rot, shape = frames[3:]
@@ -153,13 +156,12 @@ def _chunk_candidates(tri: torch.Tensor, first_id: int, res: int, band: float, d
     base = bt[6:9] + bt[0:3] * iu.to(tri.dtype) + bt[3:6] * iv.to(tri.dtype)
     cand_tab = torch.cat([m_uvw[:, :, 2], shape], 1).to(tri.dtype).T.contiguous().index_select(1, t_loc)  # (9, N)
     loc = base.index_select(1, cand_c) + cand_tab[0:3] * iw.to(tri.dtype)
-    d2, feat = sqdist_in_frame(loc[0], loc[1], loc[2], cand_tab[3:9].T)
-    cand_c, iw, d2, owner = _take(d2 < r * r, cand_c, iw, d2, _owner(t_loc, first_id, feat))
+    d2, feat = sqdist_in_frame(loc[0], loc[1], loc[2], cand_tab[3:9].T, with_feature=closest)
     # Linear key: the column's (u, v) part plus w times the dominant axis' stride.
     stride = torch.tensor([res * res, res, 1], device=tri.device)
     col_key = iu * stride[(axis + 1) % 3].index_select(0, col_t) + iv * stride[(axis + 2) % 3].index_select(0, col_t)
     key = col_key.index_select(0, cand_c) + iw * stride[axis].index_select(0, col_t).index_select(0, cand_c)
-    return key, d2, owner
+    return torch.where(d2 < r * r, key, _NONE), d2, _owner(t_loc, first_id, feat) if closest else None
 
 
 def _frames(tri: torch.Tensor, distance_backend: str) -> tuple:
@@ -171,6 +173,11 @@ def _frames(tri: torch.Tensor, distance_backend: str) -> tuple:
 def _owner(t_loc: torch.Tensor, first_id: int, feat: torch.Tensor) -> torch.Tensor:
     """One int32 per pair: triangle id (< 2^28) and its 3-bit closest-feature code."""
     return ((t_loc.to(torch.int32) + first_id) << 3) | feat.to(torch.int32)
+
+
+def _bits(d2: torch.Tensor) -> torch.Tensor:
+    """The float bits of d2 as int64: d2 >= 0, so they order like d2."""
+    return d2.view(torch.int32).to(torch.int64)
 
 
 def _triangle_chunks(counts: torch.Tensor, chunk: int) -> Iterator[tuple[int, int]]:
@@ -185,18 +192,39 @@ def _triangle_chunks(counts: torch.Tensor, chunk: int) -> Iterator[tuple[int, in
         start = stop
 
 
-def _first_per_key(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort (key, d2) words; return the smallest-d2 word of each key and where it came from."""
-    if packed.is_cuda:
-        packed, order = torch.sort(packed)
-    else:  # numpy's vectorized argsort: ~3x torch.sort's time on the merged, run-structured words
-        order = torch.from_numpy(np.argsort(packed.numpy()))
-        packed = packed.index_select(0, order)
-    key = packed >> 32
-    first = torch.ones_like(key, dtype=torch.bool)
-    first[1:] = key[1:] != key[:-1]
-    packed, order = _take(first, packed, order)
-    return packed, order
+def _sort(x: torch.Tensor) -> torch.Tensor:
+    """Values of an int64 tensor sorted ascending: numpy's vectorized sort on the CPU (6x faster than
+    an argsort, 8x than torch.sort), torch.sort on CUDA."""
+    return torch.sort(x).values if x.is_cuda else torch.from_numpy(np.sort(x.numpy()))
+
+
+def _nearest(packed: torch.Tensor) -> torch.Tensor:
+    """Words key << 32 | d2 bits: one per key, its smallest, keys ascending and without _NONE."""
+    packed = _sort(packed)
+    _, counts = torch.unique_consecutive(packed >> 32, return_counts=True)
+    packed = packed.index_select(0, torch.cumsum(counts, 0) - counts)
+    if packed.numel() and int(packed[-1] >> 32) == _NONE:
+        packed = packed[:-1]
+    return packed
+
+
+def _nearest_owner(key: torch.Tensor, word: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique keys ascending, without _NONE, and the smallest word (d2 bits << 32 | owner) of each: the
+    nearest pair, equal distances going to the lowest owner whatever the order of the input.
+
+    The keys tagged with their position (key << bits | i) are sorted as plain values, then a
+    segment minimum."""
+    n = key.numel()
+    bits = max(n - 1, 1).bit_length()
+    if bits > 32:  # _NONE << bits must stay below 2^63
+        raise ValueError(f"{n:,} band candidates in one sort: over the 2^32 this packing holds")
+    tagged = _sort((key << bits) | torch.arange(n, device=key.device))
+    ukey, seg = torch.unique_consecutive(tagged >> bits, return_inverse=True)
+    best = torch.full(ukey.shape, torch.iinfo(torch.int64).max, dtype=torch.int64, device=key.device)
+    best.scatter_reduce_(0, seg, word.index_select(0, tagged & ((1 << bits) - 1)), "amin")
+    if ukey.numel() and int(ukey[-1]) == _NONE:
+        ukey, best = ukey[:-1], best[:-1]
+    return ukey, best
 
 
 def _morton_order(tri: torch.Tensor) -> torch.Tensor:
@@ -210,34 +238,41 @@ def _morton_order(tri: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def band_pairs(
-    tri: torch.Tensor, res: int, band: float, chunk: int = 1 << 20, distance_backend: str = "auto"
-) -> BandPairs:
-    """Every voxel centre with distance < band*h to the triangles (F,3,3), with its closest triangle."""
+def band_pairs(tri: torch.Tensor, res: int, band: float, chunk: int = 1 << 20, distance_backend: str = "auto",
+               closest: bool = True) -> BandPairs:
+    """Every voxel centre with distance < band*h to the triangles (F,3,3), with its closest triangle and
+    feature; without them (tri and feature None) when not `closest`: a sign counted along grid lines
+    needs only the distances, and the pair words shrink to (key, d2)."""
     if res > 1024:
         raise ValueError(f"resolution {res} > 1024: linear keys would not fit the packed 31 bits")
     if tri.shape[0] == 0:
         empty = torch.empty(0, dtype=torch.int64, device=tri.device)
-        return BandPairs(empty, empty.float(), empty, empty.to(torch.uint8))
+        return BandPairs(empty, empty.float(), empty if closest else None, empty.to(torch.uint8) if closest else None)
     perm = _morton_order(tri)
     tri = tri[perm]
     counts = candidate_counts(tri, res, band)
     frames = _frames(tri, distance_backend)
-    words, owners = [], []
+    keys, words = [], []
     for s, e in _triangle_chunks(counts, chunk):
         k, d2, owner = _chunk_candidates(tri[s:e], s, res, band, distance_backend,
-                                         tuple(x[s:e] if x is not None else None for x in frames))
-        # One int64 holds (key, d2): keys < 2^31 at R <= 1024 and d2 >= 0 orders like its bit pattern.
-        w, sel = _first_per_key((k << 32) | d2.view(torch.int32).to(torch.int64))
-        words.append(w)
-        owners.append(owner.index_select(0, sel))
-        del k, d2, owner
-    packed, sel = _first_per_key(torch.cat(words))
-    owner = torch.cat(owners)[sel]
-    del words, owners
+                                         tuple(x[s:e] if x is not None else None for x in frames), closest)
+        # Chunks cover compact regions: de-duplicating each halves what the last sort sees.
+        if closest:
+            k, w = _nearest_owner(k, (_bits(d2) << 32) | owner)
+            words.append(w)
+        else:
+            k = _nearest((k << 32) | _bits(d2))
+        keys.append(k)
+        del d2, owner
+    if not closest:
+        packed = _nearest(torch.cat(keys))
+        return BandPairs(packed >> 32, (packed & 0xFFFFFFFF).to(torch.int32).view(torch.float32), None, None)
+    key, word = _nearest_owner(torch.cat(keys), torch.cat(words))
+    del keys, words
+    owner = (word & 0xFFFFFFFF).to(torch.int32)
     return BandPairs(
-        keys=packed >> 32,
-        d2=(packed & 0xFFFFFFFF).to(torch.int32).view(torch.float32),
+        keys=key,
+        d2=(word >> 32).to(torch.int32).view(torch.float32),
         tri=perm[(owner >> 3).long()],
         feature=(owner & 7).to(torch.uint8),
     )

@@ -164,12 +164,16 @@ def sdf_on_grid(mesh: PreparedMesh, resolution: int, band: float = 2.0, chunk: i
         hi = torch.tensor(region[1], device=tri.device) * h - 1 + band * h
         ids = ((tri.min(1).values <= hi) & (tri.max(1).values >= lo)).all(1).nonzero().squeeze(1)
         tri = tri[ids]
-    bp = band_pairs(tri, resolution, band, chunk=chunk)
+    # Signs counted along grid lines (or none) need no closest triangle: the band skips finding it.
+    closest = mesh.sign.method not in ("lines", "none")
+    bp = band_pairs(tri, resolution, band, chunk=chunk, closest=closest)
     coords = _decode(bp.keys, resolution)
     if region is not None:
         inside = ((coords >= torch.tensor(region[0], device=coords.device))
                   & (coords < torch.tensor(region[1], device=coords.device))).all(1).nonzero().squeeze(1)
-        coords, bp.tri, bp.feature, bp.d2 = coords[inside], ids[bp.tri[inside]], bp.feature[inside], bp.d2[inside]
+        coords, bp.d2 = coords[inside], bp.d2[inside]
+        if closest:
+            bp.tri, bp.feature = ids[bp.tri[inside]], bp.feature[inside]
     points = -1.0 + (coords.float() + 0.5) * h
     lines = None if region is None else (tuple(region[0][:2]), tuple(region[1][:2]))
     s = band_signs(mesh.sign, points, bp.tri, bp.feature, band * h, coords, resolution, lines)
