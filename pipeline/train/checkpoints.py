@@ -32,7 +32,7 @@ from pipeline.train.reshard import load_resharded
 from pipeline.train.safe_load import CheckpointMismatch, UnsafeCheckpoint, safe_load  # noqa: F401
 
 TAG = "state"
-RESHARDABLE = (0, 1, 2)  # ZeRO stages whose checkpoints resume on another number of workers
+RESHARDABLE = (0, 1, 2, 3)  # ZeRO stages whose checkpoints resume on another number of workers
 
 
 def guard_engine(engine) -> None:
@@ -117,10 +117,10 @@ def check_resumable(meta: dict, where: str, *, network: str, resolution: int, wo
         raise CheckpointMismatch(f"{where}: checkpoint was trained at resolution {meta['resolution']}, this run "
                                  f"trains at {resolution}; start a new run name with init_from instead")
     if meta.get("world_size", world_size) != world_size and meta.get("zero_stage") not in RESHARDABLE:
-        # ZeRO-3 partitions each parameter on its own: its state resumes on the number of workers that wrote it.
+        # meta.json without the stage: its DeepSpeed state cannot be told apart, so it is not resharded
         stage = f"ZeRO stage {meta['zero_stage']}" if "zero_stage" in meta else "a checkpoint of an earlier version"
         raise CheckpointMismatch(f"{where}: checkpoint was written by {meta['world_size']} workers, this run has "
-                                 f"{world_size}; {stage} resumes only on the same number (ZeRO 0-2 reshard), or "
+                                 f"{world_size}; {stage} resumes only on the same number (ZeRO 0-3 reshard), or "
                                  f"start a new run name with init_from")
 
 
@@ -140,7 +140,7 @@ def restore(directory: str, engine, ema, *, network: str, model_config, resoluti
     check_compatible(meta, network, model_config, directory)
     check_resumable(meta, directory, network=network, resolution=resolution, world_size=world_size)
     guard_engine(engine)
-    if meta.get("world_size", world_size) != world_size and engine.zero_optimization_stage() in (1, 2):
+    if meta.get("world_size", world_size) != world_size and engine.zero_optimization_stage() in (1, 2, 3):
         client = load_resharded(engine, directory, TAG)  # DeepSpeed itself refuses another ZeRO world size
     else:
         _, client = engine.load_checkpoint(directory, tag=TAG, load_optimizer_states=True,

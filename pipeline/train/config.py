@@ -60,7 +60,7 @@ class TrainConfig:
     max_failures: int = field(default=3, metadata={"help": "worker-group restarts before the run fails"})
     min_workers: int = field(default=0, metadata={
         "help": "elastic training: after a lost node, go on with as few as this many workers (and grow back to "
-                "num_workers when nodes return) instead of waiting for a replacement; ZeRO 0-2; 0 = off"})
+                "num_workers when nodes return) instead of waiting for a replacement; 0 = off"})
     resize_check_s: float = field(default=60.0, metadata={
         "help": "elastic training: seconds between checks for returned capacity (a resize restarts the "
                 "workers from the last checkpoint)"})
@@ -87,9 +87,6 @@ class TrainConfig:
             raise ConfigError(f"max_skipped_share: must be in [0, 1], got {self.max_skipped_share}")
         if not 0 <= self.min_workers <= self.num_workers:
             raise ConfigError(f"min_workers: must be in [0, num_workers={self.num_workers}], got {self.min_workers}")
-        if self.elastic and self.zero_stage == 3:
-            raise ConfigError("min_workers: ZeRO-3 state resumes only on the number of workers that wrote it; "
-                              "use zero_stage 2 for elastic training, or min_workers 0")
         if self.resize_check_s < 0:
             raise ConfigError(f"resize_check_s: must be >= 0, got {self.resize_check_s}")
         if not 0 <= self.holdout < 1:
