@@ -5,6 +5,7 @@ is left (ZeRO-3 and ZeRO-2 with min_workers), from its last checkpoint with no s
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -159,6 +160,32 @@ def test_zero3_across_nodes_checkpoints_on_s3(train_cluster):
 ZERO3_STEPS = 40
 
 
+def _submit(cluster, flags: list[str]) -> str:
+    """``s2 train dit`` as a Ray job through the head's job API; its id."""
+    res = _ray(cluster, "job", "submit", "--no-wait", "--address", cluster.dashboard, "--", "s2", "train", "dit",
+               *flags)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return re.search(r"raysubmit_[A-Za-z0-9]+", res.stdout + res.stderr).group(0)
+
+
+def _newest(fs, run: str) -> dict | None:
+    """The run's newest checkpoint on S3 (meta, files, history), None before the first."""
+    fs.invalidate_cache()
+    try:
+        return _s3_final_checkpoint(fs, run)
+    except (AssertionError, FileNotFoundError):
+        return None
+
+
+def _two_workers(cluster) -> list[int]:
+    """Two live worker nodes (a replacement joins for one lost by an earlier test)."""
+    workers = [i for i in cluster.alive_nodes() if not cluster.nodes[i].head]
+    while len(workers) < 2:
+        cluster.add_worker(2)
+        workers = [i for i in cluster.alive_nodes() if not cluster.nodes[i].head]
+    return workers
+
+
 def _loop_state(fs, folder: str, rank: int) -> dict:
     import io
 
@@ -179,26 +206,15 @@ def test_zero3_run_continues_on_the_remaining_node(train_cluster):
     c = train_cluster
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": c.extra_env["AWS_ENDPOINT_URL"]}, key="testing",
                            secret="testing")
-    workers = [i for i in c.alive_nodes() if not c.nodes[i].head]
-    while len(workers) < 2:
-        c.add_worker(2)
-        workers = [i for i in c.alive_nodes() if not c.nodes[i].head]
+    workers = _two_workers(c)
     run = "mn-runs/exp/zero3-loss"
     # 24 shapes of one or two per step: an epoch lasts several checkpoints; every checkpoint is kept
     flags = _flags(storage="s3://mn-runs/exp", shards="synthetic", synthetic_shapes=24, token_budget=450,
                    num_workers=2, min_workers=1, resize_check_s=5, cpus_per_worker=2, zero_stage=3,
                    steps=ZERO3_STEPS, checkpoint_every=2, report_every=2, keep_checkpoints=100, max_failures=3,
                    name="zero3-loss")
-    res = _ray(c, "job", "submit", "--no-wait", "--address", c.dashboard, "--", "s2", "train", "dit", *flags)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", res.stdout + res.stderr).group(0)
-
-    def newest() -> dict | None:
-        fs.invalidate_cache()
-        try:
-            return _s3_final_checkpoint(fs, run)
-        except (AssertionError, FileNotFoundError):
-            return None
+    job_id = _submit(c, flags)
+    newest = functools.partial(_newest, fs, run)
 
     t0, seen, killed_at = time.monotonic(), set(), None
     while True:
@@ -261,24 +277,13 @@ def test_elastic_run_shrinks_to_the_remaining_node_and_grows_back(train_cluster)
     c = train_cluster
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": c.extra_env["AWS_ENDPOINT_URL"]}, key="testing",
                            secret="testing")
-    workers = [i for i in c.alive_nodes() if not c.nodes[i].head]
-    while len(workers) < 2:
-        c.add_worker(2)
-        workers = [i for i in c.alive_nodes() if not c.nodes[i].head]
+    workers = _two_workers(c)
     run = "mn-runs/exp/elastic"
     flags = _flags(storage="s3://mn-runs/exp", shards="synthetic", synthetic_shapes=8, num_workers=2, min_workers=1,
                    resize_check_s=5, cpus_per_worker=2, zero_stage=2, steps=ELASTIC_STEPS, checkpoint_every=10,
                    report_every=10, max_failures=6, name="elastic")
-    res = _ray(c, "job", "submit", "--no-wait", "--address", c.dashboard, "--", "s2", "train", "dit", *flags)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", res.stdout + res.stderr).group(0)
-
-    def newest() -> dict | None:
-        fs.invalidate_cache()
-        try:
-            return _s3_final_checkpoint(fs, run)
-        except (AssertionError, FileNotFoundError):
-            return None
+    job_id = _submit(c, flags)
+    newest = functools.partial(_newest, fs, run)
 
     def status() -> str:
         out = _ray(c, "job", "status", "--address", c.dashboard, job_id)
