@@ -52,7 +52,7 @@ def sqdist_in_frame(x, y, z, shape: torch.Tensor, with_feature: bool = True):
     d_bc = torch.addcmul(u * u, w, w)
     inside = (y >= 0) & (cy * x >= cx * y) & (cbx * y >= cy * xb)
     edge = torch.minimum(torch.minimum(d_ab, d_bc), d_ca)
-    d2 = torch.addcmul(torch.where(inside, 0.0, edge), z, z)
+    d2 = torch.addcmul(edge * ~inside, z, z)  # not torch.where: 6x slower on the CPU
     if not with_feature:
         return d2, None
     return d2, _feature(inside, edge, d_ab, d_bc, t_ab, t_bc, t_ca)

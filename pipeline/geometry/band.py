@@ -22,7 +22,7 @@ from kernels.distance.frame import sqdist_in_frame, triangle_frames
 # For dominant axis a: position of x, y, z in the (u, v, w=a) column frame, u=(a+1)%3, v=(a+2)%3.
 _XYZ_FROM_UVW = torch.tensor([[2, 0, 1], [1, 2, 0], [0, 1, 2]])
 _EPS = 1e-4  # index-space slack so rounding never drops a candidate (the exact test removes extras)
-_NONE = 1 << 30  # key of a candidate outside the band: after every voxel key (< 2^30 at R <= 1024)
+_NONE = 1 << 30  # keys from here on mark candidates outside the band: after every voxel key (< 2^30)
 
 
 @dataclass
@@ -73,34 +73,40 @@ def _expand(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return owner, local
 
 
-def _take(mask: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Rows where mask holds, for several tensors with one nonzero (boolean indexing redoes it per tensor)."""
-    idx = mask.nonzero().squeeze(1)
-    return [t.index_select(0, idx) for t in tensors]
+def _where(mask: torch.Tensor) -> torch.Tensor:
+    """Indices where a 1-D mask holds (numpy's on the CPU: 7x faster than torch.nonzero there)."""
+    if mask.is_cuda:
+        return mask.nonzero().squeeze(1)
+    return torch.from_numpy(np.flatnonzero(mask.numpy()))
 
 
-def _chunk_candidates(tri: torch.Tensor, first_id: int, res: int, band: float, distance_backend: str, frames=None,
-                      closest: bool = True):
-    """Candidate pairs (key, d2, owner) of one chunk of triangles numbered from first_id; not yet unique,
-    key _NONE where d2 is not below the band.
+@dataclass
+class _Tables:
+    """Per-triangle fields, stored (fields, T) so that a gather by triangle yields contiguous rows."""
 
-    owner is the int32 word (triangle id << 3) | closest feature code, None unless `closest`. frames:
-    this chunk's rows of `_frames(tri)`, computed once for the whole mesh (per-chunk small ops cost
-    more in overhead).
-    """
-    frames = frames or _frames(tri, distance_backend)
+    axis: torch.Tensor  # (T,) dominant normal axis w
+    cols: torch.Tensor  # (T,) columns of the dilated (u, v) box
+    col_i: torch.Tensor  # (3, T) int64: first u, first v, v count
+    col_f: torch.Tensor  # (9, T): the three edge lines a*u + b*v + c >= 0, offset outward by r
+    slab: torch.Tensor  # (6, T): w = w0 + gu*u + gv*v, half width, the triangle's own w range (dilated)
+    frame: torch.Tensor | None  # (18, T), CPU: local coordinates per u, v, w step, origin, 2D shape
+    stride: torch.Tensor  # (3, T) int64: linear-key strides of u, v, w
+
+
+def _tables(tri: torch.Tensor, res: int, band: float, cpu: bool) -> _Tables:
+    """Everything per triangle the chunks need, computed once per mesh (per-chunk small ops cost more in
+    overhead than in work)."""
     h = 2.0 / res
     r = band * h
     c0 = -1.0 + 0.5 * h
-    axis, tri_uvw, n_uvw = frames[:3]
+    axis, tri_uvw, n_uvw = _column_frames(tri)
     lo, hi = tri_uvw.min(dim=1).values, tri_uvw.max(dim=1).values
     i_lo, i_hi = _index_range(lo, hi, h, r, res)
     nu = (i_hi[:, 0] - i_lo[:, 0] + 1).clamp(min=0)
     nv = (i_hi[:, 1] - i_lo[:, 1] + 1).clamp(min=0)
-
-    # Per-triangle column table: three edge lines offset outward by r (projection never lengthens
-    # distances, so a column farther than r from the projected triangle has no band voxel) and the
-    # plane as w = w0 + gu*u + gv*v with slab half-width r/|n_w|.
+    # Three edge lines offset outward by r (projection never lengthens distances, so a column farther
+    # than r from the projected triangle has no band voxel) and the plane as w = w0 + gu*u + gv*v
+    # with slab half-width r/|n_w|.
     p2 = tri_uvw[:, :, :2]
     e = torch.roll(p2, -1, dims=1) - p2
     orient = torch.sign(n_uvw[:, 2])[:, None]
@@ -110,69 +116,111 @@ def _chunk_candidates(tri: torch.Tensor, first_id: int, res: int, band: float, d
     gu, gv = -n_uvw[:, 0] / n_uvw[:, 2], -n_uvw[:, 1] / n_uvw[:, 2]
     w0 = tri_uvw[:, 0, 2] - gu * tri_uvw[:, 0, 0] - gv * tri_uvw[:, 0, 1]
     half = r * n_uvw.norm(dim=1) / n_uvw[:, 2].abs()
-    ftab = torch.cat([la, lb, lc, torch.stack([gu, gv, w0, half], 1)], 1)  # (T, 13)
-    itab = torch.stack([i_lo[:, 0], i_lo[:, 1], nv, i_lo[:, 2], i_hi[:, 2]], 1)  # (T, 5)
+    order = torch.stack([(axis + 1) % 3, (axis + 2) % 3, axis], dim=1)
+    stride = torch.tensor([res * res, res, 1], device=tri.device)[order].T.contiguous()
+    frame = None
+    if cpu:  # local triangle-frame coordinates are affine in the voxel's (u, v, w) indices
+        rot, shape = triangle_frames(tri)
+        m_uvw = torch.gather(rot, 2, order[:, None, :].expand(-1, 3, -1)) * h  # (T,3 rows,3 uvw)
+        origin = torch.einsum("tij,tj->ti", rot, c0 - tri[:, 0].double())
+        frame = torch.cat([m_uvw[:, :, 0], m_uvw[:, :, 1], m_uvw[:, :, 2], origin, shape], 1)
+        frame = frame.to(tri.dtype).T.contiguous()
+    return _Tables(
+        axis, nu * nv, torch.stack([i_lo[:, 0], i_lo[:, 1], nv]), torch.cat([la, lb, lc], 1).T.contiguous(),
+        torch.stack([gu, gv, w0, half, i_lo[:, 2].to(tri.dtype), i_hi[:, 2].to(tri.dtype)]), frame, stride)
 
-    col_t, local = _expand(nu * nv)
-    # Gather only the fields the column test needs; the slab fields only for the columns it keeps.
-    it = itab[:, :3].T.contiguous().index_select(1, col_t)  # (fields, columns): contiguous rows
+
+def _columns(tab: _Tables, s: int, e: int, res: int):
+    """Columns of triangles s..e-1 near their projected triangle, with their slab: (triangle, iu, iv,
+    first w, voxel count), only columns with a voxel."""
+    h = 2.0 / res
+    c0 = -1.0 + 0.5 * h
+    col_t, local = _expand(tab.cols[s:e])
+    col_t += s
+    it = tab.col_i.index_select(1, col_t)
     row = torch.div(local, it[2], rounding_mode="floor")
     iu = it[0] + row
     iv = it[1] + local - row * it[2]
-    xu = c0 + iu.to(tri.dtype) * h
-    xv = c0 + iv.to(tri.dtype) * h
-    ft = ftab[:, :9].T.contiguous().index_select(1, col_t)
-    keep = ft[0] * xu + ft[3] * xv + ft[6] >= 0
-    for k in (1, 2):
-        keep &= ft[k] * xu + ft[3 + k] * xv + ft[6 + k] >= 0
-    sel = keep.nonzero().squeeze(1)
+    xu = c0 + iu.to(tab.col_f.dtype) * h
+    xv = c0 + iv.to(tab.col_f.dtype) * h
+    ft = tab.col_f.index_select(1, col_t)
+    keep = ft[0:3] * xu + ft[3:6] * xv + ft[6:9] >= 0
+    sel = _where(keep.all(0))
     col_t, iu, iv, xu, xv = (x.index_select(0, sel) for x in (col_t, iu, iv, xu, xv))
-    ft = torch.cat([ftab[:, 9:], itab[:, 3:].to(ftab.dtype)], 1).T.contiguous().index_select(1, col_t)
-
+    ft = tab.slab.index_select(1, col_t)
     w_mid = ft[2] + ft[0] * xu + ft[1] * xv
     w_lo, w_hi = _index_range(w_mid - ft[3], w_mid + ft[3], h, 0.0, res)
     w_lo = torch.maximum(w_lo, ft[4].long())  # the triangle's own w range, dilated by r
     w_hi = torch.minimum(w_hi, ft[5].long())
-    cand_c, local = _expand((w_hi - w_lo + 1).clamp(min=0))
+    count = (w_hi - w_lo + 1).clamp(min=0)
+    return col_t, iu, iv, w_lo, count
+
+
+def _chunk_candidates(tri: torch.Tensor, tab: _Tables, s: int, e: int, res: int, band: float,
+                      distance_backend: str, closest: bool = True):
+    """Candidate pairs of triangles s..e-1, not yet unique: (key, d2 bits << 32 | owner) when `closest`,
+    else (None, key << 32 | d2 bits); key >= _NONE where d2 is not below the band. owner is the int32
+    word (triangle id << 3) | closest feature code."""
+    h = 2.0 / res
+    r = band * h
+    c0 = -1.0 + 0.5 * h
+    col_t, iu, iv, w_lo, count = _columns(tab, s, e, res)
+    if tab.frame is not None:
+        return _frame_candidates(tab, col_t, iu, iv, w_lo, count, r, closest)
+    cand_c, local = _expand(count)
     iw = w_lo.index_select(0, cand_c) + local
-    t_loc = col_t.index_select(0, cand_c)
-
-    if tri.is_cuda or distance_backend == "triton":
-        uvw = torch.stack([iu[cand_c], iv[cand_c], iw], dim=1)
-        xyz = torch.gather(uvw, 1, _XYZ_FROM_UVW.to(uvw.device)[axis[t_loc]])
-        pts = c0 + xyz.to(tri.dtype) * h
-        d2, feat = point_triangle_sqdist(pts, tri, t_loc, backend=distance_backend)
-        key = (xyz[:, 0] * res + xyz[:, 1]) * res + xyz[:, 2]
-        return torch.where(d2 < r * r, key, _NONE), d2, _owner(t_loc, first_id, feat) if closest else None
-
-    # CPU: local triangle-frame coordinates are affine in (iu, iv, iw); a column shares iu, iv.
-    rot, shape = frames[3:]
-    order = torch.stack([(axis + 1) % 3, (axis + 2) % 3, axis], dim=1)
-    m_uvw = torch.gather(rot, 2, order[:, None, :].expand(-1, 3, -1)) * h  # (T,3 rows,3 uvw)
-    origin = torch.einsum("tij,tj->ti", rot, c0 - tri[:, 0].double())
-    base_tab = torch.cat([m_uvw[:, :, 0], m_uvw[:, :, 1], origin], 1).to(tri.dtype)  # (T, 9)
-    # Tables are kept transposed (fields, rows) so every per-candidate field is a contiguous row.
-    bt = base_tab.T.contiguous().index_select(1, col_t)
-    base = bt[6:9] + bt[0:3] * iu.to(tri.dtype) + bt[3:6] * iv.to(tri.dtype)
-    cand_tab = torch.cat([m_uvw[:, :, 2], shape], 1).to(tri.dtype).T.contiguous().index_select(1, t_loc)  # (9, N)
-    loc = base.index_select(1, cand_c) + cand_tab[0:3] * iw.to(tri.dtype)
-    d2, feat = sqdist_in_frame(loc[0], loc[1], loc[2], cand_tab[3:9].T, with_feature=closest)
-    # Linear key: the column's (u, v) part plus w times the dominant axis' stride.
-    stride = torch.tensor([res * res, res, 1], device=tri.device)
-    col_key = iu * stride[(axis + 1) % 3].index_select(0, col_t) + iv * stride[(axis + 2) % 3].index_select(0, col_t)
-    key = col_key.index_select(0, cand_c) + iw * stride[axis].index_select(0, col_t).index_select(0, cand_c)
-    return torch.where(d2 < r * r, key, _NONE), d2, _owner(t_loc, first_id, feat) if closest else None
+    t = col_t.index_select(0, cand_c)
+    uvw = torch.stack([iu[cand_c], iv[cand_c], iw], dim=1)
+    xyz = torch.gather(uvw, 1, _XYZ_FROM_UVW.to(uvw.device)[tab.axis[t]])
+    pts = c0 + xyz.to(tri.dtype) * h
+    d2, feat = point_triangle_sqdist(pts, tri, t, backend=distance_backend)
+    key = _mark_outside((xyz[:, 0] * res + xyz[:, 1]) * res + xyz[:, 2], d2, r)
+    return (key, (_bits(d2) << 32) | _owner(t, feat)) if closest else (None, (key << 32) | _bits(d2))
 
 
-def _frames(tri: torch.Tensor, distance_backend: str) -> tuple:
-    """Per-triangle column frames (axis, uvw triangle, uvw normal) and, for the CPU path, triangle frames."""
-    cpu = not (tri.is_cuda or distance_backend == "triton")
-    return _column_frames(tri) + (triangle_frames(tri) if cpu else (None, None))
+def _mark_outside(key: torch.Tensor, d2: torch.Tensor, r: float) -> torch.Tensor:
+    """Keys of pairs not below the band raised to _NONE or above (torch.where is 6x slower on the CPU)."""
+    return key | ((d2 >= r * r).to(torch.int64) << 30)
 
 
-def _owner(t_loc: torch.Tensor, first_id: int, feat: torch.Tensor) -> torch.Tensor:
+def _frame_candidates(tab: _Tables, col_t, iu, iv, w_lo, count, r: float, closest: bool):
+    """CPU: the columns grouped by voxel count c, each group a dense (c, columns) block whose fields
+    broadcast along the column: no per-voxel gathers and every pass runs over contiguous rows."""
+    dtype = tab.frame.dtype
+    # Columns in order of their count (numpy's stable sort of bytes is a radix sort), so each group is
+    # a slice of the tables gathered once.
+    order = torch.from_numpy(np.argsort(count.clamp(max=255).to(torch.uint8).numpy(), kind="stable"))
+    col_t, iu, iv, w_lo = (x.index_select(0, order) for x in (col_t, iu, iv, w_lo))
+    sizes = torch.bincount(count).tolist()
+    f = tab.frame.index_select(1, col_t)
+    base = f[9:12] + f[0:3] * iu.to(dtype) + f[3:6] * iv.to(dtype)  # local coordinates at w = 0
+    st = tab.stride.index_select(1, col_t)
+    key0 = iu * st[0] + iv * st[1] + w_lo * st[2]
+    w_f = w_lo.to(dtype)
+    owner0 = col_t.to(torch.int32) << 3
+    out, at = [], sizes[0]
+    for c, n in enumerate(sizes[1:], start=1):
+        if n == 0:
+            continue
+        g = slice(at, at + n)
+        at += n
+        iw = w_f[g] + torch.arange(c, dtype=dtype)[:, None]  # (c, n): the column's voxels along w
+        x, y, z = (torch.addcmul(base[k, g], iw, f[6 + k, g]) for k in range(3))
+        d2, feat = sqdist_in_frame(x, y, z, f[None, 12:18, g], with_feature=closest)
+        key = _mark_outside(torch.addcmul(key0[g], torch.arange(c)[:, None], st[2, g]), d2, r)
+        if closest:
+            out.append((key.reshape(-1), ((_bits(d2) << 32) | (owner0[g] | feat.to(torch.int32))).reshape(-1)))
+        else:
+            out.append((None, ((key << 32) | _bits(d2)).reshape(-1)))
+    if not out:
+        return (torch.empty(0, dtype=torch.int64) if closest else None), torch.empty(0, dtype=torch.int64)
+    words = torch.cat([w for _, w in out])
+    return (torch.cat([k for k, _ in out]) if closest else None), words
+
+
+def _owner(t: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
     """One int32 per pair: triangle id (< 2^28) and its 3-bit closest-feature code."""
-    return ((t_loc.to(torch.int32) + first_id) << 3) | feat.to(torch.int32)
+    return (t.to(torch.int32) << 3) | feat.to(torch.int32)
 
 
 def _bits(d2: torch.Tensor) -> torch.Tensor:
@@ -201,11 +249,11 @@ def _sort(x: torch.Tensor) -> torch.Tensor:
 def _nearest(packed: torch.Tensor) -> torch.Tensor:
     """Words key << 32 | d2 bits: one per key, its smallest, keys ascending and without _NONE."""
     packed = _sort(packed)
-    _, counts = torch.unique_consecutive(packed >> 32, return_counts=True)
-    packed = packed.index_select(0, torch.cumsum(counts, 0) - counts)
-    if packed.numel() and int(packed[-1] >> 32) == _NONE:
-        packed = packed[:-1]
-    return packed
+    packed = packed[:int(torch.searchsorted(packed, torch.tensor(_NONE << 32, device=packed.device)))]
+    key = packed >> 32
+    first = torch.ones(key.shape, dtype=torch.bool, device=key.device)
+    torch.ne(key[1:], key[:-1], out=first[1:])
+    return packed.index_select(0, _where(first))
 
 
 def _nearest_owner(key: torch.Tensor, word: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,14 +264,13 @@ def _nearest_owner(key: torch.Tensor, word: torch.Tensor) -> tuple[torch.Tensor,
     segment minimum."""
     n = key.numel()
     bits = max(n - 1, 1).bit_length()
-    if bits > 32:  # _NONE << bits must stay below 2^63
+    if bits > 32:  # keys below 2^31 shifted by bits must stay below 2^63
         raise ValueError(f"{n:,} band candidates in one sort: over the 2^32 this packing holds")
     tagged = _sort((key << bits) | torch.arange(n, device=key.device))
+    tagged = tagged[:int(torch.searchsorted(tagged, torch.tensor(_NONE << bits, device=tagged.device)))]
     ukey, seg = torch.unique_consecutive(tagged >> bits, return_inverse=True)
     best = torch.full(ukey.shape, torch.iinfo(torch.int64).max, dtype=torch.int64, device=key.device)
     best.scatter_reduce_(0, seg, word.index_select(0, tagged & ((1 << bits) - 1)), "amin")
-    if ukey.numel() and int(ukey[-1]) == _NONE:
-        ukey, best = ukey[:-1], best[:-1]
     return ukey, best
 
 
@@ -251,19 +298,18 @@ def band_pairs(tri: torch.Tensor, res: int, band: float, chunk: int = 1 << 20, d
     perm = _morton_order(tri)
     tri = tri[perm]
     counts = candidate_counts(tri, res, band)
-    frames = _frames(tri, distance_backend)
+    tab = _tables(tri, res, band, cpu=not (tri.is_cuda or distance_backend == "triton"))
     keys, words = [], []
     for s, e in _triangle_chunks(counts, chunk):
-        k, d2, owner = _chunk_candidates(tri[s:e], s, res, band, distance_backend,
-                                         tuple(x[s:e] if x is not None else None for x in frames), closest)
+        k, w = _chunk_candidates(tri, tab, s, e, res, band, distance_backend, closest)
         # Chunks cover compact regions: de-duplicating each halves what the last sort sees.
         if closest:
-            k, w = _nearest_owner(k, (_bits(d2) << 32) | owner)
+            k, w = _nearest_owner(k, w)
             words.append(w)
         else:
-            k = _nearest((k << 32) | _bits(d2))
+            k = _nearest(w)
         keys.append(k)
-        del d2, owner
+        del w
     if not closest:
         packed = _nearest(torch.cat(keys))
         return BandPairs(packed >> 32, (packed & 0xFFFFFFFF).to(torch.int32).view(torch.float32), None, None)
