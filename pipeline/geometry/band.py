@@ -85,9 +85,9 @@ class _Tables:
     """Per-triangle fields, stored (fields, T) so that a gather by triangle yields contiguous rows."""
 
     axis: torch.Tensor  # (T,) dominant normal axis w
-    cols: torch.Tensor  # (T,) columns of the dilated (u, v) box
-    col_i: torch.Tensor  # (3, T) int64: first u, first v, v count
-    col_f: torch.Tensor  # (9, T): the three edge lines a*u + b*v + c >= 0, offset outward by r
+    rows: torch.Tensor  # (T,) u rows of the dilated (u, v) box
+    row_i: torch.Tensor  # (3, T) int64: first u, first and last v of the box
+    lines: torch.Tensor  # (9, T) float64: the edge lines a*u + b*v + c >= 0 offset outward by r; b != 0
     slab: torch.Tensor  # (6, T): w = w0 + gu*u + gv*v, half width, the triangle's own w range (dilated)
     frame: torch.Tensor | None  # (18, T), CPU: local coordinates per u, v, w step, origin, 2D shape
     stride: torch.Tensor  # (3, T) int64: linear-key strides of u, v, w
@@ -107,12 +107,14 @@ def _tables(tri: torch.Tensor, res: int, band: float, cpu: bool) -> _Tables:
     # Three edge lines offset outward by r (projection never lengthens distances, so a column farther
     # than r from the projected triangle has no band voxel) and the plane as w = w0 + gu*u + gv*v
     # with slab half-width r/|n_w|.
-    p2 = tri_uvw[:, :, :2]
+    p2 = tri_uvw[:, :, :2].double()
     e = torch.roll(p2, -1, dims=1) - p2
-    orient = torch.sign(n_uvw[:, 2])[:, None]
+    orient = torch.sign(n_uvw[:, 2].double())[:, None]
     inv_len = orient / e.norm(dim=2).clamp_min(1e-30)
     la, lb = -e[:, :, 1] * inv_len, e[:, :, 0] * inv_len  # inward unit normals of the edges
     lc = -(la * p2[:, :, 0] + lb * p2[:, :, 1]) + r * (1 + _EPS) + _EPS * h
+    # An edge along v bounds u alone: b = +-1e-300 turns it into a bound on v beyond the grid (or none).
+    lb = torch.where(lb == 0, 1e-300, lb)
     gu, gv = -n_uvw[:, 0] / n_uvw[:, 2], -n_uvw[:, 1] / n_uvw[:, 2]
     w0 = tri_uvw[:, 0, 2] - gu * tri_uvw[:, 0, 0] - gv * tri_uvw[:, 0, 1]
     half = r * n_uvw.norm(dim=1) / n_uvw[:, 2].abs()
@@ -126,28 +128,36 @@ def _tables(tri: torch.Tensor, res: int, band: float, cpu: bool) -> _Tables:
         frame = torch.cat([m_uvw[:, :, 0], m_uvw[:, :, 1], m_uvw[:, :, 2], origin, shape], 1)
         frame = frame.to(tri.dtype).T.contiguous()
     return _Tables(
-        axis, nu * nv, torch.stack([i_lo[:, 0], i_lo[:, 1], nv]), torch.cat([la, lb, lc], 1).T.contiguous(),
+        axis, nu, torch.stack([i_lo[:, 0], i_lo[:, 1], i_hi[:, 1]]), torch.cat([la, lb, lc], 1).T.contiguous(),
         torch.stack([gu, gv, w0, half, i_lo[:, 2].to(tri.dtype), i_hi[:, 2].to(tri.dtype)]), frame, stride)
 
 
 def _columns(tab: _Tables, s: int, e: int, res: int):
     """Columns of triangles s..e-1 near their projected triangle, with their slab: (triangle, iu, iv,
-    first w, voxel count), only columns with a voxel."""
+    first w, voxel count), only columns with a voxel.
+
+    Each u row of a triangle's box keeps the v interval inside its three offset edge lines (scan
+    conversion, in float64 with the index slack: never narrower than the lines)."""
     h = 2.0 / res
     c0 = -1.0 + 0.5 * h
-    col_t, local = _expand(tab.cols[s:e])
-    col_t += s
-    it = tab.col_i.index_select(1, col_t)
-    row = torch.div(local, it[2], rounding_mode="floor")
-    iu = it[0] + row
-    iv = it[1] + local - row * it[2]
-    xu = c0 + iu.to(tab.col_f.dtype) * h
-    xv = c0 + iv.to(tab.col_f.dtype) * h
-    ft = tab.col_f.index_select(1, col_t)
-    keep = ft[0:3] * xu + ft[3:6] * xv + ft[6:9] >= 0
-    sel = _where(keep.all(0))
-    col_t, iu, iv, xu, xv = (x.index_select(0, sel) for x in (col_t, iu, iv, xu, xv))
+    row_t, local = _expand(tab.rows[s:e])
+    row_t += s
+    ri = tab.row_i.index_select(1, row_t)
+    iu = ri[0] + local
+    xu = c0 + iu.double() * h
+    ln = tab.lines.index_select(1, row_t)
+    bound = -(ln[0:3] * xu + ln[6:9]) / ln[3:6]  # v on each line; b > 0: v >= bound, b < 0: v <= bound
+    upper = ln[3:6] < 0
+    v_lo = torch.where(upper, -3.0, bound).amax(0)
+    v_hi = torch.where(upper, bound, 3.0).amin(0)
+    iv_lo = torch.maximum(ri[1], torch.ceil((v_lo.clamp(-3.0, 3.0) - c0) / h - _EPS).long())
+    iv_hi = torch.minimum(ri[2], torch.floor((v_hi.clamp(-3.0, 3.0) - c0) / h + _EPS).long())
+    col_r, local = _expand((iv_hi - iv_lo + 1).clamp(min=0))
+    col_t, iu = row_t.index_select(0, col_r), iu.index_select(0, col_r)
+    iv = iv_lo.index_select(0, col_r) + local
     ft = tab.slab.index_select(1, col_t)
+    xu = c0 + iu.to(ft.dtype) * h
+    xv = c0 + iv.to(ft.dtype) * h
     w_mid = ft[2] + ft[0] * xu + ft[1] * xv
     w_lo, w_hi = _index_range(w_mid - ft[3], w_mid + ft[3], h, 0.0, res)
     w_lo = torch.maximum(w_lo, ft[4].long())  # the triangle's own w range, dilated by r
