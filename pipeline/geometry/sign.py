@@ -382,12 +382,12 @@ def band_signs(prep: SignPrep, points: torch.Tensor, tri_id: torch.Tensor, featu
     """-1 inside, +1 outside for band voxels (coords (N,3) sorted by (i, j, k), centres `points`), given
     each one's closest triangle and feature; reach is the band half-width (the farthest a voxel is
     from its closest point); lines ((i0, j0), (i1, j1)) bounds the voxels' columns when they come
-    from a region."""
+    from a region; points may be None for the methods "none" and "lines" (float32 signs then)."""
     if prep.method == "none":
-        return torch.ones(points.shape[0], dtype=points.dtype, device=points.device)
+        return torch.ones(coords.shape[0], dtype=torch.float32, device=coords.device)
     if prep.method == "lines":
         w = LineCrossings(prep.tri64, resolution, lines)(coords)
-        return torch.where(w >= 1, -1.0, 1.0).to(points.dtype)
+        return torch.where(w >= 1, -1.0, 1.0).to(torch.float32)
     side = feature_side(points, prep.planes, tri_id, feature)
     if prep.method == "pseudonormal":
         return side
