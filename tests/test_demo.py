@@ -190,3 +190,25 @@ def test_the_ss_dit_task_encodes_each_shape_once():
     second = task.collate(items, "cpu", torch.float32)
     assert len(calls) == 2 and torch.equal(first["x0"].feats, second["x0"].feats)
     assert "sdf" not in items[0].data and items[0].data["latent"][1].shape[1] == 16
+
+
+def test_the_ss_vae_task_keeps_targets_and_trains_a_large_shape_alone():
+    from types import SimpleNamespace
+
+    import torch
+
+    from model.sdf_shapes import AnalyticShape, narrow_band
+    from model.sparse import SparseTensor
+    from model.vae_loss import vae_targets
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.tasks import SparseVAETask
+
+    c, v = narrow_band(AnalyticShape("sphere", (0.6,)), 32)
+    task = SparseVAETask(TrainConfig(network="vae", model="debug", token_budget=len(c) // 2), 0)
+    items = [task.prepare(SimpleNamespace(mesh_id=f"s{i}", coords=c, values=v, resolution=32, num_voxels=len(c)))
+             for i in range(2)]
+    assert [i.tokens for i in items] == [len(c) // 2] * 2  # over the budget: a batch of its own, not skipped
+    batch = task.collate(items, "cpu", torch.float32)
+    ref = vae_targets(SparseTensor.from_samples([c, c], [v.float(), v.float()], 32), 8)
+    assert "targets" in items[0].data and torch.equal(batch["targets"].coords, ref.coords)
+    assert torch.equal(batch["targets"].values, ref.values) and torch.equal(batch["targets"].is_sharp, ref.is_sharp)

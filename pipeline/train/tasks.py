@@ -287,7 +287,9 @@ class SparseVAETask(Task):
         self.module = SparseVAEObjective(vae, VAELossWeights())
 
     def prepare(self, sample) -> Item:
-        return Item(sample.mesh_id, sample.num_voxels,
+        # A shape over the voxel budget fills a batch alone rather than being skipped: small budgets (more,
+        # cheaper steps; docs/demo.md) still train on every shape.
+        return Item(sample.mesh_id, min(sample.num_voxels, self.cfg.token_budget),
                     {"sdf": (sample.coords.clone(), sample.values.clone(), sample.resolution)})
 
     def collate(self, items, device, dtype) -> dict:
