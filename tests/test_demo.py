@@ -212,3 +212,21 @@ def test_the_ss_vae_task_keeps_targets_and_trains_a_large_shape_alone():
     ref = vae_targets(SparseTensor.from_samples([c, c], [v.float(), v.float()], 32), 8)
     assert "targets" in items[0].data and torch.equal(batch["targets"].coords, ref.coords)
     assert torch.equal(batch["targets"].values, ref.values) and torch.equal(batch["targets"].is_sharp, ref.is_sharp)
+
+
+def test_a_fresh_ss_vae_encoder_starts_with_a_latent_above_its_noise():
+    import torch
+
+    from model.sdf_shapes import AnalyticShape, narrow_band
+    from model.sparse import SparseTensor
+    from model.vae import SparseSDFVAE, VAEConfig
+    from pipeline.train.tasks import signal_preserving_init
+
+    torch.manual_seed(0)
+    c, v = narrow_band(AnalyticShape("torus", (0.6, 0.2)), 32)
+    x = SparseTensor.from_unsorted(torch.cat([torch.zeros_like(c[:, :1]), c], 1).int(), v[:, None], 32, 1)
+    vae = SparseSDFVAE(VAEConfig.named("tiny"))
+    signal_preserving_init(vae)
+    with torch.no_grad():
+        _, mean, logvar = vae.encode(x, sample=False)
+    assert float(mean.std()) > 0.3 and torch.allclose(logvar, torch.full_like(logvar, -4.0))

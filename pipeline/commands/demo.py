@@ -50,7 +50,7 @@ def register(sub) -> None:
     p.add_argument("--latent", choices=("ss_vae", "pooled"), default="ss_vae",
                    help="what the SS-DiT models: an SS-VAE trained on the shards first (the paper's way), or the "
                         "fixed pooled statistics of model/pooled_latent.py (no SS-VAE; coarse surfaces, docs/demo.md)")
-    p.add_argument("--vae-steps", type=int, default=600,
+    p.add_argument("--vae-steps", type=int, default=1500,
                    help="optimizer steps of the SS-VAE (one or two shapes a step: batches of up to 40k band voxels)")
     p.add_argument("--train-steps", type=int, default=800, help="optimizer steps of the SS-DiT")
     p.add_argument("--structure-dit-steps", type=int, default=1000,
@@ -65,7 +65,7 @@ def register(sub) -> None:
 
 
 # --quick: each network's steps cut to what the 2-core machine trains in about 15 minutes together
-QUICK = {"structure_vae_steps": 60, "structure_dit_steps": 400, "vae_steps": 200, "train_steps": 300,
+QUICK = {"structure_vae_steps": 60, "structure_dit_steps": 400, "vae_steps": 600, "train_steps": 300,
          "held_out": 2, "new_views": 4}
 FULL: dict = {}  # the parser's defaults of those settings: --quick leaves a value the user gave alone
 
