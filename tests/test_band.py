@@ -79,3 +79,21 @@ def test_same_band_without_closest_and_at_any_chunk(chunk):
         bp = band_pairs(tri, RES, BAND, chunk=chunk, closest=closest)
         assert torch.equal(bp.keys, ref.keys) and torch.equal(bp.d2, ref.d2)
         assert (bp.tri is None) == (not closest)
+
+
+@pytest.mark.gpu
+def test_cuda_band_matches_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    soup = _soups()["random"]
+    exact = _brute(soup)
+    tri = torch.as_tensor(soup, dtype=torch.float32)
+    cpu = band_pairs(tri, RES, BAND)
+    for closest in (True, False):
+        gpu = band_pairs(tri.cuda(), RES, BAND, chunk=1 << 23, closest=closest)
+        a, b = cpu.keys.long().numpy(), gpu.keys.long().cpu().numpy()
+        # Both are exact to float32 rounding: they may differ only at the band's edge.
+        assert bool(((exact[np.setxor1d(a, b)] - BAND).abs() < 1e-4).all())
+        both, ia, ib = np.intersect1d(a, b, return_indices=True)
+        da, db = cpu.d2[ia].double().sqrt(), gpu.d2.cpu()[ib].double().sqrt()
+        assert len(both) > 100 and float((da - db).abs().max()) < 1e-4 * H
