@@ -206,6 +206,8 @@ def _frame_candidates(tab: _Tables, col_t, iu, iv, w_lo, count, r: float, closes
     base = f[9:12] + f[0:3] * iu.to(dtype) + f[3:6] * iv.to(dtype)  # local coordinates at w = 0
     st = tab.stride.index_select(1, col_t)
     key0 = iu * st[0] + iv * st[1] + w_lo * st[2]
+    if not closest:  # the words' key part, put together per column: one pass per voxel, not three
+        key0, st = key0 << 32, st << 32
     w_f = w_lo.to(dtype)
     owner0 = col_t.to(torch.int32) << 3
     out, at = [], sizes[0]
@@ -217,11 +219,13 @@ def _frame_candidates(tab: _Tables, col_t, iu, iv, w_lo, count, r: float, closes
         iw = w_f[g] + torch.arange(c, dtype=dtype)[:, None]  # (c, n): the column's voxels along w
         x, y, z = (torch.addcmul(base[k, g], iw, f[6 + k, g]) for k in range(3))
         d2, feat = sqdist_in_frame(x, y, z, f[None, 12:18, g], with_feature=closest)
-        key = _mark_outside(torch.addcmul(key0[g], torch.arange(c)[:, None], st[2, g]), d2, r)
+        key = torch.addcmul(key0[g], torch.arange(c)[:, None], st[2, g])
         if closest:
+            key = _mark_outside(key, d2, r)
             out.append((key.reshape(-1), ((_bits(d2) << 32) | (owner0[g] | feat.to(torch.int32))).reshape(-1)))
         else:
-            out.append((None, ((key << 32) | _bits(d2)).reshape(-1)))
+            key |= _bits(d2) | ((d2 >= r * r).to(torch.int64) << 62)  # key >= _NONE outside the band
+            out.append((None, key.reshape(-1)))
     if not out:
         return (torch.empty(0, dtype=torch.int64) if closest else None), torch.empty(0, dtype=torch.int64)
     words = torch.cat([w for _, w in out])
@@ -251,14 +255,24 @@ def _triangle_chunks(counts: torch.Tensor, chunk: int) -> Iterator[tuple[int, in
 
 
 def _sort(x: torch.Tensor) -> torch.Tensor:
-    """Values of an int64 tensor sorted ascending: numpy's vectorized sort on the CPU (6x faster than
-    an argsort, 8x than torch.sort), torch.sort on CUDA."""
-    return torch.sort(x).values if x.is_cuda else torch.from_numpy(np.sort(x.numpy()))
+    """Values of an int64 tensor sorted ascending, in place on the CPU (numpy's vectorized sort: 6x
+    faster than an argsort, 8x than torch.sort); torch.sort on CUDA."""
+    if x.is_cuda:
+        return torch.sort(x).values
+    x.numpy().sort()
+    return x
 
 
 def _nearest(packed: torch.Tensor) -> torch.Tensor:
     """Words key << 32 | d2 bits: one per key, its smallest, keys ascending and without _NONE."""
     packed = _sort(packed)
+    if not packed.is_cuda:  # numpy: the same steps at a third of torch's cost
+        p = packed.numpy()
+        p = p[:np.searchsorted(p, _NONE << 32)]
+        key = p >> 32
+        first = np.ones(key.shape, dtype=bool)
+        np.not_equal(key[1:], key[:-1], out=first[1:])
+        return torch.from_numpy(p[first])
     packed = packed[:int(torch.searchsorted(packed, torch.tensor(_NONE << 32, device=packed.device)))]
     key = packed >> 32
     first = torch.ones(key.shape, dtype=torch.bool, device=key.device)
