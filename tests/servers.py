@@ -78,7 +78,7 @@ class RayCluster:
     def stop(self) -> None:
         from pipeline.commands.cluster import end_processes
 
-        end_processes(self.processes())
+        end_processes(self.processes(), timeout_s=2.0)  # a throwaway cluster: no need to let it wind down
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 

@@ -93,7 +93,7 @@ def test_selection_many_blocks_cpu():
     """m_cmp 4 < m_slc 8 on sparse shells (top-k 8 of 20+ partly filled selection blocks per shape): the kernels pick the
     blocks of the float64 reference, per query and per 4-query tile."""
     _device_dtype("cpu")
-    coords, cu = shell_shapes([1500, 40], 40, seed=3)
+    coords, cu = shell_shapes([600, 40], 40, seed=3)
     coords = coords[block_order(coords, cu, 4, 8)]
     st = SSAStructure(coords, cu, 4, 8)
     assert st.max_slc_per_shape >= 20 and st.n_cmp > 2 * st.n_slc
