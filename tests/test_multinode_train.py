@@ -155,6 +155,10 @@ def _newest(fs, run: str) -> dict | None:
 def _two_workers(cluster) -> list[int]:
     """Two live worker nodes (a replacement joins for one lost by an earlier test)."""
     workers = [i for i in cluster.alive_nodes() if not cluster.nodes[i].head]
+    if len(workers) < 2:
+        # a node an earlier test killed stays "Active" in `ray status` until the head marks it dead; wait for
+        # that first, or the replacement's wait below would count the dead node and the next run start short
+        cluster.wait_alive(len(cluster.alive_nodes()), 120)
     while len(workers) < 2:
         cluster.add_worker(2)
         workers = [i for i in cluster.alive_nodes() if not cluster.nodes[i].head]
