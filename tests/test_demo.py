@@ -204,10 +204,10 @@ def test_the_ss_vae_task_keeps_targets_and_trains_a_large_shape_alone():
     from pipeline.train.tasks import SparseVAETask
 
     c, v = narrow_band(AnalyticShape("sphere", (0.6,)), 32)
-    task = SparseVAETask(TrainConfig(network="vae", model="debug", token_budget=len(c) // 2), 0)
+    task = SparseVAETask(TrainConfig(network="vae", model="debug", token_budget=len(c) // 2, oversize="alone"), 0)
     items = [task.prepare(SimpleNamespace(mesh_id=f"s{i}", coords=c, values=v, resolution=32, num_voxels=len(c)))
              for i in range(2)]
-    assert [i.tokens for i in items] == [len(c) // 2] * 2  # over the budget: a batch of its own, not skipped
+    assert [i.tokens for i in items] == [len(c) // 2] * 2  # over the budget: a batch of its own (the demo's setting)
     batch = task.collate(items, "cpu", torch.float32)
     ref = vae_targets(SparseTensor.from_samples([c, c], [v.float(), v.float()], 32), 8)
     assert "targets" in items[0].data and torch.equal(batch["targets"].coords, ref.coords)

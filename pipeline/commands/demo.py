@@ -164,8 +164,8 @@ def _job(name: str, argv: list[str]):
 DEBUG_LR = {"structure-vae": 2e-3, "structure-dit": 2e-3, "vae": 2e-3, "dit": 1e-3}
 DEBUG_WARMUP = 10
 # The SS-VAE's batches are voxels, not tokens: at 64³ the corpus's shapes hold 5k-142k band voxels. A step
-# costs about its voxels, so one or two shapes a step (a shape over the budget alone) gives ~4x the
-# updates of 160k-voxel batches for the same time (docs/demo.md).
+# costs about its voxels, so one or two shapes a step (a shape over the budget alone: --oversize alone, which
+# a CPU's memory allows at 64³) gives ~4x the updates of 160k-voxel batches for the same time (docs/demo.md).
 VAE_TOKEN_BUDGET = 40_000
 NETWORK_ORDER = ("structure-vae", "structure-dit", "vae", "dit")
 
@@ -188,7 +188,7 @@ def train_debug_networks(dataset: Path, runs: Path, resolution: int, steps: dict
         if net == "structure-dit":  # the released debug layout plus the grid inputs (model/dense_dit.py, debug_grid)
             extra = ["--structure-vae", ckpt["structure_vae"], "--model", "debug_grid"]
         elif net == "vae":
-            extra = ["--token-budget", str(VAE_TOKEN_BUDGET)]
+            extra = ["--token-budget", str(VAE_TOKEN_BUDGET), "--oversize", "alone"]
         elif net == "dit" and latent == "ss_vae":
             extra = ["--latent", ckpt["vae"]]
         n = steps[net]

@@ -26,6 +26,10 @@ class TrainConfig:
     warmup_steps: int = field(default=0, metadata={"help": "linear learning-rate warm-up"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 = off)"})
     token_budget: int = field(default=16384, metadata={"help": "most tokens in one batch on one worker"})
+    oversize: Literal["skip", "alone"] = field(default="skip", metadata={
+        "help": "an SS-VAE shape with more band voxels than token_budget: 'skip' it (named in the log), or train "
+                "it 'alone' in a batch of its own, over the budget (small CPU budgets; the memory guard is off "
+                "for it)", "networks": ("vae",)})
     zero_stage: int = field(default=2, metadata={"help": "DeepSpeed ZeRO stage: 1, 2 or 3"})
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers (one per GPU)"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker"})
@@ -83,6 +87,8 @@ class TrainConfig:
         for key in ("steps", "token_budget", "num_workers", "checkpoint_every", "report_every", "resolution"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.oversize not in ("skip", "alone"):
+            raise ConfigError(f"oversize: must be 'skip' or 'alone', got {self.oversize!r}")
         if not 0 <= self.max_skipped_share <= 1:
             raise ConfigError(f"max_skipped_share: must be in [0, 1], got {self.max_skipped_share}")
         if not 0 <= self.min_workers <= self.num_workers:

@@ -297,10 +297,13 @@ class SparseVAETask(Task):
         self.module = SparseVAEObjective(vae, VAELossWeights())
 
     def prepare(self, sample) -> Item:
-        # A shape over the voxel budget fills a batch alone rather than being skipped: small budgets (more,
+        # A shape over the voxel budget is skipped and named by the batching (the budget is the workers' memory
+        # guard), unless oversize="alone": then it fills a batch of its own, so small CPU budgets (more,
         # cheaper steps; docs/demo.md) still train on every shape.
-        return Item(sample.mesh_id, min(sample.num_voxels, self.cfg.token_budget),
-                    {"sdf": (sample.coords.clone(), sample.values.clone(), sample.resolution)})
+        tokens = sample.num_voxels
+        if self.cfg.oversize == "alone":
+            tokens = min(tokens, self.cfg.token_budget)
+        return Item(sample.mesh_id, tokens, {"sdf": (sample.coords.clone(), sample.values.clone(), sample.resolution)})
 
     def collate(self, items, device, dtype) -> dict:
         coords, values, resolutions = zip(*(i.data["sdf"] for i in items))

@@ -1,0 +1,54 @@
+"""The SS-VAE task against the token budget: a shape over it is skipped and named, or trained alone when asked."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from model.sdf_shapes import AnalyticShape, narrow_band
+from pipeline.config import ConfigError
+from pipeline.train.config import TrainConfig
+from pipeline.train.data import Skipped, token_batches
+from pipeline.train.tasks import SparseVAETask
+
+
+def _dataset():
+    """Two small spheres around one large torus, each at 32³; the budget sits between their band sizes."""
+    small = narrow_band(AnalyticShape("sphere", (0.3,)), 32)
+    large = narrow_band(AnalyticShape("torus", (0.6, 0.25)), 32)
+    shapes = {"small-a": small, "large": large, "small-b": small}
+    budget = 2 * len(small[0]) + 1
+    assert len(large[0]) > budget
+    return [SimpleNamespace(mesh_id=k, coords=c, values=v, resolution=32, num_voxels=len(c))
+            for k, (c, v) in shapes.items()], budget
+
+
+def _batches(oversize: str):
+    samples, budget = _dataset()
+    task = SparseVAETask(TrainConfig(network="vae", model="debug", token_budget=budget, oversize=oversize), 0)
+    skipped = Skipped()
+    batches = list(token_batches((task.prepare(s) for s in samples), budget, lambda i: i.tokens, lambda i: i.name,
+                                 skipped))
+    return task, batches, skipped, budget
+
+
+def test_a_shape_over_the_budget_is_skipped_and_named_by_default():
+    assert TrainConfig().oversize == "skip"
+    _, batches, skipped, budget = _batches("skip")
+    assert [[i.name for i in b] for b in batches] == [["small-a", "small-b"]]
+    assert len(skipped.shapes) == 1 and skipped.shapes[0].startswith("large: ")
+    assert skipped.shapes[0].endswith(f"is more than token_budget {budget}; skipped")
+
+
+def test_oversize_alone_trains_the_large_shape_in_a_batch_of_its_own():
+    task, batches, skipped, _ = _batches("alone")
+    assert [[i.name for i in b] for b in batches] == [["small-a"], ["large"], ["small-b"]] and not skipped.shapes
+    batch = task.collate(batches[1], "cpu", torch.float32)
+    loss, _ = task.module(**batch)
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0
+                                        for p in task.module.parameters())
+
+
+def test_oversize_takes_skip_or_alone_only():
+    with pytest.raises(ConfigError, match="oversize"):
+        TrainConfig(network="vae", oversize="split").validate()
