@@ -52,3 +52,35 @@ def test_oversize_alone_trains_the_large_shape_in_a_batch_of_its_own():
 def test_oversize_takes_skip_or_alone_only():
     with pytest.raises(ConfigError, match="oversize"):
         TrainConfig(network="vae", oversize="split").validate()
+
+
+def _png(shade: int, side: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[16:16 + side, 20:44] = (shade, 255 - shade, 128, 255)
+    buf = io.BytesIO()
+    Image.fromarray(rgba, mode="RGBA").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_every_step_draws_one_of_all_the_views_of_a_cached_item():
+    """The epoch cache replays prepared items: the view must be drawn when a batch is built, not when the
+    item is prepared, or each shape trains on one of its views for the whole run."""
+    from pipeline.train.tasks import SparseDiTTask
+
+    c, v = narrow_band(AnalyticShape("sphere", (0.5,)), 32)
+    views = [SimpleNamespace(png=_png(40 * k, 16 + 8 * k)) for k in range(4)]
+    task = SparseDiTTask(TrainConfig(network="dit", model="debug", cond_drop=0.0), 0)
+    item = task.prepare(SimpleNamespace(mesh_id="s", coords=c, values=v, resolution=32, views=views))
+    conds = [task.collate([item], "cpu", torch.float32)["cond"][0] for _ in range(24)]
+    distinct = []
+    for cond in conds:
+        if not any(torch.equal(cond, d) for d in distinct):
+            distinct.append(cond)
+    assert len(distinct) == 4
+    bare = task.prepare(SimpleNamespace(mesh_id="b", coords=c, values=v, resolution=32, views=[]))
+    assert task.missing_views == 1 and not task.collate([bare], "cpu", torch.float32)["cond"].any()

@@ -89,12 +89,21 @@ class Task:
         self.encoder = build_image_encoder(cfg.image_encoder)
         self.missing_views = 0
 
-    def view_image(self, sample) -> torch.Tensor | None:
+    def views_of(self, sample) -> list[bytes]:
+        """The sample's encoded views, all kept on its item: the view a step trains on is drawn in ``collate``
+        (``view_image``). Drawn in ``prepare``, it was fixed for the whole run, since later epochs replay the
+        prepared items from the epoch cache: each shape trained on one of its views only (docs/demo.md)."""
         if not sample.views:
             self.missing_views += 1
+        return [view.png for view in sample.views]
+
+    def view_image(self, item: Item) -> torch.Tensor | None:
+        """One of the item's views, drawn afresh at each step, prepared as (4, S, S) with its alpha."""
+        views = item.data["views"]
+        if not views:
             return None
-        view = sample.views[self.rng.randrange(len(sample.views))]
-        return decode_image(view.png, self.encoder.image_size, name=f"{sample.mesh_id} view", with_mask=True)
+        k = self.rng.randrange(len(views))
+        return decode_image(views[k], self.encoder.image_size, name=f"{item.name} view {k}", with_mask=True)
 
     @torch.no_grad()
     def conditions(self, images: list, device) -> torch.Tensor:
@@ -141,15 +150,15 @@ class SparseDiTTask(Task):
         self.module = FlowObjective(SparseDiT(self.model_config), TimestepSampler(shift=cfg.timestep_shift))
 
     def prepare(self, sample) -> Item:
-        image = self.view_image(sample)
+        views = self.views_of(sample)
         if self.vae is None:
             coords, feats = pooled_latent.encode(sample.coords, sample.values)
-            return Item(sample.mesh_id, len(coords), {"coords": coords, "feats": feats, "image": image})
+            return Item(sample.mesh_id, len(coords), {"coords": coords, "feats": feats, "views": views})
         down = self.vae.config.downsample
         if sample.resolution % down:
             raise ValueError(f"{sample.mesh_id}: resolution {sample.resolution} is not a multiple of the SS-VAE's {down}")
         tokens = len(torch.unique(torch.div(sample.coords.long(), down, rounding_mode="floor"), dim=0))
-        return Item(sample.mesh_id, tokens, {"sdf": (sample.coords, sample.values, sample.resolution), "image": image})
+        return Item(sample.mesh_id, tokens, {"sdf": (sample.coords, sample.values, sample.resolution), "views": views})
 
     @torch.no_grad()
     def _encode(self, items: list[Item], device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -170,7 +179,7 @@ class SparseDiTTask(Task):
         else:
             coords_list, feats_list = self._encode(items, device)
         x0 = SparseTensor.from_samples(coords_list, feats_list, device=device, ordered=False)
-        images = [i.data["image"] for i in items]
+        images = [self.view_image(i) for i in items]
         cond = self.conditions(images, device)
         if self.model_config.sparse_conditions:  # the released layout: covered patches with their coords
             side = self.encoder.image_size
@@ -197,7 +206,7 @@ class StructureVAETask(Task):
 
     def prepare(self, sample) -> Item:
         occ = occupancy_grid(sample.coords, sample.resolution)
-        return Item(sample.mesh_id, occ.numel() // 64, {"occupancy": occ, "image": None})
+        return Item(sample.mesh_id, occ.numel() // 64, {"occupancy": occ})
 
     def collate(self, items, device, dtype) -> dict:
         return {"occupancy": torch.stack([i.data["occupancy"] for i in items])[:, None].to(device, dtype)}
@@ -219,7 +228,7 @@ class StructureDiTTask(Task):
 
     def prepare(self, sample) -> Item:
         occ = occupancy_grid(sample.coords, sample.resolution)
-        return Item(sample.mesh_id, self.model_config.tokens, {"occupancy": occ, "image": self.view_image(sample)})
+        return Item(sample.mesh_id, self.model_config.tokens, {"occupancy": occ, "views": self.views_of(sample)})
 
     @torch.no_grad()
     def collate(self, items, device, dtype) -> dict:
@@ -234,7 +243,7 @@ class StructureDiTTask(Task):
                 item.data["latent"] = z_item.float().cpu()
                 del item.data["occupancy"]
         z = torch.stack([i.data["latent"] for i in items]).to(device)
-        cond = self.conditions([i.data["image"] for i in items], device)
+        cond = self.conditions([self.view_image(i) for i in items], device)
         return {"x0": self.vae.scale(z).to(dtype), "cond": cond.to(dtype)}
 
     def to(self, device):
