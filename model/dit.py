@@ -172,16 +172,6 @@ class PackedCondition(NamedTuple):
     cu_seqlens: torch.Tensor
 
 
-def lengths_from_cu(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    return cu_seqlens[1:] - cu_seqlens[:-1]
-
-
-def batch_index(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Shape index of every packed token."""
-    lengths = lengths_from_cu(cu_seqlens)
-    return torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths)
-
-
 class LayerNorm32(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the input and weight dtypes, returned in the input's."""
 
@@ -237,8 +227,9 @@ class DiTBlock(nn.Module):
         """x in block order when ``st`` (the SSA structure) is given; mod (B, width) = t_emb or (B, 6·width) shared."""
         if hasattr(self, "adaLN_modulation"):
             mod = self.adaLN_modulation(mod)
-        # One shape broadcasts; several gather their row per token.
-        mod = mod if mod.shape[0] == 1 else mod[token_shape]
+        # One shape broadcasts; several gather their row per token (an embedding lookup, whose backward sums
+        # each shape's many duplicate rows by segments rather than one index_put at a time)
+        mod = mod if mod.shape[0] == 1 else F.embedding(token_shape, mod)
         sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=-1)
         h = modulate(self.norm1(x), sh1, sc1)
         h = self.self_attn.forward_sorted(h, st) if st is not None else self.self_attn.full_attention(h, cu_seqlens)
@@ -334,18 +325,19 @@ class SparseDiT(nn.Module):
         t_emb = t_emb.to(dtype)
         if cfg.positions:
             h = h + position_embedding_3d(coords, cfg.width, cfg.position_factor).to(dtype)
-        token_shape = batch_index(cu_seqlens)
+        token_shape = xs.batch_index  # rows are grouped by shape: no host read of the lengths
         if self.grid_pos is not None:
             h = h + self._grid_terms(coords, token_shape, cond, b, dtype)
         st = inv = None
         if cfg.attention == "ssa":  # every block runs in the SSA's block order; per-token work ignores order
             perm, inv, st = ssa_structure(xs, self.blocks[0].self_attn.cfg)
             h = h[perm]  # shapes stay contiguous and in order, so token_shape holds
+        cu_x, cu_c = cu_seqlens.tolist(), cu_cond.tolist()  # the attention layers' offsets, read once
         for blk in self.blocks:
             if cfg.grad_checkpointing and self.training:
-                h = checkpoint(blk, h, st, cu_seqlens, token_shape, t_emb, cond_tokens, cu_cond, use_reentrant=False)
+                h = checkpoint(blk, h, st, cu_x, token_shape, t_emb, cond_tokens, cu_c, use_reentrant=False)
             else:
-                h = blk(h, st, cu_seqlens, token_shape, t_emb, cond_tokens, cu_cond)
+                h = blk(h, st, cu_x, token_shape, t_emb, cond_tokens, cu_c)
         if inv is not None:
             h = h[inv]
         h = F.layer_norm(h, h.shape[-1:])

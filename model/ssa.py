@@ -70,26 +70,28 @@ def _backend(cfg: SSAConfig, device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "torch"
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     cu_q: torch.Tensor, cu_kv: torch.Tensor) -> torch.Tensor:
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q, cu_kv) -> torch.Tensor:
     """Attention of each shape's queries to that shape's keys only.
 
-    q (Nq, Hq, D), k/v (Nk, Hkv, D) with Hq a multiple of Hkv (grouped-query attention).
+    q (Nq, Hq, D), k/v (Nk, Hkv, D) with Hq a multiple of Hkv (grouped-query attention); cu_q / cu_kv the
+    row offsets, as tensors or as lists of ints (a caller that runs many layers reads them to the host once).
     Equal lengths run as one batched SDPA call; ragged ones loop over shapes (no padding, no mask).
     """
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    lq, lk = cu_q[1:] - cu_q[:-1], cu_kv[1:] - cu_kv[:-1]
-    b = len(lq)
-    if bool((lq == lq[0]).all()) and bool((lk == lk[0]).all()):
-        nq, nk = int(lq[0]), int(lk[0])
+    cq = cu_q.tolist() if isinstance(cu_q, torch.Tensor) else cu_q
+    ck = cu_kv.tolist() if isinstance(cu_kv, torch.Tensor) else cu_kv
+    lq = {b - a for a, b in zip(cq[:-1], cq[1:])}
+    lk = {b - a for a, b in zip(ck[:-1], ck[1:])}
+    b = len(cq) - 1
+    if len(lq) == 1 and len(lk) == 1:
+        nq, nk = lq.pop(), lk.pop()
         qb = q.reshape(b, nq, *q.shape[1:]).transpose(1, 2)
         kb = k.reshape(b, nk, *k.shape[1:]).transpose(1, 2)
         vb = v.reshape(b, nk, *v.shape[1:]).transpose(1, 2)
         return F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(q.shape)
-    cq, ck = cu_q.tolist(), cu_kv.tolist()
     out = []
     for i in range(b):
         qi = q[cq[i]:cq[i + 1]].transpose(0, 1)[None]
@@ -134,11 +136,12 @@ class BlockGrid:
         self.divisor = torch.bincount(self.token_row, minlength=st.n_cmp)[:, None] + 1
         self.coarse_coords = coarse[order].contiguous()
         self.resolution, self.batch_size, self.cache = res, st.n_shapes, {}
+        self.fine_cache = {}  # the fine grid's layout, shared by every compressor's norms (no host read each)
 
     def fine(self, feats: torch.Tensor) -> SparseTensor:
         # token (block) order is not key order: fit for per-token and per-shape layers only, not convs
-        return SparseTensor(self.fine_coords, feats, self.fine_resolution, self.batch_size, check=False,
-                            ordered=False)
+        return SparseTensor(self.fine_coords, feats, self.fine_resolution, self.batch_size, self.fine_cache,
+                            check=False, ordered=False)
 
     def pool(self, x: SparseTensor) -> SparseTensor:
         """Each compression block's tokens pooled as the release pools them (sum / (n + 1)), as a coarse
@@ -234,7 +237,9 @@ class SpatialSparseAttention(nn.Module):
     def compress(self, k: torch.Tensor, v: torch.Tensor, st: SSAStructure):
         """k, v (N, Hkv·D) in block order → k_cmp, v_cmp (n_cmp, Hkv, D) in the structure's compression-block order."""
         grid = st.cached("block_grid", lambda: BlockGrid(st))
-        pe = self.intra_block_pe.reshape(-1, k.shape[1]).to(k.dtype)[st.intra_cmp]
+        # an embedding lookup: its backward sums duplicate rows by segments, where indexing's backward
+        # (index_put with accumulate) serialises the ~N / m_cmp³ duplicates of each of the m_cmp³ rows
+        pe = F.embedding(st.intra_cmp, self.intra_block_pe.reshape(-1, k.shape[1]).to(k.dtype))
         k_cmp = self.compression_key(k + pe, grid)[grid.rank]
         v_cmp = self.compression_value(v, grid)[grid.rank]
         shape = (st.n_cmp, self.cfg.num_kv_heads, self.cfg.head_dim)

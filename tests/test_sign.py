@@ -185,4 +185,10 @@ def test_cuda_line_counts_equal_cpu(case):
     gpu = LineCrossings(prep.tri.double().cuda(), res)(sdf.coords.cuda())
     assert torch.equal(cpu, gpu.cpu())
     on_gpu = sdf_on_grid(prepare_mesh(v, f, device="cuda"), res)
-    assert abs(on_gpu.coords.shape[0] - sdf.coords.shape[0]) <= 1e-4 * sdf.coords.shape[0] + 1
+    # The bands may differ only where float32 rounding decides: voxels at the band's edge (a grid-aligned
+    # mesh puts hundreds exactly 2 voxels from a face), each kept by one side and not the other.
+    for a, b in ((sdf, on_gpu), (on_gpu, sdf)):
+        keys_a, keys_b = ((c.cpu().long() * torch.tensor([res * res, res, 1])).sum(1) for c in (a.coords, b.coords))
+        only_a = ~torch.isin(keys_a, keys_b)
+        edge = (a.distance().cpu().abs()[only_a] / a.voxel_size - 2.0).abs()
+        assert only_a.sum() <= 0.01 * keys_a.numel() and bool((edge < 1e-4).all()), (int(only_a.sum()), edge.max())

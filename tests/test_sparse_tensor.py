@@ -109,6 +109,24 @@ def test_group_norm_uses_each_shape_alone():
 
 
 
+def test_group_norm_gradients_are_each_shapes_own_with_an_empty_shape():
+    """Backward through the per-shape parts (an element with no voxel included) equals a dense GroupNorm's."""
+    x = make(channels=8, seed=3)
+    c = x.coords.clone()
+    c[:, 0] = torch.where(c[:, 0] == 0, 0, 2)  # three elements, the middle one empty
+    feats = x.feats.float().clone().requires_grad_(True)
+    y = SparseGroupNorm(4, 8)(SparseTensor(c, feats, x.resolution, 3))
+    w = torch.randn_like(y.feats)
+    (y.feats * w).sum().backward()
+    for b in (0, 2):
+        rows = c[:, 0] == b
+        f = x.feats.float()[rows].clone().requires_grad_(True)
+        ref = torch.nn.functional.group_norm(f.T[None], 4)[0].T
+        (ref * w[rows]).sum().backward()
+        torch.testing.assert_close(y.feats[rows], ref)
+        torch.testing.assert_close(feats.grad[rows], f.grad, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_group_norm_acts_as_group_norm_32(dtype):
     """32 groups, float32 statistics and affine, per-sample over the sample's voxels, cast back."""
