@@ -175,6 +175,12 @@ class TinyEncoderConfig:
     width: int = 64
     depth: int = 2
     heads: int = 4
+    # Append each patch's own pixels (1 - luma: 0 on the white background, scaled to [-1, 1]) to its token, so
+    # the silhouette reaches the DiTs exactly rather than through random layers ('tiny-pixels'; docs/demo.md).
+    pixels: bool = False
+
+
+LUMA = (0.299, 0.587, 0.114)
 
 
 class TinyImageEncoder(nn.Module):
@@ -184,7 +190,7 @@ class TinyImageEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.image_size = cfg.image_size
-        self.dim = cfg.width
+        self.dim = cfg.width + (cfg.patch ** 2 if cfg.pixels else 0)
         self.patch = nn.Conv2d(3, cfg.width, cfg.patch, stride=cfg.patch)
         n = (cfg.image_size // cfg.patch) ** 2
         self.pos = nn.Parameter(torch.randn(1, n, cfg.width) * 0.02)
@@ -200,8 +206,12 @@ class TinyImageEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) in [0, 1] -> (B, L, width)."""
         x = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        x = self.patch(normalize(x)).flatten(2).transpose(1, 2) + self.pos
-        return self.norm(self.layers(x))
+        tokens = self.norm(self.layers(self.patch(normalize(x)).flatten(2).transpose(1, 2) + self.pos))
+        if not self.cfg.pixels:
+            return tokens
+        luma = torch.tensordot(x, torch.tensor(LUMA, device=x.device, dtype=x.dtype), dims=([1], [0]))
+        pixels = F.unfold(1.0 - luma[:, None], self.cfg.patch, stride=self.cfg.patch).transpose(1, 2)
+        return torch.cat([tokens, 2.0 * pixels - 1.0], -1)
 
 
 class ReleaseImageEncoder(nn.Module):
@@ -251,14 +261,18 @@ class ReleaseImageEncoder(nn.Module):
         return F.layer_norm(z, z.shape[-1:])
 
 
+TINY_ENCODERS = {"tiny": TinyEncoderConfig(), "tiny-pixels": TinyEncoderConfig(pixels=True)}
+
+
 def build_image_encoder(spec: str) -> nn.Module:
-    """'tiny' -> the built-in encoder (seeded, so every worker builds the same one); else DINOv2-reg from a
-    hub checkpoint file or a transformers folder, as the released generator uses it."""
-    if spec == "tiny":
+    """'tiny' -> the built-in encoder (seeded, so every worker builds the same one), 'tiny-pixels' the same with
+    each patch's pixels appended to its token; else DINOv2-reg from a hub checkpoint file or a transformers
+    folder, as the released generator uses it."""
+    if spec in TINY_ENCODERS:
         g = torch.random.fork_rng()
         with g:
             torch.manual_seed(0)
-            enc = TinyImageEncoder()
+            enc = TinyImageEncoder(TINY_ENCODERS[spec])
         return enc.eval().requires_grad_(False)
     return ReleaseImageEncoder(spec).eval().requires_grad_(False)
 

@@ -66,17 +66,26 @@ def test_training_jobs_run_in_order_and_the_dit_models_the_vae_latents(monkeypat
     steps = {"structure-vae": 1, "structure-dit": 2, "vae": 3, "dit": 4}
     ckpt = demo.train_debug_networks(tmp_path / "dataset", tmp_path / "runs", 64, steps, "http://x", latent=latent)
     nets = [a[2] for a in submitted]
-    want = (["structure-vae", "structure-dit", "vae", "pipeline.train.latents", "dit"] if latent == "ss_vae"
-            else ["structure-vae", "structure-dit", "dit"])
+    stats = "pipeline.train.latents"
+    want = (["structure-vae", stats, "structure-dit", "vae", stats, "dit"] if latent == "ss_vae"
+            else ["structure-vae", stats, "structure-dit", "dit"])
     assert nets == want
-    dit = submitted[-1]
+    dit, structure_dit = submitted[-1], submitted[2]
+    # the structure DiT and the cascade read the structure VAE with its latent scale
+    scaled = submitted[1]
+    assert scaled[scaled.index("--network") + 1] == "structure_vae" and scaled[3].endswith("checkpoint_1")
+    assert ckpt["structure_vae"] == scaled[scaled.index("--out") + 1]
+    assert structure_dit[structure_dit.index("--structure-vae") + 1] == ckpt["structure_vae"]
+    for argv in (dit, structure_dit):
+        assert argv[argv.index("--image-encoder") + 1] == demo.IMAGE_ENCODER
     if latent == "ss_vae":  # the SS-DiT and the cascade read the VAE with its latent scale
-        stats = submitted[3]
-        assert stats[3].endswith("checkpoint_1") and ckpt["vae"] == stats[stats.index("--out") + 1]
+        scaled = submitted[4]
+        assert scaled[scaled.index("--network") + 1] == "vae" and scaled[3].endswith("checkpoint_1")
+        assert ckpt["vae"] == scaled[scaled.index("--out") + 1]
         assert dit[dit.index("--latent") + 1] == ckpt["vae"]
-        vae = submitted[2]
+        vae = submitted[3]
         assert vae[vae.index("--token-budget") + 1] == str(demo.VAE_TOKEN_BUDGET)
-        assert vae[vae.index("--steps") + 1] == "3"
+        assert vae[vae.index("--oversize") + 1] == "alone" and vae[vae.index("--steps") + 1] == "3"
     else:
         assert "--latent" not in dit and "vae" not in ckpt
 
@@ -128,6 +137,58 @@ def test_latent_calibration_gives_unit_spread(monkeypatch, tmp_path):
         z.append(m.scale(m.encode(x, sample=False)[1]).flatten())
     z = torch.cat(z)
     assert float(z.std()) == pytest.approx(1.0, rel=1e-3) and abs(float(z.mean())) < 1e-4
+
+
+def test_structure_latent_calibration_gives_unit_spread(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    from model.cascade import load_network
+    from model.sdf_shapes import AnalyticShape, narrow_band
+    from model.structure import StructureVAE, StructureVAEConfig
+    from pipeline import shards
+    from pipeline.train import latents
+    from pipeline.train.checkpoints import load_weights
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.tasks import build_task
+
+    torch.manual_seed(0)
+    cfg = StructureVAEConfig.named("debug")
+    vae = StructureVAE(cfg)
+    ckpt = tmp_path / "run" / "checkpoint_1"
+    ckpt.mkdir(parents=True)
+    torch.save({"network": "structure_vae", "model_config": repr(cfg), "resolution": 64, "step": 1,
+                "state_dict": {f"vae.{k}": v for k, v in vae.state_dict().items()}}, ckpt / "weights.pt")
+    samples = [SimpleNamespace(mesh_id=kind, coords=narrow_band(AnalyticShape(kind, p), 64)[0],
+                               values=None, resolution=64, views=[])
+               for kind, p in (("sphere", (0.6,)), ("torus", (0.5, 0.2)))]
+    monkeypatch.setattr(shards, "read_samples", lambda *a, **k: iter(samples))
+    out = tmp_path / "calibrated"
+    stats = latents.calibrate(str(ckpt), "unused", 64, str(out), network="structure_vae")
+    assert stats["shapes"] == 2
+    for source in (str(out), str(out / "model")):  # what the cascade decodes with
+        loaded = load_network(source, "structure_vae").config
+        assert (loaded.latents_scale, loaded.latents_shift) == pytest.approx((1 / stats["std"], stats["mean"]))
+    task = build_task(TrainConfig(network="structure_dit", model="debug", structure_vae=str(out), cond_drop=0.0), 0,
+                      frozen_weights=load_weights(str(out), "structure_vae"))
+    x0 = task.collate([task.prepare(s) for s in samples], "cpu", torch.float32)["x0"]  # what the flow models
+    assert float(x0.std()) == pytest.approx(1.0, rel=1e-3) and abs(float(x0.mean())) < 1e-4
+
+
+def test_tiny_pixels_encoder_keeps_each_patch_of_the_silhouette():
+    import torch
+
+    from model.condition import build_image_encoder
+
+    tiny, pixels = build_image_encoder("tiny"), build_image_encoder("tiny-pixels")
+    img = torch.ones(1, 3, 64, 64)
+    img[:, :, 8:16, 24:32] = 0.0  # one black 8×8 patch on white: patch (row 1, column 3)
+    tokens = pixels(img)
+    assert pixels.dim == tiny.dim + 64 and tokens.shape == (1, 64, pixels.dim)
+    assert torch.equal(tokens[..., :tiny.dim], tiny(img))  # the tiny encoder's tokens, unchanged
+    pix = tokens[0, :, tiny.dim:]
+    assert torch.allclose(pix[8 + 3], torch.ones(64)) and torch.allclose(pix[torch.arange(64) != 11], -torch.ones(63, 64))
 
 
 def test_quick_mode_cuts_only_the_defaults():

@@ -3,9 +3,9 @@
 Generates the sample corpus and holds a few meshes out; starts a local Ray cluster with token auth
 (unless ``RAY_ADDRESS`` names a running one); submits ``jobs/preprocess.yaml`` on the rest; trains the
 debug networks on the CPU as the paper trains the real ones, one Ray Train job each: structure VAE,
-structure DiT, SS-VAE, then (after a job that scales the SS-VAE's latents to unit spread) the SS-DiT on
-the SS-VAE's latents; serves them with the Serve app and generates an asset library from held-out
-views: new camera angles of training meshes, one per kind of the corpus, and views of the meshes kept
+structure DiT, SS-VAE, then the SS-DiT on the SS-VAE's latents (after each VAE a job scales its latents to
+unit spread for the DiT that models them); serves them with the Serve app and generates an asset library
+from held-out views: new camera angles of training meshes, one per kind of the corpus, and views of the meshes kept
 out of training (the ``s2 generate`` job, which starts the app from a Serve config file); scores the
 library against the source meshes (``pipeline/evaluate.py``) next to an untrained cascade, and prints
 where the gallery is. The cluster it started is stopped at the end. docs/demo.md has the measurements.
@@ -163,6 +163,10 @@ def _job(name: str, argv: list[str]):
 # networks this small learn nothing recognisable in a few hundred CPU steps at the paper-size 1e-4.
 DEBUG_LR = {"structure-vae": 2e-3, "structure-dit": 2e-3, "vae": 2e-3, "dit": 1e-3}
 DEBUG_WARMUP = 10
+# The DiTs' frozen image encoder: the built-in tiny one with each 8×8 patch's own pixels in its token, so the
+# silhouette reaches them exactly (structure DiT on new views of training meshes: latent-voxel IoU 0.48 with
+# 'tiny', 0.61 with this; docs/demo.md).
+IMAGE_ENCODER = "tiny-pixels"
 # The SS-VAE's batches are voxels, not tokens: at 64³ the corpus's shapes hold 5k-142k band voxels. A step
 # costs about its voxels, so one or two shapes a step (a shape over the budget alone: --oversize alone, which
 # a CPU's memory allows at 64³) gives ~4x the updates of 160k-voxel batches for the same time (docs/demo.md).
@@ -186,11 +190,11 @@ def train_debug_networks(dataset: Path, runs: Path, resolution: int, steps: dict
             continue
         extra: list[str] = []
         if net == "structure-dit":  # the released debug layout plus the grid inputs (model/dense_dit.py, debug_grid)
-            extra = ["--structure-vae", ckpt["structure_vae"], "--model", "debug_grid"]
+            extra = ["--structure-vae", ckpt["structure_vae"], "--model", "debug_grid", "--image-encoder", IMAGE_ENCODER]
         elif net == "vae":
             extra = ["--token-budget", str(VAE_TOKEN_BUDGET), "--oversize", "alone"]
-        elif net == "dit" and latent == "ss_vae":
-            extra = ["--latent", ckpt["vae"]]
+        elif net == "dit":
+            extra = ["--image-encoder", IMAGE_ENCODER] + (["--latent", ckpt["vae"]] if latent == "ss_vae" else [])
         n = steps[net]
         extra = [*extra, "--lr", str(DEBUG_LR[net]), "--steps", str(n), "--checkpoint-every", str(n)]
         t = time.time()
@@ -200,14 +204,15 @@ def train_debug_networks(dataset: Path, runs: Path, resolution: int, steps: dict
             raise RuntimeError(f"training {net}: job {status}")
         ckpt[net.replace("-", "_")] = latest_checkpoint(runs, f"demo-{net}")
         print(f"trained {net}: {n} steps in {time.time() - t:.0f} s")
-        if net == "vae":  # the SS-DiT models latents of unit spread (pipeline/train/latents.py)
-            out = str(runs / "demo-vae-latents")
-            status = jobs.submit(_job("demo-vae-latents", [
-                "python", "-m", "pipeline.train.latents", ckpt["vae"], "--shards", str(dataset),
+        if net in ("structure-vae", "vae"):  # each DiT models latents of unit spread (pipeline/train/latents.py)
+            key = net.replace("-", "_")
+            out = str(runs / f"demo-{net}-latents")
+            status = jobs.submit(_job(f"demo-{net}-latents", [
+                "python", "-m", "pipeline.train.latents", ckpt[key], "--network", key, "--shards", str(dataset),
                 "--resolution", str(resolution), "--out", out]), address=address)
             if status != "SUCCEEDED":
-                raise RuntimeError(f"latent statistics of the SS-VAE: job {status}")
-            ckpt["vae"] = out
+                raise RuntimeError(f"latent statistics of the {net}: job {status}")
+            ckpt[key] = out
     return ckpt
 
 
@@ -216,7 +221,7 @@ def write_serve_config(path: Path, ckpt: dict[str, str], resolution: int, guidan
 
     # No decimation (target_faces 0), as the release unless asked: the 64³ meshes hold ~40k faces, and vertex
     # clustering to 20k split a watertight torus shard into 178 open pieces (docs/demo.md).
-    generation = {**ckpt, "resolution": resolution, "image_encoder": "tiny", "device": "cpu", "target_faces": 0,
+    generation = {**ckpt, "resolution": resolution, "image_encoder": IMAGE_ENCODER, "device": "cpu", "target_faces": 0,
                   "guidance": guidance}
     doc = {"http_options": {"host": "127.0.0.1", "port": 8000},
            "applications": [{"name": "s2", "route_prefix": "/", "import_path": "pipeline.serve.app:app_builder",
