@@ -15,7 +15,10 @@ Rows (one per stage and mesh, then the mean per stage), all against the normaliz
 - ``vae+noise σ``: the same with Gaussian noise of σ × the latent's std added to the latent (how much
   a DiT's sample error the decoder tolerates);
 - ``dit``: the SS-DiT's sample on the source's own latent voxels, from one of its training views,
-  decoded by the VAE (``pooled-dit``: a pooled-latent DiT, decoded by ``pooled_sdf``).
+  decoded by the VAE (``pooled-dit``: a pooled-latent DiT, decoded by ``pooled_sdf``);
+- ``structure`` (``--structure-vae``, ``--structure-dit``): the structure stage alone, sampled from each
+  of the mesh's stored (training) views and from one new view; its latent voxels against the shard's
+  (IoU). A DiT that learned one view per shape shows a best view near 1 and a low mean.
 
 Each row: Chamfer, F1@0.05, connected parts and watertightness of the marched mesh before and after the
 cascade's clean-up (model/postprocess.py). Nothing here is asserted; docs/demo.md keeps the tables.
@@ -73,6 +76,9 @@ def main() -> None:
     ap.add_argument("--guidance", default="2", help="guidance of the DiT rows (comma list)")
     ap.add_argument("--shift", default="6", help="time shift of the DiT rows (comma list)")
     ap.add_argument("--level", type=float, default=0.0, help="marching level of decoded SDFs")
+    ap.add_argument("--structure-vae", default="", help="structure VAE checkpoint (the structure rows)")
+    ap.add_argument("--structure-dit", default="", help="structure DiT checkpoint (the structure rows)")
+    ap.add_argument("--image-encoder", default="tiny-pixels", help="the DiTs' image encoder (the demo's)")
     ap.add_argument("--stages", default="shard,pooled,vae,dit")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -140,7 +146,43 @@ def main() -> None:
                     add("vae" if sigma == 0 else f"vae+noise {sigma:g}", s, v, f, t0, sign_err=err,
                         latent_std=std, latent_mean=float(mean.mean()))
     dit_rows(args, samples, vae, add)
-    summary(rows)
+    if rows:
+        summary(rows)
+    structure_rows(args, samples)
+
+
+def structure_rows(args, samples) -> None:
+    """Latent voxels of the structure stage from each stored view and one new view, IoU with the shard's."""
+    if "structure" not in args.stages.split(",") or not args.structure_dit:
+        return
+    from model.cascade import Cascade, GenerationConfig, load_network, random_network
+    from model.condition import build_image_encoder, decode_image
+    from pipeline.geometry.render import render_views
+
+    enc = build_image_encoder(args.image_encoder)
+    nets = {"structure_vae": load_network(args.structure_vae, "structure_vae"),
+            "structure_dit": load_network(args.structure_dit, "structure_dit"),
+            "dit": random_network("dit", cond_dim=enc.dim)}
+    for guidance in (float(x) for x in args.guidance.split(",")):
+        cfg = GenerationConfig(resolution=args.resolution, device="cpu", image_encoder=args.image_encoder,
+                               guidance=guidance)
+        cascade = Cascade(cfg, enc, **nets)
+        stats = []
+        for i, s in enumerate(samples):
+            truth = {tuple(c) for c in torch.unique(s.coords.long() // 8, dim=0).tolist()}
+            v, f = source_mesh(s)
+            new = render_views(v.numpy(), f.numpy(), n_views=1, size=128, seed=1000 + i)[0].png(camera=True)
+            pngs = [view.png for view in s.views] + [new]
+            images = torch.stack([decode_image(png, enc.image_size, with_mask=True) for png in pngs])
+            coords = cascade.structure_stage(cascade.condition(images), [0] * len(pngs))
+            ious = [len(truth & got) / max(1, len(truth | got))
+                    for got in ({tuple(c) for c in lc.long().tolist()} for lc in coords)]
+            stats.append((max(ious[:-1]), float(np.mean(ious[:-1])), ious[-1]))
+            print(f"structure guidance {guidance:g} {Path(s.source_uri).stem}: latent voxels {len(truth)}, IoU from "
+                  f"its stored views {' '.join(f'{x:.2f}' for x in ious[:-1])}, from a new view {ious[-1]:.2f}")
+        best, mean, new = np.mean(stats, axis=0)
+        print(f"structure guidance {guidance:g}, mean over {len(stats)} meshes: IoU best stored view {best:.3f}, "
+              f"stored views {mean:.3f}, new view {new:.3f}")
 
 
 def dit_rows(args, samples, vae, add) -> None:
@@ -158,12 +200,12 @@ def dit_rows(args, samples, vae, add) -> None:
         if not path:
             continue
         dit = load_network(path, "dit")
-        enc = build_image_encoder("tiny")
+        enc = build_image_encoder(args.image_encoder)
         nets = {"structure_vae": random_network("structure_vae"),
                 "structure_dit": random_network("structure_dit", cond_dim=enc.dim), "dit": dit}
         if kind == "dit":
             nets["vae"] = load_network(args.vae, "vae")
-        base = GenerationConfig(resolution=res, device="cpu", image_encoder="tiny")
+        base = GenerationConfig(resolution=res, device="cpu", image_encoder=args.image_encoder)
         for steps in (int(x) for x in args.steps.split(",")):
             for guidance in (float(x) for x in args.guidance.split(",")):
                 for shift in (float(x) for x in args.shift.split(",")):
