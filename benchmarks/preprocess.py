@@ -3,6 +3,7 @@ on a ~50k-face scanned mesh and on the sample corpus, against mesh-to-sdf on the
 
     python benchmarks/preprocess.py                          # CPU, one core (each size in a fresh process)
     python benchmarks/preprocess.py --device cuda            # one GPU
+    python benchmarks/preprocess.py --device cuda --res 1024 --no-corpus --baseline-points 0 --chunk 25   # chunk 2^25
     python benchmarks/preprocess.py --mesh bunny.npz --res 256 512 --no-corpus --json out.json
     python benchmarks/preprocess.py --open --no-corpus      # the mesh cut open: winding-number sign path
     python benchmarks/preprocess.py --mesh sign:nested_shells --res 1024 --no-corpus   # a sign-test mesh
@@ -179,18 +180,20 @@ def measure_cpu(v, f, res, band: float = 2.0, sign: str = "winding") -> dict:
     return out
 
 
-def measure_gpu(v, f, res: int, band: float = 2.0, sign: str = "winding", repeats: int = 5) -> dict:
-    """Median seconds of `sparse_sdf` on CUDA (inputs already on the GPU) and its peak GPU memory."""
+def measure_gpu(v, f, res: int, band: float = 2.0, sign: str = "winding", repeats: int = 5,
+                chunk: int | None = None) -> dict:
+    """Median seconds of `sparse_sdf` on CUDA (inputs already on the GPU) and its peak GPU memory; chunk:
+    candidate pairs per band chunk (default: the library's)."""
     vt = torch.as_tensor(v, dtype=torch.float32, device="cuda")
     ft = torch.as_tensor(f, dtype=torch.int64, device="cuda")
-    s = sparse_sdf(vt, ft, res, band, sign=sign)  # warm-up: Triton compile
+    s = sparse_sdf(vt, ft, res, band, sign=sign, chunk=chunk)  # warm-up: Triton compile
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        s = sparse_sdf(vt, ft, res, band, sign=sign)
+        s = sparse_sdf(vt, ft, res, band, sign=sign, chunk=chunk)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30
@@ -322,8 +325,12 @@ def main() -> None:
     ap.add_argument("--accuracy-points", type=int, default=50, help="band voxels checked by brute force")
     ap.add_argument("--open", action="store_true", help="cut the mesh open (winding-number sign path)")
     ap.add_argument("--rerun", type=int, default=0, help="only time a rerun over this many finished files")
+    ap.add_argument("--chunk", type=int, default=None, help="with --device cuda: band chunk of 2^CHUNK candidate "
+                    "pairs (the library's default is 2^23; fewer chunks launch fewer kernels and use more memory)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.chunk is not None and args.device != "cuda":
+        ap.error("--chunk applies to --device cuda")
     if args.rerun:
         torch.set_num_threads(1)
         r = measure_rerun(args.rerun)
@@ -340,7 +347,8 @@ def main() -> None:
           + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else " (one core)"))
     rows = []
     for res in args.res:
-        r = measure_cpu(v, f, res, args.band) if args.device == "cpu" else measure_gpu(v, f, res, args.band)
+        r = (measure_cpu(v, f, res, args.band) if args.device == "cpu"
+             else measure_gpu(v, f, res, args.band, chunk=None if args.chunk is None else 1 << args.chunk))
         r["res"] = res
         coords, values = r.pop("coords"), r.pop("values")
         r["max_err_voxel"] = measure_accuracy(v, f, res, args.band, coords[:args.accuracy_points],
