@@ -89,6 +89,34 @@ def test_paper_config_cpu():
     _check_ssa("cpu", 32, 2, 32, 4, 8, 1, True, seed=11)
 
 
+
+def test_block_scores_sum_each_selection_block_cpu():
+    """The score matrix against float64 sums, on shapes of more compression blocks than one key chunk (64), so
+    that selection blocks straddle the scoring kernel's chunks (m_cmp 4, m_slc 8, per query)."""
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs the Triton interpreter")
+    from kernels.ssa.scoring import block_scores
+
+    coords, cu = shell_shapes([900, 40, 500], grid=40, seed=5)
+    st = SSAStructure(coords[block_order(coords, cu, 4, 8)], cu, 4, 8)
+    counts = (st.cmp_shape_offsets[1:] - st.cmp_shape_offsets[:-1]).tolist()
+    assert max(counts) > 64, counts
+    g = torch.Generator().manual_seed(5)
+    q, k_cmp, v_cmp = (torch.randn(n, h, 16, generator=g, dtype=torch.float64)
+                       for n, h in ((len(coords), 4), (st.n_cmp, 2), (st.n_cmp, 2)))
+    lse = compression_attention(q.float(), k_cmp.float(), v_cmp.float(), st)[1]
+    score = block_scores(q.float(), k_cmp.float(), lse, st, 1, st.max_slc_per_shape)
+    _, _, probs = ref.compression_attention_ref(q, k_cmp, v_cmp, st)
+    for b, p in enumerate(probs):
+        n, hq, nc = p.shape
+        ca, sa, se = (int(x) for x in (st.cmp_shape_offsets[b], st.slc_shape_offsets[b], st.slc_shape_offsets[b + 1]))
+        want = torch.zeros(n, 2, se - sa, dtype=torch.float64)
+        want.index_add_(2, st.cmp_to_slc_local[ca:ca + nc].long(), p.reshape(n, 2, hq // 2, nc).sum(2))
+        qa = int(st.cu_seqlens[b])
+        got = score[qa:qa + n].double()
+        torch.testing.assert_close(got[..., :se - sa], want, rtol=1e-5, atol=1e-6)
+        assert bool((got[..., se - sa:] == 0).all())
+
 def test_selection_many_blocks_cpu():
     """m_cmp 4 < m_slc 8 on sparse shells (top-k 8 of 20+ partly filled selection blocks per shape): the kernels pick the
     blocks of the float64 reference, per query and per 4-query tile."""
