@@ -55,8 +55,8 @@ class TrainConfig:
         "networks": ("dit",)})
     cond_drop: float = field(default=0.1, metadata={"help": "rate of zeroed conditions (classifier-free guidance)",
                                                     "networks": DITS})
-    image_encoder: str = field(default="tiny", metadata={"help": "'tiny' (built in) or a DINOv2 path / hub name",
-                                                         "networks": DITS})
+    image_encoder: str = field(default="tiny", metadata={
+        "help": "'tiny' or 'tiny-pixels' (built in) or a DINOv2 path / hub name", "networks": DITS})
     timestep_shift: float = field(default=1.0, metadata={"help": "time shift of training timesteps",
                                                          "networks": DITS})
     grad_checkpointing: bool = field(default=False, metadata={
