@@ -301,11 +301,11 @@ def _nearest_owner(key: torch.Tensor, word: torch.Tensor) -> tuple[torch.Tensor,
 def _morton_order(tri: torch.Tensor) -> torch.Tensor:
     """Triangles sorted along a Morton curve so a chunk covers a compact region (fewer duplicates)."""
     q = ((tri.mean(1) + 1) * 512).clamp(0, 1023).long()
-    code = torch.zeros_like(q[:, 0])
-    for bit in range(10):
-        for d in range(3):
-            code |= ((q[:, d] >> bit) & 1) << (3 * bit + d)
-    return torch.argsort(code)
+    # bit b of axis d goes to bit 3b + d: each 10-bit coordinate spread to every third bit by shifts and
+    # masks (a dozen tensor ops, where a loop over the 30 bits took 150 small kernels on the GPU)
+    for shift, mask in ((16, 0x030000FF), (8, 0x0300F00F), (4, 0x030C30C3), (2, 0x09249249)):
+        q = (q | (q << shift)) & mask
+    return torch.argsort(q[:, 0] | (q[:, 1] << 1) | (q[:, 2] << 2))
 
 
 @torch.no_grad()
