@@ -24,6 +24,8 @@ class TrainConfig:
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=0, metadata={"help": "linear learning-rate warm-up"})
+    lr_schedule: Literal["constant", "cosine"] = field(default="constant", metadata={
+        "help": "after the warm-up: 'constant', or 'cosine' decay to 0.05 × the peak at the last step"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 = off)"})
     token_budget: int = field(default=16384, metadata={"help": "most tokens in one batch on one worker"})
     oversize: Literal["skip", "alone"] = field(default="skip", metadata={

@@ -45,14 +45,22 @@ def skip_shm_op() -> None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Learning rate at optimizer step ``step`` as a share of ``cfg.lr``: linear warm-up, then constant or
+    cosine down to 5% at ``cfg.steps``."""
+    f = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    if cfg.lr_schedule == "cosine":
+        f *= 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / max(cfg.steps, 1))))
+    return f
+
+
 def make_engine(module: nn.Module, cfg: TrainConfig):
     import deepspeed
 
     skip_shm_op()
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    warm = max(cfg.warmup_steps, 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     engine, opt, _, sched = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,
                                                  config=deepspeed_config(cfg), dist_init_required=False)
     guard_engine(engine)
