@@ -84,3 +84,14 @@ def test_every_step_draws_one_of_all_the_views_of_a_cached_item():
     assert len(distinct) == 4
     bare = task.prepare(SimpleNamespace(mesh_id="b", coords=c, values=v, resolution=32, views=[]))
     assert task.missing_views == 1 and not task.collate([bare], "cpu", torch.float32)["cond"].any()
+
+
+def test_cosine_learning_rate_warms_up_then_decays_to_a_twentieth():
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.engine import lr_factor
+
+    cfg = TrainConfig(steps=600, warmup_steps=10, lr_schedule="cosine")
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0, abs=1e-3)
+    assert lr_factor(300, cfg) == pytest.approx(0.525) and lr_factor(600, cfg) == pytest.approx(0.05)
+    flat = TrainConfig(steps=600, warmup_steps=10)
+    assert [lr_factor(s, flat) for s in (9, 300, 599)] == [1.0, 1.0, 1.0]
