@@ -12,6 +12,8 @@ Rows (one per stage and mesh, then the mean per stage), all against the normaliz
   error), sign_err the share of sub-cells whose sign the noise flips;
 - ``vae``: SS-VAE encode -> decode (posterior mean); also the share of band voxels whose decoded sign
   is wrong;
+  ``--train-vae N`` instead of ``--vae``: a debug SS-VAE first trained N steps on every shape of ``--shards``
+  as the demo trains it (``--lr``, ``--lr-schedule``, ``--token-budget``), in one process;
 - ``vae+noise σ``: the same with Gaussian noise of σ × the latent's std added to the latent (how much
   a DiT's sample error the decoder tolerates);
 - ``dit``: the SS-DiT's sample on the source's own latent voxels, from one of its training views,
@@ -80,6 +82,11 @@ def main() -> None:
     ap.add_argument("--structure-dit", default="", help="structure DiT checkpoint (the structure rows)")
     ap.add_argument("--image-encoder", default="tiny-pixels", help="the DiTs' image encoder (the demo's)")
     ap.add_argument("--stages", default="shard,pooled,vae,dit")
+    ap.add_argument("--train-vae", type=int, default=0,
+                    help="without --vae: train a debug SS-VAE this many steps on every shape of --shards first")
+    ap.add_argument("--lr", type=float, default=2e-3, help="--train-vae: peak learning rate (the demo's)")
+    ap.add_argument("--lr-schedule", default="cosine", help="--train-vae: 'constant' or 'cosine' after warm-up")
+    ap.add_argument("--token-budget", type=int, default=40_000, help="--train-vae: band voxels a step")
     args = ap.parse_args()
     torch.set_num_threads(1)
     stages = set(args.stages.split(","))
@@ -124,6 +131,8 @@ def main() -> None:
         from model.cascade import load_network
 
         vae = load_network(args.vae, "vae").module
+    elif args.train_vae:
+        vae = train_vae(args)
     if vae is not None and "vae" in stages:
         from model.sparse import SparseTensor
 
@@ -183,6 +192,48 @@ def structure_rows(args, samples) -> None:
         best, mean, new = np.mean(stats, axis=0)
         print(f"structure guidance {guidance:g}, mean over {len(stats)} meshes: IoU best stored view {best:.3f}, "
               f"stored views {mean:.3f}, new view {new:.3f}")
+
+
+def train_vae(args):
+    """The demo's SS-VAE training in one process, as the trainer runs it (task, targets, AdamW with betas
+    0.9/0.99, 10 warm-up steps, clip 1, shapes packed up to the voxel budget, a larger one alone), without
+    DeepSpeed or the EMA: returns the network's last weights."""
+    import random
+
+    from pipeline.shards import read_samples
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.engine import lr_factor
+    from pipeline.train.tasks import SparseVAETask
+
+    cfg = TrainConfig(network="vae", model="debug", steps=args.train_vae, lr=args.lr, warmup_steps=10,
+                      lr_schedule=args.lr_schedule, token_budget=args.token_budget, oversize="alone")
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    task = SparseVAETask(cfg, 0)
+    items = [task.prepare(s) for s in {s.mesh_id: s for s in read_samples(
+        args.shards, resolution=args.resolution, with_views=False)}.values()]
+    opt = torch.optim.AdamW(task.module.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    batches, errors, t0 = [], [], time.time()
+    for step in range(cfg.steps):
+        if not batches:
+            rng.shuffle(items)
+            for it in items:
+                if batches and sum(i.tokens for i in batches[-1]) + it.tokens <= cfg.token_budget:
+                    batches[-1].append(it)
+                else:
+                    batches.append([it])
+        loss, terms = task.module(**task.collate(batches.pop(0), "cpu", torch.float32))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(task.module.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        errors.append(float(terms["input"]))
+        if (step + 1) % 50 == 0:
+            print(f"SS-VAE step {step + 1}: input error {np.mean(errors[-50:]):.3f} ({time.time() - t0:.0f} s)",
+                  flush=True)
+    return task.module.vae.eval()
 
 
 def dit_rows(args, samples, vae, add) -> None:
