@@ -202,6 +202,7 @@ def train_vae(args):
 
     from pipeline.shards import read_samples
     from pipeline.train.config import TrainConfig
+    from pipeline.train.data import Skipped, token_batches
     from pipeline.train.engine import lr_factor
     from pipeline.train.tasks import SparseVAETask
 
@@ -216,13 +217,9 @@ def train_vae(args):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     batches, errors, t0 = [], [], time.time()
     for step in range(cfg.steps):
-        if not batches:
+        if not batches:  # the trainer's packing (oversize "alone" counts a large shape at the budget)
             rng.shuffle(items)
-            for it in items:
-                if batches and sum(i.tokens for i in batches[-1]) + it.tokens <= cfg.token_budget:
-                    batches[-1].append(it)
-                else:
-                    batches.append([it])
+            batches = list(token_batches(items, cfg.token_budget, lambda i: i.tokens, lambda i: i.name, Skipped()))
         loss, terms = task.module(**task.collate(batches.pop(0), "cpu", torch.float32))
         opt.zero_grad()
         loss.backward()

@@ -100,6 +100,16 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
     return value
 
 
+def check_choices(obj: Any) -> None:
+    """Every ``Literal`` field of a dataclass instance holds one of its choices: the check ``from_dict`` makes on
+    the values it reads, for an object built in code."""
+    for name, tp in typing.get_type_hints(type(obj)).items():
+        tp, _ = _unwrap_optional(tp)
+        value = getattr(obj, name, None)
+        if typing.get_origin(tp) is typing.Literal and value is not None and value not in typing.get_args(tp):
+            raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, typing.get_args(tp)))}")
+
+
 def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "config") -> T:
     """Build ``cls`` from a mapping; unknown keys are a ConfigError naming them."""
     if not isinstance(data, dict):

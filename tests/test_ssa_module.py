@@ -108,6 +108,10 @@ def test_output_follows_token_order_and_structure_is_cached():
     a = ssa_structure(x, m.cfg)
     assert ssa_structure(x.replace(x.feats * 2), m.cfg)[2] is a[2] and ssa_structure(out, m.cfg)[2] is a[2]
     assert ssa_structure(shuffled, m.cfg)[2] is not a[2]
+    # the compressors' fine grid keeps one cache for all its tensors: its layout is read to the host once
+    grid = a[2].cached("block_grid", lambda: None)
+    assert grid is not None and "layout" in grid.fine_cache
+    assert grid.fine(x.feats).cache is grid.fine(x.feats * 2).cache is grid.fine_cache
 
 
 def test_full_attention_switch_and_dit_hook():

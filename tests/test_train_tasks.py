@@ -52,6 +52,8 @@ def test_oversize_alone_trains_the_large_shape_in_a_batch_of_its_own():
 def test_oversize_takes_skip_or_alone_only():
     with pytest.raises(ConfigError, match="oversize"):
         TrainConfig(network="vae", oversize="split").validate()
+    with pytest.raises(ConfigError, match="lr_schedule: 'cosin' is not one of constant, cosine"):
+        TrainConfig(network="vae", lr_schedule="cosin").validate()
 
 
 def _png(shade: int, side: int) -> bytes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, check_choices
 
 NETWORKS = ("dit", "structure_vae", "structure_dit", "vae")
 DITS = ("dit", "structure_dit")  # a field's metadata "networks": the networks that read it (default: all)
@@ -84,13 +84,12 @@ class TrainConfig:
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved per training worker"})
 
     def validate(self) -> None:
+        check_choices(self)
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"zero_stage: must be 0..3, got {self.zero_stage}")
         for key in ("steps", "token_budget", "num_workers", "checkpoint_every", "report_every", "resolution"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if self.oversize not in ("skip", "alone"):
-            raise ConfigError(f"oversize: must be 'skip' or 'alone', got {self.oversize!r}")
         if not 0 <= self.max_skipped_share <= 1:
             raise ConfigError(f"max_skipped_share: must be in [0, 1], got {self.max_skipped_share}")
         if not 0 <= self.min_workers <= self.num_workers:
