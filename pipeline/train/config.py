@@ -32,6 +32,9 @@ class TrainConfig:
         "help": "an SS-VAE shape with more band voxels than token_budget: 'skip' it (named in the log), or train "
                 "it 'alone' in a batch of its own, over the budget (small CPU budgets; the memory guard is off "
                 "for it)", "networks": ("vae",)})
+    kl_weight: Optional[float] = field(default=None, metadata={
+        "help": "SS-VAE: weight of the KL term (default: the release's 1e-3, model/vae_loss.py; the demo's debug "
+                "SS-VAE trains at 1e-5, docs/demo.md)", "networks": ("vae",)})
     zero_stage: int = field(default=2, metadata={"help": "DeepSpeed ZeRO stage: 1, 2 or 3"})
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers (one per GPU)"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker"})
@@ -100,6 +103,8 @@ class TrainConfig:
             raise ConfigError(f"holdout: must be in [0, 1), got {self.holdout}")
         if self.holdout and self.network != "vae":
             raise ConfigError(f"holdout: only network=vae measures held-out shapes, this run trains {self.network}")
+        if self.kl_weight is not None and self.kl_weight < 0:
+            raise ConfigError(f"kl_weight: must be >= 0, got {self.kl_weight}")
         if not 0 <= self.cond_drop < 1:
             raise ConfigError(f"cond_drop: must be in [0, 1), got {self.cond_drop}")
         stages = [r.strip() for r in self.curriculum.split(",") if r.strip()]
