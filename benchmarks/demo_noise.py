@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3, help="--train-vae: peak learning rate (the demo's)")
     ap.add_argument("--lr-schedule", default="cosine", help="--train-vae: 'constant' or 'cosine' after warm-up")
     ap.add_argument("--token-budget", type=int, default=40_000, help="--train-vae: band voxels a step")
+    ap.add_argument("--kl-weight", type=float, default=1e-5, help="--train-vae: KL weight (the demo's; release 1e-3)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     stages = set(args.stages.split(","))
@@ -207,7 +208,8 @@ def train_vae(args):
     from pipeline.train.tasks import SparseVAETask
 
     cfg = TrainConfig(network="vae", model="debug", steps=args.train_vae, lr=args.lr, warmup_steps=10,
-                      lr_schedule=args.lr_schedule, token_budget=args.token_budget, oversize="alone")
+                      lr_schedule=args.lr_schedule, token_budget=args.token_budget, oversize="alone",
+                      kl_weight=args.kl_weight)
     torch.manual_seed(0)
     rng = random.Random(0)
     task = SparseVAETask(cfg, 0)

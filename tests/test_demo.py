@@ -87,6 +87,7 @@ def test_training_jobs_run_in_order_and_the_dit_models_the_vae_latents(monkeypat
         assert vae[vae.index("--token-budget") + 1] == str(demo.VAE_TOKEN_BUDGET)
         assert vae[vae.index("--oversize") + 1] == "alone" and vae[vae.index("--steps") + 1] == "3"
         assert vae[vae.index("--lr-schedule") + 1] == demo.VAE_LR_SCHEDULE
+        assert float(vae[vae.index("--kl-weight") + 1]) == demo.VAE_KL_WEIGHT == 1e-5
     else:
         assert "--latent" not in dit and "vae" not in ckpt
 

@@ -97,3 +97,25 @@ def test_cosine_learning_rate_warms_up_then_decays_to_a_twentieth():
     assert lr_factor(300, cfg) == pytest.approx(0.525) and lr_factor(600, cfg) == pytest.approx(0.05)
     flat = TrainConfig(steps=600, warmup_steps=10)
     assert [lr_factor(s, flat) for s in (9, 300, 599)] == [1.0, 1.0, 1.0]
+
+
+def test_the_ss_vae_kl_weight_goes_from_the_flag_through_the_job_config_into_the_loss():
+    import argparse
+    import dataclasses
+
+    from pipeline import config
+    from pipeline.commands.train import _arguments
+
+    parser = argparse.ArgumentParser()
+    _arguments(parser, "vae")
+    cfg = config.from_args(TrainConfig, parser.parse_args(["--kl-weight", "1e-5"]))
+    again = config.from_dict(TrainConfig, dataclasses.asdict(cfg))  # what Ray Train hands each worker
+    assert again.kl_weight == 1e-5 and SparseVAETask(again, 0).module.weights.kl == 1e-5
+    # unset, the task keeps the release's weight (model/vae_loss.py), as the paper config does
+    assert TrainConfig().kl_weight is None and SparseVAETask(TrainConfig(network="vae"), 0).module.weights.kl == 1e-3
+    with pytest.raises(ConfigError, match="kl_weight: must be >= 0"):
+        TrainConfig(network="vae", kl_weight=-1.0).validate()
+    dit = argparse.ArgumentParser()
+    _arguments(dit, "dit")  # only the SS-VAE reads it
+    with pytest.raises(SystemExit):
+        dit.parse_args(["--kl-weight", "1e-5"])

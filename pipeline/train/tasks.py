@@ -303,7 +303,8 @@ class SparseVAETask(Task):
                              else VAEConfig.named("tiny" if cfg.model == "debug" else cfg.model))
         vae = SparseSDFVAE(self.model_config)
         signal_preserving_init(vae)
-        self.module = SparseVAEObjective(vae, VAELossWeights())
+        weights = VAELossWeights() if cfg.kl_weight is None else VAELossWeights(kl=cfg.kl_weight)
+        self.module = SparseVAEObjective(vae, weights)
 
     def prepare(self, sample) -> Item:
         # A shape over the voxel budget is skipped and named by the batching (the budget is the workers' memory
