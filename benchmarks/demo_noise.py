@@ -88,6 +88,13 @@ def main() -> None:
     ap.add_argument("--lr-schedule", default="cosine", help="--train-vae: 'constant' or 'cosine' after warm-up")
     ap.add_argument("--token-budget", type=int, default=40_000, help="--train-vae: band voxels a step")
     ap.add_argument("--kl-weight", type=float, default=1e-5, help="--train-vae: KL weight (the demo's; release 1e-3)")
+    ap.add_argument("--train-structure-dit", type=int, default=0,
+                    help="without --structure-dit: train the demo's structure DiT this many steps on every shape of "
+                         "--shards (views drawn each step, EMA as the trainer) on --structure-vae first")
+    ap.add_argument("--cond-augment", default="",
+                    help="--train-structure-dit: 'shift:K' (views moved up to K pixels of the encoder's grid), "
+                         "'token-drop:P' (a share P of patch tokens zeroed), 'token-noise:S' (noise of std S)")
+    ap.add_argument("--new-views", type=int, default=1, help="structure rows: new renders of each mesh")
     args = ap.parse_args()
     torch.set_num_threads(1)
     stages = set(args.stages.split(","))
@@ -163,15 +170,16 @@ def main() -> None:
 
 def structure_rows(args, samples) -> None:
     """Latent voxels of the structure stage from each stored view and one new view, IoU with the shard's."""
-    if "structure" not in args.stages.split(",") or not args.structure_dit:
+    if "structure" not in args.stages.split(",") or not (args.structure_dit or args.train_structure_dit):
         return
     from model.cascade import Cascade, GenerationConfig, load_network, random_network
-    from model.condition import build_image_encoder, decode_image
+    from model.condition import decode_image
     from pipeline.geometry.render import render_views
 
-    enc = build_image_encoder(args.image_encoder)
-    nets = {"structure_vae": load_network(args.structure_vae, "structure_vae"),
-            "structure_dit": load_network(args.structure_dit, "structure_dit"),
+    enc = bench_encoder(args.image_encoder)
+    structure_dit = (train_structure_dit(args, enc) if args.train_structure_dit
+                     else load_network(args.structure_dit, "structure_dit"))
+    nets = {"structure_vae": load_network(args.structure_vae, "structure_vae"), "structure_dit": structure_dit,
             "dit": random_network("dit", cond_dim=enc.dim)}
     for guidance in (float(x) for x in args.guidance.split(",")):
         cfg = GenerationConfig(resolution=args.resolution, device="cpu", image_encoder=args.image_encoder,
@@ -181,40 +189,131 @@ def structure_rows(args, samples) -> None:
         for i, s in enumerate(samples):
             truth = {tuple(c) for c in torch.unique(s.coords.long() // 8, dim=0).tolist()}
             v, f = source_mesh(s)
-            new = render_views(v.numpy(), f.numpy(), n_views=1, size=128, seed=1000 + i)[0].png(camera=True)
-            pngs = [view.png for view in s.views] + [new]
+            k = args.new_views  # the demo renders a new view of mesh i with seed 1000 + i; the others 1000 apart
+            new = [render_views(v.numpy(), f.numpy(), n_views=1, size=128, seed=1000 * (j + 1) + i)[0].png(camera=True)
+                   for j in range(k)]
+            pngs = [view.png for view in s.views] + new
             images = torch.stack([decode_image(png, enc.image_size, with_mask=True) for png in pngs])
             coords = cascade.structure_stage(cascade.condition(images), [0] * len(pngs))
             ious = [len(truth & got) / max(1, len(truth | got))
                     for got in ({tuple(c) for c in lc.long().tolist()} for lc in coords)]
-            stats.append((max(ious[:-1]), float(np.mean(ious[:-1])), ious[-1]))
+            stats.append((max(ious[:-k]), float(np.mean(ious[:-k])), float(np.mean(ious[-k:]))))
             print(f"structure guidance {guidance:g} {Path(s.source_uri).stem}: latent voxels {len(truth)}, IoU from "
-                  f"its stored views {' '.join(f'{x:.2f}' for x in ious[:-1])}, from a new view {ious[-1]:.2f}")
+                  f"its stored views {' '.join(f'{x:.2f}' for x in ious[:-k])}, from new views "
+                  f"{' '.join(f'{x:.2f}' for x in ious[-k:])}", flush=True)
         best, mean, new = np.mean(stats, axis=0)
         print(f"structure guidance {guidance:g}, mean over {len(stats)} meshes: IoU best stored view {best:.3f}, "
-              f"stored views {mean:.3f}, new view {new:.3f}")
+              f"stored views {mean:.3f}, new views {new:.3f}", flush=True)
+
+
+def bench_encoder(spec: str):
+    """The DiTs' image encoder: a name ``build_image_encoder`` knows, or ``tiny-pixels@SIZE/PATCH`` (the tiny
+    encoder reading SIZE² images in PATCH² patches, their pixels appended), seeded as the built-in ones."""
+    from model.condition import TinyEncoderConfig, TinyImageEncoder, build_image_encoder
+
+    if "@" not in spec:
+        return build_image_encoder(spec)
+    size, patch = (int(x) for x in spec.split("@")[1].split("/"))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        enc = TinyImageEncoder(TinyEncoderConfig(image_size=size, patch=patch, pixels=True))
+    return enc.eval().requires_grad_(False)
+
+
+def train_structure_dit(args, enc):
+    """The demo's structure DiT trained in one process as the trainer trains it (the task with ``enc``, lr 2e-3,
+    10 warm-up steps, condition dropout 0.1, batches of 32 shapes, EMA), optionally with ``--cond-augment``;
+    returns its EMA weights as a network of the cascade."""
+    import dataclasses
+    from unittest import mock
+
+    from model.cascade import NetworkBundle
+    from pipeline.shards import read_samples
+    from pipeline.train.checkpoints import load_weights
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.engine import EMA
+    from pipeline.train import tasks
+
+    cfg = TrainConfig(network="structure_dit", model="debug_grid", steps=args.train_structure_dit, lr=2e-3,
+                      warmup_steps=10, structure_vae=args.structure_vae, image_encoder=args.image_encoder)
+    torch.manual_seed(0)
+    with mock.patch.object(tasks, "build_image_encoder", lambda spec: enc):
+        task = tasks.build_task(cfg, 0, frozen_weights=load_weights(args.structure_vae, "structure_vae"))
+    augment(task, args.cond_augment)
+    items = [task.prepare(s) for s in {s.mesh_id: s for s in read_samples(args.shards, resolution=args.resolution)
+                                       }.values()]
+    print(f"structure DiT: {len(items)} shapes, encoder {args.image_encoder} ({enc.dim} wide), "
+          f"augment {args.cond_augment or 'none'}", flush=True)
+    ema = EMA(task.module, cfg.ema_decay, warmup=True)
+    _fit(task, items, cfg, "structure DiT", "flow_mse", ema)
+    dit = task.module.dit
+    dit.load_state_dict({k.removeprefix("dit."): v for k, v in ema.full_state_dict().items()}, strict=False)
+    return NetworkBundle("structure_dit", dit.eval().requires_grad_(False), dataclasses.replace(task.model_config),
+                         "<trained here>")
+
+
+def augment(task, spec: str) -> None:
+    """Wrap the task's view drawing or condition with an augmentation that keeps the image's shape."""
+    if not spec:
+        return
+    kind, value = spec.split(":")
+    value = float(value)
+    draw, condition = task.view_image, task.conditions
+    g = torch.Generator().manual_seed(1)
+    if kind == "shift":
+        def shifted(item):
+            im = draw(item)
+            if im is None:
+                return im
+            k = int(value)
+            dy, dx = (int(x) for x in torch.randint(-k, k + 1, (2,), generator=g))
+            fill = torch.tensor([1.0, 1.0, 1.0, 0.0])[:, None, None].expand_as(im)  # white, alpha 0
+            pad = torch.cat([fill, fill, fill], 1)
+            pad = torch.cat([pad, pad, pad], 2).clone()
+            side = im.shape[1]
+            pad[:, side:2 * side, side:2 * side] = im
+            return pad[:, side - dy:2 * side - dy, side - dx:2 * side - dx].contiguous()
+        task.view_image = shifted
+    elif kind in ("token-drop", "token-noise"):
+        def noisy(images, device):
+            cond = condition(images, device)
+            if kind == "token-drop":
+                keep = (torch.rand(cond.shape[:2], generator=g) >= value).to(cond.dtype)
+                return cond * keep[..., None]
+            return cond + value * torch.randn(cond.shape, generator=g)
+        task.conditions = noisy
+    else:
+        raise SystemExit(f"--cond-augment {spec!r}: expected shift:K, token-drop:P or token-noise:S")
 
 
 def train_vae(args):
     """The demo's SS-VAE training in one process, as the trainer runs it (task, targets, AdamW with betas
     0.9/0.99, 10 warm-up steps, clip 1, shapes packed up to the voxel budget, a larger one alone), without
     DeepSpeed or the EMA: returns the network's last weights."""
-    import random
-
     from pipeline.shards import read_samples
     from pipeline.train.config import TrainConfig
-    from pipeline.train.data import Skipped, token_batches
-    from pipeline.train.engine import lr_factor
     from pipeline.train.tasks import SparseVAETask
 
     cfg = TrainConfig(network="vae", model="debug", steps=args.train_vae, lr=args.lr, warmup_steps=10,
                       lr_schedule=args.lr_schedule, token_budget=args.token_budget, oversize="alone",
                       kl_weight=args.kl_weight)
     torch.manual_seed(0)
-    rng = random.Random(0)
     task = SparseVAETask(cfg, 0)
     items = [task.prepare(s) for s in {s.mesh_id: s for s in read_samples(
         args.shards, resolution=args.resolution, with_views=False)}.values()]
+    _fit(task, items, cfg, "SS-VAE", "input")
+    return task.module.vae.eval()
+
+
+def _fit(task, items, cfg, label: str, term: str, ema=None) -> None:
+    """The trainer's optimizer loop in one process: AdamW (betas 0.9/0.99), its learning-rate schedule, clip,
+    items shuffled each epoch and packed to the budget as the trainer packs them; ``ema`` folded in each step."""
+    import random
+
+    from pipeline.train.data import Skipped, token_batches
+    from pipeline.train.engine import lr_factor
+
+    rng = random.Random(0)
     opt = torch.optim.AdamW(task.module.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     batches, errors, t0 = [], [], time.time()
@@ -228,11 +327,11 @@ def train_vae(args):
         torch.nn.utils.clip_grad_norm_(task.module.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
-        errors.append(float(terms["input"]))
+        if ema is not None:
+            ema.update(step)
+        errors.append(float(terms[term]))
         if (step + 1) % 50 == 0:
-            print(f"SS-VAE step {step + 1}: input error {np.mean(errors[-50:]):.3f} ({time.time() - t0:.0f} s)",
-                  flush=True)
-    return task.module.vae.eval()
+            print(f"{label} step {step + 1}: {term} {np.mean(errors[-50:]):.3f} ({time.time() - t0:.0f} s)", flush=True)
 
 
 def dit_rows(args, samples, vae, add) -> None:
