@@ -74,3 +74,26 @@ def point_triangle_offset_reference(
         wc = torch.where(mask, nc, wc)
         feature = torch.where(mask, torch.full_like(feature, code), feature)
     return ap - wb.unsqueeze(-1) * ab - wc.unsqueeze(-1) * ac, feature
+
+
+def column_candidates_reference(
+    triangles: torch.Tensor, stride: torch.Tensor, col_t: torch.Tensor, iu: torch.Tensor, iv: torch.Tensor,
+    w_lo: torch.Tensor, count: torch.Tensor, res: int, r2: float, closest: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """See kernels.distance.column_candidates."""
+    n = col_t.numel()
+    col = torch.repeat_interleave(torch.arange(n, device=count.device), count)
+    step = torch.arange(col.numel(), device=count.device) - (torch.cumsum(count, 0) - count)[col]
+    t = col_t[col]
+    st = stride[:, t]
+    key = iu[col] * st[0] + iv[col] * st[1] + (w_lo[col] + step) * st[2]
+    h = 2.0 / res
+    xyz = torch.stack([key // (res * res), key // res % res, key % res], 1)
+    pts = (-1.0 + 0.5 * h) + xyz.to(torch.float32) * h
+    tri = triangles.float()[t]
+    d2, feat = point_triangle_sqdist_reference(pts, tri[:, 0], tri[:, 1], tri[:, 2])
+    key = key | ((d2 >= r2).to(torch.int64) << 30)
+    bits = d2.view(torch.int32).to(torch.int64)
+    if closest:
+        return key, (bits << 32) | ((t.to(torch.int32) << 3) | feat.to(torch.int32)).to(torch.int64)
+    return None, (key << 32) | bits

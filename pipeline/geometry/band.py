@@ -16,11 +16,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from kernels.distance import point_triangle_sqdist
+from kernels.distance import column_candidates
 from kernels.distance.frame import sqdist_in_frame, triangle_frames
 
-# For dominant axis a: position of x, y, z in the (u, v, w=a) column frame, u=(a+1)%3, v=(a+2)%3.
-_XYZ_FROM_UVW = torch.tensor([[2, 0, 1], [1, 2, 0], [0, 1, 2]])
 _EPS = 1e-4  # index-space slack so rounding never drops a candidate (the exact test removes extras)
 _NONE = 1 << 30  # keys from here on mark candidates outside the band: after every voxel key (< 2^30)
 
@@ -84,7 +82,6 @@ def _where(mask: torch.Tensor) -> torch.Tensor:
 class _Tables:
     """Per-triangle fields, stored (fields, T) so that a gather by triangle yields contiguous rows."""
 
-    axis: torch.Tensor  # (T,) dominant normal axis w
     rows: torch.Tensor  # (T,) u rows of the dilated (u, v) box
     row_i: torch.Tensor  # (3, T) int64: first u, first and last v of the box
     lines: torch.Tensor  # (9, T) float64: the edge lines a*u + b*v + c >= 0 offset outward by r; b != 0
@@ -128,7 +125,7 @@ def _tables(tri: torch.Tensor, res: int, band: float, cpu: bool) -> _Tables:
         frame = torch.cat([m_uvw[:, :, 0], m_uvw[:, :, 1], m_uvw[:, :, 2], origin, shape], 1)
         frame = frame.to(tri.dtype).T.contiguous()
     return _Tables(
-        axis, nu, torch.stack([i_lo[:, 0], i_lo[:, 1], i_hi[:, 1]]), torch.cat([la, lb, lc], 1).T.contiguous(),
+        nu, torch.stack([i_lo[:, 0], i_lo[:, 1], i_hi[:, 1]]), torch.cat([la, lb, lc], 1).T.contiguous(),
         torch.stack([gu, gv, w0, half, i_lo[:, 2].to(tri.dtype), i_hi[:, 2].to(tri.dtype)]), frame, stride)
 
 
@@ -171,21 +168,11 @@ def _chunk_candidates(tri: torch.Tensor, tab: _Tables, s: int, e: int, res: int,
     """Candidate pairs of triangles s..e-1, not yet unique: (key, d2 bits << 32 | owner) when `closest`,
     else (None, key << 32 | d2 bits); key >= _NONE where d2 is not below the band. owner is the int32
     word (triangle id << 3) | closest feature code."""
-    h = 2.0 / res
-    r = band * h
-    c0 = -1.0 + 0.5 * h
     col_t, iu, iv, w_lo, count = _columns(tab, s, e, res)
     if tab.frame is not None:
-        return _frame_candidates(tab, col_t, iu, iv, w_lo, count, r, closest)
-    cand_c, local = _expand(count)
-    iw = w_lo.index_select(0, cand_c) + local
-    t = col_t.index_select(0, cand_c)
-    uvw = torch.stack([iu[cand_c], iv[cand_c], iw], dim=1)
-    xyz = torch.gather(uvw, 1, _XYZ_FROM_UVW.to(uvw.device)[tab.axis[t]])
-    pts = c0 + xyz.to(tri.dtype) * h
-    d2, feat = point_triangle_sqdist(pts, tri, t, backend=distance_backend)
-    key = _mark_outside((xyz[:, 0] * res + xyz[:, 1]) * res + xyz[:, 2], d2, r)
-    return (key, (_bits(d2) << 32) | _owner(t, feat)) if closest else (None, (key << 32) | _bits(d2))
+        return _frame_candidates(tab, col_t, iu, iv, w_lo, count, band * 2.0 / res, closest)
+    # GPU: every voxel of every column in one kernel (distance, band test and packing fused).
+    return column_candidates(tri, tab.stride, col_t, iu, iv, w_lo, count, res, band, closest, distance_backend)
 
 
 def _mark_outside(key: torch.Tensor, d2: torch.Tensor, r: float) -> torch.Tensor:
@@ -232,14 +219,17 @@ def _frame_candidates(tab: _Tables, col_t, iu, iv, w_lo, count, r: float, closes
     return (torch.cat([k for k, _ in out]) if closest else None), words
 
 
-def _owner(t: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
-    """One int32 per pair: triangle id (< 2^28) and its 3-bit closest-feature code."""
-    return (t.to(torch.int32) << 3) | feat.to(torch.int32)
-
-
 def _bits(d2: torch.Tensor) -> torch.Tensor:
     """The float bits of d2 as int64: d2 >= 0, so they order like d2."""
     return d2.view(torch.int32).to(torch.int64)
+
+
+def cuda_items(device: torch.device, item_bytes: int, floor: int, cap: int, share: float = 0.25) -> int:
+    """How many items of `item_bytes` fit in `share` of the device's free memory (the driver's free
+    bytes plus what PyTorch's allocator holds unused), within [floor, cap]."""
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(min(max(free * share // item_bytes, floor), cap))
 
 
 def _triangle_chunks(counts: torch.Tensor, chunk: int) -> Iterator[tuple[int, int]]:
@@ -324,7 +314,8 @@ def band_pairs(tri: torch.Tensor, res: int, band: float, chunk: int = 1 << 20, d
     counts = candidate_counts(tri, res, band)
     tab = _tables(tri, res, band, cpu=not (tri.is_cuda or distance_backend == "triton"))
     keys, words = [], []
-    for s, e in _triangle_chunks(counts, chunk):
+    chunks = list(_triangle_chunks(counts, chunk))
+    for s, e in chunks:
         k, w = _chunk_candidates(tri, tab, s, e, res, band, distance_backend, closest)
         # Chunks cover compact regions: de-duplicating each halves what the last sort sees.
         if closest:
@@ -334,10 +325,13 @@ def band_pairs(tri: torch.Tensor, res: int, band: float, chunk: int = 1 << 20, d
             k = _nearest(w)
         keys.append(k)
         del w
-    if not closest:
-        key, d2 = _halves(_nearest(torch.cat(keys)))
+    if not closest:  # one chunk: its words are already unique and sorted
+        key, d2 = _halves(keys[0] if len(chunks) == 1 else _nearest(torch.cat(keys)))
         return BandPairs(key, d2.view(torch.float32), None, None)
-    key, word = _nearest_owner(torch.cat(keys), torch.cat(words))
+    if len(chunks) == 1:
+        key, word = keys[0], words[0]
+    else:
+        key, word = _nearest_owner(torch.cat(keys), torch.cat(words))
     del keys, words
     d2, owner = _halves(word)
     return BandPairs(key.to(torch.int32), d2.view(torch.float32), perm[(owner >> 3).long()], (owner & 7).to(torch.uint8))

@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.geometry.band import band_pairs
+from pipeline.geometry.band import band_pairs, cuda_items
 from pipeline.geometry.sign import SignPrep, band_signs, prepare_sign
 from model.configs import strict_from_dict
 
 SIGN_METHODS = ("winding", "pseudonormal", "none")
 BACKENDS = ("native", "mesh_to_sdf")
 MAX_RESOLUTION = 1024  # linear keys (i*R+j)*R+k must fit 31 bits for the packed sort in band.py
+_PAIR_BYTES = 100  # GPU memory per candidate pair of the band search (its bound, candidate_counts)
 
 
 @dataclass
@@ -146,8 +147,10 @@ def _device_of(vertices, device) -> torch.device:
 
 
 def _default_chunk(device: torch.device) -> int:
-    # CPU: pieces of ~350k candidates (per-op overhead against cache); GPU: 8M pairs fill it, < 1 GiB.
-    return 1 << 23 if device.type == "cuda" else 1 << 20
+    # CPU: pieces of ~350k candidates (per-op overhead against cache). CUDA: as many as a quarter of the
+    # free memory holds, so a mesh of ~100k faces at 1024^3 is one chunk (each chunk repeats ~100 small
+    # kernels, a sort and host reads: the GPU path is bound by launches, not by work).
+    return 1 << 20 if device.type != "cuda" else cuda_items(device, _PAIR_BYTES, 1 << 23, 1 << 27)
 
 
 @torch.no_grad()

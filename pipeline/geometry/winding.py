@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.geometry.band import cuda_items
 from pipeline.geometry.crossings import segment_crossing
 
 _RAY_END = 4.0  # x of the ray's far end: beyond every vertex of a mesh in [-1, 1]^3
@@ -296,8 +297,9 @@ class LineCrossings:
 
 
 def _budget(device: torch.device) -> int:
-    # CPU: pieces that stay in cache and bound the peak (~100 MB); CUDA: enough work per launch.
-    return 1 << 23 if device.type == "cuda" else 1 << 20
+    # CPU: pieces that stay in cache and bound the peak (~100 MB). CUDA: what a quarter of the free memory
+    # holds at ~100 bytes an item, so a line count is one piece (each piece costs ~30 kernels and reads).
+    return 1 << 20 if device.type != "cuda" else cuda_items(device, 100, 1 << 23, 1 << 27)
 
 
 def _ragged(start: torch.Tensor, count: torch.Tensor):
@@ -309,16 +311,15 @@ def _ragged(start: torch.Tensor, count: torch.Tensor):
 
 def _column_spans(x, y, xc):
     """[lo, hi] of y over each triangle's cut by the line x = xc (edges whose x range holds xc), with
-    slack so rounding in the cut never drops a line; lo > hi where no edge reaches xc."""
-    lo = torch.full_like(xc, torch.inf)
-    hi = torch.full_like(xc, -torch.inf)
-    for a, b in ((0, 1), (1, 2), (2, 0)):
-        xa, xb, ya, yb = x[:, a], x[:, b], y[:, a], y[:, b]
-        dx = xb - xa
-        tt = ((xc - xa) / torch.where(dx == 0, 1.0, dx)).clamp(0, 1)
-        yc = ya + tt * (yb - ya)
-        covers = (torch.minimum(xa, xb) <= xc) & (xc <= torch.maximum(xa, xb))
-        flat = dx == 0
-        lo = torch.where(covers, torch.minimum(lo, torch.where(flat, torch.minimum(ya, yb), yc)), lo)
-        hi = torch.where(covers, torch.maximum(hi, torch.where(flat, torch.maximum(ya, yb), yc)), hi)
+    slack so rounding in the cut never drops a line; lo > hi where no edge reaches xc. The three edges
+    side by side: (P,3) arrays, a dozen kernels on the GPU."""
+    xb, yb = x[:, [1, 2, 0]], y[:, [1, 2, 0]]
+    xc = xc[:, None]
+    dx = xb - x
+    flat = dx == 0
+    tt = ((xc - x) / torch.where(flat, 1.0, dx)).clamp(0, 1)
+    yc = y + tt * (yb - y)
+    covers = (torch.minimum(x, xb) <= xc) & (xc <= torch.maximum(x, xb))
+    lo = torch.where(covers, torch.where(flat, torch.minimum(y, yb), yc), torch.inf).amin(1)
+    hi = torch.where(covers, torch.where(flat, torch.maximum(y, yb), yc), -torch.inf).amax(1)
     return lo - 1e-9, hi + 1e-9
