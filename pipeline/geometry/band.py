@@ -88,11 +88,18 @@ class _Tables:
     slab: torch.Tensor  # (6, T): w = w0 + gu*u + gv*v, half width, the triangle's own w range (dilated)
     frame: torch.Tensor | None  # (18, T), CPU: local coordinates per u, v, w step, origin, 2D shape
     stride: torch.Tensor  # (3, T) int64: linear-key strides of u, v, w
+    counts: torch.Tensor  # (T,) candidate bound (candidate_counts), to size chunks
+    kernels: bool = False  # the GPU's Triton scan (kernels.distance.scan) rather than the PyTorch one here
 
 
-def _tables(tri: torch.Tensor, res: int, band: float, cpu: bool) -> _Tables:
+def _tables(tri: torch.Tensor, res: int, band: float, cpu: bool, kernels: bool = False) -> _Tables:
     """Everything per triangle the chunks need, computed once per mesh (per-chunk small ops cost more in
-    overhead than in work)."""
+    overhead than in work); kernels: in one Triton launch (the GPU's path; this code is its reference)."""
+    if kernels:
+        from kernels.distance.scan import triangle_tables  # Triton is imported only where it runs
+
+        rows, row_i, lines, slab, stride, counts = triangle_tables(tri, res, band, _EPS)
+        return _Tables(rows, row_i, lines, slab, None, stride, counts, kernels=True)
     h = 2.0 / res
     r = band * h
     c0 = -1.0 + 0.5 * h
@@ -126,7 +133,8 @@ def _tables(tri: torch.Tensor, res: int, band: float, cpu: bool) -> _Tables:
         frame = frame.to(tri.dtype).T.contiguous()
     return _Tables(
         nu, torch.stack([i_lo[:, 0], i_lo[:, 1], i_hi[:, 1]]), torch.cat([la, lb, lc], 1).T.contiguous(),
-        torch.stack([gu, gv, w0, half, i_lo[:, 2].to(tri.dtype), i_hi[:, 2].to(tri.dtype)]), frame, stride)
+        torch.stack([gu, gv, w0, half, i_lo[:, 2].to(tri.dtype), i_hi[:, 2].to(tri.dtype)]), frame, stride,
+        candidate_counts(tri, res, band))
 
 
 def _columns(tab: _Tables, s: int, e: int, res: int):
@@ -135,10 +143,18 @@ def _columns(tab: _Tables, s: int, e: int, res: int):
 
     Each u row of a triangle's box keeps the v interval inside its three offset edge lines (scan
     conversion, in float64 with the index slack: never narrower than the lines)."""
-    h = 2.0 / res
-    c0 = -1.0 + 0.5 * h
     row_t, local = _expand(tab.rows[s:e])
     row_t += s
+    if tab.kernels:
+        from kernels.distance.scan import column_slabs, row_spans
+
+        iu, iv_lo, ncol = row_spans(row_t, local, tab.row_i, tab.lines, res, _EPS)
+        col_r, local = _expand(ncol)
+        col_t, iu = row_t.index_select(0, col_r), iu.index_select(0, col_r)
+        iv = iv_lo.index_select(0, col_r) + local
+        return col_t, iu, iv, *column_slabs(col_t, iu, iv, tab.slab, res, _EPS)
+    h = 2.0 / res
+    c0 = -1.0 + 0.5 * h
     ri = tab.row_i.index_select(1, row_t)
     iu = ri[0] + local
     xu = c0 + iu.double() * h
@@ -311,10 +327,10 @@ def band_pairs(tri: torch.Tensor, res: int, band: float, chunk: int = 1 << 20, d
         return BandPairs(empty, empty.float(), empty if closest else None, empty.to(torch.uint8) if closest else None)
     perm = _morton_order(tri)
     tri = tri[perm]
-    counts = candidate_counts(tri, res, band)
-    tab = _tables(tri, res, band, cpu=not (tri.is_cuda or distance_backend == "triton"))
+    kernels = distance_backend == "triton" or (distance_backend == "auto" and tri.is_cuda)
+    tab = _tables(tri, res, band, cpu=not (tri.is_cuda or kernels), kernels=kernels)
     keys, words = [], []
-    chunks = list(_triangle_chunks(counts, chunk))
+    chunks = list(_triangle_chunks(tab.counts, chunk))
     for s, e in chunks:
         k, w = _chunk_candidates(tri, tab, s, e, res, band, distance_backend, closest)
         # Chunks cover compact regions: de-duplicating each halves what the last sort sees.
