@@ -87,6 +87,30 @@ _BAND = _MODE + textwrap.dedent(
 )
 
 
+# The grid-line crossings of the Triton kernels (kernels.distance.lines) against LineCrossings' PyTorch
+# code: the same crossings, keys and counts, on the whole grid and on a box of lines.
+_LINES = _MODE + textwrap.dedent(
+    """
+    from sign_cases import CASES
+    from pipeline.geometry.winding import LineCrossings
+
+    res = 48
+    for name in ("nested_shells", "overlapping_convex_pieces"):
+        v, f = CASES[name]()
+        t = torch.as_tensor(v, dtype=torch.float64)[torch.as_tensor(f)]
+        ijk = torch.stack(torch.meshgrid(*[torch.arange(res)] * 3, indexing="ij"), -1).reshape(-1, 3)
+        for box in (None, ((3, 5), (res - 7, res - 2))):
+            ref = LineCrossings(t, res, box)
+            with CudaBranches():
+                got = LineCrossings(t, res, box)
+                w = got(ijk)
+            assert torch.equal(got.keys[got.keys < 1 << 62], ref.keys) and torch.equal(w, ref(ijk)), name
+            assert int(w.abs().max()) >= 1, name
+    print("ok")
+    """
+)
+
+
 def _run(script: str) -> None:
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
@@ -100,3 +124,7 @@ def test_cuda_code_path_in_interpreter_equals_cpu_path():
 
 def test_cuda_band_scan_in_interpreter_is_exact():
     _run(_BAND)
+
+
+def test_cuda_line_crossings_in_interpreter_equal_pytorch():
+    _run(_LINES)

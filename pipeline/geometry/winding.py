@@ -222,21 +222,29 @@ class LineCrossings:
         r = self.resolution = resolution
         h = 2.0 / r
         (i0, j0), (i1, j1) = lines if lines is not None else ((0, 0), (r, r))
+        # The GPU runs each stage below as one Triton kernel (kernels.distance.lines; this is their
+        # reference): the same float64 steps, so the same crossings.
+        lines_k = _line_kernels() if t.is_cuda else None
         # Columns x_i under each triangle's x extent (a little slack: the exact test removes extras).
         x, y = t[:, :, 0], t[:, :, 1]
-        c_lo = torch.ceil((x.min(1).values + 1) / h - 0.5 - 1e-6).clamp_min(i0).long()
-        c_hi = torch.floor((x.max(1).values + 1) / h - 0.5 + 1e-6).clamp_max(i1 - 1).long()
-        owner, col = _ragged(c_lo, (c_hi - c_lo + 1).clamp_min(0))
-        px = -1 + (col.double() + 0.5) * h
-        # Per (triangle, column): the rows whose line can pass through the triangle, and the edge
-        # functions at x_i (the row's y is the one term left per line).
-        ylo, yhi = _column_spans(x[owner], y[owner], px)
-        empty = ~(ylo <= yhi)  # a slack column that no edge reaches
-        ylo, yhi = torch.where(empty, 0.0, ylo), torch.where(empty, -1.0, yhi)
-        r_lo = torch.ceil((ylo + 1) / h - 0.5 - 1e-6).clamp_min(j0).long()
-        nrow = (torch.floor((yhi + 1) / h - 0.5 + 1e-6).clamp_max(j1 - 1).long() - r_lo + 1).clamp_min(0)
-        A, B, C, tie = _edge_lines(t)
-        base = A[owner] * px[:, None] + C[owner]  # (P,3)
+        if lines_k:
+            t = t.contiguous()
+            owner, col = _ragged(*lines_k.triangle_columns(t, r, i0, i1))
+            r_lo, nrow = lines_k.column_rows(t, owner, col, r, j0, j1)
+        else:
+            c_lo = torch.ceil((x.min(1).values + 1) / h - 0.5 - 1e-6).clamp_min(i0).long()
+            c_hi = torch.floor((x.max(1).values + 1) / h - 0.5 + 1e-6).clamp_max(i1 - 1).long()
+            owner, col = _ragged(c_lo, (c_hi - c_lo + 1).clamp_min(0))
+            px = -1 + (col.double() + 0.5) * h
+            # Per (triangle, column): the rows whose line can pass through the triangle, and the edge
+            # functions at x_i (the row's y is the one term left per line).
+            ylo, yhi = _column_spans(x[owner], y[owner], px)
+            empty = ~(ylo <= yhi)  # a slack column that no edge reaches
+            ylo, yhi = torch.where(empty, 0.0, ylo), torch.where(empty, -1.0, yhi)
+            r_lo = torch.ceil((ylo + 1) / h - 0.5 - 1e-6).clamp_min(j0).long()
+            nrow = (torch.floor((yhi + 1) / h - 0.5 + 1e-6).clamp_max(j1 - 1).long() - r_lo + 1).clamp_min(0)
+            A, B, C, tie = _edge_lines(t)
+            base = A[owner] * px[:, None] + C[owner]  # (P,3)
         keys, signs = [], []
         csum = torch.cumsum(nrow, 0)
         s = 0
@@ -244,6 +252,12 @@ class LineCrossings:
             done = int(csum[s - 1]) if s else 0
             e = max(s + 1, int(torch.searchsorted(csum, done + budget, right=True)))
             rep, j = _ragged(r_lo[s:e], nrow[s:e])
+            if lines_k:  # pairs that miss keep a key after every line's and sign 0: they count nowhere
+                key, sign = lines_k.line_hits(t, owner[s:e], col[s:e], rep, j, r)
+                keys.append(key)
+                signs.append(sign)
+                s = e
+                continue
             tid = owner[s:e][rep]
             py = -1 + (j.double() + 0.5) * h
             o = base[s:e][rep] + B[tid] * py[:, None]
@@ -294,6 +308,12 @@ class LineCrossings:
             first = lo + torch.cumsum(torch.bincount(at, minlength=key.numel() + 1), 0)[:-1]
             out[s : s + budget] = torch.where(line_of[first] == line, after[first], 0)
         return out
+
+
+def _line_kernels():
+    from kernels.distance import lines  # Triton is imported only where it runs
+
+    return lines
 
 
 def _budget(device: torch.device) -> int:
