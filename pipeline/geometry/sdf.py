@@ -83,19 +83,21 @@ def validate_mesh(vertices, faces) -> tuple[torch.Tensor, torch.Tensor]:
     if v.shape[0] == 0 or f.shape[0] == 0:
         raise ValueError(f"empty mesh: {v.shape[0]} vertices, {f.shape[0]} faces")
     bad = ~torch.isfinite(v).all(dim=1)
-    if bad.any():
-        raise ValueError(f"{int(bad.sum())} vertices are NaN or infinite (first: vertex {int(bad.nonzero()[0])})")
-    if f.min() < 0 or f.max() >= v.shape[0]:
-        raise ValueError(f"face indices out of range [0, {v.shape[0]}): min {int(f.min())}, max {int(f.max())}")
-    if v.abs().max() > 1.0 + 1e-6:
-        raise ValueError(f"vertices outside [-1, 1]^3 (max |coordinate| {float(v.abs().max()):.4g}): normalize the mesh first")
-    tri = v[f]
-    area2 = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=1).norm(dim=1)
-    # Zero-area faces carry no surface: their edges are covered by neighbours or they are noise.
-    ok = area2 > 1e-14
-    if not ok.any():
+    # Zero-area faces carry no surface: their edges are covered by neighbours or they are noise. (Indices
+    # clamped so the areas can be taken before the range is known: every check is one host read.)
+    tri = v[f.clamp(0, v.shape[0] - 1)]
+    ok = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=1).norm(dim=1) > 1e-14
+    n_bad, f_min, f_max, v_max, n_ok = torch.stack([bad.sum().double(), f.min().double(), f.max().double(),
+                                                    v.abs().max(), ok.sum().double()]).tolist()
+    if n_bad:
+        raise ValueError(f"{int(n_bad)} vertices are NaN or infinite (first: vertex {int(bad.nonzero()[0])})")
+    if f_min < 0 or f_max >= v.shape[0]:
+        raise ValueError(f"face indices out of range [0, {v.shape[0]}): min {int(f_min)}, max {int(f_max)}")
+    if v_max > 1.0 + 1e-6:
+        raise ValueError(f"vertices outside [-1, 1]^3 (max |coordinate| {v_max:.4g}): normalize the mesh first")
+    if not n_ok:
         raise ValueError(f"all {f.shape[0]} faces are degenerate (zero area)")
-    return v, f[ok]
+    return v, (f if n_ok == f.shape[0] else f[ok])
 
 
 def _check_options(resolution: int, band: float, sign: str, backend: str, chunk: int) -> None:

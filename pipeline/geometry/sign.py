@@ -53,6 +53,7 @@ class MeshTopology:
     labels: torch.Tensor  # (F,) component id (smallest face index of the component)
     closed: bool  # every edge good
     components: int  # connected components through shared edges
+    open_chain: bool  # some edge's faces do not cancel (a boundary chain: w is not an integer everywhere)
 
 
 def mesh_topology(faces: torch.Tensor, num_vertices: int) -> MeshTopology:
@@ -67,8 +68,10 @@ def mesh_topology(faces: torch.Tensor, num_vertices: int) -> MeshTopology:
     good = (cnt == 2) & (chain == 0)
     face_edges = inv.reshape(-1, 3)
     labels = component_labels(face_edges, und.numel())
+    closed, components, open_chain = torch.stack([
+        good.all(), (labels == torch.arange(f.shape[0], device=f.device)).sum(), (chain != 0).any()]).tolist()
     return MeshTopology(face_edges, cnt, good, chain, torch.stack([und // num_vertices, und % num_vertices], 1),
-                        labels, bool(good.all()), int((labels == torch.arange(f.shape[0], device=f.device)).sum()))
+                        labels, bool(closed), int(components), bool(open_chain))
 
 
 def count_components(face_edges: torch.Tensor, num_edges: int) -> int:
@@ -87,7 +90,9 @@ def component_labels(face_edges: torch.Tensor, num_edges: int) -> torch.Tensor:
         edge_min = torch.full((num_edges,), n, device=dev).scatter_reduce_(0, flat, parent.repeat_interleave(3), "amin")
         low = edge_min[face_edges].amin(1)  # smallest root among the faces sharing an edge with each face
         hooked = parent.scatter_reduce(0, parent, low, "amin")  # roots only: every face points at a root here
-        while True:  # pointer jumping: depth halves each step
+        while True:  # pointer jumping: depth halves each step; checked every third step (one host read)
+            for _ in range(3):
+                hooked = hooked[hooked]
             nxt = hooked[hooked]
             if torch.equal(nxt, hooked):
                 break
@@ -305,7 +310,7 @@ def prepare_sign(method: str, tri: torch.Tensor, faces: torch.Tensor, vertices: 
             tri = vertices[faces]
             topo = mesh_topology(faces, nv)
     t = tri.double()
-    if method == "winding" and not bool((topo.chain != 0).any()):
+    if method == "winding" and not topo.open_chain:
         # Every edge's faces cancel (closed parts, however they overlap, nest or pass through
         # themselves): w is an integer off the surface, the signed count of crossings on the +z ray
         # from the voxel, counted once per grid line for all its voxels (winding.LineCrossings).
