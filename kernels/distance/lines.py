@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.distance.scan import _block
+from kernels.distance.scan import _block, constants
 
 MISS = 1 << 62  # key of a (triangle, line) pair that does not cross: sorts after every crossing
 _MISS = tl.constexpr(MISS)
@@ -42,7 +42,7 @@ def triangle_columns(tri: torch.Tensor, resolution: int, i0: int, i1: int):
     n = tri.shape[0]
     c_lo = torch.empty(n, dtype=torch.int64, device=tri.device)
     ncol = torch.empty(n, dtype=torch.int64, device=tri.device)
-    const = torch.tensor([2.0 / resolution, 1e-6], dtype=torch.float64, device=tri.device)
+    const = constants((2.0 / resolution, 1e-6), tri.device)
     if n:
         block = _block(256)
         _triangle_columns_kernel[(triton.cdiv(n, block),)](tri, const, c_lo, ncol, n, i0, i1, BLOCK=block)
@@ -90,7 +90,7 @@ def column_rows(tri: torch.Tensor, owner: torch.Tensor, col: torch.Tensor, resol
     n = owner.numel()
     r_lo = torch.empty(n, dtype=torch.int64, device=tri.device)
     nrow = torch.empty(n, dtype=torch.int64, device=tri.device)
-    const = torch.tensor([2.0 / resolution, 1e-6, 1e-9], dtype=torch.float64, device=tri.device)
+    const = constants((2.0 / resolution, 1e-6, 1e-9), tri.device)
     if n:
         block = _block(256)
         _column_rows_kernel[(triton.cdiv(n, block),)](tri, owner, col, const, r_lo, nrow, n, j0, j1, BLOCK=block)
@@ -157,7 +157,7 @@ def line_hits(tri: torch.Tensor, owner: torch.Tensor, col: torch.Tensor, rep: to
     n = rep.numel()
     key = torch.empty(n, dtype=torch.int64, device=tri.device)
     sign = torch.empty(n, dtype=torch.int64, device=tri.device)
-    const = torch.tensor([2.0 / resolution], dtype=torch.float64, device=tri.device)
+    const = constants((2.0 / resolution,), tri.device)
     if n:
         block = _block(256)
         _line_hits_kernel[(triton.cdiv(n, block),)](tri, owner, col, rep, j, const, key, sign, n, resolution,

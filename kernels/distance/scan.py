@@ -9,11 +9,19 @@ op, which is their reference; every bound keeps the same index slack, so roundin
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+
+@functools.lru_cache(maxsize=256)
+def constants(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """float64 constants for a kernel (Triton passes Python floats as float32), copied to the device once
+    per process: PyTorch's host-to-device copy waits for the GPU's queue."""
+    return torch.tensor(values, dtype=torch.float64, device=device)
 
 
 def _block(n_default: int) -> int:
@@ -58,7 +66,7 @@ def _triangle_tables_kernel(
     hi_u = tl.maximum(tl.maximum(au, bu), cu)
     hi_v = tl.maximum(tl.maximum(av, bv), cv)
     hi_w = tl.maximum(tl.maximum(aw, bw), cw)
-    top = (res - 1).to(tl.float32)
+    top = res - 1.0
     iu_lo = tl.minimum(tl.maximum(tl.ceil((lo_u - r - c0) / h - eps), 0.0), top).to(tl.int64)
     iv_lo = tl.minimum(tl.maximum(tl.ceil((lo_v - r - c0) / h - eps), 0.0), top).to(tl.int64)
     iw_lo = tl.minimum(tl.maximum(tl.ceil((lo_w - r - c0) / h - eps), 0.0), top).to(tl.int64)
@@ -124,7 +132,7 @@ def triangle_tables(tri: torch.Tensor, res: int, band: float, eps: float):
     slab = torch.empty(6, n, dtype=torch.float32, device=dev)
     stride = torch.empty(3, n, dtype=torch.int64, device=dev)
     count = torch.empty(n, dtype=torch.int64, device=dev)
-    const = torch.tensor([r * (1 + eps), 1e-300, eps * h], dtype=torch.float64, device=dev)
+    const = constants((r * (1 + eps), 1e-300, eps * h), dev)
     if n:
         block = _block(128)
         _triangle_tables_kernel[(triton.cdiv(n, block),)](
@@ -171,7 +179,7 @@ def row_spans(row_t: torch.Tensor, local: torch.Tensor, row_i: torch.Tensor, lin
     iu = torch.empty(n, dtype=torch.int64, device=row_t.device)
     iv_lo = torch.empty(n, dtype=torch.int64, device=row_t.device)
     ncol = torch.empty(n, dtype=torch.int64, device=row_t.device)
-    const = torch.tensor([-1.0 + 0.5 * h, h, eps], dtype=torch.float64, device=row_t.device)
+    const = constants((-1.0 + 0.5 * h, h, eps), row_t.device)
     if n:
         block = _block(256)
         _row_spans_kernel[(triton.cdiv(n, block),)](row_t, local, row_i, lines, const, iu, iv_lo, ncol, n,
@@ -191,7 +199,7 @@ def _column_slabs_kernel(col_t_ptr, iu_ptr, iv_ptr, slab_ptr, w_lo_ptr, count_pt
     gv = tl.load(slab_ptr + num_tri + t, mask=m, other=0.0)
     w_mid = tl.load(slab_ptr + 2 * num_tri + t, mask=m, other=0.0) + gu * xu + gv * xv
     half = tl.load(slab_ptr + 3 * num_tri + t, mask=m, other=0.0)
-    top = (res - 1).to(tl.float32)
+    top = res - 1.0
     w_lo = tl.minimum(tl.maximum(tl.ceil((w_mid - half - 0.0 - c0) / h - eps), 0.0), top)
     w_hi = tl.minimum(tl.maximum(tl.floor((w_mid + half + 0.0 - c0) / h + eps), -1.0), top)
     w_lo = tl.maximum(w_lo.to(tl.int64), tl.load(slab_ptr + 4 * num_tri + t, mask=m, other=0.0).to(tl.int64))

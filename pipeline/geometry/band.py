@@ -279,7 +279,7 @@ def _nearest(packed: torch.Tensor) -> torch.Tensor:
         first = np.ones(key.shape, dtype=bool)
         np.not_equal(key[1:], key[:-1], out=first[1:])
         return torch.from_numpy(p[first])
-    packed = packed[:int(torch.searchsorted(packed, torch.tensor(_NONE << 32, device=packed.device)))]
+    packed = packed[:int(torch.searchsorted(packed, _NONE << 32))]
     key = packed >> 32
     first = torch.ones(key.shape, dtype=torch.bool, device=key.device)
     torch.ne(key[1:], key[:-1], out=first[1:])
@@ -297,7 +297,7 @@ def _nearest_owner(key: torch.Tensor, word: torch.Tensor) -> tuple[torch.Tensor,
     if bits > 32:  # keys below 2^31 shifted by bits must stay below 2^63
         raise ValueError(f"{n:,} band candidates in one sort: over the 2^32 this packing holds")
     tagged = _sort((key << bits) | torch.arange(n, device=key.device))
-    tagged = tagged[:int(torch.searchsorted(tagged, torch.tensor(_NONE << bits, device=tagged.device)))]
+    tagged = tagged[:int(torch.searchsorted(tagged, _NONE << bits))]
     ukey, seg = torch.unique_consecutive(tagged >> bits, return_inverse=True)
     best = torch.full(ukey.shape, torch.iinfo(torch.int64).max, dtype=torch.int64, device=key.device)
     best.scatter_reduce_(0, seg, word.index_select(0, tagged & ((1 << bits) - 1)), "amin")
