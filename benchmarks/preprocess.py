@@ -4,6 +4,7 @@ on a ~50k-face scanned mesh and on the sample corpus, against mesh-to-sdf on the
     python benchmarks/preprocess.py                          # CPU, one core (each size in a fresh process)
     python benchmarks/preprocess.py --device cuda            # one GPU
     python benchmarks/preprocess.py --device cuda --res 1024 --no-corpus --baseline-points 0 --chunk 25   # chunk 2^25
+    python benchmarks/preprocess.py --device cuda --res 1024 --no-corpus --baseline-points 0 --profile   # + launches
     python benchmarks/preprocess.py --mesh bunny.npz --res 256 512 --no-corpus --json out.json
     python benchmarks/preprocess.py --open --no-corpus      # the mesh cut open: winding-number sign path
     python benchmarks/preprocess.py --mesh sign:nested_shells --res 1024 --no-corpus   # a sign-test mesh
@@ -181,9 +182,10 @@ def measure_cpu(v, f, res, band: float = 2.0, sign: str = "winding") -> dict:
 
 
 def measure_gpu(v, f, res: int, band: float = 2.0, sign: str = "winding", repeats: int = 5,
-                chunk: int | None = None) -> dict:
+                chunk: int | None = None, profile: bool = False) -> dict:
     """Median seconds of `sparse_sdf` on CUDA (inputs already on the GPU) and its peak GPU memory; chunk:
-    candidate pairs per band chunk (default: the library's)."""
+    candidate pairs per band chunk (default: the library's); profile: also kernels, host waits and GPU
+    busy time of one call (profile_gpu)."""
     vt = torch.as_tensor(v, dtype=torch.float32, device="cuda")
     ft = torch.as_tensor(f, dtype=torch.int64, device="cuda")
     s = sparse_sdf(vt, ft, res, band, sign=sign, chunk=chunk)  # warm-up: Triton compile
@@ -198,8 +200,34 @@ def measure_gpu(v, f, res: int, band: float = 2.0, sign: str = "winding", repeat
         times.append(time.perf_counter() - t)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30
     coords, values = _sample(s)
-    return {"seconds": sorted(times)[repeats // 2], "prepare_s": _cuda_median(lambda: prepare_mesh(vt, ft, sign)),
-            "voxels": int(s.coords.shape[0]), "peak_gpu_gib": peak, "coords": coords, "values": values}
+    out = {"seconds": sorted(times)[repeats // 2], "prepare_s": _cuda_median(lambda: prepare_mesh(vt, ft, sign)),
+           "voxels": int(s.coords.shape[0]), "peak_gpu_gib": peak, "coords": coords, "values": values}
+    if profile:
+        out.update(profile_gpu(lambda: sparse_sdf(vt, ft, res, band, sign=sign, chunk=chunk)))
+    return out
+
+
+def profile_gpu(fn) -> dict:
+    """One call under torch.profiler: GPU kernels run (launches), host waits (stream/device synchronize and
+    blocking copies), and the GPU's busy milliseconds (kernel time summed)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    waits = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaMemcpyAsync", "cudaEventSynchronize"}
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        kernels, busy_us, host = 0, 0.0, {}
+        for e in prof.events():
+            if str(getattr(e, "device_type", "")).endswith("CUDA"):
+                if not e.name.startswith(("Memcpy", "Memset")):
+                    kernels += 1
+                    busy_us += e.time_range.elapsed_us()
+            elif e.name in waits:
+                host[e.name] = host.get(e.name, 0) + 1
+        return {"kernels": kernels, "gpu_busy_ms": busy_us / 1e3, "host_waits": host}
+    except Exception as e:  # the profiler is a diagnostic: the timing above stands without it
+        return {"profile_error": f"{type(e).__name__}: {e}"}
 
 
 def _cuda_median(fn, repeats: int = 5) -> float:
@@ -326,11 +354,14 @@ def main() -> None:
     ap.add_argument("--open", action="store_true", help="cut the mesh open (winding-number sign path)")
     ap.add_argument("--rerun", type=int, default=0, help="only time a rerun over this many finished files")
     ap.add_argument("--chunk", type=int, default=None, help="with --device cuda: band chunk of 2^CHUNK candidate "
-                    "pairs (the library's default is 2^23; fewer chunks launch fewer kernels and use more memory)")
+                    "pairs (the library's default: what a quarter of the free memory holds, 2^23..2^27; fewer "
+                    "chunks launch fewer kernels and use more memory)")
+    ap.add_argument("--profile", action="store_true", help="with --device cuda: kernels, host waits and GPU busy "
+                    "time of one call (torch.profiler)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    if args.chunk is not None and args.device != "cuda":
-        ap.error("--chunk applies to --device cuda")
+    if (args.chunk is not None or args.profile) and args.device != "cuda":
+        ap.error("--chunk and --profile apply to --device cuda")
     if args.rerun:
         torch.set_num_threads(1)
         r = measure_rerun(args.rerun)
@@ -348,8 +379,12 @@ def main() -> None:
     rows = []
     for res in args.res:
         r = (measure_cpu(v, f, res, args.band) if args.device == "cpu"
-             else measure_gpu(v, f, res, args.band, chunk=None if args.chunk is None else 1 << args.chunk))
+             else measure_gpu(v, f, res, args.band, chunk=None if args.chunk is None else 1 << args.chunk,
+                              profile=args.profile))
         r["res"] = res
+        if "kernels" in r or "profile_error" in r:
+            print(f"{res}^3 profile of one call: " + (r.get("profile_error") or f"{r['kernels']} GPU kernels, "
+                  f"{r['gpu_busy_ms']:.1f} ms GPU busy, host waits {r['host_waits']}"))
         coords, values = r.pop("coords"), r.pop("values")
         r["max_err_voxel"] = measure_accuracy(v, f, res, args.band, coords[:args.accuracy_points],
                                               values[:args.accuracy_points])
