@@ -279,10 +279,13 @@ class LineCrossings:
         self.line = torch.div(self.keys, r + 1, rounding_mode="floor")
         # after[c] = sum of the signs from c to the end of its line: a suffix sum restarted per line.
         total = torch.cumsum(sign, 0)
-        last = torch.ones_like(self.line, dtype=torch.bool)
-        last[:-1] = self.line[1:] != self.line[:-1]
-        idx = torch.arange(self.line.numel(), device=dev)
-        end = torch.where(last, idx, self.line.numel()).flip(0).cummin(0).values.flip(0)
+        if self.line.is_cuda:  # the last crossing of each one's line: a binary search (a cummin scan is slow there)
+            end = torch.searchsorted(self.line, self.line, right=True) - 1
+        else:
+            last = torch.ones_like(self.line, dtype=torch.bool)
+            last[:-1] = self.line[1:] != self.line[:-1]
+            idx = torch.arange(self.line.numel(), device=dev)
+            end = torch.where(last, idx, self.line.numel()).flip(0).cummin(0).values.flip(0)
         self.after = total[end] - total + sign
 
     def __call__(self, coords: torch.Tensor, budget: int | None = None) -> torch.Tensor:
