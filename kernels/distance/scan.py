@@ -52,7 +52,8 @@ def _triangle_tables_kernel(
     ny = e1z * e2x - e1x * e2z
     nz = e1x * e2y - e1y * e2x
     # Dominant axis w (the first of equal ones, as argmax); u = (w + 1) % 3, v = (w + 2) % 3.
-    w_ax = tl.where((tl.abs(nx) >= tl.abs(ny)) & (tl.abs(nx) >= tl.abs(nz)), 0, tl.where(tl.abs(ny) >= tl.abs(nz), 1, 2))
+    mx, my, mz = tl.abs(nx), tl.abs(ny), tl.abs(nz)
+    w_ax = tl.where((mx >= my) & (mx >= mz), 0, tl.where(my >= mz, 1, 2))
     u_ax = (w_ax + 1) % 3
     v_ax = (w_ax + 2) % 3
     au, bu, cu = _pick(u_ax, ax, ay, az), _pick(u_ax, bx, by, bz), _pick(u_ax, cx, cy, cz)
@@ -163,8 +164,10 @@ def _row_spans_kernel(row_t_ptr, local_ptr, row_i_ptr, lines_ptr, const_ptr, iu_
         v_hi = tl.where(b < 0, tl.minimum(v_hi, bound), v_hi)
     v_lo = tl.minimum(tl.maximum(v_lo, -3.0), 3.0)
     v_hi = tl.minimum(tl.maximum(v_hi, -3.0), 3.0)
-    iv_lo = tl.maximum(tl.load(row_i_ptr + num_tri + t, mask=m, other=0), tl.ceil((v_lo - c0) / h - eps).to(tl.int64))
-    iv_hi = tl.minimum(tl.load(row_i_ptr + 2 * num_tri + t, mask=m, other=0), tl.floor((v_hi - c0) / h + eps).to(tl.int64))
+    iv_lo = tl.ceil((v_lo - c0) / h - eps).to(tl.int64)
+    iv_hi = tl.floor((v_hi - c0) / h + eps).to(tl.int64)
+    iv_lo = tl.maximum(tl.load(row_i_ptr + num_tri + t, mask=m, other=0), iv_lo)
+    iv_hi = tl.minimum(tl.load(row_i_ptr + 2 * num_tri + t, mask=m, other=0), iv_hi)
     tl.store(iu_ptr + offs, iu, mask=m)
     tl.store(iv_lo_ptr + offs, iv_lo, mask=m)
     tl.store(ncol_ptr + offs, tl.maximum(iv_hi - iv_lo + 1, 0), mask=m)

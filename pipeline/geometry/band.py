@@ -279,10 +279,10 @@ def _nearest(packed: torch.Tensor) -> torch.Tensor:
         first = np.ones(key.shape, dtype=bool)
         np.not_equal(key[1:], key[:-1], out=first[1:])
         return torch.from_numpy(p[first])
-    packed = packed[:int(torch.searchsorted(packed, _NONE << 32))]
     key = packed >> 32
     first = torch.ones(key.shape, dtype=torch.bool, device=key.device)
     torch.ne(key[1:], key[:-1], out=first[1:])
+    first &= key < _NONE  # the words outside the band sort last: dropped by the same compaction
     return packed.index_select(0, _where(first))
 
 

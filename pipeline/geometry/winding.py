@@ -247,11 +247,13 @@ class LineCrossings:
             base = A[owner] * px[:, None] + C[owner]  # (P,3)
         keys, signs = [], []
         csum = torch.cumsum(nrow, 0)
+        pairs = int(csum[-1]) if nrow.numel() else 0
         s = 0
         while s < nrow.numel():  # pieces of about `budget` (triangle, line) pairs
             done = int(csum[s - 1]) if s else 0
-            e = max(s + 1, int(torch.searchsorted(csum, done + budget, right=True)))
-            rep, j = _ragged(r_lo[s:e], nrow[s:e])
+            e = (nrow.numel() if pairs - done <= budget
+                 else max(s + 1, int(torch.searchsorted(csum, done + budget, right=True))))
+            rep, j = _ragged(r_lo[s:e], nrow[s:e], pairs - done if e == nrow.numel() else None)
             if lines_k:  # pairs that miss keep a key after every line's and sign 0: they count nowhere
                 key, sign = lines_k.line_hits(t, owner[s:e], col[s:e], rep, j, r)
                 keys.append(key)
@@ -304,6 +306,10 @@ class LineCrossings:
             c = coords[s : s + budget].long()
             line = c[:, 0] * r + c[:, 1]
             key = line * (r + 1) + c[:, 2]
+            if key.is_cuda:  # the first crossing above each voxel by binary search: no host read
+                first = torch.searchsorted(self.keys, key, right=True)
+                out[s : s + budget] = torch.where(line_of[first] == line, after[first], 0)
+                continue
             # Index of the first crossing above each voxel = the crossings at or below it: those before
             # this piece's first voxel, plus this piece's crossings placed among its sorted voxels.
             lo, hi = torch.searchsorted(self.keys, torch.stack([key[0], key[-1] + 1])).tolist()
@@ -325,9 +331,10 @@ def _budget(device: torch.device) -> int:
     return 1 << 20 if device.type != "cuda" else cuda_items(device, 100, 1 << 23, 1 << 27)
 
 
-def _ragged(start: torch.Tensor, count: torch.Tensor):
-    """(owner, value) for the ranges start[i], ..., start[i] + count[i] - 1, in order."""
-    owner = torch.repeat_interleave(torch.arange(count.numel(), device=count.device), count)
+def _ragged(start: torch.Tensor, count: torch.Tensor, total: int | None = None):
+    """(owner, value) for the ranges start[i], ..., start[i] + count[i] - 1, in order; total: sum(count)
+    when known (no host read for the output's size)."""
+    owner = torch.repeat_interleave(torch.arange(count.numel(), device=count.device), count, output_size=total)
     first = torch.cumsum(count, 0) - count
     return owner, start[owner] + torch.arange(owner.numel(), device=count.device) - first[owner]
 
