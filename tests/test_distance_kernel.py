@@ -158,6 +158,33 @@ def test_triton_kernel_on_cuda_matches_reference():
         assert (f_tri != f_ref).float().mean().item() <= 1e-3
 
 
+@pytest.mark.gpu
+def test_column_kernel_on_cuda_matches_reference():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from kernels.distance import column_candidates, max_column_voxels
+
+    g = torch.Generator().manual_seed(5)
+    res, band, n_tri, n_col = 1024, 2.0, 5000, 300_000
+    tri = torch.rand(n_tri, 3, 3, generator=g) * 1.8 - 0.9
+    stride = torch.tensor([res * res, res, 1])[torch.stack([torch.randperm(3, generator=g) for _ in range(n_tri)])].T
+    col_t = torch.randint(0, n_tri, (n_col,), generator=g)
+    count = torch.randint(0, max_column_voxels(band) + 1, (n_col,), generator=g)
+    iu, iv = torch.randint(0, res, (2, n_col), generator=g)
+    w_lo = (torch.rand(n_col, generator=g) * (res - count + 1)).long()
+    args = [x.contiguous() for x in (tri, stride, col_t, iu, iv, w_lo, count)]
+    for closest in (True, False):
+        ref = column_candidates(*args, res, band, closest, backend="torch")
+        got = column_candidates(*[x.cuda() for x in args], res, band, closest)
+        # Voxel centres are exact at a power-of-two resolution: the same keys; d2 to float32 rounding.
+        k_ref, k_got = (ref[0], got[0].cpu()) if closest else (ref[1] >> 32, got[1].cpu() >> 32)
+        edge = (k_ref ^ k_got) == 1 << 30  # the band flag may flip where d2 rounds across the band's edge
+        assert torch.equal(k_ref[~edge], k_got[~edge]) and int(edge.sum()) <= 10
+        bits = (lambda w: (w >> 32).to(torch.int32)) if closest else (lambda w: (w & 0xFFFFFFFF).to(torch.int32))
+        d_ref, d_got = bits(ref[1]).view(torch.float32), bits(got[1].cpu()).view(torch.float32)
+        torch.testing.assert_close(d_got, d_ref, rtol=1e-4, atol=1e-8)
+
+
 def test_triangle_frame_path_matches_reference():
     from kernels.distance.frame import sqdist_in_frame, triangle_frames
 
