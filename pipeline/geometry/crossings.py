@@ -138,24 +138,26 @@ def triangle_crossings(tri: torch.Tensor, faces: torch.Tensor, probe_offset: flo
     # Triangles on one edge meet along it. One folded back so far over the other that it passes
     # between that face and its probe breaks the probe's value: both hard.
     e2 = (shared == 2).nonzero().squeeze(1)
-    if e2.numel():
-        for x, y in ((i[e2], j[e2]), (j[e2], i[e2])):
-            nx = torch.linalg.cross(t[x, 1] - t[x, 0], t[x, 2] - t[x, 0], dim=1)
-            reach = 2 * probe_offset * nx / nx.norm(dim=1, keepdim=True).clamp_min(1e-300)
-            g = t[x].mean(1)
-            folded, _ = segment_crossing(g - reach, g + reach, t[y, 0], t[y, 1], t[y, 2])
-            hard[x[folded]] = True
-            hard[y[folded]] = True
+    if e2.numel():  # both ways round in one batch
+        x, y = torch.cat([i[e2], j[e2]]), torch.cat([j[e2], i[e2]])
+        nx = torch.linalg.cross(t[x, 1] - t[x, 0], t[x, 2] - t[x, 0], dim=1)
+        reach = 2 * probe_offset * nx / nx.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        g = t[x].mean(1)
+        folded, _ = segment_crossing(g - reach, g + reach, t[y, 0], t[y, 1], t[y, 2])
+        hard[x[folded]] = True
+        hard[y[folded]] = True
     keep = (shared < 2) & _straddle(t, i, j, same.any(1)) & _straddle(t, j, i, same.any(2))
     i, j, shared, corner = i[keep], j[keep], shared[keep], same.any(2)[keep].int().argmax(1)
-    hits, points = [], []
-    for x, y in ((i, j), (j, i)):  # edges of x through the face of y
-        for k in range(3):
-            p, q = t[x, k], t[x, (k + 1) % 3]
-            c, s = segment_crossing(p, q, t[y, 0], t[y, 1], t[y, 2])
-            hits.append(c)
-            points.append(p + (q - p) * s[:, None])
-    hits = torch.stack(hits, 1)  # (K,6)
+    # Edges of x through the face of y, for (x, y) = (i, j) then (j, i), edges ab, bc, ca: the six tests
+    # of every pair in one batch (elementwise, so the same values as one call per edge).
+    tx, ty = t[torch.cat([i, j])], t[torch.cat([j, i])]  # (2K,3,3)
+    p, q = tx, tx[:, [1, 2, 0]]
+    tv = ty[:, None].expand(-1, 3, -1, -1)
+    c, s = segment_crossing(p.reshape(-1, 3), q.reshape(-1, 3), tv[:, :, 0].reshape(-1, 3),
+                            tv[:, :, 1].reshape(-1, 3), tv[:, :, 2].reshape(-1, 3))
+    k = i.numel()
+    hits = c.view(2, k, 3).permute(1, 0, 2).reshape(k, 6)  # (K,6)
+    pts = (p + (q - p) * s.view(-1, 3)[..., None]).view(2, k, 3, 3).permute(1, 0, 2, 3).reshape(k, 6, 3)
     nhit = hits.sum(1)
     # A proper crossing of two triangles pierces exactly two edges; two triangles that share a vertex
     # and fold through each other (noisy scans) pierce one, the segment running from that vertex.
@@ -163,7 +165,6 @@ def triangle_crossings(tri: torch.Tensor, faces: torch.Tensor, probe_offset: flo
     any_hit = nhit > 0
     fold = (shared == 1) & (nhit == 1)
     proper = ((shared == 0) & (nhit == 2)) | fold
-    pts = torch.stack(points, 1)
     first = torch.argmax(hits.int(), 1)
     last = 5 - torch.argmax(hits.flip(1).int(), 1)
     rows = torch.arange(hits.shape[0], device=dev)

@@ -32,6 +32,7 @@ import torch
 from kernels.distance import EDGE_AB, EDGE_BC, EDGE_CA, FACE, VERT_A, VERT_B, VERT_C
 from kernels.distance.reference import point_triangle_offset_reference
 from pipeline.geometry.crossings import Crossings, triangle_crossings
+from pipeline.geometry import winding
 from pipeline.geometry.winding import LineCrossings, WindingNumber, _expand
 
 WINDING_THRESHOLD = 0.5  # inside iff w >= 0.5: a hole is closed by its minimal cap, a lone sheet is outside
@@ -228,12 +229,12 @@ def boundary_chain(v: torch.Tensor, topo: MeshTopology) -> BoundaryChain | None:
     return BoundaryChain(ends, weight, mult, center, radius, length, torch.cumsum(count, 0) - count, count)
 
 
-def drift_bound(chain: BoundaryChain, centroid: torch.Tensor, reach: torch.Tensor, budget: int = 1 << 21):
+def drift_bound(chain: BoundaryChain, centroid: torch.Tensor, reach: torch.Tensor, budget: int | None = None):
     """Per face: bound on |w(voxel) - w(probe)| from the boundary chain, for paths of length <= reach
     that stay within reach of the centroid (inf where the chain comes that close)."""
     f, c = centroid.shape[0], chain.center.shape[0]
     out = torch.zeros(f, dtype=torch.float64, device=centroid.device)
-    step = max(1, budget // c)
+    step = max(1, (budget or winding.pair_budget(centroid.device)) // c)
     for s in range(0, f, step):
         g, R = centroid[s : s + step], reach[s : s + step]
         gap = (g[:, None] - chain.center[None]).norm(dim=2) - R[:, None] - chain.radius[None]  # (T,C)
@@ -249,14 +250,14 @@ def drift_bound(chain: BoundaryChain, centroid: torch.Tensor, reach: torch.Tenso
     return out
 
 
-def drift_bound_fine(chain: BoundaryChain, centroid: torch.Tensor, reach: torch.Tensor, budget: int = 1 << 21):
+def drift_bound_fine(chain: BoundaryChain, centroid: torch.Tensor, reach: torch.Tensor, budget: int | None = None):
     """A tighter drift bound for the faces where `drift_bound` does not decide: the gradient of w at the
     centroid exactly (Biot-Savart of each straight boundary edge in closed form, so the two sides of
     a slot cancel) plus its change within reach: |grad w(x) - grad w(g)| <= |x - g| sum 4|e| /
     (4 pi d^3) (the kernel's Jacobian has norm <= 4 / d^3)."""
     f, b = centroid.shape[0], chain.ends.shape[0]
     out = torch.empty(f, dtype=torch.float64, device=centroid.device)
-    step = max(1, budget // b)
+    step = max(1, (budget or winding.pair_budget(centroid.device)) // b)
     for s in range(0, f, step):
         g, R = centroid[s : s + step, None], reach[s : s + step]
         a, c = chain.ends[None, :, 0] - g, chain.ends[None, :, 1] - g
