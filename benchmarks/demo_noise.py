@@ -195,15 +195,28 @@ def structure_rows(args, samples) -> None:
             pngs = [view.png for view in s.views] + new
             images = torch.stack([decode_image(png, enc.image_size, with_mask=True) for png in pngs])
             coords = cascade.structure_stage(cascade.condition(images), [0] * len(pngs))
-            ious = [len(truth & got) / max(1, len(truth | got))
-                    for got in ({tuple(c) for c in lc.long().tolist()} for lc in coords)]
-            stats.append((max(ious[:-k]), float(np.mean(ious[:-k])), float(np.mean(ious[-k:]))))
+            gots = [{tuple(c) for c in lc.long().tolist()} for lc in coords]
+            ious = [len(truth & got) / max(1, len(truth | got)) for got in gots]
+            # the same up to a quarter turn about +Y (up in every view): how much of a miss is orientation
+            turns = quarter_turns_about_y(truth, args.resolution // 8)
+            turned = [max(len(t & got) / max(1, len(t | got)) for t in turns) for got in gots[-k:]]
+            stats.append((max(ious[:-k]), float(np.mean(ious[:-k])), float(np.mean(ious[-k:])), float(np.mean(turned))))
             print(f"structure guidance {guidance:g} {Path(s.source_uri).stem}: latent voxels {len(truth)}, IoU from "
                   f"its stored views {' '.join(f'{x:.2f}' for x in ious[:-k])}, from new views "
-                  f"{' '.join(f'{x:.2f}' for x in ious[-k:])}", flush=True)
-        best, mean, new = np.mean(stats, axis=0)
+                  f"{' '.join(f'{x:.2f}' for x in ious[-k:])} (best quarter turn about +Y "
+                  f"{' '.join(f'{x:.2f}' for x in turned)})", flush=True)
+        best, mean, new, turned = np.mean(stats, axis=0)
         print(f"structure guidance {guidance:g}, mean over {len(stats)} meshes: IoU best stored view {best:.3f}, "
-              f"stored views {mean:.3f}, new views {new:.3f}", flush=True)
+              f"stored views {mean:.3f}, new views {new:.3f} (best quarter turn about +Y {turned:.3f})", flush=True)
+
+
+def quarter_turns_about_y(voxels: set, side: int) -> list[set]:
+    """The voxel set turned by 0, 90, 180 and 270 degrees about the grid's +Y axis (x, z) -> (z, side-1-x)."""
+    out, cur = [voxels], voxels
+    for _ in range(3):
+        cur = {(z, y, side - 1 - x) for x, y, z in cur}
+        out.append(cur)
+    return out
 
 
 def bench_encoder(spec: str):
