@@ -2,10 +2,10 @@
 per triangle the grid columns under its x extent, per (triangle, column) the rows its cut can cover,
 per (triangle, line) the exact crossing test and the packed crossing.
 
-float64 throughout, op for op as LineCrossings' PyTorch code (the reference). The crossing predicate
-stays exact in the sense that matters: the two faces of an edge compute their edge function from the
-same ordered ends, negated, so a line through an edge is inside exactly one of them however the
-compiler fuses multiply-adds. Constants that float32 cannot hold come from a float64 tensor.
+float64 throughout, op for op as LineCrossings' PyTorch code (the reference), compiled without fused
+multiply-adds, so the CPU and the GPU count the same crossings. The two faces of an edge compute their
+edge function from the same ordered ends, negated, so a line through an edge is inside exactly one of
+them. Constants that float32 cannot hold come from a float64 tensor.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ import triton.language as tl
 from kernels.distance.scan import _block, constants
 
 MISS = 1 << 62  # key of a (triangle, line) pair that does not cross: sorts after every crossing
+# No fused multiply-adds: every float64 step rounds as in the PyTorch code, so the crossings' heights (and
+# the voxel centres counted below them) are the CPU's to the bit, also where a face meets a centre exactly.
+_EXACT = {"enable_fp_fusion": False}
 _MISS = tl.constexpr(MISS)
 
 
@@ -45,7 +48,8 @@ def triangle_columns(tri: torch.Tensor, resolution: int, i0: int, i1: int):
     const = constants((2.0 / resolution, 1e-6), tri.device)
     if n:
         block = _block(256)
-        _triangle_columns_kernel[(triton.cdiv(n, block),)](tri, const, c_lo, ncol, n, i0, i1, BLOCK=block)
+        _triangle_columns_kernel[(triton.cdiv(n, block),)](tri, const, c_lo, ncol, n, i0, i1, BLOCK=block,
+                                                           **_EXACT)
     return c_lo, ncol
 
 
@@ -93,7 +97,8 @@ def column_rows(tri: torch.Tensor, owner: torch.Tensor, col: torch.Tensor, resol
     const = constants((2.0 / resolution, 1e-6, 1e-9), tri.device)
     if n:
         block = _block(256)
-        _column_rows_kernel[(triton.cdiv(n, block),)](tri, owner, col, const, r_lo, nrow, n, j0, j1, BLOCK=block)
+        _column_rows_kernel[(triton.cdiv(n, block),)](tri, owner, col, const, r_lo, nrow, n, j0, j1, BLOCK=block,
+                                                      **_EXACT)
     return r_lo, nrow
 
 
@@ -161,5 +166,5 @@ def line_hits(tri: torch.Tensor, owner: torch.Tensor, col: torch.Tensor, rep: to
     if n:
         block = _block(256)
         _line_hits_kernel[(triton.cdiv(n, block),)](tri, owner, col, rep, j, const, key, sign, n, resolution,
-                                                    BLOCK=block)
+                                                    BLOCK=block, **_EXACT)
     return key, sign
