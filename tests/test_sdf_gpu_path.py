@@ -88,7 +88,7 @@ _BAND = _MODE + textwrap.dedent(
 
 
 # The grid-line crossings of the Triton kernels (kernels.distance.lines) against LineCrossings' PyTorch
-# code: the same crossings, keys and counts, on the whole grid and on a box of lines.
+# code: the same crossings, keys and counts, on the whole grid and on a box of lines; and a region.
 _LINES = _MODE + textwrap.dedent(
     """
     from sign_cases import CASES
@@ -106,6 +106,15 @@ _LINES = _MODE + textwrap.dedent(
                 w = got(ijk)
             assert torch.equal(got.keys[got.keys < 1 << 62], ref.keys) and torch.equal(w, ref(ijk)), name
             assert int(w.abs().max()) >= 1, name
+    # A region (the slabs of a memory budget) is the whole band cut to its box on this path too.
+    from pipeline.geometry.sdf import prepare_mesh, sdf_on_grid
+    with CudaBranches():
+        prep = prepare_mesh(*CASES["overlapping_convex_pieces"]())
+        whole = sdf_on_grid(prep, res)
+        lo, hi = (10, 8, 12), (30, 40, 33)
+        part = sdf_on_grid(prep, res, region=(lo, hi))
+    keep = ((whole.coords >= torch.tensor(lo)) & (whole.coords < torch.tensor(hi))).all(1)
+    assert torch.equal(part.coords, whole.coords[keep]) and torch.equal(part.values, whole.values[keep])
     print("ok")
     """
 )
