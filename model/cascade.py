@@ -228,7 +228,7 @@ class GenerationConfig:
     min_component_fraction: float = 0.02
     target_faces: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32; the refiners run in fp16 on CUDA unless fp32
     offload: bool = False  # networks wait in host memory; each stage moves only its own to the device
 
     def validate(self) -> None:
@@ -313,8 +313,12 @@ class Cascade:
         self.vae = vae.module.to(self.home).eval() if vae else None
         self.dit_refine = dit_refine.module.to(self.home, self.dtype).eval() if dit_refine else None
         self.vae_refine = vae_refine.module.to(self.home).eval() if vae_refine else self.vae
-        self.refiner = refiner.module.to(self.home).eval() if refiner else None
-        self.refiner_refine = refiner_refine.module.to(self.home).eval() if refiner_refine else None
+        # the refiners' dense 3D UNets run in float16 on CUDA, as the release runs them (its pipeline's dtype;
+        # GroupNorm and the smoothing sums stay float32); float32 when the cascade is
+        self.refiner_dtype = torch.float16 if self.dtype != torch.float32 and self.device.type == "cuda" else self.dtype
+        self.refiner = refiner.module.to(self.home).cast_weights(self.refiner_dtype).eval() if refiner else None
+        self.refiner_refine = (refiner_refine.module.to(self.home).cast_weights(self.refiner_dtype).eval()
+                               if refiner_refine else None)
         self._resident: tuple[str, ...] = ()
         self._masters: dict[int, list] = {}  # offload: id(module) -> [(tensor, its host master)]
         self.schedules = dict(schedules or {})  # stage -> the release's schedule (default: our shifted one)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.smooth import adaptive_smooth
 from model.configs import strict_from_dict
 from model.dense_vae import check_layout, named_config
 
@@ -222,21 +223,6 @@ class UNet3D(nn.Module):
 # -- the sdf refiner's pieces ------------------------------------------------------------------------
 
 
-def adaptive_smooth(x: torch.Tensor, weights: torch.Tensor, times: int = 3) -> torch.Tensor:
-    """``times`` passes of a per-voxel 3³ filter: out(v) = Σ_o w_o(v) · x(v + o - 1), zero padding.
-
-    ``weights`` (B, 27, D, H, W), tap o = 9·i + 3·j + k for the offset (i, j, k); shared by all channels."""
-    d, h, w = x.shape[-3:]
-    for _ in range(times):
-        xp = F.pad(x, (1, 1, 1, 1, 1, 1))
-        out = torch.zeros_like(x)
-        for o in range(27):
-            i, j, k = o // 9, o // 3 % 3, o % 3
-            out = out + xp[:, :, i:i + d, j:j + h, k:k + w] * weights[:, o:o + 1]
-        x = out
-    return x
-
-
 def _kernel_net(width: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv3d(width, width, 3, padding=1), nn.ReLU(),
                          nn.Conv3d(width, 27, 3, padding=1, bias=False))
@@ -286,6 +272,14 @@ class VoxelRefiner(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.conv_in.weight.dtype
 
+    def cast_weights(self, dtype: torch.dtype) -> "VoxelRefiner":
+        """Convolutions and linears to ``dtype``, norms kept in float32: the release's ``convert_to_fp16``
+        (its pipeline runs the refiners in float16). Returns self."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d, nn.Linear)):
+                m.to(dtype)
+        return self
+
     def forward(self, sdf: torch.Tensor, feats: torch.Tensor | None = None) -> torch.Tensor:
         """One patch: sdf (B, 1, D, H, W) and, for the sdf refiner, the MLP'd features (B, width, D, H, W)
         -> the refined SDF in [-1, 1] (sdf refiner) or the sign logits (sign refiner)."""
@@ -293,11 +287,12 @@ class VoxelRefiner(nn.Module):
         if self.cfg.kind == "sign":
             return self.conv_out(self.unet3d1(h))
         mid = self.unet3d1(torch.cat([h, feats], dim=1))
-        mid = adaptive_smooth(mid, F.normalize(self.adaptive_conv1(mid), p=1, dim=1))
+        # three adaptive 3³ smoothing steps (kernels.smooth: weights L1-normalised per voxel, float32 sums)
+        mid = adaptive_smooth(mid, self.adaptive_conv1(mid))
         mid = self.mid_conv(mid)
-        mid = adaptive_smooth(mid, F.normalize(self.adaptive_conv2(mid), p=1, dim=1))
+        mid = adaptive_smooth(mid, self.adaptive_conv2(mid))
         out = self.conv_out(mid)
-        out = adaptive_smooth(out, F.normalize(self.adaptive_conv3(mid), p=1, dim=1))
+        out = adaptive_smooth(out, self.adaptive_conv3(mid))
         return torch.tanh(out)
 
     def forward_patch(self, sdf: torch.Tensor, feats: torch.Tensor | None = None) -> torch.Tensor:
@@ -341,15 +336,15 @@ class VoxelRefiner(nn.Module):
         rows = self.latent_mlp(feats.to(dt))
         empty = self.latent_mlp(torch.zeros(1, feats.shape[1], device=dev, dtype=dt))[0]
         sdf = values.to(dt).reshape(-1, 1)
-        ramp = torch.linspace(0, 1, o, device=dev, dtype=dt)
-        ones = torch.ones(p, device=dev, dtype=dt)
+        ramp = torch.linspace(0, 1, o, device=dev)
+        ones = torch.ones(p, device=dev)
         # linear blend over each overlap: the first patch of an axis fades out, the next fades in
         weights = [torch.cat([ones[:s], 1 - ramp]), torch.cat([ramp, ones[o:s], 1 - ramp]), torch.cat([ramp, ones[o:]])]
-        out = torch.zeros(cfg.res, cfg.res, cfg.res, device=dev, dtype=dt)
+        out = torch.zeros(cfg.res, cfg.res, cfg.res, device=dev, dtype=torch.float32)  # blended in float32
         for lo, size in self._patches(s):
             x = self._patch_input(coords, sdf, lo, size)
             f = self._patch_input(coords, rows, lo, size, fill_rows=empty)
-            y = self(x, f)[0, 0]
+            y = self(x, f)[0, 0].float()
             wi, wj, wk = (weights[lo[a] // s] for a in range(3))
             out[lo[0]:lo[0] + p, lo[1]:lo[1] + p, lo[2]:lo[2] + p] += y * wi[:, None, None] * wj[None, :, None] * wk
         return out

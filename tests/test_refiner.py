@@ -183,3 +183,26 @@ def test_bfloat16_patch_close_to_float32(name):
         a = net.forward_patch(x, f)
         b = net.to(torch.bfloat16).forward_patch(x.bfloat16(), None if f is None else f.bfloat16())
     assert b.dtype == torch.bfloat16 and float((b.float() - a).abs().max()) < 0.05
+
+
+@pytest.mark.parametrize("name", ["debug", "debug_1024"])
+def test_half_weights_as_the_release_runs_them(name):
+    """cast_weights: convs and linears in float16, norms in float32 (the release's convert_to_fp16); a whole
+    run() matches float32 on the marched voxels' values, and the refined field is float32."""
+    cfg = rf.RefinerConfig.named(name)
+    net = _random(cfg, seed=5)
+    half = _random(cfg, seed=5).cast_weights(torch.float16)
+    assert half.dtype == torch.float16
+    assert all(m.weight.dtype == torch.float32 for m in half.modules() if isinstance(m, torch.nn.GroupNorm))
+    x = torch.rand(1, 1, 16, 16, 16) * 2 - 1
+    f = torch.randn(1, 32, 16, 16, 16) if cfg.kind == "sdf" else None
+    with torch.no_grad():
+        a = net.forward_patch(x, f)
+        b = half.forward_patch(x.half(), None if f is None else f.half())
+    assert b.dtype == torch.float16 and float((b.float() - a).abs().max()) < 1e-2
+    if cfg.kind == "sdf":
+        g = torch.Generator().manual_seed(1)
+        coords = torch.randint(0, cfg.res, (400, 3), generator=g)
+        vals, feats = torch.rand(400, generator=g) * 2 - 1, torch.randn(400, 32, generator=g)
+        fa, fb = net.refine_sdf(coords, vals, feats), half.refine_sdf(coords, vals, feats)
+        assert fb.dtype == torch.float32 and float((fa - fb).abs().max()) < 1e-2

@@ -1,0 +1,187 @@
+"""The released refiners' cost on one GPU: one 192³ patch and a whole 512³ run, by precision and layout.
+
+    python benchmarks/refiner.py                       # paper-size sdf and sign refiners, random weights
+    python benchmarks/refiner.py --kinds sdf --skip-run
+    python benchmarks/refiner.py --size debug          # CPU smoke run (debug configs, tiny patches)
+
+Both refiners run a dense 3D UNet (134.7 M parameters) over 27 overlapping 192³ patches of a 512³ grid:
+about 6.5 (sdf) / 6.2 (sign) TFLOP a patch by PyTorch's FLOP counter, ~175 TFLOP a shape. Rows, each in
+the same process on the same inputs, the first the baseline the others are divided by:
+
+- ``fp32``: weights in float32 (cuDNN's TF32 for the convolutions, PyTorch's default), the smoothing by
+  27 slice-multiply-adds a pass (``kernels.smooth`` reference): what the cascade ran before;
+- ``fp16``: convolutions and linears in float16, norms in float32 (``VoxelRefiner.cast_weights``, the
+  release's precision), smoothing by the Triton kernel: what the cascade runs now;
+- ``fp16, channels-last``: the same with the module and its input in ``torch.channels_last_3d``;
+- ``fp16, reference smoothing``: isolates the smoothing kernel's share (sdf refiner only).
+
+Also the smoothing alone (one 192³ × 8 patch, three passes) and, unless ``--skip-run``, ``run()`` on a
+sphere shell's band at 512³ (the cascade's call: 27 patches, blending, straddling voxels), fp32 against fp16.
+Reported: median ms (``triton.testing.do_bench`` on CUDA, wall clock on the CPU), effective TFLOP/s,
+× faster than the fp32 row, the largest difference from the fp32 output, peak GPU memory.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kernels.smooth import adaptive_smooth  # noqa: E402
+from model import refiner as rf  # noqa: E402
+
+
+def timed(fn, cuda: bool, rep_ms: int) -> float:
+    if cuda:
+        import triton
+        return triton.testing.do_bench(fn, warmup=3, rep=rep_ms, return_mode="median")
+    fn()
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def patch_flops(cfg: rf.RefinerConfig) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        m = rf.VoxelRefiner(cfg)
+        p = cfg.patch_size
+        x = torch.ones(1, 1, p, p, p)
+        f = torch.ones(1, cfg.width, p, p, p) if cfg.kind == "sdf" else None
+        with FlopCounterMode(display=False) as fc:
+            m(x, f) if f is not None else m(x)
+    return fc.get_total_flops()
+
+
+def random_refiner(cfg: rf.RefinerConfig, device: str) -> rf.VoxelRefiner:
+    torch.manual_seed(0)
+    net = rf.VoxelRefiner(cfg).eval()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            fan = p[0].numel() if p.ndim > 1 else 1
+            p.copy_(torch.randn(p.shape) / fan ** 0.5 + (1.0 if p.ndim == 1 and "norm" in name else 0.0))
+    return net.to(device)
+
+
+def variant(base: rf.VoxelRefiner, name: str) -> rf.VoxelRefiner:
+    import copy
+    net = copy.deepcopy(base)
+    if name.startswith("fp16"):
+        net.cast_weights(torch.float16)
+    if "channels-last" in name:
+        net.to(memory_format=torch.channels_last_3d)
+    return net
+
+
+def shell_band(res: int, device: str, radius_frac: float = 0.4, width: float = 2.0):
+    """Voxels within ``width`` of a sphere of radius ``radius_frac``·res at the grid's centre, their SDF in
+    voxels clipped to ±1 (a decoded band's values) and random decoder features."""
+    r = torch.arange(res, device=device, dtype=torch.float32) - (res - 1) / 2
+    coords, vals = [], []
+    for z0 in range(0, res, 64):  # slabs, to bound the dense temporaries
+        z = r[z0:z0 + 64]
+        d = (z[:, None, None] ** 2 + r[None, :, None] ** 2 + r[None, None, :] ** 2).sqrt() - radius_frac * res
+        idx = (d.abs() < width).nonzero()
+        vals.append((d[idx[:, 0], idx[:, 1], idx[:, 2]] / width).clamp(-1, 1))
+        idx[:, 0] += z0
+        coords.append(idx)
+    coords, vals = torch.cat(coords), torch.cat(vals)
+    feats = torch.randn(len(coords), 32, device=device, generator=torch.Generator(device).manual_seed(1))
+    return coords, vals, feats
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", default="paper", choices=["paper", "debug"])
+    p.add_argument("--kinds", default="sdf,sign")
+    p.add_argument("--skip-run", action="store_true", help="patches and smoothing only, no whole run()")
+    p.add_argument("--rep-ms", type=int, default=2000)
+    args = p.parse_args()
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    card = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"# {card}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')} UTC; cudnn.allow_tf32 "
+          f"{torch.backends.cudnn.allow_tf32}; size {args.size}")
+    rows = []
+    for kind in args.kinds.split(","):
+        name = ("paper" if kind == "sdf" else "paper_1024") if args.size == "paper" else \
+            ("debug" if kind == "sdf" else "debug_1024")
+        cfg = rf.RefinerConfig.named(name)
+        flop = patch_flops(cfg)
+        base = random_refiner(cfg, dev)
+        ps = cfg.patch_size
+        g = torch.Generator(dev).manual_seed(2)
+        x = torch.rand(1, 1, ps, ps, ps, device=dev, generator=g) * 2 - 1
+        f = torch.randn(1, cfg.width, ps, ps, ps, device=dev, generator=g) if kind == "sdf" else None
+        names = ["fp32", "fp16", "fp16, channels-last"] + (["fp16, reference smoothing"] if kind == "sdf" else [])
+        ref = None
+        for vname in names:
+            net = variant(base, vname)
+            dt = net.dtype
+            xi, fi = x.to(dt), (f.to(dt) if f is not None else None)
+            if "channels-last" in vname:
+                xi = xi.contiguous(memory_format=torch.channels_last_3d)
+                fi = fi.contiguous(memory_format=torch.channels_last_3d) if fi is not None else None
+            backend = "torch" if (vname == "fp32" or "reference" in vname) else "auto"
+            orig = rf.adaptive_smooth
+            rf.adaptive_smooth = lambda a, w, times=3, _b=backend: adaptive_smooth(a, w, times, backend=_b)
+            try:
+                with torch.no_grad():
+                    out = (net(xi, fi) if fi is not None else net(xi)).float()
+                    if cuda:
+                        torch.cuda.reset_peak_memory_stats()
+                    ms = timed(lambda: net(xi, fi) if fi is not None else net(xi), cuda, args.rep_ms)
+            finally:
+                rf.adaptive_smooth = orig
+            ref = out if ref is None else ref
+            peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
+            rows.append(dict(what=f"{kind} refiner, one {ps}³ patch", variant=vname, ms=ms,
+                             tflops=flop / ms / 1e9, diff=float((out - ref).abs().max()), peak=peak))
+            del net
+        if kind == "sdf":  # the smoothing alone: three passes over one patch of width channels
+            xs = torch.randn(1, cfg.width, ps, ps, ps, device=dev, generator=g)
+            ws = torch.randn(1, 27, ps, ps, ps, device=dev, generator=g)
+            want = adaptive_smooth(xs, ws, backend="torch")
+            for b in (["torch", "triton"] if cuda else ["torch"]):
+                ms = timed(lambda: adaptive_smooth(xs, ws, backend=b), cuda, max(200, args.rep_ms // 10))
+                got = adaptive_smooth(xs, ws, backend=b)
+                rows.append(dict(what=f"smoothing alone, 3 passes, {cfg.width}×{ps}³", variant=b, ms=ms,
+                                 tflops=float("nan"), diff=float((got - want).abs().max()), peak=float("nan")))
+        if not args.skip_run:
+            res = cfg.res * (2 if kind == "sign" else 1)
+            coords, vals, feats = shell_band(res, dev)
+            ref = None
+            for vname in ("fp32", "fp16"):
+                net = variant(base, vname)
+                call = (lambda: net.run(coords, vals, feats)) if kind == "sdf" else (lambda: net.run(coords, vals))
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                t = time.perf_counter()
+                out = call()
+                if cuda:
+                    torch.cuda.synchronize()
+                ms = (time.perf_counter() - t) * 1e3
+                n = len(out[0])
+                ref = n if ref is None else ref
+                peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
+                rows.append(dict(what=f"{kind} refiner run(), sphere band at {res}³ ({len(coords):,} voxels)",
+                                 variant=vname, ms=ms, tflops=27 * flop / ms / 1e9,
+                                 diff=float(n - ref), peak=peak))
+                del net
+    print("\n| what | variant | ms | effective TFLOP/s | × faster than the first row | max diff from it | peak GiB |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    first = {}
+    for r in rows:
+        base_ms = first.setdefault(r["what"], r["ms"])
+        print(f"| {r['what']} | {r['variant']} | {r['ms']:.1f} | {r['tflops']:.1f} | {base_ms / r['ms']:.2f} | "
+              f"{r['diff']:.2e} | {r['peak']:.2f} |")
+    print("\n(for run() rows, 'max diff' is the difference in the count of straddling voxels)")
+
+
+if __name__ == "__main__":
+    main()

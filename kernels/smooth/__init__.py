@@ -1,0 +1,31 @@
+"""Per-voxel adaptive 3³ smoothing (the released sdf refiner's three smoothing steps).
+
+`adaptive_smooth(x, weights, times)`: ``times`` passes of out(v) = Σ_o ŵ_o(v) · x(v + o − 1), zero padding,
+ŵ the 27 weights of each voxel L1-normalised. The Triton kernel on CUDA tensors (or anywhere when
+TRITON_INTERPRET=1 and backend="triton"), the PyTorch reference otherwise; float32 arithmetic, x's dtype out.
+The reference takes 27 slice-multiply-adds a pass over whole (B, C, D, H, W) tensors; the kernel reads each
+block of voxels' neighbours and weights once a pass.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels.smooth.reference import adaptive_smooth_reference
+
+__all__ = ["adaptive_smooth", "adaptive_smooth_reference"]
+
+
+def adaptive_smooth(x: torch.Tensor, weights: torch.Tensor, times: int = 3, backend: str = "auto") -> torch.Tensor:
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"unknown smoothing backend {backend!r}: expected auto, triton or torch")
+    if x.dim() != 5 or weights.dim() != 5 or weights.shape[1] != 27 or weights.shape[0] != x.shape[0] \
+            or weights.shape[2:] != x.shape[2:]:
+        raise ValueError(f"adaptive_smooth: x (B, C, D, H, W) and weights (B, 27, D, H, W) expected, "
+                         f"got {tuple(x.shape)} and {tuple(weights.shape)}")
+    use_triton = backend == "triton" or (backend == "auto" and x.is_cuda)
+    if use_triton and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        from kernels.smooth.triton_kernel import adaptive_smooth_triton
+        return adaptive_smooth_triton(x, weights, times)
+    return adaptive_smooth_reference(x, weights, times)
