@@ -313,8 +313,8 @@ class Cascade:
         self.vae = vae.module.to(self.home).eval() if vae else None
         self.dit_refine = dit_refine.module.to(self.home, self.dtype).eval() if dit_refine else None
         self.vae_refine = vae_refine.module.to(self.home).eval() if vae_refine else self.vae
-        # the refiners' dense 3D UNets run in float16 on CUDA, as the release runs them (its pipeline's dtype;
-        # GroupNorm and the smoothing sums stay float32); float32 when the cascade is
+        # the refiners' dense 3D UNets run in float16 on CUDA (what the release's use_fp16 switch converts:
+        # convolutions and linears; GroupNorm and the smoothing sums stay float32); float32 when the cascade is
         self.refiner_dtype = torch.float16 if self.dtype != torch.float32 and self.device.type == "cuda" else self.dtype
         self.refiner = refiner.module.to(self.home).cast_weights(self.refiner_dtype).eval() if refiner else None
         self.refiner_refine = (refiner_refine.module.to(self.home).cast_weights(self.refiner_dtype).eval()

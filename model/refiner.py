@@ -273,8 +273,8 @@ class VoxelRefiner(nn.Module):
         return self.conv_in.weight.dtype
 
     def cast_weights(self, dtype: torch.dtype) -> "VoxelRefiner":
-        """Convolutions and linears to ``dtype``, norms kept in float32: the release's ``convert_to_fp16``
-        (its pipeline runs the refiners in float16). Returns self."""
+        """Convolutions and linears to ``dtype``, norms kept in float32: what the release's ``use_fp16`` /
+        ``convert_to_fp16`` converts. Returns self."""
         for m in self.modules():
             if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d, nn.Linear)):
                 m.to(dtype)
