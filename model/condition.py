@@ -261,7 +261,9 @@ class ReleaseImageEncoder(nn.Module):
         return F.layer_norm(z, z.shape[-1:])
 
 
-TINY_ENCODERS = {"tiny": TinyEncoderConfig(), "tiny-pixels": TinyEncoderConfig(pixels=True)}
+# 'tiny-pixels-32': the same 64 tokens from a 32² image in 4×4 patches, a coarser silhouette (the demo's; docs/demo.md)
+TINY_ENCODERS = {"tiny": TinyEncoderConfig(), "tiny-pixels": TinyEncoderConfig(pixels=True),
+                 "tiny-pixels-32": TinyEncoderConfig(image_size=32, patch=4, pixels=True)}
 
 
 def build_image_encoder(spec: str) -> nn.Module:
