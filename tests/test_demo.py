@@ -193,6 +193,20 @@ def test_tiny_pixels_encoder_keeps_each_patch_of_the_silhouette():
     assert torch.allclose(pix[8 + 3], torch.ones(64)) and torch.allclose(pix[torch.arange(64) != 11], -torch.ones(63, 64))
 
 
+def test_the_demo_encoder_reads_32_squared_in_4x4_patches():
+    import torch
+
+    from model.condition import build_image_encoder
+
+    enc = build_image_encoder(demo.IMAGE_ENCODER)
+    assert demo.IMAGE_ENCODER == "tiny-pixels-32" and enc.image_size == 32 and enc.dim == 64 + 16
+    img = torch.ones(1, 3, 64, 64)
+    img[:, :, 8:16, 24:32] = 0.0  # one black 8×8 patch at 64² is a 4×4 patch at 32²: row 1, column 3
+    pix = enc(img)[0, :, 64:]
+    assert pix.shape == (64, 16) and torch.allclose(pix[8 + 3], torch.ones(16))
+    assert torch.allclose(pix[torch.arange(64) != 11], -torch.ones(63, 16))
+
+
 def test_quick_mode_cuts_only_the_defaults():
     import argparse
 

@@ -164,10 +164,11 @@ def _job(name: str, argv: list[str]):
 # networks this small learn nothing recognisable in a few hundred CPU steps at the paper-size 1e-4.
 DEBUG_LR = {"structure-vae": 2e-3, "structure-dit": 2e-3, "vae": 2e-3, "dit": 1e-3}
 DEBUG_WARMUP = 10
-# The DiTs' frozen image encoder: the built-in tiny one with each 8×8 patch's own pixels in its token, so the
+# The DiTs' frozen image encoder: the built-in tiny one with each patch's own pixels in its token, so the
 # silhouette reaches them exactly (structure DiT on new views of training meshes: latent-voxel IoU 0.48 with
-# 'tiny', 0.61 with this; docs/demo.md).
-IMAGE_ENCODER = "tiny-pixels"
+# 'tiny', 0.61 with 64² in 8×8 patches), read at 32² in 4×4 patches (the same 64 tokens, a coarser silhouette:
+# 0.564 -> 0.589 at 800 steps, 0.551 -> 0.576 at 400; docs/demo.md).
+IMAGE_ENCODER = "tiny-pixels-32"
 # The SS-VAE's batches are voxels, not tokens: at 64³ the corpus's shapes hold 5k-142k band voxels. A step
 # costs about its voxels, so one or two shapes a step (a shape over the budget alone: --oversize alone, which
 # a CPU's memory allows at 64³) gives ~4x the updates of 160k-voxel batches for the same time (docs/demo.md).
