@@ -52,3 +52,17 @@ def test_shapes_are_checked():
         adaptive_smooth(torch.zeros(1, 2, 3, 3, 3), torch.zeros(1, 26, 3, 3, 3))
     with pytest.raises(ValueError, match="backend"):
         adaptive_smooth(torch.zeros(1, 2, 3, 3, 3), torch.zeros(1, 27, 3, 3, 3), backend="cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_kernel_matches_reference():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    g = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(1, 8, 40, 41, 42, device="cuda", generator=g)
+    w = torch.randn(1, 27, 40, 41, 42, device="cuda", generator=g)
+    want = adaptive_smooth_reference(x.double(), w.double())
+    got = adaptive_smooth(x, w)  # auto: the kernel on CUDA
+    assert torch.allclose(got.double(), want, atol=1e-5, rtol=1e-5)
+    half = adaptive_smooth(x.half(), w.half())
+    assert half.dtype == torch.float16 and float((half.double() - want).abs().max()) < 1e-2
