@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--level", type=float, default=0.0, help="marching level of decoded SDFs")
     ap.add_argument("--structure-vae", default="", help="structure VAE checkpoint (the structure rows)")
     ap.add_argument("--structure-dit", default="", help="structure DiT checkpoint (the structure rows)")
-    ap.add_argument("--image-encoder", default="tiny-pixels", help="the DiTs' image encoder (the demo's)")
+    ap.add_argument("--image-encoder", default="tiny-pixels-32", help="the DiTs' image encoder (the demo's)")
     ap.add_argument("--stages", default="shard,pooled,vae,dit")
     ap.add_argument("--train-vae", type=int, default=0,
                     help="without --vae: train a debug SS-VAE this many steps on every shape of --shards first")
