@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--train-vae", type=int, default=0,
                     help="without --vae: train a debug SS-VAE this many steps on every shape of --shards first")
     ap.add_argument("--lr", type=float, default=2e-3, help="--train-vae: peak learning rate (the demo's)")
+    ap.add_argument("--seed", type=int, default=0, help="--train-vae: seed of the initial weights and the batch order")
     ap.add_argument("--lr-schedule", default="cosine", help="--train-vae: 'constant' or 'cosine' after warm-up")
     ap.add_argument("--token-budget", type=int, default=40_000, help="--train-vae: band voxels a step")
     ap.add_argument("--kl-weight", type=float, default=1e-5, help="--train-vae: KL weight (the demo's; release 1e-3)")
@@ -310,15 +311,15 @@ def train_vae(args):
     cfg = TrainConfig(network="vae", model="debug", steps=args.train_vae, lr=args.lr, warmup_steps=10,
                       lr_schedule=args.lr_schedule, token_budget=args.token_budget, oversize="alone",
                       kl_weight=args.kl_weight)
-    torch.manual_seed(0)
-    task = SparseVAETask(cfg, 0)
+    torch.manual_seed(args.seed)
+    task = SparseVAETask(cfg, args.seed)
     items = [task.prepare(s) for s in {s.mesh_id: s for s in read_samples(
         args.shards, resolution=args.resolution, with_views=False)}.values()]
-    _fit(task, items, cfg, "SS-VAE", "input")
+    _fit(task, items, cfg, "SS-VAE", "input", seed=args.seed)
     return task.module.vae.eval()
 
 
-def _fit(task, items, cfg, label: str, term: str, ema=None) -> None:
+def _fit(task, items, cfg, label: str, term: str, ema=None, seed: int = 0) -> None:
     """The trainer's optimizer loop in one process: AdamW (betas 0.9/0.99), its learning-rate schedule, clip,
     items shuffled each epoch and packed to the budget as the trainer packs them; ``ema`` folded in each step."""
     import random
@@ -326,7 +327,7 @@ def _fit(task, items, cfg, label: str, term: str, ema=None) -> None:
     from pipeline.train.data import Skipped, token_batches
     from pipeline.train.engine import lr_factor
 
-    rng = random.Random(0)
+    rng = random.Random(seed)
     opt = torch.optim.AdamW(task.module.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     batches, errors, t0 = [], [], time.time()
