@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from kernels.smooth.reference import adaptive_smooth_reference
+from kernels.smooth.reference import adaptive_smooth_reference, check_shapes
 
 __all__ = ["adaptive_smooth", "adaptive_smooth_reference"]
 
@@ -20,10 +20,7 @@ __all__ = ["adaptive_smooth", "adaptive_smooth_reference"]
 def adaptive_smooth(x: torch.Tensor, weights: torch.Tensor, times: int = 3, backend: str = "auto") -> torch.Tensor:
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown smoothing backend {backend!r}: expected auto, triton or torch")
-    if x.dim() != 5 or weights.dim() != 5 or weights.shape[1] != 27 or weights.shape[0] != x.shape[0] \
-            or weights.shape[2:] != x.shape[2:]:
-        raise ValueError(f"adaptive_smooth: x (B, C, D, H, W) and weights (B, 27, D, H, W) expected, "
-                         f"got {tuple(x.shape)} and {tuple(weights.shape)}")
+    check_shapes(x, weights)
     use_triton = backend == "triton" or (backend == "auto" and x.is_cuda)
     if use_triton and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         from kernels.smooth.triton_kernel import adaptive_smooth_triton

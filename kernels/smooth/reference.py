@@ -5,14 +5,20 @@ import torch
 import torch.nn.functional as F
 
 
+def check_shapes(x: torch.Tensor, weights: torch.Tensor) -> None:
+    if x.dim() != 5 or weights.dim() != 5 or weights.shape[1] != 27 or weights.shape[0] != x.shape[0] \
+            or weights.shape[2:] != x.shape[2:]:
+        raise ValueError(f"adaptive_smooth: x (B, C, D, H, W) and weights (B, 27, D, H, W) expected, "
+                         f"got {tuple(x.shape)} and {tuple(weights.shape)}")
+
+
 def adaptive_smooth_reference(x: torch.Tensor, weights: torch.Tensor, times: int = 3) -> torch.Tensor:
     """``times`` passes of out(v) = Σ_o ŵ_o(v) · x(v + o − 1) with zero padding, ŵ the weights L1-normalised
     over their 27 taps (``F.normalize(p=1)``: divided by max(Σ|w|, 1e-12)). Tap o = 9·i + 3·j + k is the
     offset (i, j, k) ∈ {0, 1, 2}³; the taps are shared by every channel of x.
 
     x (B, C, D, H, W); weights (B, 27, D, H, W), not yet normalised. Computed in float32, returned in x's dtype."""
-    if weights.shape[1] != 27 or weights.shape[0] != x.shape[0] or weights.shape[2:] != x.shape[2:]:
-        raise ValueError(f"weights {tuple(weights.shape)} must be (B, 27, *x.shape[2:]) for x {tuple(x.shape)}")
+    check_shapes(x, weights)
     d, h, w = x.shape[-3:]
     wn = F.normalize(weights.float(), p=1, dim=1)
     y = x.float()

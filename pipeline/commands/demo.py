@@ -64,8 +64,9 @@ def register(sub) -> None:
     FULL.update({k: p.get_default(k) for k in QUICK})
 
 
-# --quick: each network's steps cut to what the 2-core machine trains in about 23 minutes together (docs/demo.md);
-# the SS-VAE's 900 (at KL 1e-5) reconstruct five training shapes at Chamfer 0.085 where 600 gave 0.110 and 1,200 0.091
+# --quick: each network's steps cut to what the 2-core machine trains in about 22 minutes together (docs/demo.md);
+# the SS-VAE's 900 (at KL 1e-5) reconstruct five training shapes at Chamfer 0.085 where 600 gave 0.110 and 1,200 0.091,
+# one seed each: three seeds at 900 spread 0.085-0.110, so 900 against 1,200 is within that noise
 QUICK = {"structure_vae_steps": 60, "structure_dit_steps": 800, "vae_steps": 900, "train_steps": 300,
          "held_out": 2, "new_views": 4}
 FULL: dict = {}  # the parser's defaults of those settings: --quick leaves a value the user gave alone
@@ -167,7 +168,7 @@ DEBUG_WARMUP = 10
 # The DiTs' frozen image encoder: the built-in tiny one with each patch's own pixels in its token, so the
 # silhouette reaches them exactly (structure DiT on new views of training meshes: latent-voxel IoU 0.48 with
 # 'tiny', 0.61 with 64² in 8×8 patches), read at 32² in 4×4 patches (the same 64 tokens, a coarser silhouette:
-# 0.564 -> 0.589 at 800 steps, 0.551 -> 0.576 at 400; docs/demo.md).
+# 0.564 -> 0.589 at 800 steps, 0.551 -> 0.576 at 400, a weak gain: 7 of 18 new views better, 8 worse; docs/demo.md).
 IMAGE_ENCODER = "tiny-pixels-32"
 # The SS-VAE's batches are voxels, not tokens: at 64³ the corpus's shapes hold 5k-142k band voxels. A step
 # costs about its voxels, so one or two shapes a step (a shape over the budget alone: --oversize alone, which
