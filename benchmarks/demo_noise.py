@@ -89,6 +89,8 @@ def main() -> None:
     ap.add_argument("--lr-schedule", default="cosine", help="--train-vae: 'constant' or 'cosine' after warm-up")
     ap.add_argument("--token-budget", type=int, default=40_000, help="--train-vae: band voxels a step")
     ap.add_argument("--kl-weight", type=float, default=1e-5, help="--train-vae: KL weight (the demo's; release 1e-3)")
+    ap.add_argument("--vae-levels", type=int, default=None,
+                    help="--train-vae: down/up blocks of the SS-VAE (the tiny config's when unset)")
     ap.add_argument("--train-structure-dit", type=int, default=0,
                     help="without --structure-dit: train the demo's structure DiT this many steps on every shape of "
                          "--shards (views drawn each step, EMA as the trainer) on --structure-vae first")
@@ -312,7 +314,13 @@ def train_vae(args):
                       lr_schedule=args.lr_schedule, token_budget=args.token_budget, oversize="alone",
                       kl_weight=args.kl_weight)
     torch.manual_seed(args.seed)
-    task = SparseVAETask(cfg, args.seed)
+    model_config = None
+    if args.vae_levels is not None:
+        import dataclasses
+
+        from model.vae import VAEConfig
+        model_config = dataclasses.replace(VAEConfig.named("tiny"), levels=args.vae_levels)
+    task = SparseVAETask(cfg, args.seed, model_config)
     items = [task.prepare(s) for s in {s.mesh_id: s for s in read_samples(
         args.shards, resolution=args.resolution, with_views=False)}.values()]
     _fit(task, items, cfg, "SS-VAE", "input", seed=args.seed)

@@ -390,8 +390,9 @@ class Cascade:
             channels = v.config.latent_channels if v else pooled_latent.CHANNELS
             if d.config.in_channels != channels:
                 raise ValueError(f"{dit_key} ({d.source}): {d.config.in_channels} latent channels, its decoder has {channels}")
-            if v is not None and v.config.downsample != 8:
-                raise ValueError(f"{vae_key} ({v.source}): downsamples by {v.config.downsample}, the cascade needs 8")
+            if v is not None and dit_key == "dit_refine" and v.config.downsample != 8:
+                raise ValueError(f"{vae_key} ({v.source}): downsamples by {v.config.downsample}, the refine stage "
+                                 f"needs 8 (its latent voxels come from the first mesh at 8 voxels each)")
             space = str(d.meta.get("latent_space", ""))
             if space == "pooled" and v is not None:
                 raise ValueError(f"{dit_key} ({d.source}): trained on pooled latents, which an SS-VAE "
@@ -490,8 +491,13 @@ class Cascade:
                                    self.schedules.get("structure"))
         z = sampler.sample(velocity, noise)
         logits = self.structure_vae.decode(self.structure_vae.unscale(z.float()))
-        latent_res = self.cfg.resolution // 8
+        latent_res = self.latent_resolution(self.vae, self.cfg.resolution)
         return [occupancy_to_latent_coords(logits[i], latent_res, self.cfg.occupancy_threshold) for i in range(b)]
+
+    @staticmethod
+    def latent_resolution(vae, resolution: int) -> int:
+        """The sparse stage's latent grid at ``resolution``: / the SS-VAE's downsampling (8 as released; pooled: 8)."""
+        return resolution // (vae.config.downsample if vae is not None else 8)
 
     @torch.no_grad()
     def sparse_stage(self, net: SparseDiT, coords_list: list[torch.Tensor], cond, seeds: list[int],
@@ -641,7 +647,8 @@ class Cascade:
         latents = self._timed(timings, "sparse", self.sparse_stage, self.dit, coords,
                               self.sparse_condition(self.dit, cond, images), seeds, cfg.sparse_steps, cfg.sparse_shift, 1)
         # the release's 512 refiner marches at twice the threshold
-        sdfs = self._timed(timings, "decode", self.decode, self.vae, coords, latents, cfg.resolution // 8,
+        sdfs = self._timed(timings, "decode", self.decode, self.vae, coords, latents,
+                           self.latent_resolution(self.vae, cfg.resolution),
                            self.refiner, 2.0 * self.level)
         tokens = {i: len(c) for i, c in zip(idx, coords)}
         meshes = self._timed(timings, "mesh", self._march_all, results, requests, idx, sdfs)
@@ -661,7 +668,8 @@ class Cascade:
                                   self.sparse_condition(self.dit_refine, cond, images), seeds,
                                   cfg.refine_steps, cfg.refine_shift, 2)
             sdfs = self._timed(timings, "refine_decode", self.decode, self.vae_refine, rcoords, latents,
-                               cfg.refine_resolution // 8, self.refiner_refine, self.level)
+                               self.latent_resolution(self.vae_refine, cfg.refine_resolution), self.refiner_refine,
+                               self.level)
             tokens = {i: (tokens[i], len(c)) for i, c in zip(idx, rcoords)}
             meshes = self._timed(timings, "refine_mesh", self._march_all, results, requests, idx, sdfs)
         for i, sdf, mesh in zip(idx, sdfs, meshes):

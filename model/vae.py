@@ -47,7 +47,7 @@ from .sparse import (
     kernel_to_torchsparse,
 )
 
-DOWNSAMPLE = 8  # three ×2 blocks on each side
+DOWNSAMPLE = 8  # the release: three ×2 blocks on each side (``VAEConfig.levels`` 3)
 CHUNK_HALO = 3  # latent voxels around a decoded chunk that make it exact (see the module docstring)
 
 
@@ -66,6 +66,8 @@ class VAEConfig:
     out_channels: int = 1
     resolution: int = 64  # latent grid side the network was built for (64 at 512³, 128 at 1024³)
     chunk_size: int = 1  # > 1: eval decoding splits the latent grid into chunk_size³ cubes
+    levels: int = 3  # ×2 down / up blocks on each side (the release: 3, latent = R / 8); fewer keep the
+    # narrowest blocks' widths off the full-resolution end: 2 gives latent = R / 4 (the 64³ demo's SS-VAE)
     latents_scale: float = 1.0  # the DiT sees (z - shift) · scale
     latents_shift: float = 0.0
 
@@ -83,22 +85,24 @@ class VAEConfig:
                              f"{self.latent_channels} and {self.out_channels}")
         if self.latents_scale == 0:
             raise ValueError("VAEConfig.latents_scale must not be 0")
+        if self.levels not in (1, 2, 3):
+            raise ValueError(f"VAEConfig.levels: {self.levels} is not 1, 2 or 3")
 
     @property
     def channels(self) -> tuple[int, ...]:
-        """Encoder widths: stem, then the output of each down block."""
+        """Encoder widths: stem, then the output of each down block (the last ``levels`` + 1 of /16, /8, /4, ×1)."""
         c = self.enc_channels
-        return (c // 16, c // 8, c // 4, c)
+        return (c // 16, c // 8, c // 4, c)[3 - self.levels:]
 
     @property
     def dec_widths(self) -> tuple[int, ...]:
-        """Decoder widths: transformer, then the output of each up block."""
+        """Decoder widths: transformer, then the output of each up block (the first ``levels`` + 1 of ×1, /4, /8, /16)."""
         c = self.dec_channels
-        return (c, c // 4, c // 8, c // 16)
+        return (c, c // 4, c // 8, c // 16)[:self.levels + 1]
 
     @property
     def downsample(self) -> int:
-        return DOWNSAMPLE
+        return 2 ** self.levels
 
     @classmethod
     def named(cls, name: str) -> "VAEConfig":
@@ -149,6 +153,8 @@ VAE_SIZES = {
                       num_groups=8),
 }
 VAE_SIZES["debug"] = VAE_SIZES["tiny"]
+# tiny with two levels: latent = R / 4 (the 64³ demo's SS-VAE; docs/demo.md)
+VAE_SIZES["debug_r4"] = dataclasses.replace(VAE_SIZES["tiny"], levels=2)
 
 
 class SparseDownBlock3d(nn.Module):
@@ -262,14 +268,15 @@ class SparseSDFVAE(nn.Module):
 
     def encode(self, x: SparseTensor, sample: bool = True,
                factor: float | None = None) -> tuple[SparseTensor, torch.Tensor, torch.Tensor]:
-        """SDF (one channel) -> (latent z, mean, log-variance) at resolution R / 8.
+        """SDF (one channel) -> (latent z, mean, log-variance) at resolution R / ``config.downsample`` (8 as released).
 
         ``factor`` scales the coordinates the position embedding sees (the release's ``batch["factor"]``).
         """
         if x.num_channels != 1:
             raise ValueError(f"SparseSDFVAE.encode: input must have 1 channel (the SDF), got {x.num_channels}")
-        if x.resolution % DOWNSAMPLE:
-            raise ValueError(f"SparseSDFVAE.encode: resolution {x.resolution} is not a multiple of {DOWNSAMPLE}")
+        if x.resolution % self.config.downsample:
+            raise ValueError(f"SparseSDFVAE.encode: resolution {x.resolution} is not a multiple of "
+                             f"{self.config.downsample}")
         if not bool(torch.isfinite(x.feats).all()):
             raise ValueError("SparseSDFVAE.encode: the SDF holds NaN or infinite values")
         stats = self.encoder(x, factor)
@@ -280,7 +287,7 @@ class SparseSDFVAE(nn.Module):
 
     def decode(self, z: SparseTensor, chunk: int | None = None, halo: int = CHUNK_HALO, factor: float | None = None,
                return_feat: bool = False) -> SparseTensor | tuple[SparseTensor, SparseTensor]:
-        """Latent -> SDF at 8× resolution on all children of the latent voxels, sorted by key.
+        """Latent -> SDF at ``config.downsample``× resolution (8 as released) on all children of the latent voxels, sorted by key.
 
         With ``chunk``, the up blocks run on cubes of ``chunk`` latent voxels (plus ``halo`` on each side)
         one at a time; with the default halo the result equals whole decoding. ``chunk=None`` in eval mode
@@ -293,7 +300,7 @@ class SparseSDFVAE(nn.Module):
         if chunk is None:
             feat = self.decoder.upsample_features(h)
         else:
-            feat = _upsample_chunked(self.decoder, h, int(chunk), int(halo))
+            feat = _upsample_chunked(self.decoder, h, int(chunk), int(halo), self.config.downsample)
         sdf = self.decoder.head(feat)
         return (sdf, feat) if return_feat else sdf
 
@@ -328,7 +335,8 @@ class SparseSDFVAE(nn.Module):
         return self.decode(z), mean, logvar
 
 
-def _upsample_chunked(decoder: SparseSDFDecoder, h: SparseTensor, chunk: int, halo: int) -> SparseTensor:
+def _upsample_chunked(decoder: SparseSDFDecoder, h: SparseTensor, chunk: int, halo: int,
+                      down: int = DOWNSAMPLE) -> SparseTensor:
     """Up blocks cube by cube: each cube of ``chunk`` latent voxels with ``halo`` around it, keeping its own children."""
     if chunk < 1 or halo < 0:
         raise ValueError(f"SparseSDFVAE.decode: chunk must be >= 1 and halo >= 0, got {chunk} and {halo}")
@@ -340,12 +348,12 @@ def _upsample_chunked(decoder: SparseSDFDecoder, h: SparseTensor, chunk: int, ha
         near = (h.coords[:, 0] == cid[0]) & ((h.coords[:, 1:] >= lo - halo) & (h.coords[:, 1:] < lo + chunk + halo)).all(1)
         sub = SparseTensor(h.coords[near], h.feats[near], h.resolution, h.batch_size, check=False)
         out = decoder.upsample_features(sub)
-        parent = torch.div(out.coords[:, 1:], DOWNSAMPLE, rounding_mode="floor")
+        parent = torch.div(out.coords[:, 1:], down, rounding_mode="floor")
         core = ((parent >= lo) & (parent < lo + chunk)).all(1)
         coords.append(out.coords[core])
         feats.append(out.feats[core])
     coords, feats = torch.cat(coords), torch.cat(feats)
-    res = h.resolution * DOWNSAMPLE
+    res = h.resolution * down
     order = torch.argsort(coord_keys(coords, res))
     return SparseTensor(coords[order], feats[order], res, h.batch_size, check=False)
 

@@ -59,7 +59,8 @@ def source_structure_cascade():
                 raise ValueError("SourceStructureCascade generates one item at a time, after setting .occupancy")
             occ = self.occupancy[None, None].to(self.device, torch.float32)
             logits = self.structure_vae.decode(self.structure_vae.encode(occ)[1])
-            return [occupancy_to_latent_coords(logits[0], self.cfg.resolution // 8, self.cfg.occupancy_threshold)]
+            return [occupancy_to_latent_coords(logits[0], self.latent_resolution(self.vae, self.cfg.resolution),
+                                               self.cfg.occupancy_threshold)]
 
     return SourceStructureCascade
 

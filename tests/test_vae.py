@@ -153,3 +153,33 @@ def test_paper_config_numbers():
     assert cfg.latent_channels == 16 and cfg.enc_blocks == cfg.dec_blocks == 4 and cfg.num_groups == 32
     assert cfg.enc_heads == cfg.dec_heads == 8 and cfg.window == 8 and cfg.downsample == 8
     assert VAEConfig.named("debug") == VAEConfig.named("tiny")
+
+
+def test_two_level_vae_halves_the_downsampling_and_decodes_in_chunks_exactly():
+    # debug_r4: the release's layout with two x2 levels, latent = R / 4 (the 64³ demo's SS-VAE)
+    cfg = VAEConfig.named("debug_r4")
+    assert cfg.levels == 2 and cfg.downsample == 4
+    assert cfg.channels == (16, 32, 128) and cfg.dec_widths == (128, 32, 16)
+    torch.manual_seed(0)
+    vae = SparseSDFVAE(cfg).eval()
+    for layer in (vae.encoder.out_layer, vae.decoder.out_layer):  # zero as released: give them values to compare
+        torch.nn.init.normal_(layer.weight, std=0.5)
+    assert len(vae.encoder.downsample) == len(vae.decoder.upsample) == 2
+    res = 32
+    g = torch.stack(torch.meshgrid(*[torch.arange(res)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    d = (g.float() - res / 2 + 0.5).norm(dim=1) - 9
+    band = d.abs() < 2.5
+    x = SparseTensor.from_unsorted(torch.cat([torch.zeros(int(band.sum()), 1, dtype=torch.int32), g[band].int()], 1),
+                                   (d[band] / 2.5)[:, None], res, 1)
+    with torch.no_grad():
+        z, mean, _ = vae.encode(x, sample=False)
+        assert z.resolution == res // 4
+        whole = vae.decode(z)
+        chunked = vae.decode(z, chunk=3)
+    assert whole.resolution == res and len(whole) == 64 * len(z)
+    assert torch.equal(whole.coords, chunked.coords)
+    assert whole.feats.std() > 0.01 and torch.allclose(whole.feats, chunked.feats, atol=1e-6)
+    with pytest.raises(ValueError, match="levels"):
+        VAEConfig(levels=4)
+    with pytest.raises(ValueError, match="not a multiple of 4"):
+        vae.encode(SparseTensor.from_unsorted(x.coords, x.feats, 30, 1))

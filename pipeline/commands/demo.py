@@ -181,6 +181,10 @@ VAE_LR_SCHEDULE = "cosine"
 # 0.2-1.0 under noise of std ~1); at 1e-5 the means spread 2.0-2.5 under noise 0.6 and 600 steps reconstruct at
 # Chamfer 0.105 instead of 0.113 (docs/demo.md). The paper config keeps the release's weight.
 VAE_KL_WEIGHT = 1e-5
+# The SS-VAE's layout: the release's with two ×2 levels instead of three (model/vae.py, size debug_r4), so its
+# latent grid at 64³ is 16³, the proportion of the release's 64³ latents to its structure stage's 64³ grid at
+# 512³. At three levels a latent voxel stood for 8³ voxels of a 64³ shape (docs/demo.md).
+VAE_MODEL = "debug_r4"
 NETWORK_ORDER = ("structure-vae", "structure-dit", "vae", "dit")
 
 
@@ -202,8 +206,8 @@ def train_debug_networks(dataset: Path, runs: Path, resolution: int, steps: dict
         if net == "structure-dit":  # the released debug layout plus the grid inputs (model/dense_dit.py, debug_grid)
             extra = ["--structure-vae", ckpt["structure_vae"], "--model", "debug_grid", "--image-encoder", IMAGE_ENCODER]
         elif net == "vae":
-            extra = ["--token-budget", str(VAE_TOKEN_BUDGET), "--oversize", "alone", "--lr-schedule", VAE_LR_SCHEDULE,
-                     "--kl-weight", str(VAE_KL_WEIGHT)]
+            extra = ["--model", VAE_MODEL, "--token-budget", str(VAE_TOKEN_BUDGET), "--oversize", "alone",
+                     "--lr-schedule", VAE_LR_SCHEDULE, "--kl-weight", str(VAE_KL_WEIGHT)]
         elif net == "dit":
             extra = ["--image-encoder", IMAGE_ENCODER] + (["--latent", ckpt["vae"]] if latent == "ss_vae" else [])
         n = steps[net]
