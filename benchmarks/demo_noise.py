@@ -91,6 +91,12 @@ def main() -> None:
     ap.add_argument("--kl-weight", type=float, default=1e-5, help="--train-vae: KL weight (the demo's; release 1e-3)")
     ap.add_argument("--vae-levels", type=int, default=None,
                     help="--train-vae: down/up blocks of the SS-VAE (the tiny config's when unset)")
+    ap.add_argument("--train-dit", type=int, default=0,
+                    help="dit rows: train the SS-DiT here for this many steps on --vae's latents (the demo's task)")
+    ap.add_argument("--dit-lr", type=float, default=1e-3, help="--train-dit: peak learning rate (the demo's)")
+    ap.add_argument("--dit-model", default="debug", help="--train-dit: named SS-DiT size")
+    ap.add_argument("--dit-set", default="", help="--train-dit: DiTConfig overrides, e.g. width=128,heads=8")
+    ap.add_argument("--dit-token-budget", type=int, default=16384, help="--train-dit: latent tokens a step")
     ap.add_argument("--train-structure-dit", type=int, default=0,
                     help="without --structure-dit: train the demo's structure DiT this many steps on every shape of "
                          "--shards (views drawn each step, EMA as the trainer) on --structure-vae first")
@@ -268,6 +274,46 @@ def train_structure_dit(args, enc):
                          "<trained here>")
 
 
+def train_sparse_dit(args):
+    """The demo's SS-DiT trained in one process as the trainer trains it (the task on --vae's latents, the
+    image encoder, 10 warm-up steps, condition dropout 0.1, batches to the token budget, EMA); returns its EMA
+    weights as a network of the cascade."""
+    import dataclasses
+
+    from model.cascade import NetworkBundle
+    from pipeline.shards import read_samples
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.engine import EMA
+    from pipeline.train import tasks
+
+    cfg = TrainConfig(network="dit", model=args.dit_model, steps=args.train_dit, lr=args.dit_lr, warmup_steps=10,
+                      latent=args.vae, image_encoder=args.image_encoder, token_budget=args.dit_token_budget)
+    torch.manual_seed(args.seed)
+    model_config = None
+    if args.dit_set:
+        from model.condition import build_image_encoder
+        from model.dit import DiTConfig
+        from model.vae import VAEConfig
+
+        sets = {k: type(getattr(DiTConfig(), k))(v) for k, v in (kv.split("=") for kv in args.dit_set.split(","))}
+        from pipeline.train.checkpoints import load_weights
+
+        channels = tasks.model_config_of(load_weights(args.vae, "vae"), VAEConfig).latent_channels
+        model_config = DiTConfig.named(cfg.model, **{"attention": cfg.attention, "cond_dim": build_image_encoder(args.image_encoder).dim,
+                                                     "in_channels": channels, "out_channels": channels, **sets})
+    task = tasks.build_task(cfg, args.seed, model_config=model_config)
+    items = [task.prepare(s) for s in {s.mesh_id: s for s in read_samples(args.shards, resolution=args.resolution)
+                                       }.values()]
+    print(f"SS-DiT: {len(items)} shapes, {sum(i.tokens for i in items)} latent tokens, lr {cfg.lr}, "
+          f"budget {cfg.token_budget}", flush=True)
+    ema = EMA(task.module, cfg.ema_decay, warmup=True)
+    _fit(task, items, cfg, "SS-DiT", "flow_mse", ema, seed=args.seed)
+    dit = task.module.dit
+    dit.load_state_dict({k.removeprefix("dit."): v for k, v in ema.full_state_dict().items()}, strict=False)
+    return NetworkBundle("dit", dit.eval().requires_grad_(False), dataclasses.replace(task.model_config),
+                         "<trained here>", meta={"latent_space": task.latent_space})
+
+
 def augment(task, spec: str) -> None:
     """Wrap the task's view drawing or condition with an augmentation that keeps the image's shape."""
     if not spec:
@@ -358,7 +404,7 @@ def _fit(task, items, cfg, label: str, term: str, ema=None, seed: int = 0) -> No
 
 def dit_rows(args, samples, vae, add) -> None:
     """The SS-DiT's samples on each source's own latent voxels, from one of its views."""
-    if "dit" not in args.stages.split(",") or not (args.dit or args.pooled_dit):
+    if "dit" not in args.stages.split(",") or not (args.dit or args.pooled_dit or args.train_dit):
         return
     import dataclasses
 
@@ -367,10 +413,10 @@ def dit_rows(args, samples, vae, add) -> None:
     from model.sparse import SparseTensor
 
     res = args.resolution
-    for kind, path in (("dit", args.dit), ("pooled-dit", args.pooled_dit)):
+    for kind, path in (("dit", args.dit or args.train_dit), ("pooled-dit", args.pooled_dit)):
         if not path:
             continue
-        dit = load_network(path, "dit")
+        dit = train_sparse_dit(args) if kind == "dit" and args.train_dit else load_network(path, "dit")
         enc = build_image_encoder(args.image_encoder)
         nets = {"structure_vae": random_network("structure_vae"),
                 "structure_dit": random_network("structure_dit", cond_dim=enc.dim), "dit": dit}
@@ -386,9 +432,10 @@ def dit_rows(args, samples, vae, add) -> None:
                         t0 = time.time()
                         img = decode_image(s.views[0].png, enc.image_size, with_mask=True)[None]
                         cond = cascade.condition(img)
-                        lc = torch.unique(s.coords.long() // 8, dim=0).int()
+                        down = res // cascade.latent_resolution(cascade.vae, res)
+                        lc = torch.unique(s.coords.long() // down, dim=0).int()
                         (z,) = cascade.sparse_stage(cascade.dit, [lc], cond, [0], steps, shift, 1)
-                        sdf = cascade.decode(cascade.vae, [lc], [z], res // 8)[0]
+                        sdf = cascade.decode(cascade.vae, [lc], [z], res // down)[0]
                         extra = {"steps": steps, "guidance": guidance, "shift": shift}
                         if cascade.vae is not None:
                             x = SparseTensor.from_unsorted(
@@ -401,7 +448,7 @@ def dit_rows(args, samples, vae, add) -> None:
                             extra["latent_rmse"] = float((z[order] - ref).pow(2).mean().sqrt())
                             extra["latent_std"] = float(ref.std())
                             dec = cascade.vae.decode(SparseTensor.from_unsorted(
-                                torch.cat([torch.zeros_like(lc[:, :1]), lc], 1).int(), cascade.vae.unscale(z), res // 8, 1))
+                                torch.cat([torch.zeros_like(lc[:, :1]), lc], 1).int(), cascade.vae.unscale(z), res // down, 1))
                             extra["sign_err"] = band_sign_error(s.coords, s.values, dec.coords[:, 1:],
                                                                 dec.feats[:, 0].float(), res)
                         try:

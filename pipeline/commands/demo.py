@@ -50,6 +50,10 @@ def register(sub) -> None:
     p.add_argument("--latent", choices=("ss_vae", "pooled"), default="ss_vae",
                    help="what the SS-DiT models: an SS-VAE trained on the shards first (the paper's way), or the "
                         "fixed pooled statistics of model/pooled_latent.py (no SS-VAE; coarse surfaces, docs/demo.md)")
+    p.add_argument("--vae-model", choices=("debug", "debug_r4"), default="debug",
+                   help="the SS-VAE's size: 'debug' (the release's three levels, a 8³ latent at 64³) or 'debug_r4' (two "
+                        "levels, 16³: reconstructs 2x closer, but the debug SS-DiT's samples then decode to sponges; "
+                        "docs/demo.md)")
     p.add_argument("--vae-steps", type=int, default=1500,
                    help="optimizer steps of the SS-VAE (one or two shapes a step: batches of up to 40k band voxels)")
     p.add_argument("--train-steps", type=int, default=800, help="optimizer steps of the SS-DiT")
@@ -181,15 +185,11 @@ VAE_LR_SCHEDULE = "cosine"
 # 0.2-1.0 under noise of std ~1); at 1e-5 the means spread 2.0-2.5 under noise 0.6 and 600 steps reconstruct at
 # Chamfer 0.105 instead of 0.113 (docs/demo.md). The paper config keeps the release's weight.
 VAE_KL_WEIGHT = 1e-5
-# The SS-VAE's layout: the release's with two ×2 levels instead of three (model/vae.py, size debug_r4), so its
-# latent grid at 64³ is 16³, the proportion of the release's 64³ latents to its structure stage's 64³ grid at
-# 512³. At three levels a latent voxel stood for 8³ voxels of a 64³ shape (docs/demo.md).
-VAE_MODEL = "debug_r4"
 NETWORK_ORDER = ("structure-vae", "structure-dit", "vae", "dit")
 
 
 def train_debug_networks(dataset: Path, runs: Path, resolution: int, steps: dict[str, int],
-                         address: str, latent: str = "ss_vae") -> dict[str, str]:
+                         address: str, latent: str = "ss_vae", vae_model: str = "debug") -> dict[str, str]:
     """One Ray job per network; ``steps`` maps structure-vae, structure-dit, vae and dit to optimizer steps.
 
     ``latent`` 'ss_vae' (the paper's way): the SS-VAE trains on the shards first and the SS-DiT on its
@@ -206,7 +206,7 @@ def train_debug_networks(dataset: Path, runs: Path, resolution: int, steps: dict
         if net == "structure-dit":  # the released debug layout plus the grid inputs (model/dense_dit.py, debug_grid)
             extra = ["--structure-vae", ckpt["structure_vae"], "--model", "debug_grid", "--image-encoder", IMAGE_ENCODER]
         elif net == "vae":
-            extra = ["--model", VAE_MODEL, "--token-budget", str(VAE_TOKEN_BUDGET), "--oversize", "alone",
+            extra = ["--model", vae_model, "--token-budget", str(VAE_TOKEN_BUDGET), "--oversize", "alone",
                      "--lr-schedule", VAE_LR_SCHEDULE, "--kl-weight", str(VAE_KL_WEIGHT)]
         elif net == "dit":
             extra = ["--image-encoder", IMAGE_ENCODER] + (["--latent", ckpt["vae"]] if latent == "ss_vae" else [])
@@ -300,7 +300,8 @@ def _generate_library(args, data: Path, corpus: Path, dataset: Path, report, hel
     t = time.time()
     steps = {"structure-vae": args.structure_vae_steps, "structure-dit": args.structure_dit_steps,
              "vae": args.vae_steps, "dit": args.train_steps}
-    ckpt = train_debug_networks(dataset, data / "runs", args.train_resolution, steps, address, latent=args.latent)
+    ckpt = train_debug_networks(dataset, data / "runs", args.train_resolution, steps, address, latent=args.latent,
+                                vae_model=args.vae_model)
     print(f"\ntrained the debug networks in {time.time() - t:.0f} s: {ckpt}")
     images, library = data / "held-out-views", data / "library"
     meshes = render_held_out(held, corpus, images, args.view_size, seed=100)
