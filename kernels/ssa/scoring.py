@@ -31,6 +31,12 @@ SCORING = ScoringLaunch()
 
 
 @triton.jit
+def _segmented_add(a, fa, b, fb):
+    """Scan step of a sum that restarts where a flag is set (the flag marks the first element of a run)."""
+    return tl.where(fb != 0, b, a + b), fa | fb
+
+
+@triton.jit
 def _score_kernel(Q, KC, LSE, SCORE, TILE_START, TILE_END, TILE_SEG, TILE_UNIT, CMP_OFF, CMP_TO_SLC,
                   sqt, sqh, skt, skh, slt, slh, sct, sch, qk_scale,
                   G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -57,15 +63,15 @@ def _score_kernel(Q, KC, LSE, SCORE, TILE_START, TILE_END, TILE_SEG, TILE_UNIT, 
         # (Pᵀ = 0), columns past the shape sum garbage that the masked atomic never adds
         s = tl.sum(tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :]), 1)
         if POOL:
-            # Compression blocks come in selection-block order, so the chunk's keys fall into consecutive
-            # selection blocks col0, col0 + 1, ...: summed per block here, one atomic per block touched
-            # (about BLOCK_N / 4.6 on a surface) instead of one per key, and no two lanes on one address.
-            col0 = tl.load(CMP_TO_SLC + n0)
-            loc = tl.load(CMP_TO_SLC + n, mask=nm, other=0) - col0
-            hit = (loc[:, None] == cols[None, :]) & nm[:, None]
-            sb = tl.sum(tl.where(hit, s[:, None], 0.0), 0)
-            last = tl.max(tl.where(nm, loc, -1), 0)
-            tl.atomic_add(row + col0 + cols, sb, mask=cols <= last)
+            # Compression blocks come in selection-block order, so the chunk's keys form runs of one selection
+            # block each: a segmented scan sums each run and only a run's last key in the chunk issues the
+            # float32 atomic (about BLOCK_N / 4.6 a chunk on a surface instead of one per key, none of them on
+            # a shared address).
+            col = tl.load(CMP_TO_SLC + n, mask=nm, other=-1)
+            prev = tl.load(CMP_TO_SLC + n - 1, mask=nm & (cols > 0), other=-2)
+            nxt = tl.load(CMP_TO_SLC + n + 1, mask=nm & (n + 1 < c1), other=-3)
+            run = tl.associative_scan((s, (col != prev).to(tl.int32)), 0, _segmented_add)[0]
+            tl.atomic_add(row + col, run, mask=nm & ((col != nxt) | (cols == BLOCK_N - 1)))  # and at the chunk's end
         else:  # compression blocks are the selection blocks
             tl.atomic_add(row + n - c0, s, mask=nm)
 
