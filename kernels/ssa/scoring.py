@@ -254,6 +254,44 @@ def select_topk(q, k_cmp, lse_cmp, structure, top_k: int, q_tile: int):
     return sel
 
 
+@triton.jit
+def _rank_kernel(SCORE, NBLK, BASE, SEL, n_rows, hkv, ssu, ssh, slu, slh,
+                 TOPK: tl.constexpr, KP: tl.constexpr, P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Top-k columns of P rows (unit, kv head) of the score matrix by a running top-k over column chunks, read
+    once and only up to each row's own block count: global block ids (first block + column), -1 past them."""
+    r = tl.program_id(0) * P + tl.arange(0, P)
+    rm = r < n_rows
+    unit = r // hkv
+    h = r % hkv
+    nb = tl.load(NBLK + unit, mask=rm, other=0)
+    base = tl.load(BASE + unit, mask=rm, other=0)
+    cols = tl.arange(0, BLOCK_N)
+    kk = tl.arange(0, KP)
+    top_v = tl.where(kk[None, :] < TOPK, tl.full([P, KP], float("-inf"), tl.float32), float("inf"))
+    top_i = tl.full([P, KP], -1, tl.int32)
+    rows = SCORE + unit[:, None].to(tl.int64) * ssu + h[:, None] * ssh
+    for c0 in range(0, tl.max(nb, 0), BLOCK_N):
+        c = c0 + cols
+        v = tl.load(rows + c[None, :], mask=c[None, :] < nb[:, None], other=float("-inf"))
+        top_v, top_i = _topk_insert(v, c, top_v, top_i, cols, kk)
+    out = tl.where((top_v > float("-inf")) & (kk[None, :] < TOPK), top_i.to(tl.int64) + base[:, None], -1)
+    tl.store(SEL + unit[:, None].to(tl.int64) * slu + h[:, None] * slh + kk[None, :], out,
+             mask=rm[:, None] & (kk[None, :] < TOPK))
+
+
+def rank_blocks(score: torch.Tensor, n_blocks: torch.Tensor, first_block: torch.Tensor, top_k: int):
+    """Top-k global block ids (units, Hkv, top_k) of a (units, Hkv, n_cols) float32 score matrix whose unit u
+    has n_blocks[u] columns (its shape's selection blocks) numbered from first_block[u]; -1 past them. Of equal
+    scores the lower column wins."""
+    units, hkv, _ = score.shape
+    sel = torch.empty((units, hkv, top_k), dtype=torch.int64, device=score.device)
+    p = 16
+    _rank_kernel[(triton.cdiv(units * hkv, p),)](
+        score, n_blocks, first_block, sel, units * hkv, hkv, score.stride(0), score.stride(1),
+        sel.stride(0), sel.stride(1), TOPK=top_k, KP=triton.next_power_of_2(top_k), P=p, BLOCK_N=128, num_warps=4)
+    return sel
+
+
 # ------------------------------------------------------------------ dK/dV lists of the selection, on the GPU
 # For each (kv head, block) the tiles that selected it, and the work items (chunk, kv head, first, end) of the
 # dK/dV kernel: a counting sort (atomic ranks) and two prefix sums in three launches and one memset, instead of
