@@ -117,6 +117,27 @@ def test_block_scores_sum_each_selection_block_cpu():
         torch.testing.assert_close(got[..., :se - sa], want, rtol=1e-5, atol=1e-6)
         assert bool((got[..., se - sa:] == 0).all())
 
+
+def test_rank_blocks_equals_topk_cpu():
+    """The running top-k kernel against torch.topk on ragged rows: 1 to 300 blocks a unit, fewer than top_k too."""
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs the Triton interpreter")
+    from kernels.ssa.scoring import rank_blocks
+
+    g = torch.Generator().manual_seed(0)
+    units, hkv, cols, k = 37, 2, 300, 8
+    n_blocks = torch.randint(1, cols + 1, (units,), generator=g).to(torch.int32)
+    n_blocks[:3] = torch.tensor([1, 5, 8], dtype=torch.int32)
+    first = torch.randint(0, 1000, (units,), generator=g)
+    score = torch.rand(units, hkv, cols, generator=g)
+    sel = rank_blocks(score, n_blocks, first, k)
+    for u in range(units):
+        n = int(n_blocks[u])
+        for h in range(hkv):
+            want = set((score[u, h, :n].topk(min(k, n)).indices + first[u]).tolist())
+            got = sel[u, h].tolist()
+            assert set(x for x in got if x >= 0) == want and got.count(-1) == k - min(k, n), (u, h)
+
 def test_selection_many_blocks_cpu():
     """m_cmp 4 < m_slc 8 on sparse shells (top-k 8 of 20+ partly filled selection blocks per shape): the kernels pick the
     blocks of the float64 reference, per query and per 4-query tile."""

@@ -12,7 +12,8 @@ import torch
 
 from . import reference as ref
 from .gate import gate_forward
-from .scoring import SCORING, _unit_of_tile, block_scores, select_topk, selected_segments, selection_lists
+from .scoring import (SCORING, _unit_of_tile, block_scores, rank_blocks, select_topk, selected_segments,
+                      selection_lists)
 from .segment_attention import BranchLaunch, Launch, SegmentPlan, _launch_bwd, _launch_fwd, segment_attention
 from .structure import SSAStructure
 
@@ -177,25 +178,15 @@ def _score_matrix_path(st: SSAStructure, q_tile: int, g: int) -> bool:
 
 def _rank(score, st: SSAStructure, top_k: int, q_tile: int):
     """Top-k global block ids of a (units, Hkv, n_cols) score matrix, -1 past the shape's blocks."""
-    hkv, n_cols = score.shape[1], score.shape[2]
-    pad, base = st.cached(("score_layout", q_tile, n_cols), lambda: _score_layout(st, q_tile, n_cols))
-    if pad is not None:  # columns past a shape's blocks (scores are >= 0)
-        score.masked_fill_(pad, -1.0)
-    kk = min(top_k, n_cols)
-    top = score.topk(kk, dim=-1)
-    blk = top.indices + base if pad is None else torch.where(top.values >= 0, top.indices + base, -1)
-    if kk < top_k:
-        blk = torch.cat([blk, blk.new_full((blk.shape[0], hkv, top_k - kk), -1)], dim=-1)
-    return blk
+    n_blocks, first = st.cached(("rank_layout", q_tile), lambda: _rank_layout(st, q_tile))
+    return rank_blocks(score, n_blocks, first, top_k)
 
 
-def _score_layout(st: SSAStructure, q_tile: int, n_cols: int):
-    """Per structure, once: the score matrix's columns past each unit's shape (None when every shape has
-    n_cols blocks) and each unit's first global block id, (units, 1, 1)."""
+def _rank_layout(st: SSAStructure, q_tile: int):
+    """Per structure, once: each unit's number of selection blocks (int32) and its first global block id."""
     tseg = st.tiles("shape", q_tile)[2].long()
     n_blocks = (st.slc_shape_offsets[1:] - st.slc_shape_offsets[:-1])[tseg]
-    pad = torch.arange(n_cols, device=st.device)[None, None, :] >= n_blocks[:, None, None]
-    return (pad if bool(pad.any()) else None), st.slc_shape_offsets[tseg][:, None, None]
+    return n_blocks.to(torch.int32).contiguous(), st.slc_shape_offsets[tseg].contiguous()
 
 
 def _selection_plan(st: SSAStructure, selected: torch.Tensor, q_tile: int, g: int) -> SegmentPlan:

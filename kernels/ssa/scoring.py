@@ -31,6 +31,12 @@ SCORING = ScoringLaunch()
 
 
 @triton.jit
+def _segmented_add(a, fa, b, fb):
+    """Scan step of a sum that restarts where a flag is set (the flag marks the first element of a run)."""
+    return tl.where(fb != 0, b, a + b), fa | fb
+
+
+@triton.jit
 def _score_kernel(Q, KC, LSE, SCORE, TILE_START, TILE_END, TILE_SEG, TILE_UNIT, CMP_OFF, CMP_TO_SLC,
                   sqt, sqh, skt, skh, slt, slh, sct, sch, qk_scale,
                   G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -57,10 +63,17 @@ def _score_kernel(Q, KC, LSE, SCORE, TILE_START, TILE_END, TILE_SEG, TILE_UNIT, 
         # (Pᵀ = 0), columns past the shape sum garbage that the masked atomic never adds
         s = tl.sum(tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :]), 1)
         if POOL:
-            col = tl.load(CMP_TO_SLC + n, mask=nm, other=0)
+            # Compression blocks come in selection-block order, so the chunk's keys form runs of one selection
+            # block each: a segmented scan sums each run and only a run's last key in the chunk issues the
+            # float32 atomic (about BLOCK_N / 4.6 a chunk on a surface instead of one per key, none of them on
+            # a shared address).
+            col = tl.load(CMP_TO_SLC + n, mask=nm, other=-1)
+            prev = tl.load(CMP_TO_SLC + n - 1, mask=nm & (cols > 0), other=-2)
+            nxt = tl.load(CMP_TO_SLC + n + 1, mask=nm & (n + 1 < c1), other=-3)
+            run = tl.associative_scan((s, (col != prev).to(tl.int32)), 0, _segmented_add)[0]
+            tl.atomic_add(row + col, run, mask=nm & ((col != nxt) | (cols == BLOCK_N - 1)))  # and at the chunk's end
         else:  # compression blocks are the selection blocks
-            col = n - c0
-        tl.atomic_add(row + col, s, mask=nm)
+            tl.atomic_add(row + n - c0, s, mask=nm)
 
 
 def block_scores(q, k_cmp, lse_cmp, structure, q_tile: int, n_cols: int):
@@ -238,6 +251,44 @@ def select_topk(q, k_cmp, lse_cmp, structure, top_k: int, q_tile: int):
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), lse_cmp.stride(0), lse_cmp.stride(1),
         sel.stride(0), sel.stride(1), d ** -0.5 * LOG2E, TOPK=top_k, KP=triton.next_power_of_2(top_k), G=g,
         Q_TILE=q_tile, P=p, BLOCK_N=SCORING.select_chunk(u), D=d, **Launch().options(p * u))
+    return sel
+
+
+@triton.jit
+def _rank_kernel(SCORE, NBLK, BASE, SEL, n_rows, hkv, ssu, ssh, slu, slh,
+                 TOPK: tl.constexpr, KP: tl.constexpr, P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Top-k columns of P rows (unit, kv head) of the score matrix by a running top-k over column chunks, read
+    once and only up to each row's own block count: global block ids (first block + column), -1 past them."""
+    r = tl.program_id(0) * P + tl.arange(0, P)
+    rm = r < n_rows
+    unit = r // hkv
+    h = r % hkv
+    nb = tl.load(NBLK + unit, mask=rm, other=0)
+    base = tl.load(BASE + unit, mask=rm, other=0)
+    cols = tl.arange(0, BLOCK_N)
+    kk = tl.arange(0, KP)
+    top_v = tl.where(kk[None, :] < TOPK, tl.full([P, KP], float("-inf"), tl.float32), float("inf"))
+    top_i = tl.full([P, KP], -1, tl.int32)
+    rows = SCORE + unit[:, None].to(tl.int64) * ssu + h[:, None] * ssh
+    for c0 in range(0, tl.max(nb, 0), BLOCK_N):
+        c = c0 + cols
+        v = tl.load(rows + c[None, :], mask=c[None, :] < nb[:, None], other=float("-inf"))
+        top_v, top_i = _topk_insert(v, c, top_v, top_i, cols, kk)
+    out = tl.where((top_v > float("-inf")) & (kk[None, :] < TOPK), top_i.to(tl.int64) + base[:, None], -1)
+    tl.store(SEL + unit[:, None].to(tl.int64) * slu + h[:, None] * slh + kk[None, :], out,
+             mask=rm[:, None] & (kk[None, :] < TOPK))
+
+
+def rank_blocks(score: torch.Tensor, n_blocks: torch.Tensor, first_block: torch.Tensor, top_k: int):
+    """Top-k global block ids (units, Hkv, top_k) of a (units, Hkv, n_cols) float32 score matrix whose unit u
+    has n_blocks[u] columns (its shape's selection blocks) numbered from first_block[u]; -1 past them. Of equal
+    scores the lower column wins."""
+    units, hkv, _ = score.shape
+    sel = torch.empty((units, hkv, top_k), dtype=torch.int64, device=score.device)
+    p = 16
+    _rank_kernel[(triton.cdiv(units * hkv, p),)](
+        score, n_blocks, first_block, sel, units * hkv, hkv, score.stride(0), score.stride(1),
+        sel.stride(0), sel.stride(1), TOPK=top_k, KP=triton.next_power_of_2(top_k), P=p, BLOCK_N=128, num_warps=4)
     return sel
 
 
