@@ -157,6 +157,10 @@ def with_overrides(cfg, overrides: dict):
 DIT_CONFIGS = {
     # The released layout at a width that runs on a CPU in seconds; what the tests run.
     "debug": DiTConfig(depth=2, width=64, heads=4, kv_heads=2, head_dim=16, cond_dim=64, attention="ssa"),
+    # debug with a learned vector per cell of a 16³ latent grid and the image reaching every cell directly
+    # (the structure DiT's recipe): the 64³ demo's SS-DiT over a two-level SS-VAE's latents (docs/demo.md)
+    "debug_grid16": DiTConfig(depth=2, width=64, heads=4, kv_heads=2, head_dim=16, cond_dim=64, attention="ssa",
+                              grid_positions=16, grid_condition_tokens=64),
     "small": DiTConfig(depth=12, width=512, heads=16, kv_heads=2, head_dim=32, attention="ssa"),
     # The released SS-DiT: 24 blocks, width 1024, 32 query heads, 2 KV heads, head dim 32, SSA (m_cmp 4).
     "paper": DiTConfig(attention="ssa"),

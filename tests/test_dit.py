@@ -139,3 +139,29 @@ def test_image_condition_helpers():
     dropped = drop_condition(cond, 0.3, torch.Generator().manual_seed(0))
     rate = float((dropped.sum(dim=(1, 2)) == 0).float().mean())
     assert 0.25 < rate < 0.35
+
+
+def test_grid_sparse_dit_reads_each_cell_and_the_image_per_cell():
+    # debug_grid16: a learned vector per cell of the 16³ latent grid, and the image's 64 tokens reach every
+    # cell directly (the 64³ demo's SS-DiT over a two-level SS-VAE; docs/demo.md)
+    cfg = DiTConfig.named("debug_grid16", attention="full")
+    assert cfg.grid_positions == 16 and cfg.grid_condition_tokens == 64
+    model = _random_init(SparseDiT(cfg)).eval()
+    coords, feats = _shapes([20, 9])
+    x = _packed(coords, feats)
+    t, cond = torch.rand(2), torch.randn(2, 64, cfg.cond_dim)
+    out = model(x, t, cond)
+    cu = x.cu_seqlens
+    for i in range(2):  # packed equals alone
+        alone = model(_packed(coords[i:i + 1], feats[i:i + 1]), t[i:i + 1], cond[i:i + 1])
+        assert torch.allclose(out.feats[int(cu[i]):int(cu[i + 1])], alone.feats, atol=1e-5)
+    moved = [c.clone() for c in coords]
+    moved[0][0] = (moved[0][0] + 1) % 16  # one token to another cell: its own output changes
+    assert not torch.allclose(model(_packed(moved, feats), t, cond).feats[0], out.feats[0], atol=1e-4)
+    other = cond.clone()
+    other[:, 5] += 1.0  # one image token: every token's output changes through its cell's vector
+    assert (model(x, t, other).feats - out.feats).abs().amax(1).gt(1e-6).all()
+    with pytest.raises(ValueError, match="outside the 16³ grid"):
+        model(_packed([torch.tensor([[16, 0, 0]])], [torch.randn(1, 16)]), t[:1], cond[:1])
+    with pytest.raises(ValueError, match="64"):
+        model(x, t, cond[:, :5])

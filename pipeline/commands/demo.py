@@ -188,6 +188,12 @@ VAE_KL_WEIGHT = 1e-5
 NETWORK_ORDER = ("structure-vae", "structure-dit", "vae", "dit")
 
 
+# The SS-DiT for each SS-VAE size: over a two-level SS-VAE's 16³ latents the debug SS-DiT's samples decode to
+# 35-45% band sign error; with a learned vector per latent cell and the image reaching every cell (the structure
+# DiT's recipe) 13% (docs/demo.md, "The SS-VAE's latent grid").
+DIT_MODEL = {"debug": "debug", "debug_r4": "debug_grid16"}
+
+
 def train_debug_networks(dataset: Path, runs: Path, resolution: int, steps: dict[str, int],
                          address: str, latent: str = "ss_vae", vae_model: str = "debug") -> dict[str, str]:
     """One Ray job per network; ``steps`` maps structure-vae, structure-dit, vae and dit to optimizer steps.
@@ -209,7 +215,7 @@ def train_debug_networks(dataset: Path, runs: Path, resolution: int, steps: dict
             extra = ["--model", vae_model, "--token-budget", str(VAE_TOKEN_BUDGET), "--oversize", "alone",
                      "--lr-schedule", VAE_LR_SCHEDULE, "--kl-weight", str(VAE_KL_WEIGHT)]
         elif net == "dit":
-            extra = ["--image-encoder", IMAGE_ENCODER] + (["--latent", ckpt["vae"]] if latent == "ss_vae" else [])
+            extra = ["--model", DIT_MODEL[vae_model], "--image-encoder", IMAGE_ENCODER] + (["--latent", ckpt["vae"]] if latent == "ss_vae" else [])
         n = steps[net]
         extra = [*extra, "--lr", str(DEBUG_LR[net]), "--steps", str(n), "--checkpoint-every", str(n)]
         t = time.time()
