@@ -21,9 +21,20 @@ import psutil
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: every socket stays bound until all are chosen, so the OS cannot hand the
+    same port out twice (chosen one at a time, two of a cluster's components once got the same port)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @dataclass
@@ -96,11 +107,11 @@ def start_ray(num_cpus: int = 2, extra_env: dict[str, str] | None = None, drop_e
     env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_path,
                 "PATH": bindir + os.pathsep + env.get("PATH", ""), "RAY_USAGE_STATS_ENABLED": "0",
                 "OMP_NUM_THREADS": "1"})
-    gcs, dash = free_port(), free_port()
-    ports = {"--port": gcs, "--dashboard-port": dash, "--ray-client-server-port": free_port(),
-             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-             "--metrics-export-port": free_port(), "--node-manager-port": free_port(),
-             "--object-manager-port": free_port(), "--runtime-env-agent-port": free_port()}
+    names = ("--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--metrics-export-port", "--node-manager-port", "--object-manager-port",
+             "--runtime-env-agent-port")
+    ports = dict(zip(names, free_ports(len(names))))
+    gcs, dash = ports["--port"], ports["--dashboard-port"]
     cmd = [os.path.join(bindir, "ray"), "start", "--head", f"--num-cpus={num_cpus}", "--temp-dir", temp_dir,
            "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--disable-usage-stats",
            "--object-store-memory", str(512 * 2**20)]
