@@ -92,6 +92,31 @@ def test_training_jobs_run_in_order_and_the_dit_models_the_vae_latents(monkeypat
         assert "--latent" not in dit and "vae" not in ckpt
 
 
+@pytest.mark.parametrize("vae_model,dit_model", [("debug", "debug"), ("debug_r4", "debug_grid16")])
+def test_vae_model_picks_the_ss_vae_and_its_ss_dit(monkeypatch, tmp_path, vae_model, dit_model):
+    from pipeline import jobs
+
+    submitted = []
+
+    def submit(spec, address):
+        argv = shlex.split(spec.entrypoint)
+        submitted.append(argv)
+        if argv[0] == "s2":
+            (tmp_path / "runs" / argv[argv.index("--name") + 1] / "checkpoint_1").mkdir(parents=True)
+        return "SUCCEEDED"
+
+    monkeypatch.setattr(jobs, "submit", submit)
+    steps = {"structure-vae": 1, "structure-dit": 1, "vae": 1, "dit": 1}
+    demo.train_debug_networks(tmp_path / "dataset", tmp_path / "runs", 64, steps, "http://x", vae_model=vae_model)
+    last_model = lambda argv: [argv[i + 1] for i, a in enumerate(argv) if a == "--model"][-1]  # noqa: E731
+    by_net = {a[2]: a for a in submitted if a[0] == "s2"}
+    assert last_model(by_net["vae"]) == vae_model and last_model(by_net["dit"]) == dit_model
+    assert last_model(by_net["structure-dit"]) == "debug_grid"
+    from pipeline.cli import build_parser
+
+    assert build_parser().parse_args(["demo", "--vae-model", vae_model]).vae_model == vae_model
+
+
 def test_latent_calibration_gives_unit_spread(monkeypatch, tmp_path):
     import dataclasses
     from types import SimpleNamespace
