@@ -102,7 +102,9 @@ def test_vae_model_picks_the_ss_vae_and_its_ss_dit(monkeypatch, tmp_path, vae_mo
         argv = shlex.split(spec.entrypoint)
         submitted.append(argv)
         if argv[0] == "s2":
-            (tmp_path / "runs" / argv[argv.index("--name") + 1] / "checkpoint_1").mkdir(parents=True)
+            ckpt = tmp_path / "runs" / argv[argv.index("--name") + 1] / "checkpoint_1"
+            ckpt.mkdir(parents=True)
+            (ckpt / "weights.pt").write_bytes(b"")
         return "SUCCEEDED"
 
     monkeypatch.setattr(jobs, "submit", submit)
