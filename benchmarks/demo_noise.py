@@ -28,6 +28,7 @@ cascade's clean-up (model/postprocess.py). Nothing here is asserted; docs/demo.m
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -95,7 +96,8 @@ def main() -> None:
                     help="dit rows: train the SS-DiT here for this many steps on --vae's latents (the demo's task)")
     ap.add_argument("--dit-lr", type=float, default=1e-3, help="--train-dit: peak learning rate (the demo's)")
     ap.add_argument("--dit-model", default="debug", help="--train-dit: named SS-DiT size")
-    ap.add_argument("--dit-set", default="", help="--train-dit: DiTConfig overrides, e.g. width=128,heads=8")
+    ap.add_argument("--dit-set", default="",
+                    help="--train-dit: DiTConfig fields replaced, JSON values, e.g. width=128,heads=8")
     ap.add_argument("--dit-token-budget", type=int, default=16384, help="--train-dit: latent tokens a step")
     ap.add_argument("--train-structure-dit", type=int, default=0,
                     help="without --structure-dit: train the demo's structure DiT this many steps on every shape of "
@@ -289,19 +291,11 @@ def train_sparse_dit(args):
     cfg = TrainConfig(network="dit", model=args.dit_model, steps=args.train_dit, lr=args.dit_lr, warmup_steps=10,
                       latent=args.vae, image_encoder=args.image_encoder, token_budget=args.dit_token_budget)
     torch.manual_seed(args.seed)
-    model_config = None
-    if args.dit_set:
-        from model.condition import build_image_encoder
-        from model.dit import DiTConfig
-        from model.vae import VAEConfig
-
-        sets = {k: type(getattr(DiTConfig(), k))(v) for k, v in (kv.split("=") for kv in args.dit_set.split(","))}
-        from pipeline.train.checkpoints import load_weights
-
-        channels = tasks.model_config_of(load_weights(args.vae, "vae"), VAEConfig).latent_channels
-        model_config = DiTConfig.named(cfg.model, **{"attention": cfg.attention, "cond_dim": build_image_encoder(args.image_encoder).dim,
-                                                     "in_channels": channels, "out_channels": channels, **sets})
-    task = tasks.build_task(cfg, args.seed, model_config=model_config)
+    task = tasks.build_task(cfg, args.seed)
+    if args.dit_set:  # the named size's config as the task built it, with these fields replaced
+        sets = {k: json.loads(v) for k, v in (kv.split("=") for kv in args.dit_set.split(","))}
+        torch.manual_seed(args.seed)
+        task = tasks.build_task(cfg, args.seed, model_config=dataclasses.replace(task.model_config, **sets))
     items = [task.prepare(s) for s in {s.mesh_id: s for s in read_samples(args.shards, resolution=args.resolution)
                                        }.values()]
     print(f"SS-DiT: {len(items)} shapes, {sum(i.tokens for i in items)} latent tokens, lr {cfg.lr}, "
@@ -428,11 +422,11 @@ def dit_rows(args, samples, vae, add) -> None:
                 for shift in (float(x) for x in args.shift.split(",")):
                     cfg = dataclasses.replace(base, guidance=guidance, sparse_steps=steps, sparse_shift=shift)
                     cascade = Cascade(cfg, enc, **nets)
+                    down = res // cascade.latent_resolution(cascade.vae, res)
                     for s in samples:
                         t0 = time.time()
                         img = decode_image(s.views[0].png, enc.image_size, with_mask=True)[None]
                         cond = cascade.condition(img)
-                        down = res // cascade.latent_resolution(cascade.vae, res)
                         lc = torch.unique(s.coords.long() // down, dim=0).int()
                         (z,) = cascade.sparse_stage(cascade.dit, [lc], cond, [0], steps, shift, 1)
                         sdf = cascade.decode(cascade.vae, [lc], [z], res // down)[0]

@@ -47,7 +47,6 @@ from .sparse import (
     kernel_to_torchsparse,
 )
 
-DOWNSAMPLE = 8  # the release: three ×2 blocks on each side (``VAEConfig.levels`` 3)
 CHUNK_HALO = 3  # latent voxels around a decoded chunk that make it exact (see the module docstring)
 
 
@@ -335,8 +334,7 @@ class SparseSDFVAE(nn.Module):
         return self.decode(z), mean, logvar
 
 
-def _upsample_chunked(decoder: SparseSDFDecoder, h: SparseTensor, chunk: int, halo: int,
-                      down: int = DOWNSAMPLE) -> SparseTensor:
+def _upsample_chunked(decoder: SparseSDFDecoder, h: SparseTensor, chunk: int, halo: int, down: int) -> SparseTensor:
     """Up blocks cube by cube: each cube of ``chunk`` latent voxels with ``halo`` around it, keeping its own children."""
     if chunk < 1 or halo < 0:
         raise ValueError(f"SparseSDFVAE.decode: chunk must be >= 1 and halo >= 0, got {chunk} and {halo}")

@@ -228,3 +228,29 @@ def test_offload_place_points_tensors_at_masters():
     assert [p.data_ptr() for p in net.parameters()] == home  # the same masters every time
     assert all(torch.equal(a, p) for a, p in zip(x, net.parameters()))
     assert len(moved) == len(home)
+
+
+def test_a_two_level_ss_vae_sets_the_sparse_latent_grid():
+    # debug_r4 halves its grid twice: at 64³ the structure's occupancy becomes a 16³ set of latent voxels and
+    # the decoder returns the 64³ grid; the refine stage keeps needing the release's 8 (a named error)
+    from model.cascade import random_network
+    from model.condition import build_image_encoder, decode_image
+
+    cfg = GenerationConfig(resolution=64, structure_steps=2, sparse_steps=2, guidance=1.0, device="cpu", dtype="fp32")
+    enc = build_image_encoder(cfg.image_encoder)
+    torch.manual_seed(0)
+    vae = random_network("vae", "debug_r4")
+    torch.nn.init.normal_(vae.module.decoder.out_layer.weight, std=0.5)  # zero as released: make it decode a sign
+    nets = {"structure_vae": random_network("structure_vae"),
+            "structure_dit": random_network("structure_dit", cond_dim=enc.dim),
+            "dit": random_network("dit", "debug_grid16", cond_dim=enc.dim), "vae": vae}
+    c = Cascade(cfg, enc, **nets)
+    assert Cascade.latent_resolution(c.vae, 64) == 16 and Cascade.latent_resolution(None, 64) == 8
+    (coords,) = c.structure_stage(c.condition(decode_image(png(), enc.image_size, with_mask=True)[None]), [0])
+    assert len(coords) and int(coords.max()) < 16 and int(coords.max()) >= 8  # a 16³ grid, not 8³
+    (z,) = c.sparse_stage(c.dit, [coords], c.condition(decode_image(png(), enc.image_size, with_mask=True)[None]),
+                          [0], 2, 1.0, 1)
+    sdf = c.decode(c.vae, [coords], [z], 16)[0]
+    assert sdf[2] == 64 and len(sdf[0]) == 64 * len(coords)
+    with pytest.raises(ValueError, match="refine stage needs 8"):
+        Cascade(cfg, enc, **nets, dit_refine=random_network("dit", "debug", cond_dim=enc.dim))

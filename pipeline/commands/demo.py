@@ -51,9 +51,8 @@ def register(sub) -> None:
                    help="what the SS-DiT models: an SS-VAE trained on the shards first (the paper's way), or the "
                         "fixed pooled statistics of model/pooled_latent.py (no SS-VAE; coarse surfaces, docs/demo.md)")
     p.add_argument("--vae-model", choices=("debug", "debug_r4"), default="debug",
-                   help="the SS-VAE's size: 'debug' (the release's three levels, a 8³ latent at 64³) or 'debug_r4' (two "
-                        "levels, 16³: reconstructs 2x closer, but the debug SS-DiT's samples then decode to sponges; "
-                        "docs/demo.md)")
+                   help="the SS-VAE's size: 'debug' (the release's three levels, an 8³ latent at 64³) or 'debug_r4' (two "
+                        "levels, 16³: reconstructs 2x closer; its SS-DiT is debug_grid16, see DIT_MODEL; docs/demo.md)")
     p.add_argument("--vae-steps", type=int, default=1500,
                    help="optimizer steps of the SS-VAE (one or two shapes a step: batches of up to 40k band voxels)")
     p.add_argument("--train-steps", type=int, default=800, help="optimizer steps of the SS-DiT")
