@@ -10,8 +10,10 @@ the same process on the same inputs, the first the baseline the others are divid
 
 - ``fp32``: weights in float32 (cuDNN's TF32 for the convolutions, PyTorch's default), the smoothing by
   27 slice-multiply-adds a pass (``kernels.smooth`` reference): what the cascade ran before;
-- ``fp16``: convolutions and linears in float16, norms in float32 (``VoxelRefiner.cast_weights``, the
-  release's precision), smoothing by the Triton kernel: what the cascade runs now;
+- ``fp16, reference norm``: convolutions and linears in float16 (``VoxelRefiner.cast_weights``, the
+  release's precision), each GroupNorm + SiLU by PyTorch on a float32 copy (``kernels.group_norm``
+  reference), smoothing by the Triton kernel: what the cascade ran before the group-norm kernel;
+- ``fp16``: the same with GroupNorm + SiLU by the Triton kernel (float32 statistics): what it runs now;
 - ``fp16, channels-last``: the same with the module and its input in ``torch.channels_last_3d``;
 - ``fp16, reference smoothing``: isolates the smoothing kernel's share (sdf refiner only).
 
@@ -23,6 +25,7 @@ Reported: median ms (``triton.testing.do_bench`` on CUDA, wall clock on the CPU)
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -31,6 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kernels.group_norm import group_norm_act  # noqa: E402
 from kernels.smooth import adaptive_smooth  # noqa: E402
 from model import refiner as rf  # noqa: E402
 
@@ -94,18 +98,104 @@ def shell_band(res: int, device: str, radius_frac: float = 0.4, width: float = 2
     return coords, vals, feats
 
 
+def _conv_flops(m: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    if isinstance(m, torch.nn.Conv3d):
+        return 2.0 * y.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1] * m.kernel_size[2]
+    if isinstance(m, torch.nn.ConvTranspose3d):
+        return 2.0 * x.numel() * m.out_channels * m.kernel_size[0] * m.kernel_size[1] * m.kernel_size[2]
+    if isinstance(m, torch.nn.Linear):
+        return 2.0 * y.numel() * m.in_features
+    return 0.0
+
+
+def layer_profile(kind: str, size: str, dev: str, cuda: bool, reps: int = 5) -> None:
+    """Every leaf module of one fp16 patch forward, timed by events (CUDA) or the wall clock (CPU), summed
+    over ``reps`` forwards after a warm-up, grouped by (module type, channels in -> out, spatial size)."""
+    name = ("paper" if kind == "sdf" else "paper_1024") if size == "paper" else ("debug" if kind == "sdf" else "debug_1024")
+    cfg = rf.RefinerConfig.named(name)
+    net = variant(random_refiner(cfg, dev), "fp16")
+    ps = cfg.patch_size
+    g = torch.Generator(dev).manual_seed(2)
+    x = (torch.rand(1, 1, ps, ps, ps, device=dev, generator=g) * 2 - 1).half()
+    f = torch.randn(1, cfg.width, ps, ps, ps, device=dev, generator=g).half() if kind == "sdf" else None
+    stats: dict = {}
+    marks: list = []
+
+    def pre(m, inp):
+        ev = torch.cuda.Event(enable_timing=True) if cuda else None
+        if cuda:
+            ev.record()
+        marks.append((ev, time.perf_counter()))
+
+    def post(m, inp, out):
+        ev0, t0 = marks.pop()
+        x0 = inp[0] if inp else out
+        key = (type(m).__name__, tuple(x0.shape[1:2]) + tuple(out.shape[1:2]), tuple(out.shape[2:]),
+               tuple(getattr(m, "kernel_size", ())))
+        if cuda:
+            ev1 = torch.cuda.Event(enable_timing=True)
+            ev1.record()
+            pending.append((key, ev0, ev1, _conv_flops(m, x0, out)))
+        else:
+            pending.append((key, None, (time.perf_counter() - t0) * 1e3, _conv_flops(m, x0, out)))
+
+    pending: list = []
+    leaves = [m for m in net.modules() if not list(m.children())]
+    hooks = [h for m in leaves for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    total = 0.0
+    with torch.no_grad():
+        for r in range(reps + 1):
+            pending.clear()
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            net(x, f) if f is not None else net(x)
+            if cuda:
+                torch.cuda.synchronize()
+            if r == 0:
+                continue
+            total += (time.perf_counter() - t) * 1e3
+            for key, e0, e1, fl in pending:
+                ms = e0.elapsed_time(e1) if cuda else e1
+                s = stats.setdefault(key, [0.0, 0.0, 0])
+                s[0] += ms
+                s[1] += fl
+                s[2] += 1
+    for h in hooks:
+        h.remove()
+    leaf_ms = sum(s[0] for s in stats.values()) / reps
+    print(f"\n## {kind} refiner, one {ps}³ fp16 patch: {total / reps:.1f} ms a forward, "
+          f"{leaf_ms:.1f} ms inside leaf modules (the rest: activations, adds, smoothing, upsampling)")
+    print("| module | channels in→out | output size | kernel | calls | ms | share | effective TFLOP/s |")
+    print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: |")
+    for key, (ms, fl, n) in sorted(stats.items(), key=lambda kv: -kv[1][0]):
+        ms, fl, n = ms / reps, fl / reps, n // reps
+        if ms < 0.005 * leaf_ms:
+            continue
+        ch = "→".join(str(c) for c in key[1])
+        tf = f"{fl / ms / 1e9:.1f}" if fl else "–"
+        print(f"| {key[0]} | {ch} | {'×'.join(map(str, key[2]))} | {'×'.join(map(str, key[3])) or '–'} | {n} | "
+              f"{ms:.1f} | {ms / (total / reps):.0%} | {tf} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", default="paper", choices=["paper", "debug"])
     p.add_argument("--kinds", default="sdf,sign")
     p.add_argument("--skip-run", action="store_true", help="patches and smoothing only, no whole run()")
     p.add_argument("--rep-ms", type=int, default=2000)
+    p.add_argument("--layers", action="store_true",
+                   help="only a per-layer profile of one fp16 patch of each kind (CUDA events around every leaf)")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
     card = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"# {card}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')} UTC; cudnn.allow_tf32 "
           f"{torch.backends.cudnn.allow_tf32}; size {args.size}")
+    if args.layers:
+        for kind in args.kinds.split(","):
+            layer_profile(kind, args.size, dev, cuda)
+        return
     rows = []
     for kind in args.kinds.split(","):
         name = ("paper" if kind == "sdf" else "paper_1024") if args.size == "paper" else \
@@ -117,7 +207,8 @@ def main() -> None:
         g = torch.Generator(dev).manual_seed(2)
         x = torch.rand(1, 1, ps, ps, ps, device=dev, generator=g) * 2 - 1
         f = torch.randn(1, cfg.width, ps, ps, ps, device=dev, generator=g) if kind == "sdf" else None
-        names = ["fp32", "fp16", "fp16, channels-last"] + (["fp16, reference smoothing"] if kind == "sdf" else [])
+        names = ["fp32", "fp16, reference norm", "fp16", "fp16, channels-last"] + \
+            (["fp16, reference smoothing"] if kind == "sdf" else [])
         ref = None
         for vname in names:
             net = variant(base, vname)
@@ -127,8 +218,10 @@ def main() -> None:
                 xi = xi.contiguous(memory_format=torch.channels_last_3d)
                 fi = fi.contiguous(memory_format=torch.channels_last_3d) if fi is not None else None
             backend = "torch" if (vname == "fp32" or "reference" in vname) else "auto"
-            orig = rf.adaptive_smooth
+            norm_backend = "torch" if (vname == "fp32" or "reference norm" in vname) else "auto"
+            orig, orig_norm = rf.adaptive_smooth, rf.group_norm_act
             rf.adaptive_smooth = lambda a, w, times=3, _b=backend: adaptive_smooth(a, w, times, backend=_b)
+            rf.group_norm_act = functools.partial(group_norm_act, backend=norm_backend)
             try:
                 with torch.no_grad():
                     out = (net(xi, fi) if fi is not None else net(xi)).float()
@@ -136,7 +229,7 @@ def main() -> None:
                         torch.cuda.reset_peak_memory_stats()
                     ms = timed(lambda: net(xi, fi) if fi is not None else net(xi), cuda, args.rep_ms)
             finally:
-                rf.adaptive_smooth = orig
+                rf.adaptive_smooth, rf.group_norm_act = orig, orig_norm
             ref = out if ref is None else ref
             peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
             rows.append(dict(what=f"{kind} refiner, one {ps}³ patch", variant=vname, ms=ms,

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.smooth import adaptive_smooth
+from kernels.group_norm import group_norm_act
 from model.configs import strict_from_dict
 from model.dense_vae import check_layout, named_config
 
@@ -120,9 +121,10 @@ REFINER_CONFIGS = {
 # -- the UNet (UNet3DModel of the release: diffusers-style blocks) --------------------------------------
 
 
-def _group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    """GroupNorm in float32 whatever the weights' dtype, back in x's dtype."""
-    return F.group_norm(x.float(), norm.num_groups, norm.weight.float(), norm.bias.float(), norm.eps).to(x.dtype)
+def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """SiLU(GroupNorm(x)) with float32 statistics whatever the weights' dtype, in x's dtype: one Triton
+    statistics pass and one fused pass on CUDA (kernels.group_norm), the float32 reference elsewhere."""
+    return group_norm_act(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=True)
 
 
 class ResnetBlock3D(nn.Module):
@@ -135,8 +137,8 @@ class ResnetBlock3D(nn.Module):
         self.conv_shortcut = nn.Conv3d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x):
-        h = self.conv1(F.silu(_group_norm(self.norm1, x)))
-        h = self.conv2(F.silu(_group_norm(self.norm2, h)))
+        h = self.conv1(_norm_silu(self.norm1, x))
+        h = self.conv2(_norm_silu(self.norm2, h))
         return (self.conv_shortcut(x) if self.conv_shortcut is not None else x) + h
 
 
@@ -217,7 +219,7 @@ class UNet3D(nn.Module):
         h = self.mid_block(h)
         for block in self.up_blocks:
             h = block(h, skips)
-        return F.silu(_group_norm(self.conv_norm_out, h))
+        return _norm_silu(self.conv_norm_out, h)
 
 
 # -- the sdf refiner's pieces ------------------------------------------------------------------------
