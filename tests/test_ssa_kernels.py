@@ -244,6 +244,27 @@ def test_structure_blocks_are_contiguous():
     assert not torch.equal(st.window_ids(True), st.window_ids(False))
 
 
+def test_dot_precision_follows_torch_tf32_switch():
+    """float32 dots are exact unless PyTorch allows TF32 for float32 matmuls; 16-bit dots keep Triton's default."""
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        assert seg.dot_precision(torch.float32) == "ieee"
+        assert seg.dot_precision(torch.bfloat16) == seg.dot_precision(torch.float16) == "tf32"
+        matmul.allow_tf32 = True
+        assert seg.dot_precision(torch.float32) == "tf32"
+        assert seg.dot_precision(torch.bfloat16) == "tf32"
+        if hasattr(matmul, "fp32_precision"):  # the newer switch (reading allow_tf32 after it raises)
+            matmul.fp32_precision = "ieee"
+            assert seg.dot_precision(torch.float32) == "ieee"
+            matmul.fp32_precision = "tf32"
+            assert seg.dot_precision(torch.float32) == "tf32"
+    finally:
+        matmul.allow_tf32 = saved
+    assert matmul.allow_tf32 == saved
+
+
 def test_bad_input_errors():
     st, t = random_batch([20, 5], 4, 2, 16, seed=2, grid=8)
     q, k, v, kc, vc = (t[n].float() for n in ("q", "k", "v", "k_cmp", "v_cmp"))

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .segment_attention import LOG2E, Launch, _new, _rows, _rows_for
+from .segment_attention import LOG2E, Launch, _new, _rows, _rows_for, dot_precision
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def _segmented_add(a, fa, b, fb):
 def _score_kernel(Q, KC, LSE, SCORE, TILE_START, TILE_END, TILE_SEG, TILE_UNIT, CMP_OFF, CMP_TO_SLC,
                   sqt, sqh, skt, skh, slt, slh, sct, sch, qk_scale,
                   G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                  D: tl.constexpr, POOL: tl.constexpr):
+                  D: tl.constexpr, POOL: tl.constexpr, PRECISION: tl.constexpr):
     """Adds one tile's probabilities, summed over its rows, into the score row of its selection unit. The sums
     come from Pᵀ (keys as the matmul's M): float32 sums along accumulator rows, no transpose."""
     tile = tl.program_id(0)
@@ -61,7 +61,7 @@ def _score_kernel(Q, KC, LSE, SCORE, TILE_START, TILE_END, TILE_SEG, TILE_UNIT, 
         k = tl.load(KC + n[:, None] * skt + h * skh + d[None, :], mask=nm[:, None], other=0.0)
         # summed over the G heads of this kv group and the tile's tokens; rows past the tile have lse = +inf
         # (Pᵀ = 0), columns past the shape sum garbage that the masked atomic never adds
-        s = tl.sum(tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :]), 1)
+        s = tl.sum(tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :]), 1)
         if POOL:
             # Compression blocks come in selection-block order, so the chunk's keys form runs of one selection
             # block each: a segmented scan sums each run and only a run's last key in the chunk issues the
@@ -98,7 +98,7 @@ def block_scores(q, k_cmp, lse_cmp, structure, q_tile: int, n_cols: int):
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), lse_cmp.stride(0), lse_cmp.stride(1),
         score.stride(0), score.stride(1), d ** -0.5 * LOG2E, G=g, BLOCK_T=sub,
         BLOCK_R=_rows_for(sub, g), BLOCK_N=SCORING.score_block_n, D=d, POOL=pool,
-        **Launch().options(_rows_for(sub, g)))
+        PRECISION=dot_precision(q.dtype), **Launch().options(_rows_for(sub, g)))
     return score
 
 
@@ -164,9 +164,10 @@ def _unit_rows(Q, LSE, t0, t1, h, r0, sqt, sqh, slt, slh, G: tl.constexpr, RB: t
 
 
 @triton.jit
-def _unit_col_sums(q, lse2, valid, k, nm, qk_scale, P: tl.constexpr, RB: tl.constexpr, BLOCK_N: tl.constexpr):
+def _unit_col_sums(q, lse2, valid, k, nm, qk_scale, P: tl.constexpr, RB: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PRECISION: tl.constexpr):
     """Probabilities of one row step against one key chunk, summed per unit: (P, BLOCK_N)."""
-    qk = tl.dot(q, tl.trans(k)) * qk_scale
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     p = tl.where(valid[:, None] & nm[None, :], tl.exp2(qk - lse2[:, None]), 0.0)
     return tl.sum(tl.reshape(p, [P, RB // P, BLOCK_N]), 1)
 
@@ -195,7 +196,7 @@ def _topk_insert(cand, ids, top_v, top_i, cols, kk):
 def _select_kernel(Q, KC, LSE, SEL, TILE_START, TILE_END, TILE_SEG, CMP_OFF, CU, UNIT_OFF,
                    sqt, sqh, skt, skh, slt, slh, sst, ssh, qk_scale,
                    TOPK: tl.constexpr, KP: tl.constexpr, G: tl.constexpr, Q_TILE: tl.constexpr, P: tl.constexpr,
-                   BLOCK_N: tl.constexpr, D: tl.constexpr):
+                   BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
     """Block scores and a running top-k in one pass (compression blocks = selection blocks), for units of at most
     128 rows: a program holds P selection units (query tiles of Q_TILE tokens) of one shape; rows are
     units × tokens × the G heads of a kv group, and each unit keeps its own top-k (no score matrix, no atomics)."""
@@ -219,7 +220,7 @@ def _select_kernel(Q, KC, LSE, SEL, TILE_START, TILE_END, TILE_SEG, CMP_OFF, CU,
         nm = n < c1
         k = tl.load(KC + n[:, None] * skt + h * skh + d[None, :], mask=nm[:, None], other=0.0)
         # summed over the G heads of the kv group and the unit's tokens
-        s = _unit_col_sums(q, lse2, valid, k, nm, qk_scale, P, RB, BLOCK_N)
+        s = _unit_col_sums(q, lse2, valid, k, nm, qk_scale, P, RB, BLOCK_N, PRECISION)
         top_v, top_i = _topk_insert(tl.where(nm[None, :], s, float("-inf")), n, top_v, top_i, cols, kk)
     out = tl.where((top_v > float("-inf")) & (kk[None, :] < TOPK), top_i, -1)
     unit = tl.load(UNIT_OFF + seg) + (t0 - tl.load(CU + seg)) // Q_TILE + tl.arange(0, P)
@@ -250,7 +251,8 @@ def select_topk(q, k_cmp, lse_cmp, structure, top_k: int, q_tile: int):
         q, k_cmp, lse_cmp, sel, ts, te, tseg, cmp_off, cu, unit_off,
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), lse_cmp.stride(0), lse_cmp.stride(1),
         sel.stride(0), sel.stride(1), d ** -0.5 * LOG2E, TOPK=top_k, KP=triton.next_power_of_2(top_k), G=g,
-        Q_TILE=q_tile, P=p, BLOCK_N=SCORING.select_chunk(u), D=d, **Launch().options(p * u))
+        Q_TILE=q_tile, P=p, BLOCK_N=SCORING.select_chunk(u), D=d, PRECISION=dot_precision(q.dtype),
+        **Launch().options(p * u))
     return sel
 
 

@@ -65,6 +65,25 @@ class BranchLaunch:
     dkv_steps: int = 0
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of the kernels' ``tl.dot`` on ``dtype`` operands. float32 is exact ("ieee") unless
+    PyTorch lets float32 matmuls use TF32 (``torch.backends.cuda.matmul.allow_tf32``, also set by
+    ``torch.set_float32_matmul_precision``); 16-bit operands ignore it and get Triton's default, "tf32"."""
+    return "tf32" if dtype != torch.float32 or _matmul_tf32() else "ieee"
+
+
+def _matmul_tf32() -> bool:
+    """PyTorch's TF32 switch for float32 matmuls. Read through ``fp32_precision`` (torch >= 2.9), which both the
+    old flag and the new API set: reading ``allow_tf32`` raises once the new API has been used."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    if precision == "none":  # inherits the global setting
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"
+
+
 def _new(shape, like, dtype=None):
     dtype = dtype or like.dtype
     if POISON:
@@ -118,31 +137,31 @@ def _chunk_kv(K, V, n, nm, h, skt, skh, d, MASK: tl.constexpr):
 
 
 @triton.jit
-def _fwd_step(q, K, V, n, nm, h, skt, skh, d, qk_scale, m_i, l_i, acc, MASK: tl.constexpr = True,
-              LEAN: tl.constexpr = False):
+def _fwd_step(q, K, V, n, nm, h, skt, skh, d, qk_scale, m_i, l_i, acc, PRECISION: tl.constexpr,
+              MASK: tl.constexpr = True, LEAN: tl.constexpr = False):
     """One key chunk of the online softmax. LEAN: the scale rides in the exponent's FMA (max taken on the
     raw dot), and chunks with every key present (MASK=False) skip the masked loads and the -inf select."""
     k, v = _chunk_kv(K, V, n, nm, h, skt, skh, d, MASK)
     if LEAN:
-        qk = tl.dot(q, tl.trans(k))
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if MASK:
             qk = tl.where(nm[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # qk_scale > 0: the max commutes with it
         p = tl.exp2(qk * qk_scale - m_new[:, None])
     else:
-        qk = tl.dot(q, tl.trans(k)) * qk_scale  # log2 units
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 units
         qk = tl.where(nm[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 
 
 @triton.jit
 def _score_pass(q, lse2, K, SCORE, TILE_UNIT, CMP_TO_SLC, tile, h, c0, c1, d, skt, skh, sct, sch, qk_scale,
-                BLOCK_N: tl.constexpr, POOL: tl.constexpr):
+                BLOCK_N: tl.constexpr, POOL: tl.constexpr, PRECISION: tl.constexpr):
     """Selection-block scores of one compression tile (Direct3D-S2 Sec. 3.3): a second pass over the pooled keys
     with the final log-sum-exp, Pᵀ summed along each accumulator row (over the tile's tokens and G heads) in
     float32 and added into the row of the tile's selection unit, as scoring._score_kernel does."""
@@ -152,7 +171,7 @@ def _score_pass(q, lse2, K, SCORE, TILE_UNIT, CMP_TO_SLC, tile, h, c0, c1, d, sk
         n = n0 + cols
         nm = n < c1
         k = tl.load(K + n[:, None] * skt + h * skh + d[None, :], mask=nm[:, None], other=0.0)
-        s = tl.sum(tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :]), 1)
+        s = tl.sum(tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :]), 1)
         if POOL:
             col = tl.load(CMP_TO_SLC + n, mask=nm, other=0)
         else:  # compression blocks are the selection blocks
@@ -171,9 +190,9 @@ def _fwd_kernel(Q, K, V, O, LSE, TILE_START, TILE_END, SEG_START, SEG_END, SEG_C
                 sqt, sqh, skt, skh, sot, soh, slt, slh, sst, ssh, qk_scale,
                 S: tl.constexpr, SP: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, LEAN: tl.constexpr,
-                SCORE=None, TILE_UNIT=None, CMP_TO_SLC=None, sct=0, sch=0, SCORE_N: tl.constexpr = 64,
-                POOL: tl.constexpr = False, SCORES: tl.constexpr = False, O0=None, O1=None, GATE=None, OUT=None,
-                MIX: tl.constexpr = False):
+                PRECISION: tl.constexpr, SCORE=None, TILE_UNIT=None, CMP_TO_SLC=None, sct=0, sch=0,
+                SCORE_N: tl.constexpr = 64, POOL: tl.constexpr = False, SCORES: tl.constexpr = False, O0=None,
+                O1=None, GATE=None, OUT=None, MIX: tl.constexpr = False):
     """SCORES (compression, one segment per tile): also the selection-block scores (_score_pass). MIX (the last
     branch, rows in token order): also out = g0·O0 + g1·O1 + g2·O (Direct3D-S2 Sec. 3.3), as gate._gate_fwd_kernel
     computes it from O as stored, without reading O back."""
@@ -192,14 +211,14 @@ def _fwd_kernel(Q, K, V, O, LSE, TILE_START, TILE_END, SEG_START, SEG_END, SEG_C
         full = total - total % BLOCK_N
         for n0 in range(0, full, BLOCK_N):
             n, nm = _gathered_keys(n0, cols, shift, lo, hi, total)
-            m_i, l_i, acc = _fwd_step(q, K, V, n, nm, h, skt, skh, d, qk_scale, m_i, l_i, acc, False, True)
+            m_i, l_i, acc = _fwd_step(q, K, V, n, nm, h, skt, skh, d, qk_scale, m_i, l_i, acc, PRECISION, False, True)
         if full < total:
             n, nm = _gathered_keys(full, cols, shift, lo, hi, total)
-            m_i, l_i, acc = _fwd_step(q, K, V, n, nm, h, skt, skh, d, qk_scale, m_i, l_i, acc, True, True)
+            m_i, l_i, acc = _fwd_step(q, K, V, n, nm, h, skt, skh, d, qk_scale, m_i, l_i, acc, PRECISION, True, True)
     else:
         for n0 in range(0, total, BLOCK_N):
             n, nm = _gathered_keys(n0, cols, shift, lo, hi, total)
-            m_i, l_i, acc = _fwd_step(q, K, V, n, nm, h, skt, skh, d, qk_scale, m_i, l_i, acc)
+            m_i, l_i, acc = _fwd_step(q, K, V, n, nm, h, skt, skh, d, qk_scale, m_i, l_i, acc, PRECISION)
     has = l_i > 0
     acc = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("inf"))
@@ -219,7 +238,7 @@ def _fwd_kernel(Q, K, V, O, LSE, TILE_START, TILE_END, SEG_START, SEG_END, SEG_C
         lse2 = tl.where(valid, lse, float("inf")) * 1.4426950408889634
         c0 = tl.load(SEG_START + base)
         _score_pass(q, lse2, K, SCORE, TILE_UNIT, CMP_TO_SLC, tile, h, c0, tl.load(SEG_END + base), d, skt, skh,
-                    sct, sch, qk_scale, SCORE_N, POOL)
+                    sct, sch, qk_scale, SCORE_N, POOL, PRECISION)
 
 
 @triton.jit
@@ -232,32 +251,33 @@ def _lse2(LSE, GATE, tok, head, valid, slt, slh, sgt, sgh, GATE_B: tl.constexpr)
 
 
 @triton.jit
-def _dq_step(q, do, lse2, delta, K, V, n, nm, h, skt, skh, d, qk_scale, dq, MASK: tl.constexpr):
+def _dq_step(q, do, lse2, delta, K, V, n, nm, h, skt, skh, d, qk_scale, dq, MASK: tl.constexpr,
+             PRECISION: tl.constexpr):
     """Rows past the tile carry lse = +inf (so P = 0 there without a select); whole chunks (MASK=False) skip masks."""
     k, v = _chunk_kv(K, V, n, nm, h, skt, skh, d, MASK)
-    p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
+    p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
     if MASK:
         p = tl.where(nm[None, :], p, 0.0)
-    dp = tl.dot(do, tl.trans(v))
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
-    return dq + tl.dot(ds.to(k.dtype), k)
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
 
 @triton.jit
 def _dq_dkv_step(q, do, lse2, delta, K, V, DK, DV, n, nm, h, skt, skh, d, qk_scale, sm_scale, dq,
-                 MASK: tl.constexpr):
+                 MASK: tl.constexpr, PRECISION: tl.constexpr):
     """One key chunk of dQ that also adds the chunk's dK = dSᵀQ and dV = PᵀdO over this tile's rows (all G query
     heads of the kv head) into float32 DK, DV with atomics: no dK/dV kernel re-reading q and dO per key chunk.
     Rows past the tile carry lse = +inf (P = 0); keys past the chunk are masked (dQ sums over them). S has the
     queries as M (P, dS transposed for dV, dK): the keys as M spilled and measured slower (docs/ssa.md)."""
     k, v = _chunk_kv(K, V, n, nm, h, skt, skh, d, MASK)
-    p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
+    p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
     if MASK:
         p = tl.where(nm[None, :], p, 0.0)
-    ds16 = (p * (tl.dot(do, tl.trans(v)) - delta[:, None])).to(k.dtype)
-    dq += tl.dot(ds16, k)
-    dv_c = tl.dot(tl.trans(p.to(do.dtype)), do)
-    dk_c = tl.dot(tl.trans(ds16), q)
+    ds16 = (p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])).to(k.dtype)
+    dq += tl.dot(ds16, k, input_precision=PRECISION)
+    dv_c = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+    dk_c = tl.dot(tl.trans(ds16), q, input_precision=PRECISION)
     koff = n[:, None] * skt + h * skh + d[None, :]
     if MASK:
         tl.atomic_add(DK + koff, dk_c * sm_scale, mask=nm[:, None], sem="relaxed")
@@ -274,7 +294,8 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, TILE_START, TILE_END, SEG_STA
                    sqt, sqh, skt, skh, slt, slh, sst, ssh, sgt, sgh, qk_scale, sm_scale,
                    S: tl.constexpr, SP: tl.constexpr, G: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                   ACC: tl.constexpr, GATE_B: tl.constexpr, DK, DV, DKV: tl.constexpr):
+                   ACC: tl.constexpr, GATE_B: tl.constexpr, DK, DV, DKV: tl.constexpr,
+                   PRECISION: tl.constexpr):
     """Also writes rowsum(O·dO) into DELTA for itself and a dK/dV kernel after it (no separate pass over O, dO).
     ACC: dQ is added to DQ (written by the branches before). GATE_B >= 0: the log-sum-exp is lse − ln g
     with g = GATE[..., GATE_B] (the gated branch's P, see ops._WholeSSA), stored into LSE_OUT for the dK/dV
@@ -302,17 +323,19 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, TILE_START, TILE_END, SEG_STA
     if DKV:
         for n0 in range(0, full, BLOCK_N):
             n, nm = _gathered_keys(n0, cols, shift, lo, hi, total)
-            dq = _dq_dkv_step(q, do, lse2, delta, K, V, DK, DV, n, nm, h, skt, skh, d, qk_scale, sm_scale, dq, False)
+            dq = _dq_dkv_step(q, do, lse2, delta, K, V, DK, DV, n, nm, h, skt, skh, d, qk_scale, sm_scale, dq, False,
+                              PRECISION)
         if full < total:
             n, nm = _gathered_keys(full, cols, shift, lo, hi, total)
-            dq = _dq_dkv_step(q, do, lse2, delta, K, V, DK, DV, n, nm, h, skt, skh, d, qk_scale, sm_scale, dq, True)
+            dq = _dq_dkv_step(q, do, lse2, delta, K, V, DK, DV, n, nm, h, skt, skh, d, qk_scale, sm_scale, dq, True,
+                              PRECISION)
     else:
         for n0 in range(0, full, BLOCK_N):
             n, nm = _gathered_keys(n0, cols, shift, lo, hi, total)
-            dq = _dq_step(q, do, lse2, delta, K, V, n, nm, h, skt, skh, d, qk_scale, dq, False)
+            dq = _dq_step(q, do, lse2, delta, K, V, n, nm, h, skt, skh, d, qk_scale, dq, False, PRECISION)
         if full < total:
             n, nm = _gathered_keys(full, cols, shift, lo, hi, total)
-            dq = _dq_step(q, do, lse2, delta, K, V, n, nm, h, skt, skh, d, qk_scale, dq, True)
+            dq = _dq_step(q, do, lse2, delta, K, V, n, nm, h, skt, skh, d, qk_scale, dq, True, PRECISION)
     dq = dq * sm_scale
     if ACC:  # the branches before this one wrote DQ; each program owns its rows
         dq += tl.load(DQ + qoff, mask=valid[:, None], other=0.0).to(tl.float32)
@@ -320,7 +343,8 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, TILE_START, TILE_END, SEG_STA
 
 
 @triton.jit
-def _dkv_step(Q, DO, LSE, DELTA, tok, head, valid, k, v, d, sqt, sqh, slt, slh, qk_scale, dk, dv, PAD):
+def _dkv_step(Q, DO, LSE, DELTA, tok, head, valid, k, v, d, sqt, sqh, slt, slh, qk_scale, dk, dv, PAD,
+              PRECISION: tl.constexpr):
     """One row step of dK/dV, computed transposed (keys as the matmuls' M, Pᵀ and dSᵀ straight from the
     accumulators as A operands), so no tile is transposed through shared memory. PAD: float32 (+inf, 0) that rows
     past the tile read as lse and rowsum(O·dO), so those loads need no mask (a masked load's fill value costs a
@@ -332,10 +356,10 @@ def _dkv_step(Q, DO, LSE, DELTA, tok, head, valid, k, v, d, sqt, sqh, slt, slh, 
     lse2 = tl.load(tl.where(valid, LSE + loff, PAD)) * 1.4426950408889634
     delta = tl.load(tl.where(valid, DELTA + loff, PAD + 1))
     # keys past the chunk only fill dK/dV rows never stored
-    pt = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
-    dv += tl.dot(pt.to(do.dtype), do)
-    dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])
-    dk += tl.dot(dst.to(q.dtype), q)
+    pt = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :])
+    dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+    dst = pt * (tl.dot(v, tl.trans(do), input_precision=PRECISION) - delta[None, :])
+    dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
     return dk, dv
 
 
@@ -345,7 +369,8 @@ def _dkv_step(Q, DO, LSE, DELTA, tok, head, valid, k, v, d, sqt, sqh, slt, slh, 
 def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TILE_START, TILE_END, CHUNK_START, CHUNK_END, CHUNK_SEG,
                     QPTR, TIDX, ITEMS, sqt, sqh, skt, skh, slt, slh, sph, qk_scale, sm_scale, PAD,
                     G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, TPI: tl.constexpr,
-                    BLOCK_N: tl.constexpr, D: tl.constexpr, ATOMIC: tl.constexpr, ITEMS_GIVEN: tl.constexpr):
+                    BLOCK_N: tl.constexpr, D: tl.constexpr, ATOMIC: tl.constexpr, ITEMS_GIVEN: tl.constexpr,
+                    PRECISION: tl.constexpr):
     """dK/dV of one key chunk over tiles that attended to it. ITEMS given (selection): one work item (chunk, kv
     head, range of its tile list) per program, TPI short tiles side by side per step. Otherwise (compression):
     a (chunk, kv head, split) program walks its share of the chunk's list, whose entries are long tiles (pieces
@@ -392,7 +417,7 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TILE_START, TILE_END, CHUNK
             head = h * G + r % G
             valid = tm & (r < BLOCK_T * G) & (tok < t1)
             dk, dv = _dkv_step(Q, DO, LSE, DELTA, tok, head, valid, k, v, d, sqt, sqh, slt, slh, qk_scale, dk, dv,
-                               PAD)
+                               PAD, PRECISION)
     else:  # long tiles: each walked in steps of BLOCK_R rows
         r = tl.arange(0, BLOCK_R)
         for i in range(a, b):
@@ -403,7 +428,7 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TILE_START, TILE_END, CHUNK
                 tok = t0 + (r0 + r) // G
                 head = h * G + (r0 + r) % G
                 dk, dv = _dkv_step(Q, DO, LSE, DELTA, tok, head, r0 + r < rows, k, v, d, sqt, sqh, slt, slh,
-                                   qk_scale, dk, dv, PAD)
+                                   qk_scale, dk, dv, PAD, PRECISION)
     if ATOMIC:
         if b > a:  # work items past the last (the grid is an upper bound) add nothing
             tl.atomic_add(DK + koff, dk * sm_scale, mask=nm[:, None], sem="relaxed")
@@ -494,7 +519,7 @@ def _launch_fwd(q, k, v, plan: SegmentPlan, scores=None, mix=None):
             q, k, v, o, lse, plan.tile_start, plan.tile_end, plan.seg_start, plan.seg_end, _seg_cum(plan),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1), lse.stride(0), lse.stride(1),
             sst, ssh, d ** -0.5 * LOG2E, S=plan.seg_start.shape[2], G=g, BLOCK_T=plan.block_t,
-            BLOCK_N=plan.launch.block_n, D=d, LEAN=plan.launch.lean, **extra,
+            BLOCK_N=plan.launch.block_n, D=d, LEAN=plan.launch.lean, PRECISION=dot_precision(q.dtype), **extra,
             **plan.launch.fwd.options(_rows_for(plan.block_t, g)))
     return o, lse
 
@@ -537,7 +562,7 @@ def _launch_bwd(q, k, v, o, lse, do, plan: SegmentPlan, dq_into=None, dkv_into=N
             lse.stride(1), sst, ssh, *gate_args[1:], d ** -0.5 * LOG2E, d ** -0.5, S=plan.seg_start.shape[2], G=g,
             BLOCK_T=plan.block_t, BLOCK_N=plan.launch.block_n, D=d, ACC=dq_into is not None,
             GATE_B=gate_b if gate is not None else -1, DK=dk if dkv_here else None, DV=dv if dkv_here else None,
-            **plan.launch.dq.options(br))
+            PRECISION=dot_precision(q.dtype), **plan.launch.dq.options(br))
     n_chunks = 0 if dkv_here or plan.chunk_start is None else plan.chunk_start.numel()
     side = contextlib.nullcontext()
     if dkv_stream is not None and n_chunks:
@@ -577,7 +602,7 @@ def _launch_dkv(q, k, v, do, lse, lse_kv, delta, dk, dv, plan, g, br, atomic):
             plan.chunk_seg, qptr, tidx, items, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             lse.stride(0), lse.stride(1), plan.qptr_head_stride, d ** -0.5 * LOG2E, d ** -0.5, _pad(k.device),
             G=g, BLOCK_T=plan.block_t, BLOCK_R=br, BLOCK_N=plan.launch.dkv_block_n, D=d, ATOMIC=atomic,
-            **plan.launch.dkv.options(rows))
+            PRECISION=dot_precision(q.dtype), **plan.launch.dkv.options(rows))
 
 
 class _SegmentAttention(torch.autograd.Function):
