@@ -72,6 +72,9 @@ class DiTConfig:
     grid_condition_tokens: int = 0
     grid_condition_channels: int = 8
     grid_condition_hidden: int = 256
+    # > 0: the MLP ends in grid_condition_rank values per cell, mapped to the width by one linear shared by
+    # every cell (a 16³ grid at width 64: 8.4 M parameters at rank 8 instead of 67 M for the full last layer).
+    grid_condition_rank: int = 0
 
     def __post_init__(self):
         if self.heads % self.kv_heads:
@@ -83,7 +86,7 @@ class DiTConfig:
         if self.sparse_conditions and self.cond_dim != self.width:
             raise ValueError(f"sparse_conditions adds width-{self.width} positions to the condition tokens: "
                              f"cond_dim ({self.cond_dim}) must equal it")
-        for name in ("grid_positions", "grid_condition_tokens"):
+        for name in ("grid_positions", "grid_condition_tokens", "grid_condition_rank"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.grid_condition_tokens and (self.grid_condition_channels < 1 or self.grid_condition_hidden < 1):
@@ -158,9 +161,10 @@ DIT_CONFIGS = {
     # The released layout at a width that runs on a CPU in seconds; what the tests run.
     "debug": DiTConfig(depth=2, width=64, heads=4, kv_heads=2, head_dim=16, cond_dim=64, attention="ssa"),
     # debug with a learned vector per cell of a 16³ latent grid and the image reaching every cell directly
-    # (the structure DiT's recipe): the 64³ demo's SS-DiT over a two-level SS-VAE's latents (docs/demo.md)
+    # (the structure DiT's recipe) through 8 values a cell: the 64³ demo's SS-DiT over a two-level SS-VAE's
+    # latents (docs/demo.md; rank 8 scores as the full 16³·64 layer with an eighth of its parameters)
     "debug_grid16": DiTConfig(depth=2, width=64, heads=4, kv_heads=2, head_dim=16, cond_dim=64, attention="ssa",
-                              grid_positions=16, grid_condition_tokens=64),
+                              grid_positions=16, grid_condition_tokens=64, grid_condition_rank=8),
     "small": DiTConfig(depth=12, width=512, heads=16, kv_heads=2, head_dim=32, attention="ssa"),
     # The released SS-DiT: 24 blocks, width 1024, 32 query heads, 2 KV heads, head dim 32, SSA (m_cmp 4).
     "paper": DiTConfig(attention="ssa"),
@@ -257,12 +261,13 @@ class SparseDiT(nn.Module):
         self.input_layer = nn.Linear(cfg.in_channels, w)
         g = cfg.grid_positions
         self.grid_pos = nn.Parameter(torch.zeros(g ** 3, w)) if g else None
-        self.grid_cond = None
+        self.grid_cond = self.grid_cond_up = None
         if cfg.grid_condition_tokens:
-            ch, hid = cfg.grid_condition_channels, cfg.grid_condition_hidden
+            ch, hid, rank = cfg.grid_condition_channels, cfg.grid_condition_hidden, cfg.grid_condition_rank
             self.grid_cond = nn.Sequential(nn.Linear(cfg.cond_dim, ch), nn.Flatten(),
                                            nn.Linear(cfg.grid_condition_tokens * ch, hid), nn.SiLU(),
-                                           nn.Linear(hid, g ** 3 * w))
+                                           nn.Linear(hid, g ** 3 * (rank or w)))
+            self.grid_cond_up = nn.Linear(rank, w) if rank else None
         self.blocks = nn.ModuleList([DiTBlock(cfg, i) for i in range(cfg.depth)])
         self.out_layer = nn.Linear(w, cfg.out_channels)
         self.reset_parameters()
@@ -359,8 +364,9 @@ class SparseDiT(nn.Module):
             if cond.shape[1] != self.cfg.grid_condition_tokens:
                 raise ValueError(f"the condition has {cond.shape[1]} tokens; this network's grid condition "
                                  f"reads {self.cfg.grid_condition_tokens} (grid_condition_tokens)")
-            per_cell = self.grid_cond(cond.to(dtype)).view(b, g ** 3, self.cfg.width)
-            out = out + per_cell[token_shape, cell]
+            rank = self.cfg.grid_condition_rank
+            per_cell = self.grid_cond(cond.to(dtype)).view(b, g ** 3, rank or self.cfg.width)[token_shape, cell]
+            out = out + (self.grid_cond_up(per_cell) if rank else per_cell)
         return out
 
 

@@ -141,12 +141,16 @@ def test_image_condition_helpers():
     assert 0.25 < rate < 0.35
 
 
-def test_grid_sparse_dit_reads_each_cell_and_the_image_per_cell():
+@pytest.mark.parametrize("rank", [0, 8])
+def test_grid_sparse_dit_reads_each_cell_and_the_image_per_cell(rank):
     # debug_grid16: a learned vector per cell of the 16³ latent grid, and the image's 64 tokens reach every
-    # cell directly (the 64³ demo's SS-DiT over a two-level SS-VAE; docs/demo.md)
-    cfg = DiTConfig.named("debug_grid16", attention="full")
+    # cell directly (the 64³ demo's SS-DiT over a two-level SS-VAE; docs/demo.md); rank 8: the image's
+    # per-cell vector through 8 values and a shared linear
+    cfg = DiTConfig.named("debug_grid16", attention="full", grid_condition_rank=rank)
     assert cfg.grid_positions == 16 and cfg.grid_condition_tokens == 64
     model = _random_init(SparseDiT(cfg)).eval()
+    last = model.grid_cond[-1].out_features
+    assert last == 16 ** 3 * (rank or cfg.width) and (model.grid_cond_up is None) == (rank == 0)
     coords, feats = _shapes([20, 9])
     x = _packed(coords, feats)
     t, cond = torch.rand(2), torch.randn(2, 64, cfg.cond_dim)
