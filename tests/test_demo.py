@@ -103,7 +103,7 @@ def test_vae_model_picks_the_ss_vae_and_its_ss_dit(monkeypatch, tmp_path, vae_mo
         submitted.append(argv)
         if argv[0] == "s2":
             ckpt = tmp_path / "runs" / argv[argv.index("--name") + 1] / "checkpoint_1"
-            ckpt.mkdir(parents=True)
+            ckpt.mkdir(parents=True, exist_ok=True)
             (ckpt / "weights.pt").write_bytes(b"")
         return "SUCCEEDED"
 
@@ -117,6 +117,13 @@ def test_vae_model_picks_the_ss_vae_and_its_ss_dit(monkeypatch, tmp_path, vae_mo
     from pipeline.cli import build_parser
 
     assert build_parser().parse_args(["demo", "--vae-model", vae_model]).vae_model == vae_model
+    defaults = build_parser().parse_args(["demo"])
+    assert (defaults.vae_model, defaults.views) == ("debug_r4", 16)  # docs/demo.md: the measured better pair
+    submitted.clear()  # pooled latents have no SS-VAE grid: the plain debug SS-DiT
+    demo.train_debug_networks(tmp_path / "dataset", tmp_path / "runs", 64, steps, "http://x", latent="pooled",
+                              vae_model=vae_model)
+    by_net = {a[2]: a for a in submitted if a[0] == "s2"}
+    assert "vae" not in by_net and last_model(by_net["dit"]) == "debug"
 
 
 def test_latent_calibration_gives_unit_spread(monkeypatch, tmp_path):

@@ -32,9 +32,9 @@ def register(sub) -> None:
     p.add_argument("--data", default=str(ROOT / "data"), help="folder for the corpus, dataset, runs and library")
     p.add_argument("--resolutions", default=None,
                    help="grids to preprocess (default: 64,128,256 with --preprocess-only, else the training grid)")
-    p.add_argument("--views", type=int, default=4,
-                   help="views per mesh (2: the debug structure DiT learns the views more than the objects; "
-                        "12: better on new views of training meshes, worse on held-out meshes; docs/generate.md)")
+    p.add_argument("--views", type=int, default=16,
+                   help="views per mesh (the structure DiT from three new cameras of six training meshes: latent-voxel "
+                        "IoU 0.589 with 4 views, 0.692 with 16; docs/demo.md)")
     p.add_argument("--view-size", type=int, default=None,
                    help="view side in pixels (default: 256, or 128 for the whole demo: the debug encoder reads 64²)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local cluster (default: all)")
@@ -50,9 +50,9 @@ def register(sub) -> None:
     p.add_argument("--latent", choices=("ss_vae", "pooled"), default="ss_vae",
                    help="what the SS-DiT models: an SS-VAE trained on the shards first (the paper's way), or the "
                         "fixed pooled statistics of model/pooled_latent.py (no SS-VAE; coarse surfaces, docs/demo.md)")
-    p.add_argument("--vae-model", choices=("debug", "debug_r4"), default="debug",
-                   help="the SS-VAE's size: 'debug' (the release's three levels, an 8³ latent at 64³) or 'debug_r4' (two "
-                        "levels, 16³: reconstructs 2x closer; its SS-DiT is debug_grid16, see DIT_MODEL; docs/demo.md)")
+    p.add_argument("--vae-model", choices=("debug", "debug_r4"), default="debug_r4",
+                   help="the SS-VAE's size: 'debug_r4' (two levels, a 16³ latent at 64³: reconstructs 2x closer; its "
+                        "SS-DiT is debug_grid16, see DIT_MODEL) or 'debug' (the release's three levels, 8³; docs/demo.md)")
     p.add_argument("--vae-steps", type=int, default=1500,
                    help="optimizer steps of the SS-VAE (one or two shapes a step: batches of up to 40k band voxels)")
     p.add_argument("--train-steps", type=int, default=800, help="optimizer steps of the SS-DiT")
@@ -214,7 +214,8 @@ def train_debug_networks(dataset: Path, runs: Path, resolution: int, steps: dict
             extra = ["--model", vae_model, "--token-budget", str(VAE_TOKEN_BUDGET), "--oversize", "alone",
                      "--lr-schedule", VAE_LR_SCHEDULE, "--kl-weight", str(VAE_KL_WEIGHT)]
         elif net == "dit":
-            extra = ["--model", DIT_MODEL[vae_model], "--image-encoder", IMAGE_ENCODER] + (["--latent", ckpt["vae"]] if latent == "ss_vae" else [])
+            model = DIT_MODEL[vae_model] if latent == "ss_vae" else "debug"  # pooled latents: no SS-VAE grid
+            extra = ["--model", model, "--image-encoder", IMAGE_ENCODER] + (["--latent", ckpt["vae"]] if latent == "ss_vae" else [])
         n = steps[net]
         extra = [*extra, "--lr", str(DEBUG_LR[net]), "--steps", str(n), "--checkpoint-every", str(n)]
         t = time.time()
