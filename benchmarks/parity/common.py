@@ -421,9 +421,17 @@ class RelErr:
     mean: float    # mean |a − b| / mean |b|
     ref_scale: float
     numel: int
+    row_max: torch.Tensor | None = None  # each row's (first axis) max |a − b| / max |b|
 
     def passes(self, tol: float) -> bool:
         return math.isfinite(self.max) and self.max <= tol
+
+    def rows_over(self, tol: float) -> tuple[int, int]:
+        """(rows whose largest error is over ``tol``, rows): whether a failure is everywhere or in a few rows
+        (a selection that flips between two tied blocks moves a few queries' outputs, not all)."""
+        if self.row_max is None:
+            return 0, 0
+        return int((self.row_max > tol).sum()), int(self.row_max.numel())
 
 
 def compare(ours: torch.Tensor, ref: torch.Tensor) -> RelErr:
@@ -437,8 +445,9 @@ def compare(ours: torch.Tensor, ref: torch.Tensor) -> RelErr:
     mean_scale = b.abs().mean().item()
     if not torch.isfinite(a).all():
         return RelErr(float("inf"), float("inf"), scale, a.numel())
+    row_max = diff.reshape(diff.shape[0], -1).amax(1) / max(scale, 1e-30) if diff.dim() and diff.numel() else None
     return RelErr(diff.max().item() / max(scale, 1e-30), diff.mean().item() / max(mean_scale, 1e-30), scale,
-                  a.numel())
+                  a.numel(), row_max)
 
 
 def sort_by_coords(coords: torch.Tensor, feats: torch.Tensor):

@@ -311,6 +311,10 @@ def run_stage(stage: Stage, ctx: Ctx) -> dict:
         # stays within 1e-2 of another there. "floor": ours is as close to the float32 release as the
         # release's own bfloat16 run is.
         status = "floor"
+    if status == "FAIL":
+        over, rows = err.rows_over(tol)
+        if rows:
+            notes.append(f"{over} of {rows} rows over {tol:g}")
     if not err.ref_scale > 0:
         notes.append("the release's output is all zeros")
         status = "FAIL"
