@@ -52,9 +52,11 @@ def extract_mesh(coords: torch.Tensor, values: torch.Tensor, resolution: int, le
     ``coords`` (N, 3) int voxel indices in [0, resolution), ``values`` (N,); voxel
     centre x = −1 + (i + ½)·2/R. An SDF with no sign change gives an empty mesh.
     ``fill``: the value of every voxel not in the set (the released generator marches a dense grid
-    filled with 1 outside its sparse voxels, so surfaces close where the set ends); None: cells with
-    a missing corner make no surface. Cells are processed ``chunk`` voxels at a time; only the
-    faces' edge keys outlive a pass.
+    filled with 1 outside its sparse voxels, so surfaces close where the set ends), including one layer
+    of voxels just outside the grid, so a shape that reaches the grid's border is closed there too (the
+    release's dense grid ends at the border and leaves such a surface open); vertices there lie on the
+    border or, for values below −1, up to half a voxel beyond it. None: cells with a missing corner make
+    no surface. Cells are processed ``chunk`` voxels at a time; only the faces' edge keys outlive a pass.
     """
     if coords.ndim != 2 or coords.shape[1] != 3 or values.shape != (coords.shape[0],):
         raise ValueError(f"extract_mesh: expected coords (N, 3) and values (N,), got {tuple(coords.shape)} and {tuple(values.shape)}")
@@ -62,11 +64,13 @@ def extract_mesh(coords: torch.Tensor, values: torch.Tensor, resolution: int, le
         raise ValueError("extract_mesh: empty sparse SDF (no voxels)")
     if not bool(torch.isfinite(values).all()):
         raise ValueError("extract_mesh: the SDF holds NaN or infinite values")
-    if fill is not None:
-        coords, values = _with_shell(coords, values, resolution, float(fill))
+    grid, shift = resolution, 0
+    if fill is not None:  # march on a grid one voxel larger on every side, the outer layer valued fill
+        grid, shift = resolution + 2, 1
+        coords, values = _with_shell(coords.long() + 1, values, grid, float(fill))
     device = coords.device
     c4 = torch.cat([torch.zeros_like(coords[:, :1]), coords], 1).to(torch.int32)
-    skeys = coord_keys(c4, resolution)
+    skeys = coord_keys(c4, grid)
     skeys, order = torch.sort(skeys)
     if bool((skeys.diff() == 0).any()):
         raise ValueError("extract_mesh: duplicated voxel coordinates")
@@ -78,7 +82,7 @@ def extract_mesh(coords: torch.Tensor, values: torch.Tensor, resolution: int, le
     weights = torch.tensor([1, 2, 4, 8], device=device)
 
     def pos(rows):
-        return -1.0 + (c4[rows, 1:].float() + 0.5) * (2.0 / resolution)
+        return -1.0 + (c4[rows, 1:].float() - shift + 0.5) * (2.0 / resolution)
 
     def edge_point(a, b):
         """Where the iso-level crosses the edge between voxel rows a (inside) and b; a == b: on voxel b."""
@@ -89,7 +93,7 @@ def extract_mesh(coords: torch.Tensor, values: torch.Tensor, resolution: int, le
 
     face_keys, snapped = [], []
     for s in range(0, n, chunk):
-        corners = build_kernel_map(c4, c4[s:s + chunk], resolution, kernel_size=2, padding=0, in_sorted=True).neighbors
+        corners = build_kernel_map(c4, c4[s:s + chunk], grid, kernel_size=2, padding=0, in_sorted=True).neighbors
         inside = values[corners.clamp(min=0).long()] < level
         active = (corners >= 0).all(1) & inside.any(1) & ~inside.all(1)
         del inside

@@ -90,3 +90,20 @@ def test_fill_closes_surfaces_where_the_sparse_set_ends():
     h = 2 / 16
     centre_last = -1 + (7 + 0.5) * h
     assert abs(float(v[:, 0].max()) - (centre_last + h * 0.7 / 1.5)) < 1e-5
+
+
+def test_fill_closes_a_shape_that_reaches_the_grid_border():
+    # a slab of negative voxels touching two opposite faces of the grid: with fill, one layer of fill just
+    # outside the grid closes it there (a dense grid that ends at the border would leave two open ends)
+    r, z = torch.arange(0, 8), torch.arange(3, 6)
+    coords = torch.stack(torch.meshgrid(r, z, z, indexing="ij"), -1).reshape(-1, 3)
+    values = torch.full((len(coords),), -0.5)
+    v, f = extract_mesh(coords, values, 8, level=0.0, fill=1.0)
+    import trimesh
+
+    mesh = trimesh.Trimesh(v.numpy(), f.numpy(), process=True)
+    assert mesh.is_watertight and mesh.volume > 0
+    # the caps sit a third of the way from the border voxels' centres to the outer layer's: beyond ±(1 − h/2)
+    h = 2 / 8
+    assert abs(float(v[:, 0].max()) - (1 - h / 2 + h / 3)) < 1e-5
+    assert abs(float(v[:, 0].min()) + (1 - h / 2 + h / 3)) < 1e-5
