@@ -107,3 +107,13 @@ def test_fill_closes_a_shape_that_reaches_the_grid_border():
     h = 2 / 8
     assert abs(float(v[:, 0].max()) - (1 - h / 2 + h / 3)) < 1e-5
     assert abs(float(v[:, 0].min()) + (1 - h / 2 + h / 3)) < 1e-5
+
+
+def test_border_caps_stay_inside_the_unit_cube():
+    # values below -1 would put the cap beyond the border (t = v / (v - 1) > 1/2): clamped onto it
+    r, z = torch.arange(0, 8), torch.arange(3, 6)
+    coords = torch.stack(torch.meshgrid(r, z, z, indexing="ij"), -1).reshape(-1, 3)
+    v, f = extract_mesh(coords, torch.full((len(coords),), -3.0), 8, level=0.0, fill=1.0)
+    import trimesh
+
+    assert float(v.abs().max()) <= 1.0 and trimesh.Trimesh(v.numpy(), f.numpy(), process=True).is_watertight
