@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.smooth import adaptive_smooth
 from kernels.group_norm import group_norm_act
+from kernels.smooth import adaptive_smooth
 from model.configs import strict_from_dict
 from model.dense_vae import check_layout, named_config
 

@@ -12,10 +12,9 @@ partial results combined by Chan's formula) and one pass normalises, scales, shi
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from kernels.backend import use_triton
 from kernels.group_norm.reference import check_args, group_norm_act_reference
 
 __all__ = ["group_norm_act", "group_norm_act_reference"]
@@ -23,11 +22,9 @@ __all__ = ["group_norm_act", "group_norm_act_reference"]
 
 def group_norm_act(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                    eps: float = 1e-5, silu: bool = False, backend: str = "auto") -> torch.Tensor:
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"unknown group-norm backend {backend!r}: expected auto, triton or torch")
+    kernel = use_triton(x, backend, "group-norm")
     check_args(x, groups, weight, bias)
-    use_triton = backend == "triton" or (backend == "auto" and x.is_cuda)
-    if use_triton and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if kernel:
         from kernels.group_norm.triton_kernel import group_norm_act_triton
         return group_norm_act_triton(x, groups, weight, bias, eps, silu)
     return group_norm_act_reference(x, groups, weight, bias, eps, silu)

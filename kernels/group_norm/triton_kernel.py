@@ -8,6 +8,8 @@ Pass 2, grid (N·C, ⌈S / BLOCK⌉): y = (x − mean)·rstd·w[c] + b[c], SiLU,
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -69,9 +71,14 @@ def _apply_kernel(X, Y, MEAN, RSTD, W, B, C, CPG, S, HAS_W: tl.constexpr, HAS_B:
     tl.store(Y + base + offs, y.to(Y.dtype.element_ty), mask=ok)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
 def _split(rows: int, length: int, block: int, device: torch.device) -> int:
     """Programs per run: enough for ~4 waves over the SMs, each reducing at least 8 tiles."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    sms = _sm_count(device)
     want = max(1, (4 * sms + rows - 1) // rows)
     return max(1, min(want, triton.cdiv(length, 8 * block)))
 

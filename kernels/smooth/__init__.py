@@ -8,21 +8,18 @@ block of voxels' neighbours and weights once a pass.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from kernels.backend import use_triton
 from kernels.smooth.reference import adaptive_smooth_reference, check_shapes
 
 __all__ = ["adaptive_smooth", "adaptive_smooth_reference"]
 
 
 def adaptive_smooth(x: torch.Tensor, weights: torch.Tensor, times: int = 3, backend: str = "auto") -> torch.Tensor:
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"unknown smoothing backend {backend!r}: expected auto, triton or torch")
+    kernel = use_triton(x, backend, "smoothing")
     check_shapes(x, weights)
-    use_triton = backend == "triton" or (backend == "auto" and x.is_cuda)
-    if use_triton and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if kernel:
         from kernels.smooth.triton_kernel import adaptive_smooth_triton
         return adaptive_smooth_triton(x, weights, times)
     return adaptive_smooth_reference(x, weights, times)

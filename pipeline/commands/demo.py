@@ -194,7 +194,7 @@ DIT_MODEL = {"debug": "debug", "debug_r4": "debug_grid16"}
 
 
 def train_debug_networks(dataset: Path, runs: Path, resolution: int, steps: dict[str, int],
-                         address: str, latent: str = "ss_vae", vae_model: str = "debug") -> dict[str, str]:
+                         address: str, latent: str = "ss_vae", vae_model: str = "debug_r4") -> dict[str, str]:
     """One Ray job per network; ``steps`` maps structure-vae, structure-dit, vae and dit to optimizer steps.
 
     ``latent`` 'ss_vae' (the paper's way): the SS-VAE trains on the shards first and the SS-DiT on its
