@@ -42,15 +42,17 @@ class _OurGate(nn.Module):
         return self.onehot.to(feats).expand(feats.shape[0], 3)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
+def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--size", default="narrow", choices=["narrow", "paper"])
     ap.add_argument("--layer", type=int, default=0, help="0: plain windows, 1: shifted windows")
     ap.add_argument("--official", default=common.DEFAULT_OFFICIAL)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+
+
+def build_ssa_stage(args):
+    """(stage, ctx, release SS-DiT, ours converted from its weights, inputs) of the SSA layer's parity stage."""
     dtype, device = getattr(torch, args.dtype), torch.device(args.device)
     common.import_release(args.official, device, "auto", dtype)
     stage = next(s for s in run.STAGES if s.name == ("ssa" if args.layer == 0 else "ssa_shifted"))
@@ -58,9 +60,17 @@ def main(argv=None) -> int:
     sec = common.SECTIONS[stage.section]
     params = stage.params_edit(common.params(stage.params_key, args.size))
     release = common.build_release_module(sec.target, params, seed=args.seed)
-    state = common.release_state_dict(release)
-    ours = run.adapters.convert(stage.section, params, state, sec.target, dtype, device)
-    inputs = stage.inputs(ctx, params)
+    ours = run.adapters.convert(stage.section, params, common.release_state_dict(release), sec.target, dtype,
+                                device)
+    return stage, ctx, release, ours, stage.inputs(ctx, params)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    add_args(ap)
+    args = ap.parse_args(argv)
+    stage, ctx, release, ours, inputs = build_ssa_stage(args)
+    dtype, device = ctx.dtype, ctx.device
     print(f"SSA layer {args.layer}: {inputs['coords'].shape[0]} tokens, {args.dtype} on {device}")
     for b, name in enumerate(BRANCHES):
         onehot = torch.zeros(1, 3)
