@@ -12,6 +12,7 @@ release's; ``official_to_ours`` / ``ours_to_official`` only reorder the sparse c
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
@@ -180,6 +181,27 @@ class PackedCondition(NamedTuple):
     cu_seqlens: torch.Tensor
 
 
+def _host_offsets(xs: SparseTensor, cu_cond) -> tuple[list[int], list[int]]:
+    """The attention layers' token and condition offsets as host lists.
+
+    A sampler's steps share ``xs.cache`` (``x.replace``) and one condition object, so the offsets are read
+    from the device on the first step only: the token offsets belong to the cached structure, and a packed
+    condition's offsets are kept beside a weak reference to their tensor, used while it is the same tensor.
+    A dense condition's offsets come as a host list already."""
+    cache = xs.cache
+    cu_x = cache.get("cu_seqlens_host")
+    if cu_x is None:
+        cu_x = cache["cu_seqlens_host"] = xs.cu_seqlens.tolist()
+    if isinstance(cu_cond, list):
+        return cu_x, cu_cond
+    kept = cache.get("cu_cond_host")
+    if kept is not None and kept[0]() is cu_cond:
+        return cu_x, kept[1]
+    cu_c = cu_cond.tolist()
+    cache["cu_cond_host"] = (weakref.ref(cu_cond), cu_c)
+    return cu_x, cu_c
+
+
 class LayerNorm32(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the input and weight dtypes, returned in the input's."""
 
@@ -307,7 +329,7 @@ class SparseDiT(nn.Module):
         if isinstance(cond, PackedCondition) or cond.ndim != 3 or cond.shape[0] != b:
             raise ValueError(f"expected cond ({b}, L, C), got {type(cond).__name__} "
                              f"{tuple(getattr(cond, 'shape', ()))}")
-        return cond.to(dtype).reshape(-1, cond.shape[-1]), torch.arange(b + 1, device=cond.device) * cond.shape[1]
+        return cond.to(dtype).reshape(-1, cond.shape[-1]), list(range(0, (b + 1) * cond.shape[1], cond.shape[1]))
 
     def forward(self, x: SparseTensor, t: torch.Tensor, cond) -> SparseTensor:
         """Latent tokens x (N, in_channels) of B shapes, t (B,) in [0, 1] (noise at 1), cond (B, L, cond_dim)
@@ -321,7 +343,7 @@ class SparseDiT(nn.Module):
 
     def _velocity(self, xs: SparseTensor, t, cond):
         cfg = self.cfg
-        x, coords, cu_seqlens = xs.feats, xs.coords[:, 1:], xs.cu_seqlens
+        x, coords = xs.feats, xs.coords[:, 1:]
         b = xs.batch_size
         if t.shape != (b,):
             raise ValueError(f"expected t ({b},), got {tuple(t.shape)}")
@@ -341,7 +363,7 @@ class SparseDiT(nn.Module):
         if cfg.attention == "ssa":  # every block runs in the SSA's block order; per-token work ignores order
             perm, inv, st = ssa_structure(xs, self.blocks[0].self_attn.cfg)
             h = h[perm]  # shapes stay contiguous and in order, so token_shape holds
-        cu_x, cu_c = cu_seqlens.tolist(), cu_cond.tolist()  # the attention layers' offsets, read once
+        cu_x, cu_c = _host_offsets(xs, cu_cond)  # the attention layers' offsets, read once per sampler
         for blk in self.blocks:
             if cfg.grad_checkpointing and self.training:
                 h = checkpoint(blk, h, st, cu_x, token_shape, t_emb, cond_tokens, cu_c, use_reentrant=False)

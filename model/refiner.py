@@ -305,27 +305,42 @@ class VoxelRefiner(nn.Module):
         return self(sdf, self.latent_mlp(feats.movedim(1, -1)).movedim(-1, 1))
 
     # -- inference on one shape --------------------------------------------------------------------
-    def _patch_input(self, coords: torch.Tensor, values: torch.Tensor, lo: tuple, size: tuple,
+    def _patch_input(self, coords: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, lo: tuple, size: tuple,
                      fill_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Dense (1, C, *size) crop at ``lo``: ``values`` rows at the given voxels, ``fill_rows`` (default 1)
-        elsewhere."""
-        lo_t = torch.tensor(lo, device=coords.device)
-        local = coords.long() - lo_t
-        inside = ((local >= 0) & (local < torch.tensor(size, device=coords.device))).all(1)
-        local, vals = local[inside], values[inside]
+        """Dense (1, C, *size) crop at ``lo``: the ``values`` of the voxels ``rows`` (all inside the crop) at their
+        places, ``fill_rows`` (default 1) elsewhere. No host read: the rows come from ``_patch_rows``."""
+        local = coords[rows].long()
+        vals = values[rows]
         c = vals.shape[1]
         out = fill_rows.reshape(c, 1, 1, 1).expand(c, *size).clone() if fill_rows is not None else \
             torch.ones(c, *size, device=values.device, dtype=values.dtype)
-        out[:, local[:, 0], local[:, 1], local[:, 2]] = vals.t()
+        out[:, local[:, 0] - lo[0], local[:, 1] - lo[1], local[:, 2] - lo[2]] = vals.t()
         return out[None]
 
+    def _patch_rows(self, coords: torch.Tensor, stride: int) -> list[torch.Tensor]:
+        """The rows of ``coords`` inside each of ``_patches(stride)``, in its order, from two host reads for
+        all 27 patches (a boolean selection per patch would read the device four times a patch)."""
+        c = coords.long()
+        per_axis = [torch.stack([(c[:, a] >= lo) & (c[:, a] < lo + n) for lo, n in self._axis_ranges(stride)])
+                    for a in range(3)]  # (3, N) each: inside the i-th range along axis a
+        inside = (per_axis[0][:, None, None] & per_axis[1][None, :, None] & per_axis[2][None, None, :])
+        inside = inside.reshape(27, -1)
+        rows = inside.nonzero()[:, 1]  # grouped by patch (row-major order), ascending inside a patch
+        ends = inside.sum(1).cumsum(0).tolist()
+        return list(torch.tensor_split(rows, ends[:-1]))
+
+    def _axis_ranges(self, stride: int) -> list[tuple[int, int]]:
+        """(start, length) of the three patch ranges along an axis."""
+        return [(stride * i, min(self.cfg.patch_size, self.cfg.res - stride * i)) for i in range(3)]
+
     def _patches(self, stride: int):
-        cfg = self.cfg
+        """(lo, size) of the 27 patches, i (x) slowest and k (z) fastest, as ``_patch_rows`` lists them."""
+        ranges = self._axis_ranges(stride)
         for i in range(3):
             for j in range(3):
                 for k in range(3):
-                    lo = (stride * i, stride * j, stride * k)
-                    yield lo, tuple(min(cfg.patch_size, cfg.res - x) for x in lo)
+                    (a, na), (b, nb), (c, nc) = ranges[i], ranges[j], ranges[k]
+                    yield (a, b, c), (na, nb, nc)
 
     @torch.no_grad()
     def refine_sdf(self, coords: torch.Tensor, values: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
@@ -343,9 +358,9 @@ class VoxelRefiner(nn.Module):
         # linear blend over each overlap: the first patch of an axis fades out, the next fades in
         weights = [torch.cat([ones[:s], 1 - ramp]), torch.cat([ramp, ones[o:s], 1 - ramp]), torch.cat([ramp, ones[o:]])]
         out = torch.zeros(cfg.res, cfg.res, cfg.res, device=dev, dtype=torch.float32)  # blended in float32
-        for lo, size in self._patches(s):
-            x = self._patch_input(coords, sdf, lo, size)
-            f = self._patch_input(coords, rows, lo, size, fill_rows=empty)
+        for (lo, size), inside in zip(self._patches(s), self._patch_rows(coords, s)):
+            x = self._patch_input(coords, sdf, inside, lo, size)
+            f = self._patch_input(coords, rows, inside, lo, size, fill_rows=empty)
             y = self(x, f)[0, 0].float()
             wi, wj, wk = (weights[lo[a] // s] for a in range(3))
             out[lo[0]:lo[0] + p, lo[1]:lo[1] + p, lo[2]:lo[2] + p] += y * wi[:, None, None] * wj[None, :, None] * wk
@@ -361,8 +376,8 @@ class VoxelRefiner(nn.Module):
         half, mean = mean_pool_2(coords, values)
         sdf = mean.to(self.dtype).reshape(-1, 1)
         sign = torch.ones(cfg.res, cfg.res, cfg.res, device=coords.device, dtype=torch.int8)
-        for lo, size in self._patches(cfg.stride):
-            logits = self(self._patch_input(half, sdf, lo, size))[0, 0]
+        for (lo, size), inside in zip(self._patches(cfg.stride), self._patch_rows(half, cfg.stride)):
+            logits = self(self._patch_input(half, sdf, inside, lo, size))[0, 0]
             sl = tuple(slice(a, a + n) for a, n in zip(lo, size))
             sign[sl] = torch.where(torch.sigmoid(logits) >= 0.5, 1, -1).to(torch.int8)
         return sign

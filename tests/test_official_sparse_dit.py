@@ -161,3 +161,47 @@ def test_sparse_tensor_call_keeps_the_structure_on_the_tensor():
         assert structures()[0] is st and not torch.allclose(again.feats, out.feats)
         order = torch.argsort(coord_keys(packed.coords, cfg.resolution))
         assert torch.allclose(out.feats, model(packed, t, cond).feats[order], atol=1e-5)
+
+
+def test_attention_offsets_read_once_per_token_set_and_condition():
+    """A sampler's steps (x.replace, one condition object) read the attention offsets from the device once; a
+    new condition tensor on the same tokens gets its own offsets, never the cached ones."""
+    cfg = DiTConfig.from_official({**NARROW, "sparse_conditions": True})
+    model = SparseDiT(cfg).eval()
+    model.load_state_dict(official_to_ours(_released(cfg, 7), cfg))
+    x, t, cond = _batch(cfg, seed=8)
+    reads = []
+    real = torch.Tensor.tolist
+
+    def counting(self):
+        reads.append(tuple(self.shape))
+        return real(self)
+
+    with torch.no_grad():
+        torch.Tensor.tolist = counting
+        try:
+            first = model(x, t, cond).feats
+            n_first = len(reads)
+            second = model(x.replace(x.feats.clone()), t, cond).feats
+        finally:
+            torch.Tensor.tolist = real
+        assert n_first >= 2 and len(reads) == n_first  # no offset read on the second step
+        assert torch.equal(first, second)
+        # another packed condition (other lengths) on the same cached tokens: its own offsets
+        n = torch.tensor([3, 8])
+        other = PackedCondition(torch.randn(11, cfg.cond_dim), torch.randint(0, 5, (11, 3)),
+                                torch.cat([torch.zeros(1, dtype=torch.long), n.cumsum(0)]))
+        fresh = SparseTensor.packed(x.coords[:, 1:], x.feats, x.cu_seqlens, x.resolution)
+        assert torch.allclose(model(x, t, other).feats, model(fresh, t, other).feats, atol=1e-6)
+        # a dense condition needs no read at all
+        dense_cfg = DiTConfig.from_official(NARROW)
+        dense = SparseDiT(dense_cfg).eval()
+        xd, td, cd = _batch(dense_cfg, seed=9)
+        dense(xd, td, cd)
+        reads.clear()
+        torch.Tensor.tolist = counting
+        try:
+            dense(xd.replace(xd.feats.clone()), td, cd)
+        finally:
+            torch.Tensor.tolist = real
+        assert reads == []

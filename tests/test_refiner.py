@@ -206,3 +206,20 @@ def test_half_weights_as_the_release_runs_them(name):
         vals, feats = torch.rand(400, generator=g) * 2 - 1, torch.randn(400, 32, generator=g)
         fa, fb = net.refine_sdf(coords, vals, feats), half.refine_sdf(coords, vals, feats)
         assert fb.dtype == torch.float32 and float((fa - fb).abs().max()) < 1e-2
+
+
+@pytest.mark.parametrize("kind", ["sdf", "sign"])
+def test_patch_rows_are_each_patchs_voxels(kind):
+    """The 27 patches' voxels, found together (two host reads), are exactly each patch's own voxels in order."""
+    cfg = rf.RefinerConfig.named("debug", kind=kind)
+    net = rf.VoxelRefiner(cfg)
+    g = torch.Generator().manual_seed(3)
+    coords = torch.unique(torch.randint(0, cfg.res, (3000, 3), generator=g, dtype=torch.int32), dim=0)
+    coords = coords[torch.randperm(len(coords), generator=g)]  # any order
+    patches = list(net._patches(cfg.stride))
+    rows = net._patch_rows(coords, cfg.stride)
+    assert len(rows) == len(patches) == 27
+    for (lo, size), got in zip(patches, rows):
+        c = coords.long()
+        want = ((c >= torch.tensor(lo)) & (c < torch.tensor(lo) + torch.tensor(size))).all(1).nonzero()[:, 0]
+        assert torch.equal(got, want)
