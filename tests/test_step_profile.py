@@ -53,3 +53,17 @@ def test_a_cpu_step_adds_up_to_its_wall_time():
     assert sum(cats.values()) == pytest.approx(wall_ms, rel=1e-6)
     assert cats.get("GEMM (linears)", 0) > 0
     assert any(k.startswith("aten::") for k in kernels)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_sample_step_runs_a_guided_step_on_the_cpu(sparse, capsys):
+    """benchmarks/sample_step.py: one guided sampling step of the debug SS-DiT (dense or packed condition)."""
+    import benchmarks.sample_step as ss
+
+    row = ss.measure("debug", 200, 1, 0, torch.device("cpu"), 0, sparse)
+    assert row["batch_tokens"] == 400 and row["step_ms"] > 0 and row["params_m"] > 0
+    x, t, cond = ss.guided_batch(ss.DiTConfig.named("debug", sparse_conditions=sparse), 50, torch.device("cpu"),
+                                 torch.float32)
+    assert x.batch_size == 2 and torch.equal(x.feats[:50], x.feats[50:]) and t.shape == (2,)
+    tokens = cond.tokens if sparse else cond
+    assert torch.count_nonzero(tokens[len(tokens) // 2:]) == 0  # the second half is the zero condition

@@ -1,0 +1,113 @@
+"""One sampling step of the SS-DiT as generation runs it, timed and broken down by kind of work.
+
+    python benchmarks/sample_step.py                          # paper SS-DiT, 10,704 and 45,816 tokens, CUDA
+    python benchmarks/sample_step.py --tokens 45816 --profile 3
+    python benchmarks/sample_step.py --config debug --device cpu --tokens 500 --steps 2   # a CPU smoke run
+
+A step is what ``model/cascade.py`` ``_guided`` does at each Euler step: one no-grad forward over the
+shape's tokens twice (the condition and the zero condition, classifier-free guidance as one batch of two
+shapes), in the network's dtype (bf16 on CUDA). The tokens are a sphere shell of the generation stage's
+count (``train_dit.shell_coords``), the condition 1,374 DINOv2-sized tokens (or packed ones with
+``sparse_conditions``). Prints the median step, the effective TFLOP/s by 2·params·tokens (the linears'
+count, attention not included), and with ``--profile N`` where the step goes (``step_profile.py``):
+the sampling stages are most of a generated mesh (benchmarks/RESULTS.md, "Generation").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_profile import print_breakdown, profile_step  # noqa: E402
+from train_dit import COND_TOKENS, shell_coords  # noqa: E402
+
+from model.dit import DiTConfig, PackedCondition, SparseDiT  # noqa: E402
+from model.sparse import SparseTensor  # noqa: E402
+
+
+def guided_batch(cfg: DiTConfig, tokens: int, device, dtype, seed: int = 0):
+    """(x, t, cond) of one guided step: the shell twice (condition, zero condition) as one batch of two."""
+    grid = 64 if tokens <= 30000 else 128
+    coords = shell_coords(tokens, grid, seed).to(device)
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(tokens, cfg.in_channels, generator=g).to(device, dtype)
+    x = SparseTensor.packed(torch.cat([coords, coords]), torch.cat([feats, feats]),
+                            torch.tensor([0, tokens, 2 * tokens], device=device), grid)
+    t = torch.full((2,), 0.5, device=device, dtype=dtype)
+    n_cond = COND_TOKENS if cfg.width >= 256 else 20
+    cond = torch.randn(1, n_cond, cfg.cond_dim, generator=g).to(device, dtype)
+    if cfg.sparse_conditions:
+        c = torch.cat([cond[0], torch.zeros_like(cond[0])])
+        cc = torch.zeros(n_cond, 3, dtype=torch.int32)
+        cc[:, 0] = torch.arange(n_cond) % 37
+        cc[:, 1] = torch.arange(n_cond) // 37
+        cond = PackedCondition(c, torch.cat([cc, cc]).to(device),
+                               torch.tensor([0, n_cond, 2 * n_cond], dtype=torch.int32, device=device))
+    else:
+        cond = torch.cat([cond, torch.zeros_like(cond)])
+    return x, t, cond
+
+
+def measure(cfg_name: str, tokens: int, steps: int, warmup: int, device, profile: int, sparse_conditions: bool):
+    cfg = DiTConfig.named(cfg_name, sparse_conditions=sparse_conditions)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    net = SparseDiT(cfg).to(device, dtype).eval()
+    params = sum(p.numel() for p in net.parameters())
+    x, t, cond = guided_batch(cfg, tokens, device, dtype)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+    def step():
+        with torch.no_grad():
+            return net(x.replace(x.feats), t, cond)  # the sampler's x.replace: the structure stays cached
+
+    times = []
+    for i in range(warmup + steps):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    s = statistics.median(times)
+    row = {"config": cfg_name, "sparse_conditions": sparse_conditions, "tokens": tokens, "batch_tokens": 2 * tokens,
+           "step_ms": 1e3 * s, "tflops_linears": 2 * params * 2 * tokens / s / 1e12, "params_m": params / 1e6,
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    if profile:
+        cats, kernels, wall = profile_step(step, profile, device)
+        print_breakdown(cats, kernels, wall, title=f"{cfg_name}, {tokens} tokens x 2 (guidance), one sampling step")
+        row["categories_ms"] = cats
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="paper")
+    ap.add_argument("--tokens", default="10704,45816", help="tokens of a shape (512: 10,704; 1024: 45,816)")
+    ap.add_argument("--sparse-conditions", action="store_true", help="packed image tokens (the released 512/1024)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--profile", type=int, default=0, help="profile this many steps after timing")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    rows = [measure(args.config, int(n), args.steps, args.warmup, device, args.profile, args.sparse_conditions)
+            for n in args.tokens.split(",")]
+    print("| tokens (x2 guidance) | step ms | TFLOP/s (2·params·tokens) | device |")
+    print("| ---: | ---: | ---: | --- |")
+    for r in rows:
+        print(f"| {r['tokens']:,} | {r['step_ms']:.1f} | {r['tflops_linears']:.1f} | {r['device']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
