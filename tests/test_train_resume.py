@@ -146,3 +146,30 @@ def test_exported_folder_holds_the_buffers(tmp_path):
                                        {**checkpoints.persistent_buffers(task), **ema}, {"step": 1})
     loaded = from_pretrained(folder, "dense_dit")
     torch.testing.assert_close(loaded.module.pos_emb, bundle.module.pos_emb, rtol=0, atol=0)
+
+
+def test_a_run_folder_with_checkpoints_but_none_handed_over_is_named_in_the_log(tmp_path, caplog):
+    """Workers that get no checkpoint while their run folder holds some start again from step 0: the log says so."""
+    from pipeline.train.loop import warn_unrestored
+
+    cfg = _cfg("unused", tmp_path)
+    with caplog.at_level("WARNING", logger="pipeline.train.loop"):
+        assert warn_unrestored(cfg) == []  # a new run: nothing to say
+        assert not caplog.records
+        for name in ("checkpoint_2026-01-01_00-00-10", "checkpoint_2026-01-01_00-00-20"):
+            Path(tmp_path, "run", name).mkdir(parents=True)
+            Path(tmp_path, "run", name, "meta.json").write_text("{}")
+        Path(tmp_path, "run", "checkpoint_partial").mkdir()  # no meta.json: not counted
+        found = warn_unrestored(cfg)
+    assert [Path(f).name for f in found] == ["checkpoint_2026-01-01_00-00-10", "checkpoint_2026-01-01_00-00-20"]
+    assert "holds 2" in caplog.text and "checkpoint_2026-01-01_00-00-20" in caplog.text and "step 0" in caplog.text
+
+
+def test_listing_checkpoints_for_the_warning_never_stops_the_run(tmp_path, monkeypatch):
+    from pipeline.train import loop
+
+    def unreachable(*a, **k):
+        raise OSError("storage unreachable")
+
+    monkeypatch.setattr(loop.storage, "filesystem", unreachable)
+    assert loop.warn_unrestored(_cfg("unused", tmp_path)) == []

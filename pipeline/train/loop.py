@@ -111,6 +111,8 @@ def run_loop(cfg: TrainConfig, session) -> dict:
     # names: shapes trained in this epoch by this rank; clauses: whole shares of an earlier worker count done
     position = {"epoch": 0, "consumed": 0, "names": [], "clauses": []}
     restored = session.checkpoint_dir()
+    if restored is None and rank == 0:
+        warn_unrestored(cfg)
     if restored is not None:
         with restored as d:
             step = checkpoints.restore(d, engine, ema, network=cfg.network, model_config=task.model_config,
@@ -220,6 +222,22 @@ def run_loop(cfg: TrainConfig, session) -> dict:
         position = {"epoch": position["epoch"] + 1, "consumed": 0, "names": [], "clauses": []}
     curves.close()
     return {"step": step, "skipped_shapes": skipped.shapes, "history": history}
+
+
+def warn_unrestored(cfg: TrainConfig) -> list[str]:
+    """A worker group that gets no checkpoint while its run folder already holds some starts again from step 0:
+    a worker lost before Ray Train recorded the run's checkpoints leaves it so. Say it in the log, naming them,
+    instead of redoing the steps silently. Returns the checkpoint folders found (never raises)."""
+    try:
+        fs, path = storage.filesystem(storage.join(cfg.storage, cfg.name))
+        found = sorted(posixpath.dirname(m) for m in fs.glob(posixpath.join(path, "checkpoint_*", "meta.json")))
+    except Exception as e:  # a warning must not stop the run
+        log.debug("run %s: could not list its checkpoints (%s)", cfg.name, type(e).__name__)
+        return []
+    if found:
+        log.warning("run %s: no checkpoint handed to the workers although its folder holds %d (the last by name: "
+                    "%s); training starts again from step 0", cfg.name, len(found), posixpath.basename(found[-1]))
+    return found
 
 
 def train_loop_per_worker(config: dict) -> None:
