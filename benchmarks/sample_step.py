@@ -27,31 +27,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_profile import print_breakdown, profile_step  # noqa: E402
 from train_dit import COND_TOKENS, shell_coords  # noqa: E402
 
+from model.cascade import guidance_batch  # noqa: E402
 from model.dit import DiTConfig, PackedCondition, SparseDiT  # noqa: E402
 from model.sparse import SparseTensor  # noqa: E402
 
 
 def guided_batch(cfg: DiTConfig, tokens: int, device, dtype, seed: int = 0):
-    """(x, t, cond) of one guided step: the shell twice (condition, zero condition) as one batch of two."""
+    """(x, t, cond) of one guided step: the shell and its condition doubled as the cascade does
+    (``model.cascade.guidance_batch``)."""
     grid = 64 if tokens <= 30000 else 128
-    coords = shell_coords(tokens, grid, seed).to(device)
     g = torch.Generator().manual_seed(seed)
-    feats = torch.randn(tokens, cfg.in_channels, generator=g).to(device, dtype)
-    x = SparseTensor.packed(torch.cat([coords, coords]), torch.cat([feats, feats]),
-                            torch.tensor([0, tokens, 2 * tokens], device=device), grid)
-    t = torch.full((2,), 0.5, device=device, dtype=dtype)
+    shape = SparseTensor.packed(shell_coords(tokens, grid, seed).to(device),
+                                torch.randn(tokens, cfg.in_channels, generator=g).to(device, dtype),
+                                torch.tensor([0, tokens], device=device), grid)
     n_cond = COND_TOKENS if cfg.width >= 256 else 20
     cond = torch.randn(1, n_cond, cfg.cond_dim, generator=g).to(device, dtype)
     if cfg.sparse_conditions:
-        c = torch.cat([cond[0], torch.zeros_like(cond[0])])
         cc = torch.zeros(n_cond, 3, dtype=torch.int32)
-        cc[:, 0] = torch.arange(n_cond) % 37
-        cc[:, 1] = torch.arange(n_cond) // 37
-        cond = PackedCondition(c, torch.cat([cc, cc]).to(device),
-                               torch.tensor([0, n_cond, 2 * n_cond], dtype=torch.int32, device=device))
-    else:
-        cond = torch.cat([cond, torch.zeros_like(cond)])
-    return x, t, cond
+        cc[:, 0], cc[:, 1] = torch.arange(n_cond) % 37, torch.arange(n_cond) // 37
+        cond = PackedCondition(cond[0], cc.to(device), torch.tensor([0, n_cond], dtype=torch.int32, device=device))
+    x, cond = guidance_batch(shape, cond)
+    return x, torch.full((2,), 0.5, device=device, dtype=dtype), cond
 
 
 def measure(cfg_name: str, tokens: int, steps: int, warmup: int, device, profile: int, sparse_conditions: bool):

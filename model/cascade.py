@@ -285,6 +285,19 @@ def foreground_fraction(image: torch.Tensor) -> float:
     return float(((image - bg[:, None, None]).abs().amax(0) > 0.08).float().mean())
 
 
+def guidance_batch(tokens: SparseTensor, cond):
+    """(tokens, cond) as one batch of 2B shapes for classifier-free guidance: the B shapes twice, with their
+    condition and with the zero condition (a packed one keeps its tokens' positions)."""
+    cu, coords = tokens.cu_seqlens, tokens.coords[:, 1:]
+    doubled = SparseTensor.packed(torch.cat([coords, coords]), torch.cat([tokens.feats, tokens.feats]),
+                                  torch.cat([cu, cu[1:] + cu[-1]]), tokens.resolution)
+    if isinstance(cond, PackedCondition):
+        ccu = cond.cu_seqlens
+        return doubled, PackedCondition(torch.cat([cond.tokens, torch.zeros_like(cond.tokens)]),
+                                        torch.cat([cond.coords, cond.coords]), torch.cat([ccu, ccu[1:] + ccu[-1]]))
+    return doubled, torch.cat([cond, torch.zeros_like(cond)])
+
+
 def _item_generator(seed: int, stage: int) -> torch.Generator:
     # one stream per (item, stage): a stage's noise never depends on how much the previous stage drew
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + stage)
@@ -451,17 +464,8 @@ class Cascade:
         """Velocity with classifier-free guidance as one forward over [cond; zero cond] (2B shapes).
 
         The tokens' structure (and the SSA's, cached on it) is built once for all the sampler's steps."""
-        b, cu = tokens.batch_size, tokens.cu_seqlens
-        g = self.cfg.guidance
-        coords = tokens.coords[:, 1:]
-        doubled = SparseTensor.packed(torch.cat([coords, coords]), torch.cat([tokens.feats, tokens.feats]),
-                                      torch.cat([cu, cu[1:] + cu[-1]]), tokens.resolution)
-        if isinstance(cond, PackedCondition):  # the zero condition keeps the tokens' positions
-            ccu = cond.cu_seqlens
-            cond2 = PackedCondition(torch.cat([cond.tokens, torch.zeros_like(cond.tokens)]),
-                                    torch.cat([cond.coords, cond.coords]), torch.cat([ccu, ccu[1:] + ccu[-1]]))
-        else:
-            cond2 = torch.cat([cond, torch.zeros_like(cond)])
+        b, g = tokens.batch_size, self.cfg.guidance
+        doubled, cond2 = guidance_batch(tokens, cond)
 
         def velocity(x, t, _cond):
             if g == 1.0:

@@ -318,7 +318,8 @@ class SparseDiT(nn.Module):
             nn.init.normal_(self.grid_cond[-1].weight, std=0.02 / 16)
 
     def _condition(self, cond, b: int, dtype):
-        """(tokens (M, cond_dim), offsets (B + 1)) of the image condition, dense (B, L, C) or packed."""
+        """(tokens (M, cond_dim), offsets (B + 1)) of the image condition, dense (B, L, C) or packed; a dense
+        condition's offsets are a host list (no device read), a packed one's its cu_seqlens tensor."""
         if self.cfg.sparse_conditions:
             if not isinstance(cond, PackedCondition):
                 raise ValueError("this network has sparse_conditions: cond must be a PackedCondition")

@@ -224,13 +224,19 @@ def run_loop(cfg: TrainConfig, session) -> dict:
     return {"step": step, "skipped_shapes": skipped.shapes, "history": history}
 
 
+def complete_checkpoints(fs, run_path: str) -> list[str]:
+    """Paths (on ``fs``) of the checkpoints in a run folder that hold meta.json, sorted by name (the launcher's
+    names carry the zero-padded step, Ray Train's the time)."""
+    return sorted(posixpath.dirname(m) for m in fs.glob(posixpath.join(run_path, "checkpoint_*", "meta.json")))
+
+
 def warn_unrestored(cfg: TrainConfig) -> list[str]:
     """A worker group that gets no checkpoint while its run folder already holds some starts again from step 0:
     a worker lost before Ray Train recorded the run's checkpoints leaves it so. Say it in the log, naming them,
     instead of redoing the steps silently. Returns the checkpoint folders found (never raises)."""
     try:
         fs, path = storage.filesystem(storage.join(cfg.storage, cfg.name))
-        found = sorted(posixpath.dirname(m) for m in fs.glob(posixpath.join(path, "checkpoint_*", "meta.json")))
+        found = complete_checkpoints(fs, path)
     except Exception as e:  # a warning must not stop the run
         log.debug("run %s: could not list its checkpoints (%s)", cfg.name, type(e).__name__)
         return []
@@ -285,8 +291,7 @@ class LocalSession:
 
     def complete_checkpoints(self) -> list[str]:
         """Paths (on ``self.fs``) of this run's checkpoints that hold meta.json, oldest first."""
-        found = self.fs.glob(posixpath.join(self.run_path, "checkpoint_*", "meta.json"))
-        return sorted(posixpath.dirname(m) for m in found)  # names carry the zero-padded step
+        return complete_checkpoints(self.fs, self.run_path)
 
     def checkpoint_dir(self):
         complete = self.complete_checkpoints()
