@@ -148,28 +148,89 @@ def test_exported_folder_holds_the_buffers(tmp_path):
     torch.testing.assert_close(loaded.module.pos_emb, bundle.module.pos_emb, rtol=0, atol=0)
 
 
-def test_a_run_folder_with_checkpoints_but_none_handed_over_is_named_in_the_log(tmp_path, caplog):
-    """Workers that get no checkpoint while their run folder holds some start again from step 0: the log says so."""
-    from pipeline.train.loop import warn_unrestored
+class _NothingHanded:
+    """A session like Ray Train's after it lost track of a run's checkpoints: the workers get none, while the
+    run folder (checkpoints named by time, as Ray Train names them) holds them."""
 
-    cfg = _cfg("unused", tmp_path)
+    def __new__(cls, cfg):
+        from pipeline.train.loop import LocalSession
+
+        class Session(LocalSession):
+            def checkpoint_dir(self):
+                return None
+
+        return Session(cfg)
+
+
+def _as_ray_names(run: Path) -> None:
+    for i, ckpt in enumerate(sorted(run.glob("checkpoint_*"))):
+        ckpt.rename(run / f"checkpoint_2026-01-01_00-00-{10 + i:02d}.000000")
+
+
+def _train_handed_nothing(cfg):
+    from pipeline.train import loop
+
+    return loop.run_loop(cfg, _NothingHanded(cfg))
+
+
+def test_workers_handed_no_checkpoint_resume_from_the_newest_every_rank_finished(local_dist, shards, tmp_path,
+                                                                                 caplog):
+    """Ray Train may hand a restarted worker group no checkpoint although the run folder holds finished ones
+    (a worker lost before its controller recorded them): the run continues from the newest finished one,
+    bit for bit the run that never stopped, instead of training from step 0 again."""
+    steps = 9
+    cfg = dict(steps=steps, checkpoint_every=3, zero_stage=2, token_budget=70)
+    whole = _train(_cfg(shards, tmp_path, name="whole", **cfg))
+    _train(_cfg(shards, tmp_path, name="lost", **{**cfg, "steps": 6}))
+    run = tmp_path / "lost"
+    manifest = json.loads((run / "checkpoint_00000006" / "files-rank0.json").read_text())
+    assert manifest["step"] == 6 and {"meta.json", "weights.pt", "loop-rank0.pt", "history.json",
+                                      "state/mp_rank_00_model_states.pt"} <= set(manifest["files"])
+    _as_ray_names(run)
     with caplog.at_level("WARNING", logger="pipeline.train.loop"):
-        assert warn_unrestored(cfg) == []  # a new run: nothing to say
-        assert not caplog.records
-        for name in ("checkpoint_2026-01-01_00-00-10", "checkpoint_2026-01-01_00-00-20"):
-            Path(tmp_path, "run", name).mkdir(parents=True)
-            Path(tmp_path, "run", name, "meta.json").write_text("{}")
-        Path(tmp_path, "run", "checkpoint_partial").mkdir()  # no meta.json: not counted
-        found = warn_unrestored(cfg)
-    assert [Path(f).name for f in found] == ["checkpoint_2026-01-01_00-00-10", "checkpoint_2026-01-01_00-00-20"]
-    assert "holds 2" in caplog.text and "checkpoint_2026-01-01_00-00-20" in caplog.text and "step 0" in caplog.text
+        resumed = _train_handed_nothing(_cfg(shards, tmp_path, name="lost", **cfg))
+    assert "resuming from" in caplog.text and "checkpoint_2026-01-01_00-00-11" in caplog.text
+    assert resumed["history"]["restarted_from"] == [6]
+    assert resumed["history"]["step"] == list(range(1, steps + 1))
+    assert resumed["history"]["loss"] == whole["history"]["loss"]
 
 
-def test_listing_checkpoints_for_the_warning_never_stops_the_run(tmp_path, monkeypatch):
+def test_a_checkpoint_a_rank_did_not_finish_is_never_resumed(local_dist, shards, tmp_path, caplog):
+    """A file cut short, a manifest missing, another model config: such checkpoints are passed over for an
+    older finished one; with none left the run starts from step 0 and the log names what it found."""
+    from pipeline.train.loop import newest_finished
+    from pipeline.train.tasks import build_task
+
+    cfg = _cfg(shards, tmp_path, steps=6, checkpoint_every=2, token_budget=70)
+    _train(cfg)
+    run = tmp_path / "run"
+    model_config = build_task(cfg, seed=0).model_config
+    uri, found = newest_finished(cfg, model_config)
+    assert Path(uri).name == "checkpoint_00000006" and len(found) == 3
+    loop_file = run / "checkpoint_00000006" / "loop-rank0.pt"
+    loop_file.write_bytes(loop_file.read_bytes()[:-1])  # an upload cut short
+    assert Path(newest_finished(cfg, model_config)[0]).name == "checkpoint_00000004"
+    (run / "checkpoint_00000004" / "files-rank0.json").unlink()  # a rank that never finished
+    assert Path(newest_finished(cfg, model_config)[0]).name == "checkpoint_00000002"
+    other = dataclasses.replace(model_config, depth=model_config.depth + 1)
+    with caplog.at_level("WARNING", logger="pipeline.train.loop"):
+        assert newest_finished(cfg, other) == (None, found)
+    assert "not resuming checkpoint_00000002" in caplog.text
+    caplog.clear()
+    (run / "checkpoint_00000002" / "weights.pt").unlink()
+    with caplog.at_level("WARNING", logger="pipeline.train.loop"):
+        out = _train_handed_nothing(_cfg(shards, tmp_path, steps=2, checkpoint_every=2, token_budget=70))
+    assert out["history"]["restarted_from"] == [] and out["history"]["step"] == [1, 2]
+    assert "none of the 3 in its folder finished" in caplog.text and "step 0" in caplog.text
+
+
+def test_listing_checkpoints_never_stops_the_run(tmp_path, monkeypatch, caplog):
     from pipeline.train import loop
 
     def unreachable(*a, **k):
         raise OSError("storage unreachable")
 
     monkeypatch.setattr(loop.storage, "filesystem", unreachable)
-    assert loop.warn_unrestored(_cfg("unused", tmp_path)) == []
+    with caplog.at_level("WARNING", logger="pipeline.train.loop"):
+        assert loop.newest_finished(_cfg("unused", tmp_path), None) == (None, [])
+    assert "storage unreachable" in caplog.text

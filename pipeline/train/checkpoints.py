@@ -5,9 +5,12 @@
                           plain data, loadable with weights_only=True): what sampling and the next stage load
     <ckpt>/state/...      DeepSpeed's engine, optimizer and scheduler state (one file per rank for ZeRO)
     <ckpt>/loop-rank<r>.pt where rank r's data stands (epoch, items consumed) and its random generators
+    <ckpt>/files-rank<r>.json every file rank r wrote into the checkpoint, with its size (``write_manifest``)
 
 Ray Train uploads the directory of every worker into the same checkpoint, so the DeepSpeed shards of all
-ranks end up side by side; a restarted worker group restores from ``ray.train.get_checkpoint()``.
+ranks end up side by side; a restarted worker group restores from ``ray.train.get_checkpoint()``, or, where
+Ray Train hands none although the run folder holds checkpoints (a worker lost before the controller recorded
+them), from the newest one whose every rank's manifest and files are there (``finished_meta``).
 
 Nothing read here can run code: every ``.pt`` file, DeepSpeed's own included, is unpickled with
 ``weights_only=True`` and only the few DeepSpeed classes its state holds (``SAFE_GLOBALS``) allowed
@@ -148,6 +151,38 @@ def restore(directory: str, engine, ema, *, network: str, model_config, resoluti
     weights = safe_load(os.path.join(directory, "weights.pt"), os.path.join(directory, "weights.pt"))
     ema.load_full_state_dict(weights["state_dict"])
     return int(client["step"]) if client else int(meta["step"])
+
+
+MANIFEST = "files-rank{}.json"
+
+
+def write_manifest(directory: str, rank: int, step: int) -> None:
+    """Name every file this rank put in its checkpoint ``directory``, with its size: the proof, read by
+    ``finished_meta``, that this rank's part of the checkpoint arrived whole in storage."""
+    files = {p.relative_to(directory).as_posix(): p.stat().st_size for p in sorted(Path(directory).rglob("*"))
+             if p.is_file() and not (p.name.startswith("files-rank") and p.suffix == ".json")}
+    Path(directory, MANIFEST.format(rank)).write_text(json.dumps({"rank": rank, "step": step, "files": files}))
+
+
+def finished_meta(fs, path: str) -> dict | None:
+    """meta.json of the checkpoint at ``path`` on ``fs`` if every rank that wrote it finished: each rank's
+    manifest is there for the same step and names files that are all there at their size; None otherwise
+    (a rank lost mid-upload, a checkpoint from before manifests, a folder without meta.json)."""
+    try:
+        meta = json.loads(fs.cat_file(posixpath.join(path, "meta.json")))
+        sizes = {posixpath.relpath(p, path): info.get("size") for p, info in fs.find(path, detail=True).items()}
+        for rank in range(int(meta["world_size"])):
+            name = MANIFEST.format(rank)
+            if name not in sizes:
+                return None
+            manifest = json.loads(fs.cat_file(posixpath.join(path, name)))
+            if manifest.get("step") != meta["step"]:
+                return None
+            if any(sizes.get(rel) != size for rel, size in manifest["files"].items()):
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return meta
 
 
 def _loop_file(directory: str, rank: int) -> str:

@@ -111,8 +111,8 @@ def run_loop(cfg: TrainConfig, session) -> dict:
     # names: shapes trained in this epoch by this rank; clauses: whole shares of an earlier worker count done
     position = {"epoch": 0, "consumed": 0, "names": [], "clauses": []}
     restored = session.checkpoint_dir()
-    if restored is None and rank == 0:
-        warn_unrestored(cfg)
+    if restored is None:  # Ray Train handed none: the newest checkpoint every rank finished, if the run has one
+        restored = recovered_checkpoint(cfg, rank, device, task.model_config)
     if restored is not None:
         with restored as d:
             step = checkpoints.restore(d, engine, ema, network=cfg.network, model_config=task.model_config,
@@ -207,6 +207,7 @@ def run_loop(cfg: TrainConfig, session) -> dict:
                         if step == cfg.steps:
                             loss_curve_png(history["step"], history["loss"], os.path.join(tmp, "loss_curve.png"),
                                            title=f"{name} loss")
+                    checkpoints.write_manifest(tmp, rank, step)  # last: names every file above
                     session.report(metrics, tmp)
             elif step % cfg.report_every == 0:
                 curves.write(metrics)
@@ -230,20 +231,57 @@ def complete_checkpoints(fs, run_path: str) -> list[str]:
     return sorted(posixpath.dirname(m) for m in fs.glob(posixpath.join(run_path, "checkpoint_*", "meta.json")))
 
 
-def warn_unrestored(cfg: TrainConfig) -> list[str]:
-    """A worker group that gets no checkpoint while its run folder already holds some starts again from step 0:
-    a worker lost before Ray Train recorded the run's checkpoints leaves it so. Say it in the log, naming them,
-    instead of redoing the steps silently. Returns the checkpoint folders found (never raises)."""
+def newest_finished(cfg: TrainConfig, model_config) -> tuple[str | None, list[str]]:
+    """(URI of the newest checkpoint of the run folder that every rank finished and this run can continue,
+    or None; every checkpoint folder with meta.json found). Never raises: listing is best effort."""
     try:
-        fs, path = storage.filesystem(storage.join(cfg.storage, cfg.name))
+        run_uri = storage.join(cfg.storage, cfg.name)
+        fs, path = storage.filesystem(run_uri)
         found = complete_checkpoints(fs, path)
-    except Exception as e:  # a warning must not stop the run
-        log.debug("run %s: could not list its checkpoints (%s)", cfg.name, type(e).__name__)
-        return []
-    if found:
-        log.warning("run %s: no checkpoint handed to the workers although its folder holds %d (the last by name: "
-                    "%s); training starts again from step 0", cfg.name, len(found), posixpath.basename(found[-1]))
-    return found
+        candidates = []
+        for folder in found:
+            meta = checkpoints.finished_meta(fs, folder)
+            if meta is None:
+                continue
+            try:
+                checkpoints.check_compatible(meta, cfg.network, model_config, folder)
+                checkpoints.check_resumable(meta, folder, network=cfg.network, resolution=cfg.resolution,
+                                            world_size=int(meta["world_size"]))
+            except checkpoints.CheckpointMismatch as e:
+                log.warning("run %s: not resuming %s: %s", cfg.name, posixpath.basename(folder), e)
+                continue
+            candidates.append((int(meta["step"]), folder))
+    except Exception as e:  # storage unreachable: the run starts, and says so
+        log.warning("run %s: could not list its checkpoints (%s: %s)", cfg.name, type(e).__name__, e)
+        return None, []
+    if not candidates:
+        return None, found
+    best = max(candidates)[1]
+    return storage.join(run_uri, posixpath.relpath(best, path)), found
+
+
+def recovered_checkpoint(cfg: TrainConfig, rank: int, device, model_config):
+    """Collective. When Ray Train hands a worker group no checkpoint although the run folder holds some (a
+    worker lost before its controller recorded them), continue from the newest one every rank finished
+    instead of redoing the steps: rank 0 picks it, every rank opens the same. A context manager yielding a
+    local folder, or None (a new run, or nothing finished: the log names what was found)."""
+    choice = [None]
+    if rank == 0:
+        uri, found = newest_finished(cfg, model_config)
+        choice = [uri]
+        if uri is not None:
+            log.warning("run %s: Ray Train handed the workers no checkpoint; resuming from %s, the newest one "
+                        "every rank finished", cfg.name, uri)
+        elif found:
+            log.warning("run %s: no checkpoint handed to the workers and none of the %d in its folder finished by "
+                        "every rank (the last by name: %s); training starts again from step 0", cfg.name,
+                        len(found), posixpath.basename(found[-1]))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(choice, src=0, device=device if device.type == "cuda" else None)
+    if choice[0] is None:
+        return None
+    fs, path = storage.filesystem(choice[0])
+    return _downloaded(fs, path) if storage.is_remote(choice[0]) else contextlib.nullcontext(path)
 
 
 def train_loop_per_worker(config: dict) -> None:
