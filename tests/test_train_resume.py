@@ -148,16 +148,21 @@ def test_exported_folder_holds_the_buffers(tmp_path):
     torch.testing.assert_close(loaded.module.pos_emb, bundle.module.pos_emb, rtol=0, atol=0)
 
 
-class _NothingHanded:
-    """A session like Ray Train's after it lost track of a run's checkpoints: the workers get none, while the
-    run folder (checkpoints named by time, as Ray Train names them) holds them."""
+class _LaggingSession:
+    """A session like Ray Train's when its controller lags behind the run folder: the workers are handed the
+    checkpoint ``handed`` (a folder; None: none at all) while the folder holds newer finished ones."""
 
-    def __new__(cls, cfg):
+    def __new__(cls, cfg, handed=None):
+        import contextlib
+
         from pipeline.train.loop import LocalSession
 
         class Session(LocalSession):
             def checkpoint_dir(self):
-                return None
+                return contextlib.nullcontext(str(handed)) if handed else None
+
+            def checkpoint_step(self):
+                return json.loads(Path(handed, "meta.json").read_text())["step"] if handed else None
 
         return Session(cfg)
 
@@ -167,10 +172,10 @@ def _as_ray_names(run: Path) -> None:
         ckpt.rename(run / f"checkpoint_2026-01-01_00-00-{10 + i:02d}.000000")
 
 
-def _train_handed_nothing(cfg):
+def _train_handed(cfg, handed=None):
     from pipeline.train import loop
 
-    return loop.run_loop(cfg, _NothingHanded(cfg))
+    return loop.run_loop(cfg, _LaggingSession(cfg, handed))
 
 
 def test_workers_handed_no_checkpoint_resume_from_the_newest_every_rank_finished(local_dist, shards, tmp_path,
@@ -188,10 +193,28 @@ def test_workers_handed_no_checkpoint_resume_from_the_newest_every_rank_finished
                                       "state/mp_rank_00_model_states.pt"} <= set(manifest["files"])
     _as_ray_names(run)
     with caplog.at_level("WARNING", logger="pipeline.train.loop"):
-        resumed = _train_handed_nothing(_cfg(shards, tmp_path, name="lost", **cfg))
-    assert "resuming from" in caplog.text and "checkpoint_2026-01-01_00-00-11" in caplog.text
+        resumed = _train_handed(_cfg(shards, tmp_path, name="lost", **cfg))
+    assert "handed the workers no checkpoint; resuming from" in caplog.text
+    assert "checkpoint_2026-01-01_00-00-11" in caplog.text
     assert resumed["history"]["restarted_from"] == [6]
     assert resumed["history"]["step"] == list(range(1, steps + 1))
+    assert resumed["history"]["loss"] == whole["history"]["loss"]
+
+
+def test_workers_handed_an_older_checkpoint_resume_from_the_newest_every_rank_finished(local_dist, shards,
+                                                                                     tmp_path, caplog):
+    """Ray Train's controller may record checkpoints late (one run lost a worker at step 30 and was handed
+    step 10): the workers continue from the newest finished checkpoint instead of redoing the steps."""
+    steps = 9
+    cfg = dict(steps=steps, checkpoint_every=3, zero_stage=2, token_budget=70)
+    whole = _train(_cfg(shards, tmp_path, name="whole", **cfg))
+    _train(_cfg(shards, tmp_path, name="late", **{**cfg, "steps": 6}))
+    _as_ray_names(tmp_path / "late")
+    older = tmp_path / "late" / "checkpoint_2026-01-01_00-00-10.000000"
+    with caplog.at_level("WARNING", logger="pipeline.train.loop"):
+        resumed = _train_handed(_cfg(shards, tmp_path, name="late", **cfg), handed=older)
+    assert "handed the workers the checkpoint of step 3; resuming from" in caplog.text
+    assert resumed["history"]["restarted_from"] == [6]
     assert resumed["history"]["loss"] == whole["history"]["loss"]
 
 
@@ -205,8 +228,8 @@ def test_a_checkpoint_a_rank_did_not_finish_is_never_resumed(local_dist, shards,
     _train(cfg)
     run = tmp_path / "run"
     model_config = build_task(cfg, seed=0).model_config
-    uri, found = newest_finished(cfg, model_config)
-    assert Path(uri).name == "checkpoint_00000006" and len(found) == 3
+    uri, step, found = newest_finished(cfg, model_config)
+    assert (Path(uri).name, step, len(found)) == ("checkpoint_00000006", 6, 3)
     loop_file = run / "checkpoint_00000006" / "loop-rank0.pt"
     loop_file.write_bytes(loop_file.read_bytes()[:-1])  # an upload cut short
     assert Path(newest_finished(cfg, model_config)[0]).name == "checkpoint_00000004"
@@ -214,12 +237,12 @@ def test_a_checkpoint_a_rank_did_not_finish_is_never_resumed(local_dist, shards,
     assert Path(newest_finished(cfg, model_config)[0]).name == "checkpoint_00000002"
     other = dataclasses.replace(model_config, depth=model_config.depth + 1)
     with caplog.at_level("WARNING", logger="pipeline.train.loop"):
-        assert newest_finished(cfg, other) == (None, found)
+        assert newest_finished(cfg, other) == (None, None, found)
     assert "not resuming checkpoint_00000002" in caplog.text
     caplog.clear()
     (run / "checkpoint_00000002" / "weights.pt").unlink()
     with caplog.at_level("WARNING", logger="pipeline.train.loop"):
-        out = _train_handed_nothing(_cfg(shards, tmp_path, steps=2, checkpoint_every=2, token_budget=70))
+        out = _train_handed(_cfg(shards, tmp_path, steps=2, checkpoint_every=2, token_budget=70))
     assert out["history"]["restarted_from"] == [] and out["history"]["step"] == [1, 2]
     assert "none of the 3 in its folder finished" in caplog.text and "step 0" in caplog.text
 
@@ -232,5 +255,5 @@ def test_listing_checkpoints_never_stops_the_run(tmp_path, monkeypatch, caplog):
 
     monkeypatch.setattr(loop.storage, "filesystem", unreachable)
     with caplog.at_level("WARNING", logger="pipeline.train.loop"):
-        assert loop.newest_finished(_cfg("unused", tmp_path), None) == (None, [])
+        assert loop.newest_finished(_cfg("unused", tmp_path), None) == (None, None, [])
     assert "storage unreachable" in caplog.text

@@ -60,6 +60,14 @@ class RaySession:
         ckpt = self.train.get_checkpoint()
         return ckpt.as_directory() if ckpt else None
 
+    def checkpoint_step(self) -> int | None:
+        """The step of the checkpoint Ray Train hands the workers (None: none handed)."""
+        ckpt = self.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.filesystem.open_input_stream(posixpath.join(ckpt.path, "meta.json")) as f:
+            return int(json.loads(f.read())["step"])
+
     def report(self, metrics: dict, directory: str | None) -> None:
         ckpt = self.train.Checkpoint.from_directory(directory) if directory else None
         self.train.report(metrics, checkpoint=ckpt)
@@ -110,9 +118,11 @@ def run_loop(cfg: TrainConfig, session) -> dict:
     step, history = 0, {"step": [], "loss": [], "tokens_per_s": [], "workers": [], "restarted_from": []}
     # names: shapes trained in this epoch by this rank; clauses: whole shares of an earlier worker count done
     position = {"epoch": 0, "consumed": 0, "names": [], "clauses": []}
-    restored = session.checkpoint_dir()
-    if restored is None:  # Ray Train handed none: the newest checkpoint every rank finished, if the run has one
-        restored = recovered_checkpoint(cfg, rank, device, task.model_config)
+    # Ray Train hands the newest checkpoint its controller recorded, which may lag behind what every rank
+    # finished (or be none) when a worker was lost: continue from the newest finished one.
+    restored = recovered_checkpoint(cfg, rank, device, task.model_config, after=session.checkpoint_step())
+    if restored is None:
+        restored = session.checkpoint_dir()
     if restored is not None:
         with restored as d:
             step = checkpoints.restore(d, engine, ema, network=cfg.network, model_config=task.model_config,
@@ -231,9 +241,9 @@ def complete_checkpoints(fs, run_path: str) -> list[str]:
     return sorted(posixpath.dirname(m) for m in fs.glob(posixpath.join(run_path, "checkpoint_*", "meta.json")))
 
 
-def newest_finished(cfg: TrainConfig, model_config) -> tuple[str | None, list[str]]:
-    """(URI of the newest checkpoint of the run folder that every rank finished and this run can continue,
-    or None; every checkpoint folder with meta.json found). Never raises: listing is best effort."""
+def newest_finished(cfg: TrainConfig, model_config) -> tuple[str | None, int | None, list[str]]:
+    """(URI and step of the newest checkpoint of the run folder that every rank finished and this run can
+    continue, or None, None; every checkpoint folder with meta.json found). Never raises: best effort."""
     try:
         run_uri = storage.join(cfg.storage, cfg.name)
         fs, path = storage.filesystem(run_uri)
@@ -253,26 +263,28 @@ def newest_finished(cfg: TrainConfig, model_config) -> tuple[str | None, list[st
             candidates.append((int(meta["step"]), folder))
     except Exception as e:  # storage unreachable: the run starts, and says so
         log.warning("run %s: could not list its checkpoints (%s: %s)", cfg.name, type(e).__name__, e)
-        return None, []
+        return None, None, []
     if not candidates:
-        return None, found
-    best = max(candidates)[1]
-    return storage.join(run_uri, posixpath.relpath(best, path)), found
+        return None, None, found
+    step, best = max(candidates)
+    return storage.join(run_uri, posixpath.relpath(best, path)), step, found
 
 
-def recovered_checkpoint(cfg: TrainConfig, rank: int, device, model_config):
-    """Collective. When Ray Train hands a worker group no checkpoint although the run folder holds some (a
-    worker lost before its controller recorded them), continue from the newest one every rank finished
-    instead of redoing the steps: rank 0 picks it, every rank opens the same. A context manager yielding a
-    local folder, or None (a new run, or nothing finished: the log names what was found)."""
+def recovered_checkpoint(cfg: TrainConfig, rank: int, device, model_config, after: int | None):
+    """Collective. The newest checkpoint of the run folder that every rank finished, if it is newer than the
+    one the session hands the workers (step ``after``; None: it hands none). Ray Train hands the newest one
+    its controller recorded, which can lag behind the run folder or be none at all when a worker is lost
+    first: redoing those steps, or the whole run, is not needed. Rank 0 picks, every rank opens the same.
+    A context manager yielding a local folder, or None (nothing newer: the session's own, if any)."""
     choice = [None]
     if rank == 0:
-        uri, found = newest_finished(cfg, model_config)
-        choice = [uri]
-        if uri is not None:
-            log.warning("run %s: Ray Train handed the workers no checkpoint; resuming from %s, the newest one "
-                        "every rank finished", cfg.name, uri)
-        elif found:
+        uri, step, found = newest_finished(cfg, model_config)
+        if uri is not None and (after is None or step > after):
+            choice = [uri]
+            handed = "no checkpoint" if after is None else f"the checkpoint of step {after}"
+            log.warning("run %s: Ray Train handed the workers %s; resuming from %s (step %d), the newest one every "
+                        "rank finished", cfg.name, handed, uri, step)
+        elif uri is None and after is None and found:
             log.warning("run %s: no checkpoint handed to the workers and none of the %d in its folder finished by "
                         "every rank (the last by name: %s); training starts again from step 0", cfg.name,
                         len(found), posixpath.basename(found[-1]))
@@ -330,6 +342,10 @@ class LocalSession:
     def complete_checkpoints(self) -> list[str]:
         """Paths (on ``self.fs``) of this run's checkpoints that hold meta.json, oldest first."""
         return complete_checkpoints(self.fs, self.run_path)
+
+    def checkpoint_step(self) -> int | None:
+        complete = self.complete_checkpoints()
+        return int(json.loads(self.fs.cat_file(posixpath.join(complete[-1], "meta.json")))["step"]) if complete else None
 
     def checkpoint_dir(self):
         complete = self.complete_checkpoints()
