@@ -65,8 +65,12 @@ class RaySession:
         ckpt = self.train.get_checkpoint()
         if ckpt is None:
             return None
-        with ckpt.filesystem.open_input_stream(posixpath.join(ckpt.path, "meta.json")) as f:
-            return int(json.loads(f.read())["step"])
+        try:
+            with ckpt.filesystem.open_input_stream(posixpath.join(ckpt.path, "meta.json")) as f:
+                return int(json.loads(f.read())["step"])
+        except (OSError, ValueError, KeyError, TypeError) as e:  # restoring it names the problem, if it has one
+            log.warning("checkpoint %s handed by Ray Train: no readable step (%s)", ckpt.path, e)
+            return -1
 
     def report(self, metrics: dict, directory: str | None) -> None:
         ckpt = self.train.Checkpoint.from_directory(directory) if directory else None
