@@ -5,6 +5,7 @@
     python benchmarks/ssa.py --base REV --sizes ""         # the working tree against git revision REV, same run
     TRITON_INTERPRET=1 python benchmarks/ssa.py --base REV --tokens 200 --sizes ""   # its CPU smoke run
     python benchmarks/ssa.py --sass REV --sizes ""         # same sm_90 SASS as REV, launch by launch (CPU)
+    python benchmarks/ssa.py --select-candidate --sizes "" # per-query select: today's against select_pooled
 
 Shapes: one thick sphere shell on a 128³ latent grid, 32 query / 2 kv heads, d = 32,
 bf16, top-k = 8, m_cmp = m_slc = 8. Baselines in the same run: full attention through
@@ -168,6 +169,47 @@ def ab_base(log, base: str, n=131072, q_tiles=(1, 64), rounds=3):
         log(f"base ab q_tile={qt}: tree / base {med['tree'][0] / med['base'][0]:.3f} forward, "
             f"{med['tree'][1] / med['base'][1]:.3f} backward (medians of {rounds}); outputs differ by "
             f"{rel(outs['tree'], outs['base']):.2e}")
+
+
+def select_candidate(log, n=131072, rounds=3):
+    """Per-query block selection in the paper's configuration: today's select_blocks (score matrix + rank_blocks)
+    against the fused candidate scoring.select_pooled at its default launch and two other (tokens per program,
+    key chunk) pairs, same inputs (random, and the smooth field on CUDA), rows alternated: ms per round, the
+    median's ratio to today, and the share of (token, kv head) rows whose selected sets equal today's."""
+    from kernels.ssa.scoring import SCORING, select_pooled
+    st, t = workload(n, m=4, shared_gate=True)
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        rounds = 1
+    g = t["q"].shape[1] // t["k"].shape[1]
+    default = (SCORING.pooled_rows // g, SCORING.pooled_block_n)
+    variants = [default] + [v for v in ((8, 64), (4, 64)) if v != default]
+    log(f"select candidate N={n}: {st.n_cmp} compression blocks, {st.n_slc} selection blocks; pooled P=tokens "
+        f"per program, N=key chunk (default P={default[0]} N={default[1]})")
+    for label, inputs in [("random", t)] + ([("smooth field", smooth_inputs(st))] if cuda else []):
+        q, kc = inputs["q"], inputs["k_cmp"]
+        lse = compression_attention(q, kc, inputs["v_cmp"], st)[1]
+        fns = {"today": lambda: select_blocks(q, kc, lse, st, top_k=8, q_tile=1)}
+        for p, bn in variants:
+            fns[f"pooled P={p} N={bn}"] = lambda p=p, bn=bn: select_pooled(q, kc, lse, st, 8, p, bn)
+        times = {k: [] for k in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                if cuda:
+                    times[name].append(bench(fn))
+                else:  # the Triton interpreter: one call (a smoke run)
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+        ref_sel = fns["today"]().sort(-1).values
+        log(f"{label:>22} " + " ".join(f"{'round ' + str(r):>9}" for r in range(rounds))
+            + f" {'median':>9} {'/ today':>8} {'same sets':>10}")
+        med_today = sorted(times["today"])[rounds // 2]
+        for name, fn in fns.items():
+            med = sorted(times[name])[rounds // 2]
+            same = (fn().sort(-1).values == ref_sel).all(-1).float().mean().item()
+            log(f"{name:>22} " + " ".join(f"{x:>9.3f}" for x in times[name])
+                + f" {med:>9.3f} {med / med_today:>8.3f} {same:>10.4f}")
 
 
 def paper(log, n=131072, q_tiles=(1, 64), sdpa=True, detail=True):
@@ -498,9 +540,11 @@ def main():
                     help="the paper's configuration (m_cmp 4, gates (N, 3)) at 131,072 tokens, q_tile 1 and 64, first")
     ap.add_argument("--base", default="",
                     help="a git revision (or a folder holding its kernels/ssa/): the whole SSA against it, first")
-    ap.add_argument("--tokens", type=int, default=131072, help="tokens of the --base comparison")
+    ap.add_argument("--tokens", type=int, default=131072, help="tokens of --base and --select-candidate")
     ap.add_argument("--sass", default="", help="a git revision: whether the kernels compile (sm_90, on the CPU) to "
                                                 "the same SASS as its, launch by launch (exit 1 if not)")
+    ap.add_argument("--select-candidate", action="store_true",
+                    help="per-query select at --tokens (paper configuration): today's against scoring.select_pooled")
     ap.add_argument("--paper-brief", action="store_true", help="--paper without the branch rows and tile comparison")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -520,6 +564,8 @@ def main():
         sys.exit(1)
     if args.base:
         ab_base(log, args.base, n=args.tokens)
+    if args.select_candidate:
+        select_candidate(log, n=args.tokens)
     if args.paper:
         paper(log, sdpa=not args.no_sdpa, detail=not args.paper_brief)
     for n in [int(s_) for s_ in args.profile.split(",") if s_]:

@@ -107,15 +107,84 @@ def test_block_scores_sum_each_selection_block_cpu():
     lse = compression_attention(q.float(), k_cmp.float(), v_cmp.float(), st)[1]
     score = block_scores(q.float(), k_cmp.float(), lse, st, 1, st.max_slc_per_shape)
     _, _, probs = ref.compression_attention_ref(q, k_cmp, v_cmp, st)
+    for b, want in enumerate(_block_scores_ref(probs, st, 2)):
+        qa, nb = int(st.cu_seqlens[b]), want.shape[2]
+        got = score[qa:qa + want.shape[0]].double()
+        torch.testing.assert_close(got[..., :nb], want, rtol=1e-5, atol=1e-6)
+        assert bool((got[..., nb:] == 0).all())
+
+
+def _block_scores_ref(probs, st, hkv):
+    """Per shape, float64 (tokens, Hkv, its selection blocks): probabilities summed over the G heads of each kv
+    head and over the compression blocks of each selection block."""
+    out = []
     for b, p in enumerate(probs):
         n, hq, nc = p.shape
         ca, sa, se = (int(x) for x in (st.cmp_shape_offsets[b], st.slc_shape_offsets[b], st.slc_shape_offsets[b + 1]))
-        want = torch.zeros(n, 2, se - sa, dtype=torch.float64)
-        want.index_add_(2, st.cmp_to_slc_local[ca:ca + nc].long(), p.reshape(n, 2, hq // 2, nc).sum(2))
-        qa = int(st.cu_seqlens[b])
-        got = score[qa:qa + n].double()
-        torch.testing.assert_close(got[..., :se - sa], want, rtol=1e-5, atol=1e-6)
-        assert bool((got[..., se - sa:] == 0).all())
+        want = torch.zeros(n, hkv, se - sa, dtype=torch.float64)
+        want.index_add_(2, st.cmp_to_slc_local[ca:ca + nc].long(), p.reshape(n, hkv, hq // hkv, nc).sum(2))
+        out.append(want)
+    return out
+
+
+def _pooled_batch(sizes, hq, seed):
+    """Sparse shells (m_cmp 4, m_slc 8) and random float64 q (N, hq, 16), pooled k/v (n_cmp, 2, 16)."""
+    coords, cu = shell_shapes(sizes, grid=64, seed=seed)
+    st = SSAStructure(coords[block_order(coords, cu, 4, 8)], cu, 4, 8)
+    g = torch.Generator().manual_seed(seed)
+    q, kc, vc = (torch.randn(n, h, 16, generator=g, dtype=torch.float64)
+                 for n, h in ((st.n_tokens, hq), (st.n_cmp, 2), (st.n_cmp, 2)))
+    return st, q, kc, vc
+
+
+def test_select_pooled_matches_score_matrix_cpu():
+    """The fused per-query select (m_cmp 4 < m_slc 8) picks the blocks of today's score matrix + rank_blocks, and of
+    the float64 reference wherever its k-th and next score are apart: a shape of over 64 compression blocks
+    (several key chunks, blocks cut by chunk ends), 1- and 3-token shapes (fewer blocks than top-k), and
+    programs whose last tokens lie past their shape."""
+    from kernels.ssa.scoring import select_pooled
+    _device_dtype("cpu")
+    top_k = 8
+    st, q, kc, vc = _pooled_batch([150, 1, 30, 3], 4, seed=5)
+    counts = (st.cmp_shape_offsets[1:] - st.cmp_shape_offsets[:-1]).tolist()
+    assert max(counts) > 64 and min((st.slc_shape_offsets[1:] - st.slc_shape_offsets[:-1]).tolist()) < top_k
+    lse = compression_attention(q.float(), kc.float(), vc.float(), st)[1]
+    got = select_pooled(q.float(), kc.float(), lse, st, top_k)
+    assert got.shape == (st.n_tokens, 2, top_k) and got.dtype == torch.int64
+    today = select_blocks(q.float(), kc.float(), lse, st, top_k=top_k, q_tile=1)
+    assert torch.equal(got.sort(-1).values, today.sort(-1).values)
+    _, _, probs = ref.compression_attention_ref(q, kc, vc, st)
+    want = ref.select_blocks_ref(probs, st, 2, top_k, 1)
+    clear = torch.cat([_clear_ranking(s, top_k) for s in _block_scores_ref(probs, st, 2)])
+    assert clear.float().mean() > 0.9
+    assert torch.equal(got.sort(-1).values[clear], want.sort(-1).values[clear])
+
+
+def _clear_ranking(score, top_k, gap=1e-5):
+    """(tokens, Hkv) bool: the k-th and next float64 score differ by more than ``gap`` relative (or no next)."""
+    if score.shape[2] <= top_k:
+        return torch.ones(score.shape[:2], dtype=torch.bool)
+    v = score.topk(top_k + 1, dim=-1).values
+    return v[..., top_k - 1] - v[..., top_k] > gap * v[..., top_k - 1]
+
+
+def test_select_pooled_ties_keep_lower_block_cpu():
+    """Equal scores: q = 0 and lse = 0 make every probability 1, so a block's score is G × its number of
+    compression blocks, exact in float32, and most blocks tie with others, also across key chunks; the lower
+    block id must win every tie (32 query / 2 kv heads: 8 tokens per program)."""
+    from kernels.ssa.scoring import select_pooled
+    _device_dtype("cpu")
+    top_k = 8
+    st, _, kc, _ = _pooled_batch([60, 1, 9], 32, seed=2)
+    assert st.max_cmp_per_shape > 32
+    got = select_pooled(torch.zeros(st.n_tokens, 32, 16), kc.float(), torch.zeros(st.n_tokens, 32), st, top_k)
+    count = torch.bincount(st.slc_of_token[st.cmp_offsets[:-1]], minlength=st.n_slc)
+    for b in range(st.n_shapes):
+        sa, se = int(st.slc_shape_offsets[b]), int(st.slc_shape_offsets[b + 1])
+        best = sorted(range(sa, se), key=lambda j: (-int(count[j]), j))[:top_k]
+        want = torch.tensor(sorted(best + [-1] * (top_k - len(best))))
+        rows = got[int(st.cu_seqlens[b]):int(st.cu_seqlens[b + 1])].sort(-1).values
+        assert bool((rows == want).all()), (b, rows[0, 0].tolist(), want.tolist())
 
 
 def test_rank_blocks_equals_topk_cpu():

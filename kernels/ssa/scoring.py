@@ -22,6 +22,11 @@ class ScoringLaunch:
     select_block_n: int = 64  # its key chunk; 32 for units of 128 rows
     score_block_n: int = 64  # key chunk of the score-matrix kernel and of the compression forward's score pass
     list_block: int = 1024  # entries per program of the dK/dV list kernels
+    # per-query pooled select (select_pooled, m_cmp < m_slc; a candidate, not timed yet): rows (tokens × G heads)
+    # per program, its key chunk and launch
+    pooled_rows: int = 128
+    pooled_block_n: int = 32
+    pooled: Launch = Launch(num_warps=4)
 
     def select_chunk(self, rows: int) -> int:
         return 32 if rows == 128 else self.select_block_n
@@ -253,6 +258,114 @@ def select_topk(q, k_cmp, lse_cmp, structure, top_k: int, q_tile: int):
         sel.stride(0), sel.stride(1), d ** -0.5 * LOG2E, TOPK=top_k, KP=triton.next_power_of_2(top_k), G=g,
         Q_TILE=q_tile, P=p, BLOCK_N=SCORING.select_chunk(u), D=d, PRECISION=dot_precision(q.dtype),
         **Launch().options(p * u))
+    return sel
+
+
+@triton.jit
+def _program_keys(TILE_START, TILE_END, TILE_SEG, CMP_OFF, tile):
+    """A select program's tokens [t0, t1), its shape and the shape's pooled keys [c0, c1). (_select_kernel keeps
+    these loads inline: through this helper its sm_90 code changes by a register move.)"""
+    t0 = tl.load(TILE_START + tile)
+    t1 = tl.load(TILE_END + tile)
+    seg = tl.load(TILE_SEG + tile)
+    return t0, t1, seg, tl.load(CMP_OFF + seg), tl.load(CMP_OFF + seg + 1)
+
+
+@triton.jit
+def _topk_insert_first(cand, ids, top_v, top_i, kk):
+    """Running top-k per token for candidates that come in increasing id order, chunk by chunk: the chunk's best
+    candidate replaces the token's weakest slot while it beats it. Of equal scores the lower id stays: the
+    leftmost best goes first, and of equal weakest slots the one of the highest id goes. ids points at the id of
+    each candidate column (a load, not a reduction)."""
+    kth = tl.min(top_v, 1)
+    bc, ic = tl.max(cand, 1, return_indices=True, return_indices_tie_break_left=True)
+    while tl.max((bc > kth).to(tl.int32), 0) > 0:  # comparisons: no inf - inf
+        ins = bc > kth
+        slot = tl.argmax(tl.where(top_v == kth[:, None], top_i, -2), 1)
+        put = (kk[None, :] == slot[:, None]) & ins[:, None]
+        top_v = tl.where(put, bc[:, None], top_v)
+        top_i = tl.where(put, tl.load(ids + ic, mask=ins, other=0)[:, None], top_i)
+        cand = tl.where((tl.arange(0, cand.shape[1])[None, :] == ic[:, None]) & ins[:, None], float("-inf"), cand)
+        kth = tl.min(top_v, 1)
+        bc, ic = tl.max(cand, 1, return_indices=True, return_indices_tie_break_left=True)
+    return top_v, top_i
+
+
+@triton.jit
+def _select_pooled_kernel(Q, KC, LSE, SEL, TILE_START, TILE_END, TILE_SEG, CMP_OFF, SLC_OFF, CMP_TO_SLC,
+                          sqt, sqh, skt, skh, slt, slh, sst, ssh, qk_scale,
+                          TOPK: tl.constexpr, KP: tl.constexpr, G: tl.constexpr, P: tl.constexpr,
+                          BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
+    """Per-query block scores and top-k in one pass when a selection block holds several compression blocks.
+
+    A program holds P tokens × the G heads of kv head h (row t·G + g) and walks its shape's pooled keys in
+    contiguous chunks. Per token, a chunk's probabilities summed over the G heads are summed again over each run
+    of keys of one selection block (a segmented scan); a block cut by the chunk's end carries its partial sum
+    into the next chunk, and only whole blocks enter the token's running top-k: no score matrix, no atomics."""
+    h = tl.program_id(1)
+    RB: tl.constexpr = P * G
+    t0, t1, seg, c0, c1 = _program_keys(TILE_START, TILE_END, TILE_SEG, CMP_OFF, tl.program_id(0))
+    tok_ok = t0 + tl.arange(0, P) < t1
+    kk = tl.arange(0, KP)
+    top_v = tl.where(kk[None, :] < TOPK, tl.full([P, KP], float("-inf"), tl.float32), float("inf"))
+    top_i = tl.full([P, KP], -1, tl.int32)
+    cols = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, D)
+    carry = tl.zeros([P], tl.float32)  # per token: the partial sum of the block cut by the last chunk's end
+    q, lse2, valid = _unit_rows(Q, LSE, t0, t1, h, 0, sqt, sqh, slt, slh, G, RB, D)
+    lse2 = tl.where(valid, lse2, float("inf"))  # rows past the shape: P = 0
+    for n0 in range(c0, c1, BLOCK_N):
+        n = n0 + cols
+        nm = n < c1
+        k = tl.load(KC + n[:, None] * skt + h * skh + d[None, :], mask=nm[:, None], other=0.0)
+        # selection block of each key as a (1, keys) row, in the layout of the (tokens, keys) sums
+        n2 = n0 + cols[None, :]
+        nm2 = n2 < c1
+        blk = tl.load(CMP_TO_SLC + n2, mask=nm2, other=-1)
+        prev = tl.load(CMP_TO_SLC + n2 - 1, mask=nm2 & (n2 > n0), other=-2)  # the chunk's first key starts a run
+        nxt = tl.load(CMP_TO_SLC + n2 + 1, mask=n2 + 1 < c1, other=-3)
+        cont = tl.load(CMP_TO_SLC + n0 - 1, mask=n0 > c0, other=-4)  # the block the last chunk ended in
+        # columns past the shape are not masked here: their (finite or +inf, never NaN) sums stay in runs of
+        # their own that never become candidates
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
+        s = tl.sum(tl.reshape(p, [P, G, BLOCK_N]), 1)  # (tokens, keys): over the G heads
+        run = tl.associative_scan((s, tl.broadcast_to((blk != prev).to(tl.int32), [P, BLOCK_N])), 1,
+                                  _segmented_add)[0]
+        run += tl.where(blk == cont, carry[:, None], 0.0)
+        done = nm2 & (blk != nxt)  # a block's last key: the next key is another block's or past the shape
+        carry = tl.sum(tl.where((n2 == n0 + BLOCK_N - 1) & ~done, run, 0.0), 1)
+        cand = tl.where(tok_ok[:, None] & done, run, float("-inf"))
+        top_v, top_i = _topk_insert_first(cand, CMP_TO_SLC + n0, top_v, top_i, kk)
+    base = tl.load(SLC_OFF + seg)
+    out = tl.where((top_v > float("-inf")) & (kk[None, :] < TOPK), top_i.to(tl.int64) + base, -1)
+    tok = t0 + tl.arange(0, P)
+    tl.store(SEL + tok[:, None].to(tl.int64) * sst + h * ssh + kk[None, :], out,
+             mask=tok_ok[:, None] & (kk[None, :] < TOPK))
+
+
+def select_pooled(q, k_cmp, lse_cmp, structure, top_k: int, tokens_per_program: int | None = None,
+                  block_n: int | None = None):
+    """Per-query top-k global block ids (n_tokens, Hkv, top_k), -1 past the shape's blocks, in one kernel for
+    m_cmp < m_slc; of equal scores the lower block id wins. A candidate beside the score matrix + rank_blocks
+    (block_scores with q_tile 1): the same exponentials, no matrix and no atomics. ``tokens_per_program`` and
+    ``block_n`` (pooled keys per chunk) default to ScoringLaunch's pooled_rows // G and pooled_block_n."""
+    n, hq, d = q.shape
+    hkv = k_cmp.shape[1]
+    g = hq // hkv
+    p = tokens_per_program or max(1, SCORING.pooled_rows // g)
+    if p & (p - 1) or p * g < 16:
+        raise ValueError(f"tokens_per_program must be a power of two of at least 16 rows, got {p} × {g} heads")
+    block_n = block_n or SCORING.pooled_block_n
+    st = structure
+    ts, te, tseg, _ = st.tiles("shape", p)
+    cmp_off = st.cached("cmp_shape_offsets32", lambda: st.cmp_shape_offsets.to(torch.int32))
+    q, k_cmp = q.contiguous(), k_cmp.contiguous()
+    sel = _new((n, hkv, top_k), q, torch.int64)
+    _select_pooled_kernel[(ts.numel(), hkv)](
+        q, k_cmp, lse_cmp, sel, ts, te, tseg, cmp_off, st.slc_shape_offsets, st.cmp_to_slc_local,
+        q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), lse_cmp.stride(0), lse_cmp.stride(1),
+        sel.stride(0), sel.stride(1), d ** -0.5 * LOG2E, TOPK=top_k, KP=triton.next_power_of_2(top_k), G=g, P=p,
+        BLOCK_N=block_n, D=d, PRECISION=dot_precision(q.dtype), **SCORING.pooled.options(p * g))
     return sel
 
 
