@@ -104,7 +104,8 @@ def main() -> None:
                          "--shards (views drawn each step, EMA as the trainer) on --structure-vae first")
     ap.add_argument("--cond-augment", default="",
                     help="--train-structure-dit: 'shift:K' (views moved up to K pixels of the encoder's grid), "
-                         "'token-drop:P' (a share P of patch tokens zeroed), 'token-noise:S' (noise of std S)")
+                         "'token-drop:P' (a share P of patch tokens zeroed), 'token-noise:S' (noise of std S), "
+                         "'view-mix:P' (with probability P the tokens of two azimuth-adjacent views, mixed)")
     ap.add_argument("--new-views", type=int, default=1, help="structure rows: new renders of each mesh")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -338,8 +339,39 @@ def augment(task, spec: str) -> None:
                 return cond * keep[..., None]
             return cond + value * torch.randn(cond.shape, generator=g)
         task.conditions = noisy
+    elif kind == "view-mix":
+        # a condition between two azimuth-adjacent views of the shape (views are stored in azimuth order, one
+        # a sector): where a new camera lies. With probability P; the tokens mixed by λ uniform in [0, 1].
+        from model.condition import decode_image, drop_condition
+
+        def pair(item):
+            views = item.data["views"]
+            if not views:
+                return None
+            k = task.rng.randrange(len(views))
+            k2 = (k + 1) % len(views) if float(torch.rand((), generator=g)) < value else k
+            return torch.cat([decode_image(views[j], task.encoder.image_size, name=f"{item.name} view {j}",
+                                           with_mask=True) for j in (k, k2)])
+
+        def mixed(images, device):
+            first = [im[:4] if im is not None else None for im in images]
+            second = [im[4:] if im is not None else None for im in images]
+            with mock_drop(task):
+                a, b = condition(first, device), condition(second, device)
+            lam = torch.rand(len(images), 1, 1, generator=g).to(a)
+            return drop_condition(lam * a + (1 - lam) * b, task.cfg.cond_drop, task.gen)
+        task.view_image, task.conditions = pair, mixed
     else:
-        raise SystemExit(f"--cond-augment {spec!r}: expected shift:K, token-drop:P or token-noise:S")
+        raise SystemExit(f"--cond-augment {spec!r}: expected shift:K, token-drop:P, token-noise:S or view-mix:P")
+
+
+def mock_drop(task):
+    """The task's condition without its dropout (applied once, after mixing)."""
+    from unittest import mock
+
+    from pipeline.train import tasks
+
+    return mock.patch.object(tasks, "drop_condition", lambda cond, p, gen: cond)
 
 
 def train_vae(args):
