@@ -193,6 +193,7 @@ def structure_rows(args, samples) -> None:
                      else load_network(args.structure_dit, "structure_dit"))
     nets = {"structure_vae": load_network(args.structure_vae, "structure_vae"), "structure_dit": structure_dit,
             "dit": random_network("dit", cond_dim=enc.dim)}
+    lookup = stored_view_lookup(args, enc)
     for guidance in (float(x) for x in args.guidance.split(",")):
         cfg = GenerationConfig(resolution=args.resolution, device="cpu", image_encoder=args.image_encoder,
                                guidance=guidance)
@@ -212,14 +213,43 @@ def structure_rows(args, samples) -> None:
             # the same up to a quarter turn about +Y (up in every view): how much of a miss is orientation
             turns = quarter_turns_about_y(truth, args.resolution // 8)
             turned = [max(len(t & got) / max(1, len(t | got)) for t in turns) for got in gots[-k:]]
-            stats.append((max(ious[:-k]), float(np.mean(ious[:-k])), float(np.mean(ious[-k:])), float(np.mean(turned))))
+            looked = [len(truth & got) / max(1, len(truth | got)) for got in lookup(images[-k:])]
+            stats.append((max(ious[:-k]), float(np.mean(ious[:-k])), float(np.mean(ious[-k:])), float(np.mean(turned)),
+                          float(np.mean(looked))))
             print(f"structure guidance {guidance:g} {Path(s.source_uri).stem}: latent voxels {len(truth)}, IoU from "
                   f"its stored views {' '.join(f'{x:.2f}' for x in ious[:-k])}, from new views "
                   f"{' '.join(f'{x:.2f}' for x in ious[-k:])} (best quarter turn about +Y "
-                  f"{' '.join(f'{x:.2f}' for x in turned)})", flush=True)
-        best, mean, new, turned = np.mean(stats, axis=0)
+                  f"{' '.join(f'{x:.2f}' for x in turned)}; the nearest stored view's shape "
+                  f"{' '.join(f'{x:.2f}' for x in looked)})", flush=True)
+        best, mean, new, turned, looked = np.mean(stats, axis=0)
         print(f"structure guidance {guidance:g}, mean over {len(stats)} meshes: IoU best stored view {best:.3f}, "
-              f"stored views {mean:.3f}, new views {new:.3f} (best quarter turn about +Y {turned:.3f})", flush=True)
+              f"stored views {mean:.3f}, new views {new:.3f} (best quarter turn about +Y {turned:.3f}; the nearest "
+              f"stored view's shape {looked:.3f})", flush=True)
+
+
+def stored_view_lookup(args, enc):
+    """A new view's structure by lookup, no network: the latent voxels of the shard whose stored view (any view
+    of any shard in --shards) is nearest to it by L2 over the condition tokens. What a DiT that maps conditions
+    between its training views no worse than the nearest one would reach (benchmarks/view_retrieval.py)."""
+    from model.condition import decode_image
+    from pipeline.shards import read_samples
+
+    voxels, tokens = [], []
+    for s in {s.mesh_id: s for s in read_samples(args.shards, resolution=args.resolution)}.values():
+        if not s.views:
+            continue
+        cells = {tuple(c) for c in torch.unique(s.coords.long() // 8, dim=0).tolist()}
+        images = torch.stack([decode_image(v.png, enc.image_size, with_mask=True)[:3] for v in s.views])
+        with torch.no_grad():
+            tokens.append(enc(images).flatten(1).float())
+        voxels += [cells] * len(s.views)
+    bank = torch.cat(tokens)
+
+    def lookup(images: torch.Tensor) -> list[set]:
+        with torch.no_grad():
+            query = enc(images[:, :3]).flatten(1).float()
+        return [voxels[int(i)] for i in torch.cdist(query, bank).argmin(1)]
+    return lookup
 
 
 def quarter_turns_about_y(voxels: set, side: int) -> list[set]:
