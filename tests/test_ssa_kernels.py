@@ -97,7 +97,7 @@ def test_block_scores_sum_each_selection_block_cpu():
         pytest.skip("needs the Triton interpreter")
     from kernels.ssa.scoring import block_scores
 
-    coords, cu = shell_shapes([900, 40, 500], grid=40, seed=5)
+    coords, cu = shell_shapes([260, 40, 150], grid=64, seed=5)
     st = SSAStructure(coords[block_order(coords, cu, 4, 8)], cu, 4, 8)
     counts = (st.cmp_shape_offsets[1:] - st.cmp_shape_offsets[:-1]).tolist()
     assert max(counts) > 64, counts
