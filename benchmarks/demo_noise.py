@@ -209,11 +209,11 @@ def structure_rows(args, samples) -> None:
             images = torch.stack([decode_image(png, enc.image_size, with_mask=True) for png in pngs])
             coords = cascade.structure_stage(cascade.condition(images), [0] * len(pngs))
             gots = [{tuple(c) for c in lc.long().tolist()} for lc in coords]
-            ious = [len(truth & got) / max(1, len(truth | got)) for got in gots]
+            ious = [set_iou(truth, got) for got in gots]
             # the same up to a quarter turn about +Y (up in every view): how much of a miss is orientation
             turns = quarter_turns_about_y(truth, args.resolution // 8)
-            turned = [max(len(t & got) / max(1, len(t | got)) for t in turns) for got in gots[-k:]]
-            looked = [len(truth & got) / max(1, len(truth | got)) for got in lookup(images[-k:])]
+            turned = [max(set_iou(t, got) for t in turns) for got in gots[-k:]]
+            looked = [set_iou(truth, got) for got in lookup(images[-k:])]
             stats.append((max(ious[:-k]), float(np.mean(ious[:-k])), float(np.mean(ious[-k:])), float(np.mean(turned)),
                           float(np.mean(looked))))
             print(f"structure guidance {guidance:g} {Path(s.source_uri).stem}: latent voxels {len(truth)}, IoU from "
@@ -250,6 +250,11 @@ def stored_view_lookup(args, enc):
             query = enc(images[:, :3]).flatten(1).float()
         return [voxels[int(i)] for i in torch.cdist(query, bank).argmin(1)]
     return lookup
+
+
+def set_iou(a: set, b: set) -> float:
+    """IoU of two voxel sets (0 when both are empty)."""
+    return len(a & b) / max(1, len(a | b))
 
 
 def quarter_turns_about_y(voxels: set, side: int) -> list[set]:

@@ -257,3 +257,26 @@ def test_listing_checkpoints_never_stops_the_run(tmp_path, monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="pipeline.train.loop"):
         assert loop.newest_finished(_cfg("unused", tmp_path), None) == (None, None, [])
     assert "storage unreachable" in caplog.text
+
+
+def test_the_step_ray_train_hands_is_read_from_its_meta(tmp_path, caplog):
+    """RaySession.checkpoint_step reads the handed checkpoint's step through its own filesystem; an unreadable
+    meta.json counts as older than any finished checkpoint (-1), and none handed is None."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs
+
+    from pipeline.train.loop import RaySession
+
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.mkdir()
+    bad.mkdir()
+    (good / "meta.json").write_text(json.dumps({"step": 30}))
+    (bad / "meta.json").write_text("{not json")
+    session = object.__new__(RaySession)
+    for handed, want in ((good, 30), (bad, -1), (tmp_path / "missing", -1), (None, None)):
+        ckpt = SimpleNamespace(filesystem=pyarrow.fs.LocalFileSystem(), path=str(handed)) if handed else None
+        session.train = SimpleNamespace(get_checkpoint=lambda c=ckpt: c)
+        with caplog.at_level("WARNING", logger="pipeline.train.loop"):
+            assert session.checkpoint_step() == want, handed
+    assert "no readable step" in caplog.text and "bad" in caplog.text

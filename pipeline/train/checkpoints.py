@@ -8,9 +8,9 @@
     <ckpt>/files-rank<r>.json every file rank r wrote into the checkpoint, with its size (``write_manifest``)
 
 Ray Train uploads the directory of every worker into the same checkpoint, so the DeepSpeed shards of all
-ranks end up side by side; a restarted worker group restores from ``ray.train.get_checkpoint()``, or, where
-Ray Train hands none although the run folder holds checkpoints (a worker lost before the controller recorded
-them), from the newest one whose every rank's manifest and files are there (``finished_meta``).
+ranks end up side by side; a restarted worker group restores from the newest checkpoint whose every rank's
+manifest and files are there (``finished_meta``), which is ``ray.train.get_checkpoint()`` unless Ray Train's
+record lags behind the run folder or holds none (a worker lost before the controller recorded them).
 
 Nothing read here can run code: every ``.pt`` file, DeepSpeed's own included, is unpickled with
 ``weights_only=True`` and only the few DeepSpeed classes its state holds (``SAFE_GLOBALS``) allowed

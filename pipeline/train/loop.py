@@ -348,6 +348,7 @@ class LocalSession:
         return complete_checkpoints(self.fs, self.run_path)
 
     def checkpoint_step(self) -> int | None:
+        """The step of the checkpoint ``checkpoint_dir`` opens (None: the run folder holds none)."""
         complete = self.complete_checkpoints()
         return int(json.loads(self.fs.cat_file(posixpath.join(complete[-1], "meta.json")))["step"]) if complete else None
 
