@@ -174,11 +174,15 @@ def gpu_table(args) -> list[dict]:
     rows = []
     t_start = time.perf_counter()
     run_once(c, 1, False, min(2000, args.tokens512), min(4000, args.tokens1024))  # warm-up: kernels compiled, allocator primed
-    plan = [(512, 1, False), (1024, 1, True)] + [(512, b, False) for b in args.batches if b > 1]
-    for res, b, refine in plan:
+    plan = [(512, 1, False, True), (1024, 1, True, True)]
+    if args.eager_too:  # the same meshes with the sampling steps launched from Python, same cascade and card
+        plan += [(512, 1, False, False), (1024, 1, True, False)]
+    plan += [(512, b, False, True) for b in args.batches if b > 1]
+    for res, b, refine, graphs in plan:
         if time.perf_counter() - t_start > args.budget_s:
             rows.append({"resolution": res, "batch": b, "skipped": "time budget"})
             continue
+        c.cfg.cuda_graphs = graphs and not args.no_cuda_graphs
         try:
             t = run_once(c, b, refine, args.tokens512, args.tokens1024)
         except torch.OutOfMemoryError as e:
@@ -186,7 +190,8 @@ def gpu_table(args) -> list[dict]:
             torch.cuda.empty_cache()
             continue
         total = sum(t.get(k, 0.0) for k in STAGE_KEYS)
-        rows.append({"resolution": res, "batch": b, "s_per_mesh": total / b, "meshes_per_min": 60 * b / total,
+        rows.append({"resolution": res, "batch": b, "graphs": c.cfg.cuda_graphs, "s_per_mesh": total / b,
+                     "meshes_per_min": 60 * b / total,
                      **{k: round(v, 3) if isinstance(v, float) else v for k, v in t.items()}})
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -310,6 +315,10 @@ def main() -> None:
                    "brings only its own networks to the device (GenerationConfig.offload)")
     p.add_argument("--syncs", action="store_true", help="after the table, count the host syncs of one mesh at 512 "
                    "and at 1024 by source line (torch.cuda.set_sync_debug_mode)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="launch every sampling step from Python "
+                   "(GenerationConfig.cuda_graphs false)")
+    p.add_argument("--eager-too", action="store_true", help="after the graphed rows, the same meshes without "
+                   "CUDA graphs (an A/B in one run)")
     p.add_argument("--serve", action="store_true", help="measure through Ray Serve over HTTP instead")
     p.add_argument("--serve-cpus", type=int, default=2)
     p.add_argument("--serve-requests", type=int, default=8)
@@ -324,7 +333,7 @@ def main() -> None:
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     rows = gpu_table(args)
-    print_table(rows, ["resolution", "batch", "tokens", "s_per_mesh", "meshes_per_min", "peak_gb", "faces",
+    print_table(rows, ["resolution", "batch", "graphs", "tokens", "s_per_mesh", "meshes_per_min", "peak_gb", "faces",
                        *STAGE_KEYS, "skipped"])
     print("\nPeak GB per stage (resident weights included):")
     print_table(rows, ["resolution", "batch", *[f"{k}_gb" for k in STAGE_KEYS]])

@@ -28,6 +28,7 @@ from step_profile import print_breakdown, profile_step  # noqa: E402
 from train_dit import COND_TOKENS, shell_coords  # noqa: E402
 
 from model.cascade import guidance_batch  # noqa: E402
+from model.graphs import CapturedVelocity  # noqa: E402
 from model.dit import DiTConfig, PackedCondition, SparseDiT  # noqa: E402
 from model.sparse import SparseTensor  # noqa: E402
 
@@ -50,7 +51,20 @@ def guided_batch(cfg: DiTConfig, tokens: int, device, dtype, seed: int = 0):
     return x, torch.full((2,), 0.5, device=device, dtype=dtype), cond
 
 
-def measure(cfg_name: str, tokens: int, steps: int, warmup: int, device, profile: int, sparse_conditions: bool):
+def timed(fn, steps: int, warmup: int, sync) -> float:
+    times = []
+    for i in range(warmup + steps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(cfg_name: str, tokens: int, steps: int, warmup: int, device, profile: int, sparse_conditions: bool,
+            graph: bool = False):
     cfg = DiTConfig.named(cfg_name, sparse_conditions=sparse_conditions)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -63,18 +77,18 @@ def measure(cfg_name: str, tokens: int, steps: int, warmup: int, device, profile
         with torch.no_grad():
             return net(x.replace(x.feats), t, cond)  # the sampler's x.replace: the structure stays cached
 
-    times = []
-    for i in range(warmup + steps):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    s = statistics.median(times)
+    s = timed(step, steps, warmup, sync)
     row = {"config": cfg_name, "sparse_conditions": sparse_conditions, "tokens": tokens, "batch_tokens": 2 * tokens,
            "step_ms": 1e3 * s, "tflops_linears": 2 * params * 2 * tokens / s / 1e12, "params_m": params / 1e6,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    if graph and device.type == "cuda":  # the same step replayed as a CUDA graph (model/graphs.py), same inputs
+        captured = CapturedVelocity(lambda feats, tt, _c: net(x.replace(feats), tt, cond).feats)
+        with torch.no_grad():
+            eager_out = step().feats
+            graph_step = lambda: captured(x.feats, t)  # noqa: E731
+            gs = timed(graph_step, steps, warmup, sync)
+            diff = (graph_step().float() - eager_out.float()).abs().max().item()
+        row.update(graph_step_ms=1e3 * gs, graph_failed=captured.failed, graph_max_diff=diff)
     if profile:
         cats, kernels, wall = profile_step(step, profile, device)
         print_breakdown(cats, kernels, wall, title=f"{cfg_name}, {tokens} tokens x 2 (guidance), one sampling step")
@@ -91,15 +105,21 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--profile", type=int, default=0, help="profile this many steps after timing")
+    ap.add_argument("--graph", action="store_true", help="also time the step replayed as a CUDA graph")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    rows = [measure(args.config, int(n), args.steps, args.warmup, device, args.profile, args.sparse_conditions)
+    rows = [measure(args.config, int(n), args.steps, args.warmup, device, args.profile, args.sparse_conditions,
+                    args.graph)
             for n in args.tokens.split(",")]
-    print("| tokens (x2 guidance) | step ms | TFLOP/s (2·params·tokens) | device |")
-    print("| ---: | ---: | ---: | --- |")
+    print("| tokens (x2 guidance) | step ms | TFLOP/s (2·params·tokens) | CUDA graph step ms | eager / graph | device |")
+    print("| ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
-        print(f"| {r['tokens']:,} | {r['step_ms']:.1f} | {r['tflops_linears']:.1f} | {r['device']} |")
+        g = r.get("graph_step_ms")
+        gcol = "–" if g is None else (f"failed: {r['graph_failed']}" if r["graph_failed"] else
+                                      f"{g:.1f} (max diff {r['graph_max_diff']:.1e})")
+        ratio = f"{r['step_ms'] / g:.2f}×" if g and not r["graph_failed"] else "–"
+        print(f"| {r['tokens']:,} | {r['step_ms']:.1f} | {r['tflops_linears']:.1f} | {gcol} | {ratio} | {r['device']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -32,6 +32,7 @@ from model.checkpoint import CheckpointError, from_pretrained, is_pretrained_fol
 from model.condition import build_image_encoder, decode_image, pack_condition
 from model.dit import DiTConfig, PackedCondition, SparseDiT
 from model.flow import STAGE_DEFAULTS, FlowEulerSampler, ReleaseSchedule
+from model.graphs import CapturedVelocity
 from model.mesh_extract import extract_mesh
 from model.voxelize import normalize_vertices, surface_latent_index
 from model.postprocess import PostprocessConfig, clean_mesh
@@ -230,6 +231,7 @@ class GenerationConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32; the refiners run in fp16 on CUDA unless fp32
     offload: bool = False  # networks wait in host memory; each stage moves only its own to the device
+    cuda_graphs: bool = True  # replay each sampling stage's forward as a CUDA graph (model/graphs.py)
 
     def validate(self) -> None:
         for key in ("resolution", "refine_resolution"):
@@ -493,7 +495,7 @@ class Cascade:
 
         sampler = FlowEulerSampler(self.cfg.structure_steps, self.cfg.structure_shift, self.cfg.guidance,
                                    self.schedules.get("structure"))
-        z = sampler.sample(velocity, noise)
+        z = sampler.sample(CapturedVelocity(velocity, self.cfg.cuda_graphs), noise)
         logits = self.structure_vae.decode(self.structure_vae.unscale(z.float()))
         latent_res = self.latent_resolution(self.vae, self.cfg.resolution)
         return [occupancy_to_latent_coords(logits[i], latent_res, self.cfg.occupancy_threshold) for i in range(b)]
@@ -511,7 +513,8 @@ class Cascade:
         noise = [torch.randn(len(x), c, generator=_item_generator(s, stage)) for x, s in zip(coords_list, seeds)]
         tokens = SparseTensor.from_samples([x.cpu() for x in coords_list], noise, device=self.device, ordered=False)
         sampler = FlowEulerSampler(steps, shift, self.cfg.guidance, self.schedules.get("sparse" if stage == 1 else "refine"))
-        z = sampler.sample(self._guided(net, tokens, cond), tokens.feats).float()
+        velocity = CapturedVelocity(self._guided(net, tokens, cond), self.cfg.cuda_graphs)
+        z = sampler.sample(velocity, tokens.feats).float()
         return list(torch.split(z, [len(x) for x in coords_list]))
 
     @torch.no_grad()

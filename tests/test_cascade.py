@@ -213,6 +213,34 @@ def test_offload_keeps_only_the_running_stage_on_the_device(monkeypatch):
     assert res[0].error is None, res[0].error
 
 
+def test_every_sampling_stage_goes_through_the_graph_wrapper(monkeypatch):
+    """GenerationConfig.cuda_graphs reaches each stage's sampler (structure, sparse, refine) through
+    model.graphs.CapturedVelocity, which on the CPU calls the network once per step and changes nothing;
+    tests/test_cascade_gpu.py compares graphed and eager meshes on a GPU."""
+    import model.cascade as cascade_module
+    from model.graphs import CapturedVelocity
+
+    made = []
+
+    class Spy(CapturedVelocity):
+        def __init__(self, fn, enabled=True):
+            super().__init__(fn, enabled)
+            made.append(self)
+
+    monkeypatch.setattr(cascade_module, "CapturedVelocity", Spy)
+    box = trimesh.creation.box(extents=(1.0, 1.0, 1.0))
+    out = {}
+    for graphs in (True, False):
+        made.clear()
+        cfg = dataclasses.replace(FAST, refine_resolution=128, refine_steps=3, cuda_graphs=graphs)
+        c = Cascade.random(cfg, seed=0, refine=True)
+        monkeypatch.setattr(c, "march", lambda sdf: (np.asarray(box.vertices, np.float32), np.asarray(box.faces)))
+        out[graphs] = c.generate([Request("a", png(), 1)])[0]
+        assert out[graphs].error is None, out[graphs].error
+        assert [(w.enabled, w.calls, w.graph) for w in made] == [(graphs, 0, None)] * 3  # CPU: never captured
+    np.testing.assert_array_equal(out[True].vertices, out[False].vertices)
+
+
 def test_offload_place_points_tensors_at_masters():
     """``_place`` to the device gives each tensor a copy of its host master; back home, the master itself
     (no copy back, the same storage each time), and the outputs do not change."""

@@ -44,3 +44,44 @@ def test_offload_same_meshes_lower_peak():
     np.testing.assert_allclose(out[False].vertices, out[True].vertices, rtol=0, atol=0)
     assert peak[True] < peak[False], peak
     print({k: round(v / 2**20, 1) for k, v in peak.items()})
+
+
+def test_cuda_graph_sampling_same_meshes():
+    """GenerationConfig.cuda_graphs: every sampling stage replayed as a CUDA graph gives the eager meshes,
+    with guidance (the doubled batch) and at bf16, as generation runs."""
+    from test_cascade import png
+
+    cfg = GenerationConfig(resolution=64, structure_steps=4, sparse_steps=4, device="cuda", dtype="bf16")
+    out = {}
+    for graphs in (False, True):
+        c = small_cascade(dataclasses.replace(cfg, cuda_graphs=graphs))
+        out[graphs] = c.generate([Request("a", png(), 3), Request("b", png(), 5)])
+        del c
+    for eager, graphed in zip(out[False], out[True]):
+        assert eager.error is None and graphed.error is None, (eager.error, graphed.error)
+        np.testing.assert_array_equal(eager.faces, graphed.faces)
+        np.testing.assert_array_equal(eager.vertices, graphed.vertices)
+
+
+def test_captured_velocity_replays_and_falls_back():
+    """model/graphs.py: the replay equals the eager call for new inputs; a new shape captures again; a forward
+    with a host sync falls back to eager calls with the same results."""
+    from model.graphs import CapturedVelocity
+
+    w = torch.randn(64, 64, device="cuda")
+    fn = lambda x, t, _c: torch.tanh(x @ w) * t  # noqa: E731
+    cv = CapturedVelocity(fn)
+    with torch.no_grad():
+        for i in range(4):
+            x, t = torch.randn(128, 64, device="cuda"), torch.tensor(0.1 * i + 0.2, device="cuda")
+            torch.testing.assert_close(cv(x, t), fn(x, t, None), rtol=0, atol=0)
+        assert cv.graph is not None and cv.failed is None
+        x = torch.randn(32, 64, device="cuda")
+        torch.testing.assert_close(cv(x, t), fn(x, t, None), rtol=0, atol=0)  # another shape
+        torch.testing.assert_close(cv(x, t), fn(x, t, None), rtol=0, atol=0)
+        assert cv._key[0] == x.shape
+        syncing = lambda x, t, _c: x * float(t.item())  # noqa: E731
+        cv = CapturedVelocity(syncing)
+        for _ in range(3):
+            torch.testing.assert_close(cv(x, t), syncing(x, t, None))
+        assert cv.failed and cv.graph is None
