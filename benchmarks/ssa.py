@@ -176,6 +176,9 @@ def select_candidate(log, n=131072, rounds=3):
     against the fused candidate scoring.select_pooled at its default launch and two other (tokens per program,
     key chunk) pairs, same inputs (random, and the smooth field on CUDA), rows alternated: ms per round, the
     median's ratio to today, and the share of (token, kv head) rows whose selected sets equal today's."""
+    import dataclasses
+
+    from kernels.ssa import scoring
     from kernels.ssa.scoring import SCORING, select_pooled
     st, t = workload(n, m=4, shared_gate=True)
     cuda = torch.cuda.is_available()
@@ -210,6 +213,26 @@ def select_candidate(log, n=131072, rounds=3):
             same = (fn().sort(-1).values == ref_sel).all(-1).float().mean().item()
             log(f"{name:>22} " + " ".join(f"{x:>9.3f}" for x in times[name])
                 + f" {med:>9.3f} {med / med_today:>8.3f} {same:>10.4f}")
+    # the whole per-query SSA (forward, and forward + backward) with each selection path, rows alternated
+    x = [t[k].detach().requires_grad_(True) for k in ("q", "k", "v", "k_cmp", "v_cmp", "gates")]
+    fn = lambda *a: spatial_sparse_attention(*a, st, top_k=8, q_tile=1)  # noqa: E731
+    whole, outs = {False: [], True: []}, {}
+    try:
+        for _ in range(rounds):
+            for pooled in (False, True):
+                scoring.SCORING = dataclasses.replace(SCORING, pooled_select=pooled)
+                whole[pooled].append(time_fwd_bwd(fn, x))
+                with torch.no_grad():
+                    outs[pooled] = fn(*x).float()
+    finally:
+        scoring.SCORING = SCORING
+    diff = ((outs[True] - outs[False]).norm() / outs[False].norm()).item()
+    med = {p: [sorted(r[i] for r in whole[p])[rounds // 2] for i in (0, 1)] for p in whole}
+    for p, label in ((False, "score matrix (today)"), (True, "select_pooled")):
+        log(f"whole SSA q_tile=1, {label:>21}: forward {med[p][0]:.3f} ms, backward {med[p][1]:.3f} ms "
+            f"(rounds: {', '.join(f'{a:.2f}/{b:.2f}' for a, b in whole[p])})")
+    log(f"whole SSA forward select_pooled / today {med[True][0] / med[False][0]:.3f}; outputs' relative "
+        f"difference {diff:.2e}")
 
 
 def paper(log, n=131072, q_tiles=(1, 64), sdpa=True, detail=True):

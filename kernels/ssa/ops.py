@@ -11,8 +11,9 @@ from dataclasses import replace
 import torch
 
 from . import reference as ref
+from . import scoring as _scoring
 from .gate import gate_forward
-from .scoring import (SCORING, _unit_of_tile, block_scores, rank_blocks, select_topk, selected_segments,
+from .scoring import (SCORING, _unit_of_tile, block_scores, rank_blocks, select_pooled, select_topk, selected_segments,
                       selection_lists)
 from .segment_attention import BranchLaunch, Launch, SegmentPlan, _launch_bwd, _launch_fwd, segment_attention
 from .structure import SSAStructure
@@ -161,6 +162,8 @@ def select_blocks(q, k_cmp, lse_cmp, structure: SSAStructure, *, top_k: int = 8,
 
 def _select(q, k_cmp, lse_cmp, st: SSAStructure, top_k: int, q_tile: int):
     """select_blocks on the Triton kernels, after the checks."""
+    if _scoring.SCORING.pooled_select and q_tile == 1 and st.cmp_block < st.slc_block:
+        return select_pooled(q, k_cmp, lse_cmp, st, top_k)
     if not _score_matrix_path(st, q_tile, q.shape[1] // k_cmp.shape[1]):
         # one pass with a running top-k per unit, no score matrix
         return select_topk(q.contiguous(), k_cmp.contiguous(), lse_cmp, st, top_k, q_tile)

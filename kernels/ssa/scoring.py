@@ -22,8 +22,9 @@ class ScoringLaunch:
     select_block_n: int = 64  # its key chunk; 32 for units of 128 rows
     score_block_n: int = 64  # key chunk of the score-matrix kernel and of the compression forward's score pass
     list_block: int = 1024  # entries per program of the dK/dV list kernels
-    # per-query pooled select (select_pooled, m_cmp < m_slc; a candidate, not timed yet): rows (tokens × G heads)
-    # per program, its key chunk and launch
+    # per-query pooled select (select_pooled, m_cmp < m_slc; a candidate, not timed yet): whether select_blocks
+    # and the whole SSA use it, rows (tokens × G heads) per program, its key chunk and launch
+    pooled_select: bool = False
     pooled_rows: int = 128
     pooled_block_n: int = 32
     pooled: Launch = Launch(num_warps=4)
