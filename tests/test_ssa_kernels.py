@@ -160,6 +160,27 @@ def test_select_pooled_matches_score_matrix_cpu():
     assert torch.equal(got.sort(-1).values[clear], want.sort(-1).values[clear])
 
 
+def test_pooled_select_flag_routes_select_blocks_cpu(monkeypatch):
+    """ScoringLaunch.pooled_select: select_blocks(q_tile=1) at m_cmp < m_slc goes through select_pooled (the
+    same sets as the score matrix), and tiles of 64 queries keep their own path."""
+    import dataclasses
+
+    from kernels.ssa import scoring
+    _device_dtype("cpu")
+    st, q, kc, vc = _pooled_batch([40, 3], 4, seed=7)
+    lse = compression_attention(q.float(), kc.float(), vc.float(), st)[1]
+    today = select_blocks(q.float(), kc.float(), lse, st, top_k=8, q_tile=1)
+    tiles = select_blocks(q.float(), kc.float(), lse, st, top_k=8, q_tile=64)
+    calls = []
+    monkeypatch.setattr(scoring, "SCORING", dataclasses.replace(scoring.SCORING, pooled_select=True))
+    real = scoring.select_pooled
+    monkeypatch.setattr("kernels.ssa.ops.select_pooled", lambda *a: calls.append(1) or real(*a))
+    got = select_blocks(q.float(), kc.float(), lse, st, top_k=8, q_tile=1)
+    assert calls and torch.equal(got.sort(-1).values, today.sort(-1).values)
+    calls.clear()
+    assert torch.equal(select_blocks(q.float(), kc.float(), lse, st, top_k=8, q_tile=64), tiles) and not calls
+
+
 def _clear_ranking(score, top_k, gap=1e-5):
     """(tokens, Hkv) bool: the k-th and next float64 score differ by more than ``gap`` relative (or no next)."""
     if score.shape[2] <= top_k:
