@@ -228,6 +228,28 @@ def test_rank_blocks_equals_topk_cpu():
             got = sel[u, h].tolist()
             assert set(x for x in got if x >= 0) == want and got.count(-1) == k - min(k, n), (u, h)
 
+def test_rank_blocks_ties_keep_lower_block_cpu():
+    """Scores of four values only: most blocks tie, within and across the kernel's 128-column chunks, and the
+    lower column must win every tie (the documented order), as in a stable sort by descending score."""
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs the Triton interpreter")
+    from kernels.ssa.scoring import rank_blocks
+
+    g = torch.Generator().manual_seed(1)
+    units, hkv, cols, k = 12, 2, 300, 8
+    n_blocks = torch.full((units,), cols, dtype=torch.int32)
+    n_blocks[:2] = torch.tensor([140, 9], dtype=torch.int32)
+    first = torch.arange(units) * 1000
+    score = torch.randint(0, 4, (units, hkv, cols), generator=g).float() / 4
+    score[0, :, 130:133] = 1.0  # three best blocks only after the first chunk: they evict three ties
+    sel = rank_blocks(score, n_blocks, first, k)
+    for u in range(units):
+        n = int(n_blocks[u])
+        for h in range(hkv):
+            order = sorted(range(n), key=lambda j: (-float(score[u, h, j]), j))[:k]
+            assert sorted(sel[u, h].tolist()) == sorted(j + int(first[u]) for j in order), (u, h)
+
+
 def test_selection_many_blocks_cpu():
     """m_cmp 4 < m_slc 8 on sparse shells (top-k 8 of 20+ partly filled selection blocks per shape): the kernels pick the
     blocks of the float64 reference, per query and per 4-query tile."""

@@ -181,13 +181,14 @@ def _unit_col_sums(q, lse2, valid, k, nm, qk_scale, P: tl.constexpr, RB: tl.cons
 @triton.jit
 def _topk_insert(cand, ids, top_v, top_i, cols, kk):
     """Running top-k per unit: the chunk's best candidate (units, keys) replaces the unit's weakest slot while it
-    beats it (strictly: of equal scores the one seen first stays); after the first chunks few do, so the loop
-    is short. ids (keys,) names each candidate column."""
+    beats it (strictly: of equal scores the one seen first stays, and of equal weakest slots the one of the
+    highest id goes, so with candidates in increasing id order the lower id wins every tie); after the first
+    chunks few do, so the loop is short. ids (keys,) names each candidate column."""
     kth = tl.min(top_v, 1)
     while tl.sum((tl.max(cand, 1) > kth).to(tl.int32), 0) > 0:  # comparisons: no inf - inf
         bc = tl.max(cand, 1)
         ic = tl.argmax(cand, 1)
-        slot = tl.argmin(top_v, 1)
+        slot = tl.argmax(tl.where(top_v == kth[:, None], top_i, -2), 1)
         ins = bc > kth
         put = (kk[None, :] == slot[:, None]) & ins[:, None]
         bid = tl.sum(tl.where(cols[None, :] == ic[:, None], ids[None, :], 0), 1)
