@@ -22,7 +22,8 @@ import torch
 # Order matters: the first pattern that matches names the category.
 PATTERNS: list[tuple[str, re.Pattern]] = [
     ("communication", re.compile(r"nccl|all_?reduce|all_?gather|reduce_?scatter|broadcast", re.I)),
-    ("optimizer", re.compile(r"adam|multi_tensor|foreach|lamb|sgd|clip_grad", re.I)),
+    # no bare "lamb": every elementwise kernel PyTorch builds from a lambda has "lambda" in its name
+    ("optimizer", re.compile(r"adam|multi_tensor|foreach|sgd|clip_grad", re.I)),
     ("other attention", re.compile(r"flash|fmha|cudnn.*(attn|attention|sdpa)|attention|sdpa|efficient_attention"
                                    r"|aten::_?scaled_dot_product", re.I)),
     ("GEMM (linears)", re.compile(r"gemm|cutlass|cublas|xmma|wgmma|nvjet|ampere_|sm\d+_|hopper|"

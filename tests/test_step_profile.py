@@ -24,6 +24,10 @@ def test_our_triton_kernels_are_found_by_name():
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "other attention"),
     ("void at::native::vectorized_layer_norm_kernel<c10::BFloat16, float>", "norms, modulation, elementwise"),
     ("aten::addmm", "GEMM (linears)"),
+    # an elementwise kernel made from a lambda (autocast's casts, copies): not the optimizer
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::bfloat16_copy_kernel_cuda(at::TensorIteratorBase&)"
+     "::{lambda(float)#1}, std::array<char*, 2ul> >(int, at::native::bfloat16_copy_kernel_cuda(at::TensorIteratorBase&)"
+     "::{lambda(float)#1}, std::array<char*, 2ul>)", "norms, modulation, elementwise"),
     ("some_unknown_kernel", "other kernels"),
 ])
 def test_kernel_names_by_category(name, cat):
