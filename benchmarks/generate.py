@@ -182,7 +182,7 @@ def gpu_table(args) -> list[dict]:
         if time.perf_counter() - t_start > args.budget_s:
             rows.append({"resolution": res, "batch": b, "skipped": "time budget"})
             continue
-        c.cfg.cuda_graphs = graphs and not args.no_cuda_graphs
+        c.cfg.cuda_graphs = graphs
         try:
             t = run_once(c, b, refine, args.tokens512, args.tokens1024)
         except torch.OutOfMemoryError as e:
@@ -315,10 +315,8 @@ def main() -> None:
                    "brings only its own networks to the device (GenerationConfig.offload)")
     p.add_argument("--syncs", action="store_true", help="after the table, count the host syncs of one mesh at 512 "
                    "and at 1024 by source line (torch.cuda.set_sync_debug_mode)")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="launch every sampling step from Python "
-                   "(GenerationConfig.cuda_graphs false)")
-    p.add_argument("--eager-too", action="store_true", help="after the graphed rows, the same meshes without "
-                   "CUDA graphs (an A/B in one run)")
+    p.add_argument("--eager-too", action="store_true", help="after the rows with CUDA-graph sampling "
+                   "(GenerationConfig.cuda_graphs), the same meshes launched from Python (an A/B in one run)")
     p.add_argument("--serve", action="store_true", help="measure through Ray Serve over HTTP instead")
     p.add_argument("--serve-cpus", type=int, default=2)
     p.add_argument("--serve-requests", type=int, default=8)
