@@ -60,7 +60,8 @@ class CapturedVelocity:
         graph = torch.cuda.CUDAGraph()
         try:
             torch.cuda.synchronize(x.device)
-            with torch.cuda.graph(graph):
+            # thread_local: another thread's CUDA work (a Serve replica's) is not an error during capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 out = self.fn(self._x, self._t, cond)
         except Exception as e:  # noqa: BLE001 - any capture failure: run eagerly from here on
             self.failed = f"{type(e).__name__}: {e}"

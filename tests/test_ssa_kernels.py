@@ -137,6 +137,19 @@ def _pooled_batch(sizes, hq, seed):
     return st, q, kc, vc
 
 
+def _score_matrix_select(*args, **kw):
+    """select_blocks through the score matrix + rank_blocks, whatever ScoringLaunch.pooled_select says."""
+    import dataclasses
+
+    from kernels.ssa import scoring
+    kept = scoring.SCORING
+    scoring.SCORING = dataclasses.replace(kept, pooled_select=False)
+    try:
+        return select_blocks(*args, **kw)
+    finally:
+        scoring.SCORING = kept
+
+
 def test_select_pooled_matches_score_matrix_cpu():
     """The fused per-query select (m_cmp 4 < m_slc 8) picks the blocks of today's score matrix + rank_blocks, and of
     the float64 reference wherever its k-th and next score are apart: a shape of over 64 compression blocks
@@ -151,7 +164,7 @@ def test_select_pooled_matches_score_matrix_cpu():
     lse = compression_attention(q.float(), kc.float(), vc.float(), st)[1]
     got = select_pooled(q.float(), kc.float(), lse, st, top_k)
     assert got.shape == (st.n_tokens, 2, top_k) and got.dtype == torch.int64
-    today = select_blocks(q.float(), kc.float(), lse, st, top_k=top_k, q_tile=1)
+    today = _score_matrix_select(q.float(), kc.float(), lse, st, top_k=top_k, q_tile=1)
     assert torch.equal(got.sort(-1).values, today.sort(-1).values)
     _, _, probs = ref.compression_attention_ref(q, kc, vc, st)
     want = ref.select_blocks_ref(probs, st, 2, top_k, 1)
@@ -161,24 +174,23 @@ def test_select_pooled_matches_score_matrix_cpu():
 
 
 def test_pooled_select_flag_routes_select_blocks_cpu(monkeypatch):
-    """ScoringLaunch.pooled_select: select_blocks(q_tile=1) at m_cmp < m_slc goes through select_pooled (the
-    same sets as the score matrix), and tiles of 64 queries keep their own path."""
-    import dataclasses
-
+    """ScoringLaunch.pooled_select (on by default): select_blocks(q_tile=1) at m_cmp < m_slc goes through
+    select_pooled, with the score matrix's sets; off, it does not; tiles of 64 queries keep their own path."""
     from kernels.ssa import scoring
     _device_dtype("cpu")
+    assert scoring.SCORING.pooled_select
     st, q, kc, vc = _pooled_batch([40, 3], 4, seed=7)
     lse = compression_attention(q.float(), kc.float(), vc.float(), st)[1]
-    today = select_blocks(q.float(), kc.float(), lse, st, top_k=8, q_tile=1)
-    tiles = select_blocks(q.float(), kc.float(), lse, st, top_k=8, q_tile=64)
     calls = []
-    monkeypatch.setattr(scoring, "SCORING", dataclasses.replace(scoring.SCORING, pooled_select=True))
     real = scoring.select_pooled
     monkeypatch.setattr("kernels.ssa.ops.select_pooled", lambda *a: calls.append(1) or real(*a))
+    matrix = _score_matrix_select(q.float(), kc.float(), lse, st, top_k=8, q_tile=1)
+    assert not calls
     got = select_blocks(q.float(), kc.float(), lse, st, top_k=8, q_tile=1)
-    assert calls and torch.equal(got.sort(-1).values, today.sort(-1).values)
+    assert calls and torch.equal(got.sort(-1).values, matrix.sort(-1).values)
     calls.clear()
-    assert torch.equal(select_blocks(q.float(), kc.float(), lse, st, top_k=8, q_tile=64), tiles) and not calls
+    tiles = select_blocks(q.float(), kc.float(), lse, st, top_k=8, q_tile=64)
+    assert not calls and torch.equal(tiles, _score_matrix_select(q.float(), kc.float(), lse, st, top_k=8, q_tile=64))
 
 
 def _clear_ranking(score, top_k, gap=1e-5):

@@ -163,13 +163,13 @@ def select_blocks(q, k_cmp, lse_cmp, structure: SSAStructure, *, top_k: int = 8,
 def _select(q, k_cmp, lse_cmp, st: SSAStructure, top_k: int, q_tile: int):
     """select_blocks on the Triton kernels, after the checks."""
     if _scoring.SCORING.pooled_select and q_tile == 1 and st.cmp_block < st.slc_block:
+        # per query over pooled keys: one pass, blocks summed by a segmented scan (docs/ssa.md)
         return select_pooled(q, k_cmp, lse_cmp, st, top_k)
     if not _score_matrix_path(st, q_tile, q.shape[1] // k_cmp.shape[1]):
         # one pass with a running top-k per unit, no score matrix
         return select_topk(q.contiguous(), k_cmp.contiguous(), lse_cmp, st, top_k, q_tile)
-    # a (units, Hkv, blocks) score matrix ranked by torch.topk: units of more than 128 rows, and m_cmp < m_slc
-    # (where a one-pass kernel over chunks of whole selection blocks with a running top-k measured slower, see
-    # docs/ssa.md)
+    # a (units, Hkv, blocks) score matrix ranked by rank_blocks: units of more than 128 rows, and tiles at
+    # m_cmp < m_slc (where a one-pass kernel over chunks of whole selection blocks measured slower, docs/ssa.md)
     score = block_scores(q.contiguous(), k_cmp.contiguous(), lse_cmp, st, q_tile, st.max_slc_per_shape)
     return _rank(score, st, top_k, q_tile)
 

@@ -22,9 +22,10 @@ class ScoringLaunch:
     select_block_n: int = 64  # its key chunk; 32 for units of 128 rows
     score_block_n: int = 64  # key chunk of the score-matrix kernel and of the compression forward's score pass
     list_block: int = 1024  # entries per program of the dK/dV list kernels
-    # per-query pooled select (select_pooled, m_cmp < m_slc; a candidate, not timed yet): whether select_blocks
-    # and the whole SSA use it, rows (tokens × G heads) per program, its key chunk and launch
-    pooled_select: bool = False
+    # per-query pooled select (select_pooled, m_cmp < m_slc; 0.77–0.83× the score matrix + rank_blocks at 131k,
+    # H100): whether select_blocks and the whole SSA use it, rows (tokens × G heads) per program, its key chunk
+    # and launch
+    pooled_select: bool = True
     pooled_rows: int = 128
     pooled_block_n: int = 32
     pooled: Launch = Launch(num_warps=4)
@@ -348,8 +349,8 @@ def _select_pooled_kernel(Q, KC, LSE, SEL, TILE_START, TILE_END, TILE_SEG, CMP_O
 def select_pooled(q, k_cmp, lse_cmp, structure, top_k: int, tokens_per_program: int | None = None,
                   block_n: int | None = None):
     """Per-query top-k global block ids (n_tokens, Hkv, top_k), -1 past the shape's blocks, in one kernel for
-    m_cmp < m_slc; of equal scores the lower block id wins. A candidate beside the score matrix + rank_blocks
-    (block_scores with q_tile 1): the same exponentials, no matrix and no atomics. ``tokens_per_program`` and
+    m_cmp < m_slc; of equal scores the lower block id wins. In place of the score matrix + rank_blocks
+    (block_scores with q_tile 1) when ScoringLaunch.pooled_select: the same exponentials, no matrix and no atomics. ``tokens_per_program`` and
     ``block_n`` (pooled keys per chunk) default to ScoringLaunch's pooled_rows // G and pooled_block_n."""
     n, hq, d = q.shape
     hkv = k_cmp.shape[1]
