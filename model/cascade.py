@@ -231,7 +231,7 @@ class GenerationConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32; the refiners run in fp16 on CUDA unless fp32
     offload: bool = False  # networks wait in host memory; each stage moves only its own to the device
-    # replay each sampling stage's forward as a CUDA graph (model/graphs.py); off until timed on a GPU
+    # replay each sampling stage's forward as a CUDA graph (model/graphs.py); 1.01–1.06× a paper step, so off
     cuda_graphs: bool = False
 
     def validate(self) -> None:

@@ -1,9 +1,11 @@
 """A sampler's velocity as a replayed CUDA graph.
 
 Every Euler step of a stage runs the same network on tensors of the same shapes: the structure DiT on a
-fixed grid, the sparse DiTs on one shape's cached token structure (``x.replace`` keeps it). Launching the
-~2,000 kernels of a paper-size forward from Python costs host time the GPU spends idle; a CUDA graph
-records them once and replays them with one call.
+fixed grid, the sparse DiTs on one shape's cached token structure (``x.replace`` keeps it). A CUDA graph
+records the kernels of one forward once and replays them with one call, with no launch from Python. For the
+paper SS-DiT that gains little (1.06× a guided step at 10,704 tokens, 1.01× at 45,816 on an H100: the step
+is bound by the GPU, benchmarks/RESULTS.md "One sampling step"), so GenerationConfig.cuda_graphs is off by
+default; smaller networks and shapes, where launches dominate, gain more.
 
 ``CapturedVelocity(fn)`` wraps a ``velocity(x, t, cond)`` closure. Its first call runs eagerly (that call
 builds what the network caches: the SSA structure, the offsets it reads to the host, Triton's compiled
@@ -73,6 +75,7 @@ class CapturedVelocity:
         return True
 
     def release(self) -> None:
-        """Drop the graph and its memory pool."""
+        """Drop the graph and its memory pool; the next shape starts with an eager call again."""
         self.graph = self._x = self._t = self._out = None
         self._key = None
+        self.calls = 0
