@@ -5,7 +5,7 @@ fixed grid, the sparse DiTs on one shape's cached token structure (``x.replace``
 records the kernels of one forward once and replays them with one call, with no launch from Python. For the
 paper SS-DiT that gains little (1.06× a guided step at 10,704 tokens, 1.01× at 45,816 on an H100: the step
 is bound by the GPU, benchmarks/RESULTS.md "One sampling step"), so GenerationConfig.cuda_graphs is off by
-default; smaller networks and shapes, where launches dominate, gain more.
+default. Smaller networks and shapes, where launches weigh more, may gain more (not measured).
 
 ``CapturedVelocity(fn)`` wraps a ``velocity(x, t, cond)`` closure. Its first call runs eagerly (that call
 builds what the network caches: the SSA structure, the offsets it reads to the host, Triton's compiled
