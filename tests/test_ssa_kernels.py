@@ -222,8 +222,7 @@ def test_select_pooled_ties_keep_lower_block_cpu():
 
 def test_rank_blocks_equals_topk_cpu():
     """The running top-k kernel against torch.topk on ragged rows: 1 to 300 blocks a unit, fewer than top_k too."""
-    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-        pytest.skip("needs the Triton interpreter")
+    _device_dtype("cpu")  # CPU tensors: the Triton interpreter only
     from kernels.ssa.scoring import rank_blocks
 
     g = torch.Generator().manual_seed(0)
@@ -243,8 +242,7 @@ def test_rank_blocks_equals_topk_cpu():
 def test_rank_blocks_ties_keep_lower_block_cpu():
     """Scores of four values only: most blocks tie, within and across the kernel's 128-column chunks, and the
     lower column must win every tie (the documented order), as in a stable sort by descending score."""
-    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-        pytest.skip("needs the Triton interpreter")
+    _device_dtype("cpu")  # CPU tensors: the Triton interpreter only
     from kernels.ssa.scoring import rank_blocks
 
     g = torch.Generator().manual_seed(1)
