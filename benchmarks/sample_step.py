@@ -64,7 +64,7 @@ def timed(fn, steps: int, warmup: int, sync) -> float:
 
 
 def measure(cfg_name: str, tokens: int, steps: int, warmup: int, device, profile: int, sparse_conditions: bool,
-            graph: bool = False):
+            graph: bool = False, fused_norms: bool = False):
     cfg = DiTConfig.named(cfg_name, sparse_conditions=sparse_conditions)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -81,6 +81,18 @@ def measure(cfg_name: str, tokens: int, steps: int, warmup: int, device, profile
     row = {"config": cfg_name, "sparse_conditions": sparse_conditions, "tokens": tokens, "batch_tokens": 2 * tokens,
            "step_ms": 1e3 * s, "tflops_linears": 2 * params * 2 * tokens / s / 1e12, "params_m": params / 1e6,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    if fused_norms and device.type == "cuda":  # the same step with kernels/norm_modulate (model.dit.FUSED_NORMS)
+        import model.dit as dit_module
+        with torch.no_grad():
+            eager_out = step().feats.float()
+            dit_module.FUSED_NORMS = True
+            try:
+                fs = timed(step, steps, warmup, sync)
+                fused_out = step().feats.float()
+            finally:
+                dit_module.FUSED_NORMS = False
+        row.update(fused_step_ms=1e3 * fs,
+                   fused_rel_diff=((fused_out - eager_out).norm() / eager_out.norm()).item())
     if graph and device.type == "cuda":  # the same step replayed as a CUDA graph (model/graphs.py), same inputs
         captured = CapturedVelocity(lambda feats, tt, _c: net(x.replace(feats), tt, cond).feats)
         with torch.no_grad():
@@ -106,11 +118,12 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--profile", type=int, default=0, help="profile this many steps after timing")
     ap.add_argument("--graph", action="store_true", help="also time the step replayed as a CUDA graph")
+    ap.add_argument("--fused-norms", action="store_true", help="also time the step with kernels/norm_modulate")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     rows = [measure(args.config, int(n), args.steps, args.warmup, device, args.profile, args.sparse_conditions,
-                    args.graph)
+                    args.graph, args.fused_norms)
             for n in args.tokens.split(",")]
     print("| tokens (x2 guidance) | step ms | TFLOP/s (2·params·tokens) | CUDA graph step ms | eager / graph | device |")
     print("| ---: | ---: | ---: | ---: | ---: | --- |")
@@ -120,6 +133,10 @@ def main(argv=None) -> int:
                                       f"{g:.1f} (max diff {r['graph_max_diff']:.1e})")
         ratio = f"{r['step_ms'] / g:.2f}×" if g and not r["graph_failed"] else "–"
         print(f"| {r['tokens']:,} | {r['step_ms']:.1f} | {r['tflops_linears']:.1f} | {gcol} | {ratio} | {r['device']} |")
+    for r in rows:
+        if "fused_step_ms" in r:
+            print(f"fused norms, {r['tokens']:,} tokens: {r['fused_step_ms']:.1f} ms against {r['step_ms']:.1f} "
+                  f"({r['step_ms'] / r['fused_step_ms']:.2f}×), velocity differs by {r['fused_rel_diff']:.1e} relative")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -240,6 +240,12 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
+# Inference on CUDA: each norm and its modulation as one kernel (kernels/norm_modulate) instead of LayerNorm32,
+# a per-token gather of the shapes' modulation and separate multiply-adds. Off until timed on a GPU
+# (benchmarks/sample_step.py --fused-norms); the outputs differ from the default path at bf16 rounding.
+FUSED_NORMS = False
+
+
 class DiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig, layer: int):
         super().__init__()
@@ -257,6 +263,8 @@ class DiTBlock(nn.Module):
         """x in block order when ``st`` (the SSA structure) is given; mod (B, width) = t_emb or (B, 6·width) shared."""
         if hasattr(self, "adaLN_modulation"):
             mod = self.adaLN_modulation(mod)
+        if FUSED_NORMS and x.is_cuda and not torch.is_grad_enabled():
+            return self._forward_fused(x, st, cu_seqlens, token_shape, mod, cond, cu_cond)
         # One shape broadcasts; several gather their row per token (an embedding lookup, whose backward sums
         # each shape's many duplicate rows by segments rather than one index_put at a time)
         mod = mod if mod.shape[0] == 1 else F.embedding(token_shape, mod)
@@ -266,6 +274,23 @@ class DiTBlock(nn.Module):
         x = x + h * g1
         x = x + self.cross_attn(self.norm2(x), cu_seqlens, cond, cu_cond)
         return x + self.mlp(modulate(self.norm3(x), sh2, sc2)) * g2
+
+    def _forward_fused(self, x, st, cu_seqlens, token_shape, mod, cond, cu_cond):
+        """forward() with kernels/norm_modulate: the shapes' modulation rows are read by the kernel, only the
+        gates are gathered per token."""
+        from kernels.norm_modulate import norm_modulate
+
+        rows = None if mod.shape[0] == 1 else token_shape
+        sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=-1)
+        if rows is not None:
+            g1, g2 = F.embedding(rows, g1), F.embedding(rows, g2)
+        h = norm_modulate(x, 1 + sc1, sh1, rows, self.norm1.eps)
+        h = self.self_attn.forward_sorted(h, st) if st is not None else self.self_attn.full_attention(h, cu_seqlens)
+        x = x + h * g1
+        n2 = self.norm2
+        x = x + self.cross_attn(norm_modulate(x, n2.weight[None], n2.bias[None], None, n2.eps), cu_seqlens, cond,
+                                cu_cond)
+        return x + self.mlp(norm_modulate(x, 1 + sc2, sh2, rows, self.norm3.eps)) * g2
 
 
 class SparseDiT(nn.Module):

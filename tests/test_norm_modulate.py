@@ -1,0 +1,99 @@
+"""kernels/norm_modulate: the fused LayerNorm + per-shape affine map against its reference and against the
+DiT blocks' own path (LayerNorm32, then modulate), and its argument checks."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kernels.norm_modulate import norm_modulate, norm_modulate_reference
+from model.dit import LayerNorm32, modulate
+
+
+def _need_interpreter():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on the CPU needs TRITON_INTERPRET=1 before triton is imported")
+
+
+@pytest.mark.parametrize("n, w, shapes", [(37, 64, 1), (50, 100, 3), (1, 32, 1), (0, 64, 2)])
+def test_kernel_matches_reference_and_the_block_path(n, w, shapes):
+    _need_interpreter()
+    g = torch.Generator().manual_seed(n + w)
+    x = torch.randn(n, w, generator=g) * 3 + 1
+    shift, scale = torch.randn(shapes, w, generator=g), torch.randn(shapes, w, generator=g)
+    rows = None if shapes == 1 else torch.sort(torch.randint(0, shapes, (n,), generator=g)).values
+    got = norm_modulate(x, 1 + scale, shift, rows, eps=1e-6, backend="triton")
+    want = norm_modulate_reference(x, 1 + scale, shift, rows, eps=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    sh, sc = (shift, scale) if rows is None else (shift[rows], scale[rows])
+    block = modulate(LayerNorm32(w, elementwise_affine=False, eps=1e-6)(x), sh, sc)
+    torch.testing.assert_close(got, block, rtol=1e-5, atol=1e-5)
+
+
+def test_affine_norm_as_one_row():
+    """The cross-attention's affine LayerNorm: a = weight, c = bias, one row for every token."""
+    _need_interpreter()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(20, 48, generator=g)
+    norm = LayerNorm32(48, elementwise_affine=True, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48, generator=g))
+        norm.bias.copy_(torch.randn(48, generator=g))
+    got = norm_modulate(x, norm.weight[None], norm.bias[None], None, eps=1e-6, backend="triton")
+    torch.testing.assert_close(got, norm(x).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_half_input_rounds_once():
+    """float16 in, float16 out: within one float16 rounding of the float32 result."""
+    _need_interpreter()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 64, generator=g).half()
+    a, c = torch.rand(1, 64, generator=g) + 0.5, torch.randn(1, 64, generator=g)
+    got = norm_modulate(x, a, c, None, backend="triton")
+    assert got.dtype == torch.float16
+    exact = norm_modulate_reference(x.float(), a, c, None)
+    torch.testing.assert_close(got.float(), exact, rtol=2e-3, atol=2e-3)
+
+
+def test_bad_arguments_are_named():
+    x = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match="x must be"):
+        norm_modulate(torch.zeros(8), torch.ones(1, 8), torch.zeros(1, 8))
+    with pytest.raises(ValueError, match="a must be"):
+        norm_modulate(x, torch.ones(1, 7), torch.zeros(1, 8))
+    with pytest.raises(ValueError, match="need a row index"):
+        norm_modulate(x, torch.ones(2, 8), torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="rows must be"):
+        norm_modulate(x, torch.ones(2, 8), torch.zeros(2, 8), torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("lengths", [[12, 30, 7], [25]])
+def test_fused_block_path_gives_the_dit_output(monkeypatch, lengths):
+    """DiTBlock._forward_fused (what FUSED_NORMS runs on CUDA) gives the default blocks' velocity: several shapes
+    (per-token rows of the modulation) and one (a broadcast row); here through the reference kernel on the CPU."""
+    from model.dit import DiTBlock, DiTConfig, SparseDiT
+    from model.sparse import SparseTensor
+
+    cfg = DiTConfig.named("debug")
+    torch.manual_seed(0)
+    model = SparseDiT(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    cells = [torch.randperm(16 ** 3, generator=g)[:n] for n in lengths]
+    coords = [torch.stack([c // 256, c // 16 % 16, c % 16], 1) for c in cells]
+    x = SparseTensor.from_samples(coords, [torch.randn(n, 16, generator=g) for n in lengths], ordered=False)
+    t, cond = torch.rand(len(lengths), generator=g), torch.randn(len(lengths), 5, cfg.cond_dim, generator=g)
+    with torch.no_grad():
+        want = model(x, t, cond).feats
+
+        def fused(self, h, st, cu, token_shape, mod, c, cu_c):
+            if hasattr(self, "adaLN_modulation"):
+                mod = self.adaLN_modulation(mod)
+            return self._forward_fused(h, st, cu, token_shape, mod, c, cu_c)
+
+        monkeypatch.setattr(DiTBlock, "forward", fused)
+        got = model(x.replace(x.feats), t, cond).feats
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
