@@ -38,9 +38,10 @@ def norm_modulate_triton(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, rows
     if n == 0:
         return y
     block_w = triton.next_power_of_2(w)
-    block_m = max(1, min(16, 8192 // block_w))
+    # about 16 float32 values a thread for each of x, a and c (three tiles live at once): no spills
+    block_m = max(1, min(16, 4096 // block_w))
     rows_arg = rows.contiguous() if rows is not None else a  # a placeholder pointer when there are no rows
     _norm_modulate_kernel[(triton.cdiv(n, block_m),)](
         x, a, c, rows_arg, y, n, w, x.stride(0), y.stride(0), a.stride(0), eps,
-        HAS_ROWS=rows is not None, BLOCK_M=block_m, BLOCK_W=block_w, num_warps=4 if block_w <= 1024 else 8)
+        HAS_ROWS=rows is not None, BLOCK_M=block_m, BLOCK_W=block_w, num_warps=4 if block_w < 1024 else 8)
     return y
