@@ -97,3 +97,40 @@ def test_fused_block_path_gives_the_dit_output(monkeypatch, lengths):
         monkeypatch.setattr(DiTBlock, "forward", fused)
         got = model(x.replace(x.feats), t, cond).feats
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_kernel_and_fused_dit_on_cuda(monkeypatch):
+    """On a GPU: the compiled kernel against its reference in bf16, and a small SS-DiT's guided velocity with
+    model.dit.FUSED_NORMS against the default path (bf16: one rounding less, so close, not equal)."""
+    import model.dit as dit_module
+    from model.dit import DiTConfig, SparseDiT
+    from model.sparse import SparseTensor
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(5000, 1024, generator=g) * 2).cuda().bfloat16()
+    a, c = (torch.randn(2, 1024, generator=g).cuda().bfloat16() for _ in range(2))
+    rows = (torch.arange(5000) >= 3000).long().cuda()
+    got = norm_modulate(x, a, c, rows)
+    want = norm_modulate_reference(x, a, c, rows)
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+    cfg = DiTConfig.named("small")
+    torch.manual_seed(0)
+    net = SparseDiT(cfg)
+    with torch.no_grad():  # the released init zeroes the modulation and output: a zero velocity
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    net = net.cuda().bfloat16().eval()
+    cells = [torch.randperm(32 ** 3, generator=g)[:n] for n in (3000, 2000)]
+    coords = [torch.stack([q // 1024, q // 32 % 32, q % 32], 1) for q in cells]
+    xs = SparseTensor.from_samples(coords, [torch.randn(len(q), cfg.in_channels, generator=g) for q in cells],
+                                   device="cuda", ordered=False)
+    xs = xs.replace(xs.feats.bfloat16())
+    t = torch.tensor([0.3, 0.7], device="cuda", dtype=torch.bfloat16)
+    cond = torch.randn(2, 20, cfg.cond_dim, generator=g).cuda().bfloat16()
+    with torch.no_grad():
+        want = net(xs, t, cond).feats.float()
+        monkeypatch.setattr(dit_module, "FUSED_NORMS", True)
+        got = net(xs.replace(xs.feats), t, cond).feats.float()
+    assert ((got - want).norm() / want.norm()).item() < 2e-2
