@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from kernels.norm_modulate import norm_modulate
 from model.dense_dit import FeedForward, MultiHeadRMSNorm  # the released transformers share these
 from model.embeddings import TimestepEmbedder, position_embedding_3d
 from model.sparse import SparseConv3d, SparseTensor, kernel_from_torchsparse, kernel_to_torchsparse
@@ -278,8 +279,6 @@ class DiTBlock(nn.Module):
     def _forward_fused(self, x, st, cu_seqlens, token_shape, mod, cond, cu_cond):
         """forward() with kernels/norm_modulate: the shapes' modulation rows are read by the kernel, only the
         gates are gathered per token."""
-        from kernels.norm_modulate import norm_modulate
-
         rows = None if mod.shape[0] == 1 else token_shape
         sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=-1)
         if rows is not None:

@@ -66,6 +66,8 @@ def test_bad_arguments_are_named():
         norm_modulate(x, torch.ones(2, 8), torch.zeros(2, 8))
     with pytest.raises(ValueError, match="rows must be"):
         norm_modulate(x, torch.ones(2, 8), torch.zeros(2, 8), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer indices"):
+        norm_modulate(x, torch.ones(2, 8), torch.zeros(2, 8), torch.zeros(4))
 
 
 @pytest.mark.parametrize("lengths", [[12, 30, 7], [25]])

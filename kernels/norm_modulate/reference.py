@@ -18,6 +18,8 @@ def check_args(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, rows: torch.Te
         raise ValueError(f"norm_modulate: {a.shape[0]} rows of a and c need a row index per token")
     if rows is not None and (rows.dim() != 1 or rows.shape[0] != x.shape[0]):
         raise ValueError(f"norm_modulate: rows must be ({x.shape[0]},), got {tuple(rows.shape)}")
+    if rows is not None and (rows.dtype.is_floating_point or rows.dtype.is_complex or rows.dtype == torch.bool):
+        raise ValueError(f"norm_modulate: rows must be integer indices, got {rows.dtype}")
 
 
 def norm_modulate_reference(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, rows: torch.Tensor | None = None,

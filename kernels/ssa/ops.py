@@ -13,7 +13,7 @@ import torch
 from . import reference as ref
 from . import scoring as _scoring
 from .gate import gate_forward
-from .scoring import (SCORING, _unit_of_tile, block_scores, rank_blocks, select_pooled, select_topk, selected_segments,
+from .scoring import (_unit_of_tile, block_scores, rank_blocks, select_pooled, select_topk, selected_segments,
                       selection_lists)
 from .segment_attention import BranchLaunch, Launch, SegmentPlan, _launch_bwd, _launch_fwd, segment_attention
 from .structure import SSAStructure
@@ -324,7 +324,8 @@ class _WholeSSA(torch.autograd.Function):
                                 dtype=torch.float32, device=q.device)
             unit = st.cached(("tile_unit", bt, q_tile), lambda: _unit_of_tile(st, bt, q_tile))
             to_slc = st.cmp_to_slc_local if st.cmp_block != st.slc_block else None
-            o_c, lse_c = _launch_fwd(q, k_cmp, v_cmp, plan_c, scores=(score, unit, to_slc, SCORING.score_block_n))
+            chunk = _scoring.SCORING.score_block_n
+            o_c, lse_c = _launch_fwd(q, k_cmp, v_cmp, plan_c, scores=(score, unit, to_slc, chunk))
             sel = _rank(score, st, top_k, q_tile)
         else:
             o_c, lse_c = _launch_fwd(q, k_cmp, v_cmp, plan_c)
