@@ -10,7 +10,10 @@ shapes), in the network's dtype (bf16 on CUDA). The tokens are a sphere shell of
 count (``train_dit.shell_coords``), the condition 1,374 DINOv2-sized tokens (or packed ones with
 ``sparse_conditions``). Prints the median step, the effective TFLOP/s by 2·params·tokens (the linears'
 count, attention not included), and with ``--profile N`` where the step goes (``step_profile.py``):
-the sampling stages are most of a generated mesh (benchmarks/RESULTS.md, "Generation").
+the sampling stages are most of a generated mesh (benchmarks/RESULTS.md, "Generation"). The weights are
+random; the parameters the released init sets to zero (gates, modulation, output layer) get small random
+values, else every block is an identity and the velocity zero. ``--fused-norms`` times the step without
+``kernels/norm_modulate`` as the row and with it beside it, and prints how far the two velocities are apart.
 """
 from __future__ import annotations
 
@@ -68,7 +71,12 @@ def measure(cfg_name: str, tokens: int, steps: int, warmup: int, device, profile
     cfg = DiTConfig.named(cfg_name, sparse_conditions=sparse_conditions)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    net = SparseDiT(cfg).to(device, dtype).eval()
+    net = SparseDiT(cfg)
+    with torch.no_grad():  # the zero-initialised gates and output layer would make every block an identity and
+        for p in net.parameters():  # the velocity zero: give them trained-like random values
+            if not p.any():
+                p.normal_(0.0, 0.02)
+    net = net.to(device, dtype).eval()
     params = sum(p.numel() for p in net.parameters())
     x, t, cond = guided_batch(cfg, tokens, device, dtype)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -77,12 +85,15 @@ def measure(cfg_name: str, tokens: int, steps: int, warmup: int, device, profile
         with torch.no_grad():
             return net(x.replace(x.feats), t, cond)  # the sampler's x.replace: the structure stays cached
 
+    import model.dit as dit_module
+    default_fused = dit_module.FUSED_NORMS
+    if fused_norms:  # the baseline row is the unfused step; the fused one is timed below
+        dit_module.FUSED_NORMS = False
     s = timed(step, steps, warmup, sync)
     row = {"config": cfg_name, "sparse_conditions": sparse_conditions, "tokens": tokens, "batch_tokens": 2 * tokens,
            "step_ms": 1e3 * s, "tflops_linears": 2 * params * 2 * tokens / s / 1e12, "params_m": params / 1e6,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     if fused_norms and device.type == "cuda":  # the same step with kernels/norm_modulate (model.dit.FUSED_NORMS)
-        import model.dit as dit_module
         with torch.no_grad():
             eager_out = step().feats.float()
             dit_module.FUSED_NORMS = True
@@ -90,9 +101,10 @@ def measure(cfg_name: str, tokens: int, steps: int, warmup: int, device, profile
                 fs = timed(step, steps, warmup, sync)
                 fused_out = step().feats.float()
             finally:
-                dit_module.FUSED_NORMS = False
+                dit_module.FUSED_NORMS = default_fused
         row.update(fused_step_ms=1e3 * fs,
                    fused_rel_diff=((fused_out - eager_out).norm() / eager_out.norm()).item())
+    dit_module.FUSED_NORMS = default_fused
     if graph and device.type == "cuda":  # the same step replayed as a CUDA graph (model/graphs.py), same inputs
         captured = CapturedVelocity(lambda feats, tt, _c: net(x.replace(feats), tt, cond).feats)
         with torch.no_grad():

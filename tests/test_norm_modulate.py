@@ -132,6 +132,7 @@ def test_compiled_kernel_and_fused_dit_on_cuda(monkeypatch):
     t = torch.tensor([0.3, 0.7], device="cuda", dtype=torch.bfloat16)
     cond = torch.randn(2, 20, cfg.cond_dim, generator=g).cuda().bfloat16()
     with torch.no_grad():
+        monkeypatch.setattr(dit_module, "FUSED_NORMS", False)
         want = net(xs, t, cond).feats.float()
         monkeypatch.setattr(dit_module, "FUSED_NORMS", True)
         got = net(xs.replace(xs.feats), t, cond).feats.float()
