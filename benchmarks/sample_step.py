@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_profile import print_breakdown, profile_step  # noqa: E402
+from step_profile import print_breakdown, print_ops, profile_step  # noqa: E402
 from train_dit import COND_TOKENS, shell_coords  # noqa: E402
 
 from model.cascade import guidance_batch  # noqa: E402
@@ -67,7 +67,7 @@ def timed(fn, steps: int, warmup: int, sync) -> float:
 
 
 def measure(cfg_name: str, tokens: int, steps: int, warmup: int, device, profile: int, sparse_conditions: bool,
-            graph: bool = False, fused_norms: bool = False):
+            graph: bool = False, fused_norms: bool = False, profile_ops: bool = False):
     cfg = DiTConfig.named(cfg_name, sparse_conditions=sparse_conditions)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -116,6 +116,10 @@ def measure(cfg_name: str, tokens: int, steps: int, warmup: int, device, profile
     if profile:
         cats, kernels, wall = profile_step(step, profile, device)
         print_breakdown(cats, kernels, wall, title=f"{cfg_name}, {tokens} tokens x 2 (guidance), one sampling step")
+        if profile_ops:  # a second pass: recording input shapes adds host time to the first pass's gaps
+            ops = {}
+            profile_step(step, profile, device, ops=ops)
+            print_ops(ops)
         row["categories_ms"] = cats
     return row
 
@@ -129,13 +133,15 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--profile", type=int, default=0, help="profile this many steps after timing")
+    ap.add_argument("--profile-ops", action="store_true",
+                    help="with --profile: a second profiled pass printing device time by op and input shapes")
     ap.add_argument("--graph", action="store_true", help="also time the step replayed as a CUDA graph")
     ap.add_argument("--fused-norms", action="store_true", help="also time the step with kernels/norm_modulate")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     rows = [measure(args.config, int(n), args.steps, args.warmup, device, args.profile, args.sparse_conditions,
-                    args.graph, args.fused_norms)
+                    args.graph, args.fused_norms, args.profile_ops)
             for n in args.tokens.split(",")]
     print("| tokens (x2 guidance) | step ms | TFLOP/s (2·params·tokens) | CUDA graph step ms | eager / graph | device |")
     print("| ---: | ---: | ---: | ---: | ---: | --- |")

@@ -98,15 +98,19 @@ def breakdown(kernels: list[tuple[str, float, float]], wall_us: float, ssa: set[
     return cats, dict(by_name)
 
 
-def profile_step(step: Callable[[], object], iters: int = 5, device: torch.device | None = None):
+def profile_step(step: Callable[[], object], iters: int = 5, device: torch.device | None = None,
+                 ops: dict[str, float] | None = None):
     """Run ``step`` ``iters`` times under the profiler; returns (category -> ms per step, top kernels, wall ms).
 
-    On a CUDA device the device kernels are counted; on the CPU the ATen ops' own times stand in for them."""
+    On a CUDA device the device kernels are counted; on the CPU the ATen ops' own times stand in for them.
+    Given a dict as ``ops``, it is filled with the device ms per step of each (op, input shapes): the
+    kernels an op launched itself, so elementwise time can be traced to the ops that cost it (input shapes
+    are recorded only then: recording them adds host time)."""
     cuda = device is not None and device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     sync()
-    with torch.profiler.profile(activities=acts) as prof:
+    with torch.profiler.profile(activities=acts, record_shapes=ops is not None) as prof:
         t0 = time.perf_counter()
         for _ in range(iters):
             step()
@@ -124,7 +128,30 @@ def profile_step(step: Callable[[], object], iters: int = 5, device: torch.devic
     names = triton_kernel_names()
     cats, kernels = breakdown(records, wall_us, names["kernels.ssa"], names["kernels.sparse_conv"])
     per = lambda d: {k: v / iters / 1e3 for k, v in d.items()}  # noqa: E731  µs over N steps -> ms per step
+    if ops is not None:
+        ops.update(per(op_device_times(prof, cuda)))
     return per(cats), per(kernels), wall_us / iters / 1e3
+
+
+def op_device_times(prof, cuda: bool) -> dict[str, float]:
+    """µs of each (op, input shapes) over the profiled steps: its own device kernels on CUDA, its own CPU
+    time on the CPU."""
+    out: dict[str, float] = defaultdict(float)
+    for e in prof.key_averages(group_by_input_shape=True):
+        if getattr(e, "device_type", None) not in (None, torch.autograd.DeviceType.CPU):
+            continue  # a kernel's own entry: its time is already its launching op's
+        us = (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)) if cuda \
+            else e.self_cpu_time_total
+        if us > 0 and not e.key.startswith("ProfilerStep"):
+            shapes = ", ".join(str(tuple(s)) for s in (e.input_shapes or []) if s)
+            out[f"{e.key} {shapes}".strip()] += float(us)
+    return dict(out)
+
+
+def print_ops(ops: dict[str, float], top: int = 25) -> None:
+    print("\n| op (input shapes) | device ms per step |\n| --- | ---: |")
+    for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"| `{k[:110]}` | {v:.2f} |")
 
 
 def print_breakdown(cats: dict[str, float], kernels: dict[str, float], wall_ms: float, top: int = 12,

@@ -86,7 +86,7 @@ def _deepspeed_step(model, zero: int):
 
 
 def bench(cfg_name: str, tokens: int, attention: str, steps: int, warmup: int, ckpt: bool, engine: str,
-          zero: int, device, profile: int = 0, peak_tflops: float = 989.0) -> dict:
+          zero: int, device, profile: int = 0, peak_tflops: float = 989.0, profile_ops: bool = False) -> dict:
     rank, world = _world()
     cfg = DiTConfig.named(cfg_name, attention=attention, grad_checkpointing=ckpt)
     torch.manual_seed(0)  # the same initial weights on every rank
@@ -119,13 +119,18 @@ def bench(cfg_name: str, tokens: int, attention: str, steps: int, warmup: int, c
     step_s, peak, loss_v = mine.tolist()
     breakdown = None
     if profile:
-        from step_profile import print_breakdown, profile_step  # beside this script
+        from step_profile import print_breakdown, print_ops, profile_step  # beside this script
 
         cats, kernels, wall_ms = profile_step(lambda: step(x0, cond), profile, device)
         breakdown = {"categories_ms": cats, "wall_ms": wall_ms}
         if rank == 0:
             print_breakdown(cats, kernels, wall_ms, title=f"{cfg_name}, {attention}, {tokens} tokens, "
                                                           f"{engine}{'' if engine == 'torch' else f' ZeRO-{zero}'}")
+        if profile_ops:  # a second pass: recording input shapes adds host time to the first pass's gaps
+            ops = {}
+            profile_step(lambda: step(x0, cond), profile, device, ops=ops)
+            if rank == 0:
+                print_ops(ops)
     del step, keep, model
     gc.collect()
     torch.cuda.empty_cache()
@@ -177,11 +182,20 @@ def main() -> None:
     ap.add_argument("--no-checkpointing", action="store_true")
     ap.add_argument("--profile", type=int, default=0,
                     help="after timing, profile this many steps and print where the step goes (benchmarks/step_profile.py)")
+    ap.add_argument("--no-selection-reuse", action="store_true",
+                    help="the checkpoint recomputation selects its SSA blocks again (the baseline of the reuse)")
+    ap.add_argument("--profile-ops", action="store_true",
+                    help="with --profile: a second profiled pass printing device time by op and input shapes")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="the card's dense bf16 peak for the MFU column (H100/H200 SXM: 989)")
     ap.add_argument("--json", default="")
     ap.add_argument("--summary", nargs="*", help="print one scaling table from saved --json files and exit")
     args = ap.parse_args()
+    if args.no_selection_reuse:
+        import contextlib
+
+        import model.dit as dit_module
+        dit_module.selection_reuse = lambda: (contextlib.nullcontext(), contextlib.nullcontext())
     if args.summary:
         rows = [r for path in args.summary for r in json.load(open(path))]
         print_table(rows)
@@ -207,7 +221,8 @@ def main() -> None:
                 continue
             try:
                 row = bench(args.config, tokens, attention, args.steps, args.warmup, not args.no_checkpointing,
-                            args.engine, args.zero, device, args.profile, args.peak_tflops)
+                            args.engine, args.zero, device, args.profile, args.peak_tflops,
+                            args.profile_ops)
             except Exception as e:  # one failing configuration (OOM, a kernel) must not hide the others
                 row = {"config": args.config, "engine": args.engine, "zero": args.zero, "gpus": _world()[1],
                        "attention": attention, "tokens": tokens, "error": f"{type(e).__name__}: {str(e)[:200]}"}

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kernels.norm_modulate import norm_modulate
+from kernels.ssa import selection_reuse
 from model.dense_dit import FeedForward, MultiHeadRMSNorm  # the released transformers share these
 from model.embeddings import TimestepEmbedder, position_embedding_3d
 from model.sparse import SparseConv3d, SparseTensor, kernel_from_torchsparse, kernel_to_torchsparse
@@ -391,7 +392,9 @@ class SparseDiT(nn.Module):
         cu_x, cu_c = _host_offsets(xs, cu_cond)  # the attention layers' offsets, read once per sampler
         for blk in self.blocks:
             if cfg.grad_checkpointing and self.training:
-                h = checkpoint(blk, h, st, cu_x, token_shape, t_emb, cond_tokens, cu_c, use_reentrant=False)
+                # the recomputation takes the forward's SSA block selection instead of selecting again
+                h = checkpoint(blk, h, st, cu_x, token_shape, t_emb, cond_tokens, cu_c, use_reentrant=False,
+                               context_fn=selection_reuse)
             else:
                 h = blk(h, st, cu_x, token_shape, t_emb, cond_tokens, cu_c)
         if inv is not None:

@@ -126,3 +126,60 @@ def test_full_attention_switch_and_dit_hook():
     x2[:70] += 1.0
     assert torch.allclose(full(x.replace(x2)).feats[72:], y[72:], atol=1e-6)
     assert not torch.allclose(full(x.replace(x2)).feats[:70], y[:70])
+
+
+def test_checkpoint_recomputation_reuses_the_forward_selection(monkeypatch):
+    """Under gradient checkpointing an SSA layer selects its blocks once (the recomputation takes the
+    forward's selection) and the gradients equal those of selecting again."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("this CPU layer test runs the kernels in Triton's interpreter")
+    import contextlib
+
+    import kernels.ssa.ops as ops
+    from kernels.ssa import selection_reuse
+    from torch.utils.checkpoint import checkpoint
+
+    calls = []
+    select = ops._select
+    monkeypatch.setattr(ops, "_select", lambda *a, **k: calls.append(1) or select(*a, **k))
+    m = _randomize(SpatialSparseAttention(SSAConfig(**SMALL, q_tile=1, backend="triton")), 0)
+    x = _inputs(0, (24, 11))
+
+    def grads(context_fn):
+        calls.clear()
+        m.zero_grad()
+        xt = x.feats.clone().requires_grad_(True)
+        out = checkpoint(lambda f: m(x.replace(f)).feats, xt, use_reentrant=False, context_fn=context_fn)
+        out.square().sum().backward()
+        return len(calls), torch.cat([xt.grad.flatten()] + [p.grad.flatten() for p in m.parameters()])
+
+    n_reuse, reused = grads(selection_reuse)
+    n_again, again = grads(lambda: (contextlib.nullcontext(), contextlib.nullcontext()))
+    assert (n_reuse, n_again) == (1, 2)
+    torch.testing.assert_close(reused, again, rtol=0, atol=0)
+
+
+def test_dit_checkpoints_with_selection_reuse(monkeypatch):
+    import model.dit as dit
+    from kernels.ssa import selection_reuse
+    from model.dit import SparseDiT
+
+    seen = []
+    real = dit.checkpoint
+    monkeypatch.setattr(dit, "checkpoint", lambda *a, **k: seen.append(k.get("context_fn")) or real(*a, **k))
+    cfg = DiTConfig.named("debug", grad_checkpointing=True, ssa_backend="torch")
+    x = _inputs(1, (20, 9))
+    x = x.replace(torch.randn(x.feats.shape[0], cfg.in_channels))
+    SparseDiT(cfg).train()(x, torch.tensor([0.2, 0.6]), torch.randn(2, 3, cfg.cond_dim)).feats.sum().backward()
+    assert seen == [selection_reuse] * cfg.depth
+
+
+def test_selection_reuse_names_a_mismatch():
+    from kernels.ssa.ops import SelectionReuse
+
+    box = SelectionReuse()
+    box.keep("plan", 10)
+    with pytest.raises(RuntimeError, match="has 12 queries, the forward's had 10"):
+        box.take(12)
+    with pytest.raises(RuntimeError, match="more SSA layers than the forward"):
+        box.take(10)

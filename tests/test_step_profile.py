@@ -57,6 +57,11 @@ def test_a_cpu_step_adds_up_to_its_wall_time():
     assert sum(cats.values()) == pytest.approx(wall_ms, rel=1e-6)
     assert cats.get("GEMM (linears)", 0) > 0
     assert any(k.startswith("aten::") for k in kernels)
+    ops = {}
+    profile_step(step, iters=2, device=torch.device("cpu"), ops=ops)
+    # by op and input shapes: the linear's matrix product names its (512, 256) input
+    assert any(k.startswith(("aten::addmm", "aten::mm")) and "(512, 256)" in k for k in ops)
+    assert all(v > 0 for v in ops.values())
 
 
 @pytest.mark.parametrize("sparse", [False, True])

@@ -5,7 +5,9 @@ All tensors are packed over the tokens of a batch in the order of ``structure``
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from dataclasses import replace
 
 import torch
@@ -305,6 +307,50 @@ def _side_stream(device):
     return _SIDE_STREAMS[device]
 
 
+class SelectionReuse:
+    """The block selections of one checkpointed forward, handed to its recomputation.
+
+    Under gradient checkpointing every block's forward runs twice: once in the forward pass and again in the
+    backward pass to rebuild what the backward reads. The recomputation sees the same Q and K, so it would
+    select the same blocks; the selection (a pass over every pooled key for each query) is instead kept from
+    the first run, in call order, and taken back in the second. Outputs and gradients are unchanged.
+    ``selection_reuse`` gives ``torch.utils.checkpoint``'s ``context_fn`` the pair of contexts for one call."""
+
+    def __init__(self):
+        self.plans: list[tuple[int, SegmentPlan]] = []
+        self.replaying = False
+
+    def keep(self, plan: SegmentPlan, rows: int) -> None:
+        self.plans.append((rows, plan))
+
+    def take(self, rows: int) -> SegmentPlan:
+        if not self.plans:
+            raise RuntimeError("SSA selection reuse: the recomputation ran more SSA layers than the forward")
+        kept_rows, plan = self.plans.pop(0)
+        if kept_rows != rows:
+            raise RuntimeError(f"SSA selection reuse: the recomputation's layer has {rows} queries, the "
+                               f"forward's had {kept_rows}")
+        return plan
+
+    @contextlib.contextmanager
+    def _active(self, replaying: bool):
+        before = getattr(_REUSE, "box", None)
+        _REUSE.box, self.replaying = self, replaying
+        try:
+            yield
+        finally:
+            _REUSE.box = before
+
+
+_REUSE = threading.local()
+
+
+def selection_reuse():
+    """(forward context, recomputation context) for ``checkpoint(..., context_fn=selection_reuse)``."""
+    box = SelectionReuse()
+    return box._active(False), box._active(True)
+
+
 class _WholeSSA(torch.autograd.Function):
     """All three branches and the gate in one node (Direct3D-S2 Sec. 3.3: o = Σ_b g_b·o_b). Branch b's share of
     the gradient is its attention backward with dO_b = g_b·dO; with lse_b − ln g_b in place of lse_b the kernels'
@@ -316,7 +362,11 @@ class _WholeSSA(torch.autograd.Function):
         q, k, v, k_cmp, v_cmp, gates = (t.contiguous() for t in (q, k, v, k_cmp, v_cmp, gates))
         g = q.shape[1] // k.shape[1]
         plan_c = _cmp_plan(st, g)
-        if _score_matrix_path(st, q_tile, g) and q_tile * g > 128:  # 128-row tiles: its units
+        reuse = getattr(_REUSE, "box", None)
+        if reuse is not None and reuse.replaying:  # a checkpoint's recomputation: the forward's own selection
+            o_c, lse_c = _launch_fwd(q, k_cmp, v_cmp, plan_c)
+            plan_s = reuse.take(q.shape[0])
+        elif _score_matrix_path(st, q_tile, g) and q_tile * g > 128:  # 128-row tiles: its units
             # the compression forward also sums the selection-block scores (a second pass over the pooled keys
             # with the final log-sum-exp): no scoring kernel reading Q and the lse again
             bt = _rows_per_tile(g)
@@ -326,11 +376,12 @@ class _WholeSSA(torch.autograd.Function):
             to_slc = st.cmp_to_slc_local if st.cmp_block != st.slc_block else None
             chunk = _scoring.SCORING.score_block_n
             o_c, lse_c = _launch_fwd(q, k_cmp, v_cmp, plan_c, scores=(score, unit, to_slc, chunk))
-            sel = _rank(score, st, top_k, q_tile)
+            plan_s = _selection_plan(st, _rank(score, st, top_k, q_tile), q_tile, g)
         else:
             o_c, lse_c = _launch_fwd(q, k_cmp, v_cmp, plan_c)
-            sel = _select(q, k_cmp, lse_c, st, top_k, q_tile)
-        plan_s = _selection_plan(st, sel, q_tile, g)
+            plan_s = _selection_plan(st, _select(q, k_cmp, lse_c, st, top_k, q_tile), q_tile, g)
+        if reuse is not None and not reuse.replaying:
+            reuse.keep(plan_s, q.shape[0])
         o_s, lse_s = _launch_fwd(q, k, v, plan_s)
         plan_w = _win_plan(st, shifted, g)
         perm = st.window_partition(shifted)[0]
