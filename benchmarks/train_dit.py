@@ -182,6 +182,8 @@ def main() -> None:
     ap.add_argument("--no-checkpointing", action="store_true")
     ap.add_argument("--profile", type=int, default=0,
                     help="after timing, profile this many steps and print where the step goes (benchmarks/step_profile.py)")
+    ap.add_argument("--unfused-norms", action="store_true",
+                    help="the DiT blocks' LayerNorm32 + modulate instead of kernels/norm_modulate (the baseline)")
     ap.add_argument("--no-selection-reuse", action="store_true",
                     help="the checkpoint recomputation selects its SSA blocks again (the baseline of the reuse)")
     ap.add_argument("--profile-ops", action="store_true",
@@ -191,11 +193,12 @@ def main() -> None:
     ap.add_argument("--json", default="")
     ap.add_argument("--summary", nargs="*", help="print one scaling table from saved --json files and exit")
     args = ap.parse_args()
+    import model.dit as dit_module
     if args.no_selection_reuse:
         import contextlib
-
-        import model.dit as dit_module
         dit_module.selection_reuse = lambda: (contextlib.nullcontext(), contextlib.nullcontext())
+    if args.unfused_norms:
+        dit_module.FUSED_NORMS = False
     if args.summary:
         rows = [r for path in args.summary for r in json.load(open(path))]
         print_table(rows)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels.norm_modulate import norm_modulate
+from kernels.norm_modulate import norm_modulate_segments
 from kernels.ssa import selection_reuse
 from model.dense_dit import FeedForward, MultiHeadRMSNorm  # the released transformers share these
 from model.embeddings import TimestepEmbedder, position_embedding_3d
@@ -265,7 +265,7 @@ class DiTBlock(nn.Module):
         """x in block order when ``st`` (the SSA structure) is given; mod (B, width) = t_emb or (B, 6·width) shared."""
         if hasattr(self, "adaLN_modulation"):
             mod = self.adaLN_modulation(mod)
-        if FUSED_NORMS and x.is_cuda and not torch.is_grad_enabled():
+        if FUSED_NORMS and x.is_cuda and isinstance(cu_seqlens, list):
             return self._forward_fused(x, st, cu_seqlens, token_shape, mod, cond, cu_cond)
         # One shape broadcasts; several gather their row per token (an embedding lookup, whose backward sums
         # each shape's many duplicate rows by segments rather than one index_put at a time)
@@ -278,19 +278,20 @@ class DiTBlock(nn.Module):
         return x + self.mlp(modulate(self.norm3(x), sh2, sc2)) * g2
 
     def _forward_fused(self, x, st, cu_seqlens, token_shape, mod, cond, cu_cond):
-        """forward() with kernels/norm_modulate: the shapes' modulation rows are read by the kernel, only the
-        gates are gathered per token."""
-        rows = None if mod.shape[0] == 1 else token_shape
+        """forward() with kernels/norm_modulate: each shape's modulation row is read by the kernel's programs
+        over that shape's rows (host offsets), only the gates are gathered per token. Differentiable; under
+        autocast the normalised rows are stored in its dtype, which the linear layers reading them cast to."""
         sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=-1)
-        if rows is not None:
-            g1, g2 = F.embedding(rows, g1), F.embedding(rows, g2)
-        h = norm_modulate(x, 1 + sc1, sh1, rows, self.norm1.eps)
+        if mod.shape[0] > 1:
+            g1, g2 = F.embedding(token_shape, g1), F.embedding(token_shape, g2)
+        out = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        h = norm_modulate_segments(x, 1 + sc1, sh1, cu_seqlens, self.norm1.eps, out)
         h = self.self_attn.forward_sorted(h, st) if st is not None else self.self_attn.full_attention(h, cu_seqlens)
         x = x + h * g1
         n2 = self.norm2
-        x = x + self.cross_attn(norm_modulate(x, n2.weight[None], n2.bias[None], None, n2.eps), cu_seqlens, cond,
-                                cu_cond)
-        return x + self.mlp(norm_modulate(x, 1 + sc2, sh2, rows, self.norm3.eps)) * g2
+        x = x + self.cross_attn(norm_modulate_segments(x, n2.weight[None], n2.bias[None], cu_seqlens, n2.eps, out),
+                                cu_seqlens, cond, cu_cond)
+        return x + self.mlp(norm_modulate_segments(x, 1 + sc2, sh2, cu_seqlens, self.norm3.eps, out)) * g2
 
 
 class SparseDiT(nn.Module):

@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from kernels.norm_modulate import norm_modulate, norm_modulate_reference
+from kernels.norm_modulate import (norm_modulate, norm_modulate_reference, norm_modulate_segments,
+                                    norm_modulate_segments_reference)
 from model.dit import LayerNorm32, modulate
 
 
@@ -71,15 +72,15 @@ def test_bad_arguments_are_named():
 
 
 @pytest.mark.parametrize("lengths", [[12, 30, 7], [25]])
-def test_fused_block_path_gives_the_dit_output(monkeypatch, lengths):
-    """DiTBlock._forward_fused (what FUSED_NORMS runs on CUDA) gives the default blocks' velocity: several shapes
-    (per-token rows of the modulation) and one (a broadcast row); here through the reference kernel on the CPU."""
+def test_fused_block_path_gives_the_dit_output_and_gradients(monkeypatch, lengths):
+    """DiTBlock._forward_fused (what FUSED_NORMS runs on CUDA) gives the default blocks' velocity and parameter
+    gradients: several shapes (a modulation row each) and one; here through the reference on the CPU."""
     from model.dit import DiTBlock, DiTConfig, SparseDiT
     from model.sparse import SparseTensor
 
     cfg = DiTConfig.named("debug")
     torch.manual_seed(0)
-    model = SparseDiT(cfg).eval()
+    model = SparseDiT(cfg).train()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -88,17 +89,60 @@ def test_fused_block_path_gives_the_dit_output(monkeypatch, lengths):
     coords = [torch.stack([c // 256, c // 16 % 16, c % 16], 1) for c in cells]
     x = SparseTensor.from_samples(coords, [torch.randn(n, 16, generator=g) for n in lengths], ordered=False)
     t, cond = torch.rand(len(lengths), generator=g), torch.randn(len(lengths), 5, cfg.cond_dim, generator=g)
-    with torch.no_grad():
-        want = model(x, t, cond).feats
 
-        def fused(self, h, st, cu, token_shape, mod, c, cu_c):
-            if hasattr(self, "adaLN_modulation"):
-                mod = self.adaLN_modulation(mod)
-            return self._forward_fused(h, st, cu, token_shape, mod, c, cu_c)
+    def run():
+        model.zero_grad()
+        out = model(x.replace(x.feats), t, cond).feats
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-        monkeypatch.setattr(DiTBlock, "forward", fused)
-        got = model(x.replace(x.feats), t, cond).feats
+    want, want_grads = run()
+
+    def fused(self, h, st, cu, token_shape, mod, c, cu_c):
+        if hasattr(self, "adaLN_modulation"):
+            mod = self.adaLN_modulation(mod)
+        return self._forward_fused(h, st, cu, token_shape, mod, c, cu_c)
+
+    monkeypatch.setattr(DiTBlock, "forward", fused)
+    got, got_grads = run()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("rows_of_a, offsets, width", [(1, [0, 37], 48), (3, [0, 70, 70, 131], 64),
+                                                       (1, [0, 10, 90], 1024), (2, [0, 0, 5], 40)])
+def test_segments_kernel_and_backward_match_reference(rows_of_a, offsets, width):
+    """norm_modulate_segments in Triton (interpreter): output and the gradients of x, a and c against the
+    differentiable reference; an empty shape, a shape longer than a program's 64 rows, a width not a power
+    of two, one row of a for several shapes."""
+    _need_interpreter()
+    g = torch.Generator().manual_seed(rows_of_a + width)
+    n = offsets[-1]
+    x = (torch.randn(n, width, generator=g) * 3 + 1).requires_grad_(True)
+    a = torch.randn(rows_of_a, width, generator=g).requires_grad_(True)
+    c = torch.randn(rows_of_a, width, generator=g).requires_grad_(True)
+    dy = torch.randn(n, width, generator=g)
+    got = norm_modulate_segments(x, a, c, offsets, backend="triton")
+    grads = torch.autograd.grad((got * dy).sum(), (x, a, c))
+    want = norm_modulate_segments_reference(x, a, c, offsets)
+    want_grads = torch.autograd.grad((want * dy).sum(), (x, a, c))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, gg, ww in zip("xac", grads, want_grads):
+        torch.testing.assert_close(gg, ww, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_segments_out_dtype_and_errors():
+    x = torch.randn(6, 8)
+    y = norm_modulate_segments(x, torch.ones(2, 8), torch.zeros(2, 8), [0, 2, 6], out_dtype=torch.bfloat16)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), torch.nn.functional.layer_norm(x, (8,), eps=1e-6), rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="rise from 0 to 6"):
+        norm_modulate_segments(x, torch.ones(1, 8), torch.zeros(1, 8), [0, 4, 3, 6])
+    with pytest.raises(ValueError, match="1 or 2 rows"):
+        norm_modulate_segments(x, torch.ones(3, 8), torch.zeros(3, 8), [0, 2, 6])
+    with pytest.raises(ValueError, match="host list"):
+        norm_modulate_segments(x, torch.ones(1, 8), torch.zeros(1, 8), torch.tensor([0, 6]))
 
 
 @pytest.mark.gpu
@@ -137,3 +181,24 @@ def test_compiled_kernel_and_fused_dit_on_cuda(monkeypatch):
         monkeypatch.setattr(dit_module, "FUSED_NORMS", True)
         got = net(xs.replace(xs.feats), t, cond).feats.float()
     assert ((got - want).norm() / want.norm()).item() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_segments_forward_and_backward_on_cuda():
+    """The compiled segment kernels as training runs them (float32 x, bf16 modulation, bf16 output) against
+    the float32 reference: output and the three gradients within bf16 rounding."""
+    g = torch.Generator().manual_seed(0)
+    offsets = [0, 3000, 3000, 7001]
+    x = (torch.randn(7001, 1024, generator=g) * 2).cuda().requires_grad_(True)
+    a = (1 + 0.1 * torch.randn(3, 1024, generator=g)).cuda().bfloat16().requires_grad_(True)
+    c = (0.1 * torch.randn(3, 1024, generator=g)).cuda().bfloat16().requires_grad_(True)
+    dy = torch.randn(7001, 1024, generator=g).cuda().bfloat16()
+    got = norm_modulate_segments(x, a, c, offsets, out_dtype=torch.bfloat16)
+    grads = torch.autograd.grad(got, (x, a, c), dy)
+    want = norm_modulate_segments_reference(x, a.float(), c.float(), offsets)
+    want_grads = torch.autograd.grad(want, (x, a, c), dy.float(), allow_unused=True)
+    rel = lambda u, v: ((u.float() - v.float()).norm() / v.float().norm()).item()  # noqa: E731
+    assert got.dtype == torch.bfloat16 and rel(got, want) < 1e-2
+    for gg, ww in zip(grads, want_grads):
+        assert rel(gg, ww) < 1e-2

@@ -13,15 +13,25 @@ Here each row is read once and written once. The result is rounded to x's dtype 
 PyTorch path rounds after the norm and after each operation), so the two differ at that dtype's rounding.
 The Triton path on CUDA tensors (or with TRITON_INTERPRET=1 and backend="triton"), the reference otherwise;
 no autograd (inference: the sampler's steps).
+
+``norm_modulate_segments(x, a, c, offsets, eps, out_dtype)`` is the same map with each shape's rows given by
+host offsets (the DiT's packed shapes are contiguous), and it has a backward: training. A program owns up to
+64 rows of one shape, so it loads that shape's (a, c) once, and its backward writes dx and one partial row of
+da = Σ dy·x̂ and dc = Σ dy, summed per shape afterwards in a fixed order (no atomics). It saves the rows'
+mean and 1/std (8 bytes a row) instead of the float32 normalised copy PyTorch keeps for the multiply's
+backward. ``out_dtype`` lets the result be stored in the dtype its consumer casts it to anyway (autocast's
+bf16 for the linear layers that follow every norm), which removes that cast.
 """
 from __future__ import annotations
 
 import torch
 
 from kernels.backend import use_triton
-from kernels.norm_modulate.reference import check_args, norm_modulate_reference
+from kernels.norm_modulate.reference import (check_args, check_offsets, norm_modulate_reference,
+                                             norm_modulate_segments_reference)
 
-__all__ = ["norm_modulate", "norm_modulate_reference"]
+__all__ = ["norm_modulate", "norm_modulate_reference", "norm_modulate_segments",
+           "norm_modulate_segments_reference"]
 
 
 def norm_modulate(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, rows: torch.Tensor | None = None,
@@ -31,3 +41,35 @@ def norm_modulate(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, rows: torch
         from kernels.norm_modulate.triton_kernel import norm_modulate_triton
         return norm_modulate_triton(x, a, c, rows, eps)
     return norm_modulate_reference(x, a, c, rows, eps)
+
+
+def norm_modulate_segments(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, offsets, eps: float = 1e-6,
+                           out_dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
+    """LN(x) · a[s] + c[s] on the rows offsets[s]:offsets[s + 1] (a, c with one row per shape, or one row for
+    all), rounded once to ``out_dtype`` (default x's); differentiable in x, a and c."""
+    check_offsets(x, a, c, offsets)
+    out_dtype = out_dtype or x.dtype
+    if use_triton(x, backend, "norm-modulate"):
+        return _NormModulateSegments.apply(x, a, c, tuple(int(o) for o in offsets), eps, out_dtype)
+    return norm_modulate_segments_reference(x, a, c, offsets, eps, out_dtype)
+
+
+class _NormModulateSegments(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, a, c, offsets, eps, out_dtype):
+        from kernels.norm_modulate.triton_kernel import seg_forward
+
+        x = x if x.stride(1) == 1 else x.contiguous()
+        a, c = a.contiguous(), c.contiguous()
+        y, mean, rstd = seg_forward(x, a, c, offsets, eps, out_dtype)
+        ctx.save_for_backward(x, a, mean, rstd)
+        ctx.offsets, ctx.c_dtype = offsets, c.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from kernels.norm_modulate.triton_kernel import seg_backward
+
+        x, a, mean, rstd = ctx.saved_tensors
+        dx, da, dc = seg_backward(x, dy, a, mean, rstd, ctx.offsets)
+        return dx, da.to(a.dtype), dc.to(ctx.c_dtype), None, None, None

@@ -6,14 +6,7 @@ import torch.nn.functional as F
 
 
 def check_args(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, rows: torch.Tensor | None) -> None:
-    if x.dim() != 2:
-        raise ValueError(f"norm_modulate: x must be (N, W), got {tuple(x.shape)}")
-    w = x.shape[1]
-    for name, t in (("a", a), ("c", c)):
-        if t.dim() != 2 or t.shape[1] != w:
-            raise ValueError(f"norm_modulate: {name} must be (R, {w}), got {tuple(t.shape)}")
-    if a.shape != c.shape:
-        raise ValueError(f"norm_modulate: a {tuple(a.shape)} and c {tuple(c.shape)} differ")
+    _check_shapes(x, a, c)
     if rows is None and a.shape[0] != 1:
         raise ValueError(f"norm_modulate: {a.shape[0]} rows of a and c need a row index per token")
     if rows is not None and (rows.dim() != 1 or rows.shape[0] != x.shape[0]):
@@ -22,9 +15,53 @@ def check_args(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, rows: torch.Te
         raise ValueError(f"norm_modulate: rows must be integer indices, got {rows.dtype}")
 
 
+def _check_shapes(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"norm_modulate: x must be (N, W), got {tuple(x.shape)}")
+    w = x.shape[1]
+    for name, t in (("a", a), ("c", c)):
+        if t.dim() != 2 or t.shape[1] != w:
+            raise ValueError(f"norm_modulate: {name} must be (R, {w}), got {tuple(t.shape)}")
+    if a.shape != c.shape:
+        raise ValueError(f"norm_modulate: a {tuple(a.shape)} and c {tuple(c.shape)} differ")
+
+
 def norm_modulate_reference(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, rows: torch.Tensor | None = None,
                             eps: float = 1e-6) -> torch.Tensor:
     y = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
     if rows is not None:
         a, c = a[rows], c[rows]
     return (y * a.float() + c.float()).to(x.dtype)
+
+
+def check_offsets(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, offsets) -> None:
+    """offsets: a host sequence of S + 1 row offsets from 0 to N, non-decreasing; a and c have S rows or 1."""
+    _check_shapes(x, a, c)
+    if isinstance(offsets, torch.Tensor):
+        raise ValueError("norm_modulate_segments: offsets must be a host list of ints (the shapes' row offsets), "
+                         "not a tensor")
+    off = list(offsets)
+    if len(off) < 2 or off[0] != 0 or off[-1] != x.shape[0] or any(b < a_ for a_, b in zip(off, off[1:])):
+        raise ValueError(f"norm_modulate_segments: offsets must rise from 0 to {x.shape[0]}, got {off[:8]}"
+                         f"{' …' if len(off) > 8 else ''}")
+    if a.shape[0] not in (1, len(off) - 1):
+        raise ValueError(f"norm_modulate_segments: a and c need 1 or {len(off) - 1} rows (one per shape), "
+                         f"got {a.shape[0]}")
+
+
+def segment_rows(offsets, n_rows_a: int, device) -> torch.Tensor | None:
+    """Each token's row of a and c from the shapes' offsets (None when a and c have one row)."""
+    if n_rows_a == 1:
+        return None
+    lengths = torch.tensor([b - a for a, b in zip(offsets, offsets[1:])])
+    return torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(device)
+
+
+def norm_modulate_segments_reference(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, offsets,
+                                     eps: float = 1e-6, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Differentiable: LN(x) · a[s] + c[s] over the rows of shape s, rounded to ``out_dtype`` (x's) once."""
+    y = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
+    rows = segment_rows(offsets, a.shape[0], x.device)
+    if rows is not None:
+        a, c = a[rows], c[rows]
+    return (y * a.float() + c.float()).to(out_dtype or x.dtype)
