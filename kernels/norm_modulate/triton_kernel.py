@@ -56,8 +56,8 @@ CHUNK = 64
 
 
 @triton.jit
-def _nm_seg_fwd_kernel(X, A, C, Y, MEAN, RSTD, PSTART, PEND, PROW, W, sx, sy, sa, eps,
-                       BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
+def _program_rows(PSTART, PEND, PROW, A, W, sa, BLOCK_W: tl.constexpr):
+    """This program's rows [start, end), its row r of a and c, the channel offsets, and a[r] in float32."""
     pid = tl.program_id(0)
     start = tl.load(PSTART + pid).to(tl.int64)
     end = tl.load(PEND + pid).to(tl.int64)
@@ -65,6 +65,13 @@ def _nm_seg_fwd_kernel(X, A, C, Y, MEAN, RSTD, PSTART, PEND, PROW, W, sx, sy, sa
     k = tl.arange(0, BLOCK_W)
     kok = k < W
     a = tl.load(A + r * sa + k, mask=kok, other=0.0).to(tl.float32)
+    return pid, start, end, r, k, kok, a
+
+
+@triton.jit
+def _nm_seg_fwd_kernel(X, A, C, Y, MEAN, RSTD, PSTART, PEND, PROW, W, sx, sy, sa, eps,
+                       BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
+    pid, start, end, r, k, kok, a = _program_rows(PSTART, PEND, PROW, A, W, sa, BLOCK_W)
     c = tl.load(C + r * sa + k, mask=kok, other=0.0).to(tl.float32)
     for m0 in range(start, end, BLOCK_M):
         m = m0 + tl.arange(0, BLOCK_M)
@@ -83,13 +90,7 @@ def _nm_seg_fwd_kernel(X, A, C, Y, MEAN, RSTD, PSTART, PEND, PROW, W, sx, sy, sa
 @triton.jit
 def _nm_seg_bwd_kernel(X, DY, A, MEAN, RSTD, DX, PA, PC, PSTART, PEND, PROW, W, sx, sdy, sdx, sa,
                        BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
-    pid = tl.program_id(0)
-    start = tl.load(PSTART + pid).to(tl.int64)
-    end = tl.load(PEND + pid).to(tl.int64)
-    r = tl.load(PROW + pid).to(tl.int64)
-    k = tl.arange(0, BLOCK_W)
-    kok = k < W
-    a = tl.load(A + r * sa + k, mask=kok, other=0.0).to(tl.float32)
+    pid, start, end, r, k, kok, a = _program_rows(PSTART, PEND, PROW, A, W, sa, BLOCK_W)
     acc_a = tl.zeros([BLOCK_W], dtype=tl.float32)
     acc_c = tl.zeros([BLOCK_W], dtype=tl.float32)
     for m0 in range(start, end, BLOCK_M):
