@@ -13,7 +13,8 @@ count, attention not included), and with ``--profile N`` where the step goes (``
 the sampling stages are most of a generated mesh (benchmarks/RESULTS.md, "Generation"). The weights are
 random; the parameters the released init sets to zero (gates, modulation, output layer) get small random
 values, else every block is an identity and the velocity zero. ``--fused-norms`` times the step without
-``kernels/norm_modulate`` as the row and with it beside it, and prints how far the two velocities are apart.
+``kernels/norm_modulate`` and ``kernels/head_rms_norm`` as the row and with them beside it, and prints how
+far the two velocities are apart.
 """
 from __future__ import annotations
 
@@ -85,10 +86,15 @@ def measure(cfg_name: str, tokens: int, steps: int, warmup: int, device, profile
         with torch.no_grad():
             return net(x.replace(x.feats), t, cond)  # the sampler's x.replace: the structure stays cached
 
+    import model.dense_dit as dense_dit_module
     import model.dit as dit_module
-    default_fused = dit_module.FUSED_NORMS
+    default_fused = dit_module.FUSED_NORMS, dense_dit_module.FUSED_HEAD_NORMS
+
+    def set_fused(on):
+        dit_module.FUSED_NORMS, dense_dit_module.FUSED_HEAD_NORMS = on
+
     if fused_norms:  # the baseline row is the unfused step; the fused one is timed below
-        dit_module.FUSED_NORMS = False
+        set_fused((False, False))
     s = timed(step, steps, warmup, sync)
     row = {"config": cfg_name, "sparse_conditions": sparse_conditions, "tokens": tokens, "batch_tokens": 2 * tokens,
            "step_ms": 1e3 * s, "tflops_linears": 2 * params * 2 * tokens / s / 1e12, "params_m": params / 1e6,
@@ -96,15 +102,15 @@ def measure(cfg_name: str, tokens: int, steps: int, warmup: int, device, profile
     if fused_norms and device.type == "cuda":  # the same step with kernels/norm_modulate (model.dit.FUSED_NORMS)
         with torch.no_grad():
             eager_out = step().feats.float()
-            dit_module.FUSED_NORMS = True
+            set_fused((True, True))
             try:
                 fs = timed(step, steps, warmup, sync)
                 fused_out = step().feats.float()
             finally:
-                dit_module.FUSED_NORMS = default_fused
+                set_fused(default_fused)
         row.update(fused_step_ms=1e3 * fs,
                    fused_rel_diff=((fused_out - eager_out).norm() / eager_out.norm()).item())
-    dit_module.FUSED_NORMS = default_fused
+    set_fused(default_fused)
     if graph and device.type == "cuda":  # the same step replayed as a CUDA graph (model/graphs.py), same inputs
         captured = CapturedVelocity(lambda feats, tt, _c: net(x.replace(feats), tt, cond).feats)
         with torch.no_grad():
