@@ -242,9 +242,11 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
-# Inference on CUDA: each norm and its modulation as one kernel (kernels/norm_modulate) instead of LayerNorm32,
-# a per-token gather of the shapes' modulation and separate multiply-adds: 1.13-1.16x a sampling step on an
-# H100 (benchmarks/sample_step.py --fused-norms); the velocity differs from the unfused path at bf16 rounding.
+# On CUDA, in inference and training: each norm and its modulation as one kernel (kernels/norm_modulate, by
+# shape segments, with a backward) instead of LayerNorm32, a per-token gather of the shapes' modulation and
+# separate multiply-adds. On an H100 a sampling step 1.18-1.21x with the q/k norm kernel
+# (benchmarks/sample_step.py --fused-norms), a 46k-token training step 1.07x (train_dit.py --unfused-norms);
+# the results differ from the unfused path at bf16 rounding.
 FUSED_NORMS = True
 
 
