@@ -175,8 +175,14 @@ def test_selection_reuse_names_a_mismatch():
     from kernels.ssa.ops import SelectionReuse
 
     box = SelectionReuse()
-    box.keep("plan", 10)
+    forward, recompute = box._active(False), box._active(True)
+    with forward:
+        box.keep("plan", 10)
     with pytest.raises(RuntimeError, match="has 12 queries, the forward's had 10"):
         box.take(12)
+    assert box.take(10) == "plan"
     with pytest.raises(RuntimeError, match="more SSA layers than the forward"):
         box.take(10)
+    for _ in range(2):  # a second backward through a retained graph recomputes again from the first plan
+        with recompute:
+            assert box.take(10) == "plan"

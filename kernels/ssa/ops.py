@@ -5,7 +5,6 @@ All tensors are packed over the tokens of a batch in the order of ``structure``
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from dataclasses import replace
@@ -319,27 +318,40 @@ class SelectionReuse:
     def __init__(self):
         self.plans: list[tuple[int, SegmentPlan]] = []
         self.replaying = False
+        self.cursor = 0
 
     def keep(self, plan: SegmentPlan, rows: int) -> None:
         self.plans.append((rows, plan))
 
     def take(self, rows: int) -> SegmentPlan:
-        if not self.plans:
+        if self.cursor >= len(self.plans):
             raise RuntimeError("SSA selection reuse: the recomputation ran more SSA layers than the forward")
-        kept_rows, plan = self.plans.pop(0)
+        kept_rows, plan = self.plans[self.cursor]
         if kept_rows != rows:
             raise RuntimeError(f"SSA selection reuse: the recomputation's layer has {rows} queries, the "
                                f"forward's had {kept_rows}")
+        self.cursor += 1
         return plan
 
-    @contextlib.contextmanager
-    def _active(self, replaying: bool):
-        before = getattr(_REUSE, "box", None)
-        _REUSE.box, self.replaying = self, replaying
-        try:
-            yield
-        finally:
-            _REUSE.box = before
+    def _active(self, replaying: bool) -> "_ReuseMode":
+        return _ReuseMode(self, replaying)
+
+
+class _ReuseMode:
+    """Makes ``box`` the SSA layers' selection store while entered; can be entered again (a graph kept with
+    retain_graph=True is recomputed once per backward, each time from the first kept plan)."""
+
+    def __init__(self, box: SelectionReuse, replaying: bool):
+        self.box, self.replaying, self.before = box, replaying, []
+
+    def __enter__(self):
+        self.before.append(getattr(_REUSE, "box", None))
+        _REUSE.box, self.box.replaying, self.box.cursor = self.box, self.replaying, 0
+        return self.box
+
+    def __exit__(self, *exc):
+        _REUSE.box = self.before.pop()
+        return False
 
 
 _REUSE = threading.local()
