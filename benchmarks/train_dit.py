@@ -182,6 +182,9 @@ def main() -> None:
     ap.add_argument("--no-checkpointing", action="store_true")
     ap.add_argument("--profile", type=int, default=0,
                     help="after timing, profile this many steps and print where the step goes (benchmarks/step_profile.py)")
+    ap.add_argument("--keep-attention", action="store_true",
+                    help="keep the SSA layers' attention outputs for the backward "
+                         "(model.dit.CHECKPOINT_KEEPS_ATTENTION)")
     ap.add_argument("--unfused-norms", action="store_true",
                     help="the DiT blocks' LayerNorm32 + modulate instead of kernels/norm_modulate (the baseline)")
     ap.add_argument("--no-selection-reuse", action="store_true",
@@ -199,6 +202,8 @@ def main() -> None:
         dit_module.selection_reuse = lambda: (contextlib.nullcontext(), contextlib.nullcontext())
     if args.unfused_norms:
         dit_module.FUSED_NORMS = False
+    if args.keep_attention:
+        dit_module.CHECKPOINT_KEEPS_ATTENTION = True
     if args.summary:
         rows = [r for path in args.summary for r in json.load(open(path))]
         print_table(rows)

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kernels.norm_modulate import norm_modulate_segments
-from kernels.ssa import selection_reuse
+from kernels.ssa import attention_reuse, selection_reuse
 from model.dense_dit import FeedForward, MultiHeadRMSNorm  # the released transformers share these
 from model.embeddings import TimestepEmbedder, position_embedding_3d
 from model.sparse import SparseConv3d, SparseTensor, kernel_from_torchsparse, kernel_to_torchsparse
@@ -249,6 +249,11 @@ def modulate(x, shift, scale):
 # the results differ from the unfused path at bf16 rounding.
 FUSED_NORMS = True
 
+# Under gradient checkpointing, keep each SSA layer's attention outputs from the forward for its backward
+# (kernels.ssa.attention_reuse): no attention kernel in the recomputation, for four (N, Hq, D) tensors a
+# layer (~0.4 GB a layer at 46k tokens in bf16). Off: not yet timed on a GPU (train_dit.py --keep-attention).
+CHECKPOINT_KEEPS_ATTENTION = False
+
 
 class DiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig, layer: int):
@@ -395,9 +400,10 @@ class SparseDiT(nn.Module):
         cu_x, cu_c = _host_offsets(xs, cu_cond)  # the attention layers' offsets, read once per sampler
         for blk in self.blocks:
             if cfg.grad_checkpointing and self.training:
-                # the recomputation takes the forward's SSA block selection instead of selecting again
+                # the recomputation takes the forward's SSA block selection (and with CHECKPOINT_KEEPS_ATTENTION
+                # its attention outputs) instead of computing them again
                 h = checkpoint(blk, h, st, cu_x, token_shape, t_emb, cond_tokens, cu_c, use_reentrant=False,
-                               context_fn=selection_reuse)
+                               context_fn=attention_reuse if CHECKPOINT_KEEPS_ATTENTION else selection_reuse)
             else:
                 h = blk(h, st, cu_x, token_shape, t_emb, cond_tokens, cu_c)
         if inv is not None:

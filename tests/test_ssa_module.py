@@ -128,27 +128,31 @@ def test_full_attention_switch_and_dit_hook():
     assert not torch.allclose(full(x.replace(x2)).feats[:70], y[:70])
 
 
-def test_checkpoint_recomputation_reuses_the_forward_selection(monkeypatch):
+@pytest.mark.parametrize("keep_outputs", [False, True])
+def test_checkpoint_recomputation_reuses_the_forward_selection(monkeypatch, keep_outputs):
     """Under gradient checkpointing an SSA layer selects its blocks once (the recomputation takes the
-    forward's selection; selecting again would make it two calls) and its gradients are the reference's."""
+    forward's selection; selecting again would make it two calls), with ``attention_reuse`` runs its three
+    attention forwards once (six otherwise), and its gradients are the reference's."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("this CPU layer test runs the kernels in Triton's interpreter")
     import kernels.ssa.ops as ops
-    from kernels.ssa import selection_reuse
+    from kernels.ssa import attention_reuse, selection_reuse
     from torch.utils.checkpoint import checkpoint
 
-    calls = []
-    select = ops._select
+    calls, launches = [], []
+    select, launch = ops._select, ops._launch_fwd
     monkeypatch.setattr(ops, "_select", lambda *a, **k: calls.append(1) or select(*a, **k))
+    monkeypatch.setattr(ops, "_launch_fwd", lambda *a, **k: launches.append(1) or launch(*a, **k))
     m = _randomize(SpatialSparseAttention(SSAConfig(**SMALL, q_tile=1, backend="triton")), 0)
     r = SpatialSparseAttention(SSAConfig(**SMALL, q_tile=1, backend="torch"))
     r.load_state_dict(m.state_dict())
     r.double()
     x = _inputs(0, (24, 11))
     xt = x.feats.clone().requires_grad_(True)
-    out = checkpoint(lambda f: m(x.replace(f)).feats, xt, use_reentrant=False, context_fn=selection_reuse)
+    reuse = attention_reuse if keep_outputs else selection_reuse
+    out = checkpoint(lambda f: m(x.replace(f)).feats, xt, use_reentrant=False, context_fn=reuse)
     out.square().sum().backward()
-    assert len(calls) == 1
+    assert (len(calls), len(launches)) == (1, 3 if keep_outputs else 6)
     xr = x.feats.double().requires_grad_(True)
     r(x.replace(xr)).feats.square().sum().backward()
     got = torch.cat([xt.grad.flatten()] + [p.grad.flatten() for p in m.parameters()]).double()
@@ -161,28 +165,33 @@ def test_dit_checkpoints_with_selection_reuse(monkeypatch):
     from kernels.ssa import selection_reuse
     from model.dit import SparseDiT
 
+    from kernels.ssa import attention_reuse
+
     seen = []
     real = dit.checkpoint
     monkeypatch.setattr(dit, "checkpoint", lambda *a, **k: seen.append(k.get("context_fn")) or real(*a, **k))
     cfg = DiTConfig.named("debug", grad_checkpointing=True, ssa_backend="torch")
     x = _inputs(1, (20, 9))
     x = x.replace(torch.randn(x.feats.shape[0], cfg.in_channels))
-    SparseDiT(cfg).train()(x, torch.tensor([0.2, 0.6]), torch.randn(2, 3, cfg.cond_dim)).feats.sum().backward()
-    assert seen == [selection_reuse] * cfg.depth
+    net = SparseDiT(cfg).train()
+    net(x, torch.tensor([0.2, 0.6]), torch.randn(2, 3, cfg.cond_dim)).feats.sum().backward()
+    monkeypatch.setattr(dit, "CHECKPOINT_KEEPS_ATTENTION", True)
+    net(x, torch.tensor([0.2, 0.6]), torch.randn(2, 3, cfg.cond_dim)).feats.sum().backward()
+    assert seen == [selection_reuse] * cfg.depth + [attention_reuse] * cfg.depth
 
 
 def test_selection_reuse_names_a_mismatch():
     from kernels.ssa.ops import SelectionReuse
 
-    box = SelectionReuse()
+    box = SelectionReuse(keep_outputs=True)
     forward, recompute = box._active(False), box._active(True)
     with forward:
-        box.keep("plan", 10)
+        box.keep("plan", 10, ("outputs",))
     with pytest.raises(RuntimeError, match="has 12 queries, the forward's had 10"):
         box.take(12)
-    assert box.take(10) == "plan"
+    assert box.take(10) == ("plan", ("outputs",))
     with pytest.raises(RuntimeError, match="more SSA layers than the forward"):
         box.take(10)
-    for _ in range(2):  # a second backward through a retained graph recomputes again from the first plan
+    for _ in range(2):  # a retained graph's next recomputation: the plan again, the outputs computed anew
         with recompute:
-            assert box.take(10) == "plan"
+            assert box.take(10) == ("plan", None)

@@ -307,38 +307,47 @@ def _side_stream(device):
 
 
 class SelectionReuse:
-    """The block selections of one checkpointed forward, handed to its recomputation.
+    """What one checkpointed forward's SSA layers computed, handed to its recomputation.
 
     Under gradient checkpointing every block's forward runs twice: once in the forward pass and again in the
     backward pass to rebuild what the backward reads. The recomputation sees the same Q and K, so it would
     select the same blocks; the selection (a pass over every pooled key for each query) is instead kept from
     the first run, in call order, and taken back in the second. Outputs and gradients are unchanged.
-    ``selection_reuse`` gives ``torch.utils.checkpoint``'s ``context_fn`` the pair of contexts for one call."""
+    With ``keep_outputs`` the attention's outputs and log-sum-exps are kept too, so the recomputation runs
+    no attention kernel: the attention forward runs once a step, for four (N, Hq, D) tensors and three
+    log-sum-exps a layer held from the forward to that layer's backward (a recomputation after the first, through a graph kept with
+    retain_graph=True, computes them again from the kept selection).
+    ``selection_reuse`` / ``attention_reuse`` give ``torch.utils.checkpoint``'s ``context_fn`` the pair of
+    contexts for one call."""
 
-    def __init__(self):
-        self.plans: list[tuple[int, SegmentPlan]] = []
+    def __init__(self, keep_outputs: bool = False):
+        self.keep_outputs = keep_outputs
+        self.kept: list[list] = []  # [rows, plan, outputs or None] per SSA layer, in call order
         self.replaying = False
         self.cursor = 0
 
-    def keep(self, plan: SegmentPlan, rows: int) -> None:
-        self.plans.append((rows, plan))
+    def keep(self, plan: SegmentPlan, rows: int, outputs: tuple | None = None) -> None:
+        self.kept.append([rows, plan, outputs if self.keep_outputs else None])
 
-    def take(self, rows: int) -> SegmentPlan:
-        if self.cursor >= len(self.plans):
+    def take(self, rows: int) -> tuple[SegmentPlan, tuple | None]:
+        """The next layer's (plan, outputs); the outputs are handed over once (the recomputation's graph holds
+        them from then on)."""
+        if self.cursor >= len(self.kept):
             raise RuntimeError("SSA selection reuse: the recomputation ran more SSA layers than the forward")
-        kept_rows, plan = self.plans[self.cursor]
-        if kept_rows != rows:
+        entry = self.kept[self.cursor]
+        if entry[0] != rows:
             raise RuntimeError(f"SSA selection reuse: the recomputation's layer has {rows} queries, the "
-                               f"forward's had {kept_rows}")
+                               f"forward's had {entry[0]}")
         self.cursor += 1
-        return plan
+        outputs, entry[2] = entry[2], None
+        return entry[1], outputs
 
     def _active(self, replaying: bool) -> "_ReuseMode":
         return _ReuseMode(self, replaying)
 
 
 class _ReuseMode:
-    """Makes ``box`` the SSA layers' selection store while entered; can be entered again (a graph kept with
+    """Makes ``box`` the SSA layers' store while entered; can be entered again (a graph kept with
     retain_graph=True is recomputed once per backward, each time from the first kept plan)."""
 
     def __init__(self, box: SelectionReuse, replaying: bool):
@@ -363,6 +372,12 @@ def selection_reuse():
     return box._active(False), box._active(True)
 
 
+def attention_reuse():
+    """As ``selection_reuse``, also keeping the attention outputs: no attention kernel in the recomputation."""
+    box = SelectionReuse(keep_outputs=True)
+    return box._active(False), box._active(True)
+
+
 class _WholeSSA(torch.autograd.Function):
     """All three branches and the gate in one node (Direct3D-S2 Sec. 3.3: o = Σ_b g_b·o_b). Branch b's share of
     the gradient is its attention backward with dO_b = g_b·dO; with lse_b − ln g_b in place of lse_b the kernels'
@@ -375,35 +390,39 @@ class _WholeSSA(torch.autograd.Function):
         g = q.shape[1] // k.shape[1]
         plan_c = _cmp_plan(st, g)
         reuse = getattr(_REUSE, "box", None)
-        if reuse is not None and reuse.replaying:  # a checkpoint's recomputation: the forward's own selection
-            o_c, lse_c = _launch_fwd(q, k_cmp, v_cmp, plan_c)
-            plan_s = reuse.take(q.shape[0])
-        elif _score_matrix_path(st, q_tile, g) and q_tile * g > 128:  # 128-row tiles: its units
-            # the compression forward also sums the selection-block scores (a second pass over the pooled keys
-            # with the final log-sum-exp): no scoring kernel reading Q and the lse again
-            bt = _rows_per_tile(g)
-            score = torch.zeros((st.n_tiles("shape", q_tile), k.shape[1], st.max_slc_per_shape),
-                                dtype=torch.float32, device=q.device)
-            unit = st.cached(("tile_unit", bt, q_tile), lambda: _unit_of_tile(st, bt, q_tile))
-            to_slc = st.cmp_to_slc_local if st.cmp_block != st.slc_block else None
-            chunk = _scoring.SCORING.score_block_n
-            o_c, lse_c = _launch_fwd(q, k_cmp, v_cmp, plan_c, scores=(score, unit, to_slc, chunk))
-            plan_s = _selection_plan(st, _rank(score, st, top_k, q_tile), q_tile, g)
-        else:
-            o_c, lse_c = _launch_fwd(q, k_cmp, v_cmp, plan_c)
-            plan_s = _selection_plan(st, _select(q, k_cmp, lse_c, st, top_k, q_tile), q_tile, g)
-        if reuse is not None and not reuse.replaying:
-            reuse.keep(plan_s, q.shape[0])
-        o_s, lse_s = _launch_fwd(q, k, v, plan_s)
+        plan_s, kept = reuse.take(q.shape[0]) if reuse is not None and reuse.replaying else (None, None)
         plan_w = _win_plan(st, shifted, g)
         perm = st.window_partition(shifted)[0]
         wq, wk, wv = (q, k, v) if perm is None else (t.index_select(0, perm) for t in (q, k, v))
-        if perm is None:  # the window forward writes the gated sum too (shifted windows' rows are permuted)
-            out = torch.empty_like(o_c)
-            o_wp, lse_w = _launch_fwd(wq, wk, wv, plan_w, mix=(o_c, o_s, gates, out))
+        if kept is not None:  # a checkpoint's recomputation with the forward's outputs: no attention kernel
+            o_c, lse_c, o_s, lse_s, o_wp, lse_w, out = kept
+            out = out.detach()  # a fresh alias: this node's output, the kept tensor untouched
         else:
-            o_wp, lse_w = _launch_fwd(wq, wk, wv, plan_w)
-            out = gate_forward(o_c, o_s, o_wp.index_select(0, _inv_perm(st, shifted)), gates)
+            if plan_s is not None:  # a checkpoint's recomputation: the forward's own selection
+                o_c, lse_c = _launch_fwd(q, k_cmp, v_cmp, plan_c)
+            elif _score_matrix_path(st, q_tile, g) and q_tile * g > 128:  # 128-row tiles: its units
+                # the compression forward also sums the selection-block scores (a second pass over the pooled
+                # keys with the final log-sum-exp): no scoring kernel reading Q and the lse again
+                bt = _rows_per_tile(g)
+                score = torch.zeros((st.n_tiles("shape", q_tile), k.shape[1], st.max_slc_per_shape),
+                                    dtype=torch.float32, device=q.device)
+                unit = st.cached(("tile_unit", bt, q_tile), lambda: _unit_of_tile(st, bt, q_tile))
+                to_slc = st.cmp_to_slc_local if st.cmp_block != st.slc_block else None
+                chunk = _scoring.SCORING.score_block_n
+                o_c, lse_c = _launch_fwd(q, k_cmp, v_cmp, plan_c, scores=(score, unit, to_slc, chunk))
+                plan_s = _selection_plan(st, _rank(score, st, top_k, q_tile), q_tile, g)
+            else:
+                o_c, lse_c = _launch_fwd(q, k_cmp, v_cmp, plan_c)
+                plan_s = _selection_plan(st, _select(q, k_cmp, lse_c, st, top_k, q_tile), q_tile, g)
+            o_s, lse_s = _launch_fwd(q, k, v, plan_s)
+            if perm is None:  # the window forward writes the gated sum too (shifted windows' rows are permuted)
+                out = torch.empty_like(o_c)
+                o_wp, lse_w = _launch_fwd(wq, wk, wv, plan_w, mix=(o_c, o_s, gates, out))
+            else:
+                o_wp, lse_w = _launch_fwd(wq, wk, wv, plan_w)
+                out = gate_forward(o_c, o_s, o_wp.index_select(0, _inv_perm(st, shifted)), gates)
+            if reuse is not None and not reuse.replaying:
+                reuse.keep(plan_s, q.shape[0], (o_c, lse_c, o_s, lse_s, o_wp, lse_w, out.detach()))
         ctx.save_for_backward(q, k, v, k_cmp, v_cmp, gates, o_c, lse_c, o_s, lse_s, wq, wk, wv, o_wp, lse_w)
         ctx.plans, ctx.st, ctx.shifted = (plan_c, plan_s, plan_w), st, shifted
         return out
