@@ -44,16 +44,20 @@ class SparseGroupNorm(nn.GroupNorm):
         # Each element is normalised on its own rows and the parts joined; indexing (B, G) statistics by a
         # per-row batch index made the backward an index_put over millions of duplicate indices (a third
         # of an SS-DiT training step on a GPU).
+        # The sums run over the rows first (one column per channel: a reduction with C outputs, where
+        # reducing rows and a group's channels at once left only G outputs to spread over the device) and
+        # the centred rows are formed once, for the variance and the output.
         parts = []
         for rows in x.layout:
             part = f[rows]
             if part.shape[0] == 0:
                 parts.append(part)
                 continue
-            m = part.mean(dim=(0, 2), dtype=torch.float64)
-            var = (part - m.to(part.dtype)[None, :, None]).square().mean(dim=(0, 2), dtype=torch.float64)
-            inv = torch.rsqrt(var.to(f.dtype) + self.eps)
-            parts.append((part - m.to(f.dtype)[None, :, None]) * inv[None, :, None])
+            count = part.shape[0] * part.shape[2]
+            m = part.sum(0, dtype=torch.float64).sum(1) / count
+            d = part - m.to(f.dtype)[None, :, None]
+            var = d.square().sum(0, dtype=torch.float64).sum(1) / count
+            parts.append(d * torch.rsqrt(var.to(f.dtype) + self.eps)[None, :, None])
         out = (parts[0] if len(parts) == 1 else torch.cat(parts) if parts else f).reshape(len(x), -1)
         if self.affine:
             out = out * self.weight + self.bias
