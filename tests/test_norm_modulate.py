@@ -7,8 +7,7 @@ import os
 import pytest
 import torch
 
-from kernels.norm_modulate import (norm_modulate, norm_modulate_reference, norm_modulate_segments,
-                                    norm_modulate_segments_reference)
+from kernels.norm_modulate import norm_modulate_segments, norm_modulate_segments_reference
 from model.dit import LayerNorm32, modulate
 
 
@@ -17,23 +16,27 @@ def _need_interpreter():
         pytest.skip("Triton on the CPU needs TRITON_INTERPRET=1 before triton is imported")
 
 
+def _offsets(counts):
+    return [0] + torch.cumsum(torch.as_tensor(counts), 0).tolist()
+
+
 @pytest.mark.parametrize("n, w, shapes", [(37, 64, 1), (50, 100, 3), (1, 32, 1), (0, 64, 2)])
 def test_kernel_matches_reference_and_the_block_path(n, w, shapes):
     _need_interpreter()
     g = torch.Generator().manual_seed(n + w)
     x = torch.randn(n, w, generator=g) * 3 + 1
     shift, scale = torch.randn(shapes, w, generator=g), torch.randn(shapes, w, generator=g)
-    rows = None if shapes == 1 else torch.sort(torch.randint(0, shapes, (n,), generator=g)).values
-    got = norm_modulate(x, 1 + scale, shift, rows, eps=1e-6, backend="triton")
-    want = norm_modulate_reference(x, 1 + scale, shift, rows, eps=1e-6)
+    rows = torch.sort(torch.randint(0, shapes, (n,), generator=g)).values
+    offsets = _offsets(torch.bincount(rows, minlength=shapes))
+    got = norm_modulate_segments(x, 1 + scale, shift, offsets, eps=1e-6, backend="triton")
+    want = norm_modulate_segments_reference(x, 1 + scale, shift, offsets, eps=1e-6)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    sh, sc = (shift, scale) if rows is None else (shift[rows], scale[rows])
-    block = modulate(LayerNorm32(w, elementwise_affine=False, eps=1e-6)(x), sh, sc)
+    block = modulate(LayerNorm32(w, elementwise_affine=False, eps=1e-6)(x), shift[rows], scale[rows])
     torch.testing.assert_close(got, block, rtol=1e-5, atol=1e-5)
 
 
 def test_affine_norm_as_one_row():
-    """The cross-attention's affine LayerNorm: a = weight, c = bias, one row for every token."""
+    """The cross-attention's affine LayerNorm: a = weight, c = bias, one row for every token of two shapes."""
     _need_interpreter()
     g = torch.Generator().manual_seed(4)
     x = torch.randn(20, 48, generator=g)
@@ -41,7 +44,7 @@ def test_affine_norm_as_one_row():
     with torch.no_grad():
         norm.weight.copy_(torch.randn(48, generator=g))
         norm.bias.copy_(torch.randn(48, generator=g))
-    got = norm_modulate(x, norm.weight[None], norm.bias[None], None, eps=1e-6, backend="triton")
+    got = norm_modulate_segments(x, norm.weight[None], norm.bias[None], [0, 7, 20], eps=1e-6, backend="triton")
     torch.testing.assert_close(got, norm(x).detach(), rtol=1e-5, atol=1e-5)
 
 
@@ -51,24 +54,20 @@ def test_half_input_rounds_once():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(16, 64, generator=g).half()
     a, c = torch.rand(1, 64, generator=g) + 0.5, torch.randn(1, 64, generator=g)
-    got = norm_modulate(x, a, c, None, backend="triton")
+    got = norm_modulate_segments(x, a, c, [0, 16], backend="triton")
     assert got.dtype == torch.float16
-    exact = norm_modulate_reference(x.float(), a, c, None)
+    exact = norm_modulate_segments_reference(x.float(), a, c, [0, 16])
     torch.testing.assert_close(got.float(), exact, rtol=2e-3, atol=2e-3)
 
 
 def test_bad_arguments_are_named():
     x = torch.zeros(4, 8)
     with pytest.raises(ValueError, match="x must be"):
-        norm_modulate(torch.zeros(8), torch.ones(1, 8), torch.zeros(1, 8))
+        norm_modulate_segments(torch.zeros(8), torch.ones(1, 8), torch.zeros(1, 8), [0, 8])
     with pytest.raises(ValueError, match="a must be"):
-        norm_modulate(x, torch.ones(1, 7), torch.zeros(1, 8))
-    with pytest.raises(ValueError, match="need a row index"):
-        norm_modulate(x, torch.ones(2, 8), torch.zeros(2, 8))
-    with pytest.raises(ValueError, match="rows must be"):
-        norm_modulate(x, torch.ones(2, 8), torch.zeros(2, 8), torch.zeros(3, dtype=torch.long))
-    with pytest.raises(ValueError, match="integer indices"):
-        norm_modulate(x, torch.ones(2, 8), torch.zeros(2, 8), torch.zeros(4))
+        norm_modulate_segments(x, torch.ones(1, 7), torch.zeros(1, 8), [0, 4])
+    with pytest.raises(ValueError, match="differ"):
+        norm_modulate_segments(x, torch.ones(2, 8), torch.zeros(1, 8), [0, 2, 4])
 
 
 @pytest.mark.parametrize("lengths", [[12, 30, 7], [25]])
@@ -157,9 +156,8 @@ def test_compiled_kernel_and_fused_dit_on_cuda(monkeypatch):
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(5000, 1024, generator=g) * 2).cuda().bfloat16()
     a, c = (torch.randn(2, 1024, generator=g).cuda().bfloat16() for _ in range(2))
-    rows = (torch.arange(5000) >= 3000).long().cuda()
-    got = norm_modulate(x, a, c, rows)
-    want = norm_modulate_reference(x, a, c, rows)
+    got = norm_modulate_segments(x, a, c, [0, 3000, 5000])
+    want = norm_modulate_segments_reference(x, a, c, [0, 3000, 5000])
     assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
     cfg = DiTConfig.named("small")
     torch.manual_seed(0)

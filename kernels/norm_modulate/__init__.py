@@ -1,46 +1,31 @@
 """LayerNorm over the last dimension followed by a per-shape affine map, in one pass: the DiT blocks' norms.
 
-``norm_modulate(x, a, c, rows, eps)`` returns ``LN(x) * a[rows] + c[rows]`` in x's dtype, with the
-normalisation (no affine of its own) in float32. ``a`` and ``c`` are (R, W); ``rows`` (N,) names each token's
-row of them, or is None when R = 1 (one row for every token). The adaLN blocks use it with
-a = 1 + scale and c = shift of each shape (``modulate(norm(x), shift, scale)``), the cross-attention's
-affine norm with a = weight and c = bias.
+``norm_modulate_segments(x, a, c, offsets, eps, out_dtype)`` returns ``LN(x) · a[s] + c[s]`` on the rows
+``offsets[s]:offsets[s + 1]`` of shape s (the DiT's packed shapes are contiguous; ``offsets`` is a host list),
+with the normalisation (no affine of its own) in float32. ``a`` and ``c`` are (S, W), or (1, W) for every
+shape. The adaLN blocks use it with a = 1 + scale and c = shift of each shape (``modulate(norm(x), shift,
+scale)``), the cross-attention's affine norm with a = weight and c = bias. Differentiable in x, a and c.
 
 Why a kernel: the PyTorch path (``LayerNorm32`` then ``modulate``) copies x to float32, normalises, casts
 back, gathers the shapes' modulation to every token (N × 2W values when a batch holds several shapes: the
 guided batch always does) and multiplies and adds in separate passes: about ten passes over N × W values.
-Here each row is read once and written once. The result is rounded to x's dtype once, at the end (the
-PyTorch path rounds after the norm and after each operation), so the two differ at that dtype's rounding.
-The Triton path on CUDA tensors (or with TRITON_INTERPRET=1 and backend="triton"), the reference otherwise;
-no autograd (inference: the sampler's steps).
-
-``norm_modulate_segments(x, a, c, offsets, eps, out_dtype)`` is the same map with each shape's rows given by
-host offsets (the DiT's packed shapes are contiguous), and it has a backward: training. A program owns up to
-64 rows of one shape, so it loads that shape's (a, c) once, and its backward writes dx and one partial row of
-da = Σ dy·x̂ and dc = Σ dy, summed per shape afterwards in a fixed order (no atomics). It saves the rows'
-mean and 1/std (8 bytes a row) instead of the float32 normalised copy PyTorch keeps for the multiply's
-backward. ``out_dtype`` lets the result be stored in the dtype its consumer casts it to anyway (autocast's
-bf16 for the linear layers that follow every norm), which removes that cast.
+Here a program owns up to 64 rows of one shape, loads that shape's (a, c) once, and reads and writes each
+row once; the result is rounded once, at the end (the PyTorch path rounds after the norm and after each
+operation), so the two differ at that dtype's rounding. The backward writes dx and one partial row of
+da = Σ dy·x̂ and dc = Σ dy a program, summed per shape afterwards in a fixed order (no atomics); it saves the
+rows' mean and 1/std (8 bytes a row) instead of the float32 normalised copy PyTorch keeps for the multiply's
+backward. ``out_dtype`` (default x's) lets the result be stored in the dtype its consumer casts it to anyway
+(autocast's bf16 for the linear layers that follow every norm), which removes that cast. The Triton path on
+CUDA tensors (or with TRITON_INTERPRET=1 and backend="triton"), the reference otherwise.
 """
 from __future__ import annotations
 
 import torch
 
 from kernels.backend import use_triton
-from kernels.norm_modulate.reference import (check_args, check_offsets, norm_modulate_reference,
-                                             norm_modulate_segments_reference)
+from kernels.norm_modulate.reference import check_offsets, norm_modulate_segments_reference
 
-__all__ = ["norm_modulate", "norm_modulate_reference", "norm_modulate_segments",
-           "norm_modulate_segments_reference"]
-
-
-def norm_modulate(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, rows: torch.Tensor | None = None,
-                  eps: float = 1e-6, backend: str = "auto") -> torch.Tensor:
-    check_args(x, a, c, rows)
-    if use_triton(x, backend, "norm-modulate"):
-        from kernels.norm_modulate.triton_kernel import norm_modulate_triton
-        return norm_modulate_triton(x, a, c, rows, eps)
-    return norm_modulate_reference(x, a, c, rows, eps)
+__all__ = ["norm_modulate_segments", "norm_modulate_segments_reference"]
 
 
 def norm_modulate_segments(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, offsets, eps: float = 1e-6,
