@@ -223,3 +223,31 @@ def test_patch_rows_are_each_patchs_voxels(kind):
         c = coords.long()
         want = ((c >= torch.tensor(lo)) & (c < torch.tensor(lo) + torch.tensor(size))).all(1).nonzero()[:, 0]
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["debug", "debug_1024"])
+def test_patches_without_band_voxels_share_one_unet_pass(name):
+    """Every patch with no band voxel has the same input, so the UNet runs once for all of them and the
+    field is the one of running every patch."""
+    cfg = rf.RefinerConfig.named(name)
+    net = _random(cfg, seed=4)
+    res = cfg.res if cfg.kind == "sdf" else cfg.output_res
+    coords, sdf, feats = _band(res, res / 10)
+    coords = coords - coords.min(0).values  # a small sphere in one corner: most patches hold none of it
+    calls = []
+    hook = net.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        if cfg.kind == "sdf":
+            every = net.refine_sdf(coords, sdf, feats, reuse_empty=False)
+            n_every = len(calls)
+            shared = net.refine_sdf(coords, sdf, feats)
+        else:
+            every = net.refine_sign(coords, sdf, reuse_empty=False)
+            n_every = len(calls)
+            shared = net.refine_sign(coords, sdf)
+    hook.remove()
+    src = coords if cfg.kind == "sdf" else rf.mean_pool_2(coords, sdf)[0]
+    empty = sum(len(r) == 0 for r in net._patch_rows(src, cfg.stride))
+    assert n_every == 27 and empty >= 8
+    assert len(calls) - n_every == 27 - empty + 1
+    assert torch.equal(shared, every)
