@@ -19,7 +19,7 @@ What we do differently from the release, with the same result: no dense copy of 
 MLP of a zero feature is one constant vector; each patch scatters its band voxels over it), no dense
 1024³ array (the refined field is built slab by slab and only the corners of cells that straddle the
 threshold are kept, as a sparse SDF for ``model.mesh_extract``), and one UNet pass for all the patches that
-hold no band voxel (their inputs are equal, so are their outputs; 5.1 of 27 at 512³ and 3.3 at 1024³ on the
+hold no band voxel (their inputs are equal, so are their outputs; 4.8 of 27 at 512³ and 2.9 at 1024³ on the
 sample corpus). Dense arrays left: the 512³ output
 of the sdf refiner (float32, 0.5 GiB) and the 512³ sign grid (int8, 128 MiB).
 
