@@ -104,3 +104,15 @@ def local_dist(_gloo_port):
         for key, value in env.items():
             mp.setenv(key, value)
         yield
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """The default suite runs on several processes (addopts: ``-n auto``); a run that selects integration tests
+    runs them in one, since they start their own clusters and time their steps, unless ``-n`` is on the
+    command line."""
+    expr = (getattr(config.option, "markexpr", "") or "").replace("not integration", "")
+    given = any(a == "-n" or a.startswith(("-n=", "--numprocesses")) or (a.startswith("-n") and a[2:].isdigit())
+                for a in config.invocation_params.args)
+    if "integration" in expr and not given and hasattr(config.option, "numprocesses"):
+        config.option.numprocesses = 0
