@@ -230,15 +230,21 @@ def test_every_sampling_stage_goes_through_the_graph_wrapper(monkeypatch):
     monkeypatch.setattr(cascade_module, "CapturedVelocity", Spy)
     box = trimesh.creation.box(extents=(1.0, 1.0, 1.0))
     out = {}
-    for graphs in (True, False):
+    # (cuda_graphs, cuda_graph_max_tokens) -> which stages would replay: here the structure stage's forward
+    # runs 8³ grid tokens, the first sparse stage 512 and the refine stage 1,352; one over the limit stays eager
+    cases = {(True, 32768): [True] * 3, (False, 32768): [False] * 3, (True, 1): [False] * 3,
+             (True, 1000): [True, True, False]}
+    for (graphs, limit), want in cases.items():
         made.clear()
-        cfg = dataclasses.replace(FAST, refine_resolution=128, refine_steps=3, cuda_graphs=graphs)
+        cfg = dataclasses.replace(FAST, refine_resolution=128, refine_steps=3, cuda_graphs=graphs,
+                                  cuda_graph_max_tokens=limit)
         c = Cascade.random(cfg, seed=0, refine=True)
         monkeypatch.setattr(c, "march", lambda sdf: (np.asarray(box.vertices, np.float32), np.asarray(box.faces)))
-        out[graphs] = c.generate([Request("a", png(), 1)])[0]
-        assert out[graphs].error is None, out[graphs].error
-        assert [(w.enabled, w.calls, w.graph) for w in made] == [(graphs, 0, None)] * 3  # CPU: never captured
-    np.testing.assert_array_equal(out[True].vertices, out[False].vertices)
+        out[graphs, limit] = c.generate([Request("a", png(), 1)])[0]
+        assert out[graphs, limit].error is None, out[graphs, limit].error
+        assert [(w.enabled, w.calls, w.graph) for w in made] == [(e, 0, None) for e in want]  # CPU: never captured
+    for key in cases:
+        np.testing.assert_array_equal(out[key].vertices, out[True, 32768].vertices)
 
 
 def test_offload_place_points_tensors_at_masters():
