@@ -232,9 +232,9 @@ class GenerationConfig:
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32; the refiners run in fp16 on CUDA unless fp32
     offload: bool = False  # networks wait in host memory; each stage moves only its own to the device
     # replay a sampling stage's forward as a CUDA graph (model/graphs.py) when it runs at most
-    # cuda_graph_max_tokens tokens (all items, doubled for guidance): those steps are bound by the host's
-    # launches (structure 2.4 -> 1.7 s, sparse 512 4.5 -> 3.5 s on an H100); a 1024 stage's are bound by the
-    # GPU and its 15 steps do not repay the capture (9.65 s eager, 11.0 s replayed), so it stays eager
+    # cuda_graph_max_tokens tokens (all items, doubled for guidance): those steps wait on the host's launches
+    # (the 512 stage 3.7-4.7 -> 3.3-3.4 s a mesh on an H100); a 1024 stage's steps are bound by the GPU
+    # (3% idle), so it runs eagerly and the graph's memory pool is not held through it
     cuda_graphs: bool = True
     cuda_graph_max_tokens: int = 32768
 

@@ -4,8 +4,9 @@ Every Euler step of a stage runs the same network on tensors of the same shapes:
 fixed grid, the sparse DiTs on one shape's cached token structure (``x.replace`` keeps it). A CUDA graph
 records the kernels of one forward once and replays them with one call, with no launch from Python. The
 cascade uses it for the stages whose steps wait on the host's launches (GenerationConfig.cuda_graphs and
-cuda_graph_max_tokens): the structure stage and the 512 stage of one mesh, 1.3–1.4× each on an H100; the
-1024 stage's steps are bound by the GPU and run eagerly (benchmarks/RESULTS.md "Generation").
+cuda_graph_max_tokens): the structure stage and the 512 stage of one mesh (3.7–4.7 -> 3.3–3.4 s for the
+512 stage on an H100); the 1024 stage's steps are bound by the GPU and run eagerly (benchmarks/RESULTS.md
+"Generation").
 
 ``CapturedVelocity(fn)`` wraps a ``velocity(x, t, cond)`` closure. Its first call runs eagerly (that call
 builds what the network caches: the SSA structure, the offsets it reads to the host, Triton's compiled
