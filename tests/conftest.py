@@ -108,11 +108,11 @@ def local_dist(_gloo_port):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config):
-    """The default suite runs on several processes (addopts: ``-n auto``); a run that selects integration tests
-    runs them in one, since they start their own clusters and time their steps, unless ``-n`` is on the
-    command line."""
-    expr = (getattr(config.option, "markexpr", "") or "").replace("not integration", "")
+    """The default suite runs on several processes (addopts: ``-n auto``); a run that selects integration or GPU
+    tests runs them in one (they start their own clusters, time their steps, share one card), unless ``-n`` is
+    on the command line."""
+    expr = (getattr(config.option, "markexpr", "") or "").replace("not integration", "").replace("not gpu", "")
     given = any(a == "-n" or a.startswith(("-n=", "--numprocesses")) or (a.startswith("-n") and a[2:].isdigit())
                 for a in config.invocation_params.args)
-    if "integration" in expr and not given and hasattr(config.option, "numprocesses"):
+    if ("integration" in expr or "gpu" in expr) and not given and hasattr(config.option, "numprocesses"):
         config.option.numprocesses = 0
