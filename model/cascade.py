@@ -501,14 +501,15 @@ class Cascade:
 
         sampler = FlowEulerSampler(self.cfg.structure_steps, self.cfg.structure_shift, self.cfg.guidance,
                                    self.schedules.get("structure"))
-        rows = (2 if g != 1.0 else 1) * b * (net.cfg.resolution // net.cfg.patch_size) ** 3
-        z = sampler.sample(CapturedVelocity(velocity, self._graphs(rows)), noise)
+        z = sampler.sample(CapturedVelocity(velocity, self._graphs(b * net.cfg.tokens)), noise)
         logits = self.structure_vae.decode(self.structure_vae.unscale(z.float()))
         latent_res = self.latent_resolution(self.vae, self.cfg.resolution)
         return [occupancy_to_latent_coords(logits[i], latent_res, self.cfg.occupancy_threshold) for i in range(b)]
 
-    def _graphs(self, rows: int) -> bool:
-        """Whether a sampling stage whose forward runs ``rows`` tokens is replayed as a CUDA graph."""
+    def _graphs(self, tokens: int) -> bool:
+        """Whether a sampling stage over ``tokens`` tokens (all items) is replayed as a CUDA graph: its guided
+        forward (twice the tokens unless guidance is 1) runs at most ``cuda_graph_max_tokens``."""
+        rows = tokens * (2 if self.cfg.guidance != 1.0 else 1)
         return self.cfg.cuda_graphs and rows <= self.cfg.cuda_graph_max_tokens
 
     @staticmethod
@@ -524,8 +525,7 @@ class Cascade:
         noise = [torch.randn(len(x), c, generator=_item_generator(s, stage)) for x, s in zip(coords_list, seeds)]
         tokens = SparseTensor.from_samples([x.cpu() for x in coords_list], noise, device=self.device, ordered=False)
         sampler = FlowEulerSampler(steps, shift, self.cfg.guidance, self.schedules.get("sparse" if stage == 1 else "refine"))
-        rows = (2 if self.cfg.guidance != 1.0 else 1) * len(tokens.feats)
-        velocity = CapturedVelocity(self._guided(net, tokens, cond), self._graphs(rows))
+        velocity = CapturedVelocity(self._guided(net, tokens, cond), self._graphs(len(tokens.feats)))
         z = sampler.sample(velocity, tokens.feats).float()
         return list(torch.split(z, [len(x) for x in coords_list]))
 

@@ -344,6 +344,19 @@ class VoxelRefiner(nn.Module):
                     (a, na), (b, nb), (c, nc) = ranges[i], ranges[j], ranges[k]
                     yield (a, b, c), (na, nb, nc)
 
+    def _each_patch(self, coords: torch.Tensor, stride: int, patch, reuse_empty: bool):
+        """(lo, size, patch(lo, size, rows)) for each of ``_patches(stride)``, rows being those of ``coords`` in it.
+        A patch without a voxel has the same input as every other such patch, so with ``reuse_empty`` its output
+        is computed once a size."""
+        done: dict[tuple, torch.Tensor] = {}
+        for (lo, size), inside in zip(self._patches(stride), self._patch_rows(coords, stride)):
+            if reuse_empty and len(inside) == 0:
+                if size not in done:
+                    done[size] = patch(lo, size, inside)
+                yield lo, size, done[size]
+            else:
+                yield lo, size, patch(lo, size, inside)
+
     @torch.no_grad()
     def refine_sdf(self, coords: torch.Tensor, values: torch.Tensor, feats: torch.Tensor,
                    reuse_empty: bool = True) -> torch.Tensor:
@@ -362,15 +375,13 @@ class VoxelRefiner(nn.Module):
         # linear blend over each overlap: the first patch of an axis fades out, the next fades in
         weights = [torch.cat([ones[:s], 1 - ramp]), torch.cat([ramp, ones[o:s], 1 - ramp]), torch.cat([ramp, ones[o:]])]
         out = torch.zeros(cfg.res, cfg.res, cfg.res, device=dev, dtype=torch.float32)  # blended in float32
-        empty_out: dict[tuple, torch.Tensor] = {}
-        for (lo, size), inside in zip(self._patches(s), self._patch_rows(coords, s)):
-            y = empty_out.get(size) if reuse_empty and len(inside) == 0 else None
-            if y is None:
-                x = self._patch_input(coords, sdf, inside, lo, size)
-                f = self._patch_input(coords, rows, inside, lo, size, fill_rows=empty)
-                y = self(x, f)[0, 0].float()
-                if reuse_empty and len(inside) == 0:
-                    empty_out[size] = y
+
+        def patch(lo, size, inside):
+            x = self._patch_input(coords, sdf, inside, lo, size)
+            f = self._patch_input(coords, rows, inside, lo, size, fill_rows=empty)
+            return self(x, f)[0, 0].float()
+
+        for lo, size, y in self._each_patch(coords, s, patch, reuse_empty):
             wi, wj, wk = (weights[lo[a] // s] for a in range(3))
             out[lo[0]:lo[0] + p, lo[1]:lo[1] + p, lo[2]:lo[2] + p] += y * wi[:, None, None] * wj[None, :, None] * wk
         return out
@@ -386,14 +397,12 @@ class VoxelRefiner(nn.Module):
         half, mean = mean_pool_2(coords, values)
         sdf = mean.to(self.dtype).reshape(-1, 1)
         sign = torch.ones(cfg.res, cfg.res, cfg.res, device=coords.device, dtype=torch.int8)
-        empty_out: dict[tuple, torch.Tensor] = {}
-        for (lo, size), inside in zip(self._patches(cfg.stride), self._patch_rows(half, cfg.stride)):
-            block = empty_out.get(size) if reuse_empty and len(inside) == 0 else None
-            if block is None:
-                logits = self(self._patch_input(half, sdf, inside, lo, size))[0, 0]
-                block = torch.where(torch.sigmoid(logits) >= 0.5, 1, -1).to(torch.int8)
-                if reuse_empty and len(inside) == 0:
-                    empty_out[size] = block
+
+        def patch(lo, size, inside):
+            logits = self(self._patch_input(half, sdf, inside, lo, size))[0, 0]
+            return torch.where(torch.sigmoid(logits) >= 0.5, 1, -1).to(torch.int8)
+
+        for lo, size, block in self._each_patch(half, cfg.stride, patch, reuse_empty):
             sl = tuple(slice(a, a + n) for a, n in zip(lo, size))
             sign[sl] = block
         return sign

@@ -28,6 +28,8 @@ def test_wrong_keys_are_named(tmp_path):
         from_dict(ServeConfig, {})
     with pytest.raises(ConfigError, match="resolution: must be a multiple of 64"):
         from_dict(ServeConfig, {"generation": {"resolution": 100}, "random_weights": "debug"})
+    with pytest.raises(ConfigError, match="cuda_graph_max_tokens: must be >= 1"):
+        from_dict(ServeConfig, {"generation": {"cuda_graph_max_tokens": 0}, "random_weights": "debug"})
     doc = {"applications": [{"name": "other", "import_path": "x:y"}]}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(doc))
     with pytest.raises(ConfigError, match="no application named 's2'"):
