@@ -275,29 +275,37 @@ def _program_keys(TILE_START, TILE_END, TILE_SEG, CMP_OFF, tile):
 
 
 @triton.jit
-def _topk_insert_first(cand, ids, top_v, top_i, kk):
-    """Running top-k per token for candidates that come in increasing id order, chunk by chunk: the chunk's best
-    candidate replaces the token's weakest slot while it beats it. Of equal scores the lower id stays: the
-    leftmost best goes first, and of equal weakest slots the one of the highest id goes. ids points at the id of
-    each candidate column (a load, not a reduction)."""
-    kth = tl.min(top_v, 1)
-    bc, ic = tl.max(cand, 1, return_indices=True, return_indices_tie_break_left=True)
-    while tl.max((bc > kth).to(tl.int32), 0) > 0:  # comparisons: no inf - inf
-        ins = bc > kth
-        slot = tl.argmax(tl.where(top_v == kth[:, None], top_i, -2), 1)
-        put = (kk[None, :] == slot[:, None]) & ins[:, None]
-        top_v = tl.where(put, bc[:, None], top_v)
-        top_i = tl.where(put, tl.load(ids + ic, mask=ins, other=0)[:, None], top_i)
-        cand = tl.where((tl.arange(0, cand.shape[1])[None, :] == ic[:, None]) & ins[:, None], float("-inf"), cand)
-        kth = tl.min(top_v, 1)
-        bc, ic = tl.max(cand, 1, return_indices=True, return_indices_tie_break_left=True)
-    return top_v, top_i
+def _topk_insert_wide(cand, key0, top_v, top_i, kth, slot, cols):
+    """Running top-k per token for candidates that come in increasing block order, chunk by chunk: the chunk's
+    best candidate replaces the token's weakest slot while it beats it. Of equal scores the lower block stays:
+    the leftmost best goes first, and of equal weakest slots the one of the highest block goes.
+
+    A candidate is named by the pooled key it ends on (key0 + its column), which grows with its block, so the
+    block ids are read once at the end. Every tensor has the candidates' (tokens, keys) shape and so their
+    layout: the top-k lives in the first k columns of top_v / top_i (+inf past them), the weakest score and its
+    slot are carried broadcast along the row (kth, slot). Only the loop's condition crosses warps; (tokens, k)
+    state or carried (tokens,) vectors converted layouts through shared memory every step (19.1 → 16.0 ms at 131k
+    tokens on an H100, benchmarks/RESULTS.md)."""
+    go = tl.sum((cand > kth).to(tl.int32))
+    while go > 0:
+        best, col = tl.max(cand, 1, return_indices=True, return_indices_tie_break_left=True)
+        ins = best[:, None] > kth
+        put = (cols[None, :] == slot) & ins
+        top_v = tl.where(put, best[:, None], top_v)
+        top_i = tl.where(put, key0 + col[:, None], top_i)
+        cand = tl.where((cols[None, :] == col[:, None]) & ins, float("-inf"), cand)
+        k_min = tl.min(top_v, 1)
+        kth = tl.broadcast_to(k_min[:, None], kth.shape)
+        weakest = tl.argmax(tl.where(top_v == k_min[:, None], top_i, -2), 1, tie_break_left=True)
+        slot = tl.broadcast_to(weakest[:, None], slot.shape)
+        go = tl.sum((cand > kth).to(tl.int32))
+    return top_v, top_i, kth, slot
 
 
 @triton.jit
 def _select_pooled_kernel(Q, KC, LSE, SEL, TILE_START, TILE_END, TILE_SEG, CMP_OFF, SLC_OFF, CMP_TO_SLC,
                           sqt, sqh, skt, skh, slt, slh, sst, ssh, qk_scale,
-                          TOPK: tl.constexpr, KP: tl.constexpr, G: tl.constexpr, P: tl.constexpr,
+                          TOPK: tl.constexpr, G: tl.constexpr, P: tl.constexpr,
                           BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
     """Per-query block scores and top-k in one pass when a selection block holds several compression blocks.
 
@@ -309,10 +317,13 @@ def _select_pooled_kernel(Q, KC, LSE, SEL, TILE_START, TILE_END, TILE_SEG, CMP_O
     RB: tl.constexpr = P * G
     t0, t1, seg, c0, c1 = _program_keys(TILE_START, TILE_END, TILE_SEG, CMP_OFF, tl.program_id(0))
     tok_ok = t0 + tl.arange(0, P) < t1
-    kk = tl.arange(0, KP)
-    top_v = tl.where(kk[None, :] < TOPK, tl.full([P, KP], float("-inf"), tl.float32), float("inf"))
-    top_i = tl.full([P, KP], -1, tl.int32)
     cols = tl.arange(0, BLOCK_N)
+    # the top-k (score, last pooled key of the block) in the first TOPK columns (+inf past them, never the
+    # weakest), its weakest score and slot
+    top_v = tl.where(cols[None, :] < TOPK, tl.full([P, BLOCK_N], float("-inf"), tl.float32), float("inf"))
+    top_i = tl.full([P, BLOCK_N], -1, tl.int32)
+    kth = tl.full([P, BLOCK_N], float("-inf"), tl.float32)
+    slot = tl.zeros([P, BLOCK_N], tl.int32)
     d = tl.arange(0, D)
     carry = tl.zeros([P], tl.float32)  # per token: the partial sum of the block cut by the last chunk's end
     q, lse2, valid = _unit_rows(Q, LSE, t0, t1, h, 0, sqt, sqh, slt, slh, G, RB, D)
@@ -338,12 +349,13 @@ def _select_pooled_kernel(Q, KC, LSE, SEL, TILE_START, TILE_END, TILE_SEG, CMP_O
         done = nm2 & (blk != nxt)  # a block's last key: the next key is another block's or past the shape
         carry = tl.sum(tl.where((n2 == n0 + BLOCK_N - 1) & ~done, run, 0.0), 1)
         cand = tl.where(tok_ok[:, None] & done, run, float("-inf"))
-        top_v, top_i = _topk_insert_first(cand, CMP_TO_SLC + n0, top_v, top_i, kk)
+        top_v, top_i, kth, slot = _topk_insert_wide(cand, n0, top_v, top_i, kth, slot, cols)
+    chosen = (top_v > float("-inf")) & (cols[None, :] < TOPK)
     base = tl.load(SLC_OFF + seg)
-    out = tl.where((top_v > float("-inf")) & (kk[None, :] < TOPK), top_i.to(tl.int64) + base, -1)
+    out = tl.where(chosen, tl.load(CMP_TO_SLC + top_i, mask=chosen, other=0).to(tl.int64) + base, -1)
     tok = t0 + tl.arange(0, P)
-    tl.store(SEL + tok[:, None].to(tl.int64) * sst + h * ssh + kk[None, :], out,
-             mask=tok_ok[:, None] & (kk[None, :] < TOPK))
+    tl.store(SEL + tok[:, None].to(tl.int64) * sst + h * ssh + cols[None, :], out,
+             mask=tok_ok[:, None] & (cols[None, :] < TOPK))
 
 
 def select_pooled(q, k_cmp, lse_cmp, structure, top_k: int, tokens_per_program: int | None = None,
@@ -358,7 +370,8 @@ def select_pooled(q, k_cmp, lse_cmp, structure, top_k: int, tokens_per_program: 
     p = tokens_per_program or max(1, SCORING.pooled_rows // g)
     if p & (p - 1) or p * g < 16:
         raise ValueError(f"tokens_per_program must be a power of two of at least 16 rows, got {p} × {g} heads")
-    block_n = block_n or SCORING.pooled_block_n
+    # the top-k lives in the first columns of a chunk's row
+    block_n = max(block_n or SCORING.pooled_block_n, triton.next_power_of_2(top_k))
     st = structure
     ts, te, tseg, _ = st.tiles("shape", p)
     cmp_off = st.cached("cmp_shape_offsets32", lambda: st.cmp_shape_offsets.to(torch.int32))
@@ -367,8 +380,8 @@ def select_pooled(q, k_cmp, lse_cmp, structure, top_k: int, tokens_per_program: 
     _select_pooled_kernel[(ts.numel(), hkv)](
         q, k_cmp, lse_cmp, sel, ts, te, tseg, cmp_off, st.slc_shape_offsets, st.cmp_to_slc_local,
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), lse_cmp.stride(0), lse_cmp.stride(1),
-        sel.stride(0), sel.stride(1), d ** -0.5 * LOG2E, TOPK=top_k, KP=triton.next_power_of_2(top_k), G=g, P=p,
-        BLOCK_N=block_n, D=d, PRECISION=dot_precision(q.dtype), **SCORING.pooled.options(p * g))
+        sel.stride(0), sel.stride(1), d ** -0.5 * LOG2E, TOPK=top_k, G=g, P=p, BLOCK_N=block_n, D=d,
+        PRECISION=dot_precision(q.dtype), **SCORING.pooled.options(p * g))
     return sel
 
 
