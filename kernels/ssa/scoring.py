@@ -275,25 +275,25 @@ def _program_keys(TILE_START, TILE_END, TILE_SEG, CMP_OFF, tile):
 
 
 @triton.jit
-def _topk_insert_wide(cand, key0, top_v, top_i, kth, slot, cols):
+def _topk_insert_wide(cand, blk, top_v, top_i, kth, slot, cols):
     """Running top-k per token for candidates that come in increasing block order, chunk by chunk: the chunk's
     best candidate replaces the token's weakest slot while it beats it. Of equal scores the lower block stays:
     the leftmost best goes first, and of equal weakest slots the one of the highest block goes.
 
-    A candidate is named by the pooled key it ends on (key0 + its column), which grows with its block, so the
-    block ids are read once at the end. Every tensor has the candidates' (tokens, keys) shape and so their
-    layout: the top-k lives in the first k columns of top_v / top_i (+inf past them), the weakest score and its
-    slot are carried broadcast along the row (kth, slot). Only the loop's condition crosses warps; (tokens, k)
-    state or carried (tokens,) vectors converted layouts through shared memory every step (19.1 → 16.0 ms at 131k
-    tokens on an H100, benchmarks/RESULTS.md)."""
+    Every tensor has the candidates' (tokens, keys) shape and so their layout: the top-k lives in the first k
+    columns of top_v / top_i (+inf past them), the weakest score and its slot are carried broadcast along the
+    row (kth, slot), blk (1, keys) holds each column's block. Only the loop's condition crosses warps; (tokens, k)
+    state or carried (tokens,) vectors converted layouts through shared memory every step (19.1 → 16.0 ms at
+    131k tokens on an H100, benchmarks/RESULTS.md)."""
     go = tl.sum((cand > kth).to(tl.int32))
     while go > 0:
         best, col = tl.max(cand, 1, return_indices=True, return_indices_tie_break_left=True)
         ins = best[:, None] > kth
         put = (cols[None, :] == slot) & ins
+        hit = (cols[None, :] == col[:, None]) & ins
         top_v = tl.where(put, best[:, None], top_v)
-        top_i = tl.where(put, key0 + col[:, None], top_i)
-        cand = tl.where((cols[None, :] == col[:, None]) & ins, float("-inf"), cand)
+        top_i = tl.where(put, tl.sum(tl.where(hit, blk, 0), 1)[:, None], top_i)
+        cand = tl.where(hit, float("-inf"), cand)
         k_min = tl.min(top_v, 1)
         kth = tl.broadcast_to(k_min[:, None], kth.shape)
         weakest = tl.argmax(tl.where(top_v == k_min[:, None], top_i, -2), 1, tie_break_left=True)
@@ -318,8 +318,7 @@ def _select_pooled_kernel(Q, KC, LSE, SEL, TILE_START, TILE_END, TILE_SEG, CMP_O
     t0, t1, seg, c0, c1 = _program_keys(TILE_START, TILE_END, TILE_SEG, CMP_OFF, tl.program_id(0))
     tok_ok = t0 + tl.arange(0, P) < t1
     cols = tl.arange(0, BLOCK_N)
-    # the top-k (score, last pooled key of the block) in the first TOPK columns (+inf past them, never the
-    # weakest), its weakest score and slot
+    # the top-k in the first TOPK columns (+inf past them, never the weakest), its weakest score and slot
     top_v = tl.where(cols[None, :] < TOPK, tl.full([P, BLOCK_N], float("-inf"), tl.float32), float("inf"))
     top_i = tl.full([P, BLOCK_N], -1, tl.int32)
     kth = tl.full([P, BLOCK_N], float("-inf"), tl.float32)
@@ -349,10 +348,9 @@ def _select_pooled_kernel(Q, KC, LSE, SEL, TILE_START, TILE_END, TILE_SEG, CMP_O
         done = nm2 & (blk != nxt)  # a block's last key: the next key is another block's or past the shape
         carry = tl.sum(tl.where((n2 == n0 + BLOCK_N - 1) & ~done, run, 0.0), 1)
         cand = tl.where(tok_ok[:, None] & done, run, float("-inf"))
-        top_v, top_i, kth, slot = _topk_insert_wide(cand, n0, top_v, top_i, kth, slot, cols)
-    chosen = (top_v > float("-inf")) & (cols[None, :] < TOPK)
+        top_v, top_i, kth, slot = _topk_insert_wide(cand, blk, top_v, top_i, kth, slot, cols)
     base = tl.load(SLC_OFF + seg)
-    out = tl.where(chosen, tl.load(CMP_TO_SLC + top_i, mask=chosen, other=0).to(tl.int64) + base, -1)
+    out = tl.where((top_v > float("-inf")) & (cols[None, :] < TOPK), top_i.to(tl.int64) + base, -1)
     tok = t0 + tl.arange(0, P)
     tl.store(SEL + tok[:, None].to(tl.int64) * sst + h * ssh + cols[None, :], out,
              mask=tok_ok[:, None] & (cols[None, :] < TOPK))
