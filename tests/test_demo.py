@@ -49,15 +49,21 @@ def test_summary_counts_parts_watertight_and_wins():
 
 @pytest.mark.parametrize("latent", ["ss_vae", "pooled"])
 def test_training_jobs_run_in_order_and_the_dit_models_the_vae_latents(monkeypatch, tmp_path, latent):
+    import threading
+
     from pipeline import jobs
 
-    submitted = []
+    submitted, threads = [], {}
+    both = threading.Barrier(2, timeout=10)
 
     def submit(spec, address):
         argv = shlex.split(spec.entrypoint)
         submitted.append(argv)
         if argv[0] == "s2":
             name = argv[argv.index("--name") + 1]
+            threads[name] = threading.get_ident()
+            if name in ("demo-structure-vae", "demo-vae" if latent == "ss_vae" else "demo-dit"):
+                both.wait()  # each chain's first job waits for the other's: they run side by side
             (tmp_path / "runs" / name / "checkpoint_1").mkdir(parents=True)
             (tmp_path / "runs" / name / "checkpoint_1" / "weights.pt").write_bytes(b"")
         return "SUCCEEDED"
@@ -65,31 +71,61 @@ def test_training_jobs_run_in_order_and_the_dit_models_the_vae_latents(monkeypat
     monkeypatch.setattr(jobs, "submit", submit)
     steps = {"structure-vae": 1, "structure-dit": 2, "vae": 3, "dit": 4}
     ckpt = demo.train_debug_networks(tmp_path / "dataset", tmp_path / "runs", 64, steps, "http://x", latent=latent)
-    nets = [a[2] for a in submitted]
     stats = "pipeline.train.latents"
-    want = (["structure-vae", stats, "structure-dit", "vae", stats, "dit"] if latent == "ss_vae"
-            else ["structure-vae", stats, "structure-dit", "dit"])
-    assert nets == want
-    dit, structure_dit = submitted[-1], submitted[2]
+
+    def job(argv):  # the network a job trains, or whose latent statistics it computes
+        return argv[argv.index("--network") + 1].replace("_", "-") + " stats" if argv[2] == stats else argv[2]
+
+    structure = [a for a in submitted if job(a).startswith("structure")]
+    sparse = [a for a in submitted if not job(a).startswith("structure")]
+    assert [job(a) for a in structure] == ["structure-vae", "structure-vae stats", "structure-dit"]
+    assert [job(a) for a in sparse] == (["vae", "vae stats", "dit"] if latent == "ss_vae" else ["dit"])
+    assert threads["demo-structure-vae"] != threads["demo-dit"]
+    for argv in submitted:
+        if argv[0] == "s2":  # one thread each: half a CPU reserved, so two leave one for their data tasks
+            assert float(argv[argv.index("--cpus-per-worker") + 1]) == demo.CHAIN_CPUS == 0.5
+    scaled, structure_dit = structure[1], structure[2]
+    dit = sparse[-1]
     # the structure DiT and the cascade read the structure VAE with its latent scale
-    scaled = submitted[1]
-    assert scaled[scaled.index("--network") + 1] == "structure_vae" and scaled[3].endswith("checkpoint_1")
+    assert scaled[3].endswith("checkpoint_1")
     assert ckpt["structure_vae"] == scaled[scaled.index("--out") + 1]
     assert structure_dit[structure_dit.index("--structure-vae") + 1] == ckpt["structure_vae"]
     for argv in (dit, structure_dit):
         assert argv[argv.index("--image-encoder") + 1] == demo.IMAGE_ENCODER
     if latent == "ss_vae":  # the SS-DiT and the cascade read the VAE with its latent scale
-        scaled = submitted[4]
-        assert scaled[scaled.index("--network") + 1] == "vae" and scaled[3].endswith("checkpoint_1")
+        vae, scaled = sparse[0], sparse[1]
+        assert scaled[3].endswith("checkpoint_1")
         assert ckpt["vae"] == scaled[scaled.index("--out") + 1]
         assert dit[dit.index("--latent") + 1] == ckpt["vae"]
-        vae = submitted[3]
         assert vae[vae.index("--token-budget") + 1] == str(demo.VAE_TOKEN_BUDGET)
         assert vae[vae.index("--oversize") + 1] == "alone" and vae[vae.index("--steps") + 1] == "3"
         assert vae[vae.index("--lr-schedule") + 1] == demo.VAE_LR_SCHEDULE
         assert float(vae[vae.index("--kl-weight") + 1]) == demo.VAE_KL_WEIGHT == 1e-5
     else:
         assert "--latent" not in dit and "vae" not in ckpt
+
+
+def test_a_failed_chain_is_named_after_the_other_finishes(monkeypatch, tmp_path):
+    from pipeline import jobs
+
+    finished = []
+
+    def submit(spec, address):
+        argv = shlex.split(spec.entrypoint)
+        if argv[0] == "s2" and argv[2] == "structure-vae":
+            return "FAILED"
+        if argv[0] == "s2":
+            ckpt = tmp_path / "runs" / argv[argv.index("--name") + 1] / "checkpoint_1"
+            ckpt.mkdir(parents=True, exist_ok=True)
+            (ckpt / "weights.pt").write_bytes(b"")
+            finished.append(argv[2])
+        return "SUCCEEDED"
+
+    monkeypatch.setattr(jobs, "submit", submit)
+    steps = {"structure-vae": 1, "structure-dit": 1, "vae": 1, "dit": 1}
+    with pytest.raises(RuntimeError, match="training structure-vae: job FAILED"):
+        demo.train_debug_networks(tmp_path / "dataset", tmp_path / "runs", 64, steps, "http://x")
+    assert finished == ["vae", "dit"]
 
 
 @pytest.mark.parametrize("vae_model,dit_model", [("debug", "debug"), ("debug_r4", "debug_grid16")])

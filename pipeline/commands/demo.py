@@ -184,7 +184,11 @@ VAE_LR_SCHEDULE = "cosine"
 # 0.2-1.0 under noise of std ~1); at 1e-5 the means spread 2.0-2.5 under noise 0.6 and 600 steps reconstruct at
 # Chamfer 0.105 instead of 0.113 (docs/demo.md). The paper config keeps the release's weight.
 VAE_KL_WEIGHT = 1e-5
-NETWORK_ORDER = ("structure-vae", "structure-dit", "vae", "dit")
+# The paper's order within each chain; the two chains train side by side (train_debug_networks).
+CHAINS = (("structure-vae", "structure-dit"), ("vae", "dit"))
+# CPUs a demo trainer reserves (it runs one thread): two side by side leave a 2-CPU cluster one CPU for the
+# Ray Data tasks that read their shards.
+CHAIN_CPUS = 0.5
 
 
 # The SS-DiT for each SS-VAE size: over a two-level SS-VAE's 16³ latents the debug SS-DiT's samples decode to
@@ -198,43 +202,56 @@ def train_debug_networks(dataset: Path, runs: Path, resolution: int, steps: dict
     """One Ray job per network; ``steps`` maps structure-vae, structure-dit, vae and dit to optimizer steps.
 
     ``latent`` 'ss_vae' (the paper's way): the SS-VAE trains on the shards first and the SS-DiT on its
-    latents; 'pooled': no SS-VAE, the SS-DiT models model/pooled_latent.py's fixed statistics."""
+    latents; 'pooled': no SS-VAE, the SS-DiT models model/pooled_latent.py's fixed statistics.
+
+    The structure chain (structure VAE, then its DiT) and the sparse chain (SS-VAE, then the SS-DiT) need
+    nothing from each other, so they run side by side, each job on one thread. Each trainer reserves half a
+    CPU (``CHAIN_CPUS``), so two of them on a 2-CPU cluster leave a CPU for their jobs' Ray Data read tasks."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from pipeline import jobs
 
     common = ["--shards", str(dataset), "--resolution", str(resolution), "--model", "debug", "--storage", str(runs),
-              "--num-workers", "1", "--warmup-steps", str(DEBUG_WARMUP)]
-    ckpt: dict[str, str] = {}
-    for net in NETWORK_ORDER:
-        if net == "vae" and latent != "ss_vae":
-            continue
-        extra: list[str] = []
-        if net == "structure-dit":  # the released debug layout plus the grid inputs (model/dense_dit.py, debug_grid)
-            extra = ["--structure-vae", ckpt["structure_vae"], "--model", "debug_grid", "--image-encoder", IMAGE_ENCODER]
-        elif net == "vae":
-            extra = ["--model", vae_model, "--token-budget", str(VAE_TOKEN_BUDGET), "--oversize", "alone",
-                     "--lr-schedule", VAE_LR_SCHEDULE, "--kl-weight", str(VAE_KL_WEIGHT)]
-        elif net == "dit":
-            model = DIT_MODEL[vae_model] if latent == "ss_vae" else "debug"  # pooled latents: no SS-VAE grid
-            extra = ["--model", model, "--image-encoder", IMAGE_ENCODER] + (["--latent", ckpt["vae"]] if latent == "ss_vae" else [])
-        n = steps[net]
-        extra = [*extra, "--lr", str(DEBUG_LR[net]), "--steps", str(n), "--checkpoint-every", str(n)]
-        t = time.time()
-        status = jobs.submit(_job(f"demo-{net}", ["s2", "train", net, *common, "--name", f"demo-{net}", *extra]),
-                             address=address)
-        if status != "SUCCEEDED":
-            raise RuntimeError(f"training {net}: job {status}")
-        ckpt[net.replace("-", "_")] = latest_checkpoint(runs, f"demo-{net}")
-        print(f"trained {net}: {n} steps in {time.time() - t:.0f} s")
-        if net in ("structure-vae", "vae"):  # each DiT models latents of unit spread (pipeline/train/latents.py)
-            key = net.replace("-", "_")
-            out = str(runs / f"demo-{net}-latents")
-            status = jobs.submit(_job(f"demo-{net}-latents", [
-                "python", "-m", "pipeline.train.latents", ckpt[key], "--network", key, "--shards", str(dataset),
-                "--resolution", str(resolution), "--out", out]), address=address)
+              "--num-workers", "1", "--cpus-per-worker", str(CHAIN_CPUS), "--warmup-steps", str(DEBUG_WARMUP)]
+
+    def chain(nets: tuple[str, ...]) -> dict[str, str]:
+        ckpt: dict[str, str] = {}
+        for net in nets:
+            extra: list[str] = []
+            if net == "structure-dit":  # the released debug layout plus the grid inputs (model/dense_dit.py)
+                extra = ["--structure-vae", ckpt["structure_vae"], "--model", "debug_grid",
+                         "--image-encoder", IMAGE_ENCODER]
+            elif net == "vae":
+                extra = ["--model", vae_model, "--token-budget", str(VAE_TOKEN_BUDGET), "--oversize", "alone",
+                         "--lr-schedule", VAE_LR_SCHEDULE, "--kl-weight", str(VAE_KL_WEIGHT)]
+            elif net == "dit":
+                model = DIT_MODEL[vae_model] if latent == "ss_vae" else "debug"  # pooled latents: no SS-VAE grid
+                extra = ["--model", model, "--image-encoder", IMAGE_ENCODER] + (
+                    ["--latent", ckpt["vae"]] if latent == "ss_vae" else [])
+            n = steps[net]
+            extra = [*extra, "--lr", str(DEBUG_LR[net]), "--steps", str(n), "--checkpoint-every", str(n)]
+            t = time.time()
+            status = jobs.submit(_job(f"demo-{net}", ["s2", "train", net, *common, "--name", f"demo-{net}", *extra]),
+                                 address=address)
             if status != "SUCCEEDED":
-                raise RuntimeError(f"latent statistics of the {net}: job {status}")
-            ckpt[key] = out
-    return ckpt
+                raise RuntimeError(f"training {net}: job {status}")
+            ckpt[net.replace("-", "_")] = latest_checkpoint(runs, f"demo-{net}")
+            print(f"trained {net}: {n} steps in {time.time() - t:.0f} s")
+            if net in ("structure-vae", "vae"):  # each DiT models latents of unit spread (pipeline/train/latents.py)
+                key = net.replace("-", "_")
+                out = str(runs / f"demo-{net}-latents")
+                status = jobs.submit(_job(f"demo-{net}-latents", [
+                    "python", "-m", "pipeline.train.latents", ckpt[key], "--network", key, "--shards", str(dataset),
+                    "--resolution", str(resolution), "--out", out]), address=address)
+                if status != "SUCCEEDED":
+                    raise RuntimeError(f"latent statistics of the {net}: job {status}")
+                ckpt[key] = out
+        return ckpt
+
+    chains = [CHAINS[0], tuple(n for n in CHAINS[1] if n != "vae" or latent == "ss_vae")]
+    with ThreadPoolExecutor(len(chains)) as pool:
+        futures = [pool.submit(chain, c) for c in chains]
+    return {k: v for f in futures for k, v in f.result().items()}
 
 
 def write_serve_config(path: Path, ckpt: dict[str, str], resolution: int, guidance: float = 7.0) -> dict:
