@@ -128,6 +128,15 @@ def test_a_failed_chain_is_named_after_the_other_finishes(monkeypatch, tmp_path)
     assert finished == ["vae", "dit"]
 
 
+def test_one_cpu_is_a_named_error_before_anything_runs(tmp_path):
+    from pipeline.cli import build_parser
+
+    args = build_parser().parse_args(["demo", "--quick", "--num-cpus", "1", "--data", str(tmp_path / "d")])
+    with pytest.raises(SystemExit, match="--num-cpus 1: training needs at least 2 CPUs"):
+        demo._run(args)
+    assert not (tmp_path / "d").exists()
+
+
 @pytest.mark.parametrize("vae_model,dit_model", [("debug", "debug"), ("debug_r4", "debug_grid16")])
 def test_vae_model_picks_the_ss_vae_and_its_ss_dit(monkeypatch, tmp_path, vae_model, dit_model):
     from pipeline import jobs

@@ -133,8 +133,6 @@ def test_zero2_across_nodes_survives_a_lost_node(train_cluster):
                       "restarted_from": hist["restarted_from"]}))
 
 
-
-
 def _submit(cluster, flags: list[str]) -> str:
     """``s2 train dit`` as a Ray job through the head's job API; its id."""
     res = _ray(cluster, "job", "submit", "--no-wait", "--address", cluster.dashboard, "--", "s2", "train", "dit",

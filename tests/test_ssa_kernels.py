@@ -166,6 +166,9 @@ def test_select_pooled_matches_score_matrix_cpu():
     assert got.shape == (st.n_tokens, 2, top_k) and got.dtype == torch.int64
     today = _score_matrix_select(q.float(), kc.float(), lse, st, top_k=top_k, q_tile=1)
     assert torch.equal(got.sort(-1).values, today.sort(-1).values)
+    # a key chunk narrower than top-k widens to it (the top-k lives in a chunk's row): more chunk ends, same sets
+    narrow = select_pooled(q.float(), kc.float(), lse, st, top_k, block_n=4)
+    assert torch.equal(narrow.sort(-1).values, today.sort(-1).values)
     _, _, probs = ref.compression_attention_ref(q, kc, vc, st)
     want = ref.select_blocks_ref(probs, st, 2, top_k, 1)
     clear = torch.cat([_clear_ranking(s, top_k) for s in _block_scores_ref(probs, st, 2)])

@@ -274,6 +274,9 @@ def _run(args) -> int:
     from pipeline.corpus import generate_corpus
 
     apply_quick(args)
+    if args.num_cpus is not None and args.num_cpus < 2 and not args.preprocess_only:
+        raise SystemExit(f"s2 demo: --num-cpus {args.num_cpus}: training needs at least 2 CPUs (two trainers of "
+                         f"{CHAIN_CPUS} CPU side by side, and a CPU for the Ray Data tasks that read their shards)")
     data = Path(args.data).resolve()
     corpus, train_corpus, dataset = data / "corpus", data / "corpus-train", data / "dataset"
     t0 = time.time()
