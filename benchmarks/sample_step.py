@@ -3,6 +3,7 @@
     python benchmarks/sample_step.py                          # paper SS-DiT, 10,704 and 45,816 tokens, CUDA
     python benchmarks/sample_step.py --tokens 45816 --profile 3
     python benchmarks/sample_step.py --config debug --device cpu --tokens 500 --steps 2   # a CPU smoke run
+    python benchmarks/sample_step.py --structure --fused-norms --graph   # the structure DiT's step instead
 
 A step is what ``model/cascade.py`` ``_guided`` does at each Euler step: one no-grad forward over the
 shape's tokens twice (the condition and the zero condition, classifier-free guidance as one batch of two
@@ -14,7 +15,8 @@ the sampling stages are most of a generated mesh (benchmarks/RESULTS.md, "Genera
 random; the parameters the released init sets to zero (gates, modulation, output layer) get small random
 values, else every block is an identity and the velocity zero. ``--fused-norms`` times the step without
 ``kernels/norm_modulate`` and ``kernels/head_rms_norm`` as the row and with them beside it, and prints how
-far the two velocities are apart.
+far the two velocities are apart. ``--structure`` times the structure stage's step instead: the dense DiT
+(``--config`` names a ``DENSE_DIT_CONFIGS`` entry) on its whole latent grid, guided as a batch of two.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from train_dit import COND_TOKENS, shell_coords  # noqa: E402
 
 from model.cascade import guidance_batch  # noqa: E402
 from model.graphs import CapturedVelocity  # noqa: E402
+from model.dense_dit import DenseDiT, DenseDiTConfig  # noqa: E402
 from model.dit import DiTConfig, PackedCondition, SparseDiT  # noqa: E402
 from model.sparse import SparseTensor  # noqa: E402
 
@@ -68,60 +71,84 @@ def timed(fn, steps: int, warmup: int, sync) -> float:
 
 
 def measure(cfg_name: str, tokens: int, steps: int, warmup: int, device, profile: int, sparse_conditions: bool,
-            graph: bool = False, fused_norms: bool = False, profile_ops: bool = False):
-    cfg = DiTConfig.named(cfg_name, sparse_conditions=sparse_conditions)
+            graph: bool = False, fused_norms: bool = False, profile_ops: bool = False, structure: bool = False):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    net = SparseDiT(cfg)
+    if structure:  # the dense DiT on its whole grid: tokens are fixed by the config
+        cfg = DenseDiTConfig.named(cfg_name)
+        net, tokens = DenseDiT(cfg), cfg.tokens
+    else:
+        cfg = DiTConfig.named(cfg_name, sparse_conditions=sparse_conditions)
+        net = SparseDiT(cfg)
     with torch.no_grad():  # the zero-initialised gates and output layer would make every block an identity and
         for p in net.parameters():  # the velocity zero: give them trained-like random values
             if not p.any():
                 p.normal_(0.0, 0.02)
     net = net.to(device, dtype).eval()
     params = sum(p.numel() for p in net.parameters())
-    x, t, cond = guided_batch(cfg, tokens, device, dtype)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    if structure:
+        g = torch.Generator().manual_seed(0)
+        xd = torch.randn(2, cfg.in_channels, *(cfg.resolution,) * 3, generator=g).to(device, dtype)
+        t = torch.full((2,), 0.5, device=device, dtype=dtype)
+        cond = torch.randn(1, COND_TOKENS if cfg.width >= 256 else 20, cfg.cond_dim, generator=g).to(device, dtype)
+        cond = torch.cat([cond, torch.zeros_like(cond)])  # the condition and the zero condition, one batch
 
-    def step():
-        with torch.no_grad():
-            return net(x.replace(x.feats), t, cond)  # the sampler's x.replace: the structure stays cached
+        def velocity(feats, tt, _c=None):
+            return net(feats, tt, cond)
+
+        def step():
+            with torch.no_grad():
+                return velocity(xd, t)
+    else:
+        x, t, cond = guided_batch(cfg, tokens, device, dtype)
+
+        def velocity(feats, tt, _c=None):
+            return net(x.replace(feats), tt, cond).feats  # the sampler's x.replace: the structure stays cached
+
+        def step():
+            with torch.no_grad():
+                return velocity(x.feats, t)
 
     import model.dense_dit as dense_dit_module
     import model.dit as dit_module
-    default_fused = dit_module.FUSED_NORMS, dense_dit_module.FUSED_HEAD_NORMS
+    default_fused = dit_module.FUSED_NORMS, dense_dit_module.FUSED_HEAD_NORMS, dense_dit_module.FUSED_NORMS
 
     def set_fused(on):
-        dit_module.FUSED_NORMS, dense_dit_module.FUSED_HEAD_NORMS = on
+        dit_module.FUSED_NORMS, dense_dit_module.FUSED_HEAD_NORMS, dense_dit_module.FUSED_NORMS = on
 
     if fused_norms:  # the baseline row is the unfused step; the fused one is timed below
-        set_fused((False, False))
+        set_fused((False, False, False))
     s = timed(step, steps, warmup, sync)
-    row = {"config": cfg_name, "sparse_conditions": sparse_conditions, "tokens": tokens, "batch_tokens": 2 * tokens,
+    row = {"config": cfg_name, "network": "structure DiT" if structure else "SS-DiT",
+           "sparse_conditions": sparse_conditions, "tokens": tokens, "batch_tokens": 2 * tokens,
            "step_ms": 1e3 * s, "tflops_linears": 2 * params * 2 * tokens / s / 1e12, "params_m": params / 1e6,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     if fused_norms and device.type == "cuda":  # the same step with kernels/norm_modulate (model.dit.FUSED_NORMS)
         with torch.no_grad():
-            eager_out = step().feats.float()
-            set_fused((True, True))
+            eager_out = step().float()
+            set_fused((True, True, True))
             try:
                 fs = timed(step, steps, warmup, sync)
-                fused_out = step().feats.float()
+                fused_out = step().float()
             finally:
                 set_fused(default_fused)
         row.update(fused_step_ms=1e3 * fs,
                    fused_rel_diff=((fused_out - eager_out).norm() / eager_out.norm()).item())
     set_fused(default_fused)
     if graph and device.type == "cuda":  # the same step replayed as a CUDA graph (model/graphs.py), same inputs
-        captured = CapturedVelocity(lambda feats, tt, _c: net(x.replace(feats), tt, cond).feats)
+        captured = CapturedVelocity(velocity)
+        inputs = xd if structure else x.feats
         with torch.no_grad():
-            eager_out = step().feats
-            graph_step = lambda: captured(x.feats, t)  # noqa: E731
+            eager_out = step()
+            graph_step = lambda: captured(inputs, t)  # noqa: E731
             gs = timed(graph_step, steps, warmup, sync)
             diff = (graph_step().float() - eager_out.float()).abs().max().item()
         row.update(graph_step_ms=1e3 * gs, graph_failed=captured.failed, graph_max_diff=diff)
     if profile:
         cats, kernels, wall = profile_step(step, profile, device)
-        print_breakdown(cats, kernels, wall, title=f"{cfg_name}, {tokens} tokens x 2 (guidance), one sampling step")
+        print_breakdown(cats, kernels, wall, title=f"{row['network']} {cfg_name}, {tokens} tokens x 2 (guidance), "
+                                                   "one sampling step")
         if profile_ops:  # a second pass: recording input shapes adds host time to the first pass's gaps
             ops = {}
             profile_step(step, profile, device, ops=ops)
@@ -143,12 +170,16 @@ def main(argv=None) -> int:
                     help="with --profile: a second profiled pass printing device time by op and input shapes")
     ap.add_argument("--graph", action="store_true", help="also time the step replayed as a CUDA graph")
     ap.add_argument("--fused-norms", action="store_true", help="also time the step with kernels/norm_modulate")
+    ap.add_argument("--structure", action="store_true",
+                    help="the structure DiT's step (dense, its whole grid; --tokens is ignored)")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    sizes = ["0"] if args.structure else args.tokens.split(",")
     rows = [measure(args.config, int(n), args.steps, args.warmup, device, args.profile, args.sparse_conditions,
-                    args.graph, args.fused_norms, args.profile_ops)
-            for n in args.tokens.split(",")]
+                    args.graph, args.fused_norms, args.profile_ops, args.structure)
+            for n in sizes]
+    print(f"{rows[0]['network']}, config {args.config}")
     print("| tokens (x2 guidance) | step ms | TFLOP/s (2·params·tokens) | CUDA graph step ms | eager / graph | device |")
     print("| ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kernels.head_rms_norm import head_rms_norm
+from kernels.norm_modulate import norm_modulate_segments
 from model.configs import strict_from_dict
 from model.dense_vae import check_layout, named_config
 from model.embeddings import TimestepEmbedder, position_embedding_3d
@@ -130,6 +131,11 @@ DENSE_DIT_CONFIGS = {
 # The q/k norms in one kernel (kernels/head_rms_norm) for inference on CUDA.
 FUSED_HEAD_NORMS = True
 
+# On CUDA: each block's three norms with their modulation (or the cross-attention norm's affine map) as one
+# kernel over each sample's rows (kernels/norm_modulate, differentiable), as the SS-DiT's blocks
+# (model.dit.FUSED_NORMS); the release's path rounds after the float32 norm and again after the multiply-add.
+FUSED_NORMS = True
+
 
 class MultiHeadRMSNorm(nn.Module):
     """x / ||x|| · sqrt(D) · gamma over each head's channels, in float32; gamma is (heads, D)."""
@@ -220,12 +226,30 @@ class DenseDiTBlock(nn.Module):
     def forward(self, x, mod, cond):
         if hasattr(self, "adaLN_modulation"):
             mod = self.adaLN_modulation(mod)
+        if FUSED_NORMS and x.is_cuda:
+            return self._forward_fused(x, mod, cond)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod[:, None].chunk(6, dim=-1)
         h = _layer_norm(x) * (1 + scale_a) + shift_a
         x = x + self.self_attn(h) * gate_a
         x = x + self.cross_attn(_layer_norm(x, self.norm2), cond)
         h = _layer_norm(x) * (1 + scale_m) + shift_m
         return x + self.mlp(h) * gate_m
+
+    def _forward_fused(self, x, mod, cond):
+        """forward() with kernels/norm_modulate over (B·N, W) rows, one segment a sample; under autocast the
+        normalised rows are stored in its dtype, which the linear layers reading them cast to."""
+        b, n, w = x.shape
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=-1)
+        offsets = [i * n for i in range(b + 1)]
+        out = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+
+        def norm(x, a, c):
+            return norm_modulate_segments(x.reshape(b * n, w), a, c, offsets, 1e-6, out).view(b, n, w)
+
+        # the gated residuals as one multiply-add each (one pass over the rows instead of two)
+        x = torch.addcmul(x, self.self_attn(norm(x, 1 + scale_a, shift_a)), gate_a[:, None])
+        x = x + self.cross_attn(norm(x, self.norm2.weight[None], self.norm2.bias[None]), cond)
+        return torch.addcmul(x, self.mlp(norm(x, 1 + scale_m, shift_m)), gate_m[:, None])
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:

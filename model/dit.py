@@ -294,11 +294,11 @@ class DiTBlock(nn.Module):
         out = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
         h = norm_modulate_segments(x, 1 + sc1, sh1, cu_seqlens, self.norm1.eps, out)
         h = self.self_attn.forward_sorted(h, st) if st is not None else self.self_attn.full_attention(h, cu_seqlens)
-        x = x + h * g1
+        x = torch.addcmul(x, h, g1)  # the gated residuals as one multiply-add each
         n2 = self.norm2
         x = x + self.cross_attn(norm_modulate_segments(x, n2.weight[None], n2.bias[None], cu_seqlens, n2.eps, out),
                                 cu_seqlens, cond, cu_cond)
-        return x + self.mlp(norm_modulate_segments(x, 1 + sc2, sh2, cu_seqlens, self.norm3.eps, out)) * g2
+        return torch.addcmul(x, self.mlp(norm_modulate_segments(x, 1 + sc2, sh2, cu_seqlens, self.norm3.eps, out)), g2)
 
 
 class SparseDiT(nn.Module):

@@ -70,6 +70,28 @@ def test_bad_arguments_are_named():
         norm_modulate_segments(x, torch.ones(2, 8), torch.zeros(1, 8), [0, 2, 4])
 
 
+def _fused_path_matches(monkeypatch, model, block_cls, fused, forward):
+    """``forward()``'s output and every parameter gradient of a random-weight model, with the blocks' default
+    forward and then with ``fused`` patched in as ``block_cls.forward``: equal up to float32 summation order."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+    def run():
+        model.zero_grad()
+        out = forward()
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    want, want_grads = run()
+    monkeypatch.setattr(block_cls, "forward", fused)
+    got, got_grads = run()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("lengths", [[12, 30, 7], [25]])
 def test_fused_block_path_gives_the_dit_output_and_gradients(monkeypatch, lengths):
     """DiTBlock._forward_fused (what FUSED_NORMS runs on CUDA) gives the default blocks' velocity and parameter
@@ -81,32 +103,35 @@ def test_fused_block_path_gives_the_dit_output_and_gradients(monkeypatch, length
     torch.manual_seed(0)
     model = SparseDiT(cfg).train()
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     cells = [torch.randperm(16 ** 3, generator=g)[:n] for n in lengths]
     coords = [torch.stack([c // 256, c // 16 % 16, c % 16], 1) for c in cells]
     x = SparseTensor.from_samples(coords, [torch.randn(n, 16, generator=g) for n in lengths], ordered=False)
     t, cond = torch.rand(len(lengths), generator=g), torch.randn(len(lengths), 5, cfg.cond_dim, generator=g)
-
-    def run():
-        model.zero_grad()
-        out = model(x.replace(x.feats), t, cond).feats
-        out.square().sum().backward()
-        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    want, want_grads = run()
 
     def fused(self, h, st, cu, token_shape, mod, c, cu_c):
         if hasattr(self, "adaLN_modulation"):
             mod = self.adaLN_modulation(mod)
         return self._forward_fused(h, st, cu, token_shape, mod, c, cu_c)
 
-    monkeypatch.setattr(DiTBlock, "forward", fused)
-    got, got_grads = run()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for name, grad in want_grads.items():
-        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    _fused_path_matches(monkeypatch, model, DiTBlock, fused, lambda: model(x.replace(x.feats), t, cond).feats)
+
+
+def test_fused_dense_block_path_gives_the_structure_dit_output_and_gradients(monkeypatch):
+    """DenseDiTBlock._forward_fused (what model.dense_dit.FUSED_NORMS runs on CUDA) gives the default blocks'
+    velocity and parameter gradients for a batch of two samples (a modulation row each); the reference here."""
+    from model.dense_dit import DenseDiT, DenseDiTBlock, DenseDiTConfig
+
+    cfg = DenseDiTConfig.named("debug")
+    torch.manual_seed(0)
+    model = DenseDiT(cfg).train()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, cfg.in_channels, *(cfg.resolution,) * 3, generator=g)
+    t, cond = torch.rand(2, generator=g), torch.randn(2, 7, cfg.cond_dim, generator=g)
+
+    def fused(self, h, mod, c):
+        return self._forward_fused(h, self.adaLN_modulation(mod), c)
+
+    _fused_path_matches(monkeypatch, model, DenseDiTBlock, fused, lambda: model(x, t, cond))
 
 
 @pytest.mark.parametrize("rows_of_a, offsets, width", [(1, [0, 37], 48), (3, [0, 70, 70, 131], 64),
@@ -178,6 +203,32 @@ def test_compiled_kernel_and_fused_dit_on_cuda(monkeypatch):
         want = net(xs, t, cond).feats.float()
         monkeypatch.setattr(dit_module, "FUSED_NORMS", True)
         got = net(xs.replace(xs.feats), t, cond).feats.float()
+    assert ((got - want).norm() / want.norm()).item() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_structure_dit_on_cuda(monkeypatch):
+    """A narrow structure DiT's guided velocity in bf16 with model.dense_dit.FUSED_NORMS against the release's
+    path (one rounding less: close, not equal)."""
+    import model.dense_dit as dense_module
+    from model.dense_dit import DenseDiT, DenseDiTConfig
+
+    g = torch.Generator().manual_seed(0)
+    cfg = DenseDiTConfig(width=256, cond_dim=128, depth=3, heads=4)
+    net = DenseDiT(cfg)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    net = net.cuda().bfloat16().eval()
+    x = torch.randn(2, cfg.in_channels, *(cfg.resolution,) * 3, generator=g).cuda().bfloat16()
+    t = torch.tensor([0.3, 0.7], device="cuda", dtype=torch.bfloat16)
+    cond = torch.randn(2, 30, cfg.cond_dim, generator=g).cuda().bfloat16()
+    with torch.no_grad():
+        monkeypatch.setattr(dense_module, "FUSED_NORMS", False)
+        want = net(x, t, cond).float()
+        monkeypatch.setattr(dense_module, "FUSED_NORMS", True)
+        got = net(x, t, cond).float()
     assert ((got - want).norm() / want.norm()).item() < 2e-2
 
 
