@@ -28,6 +28,8 @@ State-dict keys equal the release's (the UNet's are diffusers-style names), so `
 """
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 
 import torch
@@ -249,6 +251,24 @@ class FeatureMLP(nn.Module):
 # -- the refiner -------------------------------------------------------------------------------------
 
 
+# On CUDA, let cuDNN time its algorithms for each of the UNet's convolutions on the first patch (every patch of a
+# refiner has one shape, so the search runs once per process) instead of taking its heuristic's choice.
+# Off until timed (benchmarks/refiner.py, the "fp16, cuDNN autotune" row).
+CUDNN_AUTOTUNE = False
+
+
+@contextlib.contextmanager
+def _cudnn_autotune(x: torch.Tensor):
+    if not (CUDNN_AUTOTUNE and x.is_cuda) or torch.backends.cudnn.benchmark:
+        yield
+        return
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = False
+
+
 class VoxelRefiner(nn.Module):
     """The released refiner of ``cfg.kind``; ``run`` is its inference on one shape."""
 
@@ -287,6 +307,10 @@ class VoxelRefiner(nn.Module):
     def forward(self, sdf: torch.Tensor, feats: torch.Tensor | None = None) -> torch.Tensor:
         """One patch: sdf (B, 1, D, H, W) and, for the sdf refiner, the MLP'd features (B, width, D, H, W)
         -> the refined SDF in [-1, 1] (sdf refiner) or the sign logits (sign refiner)."""
+        with _cudnn_autotune(sdf):
+            return self._forward(sdf, feats)
+
+    def _forward(self, sdf, feats):
         h = self.conv_in(sdf)
         if self.cfg.kind == "sign":
             return self.conv_out(self.unet3d1(h))
