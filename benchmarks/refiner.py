@@ -3,6 +3,7 @@
     python benchmarks/refiner.py                       # paper-size sdf and sign refiners, random weights
     python benchmarks/refiner.py --kinds sdf --skip-run
     python benchmarks/refiner.py --size debug          # CPU smoke run (debug configs, tiny patches)
+    python benchmarks/refiner.py --convs               # each narrow 3³ conv: cuDNN against kernels/conv3d
 
 Both refiners run a dense 3D UNet (134.7 M parameters) over 27 overlapping 192³ patches of a 512³ grid:
 about 6.5 (sdf) / 6.2 (sign) TFLOP a patch by PyTorch's FLOP counter, ~175 TFLOP a shape. Rows, each in
@@ -16,6 +17,8 @@ the same process on the same inputs, the first the baseline the others are divid
 - ``fp16``: the same with GroupNorm + SiLU by the Triton kernel (float32 statistics): what it runs now;
 - ``fp16, cuDNN autotune``: the same with cuDNN's autotuner (``model.refiner.CUDNN_AUTOTUNE``: each
   convolution's algorithm timed on the first patch, not taken from cuDNN's heuristic as in the other rows);
+- ``fp16, Triton narrow convs``: the 3³ convolutions of at most 64 in and 32 out channels in kernels/conv3d
+  (``model.refiner.SMALL_CONVS``), alone and with the autotuner for the rest;
 - ``fp16, channels-last``: the same with the module and its input in ``torch.channels_last_3d``;
 - ``fp16, reference smoothing``: isolates the smoothing kernel's share (sdf refiner only).
 
@@ -180,6 +183,55 @@ def layer_profile(kind: str, size: str, dev: str, cuda: bool, reps: int = 5) -> 
               f"{ms:.1f} | {ms / (total / reps):.0%} | {tf} |")
 
 
+def conv_table(dev: str, cuda: bool, rep_ms: int) -> None:
+    """Each distinct narrow 3³ convolution of the paper sdf and sign refiners (<= 64 in, <= 32 out channels) on
+    one float16 patch-sized input: cuDNN with its heuristic's algorithm, cuDNN autotuned, and kernels/conv3d
+    at three block sizes; ms, effective TFLOP/s and the largest difference from cuDNN."""
+    import torch.nn.functional as F
+    from kernels.conv3d.triton_kernel import conv3d_3x3_triton
+    shapes = {}
+    for name in ("paper", "paper_1024"):
+        cfg = rf.RefinerConfig.named(name)
+        with torch.device("meta"):
+            m = rf.VoxelRefiner(cfg)
+        hooks = [mod.register_forward_hook(lambda mod, i, o: shapes.setdefault(
+            (mod.in_channels, mod.out_channels, i[0].shape[2]), [0, mod.bias is not None]).__setitem__(0, shapes[(
+                mod.in_channels, mod.out_channels, i[0].shape[2])][0] + 1))
+            for mod in m.modules() if isinstance(mod, rf.Conv3x3) and mod.in_channels <= 64 and mod.out_channels <= 32]
+        p = cfg.patch_size
+        with torch.device("meta"):
+            m(torch.ones(1, 1, p, p, p), torch.ones(1, cfg.width, p, p, p) if cfg.kind == "sdf" else None)
+        for h in hooks:
+            h.remove()
+    g = torch.Generator(dev).manual_seed(5)
+    print("\n| C_in → C_out at side³ | calls (both refiners) | variant | ms | effective TFLOP/s | × cuDNN heuristics | "
+          "max diff |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
+    prev = torch.backends.cudnn.benchmark
+    for (cin, cout, side), (calls, has_bias) in sorted(shapes.items(), key=lambda kv: (-kv[0][2], kv[0])):
+        x = torch.randn(1, cin, side, side, side, device=dev, generator=g).half()
+        w = (torch.randn(cout, cin, 3, 3, 3, device=dev, generator=g) / (27 * cin) ** 0.5).half()
+        b = torch.randn(cout, device=dev, generator=g).half() if has_bias else None
+        flop = 2 * cin * cout * 27 * side ** 3
+        variants = [("cuDNN heuristics", False, None), ("cuDNN autotune", True, None)]
+        if cuda:
+            variants += [(f"Triton, {blk} voxels a program", False, blk) for blk in (64, 128, 256)]
+        ref = base = None
+        for vname, tune, blk in variants:
+            torch.backends.cudnn.benchmark = tune
+            fn = (lambda: F.conv3d(x, w, b, padding=1)) if blk is None else \
+                (lambda blk=blk: conv3d_3x3_triton(x, w, b, block=blk))
+            try:
+                out = fn().float()
+                ms = timed(fn, cuda, rep_ms)
+            finally:
+                torch.backends.cudnn.benchmark = prev
+            ref = out if ref is None else ref
+            base = ms if base is None else base
+            print(f"| {cin} → {cout} at {side}³ | {calls} | {vname} | {ms:.3f} | {flop / ms / 1e9:.1f} | "
+                  f"{base / ms:.2f} | {float((out - ref).abs().max()):.1e} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", default="paper", choices=["paper", "debug"])
@@ -188,6 +240,8 @@ def main() -> None:
     p.add_argument("--rep-ms", type=int, default=2000)
     p.add_argument("--radius", type=float, default=0.4, help="run(): the sphere's radius as a fraction of "
                    "the grid (0.4 at 512: the centre patch is empty; 0.2: the 8 corners)")
+    p.add_argument("--convs", action="store_true",
+                   help="only the narrow 3³ convolutions of a patch: cuDNN (heuristic, autotuned) against kernels/conv3d")
     p.add_argument("--layers", action="store_true",
                    help="only a per-layer profile of one fp16 patch of each kind (CUDA events around every leaf)")
     args = p.parse_args()
@@ -196,6 +250,9 @@ def main() -> None:
     card = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"# {card}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')} UTC; cudnn.allow_tf32 "
           f"{torch.backends.cudnn.allow_tf32}; size {args.size}")
+    if args.convs:
+        conv_table(dev, cuda, args.rep_ms)
+        return
     if args.layers:
         for kind in args.kinds.split(","):
             layer_profile(kind, args.size, dev, cuda)
@@ -211,7 +268,8 @@ def main() -> None:
         g = torch.Generator(dev).manual_seed(2)
         x = torch.rand(1, 1, ps, ps, ps, device=dev, generator=g) * 2 - 1
         f = torch.randn(1, cfg.width, ps, ps, ps, device=dev, generator=g) if kind == "sdf" else None
-        names = ["fp32", "fp16, reference norm", "fp16", "fp16, cuDNN autotune", "fp16, channels-last"] + \
+        names = ["fp32", "fp16, reference norm", "fp16", "fp16, cuDNN autotune", "fp16, Triton narrow convs",
+                 "fp16, Triton narrow convs, cuDNN autotune", "fp16, channels-last"] + \
             (["fp16, reference smoothing"] if kind == "sdf" else [])
         ref = None
         for vname in names:
@@ -227,6 +285,7 @@ def main() -> None:
             rf.adaptive_smooth = lambda a, w, times=3, _b=backend: adaptive_smooth(a, w, times, backend=_b)
             rf.group_norm_act = functools.partial(group_norm_act, backend=norm_backend)
             orig_tune, rf.CUDNN_AUTOTUNE = rf.CUDNN_AUTOTUNE, "autotune" in vname
+            orig_small, rf.SMALL_CONVS = rf.SMALL_CONVS, "Triton narrow convs" in vname
             try:
                 with torch.no_grad():
                     out = (net(xi, fi) if fi is not None else net(xi)).float()
@@ -235,6 +294,7 @@ def main() -> None:
                     ms = timed(lambda: net(xi, fi) if fi is not None else net(xi), cuda, args.rep_ms)
             finally:
                 rf.adaptive_smooth, rf.group_norm_act, rf.CUDNN_AUTOTUNE = orig, orig_norm, orig_tune
+                rf.SMALL_CONVS = orig_small
             ref = out if ref is None else ref
             peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
             rows.append(dict(what=f"{kind} refiner, one {ps}³ patch", variant=vname, ms=ms,
@@ -254,10 +314,12 @@ def main() -> None:
             coords, vals, feats = shell_band(res, dev, radius_frac=args.radius)
             ref = None
             runs = (("fp32", True), ("fp16, every patch", False), ("fp16", True),
-                    ("fp16, cuDNN autotune, first call (the search)", True), ("fp16, cuDNN autotune", True))
+                    ("fp16, cuDNN autotune, first call (the search)", True), ("fp16, cuDNN autotune", True),
+                    ("fp16, Triton narrow convs", True), ("fp16, Triton narrow convs, cuDNN autotune", True))
             for vname, reuse in runs:
                 net = variant(base, vname.split(",")[0])
                 orig_tune, rf.CUDNN_AUTOTUNE = rf.CUDNN_AUTOTUNE, "autotune" in vname
+                orig_small, rf.SMALL_CONVS = rf.SMALL_CONVS, "Triton narrow convs" in vname
                 empty = sum(len(r) == 0 for r in net._patch_rows(
                     coords if kind == "sdf" else rf.mean_pool_2(coords, vals)[0], cfg.stride))
                 call = (lambda: net.run(coords, vals, feats, reuse_empty=reuse)) if kind == "sdf" else \
@@ -271,7 +333,7 @@ def main() -> None:
                     if cuda:
                         torch.cuda.synchronize()
                 finally:
-                    rf.CUDNN_AUTOTUNE = orig_tune
+                    rf.CUDNN_AUTOTUNE, rf.SMALL_CONVS = orig_tune, orig_small
                 ms = (time.perf_counter() - t) * 1e3
                 n = len(out[0])
                 ref = n if ref is None else ref

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.conv3d import conv3d_3x3
 from kernels.group_norm import group_norm_act
 from kernels.smooth import adaptive_smooth
 from model.configs import strict_from_dict
@@ -125,6 +126,25 @@ REFINER_CONFIGS = {
 # -- the UNet (UNet3DModel of the release: diffusers-style blocks) --------------------------------------
 
 
+# On CUDA in half precision, the 3³ convolutions with at most 64 input and 32 output channels (the UNet's 192³
+# and 96³ levels, the smoothing-weight nets) run in kernels/conv3d instead of cuDNN. Off until timed
+# (benchmarks/refiner.py --convs, the "fp16, Triton narrow convs" row).
+SMALL_CONVS = False
+
+
+class Conv3x3(nn.Conv3d):
+    """nn.Conv3d(cin, cout, 3, padding=1) (the release's keys and init) whose narrow calls may take kernels/conv3d."""
+
+    def __init__(self, cin: int, cout: int, bias: bool = True):
+        super().__init__(cin, cout, 3, padding=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (SMALL_CONVS and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and self.in_channels <= 64
+                and self.out_channels <= 32):
+            return conv3d_3x3(x, self.weight, self.bias)
+        return super().forward(x)
+
+
 def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     """SiLU(GroupNorm(x)) with float32 statistics whatever the weights' dtype, in x's dtype: one Triton
     statistics pass and one fused pass on CUDA (kernels.group_norm), the float32 reference elsewhere."""
@@ -135,9 +155,9 @@ class ResnetBlock3D(nn.Module):
     def __init__(self, cin: int, cout: int, groups: int, eps: float):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
-        self.conv1 = nn.Conv3d(cin, cout, 3, padding=1)
+        self.conv1 = Conv3x3(cin, cout)
         self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
-        self.conv2 = nn.Conv3d(cout, cout, 3, padding=1)
+        self.conv2 = Conv3x3(cout, cout)
         self.conv_shortcut = nn.Conv3d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x):
@@ -204,7 +224,7 @@ class UNet3D(nn.Module):
     def __init__(self, cin: int, channels: tuple, layers: int, mid_layers: int, groups: int, eps: float):
         super().__init__()
         n = len(channels)
-        self.conv_in = nn.Conv3d(cin, channels[0], 3, padding=1)
+        self.conv_in = Conv3x3(cin, channels[0])
         self.down_blocks = nn.ModuleList(
             DownBlock3D(channels[max(i - 1, 0)], channels[i], layers, i < n - 1, groups, eps) for i in range(n))
         self.mid_block = UNetMidBlock3D(channels[-1], mid_layers, groups, eps)
@@ -230,8 +250,8 @@ class UNet3D(nn.Module):
 
 
 def _kernel_net(width: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv3d(width, width, 3, padding=1), nn.ReLU(),
-                         nn.Conv3d(width, 27, 3, padding=1, bias=False))
+    return nn.Sequential(Conv3x3(width, width), nn.ReLU(),
+                         Conv3x3(width, 27, bias=False))
 
 
 class FeatureMLP(nn.Module):
@@ -279,14 +299,14 @@ class VoxelRefiner(nn.Module):
         unet_in = 2 * w if cfg.kind == "sdf" else w
         self.unet3d1 = UNet3D(unet_in, cfg.block_channels, cfg.layers_per_block, cfg.layers_mid_block,
                               cfg.norm_groups, cfg.norm_eps)
-        self.conv_in = nn.Conv3d(cfg.in_channels, w, 3, padding=1)
+        self.conv_in = Conv3x3(cfg.in_channels, w)
         if cfg.kind == "sdf":
             self.latent_mlp = FeatureMLP(cfg.feat_channels, w)
             self.adaptive_conv1 = _kernel_net(w)
             self.adaptive_conv2 = _kernel_net(w)
             self.adaptive_conv3 = _kernel_net(w)
-            self.mid_conv = nn.Conv3d(w, w, 3, padding=1)
-        self.conv_out = nn.Conv3d(w, cfg.out_channels, 3, padding=1)
+            self.mid_conv = Conv3x3(w, w)
+        self.conv_out = Conv3x3(w, cfg.out_channels)
 
     @property
     def config(self) -> RefinerConfig:

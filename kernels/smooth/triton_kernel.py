@@ -6,18 +6,15 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.dense_taps import tap_neighbour, voxel_block
+
 
 @triton.jit
 def _smooth_pass_kernel(X, Wt, Y, D, H, W, C: tl.constexpr, C_PAD: tl.constexpr, BLOCK: tl.constexpr):
     """Y[b, :, v] = Σ_o ŵ_o(v) · X[b, :, v + o − 1] for the BLOCK voxels v of program (block, b)."""
-    pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     n = D * H * W
-    v = pid * BLOCK + tl.arange(0, BLOCK)
-    live = v < n
-    vz = v // (H * W)
-    vy = (v // W) % H
-    vx = v % W
+    v, live, vz, vy, vx = voxel_block(D, H, W, BLOCK)
     wbase = Wt + b * 27 * n
     norm = tl.zeros([BLOCK], tl.float32)
     for o in tl.static_range(27):
@@ -28,12 +25,8 @@ def _smooth_pass_kernel(X, Wt, Y, D, H, W, C: tl.constexpr, C_PAD: tl.constexpr,
     xbase = X + b * C * n + ch.to(tl.int64)[:, None] * n
     acc = tl.zeros([C_PAD, BLOCK], tl.float32)
     for o in tl.static_range(27):
-        zz = vz + (o // 9 - 1)
-        yy = vy + (o // 3 % 3 - 1)
-        xx = vx + (o % 3 - 1)
-        ok = live & (zz >= 0) & (zz < D) & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+        nb, ok = tap_neighbour(vz, vy, vx, live, D, H, W, o)
         wo = tl.load(wbase + o * n + v, mask=live, other=0.0).to(tl.float32) * inv
-        nb = (zz * H + yy) * W + xx
         xv = tl.load(xbase + nb[None, :], mask=cmask[:, None] & ok[None, :], other=0.0).to(tl.float32)
         acc += xv * wo[None, :]
     tl.store(Y + b * C * n + ch.to(tl.int64)[:, None] * n + v[None, :], acc, mask=cmask[:, None] & live[None, :])
