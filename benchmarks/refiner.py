@@ -14,11 +14,9 @@ the same process on the same inputs, the first the baseline the others are divid
 - ``fp16, reference norm``: convolutions and linears in float16 (``VoxelRefiner.cast_weights``, the
   release's precision), each GroupNorm + SiLU by PyTorch on a float32 copy (``kernels.group_norm``
   reference), smoothing by the Triton kernel: what the cascade ran before the group-norm kernel;
-- ``fp16``: the same with GroupNorm + SiLU by the Triton kernel (float32 statistics): what it runs now;
-- ``fp16, cuDNN autotune``: the same with cuDNN's autotuner (``model.refiner.CUDNN_AUTOTUNE``: each
-  convolution's algorithm timed on the first patch, not taken from cuDNN's heuristic as in the other rows);
-- ``fp16, Triton narrow convs``: the 3³ convolutions of at most 64 in and 32 out channels in kernels/conv3d
-  (``model.refiner.SMALL_CONVS``), alone and with the autotuner for the rest;
+- ``fp16, cuDNN narrow convs``: the same with GroupNorm + SiLU by the Triton kernel (float32 statistics),
+  every convolution in cuDNN (``model.refiner.SMALL_CONVS`` off): what it ran before kernels/conv3d;
+- ``fp16``: the same with the 3³ convolutions of at most 8 input channels in kernels/conv3d: what it runs now;
 - ``fp16, channels-last``: the same with the module and its input in ``torch.channels_last_3d``;
 - ``fp16, reference smoothing``: isolates the smoothing kernel's share (sdf refiner only).
 
@@ -185,8 +183,8 @@ def layer_profile(kind: str, size: str, dev: str, cuda: bool, reps: int = 5) -> 
 
 def conv_table(dev: str, cuda: bool, rep_ms: int) -> None:
     """Each distinct narrow 3³ convolution of the paper sdf and sign refiners (<= 64 in, <= 32 out channels) on
-    one float16 patch-sized input: cuDNN with its heuristic's algorithm, cuDNN autotuned, and kernels/conv3d
-    at three block sizes; ms, effective TFLOP/s and the largest difference from cuDNN."""
+    one float16 patch-sized input: cuDNN with its heuristic's algorithm, cuDNN autotuned (``cudnn.benchmark``),
+    and kernels/conv3d at three block sizes; ms, effective TFLOP/s and the largest difference from cuDNN."""
     import torch.nn.functional as F
     from kernels.conv3d.triton_kernel import conv3d_3x3_triton
     shapes = {}
@@ -268,8 +266,7 @@ def main() -> None:
         g = torch.Generator(dev).manual_seed(2)
         x = torch.rand(1, 1, ps, ps, ps, device=dev, generator=g) * 2 - 1
         f = torch.randn(1, cfg.width, ps, ps, ps, device=dev, generator=g) if kind == "sdf" else None
-        names = ["fp32", "fp16, reference norm", "fp16", "fp16, cuDNN autotune", "fp16, Triton narrow convs",
-                 "fp16, Triton narrow convs, cuDNN autotune", "fp16, channels-last"] + \
+        names = ["fp32", "fp16, reference norm", "fp16, cuDNN narrow convs", "fp16", "fp16, channels-last"] + \
             (["fp16, reference smoothing"] if kind == "sdf" else [])
         ref = None
         for vname in names:
@@ -284,8 +281,7 @@ def main() -> None:
             orig, orig_norm = rf.adaptive_smooth, rf.group_norm_act
             rf.adaptive_smooth = lambda a, w, times=3, _b=backend: adaptive_smooth(a, w, times, backend=_b)
             rf.group_norm_act = functools.partial(group_norm_act, backend=norm_backend)
-            orig_tune, rf.CUDNN_AUTOTUNE = rf.CUDNN_AUTOTUNE, "autotune" in vname
-            orig_small, rf.SMALL_CONVS = rf.SMALL_CONVS, "Triton narrow convs" in vname
+            orig_small, rf.SMALL_CONVS = rf.SMALL_CONVS, "cuDNN narrow" not in vname
             try:
                 with torch.no_grad():
                     out = (net(xi, fi) if fi is not None else net(xi)).float()
@@ -293,8 +289,7 @@ def main() -> None:
                         torch.cuda.reset_peak_memory_stats()
                     ms = timed(lambda: net(xi, fi) if fi is not None else net(xi), cuda, args.rep_ms)
             finally:
-                rf.adaptive_smooth, rf.group_norm_act, rf.CUDNN_AUTOTUNE = orig, orig_norm, orig_tune
-                rf.SMALL_CONVS = orig_small
+                rf.adaptive_smooth, rf.group_norm_act, rf.SMALL_CONVS = orig, orig_norm, orig_small
             ref = out if ref is None else ref
             peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
             rows.append(dict(what=f"{kind} refiner, one {ps}³ patch", variant=vname, ms=ms,
@@ -313,13 +308,10 @@ def main() -> None:
             res = cfg.res * (2 if kind == "sign" else 1)
             coords, vals, feats = shell_band(res, dev, radius_frac=args.radius)
             ref = None
-            runs = (("fp32", True), ("fp16, every patch", False), ("fp16", True),
-                    ("fp16, cuDNN autotune, first call (the search)", True), ("fp16, cuDNN autotune", True),
-                    ("fp16, Triton narrow convs", True), ("fp16, Triton narrow convs, cuDNN autotune", True))
+            runs = (("fp32", True), ("fp16, every patch", False), ("fp16, cuDNN narrow convs", True), ("fp16", True))
             for vname, reuse in runs:
                 net = variant(base, vname.split(",")[0])
-                orig_tune, rf.CUDNN_AUTOTUNE = rf.CUDNN_AUTOTUNE, "autotune" in vname
-                orig_small, rf.SMALL_CONVS = rf.SMALL_CONVS, "Triton narrow convs" in vname
+                orig_small, rf.SMALL_CONVS = rf.SMALL_CONVS, "cuDNN narrow" not in vname
                 empty = sum(len(r) == 0 for r in net._patch_rows(
                     coords if kind == "sdf" else rf.mean_pool_2(coords, vals)[0], cfg.stride))
                 call = (lambda: net.run(coords, vals, feats, reuse_empty=reuse)) if kind == "sdf" else \
@@ -333,7 +325,7 @@ def main() -> None:
                     if cuda:
                         torch.cuda.synchronize()
                 finally:
-                    rf.CUDNN_AUTOTUNE, rf.SMALL_CONVS = orig_tune, orig_small
+                    rf.SMALL_CONVS = orig_small
                 ms = (time.perf_counter() - t) * 1e3
                 n = len(out[0])
                 ref = n if ref is None else ref

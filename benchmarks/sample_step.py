@@ -112,7 +112,9 @@ def measure(cfg_name: str, tokens: int, steps: int, warmup: int, device, profile
 
     import model.dense_dit as dense_dit_module
     import model.dit as dit_module
-    default_fused = dit_module.FUSED_NORMS, dense_dit_module.FUSED_HEAD_NORMS, dense_dit_module.FUSED_NORMS
+    # getattr: an older tree's modules (run with this script for an A/B) may lack a switch
+    default_fused = (dit_module.FUSED_NORMS, dense_dit_module.FUSED_HEAD_NORMS,
+                     getattr(dense_dit_module, "FUSED_NORMS", False))
 
     def set_fused(on):
         dit_module.FUSED_NORMS, dense_dit_module.FUSED_HEAD_NORMS, dense_dit_module.FUSED_NORMS = on

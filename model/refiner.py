@@ -28,7 +28,6 @@ State-dict keys equal the release's (the UNet's are diffusers-style names), so `
 """
 from __future__ import annotations
 
-import contextlib
 
 from dataclasses import dataclass
 
@@ -126,10 +125,11 @@ REFINER_CONFIGS = {
 # -- the UNet (UNet3DModel of the release: diffusers-style blocks) --------------------------------------
 
 
-# On CUDA in half precision, the 3³ convolutions with at most 64 input and 32 output channels (the UNet's 192³
-# and 96³ levels, the smoothing-weight nets) run in kernels/conv3d instead of cuDNN. Off until timed
-# (benchmarks/refiner.py --convs, the "fp16, Triton narrow convs" row).
-SMALL_CONVS = False
+# On CUDA in half precision, the 3³ convolutions with at most 8 input and 32 output channels (the UNet's first
+# level, its input and output layers, the smoothing-weight nets: 17 of a patch's 3³ convolutions at 192³) run in
+# kernels/conv3d instead of cuDNN: a patch 74.3 -> 65.0 ms (sdf) and 57.7 -> 49.9 ms (sign) on an H100. Wider
+# inputs stay with cuDNN, which is faster there (benchmarks/RESULTS.md "The refiners", --convs).
+SMALL_CONVS = True
 
 
 class Conv3x3(nn.Conv3d):
@@ -139,7 +139,7 @@ class Conv3x3(nn.Conv3d):
         super().__init__(cin, cout, 3, padding=1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (SMALL_CONVS and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and self.in_channels <= 64
+        if (SMALL_CONVS and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and self.in_channels <= 8
                 and self.out_channels <= 32):
             return conv3d_3x3(x, self.weight, self.bias)
         return super().forward(x)
@@ -271,24 +271,6 @@ class FeatureMLP(nn.Module):
 # -- the refiner -------------------------------------------------------------------------------------
 
 
-# On CUDA, let cuDNN time its algorithms for each of the UNet's convolutions on the first patch (every patch of a
-# refiner has one shape, so the search runs once per process) instead of taking its heuristic's choice.
-# Off until timed (benchmarks/refiner.py, the "fp16, cuDNN autotune" row).
-CUDNN_AUTOTUNE = False
-
-
-@contextlib.contextmanager
-def _cudnn_autotune(x: torch.Tensor):
-    if not (CUDNN_AUTOTUNE and x.is_cuda) or torch.backends.cudnn.benchmark:
-        yield
-        return
-    torch.backends.cudnn.benchmark = True
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = False
-
-
 class VoxelRefiner(nn.Module):
     """The released refiner of ``cfg.kind``; ``run`` is its inference on one shape."""
 
@@ -327,10 +309,6 @@ class VoxelRefiner(nn.Module):
     def forward(self, sdf: torch.Tensor, feats: torch.Tensor | None = None) -> torch.Tensor:
         """One patch: sdf (B, 1, D, H, W) and, for the sdf refiner, the MLP'd features (B, width, D, H, W)
         -> the refined SDF in [-1, 1] (sdf refiner) or the sign logits (sign refiner)."""
-        with _cudnn_autotune(sdf):
-            return self._forward(sdf, feats)
-
-    def _forward(self, sdf, feats):
         h = self.conv_in(sdf)
         if self.cfg.kind == "sign":
             return self.conv_out(self.unet3d1(h))

@@ -252,22 +252,3 @@ def test_patches_without_band_voxels_share_one_unet_pass(name):
     assert len(calls) - n_every == 27 - empty + 1
     assert torch.equal(shared, every)
 
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("name", ["debug", "debug_1024"])
-def test_cudnn_autotune_same_patch_and_flag_restored(monkeypatch, name):
-    """model.refiner.CUDNN_AUTOTUNE: a float16 patch with cuDNN's autotuned algorithms matches the heuristic
-    ones at float16 rounding, and the global benchmark flag is off again after the call."""
-    cfg = rf.RefinerConfig.named(name)
-    net = _random(cfg).cuda().cast_weights(torch.float16)
-    g = torch.Generator().manual_seed(3)
-    x = (torch.rand(1, 1, 32, 32, 32, generator=g) * 2 - 1).cuda().half()
-    f = torch.randn(1, cfg.width, 32, 32, 32, generator=g).cuda().half() if cfg.kind == "sdf" else None
-    with torch.no_grad():
-        monkeypatch.setattr(rf, "CUDNN_AUTOTUNE", False)
-        want = net(x, f).float()
-        monkeypatch.setattr(rf, "CUDNN_AUTOTUNE", True)
-        got = net(x, f).float()
-    assert not torch.backends.cudnn.benchmark
-    assert ((got - want).norm() / want.norm()).item() < 1e-2

@@ -50,7 +50,7 @@ def pack_weight(weight: torch.Tensor, dtype: torch.dtype, ck: int, cout_p: int) 
 
 
 def conv3d_3x3_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                      block: int = 128, num_warps: int = 4) -> torch.Tensor:
+                      block: int = 256, num_warps: int = 4) -> torch.Tensor:
     b, cin, d, h, w = x.shape
     cout = weight.shape[0]
     ck = max(16, min(32, triton.next_power_of_2(cin)))
