@@ -187,15 +187,18 @@ def conv_table(dev: str, cuda: bool, rep_ms: int) -> None:
     and kernels/conv3d at three block sizes; ms, effective TFLOP/s and the largest difference from cuDNN."""
     import torch.nn.functional as F
     from kernels.conv3d.triton_kernel import conv3d_3x3_triton
-    shapes = {}
+    shapes = {}  # (C_in, C_out, side) -> [calls, has bias]
+
+    def count(mod, inputs, _out):
+        entry = shapes.setdefault((mod.in_channels, mod.out_channels, inputs[0].shape[2]), [0, mod.bias is not None])
+        entry[0] += 1
+
     for name in ("paper", "paper_1024"):
         cfg = rf.RefinerConfig.named(name)
         with torch.device("meta"):
             m = rf.VoxelRefiner(cfg)
-        hooks = [mod.register_forward_hook(lambda mod, i, o: shapes.setdefault(
-            (mod.in_channels, mod.out_channels, i[0].shape[2]), [0, mod.bias is not None]).__setitem__(0, shapes[(
-                mod.in_channels, mod.out_channels, i[0].shape[2])][0] + 1))
-            for mod in m.modules() if isinstance(mod, rf.Conv3x3) and mod.in_channels <= 64 and mod.out_channels <= 32]
+        hooks = [mod.register_forward_hook(count) for mod in m.modules()
+                 if isinstance(mod, rf.Conv3x3) and mod.in_channels <= 64 and mod.out_channels <= 32]
         p = cfg.patch_size
         with torch.device("meta"):
             m(torch.ones(1, 1, p, p, p), torch.ones(1, cfg.width, p, p, p) if cfg.kind == "sdf" else None)
