@@ -28,7 +28,6 @@ State-dict keys equal the release's (the UNet's are diffusers-style names), so `
 """
 from __future__ import annotations
 
-
 from dataclasses import dataclass
 
 import torch
