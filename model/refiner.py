@@ -125,8 +125,8 @@ REFINER_CONFIGS = {
 
 
 # On CUDA in half precision, the 3³ convolutions with at most 8 input and 32 output channels (the UNet's first
-# level, its input and output layers, the smoothing-weight nets: 17 of a patch's 3³ convolutions at 192³) run in
-# kernels/conv3d instead of cuDNN: a patch 74.3 -> 65.0 ms (sdf) and 57.7 -> 49.9 ms (sign) on an H100. Wider
+# level, the input and output layers, the smoothing-weight nets: 16 of the sdf refiner's 3³ convolutions at 192³
+# and one at 96³, 11 of the sign refiner's) run in kernels/conv3d instead of cuDNN: a patch 74.3 -> 65.0 ms (sdf) and 57.7 -> 49.9 ms (sign) on an H100. Wider
 # inputs stay with cuDNN, which is faster there (benchmarks/RESULTS.md "The refiners", --convs).
 SMALL_CONVS = True
 

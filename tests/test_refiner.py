@@ -251,4 +251,3 @@ def test_patches_without_band_voxels_share_one_unet_pass(name):
     assert n_every == 27 and empty >= 8
     assert len(calls) - n_every == 27 - empty + 1
     assert torch.equal(shared, every)
-
