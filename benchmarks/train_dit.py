@@ -187,6 +187,9 @@ def main() -> None:
                          "(model.dit.CHECKPOINT_KEEPS_ATTENTION)")
     ap.add_argument("--unfused-norms", action="store_true",
                     help="the DiT blocks' LayerNorm32 + modulate instead of kernels/norm_modulate (the baseline)")
+    ap.add_argument("--unfused-head-norms", action="store_true",
+                    help="the cross-attention q/k norms through the PyTorch reference in training (before the "
+                         "kernels/head_rms_norm backward)")
     ap.add_argument("--no-selection-reuse", action="store_true",
                     help="the checkpoint recomputation selects its SSA blocks again (the baseline of the reuse)")
     ap.add_argument("--profile-ops", action="store_true",
@@ -204,6 +207,15 @@ def main() -> None:
         dit_module.FUSED_NORMS = False
     if args.keep_attention:
         dit_module.CHECKPOINT_KEEPS_ATTENTION = True
+    if args.unfused_head_norms:
+        import kernels.head_rms_norm as hrn
+        import model.dense_dit as dense_module
+        fused = hrn.head_rms_norm
+
+        def reference_when_training(x, gamma, backend="auto"):
+            needs_grad = torch.is_grad_enabled() and (x.requires_grad or gamma.requires_grad)
+            return fused(x, gamma, backend="torch" if needs_grad else backend)
+        dense_module.head_rms_norm = reference_when_training
     if args.summary:
         rows = [r for path in args.summary for r in json.load(open(path))]
         print_table(rows)

@@ -128,7 +128,7 @@ DENSE_DIT_CONFIGS = {
 }
 
 
-# The q/k norms in one kernel (kernels/head_rms_norm) for inference on CUDA.
+# The q/k norms in one kernel (kernels/head_rms_norm) on CUDA, with a one-kernel backward for training.
 FUSED_HEAD_NORMS = True
 
 # On CUDA: each block's three norms with their modulation (or the cross-attention norm's affine map) as one
@@ -146,7 +146,7 @@ class MultiHeadRMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(heads, dim))
 
     def forward(self, x):  # (..., H, D)
-        if FUSED_HEAD_NORMS:  # one pass on CUDA without gradients, the float32 PyTorch reference otherwise
+        if FUSED_HEAD_NORMS:  # one pass on CUDA (and one for the backward), the float32 PyTorch reference elsewhere
             return head_rms_norm(x, self.gamma)
         return (F.normalize(x.float(), dim=-1) * self.gamma.float() * self.scale).to(x.dtype)
 
