@@ -16,7 +16,9 @@ the same process on the same inputs, the first the baseline the others are divid
   reference), smoothing by the Triton kernel: what the cascade ran before the group-norm kernel;
 - ``fp16, cuDNN narrow convs``: the same with GroupNorm + SiLU by the Triton kernel (float32 statistics),
   every convolution in cuDNN (``model.refiner.SMALL_CONVS`` off): what it ran before kernels/conv3d;
-- ``fp16``: the same with the 3³ convolutions of at most 8 input channels in kernels/conv3d: what it runs now;
+- ``fp16, per-tap narrow convs``: the same with the 3³ convolutions of at most 8 input channels in
+  kernels/conv3d's per-tap kernel (``PACKED_MAX_CIN`` 0): what it ran before the packed kernel;
+- ``fp16``: the same with those convolutions in the packed (implicit-GEMM) kernel: what it runs now;
 - ``fp16, channels-last``: the same with the module and its input in ``torch.channels_last_3d``;
 - ``fp16, reference smoothing``: isolates the smoothing kernel's share (sdf refiner only).
 
@@ -37,6 +39,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kernels.conv3d import triton_kernel as tk  # noqa: E402
 from kernels.group_norm import group_norm_act  # noqa: E402
 from kernels.smooth import adaptive_smooth  # noqa: E402
 from model import refiner as rf  # noqa: E402
@@ -184,7 +187,8 @@ def layer_profile(kind: str, size: str, dev: str, cuda: bool, reps: int = 5) -> 
 def conv_table(dev: str, cuda: bool, rep_ms: int) -> None:
     """Each distinct narrow 3³ convolution of the paper sdf and sign refiners (<= 64 in, <= 32 out channels) on
     one float16 patch-sized input: cuDNN with its heuristic's algorithm, cuDNN autotuned (``cudnn.benchmark``),
-    and kernels/conv3d at three block sizes; ms, effective TFLOP/s and the largest difference from cuDNN."""
+    and kernels/conv3d per tap and, for <= 8 input channels, packed (implicit GEMM over (tap, channel) chunks)
+    at two block sizes; ms, effective TFLOP/s and the largest difference from cuDNN."""
     import torch.nn.functional as F
     from kernels.conv3d.triton_kernel import conv3d_3x3_triton
     shapes = {}  # (C_in, C_out, side) -> [calls, has bias]
@@ -216,12 +220,15 @@ def conv_table(dev: str, cuda: bool, rep_ms: int) -> None:
         flop = 2 * cin * cout * 27 * side ** 3
         variants = [("cuDNN heuristics", False, None), ("cuDNN autotune", True, None)]
         if cuda:
-            variants += [(f"Triton, {blk} voxels a program", False, blk) for blk in (64, 128, 256)]
+            variants += [(f"Triton per tap, {blk} voxels a program", False, (blk, False, 32)) for blk in (128, 256)]
+            if cin <= 8:  # the implicit GEMM over (tap, channel) chunks
+                variants += [(f"Triton packed, {blk} voxels, chunks of {kc}", False, (blk, True, kc))
+                             for blk in (128, 256) for kc in (16, 32)]
         ref = base = None
         for vname, tune, blk in variants:
             torch.backends.cudnn.benchmark = tune
             fn = (lambda: F.conv3d(x, w, b, padding=1)) if blk is None else \
-                (lambda blk=blk: conv3d_3x3_triton(x, w, b, block=blk))
+                (lambda o=blk: conv3d_3x3_triton(x, w, b, block=o[0], packed=o[1], kc=o[2]))
             try:
                 out = fn().float()
                 ms = timed(fn, cuda, rep_ms)
@@ -269,7 +276,8 @@ def main() -> None:
         g = torch.Generator(dev).manual_seed(2)
         x = torch.rand(1, 1, ps, ps, ps, device=dev, generator=g) * 2 - 1
         f = torch.randn(1, cfg.width, ps, ps, ps, device=dev, generator=g) if kind == "sdf" else None
-        names = ["fp32", "fp16, reference norm", "fp16, cuDNN narrow convs", "fp16", "fp16, channels-last"] + \
+        names = ["fp32", "fp16, reference norm", "fp16, cuDNN narrow convs", "fp16, per-tap narrow convs", "fp16",
+                 "fp16, channels-last"] + \
             (["fp16, reference smoothing"] if kind == "sdf" else [])
         ref = None
         for vname in names:
@@ -285,6 +293,7 @@ def main() -> None:
             rf.adaptive_smooth = lambda a, w, times=3, _b=backend: adaptive_smooth(a, w, times, backend=_b)
             rf.group_norm_act = functools.partial(group_norm_act, backend=norm_backend)
             orig_small, rf.SMALL_CONVS = rf.SMALL_CONVS, "cuDNN narrow" not in vname
+            orig_packed, tk.PACKED_MAX_CIN = tk.PACKED_MAX_CIN, 0 if "per-tap" in vname else tk.PACKED_MAX_CIN
             try:
                 with torch.no_grad():
                     out = (net(xi, fi) if fi is not None else net(xi)).float()
@@ -293,6 +302,7 @@ def main() -> None:
                     ms = timed(lambda: net(xi, fi) if fi is not None else net(xi), cuda, args.rep_ms)
             finally:
                 rf.adaptive_smooth, rf.group_norm_act, rf.SMALL_CONVS = orig, orig_norm, orig_small
+                tk.PACKED_MAX_CIN = orig_packed
             ref = out if ref is None else ref
             peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
             rows.append(dict(what=f"{kind} refiner, one {ps}³ patch", variant=vname, ms=ms,

@@ -18,6 +18,7 @@ def _need_interpreter():
 
 @pytest.mark.parametrize("b, cin, cout, size, bias", [
     (1, 8, 8, (5, 6, 7), True),     # the refiners' 8 -> 8 layers, a ragged block at the end
+    (1, 3, 5, (3, 4, 5), True),     # 3 channels: padded to 4 in each (tap, channel) chunk
     (2, 1, 8, (4, 4, 9), True),     # conv_in, two samples
     (1, 40, 8, (3, 5, 2), True),    # the skip-concatenated up block: three 16-channel chunks, the last masked
     (1, 8, 27, (4, 3, 6), False),   # a smoothing-weight net's last layer (no bias), 27 -> 32 padded outputs
@@ -34,6 +35,11 @@ def test_matches_conv3d(b, cin, cout, size, bias):
     want = F.conv3d(x.double(), w.double(), None if bb is None else bb.double(), padding=1)
     assert got.dtype == x.dtype and got.shape == want.shape
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    if cin <= 8:  # the other form too: per tap (the default packs (tap, channel) chunks up to 8 channels)
+        from kernels.conv3d.triton_kernel import conv3d_3x3_triton
+        for packed, kc in ((False, 32), (True, 16)):
+            torch.testing.assert_close(conv3d_3x3_triton(x, w, bb, packed=packed, kc=kc).double(), want,
+                                       rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(conv3d_3x3(x, w, bb, backend="torch").double(), want, rtol=1e-5, atol=1e-4)
 
 
