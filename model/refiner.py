@@ -126,10 +126,9 @@ REFINER_CONFIGS = {
 
 # On CUDA in half precision, the 3³ convolutions with at most 8 input and 32 output channels (the UNet's first
 # level, the input and output layers, the smoothing-weight nets: 16 of the sdf refiner's 3³ convolutions at 192³
-# and one at 96³, 11 of the sign refiner's) run in kernels/conv3d instead of cuDNN: with its per-tap kernel a
-# patch took 74.3 -> 65.0 ms (sdf) and 57.7 -> 49.9 ms (sign) on an H100; its packed kernel, now the default for
-# these layers, is 1.4-1.6x the per-tap one layer by layer. Wider inputs stay with cuDNN, which is faster there
-# (benchmarks/RESULTS.md "The refiners", --convs).
+# and one at 96³, 11 of the sign refiner's) run in kernels/conv3d (its packed implicit-GEMM form) instead of
+# cuDNN: a patch 74.0 -> 58.1 ms (sdf) and 57.4 -> 45.2 ms (sign) on an H100. Wider inputs stay with cuDNN,
+# which is faster there (benchmarks/RESULTS.md "The refiners", --convs).
 SMALL_CONVS = True
 
 
