@@ -58,8 +58,8 @@ def _conv3_packed_kernel(X, Wp, Bias, Y, D, H, W, CIN: tl.constexpr, CIN_P: tl.c
                          COUT_P: tl.constexpr, KC: tl.constexpr, K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
                          IEEE: tl.constexpr, BLOCK: tl.constexpr):
     """The same convolution for C_in <= 8 as an implicit GEMM over k = tap · CIN_P + c: each (BLOCK, KC) chunk
-    of neighbour values spans several taps, so no product is padded to 16 channels (1 -> 8: two chunks of 16
-    taps instead of 27 products); Wp is (K_PAD, COUT_P), rows k, zeros past 27 · CIN_P, C_in and C_out."""
+    of neighbour values spans several taps, so no product is padded to 16 channels (1 -> 8: one chunk of 32
+    instead of 27 products); Wp is (K_PAD, COUT_P), rows k, zeros past 27 · CIN_P, C_in and C_out."""
     b = tl.program_id(1).to(tl.int64)
     n = D * H * W
     v, live, vz, vy, vx = voxel_block(D, H, W, BLOCK)
@@ -107,9 +107,9 @@ PACKED_MAX_CIN = 8
 def conv3d_3x3_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                       block: int | None = None, num_warps: int = 4, packed: bool | None = None,
                       kc: int | None = None) -> torch.Tensor:
-    """``packed`` (default: C_in <= PACKED_MAX_CIN) picks the implicit-GEMM kernel over (tap, channel) chunks of ``kc``
-    (default 32 for up to 16 padded output channels, 16 above) with ``block`` voxels a program (default 128;
-    256 for the per-tap kernel): the fastest of each on an H100 (benchmarks/refiner.py --convs)."""
+    """``packed`` (default: C_in <= PACKED_MAX_CIN) picks the implicit-GEMM kernel over (tap, channel) chunks
+    of ``kc`` (default 32 for up to 16 padded output channels, 16 above) with ``block`` voxels a program
+    (default 128; 256 for the per-tap kernel): the fastest of each on an H100 (benchmarks/refiner.py --convs)."""
     b, cin, d, h, w = x.shape
     cout = weight.shape[0]
     cout_p = max(16, triton.next_power_of_2(cout))
