@@ -161,3 +161,32 @@ def _cmdline(p) -> list[str]:
         return p.cmdline()
     except Exception:  # noqa: BLE001 - a process that ended meanwhile
         return []
+
+
+def test_client_initialization_failure_is_retried_once(monkeypatch):
+    """Ray Client's transient "Initialization failure from server" gets one more attempt; a second failure, or
+    any other error, or the same text from a non-client address, is not retried."""
+    import pipeline.ray_address as ra
+
+    monkeypatch.setattr(ra, "CLIENT_RETRY_PAUSE_S", 0.0)
+    calls = []
+
+    def flaky(fails, msg="Initialization failure from server:\nTraceback ..."):
+        def fn():
+            calls.append(1)
+            if len(calls) <= fails:
+                raise ConnectionAbortedError(msg)
+            return "ok"
+        return fn
+
+    client, gcs = ra.parse("ray://127.0.0.1:10001"), ra.parse("127.0.0.1:6379")
+    assert ra._client_call(client, flaky(1)) == "ok" and len(calls) == 2
+    calls.clear()
+    with pytest.raises(ConnectionAbortedError):
+        ra._client_call(client, flaky(2))
+    assert len(calls) == 2
+    for addr, fn in ((client, flaky(1, "connection refused")), (gcs, flaky(1))):
+        calls.clear()
+        with pytest.raises(ConnectionAbortedError):
+            ra._client_call(addr, fn)
+        assert len(calls) == 1
