@@ -133,12 +133,21 @@ class Library:
     def write(self, rel: str, data: bytes) -> None:
         storage.write_atomic(self.fs, self._p(rel), data)
 
+    def remove_stale_temps(self) -> int:
+        """Delete the temporary files a killed run left in a local library (an hour old or more); S3 objects
+        appear only when whole, so a remote library has none."""
+        if storage.is_remote(self.root):
+            return 0
+        return sum(storage.remove_stale_temps(self._p(sub)) for sub in ("", "records", "meshes", "previews", "inputs"))
+
     def records(self) -> dict[str, dict]:
         """asset_id -> record of every finished item (a record that does not parse is ignored: redone)."""
         out = {}
         if not self.fs.exists(self._p("records")):
             return out
         for p in self.fs.glob(self._p("records", "*.json")):
+            if storage.is_temp_name(p):  # a killed writer's temporary copy, never a finished record
+                continue
             try:
                 rec = json.loads(self.fs.cat_file(p))
                 out[rec["asset_id"]] = rec
@@ -243,6 +252,7 @@ def run(cfg: GenerateConfig, handle, info: dict, progress: bool = True) -> dict:
     cfg.validate()
     job = Job(cfg, handle, info)
     items = list_items(cfg)
+    job.lib.remove_stale_temps()
     records = job.lib.records()
     done_keys = {r["key"] for r in records.values() if r["status"] == "ok" or not cfg.retry_failed}
     summary = {"items": len(items), "generated": 0, "skipped": 0, "failed": 0, "failures": [], "model_id": job.model}

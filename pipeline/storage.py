@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import time
 import uuid
 from typing import Any
 
@@ -92,6 +93,30 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
+TEMP_PREFIX = ".tmp-"  # write_atomic's temporary names: a writer killed between write and rename leaves one
+
+
+def is_temp_name(path: str) -> bool:
+    """Whether ``path`` names one of write_atomic's temporary files (never a finished object)."""
+    return posixpath.basename(path).startswith(TEMP_PREFIX)
+
+
+def remove_stale_temps(folder: str, older_than_s: float = 3600.0) -> int:
+    """Delete write_atomic's temporary files in the local ``folder`` older than ``older_than_s`` (left by a killed
+    writer; a live writer renames its own within seconds); returns how many."""
+    if not os.path.isdir(folder):
+        return 0
+    now, n = time.time(), 0
+    for entry in os.scandir(folder):
+        if entry.name.startswith(TEMP_PREFIX) and entry.is_file() and now - entry.stat().st_mtime > older_than_s:
+            try:
+                os.remove(entry.path)
+                n += 1
+            except FileNotFoundError:
+                pass
+    return n
+
+
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` so that readers see the whole object or nothing.
 
@@ -106,7 +131,7 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         with fs.open(path, "wb") as fh:
             fh.write(data)
         return
-    tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+    tmp = os.path.join(parent, f"{TEMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)

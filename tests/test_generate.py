@@ -53,7 +53,9 @@ def _generate(cluster, images, out, serve_cfg, *extra, wait=True):
 
 
 def _records(out: Path) -> dict:
-    return {p.stem: json.loads(p.read_text()) for p in (out / "records").glob("*.json")}
+    """The finished records (a driver killed mid-write leaves a hidden temporary copy, which is not one)."""
+    return {p.stem: json.loads(p.read_text()) for p in (out / "records").glob("*.json")
+            if not p.name.startswith(".tmp-")}
 
 
 class Cards(HTMLParser):

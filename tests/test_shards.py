@@ -86,3 +86,27 @@ def test_rows_to_table_rejects_bad_shapes():
     r.sdf = r.sdf[:-1]
     with pytest.raises(shards.ShardError, match="m0"):
         shards.rows_to_table([r])
+
+
+def test_a_killed_writers_temporary_files_are_not_records_and_are_cleaned(tmp_path):
+    """A driver killed between write and rename leaves a hidden temporary copy: the library never reads it as a
+    record, and the next run removes it once it is an hour old (a fresher one may belong to a live writer)."""
+    import json
+    import time
+
+    from pipeline import storage
+    from pipeline.generate import Library
+
+    lib = Library(str(tmp_path))
+    lib.write("records/a-1.json", json.dumps({"asset_id": "a-1", "status": "ok"}).encode())
+    rec = (tmp_path / "records" / "a-1.json").read_bytes()
+    stale = tmp_path / "records" / f"{storage.TEMP_PREFIX}0f-b-2.json"
+    stale.write_bytes(rec.replace(b"a-1", b"b-2"))  # whole and parseable: still not a finished record
+    fresh = tmp_path / "meshes" / f"{storage.TEMP_PREFIX}1e-a-1.glb"
+    fresh.parent.mkdir()
+    fresh.write_bytes(b"partial")
+    old = time.time() - 7200
+    os.utime(stale, (old, old))
+    assert set(lib.records()) == {"a-1"}
+    assert lib.remove_stale_temps() == 1
+    assert not stale.exists() and fresh.exists() and (tmp_path / "records" / "a-1.json").exists()
