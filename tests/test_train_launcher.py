@@ -22,9 +22,14 @@ def launcher_env(s3_server, tmp_path_factory):
 
 
 def _torchrun(env, nproc, *flags, timeout=300):
-    cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-           "-m", "pipeline.train", "dit", *flags]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    """torchrun on a free port; once more on another if a parallel test took the port first (EADDRINUSE before
+    any rank started: the run did nothing)."""
+    for attempt in range(2):
+        cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
+               "-m", "pipeline.train", "dit", *flags]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if "EADDRINUSE" not in res.stderr or attempt:
+            return res
 
 
 def test_two_ranks_checkpoint_to_s3_and_rerun_resumes(s3_server, launcher_env):
