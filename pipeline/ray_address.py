@@ -245,13 +245,13 @@ CLIENT_INIT_FAILURE = "initialization failure from server"
 CLIENT_RETRY_PAUSE_S = 2.0
 
 
-def _client_call(addr: RayAddress, fn):
+def _client_call(addr: RayAddress | None, fn):
     """fn(), once more after CLIENT_RETRY_PAUSE_S if a Ray Client address answered with its transient
-    initialization failure."""
+    initialization failure (any other address or error: fn's outcome as it is)."""
     try:
         return fn()
     except Exception as e:  # noqa: BLE001 - re-raised unless it is the client's transient failure
-        if addr.kind != "client" or CLIENT_INIT_FAILURE not in str(e).lower():
+        if addr is None or addr.kind != "client" or CLIENT_INIT_FAILURE not in str(e).lower():
             raise
     time.sleep(CLIENT_RETRY_PAUSE_S)
     return fn()
@@ -276,8 +276,8 @@ def dashboard_url(explicit: str | None = None) -> str:
     from ray.dashboard.utils import ray_address_to_api_server_url, ray_client_address_to_api_server_url
 
     try:
-        url = (_client_call(addr, lambda: ray_client_address_to_api_server_url(addr.text)) if addr.kind == "client"
-               else ray_address_to_api_server_url(addr.text))
+        find = ray_client_address_to_api_server_url if addr.kind == "client" else ray_address_to_api_server_url
+        url = _client_call(addr, lambda: find(addr.text))
     except Exception as e:  # noqa: BLE001 - Ray raises several types here; the user needs one line
         raise ConfigError(f"cannot find the dashboard of the Ray cluster at {addr}: {_first_line(e)}") from None
     return check_dashboard(parse(url if "://" in url else f"http://{url}"), token)
@@ -317,10 +317,7 @@ def connect(start_if_none: bool = False, address: str | None = None, **init_kwar
     target = init_target(addr, start_if_none)
     saved = os.environ.pop("RAY_ADDRESS", None)
     try:
-        if addr is not None and addr.kind == "client":
-            _client_call(addr, lambda: ray.init(address=target, ignore_reinit_error=True, **init_kwargs))
-        else:
-            ray.init(address=target, ignore_reinit_error=True, **init_kwargs)
+        _client_call(addr, lambda: ray.init(address=target, ignore_reinit_error=True, **init_kwargs))
     except (ConnectionError, RuntimeError, ValueError, TimeoutError, PermissionError) as e:
         line = _first_line(e)
         if any(w in line.lower() for w in ("unauthenticated", "token", "authentication")):

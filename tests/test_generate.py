@@ -54,8 +54,9 @@ def _generate(cluster, images, out, serve_cfg, *extra, wait=True):
 
 def _records(out: Path) -> dict:
     """The finished records (a driver killed mid-write leaves a hidden temporary copy, which is not one)."""
-    return {p.stem: json.loads(p.read_text()) for p in (out / "records").glob("*.json")
-            if not p.name.startswith(".tmp-")}
+    from pipeline.storage import is_temp_name
+
+    return {p.stem: json.loads(p.read_text()) for p in (out / "records").glob("*.json") if not is_temp_name(str(p))}
 
 
 class Cards(HTMLParser):

@@ -185,7 +185,7 @@ def test_client_initialization_failure_is_retried_once(monkeypatch):
     with pytest.raises(ConnectionAbortedError):
         ra._client_call(client, flaky(2))
     assert len(calls) == 2
-    for addr, fn in ((client, flaky(1, "connection refused")), (gcs, flaky(1))):
+    for addr, fn in ((client, flaky(1, "connection refused")), (gcs, flaky(1)), (None, flaky(1))):
         calls.clear()
         with pytest.raises(ConnectionAbortedError):
             ra._client_call(addr, fn)
