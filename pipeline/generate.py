@@ -146,8 +146,6 @@ class Library:
         if not self.fs.exists(self._p("records")):
             return out
         for p in self.fs.glob(self._p("records", "*.json")):
-            if storage.is_temp_name(p):  # a killed writer's temporary copy, never a finished record
-                continue
             try:
                 rec = json.loads(self.fs.cat_file(p))
                 out[rec["asset_id"]] = rec

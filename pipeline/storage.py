@@ -93,12 +93,15 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
-TEMP_PREFIX = ".tmp-"  # write_atomic's temporary names: a writer killed between write and rename leaves one
+# write_atomic's temporary names (a writer killed between write and rename leaves one): hidden, and with their own
+# suffix so that no reader's "*.json" / "*.parquet" pattern ever takes one for a finished object
+TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".part"
 
 
-def is_temp_name(path: str) -> bool:
-    """Whether ``path`` names one of write_atomic's temporary files (never a finished object)."""
-    return posixpath.basename(path).startswith(TEMP_PREFIX)
+def temp_name(path: str) -> str:
+    """A fresh temporary name beside ``path`` for write_atomic."""
+    head, base = os.path.split(path)
+    return os.path.join(head, f"{TEMP_PREFIX}{uuid.uuid4().hex}-{base}{TEMP_SUFFIX}")
 
 
 def remove_stale_temps(folder: str, older_than_s: float = 3600.0) -> int:
@@ -131,7 +134,7 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         with fs.open(path, "wb") as fh:
             fh.write(data)
         return
-    tmp = os.path.join(parent, f"{TEMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
+    tmp = temp_name(path)
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)

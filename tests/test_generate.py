@@ -53,10 +53,8 @@ def _generate(cluster, images, out, serve_cfg, *extra, wait=True):
 
 
 def _records(out: Path) -> dict:
-    """The finished records (a driver killed mid-write leaves a hidden temporary copy, which is not one)."""
-    from pipeline.storage import is_temp_name
-
-    return {p.stem: json.loads(p.read_text()) for p in (out / "records").glob("*.json") if not is_temp_name(str(p))}
+    """The finished records (a driver killed mid-write leaves a temporary copy, whose name never matches)."""
+    return {p.stem: json.loads(p.read_text()) for p in (out / "records").glob("*.json")}
 
 
 class Cards(HTMLParser):

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -100,9 +101,9 @@ def test_a_killed_writers_temporary_files_are_not_records_and_are_cleaned(tmp_pa
     lib = Library(str(tmp_path))
     lib.write("records/a-1.json", json.dumps({"asset_id": "a-1", "status": "ok"}).encode())
     rec = (tmp_path / "records" / "a-1.json").read_bytes()
-    stale = tmp_path / "records" / f"{storage.TEMP_PREFIX}0f-b-2.json"
+    stale = Path(storage.temp_name(str(tmp_path / "records" / "b-2.json")))
     stale.write_bytes(rec.replace(b"a-1", b"b-2"))  # whole and parseable: still not a finished record
-    fresh = tmp_path / "meshes" / f"{storage.TEMP_PREFIX}1e-a-1.glb"
+    fresh = Path(storage.temp_name(str(tmp_path / "meshes" / "a-1.glb")))
     fresh.parent.mkdir()
     fresh.write_bytes(b"partial")
     old = time.time() - 7200
