@@ -19,7 +19,7 @@ from torch import nn
 from kernels.sparse_conv import coord_keys
 from kernels.ssa import SSAStructure, block_order, spatial_sparse_attention
 from model.configs import strict_from_dict
-from model.sparse import SparseConv3d, SparseGroupNorm, SparseLinear, SparseSiLU, SparseTensor
+from model.sparse import SparseConv3d, SparseGroupNorm, SparseLinear, SparseSiLU, SparseTensor, run_layers
 
 
 @dataclass
@@ -171,10 +171,10 @@ class BlockCompressor(nn.Module):
     def forward(self, feats: torch.Tensor, grid: BlockGrid) -> torch.Tensor:
         """feats (N, C) in token order -> (n_cmp, C) in the coarse grid's key order."""
         x = grid.fine(feats)
-        h = grid.pool(self.act_layers(x))
+        h = grid.pool(run_layers(self.act_layers, x))
         if self.version == "v1":
             return h.feats
-        return self.out_layers(h).feats + grid.pool(x).feats
+        return run_layers(self.out_layers, h).feats + grid.pool(x).feats
 
 
 class SpatialSparseAttention(nn.Module):

@@ -45,6 +45,7 @@ from .sparse import (
     SparseTransformerBlock,
     kernel_from_torchsparse,
     kernel_to_torchsparse,
+    run_layers,
 )
 
 CHUNK_HALO = 3  # latent voxels around a decoded chunk that make it exact (see the module docstring)
@@ -168,7 +169,7 @@ class SparseDownBlock3d(nn.Module):
         self.skip_connection = SparseLinear(cin, cout) if cin != cout else nn.Identity()
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        h = self.out_layers(self.down(self.act_layers(x)))
+        h = run_layers(self.out_layers, self.down(run_layers(self.act_layers, x)))
         s = self.skip_connection(self.down(x))
         return h.replace(h.feats + s.feats)
 

@@ -12,6 +12,7 @@ from .layers import (
     SparseSubdivide,
     kernel_from_torchsparse,
     kernel_to_torchsparse,
+    run_layers,
     subdivide_structure,
 )
 from .tensor import SparseTensor
@@ -19,6 +20,6 @@ from .tensor import SparseTensor
 __all__ = [
     "SparseTensor", "SparseLinear", "SparseGroupNorm", "SparseLayerNorm", "SparseSiLU", "SparseConv3d",
     "SparseConvDown", "SparseDownsample", "SparseSubdivide", "subdivide_structure",
-    "kernel_from_torchsparse", "kernel_to_torchsparse",
+    "kernel_from_torchsparse", "kernel_to_torchsparse", "run_layers",
     "SparseWindowAttention", "SparseTransformerBlock", "window_partition",
 ]

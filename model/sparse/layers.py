@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from kernels.group_norm import segment_group_norm_act
 from kernels.sparse_conv import coord_keys, kernel_offsets, sparse_conv
 
 from .tensor import SparseTensor
@@ -34,34 +35,30 @@ class SparseSiLU(nn.SiLU):
 
 
 class SparseGroupNorm(nn.GroupNorm):
-    """GroupNorm with statistics per batch element over its active voxels only."""
+    """GroupNorm with statistics per batch element over its active voxels only (kernels/group_norm:
+    ``segment_group_norm_act``, a Triton kernel on the GPU and float64 sums in PyTorch elsewhere).
+    ``silu=True`` applies the SiLU that follows it in the same pass (`run_layers`)."""
 
-    def forward(self, x: SparseTensor) -> SparseTensor:
+    def forward(self, x: SparseTensor, silu: bool = False) -> SparseTensor:
         _expect_channels("SparseGroupNorm", x, self.num_channels)
-        f = _norm_dtype(x.feats).reshape(len(x), self.num_groups, -1)
-        # statistics per element over its rows (contiguous: keys start with the batch), accumulated in
-        # float64: float32 sums over millions of voxels drift to 1e-3 (the release's GroupNorm does not).
-        # Each element is normalised on its own rows and the parts joined; indexing (B, G) statistics by a
-        # per-row batch index made the backward an index_put over millions of duplicate indices (a third
-        # of an SS-DiT training step on a GPU).
-        # The sums run over the rows first (one column per channel: a reduction with C outputs, where
-        # reducing rows and a group's channels at once left only G outputs to spread over the device) and
-        # the centred rows are formed once, for the variance and the output.
-        parts = []
-        for rows in x.layout:
-            part = f[rows]
-            if part.shape[0] == 0:
-                parts.append(part)
-                continue
-            count = part.shape[0] * part.shape[2]
-            m = part.sum(0, dtype=torch.float64).sum(1) / count
-            d = part - m.to(f.dtype)[None, :, None]
-            var = d.square().sum(0, dtype=torch.float64).sum(1) / count
-            parts.append(d * torch.rsqrt(var.to(f.dtype) + self.eps)[None, :, None])
-        out = (parts[0] if len(parts) == 1 else torch.cat(parts) if parts else f).reshape(len(x), -1)
-        if self.affine:
-            out = out * self.weight + self.bias
-        return x.replace(out.to(x.dtype))
+        offsets = [0] + [s.stop for s in x.layout]
+        return x.replace(segment_group_norm_act(x.feats, offsets, self.num_groups, self.weight if self.affine
+                                                else None, self.bias if self.affine else None, self.eps, silu))
+
+
+def run_layers(layers: nn.Sequential, x: SparseTensor) -> SparseTensor:
+    """``layers(x)``, with each SparseGroupNorm that a SparseSiLU follows run as one fused norm + SiLU (same
+    modules and state-dict keys; the sequence's result is the same)."""
+    mods = list(layers)
+    i = 0
+    while i < len(mods):
+        if type(mods[i]) is SparseGroupNorm and i + 1 < len(mods) and type(mods[i + 1]) is SparseSiLU:
+            x = mods[i](x, silu=True)
+            i += 2
+        else:
+            x = mods[i](x)
+            i += 1
+    return x
 
 
 class SparseLayerNorm(nn.LayerNorm):
