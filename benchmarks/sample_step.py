@@ -174,9 +174,24 @@ def main(argv=None) -> int:
     ap.add_argument("--fused-norms", action="store_true", help="also time the step with kernels/norm_modulate")
     ap.add_argument("--structure", action="store_true",
                     help="the structure DiT's step (dense, its whole grid; --tokens is ignored)")
+    ap.add_argument("--off", default="", help="comma-separated switches to turn off for an A/B in one tree: "
+                    "gelu (model.sparse.attention.FUSED_GELU), group-norm (the PyTorch SparseGroupNorm), residuals "
+                    "(model.dit.FUSED_RESIDUALS)")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    import model.sparse.attention as attention_module
+    import model.sparse.layers as layers_module
+    for name in filter(None, args.off.split(",")):
+        if name == "gelu":
+            attention_module.FUSED_GELU = False
+        elif name == "group-norm":
+            layers_module.GROUP_NORM_BACKEND = "torch"
+        elif name == "residuals":
+            import model.dit as dit_module
+            dit_module.FUSED_RESIDUALS = False
+        else:
+            ap.error(f"--off: unknown switch {name!r} (gelu, group-norm, residuals)")
     sizes = ["0"] if args.structure else args.tokens.split(",")
     rows = [measure(args.config, int(n), args.steps, args.warmup, device, args.profile, args.sparse_conditions,
                     args.graph, args.fused_norms, args.profile_ops, args.structure)

@@ -28,6 +28,7 @@ from kernels.norm_modulate import norm_modulate_segments
 from model.configs import strict_from_dict
 from model.dense_vae import check_layout, named_config
 from model.embeddings import TimestepEmbedder, position_embedding_3d
+from model.sparse.attention import gelu_mlp
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,7 @@ class FeedForward(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
 
     def forward(self, x):
-        return self.mlp(x)
+        return gelu_mlp(self.mlp, x)
 
 
 def _layer_norm(x, norm: nn.Module | None = None, eps: float = 1e-6):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels.norm_modulate import norm_modulate_segments
+from kernels.norm_modulate import gated_residual_segments, norm_modulate_segments
 from kernels.ssa import attention_reuse, selection_reuse
 from model.dense_dit import FeedForward, MultiHeadRMSNorm  # the released transformers share these
 from model.embeddings import TimestepEmbedder, position_embedding_3d
@@ -249,6 +249,11 @@ def modulate(x, shift, scale):
 # the results differ from the unfused path at bf16 rounding.
 FUSED_NORMS = True
 
+# With FUSED_NORMS: the two gated residuals x + h · g[shape] as one kernel by shape segments (no per-token gate
+# gather; a one-kernel backward) instead of an addcmul over the gathered gates (train_dit.py --unfused-residuals,
+# sample_step.py --off residuals).
+FUSED_RESIDUALS = True
+
 # Under gradient checkpointing, keep each SSA layer's attention outputs from the forward for its backward
 # (kernels.ssa.attention_reuse): no attention kernel in the recomputation, for four (N, Hq, D) tensors a
 # layer (~0.4 GB a layer at 46k tokens in bf16). Off: not yet timed on a GPU (train_dit.py --keep-attention).
@@ -289,16 +294,23 @@ class DiTBlock(nn.Module):
         over that shape's rows (host offsets), only the gates are gathered per token. Differentiable; under
         autocast the normalised rows are stored in its dtype, which the linear layers reading them cast to."""
         sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=-1)
-        if mod.shape[0] > 1:
-            g1, g2 = F.embedding(token_shape, g1), F.embedding(token_shape, g2)
         out = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
         h = norm_modulate_segments(x, 1 + sc1, sh1, cu_seqlens, self.norm1.eps, out)
         h = self.self_attn.forward_sorted(h, st) if st is not None else self.self_attn.full_attention(h, cu_seqlens)
-        x = torch.addcmul(x, h, g1)  # the gated residuals as one multiply-add each
+        x = self._gated(x, h, g1, cu_seqlens, token_shape)
         n2 = self.norm2
         x = x + self.cross_attn(norm_modulate_segments(x, n2.weight[None], n2.bias[None], cu_seqlens, n2.eps, out),
                                 cu_seqlens, cond, cu_cond)
-        return torch.addcmul(x, self.mlp(norm_modulate_segments(x, 1 + sc2, sh2, cu_seqlens, self.norm3.eps, out)), g2)
+        h = self.mlp(norm_modulate_segments(x, 1 + sc2, sh2, cu_seqlens, self.norm3.eps, out))
+        return self._gated(x, h, g2, cu_seqlens, token_shape)
+
+    @staticmethod
+    def _gated(x, h, g, cu_seqlens, token_shape):
+        """x + h · g of each token's shape: kernels/norm_modulate by shape segments, or with FUSED_RESIDUALS off
+        one addcmul over the gates gathered per token."""
+        if FUSED_RESIDUALS:
+            return gated_residual_segments(x, h, g, cu_seqlens)
+        return torch.addcmul(x, h, g if g.shape[0] == 1 else F.embedding(token_shape, g))
 
 
 class SparseDiT(nn.Module):

@@ -251,3 +251,32 @@ def test_compiled_segments_forward_and_backward_on_cuda():
     assert got.dtype == torch.bfloat16 and rel(got, want) < 1e-2
     for gg, ww in zip(grads, want_grads):
         assert rel(gg, ww) < 1e-2
+
+
+@pytest.mark.parametrize("offsets, rows_of_g, dtypes", [
+    ((0, 70, 70, 150), 3, (torch.float32, torch.float32)),   # an empty shape; one gate row a shape
+    ((0, 90), 1, (torch.float32, torch.float32)),             # one row for all
+    ((0, 40, 100), 2, (torch.float32, torch.bfloat16)),       # autocast's mix: float32 stream, bf16 branch
+])
+def test_gated_residual_segments_match_addcmul(offsets, rows_of_g, dtypes):
+    from kernels.norm_modulate import gated_residual_segments, gated_residual_segments_reference
+
+    g_ = torch.Generator().manual_seed(offsets[-1])
+    n, w = offsets[-1], 48
+    x0 = torch.randn(n, w, generator=g_).to(dtypes[0])
+    h0 = torch.randn(n, w, generator=g_).to(dtypes[1])
+    gate0 = torch.randn(rows_of_g, w, generator=g_).to(dtypes[1])
+    dy = torch.randn(n, w, generator=g_)
+    res = {}
+    for name, fn in (("ref", lambda *a: gated_residual_segments_reference(*a, offsets)),
+                     ("kernel", lambda *a: gated_residual_segments(*a, offsets, backend="triton"))):
+        x, h, gate = (t.clone().requires_grad_() for t in (x0, h0, gate0))
+        y = fn(x, h, gate)
+        res[name] = (y, *torch.autograd.grad(y, [x, h, gate], dy.to(y.dtype)))
+    x, h, gate = (t.double().requires_grad_() for t in (x0, h0, gate0))  # the truth in float64
+    y = gated_residual_segments_reference(x, h, gate, offsets)
+    truth = (y, *torch.autograd.grad(y, [x, h, gate], dy.double()))
+    for a, b, t, what in zip(res["ref"], res["kernel"], truth, ("y", "dx", "dh", "dg")):
+        assert a.dtype == b.dtype and a.shape == b.shape, what
+        tol = (1e-2 if b.dtype == torch.bfloat16 else 1e-5) * max(1.0, t.abs().max().item())
+        assert torch.allclose(b.double(), t, atol=tol, rtol=0), what  # float32 sums: within the dtype's rounding

@@ -17,15 +17,23 @@ rows' mean and 1/std (8 bytes a row) instead of the float32 normalised copy PyTo
 backward. ``out_dtype`` (default x's) lets the result be stored in the dtype its consumer casts it to anyway
 (autocast's bf16 for the linear layers that follow every norm), which removes that cast. The Triton path on
 CUDA tensors (or with TRITON_INTERPRET=1 and backend="triton"), the reference otherwise.
+
+``gated_residual_segments(x, h, g, offsets)`` is the blocks' gated residual ``x + h · g[s]`` the same way: each
+program reads its shape's gate row once, where the PyTorch path gathers the gate to every token first (N × W
+values written and read again when a batch holds several shapes) and its backward multiplies, casts and
+reduces in separate passes. The backward here is one kernel: dh = dy · g[s] and a partial row of
+dg = Σ dy · h a program (dx is dy).
 """
 from __future__ import annotations
 
 import torch
 
 from kernels.backend import use_triton
-from kernels.norm_modulate.reference import check_offsets, norm_modulate_segments_reference
+from kernels.norm_modulate.reference import (check_offsets, gated_residual_segments_reference,
+                                             norm_modulate_segments_reference)
 
-__all__ = ["norm_modulate_segments", "norm_modulate_segments_reference"]
+__all__ = ["norm_modulate_segments", "norm_modulate_segments_reference", "gated_residual_segments",
+           "gated_residual_segments_reference"]
 
 
 def norm_modulate_segments(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, offsets, eps: float = 1e-6,
@@ -58,3 +66,37 @@ class _NormModulateSegments(torch.autograd.Function):
         x, a, mean, rstd = ctx.saved_tensors
         dx, da, dc = seg_backward(x, dy, a, mean, rstd, ctx.offsets)
         return dx, da.to(a.dtype), dc.to(ctx.c_dtype), None, None, None
+
+
+def gated_residual_segments(x: torch.Tensor, h: torch.Tensor, g: torch.Tensor, offsets,
+                            backend: str = "auto") -> torch.Tensor:
+    """x + h · g[s] on the rows offsets[s]:offsets[s + 1] (g with one row per shape, or one row for all), in
+    the dtype ``torch.addcmul`` would give; differentiable in x, h and g."""
+    check_offsets(x, g, g, offsets)
+    if h.shape != x.shape:
+        raise ValueError(f"gated_residual_segments: h {tuple(h.shape)} must match x {tuple(x.shape)}")
+    if use_triton(x, backend, "gated-residual"):
+        return _GatedResidualSegments.apply(x, h, g, tuple(int(o) for o in offsets))
+    return gated_residual_segments_reference(x, h, g, offsets)
+
+
+class _GatedResidualSegments(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h, g, offsets):
+        from kernels.norm_modulate.triton_kernel import gr_forward
+
+        x = x if x.stride(1) == 1 else x.contiguous()
+        h = h if h.stride(1) == 1 else h.contiguous()
+        g = g.contiguous()
+        out_dtype = torch.promote_types(torch.promote_types(x.dtype, h.dtype), g.dtype)
+        ctx.save_for_backward(h, g)
+        ctx.offsets, ctx.x_dtype = offsets, x.dtype
+        return gr_forward(x, h, g, offsets, out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from kernels.norm_modulate.triton_kernel import gr_backward
+
+        h, g = ctx.saved_tensors
+        dh, dg = gr_backward(dy, h, g, ctx.offsets)
+        return dy.to(ctx.x_dtype), dh, dg.to(g.dtype), None

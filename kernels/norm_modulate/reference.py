@@ -47,3 +47,9 @@ def norm_modulate_segments_reference(x: torch.Tensor, a: torch.Tensor, c: torch.
     if rows is not None:
         a, c = a[rows], c[rows]
     return (y * a.float() + c.float()).to(out_dtype or x.dtype)
+
+
+def gated_residual_segments_reference(x: torch.Tensor, h: torch.Tensor, g: torch.Tensor, offsets) -> torch.Tensor:
+    """Differentiable: x + h · g[s] over the rows of shape s (``torch.addcmul`` with each shape's gate row)."""
+    rows = segment_rows(offsets, g.shape[0], x.device)
+    return torch.addcmul(x, h, g if rows is None else g[rows])

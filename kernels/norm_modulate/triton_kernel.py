@@ -132,11 +132,70 @@ def seg_backward(x, dy, a, mean, rstd, offsets):
         _nm_seg_bwd_kernel[(p,)](x, dy, a, mean, rstd, dx, part[0], part[1], starts, ends, prow, w, x.stride(0),
                                  dy.stride(0), dx.stride(0), a.stride(0), BLOCK_M=block_m, BLOCK_W=block_w,
                                  num_warps=warps)
-    # programs come in shape order: a fixed-order sum of each shape's partial rows
-    sums = torch.zeros((2, a.shape[0], w), dtype=torch.float32, device=x.device)
+    sums = _shape_sums(part, per_row, a.shape[0])
+    return dx, sums[0], sums[1]
+
+
+@triton.jit
+def _gr_seg_fwd_kernel(X, H, G, Y, PSTART, PEND, PROW, W, sx, sh, sy, sg,
+                       BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
+    pid, start, end, r, k, kok, g = _program_rows(PSTART, PEND, PROW, G, W, sg, BLOCK_W)
+    for m0 in range(start, end, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        ok = (m < end)[:, None] & kok[None, :]
+        x = tl.load(X + m[:, None] * sx + k[None, :], mask=ok, other=0.0).to(tl.float32)
+        h = tl.load(H + m[:, None] * sh + k[None, :], mask=ok, other=0.0).to(tl.float32)
+        tl.store(Y + m[:, None] * sy + k[None, :], (x + h * g[None, :]).to(Y.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _gr_seg_bwd_kernel(DY, H, G, DH, PG, PSTART, PEND, PROW, W, sdy, sh, sdh, sg,
+                       BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
+    pid, start, end, r, k, kok, g = _program_rows(PSTART, PEND, PROW, G, W, sg, BLOCK_W)
+    acc = tl.zeros([BLOCK_W], dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        ok = (m < end)[:, None] & kok[None, :]
+        dy = tl.load(DY + m[:, None] * sdy + k[None, :], mask=ok, other=0.0).to(tl.float32)
+        h = tl.load(H + m[:, None] * sh + k[None, :], mask=ok, other=0.0).to(tl.float32)
+        acc += tl.sum(dy * h, 0)
+        tl.store(DH + m[:, None] * sdh + k[None, :], (dy * g[None, :]).to(DH.dtype.element_ty), mask=ok)
+    tl.store(PG + pid * W + k, acc, mask=kok)
+
+
+def _shape_sums(part: torch.Tensor, per_row: list[int], rows: int) -> torch.Tensor:
+    """Each shape's partial rows summed in a fixed order (programs come in shape order)."""
+    sums = torch.zeros((*part.shape[:-2], rows, part.shape[-1]), dtype=torch.float32, device=part.device)
     lo = 0
     for r, cnt in enumerate(per_row):
         if cnt:
-            sums[:, r] = part[:, lo:lo + cnt].sum(1)
+            sums[..., r, :] = part[..., lo:lo + cnt, :].sum(-2)
         lo += cnt
-    return dx, sums[0], sums[1]
+    return sums
+
+
+def gr_forward(x, h, g, offsets, out_dtype):
+    n, w = x.shape
+    y = torch.empty((n, w), dtype=out_dtype, device=x.device)
+    starts, ends, prow, _ = chunk_table(offsets, g.shape[0], x.device)
+    if starts.numel():
+        block_w, block_m, warps = _launch_shape(w)
+        _gr_seg_fwd_kernel[(starts.numel(),)](x, h, g, y, starts, ends, prow, w, x.stride(0), h.stride(0),
+                                              y.stride(0), g.stride(0), BLOCK_M=block_m, BLOCK_W=block_w,
+                                              num_warps=warps)
+    return y
+
+
+def gr_backward(dy, h, g, offsets):
+    """(dh in h's dtype, dg in float32 with g's rows); dx is dy itself."""
+    n, w = h.shape
+    dy = dy if dy.stride(1) == 1 else dy.contiguous()
+    dh = torch.empty((n, w), dtype=h.dtype, device=h.device)
+    starts, ends, prow, per_row = chunk_table(offsets, g.shape[0], h.device)
+    p = starts.numel()
+    part = torch.empty((p, w), dtype=torch.float32, device=h.device)
+    if p:
+        block_w, block_m, warps = _launch_shape(w)
+        _gr_seg_bwd_kernel[(p,)](dy, h, g, dh, part, starts, ends, prow, w, dy.stride(0), h.stride(0),
+                                 dh.stride(0), g.stride(0), BLOCK_M=block_m, BLOCK_W=block_w, num_warps=warps)
+    return dh, _shape_sums(part, per_row, g.shape[0])

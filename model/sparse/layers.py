@@ -34,6 +34,9 @@ class SparseSiLU(nn.SiLU):
         return x.replace(super().forward(x.feats))
 
 
+GROUP_NORM_BACKEND = "auto"  # kernels/group_norm: the Triton kernel on CUDA tensors; "torch" keeps the PyTorch path
+
+
 class SparseGroupNorm(nn.GroupNorm):
     """GroupNorm with statistics per batch element over its active voxels only (kernels/group_norm:
     ``segment_group_norm_act``, a Triton kernel on the GPU and float64 sums in PyTorch elsewhere).
@@ -43,7 +46,8 @@ class SparseGroupNorm(nn.GroupNorm):
         _expect_channels("SparseGroupNorm", x, self.num_channels)
         offsets = [0] + [s.stop for s in x.layout]
         return x.replace(segment_group_norm_act(x.feats, offsets, self.num_groups, self.weight if self.affine
-                                                else None, self.bias if self.affine else None, self.eps, silu))
+                                                else None, self.bias if self.affine else None, self.eps, silu,
+                                                GROUP_NORM_BACKEND))
 
 
 def run_layers(layers: nn.Sequential, x: SparseTensor) -> SparseTensor:
