@@ -159,6 +159,22 @@ def measure(cfg_name: str, tokens: int, steps: int, warmup: int, device, profile
     return row
 
 
+def set_switches(names: str, on: bool, ap) -> None:
+    """Turn the named optional kernels on or off for an A/B in one tree."""
+    import model.dit as dit_module
+    import model.sparse.attention as attention_module
+    import model.sparse.layers as layers_module
+    for name in filter(None, names.split(",")):
+        if name == "gelu":
+            attention_module.FUSED_GELU = on
+        elif name == "group-norm":
+            layers_module.GROUP_NORM_BACKEND = "auto" if on else "torch"
+        elif name == "residuals":
+            dit_module.FUSED_RESIDUALS = on
+        else:
+            ap.error(f"unknown switch {name!r} (gelu, group-norm, residuals)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="paper")
@@ -174,24 +190,15 @@ def main(argv=None) -> int:
     ap.add_argument("--fused-norms", action="store_true", help="also time the step with kernels/norm_modulate")
     ap.add_argument("--structure", action="store_true",
                     help="the structure DiT's step (dense, its whole grid; --tokens is ignored)")
-    ap.add_argument("--off", default="", help="comma-separated switches to turn off for an A/B in one tree: "
-                    "gelu (model.sparse.attention.FUSED_GELU), group-norm (the PyTorch SparseGroupNorm), residuals "
+    ap.add_argument("--on", default="", help="comma-separated switches to turn on: gelu (model.sparse.attention."
+                    "FUSED_GELU), group-norm (kernels/group_norm by segments in SparseGroupNorm), residuals "
                     "(model.dit.FUSED_RESIDUALS)")
+    ap.add_argument("--off", default="", help="comma-separated switches to turn off (the same names)")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    import model.sparse.attention as attention_module
-    import model.sparse.layers as layers_module
-    for name in filter(None, args.off.split(",")):
-        if name == "gelu":
-            attention_module.FUSED_GELU = False
-        elif name == "group-norm":
-            layers_module.GROUP_NORM_BACKEND = "torch"
-        elif name == "residuals":
-            import model.dit as dit_module
-            dit_module.FUSED_RESIDUALS = False
-        else:
-            ap.error(f"--off: unknown switch {name!r} (gelu, group-norm, residuals)")
+    set_switches(args.on, True, ap)
+    set_switches(args.off, False, ap)
     sizes = ["0"] if args.structure else args.tokens.split(",")
     rows = [measure(args.config, int(n), args.steps, args.warmup, device, args.profile, args.sparse_conditions,
                     args.graph, args.fused_norms, args.profile_ops, args.structure)

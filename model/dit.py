@@ -250,9 +250,9 @@ def modulate(x, shift, scale):
 FUSED_NORMS = True
 
 # With FUSED_NORMS: the two gated residuals x + h · g[shape] as one kernel by shape segments (no per-token gate
-# gather; a one-kernel backward) instead of an addcmul over the gathered gates (train_dit.py --unfused-residuals,
-# sample_step.py --off residuals).
-FUSED_RESIDUALS = True
+# gather; a one-kernel backward) instead of an addcmul over the gathered gates. Off until timed on a GPU
+# (train_dit.py --fused-residuals, sample_step.py --on residuals).
+FUSED_RESIDUALS = False
 
 # Under gradient checkpointing, keep each SSA layer's attention outputs from the forward for its backward
 # (kernels.ssa.attention_reuse): no attention kernel in the recomputation, for four (N, Hq, D) tensors a

@@ -172,11 +172,14 @@ def test_grid_sparse_dit_reads_each_cell_and_the_image_per_cell(rank):
 
 
 @pytest.mark.gpu
-def test_fused_gelu_mlp_matches_the_separate_ops():
+def test_fused_gelu_mlp_matches_the_separate_ops(monkeypatch):
     """Inference on CUDA runs the MLP's bias + GELU(tanh) in the GEMM epilogue; training keeps the ops."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
+    import model.sparse.attention as attention
     from model.sparse.attention import FeedForward
+
+    monkeypatch.setattr(attention, "FUSED_GELU", True)
 
     torch.manual_seed(0)
     ff = FeedForward(256).cuda().to(torch.bfloat16)

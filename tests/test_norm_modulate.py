@@ -280,3 +280,24 @@ def test_gated_residual_segments_match_addcmul(offsets, rows_of_g, dtypes):
         assert a.dtype == b.dtype and a.shape == b.shape, what
         tol = (1e-2 if b.dtype == torch.bfloat16 else 1e-5) * max(1.0, t.abs().max().item())
         assert torch.allclose(b.double(), t, atol=tol, rtol=0), what  # float32 sums: within the dtype's rounding
+
+
+@pytest.mark.gpu
+def test_cuda_gated_residual_segments_match_addcmul():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from kernels.norm_modulate import gated_residual_segments, gated_residual_segments_reference
+
+    g_ = torch.Generator("cuda").manual_seed(0)
+    offsets = (0, 10704, 21408)
+    x, h = (torch.randn(21408, 1024, device="cuda", generator=g_).to(torch.bfloat16).requires_grad_()
+            for _ in range(2))
+    gate = torch.randn(2, 1024, device="cuda", generator=g_).to(torch.bfloat16).requires_grad_()
+    dy = torch.randn(21408, 1024, device="cuda", generator=g_).to(torch.bfloat16)
+    outs = []
+    for fn in (gated_residual_segments_reference, gated_residual_segments):
+        y = fn(x, h, gate, offsets)
+        outs.append((y, *torch.autograd.grad(y, [x, h, gate], dy)))
+    for what, r, k in zip(("y", "dx", "dh", "dg"), *outs):
+        err = ((r.float() - k.float()).norm() / r.float().norm()).item()
+        assert err < 1e-2, (what, err)

@@ -68,8 +68,8 @@ def _layer_norm32(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 # Inference on CUDA: the MLP's first bias and its GELU (tanh) run in the matrix product's epilogue (cuBLASLt), which
 # removes a pass over the (N, 4·width) hidden rows and rounds them once; training keeps the separate ops, whose
-# backward needs the pre-activation.
-FUSED_GELU = True
+# backward needs the pre-activation. Off until timed on a GPU (benchmarks/sample_step.py --on gelu).
+FUSED_GELU = False
 
 
 def gelu_mlp(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:

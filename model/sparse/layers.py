@@ -34,7 +34,9 @@ class SparseSiLU(nn.SiLU):
         return x.replace(super().forward(x.feats))
 
 
-GROUP_NORM_BACKEND = "auto"  # kernels/group_norm: the Triton kernel on CUDA tensors; "torch" keeps the PyTorch path
+# kernels/group_norm by shape segments: "auto" runs the Triton kernel on CUDA tensors, "torch" the PyTorch path
+# (float64 sums). "torch" until the kernel is timed on a GPU (benchmarks/sample_step.py --on group-norm).
+GROUP_NORM_BACKEND = "torch"
 
 
 class SparseGroupNorm(nn.GroupNorm):
