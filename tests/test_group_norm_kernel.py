@@ -145,8 +145,10 @@ def test_segments_half_input_and_bad_offsets():
     got = segment_group_norm_act(x, (0, 20, 50), 8, w, b, silu=True, backend="triton")
     assert got.dtype == torch.bfloat16
     assert torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2)
-    with pytest.raises(ValueError, match="offsets must rise from 0 to 50"):
+    with pytest.raises(ValueError, match="segment_group_norm_act: offsets must rise from 0 to 50"):
         segment_group_norm_act(x, (0, 20, 49), 8, w, b)
+    with pytest.raises(ValueError, match="segment_group_norm_act: x .* multiple of groups"):
+        segment_group_norm_act(x, (0, 50), 5, None, None)
 
 
 def test_sparse_norm_then_silu_runs_fused_with_the_same_result():

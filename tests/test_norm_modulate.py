@@ -301,3 +301,15 @@ def test_cuda_gated_residual_segments_match_addcmul():
     for what, r, k in zip(("y", "dx", "dh", "dg"), *outs):
         err = ((r.float() - k.float()).norm() / r.float().norm()).item()
         assert err < 1e-2, (what, err)
+
+
+def test_gated_residual_segments_bad_input_is_named():
+    from kernels.norm_modulate import gated_residual_segments
+
+    x = torch.randn(6, 8)
+    with pytest.raises(ValueError, match="gated_residual_segments: g need 1 or 2 rows"):
+        gated_residual_segments(x, x, torch.randn(3, 8), [0, 2, 6])
+    with pytest.raises(ValueError, match="gated_residual_segments: offsets must rise from 0 to 6"):
+        gated_residual_segments(x, x, torch.randn(2, 8), [0, 2, 5])
+    with pytest.raises(ValueError, match=r"gated_residual_segments: h \(6, 4\) must match x"):
+        gated_residual_segments(x, torch.randn(6, 4), torch.randn(1, 8), [0, 6])

@@ -5,13 +5,14 @@ import torch
 import torch.nn.functional as F
 
 
-def check_args(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+def check_args(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+               fn: str = "group_norm_act") -> None:
     if x.dim() < 2 or groups < 1 or x.shape[1] % groups:
-        raise ValueError(f"group_norm_act: x (N, C, ...) with C a multiple of groups expected, got "
+        raise ValueError(f"{fn}: x (N, C, ...) with C a multiple of groups expected, got "
                          f"{tuple(x.shape)} and groups={groups}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and tuple(t.shape) != (x.shape[1],):
-            raise ValueError(f"group_norm_act: {name} of shape ({x.shape[1]},) expected, got {tuple(t.shape)}")
+            raise ValueError(f"{fn}: {name} of shape ({x.shape[1]},) expected, got {tuple(t.shape)}")
 
 
 def group_norm_act_reference(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -27,7 +28,7 @@ def check_segments(x: torch.Tensor, offsets, groups: int, weight: torch.Tensor |
                    bias: torch.Tensor | None) -> None:
     if x.dim() != 2:
         raise ValueError(f"segment_group_norm_act: x (N, C) expected, got {tuple(x.shape)}")
-    check_args(x, groups, weight, bias)
+    check_args(x, groups, weight, bias, "segment_group_norm_act")
     if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != x.shape[0] or any(
             b < a for a, b in zip(offsets, offsets[1:])):
         raise ValueError(f"segment_group_norm_act: offsets must rise from 0 to {x.shape[0]} rows, got "

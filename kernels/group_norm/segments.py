@@ -17,11 +17,11 @@ No atomics anywhere: every sum runs in a fixed order, so results repeat bit for 
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from kernels.group_norm.triton_kernel import _sm_count
 
 
 @triton.jit
@@ -192,11 +192,6 @@ def _seg_bwd_dx_kernel(X, DY, SMEAN, SRSTD, W, B, S1, S2, OFFS, DX, PSTART, PEND
         tl.store(DX + r[:, None] * sdx + c[None, :], dx.to(DX.dtype.element_ty), mask=ok)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-
-
 def _blocks(c: int, groups: int) -> tuple[int, int, int, int]:
     """(BLOCK_C, BLOCK_R, BLOCK_G, BLOCK_J): a tile of about 4,096 values, 32 a thread at 4 warps."""
     block_c = triton.next_power_of_2(c)
@@ -241,7 +236,7 @@ def _placeholder(t: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
 
 def seg_forward(x: torch.Tensor, offsets: tuple[int, ...], groups: int, weight, bias, eps: float, silu: bool):
     """(y in x's dtype, mean and rstd (S, G) float32)."""
-    n, c = x.shape
+    c = x.shape[1]
     s = len(offsets) - 1
     y = torch.empty_like(x)
     smean = torch.zeros(s, groups, dtype=torch.float32, device=x.device)
@@ -267,7 +262,7 @@ def seg_forward(x: torch.Tensor, offsets: tuple[int, ...], groups: int, weight, 
 
 def seg_backward(x, dy, offsets, groups, weight, bias, smean, srstd, silu: bool):
     """(dx in x's dtype, dw and db as float32 column sums, or None without weight / bias)."""
-    n, c = x.shape
+    c = x.shape[1]
     s = len(offsets) - 1
     dy = dy if dy.stride(1) == 1 else dy.contiguous()
     dx = torch.empty_like(x)

@@ -40,7 +40,7 @@ def norm_modulate_segments(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, of
                            out_dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
     """LN(x) · a[s] + c[s] on the rows offsets[s]:offsets[s + 1] (a, c with one row per shape, or one row for
     all), rounded once to ``out_dtype`` (default x's); differentiable in x, a and c."""
-    check_offsets(x, a, c, offsets)
+    check_offsets(x, {"a": a, "c": c}, offsets)
     out_dtype = out_dtype or x.dtype
     if use_triton(x, backend, "norm-modulate"):
         return _NormModulateSegments.apply(x, a, c, tuple(int(o) for o in offsets), eps, out_dtype)
@@ -72,7 +72,7 @@ def gated_residual_segments(x: torch.Tensor, h: torch.Tensor, g: torch.Tensor, o
                             backend: str = "auto") -> torch.Tensor:
     """x + h · g[s] on the rows offsets[s]:offsets[s + 1] (g with one row per shape, or one row for all), in
     the dtype ``torch.addcmul`` would give; differentiable in x, h and g."""
-    check_offsets(x, g, g, offsets)
+    check_offsets(x, {"g": g}, offsets, "gated_residual_segments")
     if h.shape != x.shape:
         raise ValueError(f"gated_residual_segments: h {tuple(h.shape)} must match x {tuple(x.shape)}")
     if use_triton(x, backend, "gated-residual"):

@@ -5,30 +5,31 @@ import torch
 import torch.nn.functional as F
 
 
-def check_shapes(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> None:
+def check_shapes(x: torch.Tensor, rows: dict[str, torch.Tensor], fn: str = "norm_modulate") -> None:
+    """x (N, W) and each named per-shape tensor (R, W), all of one R."""
     if x.dim() != 2:
-        raise ValueError(f"norm_modulate: x must be (N, W), got {tuple(x.shape)}")
+        raise ValueError(f"{fn}: x must be (N, W), got {tuple(x.shape)}")
     w = x.shape[1]
-    for name, t in (("a", a), ("c", c)):
+    for name, t in rows.items():
         if t.dim() != 2 or t.shape[1] != w:
-            raise ValueError(f"norm_modulate: {name} must be (R, {w}), got {tuple(t.shape)}")
-    if a.shape != c.shape:
-        raise ValueError(f"norm_modulate: a {tuple(a.shape)} and c {tuple(c.shape)} differ")
+            raise ValueError(f"{fn}: {name} must be (R, {w}), got {tuple(t.shape)}")
+    if len({t.shape for t in rows.values()}) > 1:
+        raise ValueError(f"{fn}: " + " and ".join(f"{k} {tuple(t.shape)}" for k, t in rows.items()) + " differ")
 
 
-def check_offsets(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, offsets) -> None:
-    """offsets: a host sequence of S + 1 row offsets from 0 to N, non-decreasing; a and c have S rows or 1."""
-    check_shapes(x, a, c)
+def check_offsets(x: torch.Tensor, rows: dict[str, torch.Tensor], offsets, fn: str = "norm_modulate_segments") -> None:
+    """offsets: a host sequence of S + 1 row offsets from 0 to N, non-decreasing; each per-shape tensor of
+    ``rows`` (name -> tensor, named in the errors of ``fn``) has S rows or 1."""
+    check_shapes(x, rows, fn)
     if isinstance(offsets, torch.Tensor):
-        raise ValueError("norm_modulate_segments: offsets must be a host list of ints (the shapes' row offsets), "
-                         "not a tensor")
+        raise ValueError(f"{fn}: offsets must be a host list of ints (the shapes' row offsets), not a tensor")
     off = list(offsets)
     if len(off) < 2 or off[0] != 0 or off[-1] != x.shape[0] or any(b < a_ for a_, b in zip(off, off[1:])):
-        raise ValueError(f"norm_modulate_segments: offsets must rise from 0 to {x.shape[0]}, got {off[:8]}"
+        raise ValueError(f"{fn}: offsets must rise from 0 to {x.shape[0]}, got {off[:8]}"
                          f"{' …' if len(off) > 8 else ''}")
-    if a.shape[0] not in (1, len(off) - 1):
-        raise ValueError(f"norm_modulate_segments: a and c need 1 or {len(off) - 1} rows (one per shape), "
-                         f"got {a.shape[0]}")
+    r = next(iter(rows.values())).shape[0]
+    if r not in (1, len(off) - 1):
+        raise ValueError(f"{fn}: {' and '.join(rows)} need 1 or {len(off) - 1} rows (one per shape), got {r}")
 
 
 def segment_rows(offsets, n_rows_a: int, device) -> torch.Tensor | None:

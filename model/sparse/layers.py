@@ -41,7 +41,8 @@ GROUP_NORM_BACKEND = "torch"
 
 class SparseGroupNorm(nn.GroupNorm):
     """GroupNorm with statistics per batch element over its active voxels only (kernels/group_norm:
-    ``segment_group_norm_act``, a Triton kernel on the GPU and float64 sums in PyTorch elsewhere).
+    ``segment_group_norm_act``: float64 sums in PyTorch, or its Triton kernel on CUDA with GROUP_NORM_BACKEND
+    "auto").
     ``silu=True`` applies the SiLU that follows it in the same pass (`run_layers`)."""
 
     def forward(self, x: SparseTensor, silu: bool = False) -> SparseTensor:
