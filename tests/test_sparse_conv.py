@@ -94,6 +94,62 @@ def test_triton_matches_conv3d(case):
         assert err < 1e-5, f"relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("block_bytes", [None, 2048])
+def test_gather_gemm_matches_conv3d(case, block_bytes, monkeypatch):
+    """The CPU path ("auto" on CPU tensors) equals dense conv3d in value and both gradients, strided maps
+    (their inverse built by scatter) and many row blocks (a block of a few rows) included."""
+    from kernels.sparse_conv import gather_gemm
+
+    if block_bytes:
+        monkeypatch.setattr(gather_gemm, "BLOCK_BYTES", block_bytes)
+    res, count, cin, cout, k, stride, pad = case
+    coords, out, x, w, dy, kmap = _case(res, count, cin, cout, k, stride, pad, 2, torch.float64)
+    y_ref, gx_ref, gw_ref = _dense_grads(coords, out, x, w, dy, res, k, stride, pad)
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = sparse_conv(xs, ws, kmap)
+    assert y.grad_fn is not None and "GatherGemm" in type(y.grad_fn).__name__
+    y.backward(dy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(xs.grad, gx_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ws.grad, gw_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_gather_gemm_half_precision_and_partial_grads():
+    """bf16 input sums in float32 as the reference does; a frozen weight or input gets no gradient."""
+    res, count, cin, cout, k, stride, pad = CASES[1]
+    _, _, x, w, dy, kmap = _case(res, count, cin, cout, k, stride, pad, 3, torch.float32)
+    x, w, dy = x.float(), w.float(), dy.float()
+    got = sparse_conv(x.bfloat16(), w.bfloat16(), kmap, backend="gemm")
+    # float32 sums of the same bf16 values, one rounding at the end: within a bf16 step of the exact result
+    want = sparse_conv_reference(x.bfloat16().float(), w.bfloat16().float(), kmap)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2 ** -7, atol=1e-6)
+    xs = x.clone().requires_grad_()
+    sparse_conv(xs, w, kmap, backend="gemm").backward(dy)
+    ws = w.clone().requires_grad_()
+    sparse_conv(x, ws, kmap, backend="gemm").backward(dy)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    sparse_conv_reference(xr, wr, kmap).backward(dy)
+    torch.testing.assert_close(xs.grad, xr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ws.grad, wr.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_gather_gemm_with_no_outputs_or_no_neighbours():
+    coords = random_structure(6, 50, 1, 0)
+    kmap = build_kernel_map(coords, coords[:0], 6)
+    x = torch.randn(coords.shape[0], 4, requires_grad=True)
+    y = sparse_conv(x, torch.randn(27, 4, 3), kmap, backend="gemm")
+    assert y.shape == (0, 3)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    far = torch.tensor([[0, 0, 0, 0], [0, 5, 5, 5]], dtype=torch.int32)  # no voxel has a neighbour but itself
+    kmap = build_kernel_map(far, far, 6)
+    w = torch.randn(27, 4, 3)
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(sparse_conv(x, w, kmap, backend="gemm"), x @ w[13])
+
+
 def test_kernel_map_entries_point_at_the_right_voxels():
     coords = random_structure(9, 200, 1, 3)
     kmap = build_kernel_map(coords, coords, 9, 3, in_sorted=True)

@@ -1,15 +1,17 @@
-"""Sparse 3D convolution: kernel maps from sorted keys, a Triton gather–GEMM–scatter, a PyTorch reference."""
+"""Sparse 3D convolution: kernel maps from sorted keys, a Triton gather–GEMM–scatter on GPUs, a blocked
+gather–GEMM in PyTorch on CPUs (gather_gemm.py), and the per-offset PyTorch reference."""
 
 from __future__ import annotations
 
 import torch
 
+from .gather_gemm import sparse_conv_gather_gemm
 from .kernel_map import KernelMap, build_kernel_map, coord_keys, kernel_offsets
 from .reference import sparse_conv_reference
 
 __all__ = [
     "KernelMap", "build_kernel_map", "coord_keys", "kernel_offsets",
-    "sparse_conv", "sparse_conv_reference", "sparse_conv_triton",
+    "sparse_conv", "sparse_conv_gather_gemm", "sparse_conv_reference", "sparse_conv_triton",
 ]
 
 
@@ -23,7 +25,8 @@ def sparse_conv_triton(x: torch.Tensor, weight: torch.Tensor, kmap: KernelMap) -
 def sparse_conv(x: torch.Tensor, weight: torch.Tensor, kmap: KernelMap, backend: str = "auto") -> torch.Tensor:
     """Sparse convolution of features ``x`` (N, Cin) with ``weight`` (V, Cin, Cout) over ``kmap``.
 
-    ``backend``: "triton", "torch" or "auto" (Triton on CUDA tensors of 16/32-bit floats, PyTorch otherwise).
+    ``backend``: "triton", "gemm" (gather_gemm.py), "torch" (the per-offset reference) or "auto" (Triton on
+    CUDA tensors of 16/32-bit floats, "gemm" otherwise).
     """
     if x.ndim != 2 or weight.ndim != 3:
         raise ValueError(f"sparse_conv: expected x (N, Cin) and weight (V, Cin, Cout), got {tuple(x.shape)} and {tuple(weight.shape)}")
@@ -34,9 +37,11 @@ def sparse_conv(x: torch.Tensor, weight: torch.Tensor, kmap: KernelMap, backend:
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"sparse_conv: x has {x.shape[1]} channels, weight expects {weight.shape[1]}")
     if backend == "auto":
-        backend = "triton" if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32) else "torch"
+        backend = "triton" if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32) else "gemm"
     if backend == "triton":
         return sparse_conv_triton(x, weight, kmap)
+    if backend == "gemm":
+        return sparse_conv_gather_gemm(x, weight.to(x.dtype), kmap)
     if backend == "torch":
         return sparse_conv_reference(x, weight.to(x.dtype), kmap)
-    raise ValueError(f"sparse_conv: unknown backend {backend!r} (expected 'auto', 'triton' or 'torch')")
+    raise ValueError(f"sparse_conv: unknown backend {backend!r} (expected 'auto', 'triton', 'gemm' or 'torch')")
