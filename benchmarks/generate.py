@@ -325,11 +325,17 @@ def main() -> None:
                    "(for A/B rows in one call: otherwise the first rows carry the first full-size stage)")
     p.add_argument("--eager-too", action="store_true", help="after the rows with CUDA-graph sampling "
                    "(GenerationConfig.cuda_graphs), the same meshes launched from Python (an A/B in one run)")
+    p.add_argument("--off", default="", help="comma-separated optional kernels to turn off for an A/B in one "
+                   "tree: gelu, group-norm, residuals (benchmarks/sample_step.py --off)")
     p.add_argument("--serve", action="store_true", help="measure through Ray Serve over HTTP instead")
     p.add_argument("--serve-cpus", type=int, default=2)
     p.add_argument("--serve-requests", type=int, default=8)
     p.add_argument("--port", type=int, default=8765)
     args = p.parse_args()
+    if args.off:
+        from sample_step import set_switches  # benchmarks/ is this script's folder
+
+        set_switches(args.off, False, p)
     dev = torch.device(args.device)
     card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"# device: {card}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}")

@@ -190,10 +190,12 @@ def main() -> None:
     ap.add_argument("--unfused-head-norms", action="store_true",
                     help="the cross-attention q/k norms through the PyTorch reference in training (before the "
                          "kernels/head_rms_norm backward)")
-    ap.add_argument("--fused-residuals", action="store_true",
-                    help="the gated residuals by shape segments in Triton (model.dit.FUSED_RESIDUALS on)")
-    ap.add_argument("--group-norm-kernel", action="store_true",
-                    help="the SSA compressors' GroupNorm in kernels/group_norm by segments (PyTorch by default)")
+    ap.add_argument("--unfused-residuals", action="store_true",
+                    help="the gated residuals as addcmul over per-token gates (model.dit.FUSED_RESIDUALS off; "
+                         "the baseline of the segment kernel)")
+    ap.add_argument("--group-norm-torch", action="store_true",
+                    help="the SSA compressors' GroupNorm in PyTorch (model.sparse.layers.GROUP_NORM_BACKEND "
+                         "'torch'; the baseline of kernels/group_norm by segments)")
     ap.add_argument("--no-selection-reuse", action="store_true",
                     help="the checkpoint recomputation selects its SSA blocks again (the baseline of the reuse)")
     ap.add_argument("--profile-ops", action="store_true",
@@ -211,11 +213,11 @@ def main() -> None:
         dit_module.FUSED_NORMS = False
     if args.keep_attention:
         dit_module.CHECKPOINT_KEEPS_ATTENTION = True
-    if args.fused_residuals:
-        dit_module.FUSED_RESIDUALS = True
-    if args.group_norm_kernel:
+    if args.unfused_residuals:
+        dit_module.FUSED_RESIDUALS = False
+    if args.group_norm_torch:
         import model.sparse.layers as layers_module
-        layers_module.GROUP_NORM_BACKEND = "auto"
+        layers_module.GROUP_NORM_BACKEND = "torch"
     if args.unfused_head_norms:
         import kernels.head_rms_norm as hrn
         import model.dense_dit as dense_module

@@ -298,9 +298,14 @@ def test_cuda_gated_residual_segments_match_addcmul():
     for fn in (gated_residual_segments_reference, gated_residual_segments):
         y = fn(x, h, gate, offsets)
         outs.append((y, *torch.autograd.grad(y, [x, h, gate], dy)))
-    for what, r, k in zip(("y", "dx", "dh", "dg"), *outs):
+    for what, r, k in zip(("y", "dx", "dh"), *outs):
         err = ((r.float() - k.float()).norm() / r.float().norm()).item()
         assert err < 1e-2, (what, err)
+    # the gate's gradient sums 10,704 products a shape: against the float64 sums, not the reference's, whose
+    # indexing backward accumulates in bf16 (11% off on an H100; the model's F.embedding path 0.24%, the kernel 0.16%)
+    exact = (h.double() * dy.double()).reshape(2, 10704, 1024).sum(1)
+    err = ((outs[1][3].double() - exact).norm() / exact.norm()).item()
+    assert err < 1e-2, ("dg", err)
 
 
 def test_gated_residual_segments_bad_input_is_named():

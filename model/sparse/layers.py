@@ -34,9 +34,10 @@ class SparseSiLU(nn.SiLU):
         return x.replace(super().forward(x.feats))
 
 
-# kernels/group_norm by shape segments: "auto" runs the Triton kernel on CUDA tensors, "torch" the PyTorch path
-# (float64 sums). "torch" until the kernel is timed on a GPU (benchmarks/sample_step.py --on group-norm).
-GROUP_NORM_BACKEND = "torch"
+# kernels/group_norm by shape segments: "auto" runs the Triton kernel on CUDA tensors (Chan-merged float32
+# statistics), "torch" the PyTorch path (float64 sums; every CPU tensor takes it). "auto" since the H100 A/B in
+# RESULTS ("One sampling step"; benchmarks/sample_step.py --off group-norm restores the PyTorch path).
+GROUP_NORM_BACKEND = "auto"
 
 
 class SparseGroupNorm(nn.GroupNorm):
