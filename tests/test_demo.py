@@ -1,5 +1,6 @@
 """The demo's scoring (pipeline/evaluate.py) and the order and flags of its training jobs."""
 import shlex
+import time
 
 import numpy as np
 import pytest
@@ -103,6 +104,51 @@ def test_training_jobs_run_in_order_and_the_dit_models_the_vae_latents(monkeypat
         assert float(vae[vae.index("--kl-weight") + 1]) == demo.VAE_KL_WEIGHT == 1e-5
     else:
         assert "--latent" not in dit and "vae" not in ckpt
+
+
+def test_a_job_that_starts_alone_gets_every_thread(monkeypatch, tmp_path):
+    """Jobs side by side run one thread each; once the structure chain is done, the sparse chain's next jobs
+    run ``threads_alone`` threads (OMP_NUM_THREADS in their runtime env)."""
+    import threading
+
+    from pipeline import jobs
+
+    threads, structure_done = {}, threading.Event()
+    real_latest = demo.latest_checkpoint
+
+    def latest(runs, name):
+        out = real_latest(runs, name)
+        if name == "demo-structure-dit":
+            structure_done.set()
+        return out
+
+    def submit(spec, address):
+        argv = shlex.split(spec.entrypoint)
+        name = argv[argv.index("--name") + 1] if argv[0] == "s2" else argv[argv.index("--out") + 1].rsplit("/", 1)[-1]
+        threads[name] = spec.runtime_env["env_vars"]["OMP_NUM_THREADS"]
+        if name == "demo-vae":  # the SS-VAE outlasts the structure chain, as on the 2-core machine
+            assert structure_done.wait(10)
+            time.sleep(0.3)  # the structure chain's thread returns from its last checkpoint lookup
+        if argv[0] == "s2":
+            (tmp_path / "runs" / name / "checkpoint_1").mkdir(parents=True)
+            (tmp_path / "runs" / name / "checkpoint_1" / "weights.pt").write_bytes(b"")
+        return "SUCCEEDED"
+
+    monkeypatch.setattr(jobs, "submit", submit)
+    monkeypatch.setattr(demo, "latest_checkpoint", latest)
+    steps = {"structure-vae": 1, "structure-dit": 1, "vae": 1, "dit": 1}
+    demo.train_debug_networks(tmp_path / "dataset", tmp_path / "runs", 64, steps, "http://x", threads_alone=3)
+    assert threads == {"demo-structure-vae": "1", "demo-vae": "1", "demo-structure-vae-latents": "1",
+                       "demo-structure-dit": "1", "demo-vae-latents": "3", "demo-dit": "3"}
+    ckpts = {k: str(tmp_path / "runs" / k) for k in ("structure_vae", "structure_dit", "vae", "dit")}
+    cfg = demo.write_serve_config(tmp_path / "serve.yaml", ckpts, 64, torch_threads=3)
+    import yaml
+
+    from pipeline.config import from_dict
+    from pipeline.serve.config import ServeConfig
+
+    args = yaml.safe_load((tmp_path / "serve.yaml").read_text())["applications"][0]["args"]
+    assert from_dict(ServeConfig, args, where="test").torch_threads == 3 and cfg["device"] == "cpu"
 
 
 def test_a_failed_chain_is_named_after_the_other_finishes(monkeypatch, tmp_path):

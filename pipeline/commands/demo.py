@@ -155,11 +155,11 @@ def latest_checkpoint(runs: Path, name: str) -> str:
     return str(found[-1].parent)
 
 
-def _job(name: str, argv: list[str]):
+def _job(name: str, argv: list[str], threads: int = 1):
     from pipeline import jobs
 
     spec = jobs.JobSpec(path=f"demo:{name}", name=name, entrypoint=shlex.join(argv),
-                        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+                        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})
     jobs.check_entrypoint(spec)
     return spec
 
@@ -198,7 +198,8 @@ DIT_MODEL = {"debug": "debug", "debug_r4": "debug_grid16"}
 
 
 def train_debug_networks(dataset: Path, runs: Path, resolution: int, steps: dict[str, int],
-                         address: str, latent: str = "ss_vae", vae_model: str = "debug_r4") -> dict[str, str]:
+                         address: str, latent: str = "ss_vae", vae_model: str = "debug_r4",
+                         threads_alone: int = 1) -> dict[str, str]:
     """One Ray job per network; ``steps`` maps structure-vae, structure-dit, vae and dit to optimizer steps.
 
     ``latent`` 'ss_vae' (the paper's way): the SS-VAE trains on the shards first and the SS-DiT on its
@@ -206,7 +207,11 @@ def train_debug_networks(dataset: Path, runs: Path, resolution: int, steps: dict
 
     The structure chain (structure VAE, then its DiT) and the sparse chain (SS-VAE, then the SS-DiT) need
     nothing from each other, so they run side by side, each job on one thread. Each trainer reserves half a
-    CPU (``CHAIN_CPUS``), so two of them on a 2-CPU cluster leave a CPU for their jobs' Ray Data read tasks."""
+    CPU (``CHAIN_CPUS``), so two of them on a 2-CPU cluster leave a CPU for their jobs' Ray Data read tasks.
+    A job that starts after the other chain has finished runs ``threads_alone`` threads (the machine's CPUs
+    when the demo started its own cluster): on 2 cores the SS-DiT's 60 steps took 44-46 s on two threads against
+    69-72 s on one, the same losses (docs/demo.md)."""
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from pipeline import jobs
@@ -214,7 +219,20 @@ def train_debug_networks(dataset: Path, runs: Path, resolution: int, steps: dict
     common = ["--shards", str(dataset), "--resolution", str(resolution), "--model", "debug", "--storage", str(runs),
               "--num-workers", "1", "--cpus-per-worker", str(CHAIN_CPUS), "--warmup-steps", str(DEBUG_WARMUP)]
 
+    lock, running = threading.Lock(), [0]
+
+    def threads() -> int:
+        with lock:
+            return threads_alone if running[0] == 1 else 1
+
     def chain(nets: tuple[str, ...]) -> dict[str, str]:
+        try:
+            return run_chain(nets)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    def run_chain(nets: tuple[str, ...]) -> dict[str, str]:
         ckpt: dict[str, str] = {}
         for net in nets:
             extra: list[str] = []
@@ -231,8 +249,8 @@ def train_debug_networks(dataset: Path, runs: Path, resolution: int, steps: dict
             n = steps[net]
             extra = [*extra, "--lr", str(DEBUG_LR[net]), "--steps", str(n), "--checkpoint-every", str(n)]
             t = time.time()
-            status = jobs.submit(_job(f"demo-{net}", ["s2", "train", net, *common, "--name", f"demo-{net}", *extra]),
-                                 address=address)
+            status = jobs.submit(_job(f"demo-{net}", ["s2", "train", net, *common, "--name", f"demo-{net}", *extra],
+                                      threads()), address=address)
             if status != "SUCCEEDED":
                 raise RuntimeError(f"training {net}: job {status}")
             ckpt[net.replace("-", "_")] = latest_checkpoint(runs, f"demo-{net}")
@@ -242,19 +260,21 @@ def train_debug_networks(dataset: Path, runs: Path, resolution: int, steps: dict
                 out = str(runs / f"demo-{net}-latents")
                 status = jobs.submit(_job(f"demo-{net}-latents", [
                     "python", "-m", "pipeline.train.latents", ckpt[key], "--network", key, "--shards", str(dataset),
-                    "--resolution", str(resolution), "--out", out]), address=address)
+                    "--resolution", str(resolution), "--out", out], threads()), address=address)
                 if status != "SUCCEEDED":
                     raise RuntimeError(f"latent statistics of the {net}: job {status}")
                 ckpt[key] = out
         return ckpt
 
     chains = [CHAINS[0], tuple(n for n in CHAINS[1] if n != "vae" or latent == "ss_vae")]
+    running[0] = len(chains)
     with ThreadPoolExecutor(len(chains)) as pool:
         futures = [pool.submit(chain, c) for c in chains]
     return {k: v for f in futures for k, v in f.result().items()}
 
 
-def write_serve_config(path: Path, ckpt: dict[str, str], resolution: int, guidance: float = 7.0) -> dict:
+def write_serve_config(path: Path, ckpt: dict[str, str], resolution: int, guidance: float = 7.0,
+                       torch_threads: int = 0) -> dict:
     import yaml
 
     # No decimation (target_faces 0), as the release unless asked: the 64³ meshes hold ~40k faces, and vertex
@@ -264,7 +284,8 @@ def write_serve_config(path: Path, ckpt: dict[str, str], resolution: int, guidan
     doc = {"http_options": {"host": "127.0.0.1", "port": 8000},
            "applications": [{"name": "s2", "route_prefix": "/", "import_path": "pipeline.serve.app:app_builder",
                              "args": {"generation": generation, "num_cpus": 1, "max_batch_size": 4,
-                                      "batch_wait_timeout_s": 0.2}}]}
+                                      "batch_wait_timeout_s": 0.2, **({"torch_threads": torch_threads}
+                                                                      if torch_threads else {})}}]}
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return generation
 
@@ -310,7 +331,9 @@ def _run(args) -> int:
         status = jobs.submit(spec, address=address)
         print(f"\npreprocess {status} in {time.time() - t0:.0f} s; shards in {dataset}")
         if status == "SUCCEEDED" and not args.preprocess_only:
-            status = _generate_library(args, data, corpus, dataset, report, held, address)
+            # nothing else runs on a cluster the demo started: a job alone may use every CPU's thread
+            threads_alone = (args.num_cpus or os.cpu_count() or 1) if started else 1
+            status = _generate_library(args, data, corpus, dataset, report, held, address, threads_alone)
     finally:
         if started and not args.keep_cluster:
             from pipeline.commands.cluster import stop_local
@@ -320,14 +343,15 @@ def _run(args) -> int:
     return 0 if status == "SUCCEEDED" else 1
 
 
-def _generate_library(args, data: Path, corpus: Path, dataset: Path, report, held, address: str) -> str:
+def _generate_library(args, data: Path, corpus: Path, dataset: Path, report, held, address: str,
+                      threads_alone: int = 1) -> str:
     from pipeline import jobs
 
     t = time.time()
     steps = {"structure-vae": args.structure_vae_steps, "structure-dit": args.structure_dit_steps,
              "vae": args.vae_steps, "dit": args.train_steps}
     ckpt = train_debug_networks(dataset, data / "runs", args.train_resolution, steps, address, latent=args.latent,
-                                vae_model=args.vae_model)
+                                vae_model=args.vae_model, threads_alone=threads_alone)
     print(f"\ntrained the debug networks in {time.time() - t:.0f} s: {ckpt}")
     images, library = data / "held-out-views", data / "library"
     meshes = render_held_out(held, corpus, images, args.view_size, seed=100)
@@ -336,7 +360,7 @@ def _generate_library(args, data: Path, corpus: Path, dataset: Path, report, hel
     sets.update(dict.fromkeys(fresh, NEW_VIEW))
     meshes.update(fresh)
     serve_yaml = data / "serve.yaml"
-    generation = write_serve_config(serve_yaml, ckpt, args.train_resolution, args.guidance)
+    generation = write_serve_config(serve_yaml, ckpt, args.train_resolution, args.guidance, torch_threads=threads_alone)
     status = jobs.submit(_job("demo-generate", ["s2", "generate", "--images", str(images), "--output", str(library),
                                                 "--serve-config", str(serve_yaml), "--app-name", "s2",
                                                 "--concurrency", "4", "--no-progress"]), address=address)
