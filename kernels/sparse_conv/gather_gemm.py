@@ -15,6 +15,7 @@ Half-precision inputs are computed in float32 and the result cast back, as the r
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .kernel_map import KernelMap
 
@@ -60,6 +61,7 @@ class _GatherGemmConv(torch.autograd.Function):
         return out.to(x.dtype)
 
     @staticmethod
+    @once_differentiable  # a second derivative would need the gathers' own backward: an error, not a wrong value
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         kmap, idx = ctx.kmap, ctx.idx
