@@ -143,6 +143,13 @@ def test_gather_gemm_with_no_outputs_or_no_neighbours():
     assert y.shape == (0, 3)
     y.sum().backward()
     assert torch.equal(x.grad, torch.zeros_like(x))
+    from kernels.sparse_conv.kernel_map import padded_index
+
+    coords4 = random_structure(6, 50, 1, 1)
+    kmap = build_kernel_map(coords4, coords4, 6)
+    idx = padded_index(kmap)
+    assert padded_index(kmap) is idx  # built once, shared by every conv on the map
+    assert torch.equal(idx, torch.where(kmap.neighbors >= 0, kmap.neighbors.long(), len(coords4)))
     far = torch.tensor([[0, 0, 0, 0], [0, 5, 5, 5]], dtype=torch.int32)  # no voxel has a neighbour but itself
     kmap = build_kernel_map(far, far, 6)
     w = torch.randn(27, 4, 3)

@@ -51,6 +51,9 @@ def norm_modulate_segments_reference(x: torch.Tensor, a: torch.Tensor, c: torch.
 
 
 def gated_residual_segments_reference(x: torch.Tensor, h: torch.Tensor, g: torch.Tensor, offsets) -> torch.Tensor:
-    """Differentiable: x + h · g[s] over the rows of shape s (``torch.addcmul`` with each shape's gate row)."""
+    """Differentiable: x + h · g[s] over the rows of shape s (``torch.addcmul`` with each shape's gate row).
+
+    The gate rows reach the tokens through ``F.embedding``, whose backward sums each row's gradient in float32 on
+    CUDA (0.24% off float64 over a 10,704-token bf16 shape); plain indexing accumulated in bf16 there (10.9%)."""
     rows = segment_rows(offsets, g.shape[0], x.device)
-    return torch.addcmul(x, h, g if rows is None else g[rows])
+    return torch.addcmul(x, h, g if rows is None else F.embedding(rows, g))

@@ -17,15 +17,9 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .kernel_map import KernelMap
+from .kernel_map import KernelMap, padded_index
 
 BLOCK_BYTES = 32 << 20  # one gathered (rows, V·C) block
-
-
-def _padded_index(table: torch.Tensor, missing: int) -> torch.Tensor:
-    """An int64 copy of a (rows, V) map with -1 replaced by ``missing`` (the appended zero row)."""
-    idx = table.to(torch.int64)
-    return idx.masked_fill_(idx < 0, missing)
 
 
 def _gather_gemm(src: torch.Tensor, idx: torch.Tensor, w2: torch.Tensor, out: torch.Tensor) -> None:
@@ -53,30 +47,31 @@ class _GatherGemmConv(torch.autograd.Function):
         acc = torch.promote_types(x.dtype, torch.float32)
         xf, wf = x.to(acc), weight.to(acc)
         volume, cin, cout = wf.shape
-        idx = _padded_index(kmap.neighbors, x.shape[0])
+        idx = padded_index(kmap)
         out = torch.empty((kmap.num_outputs, cout), dtype=acc, device=x.device)
         _gather_gemm(_with_zero_row(xf), idx, wf.reshape(volume * cin, cout), out)
         ctx.save_for_backward(x, weight)
-        ctx.kmap, ctx.idx = kmap, idx
+        ctx.kmap = kmap
         return out.to(x.dtype)
 
     @staticmethod
     @once_differentiable  # a second derivative would need the gathers' own backward: an error, not a wrong value
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        kmap, idx = ctx.kmap, ctx.idx
+        kmap = ctx.kmap
         acc = torch.promote_types(x.dtype, torch.float32)
         wf, dyf = weight.to(acc), dy.to(acc)
         volume, cin, cout = wf.shape
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            inv = _padded_index(kmap.inverse, kmap.num_outputs)
+            inv = padded_index(kmap, inverse=True)
             # dx[i] = Σ_v dy[inverse[i, v]] @ weight[v]^T: rows of (v, c_out) against weight as (V·C_out, C_in)
             w2t = wf.transpose(1, 2).reshape(volume * cout, cin)
             dxf = torch.empty((x.shape[0], cin), dtype=acc, device=x.device)
             _gather_gemm(_with_zero_row(dyf), inv, w2t, dxf)
             dx = dxf.to(x.dtype)
         if ctx.needs_input_grad[1]:
+            idx = padded_index(kmap)
             xp = _with_zero_row(x.to(acc))
             width = volume * cin
             # accumulated as (C_out, V·C_in) = dy^T @ gathered: the gathered block stays row-major for the GEMM

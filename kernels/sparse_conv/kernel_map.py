@@ -40,6 +40,7 @@ class KernelMap:
     num_inputs: int
     symmetric: bool = False  # submanifold map: input and output sets equal, offsets centred
     _inverse: torch.Tensor | None = field(default=None, repr=False)
+    _padded: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_outputs(self) -> int:
@@ -64,6 +65,17 @@ class KernelMap:
                 inv[nbr[ok, v], v] = rows[ok]
             self._inverse = inv
         return self._inverse
+
+
+def padded_index(kmap: KernelMap, inverse: bool = False) -> torch.Tensor:
+    """``kmap.neighbors`` (or ``kmap.inverse``) as int64 with -1 replaced by the row count it indexes (the zero row
+    a gather appends); built once per map, which every conv on a structure shares forward and backward."""
+    key = "inverse" if inverse else "neighbors"
+    if key not in kmap._padded:
+        table, missing = (kmap.inverse, kmap.num_outputs) if inverse else (kmap.neighbors, kmap.num_inputs)
+        idx = table.to(torch.int64)
+        kmap._padded[key] = idx.masked_fill_(idx < 0, missing)
+    return kmap._padded[key]
 
 
 def build_kernel_map(
