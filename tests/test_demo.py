@@ -113,7 +113,7 @@ def test_a_job_that_starts_alone_gets_every_thread(monkeypatch, tmp_path):
 
     from pipeline import jobs
 
-    threads, structure_done = {}, threading.Event()
+    threads, structure_done, file_seen = {}, threading.Event(), {}
     real_latest = demo.latest_checkpoint
 
     def latest(runs, name):
@@ -126,9 +126,16 @@ def test_a_job_that_starts_alone_gets_every_thread(monkeypatch, tmp_path):
         argv = shlex.split(spec.entrypoint)
         name = argv[argv.index("--name") + 1] if argv[0] == "s2" else argv[argv.index("--out") + 1].rsplit("/", 1)[-1]
         threads[name] = spec.runtime_env["env_vars"]["OMP_NUM_THREADS"]
+        if argv[0] == "s2":  # every trainer follows the threads file
+            file_seen[name] = (argv[argv.index("--threads-file") + 1], (tmp_path / "runs" / "demo-threads").read_text())
         if name == "demo-vae":  # the SS-VAE outlasts the structure chain, as on the 2-core machine
             assert structure_done.wait(10)
-            time.sleep(0.3)  # the structure chain's thread returns from its last checkpoint lookup
+            # the structure chain's thread returns from its last checkpoint lookup and hands the running SS-VAE
+            # trainer the freed cores through the file (written where the chain count drops)
+            deadline = time.time() + 10
+            while (tmp_path / "runs" / "demo-threads").read_text() != "3\n" and time.time() < deadline:
+                time.sleep(0.02)
+            file_seen["demo-vae, structure chain done"] = (None, (tmp_path / "runs" / "demo-threads").read_text())
         if argv[0] == "s2":
             (tmp_path / "runs" / name / "checkpoint_1").mkdir(parents=True)
             (tmp_path / "runs" / name / "checkpoint_1" / "weights.pt").write_bytes(b"")
@@ -140,6 +147,9 @@ def test_a_job_that_starts_alone_gets_every_thread(monkeypatch, tmp_path):
     demo.train_debug_networks(tmp_path / "dataset", tmp_path / "runs", 64, steps, "http://x", threads_alone=3)
     assert threads == {"demo-structure-vae": "1", "demo-vae": "1", "demo-structure-vae-latents": "1",
                        "demo-structure-dit": "1", "demo-vae-latents": "3", "demo-dit": "3"}
+    path = str(tmp_path / "runs" / "demo-threads")
+    assert file_seen["demo-structure-vae"] == (path, "1\n") and file_seen["demo-vae"] == (path, "1\n")
+    assert file_seen["demo-vae, structure chain done"] == (None, "3\n") and file_seen["demo-dit"] == (path, "3\n")
     ckpts = {k: str(tmp_path / "runs" / k) for k in ("structure_vae", "structure_dit", "vae", "dit")}
     cfg = demo.write_serve_config(tmp_path / "serve.yaml", ckpts, 64, torch_threads=3)
     import yaml

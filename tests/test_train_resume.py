@@ -280,3 +280,29 @@ def test_the_step_ray_train_hands_is_read_from_its_meta(tmp_path, caplog):
         with caplog.at_level("WARNING", logger="pipeline.train.loop"):
             assert session.checkpoint_step() == want, handed
     assert "no readable step" in caplog.text and "bad" in caplog.text
+
+
+def test_threads_file_sets_the_workers_threads_between_steps(local_dist, shards, tmp_path, caplog):
+    """A run given ``threads_file`` follows the number in it; a bad number is named and changes nothing."""
+    from pipeline.train.loop import ThreadsFile
+
+    before = torch.get_num_threads()
+    path = tmp_path / "threads"
+    try:
+        path.write_text("2\n")
+        _train(_cfg(shards, tmp_path / "runs", steps=2, threads_file=str(path)))
+        assert torch.get_num_threads() == 2
+
+        watch = ThreadsFile(str(path))
+        assert watch.poll() is None  # 2 already
+        path.write_text("1\n")
+        assert watch.poll() == 1 and torch.get_num_threads() == 1
+        assert watch.poll() is None  # unchanged file: not read again
+        path.write_text("many\n")
+        with caplog.at_level("WARNING"):
+            assert watch.poll() is None
+        assert torch.get_num_threads() == 1 and "expected a positive integer, got 'many'" in caplog.text
+        path.unlink()
+        assert watch.poll() is None and ThreadsFile("").poll() is None
+    finally:
+        torch.set_num_threads(before)

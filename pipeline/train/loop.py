@@ -77,6 +77,45 @@ class RaySession:
         self.train.report(metrics, checkpoint=ckpt)
 
 
+class ThreadsFile:
+    """``TrainConfig.threads_file``: between steps, torch's CPU threads follow the number in a local file.
+
+    Read again only when its modification time changes (one ``stat`` a step). A missing file keeps the threads
+    as they are; content that is not a positive integer is named once in the log and ignored."""
+
+    def __init__(self, path: str):
+        self.path, self.seen, self.warned = path, None, False
+
+    def poll(self) -> int | None:
+        """The thread count just applied, or None when nothing changed."""
+        if not self.path:
+            return None
+        try:
+            mtime = os.stat(self.path).st_mtime_ns
+        except OSError:
+            return None
+        if mtime == self.seen:
+            return None
+        self.seen = mtime
+        try:
+            with open(self.path) as f:
+                text = f.read().strip()
+        except OSError:
+            return None
+        n = int(text) if text.isdigit() else 0
+        if n < 1:
+            if not self.warned:
+                log.warning("threads_file %s: expected a positive integer, got %r; threads unchanged",
+                            self.path, text[:40])
+                self.warned = True
+            return None
+        if n == torch.get_num_threads():
+            return None
+        torch.set_num_threads(n)
+        log.info("threads_file %s: now %d CPU threads", self.path, n)
+        return n
+
+
 def _mine(sample, rank: int, world: int) -> bool:
     """Each worker keeps the shapes whose id hashes to its rank (stable across epochs and restarts)."""
     return checkpoints.owner(sample.mesh_id, world) == rank
@@ -172,10 +211,12 @@ def run_loop(cfg: TrainConfig, session) -> dict:
                 continue
             yield pos, item
 
+    threads = ThreadsFile(cfg.threads_file)
     while step < cfg.steps:
         start, counts = position["consumed"], {"done": 0, "steps": 0}
         items = undone(cache.epoch(position["epoch"], fresh, start), counts)
         for group in token_batches(items, cfg.token_budget, lambda i: i[1].tokens, lambda i: i[1].name, skipped):
+            threads.poll()
             t0 = time.perf_counter()
             batch = task.collate([i for _, i in group], device, dtype)
             loss, parts = engine(**batch)
