@@ -148,7 +148,8 @@ def test_a_job_that_starts_alone_gets_every_thread(monkeypatch, tmp_path):
     assert threads == {"demo-structure-vae": "1", "demo-vae": "1", "demo-structure-vae-latents": "1",
                        "demo-structure-dit": "1", "demo-vae-latents": "3", "demo-dit": "3"}
     path = str(tmp_path / "runs" / "demo-threads")
-    assert file_seen["demo-structure-vae"] == (path, "1\n") and file_seen["demo-vae"] == (path, "1\n")
+    # (the SS-VAE's own read may come after the structure chain is done: only its path is fixed)
+    assert file_seen["demo-structure-vae"] == (path, "1\n") and file_seen["demo-vae"][0] == path
     assert file_seen["demo-vae, structure chain done"] == (None, "3\n") and file_seen["demo-dit"] == (path, "3\n")
     ckpts = {k: str(tmp_path / "runs" / k) for k in ("structure_vae", "structure_dit", "vae", "dit")}
     cfg = demo.write_serve_config(tmp_path / "serve.yaml", ckpts, 64, torch_threads=3)
