@@ -48,11 +48,13 @@ def test_summary_counts_parts_watertight_and_wins():
     evaluate.print_table(rows)  # renders with missing columns
 
 
-@pytest.mark.parametrize("latent", ["ss_vae", "pooled"])
-def test_training_jobs_run_in_order_and_the_dit_models_the_vae_latents(monkeypatch, tmp_path, latent):
+@pytest.mark.parametrize("latent,amx", [("ss_vae", True), ("ss_vae", False), ("pooled", True)])
+def test_training_jobs_run_in_order_and_the_dit_models_the_vae_latents(monkeypatch, tmp_path, latent, amx):
     import threading
 
     from pipeline import jobs
+
+    monkeypatch.setattr(demo, "cpu_has_amx", lambda: amx)
 
     submitted, threads = [], {}
     both = threading.Barrier(2, timeout=10)
@@ -102,6 +104,8 @@ def test_training_jobs_run_in_order_and_the_dit_models_the_vae_latents(monkeypat
         assert vae[vae.index("--oversize") + 1] == "alone" and vae[vae.index("--steps") + 1] == "3"
         assert vae[vae.index("--lr-schedule") + 1] == demo.VAE_LR_SCHEDULE
         assert float(vae[vae.index("--kl-weight") + 1]) == demo.VAE_KL_WEIGHT == 1e-5
+        # bfloat16 conv operands only where the CPU multiplies them in AMX tiles
+        assert vae[vae.index("--cpu-conv-precision") + 1] == ("bf16" if amx else "fp32")
     else:
         assert "--latent" not in dit and "vae" not in ckpt
 

@@ -135,6 +135,48 @@ def test_gather_gemm_half_precision_and_partial_grads():
     torch.testing.assert_close(ws.grad, wr.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block_bytes", [None, 4096])
+def test_gather_gemm_bf16_operands_for_float32_tensors(block_bytes, monkeypatch):
+    """GEMM_DTYPE bfloat16 (TrainConfig.cpu_conv_precision): float32 tensors in and out, each product of
+    bfloat16-rounded operands summed in float32, so value and both gradients stay within a few bf16 steps of
+    the float32 reference (the weight gradient over several row blocks too); None restores float32 exactly."""
+    from kernels.sparse_conv import gather_gemm
+
+    if block_bytes:
+        monkeypatch.setattr(gather_gemm, "BLOCK_BYTES", block_bytes)
+    res, count, cin, cout, k, stride, pad = CASES[1]
+    _, _, x, w, dy, kmap = _case(res, count, cin, cout, k, stride, pad, 5, torch.float32)
+    x, w, dy = x.float(), w.float(), dy.float()
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    want = sparse_conv_reference(xr, wr, kmap)
+    want.backward(dy)
+    monkeypatch.setattr(gather_gemm, "GEMM_DTYPE", torch.bfloat16)
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    got = sparse_conv(xs, ws, kmap, backend="gemm")
+    got.backward(dy)
+    assert got.dtype == xs.grad.dtype == ws.grad.dtype == torch.float32
+    for a, b in ((got, want), (xs.grad, xr.grad), (ws.grad, wr.grad)):
+        err = float((a - b).abs().max() / b.abs().max())
+        assert 0 < err < 3e-2, err  # rounded (not float32), yet close
+    monkeypatch.setattr(gather_gemm, "GEMM_DTYPE", None)
+    torch.testing.assert_close(sparse_conv(x, w, kmap, backend="gemm"), want.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_has_amx_reads_the_flags(monkeypatch, tmp_path):
+    import builtins
+
+    from kernels.sparse_conv import gather_gemm
+
+    real_open = builtins.open
+    for flags, want in (("flags\t: fpu avx512f amx_bf16 amx_tile\n", True), ("flags\t: fpu avx512f\n", False)):
+        info = tmp_path / "cpuinfo"
+        info.write_text("processor\t: 0\n" + flags)
+        monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(info if p == "/proc/cpuinfo" else p, *a, **k))
+        assert gather_gemm.cpu_has_amx() is want
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: (_ for _ in ()).throw(OSError(p)))
+    assert gather_gemm.cpu_has_amx() is False
+
+
 def test_gather_gemm_with_no_outputs_or_no_neighbours():
     coords = random_structure(6, 50, 1, 0)
     kmap = build_kernel_map(coords, coords[:0], 6)

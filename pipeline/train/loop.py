@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from kernels.sparse_conv import gather_gemm
 from pipeline import shards as shard_format
 from pipeline import storage
 from pipeline.config import from_dict
@@ -212,6 +213,7 @@ def run_loop(cfg: TrainConfig, session) -> dict:
             yield pos, item
 
     threads = ThreadsFile(cfg.threads_file)
+    gather_gemm.GEMM_DTYPE = torch.bfloat16 if cfg.cpu_conv_precision == "bf16" else None  # this process's convs
     while step < cfg.steps:
         start, counts = position["consumed"], {"done": 0, "steps": 0}
         items = undone(cache.epoch(position["epoch"], fresh, start), counts)
