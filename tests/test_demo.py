@@ -117,7 +117,7 @@ def test_a_job_that_starts_alone_gets_every_thread(monkeypatch, tmp_path):
 
     from pipeline import jobs
 
-    threads, structure_done, file_seen = {}, threading.Event(), {}
+    threads, structure_done, vae_submitted, file_seen = {}, threading.Event(), threading.Event(), {}
     real_latest = demo.latest_checkpoint
 
     def latest(runs, name):
@@ -132,7 +132,10 @@ def test_a_job_that_starts_alone_gets_every_thread(monkeypatch, tmp_path):
         threads[name] = spec.runtime_env["env_vars"]["OMP_NUM_THREADS"]
         if argv[0] == "s2":  # every trainer follows the threads file
             file_seen[name] = (argv[argv.index("--threads-file") + 1], (tmp_path / "runs" / "demo-threads").read_text())
+        if name == "demo-structure-vae":  # both chains have started before either can finish
+            assert vae_submitted.wait(10)
         if name == "demo-vae":  # the SS-VAE outlasts the structure chain, as on the 2-core machine
+            vae_submitted.set()
             assert structure_done.wait(10)
             # the structure chain's thread returns from its last checkpoint lookup and hands the running SS-VAE
             # trainer the freed cores through the file (written where the chain count drops)

@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-from kernels.sparse_conv.gather_gemm import cpu_has_amx
 from pipeline.evaluate import (HELD_OUT, NEW_VIEW, preview_strip, print_table, score_library,  # noqa: F401 (the demo's table)
                                summarize)
 
@@ -188,6 +187,12 @@ VAE_KL_WEIGHT = 1e-5
 # The SS-VAE's convolutions multiply bfloat16 operands on a CPU with AMX (float32 elsewhere): its step ran 1.35-1.5x
 # faster, and 900 steps reconstructed as well as float32 (docs/demo.md).
 VAE_CONV_PRECISION = "bf16"
+def cpu_has_amx() -> bool:
+    from kernels.sparse_conv.gather_gemm import cpu_has_amx as has  # torch stays out of `s2 --help`
+
+    return has()
+
+
 # The paper's order within each chain; the two chains train side by side (train_debug_networks).
 CHAINS = (("structure-vae", "structure-dit"), ("vae", "dit"))
 # CPUs a demo trainer reserves (it runs one thread): two side by side leave a 2-CPU cluster one CPU for the
