@@ -4,7 +4,8 @@ Two tables, one thread (the demo's training workers run one each):
 - one 3×3×3 submanifold conv on sphere shells (band ±2 voxels) at the given grids and channel widths,
   forward and forward + backward (both gradients), median of ``--repeats``;
 - one training step (forward, backward) of an SS-VAE (``--vae``, default the demo's ``debug_r4``) on a batch
-  of shells, with its every conv on each path.
+  of shells, with its every conv on each path, and on the gather–GEMM path with bfloat16 GEMM operands
+  (``gather_gemm.GEMM_DTYPE``, ``--cpu-conv-precision bf16``; fast only on CPUs with AMX, which the table names).
 
 Both paths compute the same sums; the largest relative difference of the outputs (the step: of all gradients)
 is printed beside each row.
@@ -82,11 +83,14 @@ def vae_rows(vae_name: str, res: int, repeats: int):
         for q in vae.parameters():
             if q.dim() > 1 and not q.any():
                 q.normal_(std=0.02)
-    original = layers.sparse_conv
+    from kernels.sparse_conv import gather_gemm
+
+    original, original_dtype = layers.sparse_conv, gather_gemm.GEMM_DTYPE
     out = {}
     try:
-        for backend in ("torch", "gemm"):
+        for name, backend, dtype in (("torch", "torch", None), ("gemm", "gemm", None), ("bf16", "gemm", torch.bfloat16)):
             layers.sparse_conv = functools.partial(original, backend=backend)
+            gather_gemm.GEMM_DTYPE = dtype
 
             def step():
                 torch.manual_seed(1)
@@ -96,12 +100,16 @@ def vae_rows(vae_name: str, res: int, repeats: int):
             seconds = median_s(step, repeats)
             vae.zero_grad()
             step()
-            out[backend] = (seconds, torch.cat([q.grad.flatten() for q in vae.parameters() if q.grad is not None]))
+            out[name] = (seconds, torch.cat([q.grad.flatten() for q in vae.parameters() if q.grad is not None]))
             vae.zero_grad()
     finally:
-        layers.sparse_conv = original
-    diff = float((out["gemm"][1] - out["torch"][1]).abs().max() / out["torch"][1].abs().max())
-    return [(vae_name, f"{res}³", x.feats.shape[0], out["torch"][0], out["gemm"][0], diff)]
+        layers.sparse_conv, gather_gemm.GEMM_DTYPE = original, original_dtype
+
+    def diff(name):
+        return float((out[name][1] - out["torch"][1]).abs().max() / out["torch"][1].abs().max())
+
+    return [(vae_name, f"{res}³", x.feats.shape[0], out["torch"][0], out["gemm"][0], out["bf16"][0], diff("gemm"),
+             diff("bf16"))]
 
 
 def main() -> None:
@@ -122,10 +130,15 @@ def main() -> None:
         print(f"{grid:>6} {n:>8,} {ch:>4} | {fr * 1e3:8.1f} {fg * 1e3:8.1f} {fr / fg:5.2f} | "
               f"{br * 1e3:8.1f} {bg * 1e3:8.1f} {br / bg:5.2f} | {diff:.1e}")
     if args.vae:
-        print(f"\nSS-VAE training step (forward + backward), {args.threads} thread(s), median of {args.repeats} (s)")
-        print(f"{'network':>10} {'grid':>6} {'voxels':>8} | {'ref':>7} {'gemm':>7} {'×':>5} | max rel diff of the gradients")
-        for name, grid, n, tr, tg, diff in vae_rows(args.vae, args.vae_res, args.repeats):
-            print(f"{name:>10} {grid:>6} {n:>8,} | {tr:7.3f} {tg:7.3f} {tr / tg:5.2f} | {diff:.1e}")
+        from kernels.sparse_conv.gather_gemm import cpu_has_amx
+
+        print(f"\nSS-VAE training step (forward + backward), {args.threads} thread(s), median of {args.repeats} (s); "
+              f"bf16: gather-GEMM with bfloat16 operands (this CPU {'has' if cpu_has_amx() else 'lacks'} AMX)")
+        print(f"{'network':>10} {'grid':>6} {'voxels':>8} | {'ref':>7} {'gemm':>7} {'×':>5} | {'bf16':>7} {'× gemm':>6} | "
+              f"max rel diff of the gradients, gemm / bf16")
+        for name, grid, n, tr, tg, tb, dg, db in vae_rows(args.vae, args.vae_res, args.repeats):
+            print(f"{name:>10} {grid:>6} {n:>8,} | {tr:7.3f} {tg:7.3f} {tr / tg:5.2f} | {tb:7.3f} {tg / tb:6.2f} | "
+                  f"{dg:.1e} / {db:.1e}")
 
 
 if __name__ == "__main__":

@@ -177,6 +177,19 @@ def test_cpu_has_amx_reads_the_flags(monkeypatch, tmp_path):
     assert gather_gemm.cpu_has_amx() is False
 
 
+@pytest.mark.parametrize("amx", [True, False])
+def test_cpu_conv_precision_auto_asks_this_cpu(amx, monkeypatch):
+    """TrainConfig.cpu_conv_precision as the worker applies it: auto is bf16 exactly where AMX is; a name
+    outside fp32 / bf16 / auto is an error that names the setting."""
+    from kernels.sparse_conv import gather_gemm
+
+    monkeypatch.setattr(gather_gemm, "cpu_has_amx", lambda: amx)
+    assert gather_gemm.gemm_dtype("auto") is (torch.bfloat16 if amx else None)
+    assert gather_gemm.gemm_dtype("bf16") is torch.bfloat16 and gather_gemm.gemm_dtype("fp32") is None
+    with pytest.raises(ValueError, match="cpu_conv_precision.*'fp16'"):
+        gather_gemm.gemm_dtype("fp16")
+
+
 def test_gather_gemm_with_no_outputs_or_no_neighbours():
     coords = random_structure(6, 50, 1, 0)
     kmap = build_kernel_map(coords, coords[:0], 6)

@@ -283,15 +283,17 @@ def test_the_step_ray_train_hands_is_read_from_its_meta(tmp_path, caplog):
 
 
 def test_threads_file_sets_the_workers_threads_between_steps(local_dist, shards, tmp_path, caplog):
-    """A run given ``threads_file`` follows the number in it; a bad number is named and changes nothing."""
+    """A run given ``threads_file`` follows the number in it; a bad number is named and changes nothing. The
+    run's ``cpu_conv_precision`` reaches the process's CPU convolutions the same way (set at the loop's start)."""
+    from kernels.sparse_conv import gather_gemm
     from pipeline.train.loop import ThreadsFile
 
     before = torch.get_num_threads()
     path = tmp_path / "threads"
     try:
         path.write_text("2\n")
-        _train(_cfg(shards, tmp_path / "runs", steps=2, threads_file=str(path)))
-        assert torch.get_num_threads() == 2
+        _train(_cfg(shards, tmp_path / "runs", steps=2, threads_file=str(path), cpu_conv_precision="bf16"))
+        assert torch.get_num_threads() == 2 and gather_gemm.GEMM_DTYPE is torch.bfloat16
 
         watch = ThreadsFile(str(path))
         assert watch.poll() is None  # 2 already
@@ -306,3 +308,4 @@ def test_threads_file_sets_the_workers_threads_between_steps(local_dist, shards,
         assert watch.poll() is None and ThreadsFile("").poll() is None
     finally:
         torch.set_num_threads(before)
+        gather_gemm.GEMM_DTYPE = None

@@ -12,7 +12,7 @@ near ``BLOCK_BYTES``, so memory stays a few times the features whatever the kern
 Half-precision inputs are computed in float32 and the result cast back, as the reference does. ``GEMM_DTYPE``
 bfloat16 instead multiplies bfloat16 operands (float32 accumulation inside the GEMM, outputs rounded to bfloat16,
 weight gradients summed over blocks in float32): on a CPU with AMX that made the demo's SS-VAE step 1.35-1.5x
-faster (docs/vae.md). ``cpu_has_amx`` says whether this CPU has it.
+faster (docs/vae.md). ``cpu_has_amx`` says whether this CPU has it; ``gemm_dtype('auto')`` asks it.
 """
 
 from __future__ import annotations
@@ -26,6 +26,14 @@ BLOCK_BYTES = 32 << 20  # one gathered (rows, V·C) block
 # The GEMMs' operand type: None computes in float32 (the reference's sums); torch.bfloat16 as described above
 # (a trainer sets it for its process: TrainConfig.cpu_conv_precision).
 GEMM_DTYPE: torch.dtype | None = None
+
+
+def gemm_dtype(precision: str) -> torch.dtype | None:
+    """``GEMM_DTYPE`` for ``TrainConfig.cpu_conv_precision``: 'fp32' None, 'bf16' bfloat16, 'auto' bfloat16 where
+    this process's CPU has AMX (decided on the machine that runs the convolutions, not on the one submitting)."""
+    if precision not in ("fp32", "bf16", "auto"):
+        raise ValueError(f"cpu_conv_precision: expected fp32, bf16 or auto, got {precision!r}")
+    return torch.bfloat16 if precision == "bf16" or (precision == "auto" and cpu_has_amx()) else None
 
 
 def cpu_has_amx() -> bool:

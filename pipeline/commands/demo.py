@@ -184,15 +184,9 @@ VAE_LR_SCHEDULE = "cosine"
 # 0.2-1.0 under noise of std ~1); at 1e-5 the means spread 2.0-2.5 under noise 0.6 and 600 steps reconstruct at
 # Chamfer 0.105 instead of 0.113 (docs/demo.md). The paper config keeps the release's weight.
 VAE_KL_WEIGHT = 1e-5
-# The SS-VAE's convolutions multiply bfloat16 operands on a CPU with AMX (float32 elsewhere): its step ran 1.35-1.5x
-# faster, and 900 steps reconstructed as well as float32 (docs/demo.md).
-VAE_CONV_PRECISION = "bf16"
-def cpu_has_amx() -> bool:
-    from kernels.sparse_conv.gather_gemm import cpu_has_amx as has  # torch stays out of `s2 --help`
-
-    return has()
-
-
+# The SS-VAE's convolutions multiply bfloat16 operands where the trainer's CPU has AMX (float32 elsewhere; the
+# worker decides): its step ran 1.35-1.5x faster, and 900 steps reconstructed as well as float32 (docs/demo.md).
+VAE_CONV_PRECISION = "auto"
 # The paper's order within each chain; the two chains train side by side (train_debug_networks).
 CHAINS = (("structure-vae", "structure-dit"), ("vae", "dit"))
 # CPUs a demo trainer reserves (it runs one thread): two side by side leave a 2-CPU cluster one CPU for the
@@ -266,7 +260,7 @@ def train_debug_networks(dataset: Path, runs: Path, resolution: int, steps: dict
             elif net == "vae":
                 extra = ["--model", vae_model, "--token-budget", str(VAE_TOKEN_BUDGET), "--oversize", "alone",
                          "--lr-schedule", VAE_LR_SCHEDULE, "--kl-weight", str(VAE_KL_WEIGHT),
-                         "--cpu-conv-precision", VAE_CONV_PRECISION if cpu_has_amx() else "fp32"]
+                         "--cpu-conv-precision", VAE_CONV_PRECISION]
             elif net == "dit":
                 model = DIT_MODEL[vae_model] if latent == "ss_vae" else "debug"  # pooled latents: no SS-VAE grid
                 extra = ["--model", model, "--image-encoder", IMAGE_ENCODER] + (
