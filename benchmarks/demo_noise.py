@@ -472,6 +472,7 @@ def dit_rows(args, samples, vae, add) -> None:
     from model.cascade import Cascade, GenerationConfig, load_network, random_network
     from model.condition import build_image_encoder, decode_image
     from model.sparse import SparseTensor
+    from model.structure import occupancy_grid
 
     res = args.resolution
     for kind, path in (("dit", args.dit or args.train_dit), ("pooled-dit", args.pooled_dit)):
@@ -495,7 +496,8 @@ def dit_rows(args, samples, vae, add) -> None:
                         img = decode_image(s.views[0].png, enc.image_size, with_mask=True)[None]
                         cond = cascade.condition(img)
                         lc = torch.unique(s.coords.long() // down, dim=0).int()
-                        (z,) = cascade.sparse_stage(cascade.dit, [lc], cond, [0], steps, shift, 1)
+                        grids = [occupancy_grid(s.coords, res)]  # the shard's own 64³ band occupancy
+                        (z,) = cascade.sparse_stage(cascade.dit, [lc], cond, [0], steps, shift, 1, grids)
                         sdf = cascade.decode(cascade.vae, [lc], [z], res // down)[0]
                         extra = {"steps": steps, "guidance": guidance, "shift": shift}
                         if cascade.vae is not None:

@@ -37,8 +37,8 @@ from model.mesh_extract import extract_mesh
 from model.voxelize import normalize_vertices, surface_latent_index
 from model.postprocess import PostprocessConfig, clean_mesh
 from model.sparse import SparseTensor
-from model.structure import (STRUCTURE_DIT_CONFIGS, StructureDiT, StructureVAE, StructureVAEConfig, check_structure_pair,
-                             occupancy_to_latent_coords)
+from model.structure import (GRID, STRUCTURE_DIT_CONFIGS, StructureDiT, StructureVAE, StructureVAEConfig, check_structure_pair,
+                             grid_to_latent_coords, subcell_occupancy)
 from model.dense_dit import DenseDiTConfig
 
 
@@ -220,6 +220,10 @@ class GenerationConfig:
     refine_shift: float = STAGE_DEFAULTS["1024"]["shift"]
     guidance: float = 7.0
     occupancy_threshold: float = 0.1  # sigmoid of decoded occupancy (DESIGN.md)
+    # the sub-cell occupancy an SS-DiT with occupancy_subcells reads: sigmoid >= this (the 0.1 above gives
+    # the latent voxels, generous so no surface is lost; the bits are read as the band it trained on, and a
+    # trained structure VAE's reconstruction at 0.5 matches the band best: docs/demo.md)
+    subcell_threshold: float = 0.5
     max_tokens: int = 400_000  # more latent voxels than this for one shape is an error for that item
     surface_band: float = 4.0  # refine-stage latent voxels: grid points within this many voxels of the first mesh
     mc_threshold: Optional[float] = None  # marching level of decoded SDFs (None: 0.2 for a converted release, else 0)
@@ -253,6 +257,9 @@ class GenerationConfig:
             raise ValueError(f"dtype: expected auto, bf16 or fp32, got {self.dtype!r}")
         if self.surface_band <= 0:
             raise ValueError(f"surface_band: must be > 0, got {self.surface_band}")
+        for key in ("occupancy_threshold", "subcell_threshold"):
+            if not 0 < getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be in (0, 1), got {getattr(self, key)}")
         if self.dit_refine and self.refine_resolution <= self.resolution:
             raise ValueError(f"refine_resolution ({self.refine_resolution}) must exceed resolution ({self.resolution})")
         PostprocessConfig(self.remove_interior, self.min_component_fraction, self.target_faces)
@@ -411,6 +418,17 @@ class Cascade:
             channels = v.config.latent_channels if v else pooled_latent.CHANNELS
             if d.config.in_channels != channels:
                 raise ValueError(f"{dit_key} ({d.source}): {d.config.in_channels} latent channels, its decoder has {channels}")
+            s = getattr(d.config, "occupancy_subcells", 0)
+            if s and dit_key == "dit_refine":
+                raise ValueError(f"{dit_key} ({d.source}): reads the structure's sub-cell occupancy (occupancy_subcells="
+                                 f"{s}), which the refine stage does not have")
+            if s:
+                down = v.config.downsample if v else pooled_latent.DOWN
+                latent_res = getattr(self.cfg, res_key) // down
+                if latent_res * s != GRID:
+                    raise ValueError(f"{dit_key} ({d.source}): reads {s}³ structure voxels a latent voxel; at "
+                                     f"{res_key} {getattr(self.cfg, res_key)} a {latent_res}³ latent voxel holds "
+                                     f"{GRID / latent_res:g}³ of the {GRID}³ structure grid")
             if v is not None and dit_key == "dit_refine" and v.config.downsample != 8:
                 raise ValueError(f"{vae_key} ({v.source}): downsamples by {v.config.downsample}, the refine stage "
                                  f"needs 8 (its latent voxels come from the first mesh at 8 voxels each)")
@@ -468,17 +486,18 @@ class Cascade:
         hub = getattr(self.encoder, "hub", None)
         return PackedCondition(*pack_condition(tokens, images[:, 3:].to(self.device), hub.cfg.patch if hub else 14))
 
-    def _guided(self, net: SparseDiT, tokens: SparseTensor, cond):
+    def _guided(self, net: SparseDiT, tokens: SparseTensor, cond, occupancy: torch.Tensor | None = None):
         """Velocity with classifier-free guidance as one forward over [cond; zero cond] (2B shapes).
 
         The tokens' structure (and the SSA's, cached on it) is built once for all the sampler's steps."""
         b, g = tokens.batch_size, self.cfg.guidance
         doubled, cond2 = guidance_batch(tokens, cond)
+        occ2 = torch.cat([occupancy, occupancy]) if occupancy is not None else None
 
         def velocity(x, t, _cond):
             if g == 1.0:
-                return net(tokens.replace(x), t.expand(b).to(self.dtype), cond).feats.float()
-            v = net(doubled.replace(torch.cat([x, x]).to(self.dtype)), t.expand(2 * b).to(self.dtype), cond2)
+                return net(tokens.replace(x), t.expand(b).to(self.dtype), cond, occupancy).feats.float()
+            v = net(doubled.replace(torch.cat([x, x]).to(self.dtype)), t.expand(2 * b).to(self.dtype), cond2, occ2)
             v = v.feats.float()
             vc, vu = v[: x.shape[0]], v[x.shape[0]:]
             return vu + g * (vc - vu)
@@ -488,6 +507,13 @@ class Cascade:
     @torch.no_grad()
     def structure_stage(self, cond: torch.Tensor, seeds: list[int]) -> list[torch.Tensor]:
         """Latent voxel coords (M_i, 3) at resolution/8 of every item (possibly empty)."""
+        latent_res = self.latent_resolution(self.vae, self.cfg.resolution)
+        return [grid_to_latent_coords(p >= self.cfg.occupancy_threshold, latent_res)
+                for p in self.structure_occupancy(cond, seeds)]
+
+    @torch.no_grad()
+    def structure_occupancy(self, cond: torch.Tensor, seeds: list[int]) -> list[torch.Tensor]:
+        """The structure stage's decoded occupancy of every item: probabilities (64, 64, 64), float32 each."""
         b, net, g = cond.shape[0], self.structure_dit, self.cfg.guidance
         shape = (net.cfg.in_channels,) + (net.cfg.resolution,) * 3
         noise = torch.stack([torch.randn(shape, generator=_item_generator(s, 0)) for s in seeds]).to(self.device)
@@ -503,8 +529,7 @@ class Cascade:
                                    self.schedules.get("structure"))
         z = sampler.sample(CapturedVelocity(velocity, self._graphs(b * net.cfg.tokens)), noise)
         logits = self.structure_vae.decode(self.structure_vae.unscale(z.float()))
-        latent_res = self.latent_resolution(self.vae, self.cfg.resolution)
-        return [occupancy_to_latent_coords(logits[i], latent_res, self.cfg.occupancy_threshold) for i in range(b)]
+        return [torch.sigmoid(logits[i].float().reshape((GRID,) * 3)) for i in range(b)]
 
     def _graphs(self, tokens: int) -> bool:
         """Whether a sampling stage over ``tokens`` tokens (all items) is replayed as a CUDA graph: its guided
@@ -519,13 +544,23 @@ class Cascade:
 
     @torch.no_grad()
     def sparse_stage(self, net: SparseDiT, coords_list: list[torch.Tensor], cond, seeds: list[int],
-                     steps: int, shift: float, stage: int) -> list[torch.Tensor]:
-        """Sample latents (M_i, C) on the given latent voxels of every item, packed without padding."""
+                     steps: int, shift: float, stage: int, grids: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Sample latents (M_i, C) on the given latent voxels of every item, packed without padding.
+
+        ``grids``: each item's 64³ structure occupancy (bool), for an SS-DiT that reads it (``occupancy_subcells``)."""
         c = net.cfg.in_channels
         noise = [torch.randn(len(x), c, generator=_item_generator(s, stage)) for x, s in zip(coords_list, seeds)]
         tokens = SparseTensor.from_samples([x.cpu() for x in coords_list], noise, device=self.device, ordered=False)
+        occupancy = None
+        if net.cfg.occupancy_subcells:
+            if grids is None:
+                raise ValueError("this SS-DiT reads the structure stage's occupancy (occupancy_subcells), which the "
+                                 "refine stage does not have")
+            latent_res = self.latent_resolution(self.vae, self.cfg.resolution)
+            occupancy = torch.cat([subcell_occupancy(g.cpu(), x.cpu(), latent_res)
+                                   for g, x in zip(grids, coords_list)]).to(self.device)
         sampler = FlowEulerSampler(steps, shift, self.cfg.guidance, self.schedules.get("sparse" if stage == 1 else "refine"))
-        velocity = CapturedVelocity(self._guided(net, tokens, cond), self._graphs(len(tokens.feats)))
+        velocity = CapturedVelocity(self._guided(net, tokens, cond, occupancy), self._graphs(len(tokens.feats)))
         z = sampler.sample(velocity, tokens.feats).float()
         return list(torch.split(z, [len(x) for x in coords_list]))
 
@@ -654,7 +689,14 @@ class Cascade:
         cfg = self.cfg
         seeds = [requests[i].seed for i in live]
         cond = self._timed(timings, "condition", self.condition, images)
-        coords = self._timed(timings, "structure", self.structure_stage, cond, seeds)
+        grids = None
+        if self.dit.cfg.occupancy_subcells:  # the sparse stage also reads the occupancy inside each latent voxel
+            probs = self._timed(timings, "structure", self.structure_occupancy, cond, seeds)
+            latent_res = self.latent_resolution(self.vae, cfg.resolution)
+            coords = [grid_to_latent_coords(p >= cfg.occupancy_threshold, latent_res) for p in probs]
+            grids = [p >= cfg.subcell_threshold for p in probs]
+        else:
+            coords = self._timed(timings, "structure", self.structure_stage, cond, seeds)
         sizes = [len(c) for c in coords]
         keep = self._drop(results, requests, live, [0 < n <= cfg.max_tokens for n in sizes],
                           lambda j: "empty structure (the structure stage predicted no occupied voxels)" if sizes[j] == 0
@@ -663,8 +705,10 @@ class Cascade:
             return
         idx = [live[j] for j in keep]
         cond, images, seeds, coords = cond[keep], images[keep], [seeds[j] for j in keep], [coords[j] for j in keep]
+        grids = [grids[j] for j in keep] if grids is not None else None
         latents = self._timed(timings, "sparse", self.sparse_stage, self.dit, coords,
-                              self.sparse_condition(self.dit, cond, images), seeds, cfg.sparse_steps, cfg.sparse_shift, 1)
+                              self.sparse_condition(self.dit, cond, images), seeds, cfg.sparse_steps, cfg.sparse_shift, 1,
+                              grids)
         # the release's 512 refiner marches at twice the threshold
         sdfs = self._timed(timings, "decode", self.decode, self.vae, coords, latents,
                            self.latent_resolution(self.vae, cfg.resolution),

@@ -78,6 +78,12 @@ class DiTConfig:
     # > 0: the MLP ends in grid_condition_rank values per cell, mapped to the width by one linear shared by
     # every cell (a 16³ grid at width 64: 8.4 M parameters at rank 8 instead of 67 M for the full last layer).
     grid_condition_rank: int = 0
+    # > 0: each latent token also reads the structure stage's 64³ occupancy inside its latent voxel, s³
+    # bits (s = this value = 64 / the latent grid) through a linear layer added to the input. Where the
+    # latent grid is coarser than the structure grid (the 64³ demo: 16³ latents, s = 4) the bits keep what
+    # the structure stage knows about where the surface runs inside a latent voxel; at the release's sizes
+    # the grids are equal (s = 1) and the release has no such input.
+    occupancy_subcells: int = 0
 
     def __post_init__(self):
         if self.heads % self.kv_heads:
@@ -89,7 +95,7 @@ class DiTConfig:
         if self.sparse_conditions and self.cond_dim != self.width:
             raise ValueError(f"sparse_conditions adds width-{self.width} positions to the condition tokens: "
                              f"cond_dim ({self.cond_dim}) must equal it")
-        for name in ("grid_positions", "grid_condition_tokens", "grid_condition_rank"):
+        for name in ("grid_positions", "grid_condition_tokens", "grid_condition_rank", "occupancy_subcells"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.grid_condition_tokens and (self.grid_condition_channels < 1 or self.grid_condition_hidden < 1):
@@ -165,9 +171,11 @@ DIT_CONFIGS = {
     "debug": DiTConfig(depth=2, width=64, heads=4, kv_heads=2, head_dim=16, cond_dim=64, attention="ssa"),
     # debug with a learned vector per cell of a 16³ latent grid and the image reaching every cell directly
     # (the structure DiT's recipe) through 8 values a cell: the 64³ demo's SS-DiT over a two-level SS-VAE's
-    # latents (docs/demo.md; rank 8 scores as the full 16³·64 layer with an eighth of its parameters)
+    # latents (docs/demo.md; rank 8 scores as the full 16³·64 layer with an eighth of its parameters). Each
+    # token also reads the structure's 4³ occupancy inside its latent voxel (band sign error 26% → 12%).
     "debug_grid16": DiTConfig(depth=2, width=64, heads=4, kv_heads=2, head_dim=16, cond_dim=64, attention="ssa",
-                              grid_positions=16, grid_condition_tokens=64, grid_condition_rank=8),
+                              grid_positions=16, grid_condition_tokens=64, grid_condition_rank=8,
+                              occupancy_subcells=4),
     "small": DiTConfig(depth=12, width=512, heads=16, kv_heads=2, head_dim=32, attention="ssa"),
     # The released SS-DiT: 24 blocks, width 1024, 32 query heads, 2 KV heads, head dim 32, SSA (m_cmp 4).
     "paper": DiTConfig(attention="ssa"),
@@ -336,6 +344,8 @@ class SparseDiT(nn.Module):
                                            nn.Linear(cfg.grid_condition_tokens * ch, hid), nn.SiLU(),
                                            nn.Linear(hid, g ** 3 * (rank or w)))
             self.grid_cond_up = nn.Linear(rank, w) if rank else None
+        s = cfg.occupancy_subcells
+        self.occupancy_in = nn.Linear(s ** 3, w) if s else None
         self.blocks = nn.ModuleList([DiTBlock(cfg, i) for i in range(cfg.depth)])
         self.out_layer = nn.Linear(w, cfg.out_channels)
         self.reset_parameters()
@@ -378,17 +388,18 @@ class SparseDiT(nn.Module):
                              f"{tuple(getattr(cond, 'shape', ()))}")
         return cond.to(dtype).reshape(-1, cond.shape[-1]), list(range(0, (b + 1) * cond.shape[1], cond.shape[1]))
 
-    def forward(self, x: SparseTensor, t: torch.Tensor, cond) -> SparseTensor:
+    def forward(self, x: SparseTensor, t: torch.Tensor, cond, occupancy: torch.Tensor | None = None) -> SparseTensor:
         """Latent tokens x (N, in_channels) of B shapes, t (B,) in [0, 1] (noise at 1), cond (B, L, cond_dim)
         or a PackedCondition with ``sparse_conditions`` → the velocity (N, out_channels) on the same tokens.
+        ``occupancy`` (N, s³), x's rows: the structure's sub-cell occupancy, for ``occupancy_subcells`` = s only.
 
         The SSA structure lives in ``x.cache``, which ``x.replace`` shares: the steps of a sampler that
         replace the features build it once."""
         if not isinstance(x, SparseTensor):
             raise TypeError(f"SparseDiT takes a SparseTensor of latent tokens, got {type(x).__name__}")
-        return x.replace(self._velocity(x, t, cond))
+        return x.replace(self._velocity(x, t, cond, occupancy))
 
-    def _velocity(self, xs: SparseTensor, t, cond):
+    def _velocity(self, xs: SparseTensor, t, cond, occupancy=None):
         cfg = self.cfg
         x, coords = xs.feats, xs.coords[:, 1:]
         b = xs.batch_size
@@ -403,6 +414,15 @@ class SparseDiT(nn.Module):
         t_emb = t_emb.to(dtype)
         if cfg.positions:
             h = h + position_embedding_3d(coords, cfg.width, cfg.position_factor).to(dtype)
+        s = cfg.occupancy_subcells
+        if (occupancy is None) != (s == 0):
+            raise ValueError(f"this SS-DiT reads the structure's sub-cell occupancy (occupancy_subcells={s}): pass "
+                             "occupancy" if s else "occupancy given to an SS-DiT without occupancy_subcells")
+        if s:
+            if occupancy.shape != (x.shape[0], s ** 3):
+                raise ValueError(f"occupancy must be ({x.shape[0]}, {s ** 3}) for {x.shape[0]} tokens and "
+                                 f"occupancy_subcells={s}, got {tuple(occupancy.shape)}")
+            h = h + self.occupancy_in(occupancy.to(dtype))
         token_shape = xs.batch_index  # rows are grouped by shape: no host read of the lengths
         if self.grid_pos is not None:
             h = h + self._grid_terms(coords, token_shape, cond, b, dtype)

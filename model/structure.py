@@ -53,13 +53,46 @@ def occupancy_to_latent_coords(logits: torch.Tensor, latent_resolution: int, thr
     sigmoid >= ``threshold`` marks a voxel (DESIGN.md); each 64³ voxel covers (latent_resolution / 64)³
     latent voxels (1 at 512³, as released) or several voxels merge when the latent grid is coarser.
     """
-    occ = torch.sigmoid(logits.float().reshape(GRID, GRID, GRID)) >= threshold
+    return grid_to_latent_coords(occupied(logits, threshold), latent_resolution)
+
+
+def occupied(logits: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+    """Decoded 64³ occupancy logits -> bool (64, 64, 64): sigmoid >= ``threshold``."""
+    return torch.sigmoid(logits.float().reshape(GRID, GRID, GRID)) >= threshold
+
+
+def grid_to_latent_coords(occ: torch.Tensor, latent_resolution: int) -> torch.Tensor:
+    """Bool 64³ occupancy -> int coords (M, 3) of the latent voxels it touches (see occupancy_to_latent_coords)."""
     idx = occ.nonzero()
     if latent_resolution >= GRID:
         f = latent_resolution // GRID
         sub = torch.stack(torch.meshgrid(*[torch.arange(f, device=idx.device)] * 3, indexing="ij"), -1).reshape(-1, 3)
         return (idx[:, None, :] * f + sub[None]).reshape(-1, 3).int()
     return torch.unique(idx // (GRID // latent_resolution), dim=0).int()
+
+
+def subcell_side(latent_resolution: int) -> int:
+    """Structure voxels along each axis of one latent voxel: 64 / the latent grid (1 at 512³ as released)."""
+    if latent_resolution < 1 or latent_resolution > GRID or GRID % latent_resolution:
+        raise ValueError(f"a {latent_resolution}³ latent grid does not divide the {GRID}³ structure grid into "
+                         "whole sub-cells (it must be a divisor of 64)")
+    return GRID // latent_resolution
+
+
+def subcell_occupancy(occ: torch.Tensor, coords: torch.Tensor, latent_resolution: int) -> torch.Tensor:
+    """The 64³ occupancy inside each latent voxel: bool (64, 64, 64) and latent coords (M, 3) -> float
+    (M, s³) of 0/1, s = 64 / ``latent_resolution``, the sub-voxels in (x, y, z) order, z fastest.
+
+    A latent grid coarser than the structure grid (the 64³ demo's 16³) keeps the structure stage's finer
+    picture for the sparse DiT this way; at the release's sizes s = 1 and every latent voxel reads 1."""
+    s = subcell_side(latent_resolution)
+    blocks = occ.reshape(latent_resolution, s, latent_resolution, s, latent_resolution, s)
+    blocks = blocks.permute(0, 2, 4, 1, 3, 5).reshape(latent_resolution ** 3, s ** 3)
+    c = coords.long().to(occ.device)
+    if len(c) and (int(c.min()) < 0 or int(c.max()) >= latent_resolution):
+        raise ValueError(f"latent coords outside the {latent_resolution}³ grid")
+    cell = (c[:, 0] * latent_resolution + c[:, 1]) * latent_resolution + c[:, 2]
+    return blocks[cell].float()
 
 
 def sort_block(coords: torch.Tensor, block_size: int) -> torch.Tensor:

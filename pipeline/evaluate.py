@@ -48,19 +48,18 @@ def source_structure_cascade():
     import torch
 
     from model.cascade import Cascade
-    from model.structure import occupancy_to_latent_coords
+    from model.structure import GRID
 
     class SourceStructureCascade(Cascade):
         occupancy = None  # (64, 64, 64) bool of the item being generated
 
         @torch.no_grad()
-        def structure_stage(self, cond, seeds):
+        def structure_occupancy(self, cond, seeds):
             if self.occupancy is None or len(seeds) != 1:
                 raise ValueError("SourceStructureCascade generates one item at a time, after setting .occupancy")
             occ = self.occupancy[None, None].to(self.device, torch.float32)
             logits = self.structure_vae.decode(self.structure_vae.encode(occ)[1])
-            return [occupancy_to_latent_coords(logits[0], self.latent_resolution(self.vae, self.cfg.resolution),
-                                               self.cfg.occupancy_threshold)]
+            return [torch.sigmoid(logits[0].float().reshape((GRID,) * 3))]
 
     return SourceStructureCascade
 

@@ -280,10 +280,11 @@ def test_a_two_level_ss_vae_sets_the_sparse_latent_grid():
             "dit": random_network("dit", "debug_grid16", cond_dim=enc.dim), "vae": vae}
     c = Cascade(cfg, enc, **nets)
     assert Cascade.latent_resolution(c.vae, 64) == 16 and Cascade.latent_resolution(None, 64) == 8
-    (coords,) = c.structure_stage(c.condition(decode_image(png(), enc.image_size, with_mask=True)[None]), [0])
+    cond = c.condition(decode_image(png(), enc.image_size, with_mask=True)[None])
+    (coords,) = c.structure_stage(cond, [0])
     assert len(coords) and int(coords.max()) < 16 and int(coords.max()) >= 8  # a 16³ grid, not 8³
-    (z,) = c.sparse_stage(c.dit, [coords], c.condition(decode_image(png(), enc.image_size, with_mask=True)[None]),
-                          [0], 2, 1.0, 1)
+    (p,) = c.structure_occupancy(cond, [0])
+    (z,) = c.sparse_stage(c.dit, [coords], cond, [0], 2, 1.0, 1, [p >= 0.5])
     sdf = c.decode(c.vae, [coords], [z], 16)[0]
     assert sdf[2] == 64 and len(sdf[0]) == 64 * len(coords)
     with pytest.raises(ValueError, match="refine stage needs 8"):

@@ -146,7 +146,7 @@ def test_grid_sparse_dit_reads_each_cell_and_the_image_per_cell(rank):
     # debug_grid16: a learned vector per cell of the 16³ latent grid, and the image's 64 tokens reach every
     # cell directly (the 64³ demo's SS-DiT over a two-level SS-VAE; docs/demo.md); rank 8: the image's
     # per-cell vector through 8 values and a shared linear
-    cfg = DiTConfig.named("debug_grid16", attention="full", grid_condition_rank=rank)
+    cfg = DiTConfig.named("debug_grid16", attention="full", grid_condition_rank=rank, occupancy_subcells=0)
     assert cfg.grid_positions == 16 and cfg.grid_condition_tokens == 64
     model = _random_init(SparseDiT(cfg)).eval()
     last = model.grid_cond[-1].out_features

@@ -20,7 +20,7 @@ from model.dit import DiTConfig, PackedCondition, SparseDiT
 from model.flow import TimestepSampler, flow_loss, interpolate
 from model.sparse import SparseTensor
 from model.structure import (StructureDiT, StructureVAE, StructureVAEConfig, check_structure_pair, occupancy_grid,
-                             structure_dit_config)
+                             structure_dit_config, subcell_occupancy, subcell_side)
 from model.vae import SparseSDFVAE, VAEConfig
 from model.vae_loss import VAELossWeights, VAETargets, stack_targets, vae_loss, vae_targets
 from pipeline.train.checkpoints import load_weights, model_config_of
@@ -41,12 +41,12 @@ class FlowObjective(nn.Module):
         super().__init__()
         self.dit, self.timesteps = dit, timesteps
 
-    def forward(self, x0: SparseTensor, cond):
+    def forward(self, x0: SparseTensor, cond, occupancy=None):
         cu = x0.cu_seqlens
         t = self.timesteps(x0.batch_size, device=x0.device)
         t_tok = torch.repeat_interleave(t, cu[1:] - cu[:-1])[:, None]
         noise = torch.randn_like(x0.feats)
-        v = self.dit(x0.replace(interpolate(x0.feats, noise, t_tok)), t.to(x0.dtype), cond).feats
+        v = self.dit(x0.replace(interpolate(x0.feats, noise, t_tok)), t.to(x0.dtype), cond, occupancy).feats
         loss = flow_loss(v, x0.feats, noise)
         return loss, {"flow_mse": loss.detach()}
 
@@ -153,11 +153,18 @@ class SparseDiTTask(Task):
         views = self.views_of(sample)
         if self.vae is None:
             coords, feats = pooled_latent.encode(sample.coords, sample.values)
-            return Item(sample.mesh_id, len(coords), {"coords": coords, "feats": feats, "views": views})
+            data = {"coords": coords, "feats": feats, "views": views}
+            if self.model_config.occupancy_subcells:
+                latent_res = sample.resolution // pooled_latent.DOWN
+                self._check_subcells(sample.mesh_id, latent_res)
+                data["occupancy"] = self._subcells(sample.coords, sample.resolution, coords, latent_res)
+            return Item(sample.mesh_id, len(coords), data)
         down = self.vae.config.downsample
         if sample.resolution % down:
             raise ValueError(f"{sample.mesh_id}: resolution {sample.resolution} is not a multiple of the SS-VAE's {down}")
         tokens = len(torch.unique(torch.div(sample.coords.long(), down, rounding_mode="floor"), dim=0))
+        if self.model_config.occupancy_subcells:
+            self._check_subcells(sample.mesh_id, sample.resolution // down)
         return Item(sample.mesh_id, tokens, {"sdf": (sample.coords, sample.values, sample.resolution), "views": views})
 
     @torch.no_grad()
@@ -171,7 +178,26 @@ class SparseDiTTask(Task):
                 x = SparseTensor.from_samples([c], [v.float()], res, device)
                 z, _, _ = self.vae.encode(x, sample=False)
                 item.data["latent"] = (z.coords[:, 1:].cpu(), self.vae.scale(z.feats.float()).cpu())
+                if self.model_config.occupancy_subcells:
+                    item.data["occupancy"] = self._subcells(c, res, item.data["latent"][0],
+                                                            res // self.vae.config.downsample)
         return ([i.data["latent"][0].to(device) for i in items], [i.data["latent"][1].to(device) for i in items])
+
+    def _check_subcells(self, name: str, latent_res: int) -> None:
+        want = self.model_config.occupancy_subcells
+        try:
+            s = subcell_side(latent_res)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        if s != want:
+            raise ValueError(f"{name}: its {latent_res}³ latent grid holds {s}³ structure voxels a latent voxel; the "
+                             f"SS-DiT reads {want}³ (occupancy_subcells={want})")
+
+    @staticmethod
+    def _subcells(band: torch.Tensor, resolution: int, latent_coords: torch.Tensor, latent_res: int) -> torch.Tensor:
+        """The shard's own 64³ band occupancy inside each latent voxel (what the structure stage gives at
+        generation) as bool (M, s³)."""
+        return subcell_occupancy(occupancy_grid(band.cpu(), resolution), latent_coords.cpu(), latent_res).bool()
 
     def collate(self, items: list[Item], device, dtype) -> dict:
         if self.vae is None:
@@ -189,7 +215,10 @@ class SparseDiTTask(Task):
             cond = PackedCondition(cond.tokens.to(dtype), cond.coords, cond.cu_seqlens)
         else:
             cond = cond.to(dtype)
-        return {"x0": x0.replace(x0.feats.to(dtype)), "cond": cond}
+        batch = {"x0": x0.replace(x0.feats.to(dtype)), "cond": cond}
+        if self.model_config.occupancy_subcells:
+            batch["occupancy"] = torch.cat([i.data["occupancy"] for i in items]).to(device, dtype)
+        return batch
 
     def to(self, device):
         super().to(device)
