@@ -88,6 +88,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3, help="--train-vae: peak learning rate (the demo's)")
     ap.add_argument("--seed", type=int, default=0, help="--train-vae: seed of the initial weights and the batch order")
     ap.add_argument("--lr-schedule", default="cosine", help="--train-vae: 'constant' or 'cosine' after warm-up")
+    ap.add_argument("--structure-set", default="",
+                    help="--train-structure-dit: DenseDiTConfig fields replaced, JSON values, e.g. grid_condition_hidden=1024")
+    ap.add_argument("--dit-lr-schedule", default="constant",
+                    help="--train-dit / --train-structure-dit: 'constant' (the demo's) or 'cosine' after warm-up")
     ap.add_argument("--token-budget", type=int, default=40_000, help="--train-vae: band voxels a step")
     ap.add_argument("--kl-weight", type=float, default=1e-5, help="--train-vae: KL weight (the demo's; release 1e-3)")
     ap.add_argument("--vae-levels", type=int, default=None,
@@ -295,10 +299,16 @@ def train_structure_dit(args, enc):
     from pipeline.train import tasks
 
     cfg = TrainConfig(network="structure_dit", model="debug_grid", steps=args.train_structure_dit, lr=2e-3,
-                      warmup_steps=10, structure_vae=args.structure_vae, image_encoder=args.image_encoder)
+                      warmup_steps=10, structure_vae=args.structure_vae, image_encoder=args.image_encoder,
+                      lr_schedule=args.dit_lr_schedule)
     torch.manual_seed(0)
     with mock.patch.object(tasks, "build_image_encoder", lambda spec: enc):
         task = tasks.build_task(cfg, 0, frozen_weights=load_weights(args.structure_vae, "structure_vae"))
+        if args.structure_set:  # the named size's config as the task built it, with these fields replaced
+            sets = {k: json.loads(v) for k, v in (kv.split("=") for kv in args.structure_set.split(","))}
+            torch.manual_seed(0)
+            task = tasks.build_task(cfg, 0, frozen_weights=load_weights(args.structure_vae, "structure_vae"),
+                                    model_config=dataclasses.replace(task.model_config, **sets))
     augment(task, args.cond_augment)
     items = [task.prepare(s) for s in {s.mesh_id: s for s in read_samples(args.shards, resolution=args.resolution)
                                        }.values()]
@@ -325,7 +335,8 @@ def train_sparse_dit(args):
     from pipeline.train import tasks
 
     cfg = TrainConfig(network="dit", model=args.dit_model, steps=args.train_dit, lr=args.dit_lr, warmup_steps=10,
-                      latent=args.vae, image_encoder=args.image_encoder, token_budget=args.dit_token_budget)
+                      latent=args.vae, image_encoder=args.image_encoder, token_budget=args.dit_token_budget,
+                      lr_schedule=args.dit_lr_schedule)
     torch.manual_seed(args.seed)
     task = tasks.build_task(cfg, args.seed)
     if args.dit_set:  # the named size's config as the task built it, with these fields replaced

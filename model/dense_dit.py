@@ -123,9 +123,10 @@ DENSE_DIT_CONFIGS = {
     "paper": DenseDiTConfig(),
     # Same layout, narrow, on 2³ patches (512 tokens of 64 channels): trains on a CPU (tests, the demo).
     "debug": DenseDiTConfig(width=64, cond_dim=64, depth=2, heads=4, patch_size=2),
-    # debug + the grid inputs, for the 64 tokens of the built-in image encoder (what the CPU demo trains)
+    # debug + the grid inputs, for the 64 tokens of the built-in image encoder (what the CPU demo trains); the
+    # image reaches the cells through a 1024-wide hidden layer (256: latent IoU from new views 0.714, 1024: 0.763)
     "debug_grid": DenseDiTConfig(width=64, cond_dim=64, depth=2, heads=4, patch_size=2, learned_positions=True,
-                                 grid_condition_tokens=64),
+                                 grid_condition_tokens=64, grid_condition_hidden=1024),
 }
 
 
