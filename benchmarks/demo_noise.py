@@ -486,6 +486,7 @@ def dit_rows(args, samples, vae, add) -> None:
     from model.structure import occupancy_grid
 
     res = args.resolution
+    grids_of = {id(s): [occupancy_grid(s.coords, res)] for s in samples}  # each shard's own 64³ band occupancy
     for kind, path in (("dit", args.dit or args.train_dit), ("pooled-dit", args.pooled_dit)):
         if not path:
             continue
@@ -507,8 +508,7 @@ def dit_rows(args, samples, vae, add) -> None:
                         img = decode_image(s.views[0].png, enc.image_size, with_mask=True)[None]
                         cond = cascade.condition(img)
                         lc = torch.unique(s.coords.long() // down, dim=0).int()
-                        grids = [occupancy_grid(s.coords, res)]  # the shard's own 64³ band occupancy
-                        (z,) = cascade.sparse_stage(cascade.dit, [lc], cond, [0], steps, shift, 1, grids)
+                        (z,) = cascade.sparse_stage(cascade.dit, [lc], cond, [0], steps, shift, 1, grids_of[id(s)])
                         sdf = cascade.decode(cascade.vae, [lc], [z], res // down)[0]
                         extra = {"steps": steps, "guidance": guidance, "shift": shift}
                         if cascade.vae is not None:

@@ -38,7 +38,7 @@ from model.voxelize import normalize_vertices, surface_latent_index
 from model.postprocess import PostprocessConfig, clean_mesh
 from model.sparse import SparseTensor
 from model.structure import (GRID, STRUCTURE_DIT_CONFIGS, StructureDiT, StructureVAE, StructureVAEConfig, check_structure_pair,
-                             grid_to_latent_coords, subcell_occupancy)
+                             grid_to_latent_coords, occupancy_probabilities, subcell_occupancy)
 from model.dense_dit import DenseDiTConfig
 
 
@@ -418,7 +418,7 @@ class Cascade:
             channels = v.config.latent_channels if v else pooled_latent.CHANNELS
             if d.config.in_channels != channels:
                 raise ValueError(f"{dit_key} ({d.source}): {d.config.in_channels} latent channels, its decoder has {channels}")
-            s = getattr(d.config, "occupancy_subcells", 0)
+            s = d.config.occupancy_subcells
             if s and dit_key == "dit_refine":
                 raise ValueError(f"{dit_key} ({d.source}): reads the structure's sub-cell occupancy (occupancy_subcells="
                                  f"{s}), which the refine stage does not have")
@@ -507,9 +507,12 @@ class Cascade:
     @torch.no_grad()
     def structure_stage(self, cond: torch.Tensor, seeds: list[int]) -> list[torch.Tensor]:
         """Latent voxel coords (M_i, 3) at resolution/8 of every item (possibly empty)."""
+        return self._latent_coords(self.structure_occupancy(cond, seeds))
+
+    def _latent_coords(self, probs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The sparse stage's latent voxels of each item's structure occupancy (at ``occupancy_threshold``)."""
         latent_res = self.latent_resolution(self.vae, self.cfg.resolution)
-        return [grid_to_latent_coords(p >= self.cfg.occupancy_threshold, latent_res)
-                for p in self.structure_occupancy(cond, seeds)]
+        return [grid_to_latent_coords(p >= self.cfg.occupancy_threshold, latent_res) for p in probs]
 
     @torch.no_grad()
     def structure_occupancy(self, cond: torch.Tensor, seeds: list[int]) -> list[torch.Tensor]:
@@ -529,7 +532,7 @@ class Cascade:
                                    self.schedules.get("structure"))
         z = sampler.sample(CapturedVelocity(velocity, self._graphs(b * net.cfg.tokens)), noise)
         logits = self.structure_vae.decode(self.structure_vae.unscale(z.float()))
-        return [torch.sigmoid(logits[i].float().reshape((GRID,) * 3)) for i in range(b)]
+        return [occupancy_probabilities(logits[i]) for i in range(b)]
 
     def _graphs(self, tokens: int) -> bool:
         """Whether a sampling stage over ``tokens`` tokens (all items) is replayed as a CUDA graph: its guided
@@ -554,8 +557,8 @@ class Cascade:
         occupancy = None
         if net.cfg.occupancy_subcells:
             if grids is None:
-                raise ValueError("this SS-DiT reads the structure stage's occupancy (occupancy_subcells), which the "
-                                 "refine stage does not have")
+                raise ValueError("this SS-DiT reads the structure stage's occupancy (occupancy_subcells): pass each "
+                                 "item's 64³ occupancy as grids (the refine stage has none)")
             latent_res = self.latent_resolution(self.vae, self.cfg.resolution)
             occupancy = torch.cat([subcell_occupancy(g.cpu(), x.cpu(), latent_res)
                                    for g, x in zip(grids, coords_list)]).to(self.device)
@@ -692,9 +695,7 @@ class Cascade:
         grids = None
         if self.dit.cfg.occupancy_subcells:  # the sparse stage also reads the occupancy inside each latent voxel
             probs = self._timed(timings, "structure", self.structure_occupancy, cond, seeds)
-            latent_res = self.latent_resolution(self.vae, cfg.resolution)
-            coords = [grid_to_latent_coords(p >= cfg.occupancy_threshold, latent_res) for p in probs]
-            grids = [p >= cfg.subcell_threshold for p in probs]
+            coords, grids = self._latent_coords(probs), [p >= cfg.subcell_threshold for p in probs]
         else:
             coords = self._timed(timings, "structure", self.structure_stage, cond, seeds)
         sizes = [len(c) for c in coords]

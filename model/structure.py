@@ -53,12 +53,12 @@ def occupancy_to_latent_coords(logits: torch.Tensor, latent_resolution: int, thr
     sigmoid >= ``threshold`` marks a voxel (DESIGN.md); each 64³ voxel covers (latent_resolution / 64)³
     latent voxels (1 at 512³, as released) or several voxels merge when the latent grid is coarser.
     """
-    return grid_to_latent_coords(occupied(logits, threshold), latent_resolution)
+    return grid_to_latent_coords(occupancy_probabilities(logits) >= threshold, latent_resolution)
 
 
-def occupied(logits: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
-    """Decoded 64³ occupancy logits -> bool (64, 64, 64): sigmoid >= ``threshold``."""
-    return torch.sigmoid(logits.float().reshape(GRID, GRID, GRID)) >= threshold
+def occupancy_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Decoded 64³ occupancy logits (any shape of 64³ elements) -> float32 probabilities (64, 64, 64)."""
+    return torch.sigmoid(logits.float().reshape(GRID, GRID, GRID))
 
 
 def grid_to_latent_coords(occ: torch.Tensor, latent_resolution: int) -> torch.Tensor:

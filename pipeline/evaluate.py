@@ -48,7 +48,7 @@ def source_structure_cascade():
     import torch
 
     from model.cascade import Cascade
-    from model.structure import GRID
+    from model.structure import occupancy_probabilities
 
     class SourceStructureCascade(Cascade):
         occupancy = None  # (64, 64, 64) bool of the item being generated
@@ -59,7 +59,7 @@ def source_structure_cascade():
                 raise ValueError("SourceStructureCascade generates one item at a time, after setting .occupancy")
             occ = self.occupancy[None, None].to(self.device, torch.float32)
             logits = self.structure_vae.decode(self.structure_vae.encode(occ)[1])
-            return [torch.sigmoid(logits[0].float().reshape((GRID,) * 3))]
+            return [occupancy_probabilities(logits[0])]
 
     return SourceStructureCascade
 

@@ -142,8 +142,9 @@ def test_the_cascade_gives_the_structure_stages_occupancy_to_the_sparse_stage(mo
     assert torch.equal(seen[0][: len(coords)], want) and torch.equal(seen[0][len(coords):], want)
     with pytest.raises(ValueError, match="refine stage does not have"):
         Cascade(cfg, enc, **nets, dit_refine=random_network("dit", "debug_grid16", cond_dim=enc.dim))
-    for bad in (0.0, 1.0):
-        with pytest.raises(ValueError, match="subcell_threshold: must be in"):
-            GenerationConfig(subcell_threshold=bad).validate()
+    for key in ("subcell_threshold", "occupancy_threshold"):
+        for bad in (0.0, 1.0):
+            with pytest.raises(ValueError, match=f"{key}: must be in"):
+                GenerationConfig(**{key: bad}).validate()
     with pytest.raises(ValueError, match=r"reads 8³ structure voxels .* holds 4³"):
         Cascade(cfg, enc, **{**nets, "dit": random_network("dit", "debug_grid16", cond_dim=enc.dim, occupancy_subcells=8)})
