@@ -86,10 +86,13 @@ def main() -> None:
     ap.add_argument("--train-vae", type=int, default=0,
                     help="without --vae: train a debug SS-VAE this many steps on every shape of --shards first")
     ap.add_argument("--lr", type=float, default=2e-3, help="--train-vae: peak learning rate (the demo's)")
-    ap.add_argument("--seed", type=int, default=0, help="--train-vae: seed of the initial weights and the batch order")
+    ap.add_argument("--seed", type=int, default=0, help="--train-vae, --train-structure-dit: seed of the initial weights and the batch order")
     ap.add_argument("--lr-schedule", default="cosine", help="--train-vae: 'constant' or 'cosine' after warm-up")
     ap.add_argument("--structure-set", default="",
                     help="--train-structure-dit: DenseDiTConfig fields replaced, JSON values, e.g. grid_condition_hidden=1024")
+    ap.add_argument("--structure-lr", type=float, default=2e-3, help="--train-structure-dit: learning rate (the demo's)")
+    ap.add_argument("--structure-token-budget", type=int, default=16384,
+                    help="--train-structure-dit: tokens a step (the demo's: 32 shapes of 512 tokens)")
     ap.add_argument("--dit-lr-schedule", default="constant",
                     help="--train-dit / --train-structure-dit: 'constant' (the demo's) or 'cosine' after warm-up")
     ap.add_argument("--token-budget", type=int, default=40_000, help="--train-vae: band voxels a step")
@@ -110,6 +113,12 @@ def main() -> None:
                     help="--train-structure-dit: 'shift:K' (views moved up to K pixels of the encoder's grid), "
                          "'token-drop:P' (a share P of patch tokens zeroed), 'token-noise:S' (noise of std S), "
                          "'view-mix:P' (with probability P the tokens of two azimuth-adjacent views, mixed)")
+    ap.add_argument("--train-exclude", default="",
+                    help="--train-structure-dit: meshes left out of training (comma list of names), e.g. a demo's "
+                         "held-out meshes when --shards holds the whole corpus")
+    ap.add_argument("--device", default="cpu",
+                    help="structure rows: where the structure DiT trains and samples (cuda: the same task and "
+                         "float32 sampling, for sweeps of the demo's CPU settings in seconds)")
     ap.add_argument("--new-views", type=int, default=1, help="structure rows: new renders of each mesh")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -119,6 +128,9 @@ def main() -> None:
 
     samples = list({s.mesh_id: s for s in read_samples(args.shards, resolution=res)
                     if Path(s.source_uri).stem in names}.values())  # a mesh preprocessed twice counts once
+    # in --meshes order: the i-th mesh's new views are seeded by i, so two shard sets give the same cameras
+    order = args.meshes.split(",")
+    samples.sort(key=lambda s: order.index(Path(s.source_uri).stem))
     print(f"{len(samples)} meshes at {res}³: {', '.join(Path(s.source_uri).stem for s in samples)}")
     rows: list[dict] = []
 
@@ -199,8 +211,8 @@ def structure_rows(args, samples) -> None:
             "dit": random_network("dit", cond_dim=enc.dim)}
     lookup = stored_view_lookup(args, enc)
     for guidance in (float(x) for x in args.guidance.split(",")):
-        cfg = GenerationConfig(resolution=args.resolution, device="cpu", image_encoder=args.image_encoder,
-                               guidance=guidance)
+        cfg = GenerationConfig(resolution=args.resolution, device=args.device, dtype="fp32",
+                               image_encoder=args.image_encoder, guidance=guidance)
         cascade = Cascade(cfg, enc, **nets)
         stats = []
         for i, s in enumerate(samples):
@@ -239,19 +251,20 @@ def stored_view_lookup(args, enc):
     from pipeline.shards import read_samples
 
     voxels, tokens = [], []
+    device = next(enc.parameters()).device
     for s in {s.mesh_id: s for s in read_samples(args.shards, resolution=args.resolution)}.values():
         if not s.views:
             continue
         cells = {tuple(c) for c in torch.unique(s.coords.long() // 8, dim=0).tolist()}
         images = torch.stack([decode_image(v.png, enc.image_size, with_mask=True)[:3] for v in s.views])
         with torch.no_grad():
-            tokens.append(enc(images).flatten(1).float())
+            tokens.append(enc(images.to(device)).flatten(1).float())
         voxels += [cells] * len(s.views)
     bank = torch.cat(tokens)
 
     def lookup(images: torch.Tensor) -> list[set]:
         with torch.no_grad():
-            query = enc(images[:, :3]).flatten(1).float()
+            query = enc(images[:, :3].to(device)).flatten(1).float()
         return [voxels[int(i)] for i in torch.cdist(query, bank).argmin(1)]
     return lookup
 
@@ -298,24 +311,27 @@ def train_structure_dit(args, enc):
     from pipeline.train.engine import EMA
     from pipeline.train import tasks
 
-    cfg = TrainConfig(network="structure_dit", model="debug_grid", steps=args.train_structure_dit, lr=2e-3,
-                      warmup_steps=10, structure_vae=args.structure_vae, image_encoder=args.image_encoder,
+    cfg = TrainConfig(network="structure_dit", model="debug_grid", steps=args.train_structure_dit,
+                      lr=args.structure_lr, token_budget=args.structure_token_budget, warmup_steps=10, structure_vae=args.structure_vae, image_encoder=args.image_encoder,
                       lr_schedule=args.dit_lr_schedule)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     with mock.patch.object(tasks, "build_image_encoder", lambda spec: enc):
-        task = tasks.build_task(cfg, 0, frozen_weights=load_weights(args.structure_vae, "structure_vae"))
+        task = tasks.build_task(cfg, args.seed, frozen_weights=load_weights(args.structure_vae, "structure_vae"))
         if args.structure_set:  # the named size's config as the task built it, with these fields replaced
             sets = {k: json.loads(v) for k, v in (kv.split("=") for kv in args.structure_set.split(","))}
-            torch.manual_seed(0)
-            task = tasks.build_task(cfg, 0, frozen_weights=load_weights(args.structure_vae, "structure_vae"),
+            torch.manual_seed(args.seed)
+            task = tasks.build_task(cfg, args.seed, frozen_weights=load_weights(args.structure_vae, "structure_vae"),
                                     model_config=dataclasses.replace(task.model_config, **sets))
     augment(task, args.cond_augment)
+    task.to(args.device)  # the encoder and the frozen VAE
+    task.module.to(args.device)
+    left_out = set(filter(None, args.train_exclude.split(",")))
     items = [task.prepare(s) for s in {s.mesh_id: s for s in read_samples(args.shards, resolution=args.resolution)
-                                       }.values()]
+                                       if Path(s.source_uri).stem not in left_out}.values()]
     print(f"structure DiT: {len(items)} shapes, encoder {args.image_encoder} ({enc.dim} wide), "
           f"augment {args.cond_augment or 'none'}", flush=True)
     ema = EMA(task.module, cfg.ema_decay, warmup=True)
-    _fit(task, items, cfg, "structure DiT", "flow_mse", ema)
+    _fit(task, items, cfg, "structure DiT", "flow_mse", ema, seed=args.seed, device=args.device)
     dit = task.module.dit
     dit.load_state_dict({k.removeprefix("dit."): v for k, v in ema.full_state_dict().items()}, strict=False)
     return NetworkBundle("structure_dit", dit.eval().requires_grad_(False), dataclasses.replace(task.model_config),
@@ -343,8 +359,9 @@ def train_sparse_dit(args):
         sets = {k: json.loads(v) for k, v in (kv.split("=") for kv in args.dit_set.split(","))}
         torch.manual_seed(args.seed)
         task = tasks.build_task(cfg, args.seed, model_config=dataclasses.replace(task.model_config, **sets))
+    left_out = set(filter(None, args.train_exclude.split(",")))
     items = [task.prepare(s) for s in {s.mesh_id: s for s in read_samples(args.shards, resolution=args.resolution)
-                                       }.values()]
+                                       if Path(s.source_uri).stem not in left_out}.values()]
     print(f"SS-DiT: {len(items)} shapes, {sum(i.tokens for i in items)} latent tokens, lr {cfg.lr}, "
           f"budget {cfg.token_budget}", flush=True)
     ema = EMA(task.module, cfg.ema_decay, warmup=True)
@@ -445,7 +462,7 @@ def train_vae(args):
     return task.module.vae.eval()
 
 
-def _fit(task, items, cfg, label: str, term: str, ema=None, seed: int = 0) -> None:
+def _fit(task, items, cfg, label: str, term: str, ema=None, seed: int = 0, device: str = "cpu") -> None:
     """The trainer's optimizer loop in one process: AdamW (betas 0.9/0.99), its learning-rate schedule, clip,
     items shuffled each epoch and packed to the budget as the trainer packs them; ``ema`` folded in each step."""
     import random
@@ -461,7 +478,7 @@ def _fit(task, items, cfg, label: str, term: str, ema=None, seed: int = 0) -> No
         if not batches:  # the trainer's packing (oversize "alone" counts a large shape at the budget)
             rng.shuffle(items)
             batches = list(token_batches(items, cfg.token_budget, lambda i: i.tokens, lambda i: i.name, Skipped()))
-        loss, terms = task.module(**task.collate(batches.pop(0), "cpu", torch.float32))
+        loss, terms = task.module(**task.collate(batches.pop(0), device, torch.float32))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(task.module.parameters(), cfg.grad_clip)

@@ -59,6 +59,10 @@ class DenseDiTConfig:
     grid_condition_tokens: int = 0
     grid_condition_channels: int = 8
     grid_condition_hidden: int = 256
+    # > 0: the MLP ends in grid_condition_rank values per token, mapped to the width by one linear shared by
+    # every token (8³ tokens at width 64 behind a 1024-wide hidden layer: 4.2 M parameters at rank 8 instead
+    # of 33.6 M for the full last layer).
+    grid_condition_rank: int = 0
 
     def __post_init__(self):
         if self.width % self.heads:
@@ -67,6 +71,8 @@ class DenseDiTConfig:
                 self.grid_condition_channels, self.grid_condition_hidden) < 1):
             raise ValueError(f"grid condition: tokens must be >= 0 and channels, hidden >= 1, got "
                              f"{self.grid_condition_tokens}, {self.grid_condition_channels}, {self.grid_condition_hidden}")
+        if self.grid_condition_rank < 0:
+            raise ValueError(f"grid_condition_rank must be >= 0, got {self.grid_condition_rank}")
         if self.resolution % self.patch_size:
             raise ValueError(f"resolution ({self.resolution}) must be a multiple of patch_size ({self.patch_size})")
 
@@ -125,8 +131,10 @@ DENSE_DIT_CONFIGS = {
     "debug": DenseDiTConfig(width=64, cond_dim=64, depth=2, heads=4, patch_size=2),
     # debug + the grid inputs, for the 64 tokens of the built-in image encoder (what the CPU demo trains); the
     # image reaches the cells through a 1024-wide hidden layer (256: latent IoU from new views 0.714, 1024: 0.763)
+    # and 8 values a token (the full last layer's IoU in 0.6x the CPU time a step, so 32 views a mesh get the
+    # steps they need: 0.87 from new views; docs/demo.md)
     "debug_grid": DenseDiTConfig(width=64, cond_dim=64, depth=2, heads=4, patch_size=2, learned_positions=True,
-                                 grid_condition_tokens=64, grid_condition_hidden=1024),
+                                 grid_condition_tokens=64, grid_condition_hidden=1024, grid_condition_rank=8),
 }
 
 
@@ -289,10 +297,12 @@ class DenseDiT(nn.Module):
         if cfg.learned_positions:
             self.grid_pos = nn.Parameter(torch.zeros(cfg.tokens, cfg.width))
         if cfg.grid_condition_tokens:
-            ch, hid = cfg.grid_condition_channels, cfg.grid_condition_hidden
+            ch, hid, rank = cfg.grid_condition_channels, cfg.grid_condition_hidden, cfg.grid_condition_rank
             self.grid_cond = nn.Sequential(nn.Linear(cfg.cond_dim, ch), nn.Flatten(),
                                            nn.Linear(cfg.grid_condition_tokens * ch, hid), nn.SiLU(),
-                                           nn.Linear(hid, cfg.tokens * cfg.width))
+                                           nn.Linear(hid, cfg.tokens * (rank or cfg.width)))
+            if rank:
+                self.grid_cond_up = nn.Linear(rank, cfg.width)
         self.blocks = nn.ModuleList(DenseDiTBlock(cfg) for _ in range(cfg.depth))
         self.out_layer = nn.Linear(cfg.width, cfg.out_channels * p ** 3)
         self._init_weights()
@@ -332,7 +342,9 @@ class DenseDiT(nn.Module):
             if cond.shape[1] != cfg.grid_condition_tokens:
                 raise ValueError(f"the condition has {cond.shape[1]} tokens; this network's grid condition reads "
                                  f"{cfg.grid_condition_tokens} (grid_condition_tokens)")
-            h = h + self.grid_cond(cond.to(h.dtype)).view(x.shape[0], cfg.tokens, cfg.width)
+            rank = cfg.grid_condition_rank
+            per_token = self.grid_cond(cond.to(h.dtype)).view(x.shape[0], cfg.tokens, rank or cfg.width)
+            h = h + (self.grid_cond_up(per_token) if rank else per_token)
         mod = self.t_embedder(t.reshape(-1).expand(x.shape[0]))
         if cfg.share_mod:
             mod = self.adaLN_modulation(mod)

@@ -224,7 +224,7 @@ def test_vae_model_picks_the_ss_vae_and_its_ss_dit(monkeypatch, tmp_path, vae_mo
 
     assert build_parser().parse_args(["demo", "--vae-model", vae_model]).vae_model == vae_model
     defaults = build_parser().parse_args(["demo"])
-    assert (defaults.vae_model, defaults.views) == ("debug_r4", 16)  # docs/demo.md: the measured better pair
+    assert (defaults.vae_model, defaults.views) == ("debug_r4", 32)  # docs/demo.md: the measured better pair
     submitted.clear()  # pooled latents have no SS-VAE grid: the plain debug SS-DiT
     demo.train_debug_networks(tmp_path / "dataset", tmp_path / "runs", 64, steps, "http://x", latent="pooled",
                               vae_model=vae_model)

@@ -122,12 +122,16 @@ def test_sort_block_is_the_released_order():
     assert torch.equal(got, coords[torch.from_numpy(order)])
 
 
-def test_grid_inputs_of_the_demo_config():
+@pytest.mark.parametrize("rank", [0, 8])
+def test_grid_inputs_of_the_demo_config(rank):
     """debug_grid (not in the release): a learned vector per token and the image's tokens, in order, mapped
-    to every token. Reordering the image tokens changes the velocity even without cross-attention."""
-    cfg = structure_dit_config("debug_grid")
+    to every token (rank 8: through 8 values a token and one shared linear). Reordering the image tokens
+    changes the velocity even without cross-attention."""
+    cfg = structure_dit_config("debug_grid", grid_condition_rank=rank)
     net = StructureDiT(cfg).eval()
     assert net.grid_pos.shape == (512, 64) and "grid_pos" not in StructureDiT(structure_dit_config("debug")).state_dict()
+    assert net.grid_cond[-1].out_features == 512 * (rank or 64)
+    assert ("grid_cond_up.weight" in net.state_dict()) == bool(rank)
     with torch.no_grad():
         net.out_layer.weight.normal_()
         for blk in net.blocks:  # without cross-attention the grid path is the only way the image gets in
@@ -143,3 +147,5 @@ def test_grid_inputs_of_the_demo_config():
         net(x, t, cond[:, :16])
     with pytest.raises(ValueError, match="grid condition"):
         structure_dit_config("debug", grid_condition_tokens=-1)
+    with pytest.raises(ValueError, match="grid_condition_rank"):
+        structure_dit_config("debug_grid", grid_condition_rank=-1)
