@@ -114,10 +114,10 @@ def main() -> None:
                          "'token-drop:P' (a share P of patch tokens zeroed), 'token-noise:S' (noise of std S), "
                          "'view-mix:P' (with probability P the tokens of two azimuth-adjacent views, mixed)")
     ap.add_argument("--train-exclude", default="",
-                    help="--train-structure-dit: meshes left out of training (comma list of names), e.g. a demo's "
-                         "held-out meshes when --shards holds the whole corpus")
+                    help="--train-structure-dit, --train-dit: meshes left out of training (comma list of names), "
+                         "e.g. a demo's held-out meshes when --shards holds the whole corpus")
     ap.add_argument("--device", default="cpu",
-                    help="structure rows: where the structure DiT trains and samples (cuda: the same task and "
+                    help="structure and dit rows: where the DiTs train and sample (cuda: the same tasks and "
                          "float32 sampling, for sweeps of the demo's CPU settings in seconds)")
     ap.add_argument("--new-views", type=int, default=1, help="structure rows: new renders of each mesh")
     args = ap.parse_args()
@@ -364,8 +364,10 @@ def train_sparse_dit(args):
                                        if Path(s.source_uri).stem not in left_out}.values()]
     print(f"SS-DiT: {len(items)} shapes, {sum(i.tokens for i in items)} latent tokens, lr {cfg.lr}, "
           f"budget {cfg.token_budget}", flush=True)
+    task.to(args.device)  # the encoder and the frozen SS-VAE
+    task.module.to(args.device)
     ema = EMA(task.module, cfg.ema_decay, warmup=True)
-    _fit(task, items, cfg, "SS-DiT", "flow_mse", ema, seed=args.seed)
+    _fit(task, items, cfg, "SS-DiT", "flow_mse", ema, seed=args.seed, device=args.device)
     dit = task.module.dit
     dit.load_state_dict({k.removeprefix("dit."): v for k, v in ema.full_state_dict().items()}, strict=False)
     return NetworkBundle("dit", dit.eval().requires_grad_(False), dataclasses.replace(task.model_config),
@@ -513,7 +515,8 @@ def dit_rows(args, samples, vae, add) -> None:
                 "structure_dit": random_network("structure_dit", cond_dim=enc.dim), "dit": dit}
         if kind == "dit":
             nets["vae"] = load_network(args.vae, "vae")
-        base = GenerationConfig(resolution=res, device="cpu", image_encoder=args.image_encoder)
+        base = GenerationConfig(resolution=res, device=args.device, dtype="fp32", cuda_graphs=False,
+                                image_encoder=args.image_encoder)
         for steps in (int(x) for x in args.steps.split(",")):
             for guidance in (float(x) for x in args.guidance.split(",")):
                 for shift in (float(x) for x in args.shift.split(",")):
@@ -529,19 +532,22 @@ def dit_rows(args, samples, vae, add) -> None:
                         sdf = cascade.decode(cascade.vae, [lc], [z], res // down)[0]
                         extra = {"steps": steps, "guidance": guidance, "shift": shift}
                         if cascade.vae is not None:
+                            dev = cascade.device
                             x = SparseTensor.from_unsorted(
-                                torch.cat([torch.zeros_like(s.coords[:, :1]), s.coords], 1).int(),
-                                s.values.float()[:, None], res, 1)
+                                torch.cat([torch.zeros_like(s.coords[:, :1]), s.coords], 1).int().to(dev),
+                                s.values.float()[:, None].to(dev), res, 1)
                             with torch.no_grad():
                                 zt, mean, _ = cascade.vae.encode(x, sample=False)
-                            ref = cascade.vae.scale(mean)
-                            order = _match(zt.coords[:, 1:], lc)
-                            extra["latent_rmse"] = float((z[order] - ref).pow(2).mean().sqrt())
+                            ref = cascade.vae.scale(mean).cpu()
+                            order = _match(zt.coords[:, 1:].cpu(), lc)
+                            extra["latent_rmse"] = float((z.cpu()[order] - ref).pow(2).mean().sqrt())
                             extra["latent_std"] = float(ref.std())
-                            dec = cascade.vae.decode(SparseTensor.from_unsorted(
-                                torch.cat([torch.zeros_like(lc[:, :1]), lc], 1).int(), cascade.vae.unscale(z), res // down, 1))
-                            extra["sign_err"] = band_sign_error(s.coords, s.values, dec.coords[:, 1:],
-                                                                dec.feats[:, 0].float(), res)
+                            with torch.no_grad():
+                                dec = cascade.vae.decode(SparseTensor.from_unsorted(
+                                    torch.cat([torch.zeros_like(lc[:, :1]), lc], 1).int().to(dev),
+                                    cascade.vae.unscale(z.to(dev)), res // down, 1))
+                            extra["sign_err"] = band_sign_error(s.coords, s.values, dec.coords[:, 1:].cpu(),
+                                                                dec.feats[:, 0].float().cpu(), res)
                         try:
                             v, f = cascade.march(sdf)
                         except ValueError as e:
