@@ -65,7 +65,6 @@ def band_sign_error(coords, values, dec_coords, dec_values, resolution: int) -> 
 def main() -> None:
     from pipeline.evaluate import mesh_row
     from model.mesh_extract import extract_mesh
-    from model.postprocess import clean_mesh
     from pipeline.shards import read_samples
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,11 +86,14 @@ def main() -> None:
     ap.add_argument("--train-vae", type=int, default=0,
                     help="without --vae: train a debug SS-VAE this many steps on every shape of --shards first")
     ap.add_argument("--lr", type=float, default=2e-3, help="--train-vae: peak learning rate (the demo's)")
-    ap.add_argument("--seed", type=int, default=0, help="--train-vae, --train-structure-dit: seed of the initial weights and the batch order")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="--train-vae, --train-structure-dit, --train-dit: seed of the initial weights and the "
+                         "batch order")
     ap.add_argument("--lr-schedule", default="cosine", help="--train-vae: 'constant' or 'cosine' after warm-up")
     ap.add_argument("--structure-set", default="",
                     help="--train-structure-dit: DenseDiTConfig fields replaced, JSON values, e.g. grid_condition_hidden=1024")
-    ap.add_argument("--structure-lr", type=float, default=2e-3, help="--train-structure-dit: learning rate (the demo's)")
+    ap.add_argument("--structure-lr", type=float, default=2e-3,
+                    help="--train-structure-dit: learning rate (the demo's)")
     ap.add_argument("--structure-token-budget", type=int, default=16384,
                     help="--train-structure-dit: tokens a step (the demo's: 32 shapes of 512 tokens)")
     ap.add_argument("--dit-lr-schedule", default="constant",
@@ -138,11 +140,8 @@ def main() -> None:
     def add(stage, s, v, f, t0, **extra):
         # the mesh as marched, and after the cascade's clean-up (what a served library holds: interior shells
         # between the decoded voxels and the +1 fill beyond them are dropped there)
-        cv, cf, _ = clean_mesh(np.asarray(v, np.float32), np.asarray(f, np.int64))
-        clean = mesh_row(cv, cf, gts[s.mesh_id])
-        row = {"stage": stage, "mesh": Path(s.source_uri).stem, **mesh_row(v, f, gts[s.mesh_id]),
-               "chamfer_clean": clean["chamfer"], "f1_clean": clean["f1@0.05"], **extra,
-               "seconds": time.time() - t0}
+        row = {"stage": stage, "mesh": Path(s.source_uri).stem, **mesh_row(v, f, gts[s.mesh_id], cleaned=True),
+               **extra, "seconds": time.time() - t0}
         rows.append(row)
         print("  ".join(f"{k}={_fmt(x)}" for k, x in row.items()), flush=True)
 
@@ -318,7 +317,8 @@ def train_structure_dit(args, enc):
     from pipeline.train import tasks
 
     cfg = TrainConfig(network="structure_dit", model="debug_grid", steps=args.train_structure_dit,
-                      lr=args.structure_lr, token_budget=args.structure_token_budget, warmup_steps=10, structure_vae=args.structure_vae, image_encoder=args.image_encoder,
+                      lr=args.structure_lr, token_budget=args.structure_token_budget, warmup_steps=10,
+                      structure_vae=args.structure_vae, image_encoder=args.image_encoder,
                       lr_schedule=args.dit_lr_schedule)
     torch.manual_seed(args.seed)
     with mock.patch.object(tasks, "build_image_encoder", lambda spec: enc):
@@ -326,7 +326,8 @@ def train_structure_dit(args, enc):
         if args.structure_set:  # the named size's config as the task built it, with these fields replaced
             sets = {k: json.loads(v) for k, v in (kv.split("=") for kv in args.structure_set.split(","))}
             torch.manual_seed(args.seed)
-            task = tasks.build_task(cfg, args.seed, frozen_weights=load_weights(args.structure_vae, "structure_vae"),
+            task = tasks.build_task(cfg, args.seed,
+                                    frozen_weights=load_weights(args.structure_vae, "structure_vae"),
                                     model_config=dataclasses.replace(task.model_config, **sets))
     augment(task, args.cond_augment)
     task.to(args.device)  # the encoder and the frozen VAE

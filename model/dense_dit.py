@@ -131,7 +131,7 @@ DENSE_DIT_CONFIGS = {
     "debug": DenseDiTConfig(width=64, cond_dim=64, depth=2, heads=4, patch_size=2),
     # debug + the grid inputs, for the 64 tokens of the built-in image encoder (what the CPU demo trains); the
     # image reaches the cells through a 1024-wide hidden layer (256: latent IoU from new views 0.714, 1024: 0.763)
-    # and 8 values a token (the full last layer's IoU in 0.6x the CPU time a step, so 32 views a mesh get the
+    # and 8 values a token (the full last layer's IoU in 0.57x the CPU time a step, so 32 views a mesh get the
     # steps they need: 0.87 from new views; docs/demo.md)
     "debug_grid": DenseDiTConfig(width=64, cond_dim=64, depth=2, heads=4, patch_size=2, learned_positions=True,
                                  grid_condition_tokens=64, grid_condition_hidden=1024, grid_condition_rank=8),
@@ -282,6 +282,17 @@ def grid_coords(side: int, device=None) -> torch.Tensor:
     return torch.stack(torch.meshgrid(r, r, r, indexing="ij"), dim=-1).reshape(-1, 3)
 
 
+def grid_condition_layers(cond_dim: int, tokens: int, channels: int, hidden: int, cells: int, width: int,
+                          rank: int) -> tuple[nn.Sequential, nn.Linear | None]:
+    """The grid condition of the demo's DiTs (not in the release): each of the image's ``tokens`` tokens to
+    ``channels`` values, flattened in the image's order, through a ``hidden``-wide MLP to one vector per grid
+    cell, ``width`` wide, or ``rank`` wide and then mapped to the width by the second layer returned (None at
+    rank 0), which every cell shares."""
+    mlp = nn.Sequential(nn.Linear(cond_dim, channels), nn.Flatten(), nn.Linear(tokens * channels, hidden), nn.SiLU(),
+                        nn.Linear(hidden, cells * (rank or width)))
+    return mlp, (nn.Linear(rank, width) if rank else None)
+
+
 class DenseDiT(nn.Module):
     """Velocity of the structure latent: (x (B, C, R, R, R), t (B,) in [0, 1], cond (B, L, cond_dim)) -> like x."""
 
@@ -297,12 +308,9 @@ class DenseDiT(nn.Module):
         if cfg.learned_positions:
             self.grid_pos = nn.Parameter(torch.zeros(cfg.tokens, cfg.width))
         if cfg.grid_condition_tokens:
-            ch, hid, rank = cfg.grid_condition_channels, cfg.grid_condition_hidden, cfg.grid_condition_rank
-            self.grid_cond = nn.Sequential(nn.Linear(cfg.cond_dim, ch), nn.Flatten(),
-                                           nn.Linear(cfg.grid_condition_tokens * ch, hid), nn.SiLU(),
-                                           nn.Linear(hid, cfg.tokens * (rank or cfg.width)))
-            if rank:
-                self.grid_cond_up = nn.Linear(rank, cfg.width)
+            self.grid_cond, self.grid_cond_up = grid_condition_layers(
+                cfg.cond_dim, cfg.grid_condition_tokens, cfg.grid_condition_channels, cfg.grid_condition_hidden,
+                cfg.tokens, cfg.width, cfg.grid_condition_rank)
         self.blocks = nn.ModuleList(DenseDiTBlock(cfg) for _ in range(cfg.depth))
         self.out_layer = nn.Linear(cfg.width, cfg.out_channels * p ** 3)
         self._init_weights()

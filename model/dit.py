@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from kernels.norm_modulate import gated_residual_segments, norm_modulate_segments
 from kernels.ssa import attention_reuse, selection_reuse
 from model.dense_dit import FeedForward, MultiHeadRMSNorm  # the released transformers share these
+from model.dense_dit import grid_condition_layers
 from model.embeddings import TimestepEmbedder, position_embedding_3d
 from model.sparse import SparseConv3d, SparseTensor, kernel_from_torchsparse, kernel_to_torchsparse
 from model.ssa import SSAConfig, SpatialSparseAttention, ssa_structure, varlen_attention
@@ -339,11 +340,9 @@ class SparseDiT(nn.Module):
         self.grid_pos = nn.Parameter(torch.zeros(g ** 3, w)) if g else None
         self.grid_cond = self.grid_cond_up = None
         if cfg.grid_condition_tokens:
-            ch, hid, rank = cfg.grid_condition_channels, cfg.grid_condition_hidden, cfg.grid_condition_rank
-            self.grid_cond = nn.Sequential(nn.Linear(cfg.cond_dim, ch), nn.Flatten(),
-                                           nn.Linear(cfg.grid_condition_tokens * ch, hid), nn.SiLU(),
-                                           nn.Linear(hid, g ** 3 * (rank or w)))
-            self.grid_cond_up = nn.Linear(rank, w) if rank else None
+            self.grid_cond, self.grid_cond_up = grid_condition_layers(
+                cfg.cond_dim, cfg.grid_condition_tokens, cfg.grid_condition_channels, cfg.grid_condition_hidden,
+                g ** 3, w, cfg.grid_condition_rank)
         s = cfg.occupancy_subcells
         self.occupancy_in = nn.Linear(s ** 3, w) if s else None
         self.blocks = nn.ModuleList([DiTBlock(cfg, i) for i in range(cfg.depth)])

@@ -17,8 +17,9 @@ F1_AT = 0.05
 COLUMNS = ("trained", "untrained", "source_structure")
 
 
-def mesh_row(vertices, faces, gt: tuple, samples: int = 20_000) -> dict:
-    """Chamfer, F1@0.05, parts before and after the cascade's clean-up, watertightness (after clean-up)."""
+def mesh_row(vertices, faces, gt: tuple, samples: int = 20_000, cleaned: bool = False) -> dict:
+    """Chamfer, F1@0.05, parts before and after the cascade's clean-up, watertightness (after clean-up);
+    ``cleaned``: also Chamfer and F1 of the cleaned mesh (``chamfer_clean``, ``f1_clean``)."""
     import numpy as np
     import torch
     import trimesh
@@ -28,15 +29,21 @@ def mesh_row(vertices, faces, gt: tuple, samples: int = 20_000) -> dict:
 
     v = np.asarray(torch.as_tensor(vertices).detach().cpu(), np.float32)
     f = np.asarray(torch.as_tensor(faces).detach().cpu(), np.int64)
+    none = {"chamfer_clean": float("nan"), "f1_clean": 0.0} if cleaned else {}
     if len(f) == 0:
-        return {"chamfer": float("nan"), f"f1@{F1_AT:g}": 0.0, "parts": 0, "parts_clean": 0, "watertight": False}
-    m = mesh_metrics((torch.as_tensor(v), torch.as_tensor(f)), (torch.as_tensor(gt[0]), torch.as_tensor(gt[1])),
-                     samples=samples, thresholds=(F1_AT,))
+        return {"chamfer": float("nan"), f"f1@{F1_AT:g}": 0.0, "parts": 0, "parts_clean": 0, "watertight": False,
+                **none}
+    target = (torch.as_tensor(gt[0]), torch.as_tensor(gt[1]))
+    m = mesh_metrics((torch.as_tensor(v), torch.as_tensor(f)), target, samples=samples, thresholds=(F1_AT,))
     cv, cf, _ = clean_mesh(v, f)
     mesh = trimesh.Trimesh(cv.astype(np.float64), cf, process=True)
-    return {"chamfer": float(m.chamfer), f"f1@{F1_AT:g}": float(m.fscore[F1_AT]),
-            "parts": int(_components(v, f)[0]), "parts_clean": int(_components(cv, cf)[0]),
-            "watertight": bool(mesh.is_watertight)}
+    row = {"chamfer": float(m.chamfer), f"f1@{F1_AT:g}": float(m.fscore[F1_AT]),
+           "parts": int(_components(v, f)[0]), "parts_clean": int(_components(cv, cf)[0]),
+           "watertight": bool(mesh.is_watertight), **none}
+    if cleaned and len(cf):
+        mc = mesh_metrics((torch.as_tensor(cv), torch.as_tensor(cf)), target, samples=samples, thresholds=(F1_AT,))
+        row.update(chamfer_clean=float(mc.chamfer), f1_clean=float(mc.fscore[F1_AT]))
+    return row
 
 
 def source_structure_cascade():

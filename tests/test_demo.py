@@ -26,11 +26,17 @@ def test_mesh_row_scores_a_mesh_against_itself_and_counts_parts():
     f = np.concatenate([a[1], b[1] + len(a[0])])
     row = evaluate.mesh_row(v, f, gt, samples=2000)
     assert row["parts"] == 2 and row["parts_clean"] == 1 and row["watertight"]
+    assert "chamfer_clean" not in row
+    # cleaned: the same mesh scored as the served library holds it, the inner shell dropped
+    row = evaluate.mesh_row(v, f, gt, samples=2000, cleaned=True)
+    assert row["chamfer_clean"] < 0.001 < 0.01 < row["chamfer"] and row["f1_clean"] == pytest.approx(1.0)
 
 
 def test_mesh_row_of_an_empty_mesh():
     row = evaluate.mesh_row(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int64), _sphere())
     assert row["chamfer"] != row["chamfer"] and row["f1@0.05"] == 0.0 and row["parts"] == 0
+    row = evaluate.mesh_row(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int64), _sphere(), cleaned=True)
+    assert row["chamfer_clean"] != row["chamfer_clean"] and row["f1_clean"] == 0.0
 
 
 def test_summary_counts_parts_watertight_and_wins():
