@@ -93,6 +93,8 @@ def test_training_jobs_run_in_order_and_the_dit_models_the_vae_latents(monkeypat
             assert float(argv[argv.index("--cpus-per-worker") + 1]) == demo.CHAIN_CPUS == 0.5
     scaled, structure_dit = structure[1], structure[2]
     dit = sparse[-1]
+    # the structure VAE's dense convolutions: bfloat16 autocast where AMX is (test_train_resume.py)
+    assert structure[0][structure[0].index("--cpu-conv-precision") + 1] == demo.VAE_CONV_PRECISION
     # the structure DiT and the cascade read the structure VAE with its latent scale
     assert scaled[3].endswith("checkpoint_1")
     assert ckpt["structure_vae"] == scaled[scaled.index("--out") + 1]

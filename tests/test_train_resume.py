@@ -309,3 +309,32 @@ def test_threads_file_sets_the_workers_threads_between_steps(local_dist, shards,
     finally:
         torch.set_num_threads(before)
         gather_gemm.GEMM_DTYPE = None
+
+
+def test_structure_vae_convolutions_follow_cpu_conv_precision(local_dist, tmp_path, monkeypatch):
+    """``cpu_conv_precision`` bf16 runs the structure VAE's dense 3D convolutions on bfloat16 operands (CPU
+    autocast) while its loss stays float32 and finite; fp32 keeps every convolution in float32."""
+    import math
+
+    from kernels.sparse_conv import gather_gemm
+
+    shards = tmp_path / "shards"  # the structure grid is 64³
+    write_shard(str(shards), [dataclasses.replace(r, views=[]) for r in synthetic_rows(2, 64, seed=3)])
+    seen: list[torch.dtype] = []
+    conv = torch.nn.Conv3d.forward
+
+    def spy(self, x):
+        out = conv(self, x)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Conv3d, "forward", spy)
+    try:
+        for precision, want in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+            seen.clear()
+            result = _train(_cfg(str(shards), tmp_path / precision, network="structure_vae", steps=2, resolution=64, token_budget=4096,
+                                 cpu_conv_precision=precision))
+            assert seen and set(seen) == {want}, (precision, set(seen))
+            assert len(result["history"]["loss"]) == 2 and all(math.isfinite(x) for x in result["history"]["loss"])
+    finally:
+        gather_gemm.GEMM_DTYPE = None

@@ -87,7 +87,8 @@ class TrainConfig:
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved per training worker"})
     cpu_conv_precision: Literal["fp32", "bf16", "auto"] = field(default="fp32", metadata={
         "help": "operand type of the sparse convolutions' GEMMs on a CPU: bf16 multiplies bfloat16 operands with "
-                "float32 accumulation (1.35-1.5x the SS-VAE step on a CPU with AMX; docs/vae.md); auto: bf16 "
+                "float32 accumulation (1.35-1.5x the SS-VAE step on a CPU with AMX; docs/vae.md), and runs the "
+                "structure VAE's dense convolutions under bfloat16 autocast (1.8x its step); auto: bf16 "
                 "where the worker's CPU has AMX, fp32 elsewhere"})
     threads_file: str = field(default="", metadata={
         "help": "a local file holding a number: each worker re-reads it between steps and runs that many CPU "
