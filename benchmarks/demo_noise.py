@@ -18,6 +18,10 @@ Rows (one per stage and mesh, then the mean per stage), all against the normaliz
   a DiT's sample error the decoder tolerates);
 - ``dit``: the SS-DiT's sample on the source's own latent voxels, from one of its training views,
   decoded by the VAE (``pooled-dit``: a pooled-latent DiT, decoded by ``pooled_sdf``);
+- ``structure_vae`` (``--train-structure-vae N`` or ``--structure-vae``): the structure VAE's reconstruction
+  (posterior mean, decoded occupancy at 0.1 as the cascade reads it) of every shape of ``--shards`` against
+  the shard's band occupancy: IoU at 64³ and of the 16³ latent voxels the sparse stage samples on
+  (``--structure-vae-precision bf16``: its convolutions under bfloat16 autocast, as ``s2 demo`` trains it);
 - ``structure`` (``--structure-vae``, ``--structure-dit``): the structure stage alone, sampled from each
   of the mesh's stored (training) views and from one new view; its latent voxels against the shard's
   (IoU). A DiT that learned one view per shape shows a best view near 1 and a low mean.
@@ -123,6 +127,12 @@ def main() -> None:
                     help="structure and dit rows: where the DiTs train and sample (cuda: the same tasks and "
                          "float32 sampling, for sweeps of the demo's CPU settings in seconds)")
     ap.add_argument("--new-views", type=int, default=1, help="structure rows: new renders of each mesh")
+    ap.add_argument("--train-structure-vae", type=int, default=0,
+                    help="structure_vae rows: train the demo's structure VAE this many steps first (4 shapes a "
+                         "step, lr --structure-vae-lr, 10 warm-up steps, constant) instead of reading --structure-vae")
+    ap.add_argument("--structure-vae-lr", type=float, default=2e-3, help="--train-structure-vae: learning rate")
+    ap.add_argument("--structure-vae-precision", choices=("fp32", "bf16"), default="fp32",
+                    help="--train-structure-vae: its convolutions in float32 or under bfloat16 autocast")
     args = ap.parse_args()
     torch.set_num_threads(1)
     stages = set(args.stages.split(","))
@@ -198,7 +208,60 @@ def main() -> None:
     dit_rows(args, samples, vae, add)
     if rows:
         summary(rows)
+    structure_vae_rows(args)
     structure_rows(args, samples)
+
+
+def structure_vae_rows(args) -> None:
+    """The structure VAE's reconstruction of every shape of --shards: band IoU at the grid and at 16³."""
+    if "structure_vae" not in args.stages.split(",") or not (args.structure_vae or args.train_structure_vae):
+        return
+    import torch.nn.functional as F
+
+    from model.cascade import load_network
+    from pipeline.shards import read_samples
+    from pipeline.train.tasks import occupancy_grid
+
+    shapes = list({s.mesh_id: s for s in read_samples(args.shards, resolution=args.resolution)}.values())
+    t0 = time.time()
+    vae = train_structure_vae(args) if args.train_structure_vae else load_network(args.structure_vae, "structure_vae").module
+    trained = time.time() - t0
+    vae.eval()
+    ious, ious16 = [], []
+    with torch.no_grad():
+        for s in shapes:
+            occ = occupancy_grid(s.coords, args.resolution)[None, None].float()
+            got = torch.sigmoid(vae.decode(vae.encode(occ)[1]).float()) >= 0.1  # the cascade's occupancy_threshold
+            want = occ > 0.5
+            ious.append(float((got & want).sum() / (got | want).sum()))
+            pool = args.resolution // 16
+            g16, w16 = (F.max_pool3d(x.float(), pool) > 0 for x in (got, want))
+            ious16.append(float((g16 & w16).sum() / (g16 | w16).sum()))
+    print(f"structure_vae over {len(shapes)} shapes: IoU at {args.resolution}³ mean {np.mean(ious):.4f} "
+          f"(min {np.min(ious):.4f}); 16³ latent voxels mean {np.mean(ious16):.4f} (min {np.min(ious16):.4f}); "
+          f"trained in {trained:.0f} s", flush=True)
+
+
+def train_structure_vae(args):
+    """The demo's structure VAE trained in one process as the trainer trains it (4 shapes of 64³ a step,
+    AdamW, 10 warm-up steps, constant rate, clip 1, EMA), its convolutions under --structure-vae-precision;
+    returns its EMA weights, as its checkpoint holds them."""
+    from pipeline.train import tasks
+    from pipeline.train.config import TrainConfig
+    from pipeline.shards import read_samples
+
+    cfg = TrainConfig(network="structure_vae", model="debug", steps=args.train_structure_vae,
+                      lr=args.structure_vae_lr, warmup_steps=10, token_budget=16384)
+    torch.manual_seed(args.seed)
+    task = tasks.build_task(cfg, args.seed)
+    items = [task.prepare(s) for s in {s.mesh_id: s for s in read_samples(args.shards, resolution=args.resolution)}.values()]
+    from pipeline.train.engine import EMA
+
+    ema = EMA(task.module, cfg.ema_decay, warmup=True)  # a checkpoint holds these weights
+    _fit(task, items, cfg, "structure VAE", "bce", ema, seed=args.seed,
+         autocast=args.structure_vae_precision == "bf16")
+    task.module.load_state_dict(ema.full_state_dict(), strict=False)
+    return task.module.vae
 
 
 def structure_rows(args, samples) -> None:
@@ -471,7 +534,8 @@ def train_vae(args):
     return task.module.vae.eval()
 
 
-def _fit(task, items, cfg, label: str, term: str, ema=None, seed: int = 0, device: str = "cpu") -> None:
+def _fit(task, items, cfg, label: str, term: str, ema=None, seed: int = 0, device: str = "cpu",
+         autocast: bool = False) -> None:
     """The trainer's optimizer loop in one process: AdamW (betas 0.9/0.99), its learning-rate schedule, clip,
     items shuffled each epoch and packed to the budget as the trainer packs them; ``ema`` folded in each step."""
     import random
@@ -487,7 +551,8 @@ def _fit(task, items, cfg, label: str, term: str, ema=None, seed: int = 0, devic
         if not batches:  # the trainer's packing (oversize "alone" counts a large shape at the budget)
             rng.shuffle(items)
             batches = list(token_batches(items, cfg.token_budget, lambda i: i.tokens, lambda i: i.name, Skipped()))
-        loss, terms = task.module(**task.collate(batches.pop(0), device, torch.float32))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # the trainer's cpu_conv_precision
+            loss, terms = task.module(**task.collate(batches.pop(0), device, torch.float32))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(task.module.parameters(), cfg.grad_clip)
