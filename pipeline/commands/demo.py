@@ -76,8 +76,10 @@ def register(sub) -> None:
 # The SS-DiT's samples on six training shapes' own latent voxels: Chamfer 0.068 at 300 steps, 0.059 at 600 (the
 # SS-VAE's own reconstruction 0.050); its chain still ends before the structure DiT's. The structure VAE's 100 steps
 # (bfloat16 autocast) take about the time its 60 in float32 took; 160 reconstructed better (the cascade on the
-# sources' own occupancy: 0.053 against 0.070 after 60) but put the demo at 31:47 (docs/demo.md).
-QUICK = {"structure_vae_steps": 100, "structure_dit_steps": 2400, "vae_steps": 900, "train_steps": 600,
+# sources' own occupancy: 0.053 against 0.070 after 60) but put the demo at 31:47 (docs/demo.md). With 100, the
+# structure DiT's 2,400 steps ended the demo at 30:26 on a slower day than 2322700's 29:26: it takes 2,000 (its last
+# steps run two threads once the sparse chain is done, ~0.24 s each: about 1.5 minutes less).
+QUICK = {"structure_vae_steps": 100, "structure_dit_steps": 2000, "vae_steps": 900, "train_steps": 600,
          "held_out": 2, "new_views": 4}
 FULL: dict = {}  # the parser's defaults of those settings: --quick leaves a value the user gave alone
 
