@@ -213,53 +213,54 @@ def main() -> None:
 
 
 def structure_vae_rows(args) -> None:
-    """The structure VAE's reconstruction of every shape of --shards: band IoU at the grid and at 16³."""
+    """The structure VAE's reconstruction of every shape of --shards: band IoU at the grid and of its latent voxels."""
     if "structure_vae" not in args.stages.split(",") or not (args.structure_vae or args.train_structure_vae):
         return
-    import torch.nn.functional as F
-
-    from model.cascade import load_network
+    from model.cascade import GenerationConfig, load_network
+    from model.structure import grid_to_latent_coords
     from pipeline.shards import read_samples
     from pipeline.train.tasks import occupancy_grid
 
     shapes = list({s.mesh_id: s for s in read_samples(args.shards, resolution=args.resolution)}.values())
     t0 = time.time()
-    vae = train_structure_vae(args) if args.train_structure_vae else load_network(args.structure_vae, "structure_vae").module
+    vae = (train_structure_vae(args, shapes) if args.train_structure_vae
+           else load_network(args.structure_vae, "structure_vae").module)
     trained = time.time() - t0
     vae.eval()
+    threshold, latent_res = GenerationConfig().occupancy_threshold, 16  # the cascade's; the SS-VAE's 16³ at 64³
     ious, ious16 = [], []
     with torch.no_grad():
         for s in shapes:
-            occ = occupancy_grid(s.coords, args.resolution)[None, None].float()
-            got = torch.sigmoid(vae.decode(vae.encode(occ)[1]).float()) >= 0.1  # the cascade's occupancy_threshold
+            occ = occupancy_grid(s.coords, args.resolution)
+            got = torch.sigmoid(vae.decode(vae.encode(occ[None, None].float())[1]).float())[0, 0] >= threshold
             want = occ > 0.5
             ious.append(float((got & want).sum() / (got | want).sum()))
-            pool = args.resolution // 16
-            g16, w16 = (F.max_pool3d(x.float(), pool) > 0 for x in (got, want))
-            ious16.append(float((g16 & w16).sum() / (g16 | w16).sum()))
+            ious16.append(set_iou(*({tuple(c) for c in grid_to_latent_coords(x, latent_res).tolist()} for x in (got, want))))
     print(f"structure_vae over {len(shapes)} shapes: IoU at {args.resolution}³ mean {np.mean(ious):.4f} "
-          f"(min {np.min(ious):.4f}); 16³ latent voxels mean {np.mean(ious16):.4f} (min {np.min(ious16):.4f}); "
+          f"(min {np.min(ious):.4f}); {latent_res}³ latent voxels mean {np.mean(ious16):.4f} (min {np.min(ious16):.4f}); "
           f"trained in {trained:.0f} s", flush=True)
 
 
-def train_structure_vae(args):
+def train_structure_vae(args, shapes):
     """The demo's structure VAE trained in one process as the trainer trains it (4 shapes of 64³ a step,
-    AdamW, 10 warm-up steps, constant rate, clip 1, EMA), its convolutions under --structure-vae-precision;
-    returns its EMA weights, as its checkpoint holds them."""
+    AdamW, 10 warm-up steps, constant rate, clip 1, EMA), its convolutions under --structure-vae-precision
+    (the trainer's cpu_conv_precision); returns its EMA weights, as its checkpoint holds them."""
+    from kernels.sparse_conv import gather_gemm
     from pipeline.train import tasks
     from pipeline.train.config import TrainConfig
-    from pipeline.shards import read_samples
+    from pipeline.train.engine import EMA
 
     cfg = TrainConfig(network="structure_vae", model="debug", steps=args.train_structure_vae,
                       lr=args.structure_vae_lr, warmup_steps=10, token_budget=16384)
     torch.manual_seed(args.seed)
     task = tasks.build_task(cfg, args.seed)
-    items = [task.prepare(s) for s in {s.mesh_id: s for s in read_samples(args.shards, resolution=args.resolution)}.values()]
-    from pipeline.train.engine import EMA
-
+    items = [task.prepare(s) for s in shapes]
     ema = EMA(task.module, cfg.ema_decay, warmup=True)  # a checkpoint holds these weights
-    _fit(task, items, cfg, "structure VAE", "bce", ema, seed=args.seed,
-         autocast=args.structure_vae_precision == "bf16")
+    gather_gemm.GEMM_DTYPE = gather_gemm.gemm_dtype(args.structure_vae_precision)
+    try:
+        _fit(task, items, cfg, "structure VAE", "bce", ema, seed=args.seed)
+    finally:
+        gather_gemm.GEMM_DTYPE = None
     task.module.load_state_dict(ema.full_state_dict(), strict=False)
     return task.module.vae
 
@@ -534,8 +535,7 @@ def train_vae(args):
     return task.module.vae.eval()
 
 
-def _fit(task, items, cfg, label: str, term: str, ema=None, seed: int = 0, device: str = "cpu",
-         autocast: bool = False) -> None:
+def _fit(task, items, cfg, label: str, term: str, ema=None, seed: int = 0, device: str = "cpu") -> None:
     """The trainer's optimizer loop in one process: AdamW (betas 0.9/0.99), its learning-rate schedule, clip,
     items shuffled each epoch and packed to the budget as the trainer packs them; ``ema`` folded in each step."""
     import random
@@ -551,8 +551,7 @@ def _fit(task, items, cfg, label: str, term: str, ema=None, seed: int = 0, devic
         if not batches:  # the trainer's packing (oversize "alone" counts a large shape at the budget)
             rng.shuffle(items)
             batches = list(token_batches(items, cfg.token_budget, lambda i: i.tokens, lambda i: i.name, Skipped()))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # the trainer's cpu_conv_precision
-            loss, terms = task.module(**task.collate(batches.pop(0), device, torch.float32))
+        loss, terms = task.module(**task.collate(batches.pop(0), device, torch.float32))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(task.module.parameters(), cfg.grad_clip)
