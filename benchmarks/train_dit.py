@@ -35,6 +35,7 @@ from model.flow import TimestepSampler
 from pipeline.train.tasks import FlowObjective
 
 COND_TOKENS = 1374
+FUSED_ADAMW = True  # --foreach-adamw: torch's multi-tensor AdamW in both engines (the baseline)
 
 
 def shell_coords(n: int, grid: int, seed: int = 0) -> torch.Tensor:
@@ -53,7 +54,7 @@ def _world() -> tuple[int, int]:
 
 
 def _torch_step(model, device):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=FUSED_ADAMW, foreach=not FUSED_ADAMW)
 
     def step(x0, cond):
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -72,7 +73,7 @@ def _deepspeed_step(model, zero: int):
     from pipeline.train.engine import EMA, make_engine
 
     cfg = TrainConfig(zero_stage=zero, use_gpu=True, precision="bf16", lr=1e-4, grad_clip=1.0)
-    engine, opt, sched = make_engine(model, cfg)
+    engine, opt, sched = make_engine(model, cfg, fused=FUSED_ADAMW)
     ema = EMA(engine.module, cfg.ema_decay)
 
     def step(x0, cond):
@@ -198,6 +199,9 @@ def main() -> None:
                          "'torch'; the baseline of kernels/group_norm by segments)")
     ap.add_argument("--no-selection-reuse", action="store_true",
                     help="the checkpoint recomputation selects its SSA blocks again (the baseline of the reuse)")
+    ap.add_argument("--foreach-adamw", action="store_true",
+                    help="torch's multi-tensor AdamW instead of its one-kernel one (the trainer's engine before "
+                         "it took fused=True)")
     ap.add_argument("--profile-ops", action="store_true",
                     help="with --profile: a second profiled pass printing device time by op and input shapes")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
@@ -206,6 +210,8 @@ def main() -> None:
     ap.add_argument("--summary", nargs="*", help="print one scaling table from saved --json files and exit")
     args = ap.parse_args()
     import model.dit as dit_module
+    global FUSED_ADAMW
+    FUSED_ADAMW = not args.foreach_adamw
     if args.no_selection_reuse:
         import contextlib
         dit_module.selection_reuse = lambda: (contextlib.nullcontext(), contextlib.nullcontext())
