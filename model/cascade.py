@@ -33,7 +33,7 @@ from model.condition import build_image_encoder, decode_image, pack_condition
 from model.dit import DiTConfig, PackedCondition, SparseDiT
 from model.flow import STAGE_DEFAULTS, FlowEulerSampler, ReleaseSchedule
 from model.graphs import CapturedVelocity
-from model.mesh_extract import extract_mesh
+from model.mesh_extract import enclosed_fill, extract_mesh
 from model.voxelize import normalize_vertices, surface_latent_index
 from model.postprocess import PostprocessConfig, clean_mesh
 from model.sparse import SparseTensor
@@ -229,6 +229,9 @@ class GenerationConfig:
     mc_threshold: Optional[float] = None  # marching level of decoded SDFs (None: 0.2 for a converted release, else 0)
     decode_chunk: int = 32  # latent voxels per axis per chunk of the SS-VAE decoder
     min_foreground: float = 0.002  # fraction of pixels that must differ from the background
+    # an empty region the decoded voxels enclose takes their sign (model.mesh_extract.enclosed_fill); False: +1
+    # everywhere outside the decoded voxels, as the release marches (its refiner then removes interior walls)
+    fill_enclosed: bool = True
     remove_interior: bool = True
     min_component_fraction: float = 0.02
     target_faces: int = 0
@@ -592,7 +595,10 @@ class Cascade:
             values = sdf.feats[:, 0].float()
             # tanh saturates outside the band: voxels at +1 march exactly like the fill that replaces them
             keep = values < 0.999
-            out.append((sdf.coords[keep, 1:], values[keep], sdf.resolution, self.level, 1.0))
+            coords, values = sdf.coords[keep, 1:], values[keep]
+            fill = (enclosed_fill(coords, values, sdf.resolution, c, latent_res, self.level)
+                    if self.cfg.fill_enclosed and len(coords) else 1.0)
+            out.append((coords, values, sdf.resolution, self.level, fill))
         return out
 
     def march(self, sdf: tuple) -> tuple[np.ndarray, np.ndarray]:

@@ -12,6 +12,7 @@ from negative (inside) to positive values. No dense R³ array is built.
 from __future__ import annotations
 
 from itertools import permutations
+from typing import Callable
 
 import torch
 
@@ -46,7 +47,8 @@ CHUNK = 1 << 21  # voxels per pass: bounds the per-cell temporaries (1024³ surf
 
 
 def extract_mesh(coords: torch.Tensor, values: torch.Tensor, resolution: int, level: float = 0.0,
-                 chunk: int = CHUNK, fill: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 chunk: int = CHUNK, fill: float | Callable[[torch.Tensor], torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Iso-surface ``values = level`` of a sparse SDF -> (vertices (V, 3) float32 in [-1, 1]³, faces (F, 3) int64).
 
     ``coords`` (N, 3) int voxel indices in [0, resolution), ``values`` (N,); voxel
@@ -55,8 +57,9 @@ def extract_mesh(coords: torch.Tensor, values: torch.Tensor, resolution: int, le
     filled with 1 outside its sparse voxels, so surfaces close where the set ends), including one layer
     of voxels just outside the grid, so a shape that reaches the grid's border is closed there too (the
     release's dense grid ends at the border and leaves such a surface open); vertices stay in [−1, 1]³
-    (a value below −1 would put one up to half a voxel beyond the border: it is clamped onto it). None:
-    cells with a missing corner make no surface. Cells are processed ``chunk`` voxels at a time; only the
+    (a value below −1 would put one up to half a voxel beyond the border: it is clamped onto it). A callable
+    maps those voxels' indices (M, 3; −1 or ``resolution`` for the outer layer) to their values (M,), e.g.
+    ``enclosed_fill``'s. None: cells with a missing corner make no surface. Cells are processed ``chunk`` voxels at a time; only the
     faces' edge keys outlive a pass.
     """
     if coords.ndim != 2 or coords.shape[1] != 3 or values.shape != (coords.shape[0],):
@@ -68,7 +71,7 @@ def extract_mesh(coords: torch.Tensor, values: torch.Tensor, resolution: int, le
     grid, shift = resolution, 0
     if fill is not None:  # march on a grid one voxel larger on every side, the outer layer valued fill
         grid, shift = resolution + 2, 1
-        coords, values = _with_shell(coords.long() + 1, values, grid, float(fill))
+        coords, values = _with_shell(coords.long() + 1, values, grid, fill if callable(fill) else float(fill))
     device = coords.device
     c4 = torch.cat([torch.zeros_like(coords[:, :1]), coords], 1).to(torch.int32)
     skeys = coord_keys(c4, grid)
@@ -153,8 +156,9 @@ def extract_mesh(coords: torch.Tensor, values: torch.Tensor, resolution: int, le
     return verts.float(), faces
 
 
-def _with_shell(coords: torch.Tensor, values: torch.Tensor, resolution: int, fill: float):
-    """The set plus every missing voxel of its 26-neighbourhood (inside the grid), valued ``fill``."""
+def _with_shell(coords: torch.Tensor, values: torch.Tensor, resolution: int, fill):
+    """The set plus every missing voxel of its 26-neighbourhood (inside the grid), valued ``fill`` (a number, or a
+    callable of their indices one lower, the frame of the grid before the outer layer was added)."""
     r = torch.arange(-1, 2, device=coords.device)
     offsets = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
     c = coords.long()
@@ -169,8 +173,69 @@ def _with_shell(coords: torch.Tensor, values: torch.Tensor, resolution: int, fil
     pos = torch.searchsorted(have, rk).clamp(max=len(have) - 1)
     new = rk[have[pos] != rk]
     shell = torch.stack([new // (resolution * resolution), (new // resolution) % resolution, new % resolution], 1)
-    return (torch.cat([coords, shell.to(coords.dtype)]),
-            torch.cat([values, torch.full((len(shell),), fill, dtype=values.dtype, device=values.device)]))
+    if callable(fill):
+        ring_values = fill(shell - 1).to(values.device, values.dtype)
+    else:
+        ring_values = torch.full((len(shell),), fill, dtype=values.dtype, device=values.device)
+    return torch.cat([coords, shell.to(coords.dtype)]), torch.cat([values, ring_values])
+
+
+_FACES6 = torch.tensor([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])
+
+
+def enclosed_fill(coords: torch.Tensor, values: torch.Tensor, resolution: int, latent_coords: torch.Tensor,
+                  latent_res: int, level: float = 0.0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``extract_mesh``'s fill for a set decoded on latent voxels: the empty latent voxels that reach the grid's
+    border are outside (+1, the release's fill); an empty region the set encloses takes the majority sign of the
+    decoded voxels that face it (−1 or +1). Voxels of an occupied latent voxel missing from the set are +1.
+
+    A decoder trained on a narrow band decodes a solid's outer band but not its core: with +1 everywhere the
+    core is outside, so a second surface runs along the band's inner edge. When that inner shell closes on
+    itself, the clean-up drops it as interior; where the band is thin it joins the outer wall and the shape is
+    hollow (the demo's die, docs/demo.md). A cavity (a hollow sphere's) is faced by positive voxels and stays
+    outside. Regions are found on the latent grid (128³ at 1024³), not the voxel grid."""
+    from scipy import ndimage
+
+    f = resolution // latent_res
+    if f * latent_res != resolution:
+        raise ValueError(f"enclosed_fill: resolution {resolution} is not a multiple of the latent grid {latent_res}")
+    device = coords.device
+    lc = latent_coords.long().cpu()
+    empty = torch.ones((latent_res,) * 3, dtype=torch.bool)
+    empty[lc[:, 0], lc[:, 1], lc[:, 2]] = False
+    labels_np, n = ndimage.label(empty.numpy())  # 6-connected empty regions, 0 = occupied latent voxel
+    labels = torch.from_numpy(labels_np).long()
+    faces = [labels[0], labels[-1], labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]]
+    enclosed = torch.ones(n + 1, dtype=torch.bool)
+    enclosed[0] = False
+    enclosed[torch.unique(torch.cat([x.reshape(-1) for x in faces]))] = False
+    labels, enclosed = labels.reshape(-1).to(device), enclosed.to(device)
+    region_value = torch.ones(n + 1, device=device)
+    if bool(enclosed.any()):
+        votes = torch.zeros(n + 1, device=device)
+        for s in range(0, len(coords), CHUNK):  # bounds the temporaries at 1024³ (tens of millions of voxels)
+            c = coords[s:s + CHUNK].long()
+            sign = torch.where(values[s:s + CHUNK].float() < level, -1.0, 1.0)
+            for off in _FACES6.to(device):
+                nb = c + off
+                ok = ((nb >= 0) & (nb < resolution)).all(1)
+                lab = labels[_flat(nb[ok] // f, latent_res)]
+                mine = enclosed[lab]
+                votes.index_add_(0, lab[mine], sign[ok][mine])
+        region_value[enclosed & (votes < 0)] = -1.0
+
+    def fill(idx: torch.Tensor) -> torch.Tensor:
+        i = idx.long().to(device)
+        out = torch.ones(len(i), device=device)
+        inside = ((i >= 0) & (i < resolution)).all(1)
+        out[inside] = region_value[labels[_flat(i[inside] // f, latent_res)]]
+        return out
+
+    return fill
+
+
+def _flat(idx: torch.Tensor, res: int) -> torch.Tensor:
+    return (idx[:, 0] * res + idx[:, 1]) * res + idx[:, 2]
 
 
 def _unique_faces(faces: torch.Tensor) -> torch.Tensor:

@@ -117,3 +117,52 @@ def test_border_caps_stay_inside_the_unit_cube():
     import trimesh
 
     assert float(v.abs().max()) <= 1.0 and trimesh.Trimesh(v.numpy(), f.numpy(), process=True).is_watertight
+
+
+def _band_decode(sdf_of, res: int = 32, latent_res: int = 8, band: float = 1.5):
+    """What a band-trained decoder gives: every voxel of the latent voxels that hold the band, valued by the
+    SDF in voxels clipped to ±1, the saturated +1 voxels dropped (as the cascade drops them)."""
+    from model.sdf_shapes import voxel_centres
+
+    r = torch.arange(res)
+    grid = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    d = sdf_of(voxel_centres(grid, res)) * res / 2  # in voxels
+    f = res // latent_res
+    latent = torch.unique(grid[d.abs() <= band] // f, dim=0)
+    mask = torch.zeros((latent_res,) * 3, dtype=torch.bool)
+    mask[latent[:, 0], latent[:, 1], latent[:, 2]] = True
+    inside = mask[grid[:, 0] // f, grid[:, 1] // f, grid[:, 2] // f]
+    values = (d / band).clamp(-1, 1)
+    keep = inside & (values < 0.999)
+    return grid[keep], values[keep].float(), latent
+
+
+def _parts(v, f):
+    return len(trimesh.Trimesh(v.numpy(), f.numpy(), process=True).split(only_watertight=False))
+
+
+def test_enclosed_fill_gives_a_solid_its_core_and_a_cavity_stays_empty():
+    """A solid box decoded on its band: the +1 fill makes its core outside, so a second wall runs along the
+    band's inner edge (two parts); the enclosed region's own sign closes the core (one part, the box's volume).
+    A hollow sphere's cavity is faced by positive voxels: it stays outside, inner wall and all."""
+    from model.mesh_extract import enclosed_fill
+
+    res, lres = 32, 8
+    box = AnalyticShape("box", (0.6, 0.55, 0.5))
+    coords, values, latent = _band_decode(lambda p: box.sdf(p), res, lres)
+    v1, f1 = extract_mesh(coords, values, res, fill=1.0)
+    fill = enclosed_fill(coords, values, res, latent, lres)
+    v2, f2 = extract_mesh(coords, values, res, fill=fill)
+    assert _parts(v1, f1) == 2 and _parts(v2, f2) == 1
+    solid = trimesh.Trimesh(v2.numpy(), f2.numpy(), process=True)
+    assert solid.is_watertight and abs(solid.volume - 8 * 0.6 * 0.55 * 0.5) / (8 * 0.6 * 0.55 * 0.5) < 0.05
+    # outside the grid and in the empty region around the box: +1; in the core: −1
+    probe = torch.tensor([[-1, 5, 5], [0, 0, 0], [16, 16, 16]])
+    assert fill(probe).tolist() == [1.0, 1.0, -1.0]
+
+    shell = lambda p: torch.maximum(p.norm(dim=-1) - 0.8, 0.45 - p.norm(dim=-1))  # noqa: E731
+    coords, values, latent = _band_decode(shell, res, lres)
+    v1, f1 = extract_mesh(coords, values, res, fill=1.0)
+    v2, f2 = extract_mesh(coords, values, res, fill=enclosed_fill(coords, values, res, latent, lres))
+    assert torch.equal(f1, f2) and torch.equal(v1, v2) and _parts(v2, f2) == 2
+
