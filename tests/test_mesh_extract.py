@@ -165,4 +165,5 @@ def test_enclosed_fill_gives_a_solid_its_core_and_a_cavity_stays_empty():
     v1, f1 = extract_mesh(coords, values, res, fill=1.0)
     v2, f2 = extract_mesh(coords, values, res, fill=enclosed_fill(coords, values, res, latent, lres))
     assert torch.equal(f1, f2) and torch.equal(v1, v2) and _parts(v2, f2) == 2
-
+    with pytest.raises(ValueError, match="not a multiple of the latent grid 7"):
+        enclosed_fill(coords, values, res, latent, 7)

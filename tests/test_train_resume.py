@@ -345,7 +345,9 @@ def test_engine_takes_the_one_kernel_adamw_and_it_updates_as_the_default(local_d
     """On the CPU the engine's AdamW is torch's fused one (one pass over each tensor a step; the default is a
     loop of per-tensor ops) except under ZeRO-3, where resharding must stay bit for bit; its weights after three
     steps equal the default path's."""
-    from pipeline.train.engine import make_engine
+    import torch.distributed as dist
+
+    from pipeline.train.engine import full_weights, fused_adamw_ok, make_engine
 
     class Net(torch.nn.Module):
         def __init__(self):
@@ -354,10 +356,6 @@ def test_engine_takes_the_one_kernel_adamw_and_it_updates_as_the_default(local_d
 
         def forward(self, x, y):
             return ((self.b(torch.tanh(self.a(x))) - y) ** 2).mean()
-
-    import torch.distributed as dist
-
-    from pipeline.train.engine import full_weights, fused_adamw_ok
 
     if not dist.is_initialized():  # the world of one that a run in this module would make
         dist.init_process_group("gloo")

@@ -57,8 +57,8 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 def fused_adamw_ok(params, zero_stage: int = 0) -> bool:
     """torch's one-kernel AdamW (``fused=True``) serves these parameters: floating, all on one device of a
     kind it has the kernel for (CPU and CUDA here). It reads and writes each tensor once a step where torch's
-    default makes a pass per operation: the demo SS-DiT's whole CPU step 1.39 -> 1.22 s on one thread
-    (benchmarks/cpu_step.py). Not on a CPU under ZeRO-3: there the kernel's result for an element depends on
+    default makes a pass per operation: the demo SS-DiT's `engine.step()` 139 -> 71 ms on one CPU thread
+    (benchmarks/RESULTS.md). Not on a CPU under ZeRO-3: there the kernel's result for an element depends on
     its place in the tensor (shifted by three places, one of 997 second moments differs in its last bit: the
     vector body and the tail round differently), and a ZeRO-3 checkpoint resharded to another worker count
     moves elements, where it must continue bit for bit (tests/test_train_elastic.py)."""
