@@ -12,7 +12,7 @@ update) is timed on the first packed batch of the shards:
 Pairs (the variant the trainer runs now, then its baseline; each variant a fresh engine with the same seed):
 - every network: AdamW with ``fused=True`` (``pipeline.train.engine.fused_adamw_ok``) / torch's default loop;
 - ``structure_vae`` and ``vae``: convolutions with bfloat16 operands (``--cpu-conv-precision bf16``, the demo's
-  ``auto`` on a CPU with AMX) / float32;
+  ``auto`` on a CPU with AMX or AVX-512 BF16) / float32;
 - ``structure_dit``: the q/k norms with ``kernels/head_rms_norm``'s CPU backward / written in PyTorch through
   autograd (``model.dense_dit.FUSED_HEAD_NORMS`` off).
 
@@ -113,25 +113,25 @@ def main() -> None:
     if not dist.is_initialized():
         dist.init_process_group("gloo", rank=0, world_size=1)
 
-    from kernels.sparse_conv.gather_gemm import cpu_has_amx
+    from kernels.sparse_conv.gather_gemm import cpu_bf16_gemm
     from pipeline.shards import read_samples
 
-    amx = cpu_has_amx()
+    isa = cpu_bf16_gemm()
     samples = list({s.mesh_id: s for s in read_samples(str(data / "dataset"), resolution=64)}.values())
-    print(f"{platform.processor() or platform.machine()}, {args.threads} thread(s), AMX {'yes' if amx else 'no'}, "
+    print(f"{platform.processor() or platform.machine()}, {args.threads} thread(s), bfloat16 GEMMs {isa or 'emulated'}, "
           f"torch {torch.__version__}, {len(samples)} shapes, median of {args.steps} steps")
     print("| network | items | variant (now) | baseline | step (ms) | baseline (ms) | speed-up | loss / baseline loss |")
     print("| --- | ---: | --- | --- | ---: | ---: | ---: | --- |")
     for net in nets:
         cfg = _config(net, data, args.warmup + args.steps)
-        conv = net in ("structure_vae", "vae") and amx  # the demo's `auto`
+        conv = net in ("structure_vae", "vae") and bool(isa)  # the demo's `auto`
         base = dict(fused=None, conv_bf16=conv, reference_norms=False)
         pairs = [("fused AdamW", "default AdamW", base, {**base, "fused": False})]
         if net in ("structure_vae", "vae"):
-            if amx:
+            if isa:
                 pairs.append(("bf16 convolutions", "fp32", base, {**base, "conv_bf16": False}))
             else:
-                print(f"| {net} | | bf16 convolutions | fp32 | – | – | – | no AMX on this CPU: the demo runs fp32 |")
+                print(f"| {net} | | bf16 convolutions | fp32 | – | – | – | no bfloat16 GEMM instructions on this CPU: the demo runs fp32 |")
         if net == "structure_dit":
             pairs.append(("q/k norm CPU backward", "autograd reference", base, {**base, "reference_norms": True}))
         for name, base_name, now, before in pairs:

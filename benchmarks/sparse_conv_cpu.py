@@ -130,10 +130,10 @@ def main() -> None:
         print(f"{grid:>6} {n:>8,} {ch:>4} | {fr * 1e3:8.1f} {fg * 1e3:8.1f} {fr / fg:5.2f} | "
               f"{br * 1e3:8.1f} {bg * 1e3:8.1f} {br / bg:5.2f} | {diff:.1e}")
     if args.vae:
-        from kernels.sparse_conv.gather_gemm import cpu_has_amx
+        from kernels.sparse_conv.gather_gemm import cpu_bf16_gemm
 
         print(f"\nSS-VAE training step (forward + backward), {args.threads} thread(s), median of {args.repeats} (s); "
-              f"bf16: gather-GEMM with bfloat16 operands (this CPU {'has' if cpu_has_amx() else 'lacks'} AMX)")
+              f"bf16: gather-GEMM with bfloat16 operands (this CPU's bfloat16 GEMM instructions: {cpu_bf16_gemm() or 'none'})")
         print(f"{'network':>10} {'grid':>6} {'voxels':>8} | {'ref':>7} {'gemm':>7} {'×':>5} | {'bf16':>7} {'× gemm':>6} | "
               f"max rel diff of the gradients, gemm / bf16")
         for name, grid, n, tr, tg, tb, dg, db in vae_rows(args.vae, args.vae_res, args.repeats):

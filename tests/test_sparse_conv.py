@@ -162,29 +162,33 @@ def test_gather_gemm_bf16_operands_for_float32_tensors(block_bytes, monkeypatch)
     torch.testing.assert_close(sparse_conv(x, w, kmap, backend="gemm"), want.detach(), rtol=1e-5, atol=1e-5)
 
 
-def test_cpu_has_amx_reads_the_flags(monkeypatch, tmp_path):
+def test_cpu_bf16_gemm_reads_the_flags(monkeypatch, tmp_path):
+    """AMX tiles or AVX-512 BF16 count (AMX named first), a flag that only contains the name does not, and an
+    unreadable /proc/cpuinfo reads as neither."""
     import builtins
 
     from kernels.sparse_conv import gather_gemm
 
     real_open = builtins.open
-    for flags, want in (("flags\t: fpu avx512f amx_bf16 amx_tile\n", True), ("flags\t: fpu avx512f\n", False)):
+    for flags, want in (("fpu avx512f amx_bf16 amx_tile avx512_bf16", "amx_bf16"),
+                        ("fpu avx512f avx512_bf16 avx512_vnni", "avx512_bf16"),
+                        ("fpu avx512f avx512_vnni", ""), ("fpu xamx_bf16 avx512_bf16x", "")):
         info = tmp_path / "cpuinfo"
-        info.write_text("processor\t: 0\n" + flags)
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
         monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(info if p == "/proc/cpuinfo" else p, *a, **k))
-        assert gather_gemm.cpu_has_amx() is want
+        assert gather_gemm.cpu_bf16_gemm() == want
     monkeypatch.setattr(builtins, "open", lambda p, *a, **k: (_ for _ in ()).throw(OSError(p)))
-    assert gather_gemm.cpu_has_amx() is False
+    assert gather_gemm.cpu_bf16_gemm() == ""
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_cpu_conv_precision_auto_asks_this_cpu(amx, monkeypatch):
-    """TrainConfig.cpu_conv_precision as the worker applies it: auto is bf16 exactly where AMX is; a name
-    outside fp32 / bf16 / auto is an error that names the setting."""
+@pytest.mark.parametrize("isa", ["amx_bf16", "avx512_bf16", ""])
+def test_cpu_conv_precision_auto_asks_this_cpu(isa, monkeypatch):
+    """TrainConfig.cpu_conv_precision as the worker applies it: auto is bf16 exactly where the CPU multiplies
+    bfloat16 natively; a name outside fp32 / bf16 / auto is an error that names the setting."""
     from kernels.sparse_conv import gather_gemm
 
-    monkeypatch.setattr(gather_gemm, "cpu_has_amx", lambda: amx)
-    assert gather_gemm.gemm_dtype("auto") is (torch.bfloat16 if amx else None)
+    monkeypatch.setattr(gather_gemm, "cpu_bf16_gemm", lambda: isa)
+    assert gather_gemm.gemm_dtype("auto") is (torch.bfloat16 if isa else None)
     assert gather_gemm.gemm_dtype("bf16") is torch.bfloat16 and gather_gemm.gemm_dtype("fp32") is None
     with pytest.raises(ValueError, match="cpu_conv_precision.*'fp16'"):
         gather_gemm.gemm_dtype("fp16")

@@ -193,8 +193,9 @@ VAE_LR_SCHEDULE = "cosine"
 # 0.2-1.0 under noise of std ~1); at 1e-5 the means spread 2.0-2.5 under noise 0.6 and 600 steps reconstruct at
 # Chamfer 0.105 instead of 0.113 (docs/demo.md). The paper config keeps the release's weight.
 VAE_KL_WEIGHT = 1e-5
-# The SS-VAE's convolutions multiply bfloat16 operands where the trainer's CPU has AMX (float32 elsewhere; the
-# worker decides): its step ran 1.35-1.5x faster, and 900 steps reconstructed as well as float32 (docs/demo.md).
+# The SS-VAE's convolutions multiply bfloat16 operands where the trainer's CPU has AMX or AVX-512 BF16 (float32
+# elsewhere; the worker decides): its step ran 1.35-1.5x faster with AMX, and 900 steps reconstructed as well as
+# float32 (docs/demo.md).
 # The structure VAE's dense convolutions take the same setting (bfloat16 autocast): 1.45 s a step of 4 shapes
 # instead of 2.6 s; after 200 steps its 16³ latent voxels at IoU 0.956 against float32's 0.963 (one seed each).
 VAE_CONV_PRECISION = "auto"
@@ -265,7 +266,7 @@ def train_debug_networks(dataset: Path, runs: Path, resolution: int, steps: dict
         ckpt: dict[str, str] = {}
         for net in nets:
             extra: list[str] = []
-            if net == "structure-vae":  # its dense 3D convolutions under bfloat16 autocast where AMX is
+            if net == "structure-vae":  # its dense 3D convolutions under bfloat16 autocast likewise
                 extra = ["--cpu-conv-precision", VAE_CONV_PRECISION]
             elif net == "structure-dit":  # the released debug layout plus the grid inputs (model/dense_dit.py)
                 extra = ["--structure-vae", ckpt["structure_vae"], "--model", "debug_grid",

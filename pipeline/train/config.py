@@ -89,7 +89,7 @@ class TrainConfig:
         "help": "operand type of the sparse convolutions' GEMMs on a CPU: bf16 multiplies bfloat16 operands with "
                 "float32 accumulation (1.35-1.5x the SS-VAE step on a CPU with AMX; docs/vae.md), and runs the "
                 "structure VAE's dense convolutions under bfloat16 autocast (1.8x its step); auto: bf16 "
-                "where the worker's CPU has AMX, fp32 elsewhere"})
+                "where the worker's CPU multiplies bfloat16 natively (AMX or AVX-512 BF16), fp32 elsewhere"})
     threads_file: str = field(default="", metadata={
         "help": "a local file holding a number: each worker re-reads it between steps and runs that many CPU "
                 "threads (a machine shared by several runs hands one the cores another has freed; the demo)"})

@@ -215,8 +215,9 @@ def run_loop(cfg: TrainConfig, session) -> dict:
     threads = ThreadsFile(cfg.threads_file)
     gather_gemm.GEMM_DTYPE = gather_gemm.gemm_dtype(cfg.cpu_conv_precision)  # this process's CPU convolutions
     if cfg.cpu_conv_precision != "fp32":
-        log.info("CPU sparse convolutions: %s GEMM operands (cpu_conv_precision=%s)",
-                 "bfloat16" if gather_gemm.GEMM_DTYPE is not None else "float32", cfg.cpu_conv_precision)
+        log.info("CPU convolutions: %s GEMM operands (cpu_conv_precision=%s; this CPU's bfloat16 GEMMs: %s)",
+                 "bfloat16" if gather_gemm.GEMM_DTYPE is not None else "float32", cfg.cpu_conv_precision,
+                 gather_gemm.cpu_bf16_gemm() or "emulated")
     while step < cfg.steps:
         start, counts = position["consumed"], {"done": 0, "steps": 0}
         items = undone(cache.epoch(position["epoch"], fresh, start), counts)
