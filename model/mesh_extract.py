@@ -59,8 +59,8 @@ def extract_mesh(coords: torch.Tensor, values: torch.Tensor, resolution: int, le
     release's dense grid ends at the border and leaves such a surface open); vertices stay in [−1, 1]³
     (a value below −1 would put one up to half a voxel beyond the border: it is clamped onto it). A callable
     maps those voxels' indices (M, 3; −1 or ``resolution`` for the outer layer) to their values (M,), e.g.
-    ``enclosed_fill``'s. None: cells with a missing corner make no surface. Cells are processed ``chunk`` voxels at a time; only the
-    faces' edge keys outlive a pass.
+    ``enclosed_fill``'s. None: cells with a missing corner make no surface. Cells are processed ``chunk``
+    voxels at a time; only the faces' edge keys outlive a pass.
     """
     if coords.ndim != 2 or coords.shape[1] != 3 or values.shape != (coords.shape[0],):
         raise ValueError(f"extract_mesh: expected coords (N, 3) and values (N,), got {tuple(coords.shape)} and {tuple(values.shape)}")

@@ -264,11 +264,11 @@ def test_offload_place_points_tensors_at_masters():
     assert len(moved) == len(home)
 
 
-def test_a_two_level_ss_vae_sets_the_sparse_latent_grid():
-    # debug_r4 halves its grid twice: at 64³ the structure's occupancy becomes a 16³ set of latent voxels and
-    # the decoder returns the 64³ grid; the refine stage keeps needing the release's 8 (a named error)
+def _two_level_cascade_parts():
+    """64³ generation settings, the tiny encoder and untrained networks over a two-level (debug_r4) SS-VAE whose
+    output layer decodes a sign."""
     from model.cascade import random_network
-    from model.condition import build_image_encoder, decode_image
+    from model.condition import build_image_encoder
 
     cfg = GenerationConfig(resolution=64, structure_steps=2, sparse_steps=2, guidance=1.0, device="cpu", dtype="fp32")
     enc = build_image_encoder(cfg.image_encoder)
@@ -278,6 +278,16 @@ def test_a_two_level_ss_vae_sets_the_sparse_latent_grid():
     nets = {"structure_vae": random_network("structure_vae"),
             "structure_dit": random_network("structure_dit", cond_dim=enc.dim),
             "dit": random_network("dit", "debug_grid16", cond_dim=enc.dim), "vae": vae}
+    return cfg, enc, nets
+
+
+def test_a_two_level_ss_vae_sets_the_sparse_latent_grid():
+    # debug_r4 halves its grid twice: at 64³ the structure's occupancy becomes a 16³ set of latent voxels and
+    # the decoder returns the 64³ grid; the refine stage keeps needing the release's 8 (a named error)
+    from model.cascade import random_network
+    from model.condition import decode_image
+
+    cfg, enc, nets = _two_level_cascade_parts()
     c = Cascade(cfg, enc, **nets)
     assert Cascade.latent_resolution(c.vae, 64) == 16 and Cascade.latent_resolution(None, 64) == 8
     cond = c.condition(decode_image(png(), enc.image_size, with_mask=True)[None])
@@ -289,3 +299,23 @@ def test_a_two_level_ss_vae_sets_the_sparse_latent_grid():
     assert sdf[2] == 64 and len(sdf[0]) == 64 * len(coords)
     with pytest.raises(ValueError, match="refine stage needs 8"):
         Cascade(cfg, enc, **nets, dit_refine=random_network("dit", "debug", cond_dim=enc.dim))
+
+
+def test_decode_hands_the_march_the_enclosed_fill_or_the_release_fill():
+    """GenerationConfig.fill_enclosed as the decode applies it: on, the fill is ``enclosed_fill`` of the decoded
+    set over its latent voxels (the core a hollow set of latent voxels encloses takes the facing voxels' sign,
+    the empty region outside it and the layer beyond the grid +1); off, +1 everywhere, as the release marches."""
+    from model.mesh_extract import enclosed_fill
+
+    cfg, enc, nets = _two_level_cascade_parts()
+    vae = nets["vae"]
+    r = torch.arange(3, 13)
+    cube = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    coords = cube[((cube == 3) | (cube == 12)).any(1)].int()  # a closed shell of latent voxels around a 8³ core
+    z = torch.randn(len(coords), vae.module.config.latent_channels, generator=torch.Generator().manual_seed(1))
+    probe = torch.tensor([[32, 32, 32], [2, 40, 40], [-1, 0, 0], [64, 10, 10]])  # core, outside, beyond the grid
+    c_on, c_off = Cascade(cfg, enc, **nets), Cascade(dataclasses.replace(cfg, fill_enclosed=False), enc, **nets)
+    (on,), (off,) = c_on.decode(c_on.vae, [coords], [z], 16), c_off.decode(c_off.vae, [coords], [z], 16)
+    assert off[4] == 1.0 and callable(on[4])
+    want = enclosed_fill(on[0], on[1], 64, coords, 16, on[3])(probe)
+    assert torch.equal(on[4](probe), want) and want[1:].tolist() == [1.0, 1.0, 1.0] and abs(float(want[0])) == 1.0
