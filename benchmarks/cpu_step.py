@@ -13,6 +13,8 @@ Pairs (the variant the trainer runs now, then its baseline; each variant a fresh
 - every network: AdamW with ``fused=True`` (``pipeline.train.engine.fused_adamw_ok``) / torch's default loop;
 - ``structure_vae`` and ``vae``: convolutions with bfloat16 operands (``--cpu-conv-precision bf16``, the demo's
   ``auto`` on a CPU with AMX or AVX-512 BF16) / float32;
+- ``structure_dit`` and ``dit``: linear layers under bfloat16 autocast, attention float32 (``--cpu-dit-precision
+  bf16``, model/cpu_precision.py) / float32;
 - ``structure_dit``: the q/k norms with ``kernels/head_rms_norm``'s CPU backward / written in PyTorch through
   autograd (``model.dense_dit.FUSED_HEAD_NORMS`` off).
 
@@ -61,7 +63,7 @@ def _first_batch(task, cfg, samples):
 
 
 def time_step(net: str, cfg, samples, *, fused: bool | None, conv_bf16: bool, reference_norms: bool,
-              steps: int, warmup: int) -> tuple[float, float, int]:
+              dit_bf16: bool, steps: int, warmup: int) -> tuple[float, float, int]:
     """Median seconds of one training step, the last loss, and the items in the batch."""
     import model.dense_dit as dense_dit
     from kernels.sparse_conv import gather_gemm
@@ -73,6 +75,8 @@ def time_step(net: str, cfg, samples, *, fused: bool | None, conv_bf16: bool, re
     frozen = checkpoints.load_weights(cfg.structure_vae, "structure_vae") if net == "structure_dit" else None
     torch.manual_seed(cfg.seed)
     task = tasks.build_task(cfg, seed=cfg.seed * 1009, frozen_weights=frozen)
+    if hasattr(task.module, "cpu_bf16"):  # a DiT: its linear layers in bfloat16 or float32 (cpu_dit_precision)
+        task.module.cpu_bf16 = dit_bf16
     batch = _first_batch(task, cfg, samples)
     engine, _, _ = make_engine(task.module, cfg, fused=fused)
     ema = EMA(engine.module, cfg.ema_decay, warmup=True)
@@ -113,7 +117,8 @@ def main() -> None:
     if not dist.is_initialized():
         dist.init_process_group("gloo", rank=0, world_size=1)
 
-    from kernels.sparse_conv.gather_gemm import cpu_bf16_gemm
+    from kernels.sparse_conv.gather_gemm import cpu_bf16_gemm, gemm_dtype
+    from pipeline.commands import demo
     from pipeline.shards import read_samples
 
     isa = cpu_bf16_gemm()
@@ -125,13 +130,20 @@ def main() -> None:
     for net in nets:
         cfg = _config(net, data, args.warmup + args.steps)
         conv = net in ("structure_vae", "vae") and bool(isa)  # the demo's `auto`
-        base = dict(fused=None, conv_bf16=conv, reference_norms=False)
+        dits = net in ("structure_dit", "dit")
+        base = dict(fused=None, conv_bf16=conv, reference_norms=False,
+                    dit_bf16=dits and gemm_dtype(demo.DIT_PRECISION) is not None)  # the demo's settings
         pairs = [("fused AdamW", "default AdamW", base, {**base, "fused": False})]
         if net in ("structure_vae", "vae"):
             if isa:
                 pairs.append(("bf16 convolutions", "fp32", base, {**base, "conv_bf16": False}))
             else:
                 print(f"| {net} | | bf16 convolutions | fp32 | – | – | – | no bfloat16 GEMM instructions on this CPU: the demo runs fp32 |")
+        if dits:
+            if isa:
+                pairs.append(("bf16 linears", "fp32", {**base, "dit_bf16": True}, {**base, "dit_bf16": False}))
+            else:
+                print(f"| {net} | | bf16 linears | fp32 | – | – | – | no bfloat16 GEMM instructions on this CPU: the demo runs fp32 |")
         if net == "structure_dit":
             pairs.append(("q/k norm CPU backward", "autograd reference", base, {**base, "reference_norms": True}))
         for name, base_name, now, before in pairs:

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from kernels.head_rms_norm import head_rms_norm
 from kernels.norm_modulate import norm_modulate_segments
 from model.configs import strict_from_dict
+from model.cpu_precision import float32_attention
 from model.dense_vae import check_layout, named_config
 from model.embeddings import TimestepEmbedder, position_embedding_3d
 from model.sparse.attention import gelu_mlp
@@ -161,6 +162,7 @@ class MultiHeadRMSNorm(nn.Module):
         return (F.normalize(x.float(), dim=-1) * self.gamma.float() * self.scale).to(x.dtype)
 
 
+@float32_attention  # float32 under CPU bfloat16 autocast (model.cpu_precision)
 def _attention(q, k, v):
     """(B, L, H, D) queries and (B, S, H, D) keys/values -> (B, L, H·D)."""
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))

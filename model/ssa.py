@@ -19,6 +19,7 @@ from torch import nn
 from kernels.sparse_conv import coord_keys
 from kernels.ssa import SSAStructure, block_order, spatial_sparse_attention
 from model.configs import strict_from_dict
+from model.cpu_precision import float32_attention
 from model.sparse import SparseConv3d, SparseGroupNorm, SparseLinear, SparseSiLU, SparseTensor, run_layers
 
 
@@ -63,6 +64,11 @@ class SSAConfig:
         return strict_from_dict(cls, d)
 
 
+@float32_attention  # float32 under CPU bfloat16 autocast (model.cpu_precision); the kernels' own rules elsewhere
+def _spatial_sparse_attention(*args, **kwargs):
+    return spatial_sparse_attention(*args, **kwargs)
+
+
 def _backend(cfg: SSAConfig, device: torch.device) -> str:
     if cfg.backend != "auto":
         return cfg.backend
@@ -70,6 +76,7 @@ def _backend(cfg: SSAConfig, device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "torch"
 
 
+@float32_attention  # float32 under CPU bfloat16 autocast (model.cpu_precision)
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q, cu_kv) -> torch.Tensor:
     """Attention of each shape's queries to that shape's keys only.
 
@@ -229,7 +236,7 @@ class SpatialSparseAttention(nn.Module):
         v = self.proj_v(feats)
         k_cmp, v_cmp = self.compress(k, v, st)
         gates = self.gate(feats)[:, None, :].expand(n, hq, 3)
-        o = spatial_sparse_attention(q, k.view(n, hkv, d), v.view(n, hkv, d), k_cmp, v_cmp, gates, st,
+        o = _spatial_sparse_attention(q, k.view(n, hkv, d), v.view(n, hkv, d), k_cmp, v_cmp, gates, st,
                                      top_k=cfg.top_k, q_tile=cfg.q_tile, shifted=self.shifted,
                                      backend=_backend(cfg, feats.device))
         return self.proj_o(o.reshape(n, hq * d))

@@ -29,12 +29,12 @@ BLOCK_BYTES = 32 << 20  # one gathered (rows, V·C) block
 GEMM_DTYPE: torch.dtype | None = None
 
 
-def gemm_dtype(precision: str) -> torch.dtype | None:
-    """``GEMM_DTYPE`` for ``TrainConfig.cpu_conv_precision``: 'fp32' None, 'bf16' bfloat16, 'auto' bfloat16 where
-    this process's CPU multiplies bfloat16 natively (``cpu_bf16_gemm``; decided on the machine that runs the
-    convolutions, not on the one submitting)."""
+def gemm_dtype(precision: str, setting: str = "cpu_conv_precision") -> torch.dtype | None:
+    """``GEMM_DTYPE`` for ``TrainConfig.cpu_conv_precision`` (or the DiTs' ``cpu_dit_precision``, named by
+    ``setting``): 'fp32' None, 'bf16' bfloat16, 'auto' bfloat16 where this process's CPU multiplies bfloat16
+    natively (``cpu_bf16_gemm``; decided on the machine that runs the GEMMs, not on the one submitting)."""
     if precision not in ("fp32", "bf16", "auto"):
-        raise ValueError(f"cpu_conv_precision: expected fp32, bf16 or auto, got {precision!r}")
+        raise ValueError(f"{setting}: expected fp32, bf16 or auto, got {precision!r}")
     return torch.bfloat16 if precision == "bf16" or (precision == "auto" and cpu_bf16_gemm()) else None
 
 

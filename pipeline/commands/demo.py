@@ -199,6 +199,8 @@ VAE_KL_WEIGHT = 1e-5
 # The structure VAE's dense convolutions take the same setting (bfloat16 autocast): 1.45 s a step of 4 shapes
 # instead of 2.6 s; after 200 steps its 16³ latent voxels at IoU 0.956 against float32's 0.963 (one seed each).
 VAE_CONV_PRECISION = "auto"
+# the DiTs' linear layers on a CPU (model/cpu_precision.py): fp32 until a demo run shows bf16 keeps the table
+DIT_PRECISION = "fp32"
 # The paper's order within each chain; the two chains train side by side (train_debug_networks).
 CHAINS = (("structure-vae", "structure-dit"), ("vae", "dit"))
 # CPUs a demo trainer reserves (it runs one thread): two side by side leave a 2-CPU cluster one CPU for the
@@ -270,14 +272,14 @@ def train_debug_networks(dataset: Path, runs: Path, resolution: int, steps: dict
                 extra = ["--cpu-conv-precision", VAE_CONV_PRECISION]
             elif net == "structure-dit":  # the released debug layout plus the grid inputs (model/dense_dit.py)
                 extra = ["--structure-vae", ckpt["structure_vae"], "--model", "debug_grid",
-                         "--image-encoder", IMAGE_ENCODER]
+                         "--image-encoder", IMAGE_ENCODER, "--cpu-dit-precision", DIT_PRECISION]
             elif net == "vae":
                 extra = ["--model", vae_model, "--token-budget", str(VAE_TOKEN_BUDGET), "--oversize", "alone",
                          "--lr-schedule", VAE_LR_SCHEDULE, "--kl-weight", str(VAE_KL_WEIGHT),
                          "--cpu-conv-precision", VAE_CONV_PRECISION]
             elif net == "dit":
                 model = DIT_MODEL[vae_model] if latent == "ss_vae" else "debug"  # pooled latents: no SS-VAE grid
-                extra = ["--model", model, "--image-encoder", IMAGE_ENCODER] + (
+                extra = ["--model", model, "--image-encoder", IMAGE_ENCODER, "--cpu-dit-precision", DIT_PRECISION] + (
                     ["--latent", ckpt["vae"]] if latent == "ss_vae" else [])
             n = steps[net]
             extra = [*extra, "--lr", str(DEBUG_LR[net]), "--steps", str(n), "--checkpoint-every", str(n)]

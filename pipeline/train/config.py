@@ -90,6 +90,11 @@ class TrainConfig:
                 "float32 accumulation (1.35-1.5x the SS-VAE step on a CPU with AMX; docs/vae.md), and runs the "
                 "structure VAE's dense convolutions under bfloat16 autocast (1.8x its step); auto: bf16 "
                 "where the worker's CPU multiplies bfloat16 natively (AMX or AVX-512 BF16), fp32 elsewhere"})
+    cpu_dit_precision: Literal["fp32", "bf16", "auto"] = field(default="fp32", metadata={
+        "help": "the DiTs' linear layers on a CPU: bf16 runs them under bfloat16 autocast while attention, norms, "
+                "the residual stream, the loss and the weights stay float32 (model/cpu_precision.py); auto: bf16 "
+                "where the worker's CPU multiplies bfloat16 natively (AMX or AVX-512 BF16), fp32 elsewhere",
+        "networks": DITS})
     threads_file: str = field(default="", metadata={
         "help": "a local file holding a number: each worker re-reads it between steps and runs that many CPU "
                 "threads (a machine shared by several runs hands one the cores another has freed; the demo)"})

@@ -218,6 +218,10 @@ def run_loop(cfg: TrainConfig, session) -> dict:
         log.info("CPU convolutions: %s GEMM operands (cpu_conv_precision=%s; this CPU's bfloat16 GEMMs: %s)",
                  "bfloat16" if gather_gemm.GEMM_DTYPE is not None else "float32", cfg.cpu_conv_precision,
                  gather_gemm.cpu_bf16_gemm() or "emulated")
+    if cfg.cpu_dit_precision != "fp32" and getattr(task.module, "cpu_bf16", None) is not None:
+        log.info("CPU DiT linear layers: %s (cpu_dit_precision=%s; this CPU's bfloat16 GEMMs: %s); attention float32",
+                 "bfloat16" if task.module.cpu_bf16 else "float32", cfg.cpu_dit_precision,
+                 gather_gemm.cpu_bf16_gemm() or "emulated")
     while step < cfg.steps:
         start, counts = position["consumed"], {"done": 0, "steps": 0}
         items = undone(cache.epoch(position["epoch"], fresh, start), counts)

@@ -16,6 +16,7 @@ from torch import nn
 
 from model import pooled_latent
 from model.condition import build_image_encoder, decode_image, drop_condition, pack_condition
+from model.cpu_precision import cpu_autocast
 from model.dit import DiTConfig, PackedCondition, SparseDiT
 from model.flow import TimestepSampler, flow_loss, interpolate
 from model.sparse import SparseTensor
@@ -37,32 +38,36 @@ class Item:
 class FlowObjective(nn.Module):
     """Rectified-flow loss around a DiT: sample t and ε, build x_t, regress v = ε - x0."""
 
-    def __init__(self, dit: SparseDiT, timesteps: TimestepSampler):
+    def __init__(self, dit: SparseDiT, timesteps: TimestepSampler, cpu_bf16: bool = False):
         super().__init__()
         self.dit, self.timesteps = dit, timesteps
+        self.cpu_bf16 = cpu_bf16  # TrainConfig.cpu_dit_precision: bfloat16 linears on a CPU (model.cpu_precision)
 
     def forward(self, x0: SparseTensor, cond, occupancy=None):
         cu = x0.cu_seqlens
         t = self.timesteps(x0.batch_size, device=x0.device)
         t_tok = torch.repeat_interleave(t, cu[1:] - cu[:-1])[:, None]
         noise = torch.randn_like(x0.feats)
-        v = self.dit(x0.replace(interpolate(x0.feats, noise, t_tok)), t.to(x0.dtype), cond, occupancy).feats
-        loss = flow_loss(v, x0.feats, noise)
+        with cpu_autocast(self.cpu_bf16, x0.device):
+            v = self.dit(x0.replace(interpolate(x0.feats, noise, t_tok)), t.to(x0.dtype), cond, occupancy).feats
+        loss = flow_loss(v.to(x0.dtype), x0.feats, noise)
         return loss, {"flow_mse": loss.detach()}
 
 
 class DenseFlowObjective(nn.Module):
     """The same rectified-flow loss on dense latents (B, C, D, H, W): one t per shape."""
 
-    def __init__(self, dit: nn.Module, timesteps: TimestepSampler):
+    def __init__(self, dit: nn.Module, timesteps: TimestepSampler, cpu_bf16: bool = False):
         super().__init__()
         self.dit, self.timesteps = dit, timesteps
+        self.cpu_bf16 = cpu_bf16
 
     def forward(self, x0, cond):
         t = self.timesteps(x0.shape[0], device=x0.device)
         noise = torch.randn_like(x0)
-        v = self.dit(interpolate(x0, noise, t.view(-1, 1, 1, 1, 1).to(x0.dtype)), t.to(x0.dtype), cond)
-        loss = flow_loss(v, x0, noise)
+        with cpu_autocast(self.cpu_bf16, x0.device):
+            v = self.dit(interpolate(x0, noise, t.view(-1, 1, 1, 1, 1).to(x0.dtype)), t.to(x0.dtype), cond)
+        loss = flow_loss(v.to(x0.dtype), x0, noise)
         return loss, {"flow_mse": loss.detach()}
 
 
@@ -80,6 +85,13 @@ class StructureVAEObjective(nn.Module):
         bf16 = occupancy.device.type == "cpu" and gather_gemm.GEMM_DTYPE == torch.bfloat16
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             return self.vae.loss(occupancy)
+
+
+def cpu_dit_bf16(cfg: TrainConfig) -> bool:
+    """Whether this worker runs its DiT's linear layers in bfloat16 when on a CPU (``cpu_dit_precision``)."""
+    from kernels.sparse_conv import gather_gemm
+
+    return gather_gemm.gemm_dtype(cfg.cpu_dit_precision, "cpu_dit_precision") is not None
 
 
 class Task:
@@ -154,7 +166,8 @@ class SparseDiTTask(Task):
                                                 grad_checkpointing=cfg.grad_checkpointing, cond_dim=self.encoder.dim,
                                                 in_channels=channels, out_channels=channels)
         self.latent_space = "pooled" if self.vae is None else f"ss_vae:{cfg.latent}"
-        self.module = FlowObjective(SparseDiT(self.model_config), TimestepSampler(shift=cfg.timestep_shift))
+        self.module = FlowObjective(SparseDiT(self.model_config), TimestepSampler(shift=cfg.timestep_shift),
+                                    cpu_bf16=cpu_dit_bf16(cfg))
 
     def prepare(self, sample) -> Item:
         views = self.views_of(sample)
@@ -260,7 +273,8 @@ class StructureDiTTask(Task):
             self.model_config = structure_dit_config(cfg.model, grad_checkpointing=cfg.grad_checkpointing,
                                                      cond_dim=self.encoder.dim)
         check_structure_pair(vae.cfg, self.model_config)
-        self.module = DenseFlowObjective(StructureDiT(self.model_config), TimestepSampler(shift=cfg.timestep_shift))
+        self.module = DenseFlowObjective(StructureDiT(self.model_config), TimestepSampler(shift=cfg.timestep_shift),
+                                         cpu_bf16=cpu_dit_bf16(cfg))
 
     def prepare(self, sample) -> Item:
         occ = occupancy_grid(sample.coords, sample.resolution)
