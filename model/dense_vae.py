@@ -114,6 +114,20 @@ DENSE_VAE_CONFIGS = {
 }
 
 
+# On a CPU the trunks' activations are kept channels-last (N, D, H, W, C in memory) from their first convolution on.
+# In PyTorch's default layout they switch back and forth: a channel LayerNorm hands its convolution channels-last
+# rows (20 of the debug VAE's 24 convolutions read such), a trunk's input and the residual sums do not, and each
+# switch costs a reorder. The demo's 64³ structure VAE forward and backward (4 shapes, bfloat16 autocast, one thread,
+# AMD EPYC, four alternated pairs) 1.70-2.10 s -> 1.61-1.87 s, about 1.1x; False keeps the default layout.
+CPU_CHANNELS_LAST = True
+
+
+def _layout(h: torch.Tensor) -> torch.Tensor:
+    if CPU_CHANNELS_LAST and h.device.type == "cpu":
+        return h.contiguous(memory_format=torch.channels_last_3d)
+    return h
+
+
 class ChannelLayerNorm(nn.LayerNorm):
     """LayerNorm over the channels of a (B, C, *spatial) tensor, in float32."""
 
@@ -160,7 +174,7 @@ class Upsample3d(nn.Module):
         self.conv = nn.Conv3d(cin, cout * 8, 3, padding=1)
 
     def forward(self, x):
-        return pixel_shuffle_3d(self.conv(x), 2)
+        return _layout(pixel_shuffle_3d(self.conv(x), 2))
 
 
 def _head(channels: int, out: int) -> nn.Sequential:
@@ -192,7 +206,7 @@ class StructureEncoder(_Trunk):
         self.out_layer = _head(ch[-1], 2 * cfg.latent_channels)
 
     def forward(self, x):
-        h = self.input_layer(x)
+        h = _layout(self.input_layer(x))
         for block in self.blocks:
             h = self._run(block, h)
         for block in self.middle_block:
@@ -214,7 +228,7 @@ class StructureDecoder(_Trunk):
         self.out_layer = _head(ch[-1], cfg.out_channels)
 
     def forward(self, z):
-        h = self.input_layer(z)
+        h = _layout(self.input_layer(z))
         for block in self.middle_block:
             h = self._run(block, h)
         for block in self.blocks:

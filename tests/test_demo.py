@@ -101,6 +101,8 @@ def test_training_jobs_run_in_order_and_the_dit_models_the_vae_latents(monkeypat
     assert structure_dit[structure_dit.index("--structure-vae") + 1] == ckpt["structure_vae"]
     for argv in (dit, structure_dit):
         assert argv[argv.index("--image-encoder") + 1] == demo.IMAGE_ENCODER
+        # their linear layers in bfloat16 where the CPU has AMX or AVX-512 BF16 (test_cpu_precision.py)
+        assert argv[argv.index("--cpu-dit-precision") + 1] == demo.DIT_PRECISION == "auto"
     if latent == "ss_vae":  # the SS-DiT and the cascade read the VAE with its latent scale
         vae, scaled = sparse[0], sparse[1]
         assert scaled[3].endswith("checkpoint_1")

@@ -149,3 +149,34 @@ def test_grid_inputs_of_the_demo_config(rank):
         structure_dit_config("debug", grid_condition_tokens=-1)
     with pytest.raises(ValueError, match="grid_condition_rank"):
         structure_dit_config("debug_grid", grid_condition_rank=-1)
+
+
+def test_cpu_channels_last_trunks_same_result(monkeypatch):
+    """model.dense_vae.CPU_CHANNELS_LAST: the trunks' activations channels-last on a CPU, the same numbers as
+    PyTorch's default layout (forward and gradients)."""
+    import model.dense_vae as dense_vae
+
+    occ = (torch.rand(2, 1, 64, 64, 64, generator=torch.Generator().manual_seed(0)) < 0.1).float()
+    results = {}
+    for channels_last in (False, True):
+        monkeypatch.setattr(dense_vae, "CPU_CHANNELS_LAST", channels_last)
+        torch.manual_seed(0)
+        vae = StructureVAE(StructureVAEConfig.named("debug"))
+        with torch.no_grad():  # the zero-initialised second convolutions too, so every layer moves the result
+            for p in vae.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+        layouts, inner = [], {m for name, m in vae.named_modules()
+                              if isinstance(m, torch.nn.Conv3d) and not name.endswith("input_layer")}
+        hook = torch.nn.modules.module.register_module_forward_hook(  # every convolution after a trunk's first
+            lambda mod, args, out: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last_3d))
+            if mod in inner else None)
+        try:
+            logits = vae.decode(vae.encode(occ)[0])
+            logits.square().mean().backward()
+        finally:
+            hook.remove()
+        # (the default layout mixes: a channel LayerNorm's output comes back channels-last, a residual sum not)
+        assert all(layouts) or not channels_last
+        results[channels_last] = logits, torch.cat([p.grad.flatten() for p in vae.parameters()])
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-3, atol=1e-5)
