@@ -15,6 +15,8 @@ Pairs (the variant the trainer runs now, then its baseline; each variant a fresh
   ``auto`` on a CPU with AMX or AVX-512 BF16) / float32;
 - ``structure_dit`` and ``dit``: linear layers under bfloat16 autocast, attention float32 (``--cpu-dit-precision
   bf16``, model/cpu_precision.py) / float32;
+- ``structure_vae``: the trunks' activations channels-last (``model.dense_vae.CPU_CHANNELS_LAST``) / PyTorch's
+  default layout;
 - ``structure_dit``: the q/k norms with ``kernels/head_rms_norm``'s CPU backward / written in PyTorch through
   autograd (``model.dense_dit.FUSED_HEAD_NORMS`` off).
 
@@ -51,6 +53,8 @@ def _config(net: str, data: Path, steps: int):
     elif net == "dit":
         kw.update(model=demo.DIT_MODEL["debug_r4"], latent=str(data / "runs" / "demo-vae-latents"),
                   image_encoder=demo.IMAGE_ENCODER)
+    if net in ("structure_dit", "dit"):
+        kw.update(cpu_dit_precision=demo.DIT_PRECISION)
     return TrainConfig(**kw)
 
 
@@ -63,15 +67,17 @@ def _first_batch(task, cfg, samples):
 
 
 def time_step(net: str, cfg, samples, *, fused: bool | None, conv_bf16: bool, reference_norms: bool,
-              dit_bf16: bool, steps: int, warmup: int) -> tuple[float, float, int]:
+              dit_bf16: bool, channels_last: bool, steps: int, warmup: int) -> tuple[float, float, int]:
     """Median seconds of one training step, the last loss, and the items in the batch."""
     import model.dense_dit as dense_dit
+    import model.dense_vae as dense_vae
     from kernels.sparse_conv import gather_gemm
     from pipeline.train import checkpoints, tasks
     from pipeline.train.engine import EMA, make_engine
 
     gather_gemm.GEMM_DTYPE = torch.bfloat16 if conv_bf16 else None
     dense_dit.FUSED_HEAD_NORMS = not reference_norms  # off: the norm written in PyTorch, through autograd
+    dense_vae.CPU_CHANNELS_LAST = channels_last  # the structure VAE's trunks (and the frozen one the DiT reads)
     frozen = checkpoints.load_weights(cfg.structure_vae, "structure_vae") if net == "structure_dit" else None
     torch.manual_seed(cfg.seed)
     task = tasks.build_task(cfg, seed=cfg.seed * 1009, frozen_weights=frozen)
@@ -91,7 +97,7 @@ def time_step(net: str, cfg, samples, *, fused: bool | None, conv_bf16: bool, re
             if i >= warmup:
                 times.append(time.perf_counter() - t)
     finally:
-        gather_gemm.GEMM_DTYPE, dense_dit.FUSED_HEAD_NORMS = None, True
+        gather_gemm.GEMM_DTYPE, dense_dit.FUSED_HEAD_NORMS, dense_vae.CPU_CHANNELS_LAST = None, True, True
     return statistics.median(times), loss.detach().item(), len(batch)
 
 
@@ -117,9 +123,9 @@ def main() -> None:
     if not dist.is_initialized():
         dist.init_process_group("gloo", rank=0, world_size=1)
 
-    from kernels.sparse_conv.gather_gemm import cpu_bf16_gemm, gemm_dtype
-    from pipeline.commands import demo
+    from kernels.sparse_conv.gather_gemm import cpu_bf16_gemm
     from pipeline.shards import read_samples
+    from pipeline.train.tasks import cpu_dit_bf16
 
     isa = cpu_bf16_gemm()
     samples = list({s.mesh_id: s for s in read_samples(str(data / "dataset"), resolution=64)}.values())
@@ -131,8 +137,8 @@ def main() -> None:
         cfg = _config(net, data, args.warmup + args.steps)
         conv = net in ("structure_vae", "vae") and bool(isa)  # the demo's `auto`
         dits = net in ("structure_dit", "dit")
-        base = dict(fused=None, conv_bf16=conv, reference_norms=False,
-                    dit_bf16=dits and gemm_dtype(demo.DIT_PRECISION) is not None)  # the demo's settings
+        base = dict(fused=None, conv_bf16=conv, reference_norms=False, channels_last=True,
+                    dit_bf16=dits and cpu_dit_bf16(cfg))  # the demo's settings
         pairs = [("fused AdamW", "default AdamW", base, {**base, "fused": False})]
         if net in ("structure_vae", "vae"):
             if isa:
@@ -144,6 +150,8 @@ def main() -> None:
                 pairs.append(("bf16 linears", "fp32", {**base, "dit_bf16": True}, {**base, "dit_bf16": False}))
             else:
                 print(f"| {net} | | bf16 linears | fp32 | – | – | – | no bfloat16 GEMM instructions on this CPU: the demo runs fp32 |")
+        if net == "structure_vae":
+            pairs.append(("channels-last trunks", "default layout", base, {**base, "channels_last": False}))
         if net == "structure_dit":
             pairs.append(("q/k norm CPU backward", "autograd reference", base, {**base, "reference_norms": True}))
         for name, base_name, now, before in pairs:

@@ -1,9 +1,9 @@
 """bfloat16 linear layers with float32 attention, for training the DiTs on a CPU.
 
 On a CPU that multiplies bfloat16 natively (AMX, or AVX-512 BF16 on AMD Zen 4) a bfloat16 GEMM at the DiTs'
-shapes runs about 3x a float32 one, while bfloat16 attention does not pay: PyTorch's CPU flash attention ran
-1.3x slower in bfloat16 for the structure DiT's self-attention and 3.4x slower for its cross-attention
-(docs/demo.md). ``cpu_autocast`` runs a forward pass under CPU bfloat16 autocast (linear layers, their inputs
+shapes runs about 3x a float32 one, while bfloat16 attention does not pay: PyTorch's CPU flash attention, forward
+and backward, ran 1.2x slower in bfloat16 for the structure DiT's self-attention and 4.9x slower for its
+cross-attention on an AMD EPYC (benchmarks/RESULTS.md). ``cpu_autocast`` runs a forward pass under CPU bfloat16 autocast (linear layers, their inputs
 and outputs in bfloat16; weights, gradients and optimizer state stay float32; norms and losses float32, as
 autocast keeps them), and ``float32_attention`` marks the attention functions that leave autocast and compute
 in float32 whatever their inputs. Off the CPU, or with autocast off, both are no-ops.

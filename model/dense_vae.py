@@ -117,8 +117,8 @@ DENSE_VAE_CONFIGS = {
 # On a CPU the trunks' activations are kept channels-last (N, D, H, W, C in memory) from their first convolution on.
 # In PyTorch's default layout they switch back and forth: a channel LayerNorm hands its convolution channels-last
 # rows (20 of the debug VAE's 24 convolutions read such), a trunk's input and the residual sums do not, and each
-# switch costs a reorder. The demo's 64³ structure VAE forward and backward (4 shapes, bfloat16 autocast, one thread,
-# AMD EPYC, four alternated pairs) 1.70-2.10 s -> 1.61-1.87 s, about 1.1x; False keeps the default layout.
+# switch costs a reorder. The demo's 64³ structure VAE training step (4 shapes, bfloat16 autocast, one thread, AMD
+# EPYC) 2.12 -> 1.89 s, 1.13x (benchmarks/cpu_step.py, RESULTS.md); False keeps the default layout.
 CPU_CHANNELS_LAST = True
 
 

@@ -11,6 +11,7 @@ from model.dit import DiTConfig, SparseDiT
 from model.flow import TimestepSampler
 from model.sparse import SparseTensor
 from model.structure import StructureDiT, structure_dit_config
+from pipeline.config import ConfigError
 from pipeline.train.config import TrainConfig
 from pipeline.train.tasks import DenseFlowObjective, FlowObjective, cpu_dit_bf16
 from test_dit import _random_init
@@ -115,3 +116,5 @@ def test_cpu_dit_precision_auto_asks_this_cpu(isa, monkeypatch):
     assert not cpu_dit_bf16(TrainConfig(network="dit"))  # fp32 by default
     with pytest.raises(ValueError, match="cpu_dit_precision.*'fp16'"):
         gather_gemm.gemm_dtype("fp16", "cpu_dit_precision")
+    with pytest.raises(ConfigError, match="cpu_dit_precision: 'fp16' is not one of fp32, bf16, auto"):
+        TrainConfig(network="dit", cpu_dit_precision="fp16").validate()
